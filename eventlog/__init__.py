@@ -1,1 +1,62 @@
-"""eventlog package."""
+"""The tamper-evident event log: the single source of truth of tailledger.
+
+Everything that changes the tailnet (users, keys, nodes, routes, policy) is an event
+appended here; users, nodes and netmaps are projections folded from it (see the
+``projections`` package). The log is append-only and hash-chained (see
+:mod:`eventlog.envelope`), stored behind one small interface (:class:`EventStore`)
+whose SQLite implementation is the embedded default.
+
+Layering: ``eventlog`` imports nothing else of ours; everything else may import it.
+"""
+
+from .codec import decode_event, encode_event
+from .envelope import (
+    GENESIS_HASH,
+    Actor,
+    ActorKind,
+    RecordedEvent,
+    chain_hash,
+    from_micros,
+    to_micros,
+)
+from .errors import (
+    ChainError,
+    EventLogError,
+    ExpectedSequenceConflict,
+    StoreClosedError,
+    UnknownEventError,
+)
+from .events import EVENT_TYPES, AnyEvent, Event
+from .log import Clock, EventLog
+from .store import AppendRequest, EventStore, Head, SQLiteEventStore, StoredRow, VerifyReport
+from .upcast import register_upcaster, upcast
+
+__all__ = [
+    "EVENT_TYPES",
+    "GENESIS_HASH",
+    "Actor",
+    "ActorKind",
+    "AnyEvent",
+    "AppendRequest",
+    "ChainError",
+    "Clock",
+    "Event",
+    "EventLog",
+    "EventLogError",
+    "EventStore",
+    "ExpectedSequenceConflict",
+    "Head",
+    "RecordedEvent",
+    "SQLiteEventStore",
+    "StoreClosedError",
+    "StoredRow",
+    "UnknownEventError",
+    "VerifyReport",
+    "chain_hash",
+    "decode_event",
+    "encode_event",
+    "from_micros",
+    "register_upcaster",
+    "to_micros",
+    "upcast",
+]

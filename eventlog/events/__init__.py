@@ -1,0 +1,108 @@
+"""The closed catalogue of events and its single decoder.
+
+``AnyEvent`` is the union of every event class; ``EVENT_TYPES`` maps each stored tag to
+its class. Adding an event means adding it to its family module and to ``AnyEvent``
+below; a test checks that every tag is unique and every class is registered, and mypy
+checks (through ``assert_never`` in the folds) that every projection handles it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .base import Event
+from .key import (
+    ApiKeyCreated,
+    ApiKeyDeleted,
+    ApiKeyExpired,
+    PreAuthKeyCreated,
+    PreAuthKeyExpired,
+    PreAuthKeyUsed,
+)
+from .node import (
+    NodeDeleted,
+    NodeExpirySet,
+    NodeHostnameChanged,
+    NodeKeyRotated,
+    NodeLoggedOut,
+    NodeRegistered,
+    NodeRenamed,
+    NodeTagsSet,
+)
+from .policy import PolicySet
+from .route import RoutesAdvertised, RoutesApproved
+from .user import UserCreated, UserDeleted, UserRenamed
+
+__all__ = [
+    "EVENT_TYPES",
+    "AnyEvent",
+    "ApiKeyCreated",
+    "ApiKeyDeleted",
+    "ApiKeyExpired",
+    "Event",
+    "NodeDeleted",
+    "NodeExpirySet",
+    "NodeHostnameChanged",
+    "NodeKeyRotated",
+    "NodeLoggedOut",
+    "NodeRegistered",
+    "NodeRenamed",
+    "NodeTagsSet",
+    "PolicySet",
+    "PreAuthKeyCreated",
+    "PreAuthKeyExpired",
+    "PreAuthKeyUsed",
+    "RoutesAdvertised",
+    "RoutesApproved",
+    "UserCreated",
+    "UserDeleted",
+    "UserRenamed",
+]
+
+AnyEvent = (
+    UserCreated
+    | UserRenamed
+    | UserDeleted
+    | PreAuthKeyCreated
+    | PreAuthKeyUsed
+    | PreAuthKeyExpired
+    | ApiKeyCreated
+    | ApiKeyExpired
+    | ApiKeyDeleted
+    | NodeRegistered
+    | NodeKeyRotated
+    | NodeRenamed
+    | NodeHostnameChanged
+    | NodeTagsSet
+    | NodeExpirySet
+    | NodeLoggedOut
+    | NodeDeleted
+    | RoutesAdvertised
+    | RoutesApproved
+    | PolicySet
+)
+
+_CLASSES: Final[tuple[type[Event], ...]] = (
+    UserCreated,
+    UserRenamed,
+    UserDeleted,
+    PreAuthKeyCreated,
+    PreAuthKeyUsed,
+    PreAuthKeyExpired,
+    ApiKeyCreated,
+    ApiKeyExpired,
+    ApiKeyDeleted,
+    NodeRegistered,
+    NodeKeyRotated,
+    NodeRenamed,
+    NodeHostnameChanged,
+    NodeTagsSet,
+    NodeExpirySet,
+    NodeLoggedOut,
+    NodeDeleted,
+    RoutesAdvertised,
+    RoutesApproved,
+    PolicySet,
+)
+
+EVENT_TYPES: Final[dict[str, type[Event]]] = {cls.type_name(): cls for cls in _CLASSES}

@@ -1,0 +1,26 @@
+"""Route events: subnet routes and exit nodes, with double opt-in.
+
+A route is usable when the node advertises it *and* it is approved (by an admin or by the
+policy's autoApprovers). The two halves are separate events so that the log shows who
+did which.
+"""
+
+from __future__ import annotations
+
+from .base import Event
+
+__all__ = ["RoutesAdvertised", "RoutesApproved"]
+
+
+class RoutesAdvertised(Event, frozen=True, kw_only=True, tag="node.routes_advertised"):
+    """The node's set of advertised routes (``Hostinfo.RoutableIPs``) is now ``routes``."""
+
+    node_id: int
+    routes: tuple[str, ...]
+
+
+class RoutesApproved(Event, frozen=True, kw_only=True, tag="node.routes_approved"):
+    """The node's set of approved routes is now ``routes``."""
+
+    node_id: int
+    routes: tuple[str, ...]

@@ -1,0 +1,185 @@
+"""The trio face of the event log: one serialized writer with group commit, and tailing.
+
+:class:`EventLog` owns a writer task (start it with ``await nursery.start(log.run)``).
+``append`` hands a request to that task and waits for the commit; the writer drains
+every request that queued up while the previous transaction ran and commits them
+together, so many concurrent appenders share one fsync (group commit) while each still
+gets its own optimistic-concurrency check and its own answer.
+
+``tail`` yields every event after a sequence number and then waits for new ones. New
+events are announced in-process the moment they commit; events appended by *other*
+processes (a second server on PostgreSQL, the CLI, a relay process) are found by polling
+the head every ``poll_interval`` seconds, so a tailer never misses an event whoever
+wrote it.
+
+Cancellation: ``append`` may be cancelled while waiting; the request may still commit
+(the caller cannot know), exactly as with a dropped network connection to a database.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, Callable, Sequence
+from datetime import UTC, datetime
+
+import trio
+
+from .envelope import Actor, RecordedEvent, to_micros
+from .errors import EventLogError
+from .events import AnyEvent
+from .store import AppendRequest, EventStore, Head
+
+__all__ = ["Clock", "EventLog"]
+
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Pending:
+    """One append waiting for the writer task."""
+
+    __slots__ = ("done", "request", "result")
+
+    def __init__(self, request: AppendRequest) -> None:
+        self.request = request
+        self.done = trio.Event()
+        self.result: tuple[RecordedEvent, ...] | BaseException | None = None
+
+
+class EventLog:
+    """Asynchronous access to an :class:`~eventlog.store.EventStore`.
+
+    Args:
+        store: the backend.
+        clock: where recorded times come from (the adapter is the only place that reads
+            the wall clock; folds read ``recorded_at`` from the envelope).
+        poll_interval: how often tailers look for events written by other processes.
+        max_batch: the most append requests committed in one transaction.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        clock: Clock = _utcnow,
+        poll_interval: float = 0.5,
+        max_batch: int = 512,
+    ) -> None:
+        self.store = store
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[_Pending](math.inf)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(4)
+        self._committed = trio.Event()
+        self._running = False
+        self.commits = 0  # transactions committed (group-commit statistics)
+        self.appended = 0  # requests appended
+
+    # -- writing -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task. Runs until cancelled; start it with ``nursery.start``."""
+        self._running = True
+        task_status.started()
+        try:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._commit(batch)
+        finally:
+            self._running = False
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        requests = [p.request for p in batch]
+        now_us = to_micros(self._clock())
+        try:
+            results = await trio.to_thread.run_sync(
+                self.store.append_batch, requests, now_us, limiter=self._write_limiter
+            )
+        except EventLogError as exc:
+            for p in batch:
+                p.result = exc
+                p.done.set()
+            return
+        self.commits += 1
+        for p, result in zip(batch, results, strict=True):
+            p.result = result
+            if not isinstance(result, BaseException):
+                self.appended += 1
+            p.done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
+    async def append(
+        self,
+        events: Sequence[AnyEvent],
+        *,
+        actor: Actor,
+        expected_seq: int | None = None,
+    ) -> tuple[RecordedEvent, ...]:
+        """Append ``events`` atomically and return them as recorded.
+
+        Args:
+            events: what happened, in order.
+            actor: who caused it.
+            expected_seq: the head the caller decided against (optimistic concurrency);
+                ``None`` to append unconditionally.
+
+        Raises:
+            ExpectedSequenceConflict: the head moved since ``expected_seq``.
+            EventLogError: the store failed; nothing was appended.
+        """
+        if not self._running:
+            raise EventLogError("the event log writer is not running")
+        pending = _Pending(AppendRequest(events=tuple(events), actor=actor, expected_seq=expected_seq))
+        self._send.send_nowait(pending)
+        await pending.done.wait()
+        result = pending.result
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None
+        return result
+
+    # -- reading -------------------------------------------------------------------
+
+    async def head(self) -> Head:
+        return await trio.to_thread.run_sync(self.store.head, limiter=self._read_limiter)
+
+    async def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return await trio.to_thread.run_sync(
+            self.store.read, after_seq, limit, limiter=self._read_limiter
+        )
+
+    async def wait_for_new(self, after_seq: int) -> None:
+        """Return once the head is past ``after_seq`` (in-process wake-up or polling)."""
+        while True:
+            waiter = self._committed
+            if (await self.head()).seq > after_seq:
+                return
+            with trio.move_on_after(self._poll_interval):
+                await waiter.wait()
+
+    async def tail(self, after_seq: int = 0, *, batch: int = 1000) -> AsyncGenerator[list[RecordedEvent], None]:
+        """Yield batches of events after ``after_seq`` forever, in order, without gaps."""
+        while True:
+            events = await self.read(after_seq, batch)
+            if events:
+                yield events
+                after_seq = events[-1].seq
+                continue
+            await self.wait_for_new(after_seq)
+
+
+

@@ -1,0 +1,44 @@
+"""Schema migrations of the SQLite event store (sqlite-utils' migration registry).
+
+Each migration runs in a transaction together with the row that records it. The
+``events`` table is append-only: triggers refuse UPDATE and DELETE, so an accidental
+write through the SQL shell fails loudly. (A determined editor can drop the triggers;
+that is what the hash chain and ``tailledger log verify`` are for.)
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS = Migrations("tailledger.eventlog")
+
+
+@MIGRATIONS(name="0001_events")
+def create_events(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE events (
+            seq            INTEGER PRIMARY KEY,
+            recorded_at_us INTEGER NOT NULL,
+            actor_kind     TEXT    NOT NULL,
+            actor_id       TEXT    NOT NULL,
+            type           TEXT    NOT NULL,
+            schema         INTEGER NOT NULL,
+            data           BLOB    NOT NULL,
+            prev_hash      TEXT    NOT NULL,
+            hash           TEXT    NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX events_recorded_at ON events (recorded_at_us)")
+    db.execute(
+        "CREATE TRIGGER events_no_update BEFORE UPDATE ON events "
+        "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
+        "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
+    )

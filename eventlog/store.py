@@ -1,0 +1,380 @@
+"""The event store interface and its SQLite backend.
+
+This is the only module (with :mod:`eventlog.migrations`) that speaks SQL. The store is
+synchronous on purpose: SQLite blocks and its connections are thread-bound, so the trio
+layer (:mod:`eventlog.log`) calls it through ``trio.to_thread.run_sync`` with a capacity
+limiter of one. Every backend implements :class:`EventStore` and passes the same
+contract suite (``tests/eventlog/contract.py``).
+
+Durability: an append returns only after its transaction committed. The SQLite backend
+runs in WAL mode with ``synchronous=FULL`` by default, so an acknowledged event survives
+a crash of the process and of the machine. Several appends may share one transaction
+(group commit): :meth:`EventStore.append_batch` takes a batch of independent requests,
+checks each one's expected sequence in order, and commits them together.
+
+Concurrency: ``BEGIN IMMEDIATE`` takes SQLite's write lock before the head is read, so
+two writers (threads or processes) cannot both append after the same head; the loser of
+an ``expected_seq`` race gets :class:`~eventlog.errors.ExpectedSequenceConflict`.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import sqlite_utils
+
+from .codec import decode_event, encode_event
+from .envelope import GENESIS_HASH, Actor, ActorKind, RecordedEvent, chain_hash, from_micros
+from .errors import ChainError, EventLogError, ExpectedSequenceConflict, StoreClosedError
+from .events import AnyEvent
+from .migrations import MIGRATIONS
+
+__all__ = [
+    "AppendRequest",
+    "EventStore",
+    "Head",
+    "SQLiteEventStore",
+    "StoredRow",
+    "VerifyReport",
+]
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Events to append atomically, all caused by ``actor``.
+
+    ``expected_seq`` is the head the caller decided against; ``None`` appends wherever the
+    head is (for events whose validity does not depend on state, such as a policy set
+    from a file that was already validated).
+    """
+
+    events: tuple[AnyEvent, ...]
+    actor: Actor
+    expected_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The newest event's sequence number and chain hash (0 and genesis when empty)."""
+
+    seq: int
+    hash: str
+    recorded_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A row exactly as stored, for verification and export (no decoding)."""
+
+    seq: int
+    recorded_at_us: int
+    actor_kind: str
+    actor_id: str
+    type: str
+    schema: int
+    data: bytes
+    prev_hash: str
+    hash: str
+
+    def to_event(self) -> RecordedEvent:
+        return RecordedEvent(
+            seq=self.seq,
+            recorded_at=from_micros(self.recorded_at_us),
+            actor=Actor(kind=ActorKind(self.actor_kind), id=self.actor_id),
+            type=self.type,
+            schema=self.schema,
+            event=decode_event(self.type, self.schema, self.data),
+            prev_hash=self.prev_hash,
+            hash=self.hash,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The outcome of recomputing the hash chain.
+
+    ``first_bad`` is the first sequence number at which the chain breaks, with
+    ``reason`` saying how; both are ``None`` when the whole log verifies.
+    """
+
+    count: int
+    head_seq: int
+    head_hash: str
+    first_bad: int | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None
+
+
+AppendResult = tuple[RecordedEvent, ...] | ExpectedSequenceConflict
+
+
+class EventStore(abc.ABC):
+    """The contract every log backend implements.
+
+    All methods are synchronous and may block. Implementations must be safe to call from
+    any single thread at a time for writes (the caller serialises them) and from other
+    threads concurrently for reads.
+    """
+
+    @abc.abstractmethod
+    def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        """Append every request that passes its ``expected_seq`` check, in one commit.
+
+        Args:
+            requests: independent append requests, checked and applied in order; a
+                request's ``expected_seq`` is compared with the head *including* the
+                earlier requests of the same batch.
+            now_us: the wall-clock time to record, in Unix microseconds. The store
+                records ``max(now_us, previous recorded_at)`` so recorded times never go
+                backwards and "the state at time T" is well defined.
+
+        Returns:
+            One entry per request: its recorded events, or the conflict that refused it.
+
+        Raises:
+            EventLogError: the commit failed; nothing of the batch was appended.
+        """
+
+    @abc.abstractmethod
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` events with ``seq > after_seq``, in order."""
+
+    @abc.abstractmethod
+    def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
+        """Like :meth:`read` but undecoded, exactly as stored."""
+
+    @abc.abstractmethod
+    def head(self) -> Head:
+        """The newest event's position (seq 0 when the log is empty)."""
+
+    @abc.abstractmethod
+    def seq_at_time(self, at_us: int) -> int:
+        """The sequence number of the last event recorded at or before ``at_us``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. Further calls raise :class:`StoreClosedError`."""
+
+    def iter_rows(self, after_seq: int = 0, page: int = 5000) -> Iterator[StoredRow]:
+        """Every stored row after ``after_seq``, paging through the log."""
+        while True:
+            rows = self.read_rows(after_seq, page)
+            if not rows:
+                return
+            yield from rows
+            after_seq = rows[-1].seq
+
+    def verify(self) -> VerifyReport:
+        """Recompute the hash chain from genesis and report the first break."""
+        expected_seq = 1
+        prev = GENESIS_HASH
+        count = 0
+        for row in self.iter_rows():
+            if row.seq != expected_seq:
+                return VerifyReport(
+                    count, expected_seq - 1, prev, expected_seq,
+                    f"missing: expected seq {expected_seq}, found {row.seq} (events removed)",
+                )
+            if row.prev_hash != prev:
+                return VerifyReport(
+                    count, row.seq - 1, prev, row.seq,
+                    "prev_hash does not match the previous event's hash (removed or reordered)",
+                )
+            computed = chain_hash(
+                row.prev_hash,
+                seq=row.seq,
+                recorded_at_us=row.recorded_at_us,
+                actor_kind=row.actor_kind,
+                actor_id=row.actor_id,
+                type=row.type,
+                schema=row.schema,
+                data=row.data,
+            )
+            if computed != row.hash:
+                return VerifyReport(
+                    count, row.seq - 1, prev, row.seq,
+                    "content does not match its hash (altered)",
+                )
+            prev = row.hash
+            expected_seq += 1
+            count += 1
+        return VerifyReport(count, expected_seq - 1, prev)
+
+    def check_chain(self) -> None:
+        """Raise :class:`ChainError` when :meth:`verify` finds a break."""
+        report = self.verify()
+        if report.first_bad is not None:
+            raise ChainError(report.first_bad, report.reason or "broken")
+
+
+_SELECT: Final = (
+    "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash "
+    "FROM events "
+)
+_INSERT: Final = (
+    "INSERT INTO events (seq, recorded_at_us, actor_kind, actor_id, type, schema, data, "
+    "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class SQLiteEventStore(EventStore):
+    """The embedded default: one SQLite file in WAL mode.
+
+    Args:
+        path: the database file, or ``":memory:"`` for a private in-memory log (tests).
+        synchronous: SQLite's ``synchronous`` pragma; ``"FULL"`` (the default) makes a
+            commit durable across power loss, ``"NORMAL"`` only across process crashes.
+        read_only: open for reading only (``tailledger log verify`` on a live server).
+    """
+
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "FULL", read_only: bool = False
+    ) -> None:
+        self._path = str(path)
+        self._memory = self._path == ":memory:"
+        self._read_only = read_only
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._writer = self._connect()
+            if not read_only:
+                db = sqlite_utils.Database(self._writer)
+                if not self._memory:
+                    db.enable_wal()
+                self._writer.execute(f"PRAGMA synchronous={synchronous}")
+                MIGRATIONS.apply(db)
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot open the event log at {self._path}: {exc}") from exc
+        # Readers use their own connection so they never wait for a writer (WAL).
+        # In-memory databases are private to one connection, so they share the writer's.
+        self._reader = self._writer if self._memory else self._connect()
+        self._reader_lock = self._lock if self._memory else threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._read_only:
+            uri = f"file:{self._path}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        else:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the event store is closed")
+
+    def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        self._check_open()
+        if self._read_only:
+            raise EventLogError("the event store was opened read-only")
+        results: list[AppendResult] = []
+        with self._lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._head(conn)
+                seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
+                rows: list[tuple[int, int, str, str, str, int, bytes, str, str]] = []
+                for req in requests:
+                    if req.expected_seq is not None and req.expected_seq != seq:
+                        results.append(ExpectedSequenceConflict(req.expected_seq, seq))
+                        continue
+                    recorded: list[RecordedEvent] = []
+                    for event in req.events:
+                        seq += 1
+                        data = encode_event(event)
+                        type_ = event.type_name()
+                        h = chain_hash(
+                            prev, seq=seq, recorded_at_us=at, actor_kind=req.actor.kind.value,
+                            actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
+                        )
+                        rows.append(
+                            (seq, at, req.actor.kind.value, req.actor.id, type_, event.SCHEMA,
+                             data, prev, h)
+                        )
+                        recorded.append(
+                            RecordedEvent(
+                                seq=seq, recorded_at=from_micros(at), actor=req.actor,
+                                type=type_, schema=event.SCHEMA, event=event, prev_hash=prev,
+                                hash=h,
+                            )
+                        )
+                        prev = h
+                    results.append(tuple(recorded))
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise EventLogError(f"append failed: {exc}") from exc
+                raise
+        return results
+
+    @staticmethod
+    def _head(conn: sqlite3.Connection) -> Head:
+        row = conn.execute(
+            "SELECT seq, hash, recorded_at_us FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return Head(0, GENESIS_HASH, 0)
+        return Head(int(row[0]), str(row[1]), int(row[2]))
+
+    def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
+        self._check_open()
+        try:
+            with self._reader_lock:
+                cur = self._reader.execute(
+                    _SELECT + "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+                )
+                fetched = cur.fetchall()
+        except sqlite3.Error as exc:
+            raise EventLogError(f"read failed: {exc}") from exc
+        return [
+            StoredRow(
+                int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]),
+                r[6] if isinstance(r[6], bytes) else str(r[6]).encode(), str(r[7]), str(r[8]),
+            )
+            for r in fetched
+        ]
+
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return [row.to_event() for row in self.read_rows(after_seq, limit)]
+
+    def head(self) -> Head:
+        self._check_open()
+        try:
+            with self._reader_lock:
+                return self._head(self._reader)
+        except sqlite3.Error as exc:
+            raise EventLogError(f"read failed: {exc}") from exc
+
+    def seq_at_time(self, at_us: int) -> int:
+        self._check_open()
+        with self._reader_lock:
+            row = self._reader.execute(
+                "SELECT max(seq) FROM events WHERE recorded_at_us <= ?", (at_us,)
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._writer.close()
+            if self._reader is not self._writer:
+                self._reader.close()

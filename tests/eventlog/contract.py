@@ -1,0 +1,142 @@
+"""The contract every event-store backend must pass.
+
+Each backend's test module subclasses :class:`StoreContract` and provides ``make_store``
+(a fresh, empty store) and, where the backend can be reopened, ``reopen``. The same
+assertions then run against SQLite in memory, SQLite on disk and, later, PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+
+import pytest
+
+from eventlog import (
+    GENESIS_HASH,
+    AppendRequest,
+    EventStore,
+    ExpectedSequenceConflict,
+    RecordedEvent,
+)
+from eventlog.events import NodeRenamed, PolicySet, UserCreated
+from tests.conftest import ADMIN
+
+
+def user(uid: int) -> UserCreated:
+    return UserCreated(user_id=uid, name=f"user{uid}")
+
+
+def appended(result: object) -> tuple[RecordedEvent, ...]:
+    assert isinstance(result, tuple), result
+    return result
+
+
+class StoreContract(abc.ABC):
+    @abc.abstractmethod
+    def make_store(self) -> EventStore: ...
+
+    def test_empty_store(self) -> None:
+        store = self.make_store()
+        head = store.head()
+        assert (head.seq, head.hash) == (0, GENESIS_HASH)
+        assert store.read() == []
+        assert store.verify().ok
+
+    def test_append_assigns_gapless_sequence_and_chains_hashes(self) -> None:
+        store = self.make_store()
+        [first] = store.append_batch([AppendRequest(events=(user(1), user(2)), actor=ADMIN)], 10)
+        [second] = store.append_batch([AppendRequest(events=(user(3),), actor=ADMIN)], 20)
+        events = appended(first) + appended(second)
+        assert [e.seq for e in events] == [1, 2, 3]
+        assert events[0].prev_hash == GENESIS_HASH
+        assert [e.prev_hash for e in events[1:]] == [e.hash for e in events[:-1]]
+        assert store.read() == list(events)
+        assert store.head().seq == 3 and store.head().hash == events[-1].hash
+
+    def test_read_pages(self) -> None:
+        store = self.make_store()
+        store.append_batch([AppendRequest(events=tuple(user(i) for i in range(1, 11)), actor=ADMIN)], 1)
+        assert [e.seq for e in store.read(3, 4)] == [4, 5, 6, 7]
+        assert store.read(10) == []
+        assert [r.seq for r in store.iter_rows(page=3)] == list(range(1, 11))
+
+    def test_expected_sequence_refuses_a_stale_writer(self) -> None:
+        store = self.make_store()
+        store.append_batch([AppendRequest(events=(user(1),), actor=ADMIN, expected_seq=0)], 1)
+        [result] = store.append_batch(
+            [AppendRequest(events=(user(2),), actor=ADMIN, expected_seq=0)], 2
+        )
+        assert isinstance(result, ExpectedSequenceConflict)
+        assert (result.expected, result.actual) == (0, 1)
+        assert store.head().seq == 1
+
+    def test_batch_checks_each_request_against_the_running_head(self) -> None:
+        store = self.make_store()
+        results = store.append_batch(
+            [
+                AppendRequest(events=(user(1),), actor=ADMIN, expected_seq=0),
+                AppendRequest(events=(user(2),), actor=ADMIN, expected_seq=0),  # stale now
+                AppendRequest(events=(user(3),), actor=ADMIN, expected_seq=1),
+            ],
+            5,
+        )
+        assert isinstance(results[1], ExpectedSequenceConflict)
+        assert [e.seq for e in appended(results[0]) + appended(results[2])] == [1, 2]
+        assert store.verify().ok
+
+    def test_concurrent_writers_cannot_both_win(self) -> None:
+        store = self.make_store()
+        outcomes: list[object] = []
+        barrier = threading.Barrier(8)
+
+        def writer(i: int) -> None:
+            barrier.wait()
+            [r] = store.append_batch(
+                [AppendRequest(events=(user(i),), actor=ADMIN, expected_seq=0)], i
+            )
+            outcomes.append(r)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(1, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [o for o in outcomes if isinstance(o, tuple)]
+        assert len(winners) == 1
+        assert store.head().seq == 1
+
+    def test_recorded_time_never_goes_backwards(self) -> None:
+        store = self.make_store()
+        store.append_batch([AppendRequest(events=(user(1),), actor=ADMIN)], 2_000_000)
+        store.append_batch([AppendRequest(events=(user(2),), actor=ADMIN)], 1_000_000)
+        a, b = store.read()
+        assert b.recorded_at >= a.recorded_at
+        assert store.seq_at_time(1_999_999) == 0
+        assert store.seq_at_time(2_000_000) == 2
+
+    def test_round_trips_every_field(self) -> None:
+        store = self.make_store()
+        events = (
+            PolicySet(text='{"acls": []} // ünïcode', sha256="ab" * 32, source="file"),
+            NodeRenamed(node_id=7, given_name="db-1"),
+        )
+        [result] = store.append_batch([AppendRequest(events=events, actor=ADMIN)], 123)
+        assert tuple(e.event for e in store.read()) == events
+        assert store.read() == list(appended(result))
+        assert store.read()[0].actor == ADMIN
+
+    def test_verify_reports_count_and_head(self) -> None:
+        store = self.make_store()
+        store.append_batch([AppendRequest(events=(user(1), user(2)), actor=ADMIN)], 1)
+        report = store.verify()
+        assert report.ok and report.count == 2
+        assert report.head_hash == store.head().hash
+
+    def test_closed_store_refuses_use(self) -> None:
+        from eventlog import StoreClosedError
+
+        store = self.make_store()
+        store.close()
+        with pytest.raises(StoreClosedError):
+            store.head()

@@ -1,0 +1,147 @@
+"""The SQLite backend: the contract, plus what only a file on disk can show."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from eventlog import AppendRequest, ChainError, EventLogError, EventStore, SQLiteEventStore
+from eventlog.events import UserCreated
+from tests.conftest import ADMIN
+
+from .contract import StoreContract, user
+
+
+class TestMemoryStore(StoreContract):
+    def make_store(self) -> EventStore:
+        return SQLiteEventStore(":memory:")
+
+
+class TestFileStore(StoreContract):
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+
+    def make_store(self) -> EventStore:
+        return SQLiteEventStore(self.dir / "log.db")
+
+
+def _fill(path: Path, n: int = 5) -> None:
+    store = SQLiteEventStore(path)
+    for i in range(1, n + 1):
+        store.append_batch([AppendRequest(events=(user(i),), actor=ADMIN)], i * 1000)
+    store.close()
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DROP TRIGGER IF EXISTS events_no_update")
+    conn.execute("DROP TRIGGER IF EXISTS events_no_delete")
+    return conn
+
+
+def test_reopen_keeps_events_and_chain(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path)
+    store = SQLiteEventStore(path)
+    assert [e.seq for e in store.read()] == [1, 2, 3, 4, 5]
+    [r] = store.append_batch([AppendRequest(events=(user(6),), actor=ADMIN)], 9000)
+    assert isinstance(r, tuple) and r[0].seq == 6
+    assert store.verify().ok
+
+
+def test_triggers_refuse_update_and_delete(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path)
+    conn = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE events SET actor_id = 'mallory' WHERE seq = 2")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM events WHERE seq = 2")
+
+
+def test_verify_names_an_altered_event(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path)
+    forged = b'{"type":"user.created","user_id":3,"name":"mallory"}'
+    _raw(path).execute("UPDATE events SET data = ? WHERE seq = 3", (forged,))
+    report = SQLiteEventStore(path).verify()
+    assert report.first_bad == 3
+    assert "altered" in (report.reason or "")
+    assert report.count == 2
+
+
+def test_verify_names_a_removed_event(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path)
+    _raw(path).execute("DELETE FROM events WHERE seq = 4")
+    report = SQLiteEventStore(path).verify()
+    assert report.first_bad == 4
+    assert "removed" in (report.reason or "")
+
+
+def test_verify_names_reordered_events(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path)
+    conn = _raw(path)
+    # Swap the payloads and hashes of events 2 and 3 but keep their seq numbers.
+    rows = {
+        r[0]: r[1:]
+        for r in conn.execute("SELECT seq, data, prev_hash, hash FROM events WHERE seq IN (2, 3)")
+    }
+    for seq, other in ((2, 3), (3, 2)):
+        conn.execute(
+            "UPDATE events SET data = ?, prev_hash = ?, hash = ? WHERE seq = ?", (*rows[other], seq)
+        )
+    report = SQLiteEventStore(path).verify()
+    assert report.first_bad == 2
+    with pytest.raises(ChainError) as excinfo:
+        SQLiteEventStore(path).check_chain()
+    assert excinfo.value.seq == 2
+
+
+def test_verify_catches_a_recomputed_hash_that_breaks_the_next_link(tmp_path: Path) -> None:
+    """A forger who also rewrites the row's own hash is caught at the next event."""
+    from eventlog import chain_hash
+
+    path = tmp_path / "log.db"
+    _fill(path)
+    conn = _raw(path)
+    seq, at, kind, ident, type_, schema, _, prev, _ = conn.execute(
+        "SELECT * FROM events WHERE seq = 2"
+    ).fetchone()
+    forged = b'{"type":"user.created","user_id":2,"name":"mallory"}'
+    new_hash = chain_hash(
+        prev, seq=seq, recorded_at_us=at, actor_kind=kind, actor_id=ident, type=type_,
+        schema=schema, data=forged,
+    )
+    conn.execute("UPDATE events SET data = ?, hash = ? WHERE seq = 2", (forged, new_hash))
+    report = SQLiteEventStore(path).verify()
+    assert report.first_bad == 3
+    assert "prev_hash" in (report.reason or "")
+
+
+def test_read_only_store_refuses_appends(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path, 2)
+    store = SQLiteEventStore(path, read_only=True)
+    assert store.head().seq == 2
+    with pytest.raises(EventLogError, match="read-only"):
+        store.append_batch([AppendRequest(events=(user(9),), actor=ADMIN)], 1)
+
+
+def test_two_store_instances_on_one_file_cannot_both_win(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    a, b = SQLiteEventStore(path), SQLiteEventStore(path)
+    [ra] = a.append_batch([AppendRequest(events=(user(1),), actor=ADMIN, expected_seq=0)], 1)
+    [rb] = b.append_batch([AppendRequest(events=(user(2),), actor=ADMIN, expected_seq=0)], 2)
+    assert isinstance(ra, tuple)
+    assert not isinstance(rb, tuple)
+    assert [e.event for e in b.read()] == [UserCreated(user_id=1, name="user1")]
+
+
+def test_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EventLogError, match="cannot open the event log"):
+        SQLiteEventStore(tmp_path / "missing-dir" / "log.db")
