@@ -1,1 +1,50 @@
-"""projections package."""
+"""Projections: pure folds of the event log into the tailnet's current state.
+
+``fold.apply(state, event) -> (state, delta)`` is the heart; ``commands`` decides new
+events against a state; ``runner`` keeps the state current by tailing the log;
+``service.Tailnet`` runs commands; ``checkpoint`` saves folded states; ``ipam``
+allocates addresses. Subpackages: ``policy`` (the policy engine), ``tailcfg`` (wire
+types of the netmaps these projections produce), ``derpmap``.
+
+Layering: imports ``eventlog`` only; ``protocol``, ``relay`` and ``cli`` import this.
+"""
+
+from .checkpoint import SNAPSHOT_SCHEMA, CheckpointStore, decode_state, encode_state
+from .commands import AddressPlan, Decision
+from .delta import EMPTY, Delta
+from .errors import CommandError, ConflictError, NotFoundError, ProjectionError
+from .fold import apply, fold
+from .ipam import DEFAULT_V4, DEFAULT_V6, AllocationMode, allocate
+from .runner import ProjectionRunner, Subscription
+from .service import Tailnet
+from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
+
+__all__ = [
+    "DEFAULT_V4",
+    "DEFAULT_V6",
+    "EMPTY",
+    "SNAPSHOT_SCHEMA",
+    "AddressPlan",
+    "AllocationMode",
+    "ApiKey",
+    "CheckpointStore",
+    "CommandError",
+    "ConflictError",
+    "Decision",
+    "Delta",
+    "Node",
+    "NotFoundError",
+    "PreAuthKey",
+    "ProjectionError",
+    "ProjectionRunner",
+    "Subscription",
+    "Tailnet",
+    "TailnetState",
+    "User",
+    "allocate",
+    "apply",
+    "decode_state",
+    "encode_state",
+    "fold",
+    "rebuild_indexes",
+]

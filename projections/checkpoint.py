@@ -1,0 +1,143 @@
+"""Checkpoints: a folded state saved at a sequence number, so a restart does not refold
+the whole log.
+
+A checkpoint is ``(name, seq, event_hash, schema, state)``. It is a *cache*, not state:
+deleting the file costs one refold and changes nothing else. It lives in its own SQLite
+file (``checkpoints.db`` in the data directory), never in the log's database, so nothing
+is ever written beside the log behind its back. With several server replicas each keeps
+its own.
+
+A checkpoint is used only when (a) its ``schema`` equals :data:`SNAPSHOT_SCHEMA` (a
+change to the state's shape bumps it, and old checkpoints are simply ignored), and (b)
+the log still holds the event at ``seq`` with the same chain hash (a log restored from a
+backup or replaced by another one invalidates it). Otherwise the fold starts from zero.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+import msgspec
+from immutables import Map
+
+from eventlog import EventStore
+
+from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
+
+__all__ = ["SNAPSHOT_SCHEMA", "CheckpointStore", "decode_state", "encode_state"]
+
+SNAPSHOT_SCHEMA: Final = 1
+
+
+class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    last_event_at: datetime | None
+    users: list[User]
+    nodes: list[Node]
+    preauth_keys: list[PreAuthKey]
+    api_keys: list[ApiKey]
+    policy_text: str | None
+    policy_sha256: str | None
+    policy_source: str | None
+    next_user_id: int
+    next_node_id: int
+    next_preauth_key_id: int
+    next_api_key_id: int
+    last_ipv4: str | None
+    last_ipv6: str | None
+
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(_Snapshot)
+
+
+def encode_state(state: TailnetState) -> bytes:
+    """Serialise ``state`` (indexes are derived and not stored)."""
+    return _encoder.encode(
+        _Snapshot(
+            seq=state.seq,
+            last_event_at=state.last_event_at,
+            users=list(state.users.values()),
+            nodes=list(state.nodes.values()),
+            preauth_keys=list(state.preauth_keys.values()),
+            api_keys=list(state.api_keys.values()),
+            policy_text=state.policy_text,
+            policy_sha256=state.policy_sha256,
+            policy_source=state.policy_source,
+            next_user_id=state.next_user_id,
+            next_node_id=state.next_node_id,
+            next_preauth_key_id=state.next_preauth_key_id,
+            next_api_key_id=state.next_api_key_id,
+            last_ipv4=state.last_ipv4,
+            last_ipv6=state.last_ipv6,
+        )
+    )
+
+
+def decode_state(blob: bytes) -> TailnetState:
+    snap = _decoder.decode(blob)
+    state = TailnetState(
+        seq=snap.seq,
+        last_event_at=snap.last_event_at,
+        users=Map({u.id: u for u in snap.users}),
+        nodes=Map({n.id: n for n in snap.nodes}),
+        preauth_keys=Map({k.id: k for k in snap.preauth_keys}),
+        api_keys=Map({k.id: k for k in snap.api_keys}),
+        policy_text=snap.policy_text,
+        policy_sha256=snap.policy_sha256,
+        policy_source=snap.policy_source,
+        next_user_id=snap.next_user_id,
+        next_node_id=snap.next_node_id,
+        next_preauth_key_id=snap.next_preauth_key_id,
+        next_api_key_id=snap.next_api_key_id,
+        last_ipv4=snap.last_ipv4,
+        last_ipv6=snap.last_ipv6,
+    )
+    return rebuild_indexes(state)
+
+
+class CheckpointStore:
+    """Checkpoints in a small SQLite file of their own (``":memory:"`` for tests)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+            "event_hash TEXT NOT NULL, schema INTEGER NOT NULL, state BLOB NOT NULL)"
+        )
+
+    def save(self, name: str, state: TailnetState, event_hash: str) -> None:
+        blob = encode_state(state)
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                (name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob),
+            )
+
+    def load(self, name: str, store: EventStore) -> TailnetState | None:
+        """The checkpoint called ``name`` if it is still valid against ``store``."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT seq, event_hash, schema, state FROM checkpoints WHERE name = ?", (name,)
+            ).fetchone()
+        if row is None:
+            return None
+        seq, event_hash, schema, blob = int(row[0]), str(row[1]), int(row[2]), bytes(row[3])
+        if schema != SNAPSHOT_SCHEMA or seq == 0:
+            return None
+        rows = store.read_rows(seq - 1, 1)
+        if not rows or rows[0].seq != seq or rows[0].hash != event_hash:
+            return None
+        try:
+            return decode_state(blob)
+        except msgspec.DecodeError:
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

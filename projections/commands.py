@@ -1,0 +1,443 @@
+"""Commands: validate a request against the current state and decide its events.
+
+A command is a pure function ``decide_*(state, …) -> Decision``. It raises
+:class:`~projections.errors.CommandError` with a message for the person who asked when
+the request is invalid (unknown user, duplicate name, used key …); otherwise it returns
+the events to append and a result for the caller. Nothing here appends: the service
+(:mod:`projections.service`) appends the events with ``expected_seq=state.seq``, so a
+decision made against a stale state is refused by the log and decided again.
+
+Time and randomness are arguments (``now``, secrets, a ``randbelow`` source), never read
+here, so a decision is reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from eventlog.events import (
+    AnyEvent,
+    ApiKeyCreated,
+    ApiKeyExpired,
+    NodeDeleted,
+    NodeExpirySet,
+    NodeKeyRotated,
+    NodeLoggedOut,
+    NodeRegistered,
+    NodeRenamed,
+    NodeTagsSet,
+    PreAuthKeyCreated,
+    PreAuthKeyExpired,
+    PreAuthKeyUsed,
+    RoutesAdvertised,
+    RoutesApproved,
+    UserCreated,
+    UserDeleted,
+    UserRenamed,
+)
+
+from .errors import CommandError, ConflictError, NotFoundError
+from .ipam import AllocationMode, Network, allocate
+from .state import Node, PreAuthKey, TailnetState, User
+
+__all__ = [
+    "PREAUTH_KEY_PREFIX",
+    "AddressPlan",
+    "Decision",
+    "decide_approve_routes",
+    "decide_create_preauth_key",
+    "decide_create_user",
+    "decide_delete_node",
+    "decide_delete_user",
+    "decide_expire_node",
+    "decide_expire_preauth_key",
+    "decide_register_node",
+    "decide_rename_node",
+    "decide_rename_user",
+    "decide_rotate_node_key",
+    "decide_set_tags",
+    "find_node",
+    "find_preauth_key",
+    "find_user",
+    "hash_secret",
+    "parse_preauth_key",
+    "sanitize_hostname",
+    "validate_tag",
+]
+
+T = TypeVar("T")
+
+PREAUTH_KEY_PREFIX = "tlkey-auth-"
+API_KEY_PREFIX = "tlkey-api-"
+
+_USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,62}$")
+_TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_DNS_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True)
+class Decision(Generic[T]):
+    """The events a command decided, and what the caller gets back."""
+
+    events: tuple[AnyEvent, ...]
+    result: T
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# -- lookups --------------------------------------------------------------------------
+
+
+def find_user(state: TailnetState, ref: str) -> User:
+    """A user by name or by numeric id."""
+    user = state.user_named(ref)
+    if user is None and ref.isdigit():
+        user = state.users.get(int(ref))
+    if user is None:
+        raise NotFoundError(f"user {ref!r} not found")
+    return user
+
+
+def find_node(state: TailnetState, ref: str) -> Node:
+    """A node by numeric id or by given (MagicDNS) name."""
+    node = state.nodes.get(int(ref)) if ref.isdigit() else None
+    if node is None:
+        node = state.node_named(ref)
+    if node is None:
+        raise NotFoundError(f"node {ref!r} not found")
+    return node
+
+
+def find_preauth_key(state: TailnetState, ref: str) -> PreAuthKey:
+    """A pre-auth key by id, by public prefix, or by the full key."""
+    if ref.startswith(PREAUTH_KEY_PREFIX):
+        parsed = parse_preauth_key(ref)
+        if parsed is not None:
+            ref = parsed[0]
+    for key in state.preauth_keys.values():
+        if key.prefix == ref or (ref.isdigit() and key.id == int(ref)):
+            return key
+    raise NotFoundError(f"pre-auth key {ref!r} not found")
+
+
+def parse_preauth_key(text: str) -> tuple[str, str] | None:
+    """Split ``tlkey-auth-<prefix>-<secret>`` into ``(prefix, secret)``."""
+    if not text.startswith(PREAUTH_KEY_PREFIX):
+        return None
+    prefix, sep, secret = text[len(PREAUTH_KEY_PREFIX) :].partition("-")
+    if not sep or not prefix or not secret:
+        return None
+    return prefix, secret
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+def _check_user_name(name: str) -> None:
+    if not _USER_NAME.match(name):
+        raise CommandError(
+            f"invalid user name {name!r}: use 1-63 letters, digits and . _ @ + -, "
+            "starting with a letter or digit"
+        )
+
+
+def decide_create_user(
+    state: TailnetState,
+    name: str,
+    *,
+    display_name: str = "",
+    email: str = "",
+    provider: str = "local",
+    provider_id: str = "",
+) -> Decision[int]:
+    _check_user_name(name)
+    if state.user_named(name) is not None:
+        raise ConflictError(f"user {name!r} already exists")
+    uid = state.next_user_id
+    event = UserCreated(
+        user_id=uid,
+        name=name,
+        display_name=display_name or name,
+        email=email,
+        provider=provider,
+        provider_id=provider_id,
+    )
+    return Decision((event,), uid)
+
+
+def decide_rename_user(state: TailnetState, ref: str, new_name: str) -> Decision[int]:
+    user = find_user(state, ref)
+    _check_user_name(new_name)
+    if new_name == user.name:
+        raise CommandError(f"user {user.name!r} already has that name")
+    if state.user_named(new_name) is not None:
+        raise ConflictError(f"user {new_name!r} already exists")
+    return Decision((UserRenamed(user_id=user.id, name=new_name),), user.id)
+
+
+def decide_delete_user(state: TailnetState, ref: str) -> Decision[int]:
+    user = find_user(state, ref)
+    owned = [n.given_name for n in state.nodes.values() if n.user_id == user.id]
+    if owned:
+        raise CommandError(
+            f"user {user.name!r} still owns {len(owned)} node(s) ({', '.join(sorted(owned))}); "
+            "delete them first"
+        )
+    return Decision((UserDeleted(user_id=user.id),), user.id)
+
+
+# -- pre-auth keys ------------------------------------------------------------------
+
+
+def validate_tag(tag: str) -> None:
+    if not _TAG.match(tag):
+        raise CommandError(f"invalid tag {tag!r}: tags look like tag:name (letters, digits, - _)")
+
+
+def decide_create_preauth_key(
+    state: TailnetState,
+    *,
+    user: str | None,
+    reusable: bool,
+    ephemeral: bool,
+    tags: tuple[str, ...],
+    expires_at: datetime | None,
+    now: datetime,
+    prefix: str,
+    secret: str,
+) -> Decision[str]:
+    """Issue a key; ``prefix`` and ``secret`` are fresh random strings from the adapter.
+
+    Returns the full key (``tlkey-auth-<prefix>-<secret>``), shown once.
+    """
+    owner = find_user(state, user).id if user is not None else None
+    if owner is None and not tags:
+        raise CommandError("a pre-auth key needs a user, or tags for tagged nodes")
+    for tag in tags:
+        validate_tag(tag)
+    if expires_at is not None and expires_at <= now:
+        raise CommandError("the expiration must be in the future")
+    if any(k.prefix == prefix for k in state.preauth_keys.values()):
+        raise ConflictError("key prefix collision; try again")
+    event = PreAuthKeyCreated(
+        key_id=state.next_preauth_key_id,
+        prefix=prefix,
+        secret_sha256=hash_secret(secret),
+        user_id=owner,
+        reusable=reusable,
+        ephemeral=ephemeral,
+        tags=tuple(sorted(set(tags))),
+        expires_at=expires_at,
+    )
+    return Decision((event,), f"{PREAUTH_KEY_PREFIX}{prefix}-{secret}")
+
+
+def decide_expire_preauth_key(state: TailnetState, ref: str) -> Decision[int]:
+    key = find_preauth_key(state, ref)
+    if key.revoked:
+        raise CommandError(f"pre-auth key {key.prefix} is already expired")
+    return Decision((PreAuthKeyExpired(key_id=key.id),), key.id)
+
+
+def decide_create_api_key(
+    state: TailnetState, *, expires_at: datetime | None, now: datetime, prefix: str, secret: str
+) -> Decision[str]:
+    if expires_at is not None and expires_at <= now:
+        raise CommandError("the expiration must be in the future")
+    event = ApiKeyCreated(
+        key_id=state.next_api_key_id,
+        prefix=prefix,
+        secret_sha256=hash_secret(secret),
+        expires_at=expires_at,
+    )
+    return Decision((event,), f"{API_KEY_PREFIX}{prefix}-{secret}")
+
+
+def decide_expire_api_key(state: TailnetState, prefix: str) -> Decision[int]:
+    for key in state.api_keys.values():
+        if key.prefix == prefix:
+            return Decision((ApiKeyExpired(key_id=key.id),), key.id)
+    raise NotFoundError(f"API key {prefix!r} not found")
+
+
+# -- nodes ----------------------------------------------------------------------------
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """A DNS label from an OS hostname: lower case, ``[a-z0-9-]``, at most 63 chars."""
+    label = _DNS_LABEL_BAD.sub("-", hostname.lower().split(".")[0]).strip("-")
+    return (label or "node")[:63].rstrip("-") or "node"
+
+
+def _unique_given_name(state: TailnetState, wanted: str, *, exclude: int | None = None) -> str:
+    taken = {n.given_name for n in state.nodes.values() if n.id != exclude}
+    if wanted not in taken:
+        return wanted
+    n = 1
+    while True:
+        suffix = f"-{n}"
+        candidate = wanted[: 63 - len(suffix)] + suffix
+        if candidate not in taken:
+            return candidate
+        n += 1
+
+
+@dataclass(frozen=True)
+class AddressPlan:
+    """Where node addresses come from (configuration, not state)."""
+
+    ipv4: Network | None
+    ipv6: Network | None
+    mode: AllocationMode = AllocationMode.SEQUENTIAL
+
+
+def decide_register_node(
+    state: TailnetState,
+    *,
+    machine_key: str,
+    node_key: str,
+    hostname: str,
+    user_id: int,
+    tags: tuple[str, ...],
+    ephemeral: bool,
+    expiry: datetime | None,
+    auth: str,
+    preauth_key: PreAuthKey | None,
+    plan: AddressPlan,
+    os: str = "",
+    randbelow: Callable[[int], int] | None = None,
+) -> Decision[int]:
+    """Admit a new machine: allocate its addresses and a unique name."""
+    if state.node_by_key(node_key) is not None:
+        raise ConflictError("this node key is already registered to another machine")
+    if user_id not in state.users:
+        raise NotFoundError(f"user {user_id} not found")
+    in_use = state.node_by_ip
+    ipv4 = (
+        allocate(plan.ipv4, in_use, last=state.last_ipv4, mode=plan.mode, randbelow=randbelow)
+        if plan.ipv4 is not None
+        else None
+    )
+    ipv6 = (
+        allocate(plan.ipv6, in_use, last=state.last_ipv6, mode=plan.mode, randbelow=randbelow)
+        if plan.ipv6 is not None
+        else None
+    )
+    node_id = state.next_node_id
+    events: list[AnyEvent] = [
+        NodeRegistered(
+            node_id=node_id,
+            machine_key=machine_key,
+            node_key=node_key,
+            user_id=user_id,
+            hostname=hostname,
+            given_name=_unique_given_name(state, sanitize_hostname(hostname)),
+            ipv4=ipv4,
+            ipv6=ipv6,
+            tags=tuple(sorted(set(tags))),
+            ephemeral=ephemeral,
+            expiry=expiry,
+            auth=auth,
+            preauthkey_id=preauth_key.id if preauth_key else None,
+            os=os,
+        )
+    ]
+    if preauth_key is not None:
+        events.append(PreAuthKeyUsed(key_id=preauth_key.id, node_id=node_id))
+    return Decision(tuple(events), node_id)
+
+
+def decide_rotate_node_key(
+    state: TailnetState,
+    node: Node,
+    *,
+    node_key: str,
+    expiry: datetime | None,
+    preauth_key: PreAuthKey | None = None,
+) -> Decision[int]:
+    owner = state.node_by_key(node_key)
+    if owner is not None and owner.id != node.id:
+        raise ConflictError("this node key is already registered to another machine")
+    events: list[AnyEvent] = [
+        NodeKeyRotated(node_id=node.id, old_node_key=node.node_key, node_key=node_key, expiry=expiry)
+    ]
+    if preauth_key is not None:
+        events.append(PreAuthKeyUsed(key_id=preauth_key.id, node_id=node.id))
+    return Decision(tuple(events), node.id)
+
+
+def decide_rename_node(state: TailnetState, ref: str, new_name: str) -> Decision[int]:
+    node = find_node(state, ref)
+    label = sanitize_hostname(new_name)
+    if label != new_name:
+        raise CommandError(
+            f"invalid node name {new_name!r}: use a DNS label (lower-case letters, digits, -), "
+            f"for example {label!r}"
+        )
+    other = state.node_named(new_name)
+    if other is not None and other.id != node.id:
+        raise ConflictError(f"another node is already named {new_name!r}")
+    return Decision((NodeRenamed(node_id=node.id, given_name=new_name),), node.id)
+
+
+def decide_delete_node(state: TailnetState, ref: str, *, reason: str = "admin") -> Decision[int]:
+    node = find_node(state, ref)
+    return Decision((NodeDeleted(node_id=node.id, reason=reason),), node.id)
+
+
+def decide_expire_node(
+    state: TailnetState, ref: str, *, now: datetime, at: datetime | None = None
+) -> Decision[int]:
+    """Expire a node's key now (or at ``at``, which may be in the future)."""
+    node = find_node(state, ref)
+    return Decision((NodeExpirySet(node_id=node.id, expiry=at or now),), node.id)
+
+
+def decide_logout_node(state: TailnetState, node: Node, *, now: datetime) -> Decision[int]:
+    if node.ephemeral:
+        return Decision((NodeDeleted(node_id=node.id, reason="logout"),), node.id)
+    return Decision((NodeLoggedOut(node_id=node.id, at=now),), node.id)
+
+
+def decide_set_tags(state: TailnetState, ref: str, tags: tuple[str, ...]) -> Decision[int]:
+    node = find_node(state, ref)
+    for tag in tags:
+        validate_tag(tag)
+    canonical = tuple(sorted(set(tags)))
+    if canonical == node.tags:
+        raise CommandError(f"node {node.given_name!r} already has exactly these tags")
+    return Decision((NodeTagsSet(node_id=node.id, tags=canonical),), node.id)
+
+
+def _canonical_routes(routes: tuple[str, ...]) -> tuple[str, ...]:
+    out: set[str] = set()
+    for route in routes:
+        try:
+            out.add(str(ipaddress.ip_network(route, strict=True)))
+        except ValueError as exc:
+            raise CommandError(f"invalid route {route!r}: {exc}") from None
+    return tuple(sorted(out))
+
+
+def decide_advertise_routes(state: TailnetState, node: Node, routes: tuple[str, ...]) -> Decision[int]:
+    canonical = _canonical_routes(routes)
+    if canonical == node.advertised_routes:
+        return Decision((), node.id)
+    return Decision((RoutesAdvertised(node_id=node.id, routes=canonical),), node.id)
+
+
+def decide_approve_routes(state: TailnetState, ref: str, routes: tuple[str, ...]) -> Decision[int]:
+    node = find_node(state, ref)
+    canonical = _canonical_routes(routes)
+    return Decision((RoutesApproved(node_id=node.id, routes=canonical),), node.id)
+
+

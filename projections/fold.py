@@ -1,0 +1,277 @@
+"""The fold: how each recorded event changes the tailnet state.
+
+``apply(state, recorded) -> (state, delta)`` is pure and total. It never raises for a
+recorded event, because every event was validated (by :mod:`projections.commands`)
+before it was appended, and it is replayed over history: an ``apply`` that could fail
+would make the log unreadable. It reads time only from the envelope. The ``match`` ends
+in ``assert_never``, so adding an event class without teaching the fold about it is a
+type error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import assert_never
+
+from msgspec.structs import replace
+
+from eventlog import RecordedEvent
+from eventlog.events import (
+    ApiKeyCreated,
+    ApiKeyDeleted,
+    ApiKeyExpired,
+    NodeDeleted,
+    NodeExpirySet,
+    NodeHostnameChanged,
+    NodeKeyRotated,
+    NodeLoggedOut,
+    NodeRegistered,
+    NodeRenamed,
+    NodeTagsSet,
+    PolicySet,
+    PreAuthKeyCreated,
+    PreAuthKeyExpired,
+    PreAuthKeyUsed,
+    RoutesAdvertised,
+    RoutesApproved,
+    UserCreated,
+    UserDeleted,
+    UserRenamed,
+)
+
+from .delta import Delta
+from .state import ApiKey, Node, PreAuthKey, TailnetState, User
+
+__all__ = ["apply", "fold"]
+
+
+def _node_changed(state: TailnetState, node: Node, seq: int) -> tuple[TailnetState, Delta]:
+    node = replace(node, updated_seq=seq)
+    return replace(state, nodes=state.nodes.set(node.id, node)), Delta(
+        nodes_changed=frozenset((node.id,))
+    )
+
+
+def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, Delta]:
+    """Fold one recorded event into ``state``; return the new state and what changed."""
+    state = replace(state, seq=recorded.seq, last_event_at=recorded.recorded_at)
+    at = recorded.recorded_at
+    event = recorded.event
+    match event:
+        case UserCreated():
+            user = User(
+                id=event.user_id,
+                name=event.name,
+                display_name=event.display_name,
+                email=event.email,
+                provider=event.provider,
+                provider_id=event.provider_id,
+                profile_pic_url=event.profile_pic_url,
+                created_at=at,
+            )
+            return replace(
+                state,
+                users=state.users.set(user.id, user),
+                user_by_name=state.user_by_name.set(user.name, user.id),
+                next_user_id=max(state.next_user_id, user.id + 1),
+            ), Delta(users_changed=frozenset((user.id,)))
+        case UserRenamed():
+            old = state.users.get(event.user_id)
+            if old is None:
+                return state, Delta()
+            user = replace(old, name=event.name)
+            return replace(
+                state,
+                users=state.users.set(user.id, user),
+                user_by_name=state.user_by_name.delete(old.name).set(user.name, user.id),
+            ), Delta(users_changed=frozenset((user.id,)))
+        case UserDeleted():
+            old = state.users.get(event.user_id)
+            if old is None:
+                return state, Delta()
+            return replace(
+                state,
+                users=state.users.delete(old.id),
+                user_by_name=state.user_by_name.delete(old.name),
+            ), Delta(users_removed=frozenset((old.id,)))
+        case PreAuthKeyCreated():
+            key = PreAuthKey(
+                id=event.key_id,
+                prefix=event.prefix,
+                secret_sha256=event.secret_sha256,
+                user_id=event.user_id,
+                reusable=event.reusable,
+                ephemeral=event.ephemeral,
+                tags=event.tags,
+                expires_at=event.expires_at,
+                created_at=at,
+            )
+            return replace(
+                state,
+                preauth_keys=state.preauth_keys.set(key.id, key),
+                next_preauth_key_id=max(state.next_preauth_key_id, key.id + 1),
+            ), Delta(keys=True)
+        case PreAuthKeyUsed():
+            key_used = state.preauth_keys.get(event.key_id)
+            if key_used is None:
+                return state, Delta()
+            key_used = replace(key_used, used_by=(*key_used.used_by, event.node_id))
+            return replace(
+                state, preauth_keys=state.preauth_keys.set(key_used.id, key_used)
+            ), Delta(keys=True)
+        case PreAuthKeyExpired():
+            key_exp = state.preauth_keys.get(event.key_id)
+            if key_exp is None:
+                return state, Delta()
+            key_exp = replace(key_exp, revoked=True)
+            return replace(
+                state, preauth_keys=state.preauth_keys.set(key_exp.id, key_exp)
+            ), Delta(keys=True)
+        case ApiKeyCreated():
+            api = ApiKey(
+                id=event.key_id,
+                prefix=event.prefix,
+                secret_sha256=event.secret_sha256,
+                expires_at=event.expires_at,
+                created_at=at,
+            )
+            return replace(
+                state,
+                api_keys=state.api_keys.set(api.id, api),
+                next_api_key_id=max(state.next_api_key_id, api.id + 1),
+            ), Delta(keys=True)
+        case ApiKeyExpired():
+            api_old = state.api_keys.get(event.key_id)
+            if api_old is None:
+                return state, Delta()
+            return replace(
+                state, api_keys=state.api_keys.set(api_old.id, replace(api_old, revoked=True))
+            ), Delta(keys=True)
+        case ApiKeyDeleted():
+            if event.key_id not in state.api_keys:
+                return state, Delta()
+            return replace(state, api_keys=state.api_keys.delete(event.key_id)), Delta(keys=True)
+        case NodeRegistered():
+            node = Node(
+                id=event.node_id,
+                machine_key=event.machine_key,
+                node_key=event.node_key,
+                user_id=event.user_id,
+                hostname=event.hostname,
+                given_name=event.given_name,
+                ipv4=event.ipv4,
+                ipv6=event.ipv6,
+                tags=event.tags,
+                ephemeral=event.ephemeral,
+                expiry=event.expiry,
+                created_at=at,
+                auth=event.auth,
+                preauthkey_id=event.preauthkey_id,
+                os=event.os,
+                updated_seq=recorded.seq,
+            )
+            by_ip = state.node_by_ip
+            for ip in (node.ipv4, node.ipv6):
+                if ip is not None:
+                    by_ip = by_ip.set(ip, node.id)
+            return replace(
+                state,
+                nodes=state.nodes.set(node.id, node),
+                node_by_node_key=state.node_by_node_key.set(node.node_key, node.id),
+                node_by_machine_key=state.node_by_machine_key.set(node.machine_key, node.id),
+                node_by_ip=by_ip,
+                next_node_id=max(state.next_node_id, node.id + 1),
+                last_ipv4=node.ipv4 or state.last_ipv4,
+                last_ipv6=node.ipv6 or state.last_ipv6,
+            ), Delta(nodes_changed=frozenset((node.id,)))
+        case NodeKeyRotated():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            by_key = state.node_by_node_key
+            if by_key.get(node_old.node_key) == node_old.id:
+                by_key = by_key.delete(node_old.node_key)
+            state = replace(state, node_by_node_key=by_key.set(event.node_key, node_old.id))
+            return _node_changed(
+                state,
+                replace(node_old, node_key=event.node_key, expiry=event.expiry, logged_out=False),
+                recorded.seq,
+            )
+        case NodeRenamed():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(state, replace(node_old, given_name=event.given_name), recorded.seq)
+        case NodeHostnameChanged():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(state, replace(node_old, hostname=event.hostname), recorded.seq)
+        case NodeTagsSet():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(state, replace(node_old, tags=event.tags), recorded.seq)
+        case NodeExpirySet():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(state, replace(node_old, expiry=event.expiry), recorded.seq)
+        case NodeLoggedOut():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(
+                state, replace(node_old, expiry=event.at, logged_out=True), recorded.seq
+            )
+        case NodeDeleted():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            by_ip = state.node_by_ip
+            for ip in (node_old.ipv4, node_old.ipv6):
+                if ip is not None and by_ip.get(ip) == node_old.id:
+                    by_ip = by_ip.delete(ip)
+            by_key = state.node_by_node_key
+            if by_key.get(node_old.node_key) == node_old.id:
+                by_key = by_key.delete(node_old.node_key)
+            by_machine = state.node_by_machine_key
+            if by_machine.get(node_old.machine_key) == node_old.id:
+                by_machine = by_machine.delete(node_old.machine_key)
+            return replace(
+                state,
+                nodes=state.nodes.delete(node_old.id),
+                node_by_node_key=by_key,
+                node_by_machine_key=by_machine,
+                node_by_ip=by_ip,
+            ), Delta(nodes_removed=frozenset((node_old.id,)))
+        case RoutesAdvertised():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(
+                state, replace(node_old, advertised_routes=event.routes), recorded.seq
+            )
+        case RoutesApproved():
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            return _node_changed(state, replace(node_old, approved_routes=event.routes), recorded.seq)
+        case PolicySet():
+            return replace(
+                state,
+                policy_text=event.text,
+                policy_sha256=event.sha256,
+                policy_source=event.source,
+            ), Delta(policy=True)
+        case _:
+            assert_never(event)
+
+
+def fold(state: TailnetState, events: Iterable[RecordedEvent]) -> tuple[TailnetState, Delta]:
+    """Fold many events; the delta is the merge of every step's delta."""
+    delta = Delta()
+    for recorded in events:
+        state, step = apply(state, recorded)
+        delta = delta.merge(step)
+    return state, delta

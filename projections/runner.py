@@ -1,0 +1,152 @@
+"""The projection runner: tail the log, fold, publish snapshots, wake subscribers.
+
+The runner is the only writer of the current :class:`~projections.state.TailnetState`.
+It loads a checkpoint, folds the backlog, reports readiness through
+``task_status.started()``, then follows the log's tail forever. Each batch of events
+produces a new immutable snapshot and one merged :class:`~projections.delta.Delta`.
+
+Subscribers (map streams, the relay's authorizer, admin views) never receive events
+from the request path: they learn about changes only from here, after the events are
+durable, whichever process or replica appended them.
+
+Backpressure: a subscriber that has not yet taken its previous update does not queue;
+its pending delta is *merged* with the new one (deltas are associative), so a slow
+consumer costs one slot, never a growing queue, and still sees every change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from eventlog import EventLog, RecordedEvent
+
+from .checkpoint import CheckpointStore
+from .delta import Delta
+from .fold import fold
+from .state import TailnetState
+
+__all__ = ["ProjectionRunner", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """A consumer's view of the runner: the latest state and the merged change since it
+    last looked. Close it with :meth:`close` (or ``with``) to stop receiving."""
+
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self._runner = runner
+        self._pending = Delta()
+        self._wake = trio.Event()
+        self.closed = False
+
+    def _offer(self, delta: Delta) -> None:
+        self._pending = self._pending.merge(delta)
+        self._wake.set()
+
+    async def next(self) -> tuple[TailnetState, Delta]:
+        """Wait for the next change; return the state now and everything that changed."""
+        while self._pending.is_empty():
+            await self._wake.wait()
+            self._wake = trio.Event()
+        delta, self._pending = self._pending, Delta()
+        return self._runner.state, delta
+
+    def close(self) -> None:
+        self.closed = True
+        self._runner._subscribers.discard(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProjectionRunner:
+    """Folds the log into the current state and keeps it current.
+
+    Args:
+        log: the event log to tail.
+        checkpoints: where to load and save checkpoints (``None``: always fold from 0).
+        name: the checkpoint name (a stable name per projection).
+        checkpoint_every: save a checkpoint after this many new events.
+        on_batch: called synchronously after each batch is folded, before subscribers
+            wake (metrics, logging).
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        checkpoints: CheckpointStore | None = None,
+        *,
+        name: str = "tailnet",
+        checkpoint_every: int = 1000,
+        on_batch: Callable[[list[RecordedEvent], TailnetState, Delta], None] | None = None,
+    ) -> None:
+        self.log = log
+        self._checkpoints = checkpoints
+        self._name = name
+        self._checkpoint_every = checkpoint_every
+        self._on_batch = on_batch
+        self.state = TailnetState()
+        self._subscribers: set[Subscription] = set()
+        self._advanced = trio.Event()
+        self._last_hash = ""
+        self._since_checkpoint = 0
+        self.events_folded = 0
+
+    def subscribe(self) -> Subscription:
+        sub = Subscription(self)
+        self._subscribers.add(sub)
+        return sub
+
+    async def wait_for(self, seq: int) -> TailnetState:
+        """Return once the state includes event ``seq`` (read-your-writes)."""
+        while self.state.seq < seq:
+            await self._advanced.wait()
+        return self.state
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._checkpoints is not None:
+            loaded = await trio.to_thread.run_sync(self._checkpoints.load, self._name, self.log.store)
+            if loaded is not None:
+                self.state = loaded
+                log.info("projection %s: loaded checkpoint at seq %d", self._name, loaded.seq)
+        # Fold the backlog before declaring readiness, so a server never answers from a
+        # state older than the log it found on start.
+        while True:
+            events = await self.log.read(self.state.seq, 5000)
+            if not events:
+                break
+            self._apply(events)
+        await self._maybe_checkpoint(force=True)
+        task_status.started()
+        async for events in self.log.tail(self.state.seq):
+            self._apply(events)
+            await self._maybe_checkpoint()
+
+    def _apply(self, events: list[RecordedEvent]) -> None:
+        self.state, delta = fold(self.state, events)
+        self._last_hash = events[-1].hash
+        self.events_folded += len(events)
+        self._since_checkpoint += len(events)
+        if self._on_batch is not None:
+            self._on_batch(events, self.state, delta)
+        for sub in list(self._subscribers):
+            sub._offer(delta)
+        advanced, self._advanced = self._advanced, trio.Event()
+        advanced.set()
+
+    async def _maybe_checkpoint(self, *, force: bool = False) -> None:
+        if self._checkpoints is None or not self._last_hash:
+            return
+        if not force and self._since_checkpoint < self._checkpoint_every:
+            return
+        if self._since_checkpoint == 0:
+            return
+        self._since_checkpoint = 0
+        await trio.to_thread.run_sync(self._checkpoints.save, self._name, self.state, self._last_hash)

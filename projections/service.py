@@ -1,0 +1,75 @@
+"""Running commands: decide against the current state, append, wait to see the result.
+
+:meth:`Tailnet.execute` is the one path by which anything in tailledger changes state.
+It decides with a pure command from :mod:`projections.commands`, appends the events
+with ``expected_seq`` set to the state it decided against, and on a conflict (another
+writer got in first, possibly another replica) waits for the projection to catch up and
+decides again. It returns after the projection has folded the new events, so the caller
+reads its own writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from eventlog import Actor, EventLog, ExpectedSequenceConflict, RecordedEvent
+
+from .commands import Decision
+from .errors import CommandError
+from .runner import ProjectionRunner
+from .state import TailnetState
+
+__all__ = ["Tailnet"]
+
+T = TypeVar("T")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Tailnet:
+    """The command side of the server: a log, its projection and a clock."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        runner: ProjectionRunner,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        max_retries: int = 20,
+    ) -> None:
+        self.log = log
+        self.runner = runner
+        self.clock = clock
+        self._max_retries = max_retries
+
+    @property
+    def state(self) -> TailnetState:
+        return self.runner.state
+
+    async def execute(
+        self, decide: Callable[[TailnetState], Decision[T]], *, actor: Actor
+    ) -> tuple[T, tuple[RecordedEvent, ...]]:
+        """Decide and append; retry on a concurrent append.
+
+        Raises:
+            CommandError: the command was refused (nothing appended).
+        """
+        for _ in range(self._max_retries):
+            state = self.runner.state
+            decision = decide(state)
+            if not decision.events:
+                return decision.result, ()
+            try:
+                recorded = await self.log.append(
+                    decision.events, actor=actor, expected_seq=state.seq
+                )
+            except ExpectedSequenceConflict as conflict:
+                await self.runner.wait_for(conflict.actual)
+                continue
+            await self.runner.wait_for(recorded[-1].seq)
+            return decision.result, recorded
+        raise CommandError("the tailnet is changing too fast; try again")

@@ -1,0 +1,175 @@
+"""The tailnet state folded from the log: users, keys, nodes, routes and policy.
+
+State is immutable. Collections are persistent hash maps (``immutables.Map``, the HAMT
+behind ``contextvars``): a fold step returns a new state sharing almost everything with
+the old one in O(log n), so every stream, query and replay can hold a consistent
+snapshot without locks or copies. Derived indexes (by node key, machine key, address,
+name) are maintained by the fold next to the primary maps and rebuilt in one place
+(:func:`rebuild_indexes`) when a checkpoint is loaded.
+
+Invariant: ``seq`` is the sequence number of the last event folded in; every id map is
+consistent with its indexes; ``next_*_id`` is greater than every id ever used (ids are
+never reused, even after deletion).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+from immutables import Map
+
+__all__ = [
+    "ApiKey",
+    "Node",
+    "PreAuthKey",
+    "TailnetState",
+    "User",
+    "rebuild_indexes",
+]
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    name: str
+    display_name: str
+    email: str
+    provider: str
+    provider_id: str
+    profile_pic_url: str
+    created_at: datetime
+
+    @property
+    def login_name(self) -> str:
+        """The name policies match: the e-mail when known, else the bare name."""
+        return self.email or self.name
+
+
+class PreAuthKey(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    prefix: str
+    secret_sha256: str
+    user_id: int | None
+    reusable: bool
+    ephemeral: bool
+    tags: tuple[str, ...]
+    expires_at: datetime | None
+    created_at: datetime
+    revoked: bool = False
+    used_by: tuple[int, ...] = ()
+
+    def usable_at(self, now: datetime) -> str | None:
+        """Why this key can't register a new node at ``now``, or ``None`` if it can."""
+        if self.revoked:
+            return "the pre-auth key has been expired by an admin"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "the pre-auth key has expired"
+        if not self.reusable and self.used_by:
+            return "the pre-auth key has already been used"
+        return None
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    prefix: str
+    secret_sha256: str
+    expires_at: datetime | None
+    created_at: datetime
+    revoked: bool = False
+
+
+class Node(msgspec.Struct, frozen=True, kw_only=True):
+    """One machine. Keys are lower-case hex of the 32 raw bytes."""
+
+    id: int
+    machine_key: str
+    node_key: str
+    user_id: int
+    hostname: str
+    given_name: str
+    ipv4: str | None
+    ipv6: str | None
+    tags: tuple[str, ...]
+    ephemeral: bool
+    expiry: datetime | None
+    created_at: datetime
+    auth: str
+    preauthkey_id: int | None
+    os: str = ""
+    advertised_routes: tuple[str, ...] = ()
+    approved_routes: tuple[str, ...] = ()
+    logged_out: bool = False
+    updated_seq: int = 0  # the last event that changed this node (for cheap diffs)
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expiry is not None and self.expiry <= now
+
+    @property
+    def is_tagged(self) -> bool:
+        return bool(self.tags)
+
+
+class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the log says, as of event ``seq``."""
+
+    seq: int = 0
+    last_event_at: datetime | None = None
+    users: Map[int, User] = msgspec.field(default_factory=Map)
+    nodes: Map[int, Node] = msgspec.field(default_factory=Map)
+    preauth_keys: Map[int, PreAuthKey] = msgspec.field(default_factory=Map)
+    api_keys: Map[int, ApiKey] = msgspec.field(default_factory=Map)
+    policy_text: str | None = None
+    policy_sha256: str | None = None
+    policy_source: str | None = None
+    next_user_id: int = 1
+    next_node_id: int = 1
+    next_preauth_key_id: int = 1
+    next_api_key_id: int = 1
+    # Derived indexes (see rebuild_indexes).
+    node_by_node_key: Map[str, int] = msgspec.field(default_factory=Map)
+    node_by_machine_key: Map[str, int] = msgspec.field(default_factory=Map)
+    node_by_ip: Map[str, int] = msgspec.field(default_factory=Map)
+    user_by_name: Map[str, int] = msgspec.field(default_factory=Map)
+    # The last addresses handed out: sequential allocation continues after them, so a
+    # freed address is not handed out again until the range wraps around.
+    last_ipv4: str | None = None
+    last_ipv6: str | None = None
+
+    def user_named(self, name: str) -> User | None:
+        uid = self.user_by_name.get(name)
+        return None if uid is None else self.users[uid]
+
+    def node_by_key(self, node_key: str) -> Node | None:
+        nid = self.node_by_node_key.get(node_key)
+        return None if nid is None else self.nodes[nid]
+
+    def node_by_machine(self, machine_key: str) -> Node | None:
+        nid = self.node_by_machine_key.get(machine_key)
+        return None if nid is None else self.nodes[nid]
+
+    def node_named(self, given_name: str) -> Node | None:
+        for node in self.nodes.values():
+            if node.given_name == given_name:
+                return node
+        return None
+
+
+def rebuild_indexes(state: TailnetState) -> TailnetState:
+    """Recompute every derived index from the primary maps."""
+    by_key: dict[str, int] = {}
+    by_machine: dict[str, int] = {}
+    by_ip: dict[str, int] = {}
+    for node in state.nodes.values():
+        by_key[node.node_key] = node.id
+        by_machine[node.machine_key] = node.id
+        for ip in (node.ipv4, node.ipv6):
+            if ip is not None:
+                by_ip[ip] = node.id
+    by_name = {user.name: user.id for user in state.users.values()}
+    return msgspec.structs.replace(
+        state,
+        node_by_node_key=Map(by_key),
+        node_by_machine_key=Map(by_machine),
+        node_by_ip=Map(by_ip),
+        user_by_name=Map(by_name),
+    )
