@@ -287,6 +287,7 @@ class SQLiteEventStore(EventStore):
                 conn.execute("BEGIN IMMEDIATE")
                 head = self._head(conn)
                 seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
+                at_dt = from_micros(at)
                 rows: list[tuple[int, int, str, str, str, int, bytes, str, str]] = []
                 for req in requests:
                     if req.expected_seq is not None and req.expected_seq != seq:
@@ -297,17 +298,15 @@ class SQLiteEventStore(EventStore):
                         seq += 1
                         data = encode_event(event)
                         type_ = event.type_name()
+                        kind = req.actor.kind.value
                         h = chain_hash(
-                            prev, seq=seq, recorded_at_us=at, actor_kind=req.actor.kind.value,
+                            prev, seq=seq, recorded_at_us=at, actor_kind=kind,
                             actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
                         )
-                        rows.append(
-                            (seq, at, req.actor.kind.value, req.actor.id, type_, event.SCHEMA,
-                             data, prev, h)
-                        )
+                        rows.append((seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h))
                         recorded.append(
                             RecordedEvent(
-                                seq=seq, recorded_at=from_micros(at), actor=req.actor,
+                                seq=seq, recorded_at=at_dt, actor=req.actor,
                                 type=type_, schema=event.SCHEMA, event=event, prev_hash=prev,
                                 hash=h,
                             )

@@ -1,0 +1,142 @@
+"""The local admin socket: how ``tailledger`` commands reach the running server.
+
+A Unix stream socket in the data directory (mode 0600, like Headscale's CLI socket)
+carries one JSON object per line each way::
+
+    → {"op": "users.create", "args": {"name": "alice"}}
+    ← {"ok": true, "result": {...}}            or   {"ok": false, "error": "user 'alice' already exists"}
+
+The server identifies the caller by the socket's peer credentials (``SO_PEERCRED``), so
+every event an operator causes is recorded with ``admin:<unix user>`` as its actor;
+nobody can claim to be someone else over this socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+import struct
+from pathlib import Path
+
+import msgspec
+import trio
+
+from eventlog import Actor, ActorKind
+from projections import CommandError
+from projections.admin import AdminOps
+
+__all__ = ["AdminError", "call", "serve_admin_socket"]
+
+log = logging.getLogger(__name__)
+
+_MAX_LINE = 1 << 20
+
+
+class AdminError(Exception):
+    """The server refused the operation (the message says why) or cannot be reached."""
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True):
+    op: str
+    args: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+def _peer_actor(sock: trio.socket.SocketType) -> Actor:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid{uid}"
+    except OSError:
+        name = "unknown"
+    return Actor(kind=ActorKind.ADMIN, id=name)
+
+
+async def _handle(stream: trio.SocketStream, ops: AdminOps) -> None:
+    actor = _peer_actor(stream.socket)
+    buf = b""
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            buf += data
+            if len(buf) > _MAX_LINE:
+                await stream.send_all(b'{"ok":false,"error":"request too large"}\n')
+                return
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                reply = await _answer(line, ops, actor)
+                await stream.send_all(msgspec.json.encode(reply) + b"\n")
+
+
+async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]:
+    try:
+        req = msgspec.json.decode(line, type=_Request)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return {"ok": False, "error": f"malformed request: {exc}"}
+    try:
+        return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
+    except CommandError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+async def serve_admin_socket(
+    path: Path, ops: AdminOps, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Listen on ``path`` until cancelled. A stale socket file is replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        await trio.serve_listeners(lambda s: _handle(s, ops), [listener])  # type: ignore[arg-type]
+    finally:
+        with trio.CancelScope(shield=True):
+            path.unlink(missing_ok=True)
+
+
+def call(path: Path, op: str, args: dict[str, object] | None = None, *, timeout: float = 60) -> object:
+    """Run ``op`` on the server listening at ``path`` (blocking).
+
+    Raises:
+        AdminError: the server is not running, or it refused the operation.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(msgspec.json.encode({"op": op, "args": args or {}}) + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise AdminError("the server closed the connection")
+                buf += chunk
+    except FileNotFoundError:
+        raise AdminError(
+            f"no tailledger server is running here (no admin socket at {path}); start one with "
+            "'tailledger serve' or pass --config/--data"
+        ) from None
+    except ConnectionRefusedError:
+        raise AdminError(f"the server at {path} is not accepting connections") from None
+    except TimeoutError:
+        raise AdminError("the server did not answer in time") from None
+    reply = msgspec.json.decode(buf)
+    if not isinstance(reply, dict):
+        raise AdminError("malformed reply from the server")
+    if not reply.get("ok"):
+        raise AdminError(str(reply.get("error", "unknown error")))
+    return reply.get("result")

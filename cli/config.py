@@ -1,0 +1,258 @@
+"""Server configuration: defaults, a TOML file, and environment variables.
+
+Precedence, lowest first: built-in defaults, the TOML file (``--config FILE`` or
+``$TAILLEDGER_CONFIG``), then environment variables. ``$TAILLEDGER_DATA`` sets the data
+directory; any other key can be set as ``TAILLEDGER_<SECTION>__<KEY>`` (double
+underscore between levels), e.g. ``TAILLEDGER_LISTEN_ADDR=0.0.0.0:8080`` or
+``TAILLEDGER_DERP__SERVER__ENABLED=true``; values are read as TOML scalars when they
+parse as one (``true``, ``42``, ``"text"``) and as plain strings otherwise.
+
+With no configuration at all ``tailledger serve`` keeps its data in
+``./tailledger-data`` and listens on ``127.0.0.1:8080``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from .durations import DurationError, parse_duration
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message explains what and where."""
+
+
+class TLSConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class PrefixConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    v4: str = "100.64.0.0/10"
+    v6: str = "fd7a:115c:a1e0::/48"
+    allocation: str = "sequential"
+
+
+class DNSConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    magic_dns: bool = True
+    base_domain: str = "tailnet.internal"
+    nameservers: list[str] = msgspec.field(default_factory=list)
+    split: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    search_domains: list[str] = msgspec.field(default_factory=list)
+    override_local_dns: bool = False
+
+
+class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    mode: str = "database"  # "database" or "file"
+    path: str = ""
+
+
+class DerpServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    region_id: int = 999
+    region_code: str = "tailledger"
+    region_name: str = "tailledger embedded DERP"
+    listen_addr: str = "127.0.0.1:3340"
+    stun_listen_addr: str = "127.0.0.1:3478"
+    hostname: str = ""  # what clients dial; default: the listen address's host
+    ipv4: str = ""
+    tls: bool = True  # serve DERP over TLS (self-signed unless cert/key files are given)
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class DerpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    server: DerpServerConfig = msgspec.field(default_factory=DerpServerConfig)
+    urls: list[str] = msgspec.field(default_factory=list)
+    paths: list[str] = msgspec.field(default_factory=list)
+    omit_default_regions: bool = False
+    auto_update_interval: str = "24h"
+
+
+class DatabaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    type: str = "sqlite"
+    path: str = ""  # default: <data_dir>/ledger.db
+    synchronous: str = "FULL"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    data_dir: str = "./tailledger-data"
+    listen_addr: str = "127.0.0.1:8080"
+    server_url: str = ""  # default: http://<listen_addr>
+    admin_socket: str = ""  # default: <data_dir>/admin.sock
+    log_level: str = "info"
+    node_key_expiry: str = "0"  # default expiry of node keys; 0 = never
+    ephemeral_node_inactivity_timeout: str = "30m"
+    metrics_listen_addr: str = ""
+    tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    prefixes: PrefixConfig = msgspec.field(default_factory=PrefixConfig)
+    dns: DNSConfig = msgspec.field(default_factory=DNSConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    derp: DerpConfig = msgspec.field(default_factory=DerpConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+
+    # -- derived ------------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database.path) if self.database.path else self.data_path / "ledger.db"
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return Path(self.admin_socket) if self.admin_socket else self.data_path / "admin.sock"
+
+    @property
+    def public_url(self) -> str:
+        if self.server_url:
+            return self.server_url.rstrip("/")
+        scheme = "https" if self.tls.cert_file else "http"
+        return f"{scheme}://{self.listen_addr}"
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        return split_host_port(self.listen_addr, "listen_addr")
+
+
+def split_host_port(addr: str, what: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {addr!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class _Where:
+    source: str
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name, raw in env.items():
+        if not name.startswith("TAILLEDGER_") or name in ("TAILLEDGER_CONFIG",):
+            continue
+        key = name[len("TAILLEDGER_") :].lower()
+        if key == "data":
+            key = "data_dir"
+        path = key.split("__")
+        try:
+            value: object = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, object], over: Mapping[str, object]) -> dict[str, object]:
+    merged = dict(base)
+    for key, value in over.items():
+        current = merged.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            merged[key] = _merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, the file and the environment.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, a key is unknown, a value has
+            the wrong type, or a value is semantically wrong (a bad prefix, duration …).
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, object] = {}
+    path = path or env.get("TAILLEDGER_CONFIG") or None
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = _merge(raw, _env_overrides(env))
+    try:
+        config = msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{_explain(str(exc))}") from None
+    validate(config)
+    return config
+
+
+def _explain(msg: str) -> str:
+    # msgspec says "... - at `$.derp.server`"; say it with the TOML key path.
+    text, _, at = msgspec_msg_split(msg)
+    return f"{text} (at {at})" if at else text
+
+
+def msgspec_msg_split(msg: str) -> tuple[str, str, str]:
+    text, sep, at = msg.partition(" - at `$")
+    return text, sep, at.rstrip("`").lstrip(".") or ("top level" if sep else "")
+
+
+def validate(config: Config) -> None:
+    """Semantic checks beyond types."""
+    config.listen  # noqa: B018 - raises ConfigError when malformed
+    for what, text, version in (("prefixes.v4", config.prefixes.v4, 4), ("prefixes.v6", config.prefixes.v6, 6)):
+        if not text:
+            continue
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+        if net.version != version:
+            raise ConfigError(f"{what}: {text} is not an IPv{version} prefix")
+    if not config.prefixes.v4 and not config.prefixes.v6:
+        raise ConfigError("prefixes: at least one of v4 and v6 is needed")
+    if config.prefixes.allocation not in ("sequential", "random"):
+        raise ConfigError(
+            f"prefixes.allocation: {config.prefixes.allocation!r} is not 'sequential' or 'random'"
+        )
+    for what, text in (
+        ("node_key_expiry", config.node_key_expiry),
+        ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
+        ("derp.auto_update_interval", config.derp.auto_update_interval),
+    ):
+        try:
+            parse_duration(text)
+        except DurationError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    if config.policy.mode not in ("database", "file"):
+        raise ConfigError(f"policy.mode: {config.policy.mode!r} is not 'database' or 'file'")
+    if config.policy.mode == "file" and not config.policy.path:
+        raise ConfigError("policy.path: policy.mode is 'file' but no path is given")
+    if bool(config.tls.cert_file) != bool(config.tls.key_file):
+        raise ConfigError("tls: give both cert_file and key_file, or neither")
+    if config.database.type != "sqlite":
+        raise ConfigError(f"database.type: {config.database.type!r} is not supported (sqlite)")
+    if config.database.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError("database.synchronous: use FULL, EXTRA or NORMAL")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: {config.log_level!r} is not debug, info, warning or error")
+    if config.derp.server.enabled:
+        split_host_port(config.derp.server.listen_addr, "derp.server.listen_addr")
+        split_host_port(config.derp.server.stun_listen_addr, "derp.server.stun_listen_addr")
+        if not 1 <= config.derp.server.region_id < 2**53:
+            raise ConfigError("derp.server.region_id: must be between 1 and 2^53-1")
+    if not config.dns.base_domain and config.dns.magic_dns:
+        raise ConfigError("dns.base_domain: MagicDNS needs a base domain")

@@ -1,0 +1,322 @@
+"""The ``tailledger`` command line.
+
+Server commands (``serve``, ``relay``, ``config check``, ``log verify`` …) run here;
+administrative commands (``users``, ``preauthkeys``, ``nodes``, ``policy set`` …) are
+sent to the running server over its local admin socket, so that every change is decided
+against the live state and recorded with the caller as its actor. Every command prints a
+readable table, or JSON with ``-o json``; a refused command prints why on stderr and
+exits with status 1 (2 for usage errors), having changed nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .adminsock import AdminError, call
+from .config import Config, ConfigError, load_config
+from .durations import DurationError, parse_duration
+from .output import print_json, print_table
+
+__all__ = ["build_parser", "main"]
+
+USER_COLUMNS = [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email"), ("created", "Created")]
+KEY_COLUMNS = [
+    ("id", "ID"), ("prefix", "Prefix"), ("user", "User"), ("reusable", "Reusable"),
+    ("ephemeral", "Ephemeral"), ("tags", "Tags"), ("used", "Used"), ("expired", "Expired"),
+    ("expiration", "Expiration"),
+]
+NODE_COLUMNS = [
+    ("id", "ID"), ("name", "Name"), ("hostname", "Hostname"), ("user", "User"), ("ipv4", "IPv4"),
+    ("ipv6", "IPv6"), ("tags", "Tags"), ("online", "Online"), ("expired", "Expired"),
+]
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed on stderr, exit status 1."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    env = None
+    if getattr(args, "data", None):
+        import os
+
+        env = {**os.environ, "TAILLEDGER_DATA": args.data}
+    try:
+        return load_config(args.config, env)
+    except ConfigError as exc:
+        raise CLIError(f"invalid configuration: {exc}") from None
+
+
+def _admin(args: argparse.Namespace, op: str, payload: dict[str, object] | None = None) -> object:
+    config = _config(args)
+    try:
+        return call(config.admin_socket_path, op, payload)
+    except AdminError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _show(args: argparse.Namespace, data: object, columns: Sequence[tuple[str, str]]) -> None:
+    if args.output == "json":
+        print_json(data)
+    elif isinstance(data, list):
+        print_table(data, columns)
+    elif isinstance(data, dict):
+        print_table([data], columns)
+    else:
+        print(data)
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+# -- handlers --------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    return run_server(_config(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.output == "json":
+        import msgspec
+
+        print_json(msgspec.to_builtins(config))
+    else:
+        print(f"configuration OK (data in {config.data_path}, listening on {config.listen_addr})")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    match args.action:
+        case "create":
+            data = _admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or ""})
+        case "list":
+            data = _admin(args, "users.list")
+        case "rename":
+            data = _admin(args, "users.rename", {"user": args.user, "new_name": args.new_name})
+        case "delete":
+            data = _admin(args, "users.delete", {"user": args.user})
+            if args.output != "json":
+                print(f"user {args.user} deleted")
+                return 0
+        case _:
+            raise AssertionError(args.action)
+    _show(args, data, USER_COLUMNS)
+    return 0
+
+
+def cmd_preauthkeys(args: argparse.Namespace) -> int:
+    match args.action:
+        case "create":
+            try:
+                expiration = parse_duration(args.expiration)
+            except DurationError as exc:
+                raise CLIError(f"--expiration: {exc}") from None
+            data = _admin(
+                args,
+                "preauthkeys.create",
+                {
+                    "user": args.user,
+                    "reusable": args.reusable,
+                    "ephemeral": args.ephemeral,
+                    "tags": _split(args.tags),
+                    "expiration_seconds": int(expiration.total_seconds()) if expiration else None,
+                },
+            )
+            if args.output == "json":
+                print_json(data)
+            else:
+                assert isinstance(data, dict)
+                print(data["key"])
+            return 0
+        case "list":
+            data = _admin(args, "preauthkeys.list", {"user": args.user} if args.user else {})
+        case "expire":
+            data = _admin(args, "preauthkeys.expire", {"key": args.key})
+        case _:
+            raise AssertionError(args.action)
+    _show(args, data, KEY_COLUMNS)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    match args.action:
+        case "list":
+            data = _admin(args, "nodes.list", {"user": args.user} if args.user else {})
+        case "show":
+            data = _admin(args, "nodes.show", {"node": args.node})
+        case "rename":
+            data = _admin(args, "nodes.rename", {"node": args.node, "new_name": args.new_name})
+        case "delete":
+            data = _admin(args, "nodes.delete", {"node": args.node})
+            if args.output != "json":
+                print(f"node {args.node} deleted")
+                return 0
+        case "expire":
+            data = _admin(args, "nodes.expire", {"node": args.node})
+        case "tag":
+            data = _admin(args, "nodes.tag", {"node": args.node, "tags": _split(args.tags)})
+        case "register":
+            data = _admin(args, "nodes.register", {"key": args.key, "user": args.user})
+        case "approve-routes":
+            data = _admin(args, "nodes.approve_routes", {"node": args.node, "routes": _split(args.routes)})
+        case _:
+            raise AssertionError(args.action)
+    _show(args, data, NODE_COLUMNS)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from . import logcmd
+
+    config = _config(args)
+    match args.action:
+        case "verify":
+            return logcmd.verify(config, args.output)
+        case "show":
+            return logcmd.show(config, args.output, after=args.after, limit=args.limit, type_prefix=args.type)
+        case "tail":
+            return logcmd.tail(config, args.output, after=args.after, type_prefix=args.type)
+        case _:
+            raise AssertionError(args.action)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    rest: list[str] = args.rest
+    match args.target:
+        case "log":
+            from .bench_log import bench_log_main
+
+            return bench_log_main(rest)
+        case "relay":
+            from .bench_relay import bench_relay_main
+
+            return bench_relay_main(rest)
+        case "policy":
+            from .bench_policy import bench_policy_main
+
+            return bench_policy_main(rest)
+        case _:
+            raise AssertionError(args.target)
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="TOML configuration file (default: $TAILLEDGER_CONFIG)")
+    common.add_argument("--data", help="data directory (default: $TAILLEDGER_DATA or ./tailledger-data)")
+    common.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+
+    parser = argparse.ArgumentParser(
+        prog="tailledger",
+        description="A Tailscale control server whose state is a tamper-evident event log.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str,
+            func: Callable[[argparse.Namespace], int] | None = None) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_, description=help_, parents=[common])
+        if func is not None:
+            p.set_defaults(func=func)
+        return p
+
+    add(sub, "serve", "Run the control server (with its embedded defaults when unconfigured).", cmd_serve)
+
+    config = add(sub, "config", "Inspect the configuration.")
+    config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(config_sub, "check", "Validate the configuration and explain what is wrong.", cmd_config_check)
+
+    users = add(sub, "users", "Manage users.", cmd_users)
+    us = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(us, "create", "Create a user.")
+    p.add_argument("name")
+    p.add_argument("--display-name")
+    p.add_argument("--email")
+    add(us, "list", "List users.")
+    p = add(us, "rename", "Rename a user.")
+    p.add_argument("user", help="name or id")
+    p.add_argument("new_name")
+    p = add(us, "delete", "Delete a user who owns no nodes.")
+    p.add_argument("user", help="name or id")
+
+    keys = add(sub, "preauthkeys", "Manage pre-auth keys.", cmd_preauthkeys)
+    ks = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(ks, "create", "Create a pre-auth key and print it (shown once).")
+    p.add_argument("-u", "--user", help="owner (omit for a tags-only key)")
+    p.add_argument("--reusable", action="store_true", help="may register many nodes")
+    p.add_argument("--ephemeral", action="store_true", help="nodes are deleted when they go away")
+    p.add_argument("--tags", help="comma-separated tags, e.g. tag:server,tag:prod")
+    p.add_argument("-e", "--expiration", default="1h", help="lifetime, e.g. 90m, 24h, 7d; 0 = never (default 1h)")
+    p = add(ks, "list", "List pre-auth keys.")
+    p.add_argument("-u", "--user")
+    p = add(ks, "expire", "Expire a pre-auth key now.")
+    p.add_argument("key", help="id, prefix or the full key")
+
+    nodes = add(sub, "nodes", "Manage nodes.", cmd_nodes)
+    ns = nodes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(ns, "list", "List nodes.")
+    p.add_argument("-u", "--user")
+    p = add(ns, "show", "Show one node.")
+    p.add_argument("node", help="id or name")
+    p = add(ns, "rename", "Give a node a new MagicDNS name.")
+    p.add_argument("node", help="id or name")
+    p.add_argument("new_name")
+    p = add(ns, "delete", "Delete a node.")
+    p.add_argument("node", help="id or name")
+    p = add(ns, "expire", "Expire a node's key now (the client must log in again).")
+    p.add_argument("node", help="id or name")
+    p = add(ns, "tag", "Set a node's tags (replacing the old ones; empty clears them).")
+    p.add_argument("node", help="id or name")
+    p.add_argument("-t", "--tags", required=True, help="comma-separated, e.g. tag:web,tag:prod")
+    p = add(ns, "register", "Approve a pending interactive registration.")
+    p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
+    p.add_argument("-u", "--user", required=True)
+    p = add(ns, "approve-routes", "Set the routes approved for a node.")
+    p.add_argument("node", help="id or name")
+    p.add_argument("-r", "--routes", required=True, help="comma-separated prefixes; empty clears")
+
+    logp = add(sub, "log", "Read and verify the event log.", cmd_log)
+    ls_ = logp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = add(ls_, "show", "Print events.")
+    p.add_argument("--after", type=int, default=0, help="start after this sequence number")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--type", help="only events whose type starts with this, e.g. node.")
+    p = add(ls_, "tail", "Print events as they are appended (Ctrl-C to stop).")
+    p.add_argument("--after", type=int, help="start after this sequence number (default: the head)")
+    p.add_argument("--type", help="only events whose type starts with this")
+    add(ls_, "verify", "Recompute the hash chain and name the first altered, removed or reordered event.")
+
+    bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
+    bench.add_argument("target", choices=["log", "relay", "policy"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except CLIError as exc:
+        print(f"tailledger: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

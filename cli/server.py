@@ -1,0 +1,86 @@
+"""``tailledger serve``: compose the log, the projections and the network services.
+
+One process, one nursery. Start-up order is the dependency order: the log's writer
+task, the projection runner (which folds the backlog before it reports ready), then the
+services that read the projection (admin socket, control protocol, relay). Shutdown is
+the reverse, by cancellation of the nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from eventlog import EventLog, SQLiteEventStore
+from projections import CheckpointStore, ProjectionRunner, Tailnet
+from projections.admin import AdminOps
+
+from .adminsock import serve_admin_socket
+from .config import Config
+
+__all__ = ["Server"]
+
+log = logging.getLogger("tailledger")
+
+
+class Server:
+    """A running tailledger server (built from a :class:`Config`)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteEventStore(config.database_path, synchronous=config.database.synchronous.upper())
+        self.log = EventLog(self.store)
+        self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db")
+        self.runner = ProjectionRunner(self.log, self.checkpoints)
+        self.tailnet = Tailnet(self.log, self.runner)
+        self.ops = AdminOps(self.tailnet)
+        self._extra: list[Callable[..., object]] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.log.run)
+                await nursery.start(self.runner.run)
+                await nursery.start(serve_admin_socket, self.config.admin_socket_path, self.ops)
+                await self._start_network(nursery)
+                log.info(
+                    "tailledger serving on %s (data in %s, log head %d)",
+                    self.config.public_url, self.config.data_path, self.runner.state.seq,
+                )
+                task_status.started()
+        finally:
+            self.checkpoints.close()
+            self.store.close()
+
+    async def _start_network(self, nursery: trio.Nursery) -> None:
+        from .network import start_network
+
+        await start_network(self, nursery)
+
+
+def run_server(config: Config) -> int:
+    """Run until SIGINT/SIGTERM; return the exit code."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        server = Server(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
+
+

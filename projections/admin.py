@@ -1,0 +1,330 @@
+"""Administrative operations: the one table of what an operator can do.
+
+The CLI's local admin socket and the HTTP admin API both dispatch through
+:class:`AdminOps`, so they accept the same arguments, refuse the same bad input with the
+same messages, and record the same events. Every mutating operation goes through
+:meth:`projections.service.Tailnet.execute`; reads come from the current projection.
+
+An operation takes a JSON object of arguments (validated into a Struct: unknown or
+mistyped fields are refused before anything happens) and an actor, and returns plain
+JSON-able data.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+import msgspec
+
+from eventlog import Actor
+
+from . import commands as c
+from .errors import CommandError
+from .service import Tailnet
+from .state import Node, PreAuthKey, TailnetState, User
+
+__all__ = ["AdminOps", "BadRequest", "Presence", "PresenceView"]
+
+A = TypeVar("A", bound=msgspec.Struct)
+
+JSON = object
+Handler = Callable[[dict[str, object], Actor], Awaitable[JSON]]
+
+
+class BadRequest(CommandError):
+    """The arguments do not fit the operation."""
+
+
+@dataclass(frozen=True)
+class Presence:
+    """What the control plane knows of a node's connection right now (not in the log)."""
+
+    online: bool
+    last_seen: datetime | None = None
+
+
+PresenceView = Callable[[int], Presence | None]
+
+
+def _args(cls: type[A], raw: dict[str, object]) -> A:
+    try:
+        return msgspec.convert(raw, type=cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"bad arguments: {exc}") from None
+
+
+class _UserArgs(msgspec.Struct, forbid_unknown_fields=True):
+    user: str
+
+
+class _CreateUser(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    display_name: str = ""
+    email: str = ""
+
+
+class _RenameUser(msgspec.Struct, forbid_unknown_fields=True):
+    user: str
+    new_name: str
+
+
+class _ListArgs(msgspec.Struct, forbid_unknown_fields=True):
+    user: str | None = None
+
+
+class _CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    user: str | None = None
+    reusable: bool = False
+    ephemeral: bool = False
+    tags: list[str] = msgspec.field(default_factory=list)
+    expiration_seconds: int | None = 3600
+
+
+class _KeyArgs(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+
+
+class _NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+
+
+class _RenameNode(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    new_name: str
+
+
+class _TagNode(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    tags: list[str]
+
+
+class _Routes(msgspec.Struct, forbid_unknown_fields=True):
+    node: str
+    routes: list[str]
+
+
+class _Empty(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+class AdminOps:
+    """The admin operations over one tailnet.
+
+    Args:
+        tailnet: the command service.
+        presence: who is online (from the control protocol); ``None`` reports unknown.
+        token: a source of random hex strings (``secrets.token_hex``), injectable for
+            reproducible tests.
+    """
+
+    def __init__(
+        self,
+        tailnet: Tailnet,
+        *,
+        presence: PresenceView | None = None,
+        token: Callable[[int], str] = secrets.token_hex,
+    ) -> None:
+        self.tailnet = tailnet
+        self._presence = presence or (lambda _node_id: None)
+        self._token = token
+        self.handlers: dict[str, Handler] = {
+            "users.create": self.create_user,
+            "users.list": self.list_users,
+            "users.rename": self.rename_user,
+            "users.delete": self.delete_user,
+            "preauthkeys.create": self.create_preauth_key,
+            "preauthkeys.list": self.list_preauth_keys,
+            "preauthkeys.expire": self.expire_preauth_key,
+            "nodes.list": self.list_nodes,
+            "nodes.show": self.show_node,
+            "nodes.rename": self.rename_node,
+            "nodes.delete": self.delete_node,
+            "nodes.expire": self.expire_node,
+            "nodes.tag": self.tag_node,
+            "nodes.approve_routes": self.approve_routes,
+            "log.head": self.log_head,
+        }
+
+    def register(self, op: str, handler: Handler) -> None:
+        """Add an operation provided by another component (e.g. ``nodes.register``)."""
+        if op in self.handlers:
+            raise ValueError(f"operation {op} already registered")
+        self.handlers[op] = handler
+
+    async def dispatch(self, op: str, args: dict[str, object], actor: Actor) -> JSON:
+        """Run ``op``.
+
+        Raises:
+            CommandError: unknown operation, bad arguments, or a refused command.
+        """
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise BadRequest(f"unknown operation {op!r}")
+        return await handler(args, actor)
+
+    @property
+    def state(self) -> TailnetState:
+        return self.tailnet.state
+
+    # -- views -----------------------------------------------------------------------
+
+    def user_view(self, user: User) -> dict[str, JSON]:
+        return {
+            "id": user.id,
+            "name": user.name,
+            "display_name": user.display_name,
+            "email": user.email,
+            "provider": user.provider,
+            "created": _iso(user.created_at),
+        }
+
+    def node_view(self, node: Node) -> dict[str, JSON]:
+        now = self.tailnet.clock()
+        user = self.state.users.get(node.user_id)
+        presence = self._presence(node.id)
+        return {
+            "id": node.id,
+            "name": node.given_name,
+            "hostname": node.hostname,
+            "user": user.name if user else str(node.user_id),
+            "ipv4": node.ipv4,
+            "ipv6": node.ipv6,
+            "tags": list(node.tags),
+            "online": presence.online if presence else None,
+            "last_seen": _iso(presence.last_seen) if presence else None,
+            "expiry": _iso(node.expiry),
+            "expired": node.is_expired(now),
+            "ephemeral": node.ephemeral,
+            "created": _iso(node.created_at),
+            "machine_key": node.machine_key,
+            "node_key": node.node_key,
+            "advertised_routes": list(node.advertised_routes),
+            "approved_routes": list(node.approved_routes),
+            "os": node.os,
+        }
+
+    def key_view(self, key: PreAuthKey) -> dict[str, JSON]:
+        now = self.tailnet.clock()
+        user = self.state.users.get(key.user_id) if key.user_id is not None else None
+        return {
+            "id": key.id,
+            "prefix": key.prefix,
+            "user": user.name if user else None,
+            "reusable": key.reusable,
+            "ephemeral": key.ephemeral,
+            "tags": list(key.tags),
+            "used": bool(key.used_by),
+            "expiration": _iso(key.expires_at),
+            "expired": key.revoked or (key.expires_at is not None and key.expires_at <= now),
+            "created": _iso(key.created_at),
+        }
+
+    # -- users -----------------------------------------------------------------------
+
+    async def create_user(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_CreateUser, raw)
+        uid, _ = await self.tailnet.execute(
+            lambda s: c.decide_create_user(s, a.name, display_name=a.display_name, email=a.email),
+            actor=actor,
+        )
+        return self.user_view(self.state.users[uid])
+
+    async def list_users(self, raw: dict[str, object], actor: Actor) -> JSON:
+        _args(_Empty, raw)
+        return [self.user_view(u) for u in sorted(self.state.users.values(), key=lambda u: u.id)]
+
+    async def rename_user(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_RenameUser, raw)
+        uid, _ = await self.tailnet.execute(
+            lambda s: c.decide_rename_user(s, a.user, a.new_name), actor=actor
+        )
+        return self.user_view(self.state.users[uid])
+
+    async def delete_user(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_UserArgs, raw)
+        uid, _ = await self.tailnet.execute(lambda s: c.decide_delete_user(s, a.user), actor=actor)
+        return {"deleted": uid}
+
+    # -- pre-auth keys -----------------------------------------------------------------
+
+    async def create_preauth_key(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_CreateKey, raw)
+        now = self.tailnet.clock()
+        if a.expiration_seconds is not None and a.expiration_seconds <= 0:
+            raise BadRequest("the expiration must be positive (or null for a key that never expires)")
+        expires = now + timedelta(seconds=a.expiration_seconds) if a.expiration_seconds else None
+        prefix, secret = self._token(6), self._token(24)
+        key, _ = await self.tailnet.execute(
+            lambda s: c.decide_create_preauth_key(
+                s, user=a.user, reusable=a.reusable, ephemeral=a.ephemeral, tags=tuple(a.tags),
+                expires_at=expires, now=now, prefix=prefix, secret=secret,
+            ),
+            actor=actor,
+        )
+        view = self.key_view(c.find_preauth_key(self.state, prefix))
+        view["key"] = key
+        return view
+
+    async def list_preauth_keys(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_ListArgs, raw)
+        uid = c.find_user(self.state, a.user).id if a.user else None
+        keys = sorted(self.state.preauth_keys.values(), key=lambda k: k.id)
+        return [self.key_view(k) for k in keys if uid is None or k.user_id == uid]
+
+    async def expire_preauth_key(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_KeyArgs, raw)
+        kid, _ = await self.tailnet.execute(lambda s: c.decide_expire_preauth_key(s, a.key), actor=actor)
+        return self.key_view(self.state.preauth_keys[kid])
+
+    # -- nodes -----------------------------------------------------------------------
+
+    async def list_nodes(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_ListArgs, raw)
+        uid = c.find_user(self.state, a.user).id if a.user else None
+        nodes = sorted(self.state.nodes.values(), key=lambda n: n.id)
+        return [self.node_view(n) for n in nodes if uid is None or n.user_id == uid]
+
+    async def show_node(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_NodeArgs, raw)
+        return self.node_view(c.find_node(self.state, a.node))
+
+    async def rename_node(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_RenameNode, raw)
+        nid, _ = await self.tailnet.execute(lambda s: c.decide_rename_node(s, a.node, a.new_name), actor=actor)
+        return self.node_view(self.state.nodes[nid])
+
+    async def delete_node(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_NodeArgs, raw)
+        nid, _ = await self.tailnet.execute(lambda s: c.decide_delete_node(s, a.node), actor=actor)
+        return {"deleted": nid}
+
+    async def expire_node(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_NodeArgs, raw)
+        now = self.tailnet.clock()
+        nid, _ = await self.tailnet.execute(lambda s: c.decide_expire_node(s, a.node, now=now), actor=actor)
+        return self.node_view(self.state.nodes[nid])
+
+    async def tag_node(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_TagNode, raw)
+        nid, _ = await self.tailnet.execute(lambda s: c.decide_set_tags(s, a.node, tuple(a.tags)), actor=actor)
+        return self.node_view(self.state.nodes[nid])
+
+    async def approve_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_Routes, raw)
+        nid, _ = await self.tailnet.execute(
+            lambda s: c.decide_approve_routes(s, a.node, tuple(a.routes)), actor=actor
+        )
+        return self.node_view(self.state.nodes[nid])
+
+    async def log_head(self, raw: dict[str, object], actor: Actor) -> JSON:
+        _args(_Empty, raw)
+        head = await self.tailnet.log.head()
+        return {"seq": head.seq, "hash": head.hash}

@@ -1,0 +1,74 @@
+"""A real ``tailledger serve`` process for CLI tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RunningServer:
+    data: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TAILLEDGER_DATA": str(self.data), "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"tailledger {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_server(data: Path, *, extra_env: dict[str, str] | None = None) -> Iterator[RunningServer]:
+    port = free_port()
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = data.parent / f"{data.name}-serve.log"
+    env = {
+        **os.environ,
+        "TAILLEDGER_DATA": str(data),
+        "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
+        **(extra_env or {}),
+    }
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server = RunningServer(data, port, proc, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        sock = data / "admin.sock"
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{server.log_text()}")
+            time.sleep(0.05)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

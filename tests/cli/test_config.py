@@ -1,0 +1,60 @@
+"""Configuration: defaults, file, environment, and clear explanations of mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.config import ConfigError, load_config
+
+
+def test_zero_configuration_defaults() -> None:
+    config = load_config(None, {})
+    assert config.listen == ("127.0.0.1", 8080)
+    assert config.data_path == Path("./tailledger-data")
+    assert config.database_path == Path("./tailledger-data/ledger.db")
+    assert config.public_url == "http://127.0.0.1:8080"
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('listen_addr = "127.0.0.1:9000"\n[derp.server]\nregion_id = 900\n')
+    config = load_config(f, {"TAILLEDGER_DATA": "/srv/tl", "TAILLEDGER_DERP__SERVER__ENABLED": "true"})
+    assert config.listen == ("127.0.0.1", 9000)
+    assert config.data_dir == "/srv/tl"
+    assert config.derp.server.enabled and config.derp.server.region_id == 900
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lisen_addr = '1'", "unknown field `lisen_addr`"),
+        ("[derp.server]\nenabled = 'yes'", "Expected `bool`, got `str` (at derp.server.enabled)"),
+        ("listen_addr = 'nowhere'", "listen_addr: 'nowhere' is not HOST:PORT"),
+        ("[prefixes]\nv4 = '100.64.0.1/10'", "prefixes.v4: 100.64.0.1/10 has host bits set"),
+        ("[prefixes]\nv4 = 'fd00::/8'", "is not an IPv4 prefix"),
+        ("node_key_expiry = '3 days'", "node_key_expiry: malformed duration"),
+        ("[policy]\nmode = 'file'", "policy.path"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_explained(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(f, {})
+    assert message in str(excinfo.value)
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[prefixes]\nallocation = 'fastest'\n")
+    result = subprocess.run([sys.executable, "-m", "cli", "config", "check", "-c", str(f)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "prefixes.allocation: 'fastest' is not 'sequential' or 'random'" in result.stderr
+    f.write_text("")
+    result = subprocess.run([sys.executable, "-m", "cli", "config", "check", "-c", str(f)], capture_output=True, text=True)
+    assert result.returncode == 0 and "configuration OK" in result.stdout
