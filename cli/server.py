@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from eventlog import EventLog, SQLiteEventStore
 from projections import CheckpointStore, ProjectionRunner, Tailnet
-from projections.admin import AdminOps
+from projections.admin import AdminOps, Presence
+from projections.presence import PresenceTable
+from protocol.control import Control
+from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
 from .config import Config
@@ -38,8 +40,18 @@ class Server:
         self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db")
         self.runner = ProjectionRunner(self.log, self.checkpoints)
         self.tailnet = Tailnet(self.log, self.runner)
-        self.ops = AdminOps(self.tailnet)
-        self._extra: list[Callable[..., object]] = []
+        self.presence: PresenceTable | None = None
+        self.ops = AdminOps(self.tailnet, presence=self._presence)
+        self.control: Control | None = None
+        self.relay: RelayServer | None = None
+        self.noise_public = b""
+        self.port = 0
+
+    def _presence(self, node_id: int) -> Presence | None:
+        if self.presence is None:
+            return None
+        p = self.presence.get(node_id)
+        return Presence(online=p.online, last_seen=p.last_seen) if p is not None else Presence(online=False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

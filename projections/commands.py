@@ -319,7 +319,7 @@ def decide_register_node(
     """Admit a new machine: allocate its addresses and a unique name."""
     if state.node_by_key(node_key) is not None:
         raise ConflictError("this node key is already registered to another machine")
-    if user_id not in state.users:
+    if user_id not in state.users and not (user_id == 0 and tags):
         raise NotFoundError(f"user {user_id} not found")
     in_use = state.node_by_ip
     ipv4 = (

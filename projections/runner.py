@@ -37,15 +37,23 @@ class Subscription:
     """A consumer's view of the runner: the latest state and the merged change since it
     last looked. Close it with :meth:`close` (or ``with``) to stop receiving."""
 
-    def __init__(self, runner: ProjectionRunner) -> None:
+    def __init__(self, runner: ProjectionRunner, notify: Callable[[], None] | None = None) -> None:
         self._runner = runner
         self._pending = Delta()
         self._wake = trio.Event()
+        self._notify = notify
         self.closed = False
 
     def _offer(self, delta: Delta) -> None:
         self._pending = self._pending.merge(delta)
         self._wake.set()
+        if self._notify is not None:
+            self._notify()
+
+    def take(self) -> Delta:
+        """The merged change since the last call (empty when nothing changed); no wait."""
+        delta, self._pending = self._pending, Delta()
+        return delta
 
     async def next(self) -> tuple[TailnetState, Delta]:
         """Wait for the next change; return the state now and everything that changed."""
@@ -99,8 +107,10 @@ class ProjectionRunner:
         self._since_checkpoint = 0
         self.events_folded = 0
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self)
+    def subscribe(self, notify: Callable[[], None] | None = None) -> Subscription:
+        """A new subscription; ``notify`` is called (synchronously) on every change, for
+        consumers that wait on several sources at once."""
+        sub = Subscription(self, notify)
         self._subscribers.add(sub)
         return sub
 

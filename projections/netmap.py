@@ -1,0 +1,365 @@
+"""Netmaps: what each node is told about itself and its peers (pure).
+
+:func:`full_map` builds the first message of a map stream; :class:`StreamView` keeps
+what one stream has been sent and turns later changes (a log :class:`Delta`, a set of
+nodes whose presence changed, the passage of time across a key expiry) into the
+smallest message that brings the client up to date:
+
+* a peer that appears or changes structurally (key, name, tags, addresses, routes,
+  Hostinfo) goes in ``PeersChanged``;
+* a peer that disappears (deleted, expired, no longer visible under the policy) goes
+  in ``PeersRemoved`` — an empty ``Peers`` list is a no-op for clients, so this is the
+  only way to reach zero peers (pitfall 3);
+* a peer whose presence alone changed (endpoints, DERP home, disco key, online)
+  gets a ``PeersChangedPatch`` entry;
+* the self node, the packet filter, the SSH policy and user profiles are sent only
+  when they changed.
+
+Nothing here reads a clock or the network: ``now`` and presence are arguments, the
+policy is behind the small :class:`PolicyView` interface, and the result is a
+``tailcfg.MapResponse`` ready to encode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final, Protocol
+
+import msgspec
+
+from .delta import Delta
+from .presence import NodePresence
+from .state import Node, TailnetState
+from .tailcfg import (
+    Debug,
+    DERPMap,
+    DNSConfig,
+    MapResponse,
+    PeerChange,
+    UserProfile,
+)
+from .tailcfg import Node as WireNode
+
+__all__ = [
+    "ALLOW_ALL_FILTER",
+    "TAGGED_DEVICES_USER_ID",
+    "AllowAllPolicy",
+    "NetmapSettings",
+    "PolicyView",
+    "StreamView",
+    "full_map",
+    "wire_node",
+]
+
+#: The user id tagged nodes are shown under (Tailscale's and Headscale's convention).
+TAGGED_DEVICES_USER_ID: Final = 2147455555
+
+ALLOW_ALL_FILTER: Final = msgspec.Raw(
+    b'[{"SrcIPs":["*"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]'
+)
+
+PresenceOf = Callable[[int], NodePresence | None]
+
+
+class PolicyView(Protocol):
+    """What the netmap needs from the policy engine, per node."""
+
+    def visible_peers(self, state: TailnetState, node: Node) -> Iterable[int]:
+        """Ids of the peers ``node`` may see (never itself)."""
+        ...
+
+    def packet_filter(self, state: TailnetState, node: Node) -> msgspec.Raw:
+        """``node``'s packet filter as pre-encoded ``[]FilterRule`` JSON."""
+        ...
+
+    def ssh_policy(self, state: TailnetState, node: Node) -> msgspec.Raw | None:
+        ...
+
+    def primary_routes(self, state: TailnetState, node: Node) -> list[str]:
+        """Approved subnet routes this node is the primary router for."""
+        ...
+
+    def exit_routes(self, state: TailnetState, node: Node) -> list[str]:
+        """Approved exit routes (``0.0.0.0/0``, ``::/0``) of this node."""
+        ...
+
+    def cap_map(self, state: TailnetState, node: Node) -> dict[str, list[msgspec.Raw] | None] | None:
+        ...
+
+
+_EXIT = frozenset(("0.0.0.0/0", "::/0"))
+
+
+class AllowAllPolicy:
+    """The policy in force until one is set: everyone reaches everyone, every approved
+    route is used, the lowest node id wins a contested subnet route."""
+
+    def visible_peers(self, state: TailnetState, node: Node) -> Iterable[int]:
+        return (nid for nid in state.nodes if nid != node.id)
+
+    def packet_filter(self, state: TailnetState, node: Node) -> msgspec.Raw:
+        return ALLOW_ALL_FILTER
+
+    def ssh_policy(self, state: TailnetState, node: Node) -> msgspec.Raw | None:
+        return None
+
+    def primary_routes(self, state: TailnetState, node: Node) -> list[str]:
+        mine = [r for r in node.approved_routes if r in node.advertised_routes and r not in _EXIT]
+        out = []
+        for route in mine:
+            holders = [
+                n.id
+                for n in state.nodes.values()
+                if route in n.approved_routes and route in n.advertised_routes
+            ]
+            if min(holders) == node.id:
+                out.append(route)
+        return out
+
+    def exit_routes(self, state: TailnetState, node: Node) -> list[str]:
+        return [r for r in node.approved_routes if r in node.advertised_routes and r in _EXIT]
+
+    def cap_map(self, state: TailnetState, node: Node) -> dict[str, list[msgspec.Raw] | None] | None:
+        return None
+
+
+@dataclass(frozen=True)
+class NetmapSettings:
+    """Tailnet-wide parts of every map (from configuration)."""
+
+    domain: str
+    derp_map: DERPMap
+    dns: DNSConfig | None = None
+
+
+def _user_id(node: Node) -> int:
+    return TAGGED_DEVICES_USER_ID if node.tags else node.user_id
+
+
+def wire_node(
+    state: TailnetState,
+    node: Node,
+    presence: NodePresence | None,
+    policy: PolicyView,
+    settings: NetmapSettings,
+    *,
+    is_self: bool,
+) -> WireNode:
+    """The ``tailcfg.Node`` for ``node`` as seen by a peer (or itself)."""
+    addresses = [f"{node.ipv4}/32"] if node.ipv4 else []
+    if node.ipv6:
+        addresses.append(f"{node.ipv6}/128")
+    primary = policy.primary_routes(state, node)
+    routes = primary + policy.exit_routes(state, node)
+    p = presence or NodePresence()
+    return WireNode(
+        id=node.id,
+        stable_id=str(node.id),
+        name=f"{node.given_name}.{settings.domain}.",
+        user=_user_id(node),
+        key=f"nodekey:{node.node_key}",
+        key_expiry=node.expiry,
+        machine=f"mkey:{node.machine_key}",
+        disco_key=p.disco_key,
+        addresses=addresses,
+        allowed_ips=addresses + routes if routes else None,
+        endpoints=list(p.endpoints) or None,
+        home_derp=p.home_derp,
+        hostinfo=p.hostinfo,
+        created=node.created_at,
+        cap=p.cap,
+        tags=list(node.tags) or None,
+        primary_routes=primary or None,
+        online=None if is_self else p.online,
+        last_seen=p.last_seen if (not is_self and not p.online) else None,
+        machine_authorized=True,
+        cap_map=policy.cap_map(state, node),
+    )
+
+
+def _profiles(state: TailnetState, nodes: Iterable[Node]) -> list[UserProfile]:
+    out: dict[int, UserProfile] = {}
+    for node in nodes:
+        uid = _user_id(node)
+        if uid in out:
+            continue
+        if uid == TAGGED_DEVICES_USER_ID:
+            out[uid] = UserProfile(id=uid, login_name="tagged-devices", display_name="Tagged Devices")
+            continue
+        user = state.users.get(uid)
+        if user is not None:
+            out[uid] = UserProfile(
+                id=uid,
+                login_name=user.login_name,
+                display_name=user.display_name or user.name,
+                profile_pic_url=user.profile_pic_url,
+            )
+    return sorted(out.values(), key=lambda p: p.id)
+
+
+def _visible(
+    state: TailnetState, node: Node, policy: PolicyView, now: datetime
+) -> dict[int, Node]:
+    out = {}
+    for nid in policy.visible_peers(state, node):
+        peer = state.nodes.get(nid)
+        if peer is not None and not peer.is_expired(now):
+            out[nid] = peer
+    return out
+
+
+@dataclass
+class StreamView:
+    """What one map stream has sent so far; produces the next message.
+
+    Attributes:
+        node_id: the node the stream belongs to.
+        peers: peer id -> the wire node last sent for it.
+    """
+
+    node_id: int
+    policy: PolicyView
+    settings: NetmapSettings
+    presence: PresenceOf
+    peers: dict[int, WireNode] = field(default_factory=dict)
+    self_node: WireNode | None = None
+    packet_filter: bytes = b""
+    ssh_policy: bytes | None = None
+    profiles: dict[int, UserProfile] = field(default_factory=dict)
+    derp_map: DERPMap | None = None
+
+    def full_map(self, state: TailnetState, now: datetime) -> MapResponse:
+        """The complete first message of a stream (and the new baseline)."""
+        node = state.nodes[self.node_id]
+        visible = _visible(state, node, self.policy, now)
+        self.peers = {
+            nid: wire_node(state, p, self.presence(nid), self.policy, self.settings, is_self=False)
+            for nid, p in visible.items()
+        }
+        self.self_node = wire_node(state, node, self.presence(node.id), self.policy, self.settings, is_self=True)
+        pf = self.policy.packet_filter(state, node)
+        ssh = self.policy.ssh_policy(state, node)
+        self.packet_filter = bytes(pf)
+        self.ssh_policy = bytes(ssh) if ssh is not None else None
+        profiles = _profiles(state, [node, *visible.values()])
+        self.profiles = {p.id: p for p in profiles}
+        self.derp_map = self.settings.derp_map
+        return MapResponse(
+            node=self.self_node,
+            derp_map=self.settings.derp_map,
+            peers=[self.peers[nid] for nid in sorted(self.peers)] or None,
+            dns_config=self.settings.dns,
+            domain=self.settings.domain,
+            packet_filters={"base": pf},
+            ssh_policy=ssh,
+            user_profiles=profiles,
+            collect_services=False,
+            control_time=now,
+            debug=Debug(disable_log_tail=True),
+        )
+
+    def update(
+        self,
+        state: TailnetState,
+        now: datetime,
+        delta: Delta,
+        presence_changed: set[int],
+    ) -> MapResponse | None:
+        """The message that brings the client from what it was sent to ``state``;
+        ``None`` when nothing it can see changed."""
+        node = state.nodes.get(self.node_id)
+        if node is None:
+            return None
+        visible = _visible(state, node, self.policy, now)
+        changed: list[WireNode] = []
+        patches: list[PeerChange] = []
+        removed = sorted(set(self.peers) - set(visible))
+        for nid in removed:
+            del self.peers[nid]
+        for nid, peer in visible.items():
+            new = wire_node(state, peer, self.presence(nid), self.policy, self.settings, is_self=False)
+            old = self.peers.get(nid)
+            if old == new:
+                continue
+            self.peers[nid] = new
+            if old is None or _structural(old) != _structural(new):
+                changed.append(new)
+            else:
+                patches.append(_patch(old, new))
+        msg: dict[str, object] = {}
+        new_self = wire_node(state, node, self.presence(node.id), self.policy, self.settings, is_self=True)
+        if new_self != self.self_node:
+            self.self_node = new_self
+            msg["node"] = new_self
+        pf = self.policy.packet_filter(state, node)
+        if bytes(pf) != self.packet_filter:
+            self.packet_filter = bytes(pf)
+            msg["packet_filters"] = {"base": pf}
+        ssh = self.policy.ssh_policy(state, node)
+        ssh_bytes = bytes(ssh) if ssh is not None else None
+        if ssh_bytes != self.ssh_policy:
+            self.ssh_policy = ssh_bytes
+            msg["ssh_policy"] = ssh if ssh is not None else msgspec.Raw(b'{"rules":[]}')
+        new_profiles = [
+            p for p in _profiles(state, [node, *visible.values()]) if self.profiles.get(p.id) != p
+        ]
+        for p in new_profiles:
+            self.profiles[p.id] = p
+        if self.settings.derp_map != self.derp_map:
+            self.derp_map = self.settings.derp_map
+            msg["derp_map"] = self.settings.derp_map
+        if changed:
+            msg["peers_changed"] = sorted(changed, key=lambda n: n.id)
+        if removed:
+            msg["peers_removed"] = removed
+        if patches:
+            msg["peers_changed_patch"] = patches
+        if new_profiles:
+            msg["user_profiles"] = new_profiles
+        if not msg:
+            return None
+        return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
+
+    def next_expiry(self, state: TailnetState, now: datetime) -> datetime | None:
+        """When the next visible node's key expires (the stream must wake then)."""
+        node = state.nodes.get(self.node_id)
+        if node is None:
+            return None
+        times = [n.expiry for n in (node, *(state.nodes.get(i) for i in self.peers)) if n and n.expiry and n.expiry > now]
+        return min(times) if times else None
+
+
+_PRESENCE_FIELDS = ("endpoints", "home_derp", "disco_key", "online", "last_seen", "cap")
+
+
+def _structural(node: WireNode) -> WireNode:
+    return msgspec.structs.replace(
+        node, endpoints=None, home_derp=0, disco_key=None, online=None, last_seen=None, cap=0
+    )
+
+
+def _patch(old: WireNode, new: WireNode) -> PeerChange:
+    return PeerChange(
+        node_id=new.id,
+        derp_region=new.home_derp if new.home_derp != old.home_derp else 0,
+        endpoints=new.endpoints if new.endpoints != old.endpoints else None,
+        disco_key=new.disco_key if new.disco_key != old.disco_key else None,
+        online=new.online if new.online != old.online else None,
+        last_seen=new.last_seen if new.last_seen != old.last_seen else None,
+        cap=new.cap if new.cap != old.cap else 0,
+    )
+
+
+def full_map(
+    state: TailnetState,
+    node_id: int,
+    *,
+    policy: PolicyView,
+    settings: NetmapSettings,
+    presence: PresenceOf,
+    now: datetime,
+) -> MapResponse:
+    """The full netmap of ``node_id`` (convenience over :class:`StreamView`)."""
+    return StreamView(node_id, policy, settings, presence).full_map(state, now)

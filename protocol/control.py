@@ -1,0 +1,534 @@
+"""The control logic behind the tunnel: ``/machine/register`` and ``/machine/map``.
+
+This is the :class:`~protocol.handler.ControlHandler` the transport calls for every
+request inside a Noise tunnel. It decides registrations against the current
+projection and appends what happened to the log (with the node, identified by its
+machine key, or the approving admin as the actor); it serves map long-polls from the
+projection and the presence table, and it never changes state any other way.
+
+Register (control-protocol.md §7, Headscale's ``handleRegister`` order):
+
+1. an ``Expiry`` in the past is a logout (checked first, even with an auth key);
+2. a known node key without an auth key is a daemon restart: answer the current state;
+3. ``Followup`` waits for an interactive approval (``tailledger nodes register``);
+4. an auth key registers a new node, or re-keys the machine's existing node;
+5. anything else starts an interactive registration and answers an ``AuthURL``.
+
+Errors a user should see are answered as HTTP 200 with ``Error`` set (the client shows
+it); only an unsupported client version or an undecodable body gets an HTTP error.
+
+Map: a streaming request opens a long-poll that first sends the full netmap, then the
+smallest update whenever the log or the presence of a visible peer changes (bursts are
+coalesced for :attr:`ControlSettings.coalesce` seconds), and a keep-alive when nothing
+happened for :attr:`ControlSettings.keepalive_interval` seconds. Lite updates
+(``OmitPeers``, not streaming) only report endpoints and Hostinfo.
+
+Every lookup by node key checks the Noise peer's machine key (pitfall 9).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from urllib.parse import urlparse
+
+import msgspec
+import trio
+
+from eventlog import Actor, ActorKind
+from projections import AddressPlan, CommandError, NotFoundError, Tailnet
+from projections import commands as c
+from projections.admin import AdminOps
+from projections.netmap import AllowAllPolicy, NetmapSettings, PolicyView, StreamView
+from projections.presence import PresenceTable
+from projections.state import Node, PreAuthKey, TailnetState
+from projections.tailcfg import (
+    Hostinfo,
+    KeyFormatError,
+    KeyPrefix,
+    Login,
+    MapRequest,
+    RegisterRequest,
+    RegisterResponse,
+    User,
+    decode_map_request,
+    decode_register_request,
+    encode,
+    parse_key,
+    time_or_none,
+)
+
+from .handler import NoiseRequest, NoiseResponse
+from .mapframe import frame_map_response, keepalive_frame
+
+__all__ = ["Control", "ControlSettings", "MIN_CAPABILITY_VERSION"]
+
+log = logging.getLogger(__name__)
+
+#: Clients older than this are refused (Headscale's floor: v1.80).
+MIN_CAPABILITY_VERSION = 113
+
+_JSON = (("content-type", "application/json"),)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Configuration the control logic needs (from ``cli.config``)."""
+
+    public_url: str
+    plan: AddressPlan
+    netmap: NetmapSettings
+    node_key_expiry: timedelta | None = None
+    keepalive_interval: float = 55.0
+    coalesce: float = 0.05
+    offline_grace: float = 5.0
+    ephemeral_timeout: timedelta | None = timedelta(minutes=30)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """An interactive registration waiting for an admin."""
+
+    auth_id: str
+    machine_key: str
+    node_key: str
+    hostinfo: Hostinfo | None
+    ephemeral: bool
+    created: datetime
+    done: trio.Event = field(default_factory=trio.Event)
+    node_id: int | None = None
+
+
+class _Wake:
+    """One event many sources can set; re-armed after each wait."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def set(self) -> None:
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+        self.event = trio.Event()
+
+
+def _register_response(state: TailnetState, node: Node, **extra: object) -> NoiseResponse:
+    user = state.users.get(node.user_id)
+    name = user.name if user else "tagged-devices"
+    display = (user.display_name if user else "") or name
+    body = RegisterResponse(
+        user=User(id=node.user_id, display_name=display, created=user.created_at if user else None),
+        login=Login(id=node.user_id, login_name=user.login_name if user else name, display_name=display),
+        machine_authorized=True,
+        **extra,  # type: ignore[arg-type]
+    )
+    return NoiseResponse(200, _JSON, encode(body))
+
+
+def _register_error(message: str) -> NoiseResponse:
+    return NoiseResponse(200, _JSON, encode(RegisterResponse(error=message)))
+
+
+def _http_error(status: int, message: str) -> NoiseResponse:
+    return NoiseResponse(status, (("content-type", "text/plain; charset=utf-8"),), message.encode() + b"\n")
+
+
+class Control:
+    """The control handler (register, map) over one tailnet.
+
+    Args:
+        tailnet: commands and the current projection.
+        presence: this server's presence table.
+        settings: see :class:`ControlSettings`.
+        policy: returns the policy view for a state (allow-all until a policy is set).
+        randbelow: randomness for random address allocation.
+    """
+
+    def __init__(
+        self,
+        tailnet: Tailnet,
+        presence: PresenceTable,
+        settings: ControlSettings,
+        *,
+        policy: Callable[[TailnetState], PolicyView] | None = None,
+        randbelow: Callable[[int], int] = secrets.randbelow,
+    ) -> None:
+        self.tailnet = tailnet
+        self.presence = presence
+        self.settings = settings
+        self._policy = policy or (lambda _state: AllowAllPolicy())
+        self._randbelow = randbelow
+        self._pending: dict[str, _Pending] = {}
+        self._nursery: trio.Nursery | None = None
+        self.streams_open = 0
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background duties: offline marking, ephemeral node clean-up."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(10)
+                await self._collect_ephemeral()
+
+    def register_admin_ops(self, ops: AdminOps) -> None:
+        ops.register("nodes.register", self._admin_register)
+        ops.register("nodes.pending", self._admin_pending)
+
+    def _actor(self, machine_key: str) -> Actor:
+        return Actor(kind=ActorKind.NODE, id=machine_key)
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def __call__(self, request: NoiseRequest) -> NoiseResponse:
+        path = request.path.split("?", 1)[0]
+        if path == "/machine/register" and request.method == "POST":
+            return await self._register(request)
+        if path == "/machine/map" and request.method == "POST":
+            return await self._map(request)
+        if path.startswith("/machine/"):
+            return _http_error(501, f"{path} is not implemented by this server")
+        return _http_error(404, "not found")
+
+    # -- register --------------------------------------------------------------------
+
+    async def _register(self, request: NoiseRequest) -> NoiseResponse:
+        try:
+            rr = decode_register_request(request.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _http_error(400, f"invalid register request: {exc}")
+        if rr.version < MIN_CAPABILITY_VERSION:
+            return _http_error(400, f"unsupported client version: capability {rr.version}")
+        try:
+            raw_nk = parse_key(KeyPrefix.NODE, rr.node_key)
+        except KeyFormatError as exc:
+            return _http_error(400, str(exc))
+        if raw_nk is None:
+            return _register_error("the register request has no node key")
+        mk = request.machine_key.hex()
+        try:
+            return await self._decide_register(rr, mk, raw_nk.hex())
+        except CommandError as exc:
+            return _register_error(str(exc))
+
+    async def _decide_register(self, rr: RegisterRequest, mk: str, nk: str) -> NoiseResponse:
+        now = self.tailnet.clock()
+        actor = self._actor(mk)
+        state = self.tailnet.state
+        node = state.node_by_key(nk)
+        expiry = time_or_none(rr.expiry)
+        if node is not None and node.machine_key != mk:
+            return _register_error("this node key belongs to another machine")
+
+        # 1. Logout: an expiry in the past.
+        if expiry is not None and expiry <= now:
+            if node is None:
+                return NoiseResponse(200, _JSON, encode(RegisterResponse(node_key_expired=True)))
+            await self.tailnet.execute(lambda s: c.decide_logout_node(s, s.nodes[node.id], now=now), actor=actor)
+            return NoiseResponse(200, _JSON, encode(RegisterResponse(node_key_expired=True)))
+
+        auth_key = rr.auth.auth_key if rr.auth is not None else ""
+        # 2. A known key without an auth key (or with one it already used): restart.
+        if node is not None and not rr.followup:
+            if node.is_expired(now):
+                if not auth_key:
+                    return _register_response(state, node, node_key_expired=True)
+            else:
+                if expiry is not None and (node.expiry is None or expiry < node.expiry):
+                    await self.tailnet.execute(
+                        lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry), actor=actor
+                    )
+                elif expiry is not None:
+                    return _register_error("extending the key expiry is not allowed")
+                await self._apply_hostinfo(node.id, rr.hostinfo, actor)
+                return _register_response(self.tailnet.state, self.tailnet.state.nodes[node.id])
+
+        # 3. Follow-up of an interactive registration.
+        if rr.followup:
+            pending = self._pending.get(urlparse(rr.followup).path.rstrip("/").rsplit("/", 1)[-1])
+            if pending is not None and pending.machine_key == mk and pending.node_key == nk:
+                await pending.done.wait()
+                self._pending.pop(pending.auth_id, None)
+                state = self.tailnet.state
+                registered = state.nodes.get(pending.node_id or 0)
+                if registered is None:
+                    return _register_error("the registration was approved but the node is gone")
+                return _register_response(state, registered)
+            # Unknown or stale follow-up: start over with a fresh URL below.
+
+        # 4. Pre-auth key.
+        if auth_key:
+            return await self._register_with_key(rr, mk, nk, auth_key, now, actor)
+
+        # 5. Interactive.
+        return self._start_interactive(rr, mk, nk, now)
+
+    def _check_preauth_key(self, state: TailnetState, text: str, now: datetime) -> PreAuthKey:
+        parsed = c.parse_preauth_key(text.strip())
+        if parsed is None:
+            raise CommandError("invalid pre-auth key")
+        prefix, secret = parsed
+        key = next((k for k in state.preauth_keys.values() if k.prefix == prefix), None)
+        if key is None or not hmac.compare_digest(key.secret_sha256, c.hash_secret(secret)):
+            raise CommandError("invalid pre-auth key")
+        why = key.usable_at(now)
+        if why is not None:
+            raise CommandError(why)
+        return key
+
+    def _new_expiry(self, now: datetime, tagged: bool) -> datetime | None:
+        if tagged or self.settings.node_key_expiry is None:
+            return None
+        return now + self.settings.node_key_expiry
+
+    async def _register_with_key(
+        self, rr: RegisterRequest, mk: str, nk: str, text: str, now: datetime, actor: Actor
+    ) -> NoiseResponse:
+        hostinfo = rr.hostinfo or Hostinfo()
+        existing = self.tailnet.state.node_by_machine(mk)
+        if existing is not None and existing.node_key == nk and not existing.is_expired(now):
+            # A container re-running `up --authkey` with a spent one-shot key.
+            return _register_response(self.tailnet.state, existing)
+
+        def decide(state: TailnetState) -> c.Decision[int]:
+            key = self._check_preauth_key(state, text, now)
+            current = state.node_by_machine(mk)
+            tagged = bool(key.tags)
+            if current is not None and (current.user_id == key.user_id or tagged or current.tags):
+                return c.decide_rotate_node_key(
+                    state, current, node_key=nk, expiry=self._new_expiry(now, tagged or bool(current.tags)),
+                    preauth_key=key,
+                )
+            return c.decide_register_node(
+                state,
+                machine_key=mk,
+                node_key=nk,
+                hostname=hostinfo.hostname or "node",
+                user_id=key.user_id if key.user_id is not None else 0,
+                tags=key.tags,
+                ephemeral=key.ephemeral,
+                expiry=self._new_expiry(now, tagged),
+                auth="preauthkey",
+                preauth_key=key,
+                plan=self.settings.plan,
+                os=hostinfo.os,
+                randbelow=self._randbelow,
+            )
+
+        node_id, _ = await self.tailnet.execute(decide, actor=actor)
+        await self._apply_hostinfo(node_id, rr.hostinfo, actor)
+        return _register_response(self.tailnet.state, self.tailnet.state.nodes[node_id])
+
+    def _start_interactive(self, rr: RegisterRequest, mk: str, nk: str, now: datetime) -> NoiseResponse:
+        # Drop stale entries so unauthenticated clients cannot grow this without bound.
+        for auth_id, p in list(self._pending.items()):
+            if now - p.created > timedelta(minutes=30) or p.machine_key == mk:
+                self._pending.pop(auth_id, None)
+                p.done.set()
+        auth_id = secrets.token_urlsafe(18)
+        self._pending[auth_id] = _Pending(auth_id, mk, nk, rr.hostinfo, rr.ephemeral, now)
+        url = f"{self.settings.public_url}/register/{auth_id}"
+        return NoiseResponse(200, _JSON, encode(RegisterResponse(auth_url=url)))
+
+    def pending_registration(self, auth_id: str) -> _Pending | None:
+        return self._pending.get(auth_id)
+
+    async def _admin_pending(self, raw: dict[str, object], actor: Actor) -> object:
+        return [
+            {"key": p.auth_id, "machine_key": p.machine_key, "hostname": p.hostinfo.hostname if p.hostinfo else ""}
+            for p in self._pending.values()
+        ]
+
+    async def _admin_register(self, raw: dict[str, object], actor: Actor) -> object:
+        """``tailledger nodes register --key AUTH_ID --user USER``."""
+        auth_id, user_ref = raw.get("key"), raw.get("user")
+        if not isinstance(auth_id, str) or not isinstance(user_ref, str):
+            raise CommandError("bad arguments: need 'key' and 'user'")
+        pending = self._pending.get(auth_id)
+        if pending is None:
+            raise NotFoundError(f"no pending registration with key {auth_id!r} (it may have expired)")
+        now = self.tailnet.clock()
+        hostinfo = pending.hostinfo or Hostinfo()
+
+        def decide(state: TailnetState) -> c.Decision[int]:
+            user = c.find_user(state, user_ref)
+            current = state.node_by_machine(pending.machine_key)
+            if current is not None:
+                return c.decide_rotate_node_key(
+                    state, current, node_key=pending.node_key, expiry=self._new_expiry(now, bool(current.tags))
+                )
+            return c.decide_register_node(
+                state,
+                machine_key=pending.machine_key,
+                node_key=pending.node_key,
+                hostname=hostinfo.hostname or "node",
+                user_id=user.id,
+                tags=(),
+                ephemeral=pending.ephemeral,
+                expiry=self._new_expiry(now, False),
+                auth="cli",
+                preauth_key=None,
+                plan=self.settings.plan,
+                os=hostinfo.os,
+                randbelow=self._randbelow,
+            )
+
+        node_id, _ = await self.tailnet.execute(decide, actor=actor)
+        await self._apply_hostinfo(node_id, pending.hostinfo, actor)
+        pending.node_id = node_id
+        pending.done.set()
+        return {"registered": node_id, "name": self.tailnet.state.nodes[node_id].given_name}
+
+    # -- hostinfo → log ------------------------------------------------------------------
+
+    async def _apply_hostinfo(self, node_id: int, hostinfo: Hostinfo | None, actor: Actor) -> None:
+        """Record what in a Hostinfo decides reachability: routes and hostname."""
+        if hostinfo is None:
+            return
+        node = self.tailnet.state.nodes.get(node_id)
+        if node is None:
+            return
+        routes = tuple(hostinfo.routable_ips or ())
+        if tuple(sorted(routes)) != node.advertised_routes:
+            try:
+                await self.tailnet.execute(
+                    lambda s: c.decide_advertise_routes(s, s.nodes[node_id], routes), actor=actor
+                )
+            except CommandError as exc:
+                log.info("node %d advertised invalid routes: %s", node_id, exc)
+        if hostinfo.hostname and hostinfo.hostname != node.hostname:
+            from eventlog.events import NodeHostnameChanged
+
+            await self.tailnet.execute(
+                lambda s: c.Decision((NodeHostnameChanged(node_id=node_id, hostname=hostinfo.hostname),), node_id),
+                actor=actor,
+            )
+
+    def _update_presence(self, node_id: int, mr: MapRequest) -> None:
+        changes: dict[str, object] = {"cap": mr.version}
+        if mr.disco_key and parse_key(KeyPrefix.DISCO, mr.disco_key) is not None:
+            changes["disco_key"] = mr.disco_key
+        if mr.endpoints or not mr.stream:
+            changes["endpoints"] = tuple(mr.endpoints or ())
+        if mr.hostinfo is not None:
+            old = self.presence.get(node_id)
+            hi = mr.hostinfo
+            if hi.net_info is None and old is not None and old.hostinfo is not None:
+                # Clients resend NetInfo only when it changes (pitfall 12).
+                hi = msgspec.structs.replace(hi, net_info=old.hostinfo.net_info)
+            changes["hostinfo"] = hi
+            if hi.net_info is not None and hi.net_info.preferred_derp:
+                changes["home_derp"] = hi.net_info.preferred_derp
+        self.presence.update(node_id, **changes)
+
+    # -- map -----------------------------------------------------------------------------
+
+    async def _map(self, request: NoiseRequest) -> NoiseResponse:
+        try:
+            mr = decode_map_request(request.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _http_error(400, f"invalid map request: {exc}")
+        if mr.version < MIN_CAPABILITY_VERSION:
+            return _http_error(400, f"unsupported client version: capability {mr.version}")
+        try:
+            raw_nk = parse_key(KeyPrefix.NODE, mr.node_key)
+        except KeyFormatError as exc:
+            return _http_error(400, str(exc))
+        node = self.tailnet.state.node_by_key(raw_nk.hex()) if raw_nk else None
+        if node is None:
+            return _http_error(404, "node not found: register first")
+        mk = request.machine_key.hex()
+        if node.machine_key != mk:
+            return _http_error(401, "this node key belongs to another machine")
+        self._update_presence(node.id, mr)
+        if mr.hostinfo is not None:
+            await self._apply_hostinfo(node.id, mr.hostinfo, self._actor(mk))
+        compress = mr.compress == "zstd"
+        if not mr.stream:
+            if mr.omit_peers:
+                return NoiseResponse(200, (), b"")
+            view = self._view(node.id)
+            full = view.full_map(self.tailnet.state, self.tailnet.clock())
+            return NoiseResponse(200, (), frame_map_response(encode(full), compress))
+        return NoiseResponse(200, (("content-type", "application/octet-stream"),), stream=self._stream(node.id, compress))
+
+    def _view(self, node_id: int) -> StreamView:
+        state = self.tailnet.state
+        return StreamView(node_id, self._policy(state), self.settings.netmap, self.presence.get)
+
+    async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes]:
+        wake = _Wake()
+        sub = self.tailnet.runner.subscribe(wake.set)
+        watcher = self.presence.watch(wake.set)
+        clock = self.tailnet.clock
+        generation = self.presence.connect(node_id, clock())
+        self.streams_open += 1
+        view = self._view(node_id)
+        try:
+            yield frame_map_response(encode(view.full_map(self.tailnet.state, clock())), compress)
+            last_sent = trio.current_time()
+            while True:
+                state = self.tailnet.state
+                timeout = self.settings.keepalive_interval - (trio.current_time() - last_sent)
+                expiry = view.next_expiry(state, clock())
+                if expiry is not None:
+                    timeout = min(timeout, (expiry - clock()).total_seconds() + 0.01)
+                with trio.move_on_after(max(timeout, 0)):
+                    await wake.wait()
+                    await trio.sleep(self.settings.coalesce)  # let a burst settle
+                delta, changed = sub.take(), watcher.take()
+                state = self.tailnet.state
+                if node_id not in state.nodes:
+                    return  # deleted: the client re-registers or gives up
+                view.policy = self._policy(state)
+                msg = view.update(state, clock(), delta, changed)
+                if msg is not None:
+                    yield frame_map_response(encode(msg), compress)
+                    last_sent = trio.current_time()
+                elif trio.current_time() - last_sent >= self.settings.keepalive_interval:
+                    yield keepalive_frame(compress)
+                    last_sent = trio.current_time()
+        finally:
+            self.streams_open -= 1
+            sub.close()
+            watcher.close()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._offline_later, node_id, generation)
+            else:
+                self.presence.disconnect(node_id, generation, clock())
+
+    async def _offline_later(self, node_id: int, generation: int) -> None:
+        """Mark a node offline once its stream has been gone a little while (pitfall 14)."""
+        await trio.sleep(self.settings.offline_grace)
+        self.presence.disconnect(node_id, generation, self.tailnet.clock())
+
+    async def _collect_ephemeral(self) -> None:
+        timeout = self.settings.ephemeral_timeout
+        if timeout is None:
+            return
+        now = self.tailnet.clock()
+        for node in list(self.tailnet.state.nodes.values()):
+            if not node.ephemeral:
+                continue
+            p = self.presence.get(node.id)
+            since = p.last_seen if p is not None and not p.online else None
+            if p is None:
+                since = node.created_at
+            if since is not None and now - since > timeout:
+                ref = str(node.id)
+
+                def decide(s: TailnetState, ref: str = ref) -> c.Decision[int]:
+                    return c.decide_delete_node(s, ref, reason="ephemeral")
+
+                try:
+                    await self.tailnet.execute(decide, actor=Actor(kind=ActorKind.SYSTEM, id="ephemeral-gc"))
+                    self.presence.forget(node.id)
+                except NotFoundError:
+                    pass

@@ -1,0 +1,252 @@
+"""Register and map over the real protocol (Noise, HTTP/2, zstd) against a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from eventlog.events import NodeRegistered, PreAuthKeyUsed
+from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
+from protocol import MapStream
+
+from .control_harness import ADMIN, SimNode, make_key, running
+
+
+async def next_update(stream: MapStream, timeout: float = 10) -> MapResponse:
+    with trio.fail_after(timeout):
+        while True:
+            msg = await stream.__anext__()
+            if not msg.keep_alive or msg.node or msg.peers_changed or msg.peers_removed:
+                return msg
+
+
+async def test_preauth_key_registration_and_full_map(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as client:
+            resp = await client.register(a.register_request(key))
+            assert resp.error == "" and resp.machine_authorized and not resp.auth_url
+            assert resp.login.login_name == "alice"
+            state = server.tailnet.state
+            node = state.node_by_machine(a.machine_key_hex)
+            assert node is not None and node.given_name == "alpha" and node.ipv4 == "100.64.0.1"
+            async with client.map_stream(a.map_request()) as stream:
+                first = await next_update(stream)
+                assert first.node is not None
+                assert first.node.key == a.node_key
+                assert first.node.addresses == ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
+                assert first.node.machine_authorized
+                assert first.node.name == "alpha.tailnet.internal."
+                assert first.derp_map is not None
+                assert first.packet_filters is not None and b"SrcIPs" in bytes(first.packet_filters["base"])
+                assert first.user_profiles and first.user_profiles[0].login_name == "alice"
+                assert first.debug is not None and first.debug.disable_log_tail
+                assert not first.peers
+        # The log says who did what.
+        events = server.store.read()
+        reg = [e for e in events if isinstance(e.event, NodeRegistered)]
+        assert len(reg) == 1 and reg[0].actor.kind.value == "node" and reg[0].actor.id == a.machine_key_hex
+        assert any(isinstance(e.event, PreAuthKeyUsed) for e in events)
+
+
+async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                first = await next_update(sa)
+                assert not first.peers
+                # b joins: a gets it in PeersChanged.
+                await cb.register(b.register_request(key))
+                joined = await next_update(sa)
+                assert joined.peers_changed and [p.name for p in joined.peers_changed] == ["bravo.tailnet.internal."]
+                async with cb.map_stream(b.map_request(endpoints=["198.51.100.7:41641"])) as sb:
+                    b_first = await next_update(sb)
+                    assert b_first.peers and [p.name for p in b_first.peers] == ["alpha.tailnet.internal."]
+                    # b came online with endpoints: a gets a patch, not a full node.
+                    online = await next_update(sa)
+                    patch = (online.peers_changed_patch or [None])[0] if online.peers_changed_patch else None
+                    changed: list[Node] = online.peers_changed or []
+                    assert patch is not None or changed
+                    if patch is not None:
+                        assert patch.online is True
+                    # An admin renames b: a sees the new name.
+                    bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
+                    assert bnode is not None
+                    await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
+                    renamed = await next_update(sa)
+                    assert renamed.peers_changed and renamed.peers_changed[0].name == "b2.tailnet.internal."
+                # An admin deletes b: it leaves a's map at once.
+                await server.ops.dispatch("nodes.delete", {"node": "b2"}, ADMIN)
+                gone = await next_update(sa)
+                assert gone.peers_removed == [bnode.id]
+
+
+async def test_expired_node_drops_out_of_peer_maps(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(key))
+            await cb.register(b.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                first = await next_update(sa)
+                assert first.peers and len(first.peers) == 1
+                await server.ops.dispatch("nodes.expire", {"node": "bravo"}, ADMIN)
+                gone = await next_update(sa)
+                assert gone.peers_removed == [first.peers[0].id]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda k: "tlkey-auth-000000000000-deadbeef", "invalid pre-auth key"),
+        (lambda k: "not-a-key", "invalid pre-auth key"),
+        (lambda k: k[:-2] + "00", "invalid pre-auth key"),
+    ],
+)
+async def test_bad_keys_are_refused_and_nothing_is_created(tmp_path: Path, mutate: object, message: str) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        before = server.tailnet.state.seq
+        n = SimNode.new("mallory")
+        async with n.connect(server) as client:
+            resp = await client.register(n.register_request(mutate(key)))  # type: ignore[operator]
+        assert resp.error == message
+        assert server.tailnet.state.seq == before and not server.tailnet.state.nodes
+
+
+async def test_used_and_expired_keys_are_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        first, second = SimNode.new("one"), SimNode.new("two")
+        async with first.connect(server) as c1:
+            assert (await c1.register(first.register_request(key))).error == ""
+        async with second.connect(server) as c2:
+            resp = await c2.register(second.register_request(key))
+        assert resp.error == "the pre-auth key has already been used"
+        assert len(server.tailnet.state.nodes) == 1
+        key2 = await make_key(server)
+        await server.ops.dispatch("preauthkeys.expire", {"key": key2}, ADMIN)
+        third = SimNode.new("three")
+        async with third.connect(server) as c3:
+            resp = await c3.register(third.register_request(key2))
+        assert "expired" in resp.error
+        assert len(server.tailnet.state.nodes) == 1
+
+
+async def test_restart_reregistration_keeps_state(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as client:
+            await client.register(a.register_request(key))
+            seq = server.tailnet.state.seq
+            # The daemon restarts: same node key, no auth (or the spent key again).
+            again = await client.register(a.register_request())
+            assert again.machine_authorized and not again.error
+            again = await client.register(a.register_request(key))
+            assert again.machine_authorized and not again.error
+        assert server.tailnet.state.seq == seq
+
+
+async def test_logout_expires_and_ephemeral_logout_deletes(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        ekey = await make_key(server, ephemeral=True)
+        a, e = SimNode.new("alpha"), SimNode.new("eph")
+        logout = parse_time("1970-01-01T01:02:03+01:00")
+        async with a.connect(server) as ca, e.connect(server) as ce:
+            await ca.register(a.register_request(key))
+            await ce.register(e.register_request(ekey))
+            assert len(server.tailnet.state.nodes) == 2
+            r = await ca.register(a.register_request(expiry=logout))
+            assert r.node_key_expired
+            node = server.tailnet.state.node_by_machine(a.machine_key_hex)
+            assert node is not None and node.logged_out and node.is_expired(server.tailnet.clock())
+            await ce.register(e.register_request(expiry=logout))
+            assert server.tailnet.state.node_by_machine(e.machine_key_hex) is None
+
+
+async def test_key_rotation_with_old_node_key(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as client:
+            await client.register(a.register_request(key))
+            node = server.tailnet.state.node_by_machine(a.machine_key_hex)
+            assert node is not None
+            old = a.node_key
+            a.node_private = SimNode.new("x").node_private
+            resp = await client.register(
+                RegisterRequest(
+                    version=130, node_key=a.node_key, old_node_key=old,
+                    auth=a.register_request(key).auth, hostinfo=a.register_request().hostinfo,
+                )
+            )
+            assert resp.machine_authorized and not resp.error
+        rotated = server.tailnet.state.nodes[node.id]
+        assert rotated.node_key == a.node_key.removeprefix("nodekey:")
+        assert len(server.tailnet.state.nodes) == 1
+        assert server.store.read()[-1].type in ("preauthkey.used", "node.key_rotated")
+
+
+async def test_interactive_registration_approved_by_admin(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        await server.ops.dispatch("users.create", {"name": "bob"}, ADMIN)
+        n = SimNode.new("laptop")
+        async with n.connect(server) as client:
+            first = await client.register(n.register_request())
+            assert first.auth_url.startswith(server.config.public_url + "/register/")
+            assert not server.tailnet.state.nodes
+            auth_id = first.auth_url.rsplit("/", 1)[-1]
+            result: list[object] = []
+
+            async def follow() -> None:
+                result.append(await client.register(n.register_request(followup=first.auth_url)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                await trio.sleep(0.2)
+                assert not result  # it long-polls
+                await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "bob"}, ADMIN)
+        [resp] = result
+        assert resp.machine_authorized and resp.login.login_name == "bob"  # type: ignore[attr-defined]
+        reg = [e for e in server.store.read() if e.type == "node.registered"]
+        assert reg[0].actor == ADMIN  # the approving admin is the actor
+
+
+async def test_map_for_unknown_node_is_an_explicit_error(tmp_path: Path) -> None:
+    from protocol import RemoteProtocolError
+
+    async with running(tmp_path) as server:
+        n = SimNode.new("ghost")
+        async with n.connect(server) as client:
+            with pytest.raises(RemoteProtocolError) as excinfo:
+                async with client.map_stream(n.map_request()):
+                    pass
+            assert excinfo.value.http_status == 404
+
+
+async def test_node_key_bound_to_machine_key(tmp_path: Path) -> None:
+    """Knowing another node's key is not enough: the Noise machine key must match."""
+    from protocol import RemoteProtocolError
+
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as ca:
+            await ca.register(a.register_request(key))
+        thief = SimNode(machine_private=SimNode.new("t").machine_private, node_private=a.node_private, hostname="t")
+        async with thief.connect(server) as ct:
+            resp = await ct.register(thief.register_request())
+            assert "another machine" in resp.error
+            with pytest.raises(RemoteProtocolError) as excinfo:
+                async with ct.map_stream(thief.map_request()):
+                    pass
+            assert excinfo.value.http_status == 401
