@@ -122,6 +122,9 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
             ssl_context=ctx, task_status=task_status,
         )
     )
+    if port == 0 and not config.server_url:
+        scheme = "https" if ctx is not None else "http"
+        control.public_url = f"{scheme}://{host}:{server.port}"
 
 
 async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPMap:

@@ -1,23 +1,106 @@
-"""The HTTP side of the server (Quart on trio): health, metrics, the register page."""
+"""The HTTP side of the server (Quart on trio): health, metrics, the register page.
+
+Served by hypercorn on the control port for every request that is not ``/key`` or
+``/ts2021`` (see :mod:`protocol.serve`).
+
+* ``GET /health`` — 200 with the log head while the projection is current, 503 while it
+  is still folding the backlog (load balancers should wait).
+* ``GET /metrics`` — Prometheus text format.
+* ``GET /register/<id>`` — the page a client's AuthURL points to: it tells the person
+  which command an admin runs to approve the machine (OIDC login replaces it later).
+"""
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from quart import Response
 from quart_trio import QuartTrio
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
     from .server import Server
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "metrics_registry"]
+
+
+class _ServerCollector(Collector):
+    """Reads the live figures at scrape time (no background updating)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.server
+        state = s.runner.state
+        yield GaugeMetricFamily("tailledger_log_head_seq", "Sequence number of the last folded event", value=state.seq)
+        yield CounterMetricFamily("tailledger_log_appends", "Append requests committed by this server", value=s.log.appended)
+        yield CounterMetricFamily("tailledger_log_commits", "Transactions committed by this server (group commits)", value=s.log.commits)
+        yield CounterMetricFamily("tailledger_events_folded", "Events folded by the projection runner", value=s.runner.events_folded)
+        yield GaugeMetricFamily("tailledger_users", "Users", value=len(state.users))
+        yield GaugeMetricFamily("tailledger_nodes", "Registered nodes", value=len(state.nodes))
+        online = 0
+        if s.presence is not None:
+            online = sum(1 for _, p in s.presence.items() if p.online)
+        yield GaugeMetricFamily("tailledger_nodes_online", "Nodes with an open map stream", value=online)
+        if s.control is not None:
+            yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams_open)
+        if s.relay is not None:
+            stats = s.relay.stats()
+            for name in stats.__struct_fields__:
+                value = getattr(stats, name)
+                if isinstance(value, int | float):
+                    yield GaugeMetricFamily(f"tailledger_relay_{name}", f"DERP relay: {name}", value=value)
+
+
+def metrics_registry(server: Server) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_ServerCollector(server))
+    Gauge("tailledger_info", "Build information", ["version"], registry=registry).labels("0.1.0").set(1)
+    return registry
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>tailledger: approve this machine</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em}}
+code{{background:#eee;padding:.2em .4em;border-radius:.2em}}</style></head>
+<body><h1>Machine waiting for approval</h1>
+<p>{what}</p>
+<p>An administrator of this tailnet approves it with:</p>
+<p><code>tailledger nodes register --key {key} --user USERNAME</code></p>
+<p>The client connects by itself once approved.</p></body></html>
+"""
 
 
 def make_app(server: Server) -> QuartTrio:
     app = QuartTrio("tailledger")
+    registry = metrics_registry(server)
 
     @app.get("/health")
     async def health() -> tuple[dict[str, object], int]:
-        head = server.runner.state.seq
-        return {"status": "ok", "log_seq": head}, 200
+        head = server.store.head().seq
+        folded = server.runner.state.seq
+        ok = folded >= head
+        return {"status": "ok" if ok else "catching-up", "log_seq": head, "folded_seq": folded}, 200 if ok else 503
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/register/<auth_id>")
+    async def register_page(auth_id: str) -> tuple[str, int]:
+        pending = server.control.pending_registration(auth_id) if server.control else None
+        if pending is None:
+            return "<!doctype html><p>This registration link is unknown or has expired. Run the login again.</p>", 404
+        host = pending.hostinfo.hostname if pending.hostinfo else "a machine"
+        what = f"The machine <b>{html.escape(host)}</b> asked to join this tailnet."
+        return _PAGE.format(what=what, key=html.escape(auth_id)), 200
 
     return app

@@ -166,6 +166,9 @@ class Control:
         self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
+        #: Where AuthURLs point; the embedding program may update it once the real
+        #: listening port is known.
+        self.public_url = settings.public_url
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -334,7 +337,7 @@ class Control:
                 p.done.set()
         auth_id = secrets.token_urlsafe(18)
         self._pending[auth_id] = _Pending(auth_id, mk, nk, rr.hostinfo, rr.ephemeral, now)
-        url = f"{self.settings.public_url}/register/{auth_id}"
+        url = f"{self.public_url}/register/{auth_id}"
         return NoiseResponse(200, _JSON, encode(RegisterResponse(auth_url=url)))
 
     def pending_registration(self, auth_id: str) -> _Pending | None:

@@ -41,14 +41,20 @@ async def test_preauth_key_registration_and_full_map(tmp_path: Path) -> None:
                 assert first.node.machine_authorized
                 assert first.node.name == "alpha.tailnet.internal."
                 assert first.derp_map is not None
-                assert first.packet_filters is not None and b"SrcIPs" in bytes(first.packet_filters["base"])
+                assert first.packet_filters is not None and b"SrcIPs" in bytes(
+                    first.packet_filters["base"]
+                )
                 assert first.user_profiles and first.user_profiles[0].login_name == "alice"
                 assert first.debug is not None and first.debug.disable_log_tail
                 assert not first.peers
         # The log says who did what.
         events = server.store.read()
         reg = [e for e in events if isinstance(e.event, NodeRegistered)]
-        assert len(reg) == 1 and reg[0].actor.kind.value == "node" and reg[0].actor.id == a.machine_key_hex
+        assert (
+            len(reg) == 1
+            and reg[0].actor.kind.value == "node"
+            and reg[0].actor.id == a.machine_key_hex
+        )
         assert any(isinstance(e.event, PreAuthKeyUsed) for e in events)
 
 
@@ -64,13 +70,21 @@ async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
                 # b joins: a gets it in PeersChanged.
                 await cb.register(b.register_request(key))
                 joined = await next_update(sa)
-                assert joined.peers_changed and [p.name for p in joined.peers_changed] == ["bravo.tailnet.internal."]
+                assert joined.peers_changed and [p.name for p in joined.peers_changed] == [
+                    "bravo.tailnet.internal."
+                ]
                 async with cb.map_stream(b.map_request(endpoints=["198.51.100.7:41641"])) as sb:
                     b_first = await next_update(sb)
-                    assert b_first.peers and [p.name for p in b_first.peers] == ["alpha.tailnet.internal."]
+                    assert b_first.peers and [p.name for p in b_first.peers] == [
+                        "alpha.tailnet.internal."
+                    ]
                     # b came online with endpoints: a gets a patch, not a full node.
                     online = await next_update(sa)
-                    patch = (online.peers_changed_patch or [None])[0] if online.peers_changed_patch else None
+                    patch = (
+                        (online.peers_changed_patch or [None])[0]
+                        if online.peers_changed_patch
+                        else None
+                    )
                     changed: list[Node] = online.peers_changed or []
                     assert patch is not None or changed
                     if patch is not None:
@@ -78,9 +92,14 @@ async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
                     # An admin renames b: a sees the new name.
                     bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
                     assert bnode is not None
-                    await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
+                    await server.ops.dispatch(
+                        "nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN
+                    )
                     renamed = await next_update(sa)
-                    assert renamed.peers_changed and renamed.peers_changed[0].name == "b2.tailnet.internal."
+                    assert (
+                        renamed.peers_changed
+                        and renamed.peers_changed[0].name == "b2.tailnet.internal."
+                    )
                 # An admin deletes b: it leaves a's map at once.
                 await server.ops.dispatch("nodes.delete", {"node": "b2"}, ADMIN)
                 gone = await next_update(sa)
@@ -110,7 +129,9 @@ async def test_expired_node_drops_out_of_peer_maps(tmp_path: Path) -> None:
         (lambda k: k[:-2] + "00", "invalid pre-auth key"),
     ],
 )
-async def test_bad_keys_are_refused_and_nothing_is_created(tmp_path: Path, mutate: object, message: str) -> None:
+async def test_bad_keys_are_refused_and_nothing_is_created(
+    tmp_path: Path, mutate: object, message: str
+) -> None:
     async with running(tmp_path) as server:
         key = await make_key(server)
         before = server.tailnet.state.seq
@@ -185,8 +206,11 @@ async def test_key_rotation_with_old_node_key(tmp_path: Path) -> None:
             a.node_private = SimNode.new("x").node_private
             resp = await client.register(
                 RegisterRequest(
-                    version=130, node_key=a.node_key, old_node_key=old,
-                    auth=a.register_request(key).auth, hostinfo=a.register_request().hostinfo,
+                    version=130,
+                    node_key=a.node_key,
+                    old_node_key=old,
+                    auth=a.register_request(key).auth,
+                    hostinfo=a.register_request().hostinfo,
                 )
             )
             assert resp.machine_authorized and not resp.error
@@ -202,7 +226,7 @@ async def test_interactive_registration_approved_by_admin(tmp_path: Path) -> Non
         n = SimNode.new("laptop")
         async with n.connect(server) as client:
             first = await client.register(n.register_request())
-            assert first.auth_url.startswith(server.config.public_url + "/register/")
+            assert first.auth_url.startswith(f"http://127.0.0.1:{server.port}/register/")
             assert not server.tailnet.state.nodes
             auth_id = first.auth_url.rsplit("/", 1)[-1]
             result: list[object] = []
@@ -242,7 +266,11 @@ async def test_node_key_bound_to_machine_key(tmp_path: Path) -> None:
         a = SimNode.new("alpha")
         async with a.connect(server) as ca:
             await ca.register(a.register_request(key))
-        thief = SimNode(machine_private=SimNode.new("t").machine_private, node_private=a.node_private, hostname="t")
+        thief = SimNode(
+            machine_private=SimNode.new("t").machine_private,
+            node_private=a.node_private,
+            hostname="t",
+        )
         async with thief.connect(server) as ct:
             resp = await ct.register(thief.register_request())
             assert "another machine" in resp.error
@@ -250,3 +278,45 @@ async def test_node_key_bound_to_machine_key(tmp_path: Path) -> None:
                 async with ct.map_stream(thief.map_request()):
                     pass
             assert excinfo.value.http_status == 401
+
+
+async def _http_get(port: int, path: str) -> tuple[int, str]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+async def test_health_metrics_and_register_page(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        key = await make_key(server)
+        status, body = await _http_get(server.port, "/health")
+        assert status == 200 and '"status":"ok"' in body.replace(" ", "")
+        n = SimNode.new("pending-box")
+        async with n.connect(server) as client:
+            await client.register(n.register_request(key))
+            pend = SimNode.new("laptop")
+            async with pend.connect(server) as pc:
+                url = (await pc.register(pend.register_request())).auth_url
+                status, body = await _http_get(server.port, url.split(str(server.port), 1)[1])
+                assert (
+                    status == 200 and "tailledger nodes register --key" in body and "laptop" in body
+                )
+            status, body = await _http_get(server.port, "/metrics")
+            assert status == 200
+            assert "tailledger_nodes 1.0" in body
+            assert "tailledger_log_head_seq" in body
+        status, _ = await _http_get(server.port, "/register/nonexistent")
+        assert status == 404
