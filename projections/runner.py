@@ -135,9 +135,14 @@ class ProjectionRunner:
             self._apply(events)
         await self._maybe_checkpoint(force=True)
         task_status.started()
-        async for events in self.log.tail(self.state.seq):
-            self._apply(events)
-            await self._maybe_checkpoint()
+        try:
+            async for events in self.log.tail(self.state.seq):
+                self._apply(events)
+                await self._maybe_checkpoint()
+        finally:
+            # A clean shutdown saves what was folded, so the next start folds nothing.
+            with trio.CancelScope(shield=True):
+                await self._maybe_checkpoint(force=True)
 
     def _apply(self, events: list[RecordedEvent]) -> None:
         self.state, delta = fold(self.state, events)
