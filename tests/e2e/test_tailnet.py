@@ -1,0 +1,78 @@
+"""End to end: ``tailledger serve`` plus two real tsnet nodes form a working tailnet.
+
+The scenario: our server (control port + embedded DERP relay and STUN) runs in
+the test namespace; two Caddy/tsnet nodes (tailscale.com v1.90.9) register
+with one reusable pre-auth key; each sees the other as a peer in the map
+responses it received; an HTTP request made *from* node A's tsnet stack
+reaches node B's tailnet site, by tailnet IP and by MagicDNS name, and back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from .caddy import CaddyNodeSpec
+from .harness import E2EHarness
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_two_nodes_register_see_each_other_and_talk(caddy_e2e: E2EHarness) -> None:
+    server = caddy_e2e.start_control_server()
+    key = caddy_e2e.preauth_key(server)
+    a = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodea", control_url=server.control_url, auth_key=key)
+    )
+    b = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodeb", control_url=server.control_url, auth_key=key)
+    )
+
+    a.wait_running(timeout=60)
+    b.wait_running(timeout=60)
+    view_a = a.wait_for_peers({"nodeb"}, timeout=60)
+    view_b = b.wait_for_peers({"nodea"}, timeout=60)
+
+    # Both sides agree on who is who.
+    assert view_a.self_node is not None
+    assert view_b.self_node is not None
+    assert view_a.peer("nodeb")["Key"] == view_b.self_node["Key"]
+    assert view_b.peer("nodea")["Key"] == view_a.self_node["Key"]
+    assert view_a.ipv4("nodeb") == view_b.ipv4()
+    assert view_b.ipv4("nodea") == view_a.ipv4()
+    assert view_a.ipv4() != view_b.ipv4()
+    # The DERP map they got names our embedded relay.
+    assert server.derp_port is not None
+    (region,) = (view_a.derp_map or {})["Regions"].values()
+    assert [n["DERPPort"] for n in region["Nodes"]] == [server.derp_port]
+
+    resp = a.fetch(f"{view_a.ipv4('nodeb')}:80", timeout=30)
+    assert (resp.status, resp.text, resp.headers["x-served-by"]) == (
+        200,
+        "hello from nodeb",
+        "nodeb",
+    )
+    resp = b.fetch("nodea:80", timeout=30)  # MagicDNS short name, resolved from the netmap
+    assert (resp.status, resp.text, resp.headers["x-served-by"]) == (
+        200,
+        "hello from nodea",
+        "nodea",
+    )
+
+
+async def test_two_nodes_talk_trio_flavour(caddy_e2e: E2EHarness) -> None:
+    server = caddy_e2e.start_control_server()
+    key = caddy_e2e.preauth_key(server)
+    a = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodea", control_url=server.control_url, auth_key=key)
+    )
+    b = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodeb", control_url=server.control_url, auth_key=key)
+    )
+    with trio.fail_after(90):
+        await a.wait_running_async()
+        await b.wait_running_async()
+        view = await a.wait_for_peers_async({"nodeb"})
+        await b.wait_for_peers_async({"nodea"})
+        resp = await a.fetch_async(f"{view.ipv4('nodeb')}:80")
+    assert (resp.status, resp.text) == (200, "hello from nodeb")
