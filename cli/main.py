@@ -82,6 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(_config(args))
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from .relaycmd import run_relay
+
+    return run_relay(_config(args))
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.output == "json":
@@ -231,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add(sub, "serve", "Run the control server (with its embedded defaults when unconfigured).", cmd_serve)
+
+    add(sub, "relay", "Run the DERP relay and STUN server alone, following the event log.", cmd_relay)
 
     config = add(sub, "config", "Inspect the configuration.")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -29,6 +29,8 @@ from .durations import parse_duration
 from .web import make_app
 
 if TYPE_CHECKING:
+    from relay.serve import RelayConfig
+
     from .server import Server
 
 __all__ = ["dns_config", "load_noise_key", "start_network"]
@@ -127,33 +129,43 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         control.public_url = f"{scheme}://{host}:{server.port}"
 
 
-async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPMap:
-    from relay.logauth import LogAuthorizer
-    from relay.serve import RelayConfig, serve_relay
+def relay_config(config: Config) -> RelayConfig:
+    """The relay's settings from ``derp.server``."""
+    from relay.serve import RelayConfig
 
-    config = server.config
     ds = config.derp.server
     host, port = split_host_port(ds.listen_addr, "derp.server.listen_addr")
     stun_host, stun_port = split_host_port(ds.stun_listen_addr, "derp.server.stun_listen_addr")
-    public_host = ds.hostname or host
-    tls = "off" if not ds.tls else ("files" if ds.cert_file else "self-signed")
-    relay_config = RelayConfig(
+    tls: Literal["self-signed", "files", "off"] = (
+        "off" if not ds.tls else ("files" if ds.cert_file else "self-signed")
+    )
+    return RelayConfig(
         data_dir=str(config.data_path / "relay"),
         listen_host=host,
         listen_port=port,
-        tls=tls,  # type: ignore[arg-type]
+        tls=tls,
         cert_file=ds.cert_file or None,
         key_file=ds.key_file or None,
-        hostnames=(public_host,),
+        hostnames=(ds.hostname or host,),
         stun_host=stun_host,
         stun_port=stun_port,
     )
+
+
+async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPMap:
+    from relay.logauth import LogAuthorizer
+    from relay.serve import serve_relay
+
+    config = server.config
+    ds = config.derp.server
+    rc = relay_config(config)
+    public_host = rc.hostnames[0]
     # The relay is its own consumer of the log: its own runner and checkpoint.
     runner = ProjectionRunner(server.log, server.checkpoints, name="relay")
     await nursery.start(runner.run)
     auth = LogAuthorizer(runner)
     auth.refresh()
-    relay = await nursery.start(serve_relay, relay_config, auth)
+    relay = await nursery.start(serve_relay, rc, auth)
     server.relay = relay
     await nursery.start(auth.run, relay.revoke)
     region = relay.derp_region(

@@ -1,0 +1,63 @@
+"""``tailledger relay``: the DERP relay and STUN server as a process of its own.
+
+It reads the same event log as the control server (read-only; for SQLite, the same
+database file) and follows it with its own projection runner and checkpoint, so it
+learns who may connect without asking the control server. Give it the same
+configuration file; ``derp.server`` says where it listens.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from eventlog import EventLog, SQLiteEventStore
+from projections import CheckpointStore, ProjectionRunner
+
+from .config import Config
+from .network import relay_config
+
+__all__ = ["run_relay"]
+
+log = logging.getLogger("tailledger.relay")
+
+
+async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+    from relay.logauth import LogAuthorizer
+    from relay.serve import serve_relay
+
+    store = SQLiteEventStore(config.database_path, read_only=True)
+    checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db")
+    try:
+        events = EventLog(store, poll_interval=0.5)
+        runner = ProjectionRunner(events, checkpoints, name="relay")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            auth = LogAuthorizer(runner)
+            auth.refresh()
+            relay = await nursery.start(serve_relay, relay_config(config), auth)
+            await nursery.start(auth.run, relay.revoke)
+            log.info("relay following the log at %s (head %d)", config.database_path, runner.state.seq)
+            task_status.started(relay)
+    finally:
+        checkpoints.close()
+        store.close()
+
+
+def run_relay(config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not config.database_path.exists():
+        raise SystemExit(f"tailledger relay: no event log at {config.database_path}; start 'tailledger serve' first")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay_main, config)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
