@@ -88,13 +88,16 @@ async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]
         return {"ok": False, "error": str(exc)}
 
 
+def _prepare(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a stale socket from a crashed server
+
+
 async def serve_admin_socket(
     path: Path, ops: AdminOps, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Listen on ``path`` until cancelled. A stale socket file is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
+    await trio.to_thread.run_sync(_prepare, path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(path))
     os.chmod(path, 0o600)
@@ -104,8 +107,7 @@ async def serve_admin_socket(
     try:
         await trio.serve_listeners(lambda s: _handle(s, ops), [listener])  # type: ignore[arg-type]
     finally:
-        with trio.CancelScope(shield=True):
-            path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # noqa: ASYNC240 - a cheap unlink during shutdown
 
 
 def call(path: Path, op: str, args: dict[str, object] | None = None, *, timeout: float = 60) -> object:

@@ -1,1 +1,72 @@
-"""protocol package."""
+"""The Tailscale control-protocol ("ts2021") transport.
+
+Role in the pipeline: everything between a TCP socket and the control logic
+(``protocol/control.py``): the HTTP/1.1 front (``/key``, the ``/ts2021``
+upgrade, hand-off of all other requests to hypercorn), the Noise IK handshake
+and records, the early payload, HTTP/2 inside the tunnel, map-stream framing,
+and a client for tests and load generation.
+
+Layers, bottom-up (sans-I/O cores unless marked *adapter*):
+
+* :mod:`.noise` -- controlbase messages, handshake, transport records.
+* :mod:`.upgrade` -- HTTP/1.1 front and the client's upgrade request.
+* :mod:`.early`, :mod:`.mapframe` -- early payload; ``[u32 LE][zstd]`` frames.
+* :mod:`.h2flow`, :mod:`.h2_bridge`, :mod:`.client_conn` -- HTTP/2 over Noise.
+* :mod:`.handler` -- :class:`NoiseRequest`, :class:`NoiseResponse`,
+  :class:`ControlHandler`: the interface the control logic implements.
+* :mod:`.serve` (*adapter*) -- :func:`serve_control`.
+* :mod:`.client`, :mod:`.wsstream` (*adapters*) -- :func:`open_control_client`.
+
+Other packages import only the names below (style rule 3).
+"""
+
+from .client import (
+    ClientResponse,
+    ControlClient,
+    MapStream,
+    ResponseStream,
+    fetch_server_key,
+    open_control_client,
+)
+from .errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .handler import ControlHandler, NoiseRequest, NoiseResponse
+from .mapframe import (
+    KEEPALIVE_FRAME_RAW,
+    KEEPALIVE_FRAME_ZSTD,
+    KEEPALIVE_JSON,
+    MapFrameDecoder,
+    frame_map_response,
+    keepalive_frame,
+)
+from .noise import Keypair, generate_private_key, public_key
+from .serve import ControlServer, ServeOptions, load_ssl_context, serve_control, with_key_endpoint
+
+__all__ = [
+    "KEEPALIVE_FRAME_RAW",
+    "KEEPALIVE_FRAME_ZSTD",
+    "KEEPALIVE_JSON",
+    "ClientResponse",
+    "ControlClient",
+    "ControlHandler",
+    "ControlServer",
+    "HandshakeError",
+    "Keypair",
+    "LocalProtocolError",
+    "MapFrameDecoder",
+    "MapStream",
+    "NoiseRequest",
+    "NoiseResponse",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ResponseStream",
+    "ServeOptions",
+    "fetch_server_key",
+    "frame_map_response",
+    "generate_private_key",
+    "keepalive_frame",
+    "load_ssl_context",
+    "open_control_client",
+    "public_key",
+    "serve_control",
+    "with_key_endpoint",
+]

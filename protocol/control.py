@@ -65,7 +65,7 @@ from projections.tailcfg import (
 from .handler import NoiseRequest, NoiseResponse
 from .mapframe import frame_map_response, keepalive_frame
 
-__all__ = ["Control", "ControlSettings", "MIN_CAPABILITY_VERSION"]
+__all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ def _register_response(state: TailnetState, node: Node, **extra: object) -> Nois
     display = (user.display_name if user else "") or name
     body = RegisterResponse(
         user=User(id=node.user_id, display_name=display, created=user.created_at if user else None),
-        login=Login(id=node.user_id, login_name=user.login_name if user else name, display_name=display),
+        login=Login(
+            id=node.user_id, login_name=user.login_name if user else name, display_name=display
+        ),
         machine_authorized=True,
         **extra,  # type: ignore[arg-type]
     )
@@ -135,7 +137,9 @@ def _register_error(message: str) -> NoiseResponse:
 
 
 def _http_error(status: int, message: str) -> NoiseResponse:
-    return NoiseResponse(status, (("content-type", "text/plain; charset=utf-8"),), message.encode() + b"\n")
+    return NoiseResponse(
+        status, (("content-type", "text/plain; charset=utf-8"),), message.encode() + b"\n"
+    )
 
 
 class Control:
@@ -234,7 +238,9 @@ class Control:
         if expiry is not None and expiry <= now:
             if node is None:
                 return NoiseResponse(200, _JSON, encode(RegisterResponse(node_key_expired=True)))
-            await self.tailnet.execute(lambda s: c.decide_logout_node(s, s.nodes[node.id], now=now), actor=actor)
+            await self.tailnet.execute(
+                lambda s: c.decide_logout_node(s, s.nodes[node.id], now=now), actor=actor
+            )
             return NoiseResponse(200, _JSON, encode(RegisterResponse(node_key_expired=True)))
 
         auth_key = rr.auth.auth_key if rr.auth is not None else ""
@@ -246,7 +252,8 @@ class Control:
             else:
                 if expiry is not None and (node.expiry is None or expiry < node.expiry):
                     await self.tailnet.execute(
-                        lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry), actor=actor
+                        lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry),
+                        actor=actor,
                     )
                 elif expiry is not None:
                     return _register_error("extending the key expiry is not allowed")
@@ -306,7 +313,10 @@ class Control:
             tagged = bool(key.tags)
             if current is not None and (current.user_id == key.user_id or tagged or current.tags):
                 return c.decide_rotate_node_key(
-                    state, current, node_key=nk, expiry=self._new_expiry(now, tagged or bool(current.tags)),
+                    state,
+                    current,
+                    node_key=nk,
+                    expiry=self._new_expiry(now, tagged or bool(current.tags)),
                     preauth_key=key,
                 )
             return c.decide_register_node(
@@ -329,7 +339,9 @@ class Control:
         await self._apply_hostinfo(node_id, rr.hostinfo, actor)
         return _register_response(self.tailnet.state, self.tailnet.state.nodes[node_id])
 
-    def _start_interactive(self, rr: RegisterRequest, mk: str, nk: str, now: datetime) -> NoiseResponse:
+    def _start_interactive(
+        self, rr: RegisterRequest, mk: str, nk: str, now: datetime
+    ) -> NoiseResponse:
         # Drop stale entries so unauthenticated clients cannot grow this without bound.
         for auth_id, p in list(self._pending.items()):
             if now - p.created > timedelta(minutes=30) or p.machine_key == mk:
@@ -345,7 +357,11 @@ class Control:
 
     async def _admin_pending(self, raw: dict[str, object], actor: Actor) -> object:
         return [
-            {"key": p.auth_id, "machine_key": p.machine_key, "hostname": p.hostinfo.hostname if p.hostinfo else ""}
+            {
+                "key": p.auth_id,
+                "machine_key": p.machine_key,
+                "hostname": p.hostinfo.hostname if p.hostinfo else "",
+            }
             for p in self._pending.values()
         ]
 
@@ -356,7 +372,9 @@ class Control:
             raise CommandError("bad arguments: need 'key' and 'user'")
         pending = self._pending.get(auth_id)
         if pending is None:
-            raise NotFoundError(f"no pending registration with key {auth_id!r} (it may have expired)")
+            raise NotFoundError(
+                f"no pending registration with key {auth_id!r} (it may have expired)"
+            )
         now = self.tailnet.clock()
         hostinfo = pending.hostinfo or Hostinfo()
 
@@ -365,7 +383,10 @@ class Control:
             current = state.node_by_machine(pending.machine_key)
             if current is not None:
                 return c.decide_rotate_node_key(
-                    state, current, node_key=pending.node_key, expiry=self._new_expiry(now, bool(current.tags))
+                    state,
+                    current,
+                    node_key=pending.node_key,
+                    expiry=self._new_expiry(now, bool(current.tags)),
                 )
             return c.decide_register_node(
                 state,
@@ -410,7 +431,9 @@ class Control:
             from eventlog.events import NodeHostnameChanged
 
             await self.tailnet.execute(
-                lambda s: c.Decision((NodeHostnameChanged(node_id=node_id, hostname=hostinfo.hostname),), node_id),
+                lambda s: c.Decision(
+                    (NodeHostnameChanged(node_id=node_id, hostname=hostinfo.hostname),), node_id
+                ),
                 actor=actor,
             )
 
@@ -460,7 +483,11 @@ class Control:
             view = self._view(node.id)
             full = view.full_map(self.tailnet.state, self.tailnet.clock())
             return NoiseResponse(200, (), frame_map_response(encode(full), compress))
-        return NoiseResponse(200, (("content-type", "application/octet-stream"),), stream=self._stream(node.id, compress))
+        return NoiseResponse(
+            200,
+            (("content-type", "application/octet-stream"),),
+            stream=self._stream(node.id, compress),
+        )
 
     def _view(self, node_id: int) -> StreamView:
         state = self.tailnet.state
@@ -531,7 +558,9 @@ class Control:
                     return c.decide_delete_node(s, ref, reason="ephemeral")
 
                 try:
-                    await self.tailnet.execute(decide, actor=Actor(kind=ActorKind.SYSTEM, id="ephemeral-gc"))
+                    await self.tailnet.execute(
+                        decide, actor=Actor(kind=ActorKind.SYSTEM, id="ephemeral-gc")
+                    )
                     self.presence.forget(node.id)
                 except NotFoundError:
                     pass

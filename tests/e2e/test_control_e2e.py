@@ -37,7 +37,7 @@ def test_registered_nodes_are_listed_online_with_names_and_ips(caddy_e2e: E2EHar
     deadline = time.monotonic() + 30
     while True:
         nodes = _nodes(caddy_e2e, server)
-        if len(nodes) == 2 and all(n["online"] for n in nodes) or time.monotonic() > deadline:
+        if (len(nodes) == 2 and all(n["online"] for n in nodes)) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     by_name = {n["hostname"]: n for n in nodes}

@@ -60,11 +60,15 @@ class SimNode:
             version=130,
             node_key=self.node_key,
             auth=RegisterResponseAuth(auth_key=auth_key) if auth_key else None,
-            hostinfo=Hostinfo(hostname=self.hostname, os="linux", net_info=NetInfo(preferred_derp=999)),
+            hostinfo=Hostinfo(
+                hostname=self.hostname, os="linux", net_info=NetInfo(preferred_derp=999)
+            ),
             **kw,  # type: ignore[arg-type]
         )
 
-    def map_request(self, *, stream: bool = True, endpoints: list[str] | None = None, **kw: object) -> MapRequest:
+    def map_request(
+        self, *, stream: bool = True, endpoints: list[str] | None = None, **kw: object
+    ) -> MapRequest:
         return MapRequest(
             version=130,
             compress="zstd",
@@ -72,7 +76,9 @@ class SimNode:
             node_key=self.node_key,
             disco_key="discokey:" + public_key(self.node_private[::-1]).hex(),
             stream=stream,
-            hostinfo=Hostinfo(hostname=self.hostname, os="linux", net_info=NetInfo(preferred_derp=999)),
+            hostinfo=Hostinfo(
+                hostname=self.hostname, os="linux", net_info=NetInfo(preferred_derp=999)
+            ),
             endpoints=endpoints if endpoints is not None else ["192.0.2.1:41641"],
             endpoint_types=[1] * len(endpoints if endpoints is not None else [1]),
             **kw,  # type: ignore[arg-type]
@@ -80,7 +86,9 @@ class SimNode:
 
     @asynccontextmanager
     async def connect(self, server: Server) -> AsyncIterator[ControlClient]:
-        async with open_control_client("127.0.0.1", server.port, machine_key=self.machine_private) as client:
+        async with open_control_client(
+            "127.0.0.1", server.port, machine_key=self.machine_private
+        ) as client:
             yield client
 
 

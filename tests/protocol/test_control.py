@@ -14,8 +14,8 @@ from protocol import MapStream
 from .control_harness import ADMIN, SimNode, make_key, running
 
 
-async def next_update(stream: MapStream, timeout: float = 10) -> MapResponse:
-    with trio.fail_after(timeout):
+async def next_update(stream: MapStream, wait: float = 10) -> MapResponse:
+    with trio.fail_after(wait):
         while True:
             msg = await stream.__anext__()
             if not msg.keep_alive or msg.node or msg.peers_changed or msg.peers_removed:

@@ -1,0 +1,110 @@
+"""The interface between the Noise/HTTP2 transport and the control logic.
+
+Role in the pipeline: :func:`protocol.serve.serve_control` terminates the
+ts2021 upgrade, the Noise handshake and HTTP/2, and calls one
+:class:`ControlHandler` per HTTP/2 request that arrives inside the tunnel. The
+handler (``protocol/control.py``: register, map, ...) sees only
+:class:`NoiseRequest` values and returns :class:`NoiseResponse` values; it
+never touches sockets, records or frames.
+
+Contract for handlers:
+
+* Route on ``request.path`` only. ``:authority`` inside the tunnel is the
+  control host or the literal ``unused`` (control-protocol.md §1, pitfall 22).
+* ``request.machine_key`` is the Noise peer's static key, authenticated by the
+  handshake. Every lookup by NodeKey must check it (pitfall 9).
+* A handler may block as long as it likes (``Followup`` register long-polls,
+  map streams). When the client resets the HTTP/2 stream or the connection
+  dies, the task running the handler is **cancelled**. For a streaming
+  response: if the iterator is parked at ``yield`` (e.g. waiting for flow
+  control) it is closed with ``aclose()`` (it sees ``GeneratorExit``); if it
+  is inside an ``await`` it sees ``trio.Cancelled`` there. Either way its
+  ``finally`` blocks run; cleanup that must ``await`` there has to shield
+  itself (``with trio.CancelScope(shield=True):``), as usual in trio.
+* An exception escaping the handler is logged and answered with a 500 (if the
+  headers were not sent yet) or a stream reset; the connection survives.
+* Never answer a failed map poll with an empty 200 (pitfall 5): return an
+  explicit error status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = ["ControlHandler", "NoiseRequest", "NoiseResponse"]
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NoiseRequest:
+    """One complete HTTP/2 request received inside the Noise tunnel.
+
+    Attributes:
+        machine_key: The client's machine public key (32 raw bytes), as
+            proven in the Noise handshake.
+        method: ``"POST"``, ``"GET"``, ``"PATCH"`` ... (upper case, as sent).
+        path: The ``:path`` pseudo-header, query string included.
+        headers: Regular headers, names lower-case (HTTP/2 requires it),
+            pseudo-headers removed; values decoded as Latin-1.
+        body: The full request body (capped by the server, 1 MiB by default).
+        protocol_version: The client's capability version from the Noise
+            header (130 for v1.90); the JSON bodies carry it too.
+    """
+
+    machine_key: bytes
+    method: str
+    path: str
+    headers: Headers
+    body: bytes
+    protocol_version: int = 0
+
+    def header(self, name: str) -> str | None:
+        """Return the first value of header ``name`` (case-insensitive), if any."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key == wanted:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NoiseResponse:
+    """The handler's answer.
+
+    Exactly one of ``body`` and ``stream`` is normally set (both ``None``
+    means an empty body). ``content-length`` is added for ``body`` responses
+    when absent.
+
+    Attributes:
+        status: HTTP status code.
+        headers: Extra response headers; names are lower-cased on the wire.
+            Connection-specific headers (``connection``, ``transfer-encoding``
+            ...) are illegal in HTTP/2 and are dropped with a log line.
+        body: A complete body, sent respecting HTTP/2 flow control.
+        stream: A long-poll body. Each yielded chunk is sent as DATA as soon
+            as flow control allows (for ``/machine/map``: one framed message
+            per chunk, see :func:`protocol.mapframe.frame_map_response`). The
+            stream ends when the iterator is exhausted. If the client resets
+            the stream or disconnects, the iterator is closed (``aclose()``)
+            and the task is cancelled.
+    """
+
+    status: int
+    headers: Headers = ()
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = field(default=None, compare=False)
+
+
+class ControlHandler(Protocol):
+    """What :func:`protocol.serve.serve_control` calls for every tunnel request."""
+
+    async def __call__(self, request: NoiseRequest, /) -> NoiseResponse:
+        """Answer ``request``; see the module docstring for the contract.
+
+        Cancellation: the call is cancelled when the client resets the
+        stream or the connection closes; clean up in ``finally`` blocks.
+        """
+        ...

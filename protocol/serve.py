@@ -1,0 +1,746 @@
+"""Trio adapter of the control port: ``/key``, ``/ts2021`` and hypercorn on one socket.
+
+Role in the pipeline: owns the listening sockets, the per-connection tasks,
+deadlines and the hypercorn hand-off. All protocol decisions are made by the
+sans-I/O cores: :class:`protocol.upgrade.FrontConnection` (HTTP/1.1 front),
+:class:`protocol.h2_bridge.ServerConnection` (Noise + HTTP/2). Per accepted
+connection::
+
+    [TLS handshake]                      (only with ssl_context)
+    FrontConnection: read request heads
+      GET /key?v=N         -> answer, keep reading (keep-alive)
+      /ts2021 native       -> 101 + Noise + early payload + HTTP/2  -> ControlHandler
+      /ts2021 WebSocket    -> 101 + WebSocket framing + Noise + HTTP/2 -> ControlHandler
+      anything else        -> hypercorn serves the ASGI app on this connection
+
+Sharing the port with hypercorn -- the choice and why
+------------------------------------------------------
+ASGI has no way to hijack a socket for a custom ``Upgrade``, so ``/ts2021``
+cannot live inside the ASGI app (control-protocol.md §5.2). Options were (a) a
+reverse proxy in front, (b) a second port, (c) our own listener that peeks at
+the first request and hands every other connection to hypercorn. We do (c)
+with hypercorn's own trio connection driver,
+``hypercorn.trio.tcp_server.TCPServer(app, config, context, state, stream)``:
+it is what ``hypercorn.trio.run.worker_serve`` spawns per accepted stream, so
+the ASGI app gets hypercorn's HTTP/1.1, h2c-prior-knowledge, WebSocket,
+keep-alive and timeout handling unchanged. The bytes the front already read
+are replayed by :class:`_ReplayStream`, which also provides the attributes
+``TCPServer`` probes: ``socket`` for plain TCP, or ``do_handshake``,
+``selected_alpn_protocol`` and ``transport_stream`` for TLS (then hypercorn
+sets ``scheme = https``). We also run hypercorn's ``Lifespan`` (startup and
+shutdown of the Quart app) and its ``WorkerContext``, as ``worker_serve``
+does. TLS connections that negotiate ALPN ``h2`` go to hypercorn directly
+(Tailscale's ``/ts2021`` TLS fallback disables ALPN). Tested against
+hypercorn 0.18 (``tests/protocol/test_serve.py`` covers the hand-off, TLS and
+keep-alive); these are hypercorn internals, so pin the minor version.
+
+A connection handed to hypercorn stays there; if a later request on it asks
+for ``/key`` the ASGI shim :func:`with_key_endpoint` answers it, so ``/key``
+works on every connection.
+
+Error handling: a peer's garbage (:class:`~protocol.errors.RemoteProtocolError`)
+closes only that connection, with an INFO log line naming the reason. Our own
+bugs (handler exceptions, :class:`~protocol.errors.LocalProtocolError`) are
+logged with a traceback; handler failures become a 500 or a stream reset. No
+per-connection failure can take the listener down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, cast
+
+import h2.errors
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+
+from . import h2_bridge, upgrade
+from .errors import HandshakeError, ProtocolError, RemoteProtocolError
+from .handler import ControlHandler, NoiseRequest, NoiseResponse
+from .noise import Keypair, encode_error
+from .wsstream import WebSocketByteStream
+
+__all__ = [
+    "ASGIApp",
+    "ControlServer",
+    "ServeOptions",
+    "load_ssl_context",
+    "serve_control",
+    "with_key_endpoint",
+]
+
+log = logging.getLogger(__name__)
+
+#: Any ASGI 3 application (a Quart-trio app, a bare coroutine function ...).
+ASGIApp = Callable[..., Awaitable[None]]
+
+_MAX_RECV: Final = 65536
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Tunables of :func:`serve_control`.
+
+    Attributes:
+        max_body_size: Cap on request bodies inside the tunnel (Headscale: 1 MiB).
+        head_timeout: Seconds to receive one complete HTTP/1.1 request head
+            on the front (slowloris guard); hypercorn's own timeouts apply
+            after a hand-off.
+        tls_handshake_timeout: Seconds for the TLS handshake.
+        min_protocol_version: Close tunnels of clients below this capability
+            version right after the handshake, like Headscale's early-noise
+            check (it uses 113). 0 disables the check.
+        send_early_payload: Send the ``nodeKeyChallenge`` early payload on
+            native upgrades (never on WebSocket ones, as Go).
+        max_concurrent_streams: ``SETTINGS_MAX_CONCURRENT_STREAMS``.
+        max_buffered_bodies: Cap on incomplete request-body bytes buffered
+            per connection (memory bound against half-sent bodies).
+        challenge_source: Returns the per-connection ``nodeKeyChallenge``
+            public key (32 bytes; its private half is never needed). Inject
+            for deterministic tests (style rule 13).
+        hypercorn_config: Config for the hand-off; ``None`` = defaults.
+        stream_close_timeout: Seconds granted to a streaming response's
+            ``aclose()`` after a reset or disconnect.
+    """
+
+    max_body_size: int = h2_bridge.DEFAULT_MAX_BODY_SIZE
+    head_timeout: float = 30.0
+    tls_handshake_timeout: float = 30.0
+    min_protocol_version: int = 0
+    send_early_payload: bool = True
+    max_concurrent_streams: int = h2_bridge.DEFAULT_MAX_CONCURRENT_STREAMS
+    max_buffered_bodies: int = h2_bridge.DEFAULT_MAX_BUFFERED_BODIES
+    challenge_source: Callable[[], bytes] = field(default=lambda: Keypair.generate().public)
+    hypercorn_config: HypercornConfig | None = field(default=None, compare=False)
+    stream_close_timeout: float = 5.0
+
+
+def load_ssl_context(
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str],
+    *,
+    alpn: tuple[str, ...] = ("h2", "http/1.1"),
+) -> ssl.SSLContext:
+    """Build the server TLS context for :func:`serve_control` from PEM files.
+
+    With ``h2`` in ``alpn``, browsers (and Go's ``/key`` fetch) may negotiate
+    HTTP/2, which hypercorn then serves directly; Tailscale's ``/ts2021``
+    TLS fallback offers no ALPN and stays on HTTP/1.1, as the upgrade needs.
+
+    Raises:
+        OSError, ssl.SSLError: Unreadable or mismatched files.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    return context
+
+
+def with_key_endpoint(app: ASGIApp, server_public: bytes) -> ASGIApp:
+    """Wrap an ASGI app so that ``GET /key`` is answered on hypercorn connections too.
+
+    Same answers as the front: 400 without an integer ``v``, an empty 200 for
+    ``v < 39``, else the JSON key document.
+    """
+    body = upgrade.key_response_body(server_public)
+
+    async def key_shim(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") != upgrade.KEY_PATH:
+            await app(scope, receive, send)
+            return
+        if scope.get("method") != "GET":
+            await app(scope, receive, send)
+            return
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        status, payload, ctype = 400, b"missing or invalid v parameter\n", b"text/plain"
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if name == "v":
+                try:
+                    version = int(value)
+                except ValueError:
+                    break
+                if version < upgrade.NOISE_CAPABILITY_VERSION:
+                    status, payload, ctype = 200, b"", b"text/plain"
+                else:
+                    status, payload, ctype = 200, body, b"application/json"
+                break
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    return key_shim
+
+
+class _ReplayStream(trio.abc.HalfCloseableStream):
+    """A plain TCP stream that first returns bytes already read (for hypercorn)."""
+
+    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The socket; hypercorn reads the peer and local addresses from it."""
+        return self._stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return the replayed bytes once (whole), then read the socket.
+
+        The replay may exceed ``max_bytes``; hypercorn reads with 64 KiB
+        and the front never holds more than one request head.
+        """
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Delegate."""
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Delegate."""
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Delegate (hypercorn half-closes plain TCP after a response)."""
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Delegate."""
+        await self._stream.aclose()
+
+
+class _ReplaySSLStream(trio.abc.Stream):
+    """The TLS twin of :class:`_ReplayStream` (the TLS handshake is already done)."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+
+    @property
+    def transport_stream(self) -> trio.SocketStream:
+        """The TCP stream under TLS (hypercorn reads ``.socket`` from it)."""
+        return self._stream.transport_stream
+
+    async def do_handshake(self) -> None:
+        """Delegate; returns at once because the handshake is already done."""
+        await self._stream.do_handshake()
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The negotiated ALPN protocol (``None`` or ``http/1.1`` here)."""
+        alpn: str | None = self._stream.selected_alpn_protocol()
+        return alpn
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    """Best-effort ``host:port`` of the peer, for log lines."""
+    inner: object = stream
+    if isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            peer = inner.socket.getpeername()
+        except OSError:
+            return "?"
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return f"{peer[0]}:{peer[1]}"
+        return str(peer)
+    return "?"
+
+
+class _ConnectionLost(Exception):
+    """Internal: a write failed; the session must end."""
+
+
+class _NoiseSession:
+    """Runs one upgraded connection: reader loop, handler tasks, writer lock.
+
+    Invariants: exactly one task reads; writes are serialised by
+    ``_send_lock`` and always take the *current* ``data_to_send()`` inside the
+    lock, so records leave in nonce order; every handler task runs in its own
+    cancel scope, cancelled by the stream's RST_STREAM.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: h2_bridge.ServerConnection,
+        handler: ControlHandler,
+        options: ServeOptions,
+        peer: str,
+    ) -> None:
+        self._stream = stream
+        self._conn = conn
+        self._handler = handler
+        self._options = options
+        self._peer = peer
+        self._send_lock = trio.Lock()
+        self._window_changed = trio.Event()
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._closing_reason = ""
+
+    async def run(self, first_bytes: bytes, trailing: bytes) -> str:
+        """Serve until EOF, GOAWAY or an error; return the reason for the log."""
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._write(first_bytes)
+                    if trailing:
+                        await self._on_data(trailing, nursery)
+                    while not self._closing_reason:
+                        data = bytes(await self._stream.receive_some(_MAX_RECV))
+                        if not data:
+                            self._closing_reason = "peer closed the connection"
+                            break
+                        await self._on_data(data, nursery)
+                except RemoteProtocolError as exc:
+                    self._closing_reason = f"protocol error: {exc.reason}"
+                    with trio.move_on_after(1):
+                        await self._flush()  # h2's GOAWAY, if any
+                except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionLost):
+                    self._closing_reason = self._closing_reason or "connection lost"
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._notify_window()
+        return self._closing_reason
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _on_data(self, data: bytes, nursery: trio.Nursery) -> None:
+        """Feed socket bytes to the core and act on its events, then flush.
+
+        The flush after every read carries PING ACKs, WINDOW_UPDATEs and any
+        queued DATA that newly opened windows admit.
+        """
+        for event in self._conn.receive_data(data):
+            if isinstance(event, h2_bridge.RequestReceived):
+                scope = trio.CancelScope()
+                self._scopes[event.stream_id] = scope
+                nursery.start_soon(self._serve_request, event.stream_id, event.request, scope)
+            elif isinstance(event, h2_bridge.StreamReset):
+                reset_scope = self._scopes.pop(event.stream_id, None)
+                if reset_scope is not None:
+                    reset_scope.cancel()
+                self._notify_window()
+            elif isinstance(event, h2_bridge.WindowUpdated):
+                self._notify_window()
+            elif isinstance(event, h2_bridge.RequestRejected):
+                log.info(
+                    "%s: stream %d rejected with %d: %s",
+                    self._peer,
+                    event.stream_id,
+                    event.status,
+                    event.reason,
+                )
+            elif isinstance(event, h2_bridge.ConnectionTerminated):
+                self._closing_reason = f"peer sent GOAWAY (code {event.error_code})"
+        await self._flush()
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._conn.send_failed()
+            raise _ConnectionLost("write failed") from exc
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            # Take the bytes inside the lock: sealing assigns nonces in order.
+            await self._send_locked(self._conn.data_to_send())
+
+    def _notify_window(self) -> None:
+        self._window_changed.set()
+        self._window_changed = trio.Event()
+
+    async def _send_body(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
+        """Queue ``data`` and return once flow control let all of it out.
+
+        This is the backpressure point: a streaming handler is not asked for
+        its next chunk while the previous one still waits for window.
+        """
+        self._conn.send_data(stream_id, data, end_stream=end_stream)
+        await self._flush()
+        while self._conn.pending(stream_id):
+            await self._window_changed.wait()
+            await self._flush()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _serve_request(
+        self, stream_id: int, request: NoiseRequest, scope: trio.CancelScope
+    ) -> None:
+        """Run the handler for one stream inside ``scope`` and send its answer.
+
+        ``scope`` was created by the reader before this task started, so an
+        RST_STREAM that arrives first still cancels the handler at once.
+        """
+        try:
+            with scope:
+                try:
+                    response = await self._handler(request)
+                except Exception:
+                    log.exception(
+                        "%s: handler failed for %s %s", self._peer, request.method, request.path
+                    )
+                    response = NoiseResponse(status=500, body=b"internal server error\n")
+                await self._send_response(stream_id, response)
+        except _ConnectionLost:
+            pass  # the reader notices too and ends the session
+        except ProtocolError as exc:
+            # The connection died under us (ERROR/CLOSED state): nothing to do.
+            log.debug("%s: stream %d abandoned: %s", self._peer, stream_id, exc.reason)
+        finally:
+            self._scopes.pop(stream_id, None)
+
+    async def _send_response(self, stream_id: int, response: NoiseResponse) -> None:
+        stream = response.stream
+        try:
+            body = response.body or b""
+            headers = response.headers
+            if stream is None and not any(k.lower() == "content-length" for k, _ in headers):
+                headers = (*headers, ("content-length", str(len(body))))
+            head_only = stream is None and not body
+            if not self._conn.send_headers(
+                stream_id, response.status, headers, end_stream=head_only
+            ):
+                return  # reset by the client meanwhile
+            await self._flush()
+            if stream is None:
+                if body:
+                    await self._send_body(stream_id, body, end_stream=True)
+                return
+            try:
+                async for chunk in stream:
+                    if chunk:
+                        await self._send_body(stream_id, chunk, end_stream=False)
+            except Exception:
+                log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
+                self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                await self._flush()
+                return
+            await self._send_body(stream_id, b"", end_stream=True)
+        finally:
+            if stream is not None:
+                await self._close_iterator(stream)
+
+    async def _close_iterator(self, stream: AsyncIterator[bytes]) -> None:
+        """``aclose()`` a response stream, shielded and with a deadline."""
+        aclose = getattr(stream, "aclose", None)
+        if aclose is None:
+            return
+        # Shielded with a deadline: the iterator's cleanup must run even though
+        # we are usually here because our scope was cancelled.
+        with trio.CancelScope(shield=True) as cleanup:
+            cleanup.deadline = trio.current_time() + self._options.stream_close_timeout
+            try:
+                await aclose()
+            except Exception:
+                log.exception("%s: closing a response stream failed", self._peer)
+        if cleanup.cancelled_caught:
+            log.warning("%s: response stream did not close in time", self._peer)
+
+
+class ControlServer:
+    """The control port: front, Noise sessions and hypercorn, for any listeners.
+
+    Use :func:`serve_control` unless you need custom listeners; then::
+
+        server = ControlServer(server_key=..., handler=..., asgi_app=...)
+        await nursery.start(server.serve, listeners)
+
+    Attributes:
+        server_public: Our Noise public key (what ``/key`` publishes).
+    """
+
+    def __init__(
+        self,
+        *,
+        server_key: bytes,
+        handler: ControlHandler,
+        asgi_app: ASGIApp,
+        ssl_context: ssl.SSLContext | None = None,
+        options: ServeOptions | None = None,
+    ) -> None:
+        """Create the server (no I/O yet).
+
+        Args:
+            server_key: The Noise static *private* key (persist it; clients
+                only learn the public half through ``/key``).
+            handler: Called for every request inside the tunnel.
+            asgi_app: Serves everything that is not ``/key`` or ``/ts2021``.
+            ssl_context: Terminate TLS on accepted connections if given.
+            options: Tunables; see :class:`ServeOptions`.
+        """
+        # Loaded once: every handshake reuses the key object (see Keypair).
+        self._server_key = Keypair.from_private_bytes(server_key)
+        self.server_public = self._server_key.public
+        self._handler = handler
+        self._ssl_context = ssl_context
+        self._options = options or ServeOptions()
+        self._hyper_config = self._options.hypercorn_config or HypercornConfig()
+        self._hyper_app = ASGIWrapper(with_key_endpoint(asgi_app, self.server_public))
+        self._hyper_context = WorkerContext(None)
+        self._lifespan_state: dict[str, Any] = {}
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the ASGI lifespan and accept connections until cancelled.
+
+        Cancellation: cancelling this task stops accepting, cancels every
+        connection (handler tasks included) and then runs the ASGI lifespan
+        shutdown (shielded, bounded by hypercorn's ``shutdown_timeout``).
+        """
+        lifespan = Lifespan(self._hyper_app, self._hyper_config, self._lifespan_state)
+        # The lifespan task is shielded from our caller's cancellation so that
+        # the app's shutdown handlers can still run while we are cancelled;
+        # it is cancelled explicitly once shutdown completed or timed out.
+        lifespan_scope = trio.CancelScope(shield=True)
+
+        async def run_lifespan(*, task_status: trio.TaskStatus[None]) -> None:
+            with lifespan_scope:
+                await lifespan.handle_lifespan(task_status=task_status)
+
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(run_lifespan)
+            await lifespan.wait_for_startup()
+            try:
+                async with trio.open_nursery() as connections:
+                    task_status.started()
+                    await trio.serve_listeners(
+                        self.handle_stream, listeners, handler_nursery=connections
+                    )
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._hyper_context.terminated.set()
+                    with trio.move_on_after(self._hyper_config.shutdown_timeout + 1):
+                        await lifespan.wait_for_shutdown()
+                    lifespan_scope.cancel()
+
+    async def handle_stream(self, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection; never raises (failures are logged)."""
+        peer = _peer_name(stream)
+        try:
+            await self._handle(stream, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("%s: connection lost: %r", peer, exc)
+        except RemoteProtocolError as exc:
+            log.info("%s: closing connection: %s", peer, exc.reason)
+        except Exception:
+            log.exception("%s: connection handler failed", peer)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _handle(self, raw: trio.SocketStream, peer: str) -> None:
+        """TLS (optional), then the front's decisions until one is final."""
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = raw
+        if self._ssl_context is not None:
+            tls = trio.SSLStream(raw, self._ssl_context, server_side=True, https_compatible=True)
+            try:
+                with trio.fail_after(self._options.tls_handshake_timeout):
+                    await tls.do_handshake()
+            except trio.TooSlowError:
+                log.info("%s: TLS handshake timed out", peer)
+                return
+            except trio.BrokenResourceError as exc:
+                log.info("%s: TLS handshake failed: %r", peer, exc.__cause__ or exc)
+                return
+            if tls.selected_alpn_protocol() == "h2":
+                await self._hand_off(tls, b"")
+                return
+            stream = tls
+        front = upgrade.FrontConnection(server_public=self.server_public)
+        while True:
+            event = front.next_event()
+            if isinstance(event, upgrade.NeedData):
+                try:
+                    with trio.fail_after(self._options.head_timeout):
+                        data = bytes(await stream.receive_some(_MAX_RECV))
+                except trio.TooSlowError:
+                    log.info("%s: no complete request head in time", peer)
+                    return
+                front.receive_data(data)
+            elif isinstance(event, upgrade.SendResponse):
+                await stream.send_all(event.data)
+                if event.status >= 400:
+                    log.info("%s: front answered %d: %s", peer, event.status, event.reason)
+                else:
+                    log.debug("%s: front answered %d: %s", peer, event.status, event.reason)
+                if event.close:
+                    return
+            elif isinstance(event, upgrade.HandOff):
+                log.debug("%s: handing the connection to hypercorn", peer)
+                await self._hand_off(stream, event.replay)
+                return
+            elif isinstance(event, upgrade.Upgrade):
+                await self._noise(stream, peer, event.initiation, event.trailing, websocket=False)
+                return
+            elif isinstance(event, upgrade.WebSocketUpgrade):
+                await stream.send_all(event.response)
+                ws = WebSocketByteStream(stream, client=False, trailing=event.trailing)
+                await self._noise(ws, peer, event.initiation, b"", websocket=True)
+                return
+            else:  # PeerClosed
+                return
+
+    async def _hand_off(
+        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], replay: bytes
+    ) -> None:
+        """Let hypercorn serve the ASGI app on this connection (see module docstring)."""
+        wrapped: trio.abc.Stream
+        if isinstance(stream, trio.SSLStream):
+            wrapped = _ReplaySSLStream(stream, replay)
+        else:
+            wrapped = _ReplayStream(stream, replay)
+        server = TCPServer(
+            self._hyper_app,
+            self._hyper_config,
+            self._hyper_context,
+            ConnectionState(self._lifespan_state.copy()),
+            # TCPServer is annotated with SSLStream but duck-types plain
+            # streams (it catches the AttributeError of do_handshake).
+            cast("trio.SSLStream[trio.SocketStream]", wrapped),
+        )
+        await server.run()
+
+    async def _noise(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        initiation: bytes,
+        trailing: bytes,
+        *,
+        websocket: bool,
+    ) -> None:
+        """Complete the handshake and run the Noise/HTTP2 session to its end."""
+        opts = self._options
+        early = opts.send_early_payload and not websocket
+        try:
+            conn = h2_bridge.ServerConnection(
+                server_private=self._server_key,
+                initiation=initiation,
+                challenge_public=opts.challenge_source() if early else None,
+                max_body_size=opts.max_body_size,
+                max_concurrent_streams=opts.max_concurrent_streams,
+                max_buffered_bodies=opts.max_buffered_bodies,
+            )
+        except HandshakeError as exc:
+            # Go writes this error record into its corked buffer and never
+            # flushes it; sending it is a courtesy for debugging clients.
+            head = b"" if websocket else upgrade.UPGRADE_RESPONSE
+            with trio.move_on_after(1):
+                await stream.send_all(head + encode_error(exc.reason))
+            log.info("%s: noise handshake failed: %s", peer, exc.reason)
+            return
+        if conn.protocol_version < opts.min_protocol_version:
+            log.info(
+                "%s: refusing client with protocol version %d < %d",
+                peer,
+                conn.protocol_version,
+                opts.min_protocol_version,
+            )
+            return
+        first = conn.start()
+        if not websocket:
+            first = upgrade.UPGRADE_RESPONSE + first
+        session = _NoiseSession(stream, conn, self._handler, opts, peer)
+        machine = conn.machine_key.hex()[:16]
+        log.debug(
+            "%s: noise session up, machine key %s..., v%d", peer, machine, conn.protocol_version
+        )
+        reason = await session.run(first, trailing)
+        log.info("%s: noise session (machine %s...) closed: %s", peer, machine, reason)
+
+
+async def serve_control(
+    *,
+    host: str,
+    port: int,
+    server_key: bytes,
+    handler: ControlHandler,
+    asgi_app: ASGIApp,
+    ssl_context: ssl.SSLContext | None = None,
+    options: ServeOptions | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port`` and serve the control protocol and the ASGI app.
+
+    Args:
+        host: Address to bind, e.g. ``"127.0.0.1"`` or ``"0.0.0.0"``. Use one
+            concrete address with ``port=0``: with several listeners each would
+            get its own ephemeral port.
+        port: TCP port; 0 picks a free one.
+        server_key: The Noise static private key (32 bytes).
+        handler: The :class:`~protocol.handler.ControlHandler` for tunnel requests.
+        asgi_app: ASGI app for every other HTTP request (web UI, admin, health).
+        ssl_context: If given, TLS is terminated here; build it from PEM
+            files with :func:`load_ssl_context`.
+        options: See :class:`ServeOptions`.
+        task_status: Receives the bound port via ``task_status.started(port)``.
+
+    Cancellation: runs until cancelled; see :meth:`ControlServer.serve`.
+    """
+    server = ControlServer(
+        server_key=server_key,
+        handler=handler,
+        asgi_app=asgi_app,
+        ssl_context=ssl_context,
+        options=options,
+    )
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("control server listening on %s:%d (tls=%s)", host, bound, ssl_context is not None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(server.serve, listeners))
+        task_status.started(bound)

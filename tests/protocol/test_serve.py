@@ -1,0 +1,592 @@
+"""The trio adapter end to end: a real server on 127.0.0.1, our client, raw sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import struct
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import hyperframe.frame
+import pytest
+import trio
+
+from protocol import (
+    ServeOptions,
+    fetch_server_key,
+    generate_private_key,
+    load_ssl_context,
+    open_control_client,
+    serve_control,
+    tailcfg,
+)
+from protocol import client_conn as cc
+from protocol.client import MapStream
+from protocol.errors import HandshakeError, RemoteProtocolError
+from protocol.noise.handshake import ClientHandshake
+from protocol.noise.transport import NoiseTransport
+from protocol.upgrade import UPGRADE_RESPONSE
+
+from .transport_harness import (
+    EchoHandler,
+    LogWaiter,
+    RunningServer,
+    http_exchange,
+    make_tls_files,
+    open_raw_tunnel,
+    pattern,
+    read_until_eof,
+    start_server,
+    upgrade_request_with,
+)
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> RunningServer:
+    return await start_server(nursery)
+
+
+async def assert_still_serving(srv: RunningServer) -> None:
+    """A fresh, well-behaved client gets through (the server survived)."""
+    with trio.fail_after(10):
+        async with open_control_client(
+            "127.0.0.1", srv.port, machine_key=generate_private_key()
+        ) as client:
+            response = await client.request("GET", "/echo")
+    assert response.status == 200
+
+
+# -- /key and the hypercorn hand-off ---------------------------------------------------
+
+
+async def test_key_keepalive_then_asgi_on_same_connection(server: RunningServer) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        status, headers, body, conn = await http_exchange(
+            stream, b"GET /key?v=130 HTTP/1.1\r\nHost: ctl\r\n\r\n"
+        )
+        assert status == 200
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body) == {
+            "legacyPublicKey": "mkey:" + "0" * 64,
+            "publicKey": "mkey:" + server.server_public.hex(),
+        }
+        status, _, body2, conn = await http_exchange(
+            stream, b"GET /key?v=145 HTTP/1.1\r\nHost: ctl\r\n\r\n", conn=conn
+        )
+        assert (status, body2) == (200, body)
+        # Not ours: replayed into hypercorn, which serves the ASGI app.
+        status, headers, body, conn = await http_exchange(
+            stream, b"GET /healthz HTTP/1.1\r\nHost: ctl\r\n\r\n", conn=conn
+        )
+        assert (status, body) == (200, b"asgi:/healthz:http:1.1")
+        assert headers["server"].startswith("hypercorn")
+        # Hypercorn now owns the connection; /key still works there (ASGI shim).
+        status, _, body3, conn = await http_exchange(
+            stream, b"GET /key?v=130 HTTP/1.1\r\nHost: ctl\r\n\r\n", conn=conn
+        )
+        assert (status, body3) == (200, body2)
+        status, _, _, _ = await http_exchange(
+            stream, b"GET /key HTTP/1.1\r\nHost: ctl\r\n\r\n", conn=conn
+        )
+        assert status == 400
+
+
+@pytest.mark.parametrize("target", ["/key", "/key?v=x"])
+async def test_key_without_valid_version(server: RunningServer, target: str) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        status, _, body, _ = await http_exchange(
+            stream, f"GET {target} HTTP/1.1\r\nHost: ctl\r\n\r\n".encode()
+        )
+    assert status == 400
+    assert b"v parameter" in body
+
+
+async def test_fetch_server_key_helper(server: RunningServer) -> None:
+    assert await fetch_server_key("127.0.0.1", server.port) == server.server_public
+
+
+async def test_h2c_prior_knowledge_is_served_by_hypercorn(server: RunningServer) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(
+        sid,
+        [(":method", "GET"), (":path", "/h2c"), (":scheme", "http"), (":authority", "ctl")],
+        end_stream=True,
+    )
+    body = b""
+    async with stream:
+        await stream.send_all(conn.data_to_send())
+        with trio.fail_after(5):
+            done = False
+            while not done:
+                for event in conn.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    if isinstance(event, h2.events.StreamEnded):
+                        done = True
+                await stream.send_all(conn.data_to_send())
+    assert body == b"asgi:/h2c:http:2"
+
+
+# -- the tunnel ---------------------------------------------------------------------------
+
+
+async def test_register_and_map_stream(server: RunningServer) -> None:
+    machine = generate_private_key()
+    with trio.fail_after(10):
+        async with open_control_client("127.0.0.1", server.port, machine_key=machine) as client:
+            assert client.early is not None
+            assert client.early.node_key_challenge.startswith("chalpub:")
+            resp = await client.register(
+                tailcfg.RegisterRequest(version=130, hostinfo=tailcfg.Hostinfo(hostname="box1"))
+            )
+            assert resp.machine_authorized
+            assert resp.login.login_name == "box1"
+            request = tailcfg.MapRequest(version=130, compress="zstd", stream=True)
+            async with client.map_stream(request) as stream:
+                first = await stream.__anext__()
+                assert first.node is not None
+                assert first.node.name == "n1.example."
+                second = await stream.__anext__()
+                assert second.keep_alive
+            assert await client.ping() >= 0
+    seen = server.handler.requests
+    assert [r.path for r in seen] == ["/machine/register", "/machine/map"]
+    assert all(r.machine_key == client.machine_public for r in seen)
+
+
+async def test_echo_of_request_details(server: RunningServer) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x05" * 32) as client:
+        response = await client.request(
+            "PATCH", "/echo?q=1", headers=(("X-Test", "yes"),), body=b"12345"
+        )
+    data = json.loads(response.body)
+    assert data["method"] == "PATCH"
+    assert data["path"] == "/echo?q=1"
+    assert ["x-test", "yes"] in data["headers"]
+    assert data["body_len"] == 5
+    assert data["version"] == 130
+    assert bytes.fromhex(data["machine"]) == client.machine_public
+    assert response.header("content-length") == str(len(response.body))
+
+
+async def test_concurrent_streams_on_one_connection(server: RunningServer) -> None:
+    results: dict[int, bytes] = {}
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=b"\x06" * 32) as client,
+        client.open_stream("POST", "/forever?concurrent") as long_poll,
+    ):
+        await long_poll.__anext__()
+
+        async def fetch(i: int) -> None:
+            response = await client.request("GET", f"/big?n={1000 * i + 1}")
+            results[i] = response.body
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(fetch, i)
+        await long_poll.__anext__()  # the long poll is still alive
+    assert results == {i: pattern(1000 * i + 1) for i in range(8)}
+
+
+async def test_large_response_respects_small_client_window(server: RunningServer) -> None:
+    size = 3_000_000
+    with trio.fail_after(30):
+        async with open_control_client(
+            "127.0.0.1", server.port, machine_key=b"\x07" * 32, initial_window_size=4096
+        ) as client:
+            response = await client.request("GET", f"/big?n={size}")
+    assert response.body == pattern(size)
+
+
+async def test_stream_frames_arrive_in_order(server: RunningServer) -> None:
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=b"\x08" * 32) as client,
+        client.open_stream("POST", "/stream?n=50") as response,
+    ):
+        seqs = [m.seq async for m in MapStream(response, compressed=True)]
+    assert seqs == list(range(1, 51))
+
+
+async def test_reset_closes_the_response_iterator(server: RunningServer) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x09" * 32) as client:
+        async with client.open_stream("POST", "/forever?reset") as response:
+            await response.__anext__()
+        # Leaving the context reset the stream: the server closes the iterator.
+        with trio.fail_after(5):
+            await server.handler.stream_closed.wait()
+        assert server.handler.closed_streams == ["reset"]
+        assert server.handler.close_reasons in (["Cancelled"], ["GeneratorExit"])
+        assert (await client.request("GET", "/echo")).status == 200  # connection lives on
+
+
+async def test_reset_while_blocked_on_flow_control_calls_aclose(server: RunningServer) -> None:
+    async with open_control_client(
+        "127.0.0.1", server.port, machine_key=b"\x19" * 32, initial_window_size=1024
+    ) as client:
+        async with client.open_stream("POST", "/blocked?flow") as response:
+            await response.__anext__()  # the server now waits for WINDOW_UPDATE
+            await trio.sleep(0.05)
+        with trio.fail_after(5):
+            await server.handler.stream_closed.wait()
+    assert server.handler.closed_streams == ["flow"]
+    assert server.handler.close_reasons == ["GeneratorExit"]
+
+
+async def test_reset_cancels_a_pending_handler(server: RunningServer) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0a" * 32) as client:
+        stream_id = client._conn.send_request("POST", "/slow?reset")
+        await client._flush()
+        await trio.sleep(0.1)
+        client._conn.reset_stream(stream_id)
+        await client._flush()
+        with trio.fail_after(5):
+            await server.handler.handler_cancelled.wait()
+    assert server.handler.cancelled == ["reset"]
+
+
+async def test_disconnect_closes_iterators_and_cancels_handlers(server: RunningServer) -> None:
+    tunnel = await open_raw_tunnel(server.port, server.server_public, b"\x0b" * 32)
+    tunnel.conn.send_request("POST", "/forever?disconnect")
+    tunnel.conn.send_request("POST", "/slow?disconnect")
+    await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
+    await tunnel.stream.aclose()  # no GOAWAY: the TCP connection just goes away
+    with trio.fail_after(5):
+        await server.handler.stream_closed.wait()
+        await server.handler.handler_cancelled.wait()
+    assert server.handler.closed_streams == ["disconnect"]
+    assert server.handler.cancelled == ["disconnect"]
+
+
+async def test_handler_exception_is_500_and_connection_survives(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0c" * 32) as client:
+        response = await client.request("GET", "/boom")
+        assert response.status == 500
+        with pytest.raises(RemoteProtocolError, match="reset"):
+            async with client.open_stream("GET", "/bad-stream") as stream:
+                await stream.read_all()
+        assert (await client.request("GET", "/echo")).status == 200
+    assert "handler failed for GET /boom" in caplog.text
+    assert "response stream of stream" in caplog.text
+
+
+async def test_unknown_path_is_the_handlers_404(server: RunningServer) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0d" * 32) as client:
+        response = await client.request("POST", "/machine/whoami")
+    assert response.status == 404
+
+
+async def test_request_body_cap(nursery: trio.Nursery) -> None:
+    srv = await start_server(nursery, options=ServeOptions(max_body_size=100_000))
+    async with open_control_client("127.0.0.1", srv.port, machine_key=b"\x0e" * 32) as client:
+        response = await client.request("POST", "/echo", body=b"x" * 100_001)
+        assert response.status == 413
+        ok = await client.request("POST", "/echo", body=b"x" * 100_000)
+        assert json.loads(ok.body)["body_len"] == 100_000
+
+
+async def test_many_clients_in_parallel(server: RunningServer) -> None:
+    statuses: list[int] = []
+
+    async def one(i: int) -> None:
+        async with open_control_client(
+            "127.0.0.1", server.port, machine_key=bytes([i + 1]) * 32
+        ) as client:
+            statuses.append((await client.request("GET", "/echo")).status)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for i in range(25):
+                nursery.start_soon(one, i)
+    assert statuses == [200] * 25
+
+
+# -- bad input: the connection closes with a logged reason, the server stays up ------------
+
+
+async def _upgraded_raw(srv: RunningServer) -> tuple[trio.SocketStream, NoiseTransport, bytes]:
+    """Upgrade by hand; return the socket, our Noise transport, and leftover plaintext."""
+    stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+    handshake = ClientHandshake(generate_private_key(), srv.server_public, 130)
+    await stream.send_all(upgrade_request_with(handshake.initiation, srv.port))
+    data = b""
+    with trio.fail_after(5):
+        while len(data) < len(UPGRADE_RESPONSE) + 51 + 3:
+            data += await stream.receive_some(65536)
+    assert data.startswith(UPGRADE_RESPONSE)
+    rest = data[len(UPGRADE_RESPONSE) :]
+    transport = NoiseTransport(handshake.finish(rest[:51]))
+    return stream, transport, transport.receive_data(rest[51:])
+
+
+@pytest.mark.parametrize(
+    ("payload", "logged"),
+    [
+        (b"\x04\x00\x20" + bytes(32), "record failed authentication"),  # garbage record
+        (b"\x04\x0f\xfe", "exceeds max frame size"),  # oversized frame header
+        (b"\x01\x00\x10" + bytes(16), "unexpected type 1"),  # wrong message type
+        (b"\x03\x00\x02hi", "unexpected type 3"),
+        (b"\x04\x00\x05" + bytes(5), "shorter than a tag"),
+    ],
+)
+async def test_bad_noise_frames(
+    server: RunningServer, caplog: pytest.LogCaptureFixture, payload: bytes, logged: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    stream, _, _ = await _upgraded_raw(server)
+    async with stream:
+        await stream.send_all(payload)
+        await read_until_eof(stream)  # the server hangs up
+    assert "closed: protocol error: " in caplog.text
+    assert logged in caplog.text
+    await assert_still_serving(server)
+
+
+async def test_truncated_noise_frame_then_close(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    with LogWaiter("closed: peer closed the connection") as waiter:
+        stream, transport, _ = await _upgraded_raw(server)
+        record = transport.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        await stream.send_all(record[:10])
+        await stream.aclose()
+        with trio.fail_after(5):
+            await waiter.seen.wait()
+    await assert_still_serving(server)
+
+
+async def test_broken_http2_after_preface_gets_goaway(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    stream, transport, _ = await _upgraded_raw(server)
+    async with stream:
+        # Preface, then a PING frame of the wrong length (6, must be 8).
+        await stream.send_all(
+            transport.send(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                + b"\x00\x00\x06\x06\x00\x00\x00\x00\x00"
+                + bytes(6)
+            )
+        )
+        tail = transport.receive_data(await read_until_eof(stream))
+    frames = []
+    while tail:
+        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(tail[:9]))
+        frames.append(frame)
+        tail = tail[9 + length :]
+    assert any(isinstance(f, hyperframe.frame.GoAwayFrame) for f in frames)
+    assert "protocol error: HTTP/2 error" in caplog.text
+    await assert_still_serving(server)
+
+
+async def test_short_handshake_header_gets_error_message(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(upgrade_request_with(bytes(100), server.port))
+        data = await read_until_eof(stream)
+    assert data.startswith(UPGRADE_RESPONSE)
+    message = data[len(UPGRADE_RESPONSE) :]
+    assert message[0] == 3
+    (length,) = struct.unpack(">H", message[1:3])
+    assert message[3 : 3 + length] == b"wrong handshake initiation size"
+    assert "noise handshake failed: wrong handshake initiation size" in caplog.text
+    await assert_still_serving(server)
+
+
+async def test_wrong_server_key_fails_handshake(server: RunningServer) -> None:
+    with pytest.raises(HandshakeError, match="server error"):
+        async with open_control_client(
+            "127.0.0.1",
+            server.port,
+            machine_key=generate_private_key(),
+            server_public=b"\x09" * 32,
+        ):
+            pass
+    await assert_still_serving(server)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"Upgrade": "h2c"}, b"unknown next protocol"),
+        ({"X-Tailscale-Handshake": "***"}, b"invalid tailscale handshake header"),
+    ],
+)
+async def test_invalid_upgrade_requests_get_400(
+    server: RunningServer, extra: dict[str, str], reason: bytes
+) -> None:
+    headers = {
+        "Host": "ctl",
+        "Upgrade": "tailscale-control-protocol",
+        "Connection": "upgrade",
+        "X-Tailscale-Handshake": "AAAA",
+        "Content-Length": "0",
+    } | extra
+    raw = "POST /ts2021 HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(raw.encode() + b"\r\n")
+        data = await read_until_eof(stream)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert reason in data
+
+
+async def test_slow_request_head_times_out(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    srv = await start_server(nursery, options=ServeOptions(head_timeout=0.2))
+    stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+    async with stream:
+        await stream.send_all(b"GET /key?v=130 HTTP/1.1\r\nHo")
+        assert await read_until_eof(stream) == b""
+    assert "no complete request head in time" in caplog.text
+
+
+async def test_min_protocol_version(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="protocol")
+    srv = await start_server(nursery, options=ServeOptions(min_protocol_version=113))
+    with pytest.raises(RemoteProtocolError):
+        async with open_control_client(
+            "127.0.0.1", srv.port, machine_key=b"\x01" * 32, version=100
+        ):
+            pass
+    assert "refusing client with protocol version 100 < 113" in caplog.text
+    async with open_control_client("127.0.0.1", srv.port, machine_key=b"\x01" * 32) as client:
+        assert (await client.request("GET", "/echo")).status == 200
+
+
+# -- TLS, WebSocket, lifespan --------------------------------------------------------------
+
+
+async def test_tls_key_tunnel_and_asgi(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cert, key = make_tls_files(tmp_path)
+    srv = await start_server(nursery, ssl_context=load_ssl_context(cert, key))
+    client_ctx = ssl.create_default_context(cafile=str(cert))  # offers no ALPN, like Go
+    with trio.fail_after(10):
+        async with open_control_client(
+            "127.0.0.1",
+            srv.port,
+            machine_key=b"\x02" * 32,
+            ssl_context=client_ctx,
+            server_hostname="localhost",
+        ) as client:
+            assert (await client.request("GET", "/echo")).status == 200
+        tcp = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        tls = trio.SSLStream(tcp, client_ctx, server_hostname="localhost")
+        async with tls:
+            status, _, body, _ = await http_exchange(tls, b"GET /web HTTP/1.1\r\nHost: ctl\r\n\r\n")
+    assert (status, body) == (200, b"asgi:/web:https:1.1")
+
+
+async def test_tls_alpn_h2_goes_straight_to_hypercorn(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    cert, key = make_tls_files(tmp_path)
+    srv = await start_server(nursery, ssl_context=load_ssl_context(cert, key))
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.set_alpn_protocols(["h2"])
+    tls = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", srv.port), client_ctx, server_hostname="localhost"
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [(":method", "GET"), (":path", "/alpn"), (":scheme", "https"), (":authority", "ctl")],
+        end_stream=True,
+    )
+    body = b""
+    async with tls:
+        await tls.do_handshake()
+        assert tls.selected_alpn_protocol() == "h2"
+        await tls.send_all(conn.data_to_send())
+        with trio.fail_after(5):
+            done = False
+            while not done:
+                for event in conn.receive_data(await tls.receive_some(65536)):
+                    if isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    done = done or isinstance(event, h2.events.StreamEnded)
+                await tls.send_all(conn.data_to_send())
+    assert body == b"asgi:/alpn:https:2"
+
+
+async def test_websocket_variant(server: RunningServer) -> None:
+    with trio.fail_after(10):
+        async with open_control_client(
+            "127.0.0.1", server.port, machine_key=b"\x03" * 32, websocket=True
+        ) as client:
+            assert client.early is None  # Go sends no early payload on this path
+            resp = await client.register(tailcfg.RegisterRequest(version=130))
+            assert resp.machine_authorized
+            big = await client.request("GET", "/big?n=200000")
+            assert big.body == pattern(200_000)
+
+
+async def test_quart_trio_app_behind_the_front(nursery: trio.Nursery) -> None:
+    from quart_trio import QuartTrio
+
+    app = QuartTrio("tailledger-test")
+    started: list[str] = []
+
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def on_start() -> None:
+        started.append("before_serving")
+
+    app.add_url_rule("/healthz", view_func=healthz)
+    app.before_serving(on_start)
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        await serve_control(
+            host="127.0.0.1",
+            port=0,
+            server_key=b"\x21" * 32,
+            handler=EchoHandler(),
+            asgi_app=app,
+            task_status=task_status,
+        )
+
+    port = await nursery.start(run)
+    assert started == ["before_serving"]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        status, _headers, body, conn = await http_exchange(
+            stream, b"GET /healthz HTTP/1.1\r\nHost: ctl\r\n\r\n"
+        )
+        assert status == 200
+        assert json.loads(body) == {"status": "ok"}
+        status, _, _, _ = await http_exchange(
+            stream, b"GET /nope HTTP/1.1\r\nHost: ctl\r\n\r\n", conn=conn
+        )
+        assert status == 404
+    async with open_control_client("127.0.0.1", port, machine_key=b"\x22" * 32) as client:
+        assert (await client.request("GET", "/echo")).status == 200
+
+
+async def test_lifespan_startup_and_shutdown() -> None:
+    async with trio.open_nursery() as outer:
+        srv = await start_server(outer)
+        assert srv.app_state.events == ["startup"]
+        outer.cancel_scope.cancel()
+    assert srv.app_state.events == ["startup", "shutdown"]
