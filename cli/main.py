@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from .adminsock import AdminError, call
 from .config import Config, ConfigError, load_config
@@ -80,6 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
     return run_server(_config(args))
+
+
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from .loadgen import loadgen_main
+
+    return loadgen_main(["--nodes", args.nodes, "--json", args.json])
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -307,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
     bench.add_argument("target", choices=["log", "relay", "policy"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
+
+    loadgen = add(sub, "loadgen", "Simulate N tailscale clients over the real protocol and measure the server.", cmd_loadgen)
+    loadgen.add_argument("--nodes", default="100,1000", help="comma-separated tailnet sizes, e.g. 100,1000,5000")
+    loadgen.add_argument("--json", default="loadgen-results.json", help="where to write the figures")
 
     return parser
 
