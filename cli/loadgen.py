@@ -122,7 +122,8 @@ class _Server:
                 self.proc.kill()
                 self.proc.wait()
 
-    def admin(self, op: str, args: dict[str, object] | None = None) -> object:
+    def admin(self, op: str, args: object = None) -> object:
+        assert args is None or isinstance(args, dict)
         return call(self.data / "admin.sock", op, args)
 
     @property
@@ -214,7 +215,7 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _measure(n: int, workdir: Path) -> dict[str, float]:
