@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from .adminsock import AdminError, call
@@ -199,6 +200,39 @@ def cmd_log(args: argparse.Namespace) -> int:
             raise AssertionError(args.action)
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    match args.action:
+        case "evaluate":
+            from .policy_evaluate import evaluate_main
+
+            return evaluate_main(args.cases, sys.stdout)
+        case "get":
+            data = _admin(args, "policy.get")
+            if args.output == "json":
+                print_json(data)
+            else:
+                assert isinstance(data, dict)
+                text = data.get("text")
+                print(text if text else "# no policy set: every node may reach every other (allow-all)")
+            return 0
+        case "set" | "check":
+            try:
+                text = Path(args.file).read_text()
+            except OSError as exc:
+                raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
+            data = _admin(args, f"policy.{args.action}", {"text": text})
+            if args.output == "json":
+                print_json(data)
+            elif args.action == "check":
+                print(f"{args.file}: policy OK")
+            else:
+                assert isinstance(data, dict)
+                print("policy set" if data["changed"] else "policy unchanged", f"(sha256 {str(data['sha256'])[:12]}…)")
+            return 0
+        case _:
+            raise AssertionError(args.action)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     rest: list[str] = args.rest
     match args.target:
@@ -308,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, help="start after this sequence number (default: the head)")
     p.add_argument("--type", help="only events whose type starts with this")
     add(ls_, "verify", "Recompute the hash chain and name the first altered, removed or reordered event.")
+
+    pol = add(sub, "policy", "Read, check, set and evaluate the tailnet policy.", cmd_policy)
+    ps = pol.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(ps, "get", "Print the policy in force.")
+    p = add(ps, "set", "Check a HuJSON policy file against the tailnet and put it in force.")
+    p.add_argument("file")
+    p = add(ps, "check", "Check a HuJSON policy file (syntax, validation, its tests) without changing anything.")
+    p.add_argument("file")
+    p = add(ps, "evaluate", "Evaluate conformance case files and print what each node would receive.")
+    p.add_argument("cases", nargs="+", metavar="CASE.json")
 
     bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
     bench.add_argument("target", choices=["log", "relay", "policy"])

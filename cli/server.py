@@ -58,6 +58,11 @@ class Server:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.log.run)
                 await nursery.start(self.runner.run)
+                if self.config.policy.mode == "file":
+                    from .policyfile import watch_policy_file
+
+                    self.ops.policy_mode = "file"
+                    await nursery.start(watch_policy_file, self.tailnet, Path(self.config.policy.path))
                 await nursery.start(serve_admin_socket, self.config.admin_socket_path, self.ops)
                 await self._start_network(nursery)
                 log.info(

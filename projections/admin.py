@@ -111,6 +111,10 @@ class _Empty(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+class _PolicyText(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+
+
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
 
@@ -151,7 +155,12 @@ class AdminOps:
             "nodes.tag": self.tag_node,
             "nodes.approve_routes": self.approve_routes,
             "log.head": self.log_head,
+            "policy.get": self.get_policy,
+            "policy.set": self.set_policy,
+            "policy.check": self.check_policy,
         }
+        #: Where the policy comes from: "database" (``policy set``) or "file".
+        self.policy_mode = "database"
 
     def register(self, op: str, handler: Handler) -> None:
         """Add an operation provided by another component (e.g. ``nodes.register``)."""
@@ -328,3 +337,25 @@ class AdminOps:
         _args(_Empty, raw)
         head = await self.tailnet.log.head()
         return {"seq": head.seq, "hash": head.hash}
+
+    # -- policy ---------------------------------------------------------------------
+
+    async def get_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
+        _args(_Empty, raw)
+        s = self.state
+        return {"text": s.policy_text, "sha256": s.policy_sha256, "source": s.policy_source, "mode": self.policy_mode}
+
+    async def check_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_PolicyText, raw)
+        return {"ok": True, "sha256": c.check_policy_text(self.state, a.text)}
+
+    async def set_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_PolicyText, raw)
+        if self.policy_mode != "database":
+            raise CommandError(
+                "the policy is read from a file (policy.mode = file); edit that file instead"
+            )
+        sha, recorded = await self.tailnet.execute(
+            lambda s: c.decide_set_policy(s, a.text, source="db"), actor=actor
+        )
+        return {"sha256": sha, "changed": bool(recorded), "seq": recorded[-1].seq if recorded else None}

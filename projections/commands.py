@@ -34,6 +34,7 @@ from eventlog.events import (
     NodeTagsSet,
     PreAuthKeyCreated,
     PreAuthKeyExpired,
+    PolicySet,
     PreAuthKeyUsed,
     RoutesAdvertised,
     RoutesApproved,
@@ -267,6 +268,37 @@ def decide_expire_api_key(state: TailnetState, prefix: str) -> Decision[int]:
         if key.prefix == prefix:
             return Decision((ApiKeyExpired(key_id=key.id),), key.id)
     raise NotFoundError(f"API key {prefix!r} not found")
+
+
+# -- policy ---------------------------------------------------------------------------
+
+
+def check_policy_text(state: TailnetState, text: str) -> str:
+    """Parse, validate and test ``text`` against the tailnet; return its SHA-256.
+
+    Raises:
+        CommandError: the policy is invalid or one of its tests fails; the message
+            carries Tailscale's wording and, where known, ``line:column``.
+    """
+    from .policy import PolicyError, PolicyTestFailure, check_policy_against, parse_policy
+    from .policystate import policy_tailnet
+
+    try:
+        check_policy_against(parse_policy(text), policy_tailnet(state))
+    except PolicyTestFailure as exc:
+        detail = "; ".join(exc.failures)
+        raise CommandError(f"{exc.located()}: {detail}" if detail else exc.located()) from None
+    except PolicyError as exc:
+        raise CommandError(exc.located()) from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def decide_set_policy(state: TailnetState, text: str, *, source: str) -> Decision[str]:
+    """Put ``text`` in force (after :func:`check_policy_text`); nothing if unchanged."""
+    sha = check_policy_text(state, text)
+    if state.policy_text == text and state.policy_source == source:
+        return Decision((), sha)
+    return Decision((PolicySet(text=text, sha256=sha, source=source),), sha)
 
 
 # -- nodes ----------------------------------------------------------------------------

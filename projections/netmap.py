@@ -30,6 +30,7 @@ from typing import Final, Protocol
 import msgspec
 
 from .delta import Delta
+from .policy import NodeNetmap
 from .presence import NodePresence
 from .state import Node, TailnetState
 from .tailcfg import (
@@ -43,9 +44,7 @@ from .tailcfg import (
 from .tailcfg import Node as WireNode
 
 __all__ = [
-    "ALLOW_ALL_FILTER",
     "TAGGED_DEVICES_USER_ID",
-    "AllowAllPolicy",
     "NetmapSettings",
     "PolicyView",
     "StreamView",
@@ -56,73 +55,27 @@ __all__ = [
 #: The user id tagged nodes are shown under (Tailscale's and Headscale's convention).
 TAGGED_DEVICES_USER_ID: Final = 2147455555
 
-ALLOW_ALL_FILTER: Final = msgspec.Raw(
-    b'[{"SrcIPs":["*"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]'
-)
-
 PresenceOf = Callable[[int], NodePresence | None]
+WireCapMap = dict[str, list[msgspec.Raw] | None]
+
+_encoder: Final = msgspec.json.Encoder()
+_raw_list: Final = msgspec.json.Decoder(list[msgspec.Raw])
+_NO_SSH: Final = msgspec.Raw(b'{"rules":[]}')
 
 
 class PolicyView(Protocol):
-    """What the netmap needs from the policy engine, per node."""
+    """What the netmap needs from the policy engine (``PolicyCompiler`` implements it)."""
 
-    def visible_peers(self, state: TailnetState, node: Node) -> Iterable[int]:
-        """Ids of the peers ``node`` may see (never itself)."""
-        ...
-
-    def packet_filter(self, state: TailnetState, node: Node) -> msgspec.Raw:
-        """``node``'s packet filter as pre-encoded ``[]FilterRule`` JSON."""
-        ...
-
-    def ssh_policy(self, state: TailnetState, node: Node) -> msgspec.Raw | None:
-        ...
-
-    def primary_routes(self, state: TailnetState, node: Node) -> list[str]:
-        """Approved subnet routes this node is the primary router for."""
-        ...
-
-    def exit_routes(self, state: TailnetState, node: Node) -> list[str]:
-        """Approved exit routes (``0.0.0.0/0``, ``::/0``) of this node."""
-        ...
-
-    def cap_map(self, state: TailnetState, node: Node) -> dict[str, list[msgspec.Raw] | None] | None:
+    def netmap(self, state: TailnetState, node_id: int) -> NodeNetmap:
+        """The policy's part of ``node_id``'s map: filter, visible peers, routes, caps."""
         ...
 
 
-_EXIT = frozenset(("0.0.0.0/0", "::/0"))
-
-
-class AllowAllPolicy:
-    """The policy in force until one is set: everyone reaches everyone, every approved
-    route is used, the lowest node id wins a contested subnet route."""
-
-    def visible_peers(self, state: TailnetState, node: Node) -> Iterable[int]:
-        return (nid for nid in state.nodes if nid != node.id)
-
-    def packet_filter(self, state: TailnetState, node: Node) -> msgspec.Raw:
-        return ALLOW_ALL_FILTER
-
-    def ssh_policy(self, state: TailnetState, node: Node) -> msgspec.Raw | None:
+def wire_cap_map(caps: dict[str, msgspec.Raw | None]) -> WireCapMap | None:
+    """The engine's capability map (values are JSON arrays) in tailcfg's shape."""
+    if not caps:
         return None
-
-    def primary_routes(self, state: TailnetState, node: Node) -> list[str]:
-        mine = [r for r in node.approved_routes if r in node.advertised_routes and r not in _EXIT]
-        out = []
-        for route in mine:
-            holders = [
-                n.id
-                for n in state.nodes.values()
-                if route in n.approved_routes and route in n.advertised_routes
-            ]
-            if min(holders) == node.id:
-                out.append(route)
-        return out
-
-    def exit_routes(self, state: TailnetState, node: Node) -> list[str]:
-        return [r for r in node.approved_routes if r in node.advertised_routes and r in _EXIT]
-
-    def cap_map(self, state: TailnetState, node: Node) -> dict[str, list[msgspec.Raw] | None] | None:
-        return None
+    return {name: None if value is None else _raw_list.decode(value) for name, value in caps.items()}
 
 
 @dataclass(frozen=True)
@@ -139,20 +92,20 @@ def _user_id(node: Node) -> int:
 
 
 def wire_node(
-    state: TailnetState,
     node: Node,
     presence: NodePresence | None,
-    policy: PolicyView,
     settings: NetmapSettings,
     *,
+    allowed_ips: tuple[str, ...],
+    primary_routes: tuple[str, ...],
+    cap_map: dict[str, msgspec.Raw | None],
     is_self: bool,
 ) -> WireNode:
-    """The ``tailcfg.Node`` for ``node`` as seen by a peer (or itself)."""
+    """The ``tailcfg.Node`` for ``node``; the policy-dependent parts come from the
+    viewer's netmap (a peer's AllowedIPs depend on who looks)."""
     addresses = [f"{node.ipv4}/32"] if node.ipv4 else []
     if node.ipv6:
         addresses.append(f"{node.ipv6}/128")
-    primary = policy.primary_routes(state, node)
-    routes = primary + policy.exit_routes(state, node)
     p = presence or NodePresence()
     return WireNode(
         id=node.id,
@@ -164,18 +117,42 @@ def wire_node(
         machine=f"mkey:{node.machine_key}",
         disco_key=p.disco_key,
         addresses=addresses,
-        allowed_ips=addresses + routes if routes else None,
+        allowed_ips=list(allowed_ips) if allowed_ips else addresses,
         endpoints=list(p.endpoints) or None,
         home_derp=p.home_derp,
         hostinfo=p.hostinfo,
         created=node.created_at,
         cap=p.cap,
         tags=list(node.tags) or None,
-        primary_routes=primary or None,
+        primary_routes=list(primary_routes) or None,
         online=None if is_self else p.online,
         last_seen=p.last_seen if (not is_self and not p.online) else None,
         machine_authorized=True,
-        cap_map=policy.cap_map(state, node),
+        cap_map=wire_cap_map(cap_map),
+    )
+
+
+def _peer_nodes(
+    state: TailnetState, netmap: NodeNetmap, presence: PresenceOf, settings: NetmapSettings, now: datetime
+) -> dict[int, WireNode]:
+    out: dict[int, WireNode] = {}
+    for view in netmap.peers:
+        peer = state.nodes.get(view.node_id)
+        if peer is None or peer.is_expired(now):
+            continue  # an expired node drops out of its peers' maps at once
+        out[view.node_id] = wire_node(
+            peer, presence(peer.id), settings, allowed_ips=view.allowed_ips,
+            primary_routes=view.primary_routes, cap_map=view.cap_map, is_self=False,
+        )
+    return out
+
+
+def _self_node(
+    state: TailnetState, node: Node, netmap: NodeNetmap, presence: PresenceOf, settings: NetmapSettings
+) -> WireNode:
+    return wire_node(
+        node, presence(node.id), settings, allowed_ips=netmap.allowed_ips,
+        primary_routes=netmap.primary_routes, cap_map=netmap.cap_map, is_self=True,
     )
 
 
@@ -197,17 +174,6 @@ def _profiles(state: TailnetState, nodes: Iterable[Node]) -> list[UserProfile]:
                 profile_pic_url=user.profile_pic_url,
             )
     return sorted(out.values(), key=lambda p: p.id)
-
-
-def _visible(
-    state: TailnetState, node: Node, policy: PolicyView, now: datetime
-) -> dict[int, Node]:
-    out = {}
-    for nid in policy.visible_peers(state, node):
-        peer = state.nodes.get(nid)
-        if peer is not None and not peer.is_expired(now):
-            out[nid] = peer
-    return out
 
 
 @dataclass
@@ -233,17 +199,14 @@ class StreamView:
     def full_map(self, state: TailnetState, now: datetime) -> MapResponse:
         """The complete first message of a stream (and the new baseline)."""
         node = state.nodes[self.node_id]
-        visible = _visible(state, node, self.policy, now)
-        self.peers = {
-            nid: wire_node(state, p, self.presence(nid), self.policy, self.settings, is_self=False)
-            for nid, p in visible.items()
-        }
-        self.self_node = wire_node(state, node, self.presence(node.id), self.policy, self.settings, is_self=True)
-        pf = self.policy.packet_filter(state, node)
-        ssh = self.policy.ssh_policy(state, node)
+        netmap = self.policy.netmap(state, node.id)
+        self.peers = _peer_nodes(state, netmap, self.presence, self.settings, now)
+        self.self_node = _self_node(state, node, netmap, self.presence, self.settings)
+        pf = msgspec.Raw(_encoder.encode(netmap.packet_filter))
+        ssh = msgspec.Raw(_encoder.encode(netmap.ssh_policy)) if netmap.ssh_policy is not None else None
         self.packet_filter = bytes(pf)
         self.ssh_policy = bytes(ssh) if ssh is not None else None
-        profiles = _profiles(state, [node, *visible.values()])
+        profiles = _profiles(state, [node, *(state.nodes[i] for i in self.peers)])
         self.profiles = {p.id: p for p in profiles}
         self.derp_map = self.settings.derp_map
         return MapResponse(
@@ -272,14 +235,14 @@ class StreamView:
         node = state.nodes.get(self.node_id)
         if node is None:
             return None
-        visible = _visible(state, node, self.policy, now)
+        netmap = self.policy.netmap(state, node.id)
+        visible = _peer_nodes(state, netmap, self.presence, self.settings, now)
         changed: list[WireNode] = []
         patches: list[PeerChange] = []
         removed = sorted(set(self.peers) - set(visible))
         for nid in removed:
             del self.peers[nid]
-        for nid, peer in visible.items():
-            new = wire_node(state, peer, self.presence(nid), self.policy, self.settings, is_self=False)
+        for nid, new in visible.items():
             old = self.peers.get(nid)
             if old == new:
                 continue
@@ -289,21 +252,23 @@ class StreamView:
             else:
                 patches.append(_patch(old, new))
         msg: dict[str, object] = {}
-        new_self = wire_node(state, node, self.presence(node.id), self.policy, self.settings, is_self=True)
+        new_self = _self_node(state, node, netmap, self.presence, self.settings)
         if new_self != self.self_node:
             self.self_node = new_self
             msg["node"] = new_self
-        pf = self.policy.packet_filter(state, node)
+        pf = msgspec.Raw(_encoder.encode(netmap.packet_filter))
         if bytes(pf) != self.packet_filter:
             self.packet_filter = bytes(pf)
             msg["packet_filters"] = {"base": pf}
-        ssh = self.policy.ssh_policy(state, node)
+        ssh = msgspec.Raw(_encoder.encode(netmap.ssh_policy)) if netmap.ssh_policy is not None else None
         ssh_bytes = bytes(ssh) if ssh is not None else None
         if ssh_bytes != self.ssh_policy:
             self.ssh_policy = ssh_bytes
-            msg["ssh_policy"] = ssh if ssh is not None else msgspec.Raw(b'{"rules":[]}')
+            msg["ssh_policy"] = ssh if ssh is not None else _NO_SSH
         new_profiles = [
-            p for p in _profiles(state, [node, *visible.values()]) if self.profiles.get(p.id) != p
+            p
+            for p in _profiles(state, [node, *(state.nodes[i] for i in visible)])
+            if self.profiles.get(p.id) != p
         ]
         for p in new_profiles:
             self.profiles[p.id] = p

@@ -43,7 +43,8 @@ from eventlog import Actor, ActorKind
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet
 from projections import commands as c
 from projections.admin import AdminOps
-from projections.netmap import AllowAllPolicy, NetmapSettings, PolicyView, StreamView
+from projections.netmap import NetmapSettings, StreamView
+from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.state import Node, PreAuthKey, TailnetState
 from projections.tailcfg import (
@@ -149,7 +150,7 @@ class Control:
         tailnet: commands and the current projection.
         presence: this server's presence table.
         settings: see :class:`ControlSettings`.
-        policy: returns the policy view for a state (allow-all until a policy is set).
+        policy: compiles the policy in force for each state (allow-all until one is set).
         randbelow: randomness for random address allocation.
     """
 
@@ -159,13 +160,13 @@ class Control:
         presence: PresenceTable,
         settings: ControlSettings,
         *,
-        policy: Callable[[TailnetState], PolicyView] | None = None,
+        policy: PolicyCompiler | None = None,
         randbelow: Callable[[int], int] = secrets.randbelow,
     ) -> None:
         self.tailnet = tailnet
         self.presence = presence
         self.settings = settings
-        self._policy = policy or (lambda _state: AllowAllPolicy())
+        self.policy = policy or PolicyCompiler(settings.public_url)
         self._randbelow = randbelow
         self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
@@ -427,6 +428,7 @@ class Control:
                 )
             except CommandError as exc:
                 log.info("node %d advertised invalid routes: %s", node_id, exc)
+            await self._auto_approve(node_id)
         if hostinfo.hostname and hostinfo.hostname != node.hostname:
             from eventlog.events import NodeHostnameChanged
 
@@ -436,6 +438,22 @@ class Control:
                 ),
                 actor=actor,
             )
+
+    async def _auto_approve(self, node_id: int) -> None:
+        """Approve advertised routes the policy's autoApprovers cover (double opt-in:
+        the node advertised, the policy approves; the log shows both)."""
+        state = self.tailnet.state
+        node = state.nodes.get(node_id)
+        if node is None:
+            return
+        extra = self.policy.auto_approved(state, node)
+        if not extra:
+            return
+        routes = tuple(sorted(set(node.approved_routes) | set(extra)))
+        await self.tailnet.execute(
+            lambda s: c.decide_approve_routes(s, str(node_id), routes),
+            actor=Actor(kind=ActorKind.SYSTEM, id="policy-auto-approver"),
+        )
 
     def _update_presence(self, node_id: int, mr: MapRequest) -> None:
         changes: dict[str, object] = {"cap": mr.version}
@@ -490,8 +508,7 @@ class Control:
         )
 
     def _view(self, node_id: int) -> StreamView:
-        state = self.tailnet.state
-        return StreamView(node_id, self._policy(state), self.settings.netmap, self.presence.get)
+        return StreamView(node_id, self.policy, self.settings.netmap, self.presence.get)
 
     async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes]:
         wake = _Wake()
@@ -517,7 +534,6 @@ class Control:
                 state = self.tailnet.state
                 if node_id not in state.nodes:
                     return  # deleted: the client re-registers or gives up
-                view.policy = self._policy(state)
                 msg = view.update(state, clock(), delta, changed)
                 if msg is not None:
                     yield frame_map_response(encode(msg), compress)

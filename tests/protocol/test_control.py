@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 import pytest
 import trio
 
@@ -80,11 +82,7 @@ async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
                     ]
                     # b came online with endpoints: a gets a patch, not a full node.
                     online = await next_update(sa)
-                    patch = (
-                        (online.peers_changed_patch or [None])[0]
-                        if online.peers_changed_patch
-                        else None
-                    )
+                    patch = online.peers_changed_patch[0] if online.peers_changed_patch else None
                     changed: list[Node] = online.peers_changed or []
                     assert patch is not None or changed
                     if patch is not None:
@@ -320,3 +318,36 @@ async def test_health_metrics_and_register_page(tmp_path: Path) -> None:
             assert "tailledger_log_head_seq" in body
         status, _ = await _http_get(server.port, "/register/nonexistent")
         assert status == 404
+
+
+async def test_policy_change_updates_filters_and_visibility(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        akey = await make_key(server, "alice")
+        bkey = await make_key(server, "bob")
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(akey))
+            await cb.register(b.register_request(bkey))
+            async with cb.map_stream(b.map_request()) as sb:
+                first = await next_update(sb)
+                assert first.peers and len(first.peers) == 1  # allow-all: a is visible
+                alpha_ip = first.peers[0].addresses[0].split("/")[0]  # type: ignore[index]
+                # alice may reach bob's port 80: bob's filter admits alice's address.
+                policy = '{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["bob@:80"]}]}'
+                await server.ops.dispatch("policy.set", {"text": policy}, ADMIN)
+                msg = await next_update(sb)
+                while msg.packet_filters is None:
+                    msg = await next_update(sb)
+                rules = msgspec.json.decode(bytes(msg.packet_filters["base"]))
+                assert len(rules) == 1
+                assert alpha_ip in rules[0]["SrcIPs"]
+                assert {d["IP"] for d in rules[0]["DstPorts"]} == {
+                    a.split("/")[0] for a in first.node.addresses or []  # type: ignore[union-attr]
+                }
+                assert all(d["Ports"] == {"First": 80, "Last": 80} for d in rules[0]["DstPorts"])
+                # A policy that lets nobody reach anybody hides the peers.
+                await server.ops.dispatch("policy.set", {"text": '{"acls": []}'}, ADMIN)
+                msg = await next_update(sb)
+                while not msg.peers_removed:
+                    msg = await next_update(sb)
+                assert msg.peers_removed == [first.peers[0].id]

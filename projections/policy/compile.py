@@ -1,0 +1,412 @@
+"""Grants (and ACLs, as grants) compiled against a tailnet.
+
+Role in the pipeline: third stage. Every ACL entry becomes one grant per
+destination (headscale's ``aclToGrants``: non-``autogroup:self``
+destinations first when the entry mixes kinds). Each grant is resolved once
+into a :class:`CompiledGrant`:
+
+* *regular* grants are complete here: their global :class:`Rule` list is
+  what every node's packet filter is reduced from;
+* *self* grants (``autogroup:self`` destinations) keep their resolved
+  sources and expand per node, to the node owner's other devices;
+* *via* grants keep sources and destination prefixes and expand per node,
+  only on routers carrying one of the ``via`` tags.
+
+Cost model: resolving a grant is linear in the nodes its aliases select
+(aliases themselves are resolved once per snapshot, see ``resolve.py``).
+Each compiled grant records the identities it depends on (users, tags,
+member/tagged, routes), so adding a node recompiles only the grants whose
+aliases that node matches, and re-renders only the source side when the
+destinations are unaffected -- see :meth:`CompiledPolicy.with_node`.
+
+SrcIPs rendering follows the hosted control plane: each source alias
+renders on its own and the lists are concatenated without duplicates.
+Identity aliases (users, groups, tags, autogroups) list every node address
+individually -- two adjacent node addresses are never folded into a range
+-- while ``*`` renders as its CGNAT ranges plus the ULA followed by every
+approved subnet route, unmerged (``10.33.0.0/16`` stays next to
+``10.0.0.0/8``), and CIDR aliases keep their shape. DstPorts and CapGrant
+destinations follow the same per-alias rule.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+from .document import ACL, AliasKind, Grant, IPSpec, Policy
+from .ipset import AddressUnion, IPSet, Prefix, addr_to_int, format_addr, parse_prefix, prefix_str
+from .resolve import Resolved, Resolver, alias_dependencies, host_prefix
+from .rules import CapEntry, DstEntry, Rule
+from .tailnet import EVERYTHING, INTERNET, NodeInfo, Tailnet
+
+__all__ = ["CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "policy_grants"]
+
+#: Well-known caps whose grant also gives the *destination* a companion cap
+#: toward the sources (reversed direction), with a null value.
+COMPANION_CAPS: tuple[tuple[str, str], ...] = (
+    ("tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"),
+    ("tailscale.com/cap/relay", "tailscale.com/cap/relay-target"),
+)
+
+
+class GrantKind(enum.Enum):
+    """What per-node work a compiled grant needs."""
+
+    REGULAR = "regular"
+    SELF = "self"
+    VIA = "via"
+
+
+class CompiledGrant:
+    """One grant resolved against the tailnet.
+
+    Attributes:
+        grant: the source grant.
+        kind: regular / self / via.
+        rules: global rules (regular part; empty for via grants).
+        src_sets: resolved address set per source alias.
+        src_strings: the rendered ``SrcIPs``.
+        dst_prefixes: destination prefixes (``autogroup:internet`` and
+            ``autogroup:self`` excluded), used by via steering.
+        via_internet: ``autogroup:internet`` is among the destinations.
+        depends: identities whose membership changes require recompiling.
+        dst_depends: the part of ``depends`` that comes from destinations.
+    """
+
+    __slots__ = (
+        "depends",
+        "dst_depends",
+        "dst_prefixes",
+        "grant",
+        "kind",
+        "rules",
+        "src_set",
+        "src_sets",
+        "src_strings",
+        "via_internet",
+    )
+
+    def __init__(self, grant: Grant) -> None:
+        self.grant = grant
+        self.kind = GrantKind.REGULAR
+        self.rules: list[Rule] = []
+        self.src_sets: list[IPSet] = []
+        self.src_set = AddressUnion(())
+        self.src_strings: tuple[str, ...] = ()
+        self.dst_prefixes: list[Prefix] = []
+        self.via_internet = False
+        self.depends: frozenset[str] = frozenset()
+        self.dst_depends: frozenset[str] = frozenset()
+
+
+def acl_to_grants(acl: ACL) -> list[Grant]:
+    """Convert one ACL entry into equivalent single-destination grants.
+
+    Entries mixing ``autogroup:self`` with other destinations emit the
+    non-self grants first; all-autogroup entries keep policy order (the
+    hosted plane's ordering, as captured by headscale).
+    """
+
+    def one(index: int) -> Grant:
+        dst = acl.dst[index]
+        return Grant(
+            src=acl.src,
+            dst=(dst.alias,),
+            ip=(IPSpec(protocols=acl.protocols, ports=dst.ports),),
+            app=(),
+            via=(),
+            path=(*acl.path, "dst", index),
+        )
+
+    indexes = range(len(acl.dst))
+    if any(d.alias.kind is not AliasKind.AUTOGROUP for d in acl.dst):
+        first = [i for i in indexes if acl.dst[i].alias.text != "autogroup:self"]
+        last = [i for i in indexes if acl.dst[i].alias.text == "autogroup:self"]
+        return [one(i) for i in first + last]
+    return [one(i) for i in indexes]
+
+
+def policy_grants(policy: Policy) -> list[Grant]:
+    """All grants of a policy: ``grants`` first, then converted ``acls``."""
+    out = list(policy.grants or ())
+    for acl in policy.acls or ():
+        out.extend(acl_to_grants(acl))
+    return out
+
+
+_V = TypeVar("_V")
+
+
+def _memo(resolver: Resolver, key: tuple[object, ...], compute: Callable[[], _V]) -> _V:
+    """Compute a value once per snapshot: grants often share their sources."""
+    if key in resolver.memo:
+        return resolver.memo[key]  # type: ignore[return-value]
+    value = compute()
+    resolver.memo[key] = value
+    return value
+
+
+def _dedupe(strings: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(strings))
+
+
+def compile_grant(
+    grant: Grant, resolver: Resolver, *, allow_empty_dst: bool = False
+) -> CompiledGrant | None:
+    """Resolve one grant against the resolver's tailnet.
+
+    Returns:
+        The compiled grant, or None when it can never produce rules (an
+        empty ``src`` or ``dst``).
+    """
+    if not grant.src or (not grant.dst and not allow_empty_dst):
+        return None
+    tailnet = resolver.tailnet
+    compiled = CompiledGrant(grant)
+    compiled.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
+    compiled.depends = compiled.dst_depends | alias_dependencies(grant.src, resolver.policy)
+    sources = [resolver.resolve(a) for a in grant.src]
+    compiled.src_sets = [r.addresses for r in sources]
+    compiled.src_set = _memo(
+        resolver, ("src_set", grant.src), lambda: _src_set(grant, compiled.src_sets, tailnet)
+    )
+    destinations = [resolver.resolve(a) for a in grant.dst if a.text != "autogroup:self"]
+    for dst in destinations:
+        if dst.alias.text == "autogroup:internet":
+            compiled.via_internet = True
+        else:
+            compiled.dst_prefixes.extend(dst.addresses.prefixes())
+    if grant.via:
+        # Via grants expand per router. An app-only via grant emits no rules
+        # at all but still connects its sources with the via routers.
+        compiled.kind = GrantKind.VIA
+        compiled.src_strings = _memo(
+            resolver,
+            ("via_src", grant.src),
+            lambda: _src_strings(grant, sources, tailnet, keep_extras=False),
+        )
+        return compiled
+    compiled.src_strings = _memo(
+        resolver,
+        ("src", grant.src),
+        lambda: _src_strings(grant, sources, tailnet, keep_extras=True),
+    )
+    if len(destinations) != len(grant.dst):
+        compiled.kind = GrantKind.SELF
+    if destinations:
+        compiled.rules = _rules_for_destinations(compiled, sources, destinations, tailnet)
+    return compiled
+
+
+def recompile_sources(previous: CompiledGrant, resolver: Resolver) -> CompiledGrant:
+    """Recompile a grant whose destinations are unaffected by a node change.
+
+    Only the source side is re-resolved; the destination entries of the
+    previous rules are shared, so the cost is the sources' size, not the
+    grant's. Only valid for regular and self grants without ``app`` caps
+    (companion caps embed the sources in their destinations).
+    """
+    grant = previous.grant
+    fresh = compile_grant(
+        Grant(src=grant.src, dst=(), ip=grant.ip, app=(), via=(), path=grant.path),
+        resolver,
+        allow_empty_dst=True,
+    )
+    assert fresh is not None
+    fresh.grant = grant
+    fresh.kind = previous.kind
+    fresh.depends = previous.depends
+    fresh.dst_depends = previous.dst_depends
+    fresh.dst_prefixes = previous.dst_prefixes
+    fresh.via_internet = previous.via_internet
+    if fresh.src_strings:
+        fresh.rules = [
+            Rule(fresh.src_strings, fresh.src_set, r.dst, r.protocols, dst_parts=r.dst_parts)
+            for r in previous.rules
+        ]
+    return fresh
+
+
+def can_recompile_sources(previous: CompiledGrant, touched: set[str]) -> bool:
+    """True when :func:`recompile_sources` applies to this change."""
+    return (
+        previous.kind is not GrantKind.VIA
+        and not previous.grant.app
+        and not (previous.dst_depends & touched)
+        and bool(previous.rules)
+    )
+
+
+def _src_strings(
+    grant: Grant, sources: Sequence[Resolved], tailnet: Tailnet, *, keep_extras: bool
+) -> tuple[str, ...]:
+    """Render ``SrcIPs``: per-alias strings, concatenated and deduplicated.
+
+    ``*`` renders as its two CGNAT ranges plus the ULA, followed by every
+    approved subnet route; ``autogroup:danger-all`` makes the whole list
+    ``["*"]``. Via grants drop the other aliases' strings next to ``*``.
+    """
+    if not any(r.addresses for r in sources):
+        return ()
+    if any(r.alias.text == "autogroup:danger-all" for r in sources):
+        return ("*",)
+    wildcard = any(r.alias.kind is AliasKind.WILDCARD for r in sources)
+    out: list[str] = []
+    for r in sources:
+        if r.alias.kind is AliasKind.WILDCARD:
+            out.extend(r.strings())
+            out.extend(tailnet.approved_subnet_route_strings())
+        elif keep_extras or not wildcard:
+            out.extend(r.strings())
+    return _dedupe(out)
+
+
+def _src_set(grant: Grant, src_sets: Sequence[IPSet], tailnet: Tailnet) -> AddressUnion:
+    """The addresses the rendered ``SrcIPs`` denote, as per-alias parts."""
+    if not any(src_sets):
+        return AddressUnion(())
+    if any(a.text == "autogroup:danger-all" for a in grant.src):
+        return AddressUnion((EVERYTHING,))
+    parts = list(src_sets)
+    if any(a.kind is AliasKind.WILDCARD for a in grant.src):
+        parts.append(tailnet.approved_subnet_routes())
+    return AddressUnion(parts)
+
+
+def _rules_for_destinations(
+    compiled: CompiledGrant,
+    sources: Sequence[Resolved],
+    destinations: Sequence[Resolved],
+    tailnet: Tailnet,
+) -> list[Rule]:
+    grant = compiled.grant
+    src = compiled.src_strings
+    src_set = compiled.src_set
+    dst_parts = tuple(
+        EVERYTHING if dst.alias.kind is AliasKind.WILDCARD else dst.addresses
+        for dst in destinations
+    )
+    rules: list[Rule] = []
+    for spec in grant.ip:
+        entries: list[DstEntry] = []
+        for dst in destinations:
+            if dst.alias.kind is AliasKind.WILDCARD:
+                entries.extend(DstEntry("*", p.first, p.last, EVERYTHING) for p in spec.ports)
+                continue
+            for prefix in dst.prefixes():
+                text = format_addr(prefix.lo) if prefix.is_single() else prefix_str(prefix)
+                single = IPSet.of([prefix])
+                entries.extend(DstEntry(text, p.first, p.last, single) for p in spec.ports)
+        if entries and src:
+            rules.append(Rule(src, src_set, tuple(entries), spec.protocols, dst_parts=dst_parts))
+    if grant.app:
+        caps = [CapEntry(tuple(dst.prefixes()), grant.app) for dst in destinations]
+        if caps:
+            cap_parts = tuple(dst.addresses for dst in destinations)
+            rules.append(Rule(src, src_set, caps=tuple(caps), dst_parts=cap_parts))
+            dst_strings = [text for dst in destinations for text in dst.strings()]
+            if any(d.alias.kind is AliasKind.WILDCARD for d in destinations):
+                dst_strings.extend(tailnet.approved_subnet_route_strings())
+            src_prefixes = tuple(p for r in sources for p in r.prefixes())
+            rules.extend(_companion_rules(_dedupe(dst_strings), src_prefixes, grant.app))
+    return rules
+
+
+def _companion_rules(
+    dst_strings: Sequence[str],
+    src_prefixes: tuple[Prefix, ...],
+    app: tuple[tuple[str, bytes], ...],
+) -> list[Rule]:
+    """Reversed rules giving destinations the companion cap toward sources."""
+    names = {name for name, _ in app}
+    out: list[Rule] = []
+    src_set = AddressUnion((parse_address_strings(dst_strings),))
+    for original, companion in COMPANION_CAPS:
+        if original in names:
+            cap = CapEntry(src_prefixes, ((companion, None),))
+            out.append(Rule(tuple(dst_strings), src_set, caps=(cap,)))
+    return out
+
+
+def parse_address_strings(strings: Iterable[str]) -> IPSet:
+    """Parse SrcIPs-style strings (``*``, address, CIDR, ``a-b`` range)."""
+    intervals: list[tuple[int, int]] = []
+    for text in strings:
+        if text == "*":
+            return EVERYTHING
+        if "-" in text and "/" not in text:
+            lo, _, hi = text.partition("-")
+            intervals.append((addr_to_int(lo), addr_to_int(hi)))
+        else:
+            prefix = parse_prefix(text)
+            intervals.append((prefix.lo, prefix.hi))
+    return IPSet.from_ranges(intervals)
+
+
+def self_rules(compiled: CompiledGrant, node: NodeInfo, tailnet: Tailnet) -> list[Rule]:
+    """Per-node rules of an ``autogroup:self`` grant (empty for tagged nodes).
+
+    Sources shrink to the node owner's devices that the grant's sources
+    include; destinations are every address of the owner's devices.
+    """
+    if compiled.kind is not GrantKind.SELF or node.owner is None:
+        return []
+    same_user = [tailnet.nodes[i] for i in sorted(tailnet.node_ids_of_user(node.owner))]
+    src_hosts = sorted(
+        addr
+        for peer in same_user
+        if any(ips.contains_any(peer.addrs) for ips in compiled.src_sets)
+        for addr in peer.addrs
+    )
+    if not src_hosts:
+        return []
+    src_set = AddressUnion((IPSet.from_addrs(src_hosts),))
+    src = tuple(format_addr(a) for a in src_hosts)
+    dst_hosts = sorted(a for peer in same_user for a in peer.addrs)
+    grant = compiled.grant
+    rules: list[Rule] = []
+    for spec in grant.ip:
+        entries = tuple(
+            DstEntry(format_addr(addr), p.first, p.last, IPSet.from_addrs([addr]))
+            for addr in dst_hosts
+            for p in spec.ports
+        )
+        if entries:
+            rules.append(Rule(src, src_set, entries, spec.protocols))
+    if grant.app:
+        caps = tuple(
+            CapEntry(tuple(host_prefix(a) for a in peer.addrs), grant.app) for peer in same_user
+        )
+        rules.append(Rule(src, src_set, caps=caps))
+        dst_strings = tuple(format_addr(a) for a in dst_hosts)
+        src_prefixes = tuple(host_prefix(a) for a in src_hosts)
+        rules.extend(_companion_rules(dst_strings, src_prefixes, grant.app))
+    return rules
+
+
+def via_rules(compiled: CompiledGrant, node: NodeInfo) -> list[Rule]:
+    """Per-node rules of a via grant: only on routers carrying a via tag.
+
+    Destinations are the grant's prefixes that overlap the router's served
+    subnet routes (plus the internet for ``autogroup:internet`` on an exit
+    router), rendered with their length.
+    """
+    if compiled.kind is not GrantKind.VIA or not (node.tags & set(compiled.grant.via)):
+        return []
+    prefixes = [d for d in compiled.dst_prefixes if any(d.overlaps(r) for r in node.subnet_routes)]
+    if compiled.via_internet and node.is_exit:
+        prefixes.extend(INTERNET.prefixes())
+    if not prefixes:
+        return []
+    rules: list[Rule] = []
+    for spec in compiled.grant.ip:
+        entries = tuple(
+            DstEntry(prefix_str(prefix), p.first, p.last, IPSet.of([prefix]))
+            for prefix in prefixes
+            for p in spec.ports
+        )
+        if entries:
+            rules.append(Rule(compiled.src_strings, compiled.src_set, entries, spec.protocols))
+    return rules

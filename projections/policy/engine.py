@@ -1,0 +1,497 @@
+"""The compiled policy: compile once, answer per node, update per node.
+
+Role in the pipeline: the façade the netmap projection uses.
+:func:`compile_policy` resolves a validated policy against the tailnet into
+a :class:`CompiledPolicy`. Per node it then answers, lazily and memoised:
+
+* :meth:`CompiledPolicy.packet_filter` -- reduced tailcfg FilterRules;
+* :meth:`CompiledPolicy.peers` -- visible peers with AllowedIPs,
+  PrimaryRoutes and peer CapMap;
+* :meth:`CompiledPolicy.netmap` -- all of the above plus the self
+  AllowedIPs/PrimaryRoutes, self CapMap, SSH policy and WhoIs caps.
+
+Incrementality. :meth:`CompiledPolicy.with_node` and
+:meth:`CompiledPolicy.without_node` return a new compiled policy for the
+tailnet with one node added, replaced or removed. Only grants whose aliases
+depend on something the node carries (its user, its tags, member/tagged
+status, its routes for ``*`` sources) are re-resolved; all other compiled
+grants are shared with the previous value. Per-node answers are memoised on
+each value, never shared across values, so a stale answer cannot leak.
+
+The policy must already be validated (``check_policy``); this module never
+raises :class:`~projections.policy.errors.PolicyError`.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import msgspec
+
+from .approvals import approve, with_auto_approvals
+from .capmap import (
+    ATTR_DISABLE_IPV4,
+    CapValue,
+    node_attr_caps,
+    peer_cap_map,
+    self_cap_map,
+    whois_cap_map,
+)
+from .compile import (
+    CompiledGrant,
+    GrantKind,
+    can_recompile_sources,
+    compile_grant,
+    policy_grants,
+    recompile_sources,
+    self_rules,
+    via_rules,
+)
+from .document import ALL_PORTS, Alias, AliasKind, Grant, IPSpec, Policy
+from .filter import reduce_rules
+from .ipset import AddressUnion, IPSet, Prefix, format_addr, is_v4, prefix_str
+from .model import PolicyNode
+from .peers import can_access, routes_for_peer, via_routes_for_peer
+from .resolve import Resolver, node_keys
+from .routes import elect_primaries, primary_routes_by_node
+from .rules import Match, Rule, merge_rules
+from .ssh import compile_ssh_policy
+from .tailnet import NodeInfo, Tailnet
+from .wire import FilterRule, SSHPolicy
+
+__all__ = ["CompiledPolicy", "NodeNetmap", "PeerView", "compile_policy"]
+
+
+class PeerView(msgspec.Struct, frozen=True, kw_only=True):
+    """One visible peer as the viewer sees it.
+
+    Attributes:
+        node_id: the peer.
+        allowed_ips: tailcfg.Node.AllowedIPs (addresses, then routes).
+        primary_routes: tailcfg.Node.PrimaryRoutes (subnet routes only).
+        cap_map: tailcfg.Node.CapMap on the peer view.
+    """
+
+    node_id: int
+    allowed_ips: tuple[str, ...]
+    primary_routes: tuple[str, ...] = ()
+    cap_map: dict[str, CapValue] = msgspec.field(default_factory=dict)
+
+
+class NodeNetmap(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the policy contributes to one node's MapResponse."""
+
+    node_id: int
+    packet_filter: tuple[FilterRule, ...]
+    peers: tuple[PeerView, ...]
+    allowed_ips: tuple[str, ...]
+    primary_routes: tuple[str, ...]
+    cap_map: dict[str, CapValue]
+    ssh_policy: SSHPolicy | None
+    whois_cap_map: dict[str, dict[str, list[msgspec.Raw] | None]]
+
+
+def compile_policy(
+    policy: Policy,
+    tailnet: Tailnet,
+    *,
+    control_url: str = "",
+    previous_primaries: dict[Prefix, int] | None = None,
+) -> CompiledPolicy:
+    """Resolve a validated policy against a tailnet.
+
+    Args:
+        policy: a policy that passed :func:`projections.policy.check_policy`.
+        tailnet: users and nodes.
+        control_url: the server URL, prefix of SSH check callbacks.
+        previous_primaries: last route election, for failover stickiness.
+
+    Returns:
+        The compiled policy.
+    """
+    tailnet = with_auto_approvals(policy, tailnet)
+    resolver = Resolver(policy, tailnet)
+    sources = effective_grants(policy)
+    grants = [compile_grant(g, resolver) for g in sources]
+    return CompiledPolicy(
+        resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries
+    )
+
+
+def effective_grants(policy: Policy) -> list[Grant]:
+    """The grants to compile: the policy's, or Tailscale's allow-all default."""
+    if policy.allow_all():
+        # Tailscale's default: everything may reach everything.
+        wildcard = Alias(AliasKind.WILDCARD, "*")
+        return [
+            Grant(
+                src=(wildcard,),
+                dst=(wildcard,),
+                ip=(IPSpec(protocols=(), ports=(ALL_PORTS,)),),
+                app=(),
+                via=(),
+                path=(),
+            )
+        ]
+    return policy_grants(policy)
+
+
+class CompiledPolicy:
+    """A policy resolved against one tailnet snapshot. Treat as immutable."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        sources: list[Grant],
+        grants: list[CompiledGrant | None],
+        *,
+        control_url: str,
+        previous_primaries: dict[Prefix, int] | None,
+        node_attrs: dict[int, tuple[str, ...]] | None = None,
+        primaries: dict[Prefix, int] | None = None,
+    ) -> None:
+        """Internal: use :func:`compile_policy` or :meth:`with_node`.
+
+        ``sources`` and ``grants`` are aligned (a None slot is a grant that
+        can never produce rules). ``node_attrs`` and ``primaries``, when
+        given, are reused instead of recomputed.
+        """
+        self.resolver = resolver
+        self.policy = resolver.policy
+        self.tailnet = resolver.tailnet
+        self.sources = sources
+        self.grant_slots = grants
+        self.grants = [g for g in grants if g is not None]
+        self.control_url = control_url
+        self.previous_primaries = previous_primaries
+        self.per_node = any(g.kind is not GrantKind.REGULAR for g in self.grants)
+        if node_attrs is not None:
+            self.__dict__["node_attrs"] = node_attrs
+        if primaries is not None:
+            self.__dict__["primaries"] = primaries
+        self._filters: dict[int, list[Rule]] = {}
+        self._unreduced: dict[int, list[Rule]] = {}
+        self._matches: dict[int, list[Match]] = {}
+        self._netmaps: dict[int, NodeNetmap] = {}
+        self._peer_sets: dict[int, frozenset[int]] = {}
+        self._reaches: dict[int, tuple[IPSet, IPSet, bool]] = {}
+
+    # -- shared, computed once -------------------------------------------------
+
+    @cached_property
+    def global_rules(self) -> list[Rule]:
+        """Rules of regular grants plus the non-self part of self grants."""
+        rules: list[Rule] = []
+        for grant in self.grants:
+            if grant.kind is not GrantKind.VIA:
+                rules.extend(grant.rules)
+        return merge_rules(rules)
+
+    @cached_property
+    def global_matches(self) -> list[Match]:
+        """Matchers of :attr:`global_rules`."""
+        return [r.match() for r in self.global_rules]
+
+    @cached_property
+    def primaries(self) -> dict[Prefix, int]:
+        """The route election (prefix -> primary node id)."""
+        return elect_primaries(self.tailnet, self.previous_primaries)
+
+    @cached_property
+    def primaries_by_node(self) -> dict[int, tuple[Prefix, ...]]:
+        """Node id -> prefixes it is primary for."""
+        return primary_routes_by_node(self.primaries)
+
+    @cached_property
+    def node_attrs(self) -> dict[int, tuple[str, ...]]:
+        """Node id -> nodeAttrs attributes."""
+        return node_attr_caps(self.resolver)
+
+    # -- per node ---------------------------------------------------------------
+
+    def _node(self, node_id: int) -> NodeInfo:
+        return self.tailnet.nodes[node_id]
+
+    def extra_rules(self, node_id: int) -> list[Rule]:
+        """The node's own rules: its ``autogroup:self`` and via expansions."""
+        if not self.per_node:
+            return []
+        node = self._node(node_id)
+        rules: list[Rule] = []
+        for grant in self.grants:
+            if grant.kind is GrantKind.SELF:
+                rules.extend(self_rules(grant, node, self.tailnet))
+            elif grant.kind is GrantKind.VIA:
+                rules.extend(via_rules(grant, node))
+        return rules
+
+    def unreduced_rules(self, node_id: int) -> list[Rule]:
+        """Global rules plus the node's self and via rules, merged."""
+        if not self.per_node:
+            return self.global_rules
+        cached = self._unreduced.get(node_id)
+        if cached is None:
+            cached = merge_rules([*self.global_rules, *self.extra_rules(node_id)])
+            self._unreduced[node_id] = cached
+        return cached
+
+    def matches(self, node_id: int) -> list[Match]:
+        """Matchers for peer visibility: global ones plus the node's own."""
+        if not self.per_node:
+            return self.global_matches
+        cached = self._matches.get(node_id)
+        if cached is None:
+            cached = self.global_matches + [r.match() for r in self.extra_rules(node_id)]
+            self._matches[node_id] = cached
+        return cached
+
+    def filter_rules(self, node_id: int) -> list[Rule]:
+        """The node's reduced rules (internal form)."""
+        cached = self._filters.get(node_id)
+        if cached is None:
+            node = self._node(node_id)
+            cached = reduce_rules(node, self.unreduced_rules(node_id))
+            self._filters[node_id] = cached
+        return cached
+
+    def packet_filter(self, node_id: int) -> tuple[FilterRule, ...]:
+        """``MapResponse.PacketFilter`` for the node."""
+        return tuple(r.wire() for r in self.filter_rules(node_id))
+
+    def visible(self, a: int, b: int) -> bool:
+        """Report whether nodes ``a`` and ``b`` see each other (symmetric)."""
+        return a != b and b in self.peer_id_set(a)
+
+    def peer_ids(self, node_id: int) -> list[int]:
+        """Ids of the peers ``node_id`` sees, in id order."""
+        return sorted(self.peer_id_set(node_id))
+
+    def peer_id_set(self, node_id: int) -> frozenset[int]:
+        """The peers of ``node_id``: nodes either side may reach.
+
+        B is a peer of A when some matcher has A on the source side and B on
+        the destination side, or the other way round (headscale's
+        ``CanAccess`` in both directions). Because "some matcher" is an
+        existential, the test folds into set unions: the destinations of
+        every matcher A is a source of, plus the sources of every matcher A
+        is a destination of, form one address set, and B is a peer when one
+        of its addresses or served subnet routes falls in it (an exit node
+        also when a matcher A sources covers the internet). Via grants add
+        their routers (see :meth:`_via_peers`). Cost: one pass over the
+        matchers plus the size of the answer.
+        """
+        cached = self._peer_sets.get(node_id)
+        if cached is not None:
+            return cached
+        node = self._node(node_id)
+        reach, exit_reach, internet = self._reach(node_id)
+        union = reach | exit_reach
+        ids = self.tailnet.node_ids_in(union)
+        for router in self.tailnet.routers():
+            if any(union.overlaps_prefix(r) for r in router.subnet_routes) or (
+                internet and router.is_exit
+            ):
+                ids.add(router.id)
+        ids |= self._via_peers(node)
+        ids.discard(node_id)
+        result = frozenset(ids)
+        self._peer_sets[node_id] = result
+        return result
+
+    def _reach(self, node_id: int) -> tuple[IPSet, IPSet, bool]:
+        """Fold the node's matchers into address sets (cached).
+
+        Returns:
+            ``(reach, exit_reach, internet)``: ``reach`` unions the
+            destinations of matchers the node is a source of and the sources
+            of matchers it is a destination of (by address or served subnet
+            route); ``exit_reach`` adds the sources of internet matchers when
+            the node is an exit node; ``internet`` says a matcher the node
+            sources covers the internet.
+        """
+        cached = self._reaches.get(node_id)
+        if cached is not None:
+            return cached
+        node = self._node(node_id)
+        core: list[IPSet] = []
+        extra: list[IPSet] = []
+        internet = False
+        for m in self.matches(node_id):
+            if _member(node, m.srcs):
+                core.extend(m.dests.parts)
+                internet = internet or m.internet
+            if _member(node, m.dests):
+                core.extend(m.srcs.parts)
+            elif node.is_exit and m.internet:
+                extra.extend(m.srcs.parts)
+        result = (AddressUnion(core).merged(), AddressUnion(extra).merged(), internet)
+        self._reaches[node_id] = result
+        return result
+
+    @cached_property
+    def via_grants(self) -> list[CompiledGrant]:
+        """The compiled via grants."""
+        return [g for g in self.grants if g.kind is GrantKind.VIA]
+
+    def _via_peers(self, node: NodeInfo) -> set[int]:
+        """Nodes connected to ``node`` by via grants, in either direction.
+
+        A via grant connects each of its sources with every router that
+        carries one of its via tags and serves a route overlapping its
+        destinations (or an exit route, for ``autogroup:internet``) --
+        also when the grant has no ``ip`` part. The routers' own via rules
+        are checked too, since only they carry them.
+        """
+        out: set[int] = set()
+        for grant in self.via_grants:
+            via_tags = set(grant.grant.via)
+            node_is_source = _member(node, grant.src_set)
+            for router in self.tailnet.routers():
+                if router.id == node.id or not (router.tags & via_tags):
+                    continue
+                serves = grant.via_internet and router.is_exit
+                serves = serves or any(
+                    d.overlaps(r) for d in grant.dst_prefixes for r in router.subnet_routes
+                )
+                if not serves:
+                    continue
+                if node_is_source:
+                    out.add(router.id)
+                if node.tags & via_tags or _member(router, grant.src_set):
+                    # The router's rules may also connect it to ``node``.
+                    extra = [r.match() for r in via_rules(grant, router)]
+                    if can_access(node, router, extra) or can_access(router, node, extra):
+                        out.add(router.id)
+            if node.tags & via_tags and (node.subnet_routes or node.is_exit):
+                # ``node`` is itself a via router: its sources see it.
+                serves = grant.via_internet and node.is_exit
+                serves = serves or any(
+                    d.overlaps(r) for d in grant.dst_prefixes for r in node.subnet_routes
+                )
+                if serves:
+                    out |= self.tailnet.node_ids_in(grant.src_set.merged())
+        return out
+
+    def peers(self, node_id: int) -> tuple[PeerView, ...]:
+        """The visible peers with their addresses and routes as seen by the node."""
+        viewer = self._node(node_id)
+        reach = self._reach(node_id)[0]
+        out: list[PeerView] = []
+        for peer_id in self.peer_ids(node_id):
+            peer = self._node(peer_id)
+            routes: list[Prefix] = []
+            if peer.subnet_routes or peer.exit_routes:
+                via = via_routes_for_peer(viewer, peer, self.via_grants, self.grants, self.tailnet)
+                routes = routes_for_peer(viewer, peer, reach, self.primaries_by_node, via)
+            attrs = self.node_attrs.get(peer_id, ())
+            addresses = _addresses(peer, attrs + self.node_attrs.get(node_id, ()))
+            out.append(
+                PeerView(
+                    node_id=peer_id,
+                    allowed_ips=tuple(sorted(addresses + [prefix_str(r) for r in routes])),
+                    primary_routes=tuple(prefix_str(r) for r in routes if r.bits != 0),
+                    cap_map=peer_cap_map(self.tailnet, peer, attrs),
+                )
+            )
+        return tuple(out)
+
+    def netmap(self, node_id: int) -> NodeNetmap:
+        """Everything the policy contributes to the node's MapResponse."""
+        cached = self._netmaps.get(node_id)
+        if cached is not None:
+            return cached
+        node = self._node(node_id)
+        attrs = self.node_attrs.get(node_id, ())
+        peers = self.peers(node_id)
+        own_routes = [prefix_str(r) for r in node.node.served_routes()]
+        result = NodeNetmap(
+            node_id=node_id,
+            packet_filter=self.packet_filter(node_id),
+            peers=peers,
+            allowed_ips=tuple(_addresses(node, attrs) + own_routes),
+            primary_routes=tuple(prefix_str(r) for r in self.primaries_by_node.get(node_id, ())),
+            cap_map=self_cap_map(self.tailnet, attrs),
+            ssh_policy=compile_ssh_policy(self.resolver, node, self.control_url),
+            whois_cap_map=whois_cap_map(
+                node, (self._node(p.node_id) for p in peers), self.filter_rules(node_id)
+            ),
+        )
+        self._netmaps[node_id] = result
+        return result
+
+    # -- incremental updates ----------------------------------------------------
+
+    def with_node(self, node: PolicyNode) -> CompiledPolicy:
+        """This policy for the tailnet with ``node`` added or replaced.
+
+        Cost: re-resolving the aliases the node belongs to and recompiling
+        the grants that use them; everything else is shared.
+        """
+        old = self.tailnet.nodes.get(node.id)
+        node = approve(self.policy, self.tailnet, node)
+        tailnet = self.tailnet.with_node(node)
+        info = tailnet.nodes[node.id]
+        touched = node_keys(info, tailnet)
+        if old is not None:
+            touched |= node_keys(old, self.tailnet)
+        resolver = self.resolver.derive(tailnet, touched)
+        attrs = dict(self.node_attrs)
+        attrs.pop(node.id, None)
+        attrs.update(node_attr_caps(resolver, only=(info,)))
+        routes_changed = bool(info.subnet_routes) or (old is not None and bool(old.subnet_routes))
+        return self._recompiled(resolver, touched, attrs, routes_changed)
+
+    def without_node(self, node_id: int) -> CompiledPolicy:
+        """This policy for the tailnet without node ``node_id``."""
+        old = self.tailnet.nodes.get(node_id)
+        if old is None:
+            return self
+        touched = node_keys(old, self.tailnet)
+        resolver = self.resolver.derive(self.tailnet.without_node(node_id), touched)
+        attrs = {k: v for k, v in self.node_attrs.items() if k != node_id}
+        return self._recompiled(resolver, touched, attrs, bool(old.subnet_routes))
+
+    def _recompiled(
+        self,
+        resolver: Resolver,
+        touched: set[str],
+        node_attrs: dict[int, tuple[str, ...]],
+        routes_changed: bool,
+    ) -> CompiledPolicy:
+        grants: list[CompiledGrant | None] = []
+        for slot, grant in zip(self.grant_slots, self.sources, strict=True):
+            if slot is not None and not (slot.depends & touched):
+                grants.append(slot)
+            elif slot is not None and can_recompile_sources(slot, touched):
+                grants.append(recompile_sources(slot, resolver))
+            else:
+                grants.append(compile_grant(grant, resolver))
+        return CompiledPolicy(
+            resolver,
+            self.sources,
+            grants,
+            control_url=self.control_url,
+            previous_primaries=self.primaries,
+            node_attrs=node_attrs,
+            primaries=None if routes_changed else self.primaries,
+        )
+
+
+def _member(node: NodeInfo, addresses: AddressUnion) -> bool:
+    """A node is in a set by address or, for subnet routers, by served route."""
+    return addresses.contains_any(node.addrs) or any(
+        addresses.overlaps_prefix(r) for r in node.subnet_routes
+    )
+
+
+def _addresses(node: NodeInfo, attrs: tuple[str, ...]) -> list[str]:
+    """The node's own /32 and /128 (IPv4 dropped under ``disable-ipv4``)."""
+    out: list[str] = []
+    for addr in node.addrs:
+        if is_v4(addr):
+            if ATTR_DISABLE_IPV4 in attrs:
+                continue
+            out.append(f"{format_addr(addr)}/32")
+        else:
+            out.append(f"{format_addr(addr)}/128")
+    return out

@@ -1,0 +1,172 @@
+"""Internal filter-rule form: wire rules plus the address sets behind them.
+
+Role in the pipeline: ``compile.py`` produces :class:`Rule` values,
+``filter.py`` reduces them per node and ``peers.py`` derives matchers from
+them. A rule keeps the exact strings Tailscale puts on the wire *and* the
+parsed :class:`~projections.policy.ipset.IPSet` of each string, so per-node
+work never re-parses ``100.64.0.0-100.115.91.255``.
+
+Two invariants:
+
+* ``Rule.src_set`` is the set the ``SrcIPs`` strings denote, kept as the
+  per-alias parts it was built from (:class:`AddressUnion`).
+* each :class:`DstEntry` carries the set its ``IP`` string denotes (``*`` is
+  every address).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from .ipset import ALL_V4, ALL_V6, AddressUnion, IPSet, Prefix, prefix_str
+from .tailnet import INTERNET
+from .wire import CapGrant, FilterRule, NetPortRange, PortRangeWire
+
+__all__ = ["CapEntry", "DstEntry", "Match", "Rule", "merge_rules"]
+
+
+class DstEntry:
+    """One ``DstPorts`` element with its address set."""
+
+    __slots__ = ("addresses", "first", "ip", "last")
+
+    def __init__(self, ip: str, first: int, last: int, addresses: IPSet) -> None:
+        self.ip = ip
+        self.first = first
+        self.last = last
+        self.addresses = addresses
+
+    def wire(self) -> NetPortRange:
+        return NetPortRange(ip=self.ip, ports=PortRangeWire(first=self.first, last=self.last))
+
+
+class CapEntry:
+    """One ``CapGrant`` element: destination prefixes and the cap map."""
+
+    __slots__ = ("cap_map", "dsts")
+
+    def __init__(
+        self, dsts: tuple[Prefix, ...], cap_map: tuple[tuple[str, bytes | None], ...]
+    ) -> None:
+        self.dsts = dsts
+        self.cap_map = cap_map
+
+    def addresses(self) -> IPSet:
+        """The destination prefixes as one set."""
+        return IPSet.of(self.dsts)
+
+    def wire(self) -> CapGrant:
+        return CapGrant(
+            dsts=tuple(prefix_str(p) for p in self.dsts),
+            cap_map={
+                name: (msgspec.Raw(raw) if raw is not None else None) for name, raw in self.cap_map
+            },
+        )
+
+
+class Rule:
+    """A packet-filter rule (``dst``) or a capability rule (``caps``).
+
+    A rule has either ``dst`` entries or ``caps`` entries, never both, as
+    tailcfg requires.
+
+    Attributes:
+        src: the ``SrcIPs`` strings.
+        src_set: the addresses ``src`` denotes, as per-alias parts.
+        dst: ``DstPorts`` entries with their addresses (for reduction).
+        protocols: ``IPProto``.
+        caps: ``CapGrant`` entries.
+        dst_parts: the destination addresses as per-alias parts (for
+            matching; equal in content to the union of ``dst`` entries).
+    """
+
+    __slots__ = ("_match", "caps", "dst", "dst_parts", "protocols", "src", "src_set")
+
+    def __init__(
+        self,
+        src: tuple[str, ...],
+        src_set: AddressUnion,
+        dst: tuple[DstEntry, ...] = (),
+        protocols: tuple[int, ...] = (),
+        caps: tuple[CapEntry, ...] = (),
+        dst_parts: tuple[IPSet, ...] | None = None,
+    ) -> None:
+        self.src = src
+        self.src_set = src_set
+        self.dst = dst
+        self.protocols = protocols
+        self.caps = caps
+        if dst_parts is None:
+            dst_parts = tuple(e.addresses for e in dst) + tuple(c.addresses() for c in caps)
+        self.dst_parts = dst_parts
+        self._match: Match | None = None
+
+    def wire(self) -> FilterRule:
+        """The tailcfg.FilterRule for this rule."""
+        return FilterRule(
+            src_ips=self.src,
+            dst_ports=tuple(d.wire() for d in self.dst),
+            ip_proto=self.protocols,
+            cap_grant=tuple(c.wire() for c in self.caps),
+        )
+
+    def match(self) -> Match:
+        """The matcher used for peer visibility (dst and cap targets alike).
+
+        Computed once per rule; rules are shared between compiled policies,
+        so an incremental recompile reuses the matchers of unchanged rules.
+        """
+        if self._match is None:
+            self._match = Match(self.src_set, AddressUnion(self.dst_parts))
+        return self._match
+
+
+class Match:
+    """Sources and destinations of one rule, for "can A reach B" questions.
+
+    Mirrors headscale's ``matcher.Match``. ``internet`` is its
+    ``DestsIsTheInternet``: the destinations hold a whole family's /0 or
+    cover every internet address.
+    """
+
+    __slots__ = ("dests", "internet", "srcs")
+
+    def __init__(self, srcs: AddressUnion, dests: AddressUnion) -> None:
+        self.srcs = srcs
+        self.dests = dests
+        public = [p for p in dests.parts if p.overlaps(INTERNET)]
+        self.internet = any(
+            p.contains_prefix(ALL_V4) or p.contains_prefix(ALL_V6) for p in public
+        ) or (bool(public) and INTERNET.issubset(IPSet.union(public)))
+
+
+def merge_rules(rules: Iterable[Rule]) -> list[Rule]:
+    """Merge rules with identical ``SrcIPs`` and ``IPProto``.
+
+    DstPorts are concatenated (not deduplicated), first occurrence keeps its
+    position; capability rules pass through unmerged. This is headscale's
+    ``mergeFilterRules``, which the hosted control plane's output matches.
+    """
+    out: list[Rule] = []
+    index: dict[tuple[tuple[str, ...], tuple[int, ...]], int] = {}
+    for rule in rules:
+        if rule.caps:
+            out.append(rule)
+            continue
+        key = (rule.src, rule.protocols)
+        at = index.get(key)
+        if at is None:
+            index[key] = len(out)
+            out.append(rule)
+        else:
+            prev = out[at]
+            out[at] = Rule(
+                prev.src,
+                prev.src_set,
+                prev.dst + rule.dst,
+                prev.protocols,
+                dst_parts=prev.dst_parts + rule.dst_parts,
+            )
+    return out

@@ -1,0 +1,127 @@
+"""The policy in force, compiled against the current tailnet and kept current cheaply.
+
+:class:`PolicyCompiler` turns a :class:`~projections.state.TailnetState` into a
+:class:`~projections.policy.CompiledPolicy`. The policy text comes from the log
+(``policy.set`` events); until one is set the tailnet runs the allow-all policy, the
+same behaviour as a fresh Tailscale tailnet, compiled by the same engine so routes,
+exit nodes and capabilities follow one set of rules.
+
+States are immutable snapshots, so the compiler keeps the last state it compiled and,
+for the next one, updates incrementally: nodes whose record changed (identity of the
+persistent map's value) are removed and re-added with
+:meth:`~projections.policy.CompiledPolicy.with_node` /
+:meth:`~projections.policy.CompiledPolicy.without_node`, which re-resolve only what the
+node touches. A new policy text or a change of users recompiles from scratch (keeping
+the previous route election, so primaries stay sticky).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from .policy import (
+    CompiledPolicy,
+    NodeNetmap,
+    Policy,
+    PolicyNode,
+    PolicyUser,
+    Tailnet,
+    auto_approved_routes,
+    compile_policy,
+    parse_policy,
+)
+from .state import Node, TailnetState, User
+
+__all__ = ["ALLOW_ALL_POLICY", "PolicyCompiler", "policy_node", "policy_tailnet", "policy_user"]
+
+#: What a tailnet without a policy runs: everyone may reach everyone.
+ALLOW_ALL_POLICY: Final = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def policy_user(user: User) -> PolicyUser:
+    return PolicyUser(id=user.id, login=user.login_name, display_name=user.display_name, name=user.name)
+
+
+def policy_node(node: Node) -> PolicyNode:
+    return PolicyNode(
+        id=node.id,
+        name=node.given_name,
+        user_id=None if node.tags else node.user_id,
+        tags=node.tags,
+        ipv4=node.ipv4,
+        ipv6=node.ipv6,
+        routable_ips=node.advertised_routes,
+        approved_routes=node.approved_routes,
+    )
+
+
+def policy_tailnet(state: TailnetState) -> Tailnet:
+    return Tailnet(
+        [policy_user(u) for u in state.users.values()],
+        [policy_node(n) for n in state.nodes.values()],
+    )
+
+
+class PolicyCompiler:
+    """The compiled policy for successive states (see the module docstring).
+
+    Args:
+        control_url: prefix of SSH ``check`` callback URLs.
+    """
+
+    def __init__(self, control_url: str = "") -> None:
+        self._control_url = control_url
+        self._state: TailnetState | None = None
+        self._compiled: CompiledPolicy | None = None
+        self._policy: Policy | None = None
+        self._text: str | None = None
+        self.full_compiles = 0
+        self.incremental_updates = 0
+
+    def policy(self, state: TailnetState) -> Policy:
+        text = state.policy_text or ALLOW_ALL_POLICY
+        if text != self._text or self._policy is None:
+            # Every stored policy was checked before it was appended.
+            self._policy = parse_policy(text)
+            self._text = text
+        return self._policy
+
+    def compiled(self, state: TailnetState) -> CompiledPolicy:
+        if state is self._state and self._compiled is not None:
+            return self._compiled
+        old_state, old = self._state, self._compiled
+        text_changed = (state.policy_text or ALLOW_ALL_POLICY) != self._text
+        policy = self.policy(state)
+        if old is None or old_state is None or text_changed or state.users is not old_state.users:
+            previous = old.primaries if old is not None else None
+            compiled = compile_policy(
+                policy, policy_tailnet(state), control_url=self._control_url, previous_primaries=previous
+            )
+            self.full_compiles += 1
+        else:
+            compiled = old
+            for nid, old_node in old_state.nodes.items():
+                if nid not in state.nodes:
+                    compiled = compiled.without_node(nid)
+            for nid, node in state.nodes.items():
+                if old_state.nodes.get(nid) is not node:
+                    compiled = compiled.with_node(policy_node(node))
+            self.incremental_updates += 1
+        self._state, self._compiled = state, compiled
+        return compiled
+
+    def netmap(self, state: TailnetState, node_id: int) -> NodeNetmap:
+        return self.compiled(state).netmap(node_id)
+
+    def auto_approved(self, state: TailnetState, node: Node) -> tuple[str, ...]:
+        """Advertised routes of ``node`` that the policy's autoApprovers approve."""
+        compiled = self.compiled(state)
+        return auto_approved_routes(self.policy(state), compiled.tailnet, policy_node(node))
+
+
+def encode_raw(value: object) -> msgspec.Raw:
+    return msgspec.Raw(_encoder.encode(value))

@@ -1,0 +1,265 @@
+"""The compiled policy: incremental updates, determinism, wire shape, routes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cli.policy_evaluate import build_tailnet
+from projections.policy import (
+    CompiledPolicy,
+    FilterRule,
+    NetPortRange,
+    PolicyNode,
+    PolicyUser,
+    PortRangeWire,
+    SSHAction,
+    SSHPolicy,
+    SSHPrincipal,
+    SSHRuleWire,
+    Tailnet,
+    compile_policy,
+    parse_policy,
+)
+from projections.policy.ipset import Prefix
+
+from .compare import CONFORMANCE_DIR, case_paths
+from .registration import registration_order
+
+
+def snapshot(compiled: CompiledPolicy) -> dict[int, bytes]:
+    """Every node's netmap, encoded."""
+    return {i: msgspec.json.encode(compiled.netmap(i)) for i in sorted(compiled.tailnet.nodes)}
+
+
+def _without(tailnet: Tailnet, node_id: int) -> Tailnet:
+    return Tailnet(
+        tailnet.users.values(), [n.node for n in tailnet.iter_nodes() if n.id != node_id]
+    )
+
+
+def _check_join_and_leave(policy_text: str, tailnet: Tailnet) -> None:
+    policy = parse_policy(policy_text)
+    everyone = compile_policy(policy, tailnet)
+    for info in list(tailnet.iter_nodes()):
+        base = compile_policy(policy, _without(tailnet, info.id))
+        joined = base.with_node(info.node)
+        full = compile_policy(policy, tailnet, previous_primaries=base.primaries)
+        assert snapshot(joined) == snapshot(full), f"join of {info.node.name}"
+        left = everyone.without_node(info.id)
+        full_left = compile_policy(
+            policy, _without(tailnet, info.id), previous_primaries=everyone.primaries
+        )
+        assert snapshot(left) == snapshot(full_left), f"leave of {info.node.name}"
+
+
+_SAMPLE = [p for i, p in enumerate(case_paths()) if i % 12 == 0]
+
+
+@pytest.mark.skipif(not CONFORMANCE_DIR.is_dir(), reason="conformance cases not available")
+@pytest.mark.parametrize("path", _SAMPLE, ids=[p.stem for p in _SAMPLE])
+def test_incremental_equals_full_compile_on_cases(path: Path) -> None:
+    case = json.loads(path.read_text(encoding="utf-8"))
+    policy = case["policy"] if case["accepted"] else "{}"  # rejected: default policy
+    text = policy if isinstance(policy, str) else json.dumps(policy)
+    _check_join_and_leave(text, build_tailnet(case, registration_order(case["nodes"])))
+
+
+# -- a synthetic tailnet for property tests -------------------------------------
+
+USERS = [PolicyUser(id=i, login=f"u{i}@example.com", name=f"u{i}") for i in (1, 2, 3)]
+POLICY = json.dumps(
+    {
+        "groups": {"group:ops": ["u1@example.com", "u2@example.com"]},
+        "tagOwners": {"tag:web": ["group:ops"], "tag:db": ["group:ops"], "tag:gw": ["group:ops"]},
+        "hosts": {"lan": "10.1.0.0/16"},
+        "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:gw"]}, "exitNode": ["tag:gw"]},
+        "acls": [
+            {"action": "accept", "src": ["group:ops"], "dst": ["tag:web:443", "tag:db:5432"]},
+            {"action": "accept", "src": ["*"], "dst": ["autogroup:self:*"]},
+            {"action": "accept", "src": ["tag:web"], "dst": ["lan:*"]},
+        ],
+        "grants": [
+            {
+                "src": ["autogroup:member"],
+                "dst": ["tag:web"],
+                "app": {"example.com/cap/web": [{"r": 1}]},
+            },
+            {"src": ["u3@example.com"], "dst": ["10.1.0.0/16"], "ip": ["*"], "via": ["tag:gw"]},
+        ],
+        "ssh": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:db"], "users": ["root"]}],
+        "nodeAttrs": [{"target": ["tag:gw"], "attr": ["randomize-client-port"]}],
+    }
+)
+
+
+@st.composite
+def synthetic_node(draw: st.DrawFn, node_id: int) -> PolicyNode:
+    tags = draw(
+        st.sampled_from([(), (), ("tag:web",), ("tag:db",), ("tag:gw",), ("tag:web", "tag:db")])
+    )
+    routes: tuple[str, ...] = ()
+    if "tag:gw" in tags:
+        routes = draw(st.sampled_from([("10.1.0.0/16",), ("10.1.0.0/16", "0.0.0.0/0"), ()]))
+    return PolicyNode(
+        id=node_id,
+        name=f"n{node_id}",
+        user_id=draw(st.sampled_from([1, 2, 3])),
+        tags=tags,
+        ipv4=f"100.64.0.{node_id}",
+        ipv6=f"fd7a:115c:a1e0::{node_id:x}",
+        routable_ips=routes,
+    )
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> tuple[list[PolicyNode], list[tuple[str, PolicyNode | int]]]:
+    initial = [draw(synthetic_node(i)) for i in range(1, draw(st.integers(1, 6)) + 1)]
+    ops: list[tuple[str, PolicyNode | int]] = []
+    next_id = len(initial) + 1
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["join", "leave", "change"]))
+        if kind == "join":
+            ops.append(("join", draw(synthetic_node(next_id))))
+            next_id += 1
+        elif kind == "leave":
+            ops.append(("leave", draw(st.integers(1, next_id))))
+        else:
+            ops.append(("change", draw(synthetic_node(draw(st.integers(1, next_id))))))
+    return initial, ops
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations())
+def test_incremental_updates_match_a_naive_recompute(
+    scenario: tuple[list[PolicyNode], list[tuple[str, PolicyNode | int]]],
+) -> None:
+    initial, ops = scenario
+    policy = parse_policy(POLICY)
+    nodes = {n.id: n for n in initial}
+    compiled = compile_policy(policy, Tailnet(USERS, nodes.values()))
+    for kind, arg in ops:
+        previous = compiled.primaries
+        if isinstance(arg, PolicyNode):
+            compiled = compiled.with_node(arg)
+            nodes[arg.id] = arg
+        else:
+            compiled = compiled.without_node(arg)
+            nodes.pop(arg, None)
+        naive = compile_policy(policy, Tailnet(USERS, nodes.values()), previous_primaries=previous)
+        assert snapshot(compiled) == snapshot(naive), kind
+
+
+def test_compile_is_deterministic() -> None:
+    nodes = [
+        PolicyNode(
+            id=i,
+            name=f"n{i}",
+            user_id=1 + i % 3,
+            tags=("tag:web",) if i % 4 == 0 else (),
+            ipv4=f"100.64.0.{i}",
+            ipv6=f"fd7a:115c:a1e0::{i:x}",
+        )
+        for i in range(1, 12)
+    ]
+    policy = parse_policy(POLICY)
+    first = snapshot(compile_policy(policy, Tailnet(USERS, nodes)))
+    second = snapshot(compile_policy(policy, Tailnet(USERS, list(reversed(nodes)))))
+    assert first == second
+
+
+def test_allow_all_is_a_full_mesh() -> None:
+    nodes = [
+        PolicyNode(
+            id=i,
+            name=f"n{i}",
+            user_id=1,
+            tags=("tag:x",) if i % 2 else (),
+            ipv4=f"100.64.0.{i}",
+            ipv6=f"fd7a:115c:a1e0::{i:x}",
+        )
+        for i in range(1, 7)
+    ]
+    compiled = compile_policy(parse_policy("{}"), Tailnet(USERS, nodes))
+    for node in nodes:
+        assert compiled.peer_ids(node.id) == [n.id for n in nodes if n.id != node.id]
+        (rule,) = compiled.packet_filter(node.id)
+        assert rule.dst_ports == (NetPortRange(ip="*", ports=PortRangeWire(first=0, last=65535)),)
+
+
+def test_wire_encoding_matches_tailcfg() -> None:
+    rule = FilterRule(
+        src_ips=("100.64.0.1",),
+        dst_ports=(NetPortRange(ip="*", ports=PortRangeWire(first=0, last=65535)),),
+    )
+    assert msgspec.json.encode(rule) == (
+        b'{"SrcIPs":["100.64.0.1"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}'
+    )
+    assert msgspec.json.encode(FilterRule(src_ips=())) == b'{"SrcIPs":[]}'
+    ssh = SSHPolicy(
+        rules=(
+            SSHRuleWire(
+                principals=(SSHPrincipal(node_ip="100.64.0.1"),),
+                ssh_users={"root": ""},
+                action=SSHAction(hold_and_delegate="https://x/check"),
+            ),
+        )
+    )
+    assert msgspec.json.encode(ssh) == (
+        b'{"rules":[{"principals":[{"nodeIP":"100.64.0.1"}],"sshUsers":{"root":""},'
+        b'"action":{"holdAndDelegate":"https://x/check"}}]}'
+    )
+    assert msgspec.json.encode(SSHPolicy()) == b'{"rules":[]}'
+
+
+def _routers(*ids: int) -> list[PolicyNode]:
+    return [
+        PolicyNode(
+            id=i,
+            name=f"r{i}",
+            tags=("tag:gw",),
+            ipv4=f"100.64.0.{i}",
+            routable_ips=("10.1.0.0/16",),
+            approved_routes=("10.1.0.0/16",),
+        )
+        for i in ids
+    ]
+
+
+def test_lowest_id_router_is_primary_and_failover_is_sticky() -> None:
+    policy = parse_policy(POLICY)
+    compiled = compile_policy(policy, Tailnet(USERS, _routers(5, 7)))
+    prefix = next(iter(compiled.primaries))
+    assert compiled.primaries == {prefix: 5}
+    assert compiled.netmap(5).primary_routes == ("10.1.0.0/16",)
+    assert compiled.netmap(7).primary_routes == ()
+    assert "10.1.0.0/16" in compiled.netmap(7).allowed_ips  # served, not primary
+    failed_over = compiled.without_node(5)
+    assert failed_over.primaries == {prefix: 7}
+    rejoined = failed_over.with_node(_routers(5)[0])
+    assert rejoined.primaries == {prefix: 7}  # the current primary keeps the route
+
+
+def test_auto_approval_serves_routes_and_exit_nodes() -> None:
+    policy = parse_policy(POLICY)
+    gateway = PolicyNode(
+        id=1,
+        name="gw",
+        tags=("tag:gw",),
+        ipv4="100.64.0.1",
+        routable_ips=("10.1.0.0/16", "0.0.0.0/0", "::/0"),
+    )
+    stranger = PolicyNode(
+        id=2, name="x", tags=("tag:web",), ipv4="100.64.0.2", routable_ips=("10.2.0.0/16",)
+    )
+    compiled = compile_policy(policy, Tailnet(USERS, [gateway, stranger]))
+    assert set(compiled.netmap(1).allowed_ips) >= {"10.1.0.0/16", "0.0.0.0/0", "::/0"}
+    assert "10.2.0.0/16" not in compiled.netmap(2).allowed_ips
+    assert compiled.primaries == {
+        Prefix(compiled.tailnet.nodes[1].subnet_routes[0].lo, 16, True): 1
+    }

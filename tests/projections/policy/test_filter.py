@@ -1,0 +1,134 @@
+"""Packet-filter reduction invariants (property-based)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from projections.policy.filter import reduce_rules
+from projections.policy.ipset import AddressUnion, IPSet, parse_prefix
+from projections.policy.model import PolicyNode
+from projections.policy.resolve import host_prefix
+from projections.policy.rules import CapEntry, DstEntry, Rule
+from projections.policy.tailnet import EVERYTHING, INTERNET, NodeInfo
+
+_CANDIDATES = [
+    "100.64.0.1/32",
+    "100.64.0.0/30",
+    "100.64.0.0/10",
+    "10.0.0.0/8",
+    "10.33.0.0/16",
+    "10.33.1.0/24",
+    "192.168.1.0/24",
+    "8.8.8.0/24",
+    "fd7a:115c:a1e0::1/128",
+    "fd7a:115c:a1e0::/48",
+]
+
+prefix_texts = st.sampled_from(_CANDIDATES)
+
+
+@st.composite
+def nodes(draw: st.DrawFn) -> NodeInfo:
+    routes = draw(
+        st.lists(
+            st.sampled_from(["10.33.0.0/16", "192.168.1.0/24", "0.0.0.0/0", "::/0"]), unique=True
+        )
+    )
+    return NodeInfo(
+        PolicyNode(
+            id=1,
+            name="n",
+            user_id=1,
+            ipv4=draw(st.sampled_from(["100.64.0.1", "100.64.0.9"])),
+            ipv6="fd7a:115c:a1e0::1",
+            routable_ips=tuple(routes),
+            approved_routes=tuple(routes),
+        )
+    )
+
+
+@st.composite
+def rules(draw: st.DrawFn) -> Rule:
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    if draw(st.booleans()):
+        caps = tuple(
+            CapEntry(
+                tuple(
+                    parse_prefix(p) for p in draw(st.lists(prefix_texts, min_size=1, max_size=3))
+                ),
+                (("a.com/c", None),),
+            )
+            for _ in range(draw(st.integers(1, 3)))
+        )
+        return Rule(("100.64.0.0/10",), src, caps=caps)
+    entries = []
+    for text in draw(st.lists(st.sampled_from([*_CANDIDATES, "*"]), min_size=1, max_size=5)):
+        addresses = EVERYTHING if text == "*" else IPSet.of([parse_prefix(text)])
+        entries.append(DstEntry(text, 22, 22, addresses))
+    return Rule(("100.64.0.0/10",), src, tuple(entries), protocols=(6,))
+
+
+def _relevant(node: NodeInfo, entry: DstEntry) -> bool:
+    a = entry.addresses
+    return (
+        any(a.contains(x) for x in node.addrs)
+        or any(a.overlaps_prefix(r) for r in node.subnet_routes)
+        or (node.is_exit and a.issubset(INTERNET))
+    )
+
+
+@given(nodes(), st.lists(rules(), max_size=6))
+def test_reduction_keeps_exactly_the_relevant_entries(
+    node: NodeInfo, given_rules: list[Rule]
+) -> None:
+    reduced = reduce_rules(node, given_rules)
+    port_rules = [r for r in given_rules if r.dst]
+    kept_port_rules = [r for r in reduced if r.dst]
+    expected = [[e for e in r.dst if _relevant(node, e)] for r in port_rules]
+    assert [list(r.dst) for r in kept_port_rules] == [e for e in expected if e]
+    for rule in kept_port_rules:
+        assert rule.src == ("100.64.0.0/10",)
+        assert rule.protocols == (6,)
+
+
+@given(nodes(), st.lists(rules(), max_size=6))
+def test_capgrant_destinations_narrow_to_the_node(node: NodeInfo, given_rules: list[Rule]) -> None:
+    own = {host_prefix(a) for a in node.addrs}
+    cap_inputs = [d for r in given_rules for c in r.caps for d in c.dsts]
+    for rule in reduce_rules(node, given_rules):
+        for cap in rule.caps:
+            assert cap.dsts
+            for dst in cap.dsts:
+                narrowed = dst in own and any(d.contains(dst.lo) for d in cap_inputs)
+                routed = dst in cap_inputs and any(dst.overlaps(r) for r in node.subnet_routes)
+                assert narrowed or routed
+
+
+@given(nodes(), st.lists(rules(), max_size=6))
+def test_reduction_is_idempotent(node: NodeInfo, given_rules: list[Rule]) -> None:
+    once = reduce_rules(node, given_rules)
+    twice = reduce_rules(node, once)
+    assert [r.wire() for r in once] == [r.wire() for r in twice]
+
+
+def test_exit_node_keeps_internet_destinations() -> None:
+    exit_node = NodeInfo(
+        PolicyNode(
+            id=1,
+            name="exit",
+            tags=("tag:exit",),
+            ipv4="100.64.0.5",
+            routable_ips=("0.0.0.0/0",),
+            approved_routes=("0.0.0.0/0",),
+        )
+    )
+    plain = NodeInfo(PolicyNode(id=2, name="plain", tags=("tag:x",), ipv4="100.64.0.6"))
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    rule = Rule(
+        ("100.64.0.0/10",),
+        src,
+        (DstEntry("8.8.8.0/24", 53, 53, IPSet.of([parse_prefix("8.8.8.0/24")])),),
+    )
+    assert reduce_rules(exit_node, [rule])
+    assert not reduce_rules(plain, [rule])

@@ -1,0 +1,235 @@
+"""Validation, domain checks and the policy's own tests blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from projections.policy import (
+    PolicyNode,
+    PolicyTestFailure,
+    PolicyUser,
+    PolicyValidationError,
+    check_policy,
+    parse_policy,
+    validate_policy,
+)
+
+USERS = [
+    PolicyUser(id=1, login="odin@example.com", name="odin"),
+    PolicyUser(id=2, login="thor@example.org", name="thor"),
+]
+NODES = [
+    PolicyNode(id=1, name="laptop", user_id=1, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1"),
+    PolicyNode(id=2, name="phone", user_id=2, ipv4="100.64.0.2", ipv6="fd7a:115c:a1e0::2"),
+    PolicyNode(
+        id=3, name="server", tags=("tag:server",), ipv4="100.64.0.3", ipv6="fd7a:115c:a1e0::3"
+    ),
+]
+BASE = {
+    "groups": {"group:admins": ["odin@example.com"]},
+    "tagOwners": {"tag:server": ["group:admins"], "tag:prod": ["odin@example.com"]},
+    "hosts": {"web": "100.64.0.3", "net": "10.0.0.0/8"},
+}
+
+
+def policy_text(**sections: object) -> str:
+    return json.dumps({**BASE, **sections}, indent=2)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"acls": [{"action": "accept", "src": ["tag:nope"], "dst": ["*:*"]}]},
+            'src=tag not found: "tag:nope"',
+        ),
+        (
+            {"acls": [{"action": "accept", "src": ["*"], "dst": ["tag:nope:22"]}]},
+            'dst="tag:nope": tag not found: "tag:nope"',
+        ),
+        (
+            {"acls": [{"action": "accept", "src": ["autogroup:self"], "dst": ["*:*"]}]},
+            '"autogroup:self" not valid on the src side of a rule',
+        ),
+        (
+            {"acls": [{"action": "accept", "src": ["tag:server"], "dst": ["autogroup:self:*"]}]},
+            "autogroup:self can only be used with users, groups, or supported autogroups",
+        ),
+        (
+            {"grants": [{"src": ["*"], "dst": ["autogroup:self"], "ip": ["*"]}]},
+            "autogroup:self can only be used with users, groups, or supported autogroups",
+        ),
+        (
+            {"grants": [{"src": ["*"], "dst": ["autogroup:danger-all"], "ip": ["*"]}]},
+            "cannot use autogroup:danger-all as a dst",
+        ),
+        ({"grants": [{"src": ["*"], "dst": ["*"], "app": {}}]}, "ip and app can not both be empty"),
+        (
+            {"grants": [{"src": ["*"], "dst": ["*"], "app": {"tailscale.com/cap/ingress": [{}]}}]},
+            "capability name must not be in the tailscale.com domain",
+        ),
+        (
+            {"grants": [{"src": ["*"], "dst": ["autogroup:internet"], "app": {"a.com/x": [{}]}}]},
+            "cannot use app grants with autogroup:internet",
+        ),
+        (
+            {"grants": [{"src": ["*"], "dst": ["::/0"], "ip": ["*"]}]},
+            'dst "::/0": to allow all IP addresses, use "*" or "autogroup:internet"',
+        ),
+        (
+            {"grants": [{"src": ["*"], "dst": ["net"], "ip": ["*"], "via": ["tag:nope"]}]},
+            'tag "tag:nope" not found',
+        ),
+        (
+            {"nodeAttrs": [{"target": ["tag:nope"], "attr": ["funnel"]}]},
+            'tag not found: "tag:nope"',
+        ),
+        (
+            {"nodeAttrs": [{"target": ["*"], "ipPool": ["100.100.100.0/24"]}]},
+            "IPPool(100.100.100.0/24): network within reserved range",
+        ),
+        (
+            {
+                "ssh": [
+                    {
+                        "action": "accept",
+                        "src": ["odin@example.com"],
+                        "dst": ["web"],
+                        "users": ["root"],
+                    }
+                ]
+            },
+            'invalid dst "web"',
+        ),
+        (
+            {
+                "sshTests": [
+                    {"src": "odin@example.com", "dst": ["autogroup:internet"], "accept": ["root"]}
+                ]
+            },
+            'SSH tests dst contains disallowed element "autogroup:internet"',
+        ),
+    ],
+)
+def test_validation_messages(sections: dict[str, object], message: str) -> None:
+    policy = parse_policy(policy_text(**sections))
+    with pytest.raises(PolicyValidationError) as info:
+        validate_policy(policy)
+    assert info.value.message == message
+    assert info.value.line is not None
+
+
+def test_validation_points_at_the_alias() -> None:
+    text = policy_text(acls=[{"action": "accept", "src": ["*"], "dst": ["tag:nope:22"]}])
+    with pytest.raises(PolicyValidationError) as info:
+        validate_policy(parse_policy(text))
+    lines = text.splitlines()
+    assert info.value.line is not None
+    assert info.value.column is not None
+    assert lines[info.value.line - 1][info.value.column - 1 :].startswith('"tag:nope:22"')
+
+
+def test_valid_policy_passes() -> None:
+    text = policy_text(
+        acls=[
+            {"action": "accept", "src": ["group:admins"], "dst": ["tag:server:22", "net:*"]},
+            {"action": "accept", "src": ["*"], "dst": ["autogroup:self:*"]},
+        ],
+        grants=[
+            {"src": ["autogroup:member"], "dst": ["tag:server"], "app": {"example.com/cap/x": [{}]}}
+        ],
+        ssh=[
+            {
+                "action": "check",
+                "src": ["autogroup:member"],
+                "dst": ["autogroup:self"],
+                "users": ["root"],
+            }
+        ],
+    )
+    check_policy(parse_policy(text), USERS, NODES)
+
+
+def test_unknown_localpart_domain_is_rejected() -> None:
+    text = policy_text(
+        ssh=[
+            {
+                "action": "accept",
+                "src": ["autogroup:member"],
+                "dst": ["tag:server"],
+                "users": ["localpart:*@elsewhere.net"],
+            }
+        ]
+    )
+    with pytest.raises(PolicyValidationError) as info:
+        check_policy(parse_policy(text), USERS, NODES)
+    assert info.value.message == (
+        "elsewhere.net is not associated with this Tailnet and cannot be used in "
+        "user:*@<domain> expressions"
+    )
+
+
+def test_passing_tests_are_accepted() -> None:
+    text = policy_text(
+        acls=[{"action": "accept", "src": ["group:admins"], "dst": ["tag:server:22"]}],
+        tests=[{"src": "odin@example.com", "accept": ["tag:server:22"], "deny": ["tag:server:80"]}],
+    )
+    check_policy(parse_policy(text), USERS, NODES)
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        {"src": "thor@example.org", "accept": ["tag:server:22"]},  # not allowed
+        {"src": "odin@example.com", "deny": ["tag:server:22"]},  # allowed
+        {"src": "odin@example.com", "accept": ["tag:server:20-30"]},  # not a single port
+        {"src": "odin@example.com", "accept": ["net:22"]},  # CIDR destination
+        {"src": "group:ghosts", "accept": ["tag:server:22"]},  # resolves to nothing
+        {"src": "odin@example.com"},  # no assertion
+        {"src": "odin@example.com", "proto": "udp", "accept": ["tag:server:22"]},  # tcp-only rule
+    ],
+)
+def test_failing_tests_reject_the_policy(test: dict[str, object]) -> None:
+    text = policy_text(
+        acls=[
+            {"action": "accept", "src": ["group:admins"], "dst": ["tag:server:22"], "proto": "tcp"}
+        ],
+        tests=[test],
+    )
+    with pytest.raises(PolicyTestFailure) as info:
+        check_policy(parse_policy(text), USERS, NODES)
+    assert info.value.message == "test(s) failed"
+    assert info.value.failures
+
+
+def test_ssh_tests() -> None:
+    ssh = [
+        {"action": "check", "src": ["group:admins"], "dst": ["tag:server"], "users": ["root"]},
+        {
+            "action": "accept",
+            "src": ["autogroup:member"],
+            "dst": ["tag:server"],
+            "users": ["autogroup:nonroot"],
+        },
+    ]
+    passing = policy_text(
+        ssh=ssh,
+        sshTests=[
+            {
+                "src": "odin@example.com",
+                "dst": ["tag:server"],
+                "check": ["root"],
+                "accept": ["alice"],
+            },
+            {"src": "thor@example.org", "dst": ["tag:server"], "accept": ["bob"], "deny": ["root"]},
+        ],
+    )
+    check_policy(parse_policy(passing), USERS, NODES)
+    failing = policy_text(
+        ssh=ssh,
+        sshTests=[{"src": "thor@example.org", "dst": ["tag:server"], "check": ["root"]}],
+    )
+    with pytest.raises(PolicyTestFailure):
+        check_policy(parse_policy(failing), USERS, NODES)
