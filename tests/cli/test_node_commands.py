@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ async def _register(server: RunningServer, key: str, hostname: str) -> SimNode:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> RunningServer:
+def server(tmp_path: Path) -> Iterator[RunningServer]:
     with running_server(tmp_path / "data") as srv:
-        yield srv  # type: ignore[misc]
+        yield srv
 
 
 async def test_nodes_list_rename_tag_expire_delete(server: RunningServer) -> None:
