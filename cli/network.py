@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Literal
 import trio
 
 from projections import AddressPlan, AllocationMode, ProjectionRunner
-from projections.derpmap import DerpMapSource, merge_derp_maps, parse_derp_map, single_point_of_failure
+from projections.derpmap import (
+    DerpMapSource,
+    merge_derp_maps,
+    parse_derp_map,
+    single_point_of_failure,
+)
 from projections.netmap import NetmapSettings
 from projections.presence import PresenceTable
 from projections.tailcfg import DERPMap, DNSConfig, DNSResolver
@@ -91,7 +96,8 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     for url in config.derp.urls:
         from relay.fetch import fetch_derp_map
 
-        sources.append(parse_derp_map(await fetch_derp_map(url), name=url))
+        with trio.fail_after(30):
+            sources.append(parse_derp_map(await fetch_derp_map(url), name=url))
     if sources:
         derp = merge_derp_maps([*sources], embedded=(derp.regions or {}).get(config.derp.server.region_id) if config.derp.server.enabled else None, omit_default_regions=config.derp.omit_default_regions)
     if single_point_of_failure(derp):
