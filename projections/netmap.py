@@ -30,7 +30,7 @@ from typing import Final, Protocol
 import msgspec
 
 from .delta import Delta
-from .policy import NodeNetmap
+from .policy import CompiledPolicy, NodeNetmap
 from .presence import NodePresence
 from .state import Node, TailnetState
 from .tailcfg import (
@@ -70,6 +70,10 @@ class PolicyView(Protocol):
         """The policy's part of ``node_id``'s map: filter, visible peers, routes, caps."""
         ...
 
+    def compiled(self, state: TailnetState) -> CompiledPolicy:
+        """The compiled policy, for per-pair questions (the incremental path)."""
+        ...
+
 
 def wire_cap_map(caps: dict[str, msgspec.Raw | None]) -> WireCapMap | None:
     """The engine's capability map (values are JSON arrays) in tailcfg's shape."""
@@ -80,11 +84,52 @@ def wire_cap_map(caps: dict[str, msgspec.Raw | None]) -> WireCapMap | None:
 
 @dataclass(frozen=True)
 class NetmapSettings:
-    """Tailnet-wide parts of every map (from configuration)."""
+    """Tailnet-wide parts of every map (from configuration), and the peer cache
+    every stream of the server shares."""
 
     domain: str
     derp_map: DERPMap
     dns: DNSConfig | None = None
+    peers: PeerCache = field(default_factory=lambda: PeerCache(), compare=False)
+
+
+class PeerCache:
+    """One shared ``tailcfg.Node`` per peer version, so viewers hold references to the
+    same immutable object instead of a copy each (peer data is shared, not copied per
+    viewer). Keyed by node id; the entry is reused while the node record, its
+    presence and the policy's view of it are the same objects/values."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple[object, ...], WireNode]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(
+        self,
+        node: Node,
+        presence: NodePresence | None,
+        settings: NetmapSettings,
+        allowed_ips: tuple[str, ...],
+        primary_routes: tuple[str, ...],
+        cap_map: dict[str, msgspec.Raw | None],
+    ) -> WireNode:
+        caps = tuple((k, bytes(v) if v is not None else None) for k, v in cap_map.items())
+        entry = self._entries.get(node.id)
+        if entry is not None:
+            key, wire = entry
+            if key[0] is node and key[1] is presence and key[2:] == (allowed_ips, primary_routes, caps):
+                self.hits += 1
+                return wire
+        self.misses += 1
+        wire = wire_node(
+            node, presence, settings, allowed_ips=allowed_ips, primary_routes=primary_routes,
+            cap_map=cap_map, is_self=False,
+        )
+        self._entries[node.id] = ((node, presence, allowed_ips, primary_routes, caps), wire)
+        return wire
+
+    def forget(self, node_id: int) -> None:
+        self._entries.pop(node_id, None)
 
 
 def _user_id(node: Node) -> int:
@@ -140,9 +185,8 @@ def _peer_nodes(
         peer = state.nodes.get(view.node_id)
         if peer is None or peer.is_expired(now):
             continue  # an expired node drops out of its peers' maps at once
-        out[view.node_id] = wire_node(
-            peer, presence(peer.id), settings, allowed_ips=view.allowed_ips,
-            primary_routes=view.primary_routes, cap_map=view.cap_map, is_self=False,
+        out[view.node_id] = settings.peers.get(
+            peer, presence(peer.id), settings, view.allowed_ips, view.primary_routes, view.cap_map
         )
     return out
 
@@ -231,10 +275,17 @@ class StreamView:
         presence_changed: set[int],
     ) -> MapResponse | None:
         """The message that brings the client from what it was sent to ``state``;
-        ``None`` when nothing it can see changed."""
+        ``None`` when nothing it can see changed.
+
+        When only *other* nodes changed (no policy, user or self change, and no route
+        that could move a primary), only those nodes are looked at: the cost is the
+        size of the change, not of the tailnet.
+        """
         node = state.nodes.get(self.node_id)
         if node is None:
             return None
+        if self._incremental_ok(state, delta, presence_changed):
+            return self._update_incremental(state, node, now, delta, presence_changed)
         netmap = self.policy.netmap(state, node.id)
         visible = _peer_nodes(state, netmap, self.presence, self.settings, now)
         changed: list[WireNode] = []
@@ -244,7 +295,7 @@ class StreamView:
             del self.peers[nid]
         for nid, new in visible.items():
             old = self.peers.get(nid)
-            if old == new:
+            if old is new or old == new:
                 continue
             self.peers[nid] = new
             if old is None or _structural(old) != _structural(new):
@@ -283,6 +334,79 @@ class StreamView:
             msg["peers_changed_patch"] = patches
         if new_profiles:
             msg["user_profiles"] = new_profiles
+        if not msg:
+            return None
+        return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
+
+    def _incremental_ok(self, state: TailnetState, delta: Delta, presence_changed: set[int]) -> bool:
+        if delta.policy or delta.users_changed or delta.users_removed or self.self_node is None:
+            return False
+        me = self.node_id
+        if me in delta.nodes_changed or me in presence_changed:
+            return False
+        for nid in delta.nodes_changed | delta.nodes_removed:
+            n = state.nodes.get(nid)
+            if n is not None and (n.advertised_routes or n.approved_routes):
+                return False  # a route can move a primary: other peers' views change
+            sent = self.peers.get(nid)
+            if sent is not None and sent.primary_routes:
+                return False
+        return True
+
+    def _update_incremental(
+        self, state: TailnetState, node: Node, now: datetime, delta: Delta, presence_changed: set[int]
+    ) -> MapResponse | None:
+        compiled = self.policy.compiled(state)
+        changed: list[WireNode] = []
+        patches: list[PeerChange] = []
+        removed: list[int] = []
+        new_users: list[Node] = []
+        for nid in sorted(delta.nodes_changed | delta.nodes_removed | presence_changed):
+            if nid == self.node_id:
+                continue
+            peer = state.nodes.get(nid)
+            view = compiled.peer_view(self.node_id, nid) if peer is not None else None
+            old = self.peers.get(nid)
+            if peer is None or view is None or peer.is_expired(now):
+                if old is not None:
+                    del self.peers[nid]
+                    removed.append(nid)
+                continue
+            new = self.settings.peers.get(
+                peer, self.presence(nid), self.settings, view.allowed_ips, view.primary_routes, view.cap_map
+            )
+            if old is new or old == new:
+                continue
+            self.peers[nid] = new
+            if old is None or _structural(old) != _structural(new):
+                changed.append(new)
+                if _user_id(peer) not in self.profiles:
+                    new_users.append(peer)
+            else:
+                patches.append(_patch(old, new))
+        msg: dict[str, object] = {}
+        pf = msgspec.Raw(_encoder.encode(compiled.packet_filter(self.node_id)))
+        if bytes(pf) != self.packet_filter:
+            self.packet_filter = bytes(pf)
+            msg["packet_filters"] = {"base": pf}
+        if delta.nodes_changed or delta.nodes_removed:
+            ssh_struct = compiled.ssh_policy(self.node_id)
+            ssh = msgspec.Raw(_encoder.encode(ssh_struct)) if ssh_struct is not None else None
+            ssh_bytes = bytes(ssh) if ssh is not None else None
+            if ssh_bytes != self.ssh_policy:
+                self.ssh_policy = ssh_bytes
+                msg["ssh_policy"] = ssh if ssh is not None else _NO_SSH
+        profiles = _profiles(state, new_users)
+        for p in profiles:
+            self.profiles[p.id] = p
+        if changed:
+            msg["peers_changed"] = changed
+        if removed:
+            msg["peers_removed"] = removed
+        if patches:
+            msg["peers_changed_patch"] = patches
+        if profiles:
+            msg["user_profiles"] = profiles
         if not msg:
             return None
         return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]

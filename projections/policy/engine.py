@@ -376,24 +376,66 @@ class CompiledPolicy:
         """The visible peers with their addresses and routes as seen by the node."""
         viewer = self._node(node_id)
         reach = self._reach(node_id)[0]
-        out: list[PeerView] = []
-        for peer_id in self.peer_ids(node_id):
-            peer = self._node(peer_id)
-            routes: list[Prefix] = []
-            if peer.subnet_routes or peer.exit_routes:
-                via = via_routes_for_peer(viewer, peer, self.via_grants, self.grants, self.tailnet)
-                routes = routes_for_peer(viewer, peer, reach, self.primaries_by_node, via)
-            attrs = self.node_attrs.get(peer_id, ())
-            addresses = _addresses(peer, attrs + self.node_attrs.get(node_id, ()))
-            out.append(
-                PeerView(
-                    node_id=peer_id,
-                    allowed_ips=tuple(sorted(addresses + [prefix_str(r) for r in routes])),
-                    primary_routes=tuple(prefix_str(r) for r in routes if r.bits != 0),
-                    cap_map=peer_cap_map(self.tailnet, peer, attrs),
-                )
-            )
-        return tuple(out)
+        return tuple(self._peer_view(viewer, reach, peer_id) for peer_id in self.peer_ids(node_id))
+
+    def _peer_view(self, viewer: NodeInfo, reach: IPSet, peer_id: int) -> PeerView:
+        peer = self._node(peer_id)
+        routes: list[Prefix] = []
+        if peer.subnet_routes or peer.exit_routes:
+            via = via_routes_for_peer(viewer, peer, self.via_grants, self.grants, self.tailnet)
+            routes = routes_for_peer(viewer, peer, reach, self.primaries_by_node, via)
+        attrs = self.node_attrs.get(peer_id, ())
+        addresses = _addresses(peer, attrs + self.node_attrs.get(viewer.id, ()))
+        return PeerView(
+            node_id=peer_id,
+            allowed_ips=tuple(sorted(addresses + [prefix_str(r) for r in routes])),
+            primary_routes=tuple(prefix_str(r) for r in routes if r.bits != 0),
+            cap_map=peer_cap_map(self.tailnet, peer, attrs),
+        )
+
+    def visible_one(self, a: int, b: int) -> bool:
+        """Whether ``b`` is a peer of ``a``, without building ``a``'s whole peer set.
+
+        The same test as :meth:`peer_id_set` applied to one candidate: cost is one
+        fold of ``a``'s matchers (cached) plus ``b``'s addresses and routes.
+        """
+        if a == b or b not in self.tailnet.nodes or a not in self.tailnet.nodes:
+            return False
+        cached = self._peer_sets.get(a)
+        if cached is not None:
+            return b in cached
+        if self.via_grants:
+            return b in self.peer_id_set(a)
+        reach, exit_reach, internet = self._reach(a)
+        peer = self._node(b)
+        for part in (reach, exit_reach):
+            if part.contains_any(peer.addrs) or any(part.overlaps_prefix(r) for r in peer.subnet_routes):
+                return True
+        return internet and peer.is_exit
+
+    def peer_view(self, viewer_id: int, peer_id: int) -> PeerView | None:
+        """How ``viewer_id`` sees ``peer_id``, or ``None`` when it is not a peer."""
+        if not self.visible_one(viewer_id, peer_id):
+            return None
+        return self._peer_view(self._node(viewer_id), self._reach(viewer_id)[0], peer_id)
+
+    def self_view(self, node_id: int) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, CapValue]]:
+        """The node's own ``(AllowedIPs, PrimaryRoutes, CapMap)`` without its peers."""
+        node = self._node(node_id)
+        attrs = self.node_attrs.get(node_id, ())
+        own_routes = [prefix_str(r) for r in node.node.served_routes()]
+        return (
+            tuple(_addresses(node, attrs) + own_routes),
+            tuple(prefix_str(r) for r in self.primaries_by_node.get(node_id, ())),
+            self_cap_map(self.tailnet, attrs),
+        )
+
+    def ssh_policy(self, node_id: int) -> SSHPolicy | None:
+        """The node's SSH policy (computed from the netmap's cache when present)."""
+        cached = self._netmaps.get(node_id)
+        if cached is not None:
+            return cached.ssh_policy
+        return compile_ssh_policy(self.resolver, self._node(node_id), self.control_url)
 
     def netmap(self, node_id: int) -> NodeNetmap:
         """Everything the policy contributes to the node's MapResponse."""
