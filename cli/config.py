@@ -56,18 +56,34 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     path: str = ""
 
 
+class DerpMeshPeerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Another relay of the same region (``[[derp.server.mesh_with]]``)."""
+
+    url: str  # https://host:port/derp (http:// behind a TLS-terminating proxy)
+    cert_name: str = ""  # sha256-raw:<hex> pin when that relay is self-signed
+    dial_host: str = ""  # connect here instead of the URL's host (private address)
+
+
 class DerpServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = False
     region_id: int = 999
     region_code: str = "tailledger"
     region_name: str = "tailledger embedded DERP"
+    node_name: str = ""  # this relay's node name in the region; default "<region_id>a"
     listen_addr: str = "127.0.0.1:3340"
     stun_listen_addr: str = "127.0.0.1:3478"
     hostname: str = ""  # what clients dial; default: the listen address's host
+    # Ports announced in the DERP map when a proxy or NAT sits in front (0 = the bound port).
+    public_derp_port: int = 0
+    public_stun_port: int = 0
     ipv4: str = ""
     tls: bool = True  # serve DERP over TLS (self-signed unless cert/key files are given)
     cert_file: str = ""
     key_file: str = ""
+    # Meshing: the relays of one region share a key and forward packets to each other.
+    mesh_key: str = ""  # 64 hex digits, shared by every relay of the region
+    mesh_key_file: str = ""  # or a file holding it (like derper's --mesh-psk-file)
+    mesh_with: list[DerpMeshPeerConfig] = msgspec.field(default_factory=list)
 
 
 class DerpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -254,5 +270,51 @@ def validate(config: Config) -> None:
         split_host_port(config.derp.server.stun_listen_addr, "derp.server.stun_listen_addr")
         if not 1 <= config.derp.server.region_id < 2**53:
             raise ConfigError("derp.server.region_id: must be between 1 and 2^53-1")
+    for what, value in (
+        ("derp.server.public_derp_port", config.derp.server.public_derp_port),
+        ("derp.server.public_stun_port", config.derp.server.public_stun_port),
+    ):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{what}: {value} is not a port (0 = the bound port)")
+    _validate_mesh(config.derp.server)
     if not config.dns.base_domain and config.dns.magic_dns:
         raise ConfigError("dns.base_domain: MagicDNS needs a base domain")
+
+
+def _validate_mesh(ds: DerpServerConfig) -> None:
+    if ds.mesh_key and ds.mesh_key_file:
+        raise ConfigError("derp.server: give mesh_key or mesh_key_file, not both")
+    if ds.mesh_key and not _is_mesh_key(ds.mesh_key):
+        raise ConfigError("derp.server.mesh_key: must be 64 hexadecimal digits")
+    if ds.mesh_with and not (ds.mesh_key or ds.mesh_key_file):
+        raise ConfigError("derp.server.mesh_with: meshing needs mesh_key or mesh_key_file")
+    for i, peer in enumerate(ds.mesh_with):
+        scheme = peer.url.partition("://")[0]
+        if scheme not in ("http", "https") or "://" not in peer.url:
+            raise ConfigError(f"derp.server.mesh_with[{i}].url: {peer.url!r} is not an http(s):// DERP URL")
+        if peer.cert_name and not peer.cert_name.startswith("sha256-raw:"):
+            raise ConfigError(f"derp.server.mesh_with[{i}].cert_name: only sha256-raw:<hex> pins are supported")
+
+
+def _is_mesh_key(text: str) -> bool:
+    text = text.strip()
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def read_mesh_key(ds: DerpServerConfig) -> str | None:
+    """The region's mesh key from ``mesh_key`` or ``mesh_key_file``; ``None`` when not meshing.
+
+    Raises:
+        ConfigError: the file is unreadable or does not hold 64 hexadecimal digits.
+    """
+    if ds.mesh_key:
+        return ds.mesh_key.strip()
+    if not ds.mesh_key_file:
+        return None
+    try:
+        text = Path(ds.mesh_key_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"derp.server.mesh_key_file: cannot read {ds.mesh_key_file}: {exc.strerror}") from None
+    if not _is_mesh_key(text):
+        raise ConfigError(f"derp.server.mesh_key_file: {ds.mesh_key_file} does not hold 64 hexadecimal digits")
+    return text

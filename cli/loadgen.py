@@ -159,7 +159,7 @@ class _Client:
         )
 
     def observe(self, view: _MapView, now: float) -> None:
-        if view.Node is not None and view.Peers is not None or view.Node is not None and self.full_maps == 0:
+        if (view.Node is not None and view.Peers is not None) or (view.Node is not None and self.full_maps == 0):
             self.full_maps += 1
         for peer in view.Peers or ():
             self.seen.setdefault(peer.Key, now)
@@ -195,7 +195,7 @@ class _Client:
                                     self.observe(_decoder.decode(raw), now)
                                     self.ready.set()
                         nursery.cancel_scope.cancel()
-            except (OSError, trio.BrokenResourceError, Exception) as exc:  # noqa: BLE001
+            except (OSError, trio.BrokenResourceError, Exception) as exc:
                 if isinstance(exc, RuntimeError) and "pre-auth" in str(exc):
                     raise
             await trio.sleep(random.uniform(0.2, 1.0))  # like a real client's backoff

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .adminsock import AdminError, call
 from .config import Config, ConfigError, load_config

@@ -4,6 +4,11 @@ The control port serves ``/key`` and ``/ts2021`` (the Tailscale control protocol
 hands every other HTTP request to hypercorn running the Quart app (:mod:`cli.web`).
 The embedded DERP relay, when enabled, runs beside it with its own consumer of the log
 and becomes region ``derp.server.region_id`` of the DERP map.
+
+The DERP map is assembled once at start-up (:func:`assemble_derp_map`): ``derp.paths``
+files, then ``derp.urls`` documents, then the embedded region; ``docs/derp.md`` explains
+the options. :func:`relay_config` turns ``derp.server`` into the relay's settings for
+``tailledger serve`` and ``tailledger relay`` alike.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -18,6 +25,7 @@ import trio
 
 from projections import AddressPlan, AllocationMode, ProjectionRunner
 from projections.derpmap import (
+    DerpMapError,
     DerpMapSource,
     merge_derp_maps,
     parse_derp_map,
@@ -25,20 +33,28 @@ from projections.derpmap import (
 )
 from projections.netmap import NetmapSettings
 from projections.presence import PresenceTable
-from projections.tailcfg import DERPMap, DNSConfig, DNSResolver
+from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import generate_private_key, public_key, serve_control
 from protocol.control import Control, ControlSettings
 
-from .config import Config, split_host_port
+from .config import Config, ConfigError, read_mesh_key, split_host_port
 from .durations import parse_duration
 from .web import make_app
 
 if TYPE_CHECKING:
-    from relay.serve import RelayConfig
+    from relay.serve import RelayConfig, RelayServer
 
     from .server import Server
 
-__all__ = ["dns_config", "load_noise_key", "start_network"]
+__all__ = [
+    "TAILSCALE_DEFAULT_DERP_MAP_URL",
+    "assemble_derp_map",
+    "dns_config",
+    "load_noise_key",
+    "relay_config",
+    "relay_region",
+    "start_network",
+]
 
 log = logging.getLogger("tailledger")
 
@@ -81,25 +97,83 @@ def address_plan(config: Config) -> AddressPlan:
     return AddressPlan(v4, v6, AllocationMode(config.prefixes.allocation))
 
 
-def _file_sources(config: Config) -> list[DerpMapSource]:
-    return [parse_derp_map(Path(p).read_bytes(), name=p) for p in config.derp.paths]
+#: Tailscale's public DERP map. Listed in ``derp.urls`` it is the *default regions*
+#: source of :func:`projections.derpmap.merge_derp_maps`: below every other source,
+#: and dropped by ``derp.omit_default_regions`` or a source's ``omitDefaultRegions``.
+TAILSCALE_DEFAULT_DERP_MAP_URL = "https://controlplane.tailscale.com/derpmap/default"
+
+
+def assemble_derp_map(
+    config: Config,
+    *,
+    files: Mapping[str, bytes],
+    urls: Mapping[str, bytes],
+    embedded: DERPRegion | None,
+) -> DERPMap:
+    """The DERP map clients get, from already-read sources (pure).
+
+    Sources in order: ``derp.paths`` files, then ``derp.urls`` documents, then the
+    embedded relay's region (which wins over a same-ID region). Tailscale's public
+    map, if listed in ``derp.urls``, goes *below* everything as the default regions
+    and is left out entirely when ``derp.omit_default_regions`` is true or any source
+    says ``"omitDefaultRegions": true``.
+
+    Args:
+        config: The configuration (``derp.paths``, ``derp.urls``, ``omit_default_regions``).
+        files: Contents of every ``derp.paths`` entry.
+        urls: Body fetched from every ``derp.urls`` entry.
+        embedded: The embedded relay's region, or ``None``.
+
+    Raises:
+        ConfigError: a source is not a valid DERP map (the message names it).
+    """
+    default: DerpMapSource | None = None
+    sources: list[DerpMapSource] = []
+    try:
+        sources.extend(parse_derp_map(files[p], name=p) for p in config.derp.paths)
+        for url in config.derp.urls:
+            source = parse_derp_map(urls[url], name=url)
+            if url.rstrip("/") == TAILSCALE_DEFAULT_DERP_MAP_URL:
+                default = source
+            else:
+                sources.append(source)
+        return merge_derp_maps(
+            sources,
+            default_map=default,
+            embedded=embedded,
+            omit_default_regions=config.derp.omit_default_regions,
+        )
+    except DerpMapError as exc:
+        raise ConfigError(f"derp: {exc}") from None
+
+
+async def _read_derp_sources(config: Config) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Read the ``derp.paths`` files and fetch the ``derp.urls`` (once, at start-up)."""
+    from relay.fetch import DerpMapFetchError, fetch_derp_map
+
+    files: dict[str, bytes] = {}
+    for path in config.derp.paths:
+        try:
+            files[path] = await trio.to_thread.run_sync(Path(path).read_bytes)
+        except OSError as exc:
+            raise ConfigError(f"derp.paths: cannot read {path}: {exc.strerror}") from None
+    urls: dict[str, bytes] = {}
+    for url in config.derp.urls:
+        try:
+            with trio.fail_after(30):
+                urls[url] = await fetch_derp_map(url)
+        except (DerpMapFetchError, trio.TooSlowError) as exc:
+            raise ConfigError(f"derp.urls: cannot fetch {url}: {exc or 'timed out after 30 s'}") from None
+    return files, urls
 
 
 async def start_network(server: Server, nursery: trio.Nursery) -> None:
     config = server.config
     presence = PresenceTable()
     server.presence = presence
-    derp = DERPMap(regions={})
-    if config.derp.server.enabled:
-        derp = await _start_relay(server, nursery)
-    sources = _file_sources(config)
-    for url in config.derp.urls:
-        from relay.fetch import fetch_derp_map
-
-        with trio.fail_after(30):
-            sources.append(parse_derp_map(await fetch_derp_map(url), name=url))
-    if sources:
-        derp = merge_derp_maps([*sources], embedded=(derp.regions or {}).get(config.derp.server.region_id) if config.derp.server.enabled else None, omit_default_regions=config.derp.omit_default_regions)
+    embedded = await _start_relay(server, nursery) if config.derp.server.enabled else None
+    files, urls = await _read_derp_sources(config)
+    derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
     if single_point_of_failure(derp):
         log.warning(
             "the DERP map has a single relay: it is a single point of failure for NAT traversal; "
@@ -136,8 +210,12 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
 
 
 def relay_config(config: Config) -> RelayConfig:
-    """The relay's settings from ``derp.server``."""
-    from relay.serve import RelayConfig
+    """The relay's settings from ``derp.server`` (the same for ``serve`` and ``relay``).
+
+    Raises:
+        ConfigError: a listen address is malformed or the mesh key file is unusable.
+    """
+    from relay.serve import MeshPeer, RelayConfig
 
     ds = config.derp.server
     host, port = split_host_port(ds.listen_addr, "derp.server.listen_addr")
@@ -155,17 +233,40 @@ def relay_config(config: Config) -> RelayConfig:
         hostnames=(ds.hostname or host,),
         stun_host=stun_host,
         stun_port=stun_port,
+        mesh_key=read_mesh_key(ds),
+        mesh_with=tuple(
+            MeshPeer(url=p.url, cert_name=p.cert_name or None, dial_host=p.dial_host or None)
+            for p in ds.mesh_with
+            if not _is_this_relay(
+                p.url, p.dial_host, names={ds.hostname, host} - {""}, ports={port, ds.public_derp_port} - {0}
+            )
+        ),
     )
 
 
-async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPMap:
+def _is_this_relay(url: str, dial_host: str, *, names: set[str], ports: set[int]) -> bool:
+    """Whether a ``mesh_with`` URL names the relay being configured.
+
+    Every relay of a region can then share one ``mesh_with`` list, as with
+    derper's ``--mesh-with``. Skipping ourselves here matters: a relay refuses a
+    client that presents the relay's own key, so a self-link would never come
+    up and would be retried (and logged) forever.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        peer_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    hosts = {h for h in (parts.hostname, dial_host) if h}
+    return peer_port in ports and bool(hosts & {n.strip("[]").lower() for n in names})
+
+
+async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPRegion:
     from relay.logauth import LogAuthorizer
     from relay.serve import serve_relay
 
     config = server.config
-    ds = config.derp.server
     rc = relay_config(config)
-    public_host = rc.hostnames[0]
     # The relay is its own consumer of the log: its own runner and checkpoint.
     runner = ProjectionRunner(server.log, server.checkpoints, name="relay")
     await nursery.start(runner.run)
@@ -174,8 +275,19 @@ async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPMap:
     relay = await nursery.start(serve_relay, rc, auth)
     server.relay = relay
     await nursery.start(auth.run, relay.revoke)
-    region = relay.derp_region(
+    return relay_region(config, relay)
+
+
+def relay_region(config: Config, relay: RelayServer) -> DERPRegion:
+    """The running relay as the one-node DERP region ``derp.server`` describes.
+
+    HostName is ``derp.server.hostname`` (default: the listen host), the ports are
+    ``public_derp_port`` / ``public_stun_port`` or else the bound ones, and CertName
+    pins the self-signed certificate, if that is in use.
+    """
+    ds = config.derp.server
+    return relay.derp_region(
         region_id=ds.region_id, region_code=ds.region_code, region_name=ds.region_name,
-        host_name=public_host, ipv4=ds.ipv4 or None,
+        host_name=ds.hostname or None, ipv4=ds.ipv4 or None, node_name=ds.node_name or None,
+        public_derp_port=ds.public_derp_port or None, public_stun_port=ds.public_stun_port or None,
     )
-    return merge_derp_maps([], embedded=region)

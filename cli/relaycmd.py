@@ -15,9 +15,11 @@ import trio
 
 from eventlog import EventLog, SQLiteEventStore
 from projections import CheckpointStore, ProjectionRunner
+from projections.derpmap import merge_derp_maps
+from projections.tailcfg import encode
 
 from .config import Config
-from .network import relay_config
+from .network import relay_config, relay_region
 
 __all__ = ["run_relay"]
 
@@ -29,6 +31,7 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
     from relay.serve import serve_relay
 
     store = SQLiteEventStore(config.database_path, read_only=True)
+    config.data_path.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db")
     try:
         events = EventLog(store, poll_interval=0.5)
@@ -40,6 +43,10 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
             relay = await nursery.start(serve_relay, relay_config(config), auth)
             await nursery.start(auth.run, relay.revoke)
             log.info("relay following the log at %s (head %d)", config.database_path, runner.state.seq)
+            # What the control server's DERP map needs to name this relay (derp.paths),
+            # including the CertName pin of a self-signed certificate made on first start.
+            derp_map = merge_derp_maps([], embedded=relay_region(config, relay))
+            log.info("relay: DERP map for this relay: %s", encode(derp_map).decode())
             task_status.started(relay)
     finally:
         checkpoints.close()

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
     from prometheus_client.metrics_core import Metric
 
+    from relay.serve import RelayServer
+
     from .server import Server
 
 __all__ = ["make_app", "metrics_registry"]
@@ -53,11 +55,31 @@ class _ServerCollector(Collector):
         if s.control is not None:
             yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams_open)
         if s.relay is not None:
-            stats = s.relay.stats()
-            for name in stats.__struct_fields__:
-                value = getattr(stats, name)
-                if isinstance(value, int | float):
-                    yield GaugeMetricFamily(f"tailledger_relay_{name}", f"DERP relay: {name}", value=value)
+            yield from _relay_metrics(s.relay)
+
+
+def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:
+    """The embedded relay's counters: ``tailledger_relay_<field>`` (DERP core),
+    ``tailledger_relay_http_<field>`` (its HTTP front door), ``tailledger_relay_stun_<field>``
+    and, per drop reason, ``tailledger_relay_drops{reason=...}`` / ``..._bytes_dropped``.
+    """
+    stats = relay.stats()
+    for name in stats.__struct_fields__:
+        value = getattr(stats, name)
+        if isinstance(value, int | float):
+            yield GaugeMetricFamily(f"tailledger_relay_{name}", f"DERP relay: {name}", value=value)
+        elif isinstance(value, dict):
+            family = GaugeMetricFamily(f"tailledger_relay_{name}", f"DERP relay: {name} by reason", labels=["reason"])
+            for reason, count in sorted(value.items()):
+                family.add_metric([str(reason)], count)
+            yield family
+    http = relay.http_stats()
+    for name in http.__struct_fields__:
+        yield GaugeMetricFamily(f"tailledger_relay_http_{name}", f"DERP relay HTTP front: {name}", value=getattr(http, name))
+    if relay.stun is not None:
+        stun = relay.stun.stats()
+        for name in stun.__struct_fields__:
+            yield GaugeMetricFamily(f"tailledger_relay_stun_{name}", f"STUN server: {name}", value=getattr(stun, name))
 
 
 def metrics_registry(server: Server) -> CollectorRegistry:

@@ -104,7 +104,7 @@ class PolicyCompiler:
             self.full_compiles += 1
         else:
             compiled = old
-            for nid, old_node in old_state.nodes.items():
+            for nid in old_state.nodes:
                 if nid not in state.nodes:
                     compiled = compiled.without_node(nid)
             for nid, node in state.nodes.items():
