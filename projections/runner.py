@@ -50,6 +50,11 @@ class Subscription:
         if self._notify is not None:
             self._notify()
 
+    @property
+    def pending(self) -> Delta:
+        """The merged change not yet taken (without taking it)."""
+        return self._pending
+
     def take(self) -> Delta:
         """The merged change since the last call (empty when nothing changed); no wait."""
         delta, self._pending = self._pending, Delta()

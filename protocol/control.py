@@ -86,6 +86,7 @@ class ControlSettings:
     node_key_expiry: timedelta | None = None
     keepalive_interval: float = 55.0
     coalesce: float = 0.05
+    presence_coalesce: float = 0.5
     offline_grace: float = 5.0
     ephemeral_timeout: timedelta | None = timedelta(minutes=30)
 
@@ -511,8 +512,13 @@ class Control:
         return StreamView(node_id, self.policy, self.settings.netmap, self.presence.get)
 
     async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes]:
-        wake = _Wake()
-        sub = self.tailnet.runner.subscribe(wake.set)
+        wake, log_wake = _Wake(), _Wake()
+
+        def on_log_change() -> None:
+            wake.set()
+            log_wake.set()
+
+        sub = self.tailnet.runner.subscribe(on_log_change)
         watcher = self.presence.watch(wake.set)
         clock = self.tailnet.clock
         generation = self.presence.connect(node_id, clock())
@@ -530,6 +536,12 @@ class Control:
                 with trio.move_on_after(max(timeout, 0)):
                     await wake.wait()
                     await trio.sleep(self.settings.coalesce)  # let a burst settle
+                    if sub.pending.is_empty():
+                        # Only presence changed (endpoints, online): not urgent, so
+                        # gather more of it, unless a log change arrives meanwhile.
+                        with trio.move_on_after(self.settings.presence_coalesce):
+                            await log_wake.wait()
+                log_wake.event = trio.Event()
                 delta, changed = sub.take(), watcher.take()
                 state = self.tailnet.state
                 if node_id not in state.nodes:

@@ -9,6 +9,7 @@ full map a fresh stream of the same node receives at that moment.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -49,6 +50,10 @@ class _Follower:
 async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int) -> None:
     rnd = random.Random(seed)
     async with running(tmp_path, **{"ephemeral_node_inactivity_timeout": "0"}) as server:
+        assert server.control is not None
+        # Presence-only changes are normally gathered for half a second; the checks
+        # below wait for quiet streams, so make that short.
+        server.control.settings = dataclasses.replace(server.control.settings, presence_coalesce=0.05)
         keys = {u: await make_key(server, u, reusable=True) for u in ("alice", "bob")}
         watchers = [SimNode.new(f"watch-{i}") for i in range(3)]
         others: list[SimNode] = []
