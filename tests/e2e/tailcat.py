@@ -38,10 +38,12 @@ How it is driven (all flags must come before ports/arguments):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,10 @@ from .netns import LOOPBACK, NetNamespace
 from .processes import LogWaitTimeout, ManagedProcess, ProcessExitedError, start_process
 
 __all__ = [
+    "TailcatKey",
     "TailcatServer",
     "derp_map",
+    "genkey",
     "start_tailcat_forward",
     "start_tailcat_server",
     "tailcat_env",
@@ -144,6 +148,57 @@ def tailcat_env(
     return env
 
 
+@dataclass(frozen=True)
+class TailcatKey:
+    """A persistent tailcat key made by `genkey`.
+
+    Attributes:
+        name: Its name under ``$XDG_CONFIG_HOME/tailcat/keys``.
+        path: The ``<name>.private.json`` file (usable as ``--key=<path>``).
+        node_public: The 32-byte node public key: what the DERP relay sees
+            as the client's key, and what a control server registers.
+    """
+
+    name: str
+    path: Path
+    node_public: bytes
+
+    @property
+    def node_key(self) -> str:
+        """``nodekey:<hex>``."""
+        return "nodekey:" + self.node_public.hex()
+
+
+def genkey(
+    ns: NetNamespace, *, binary: Path, home: Path, name: str, client: bool = False
+) -> TailcatKey:
+    """Run ``tailcat genkey [--client] --key=<name>`` with `home` as HOME.
+
+    Runs inside `ns` (a server key's region defaults to ``auto``, so nothing
+    is fetched; the namespace makes sure of it).
+
+    Args:
+        ns: Namespace.
+        binary: The tailcat executable.
+        home: HOME of the tailcat "user" (see `tailcat_env`).
+        name: Key name.
+        client: Make a client identity key instead of a server key.
+
+    Returns:
+        The key, with the node public key read back from the key file.
+    """
+    argv = [str(binary), "genkey", f"--key={name}"]
+    if client:
+        argv.insert(2, "--client")
+    env = tailcat_env(home)
+    ns.run(argv, env=env)
+    path = home / ".config" / "tailcat" / "keys" / f"{name}.private.json"
+    public = json.loads(path.read_text())["Public"]["ServerPublic"]
+    if not public.startswith("nodekey:"):
+        raise AssertionError(f"unexpected key file {path}: {public!r}")
+    return TailcatKey(name, path, bytes.fromhex(public.removeprefix("nodekey:")))
+
+
 class TailcatServer:
     """A running ``tailcat serve`` process.
 
@@ -193,8 +248,9 @@ def start_tailcat_server(
     extra_args: Sequence[str] = (),
     derp_over_http: bool = True,
     env_extra: Mapping[str, str] | None = None,
+    key: str = "new",
 ) -> TailcatServer:
-    """Start ``tailcat serve`` with an ephemeral key in `ns`.
+    """Start ``tailcat serve`` in `ns` (ephemeral key unless `key` says otherwise).
 
     Args:
         ns: Namespace.
@@ -208,6 +264,8 @@ def start_tailcat_server(
         extra_args: More ``serve`` flags (e.g. ``--allow=...``).
         derp_over_http: See `tailcat_env`.
         env_extra: More environment.
+        key: ``--key``: ``new`` (ephemeral), a key name, or a key file path
+            (see `genkey`).
 
     Returns:
         The server; call `TailcatServer.wait_address`.
@@ -215,7 +273,7 @@ def start_tailcat_server(
     home = work_dir / name
     home.mkdir(parents=True, exist_ok=False)
     addr_file = home / "address"
-    argv = [str(binary), "serve", f"--derpmap-url={derpmap_url}", "--key=new"]
+    argv = [str(binary), "serve", f"--derpmap-url={derpmap_url}", f"--key={key}"]
     if verbose:
         argv.append("--verbose")
     argv += [*extra_args, ",".join(serve)]
