@@ -52,6 +52,16 @@ def _node_changed(state: TailnetState, node: Node, seq: int) -> tuple[TailnetSta
     )
 
 
+def _update_node(
+    state: TailnetState, node_id: int, seq: int, **changes: object
+) -> tuple[TailnetState, Delta]:
+    """Replace fields of one node; an unknown node (deleted earlier) changes nothing."""
+    node = state.nodes.get(node_id)
+    if node is None:
+        return state, Delta()
+    return _node_changed(state, replace(node, **changes), seq)
+
+
 def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, Delta]:
     """Fold one recorded event into ``state``; return the new state and what changed."""
     state = replace(state, seq=recorded.seq, last_event_at=recorded.recorded_at)
@@ -198,32 +208,15 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 recorded.seq,
             )
         case NodeRenamed():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(state, replace(node_old, given_name=event.given_name), recorded.seq)
+            return _update_node(state, event.node_id, recorded.seq, given_name=event.given_name)
         case NodeHostnameChanged():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(state, replace(node_old, hostname=event.hostname), recorded.seq)
+            return _update_node(state, event.node_id, recorded.seq, hostname=event.hostname)
         case NodeTagsSet():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(state, replace(node_old, tags=event.tags), recorded.seq)
+            return _update_node(state, event.node_id, recorded.seq, tags=event.tags)
         case NodeExpirySet():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(state, replace(node_old, expiry=event.expiry), recorded.seq)
+            return _update_node(state, event.node_id, recorded.seq, expiry=event.expiry)
         case NodeLoggedOut():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(
-                state, replace(node_old, expiry=event.at, logged_out=True), recorded.seq
-            )
+            return _update_node(state, event.node_id, recorded.seq, expiry=event.at, logged_out=True)
         case NodeDeleted():
             node_old = state.nodes.get(event.node_id)
             if node_old is None:
@@ -246,17 +239,9 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 node_by_ip=by_ip,
             ), Delta(nodes_removed=frozenset((node_old.id,)))
         case RoutesAdvertised():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(
-                state, replace(node_old, advertised_routes=event.routes), recorded.seq
-            )
+            return _update_node(state, event.node_id, recorded.seq, advertised_routes=event.routes)
         case RoutesApproved():
-            node_old = state.nodes.get(event.node_id)
-            if node_old is None:
-                return state, Delta()
-            return _node_changed(state, replace(node_old, approved_routes=event.routes), recorded.seq)
+            return _update_node(state, event.node_id, recorded.seq, approved_routes=event.routes)
         case PolicySet():
             return replace(
                 state,

@@ -30,7 +30,7 @@ from typing import Final, Protocol
 import msgspec
 
 from .delta import Delta
-from .policy import CompiledPolicy, NodeNetmap
+from .policy import CompiledPolicy, FilterRule, NodeNetmap, SSHPolicy
 from .presence import NodePresence
 from .state import Node, TailnetState
 from .tailcfg import (
@@ -307,15 +307,8 @@ class StreamView:
         if new_self != self.self_node:
             self.self_node = new_self
             msg["node"] = new_self
-        pf = msgspec.Raw(_encoder.encode(netmap.packet_filter))
-        if bytes(pf) != self.packet_filter:
-            self.packet_filter = bytes(pf)
-            msg["packet_filters"] = {"base": pf}
-        ssh = msgspec.Raw(_encoder.encode(netmap.ssh_policy)) if netmap.ssh_policy is not None else None
-        ssh_bytes = bytes(ssh) if ssh is not None else None
-        if ssh_bytes != self.ssh_policy:
-            self.ssh_policy = ssh_bytes
-            msg["ssh_policy"] = ssh if ssh is not None else _NO_SSH
+        self._filter_changes(netmap.packet_filter, msg)
+        self._ssh_changes(netmap.ssh_policy, msg)
         new_profiles = [
             p
             for p in _profiles(state, [node, *(state.nodes[i] for i in visible)])
@@ -337,6 +330,21 @@ class StreamView:
         if not msg:
             return None
         return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
+
+    def _filter_changes(self, rules: tuple[FilterRule, ...], msg: dict[str, object]) -> None:
+        """Put the packet filter in ``msg`` when it differs from what was sent."""
+        pf = msgspec.Raw(_encoder.encode(rules))
+        if bytes(pf) != self.packet_filter:
+            self.packet_filter = bytes(pf)
+            msg["packet_filters"] = {"base": pf}
+
+    def _ssh_changes(self, policy: SSHPolicy | None, msg: dict[str, object]) -> None:
+        """Put the SSH policy in ``msg`` when it differs from what was sent."""
+        ssh = msgspec.Raw(_encoder.encode(policy)) if policy is not None else None
+        ssh_bytes = bytes(ssh) if ssh is not None else None
+        if ssh_bytes != self.ssh_policy:
+            self.ssh_policy = ssh_bytes
+            msg["ssh_policy"] = ssh if ssh is not None else _NO_SSH
 
     def _incremental_ok(self, state: TailnetState, delta: Delta, presence_changed: set[int]) -> bool:
         if delta.policy or delta.users_changed or delta.users_removed or self.self_node is None:
@@ -385,17 +393,9 @@ class StreamView:
             else:
                 patches.append(_patch(old, new))
         msg: dict[str, object] = {}
-        pf = msgspec.Raw(_encoder.encode(compiled.packet_filter(self.node_id)))
-        if bytes(pf) != self.packet_filter:
-            self.packet_filter = bytes(pf)
-            msg["packet_filters"] = {"base": pf}
+        self._filter_changes(compiled.packet_filter(self.node_id), msg)
         if delta.nodes_changed or delta.nodes_removed:
-            ssh_struct = compiled.ssh_policy(self.node_id)
-            ssh = msgspec.Raw(_encoder.encode(ssh_struct)) if ssh_struct is not None else None
-            ssh_bytes = bytes(ssh) if ssh is not None else None
-            if ssh_bytes != self.ssh_policy:
-                self.ssh_policy = ssh_bytes
-                msg["ssh_policy"] = ssh if ssh is not None else _NO_SSH
+            self._ssh_changes(compiled.ssh_policy(self.node_id), msg)
         profiles = _profiles(state, new_users)
         for p in profiles:
             self.profiles[p.id] = p

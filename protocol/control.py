@@ -34,6 +34,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import msgspec
@@ -144,6 +145,25 @@ def _http_error(status: int, message: str) -> NoiseResponse:
     )
 
 
+_Keyed = TypeVar("_Keyed", RegisterRequest, MapRequest)
+
+
+def _decode_keyed(
+    body: bytes, decode: Callable[[bytes], _Keyed], what: str
+) -> tuple[_Keyed, bytes | None] | NoiseResponse:
+    """Decode a register or map body and its node key; an HTTP error if unusable."""
+    try:
+        req = decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return _http_error(400, f"invalid {what} request: {exc}")
+    if req.version < MIN_CAPABILITY_VERSION:
+        return _http_error(400, f"unsupported client version: capability {req.version}")
+    try:
+        return req, parse_key(KeyPrefix.NODE, req.node_key)
+    except KeyFormatError as exc:
+        return _http_error(400, str(exc))
+
+
 class Control:
     """The control handler (register, map) over one tailnet.
 
@@ -209,16 +229,10 @@ class Control:
     # -- register --------------------------------------------------------------------
 
     async def _register(self, request: NoiseRequest) -> NoiseResponse:
-        try:
-            rr = decode_register_request(request.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return _http_error(400, f"invalid register request: {exc}")
-        if rr.version < MIN_CAPABILITY_VERSION:
-            return _http_error(400, f"unsupported client version: capability {rr.version}")
-        try:
-            raw_nk = parse_key(KeyPrefix.NODE, rr.node_key)
-        except KeyFormatError as exc:
-            return _http_error(400, str(exc))
+        decoded = _decode_keyed(request.body, decode_register_request, "register")
+        if isinstance(decoded, NoiseResponse):
+            return decoded
+        rr, raw_nk = decoded
         if raw_nk is None:
             return _register_error("the register request has no node key")
         mk = request.machine_key.hex()
@@ -476,16 +490,10 @@ class Control:
     # -- map -----------------------------------------------------------------------------
 
     async def _map(self, request: NoiseRequest) -> NoiseResponse:
-        try:
-            mr = decode_map_request(request.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return _http_error(400, f"invalid map request: {exc}")
-        if mr.version < MIN_CAPABILITY_VERSION:
-            return _http_error(400, f"unsupported client version: capability {mr.version}")
-        try:
-            raw_nk = parse_key(KeyPrefix.NODE, mr.node_key)
-        except KeyFormatError as exc:
-            return _http_error(400, str(exc))
+        decoded = _decode_keyed(request.body, decode_map_request, "map")
+        if isinstance(decoded, NoiseResponse):
+            return decoded
+        mr, raw_nk = decoded
         node = self.tailnet.state.node_by_key(raw_nk.hex()) if raw_nk else None
         if node is None:
             return _http_error(404, "node not found: register first")
