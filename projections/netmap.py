@@ -350,7 +350,7 @@ class StreamView:
         if delta.policy or delta.users_changed or delta.users_removed or self.self_node is None:
             return False
         me = self.node_id
-        if me in delta.nodes_changed or me in presence_changed:
+        if me in delta.nodes_changed:
             return False
         for nid in delta.nodes_changed | delta.nodes_removed:
             n = state.nodes.get(nid)
@@ -393,6 +393,15 @@ class StreamView:
             else:
                 patches.append(_patch(old, new))
         msg: dict[str, object] = {}
+        if self.node_id in presence_changed:
+            allowed, primary, caps = compiled.self_view(self.node_id)
+            new_self = wire_node(
+                node, self.presence(node.id), self.settings, allowed_ips=allowed,
+                primary_routes=primary, cap_map=caps, is_self=True,
+            )
+            if new_self != self.self_node:
+                self.self_node = new_self
+                msg["node"] = new_self
         self._filter_changes(compiled.packet_filter(self.node_id), msg)
         if delta.nodes_changed or delta.nodes_removed:
             self._ssh_changes(compiled.ssh_policy(self.node_id), msg)

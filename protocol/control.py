@@ -28,6 +28,7 @@ Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import logging
 import secrets
@@ -192,6 +193,7 @@ class Control:
         self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
+        self._expiries: tuple[TailnetState, list[datetime]] | None = None
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
@@ -538,7 +540,7 @@ class Control:
             while True:
                 state = self.tailnet.state
                 timeout = self.settings.keepalive_interval - (trio.current_time() - last_sent)
-                expiry = view.next_expiry(state, clock())
+                expiry = self._next_expiry(state, clock())
                 if expiry is not None:
                     timeout = min(timeout, (expiry - clock()).total_seconds() + 0.01)
                 with trio.move_on_after(max(timeout, 0)):
@@ -569,6 +571,20 @@ class Control:
                 self._nursery.start_soon(self._offline_later, node_id, generation)
             else:
                 self.presence.disconnect(node_id, generation, clock())
+
+    def _next_expiry(self, state: TailnetState, now: datetime) -> datetime | None:
+        """The next key expiry in the tailnet after ``now`` (streams wake then).
+
+        Computed once per state and shared by every stream; a stream may wake for a
+        node it cannot see, which costs one empty update.
+        """
+        cached = self._expiries
+        if cached is None or cached[0] is not state:
+            times = sorted(n.expiry for n in state.nodes.values() if n.expiry is not None)
+            cached = self._expiries = (state, times)
+        times = cached[1]
+        i = bisect.bisect_right(times, now)
+        return times[i] if i < len(times) else None
 
     async def _offline_later(self, node_id: int, generation: int) -> None:
         """Mark a node offline once its stream has been gone a little while (pitfall 14)."""
