@@ -5,8 +5,10 @@ hands every other HTTP request to hypercorn running the Quart app (:mod:`cli.web
 The embedded DERP relay, when enabled, runs beside it with its own consumer of the log
 and becomes region ``derp.server.region_id`` of the DERP map.
 
-The DERP map is assembled once at start-up (:func:`assemble_derp_map`): ``derp.paths``
-files, then ``derp.urls`` documents, then the embedded region; ``docs/derp.md`` explains
+The DERP map is assembled at start-up (:func:`assemble_derp_map`) and again every
+``derp.auto_update_interval`` when files or URLs are configured: ``derp.paths`` files,
+then ``derp.urls`` documents, then the embedded region; a changed map is pushed to every
+connected client; ``docs/derp.md`` explains
 the options. :func:`relay_config` turns ``derp.server`` into the relay's settings for
 ``tailledger serve`` and ``tailledger relay`` alike.
 """
@@ -191,6 +193,9 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     server.control = control
     control.register_admin_ops(server.ops)
     await nursery.start(control.run)
+    interval = parse_duration(config.derp.auto_update_interval)
+    if interval is not None and (config.derp.paths or config.derp.urls):
+        nursery.start_soon(_refresh_derp_map, config, control, embedded, interval.total_seconds())
     key = await trio.to_thread.run_sync(load_noise_key, config.data_path)
     server.noise_public = public_key(key)
     ctx = None
@@ -207,6 +212,23 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     if port == 0 and not config.server_url:
         scheme = "https" if ctx is not None else "http"
         control.public_url = f"{scheme}://{host}:{server.port}"
+
+
+async def _refresh_derp_map(
+    config: Config, control: Control, embedded: DERPRegion | None, interval: float
+) -> None:
+    """Re-read the DERP map sources every ``interval`` seconds; push a changed map to
+    every connected client. A source that fails keeps the map in force (logged)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            files, urls = await _read_derp_sources(config)
+            derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
+        except ConfigError as exc:
+            log.warning("DERP map refresh failed, keeping the current map: %s", exc)
+            continue
+        if control.set_derp_map(derp):
+            log.info("DERP map changed: %d region(s) now", len(derp.regions or {}))
 
 
 def relay_config(config: Config) -> RelayConfig:

@@ -220,7 +220,7 @@ def _profiles(state: TailnetState, nodes: Iterable[Node]) -> list[UserProfile]:
     return sorted(out.values(), key=lambda p: p.id)
 
 
-@dataclass
+@dataclass(eq=False)
 class StreamView:
     """What one map stream has sent so far; produces the next message.
 
@@ -402,6 +402,9 @@ class StreamView:
             if new_self != self.self_node:
                 self.self_node = new_self
                 msg["node"] = new_self
+        if self.settings.derp_map != self.derp_map:
+            self.derp_map = self.settings.derp_map
+            msg["derp_map"] = self.settings.derp_map
         self._filter_changes(compiled.packet_filter(self.node_id), msg)
         if delta.nodes_changed or delta.nodes_removed:
             self._ssh_changes(compiled.ssh_policy(self.node_id), msg)

@@ -29,6 +29,7 @@ Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hmac
 import logging
 import secrets
@@ -50,6 +51,7 @@ from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.state import Node, PreAuthKey, TailnetState
 from projections.tailcfg import (
+    DERPMap,
     Hostinfo,
     KeyFormatError,
     KeyPrefix,
@@ -194,6 +196,7 @@ class Control:
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
         self._expiries: tuple[TailnetState, list[datetime]] | None = None
+        self._live: dict[StreamView, _Wake] = {}
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
@@ -534,6 +537,7 @@ class Control:
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
         view = self._view(node_id)
+        self._live[view] = wake
         try:
             yield frame_map_response(encode(view.full_map(self.tailnet.state, clock())), compress)
             last_sent = trio.current_time()
@@ -564,6 +568,7 @@ class Control:
                     yield keepalive_frame(compress)
                     last_sent = trio.current_time()
         finally:
+            self._live.pop(view, None)
             self.streams_open -= 1
             sub.close()
             watcher.close()
@@ -571,6 +576,17 @@ class Control:
                 self._nursery.start_soon(self._offline_later, node_id, generation)
             else:
                 self.presence.disconnect(node_id, generation, clock())
+
+    def set_derp_map(self, derp_map: DERPMap) -> bool:
+        """Put a new DERP map in force; every open stream sends it. Returns whether it changed."""
+        if derp_map == self.settings.netmap.derp_map:
+            return False
+        netmap = dataclasses.replace(self.settings.netmap, derp_map=derp_map)
+        self.settings = dataclasses.replace(self.settings, netmap=netmap)
+        for view, wake in list(self._live.items()):
+            view.settings = netmap
+            wake.set()
+        return True
 
     def _next_expiry(self, state: TailnetState, now: datetime) -> datetime | None:
         """The next key expiry in the tailnet after ``now`` (streams wake then).

@@ -350,3 +350,24 @@ async def test_policy_change_updates_filters_and_visibility(tmp_path: Path) -> N
                 while not msg.peers_removed:
                     msg = await next_update(sb)
                 assert msg.peers_removed == [first.peers[0].id]
+
+
+async def test_derp_map_changes_reach_connected_clients(tmp_path: Path) -> None:
+    region = '{{"Regions": {{"{rid}": {{"RegionID": {rid}, "RegionCode": "r{rid}", "Nodes": [{{"Name": "{rid}a", "RegionID": {rid}, "HostName": "derp{rid}.example"}}]}}}}}}'
+    derp_file = tmp_path / "derp.json"
+    derp_file.write_text(region.format(rid=901))
+    async with running(tmp_path / "data", derp={"paths": [str(derp_file)], "auto_update_interval": "1s"}) as server:
+        key = await make_key(server)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as client:
+            await client.register(a.register_request(key))
+            async with client.map_stream(a.map_request()) as stream:
+                first = await next_update(stream)
+                assert first.derp_map is not None and set(first.derp_map.regions or {}) == {901}
+                derp_file.write_text(region.format(rid=902))
+                with trio.fail_after(10):
+                    while True:
+                        msg = await stream.__anext__()
+                        if msg.derp_map is not None:
+                            break
+                assert set(msg.derp_map.regions or {}) == {902}
