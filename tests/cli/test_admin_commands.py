@@ -126,3 +126,27 @@ def test_log_verify_catches_an_edited_row(server: RunningServer, tmp_path: Path)
     assert result.returncode == 1
     assert f"BROKEN at event {seq}" in result.stdout
     assert shutil.which("true")
+
+
+def test_log_tail_follows_new_events(server: RunningServer) -> None:
+    import subprocess
+    import sys
+
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "cli", "log", "tail", "--type", "user.", "-o", "json"],
+        env=server.env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        import time
+
+        time.sleep(1.0)  # it starts at the head: only events from now on
+        server.cli("users", "create", "followed", check=True)
+        assert tail.stdout is not None
+        line = tail.stdout.readline()
+        event = json.loads(line)
+        assert event["type"] == "user.created" and event["event"]["name"] == "followed"
+    finally:
+        tail.terminate()
+        tail.wait(10)
+        if tail.stdout is not None:
+            tail.stdout.close()
