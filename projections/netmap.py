@@ -319,17 +319,7 @@ class StreamView:
         if self.settings.derp_map != self.derp_map:
             self.derp_map = self.settings.derp_map
             msg["derp_map"] = self.settings.derp_map
-        if changed:
-            msg["peers_changed"] = sorted(changed, key=lambda n: n.id)
-        if removed:
-            msg["peers_removed"] = removed
-        if patches:
-            msg["peers_changed_patch"] = patches
-        if new_profiles:
-            msg["user_profiles"] = new_profiles
-        if not msg:
-            return None
-        return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
+        return _message(now, msg, sorted(changed, key=lambda n: n.id), removed, patches, new_profiles)
 
     def _filter_changes(self, rules: tuple[FilterRule, ...], msg: dict[str, object]) -> None:
         """Put the packet filter in ``msg`` when it differs from what was sent."""
@@ -411,28 +401,32 @@ class StreamView:
         profiles = _profiles(state, new_users)
         for p in profiles:
             self.profiles[p.id] = p
-        if changed:
-            msg["peers_changed"] = changed
-        if removed:
-            msg["peers_removed"] = removed
-        if patches:
-            msg["peers_changed_patch"] = patches
-        if profiles:
-            msg["user_profiles"] = profiles
-        if not msg:
-            return None
-        return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
-
-    def next_expiry(self, state: TailnetState, now: datetime) -> datetime | None:
-        """When the next visible node's key expires (the stream must wake then)."""
-        node = state.nodes.get(self.node_id)
-        if node is None:
-            return None
-        times = [n.expiry for n in (node, *(state.nodes.get(i) for i in self.peers)) if n and n.expiry and n.expiry > now]
-        return min(times) if times else None
+        return _message(now, msg, changed, removed, patches, profiles)
 
 
-_PRESENCE_FIELDS = ("endpoints", "home_derp", "disco_key", "online", "last_seen", "cap")
+
+def _message(
+    now: datetime,
+    msg: dict[str, object],
+    changed: list[WireNode],
+    removed: list[int],
+    patches: list[PeerChange],
+    profiles: list[UserProfile],
+) -> MapResponse | None:
+    """Assemble an update from its parts; ``None`` when it would say nothing."""
+    if changed:
+        msg["peers_changed"] = changed
+    if removed:
+        msg["peers_removed"] = removed
+    if patches:
+        msg["peers_changed_patch"] = patches
+    if profiles:
+        msg["user_profiles"] = profiles
+    if not msg:
+        return None
+    return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]
+
+
 
 
 def _structural(node: WireNode) -> WireNode:
