@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
+from projections.netmap import STATS
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -54,6 +56,12 @@ class _ServerCollector(Collector):
         yield GaugeMetricFamily("tailledger_nodes_online", "Nodes with an open map stream", value=online)
         if s.control is not None:
             yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams_open)
+            updates = CounterMetricFamily(
+                "tailledger_map_updates", "Stream updates by how they were computed", labels=["path"]
+            )
+            updates.add_metric(["incremental"], STATS.incremental)
+            updates.add_metric(["full"], STATS.full)
+            yield updates
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
 

@@ -220,6 +220,17 @@ def _profiles(state: TailnetState, nodes: Iterable[Node]) -> list[UserProfile]:
     return sorted(out.values(), key=lambda p: p.id)
 
 
+@dataclass
+class UpdateStats:
+    """How stream updates were computed (process-wide, for metrics and benchmarks)."""
+
+    incremental: int = 0
+    full: int = 0
+
+
+STATS = UpdateStats()
+
+
 @dataclass(eq=False)
 class StreamView:
     """What one map stream has sent so far; produces the next message.
@@ -285,7 +296,9 @@ class StreamView:
         if node is None:
             return None
         if self._incremental_ok(state, delta, presence_changed):
+            STATS.incremental += 1
             return self._update_incremental(state, node, now, delta, presence_changed)
+        STATS.full += 1
         netmap = self.policy.netmap(state, node.id)
         visible = _peer_nodes(state, netmap, self.presence, self.settings, now)
         changed: list[WireNode] = []
