@@ -14,7 +14,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from eventlog import GENESIS_HASH, Actor, RecordedEvent, chain_hash, decode_event, from_micros, to_micros
+from eventlog import (
+    GENESIS_HASH,
+    Actor,
+    RecordedEvent,
+    chain_hash,
+    decode_event,
+    from_micros,
+    to_micros,
+)
 from projections import TailnetState, fold
 from projections import commands as c
 from projections.netmap import NetmapSettings, StreamView

@@ -127,5 +127,5 @@ async def wait_for(condition: Callable[[], bool], *, seconds: float = 5.0) -> No
     """Poll ``condition`` until true (for relay state that changes without an event)."""
     with trio.fail_after(seconds):
         # Relay counters have no event to wait on, so polling is the honest way.
-        while not condition():  # noqa: ASYNC110
+        while not condition():
             await trio.sleep(0.01)
