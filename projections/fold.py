@@ -62,6 +62,14 @@ def _update_node(
     return _node_changed(state, replace(node, **changes), seq)
 
 
+def _update_preauth_key(state: TailnetState, key_id: int, **changes: object) -> tuple[TailnetState, Delta]:
+    """Replace fields of one pre-auth key; an unknown key changes nothing."""
+    key = state.preauth_keys.get(key_id)
+    if key is None:
+        return state, Delta()
+    return replace(state, preauth_keys=state.preauth_keys.set(key_id, replace(key, **changes))), Delta(keys=True)
+
+
 def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, Delta]:
     """Fold one recorded event into ``state``; return the new state and what changed."""
     state = replace(state, seq=recorded.seq, last_event_at=recorded.recorded_at)
@@ -125,18 +133,9 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             key_used = state.preauth_keys.get(event.key_id)
             if key_used is None:
                 return state, Delta()
-            key_used = replace(key_used, used_by=(*key_used.used_by, event.node_id))
-            return replace(
-                state, preauth_keys=state.preauth_keys.set(key_used.id, key_used)
-            ), Delta(keys=True)
+            return _update_preauth_key(state, event.key_id, used_by=(*key_used.used_by, event.node_id))
         case PreAuthKeyExpired():
-            key_exp = state.preauth_keys.get(event.key_id)
-            if key_exp is None:
-                return state, Delta()
-            key_exp = replace(key_exp, revoked=True)
-            return replace(
-                state, preauth_keys=state.preauth_keys.set(key_exp.id, key_exp)
-            ), Delta(keys=True)
+            return _update_preauth_key(state, event.key_id, revoked=True)
         case ApiKeyCreated():
             api = ApiKey(
                 id=event.key_id,
