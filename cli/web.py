@@ -21,8 +21,6 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
-from projections.netmap import STATS
-
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -56,12 +54,23 @@ class _ServerCollector(Collector):
         yield GaugeMetricFamily("tailledger_nodes_online", "Nodes with an open map stream", value=online)
         if s.control is not None:
             yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams_open)
+            stats = s.control.hub.stats
             updates = CounterMetricFamily(
-                "tailledger_map_updates", "Stream updates by how they were computed", labels=["path"]
+                "tailledger_map_updates",
+                "Netmap versions computed, by path: incremental (only the changed nodes"
+                " re-evaluated per visibility class) or rebuild (policy, users or routes)",
+                labels=["path"],
             )
-            updates.add_metric(["incremental"], STATS.incremental)
-            updates.add_metric(["full"], STATS.full)
+            updates.add_metric(["incremental"], stats.incremental)
+            updates.add_metric(["rebuild"], stats.rebuilds)
             yield updates
+            yield CounterMetricFamily(
+                "tailledger_map_peer_evaluations", "Peer views evaluated by the policy engine",
+                value=stats.peer_evaluations,
+            )
+            yield GaugeMetricFamily(
+                "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.hub.classes()
+            )
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
 

@@ -28,7 +28,6 @@ Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hmac
 import logging
@@ -46,7 +45,8 @@ from eventlog import Actor, ActorKind
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet
 from projections import commands as c
 from projections.admin import AdminOps
-from projections.netmap import NetmapSettings, StreamView
+from projections.mapviews import MapHub, MapMessage, StreamCursor
+from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.state import Node, PreAuthKey, TailnetState
@@ -195,8 +195,13 @@ class Control:
         self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
-        self._expiries: tuple[TailnetState, list[datetime]] | None = None
-        self._live: dict[StreamView, _Wake] = {}
+        #: Shared peer views of every stream (see :mod:`projections.mapviews`), advanced
+        #: by :meth:`_drive_hub` and read by the streams.
+        self.hub = MapHub(self.policy, settings.netmap, presence.get)
+        self._hub_changed = trio.Event()
+        self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
+        self._hub_sub = tailnet.runner.subscribe(self._on_log_change)
+        self._hub_watch = presence.watch(self._hub_wake.set)
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
@@ -207,6 +212,7 @@ class Control:
         """Background duties: offline marking, ephemeral node clean-up."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._drive_hub)
             task_status.started()
             while True:
                 await trio.sleep(10)
@@ -512,66 +518,91 @@ class Control:
         if not mr.stream:
             if mr.omit_peers:
                 return NoiseResponse(200, (), b"")
-            view = self._view(node.id)
-            full = view.full_map(self.tailnet.state, self.tailnet.clock())
-            return NoiseResponse(200, (), frame_map_response(encode(full), compress))
+            self._sync_hub()
+            full = StreamCursor(node.id).full_map(self.hub)
+            return NoiseResponse(200, (), frame_map_response(full, compress))
         return NoiseResponse(
             200,
             (("content-type", "application/octet-stream"),),
             stream=self._stream(node.id, compress),
         )
 
-    def _view(self, node_id: int) -> StreamView:
-        return StreamView(node_id, self.policy, self.settings.netmap, self.presence.get)
+    # -- the hub: one place computes what changed, every stream reads it ---------------
+
+    def _on_log_change(self) -> None:
+        self._hub_wake.set()
+        self._hub_log_wake.set()
+
+    def _sync_hub(self) -> None:
+        """Bring the hub up to the current state at once (a stream about to send a full
+        map must see its own node); streams are woken by :meth:`_drive_hub` only."""
+        if self.hub.state is self.tailnet.state and not self._hub_watch.pending:
+            return
+        self.hub.advance(self.tailnet.state, self.tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
+
+    def _publish(self) -> None:
+        """Advance the hub and wake every stream to read it."""
+        self.hub.advance(self.tailnet.state, self.tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
+        event, self._hub_changed = self._hub_changed, trio.Event()
+        event.set()
+
+    async def _drive_hub(self) -> None:
+        """Coalesce log and presence changes and publish them (and wake at key expiries).
+
+        A log change is published :attr:`ControlSettings.coalesce` seconds after it
+        arrives (a burst becomes one update per stream); presence alone (endpoints,
+        online) is not urgent and is gathered for ``presence_coalesce`` seconds unless a
+        log change comes meanwhile.
+        """
+        clock = self.tailnet.clock
+        while True:
+            timeout = float("inf")
+            expiry = self.hub.next_expiry()
+            if expiry is not None:
+                timeout = max((expiry - clock()).total_seconds() + 0.01, 0)
+            with trio.move_on_after(timeout):
+                await self._hub_wake.wait()
+                await trio.sleep(self.settings.coalesce)
+                if self._hub_sub.pending.is_empty():
+                    with trio.move_on_after(self.settings.presence_coalesce):
+                        await self._hub_log_wake.wait()
+            self._hub_log_wake.event = trio.Event()
+            self._publish()
+
+    def _frame(self, msg: MapMessage, compress: bool) -> bytes:
+        frame = msg.frames.get(compress)
+        if frame is None:
+            frame = msg.frames[compress] = frame_map_response(msg.json, compress)
+        return frame
 
     async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes]:
-        wake, log_wake = _Wake(), _Wake()
-
-        def on_log_change() -> None:
-            wake.set()
-            log_wake.set()
-
-        sub = self.tailnet.runner.subscribe(on_log_change)
-        watcher = self.presence.watch(wake.set)
         clock = self.tailnet.clock
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
-        view = self._view(node_id)
-        self._live[view] = wake
         try:
-            yield frame_map_response(encode(view.full_map(self.tailnet.state, clock())), compress)
+            self._sync_hub()
+            if self.hub.state is None or node_id not in self.hub.state.nodes:
+                return
+            cursor = StreamCursor(node_id)
+            yield frame_map_response(cursor.full_map(self.hub), compress)
             last_sent = trio.current_time()
             while True:
-                state = self.tailnet.state
-                timeout = self.settings.keepalive_interval - (trio.current_time() - last_sent)
-                expiry = self._next_expiry(state, clock())
-                if expiry is not None:
-                    timeout = min(timeout, (expiry - clock()).total_seconds() + 0.01)
-                with trio.move_on_after(max(timeout, 0)):
-                    await wake.wait()
-                    await trio.sleep(self.settings.coalesce)  # let a burst settle
-                    if sub.pending.is_empty():
-                        # Only presence changed (endpoints, online): not urgent, so
-                        # gather more of it, unless a log change arrives meanwhile.
-                        with trio.move_on_after(self.settings.presence_coalesce):
-                            await log_wake.wait()
-                log_wake.event = trio.Event()
-                delta, changed = sub.take(), watcher.take()
-                state = self.tailnet.state
-                if node_id not in state.nodes:
+                changed = self._hub_changed
+                with trio.move_on_after(max(self.settings.keepalive_interval - (trio.current_time() - last_sent), 0)):
+                    await changed.wait()
+                assert self.hub.state is not None
+                if node_id not in self.hub.state.nodes:
                     return  # deleted: the client re-registers or gives up
-                msg = view.update(state, clock(), delta, changed)
-                if msg is not None:
-                    yield frame_map_response(encode(msg), compress)
+                messages = cursor.update(self.hub)
+                for msg in messages:
+                    yield self._frame(msg, compress)
+                if messages:
                     last_sent = trio.current_time()
                 elif trio.current_time() - last_sent >= self.settings.keepalive_interval:
                     yield keepalive_frame(compress)
                     last_sent = trio.current_time()
         finally:
-            self._live.pop(view, None)
             self.streams_open -= 1
-            sub.close()
-            watcher.close()
             if self._nursery is not None:
                 self._nursery.start_soon(self._offline_later, node_id, generation)
             else:
@@ -583,24 +614,9 @@ class Control:
             return False
         netmap = dataclasses.replace(self.settings.netmap, derp_map=derp_map)
         self.settings = dataclasses.replace(self.settings, netmap=netmap)
-        for view, wake in list(self._live.items()):
-            view.settings = netmap
-            wake.set()
+        self.hub.settings = netmap
+        self._publish()
         return True
-
-    def _next_expiry(self, state: TailnetState, now: datetime) -> datetime | None:
-        """The next key expiry in the tailnet after ``now`` (streams wake then).
-
-        Computed once per state and shared by every stream; a stream may wake for a
-        node it cannot see, which costs one empty update.
-        """
-        cached = self._expiries
-        if cached is None or cached[0] is not state:
-            times = sorted(n.expiry for n in state.nodes.values() if n.expiry is not None)
-            cached = self._expiries = (state, times)
-        times = cached[1]
-        i = bisect.bisect_right(times, now)
-        return times[i] if i < len(times) else None
 
     async def _offline_later(self, node_id: int, generation: int) -> None:
         """Mark a node offline once its stream has been gone a little while (pitfall 14)."""

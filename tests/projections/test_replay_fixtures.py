@@ -25,7 +25,7 @@ from eventlog import (
 )
 from projections import TailnetState, fold
 from projections import commands as c
-from projections.netmap import NetmapSettings, StreamView
+from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap, encode
 
@@ -115,7 +115,7 @@ def netmaps(events: list[RecordedEvent]) -> dict[str, bytes]:
     compiler = PolicyCompiler("https://control.example")
     out = {}
     for node in state.nodes.values():
-        msg = StreamView(node.id, compiler, settings, lambda _nid: None).full_map(state, NOW)
+        msg = full_map(state, node.id, policy=compiler, settings=settings, presence=lambda _nid: None, now=NOW)
         msg = msgspec.structs.replace(msg, control_time=None)
         out[node.given_name] = msgspec.json.format(encode(msg), indent=1)
     return out

@@ -1,0 +1,771 @@
+"""Netmaps for many map streams at once: shared peer views per visibility class (pure).
+
+A tailnet of *n* nodes whose streams each keep "what I sent about every peer" holds
+n² peer records, and a change that every node must hear about (a node joining an
+allow-all tailnet, a policy change) costs n² comparisons. Most nodes, though, see the
+world identically: two laptops of the same user, or every node of an allow-all
+tailnet, differ only in which of them is "self". This module exploits that.
+
+**Visibility classes.** :func:`class_key` gives every node a key made of what the
+policy can tell it apart by: its identity keys (user, the groups and domains that
+follow from the user, member/tagged, tags), which address aliases of the policy
+contain its addresses, and its ``nodeAttrs``. Nodes with equal keys are interchangeable
+to the policy, so they see every *other* node the same way (same visibility, same
+AllowedIPs). A subnet router or exit node (its routes change what it sees) and every
+node under a policy with ``via`` grants get a class of their own.
+
+**Peer sets.** Each class has one :class:`PeerSet`: an immutable map from node id to
+the shared :class:`Peer` (wire node and its JSON) that members are shown, which
+includes the members themselves; a stream leaves its own node out. A new version
+records its parent and the ids that changed, so bringing a stream from any recent
+version to the current one costs the size of the change (:func:`diff_peer_sets`), and
+that diff, encoded once, is the same bytes for every member whose own node is not in
+it.
+
+**The hub.** :class:`MapHub` folds (state, presence) changes into new peer sets:
+
+* when only nodes changed (joins, leaves, renames, tags, keys, presence, expiry) and
+  no subnet router was involved, a node's change can only change how others see
+  *that* node (the policy's sets gain or lose only its addresses), so each class
+  re-evaluates just the changed nodes through one representative member:
+  cost is classes x changed nodes;
+* a policy change, a user change or a change involving routes (primary routes may
+  move) rebuilds every class from the compiled policy (classes x peers), reusing the
+  shared peer objects, so streams whose view did not change get nothing.
+
+A :class:`StreamCursor` is all a stream keeps: the peer set it last sent, digests of
+the self node, packet filter and SSH policy it last sent, and the hub sequence number
+it has seen. Per-node parts (self, filter, SSH) are recomputed only for nodes the hub
+marked dirty since then.
+
+Nothing here reads a clock or does I/O: time and state are arguments.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+import immutables
+import msgspec
+
+from .delta import Delta
+from .netmap import (
+    TAGGED_DEVICES_USER_ID,
+    NetmapSettings,
+    PresenceOf,
+    profiles_for,
+    user_id_shown,
+    wire_node,
+)
+from .policy import CompiledPolicy, PeerView
+from .policy.document import AliasKind
+from .policy.resolve import node_keys
+from .policystate import PolicyCompiler
+from .presence import NodePresence
+from .state import Node, TailnetState
+from .tailcfg import Debug, MapResponse, PeerChange, UserProfile
+from .tailcfg import Node as WireNode
+
+__all__ = [
+    "MapHub",
+    "MapMessage",
+    "Peer",
+    "PeerSet",
+    "StreamCursor",
+    "class_key",
+    "diff_peer_sets",
+]
+
+_encoder: Final = msgspec.json.Encoder()
+_NO_SSH: Final = b'{"rules":[]}'
+#: How many versions back a peer set remembers its parents; a stream further behind
+#: gets a full comparison (still computed once per pair of versions, not per stream).
+JOURNAL_DEPTH: Final = 32
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Peer:
+    """One peer as a class of viewers sees it: the wire node and its JSON, shared by
+    every peer set and stream that shows this version."""
+
+    __slots__ = ("_json", "node", "presence", "view", "wire")
+
+    def __init__(self, node: Node, presence: NodePresence | None, view: PeerView, wire: WireNode) -> None:
+        self.node = node
+        self.presence = presence
+        self.view = view
+        self.wire = wire
+        self._json: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = _encoder.encode(self.wire)
+        return self._json
+
+
+class PeerCache:
+    """Shared :class:`Peer` objects, keyed by node and the viewer-dependent view.
+
+    An entry is reused while the node record and its presence are the same objects.
+    :meth:`rebuilt` starts a new generation that keeps only entries used since, so
+    views that no longer exist do not pile up.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[object, ...], Peer] = {}
+        self._previous: dict[tuple[object, ...], Peer] = {}
+
+    @staticmethod
+    def _key(view: PeerView) -> tuple[object, ...]:
+        caps = tuple((k, bytes(v) if v is not None else None) for k, v in view.cap_map.items())
+        return (view.node_id, view.allowed_ips, view.primary_routes, caps)
+
+    def get(self, node: Node, presence: NodePresence | None, view: PeerView, settings: NetmapSettings) -> Peer:
+        key = self._key(view)
+        hit = self._entries.get(key) or self._previous.get(key)
+        if hit is not None and hit.node is node and hit.presence is presence:
+            self._entries[key] = hit
+            return hit
+        wire = wire_node(
+            node, presence, settings, allowed_ips=view.allowed_ips, primary_routes=view.primary_routes,
+            cap_map=view.cap_map, is_self=False,
+        )
+        peer = Peer(node, presence, view, wire)
+        self._entries[key] = peer
+        return peer
+
+    def rebuilt(self) -> None:
+        """Begin a rebuild: entries not used by it are dropped at the next one."""
+        self._previous, self._entries = self._entries, {}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDiff:
+    """What changed between two versions of a peer set, in wire form."""
+
+    changed: tuple[WireNode, ...]
+    removed: tuple[int, ...]
+    patches: tuple[PeerChange, ...]
+    profiles: tuple[UserProfile, ...]
+    #: Every node id the diff mentions (a stream whose own id is here gets its own copy).
+    ids: frozenset[int]
+
+    def without(self, node_id: int) -> PeerDiff:
+        return PeerDiff(
+            tuple(n for n in self.changed if n.id != node_id),
+            tuple(i for i in self.removed if i != node_id),
+            tuple(p for p in self.patches if p.node_id != node_id),
+            self.profiles,
+            self.ids - {node_id},
+        )
+
+    def is_empty(self) -> bool:
+        return not (self.changed or self.removed or self.patches)
+
+
+class MapMessage:
+    """One encoded update, possibly shared by many streams.
+
+    ``frames`` is a cache for the transport (e.g. the zstd-framed bytes), filled by the
+    first stream that sends it.
+    """
+
+    __slots__ = ("frames", "json")
+
+    def __init__(self, json: bytes) -> None:
+        self.json = json
+        self.frames: dict[object, bytes] = {}
+
+
+class PeerSet:
+    """What the members of one visibility class are shown about their peers.
+
+    Attributes:
+        peers: node id -> shared peer (members included; a stream skips itself).
+        users: user id -> profile, for every user shown.
+        parent: the previous version, while it is within :data:`JOURNAL_DEPTH`.
+        changed: ids whose entry differs from ``parent``'s.
+    """
+
+    __slots__ = ("_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
+
+    def __init__(
+        self,
+        peers: immutables.Map[int, Peer],
+        users: immutables.Map[int, UserProfile],
+        parent: PeerSet | None = None,
+        changed: frozenset[int] = frozenset(),
+    ) -> None:
+        self.peers = peers
+        self.users = users
+        self.parent: PeerSet | None = parent
+        self.changed = changed
+        self.depth: int = 0 if parent is None else parent.depth + 1
+        self._diffs: dict[int, tuple[PeerSet, PeerDiff, MapMessage | None]] = {}
+        self._sorted: tuple[list[int], list[bytes]] | None = None
+        if parent is not None and self.depth % JOURNAL_DEPTH == 0:
+            # Forget versions older than the journal keeps (they hold memory).
+            old = self
+            for _ in range(JOURNAL_DEPTH):
+                if old.parent is None:
+                    break
+                old = old.parent
+            old.parent = None
+
+    def peers_json(self, exclude: int) -> bytes:
+        """The JSON array of every peer but ``exclude``, in id order (from cached parts)."""
+        if self._sorted is None:
+            ids = sorted(self.peers)
+            self._sorted = (ids, [self.peers[i].json for i in ids])
+        ids, parts = self._sorted
+        i = bisect.bisect_left(ids, exclude)
+        if i < len(ids) and ids[i] == exclude:
+            return b"[" + b",".join([*parts[:i], *parts[i + 1 :]]) + b"]"
+        return b"[" + b",".join(parts) + b"]"
+
+    def diff(self, old: PeerSet) -> PeerDiff:
+        """The diff from ``old`` to this version (cached per ``old``)."""
+        hit = self._diffs.get(id(old))
+        if hit is not None and hit[0] is old:
+            return hit[1]
+        diff = diff_peer_sets(old, self)
+        self._diffs[id(old)] = (old, diff, None)
+        return diff
+
+    def diff_message(self, old: PeerSet, now: datetime) -> tuple[PeerDiff, MapMessage | None]:
+        """The diff and its encoded message, built once for every stream moving from ``old``."""
+        diff = self.diff(old)
+        entry = self._diffs[id(old)]
+        if entry[2] is None and not diff.is_empty():
+            msg = MapMessage(_encode_update(now, {}, diff))
+            self._diffs[id(old)] = (old, diff, msg)
+            return diff, msg
+        return diff, entry[2]
+
+
+def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
+    """Compare two peer sets: through the change journal when ``old`` is a recent
+    ancestor of ``new`` (cost: the ids changed in between), else entry by entry."""
+    ids: set[int] = set()
+    cur: PeerSet | None = new
+    while cur is not None and cur is not old:
+        ids |= cur.changed
+        cur = cur.parent
+    if cur is None:
+        ids = set(old.peers.keys()) | set(new.peers.keys())
+    changed: list[WireNode] = []
+    removed: list[int] = []
+    patches: list[PeerChange] = []
+    profiles: dict[int, UserProfile] = {}
+    for nid in sorted(ids):
+        before, after = old.peers.get(nid), new.peers.get(nid)
+        if before is after:
+            continue
+        if after is None:
+            removed.append(nid)
+            continue
+        if before is not None and before.wire == after.wire:
+            continue
+        if before is None or _structural(before.wire) != _structural(after.wire):
+            changed.append(after.wire)
+            uid = after.wire.user
+            profile = new.users.get(uid)
+            if profile is not None and old.users.get(uid) != profile:
+                profiles[uid] = profile
+        else:
+            patches.append(_patch(before.wire, after.wire))
+    if cur is None or old.users is not new.users:
+        for uid, profile in new.users.items():
+            if old.users.get(uid) != profile:
+                profiles[uid] = profile
+    return PeerDiff(
+        tuple(changed), tuple(removed), tuple(patches),
+        tuple(profiles[k] for k in sorted(profiles)),
+        frozenset(n.id for n in changed) | frozenset(removed) | frozenset(p.node_id for p in patches),
+    )
+
+
+def _structural(node: WireNode) -> WireNode:
+    return msgspec.structs.replace(
+        node, endpoints=None, home_derp=0, disco_key=None, online=None, last_seen=None, cap=0
+    )
+
+
+def _patch(old: WireNode, new: WireNode) -> PeerChange:
+    return PeerChange(
+        node_id=new.id,
+        derp_region=new.home_derp if new.home_derp != old.home_derp else 0,
+        endpoints=new.endpoints if new.endpoints != old.endpoints else None,
+        disco_key=new.disco_key if new.disco_key != old.disco_key else None,
+        online=new.online if new.online != old.online else None,
+        last_seen=new.last_seen if new.last_seen != old.last_seen else None,
+        cap=new.cap if new.cap != old.cap else 0,
+    )
+
+
+def _encode_update(now: datetime, parts: dict[str, object], diff: PeerDiff | None) -> bytes:
+    msg = dict(parts)
+    if diff is not None:
+        if diff.changed:
+            msg["peers_changed"] = list(diff.changed)
+        if diff.removed:
+            msg["peers_removed"] = list(diff.removed)
+        if diff.patches:
+            msg["peers_changed_patch"] = list(diff.patches)
+        if diff.profiles:
+            msg["user_profiles"] = list(diff.profiles)
+    return _encoder.encode(MapResponse(control_time=now, **msg))  # type: ignore[arg-type]
+
+
+# -- visibility classes ------------------------------------------------------------------
+
+
+def _address_aliases(compiled: CompiledPolicy) -> list[object]:
+    """The address sets (hosts, CIDRs, IPs) the policy's grants name."""
+    seen: dict[object, object] = {}
+    for grant in compiled.sources:
+        for alias in (*grant.src, *grant.dst):
+            if alias.kind in (AliasKind.HOST, AliasKind.PREFIX) and alias not in seen:
+                seen[alias] = compiled.resolver.addresses(alias)
+    return list(seen.values())
+
+
+def class_key(compiled: CompiledPolicy, node_id: int, address_sets: list[object] | None = None) -> Hashable:
+    """What the policy can tell ``node_id`` apart by (see the module docstring).
+
+    Nodes with equal keys see every other node identically.
+    """
+    info = compiled.tailnet.nodes[node_id]
+    if compiled.via_grants or info.subnet_routes or info.exit_routes or info.node.routable_ips:
+        return ("node", node_id)
+    if address_sets is None:
+        address_sets = _address_aliases(compiled)
+    inside = tuple(s.contains_any(info.addrs) for s in address_sets)  # type: ignore[attr-defined]
+    return (
+        frozenset(node_keys(info, compiled.tailnet)),
+        inside,
+        compiled.node_attrs.get(node_id, ()),
+    )
+
+
+# -- the hub ---------------------------------------------------------------------------------
+
+
+@dataclass
+class HubStats:
+    """How the hub advanced (for metrics and benchmarks)."""
+
+    incremental: int = 0
+    rebuilds: int = 0
+    peer_evaluations: int = 0
+
+
+@dataclass(eq=False)
+class MapHub:
+    """Peer sets for every class of the current state (see the module docstring).
+
+    Drive it with :meth:`advance` (the log and presence changes since the last call);
+    streams read it through :class:`StreamCursor`.
+    """
+
+    policy: PolicyCompiler
+    settings: NetmapSettings
+    presence: PresenceOf
+    stats: HubStats = field(default_factory=HubStats)
+    seq: int = 0
+    state: TailnetState | None = None
+    now: datetime | None = None
+    compiled: CompiledPolicy | None = None
+    _cache: PeerCache = field(default_factory=PeerCache)
+    _key_of: dict[int, Hashable] = field(default_factory=dict)
+    _members: dict[Hashable, set[int]] = field(default_factory=dict)
+    _classes: dict[Hashable, PeerSet] = field(default_factory=dict)
+    #: node id -> hub seq at which its self node / filter may have changed.
+    _dirty: dict[int, int] = field(default_factory=dict)
+    _all_dirty: int = 0
+    _ssh_dirty: int = 0
+    _rules_print: bytes = b""
+    _expiries: tuple[TailnetState | None, list[datetime]] = (None, [])
+    _messages: dict[bytes, MapMessage] = field(default_factory=dict)
+
+    # -- reading -------------------------------------------------------------------
+
+    def peer_set(self, node_id: int) -> PeerSet:
+        return self._classes[self._key_of[node_id]]
+
+    def classes(self) -> int:
+        return len(self._classes)
+
+    def next_expiry(self) -> datetime | None:
+        """The next key expiry after :attr:`now` (the driver advances then)."""
+        if self.state is None or self.now is None:
+            return None
+        times = self._expiry_times(self.state)
+        i = bisect.bisect_right(times, self.now)
+        return times[i] if i < len(times) else None
+
+    def shared(self, json: bytes) -> MapMessage:
+        """One :class:`MapMessage` per distinct content within a hub version."""
+        msg = self._messages.get(json)
+        if msg is None:
+            msg = self._messages[json] = MapMessage(json)
+        return msg
+
+    # -- advancing ---------------------------------------------------------------------
+
+    def advance(self, state: TailnetState, now: datetime, delta: Delta, presence_changed: Iterable[int]) -> None:
+        """Bring every class to ``state`` at ``now``.
+
+        Args:
+            state: the current projection.
+            now: the time of this version (expired keys drop out of views).
+            delta: the log changes since the previous call (merged).
+            presence_changed: nodes whose presence changed since the previous call.
+        """
+        old_state, old_now = self.state, self.now
+        compiled = self.policy.compiled(state)
+        self.seq += 1
+        self._messages = {}
+        changed = set(delta.nodes_changed) | set(delta.nodes_removed)
+        if old_state is None or old_now is None or self._needs_rebuild(old_state, state, delta, changed):
+            self.state, self.now, self.compiled = state, now, compiled
+            self._rebuild(state, now, compiled)
+            return
+        expired = self._expired_between(state, old_now, now)
+        self.state, self.now, self.compiled = state, now, compiled
+        self._incremental(state, now, compiled, changed, set(presence_changed) | expired, delta)
+
+    def _needs_rebuild(self, old: TailnetState, new: TailnetState, delta: Delta, changed: set[int]) -> bool:
+        if delta.policy or delta.users_changed or delta.users_removed:
+            return True
+        for nid in changed:
+            for s in (old, new):
+                n = s.nodes.get(nid)
+                if n is not None and (n.advertised_routes or n.approved_routes):
+                    return True  # a route can move a primary: others' views change
+        return False
+
+    def _expiry_times(self, state: TailnetState) -> list[datetime]:
+        if self._expiries[0] is not state:
+            self._expiries = (state, sorted(n.expiry for n in state.nodes.values() if n.expiry is not None))
+        return self._expiries[1]
+
+    def _expired_between(self, state: TailnetState, start: datetime, end: datetime) -> set[int]:
+        times = self._expiry_times(state)
+        if bisect.bisect_right(times, start) == bisect.bisect_right(times, end):
+            return set()
+        return {n.id for n in state.nodes.values() if n.expiry is not None and start < n.expiry <= end}
+
+    def _rebuild(self, state: TailnetState, now: datetime, compiled: CompiledPolicy) -> None:
+        self.stats.rebuilds += 1
+        self._cache.rebuilt()
+        aliases = _address_aliases(compiled)
+        keys = {nid: class_key(compiled, nid, aliases) for nid in state.nodes}
+        members: dict[Hashable, set[int]] = {}
+        for nid, key in keys.items():
+            members.setdefault(key, set()).add(nid)
+        classes: dict[Hashable, PeerSet] = {}
+        for key, mem in members.items():
+            entries = self._class_entries(state, now, compiled, mem)
+            classes[key] = _next_version(self._classes.get(key), entries, _users(state, entries.values()))
+        self._key_of, self._members, self._classes = keys, members, classes
+        self._all_dirty = self._ssh_dirty = self.seq
+        self._rules_print = self._fingerprint(compiled)
+
+    def _class_entries(
+        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, members: set[int]
+    ) -> dict[int, Peer]:
+        """Every peer the members see (each other included), from one representative."""
+        rep = min(members)
+        entries: dict[int, Peer] = {}
+        for view in compiled.peers(rep):
+            peer = state.nodes[view.node_id]
+            if not peer.is_expired(now):
+                entries[view.node_id] = self._cache.get(peer, self.presence(peer.id), view, self.settings)
+        self.stats.peer_evaluations += len(entries)
+        if len(members) > 1:
+            other = min(members - {rep})
+            view_of_rep = compiled.peer_view(other, rep)
+            node = state.nodes[rep]
+            if view_of_rep is not None and not node.is_expired(now):
+                entries[rep] = self._cache.get(node, self.presence(rep), view_of_rep, self.settings)
+        return entries
+
+    def _incremental(
+        self,
+        state: TailnetState,
+        now: datetime,
+        compiled: CompiledPolicy,
+        changed: set[int],
+        presence_only: set[int],
+        delta: Delta,
+    ) -> None:
+        self.stats.incremental += 1
+        presence_only -= changed
+        aliases: list[object] | None = None
+        new_keys: set[Hashable] = set()
+        lone: dict[Hashable, int] = {}
+        for nid in sorted(changed):
+            old_key = self._key_of.pop(nid, None)
+            if old_key is not None:
+                self._members[old_key].discard(nid)
+            if nid not in state.nodes:
+                continue
+            if aliases is None:
+                aliases = _address_aliases(compiled)
+            key = class_key(compiled, nid, aliases)
+            self._key_of[nid] = key
+            members = self._members.setdefault(key, set())
+            if not members:
+                new_keys.add(key)
+            elif len(members) == 1:
+                # The lone member had nobody to be shown to: evaluate it now.
+                lone[key] = next(iter(members))
+            members.add(nid)
+        classes: dict[Hashable, PeerSet] = {}
+        for key, mem in self._members.items():
+            if not mem:
+                continue
+            old = self._classes.get(key)
+            if key in new_keys or old is None:
+                entries = self._class_entries(state, now, compiled, mem)
+                classes[key] = _next_version(old, entries, _users(state, entries.values()))
+                continue
+            extra = {lone[key]} if key in lone else set()
+            classes[key] = self._update_class(state, now, compiled, old, mem, changed | extra, presence_only)
+        self._members = {k: m for k, m in self._members.items() if m}
+        self._classes = classes
+        for nid in changed | presence_only:
+            self._dirty[nid] = self.seq
+        if changed:
+            policy = compiled.policy
+            if compiled.per_node or self._fingerprint(compiled) != self._rules_print:
+                self._all_dirty = self.seq
+                self._rules_print = self._fingerprint(compiled)
+            if policy.ssh:
+                self._ssh_dirty = self.seq
+
+    def _update_class(
+        self,
+        state: TailnetState,
+        now: datetime,
+        compiled: CompiledPolicy,
+        old: PeerSet,
+        members: set[int],
+        changed: set[int],
+        presence_only: set[int],
+    ) -> PeerSet:
+        peers = old.peers.mutate()
+        users = old.users
+        touched: set[int] = set()
+        for nid in changed:
+            node = state.nodes.get(nid)
+            rep = _representative(members, nid)
+            view = None
+            if node is not None and rep is not None and not node.is_expired(now):
+                view = compiled.peer_view(rep, nid)
+                self.stats.peer_evaluations += 1
+            before = peers.get(nid)
+            if view is None:
+                if before is not None:
+                    del peers[nid]
+                    touched.add(nid)
+                continue
+            assert node is not None
+            after = self._cache.get(node, self.presence(nid), view, self.settings)
+            if after is not before:
+                peers[nid] = after
+                touched.add(nid)
+                users = _with_user(state, users, node)
+        for nid in presence_only:
+            before = peers.get(nid)
+            node = state.nodes.get(nid)
+            if before is None or node is None:
+                continue
+            if node.is_expired(now):
+                del peers[nid]
+                touched.add(nid)
+                continue
+            after = self._cache.get(node, self.presence(nid), before.view, self.settings)
+            if after is not before:
+                peers[nid] = after
+                touched.add(nid)
+        if not touched and users is old.users:
+            return old
+        return PeerSet(peers.finish(), users, old, frozenset(touched))
+
+    @staticmethod
+    def _fingerprint(compiled: CompiledPolicy) -> bytes:
+        return _digest(_encoder.encode([r.wire() for r in compiled.global_rules]))
+
+    # -- per-stream dirtiness ----------------------------------------------------------
+
+    def self_dirty_since(self, node_id: int, seq: int) -> bool:
+        return self._all_dirty > seq or self._dirty.get(node_id, 0) > seq
+
+    def ssh_dirty_since(self, seq: int) -> bool:
+        return self._ssh_dirty > seq or self._all_dirty > seq
+
+    def forget(self, node_id: int) -> None:
+        self._dirty.pop(node_id, None)
+
+
+def _representative(members: set[int], exclude: int) -> int | None:
+    for m in members:
+        if m != exclude:
+            return m
+    return None
+
+
+def _users(state: TailnetState, peers: Iterable[Peer]) -> immutables.Map[int, UserProfile]:
+    return immutables.Map({p.id: p for p in profiles_for(state, (peer.node for peer in peers))})
+
+
+def _with_user(
+    state: TailnetState, users: immutables.Map[int, UserProfile], node: Node
+) -> immutables.Map[int, UserProfile]:
+    uid = user_id_shown(node)
+    if uid in users:
+        return users
+    for p in profiles_for(state, [node]):
+        users = users.set(p.id, p)
+    return users
+
+
+def _next_version(
+    old: PeerSet | None, entries: dict[int, Peer], users: immutables.Map[int, UserProfile]
+) -> PeerSet:
+    """A peer set for ``entries``: ``old`` itself when nothing differs, else a child of it."""
+    if old is None:
+        return PeerSet(immutables.Map(entries), users)
+    touched = {nid for nid, p in entries.items() if old.peers.get(nid) is not p}
+    touched |= {nid for nid in old.peers if nid not in entries}
+    if not touched and old.users == users:
+        return old
+    return PeerSet(immutables.Map(entries), users, old, frozenset(touched))
+
+
+# -- one stream -----------------------------------------------------------------------------
+
+
+class StreamCursor:
+    """What one map stream has been sent: a peer set and a few digests.
+
+    :meth:`full_map` makes the first message; :meth:`update` the next ones (zero, one
+    or two messages: the peer diff shared with the class, then this node's own parts).
+    """
+
+    __slots__ = ("derp_map", "filter", "node_id", "peers", "self_node", "seq", "ssh")
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.seq = 0
+        self.peers: PeerSet | None = None
+        self.self_node = b""
+        self.filter = b""
+        self.ssh = b""
+        self.derp_map: object = None
+
+    def full_map(self, hub: MapHub) -> bytes:
+        """The complete first message (and the new baseline); JSON bytes."""
+        state, now, compiled = hub.state, hub.now, hub.compiled
+        assert state is not None and now is not None and compiled is not None
+        me = self.node_id
+        node = state.nodes[me]
+        peers = hub.peer_set(me)
+        self_wire = self._self_wire(hub, node)
+        pf = _encoder.encode(compiled.packet_filter(me))
+        ssh_policy = compiled.ssh_policy(me)
+        ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else None
+        self.peers, self.seq, self.derp_map = peers, hub.seq, hub.settings.derp_map
+        self.self_node = _digest(_encoder.encode(self_wire))
+        self.filter = _digest(pf)
+        self.ssh = _digest(ssh or _NO_SSH)
+        own = profiles_for(state, [node])
+        profiles = dict(peers.users)
+        for p in own:
+            profiles[p.id] = p
+        body = _encoder.encode(
+            MapResponse(
+                node=self_wire,
+                derp_map=hub.settings.derp_map,
+                dns_config=hub.settings.dns,
+                domain=hub.settings.domain,
+                packet_filters={"base": msgspec.Raw(pf)},
+                ssh_policy=msgspec.Raw(ssh) if ssh is not None else None,
+                user_profiles=[profiles[k] for k in sorted(profiles)],
+                collect_services=False,
+                control_time=now,
+                debug=Debug(disable_log_tail=True),
+            )
+        )
+        peers_json = peers.peers_json(exclude=me)
+        if peers_json == b"[]":
+            return body
+        return b'{"Peers":' + peers_json + b"," + body[1:]
+
+    def _self_wire(self, hub: MapHub, node: Node) -> WireNode:
+        assert hub.compiled is not None
+        allowed, primary, caps = hub.compiled.self_view(self.node_id)
+        return wire_node(
+            node, hub.presence(node.id), hub.settings, allowed_ips=allowed, primary_routes=primary,
+            cap_map=caps, is_self=True,
+        )
+
+    def update(self, hub: MapHub) -> list[MapMessage]:
+        """Messages that bring the client from what it was sent to the hub's state."""
+        state, now, compiled = hub.state, hub.now, hub.compiled
+        assert state is not None and now is not None and compiled is not None and self.peers is not None
+        me = self.node_id
+        out: list[MapMessage] = []
+        node = state.nodes.get(me)
+        if node is None or hub.seq == self.seq:
+            return out
+        peers = hub.peer_set(me)
+        if peers is not self.peers:
+            diff, shared = peers.diff_message(self.peers, now)
+            if me in diff.ids:
+                own = diff.without(me)
+                if not own.is_empty():
+                    out.append(MapMessage(_encode_update(now, {}, own)))
+            elif shared is not None:
+                out.append(shared)
+            self.peers = peers
+        parts: dict[str, object] = {}
+        if hub.self_dirty_since(me, self.seq):
+            self_wire = self._self_wire(hub, node)
+            digest = _digest(_encoder.encode(self_wire))
+            if digest != self.self_node:
+                self.self_node = digest
+                parts["node"] = self_wire
+            pf = _encoder.encode(compiled.packet_filter(me))
+            digest = _digest(pf)
+            if digest != self.filter:
+                self.filter = digest
+                parts["packet_filters"] = {"base": msgspec.Raw(pf)}
+        if hub.ssh_dirty_since(self.seq):
+            ssh_policy = compiled.ssh_policy(me)
+            ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else _NO_SSH
+            digest = _digest(ssh)
+            if digest != self.ssh:
+                self.ssh = digest
+                parts["ssh_policy"] = msgspec.Raw(ssh)
+        if hub.settings.derp_map is not self.derp_map:
+            self.derp_map = hub.settings.derp_map
+            parts["derp_map"] = hub.settings.derp_map
+        if parts:
+            out.append(hub.shared(_encode_update(now, parts, None)))
+        self.seq = hub.seq
+        return out
+
+
+__all__ += ["JOURNAL_DEPTH", "TAGGED_DEVICES_USER_ID", "HubStats", "PeerCache", "PeerDiff"]

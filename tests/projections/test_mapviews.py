@@ -1,0 +1,191 @@
+"""Shared per-class views give every node exactly its own netmap.
+
+The oracle is :func:`projections.netmap.full_map`, which asks the policy engine for one
+node's netmap directly (the engine is checked against Tailscale's captures by the
+conformance suite). A random but valid history runs (users, joins, deletes, renames,
+tags, key rotation, expiry now and later, routes advertised and approved, policy
+changes across groups, tags, hosts, IP aliases, autogroup:self, SSH, grants with via,
+and presence changes); after every step the hub advances, and for every node
+
+* a fresh stream's full map from the hub, and
+* the netmap a client builds by applying every update its stream received so far
+
+must both equal the reference map.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eventlog import AppendRequest
+from projections import CommandError, Decision, TailnetState, apply
+from projections import commands as c
+from projections.delta import EMPTY, Delta
+from projections.mapviews import MapHub, StreamCursor
+from projections.netmap import NetmapSettings, full_map
+from projections.policystate import PolicyCompiler
+from projections.presence import NodePresence
+from projections.tailcfg import DERPMap, MapResponse, decode
+from tests.conftest import ADMIN
+from tests.protocol.netmap_model import ClientNetmap
+
+from .builders import PLAN, Recorder
+
+T = TypeVar("T")
+
+_TAGS = '"tagOwners": {"tag:a": ["autogroup:member"], "tag:t0": ["autogroup:member"], "tag:t1": ["autogroup:member"], "tag:t2": ["autogroup:member"]}'
+POLICIES = [
+    None,  # allow-all
+    '{' + _TAGS + ', "groups": {"group:eng": ["user0@", "user1@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:a:*", "tag:t0:22"]},'
+    ' {"action": "accept", "src": ["tag:t1"], "dst": ["group:eng:443"]}],'
+    ' "ssh": [{"action": "accept", "src": ["user2@"], "dst": ["tag:a"], "users": ["root"]}]}',
+    '{' + _TAGS + ', "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},'
+    ' {"action": "accept", "src": ["tag:a"], "dst": ["autogroup:member:80"]}],'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]}]}',
+    '{' + _TAGS + ', "hosts": {"h1": "100.64.0.2/32", "low": "100.64.0.0/29"},'
+    ' "acls": [{"action": "accept", "src": ["h1"], "dst": ["low:*"]},'
+    ' {"action": "accept", "src": ["100.64.0.5"], "dst": ["*:*"]},'
+    ' {"action": "accept", "src": ["tag:t2"], "dst": ["10.0.0.0/8:*", "autogroup:internet:*"]}]}',
+    '{' + _TAGS + ', "grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]},'
+    ' {"src": ["autogroup:member"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:a"]}]}',
+    '{' + _TAGS + ', "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],'
+    ' "autoApprovers": {"routes": {"10.0.0.0/8": ["autogroup:member"]}, "exitNode": ["tag:t0"]}}',
+]
+
+
+class _Tracker(Recorder):
+    """A recorder that also keeps the merged delta since the hub last advanced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delta: Delta = EMPTY
+
+    def run(self, decide: Callable[[TailnetState], Decision[T]]) -> T:
+        decision = decide(self.state)
+        if decision.events:
+            [result] = self.store.append_batch(
+                [AppendRequest(events=decision.events, actor=ADMIN, expected_seq=self.state.seq)],
+                int(self.now.timestamp() * 1_000_000),
+            )
+            assert isinstance(result, tuple)
+            for rec in result:
+                self.state, d = apply(self.state, rec)
+                self.delta = self.delta.merge(d)
+            self.events.extend(result)
+        return decision.result
+
+
+def _comparable(msg: MapResponse) -> dict[str, object]:
+    model = ClientNetmap()
+    model.apply(msg)
+    return model.comparable()
+
+
+@pytest.mark.parametrize("policy_index", range(len(POLICIES)))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 1000)), min_size=5, max_size=45))
+def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, int]]) -> None:
+    rnd = random.Random(policy_index)
+    r = _Tracker()
+    presence: dict[int, NodePresence] = {}
+    changed_presence: set[int] = set()
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, presence.get)
+    cursors: dict[int, StreamCursor] = {}
+    models: dict[int, ClientNetmap] = {}
+    for name in ("user0", "user1", "user2"):
+        r.user(name)
+    if POLICIES[policy_index] is not None:
+        text = POLICIES[policy_index]
+        assert text is not None
+        r.run(lambda s: c.decide_set_policy(s, text, source="test"))
+
+    def step(op: int, arg: int) -> None:
+        users, nodes = sorted(r.state.users), sorted(r.state.nodes)
+        pick = str(nodes[arg % len(nodes)]) if nodes else "0"
+        r.now += timedelta(seconds=1)
+        try:
+            match op:
+                case 0 | 1 | 2:
+                    tags = ((f"tag:t{arg % 3}",) if arg % 4 == 0 else ()) + (("tag:a",) if arg % 7 == 0 else ())
+                    expiry = r.now + timedelta(seconds=5 + arg % 20) if arg % 5 == 0 else None
+                    r.run(lambda s: c.decide_register_node(
+                        s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+                        hostname=f"host{arg % 9}", user_id=users[arg % len(users)], tags=tags, ephemeral=False,
+                        expiry=expiry, auth="cli", preauth_key=None, plan=PLAN,
+                    ))
+                case 3:
+                    r.run(lambda s: c.decide_delete_node(s, pick))
+                case 4:
+                    r.run(lambda s: c.decide_rename_node(s, pick, f"n{arg}"))
+                case 5:
+                    r.run(lambda s: c.decide_set_tags(s, pick, (f"tag:t{arg % 3}",)))
+                case 6:
+                    r.run(lambda s: c.decide_expire_node(s, pick, now=r.now))
+                case 7:
+                    if nodes:
+                        node = r.state.nodes[int(pick)]
+                        r.run(lambda s: c.decide_rotate_node_key(
+                            s, node, node_key=f"{rnd.getrandbits(256):064x}", expiry=None
+                        ))
+                case 8:
+                    if nodes:
+                        node = r.state.nodes[int(pick)]
+                        routes = [("10.1.0.0/16",), ("10.1.0.0/16", "10.2.0.0/16"), ("0.0.0.0/0", "::/0"), ()][arg % 4]
+                        r.run(lambda s: c.decide_advertise_routes(s, node, routes))
+                case 9:
+                    if nodes:
+                        node = r.state.nodes[int(pick)]
+                        r.run(lambda s: c.decide_approve_routes(s, pick, node.advertised_routes[: 1 + arg % 2]))
+                case 10:
+                    text = POLICIES[arg % len(POLICIES)]
+                    if text is not None:
+                        r.run(lambda s: c.decide_set_policy(s, text, source="test"))
+                case 11:
+                    r.run(lambda s: c.decide_rename_user(s, str(users[arg % len(users)]), f"user{arg % 5}"))
+                case 12 | 13:
+                    if nodes:
+                        nid = int(pick)
+                        old = presence.get(nid, NodePresence())
+                        presence[nid] = NodePresence(
+                            online=not old.online, endpoints=(f"192.0.2.{arg % 200}:41641",),
+                            home_derp=1 + arg % 3, last_seen=r.now, disco_key=old.disco_key,
+                        )
+                        changed_presence.add(nid)
+                case _:
+                    r.now += timedelta(seconds=arg % 30)
+        except CommandError:
+            pass
+
+    for op, arg in ops:
+        step(op, arg)
+        hub.advance(r.state, r.now, r.delta, set(changed_presence))
+        r.delta = EMPTY
+        changed_presence.clear()
+        for nid in list(cursors):
+            if nid not in r.state.nodes:
+                del cursors[nid], models[nid]
+                continue
+            for message in cursors[nid].update(hub):
+                models[nid].apply(decode(message.json, MapResponse))
+        for nid in r.state.nodes:
+            reference = full_map(
+                r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now
+            )
+            expected = _comparable(reference)
+            fresh = StreamCursor(nid)
+            first = decode(fresh.full_map(hub), MapResponse)
+            assert _comparable(first) == expected, (nid, op, arg)
+            if nid not in cursors:
+                cursors[nid], models[nid] = fresh, ClientNetmap()
+                models[nid].apply(first)
+            assert models[nid].comparable() == expected, (nid, op, arg)
