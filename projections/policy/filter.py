@@ -46,7 +46,14 @@ def reduce_rules(node: NodeInfo, rules: Iterable[Rule]) -> list[Rule]:
             if reduced is not None:
                 out.append(reduced)
             continue
-        kept = tuple(entry for entry in rule.dst if _relevant(node, entry))
+        if node.subnet_routes or node.is_exit or len(rule.dst) < 8:
+            kept = tuple(entry for entry in rule.dst if _relevant(node, entry))
+        else:
+            # A plain node is a destination only by its own addresses: look them up.
+            singles, others = rule.dst_index()
+            positions = [i for addr in node.addrs for i in singles.get(addr, ())]
+            positions += [i for i in others if rule.dst[i].addresses.contains_any(node.addrs)]
+            kept = tuple(rule.dst[i] for i in sorted(set(positions)))
         if kept:
             out.append(Rule(rule.src, rule.src_set, kept, rule.protocols, dst_parts=rule.dst_parts))
     return out

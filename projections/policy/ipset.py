@@ -26,6 +26,7 @@ are equal. Every constructor goes through :func:`_normalise`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -122,8 +123,10 @@ class Prefix:
 # Parsing and formatting
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def addr_to_int(text: str) -> int:
-    """Parse an IPv4 or IPv6 address into the shared integer line.
+    """Parse an IPv4 or IPv6 address into the shared integer line (memoised: every
+    compile parses every node address again).
 
     Raises:
         ValueError: when ``text`` is not an address.

@@ -82,7 +82,7 @@ class Rule:
             matching; equal in content to the union of ``dst`` entries).
     """
 
-    __slots__ = ("_match", "caps", "dst", "dst_parts", "protocols", "src", "src_set")
+    __slots__ = ("_dst_index", "_match", "caps", "dst", "dst_parts", "protocols", "src", "src_set")
 
     def __init__(
         self,
@@ -102,6 +102,23 @@ class Rule:
             dst_parts = tuple(e.addresses for e in dst) + tuple(c.addresses() for c in caps)
         self.dst_parts = dst_parts
         self._match: Match | None = None
+        self._dst_index: tuple[dict[int, list[int]], list[int]] | None = None
+
+    def dst_index(self) -> tuple[dict[int, list[int]], list[int]]:
+        """``dst`` entries by address: single-address entries under their address, and
+        the positions of all others (ranges, CIDRs, ``*``). Lets per-node reduction of a
+        rule listing every member cost the node's addresses, not the tailnet."""
+        if self._dst_index is None:
+            singles: dict[int, list[int]] = {}
+            others: list[int] = []
+            for i, entry in enumerate(self.dst):
+                ranges = entry.addresses.ranges
+                if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
+                    singles.setdefault(ranges[0][0], []).append(i)
+                else:
+                    others.append(i)
+            self._dst_index = (singles, others)
+        return self._dst_index
 
     def wire(self) -> FilterRule:
         """The tailcfg.FilterRule for this rule."""
