@@ -79,6 +79,7 @@ __all__ = [
     "StreamCursor",
     "class_key",
     "diff_peer_sets",
+    "join_pieces",
 ]
 
 _encoder: Final = msgspec.json.Encoder()
@@ -86,6 +87,8 @@ _NO_SSH: Final = b'{"rules":[]}'
 #: How many versions back a peer set remembers its parents; a stream further behind
 #: gets a full comparison (still computed once per pair of versions, not per stream).
 JOURNAL_DEPTH: Final = 32
+#: Peers per shared piece of a full map (see :meth:`PeerSet.full_map_pieces`).
+CHUNK: Final = 128
 
 
 def _digest(data: bytes) -> bytes:
@@ -186,6 +189,10 @@ class MapMessage:
         self.frames: dict[object, bytes] = {}
 
 
+#: The end of every full map's pieces (closes ``Peers`` and the message).
+_TAIL: Final = MapMessage(b"]}")
+
+
 class PeerSet:
     """What the members of one visibility class are shown about their peers.
 
@@ -196,7 +203,7 @@ class PeerSet:
         changed: ids whose entry differs from ``parent``'s.
     """
 
-    __slots__ = ("_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
+    __slots__ = ("_chunks", "_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
 
     def __init__(
         self,
@@ -212,6 +219,7 @@ class PeerSet:
         self.depth: int = 0 if parent is None else parent.depth + 1
         self._diffs: dict[int, tuple[PeerSet, PeerDiff, MapMessage | None]] = {}
         self._sorted: tuple[list[int], list[bytes]] | None = None
+        self._chunks: list[MapMessage] | None = None
         if parent is not None and self.depth % JOURNAL_DEPTH == 0:
             # Forget versions older than the journal keeps (they hold memory).
             old = self
@@ -221,16 +229,49 @@ class PeerSet:
                 old = old.parent
             old.parent = None
 
-    def peers_json(self, exclude: int) -> bytes:
-        """The JSON array of every peer but ``exclude``, in id order (from cached parts)."""
+    def _order(self) -> tuple[list[int], list[bytes]]:
         if self._sorted is None:
             ids = sorted(self.peers)
             self._sorted = (ids, [self.peers[i].json for i in ids])
-        ids, parts = self._sorted
-        i = bisect.bisect_left(ids, exclude)
-        if i < len(ids) and ids[i] == exclude:
-            return b"[" + b",".join([*parts[:i], *parts[i + 1 :]]) + b"]"
-        return b"[" + b",".join(parts) + b"]"
+        return self._sorted
+
+    def full_map_pieces(self, body: bytes, exclude: int) -> list[MapMessage | bytes]:
+        """A full map as JSON pieces whose concatenation is ``body`` plus a ``Peers``
+        array of every peer but ``exclude``.
+
+        The peers are cut into pieces of :data:`CHUNK` in id order; a piece that does
+        not hold ``exclude`` is a shared :class:`MapMessage` (so a transport compresses
+        it once for every stream: zstd decoders read concatenated frames as one
+        message), the others are this stream's own bytes.
+        """
+        ids, parts = self._order()
+        if not ids or ids == [exclude]:
+            return [body]
+        if self._chunks is None:
+            self._chunks = [
+                MapMessage(b"," + b",".join(parts[i : i + CHUNK])) for i in range(0, len(parts), CHUNK)
+            ]
+        out: list[MapMessage | bytes] = []
+        head = [body[:-1], b',"Peers":[']
+        first = True
+        for k, chunk in enumerate(self._chunks):
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(ids))
+            mine = ids[lo] <= exclude <= ids[hi - 1]
+            if not first and not mine:
+                out.append(chunk)
+                continue
+            members = [parts[i] for i in range(lo, hi) if ids[i] != exclude]
+            if not members:
+                continue
+            piece = b",".join(members)
+            if first:
+                head.append(piece)
+                out.append(b"".join(head))
+                first = False
+            else:
+                out.append(b"," + piece)
+        out.append(_TAIL)
+        return out
 
     def diff(self, old: PeerSet) -> PeerDiff:
         """The diff from ``old`` to this version (cached per ``old``)."""
@@ -250,6 +291,11 @@ class PeerSet:
             self._diffs[id(old)] = (old, diff, msg)
             return diff, msg
         return diff, entry[2]
+
+
+def join_pieces(pieces: Iterable[MapMessage | bytes]) -> bytes:
+    """The JSON of a message given as pieces (for uncompressed streams and tests)."""
+    return b"".join(p.json if isinstance(p, MapMessage) else p for p in pieces)
 
 
 def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
@@ -275,7 +321,7 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
             continue
         if before is not None and before.wire == after.wire:
             continue
-        if before is None or _structural(before.wire) != _structural(after.wire):
+        if before is None or _structural(before.wire) != _structural(after.wire) or _clears(before.wire, after.wire):
             changed.append(after.wire)
             uid = after.wire.user
             profile = new.users.get(uid)
@@ -297,6 +343,19 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
 def _structural(node: WireNode) -> WireNode:
     return msgspec.structs.replace(
         node, endpoints=None, home_derp=0, disco_key=None, online=None, last_seen=None, cap=0
+    )
+
+
+def _clears(old: WireNode, new: WireNode) -> bool:
+    """Whether a presence field went back to empty, which a patch cannot say (an
+    absent patch field means "unchanged"): such a peer is sent whole."""
+    return bool(
+        (old.endpoints and not new.endpoints)
+        or (old.disco_key and not new.disco_key)
+        or (old.home_derp and not new.home_derp)
+        or (old.last_seen is not None and new.last_seen is None)
+        or (old.cap and not new.cap)
+        or (old.online is not None and new.online is None)
     )
 
 
@@ -675,8 +734,9 @@ class StreamCursor:
         self.ssh = b""
         self.derp_map: object = None
 
-    def full_map(self, hub: MapHub) -> bytes:
-        """The complete first message (and the new baseline); JSON bytes."""
+    def full_map(self, hub: MapHub) -> list[MapMessage | bytes]:
+        """The complete first message (and the new baseline), as JSON pieces to be
+        concatenated (see :meth:`PeerSet.full_map_pieces`)."""
         state, now, compiled = hub.state, hub.now, hub.compiled
         assert state is not None and now is not None and compiled is not None
         me = self.node_id
@@ -708,10 +768,7 @@ class StreamCursor:
                 debug=Debug(disable_log_tail=True),
             )
         )
-        peers_json = peers.peers_json(exclude=me)
-        if peers_json == b"[]":
-            return body
-        return b'{"Peers":' + peers_json + b"," + body[1:]
+        return peers.full_map_pieces(body, exclude=me)
 
     def _self_wire(self, hub: MapHub, node: Node) -> WireNode:
         assert hub.compiled is not None

@@ -126,7 +126,7 @@ def wire_node(
         tags=list(node.tags) or None,
         primary_routes=list(primary_routes) or None,
         online=None if is_self else p.online,
-        last_seen=p.last_seen if (not is_self and not p.online) else None,
+        last_seen=None if is_self else p.last_seen,  # kept while online, as Tailscale does
         machine_authorized=True,
         cap_map=wire_cap_map(cap_map),
     )

@@ -68,7 +68,7 @@ from projections.tailcfg import (
 )
 
 from .handler import NoiseRequest, NoiseResponse
-from .mapframe import frame_map_response, keepalive_frame
+from .mapframe import compress_piece, frame_map_response, frame_pieces, keepalive_frame
 
 __all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlSettings"]
 
@@ -520,7 +520,7 @@ class Control:
                 return NoiseResponse(200, (), b"")
             self._sync_hub()
             full = StreamCursor(node.id).full_map(self.hub)
-            return NoiseResponse(200, (), frame_map_response(full, compress))
+            return NoiseResponse(200, (), self._frame_full(full, compress))
         return NoiseResponse(
             200,
             (("content-type", "application/octet-stream"),),
@@ -569,6 +569,33 @@ class Control:
             self._hub_log_wake.event = trio.Event()
             self._publish()
 
+    def _frame_full(self, pieces: list[MapMessage | bytes], compress: bool) -> bytes:
+        """Frame a full map given as pieces; shared pieces are compressed once."""
+        raw: list[bytes] = []
+        done: list[bool] = []
+        pending: list[bytes] = []
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending.append(piece)
+                continue
+            if pending:
+                raw.append(b"".join(pending))
+                done.append(False)
+                pending = []
+            if compress:
+                frame = piece.frames.get("piece")
+                if frame is None:
+                    frame = piece.frames["piece"] = compress_piece(piece.json)
+                raw.append(frame)
+                done.append(True)
+            else:
+                raw.append(piece.json)
+                done.append(False)
+        if pending:
+            raw.append(b"".join(pending))
+            done.append(False)
+        return frame_pieces(raw, compress, compressed=done)
+
     def _frame(self, msg: MapMessage, compress: bool) -> bytes:
         frame = msg.frames.get(compress)
         if frame is None:
@@ -584,7 +611,7 @@ class Control:
             if self.hub.state is None or node_id not in self.hub.state.nodes:
                 return
             cursor = StreamCursor(node_id)
-            yield frame_map_response(cursor.full_map(self.hub), compress)
+            yield self._frame_full(cursor.full_map(self.hub), compress)
             last_sent = trio.current_time()
             while True:
                 changed = self._hub_changed

@@ -37,7 +37,9 @@ __all__ = [
     "KEEPALIVE_JSON",
     "MAX_MAP_FRAME",
     "MapFrameDecoder",
+    "compress_piece",
     "frame_map_response",
+    "frame_pieces",
     "keepalive_frame",
 ]
 
@@ -79,6 +81,28 @@ def frame_map_response(json_bytes: bytes, compress: bool) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
+def frame_pieces(pieces: list[bytes], compress: bool, *, compressed: list[bool] | None = None) -> bytes:
+    """Frame one message given as consecutive pieces of its JSON.
+
+    With ``compress`` each piece becomes its own zstd frame, unless
+    ``compressed[i]`` says piece ``i`` already is one (a cached shared piece);
+    the client's decoder reads concatenated frames as one message (tailscale's
+    ``zstdframe.AppendDecode`` takes "zero or more frames"). Without it the
+    pieces are joined.
+    """
+    if not compress:
+        return frame_map_response(b"".join(pieces), False)
+    flags = compressed or [False] * len(pieces)
+    out = [piece if done else compress_piece(piece) for piece, done in zip(pieces, flags, strict=True)]
+    payload = b"".join(out)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def compress_piece(json_bytes: bytes) -> bytes:
+    """One zstd frame of part of a message (see :func:`frame_pieces`)."""
+    return _compressor().compress(json_bytes)
+
+
 #: The framed keep-alive for zstd streams (identical bytes every time).
 KEEPALIVE_FRAME_ZSTD: Final = frame_map_response(KEEPALIVE_JSON, compress=True)
 #: The framed keep-alive for uncompressed streams.
@@ -105,6 +129,7 @@ class MapFrameDecoder:
         self._max_frame = max_frame
         self._buffer = bytearray()
         self._decompressor = zstandard.ZstdDecompressor()
+
 
     def receive_data(self, data: bytes) -> list[bytes]:
         """Return the JSON of every message completed by ``data``.
@@ -135,6 +160,11 @@ class MapFrameDecoder:
         if not self._compressed:
             return payload
         try:
-            return self._decompressor.decompress(payload, max_output_size=self._max_frame)
+            # A message may be several concatenated frames (see frame_pieces).
+            with self._decompressor.stream_reader(payload, read_across_frames=True) as reader:
+                out = reader.read(self._max_frame + 1)
         except zstandard.ZstdError as exc:
             raise RemoteProtocolError(f"bad zstd map frame: {exc}") from None
+        if len(out) > self._max_frame:
+            raise RemoteProtocolError("map frame decompresses to more than the limit")
+        return out
