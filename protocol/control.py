@@ -202,6 +202,11 @@ class Control:
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
         self._hub_sub = tailnet.runner.subscribe(self._on_log_change)
         self._hub_watch = presence.watch(self._hub_wake.set)
+        #: Streams yet to handle the latest publication, when it started, and how long
+        #: the last complete fan-out took (paces publications, see _drive_hub).
+        self._fanout_left = 0
+        self._fanout_started = 0.0
+        self._fanout_cost = 0.0
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
@@ -543,6 +548,8 @@ class Control:
     def _publish(self) -> None:
         """Advance the hub and wake every stream to read it."""
         self.hub.advance(self.tailnet.state, self.tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
+        self._fanout_left = self.streams_open
+        self._fanout_started = trio.current_time()
         event, self._hub_changed = self._hub_changed, trio.Event()
         event.set()
 
@@ -567,7 +574,17 @@ class Control:
                     with trio.move_on_after(self.settings.presence_coalesce):
                         await self._hub_log_wake.wait()
             self._hub_log_wake.event = trio.Event()
+            # Fan-out to every stream costs CPU in proportion to the streams; leave at
+            # least as much time again to everything else (registrations, reconnects),
+            # so a storm of changes becomes fewer, larger updates instead of starving them.
+            await trio.sleep_until(self._fanout_started + 2 * self._fanout_cost)
             self._publish()
+
+    def _fanned_out(self) -> None:
+        """One stream handled the latest publication; the last one times the fan-out."""
+        self._fanout_left -= 1
+        if self._fanout_left == 0:
+            self._fanout_cost = trio.current_time() - self._fanout_started
 
     def _frame_full(self, pieces: list[MapMessage | bytes], compress: bool) -> bytes:
         """Frame a full map given as pieces; shared pieces are compressed once."""
@@ -623,6 +640,7 @@ class Control:
                 messages = cursor.update(self.hub)
                 for msg in messages:
                     yield self._frame(msg, compress)
+                self._fanned_out()
                 if messages:
                     last_sent = trio.current_time()
                 elif trio.current_time() - last_sent >= self.settings.keepalive_interval:
