@@ -10,6 +10,7 @@ from typing import TypeVar
 from eventlog import AppendRequest, RecordedEvent, SQLiteEventStore
 from projections import AddressPlan, CommandError, Decision, TailnetState, apply
 from projections import commands as c
+from projections.delta import EMPTY, Delta
 from projections.ipam import DEFAULT_V4, DEFAULT_V6, AllocationMode
 from tests.conftest import ADMIN
 
@@ -26,6 +27,8 @@ class Recorder:
         self.state = TailnetState()
         self.events: list[RecordedEvent] = []
         self.now = T0
+        #: What changed since a consumer last reset it to EMPTY (merged deltas).
+        self.delta: Delta = EMPTY
 
     def run(self, decide: Callable[[TailnetState], Decision[T]]) -> T:
         decision = decide(self.state)
@@ -37,7 +40,8 @@ class Recorder:
             )
             assert isinstance(result, tuple)
             for rec in result:
-                self.state, _ = apply(self.state, rec)
+                self.state, delta = apply(self.state, rec)
+                self.delta = self.delta.merge(delta)
             self.events.extend(result)
         return decision.result
 

@@ -16,7 +16,6 @@ must both equal the reference map.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
 from unittest.mock import patch
@@ -25,16 +24,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventlog import AppendRequest
-from projections import CommandError, Decision, TailnetState, apply, mapviews
+from projections import CommandError, mapviews
 from projections import commands as c
-from projections.delta import EMPTY, Delta
+from projections.delta import EMPTY
 from projections.mapviews import MapHub, StreamCursor, join_pieces
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
 from projections.tailcfg import DERPMap, MapResponse, decode
-from tests.conftest import ADMIN
 from tests.protocol.netmap_model import ClientNetmap
 
 from .builders import PLAN, Recorder
@@ -62,28 +59,6 @@ POLICIES = [
 ]
 
 
-class _Tracker(Recorder):
-    """A recorder that also keeps the merged delta since the hub last advanced."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.delta: Delta = EMPTY
-
-    def run(self, decide: Callable[[TailnetState], Decision[T]]) -> T:
-        decision = decide(self.state)
-        if decision.events:
-            [result] = self.store.append_batch(
-                [AppendRequest(events=decision.events, actor=ADMIN, expected_seq=self.state.seq)],
-                int(self.now.timestamp() * 1_000_000),
-            )
-            assert isinstance(result, tuple)
-            for rec in result:
-                self.state, d = apply(self.state, rec)
-                self.delta = self.delta.merge(d)
-            self.events.extend(result)
-        return decision.result
-
-
 def _comparable(msg: MapResponse) -> dict[str, object]:
     model = ClientNetmap()
     model.apply(msg)
@@ -102,7 +77,7 @@ def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, i
 
 def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
     rnd = random.Random(policy_index)
-    r = _Tracker()
+    r = Recorder()
     presence: dict[int, NodePresence] = {}
     changed_presence: set[int] = set()
     settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
