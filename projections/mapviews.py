@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import weakref
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -205,7 +206,7 @@ class PeerSet:
         changed: ids whose entry differs from ``parent``'s.
     """
 
-    __slots__ = ("_chunks", "_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
+    __slots__ = ("__weakref__", "_chunks", "_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
 
     def __init__(
         self,
@@ -219,9 +220,12 @@ class PeerSet:
         self.parent: PeerSet | None = parent
         self.changed = changed
         self.depth: int = 0 if parent is None else parent.depth + 1
-        self._diffs: dict[int, tuple[PeerSet, PeerDiff, MapMessage | None]] = {}
+        # Diffs from older versions, keyed by their id; the older version is held
+        # weakly, so a cache never keeps a chain of old versions (and their full-map
+        # pieces) alive once no stream is on them.
+        self._diffs: dict[int, tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None]] = {}
         self._sorted: tuple[list[int], list[bytes]] | None = None
-        self._chunks: list[MapMessage] | None = None
+        self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
         if parent is not None and self.depth % JOURNAL_DEPTH == 0:
             # Forget versions older than the journal keeps (they hold memory).
             old = self
@@ -250,13 +254,11 @@ class PeerSet:
         if not ids or ids == [exclude]:
             return [body]
         if self._chunks is None:
-            self._chunks = [
-                MapMessage(b"," + b",".join(parts[i : i + CHUNK])) for i in range(0, len(parts), CHUNK)
-            ]
+            self._chunks = self._build_chunks(parts)
         out: list[MapMessage | bytes] = []
         head = [body[:-1], b',"Peers":[']
         first = True
-        for k, chunk in enumerate(self._chunks):
+        for k, (_, chunk) in enumerate(self._chunks):
             lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(ids))
             mine = ids[lo] <= exclude <= ids[hi - 1]
             if not first and not mine:
@@ -275,24 +277,47 @@ class PeerSet:
         out.append(_TAIL)
         return out
 
+    def _build_chunks(self, parts: list[bytes]) -> list[tuple[tuple[bytes, ...], MapMessage]]:
+        """The shared pieces; a piece whose peers are the very same objects as in the
+        nearest older version that has pieces is taken over from it (with its cached
+        compressed frame), so a version costs only the pieces it changed."""
+        older: dict[int, list[tuple[tuple[bytes, ...], MapMessage]]] = {}
+        cur = self.parent
+        while cur is not None:
+            if cur._chunks is not None:
+                for piece in cur._chunks:
+                    older.setdefault(id(piece[0][0]), []).append(piece)
+                break
+            cur = cur.parent
+        out: list[tuple[tuple[bytes, ...], MapMessage]] = []
+        for i in range(0, len(parts), CHUNK):
+            group = tuple(parts[i : i + CHUNK])
+            for candidate in older.get(id(group[0]), ()):
+                if len(candidate[0]) == len(group) and all(a is b for a, b in zip(candidate[0], group, strict=True)):
+                    out.append(candidate)
+                    break
+            else:
+                out.append((group, MapMessage(b"," + b",".join(group))))
+        return out
+
     def diff(self, old: PeerSet) -> PeerDiff:
         """The diff from ``old`` to this version (cached per ``old``)."""
-        hit = self._diffs.get(id(old))
-        if hit is not None and hit[0] is old:
-            return hit[1]
-        diff = diff_peer_sets(old, self)
-        self._diffs[id(old)] = (old, diff, None)
-        return diff
+        return self.diff_message(old, None)[0]
 
-    def diff_message(self, old: PeerSet, now: datetime) -> tuple[PeerDiff, MapMessage | None]:
-        """The diff and its encoded message, built once for every stream moving from ``old``."""
-        diff = self.diff(old)
-        entry = self._diffs[id(old)]
-        if entry[2] is None and not diff.is_empty():
+    def diff_message(self, old: PeerSet, now: datetime | None) -> tuple[PeerDiff, MapMessage | None]:
+        """The diff and its encoded message (when ``now`` is given), built once for
+        every stream moving from ``old``."""
+        hit = self._diffs.get(id(old))
+        if hit is None or hit[0]() is not old:
+            hit = (weakref.ref(old), diff_peer_sets(old, self), None)
+            if len(self._diffs) > 64:
+                self._diffs = {k: v for k, v in self._diffs.items() if v[0]() is not None}
+            self._diffs[id(old)] = hit
+        diff, msg = hit[1], hit[2]
+        if msg is None and now is not None and not diff.is_empty():
             msg = MapMessage(_encode_update(now, {}, diff))
-            self._diffs[id(old)] = (old, diff, msg)
-            return diff, msg
-        return diff, entry[2]
+            self._diffs[id(old)] = (hit[0], diff, msg)
+        return diff, msg
 
 
 def join_pieces(pieces: Iterable[MapMessage | bytes]) -> bytes:
