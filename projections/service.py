@@ -6,6 +6,10 @@ with ``expected_seq`` set to the state it decided against, and on a conflict (an
 writer got in first, possibly another replica) waits for the projection to catch up and
 decides again. It returns after the projection has folded the new events, so the caller
 reads its own writes.
+
+Commands of this process that lose such a race go on one at a time (a lock), so a
+burst of concurrent registrations cannot keep conflicting with each other until they
+run out of retries; only another replica can still make them decide again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
+
+import trio
 
 from eventlog import Actor, EventLog, ExpectedSequenceConflict, RecordedEvent
 
@@ -45,6 +51,7 @@ class Tailnet:
         self.runner = runner
         self.clock = clock
         self._max_retries = max_retries
+        self._serial = trio.Lock()
 
     @property
     def state(self) -> TailnetState:
@@ -58,18 +65,27 @@ class Tailnet:
         Raises:
             CommandError: the command was refused (nothing appended).
         """
-        for _ in range(self._max_retries):
-            state = self.runner.state
-            decision = decide(state)
-            if not decision.events:
-                return decision.result, ()
+        if not self._serial.locked():
             try:
-                recorded = await self.log.append(
-                    decision.events, actor=actor, expected_seq=state.seq
-                )
+                return await self._attempt(decide, actor)
             except ExpectedSequenceConflict as conflict:
                 await self.runner.wait_for(conflict.actual)
-                continue
-            await self.runner.wait_for(recorded[-1].seq)
-            return decision.result, recorded
+        async with self._serial:
+            for _ in range(self._max_retries):
+                try:
+                    return await self._attempt(decide, actor)
+                except ExpectedSequenceConflict as conflict:
+                    await self.runner.wait_for(conflict.actual)
         raise CommandError("the tailnet is changing too fast; try again")
+
+    async def _attempt(
+        self, decide: Callable[[TailnetState], Decision[T]], actor: Actor
+    ) -> tuple[T, tuple[RecordedEvent, ...]]:
+        """Decide against the current state and append (raises on a conflict)."""
+        state = self.runner.state
+        decision = decide(state)
+        if not decision.events:
+            return decision.result, ()
+        recorded = await self.log.append(decision.events, actor=actor, expected_seq=state.seq)
+        await self.runner.wait_for(recorded[-1].seq)
+        return decision.result, recorded

@@ -109,3 +109,27 @@ async def test_service_retries_a_stale_decision_and_refuses_bad_commands(tmp_pat
             await tailnet.execute(decide, actor=ADMIN)
         assert store.head().seq == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_concurrent_commands_all_land(tmp_path: Path) -> None:
+    # 60 registrations at once all decide against the same state; only one can win
+    # each append. With a handful of retries each they must still all land: losers
+    # go on one at a time instead of conflicting with each other until they give up.
+    log = EventLog(SQLiteEventStore(tmp_path / "log.db"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        runner = ProjectionRunner(log)
+        await nursery.start(runner.run)
+        tailnet = Tailnet(log, runner, max_retries=3)
+        results: list[int] = []
+
+        async def create(i: int) -> None:
+            uid, _ = await tailnet.execute(lambda s: c.decide_create_user(s, f"u{i}"), actor=ADMIN)
+            results.append(uid)
+
+        async with trio.open_nursery() as burst:
+            for i in range(60):
+                burst.start_soon(create, i)
+        assert sorted(results) == list(range(1, 61))
+        assert {u.name for u in runner.state.users.values()} == {f"u{i}" for i in range(60)}
+        nursery.cancel_scope.cancel()
