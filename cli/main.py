@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_loadgen(args: argparse.Namespace) -> int:
     from .loadgen import loadgen_main
 
-    return loadgen_main(["--nodes", args.nodes, "--json", args.json])
+    return loadgen_main([], args)
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
@@ -357,9 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=["log", "relay", "policy"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
 
-    loadgen = add(sub, "loadgen", "Simulate N tailscale clients over the real protocol and measure the server.", cmd_loadgen)
-    loadgen.add_argument("--nodes", default="100,1000", help="comma-separated tailnet sizes, e.g. 100,1000,5000")
-    loadgen.add_argument("--json", default="loadgen-results.json", help="where to write the figures")
+    from .loadgen import build_parser as loadgen_options
+
+    about = "Simulate N tailscale clients over the real protocol and measure the server."
+    loadgen = sub.add_parser("loadgen", help=about, description=about,
+                             parents=[common, loadgen_options(add_help=False)])
+    loadgen.set_defaults(func=cmd_loadgen)
 
     return parser
 

@@ -1,0 +1,207 @@
+"""``tailledger loadgen``: the cheap receive path and one whole (tiny) run.
+
+The scanner tests build streams with the server's own framing
+(:func:`protocol.frame_map_response`) and cut them at arbitrary points, because the
+HTTP/2 DATA boundaries a client sees have nothing to do with frame boundaries. The run
+test starts a real server subprocess with five simulated clients and checks that every
+phase completed for every client and that the figures are plausible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cli.loadgen import (
+    PHASES,
+    FrameKind,
+    MapFrameScanner,
+    ScannedFrame,
+    build_parser,
+    make_decompressor,
+)
+from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_decompress = make_decompressor()
+
+
+def _pieces(message: bytes, size: int) -> bytes:
+    """``message`` framed as several concatenated zstd frames, as the server sends
+    full maps built from shared pre-compressed pieces."""
+    compressor = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    payload = b"".join(compressor.compress(message[i : i + size]) for i in range(0, len(message), size))
+    return len(payload).to_bytes(4, "little") + payload
+
+
+_NEWCOMER = b"nodekey:" + b"ab" * 32
+# A full map big enough to span many chunks, a keep-alive, and two updates.
+_FULL = json.dumps(
+    {"Node": {"ID": 1, "Key": "nodekey:" + "01" * 32},
+     "Peers": [{"ID": i, "Key": f"nodekey:{i:064x}", "Name": f"sim-{i}.example."} for i in range(2, 400)],
+     "PacketFilters": {"base": []}},
+    separators=(",", ":"),
+).encode()
+_UPDATE_JOIN = b'{"PeersChanged":[{"ID":401,"Key":"' + _NEWCOMER + b'"}],"ControlTime":"2026-01-01T00:00:00Z"}'
+_UPDATE_PATCH = b'{"PeersChangedPatch":[{"NodeID":7,"Online":true}],"ControlTime":"2026-01-01T00:00:01Z"}'
+_MESSAGES = [_FULL, KEEPALIVE_JSON, _UPDATE_JOIN, _UPDATE_PATCH]
+_STREAM = _pieces(_FULL, 4096) + b"".join(frame_map_response(m, compress=True) for m in _MESSAGES[1:])
+_KINDS = [FrameKind.FULL, FrameKind.KEEPALIVE, FrameKind.UPDATE, FrameKind.UPDATE]
+
+
+def _feed(scanner: MapFrameScanner, data: bytes, cuts: list[int]) -> list[ScannedFrame]:
+    frames: list[ScannedFrame] = []
+    bounds = [0, *sorted(set(cuts)), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        frames.extend(scanner.feed(data[start:end]))
+    return frames
+
+
+_cuts = st.lists(st.integers(min_value=1, max_value=len(_STREAM) - 1), max_size=40)
+
+
+@given(cuts=_cuts)
+def test_skipping_scanner_classifies_frames_without_reading_them(cuts: list[int]) -> None:
+    asked: list[FrameKind] = []
+
+    def want(kind: FrameKind) -> bool:
+        asked.append(kind)
+        return False
+
+    frames = _feed(MapFrameScanner(want, _decompress), _STREAM, cuts)
+    assert [f.kind for f in frames] == _KINDS
+    assert [f.size for f in frames] == [
+        len(_pieces(_FULL, 4096)) - 4, *(len(frame_map_response(m, compress=True)) - 4 for m in _MESSAGES[1:])
+    ]
+    assert all(f.payload is None for f in frames)
+    # Asked once per non-keep-alive frame, with the kind it will get.
+    assert asked == [FrameKind.FULL, FrameKind.UPDATE, FrameKind.UPDATE]
+
+
+@given(cuts=_cuts)
+def test_wanted_frames_come_back_whole(cuts: list[int]) -> None:
+    frames = _feed(MapFrameScanner(lambda kind: True, _decompress), _STREAM, cuts)
+    assert [f.kind for f in frames] == _KINDS
+    bodies = [_decompress(f.payload) if f.payload is not None else None for f in frames]
+    assert bodies == [_FULL, None, _UPDATE_JOIN, _UPDATE_PATCH]
+    assert _NEWCOMER in (bodies[2] or b"")
+    assert _NEWCOMER not in (bodies[3] or b"")
+
+
+def test_a_message_of_many_zstd_frames_decompresses_whole() -> None:
+    payload = _pieces(_FULL, 1000)[4:]
+    assert zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 24) != _FULL  # first piece only
+    assert _decompress(payload) == _FULL
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        make_decompressor(max_size=len(_FULL) - 1)(payload)
+
+
+def test_only_updates_wanted() -> None:
+    frames = _feed(MapFrameScanner(lambda kind: kind is FrameKind.UPDATE, _decompress), _STREAM, [])
+    assert frames[0].payload is None
+    assert frames[2].payload is not None
+    assert _decompress(frames[2].payload) == _UPDATE_JOIN
+
+
+def test_keepalive_before_the_full_map_and_keepalive_of_another_encoder() -> None:
+    # A keep-alive compressed by some other zstd encoder: different bytes, same JSON.
+    other = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(KEEPALIVE_JSON)
+    assert other != KEEPALIVE_FRAME_ZSTD[4:]
+    data = (
+        len(other).to_bytes(4, "little") + other
+        + KEEPALIVE_FRAME_ZSTD
+        + frame_map_response(_UPDATE_PATCH, compress=True)  # tiny, but the stream's first map
+        + KEEPALIVE_FRAME_ZSTD
+    )
+    frames = MapFrameScanner(lambda kind: False, _decompress).feed(data)
+    assert [f.kind for f in frames] == [FrameKind.KEEPALIVE, FrameKind.KEEPALIVE, FrameKind.FULL, FrameKind.KEEPALIVE]
+    # Small frames are read to rule out a keep-alive, but not handed out unless wanted.
+    assert frames[2].payload is None
+
+
+def test_bad_lengths_are_the_servers_fault() -> None:
+    with pytest.raises(RemoteProtocolError, match="zero-length"):
+        MapFrameScanner(lambda kind: False, _decompress).feed(b"\0\0\0\0")
+    with pytest.raises(RemoteProtocolError, match="too large"):
+        MapFrameScanner(lambda kind: False, _decompress, max_frame=1000).feed((1001).to_bytes(4, "little"))
+
+
+def test_phases_are_checked() -> None:
+    assert build_parser().parse_args(["--phases", "join,restart"]).phases == {"join", "restart"}
+    assert build_parser().parse_args([]).phases == set(PHASES)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--phases", "join,bogus"])
+
+
+def _number(row: dict[str, object], key: str) -> float:
+    value = row[key]
+    assert isinstance(value, int | float), f"{key} = {value!r}"
+    assert math.isfinite(value), f"{key} = {value!r}"
+    return float(value)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_measures_every_phase(tmp_path: Path) -> None:
+    n = 5
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.loadgen", "--nodes", str(n), "--json", str(out),
+         "--updaters", "1", "--update-interval", "0.3,0.6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "join p99 ms" in proc.stdout
+    assert "warning" not in proc.stdout, proc.stdout
+    [row] = json.loads(out.read_text())
+    assert row["nodes"] == n
+    # Everybody made it through every phase (the newcomer joins the later ones).
+    assert row["registered"] == n
+    assert row["connected"] == n
+    assert row["join_reached"] == n
+    assert row["policy_reached"] == n + 1
+    assert row["reconnected"] == n + 1
+    # The sentinel's decoded full map lists every other node (the policy allows all),
+    # and its decoded view never contradicted the byte search.
+    assert row["full_map_peers"] == n - 1
+    assert row["marker_mismatches"] == 0
+    assert row["lite_updates"] >= 1
+    # Latencies: positive, ordered, and within the phase timeouts.
+    for phase in ("join", "policy"):
+        p50, p99, top = (_number(row, f"{phase}_{q}_ms") for q in ("p50", "p99", "max"))
+        assert 0 < p50 <= p99 <= top < 60_000
+    assert 0 < _number(row, "register_ms") < 60_000
+    assert _number(row, "join_self_map_ms") >= _number(row, "register_ms")
+    assert _number(row, "connect_all_s") > 0
+    assert 0 < _number(row, "reconnect_all_s") <= _number(row, "restart_total_s")
+    # Memory and CPU figures come from /proc of a live server.
+    assert _number(row, "rss_mib") > 10
+    assert _number(row, "peak_rss_mib") >= _number(row, "rss_mib")
+    assert _number(row, "rss_after_restart_mib") > 10
+    assert _number(row, "full_map_json_kib") > _number(row, "full_map_kib") > 0
+    for key in ("register_cpu_s", "connect_cpu_s", "join_cpu_s", "policy_cpu_s", "reconnect_cpu_s"):
+        assert _number(row, key) >= 0
+
+
+@pytest.mark.slow
+def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
+    # Any real server is above 1 MiB: the guard must trip, kill it and say so.
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.loadgen", "--nodes", "3", "--json", str(out), "--max-server-rss", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    [row] = json.loads(out.read_text())
+    assert "passed --max-server-rss" in str(row["aborted"])
+    assert "warning: 3 nodes: aborted" in proc.stdout
+    assert "join_reached" not in row
