@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 import msgspec
 import trio
+import trio.lowlevel
 
 from eventlog import Actor, ActorKind
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet
@@ -78,6 +79,17 @@ log = logging.getLogger(__name__)
 MIN_CAPABILITY_VERSION = 113
 
 _JSON = (("content-type", "application/json"),)
+#: Stream groups woken one after another by a publication (see Control._wake_streams).
+_WAKE_GROUPS = 16
+
+
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
+
+
+_ALREADY = _set_event()
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,10 @@ class Control:
         #: Shared peer views of every stream (see :mod:`projections.mapviews`), advanced
         #: by :meth:`_drive_hub` and read by the streams.
         self.hub = MapHub(self.policy, settings.netmap, presence.get)
-        self._hub_changed = trio.Event()
+        #: One event per group of streams (by node id): a publication wakes the groups
+        #: one after another, so requests that arrive meanwhile wait for one group's
+        #: sends, not for every stream's.
+        self._hub_changed = [trio.Event() for _ in range(_WAKE_GROUPS)]
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
         self._hub_sub = tailnet.runner.subscribe(self._on_log_change)
         self._hub_watch = presence.watch(self._hub_wake.set)
@@ -207,6 +222,8 @@ class Control:
         self._fanout_left = 0
         self._fanout_started = 0.0
         self._fanout_cost = 0.0
+        self._wake_pending = False
+        self._published_seq = 0
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
@@ -550,8 +567,21 @@ class Control:
         self.hub.advance(self.tailnet.state, self.tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
         self._fanout_left = self.streams_open
         self._fanout_started = trio.current_time()
-        event, self._hub_changed = self._hub_changed, trio.Event()
+        self._published_seq = self.hub.seq
+        self._wake_pending = True
+
+    def _wake_group(self, group: int) -> None:
+        event, self._hub_changed[group] = self._hub_changed[group], trio.Event()
         event.set()
+
+    async def _wake_streams(self) -> None:
+        """Wake the stream groups in turn, letting other tasks run in between."""
+        if not self._wake_pending:
+            return
+        self._wake_pending = False
+        for group in range(_WAKE_GROUPS):
+            self._wake_group(group)
+            await trio.lowlevel.checkpoint()
 
     async def _drive_hub(self) -> None:
         """Coalesce log and presence changes and publish them (and wake at key expiries).
@@ -579,6 +609,7 @@ class Control:
             # so a storm of changes becomes fewer, larger updates instead of starving them.
             await trio.sleep_until(self._fanout_started + 2 * self._fanout_cost)
             self._publish()
+            await self._wake_streams()
 
     def _fanned_out(self) -> None:
         """One stream handled the latest publication; the last one times the fan-out."""
@@ -631,7 +662,9 @@ class Control:
             yield self._frame_full(cursor.full_map(self.hub), compress)
             last_sent = trio.current_time()
             while True:
-                changed = self._hub_changed
+                changed = self._hub_changed[node_id % _WAKE_GROUPS]
+                if cursor.seq < self._published_seq:
+                    changed = _ALREADY  # published while this stream was sending
                 with trio.move_on_after(max(self.settings.keepalive_interval - (trio.current_time() - last_sent), 0)):
                     await changed.wait()
                 assert self.hub.state is not None
@@ -661,6 +694,9 @@ class Control:
         self.settings = dataclasses.replace(self.settings, netmap=netmap)
         self.hub.settings = netmap
         self._publish()
+        for group in range(_WAKE_GROUPS):
+            self._wake_group(group)
+        self._wake_pending = False
         return True
 
     async def _offline_later(self, node_id: int, generation: int) -> None:
