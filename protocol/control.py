@@ -604,10 +604,12 @@ class Control:
                     with trio.move_on_after(self.settings.presence_coalesce):
                         await self._hub_log_wake.wait()
             self._hub_log_wake.event = trio.Event()
-            # Fan-out to every stream costs CPU in proportion to the streams; leave at
-            # least as much time again to everything else (registrations, reconnects),
-            # so a storm of changes becomes fewer, larger updates instead of starving them.
-            await trio.sleep_until(self._fanout_started + 2 * self._fanout_cost)
+            if self._hub_sub.pending.is_empty():
+                # Presence alone: a fan-out to every stream costs CPU in proportion to
+                # the streams; leave at least as much time again to everything else, so
+                # a storm of endpoint and online changes becomes fewer, larger updates.
+                # Log changes (joins, policy) are not held back.
+                await trio.sleep_until(self._fanout_started + 2 * self._fanout_cost)
             self._publish()
             await self._wake_streams()
 
