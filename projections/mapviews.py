@@ -87,7 +87,7 @@ _encoder: Final = msgspec.json.Encoder()
 _NO_SSH: Final = b'{"rules":[]}'
 #: How many versions back a peer set remembers its parents; a stream further behind
 #: gets a full comparison (still computed once per pair of versions, not per stream).
-JOURNAL_DEPTH: Final = 32
+JOURNAL_DEPTH: Final = 1024
 #: Peers per shared piece of a full map (see :meth:`PeerSet.full_map_pieces`).
 CHUNK: Final = 128
 
@@ -226,6 +226,12 @@ class PeerSet:
         self._diffs: dict[int, tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None]] = {}
         self._sorted: tuple[list[int], list[bytes]] | None = None
         self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
+        if parent is not None:
+            # Full maps are only built from current versions: an old version keeps
+            # just its journal entry (a few hundred bytes), so the journal can be long
+            # enough that streams which joined at different versions during a connect
+            # storm still diff through it instead of comparing every peer.
+            parent._sorted = None
         if parent is not None and self.depth % JOURNAL_DEPTH == 0:
             # Forget versions older than the journal keeps (they hold memory).
             old = self
@@ -287,6 +293,7 @@ class PeerSet:
             if cur._chunks is not None:
                 for piece in cur._chunks:
                     older.setdefault(id(piece[0][0]), []).append(piece)
+                cur._chunks = None  # taken over by this version
                 break
             cur = cur.parent
         out: list[tuple[tuple[bytes, ...], MapMessage]] = []
