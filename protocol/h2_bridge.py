@@ -43,6 +43,11 @@ Invariants:
   (``max_buffered_bodies``); a stream that would exceed it is answered 503
   and reset, so memory per connection stays bounded without risking the
   flow-control deadlock that withholding WINDOW_UPDATEs could cause.
+* An idle connection (the usual state of a node's tunnel, for days) holds
+  no handshake leftovers, no cipher objects and none of ``h2``'s deque-based
+  settings or HPACK tables (:mod:`protocol.h2flow`), and ``h2`` remembers at
+  most ``max(max_concurrent_streams, 100)`` closed streams instead of 65536.
+  ``tests/protocol/test_transport_memory.py`` checks the first three.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Final
@@ -63,7 +69,7 @@ import h2.settings
 
 from .early import encode_early_payload
 from .errors import LocalProtocolError, RemoteProtocolError
-from .h2flow import OutboundQueues
+from .h2flow import CompactSettings, OutboundQueues, compact_header_tables
 from .handler import Headers, NoiseRequest
 from .noise.handshake import Keypair, respond
 from .noise.transport import NoiseTransport
@@ -94,6 +100,18 @@ DEFAULT_MAX_CONCURRENT_STREAMS: Final = 250
 _CLIENT_PREFACE_LEN: Final = 24
 #: Bound on the decoded request header list.
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 64 << 10
+#: Floor of how many closed streams ``h2`` remembers (see :class:`_H2Connection`).
+_MIN_CLOSED_STREAMS_MEMORY: Final = 100
+
+#: One configuration for every server connection: ``h2`` only ever reads it,
+#: so sharing it saves an object per connection.
+_H2_CONFIG: Final = h2.config.H2Configuration(
+    client_side=False,
+    header_encoding=None,  # bytes: we decode as Latin-1, which cannot fail
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+    validate_outbound_headers=True,
+)
 
 # Connection-specific headers are illegal in HTTP/2 (RFC 9113 §8.2.2).
 _HOP_BY_HOP: Final = frozenset(
@@ -225,6 +243,68 @@ class _FrameSizeGuard:
         return None
 
 
+def _dispatch_names() -> dict[type, str]:
+    """Frame class -> name of the ``H2Connection`` method that receives it.
+
+    Read from a probe connection, so it follows whatever ``h2`` maps; empty
+    if ``h2`` no longer keeps a dict of bound methods (then nothing is swapped).
+    """
+    probe = h2.connection.H2Connection()
+    table = getattr(probe, "_frame_dispatch_table", None)
+    if not isinstance(table, dict):
+        return {}
+    names: dict[type, str] = {}
+    for frame_type, method in table.items():
+        name = getattr(method, "__name__", "")
+        if getattr(method, "__self__", None) is not probe or getattr(probe, name, None) != method:
+            return {}
+        names[frame_type] = name
+    return names
+
+
+_DISPATCH_NAMES: Final = _dispatch_names()
+
+
+class _FrameDispatch:
+    """``h2``'s frame dispatch table as a view: one slot instead of 12 bound methods.
+
+    ``H2Connection`` builds, per connection, a dict from frame class to a
+    bound method (~0.6 KiB) and only ever looks frames up in it; this looks
+    the same names up on the connection when a frame arrives.
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: h2.connection.H2Connection) -> None:
+        self._conn = conn
+
+    def __getitem__(self, frame_type: type) -> Callable[..., object]:
+        method: Callable[..., object] = getattr(self._conn, _DISPATCH_NAMES[frame_type])
+        return method
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """``h2``'s connection, remembering fewer closed streams, dispatching via a view.
+
+    ``h2`` records how every closed stream ended (``MAX_CLOSED_STREAMS``,
+    65536 by default) so that a late frame on a stream *reset* earlier gets
+    a RST_STREAM instead of a connection error. A tunnel lives for days and
+    carries a stream per lite map update, so that record would grow to
+    ~6 MiB per connection. Late frames arrive within one round trip, when at
+    most ``SETTINGS_MAX_CONCURRENT_STREAMS`` streams can have been open, so
+    remembering that many closed streams keeps the behaviour.
+
+    The frame dispatch table becomes a :class:`_FrameDispatch` (same lookups,
+    ~0.6 KiB less per connection) when ``h2``'s table has the expected shape.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, *, closed_streams: int) -> None:
+        self.MAX_CLOSED_STREAMS = closed_streams  # read by the base __init__
+        super().__init__(config=config)
+        if _DISPATCH_NAMES and set(_DISPATCH_NAMES) == set(self._frame_dispatch_table):
+            self._frame_dispatch_table = _FrameDispatch(self)  # type: ignore[assignment]
+
+
 @dataclass(slots=True)
 class _PartialRequest:
     method: str
@@ -268,6 +348,23 @@ class ServerConnection:
         state: The current :class:`ServerState`.
     """
 
+    # One instance per connected node, alive for days: no per-instance dict.
+    __slots__ = (
+        "_buffered",
+        "_early",
+        "_guard",
+        "_h2",
+        "_max_body",
+        "_max_buffered",
+        "_noise",
+        "_outbound",
+        "_partial",
+        "_response",
+        "error",
+        "keys",
+        "state",
+    )
+
     def __init__(
         self,
         *,
@@ -298,6 +395,8 @@ class ServerConnection:
                 nothing was sent yet (the adapter may send
                 :func:`~protocol.noise.messages.encode_error`).
         """
+        # Both are sent once by start() and then dropped (an idle tunnel
+        # holds no handshake leftovers).
         self._response, self.keys = respond(
             server_private, initiation, ephemeral_private=ephemeral_private
         )
@@ -306,21 +405,20 @@ class ServerConnection:
         self._max_body = max_body_size
         self._max_buffered = max_buffered_bodies
         self._buffered = 0  # sum of _PartialRequest.size over self._partial
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,  # bytes: we decode as Latin-1, which cannot fail
-            validate_inbound_headers=True,
-            normalize_inbound_headers=True,
-            validate_outbound_headers=True,
+        self._h2 = _H2Connection(
+            _H2_CONFIG, closed_streams=max(max_concurrent_streams, _MIN_CLOSED_STREAMS_MEMORY)
         )
-        self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.local_settings = h2.settings.Settings(
+        # Replaced before any frame moves, so h2 never used its own (deque-
+        # based, ~4.5 KiB each) Settings; see protocol.h2flow.CompactSettings.
+        self._h2.local_settings = CompactSettings(
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: DEFAULT_MAX_HEADER_LIST_SIZE,
             },
         )
+        self._h2.remote_settings = CompactSettings(client=True)
+        compact_header_tables(self._h2)
         self._outbound = OutboundQueues(self._h2)
         self._guard = _FrameSizeGuard(
             preface_len=_CLIENT_PREFACE_LEN, max_frame=self._h2.max_inbound_frame_size
@@ -359,7 +457,9 @@ class ServerConnection:
         """
         self._advance(_Input.START)
         self._h2.initiate_connection()
-        return self._response + self._noise.send(self._early + self._h2.data_to_send())
+        first = self._response + self._noise.send(self._early + self._h2.data_to_send())
+        self._response = self._early = b""
+        return first
 
     # -- receiving ------------------------------------------------------------------
 
@@ -492,6 +592,8 @@ class ServerConnection:
         request = self._partial.pop(stream_id, None)
         if request is not None:
             self._buffered -= request.size
+            if not self._partial:
+                self._partial = {}  # drop the table the dict grew (idle tunnels)
         return request
 
     def _reject(self, stream_id: int, status: int, reason: str, out: list[ServerEvent]) -> None:
@@ -566,11 +668,17 @@ class ServerConnection:
         return self._outbound.pending(stream_id)
 
     def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        """Reset a stream (handler failed after its headers were sent)."""
+        """Reset a stream (handler failed after its headers were sent); never raises.
+
+        A stream or connection that ``h2`` already considers closed (the
+        peer reset the stream, or sent GOAWAY) has nothing left to reset.
+        """
         self._outbound.discard(stream_id)
         if self.state is not ServerState.OPEN:
             return
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+        # StreamClosedError, NoSuchStreamError, and the connection-level
+        # ProtocolError of a connection closed by the peer's GOAWAY.
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
 
     def close(self, error_code: int = h2.errors.ErrorCodes.NO_ERROR, reason: str = "") -> None:

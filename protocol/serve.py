@@ -38,6 +38,18 @@ A connection handed to hypercorn stays there; if a later request on it asks
 for ``/key`` the ASGI shim :func:`with_key_endpoint` answers it, so ``/key``
 works on every connection.
 
+Memory per connection: a node keeps its tunnel open for days and is idle
+nearly all the time, so what an idle tunnel holds is the server's cost per
+node (``tests/benchmarks/conn_memory.py`` measures it by allocation site).
+The set-up (the HTTP/1.1 front, the handshake) returns before the session
+runs, so none of it stays alive; a session is one reader task parked in
+``wait_readable`` on plain TCP, plus one task per open stream (the map long
+poll) in the server's connection nursery; the send lock and the
+flow-control event exist only while used. The cores trim ``h2``, HPACK and
+Noise state (:mod:`protocol.h2flow`, :mod:`protocol.h2_bridge`,
+:mod:`protocol.noise.transport`). Measured at 5,000 idle nodes: ~13 KiB of
+RSS per plain-TCP tunnel; TLS adds ~20 KiB, most of it OpenSSL's own state.
+
 Error handling: a peer's garbage (:class:`~protocol.errors.RemoteProtocolError`)
 closes only that connection, with an INFO log line naming the reason. Our own
 bugs (handler exceptions, :class:`~protocol.errors.LocalProtocolError`) are
@@ -47,6 +59,8 @@ per-connection failure can take the listener down.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import ssl
@@ -85,6 +99,10 @@ log = logging.getLogger(__name__)
 ASGIApp = Callable[..., Awaitable[None]]
 
 _MAX_RECV: Final = 65536
+#: accept(2) errors that mean "overloaded, retry soon" (as trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
 
 
 @dataclass(frozen=True)
@@ -296,8 +314,31 @@ class _NoiseSession:
     Invariants: exactly one task reads; writes are serialised by
     ``_send_lock`` and always take the *current* ``data_to_send()`` inside the
     lock, so records leave in nonce order; every handler task runs in its own
-    cancel scope, cancelled by the stream's RST_STREAM.
+    cancel scope, cancelled by the stream's RST_STREAM or by the end of the
+    session (handler tasks live in the nursery passed to :meth:`run`).
+
+    Memory (this object lives as long as the node is connected, usually idle;
+    ``tests/benchmarks/conn_memory.py`` measures it): the first bytes are
+    dropped once written; the send lock and the window event exist only
+    while somebody writes or waits; and the reader of a plain TCP connection
+    parks in ``wait_readable`` instead of inside ``receive_some``, whose
+    coroutine chain (stream, socket, non-blocking helper) would otherwise
+    stay allocated for as long as the node stays idle.
     """
+
+    __slots__ = (
+        "_closing_reason",
+        "_conn",
+        "_first",
+        "_handler",
+        "_options",
+        "_peer",
+        "_scopes",
+        "_send_lock",
+        "_stream",
+        "_trailing",
+        "_window_changed",
+    )
 
     def __init__(
         self,
@@ -306,46 +347,78 @@ class _NoiseSession:
         handler: ControlHandler,
         options: ServeOptions,
         peer: str,
+        *,
+        first: bytes,
+        trailing: bytes,
     ) -> None:
         self._stream = stream
         self._conn = conn
         self._handler = handler
         self._options = options
         self._peer = peer
-        self._send_lock = trio.Lock()
-        self._window_changed = trio.Event()
+        self._first = first  # our first write (101, handshake response, SETTINGS)
+        self._trailing = trailing  # client bytes that arrived with the upgrade
+        # Created on demand, dropped when unused (see _send_locked, _send_body).
+        self._send_lock: trio.Lock | None = None
+        self._window_changed: trio.Event | None = None
         self._scopes: dict[int, trio.CancelScope] = {}
         self._closing_reason = ""
 
-    async def run(self, first_bytes: bytes, trailing: bytes) -> str:
-        """Serve until EOF, GOAWAY or an error; return the reason for the log."""
+    @property
+    def machine_key(self) -> bytes:
+        """The client's machine public key (for log lines)."""
+        return self._conn.machine_key
+
+    async def run(self, handlers: trio.Nursery) -> str:
+        """Serve until EOF, GOAWAY or an error; return the reason for the log.
+
+        Args:
+            handlers: Where the handler tasks run (the server's connection
+                nursery). Each runs in its own cancel scope; when the session
+                ends, all of them are cancelled, and they finish their cleanup
+                (closing response iterators) on their own, like the request
+                goroutines of Go's HTTP/2 server. A nursery per session would
+                cost ~1 KiB more per idle node.
+        """
+        # Only a plain socket may be polled directly: TLS and WebSocket
+        # streams can hold decoded bytes that the socket no longer shows.
+        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    await self._write(first_bytes)
-                    if trailing:
-                        await self._on_data(trailing, nursery)
-                    while not self._closing_reason:
-                        data = bytes(await self._stream.receive_some(_MAX_RECV))
-                        if not data:
-                            self._closing_reason = "peer closed the connection"
-                            break
-                        await self._on_data(data, nursery)
-                except RemoteProtocolError as exc:
-                    self._closing_reason = f"protocol error: {exc.reason}"
-                    with trio.move_on_after(1):
-                        await self._flush()  # h2's GOAWAY, if any
-                except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionLost):
-                    self._closing_reason = self._closing_reason or "connection lost"
-                finally:
-                    nursery.cancel_scope.cancel()
+            first, self._first = self._first, b""
+            await self._write(first)
+            del first
+            trailing, self._trailing = self._trailing, b""
+            if trailing:
+                await self._on_data(trailing, handlers)
+            del trailing
+            more = False
+            while not self._closing_reason:
+                if sock is not None and not more:
+                    # Park here while idle; a full read suggests more is
+                    # queued, so then read again without waiting.
+                    await trio.lowlevel.wait_readable(sock)
+                data = bytes(await self._stream.receive_some(_MAX_RECV))
+                if not data:
+                    self._closing_reason = "peer closed the connection"
+                    break
+                more = len(data) == _MAX_RECV
+                await self._on_data(data, handlers)
+                del data  # not kept alive while parked
+        except RemoteProtocolError as exc:
+            self._closing_reason = f"protocol error: {exc.reason}"
+            with trio.move_on_after(1):
+                await self._flush()  # h2's GOAWAY, if any
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionLost):
+            self._closing_reason = self._closing_reason or "connection lost"
         finally:
+            for scope in list(self._scopes.values()):
+                scope.cancel()
             self._notify_window()
         return self._closing_reason
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _on_data(self, data: bytes, nursery: trio.Nursery) -> None:
+    async def _on_data(self, data: bytes, handlers: trio.Nursery) -> None:
         """Feed socket bytes to the core and act on its events, then flush.
 
         The flush after every read carries PING ACKs, WINDOW_UPDATEs and any
@@ -355,7 +428,7 @@ class _NoiseSession:
             if isinstance(event, h2_bridge.RequestReceived):
                 scope = trio.CancelScope()
                 self._scopes[event.stream_id] = scope
-                nursery.start_soon(self._serve_request, event.stream_id, event.request, scope)
+                handlers.start_soon(self._serve_request, event.stream_id, event.request, scope)
             elif isinstance(event, h2_bridge.StreamReset):
                 reset_scope = self._scopes.pop(event.stream_id, None)
                 if reset_scope is not None:
@@ -378,26 +451,44 @@ class _NoiseSession:
     # -- writing --------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
-        async with self._send_lock:
-            await self._send_locked(data)
-
-    async def _send_locked(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._conn.send_failed()
-            raise _ConnectionLost("write failed") from exc
+        await self._send_locked(lambda: data)
 
     async def _flush(self) -> None:
-        async with self._send_lock:
-            # Take the bytes inside the lock: sealing assigns nonces in order.
-            await self._send_locked(self._conn.data_to_send())
+        # Take the bytes inside the lock: sealing assigns nonces in order.
+        await self._send_locked(self._conn.data_to_send)
+
+    async def _send_locked(self, take: Callable[[], bytes]) -> None:
+        """Write ``take()`` to the socket, holding the send lock.
+
+        The lock is made on first use and dropped again when it is free with
+        nobody waiting (``trio.Lock`` hands itself straight to the next
+        waiter on release, so "unlocked" means "no waiters"): an idle tunnel
+        holds no lock. Every writer takes the lock from ``self._send_lock``,
+        and a new one is only made when no task holds or waits for the old.
+        """
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = trio.Lock()
+        try:
+            async with lock:
+                data = take()
+                if not data:
+                    return
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._conn.send_failed()
+                    raise _ConnectionLost("write failed") from exc
+        finally:
+            if self._send_lock is lock and not lock.locked():
+                self._send_lock = None
 
     def _notify_window(self) -> None:
-        self._window_changed.set()
-        self._window_changed = trio.Event()
+        """Wake the tasks waiting for flow-control window (if any)."""
+        event = self._window_changed
+        if event is not None:
+            self._window_changed = None
+            event.set()
 
     async def _send_body(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         """Queue ``data`` and return once flow control let all of it out.
@@ -408,7 +499,10 @@ class _NoiseSession:
         self._conn.send_data(stream_id, data, end_stream=end_stream)
         await self._flush()
         while self._conn.pending(stream_id):
-            await self._window_changed.wait()
+            event = self._window_changed
+            if event is None:
+                event = self._window_changed = trio.Event()
+            await event.wait()
             await self._flush()
 
     # -- requests ---------------------------------------------------------------------
@@ -420,7 +514,13 @@ class _NoiseSession:
 
         ``scope`` was created by the reader before this task started, so an
         RST_STREAM that arrives first still cancels the handler at once.
+
+        For a long poll this task lives as long as the stream, so it holds on
+        to nothing it no longer needs: the request is released once the
+        handler returned, and the response is sent here rather than in a
+        helper coroutine (one frame less per idle stream).
         """
+        stream: AsyncIterator[bytes] | None = None
         try:
             with scope:
                 try:
@@ -430,43 +530,48 @@ class _NoiseSession:
                         "%s: handler failed for %s %s", self._peer, request.method, request.path
                     )
                     response = NoiseResponse(status=500, body=b"internal server error\n")
-                await self._send_response(stream_id, response)
+                del request
+                stream = response.stream
+                body = response.body or b""
+                headers = response.headers
+                if stream is None and not any(k.lower() == "content-length" for k, _ in headers):
+                    headers = (*headers, ("content-length", str(len(body))))
+                head_only = stream is None and not body
+                status = response.status
+                del response
+                if not self._conn.send_headers(stream_id, status, headers, end_stream=head_only):
+                    return  # reset by the client meanwhile
+                del headers
+                await self._flush()
+                if stream is None:
+                    if body:
+                        await self._send_body(stream_id, body, end_stream=True)
+                    return
+                try:
+                    async for chunk in stream:
+                        if chunk:
+                            await self._send_body(stream_id, chunk, end_stream=False)
+                except Exception:
+                    log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
+                    self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                    await self._flush()
+                    return
+                await self._send_body(stream_id, b"", end_stream=True)
         except _ConnectionLost:
             pass  # the reader notices too and ends the session
         except ProtocolError as exc:
             # The connection died under us (ERROR/CLOSED state): nothing to do.
             log.debug("%s: stream %d abandoned: %s", self._peer, stream_id, exc.reason)
+        except Exception:
+            # Our bug. This task runs in the server's nursery, so it must not
+            # take other connections down with it: reset the stream instead.
+            # Nothing in this handler may raise again (reset_stream never does).
+            log.exception("%s: stream %d failed", self._peer, stream_id)
+            self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            with contextlib.suppress(ProtocolError, _ConnectionLost), trio.move_on_after(1):
+                await self._flush()
         finally:
             self._scopes.pop(stream_id, None)
-
-    async def _send_response(self, stream_id: int, response: NoiseResponse) -> None:
-        stream = response.stream
-        try:
-            body = response.body or b""
-            headers = response.headers
-            if stream is None and not any(k.lower() == "content-length" for k, _ in headers):
-                headers = (*headers, ("content-length", str(len(body))))
-            head_only = stream is None and not body
-            if not self._conn.send_headers(
-                stream_id, response.status, headers, end_stream=head_only
-            ):
-                return  # reset by the client meanwhile
-            await self._flush()
-            if stream is None:
-                if body:
-                    await self._send_body(stream_id, body, end_stream=True)
-                return
-            try:
-                async for chunk in stream:
-                    if chunk:
-                        await self._send_body(stream_id, chunk, end_stream=False)
-            except Exception:
-                log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
-                self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-                await self._flush()
-                return
-            await self._send_body(stream_id, b"", end_stream=True)
-        finally:
             if stream is not None:
                 await self._close_iterator(stream)
 
@@ -528,6 +633,8 @@ class ControlServer:
         self._hyper_app = ASGIWrapper(with_key_endpoint(asgi_app, self.server_public))
         self._hyper_context = WorkerContext(None)
         self._lifespan_state: dict[str, Any] = {}
+        # The nursery of connection tasks while serve() runs; handler tasks go there too.
+        self._connections: trio.Nursery | None = None
 
     async def serve(
         self,
@@ -556,22 +663,64 @@ class ControlServer:
             await lifespan.wait_for_startup()
             try:
                 async with trio.open_nursery() as connections:
+                    self._connections = connections
+                    for listener in listeners:
+                        connections.start_soon(self._accept_loop, listener, connections)
                     task_status.started()
-                    await trio.serve_listeners(
-                        self.handle_stream, listeners, handler_nursery=connections
-                    )
             finally:
+                self._connections = None
                 with trio.CancelScope(shield=True):
                     await self._hyper_context.terminated.set()
                     with trio.move_on_after(self._hyper_config.shutdown_timeout + 1):
                         await lifespan.wait_for_shutdown()
                     lifespan_scope.cancel()
 
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections forever; each runs :meth:`handle_stream` in ``nursery``.
+
+        What ``trio.serve_listeners`` does, minus its per-connection wrapper
+        task frame (``handle_stream`` closes the stream itself): one coroutine
+        less for every connected node. Like trio, an overloaded system
+        (EMFILE and friends) is logged and retried after 100 ms.
+        """
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed with %s (%s); retrying in 100 ms",
+                        errno.errorcode[exc.errno],
+                        os.strerror(exc.errno),
+                    )
+                    await trio.sleep(0.1)
+                else:
+                    nursery.start_soon(self.handle_stream, stream)
+
     async def handle_stream(self, stream: trio.SocketStream) -> None:
-        """Serve one accepted connection; never raises (failures are logged)."""
+        """Serve one accepted connection; never raises (failures are logged).
+
+        The set-up (TLS, front, handshake) returns before the session runs,
+        so that none of its objects or coroutine frames stay alive beside an
+        idle tunnel.
+        """
         peer = _peer_name(stream)
         try:
-            await self._handle(stream, peer)
+            session = await self._handle(stream, peer)
+            if session is not None:
+                if self._connections is not None:
+                    reason = await session.run(self._connections)
+                else:  # called outside serve(), e.g. with custom listeners
+                    async with trio.open_nursery() as handlers:
+                        reason = await session.run(handlers)
+                log.info(
+                    "%s: noise session (machine %s...) closed: %s",
+                    peer,
+                    session.machine_key.hex()[:16],
+                    reason,
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: connection lost: %r", peer, exc)
         except RemoteProtocolError as exc:
@@ -582,8 +731,14 @@ class ControlServer:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
-    async def _handle(self, raw: trio.SocketStream, peer: str) -> None:
-        """TLS (optional), then the front's decisions until one is final."""
+    async def _handle(self, raw: trio.SocketStream, peer: str) -> _NoiseSession | None:
+        """TLS (optional), then the front's decisions until one is final.
+
+        Returns:
+            The session of a successful ``/ts2021`` upgrade, ready to run;
+            ``None`` when the connection was served (``/key``, hand-off to
+            hypercorn) or refused here.
+        """
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = raw
         if self._ssl_context is not None:
             tls = trio.SSLStream(raw, self._ssl_context, server_side=True, https_compatible=True)
@@ -592,13 +747,13 @@ class ControlServer:
                     await tls.do_handshake()
             except trio.TooSlowError:
                 log.info("%s: TLS handshake timed out", peer)
-                return
+                return None
             except trio.BrokenResourceError as exc:
                 log.info("%s: TLS handshake failed: %r", peer, exc.__cause__ or exc)
-                return
+                return None
             if tls.selected_alpn_protocol() == "h2":
                 await self._hand_off(tls, b"")
-                return
+                return None
             stream = tls
         front = upgrade.FrontConnection(server_public=self.server_public)
         while True:
@@ -609,7 +764,7 @@ class ControlServer:
                         data = bytes(await stream.receive_some(_MAX_RECV))
                 except trio.TooSlowError:
                     log.info("%s: no complete request head in time", peer)
-                    return
+                    return None
                 front.receive_data(data)
             elif isinstance(event, upgrade.SendResponse):
                 await stream.send_all(event.data)
@@ -618,21 +773,21 @@ class ControlServer:
                 else:
                     log.debug("%s: front answered %d: %s", peer, event.status, event.reason)
                 if event.close:
-                    return
+                    return None
             elif isinstance(event, upgrade.HandOff):
                 log.debug("%s: handing the connection to hypercorn", peer)
                 await self._hand_off(stream, event.replay)
-                return
+                return None
             elif isinstance(event, upgrade.Upgrade):
-                await self._noise(stream, peer, event.initiation, event.trailing, websocket=False)
-                return
+                return await self._noise(
+                    stream, peer, event.initiation, event.trailing, websocket=False
+                )
             elif isinstance(event, upgrade.WebSocketUpgrade):
                 await stream.send_all(event.response)
                 ws = WebSocketByteStream(stream, client=False, trailing=event.trailing)
-                await self._noise(ws, peer, event.initiation, b"", websocket=True)
-                return
+                return await self._noise(ws, peer, event.initiation, b"", websocket=True)
             else:  # PeerClosed
-                return
+                return None
 
     async def _hand_off(
         self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], replay: bytes
@@ -662,8 +817,8 @@ class ControlServer:
         trailing: bytes,
         *,
         websocket: bool,
-    ) -> None:
-        """Complete the handshake and run the Noise/HTTP2 session to its end."""
+    ) -> _NoiseSession | None:
+        """Complete the handshake; return the session to run (``None``: refused)."""
         opts = self._options
         early = opts.send_early_payload and not websocket
         try:
@@ -682,7 +837,7 @@ class ControlServer:
             with trio.move_on_after(1):
                 await stream.send_all(head + encode_error(exc.reason))
             log.info("%s: noise handshake failed: %s", peer, exc.reason)
-            return
+            return None
         if conn.protocol_version < opts.min_protocol_version:
             log.info(
                 "%s: refusing client with protocol version %d < %d",
@@ -690,17 +845,19 @@ class ControlServer:
                 conn.protocol_version,
                 opts.min_protocol_version,
             )
-            return
+            return None
         first = conn.start()
         if not websocket:
             first = upgrade.UPGRADE_RESPONSE + first
-        session = _NoiseSession(stream, conn, self._handler, opts, peer)
-        machine = conn.machine_key.hex()[:16]
         log.debug(
-            "%s: noise session up, machine key %s..., v%d", peer, machine, conn.protocol_version
+            "%s: noise session up, machine key %s..., v%d",
+            peer,
+            conn.machine_key.hex()[:16],
+            conn.protocol_version,
         )
-        reason = await session.run(first, trailing)
-        log.info("%s: noise session (machine %s...) closed: %s", peer, machine, reason)
+        return _NoiseSession(
+            stream, conn, self._handler, opts, peer, first=first, trailing=trailing
+        )
 
 
 async def serve_control(
