@@ -100,6 +100,13 @@ class DatabaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     synchronous: str = "FULL"
 
 
+class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Full maps sent at once; more new streams (a reconnect herd) wait their turn.
+    full_map_concurrency: int = 32
+    # A client that stops reading its full map gives its turn up after this long.
+    full_map_turn_timeout: str = "10s"
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./tailledger-data"
     listen_addr: str = "127.0.0.1:8080"
@@ -115,6 +122,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     derp: DerpConfig = msgspec.field(default_factory=DerpConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    tuning: TuningConfig = msgspec.field(default_factory=TuningConfig)
 
     # -- derived ------------------------------------------------------------------
 
@@ -248,11 +256,17 @@ def validate(config: Config) -> None:
         ("node_key_expiry", config.node_key_expiry),
         ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
         ("derp.auto_update_interval", config.derp.auto_update_interval),
+        ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
     ):
         try:
             parse_duration(text)
         except DurationError as exc:
             raise ConfigError(f"{what}: {exc}") from None
+    if config.tuning.full_map_concurrency < 1:
+        raise ConfigError("tuning.full_map_concurrency: must be at least 1")
+    turn = parse_duration(config.tuning.full_map_turn_timeout)
+    if turn is None or turn.total_seconds() <= 0:
+        raise ConfigError("tuning.full_map_turn_timeout: must be a positive duration")
     if config.policy.mode not in ("database", "file"):
         raise ConfigError(f"policy.mode: {config.policy.mode!r} is not 'database' or 'file'")
     if config.policy.mode == "file" and not config.policy.path:

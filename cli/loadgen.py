@@ -113,6 +113,9 @@ PHASES: Final = ("join", "policy", "restart")
 
 #: Capability version of the simulated clients (tailscale v1.90).
 _CAP_VERSION: Final = 130
+#: HTTP/2 receive windows of golang.org/x/net/http2's Transport (tailscale's clients).
+_GO_STREAM_WINDOW: Final = 4 << 20
+_GO_CONNECTION_WINDOW: Final = 1 << 30
 #: Same defensive cap as ``protocol.mapframe`` (compressed and decompressed).
 _MAX_FRAME: Final = 64 << 20
 #: The zstd payload of the server's constant keep-alive frame.
@@ -513,7 +516,13 @@ class _Client:
         hub = self.hub
         await self._take_slot(hub.connect_slots if self.registered else hub.register_slots)
         async with open_control_client(
-            "127.0.0.1", hub.port, machine_key=self.machine, server_public=hub.server_key
+            "127.0.0.1",
+            hub.port,
+            machine_key=self.machine,
+            server_public=hub.server_key,
+            # The windows of Go's HTTP/2 transport, which tailscale's clients use.
+            initial_window_size=_GO_STREAM_WINDOW,
+            connection_window_size=_GO_CONNECTION_WINDOW,
         ) as client:
             if hub.server_key is None:
                 hub.server_key = client.server_public

@@ -61,6 +61,12 @@ __all__ = [
 log = logging.getLogger("tailledger")
 
 
+def _turn_seconds(config: Config) -> float:
+    turn = parse_duration(config.tuning.full_map_turn_timeout)
+    assert turn is not None  # validated by cli.config.validate
+    return turn.total_seconds()
+
+
 def load_noise_key(data_dir: Path) -> bytes:
     """The server's Noise private key, made on first start (``noise_private.key``).
 
@@ -188,6 +194,8 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         netmap=NetmapSettings(domain=config.dns.base_domain, derp_map=derp, dns=dns_config(config)),
         node_key_expiry=expiry,
         ephemeral_timeout=parse_duration(config.ephemeral_node_inactivity_timeout),
+        full_map_concurrency=config.tuning.full_map_concurrency,
+        full_map_turn=_turn_seconds(config),
     )
     control = Control(server.tailnet, presence, settings)
     server.control = control

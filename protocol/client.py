@@ -571,6 +571,7 @@ async def open_control_client(
     server_hostname: str | None = None,
     websocket: bool = False,
     initial_window_size: int | None = None,
+    connection_window_size: int | None = None,
     ephemeral_private: bytes | None = None,
 ) -> AsyncGenerator[ControlClient, None]:
     """Connect, upgrade, handshake; yield a :class:`ControlClient`.
@@ -586,6 +587,8 @@ async def open_control_client(
         server_hostname: SNI / certificate name for TLS.
         websocket: Use the WebSocket variant of the upgrade.
         initial_window_size: Our HTTP/2 stream receive window.
+        connection_window_size: Our HTTP/2 connection receive window (Go's
+            clients: 4 MiB per stream, 1 GiB per connection).
         ephemeral_private: Inject the handshake ephemeral (tests only).
 
     Raises:
@@ -610,6 +613,7 @@ async def open_control_client(
             host=f"{host}:{port}",
             version=version,
             initial_window_size=initial_window_size,
+            connection_window_size=connection_window_size,
             http_upgrade=not websocket,
             ephemeral_private=ephemeral_private,
         )

@@ -76,6 +76,8 @@ __all__ = [
 
 #: Capability version of tailscale v1.90 (the client we mimic by default).
 DEFAULT_VERSION: Final = 130
+#: Every HTTP/2 window's size before SETTINGS or WINDOW_UPDATE (RFC 9113 §6.9.2).
+_DEFAULT_WINDOW: Final = 65535
 
 
 # -- events -----------------------------------------------------------------------
@@ -230,6 +232,7 @@ class ClientConnection:
         version: int = DEFAULT_VERSION,
         authority: str | None = None,
         initial_window_size: int | None = None,
+        connection_window_size: int | None = None,
         http_upgrade: bool = True,
         ephemeral_private: bytes | None = None,
     ) -> None:
@@ -244,6 +247,11 @@ class ClientConnection:
             initial_window_size: Our HTTP/2 stream receive window (default:
                 h2's 65535); small values make the server wait for
                 WINDOW_UPDATEs.
+            connection_window_size: Our HTTP/2 connection receive window
+                (default: the protocol's 65535). A connection window starts at
+                65535 whatever SETTINGS say and only grows by WINDOW_UPDATE, so
+                the update is sent with the preface, as Go's transport does
+                (4 MiB streams, 1 GiB connection).
             http_upgrade: Emit the native ``POST /ts2021`` request and expect
                 the 101. ``False`` when the caller performed another upgrade
                 (the WebSocket variant) and sends :attr:`initiation` itself;
@@ -271,6 +279,9 @@ class ClientConnection:
                 initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size},
             )
         self._h2.initiate_connection()
+        grow = (connection_window_size or 0) - _DEFAULT_WINDOW
+        if grow > 0:
+            self._h2.increment_flow_control_window(grow)
         self._outbound = OutboundQueues(self._h2)
         self.state = ClientState.AWAIT_UPGRADE if http_upgrade else ClientState.AWAIT_RESPONSE
         self.keys: SessionKeys | None = None

@@ -105,6 +105,31 @@ class ControlSettings:
     presence_coalesce: float = 0.5
     offline_grace: float = 5.0
     ephemeral_timeout: timedelta | None = timedelta(minutes=30)
+    #: Full maps being sent at once; other new streams wait their turn (a restart's
+    #: reconnect herd would otherwise buffer one full map per client at the same time).
+    full_map_concurrency: int = 32
+    #: Longest a full map may hold its turn (a client that stopped reading).
+    full_map_turn: float = 10.0
+
+
+class _Turn:
+    """One held unit of a semaphore, given back once: by its holder or by a timer."""
+
+    __slots__ = ("_done", "_semaphore")
+
+    def __init__(self, semaphore: trio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._done = trio.Event()
+
+    def release(self) -> None:
+        if not self._done.is_set():
+            self._done.set()
+            self._semaphore.release()
+
+    async def expire(self, after: float) -> None:
+        with trio.move_on_after(after):
+            await self._done.wait()
+        self.release()
 
 
 @dataclass(eq=False)
@@ -214,6 +239,8 @@ class Control:
         #: one after another, so requests that arrive meanwhile wait for one group's
         #: sends, not for every stream's.
         self._hub_changed = [trio.Event() for _ in range(_WAKE_GROUPS)]
+        #: Bounds the full maps in flight (see ControlSettings.full_map_concurrency).
+        self._full_maps = trio.Semaphore(settings.full_map_concurrency)
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
         self._hub_sub = tailnet.runner.subscribe(self._on_log_change)
         self._hub_watch = presence.watch(self._hub_wake.set)
@@ -657,11 +684,21 @@ class Control:
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
         try:
-            self._sync_hub()
-            if self.hub.state is None or node_id not in self.hub.state.nodes:
-                return
-            cursor = StreamCursor(node_id)
-            yield self._frame_full(cursor.full_map(self.hub), compress)
+            # The full map is built only once this stream's turn comes, and the turn
+            # ends when the client has taken all of it (the generator resumes only
+            # after the transport sent the bytes, flow control included): at most
+            # full_map_concurrency full maps are in memory at once, however many
+            # clients reconnect together. Later changes arrive as deltas from it.
+            # A client that stops reading gives its turn up after full_map_turn seconds.
+            turn = await self._full_map_turn()
+            try:
+                self._sync_hub()
+                if self.hub.state is None or node_id not in self.hub.state.nodes:
+                    return
+                cursor = StreamCursor(node_id)
+                yield self._frame_full(cursor.full_map(self.hub), compress)
+            finally:
+                turn.release()
             last_sent = trio.current_time()
             while True:
                 changed = self._hub_changed[node_id % _WAKE_GROUPS]
@@ -700,6 +737,14 @@ class Control:
             self._wake_group(group)
         self._wake_pending = False
         return True
+
+    async def _full_map_turn(self) -> _Turn:
+        """Wait for a full-map turn; it ends at ``release()`` or after ``full_map_turn``."""
+        await self._full_maps.acquire()
+        turn = _Turn(self._full_maps)
+        if self._nursery is not None:
+            self._nursery.start_soon(turn.expire, self.settings.full_map_turn)
+        return turn
 
     async def _offline_later(self, node_id: int, generation: int) -> None:
         """Mark a node offline once its stream has been gone a little while (pitfall 14)."""

@@ -39,6 +39,9 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("node_key_expiry = '3 days'", "node_key_expiry: malformed duration"),
         ("[policy]\nmode = 'file'", "policy.path"),
         ("this is not toml", "not valid TOML"),
+        ("[tuning]\nfull_map_concurrency = 0", "tuning.full_map_concurrency: must be at least 1"),
+        ("[tuning]\nfull_map_turn_timeout = '0'", "tuning.full_map_turn_timeout: must be a positive"),
+        ("[tuning]\nfull_map_turn_timeout = 'soon'", "tuning.full_map_turn_timeout: malformed duration"),
     ],
 )
 def test_bad_config_is_explained(tmp_path: Path, text: str, message: str) -> None:

@@ -10,7 +10,7 @@ import trio
 
 from eventlog.events import NodeRegistered, PreAuthKeyUsed
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
-from protocol import MapStream
+from protocol import MapStream, open_control_client
 
 from .control_harness import ADMIN, SimNode, make_key, running
 
@@ -371,3 +371,58 @@ async def test_derp_map_changes_reach_connected_clients(tmp_path: Path) -> None:
                         if msg.derp_map is not None:
                             break
                 assert set(msg.derp_map.regions or {}) == {902}
+
+
+async def test_full_maps_take_turns_and_a_stalled_client_gives_its_turn_up(
+    tmp_path: Path,
+) -> None:
+    tuning = {"full_map_concurrency": 1, "full_map_turn_timeout": "1s"}
+    async with running(tmp_path, tuning=tuning) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        # a reads nothing and its window is far smaller than a full map: its full map
+        # stays in flight and holds the only turn.
+        async with (
+            open_control_client(
+                "127.0.0.1", server.port, machine_key=a.machine_private, initial_window_size=64
+            ) as ca,
+            b.connect(server) as cb,
+        ):
+            await ca.register(a.register_request(key))
+            await cb.register(b.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                with trio.fail_after(5):
+                    while server.control is None or server.control.streams_open < 1:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                async with cb.map_stream(b.map_request()) as sb:
+                    with trio.move_on_after(0.5) as waited:
+                        await next_update(sb)
+                    assert waited.cancelled_caught, "b's full map went out during a's turn"
+                    # a's turn ends after the timeout: b gets its full map, a still
+                    # gets all of its own once it reads.
+                    b_first = await next_update(sb, wait=5)
+                    assert b_first.node is not None and b_first.node.key == b.node_key
+                    a_first = await next_update(sa, wait=5)
+                    assert a_first.node is not None and a_first.node.key == a.node_key
+                    assert [p.key for p in a_first.peers or []] == [b.node_key]
+
+
+async def test_many_streams_opened_at_once_all_get_full_maps(tmp_path: Path) -> None:
+    async with running(tmp_path, tuning={"full_map_concurrency": 2}) as server:
+        key = await make_key(server, reusable=True)
+        nodes = [SimNode.new(f"n{i}") for i in range(8)]
+        firsts: dict[str, MapResponse] = {}
+
+        async def one(node: SimNode) -> None:
+            async with node.connect(server) as client:
+                await client.register(node.register_request(key))
+                async with client.map_stream(node.map_request()) as stream:
+                    firsts[node.node_key] = await next_update(stream)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(one, node)
+        assert set(firsts) == {n.node_key for n in nodes}
+        assert all(m.node is not None and m.node.key == k for k, m in firsts.items())

@@ -32,6 +32,7 @@ class Pair:
         self,
         *,
         window: int | None = None,
+        connection_window: int | None = None,
         max_body: int = 1 << 20,
         max_buffered: int = hb.DEFAULT_MAX_BUFFERED_BODIES,
     ) -> None:
@@ -41,6 +42,7 @@ class Pair:
             host="ctl.example",
             authority="unused",
             initial_window_size=window,
+            connection_window_size=connection_window,
         )
         front = FrontConnection(server_public=public_key(SERVER_KEY))
         front.receive_data(self.client.data_to_send())
@@ -187,6 +189,29 @@ def test_flow_control_large_response() -> None:
     assert received == body
     assert pair.server.pending(sid) == 0
     assert any(isinstance(e, hb.WindowUpdated) for e in pair.take_server())
+
+
+@pytest.mark.parametrize("connection_window", [None, 1 << 30])
+def test_go_sized_windows_let_a_large_body_through_unacknowledged(
+    connection_window: int | None,
+) -> None:
+    # Go's transport: 4 MiB stream windows, and a connection window grown to 1 GiB
+    # with the preface (a connection window starts at 65535 whatever SETTINGS say).
+    pair = Pair(window=4 << 20, connection_window=connection_window)
+    sid = pair.client.send_request("POST", "/machine/map", body=b"{}")
+    pair.pump()
+    pair.take_server()
+    body = bytes(range(256)) * 4000  # 1,024,000 bytes
+    pair.server.send_headers(sid, 200)
+    pair.server.send_data(sid, body, end_stream=True)
+    pair.pump()
+    received = pair.body(sid, ack=False)
+    if connection_window is None:
+        assert len(received) == 65535  # stuck on the connection window
+        assert pair.server.pending(sid) == len(body) - 65535
+    else:
+        assert received == body
+        assert pair.server.pending(sid) == 0
 
 
 def test_client_reset_reaches_server_and_drops_queued_data() -> None:
