@@ -105,6 +105,10 @@ class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     full_map_concurrency: int = 32
     # A client that stops reading its full map gives its turn up after this long.
     full_map_turn_timeout: str = "10s"
+    # Longest silence on an idle map stream before a keep-alive message.
+    map_keepalive_interval: str = "55s"
+    # Keep the long-lived heap out of garbage collections (see cli/gcpolicy.py).
+    gc_freeze: bool = True
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -257,6 +261,7 @@ def validate(config: Config) -> None:
         ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
         ("derp.auto_update_interval", config.derp.auto_update_interval),
         ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
+        ("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
     ):
         try:
             parse_duration(text)
@@ -264,9 +269,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{what}: {exc}") from None
     if config.tuning.full_map_concurrency < 1:
         raise ConfigError("tuning.full_map_concurrency: must be at least 1")
-    turn = parse_duration(config.tuning.full_map_turn_timeout)
-    if turn is None or turn.total_seconds() <= 0:
-        raise ConfigError("tuning.full_map_turn_timeout: must be a positive duration")
+    for what, text in (
+        ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
+        ("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
+    ):
+        positive = parse_duration(text)
+        if positive is None or positive.total_seconds() <= 0:
+            raise ConfigError(f"{what}: must be a positive duration")
     if config.policy.mode not in ("database", "file"):
         raise ConfigError(f"policy.mode: {config.policy.mode!r} is not 'database' or 'file'")
     if config.policy.mode == "file" and not config.policy.path:

@@ -61,10 +61,11 @@ __all__ = [
 log = logging.getLogger("tailledger")
 
 
-def _turn_seconds(config: Config) -> float:
-    turn = parse_duration(config.tuning.full_map_turn_timeout)
-    assert turn is not None  # validated by cli.config.validate
-    return turn.total_seconds()
+def _seconds(text: str) -> float:
+    """A positive duration from the configuration (checked by cli.config.validate)."""
+    duration = parse_duration(text)
+    assert duration is not None
+    return duration.total_seconds()
 
 
 def load_noise_key(data_dir: Path) -> bytes:
@@ -195,7 +196,8 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         node_key_expiry=expiry,
         ephemeral_timeout=parse_duration(config.ephemeral_node_inactivity_timeout),
         full_map_concurrency=config.tuning.full_map_concurrency,
-        full_map_turn=_turn_seconds(config),
+        full_map_turn=_seconds(config.tuning.full_map_turn_timeout),
+        keepalive_interval=_seconds(config.tuning.map_keepalive_interval),
     )
     control = Control(server.tailnet, presence, settings)
     server.control = control

@@ -23,6 +23,7 @@ from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
 from .config import Config
+from .gcpolicy import manage_gc
 
 __all__ = ["Server"]
 
@@ -91,6 +92,8 @@ def run_server(config: Config) -> int:
         server = Server(config)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
+            if config.tuning.gc_freeze:
+                await nursery.start(manage_gc)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("received %s, shutting down", signal.Signals(signum).name)

@@ -81,15 +81,8 @@ MIN_CAPABILITY_VERSION = 113
 _JSON = (("content-type", "application/json"),)
 #: Stream groups woken one after another by a publication (see Control._wake_streams).
 _WAKE_GROUPS = 16
-
-
-def _set_event() -> trio.Event:
-    event = trio.Event()
-    event.set()
-    return event
-
-
-_ALREADY = _set_event()
+#: Keep-alive ticks per keep-alive interval (see Control._tick_keepalives).
+_KEEPALIVE_TICKS = 4
 
 
 @dataclass(frozen=True)
@@ -262,6 +255,7 @@ class Control:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._drive_hub)
+            nursery.start_soon(self._tick_keepalives)
             task_status.started()
             while True:
                 await trio.sleep(10)
@@ -699,23 +693,28 @@ class Control:
                 yield self._frame_full(cursor.full_map(self.hub), compress)
             finally:
                 turn.release()
+            del turn  # an idle stream keeps nothing of its turn
             last_sent = trio.current_time()
+            group = node_id % _WAKE_GROUPS
             while True:
-                changed = self._hub_changed[node_id % _WAKE_GROUPS]
-                if cursor.seq < self._published_seq:
-                    changed = _ALREADY  # published while this stream was sending
-                with trio.move_on_after(max(self.settings.keepalive_interval - (trio.current_time() - last_sent), 0)):
-                    await changed.wait()
+                # Woken by a publication or by the keep-alive ticker (no timer per
+                # stream: a cancel scope per wait cost more than the sends). No wait
+                # if something was published while this stream was sending.
+                if cursor.seq >= self._published_seq:
+                    await self._hub_changed[group].wait()
                 assert self.hub.state is not None
                 if node_id not in self.hub.state.nodes:
                     return  # deleted: the client re-registers or gives up
+                seen = cursor.seq
                 messages = cursor.update(self.hub)
                 for msg in messages:
                     yield self._frame(msg, compress)
-                self._fanned_out()
+                if cursor.seq != seen:
+                    self._fanned_out()
+                now = trio.current_time()
                 if messages:
-                    last_sent = trio.current_time()
-                elif trio.current_time() - last_sent >= self.settings.keepalive_interval:
+                    last_sent = now
+                elif now - last_sent >= self._keepalive_due():
                     yield keepalive_frame(compress)
                     last_sent = trio.current_time()
         finally:
@@ -737,6 +736,24 @@ class Control:
             self._wake_group(group)
         self._wake_pending = False
         return True
+
+    def _keepalive_due(self) -> float:
+        """Idle time after which a woken stream sends a keep-alive (see _tick_keepalives)."""
+        interval = self.settings.keepalive_interval
+        return interval - interval / _KEEPALIVE_TICKS
+
+    async def _tick_keepalives(self) -> None:
+        """Wake every stream group ``_KEEPALIVE_TICKS`` times per keep-alive interval.
+
+        A woken stream with nothing to send sends a keep-alive once it has been
+        quiet for ``_keepalive_due()``: every idle stream hears from the server at
+        least once per ``keepalive_interval``. The groups are spread over the tick.
+        """
+        while True:
+            step = self.settings.keepalive_interval / _KEEPALIVE_TICKS / _WAKE_GROUPS
+            for group in range(_WAKE_GROUPS):
+                await trio.sleep(step)
+                self._wake_group(group)
 
     async def _full_map_turn(self) -> _Turn:
         """Wait for a full-map turn; it ends at ``release()`` or after ``full_map_turn``."""

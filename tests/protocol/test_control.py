@@ -426,3 +426,26 @@ async def test_many_streams_opened_at_once_all_get_full_maps(tmp_path: Path) -> 
                     nursery.start_soon(one, node)
         assert set(firsts) == {n.node_key for n in nodes}
         assert all(m.node is not None and m.node.key == k for k, m in firsts.items())
+
+
+async def test_idle_streams_get_keepalives_within_the_interval(tmp_path: Path) -> None:
+    interval = 1.0
+    async with running(tmp_path, tuning={"map_keepalive_interval": "1s"}) as server:
+        key = await make_key(server)
+        a = SimNode.new("alpha")
+        async with a.connect(server) as client:
+            await client.register(a.register_request(key))
+            async with client.map_stream(a.map_request()) as stream:
+                first = await next_update(stream)
+                assert first.node is not None
+                last = trio.current_time()
+                gaps = []
+                with trio.fail_after(10):
+                    while len(gaps) < 4:
+                        msg = await stream.__anext__()
+                        assert msg.keep_alive and msg.node is None and not msg.peers_changed
+                        now = trio.current_time()
+                        gaps.append(now - last)
+                        last = now
+        # Never quieter than the interval (plus scheduling slack), never chatty.
+        assert all(interval * 0.5 <= g <= interval * 1.5 for g in gaps), gaps
