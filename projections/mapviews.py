@@ -206,7 +206,9 @@ class PeerSet:
         changed: ids whose entry differs from ``parent``'s.
     """
 
-    __slots__ = ("__weakref__", "_chunks", "_diffs", "_sorted", "changed", "depth", "parent", "peers", "users")
+    __slots__ = (
+        "__weakref__", "_chunks", "_diffs", "_prune_at", "_sorted", "changed", "depth", "parent", "peers", "users",
+    )
 
     def __init__(
         self,
@@ -224,6 +226,7 @@ class PeerSet:
         # weakly, so a cache never keeps a chain of old versions (and their full-map
         # pieces) alive once no stream is on them.
         self._diffs: dict[int, tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None]] = {}
+        self._prune_at = 8
         self._sorted: tuple[list[int], list[bytes]] | None = None
         self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
         if parent is not None:
@@ -232,6 +235,9 @@ class PeerSet:
             # enough that streams which joined at different versions during a connect
             # storm still diff through it instead of comparing every peer.
             parent._sorted = None
+            # Streams diff only to the current version: the parent's diffs (large
+            # after a connect storm, when streams sit on many versions) go too.
+            parent._diffs = {}
         if parent is not None and self.depth % JOURNAL_DEPTH == 0:
             # Forget versions older than the journal keeps (they hold memory).
             old = self
@@ -317,8 +323,11 @@ class PeerSet:
         hit = self._diffs.get(id(old))
         if hit is None or hit[0]() is not old:
             hit = (weakref.ref(old), diff_peer_sets(old, self), None)
-            if len(self._diffs) > 64:
+            if len(self._diffs) >= self._prune_at:
+                # Drop diffs from versions no stream is on any more (their messages);
+                # amortised: the next sweep waits until the cache doubled.
                 self._diffs = {k: v for k, v in self._diffs.items() if v[0]() is not None}
+                self._prune_at = max(8, 2 * len(self._diffs))
             self._diffs[id(old)] = hit
         diff, msg = hit[1], hit[2]
         if msg is None and now is not None and not diff.is_empty():

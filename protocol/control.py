@@ -707,12 +707,14 @@ class Control:
                     return  # deleted: the client re-registers or gives up
                 seen = cursor.seq
                 messages = cursor.update(self.hub)
-                for msg in messages:
-                    yield self._frame(msg, compress)
+                sent = bool(messages)
+                while messages:  # not a for loop: nothing stays bound while idle
+                    yield self._frame(messages.pop(0), compress)
+                del messages
                 if cursor.seq != seen:
                     self._fanned_out()
                 now = trio.current_time()
-                if messages:
+                if sent:
                     last_sent = now
                 elif now - last_sent >= self._keepalive_due():
                     yield keepalive_frame(compress)

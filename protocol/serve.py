@@ -582,6 +582,9 @@ class _NoiseSession:
                     async for chunk in stream:
                         if chunk:
                             await self._send_body(stream_id, chunk, end_stream=False)
+                        # Not kept while waiting for the next one: a long poll's first
+                        # chunk is a full map, and the next may come hours later.
+                        del chunk
                 except Exception:
                     log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
                     self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
