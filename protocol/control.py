@@ -80,7 +80,9 @@ MIN_CAPABILITY_VERSION = 113
 
 _JSON = (("content-type", "application/json"),)
 #: Stream groups woken one after another by a publication (see Control._wake_streams).
-_WAKE_GROUPS = 16
+_WAKE_GROUPS = 64
+#: A presence-only fan-out may use at most 1/_PRESENCE_PACING of the time.
+_PRESENCE_PACING = 5
 #: Keep-alive ticks per keep-alive interval (see Control._tick_keepalives).
 _KEEPALIVE_TICKS = 4
 
@@ -627,10 +629,12 @@ class Control:
             self._hub_log_wake.event = trio.Event()
             if self._hub_sub.pending.is_empty():
                 # Presence alone: a fan-out to every stream costs CPU in proportion to
-                # the streams; leave at least as much time again to everything else, so
-                # a storm of endpoint and online changes becomes fewer, larger updates.
-                # Log changes (joins, policy) are not held back.
-                await trio.sleep_until(self._fanout_started + 2 * self._fanout_cost)
+                # the streams; leave _PRESENCE_PACING - 1 times as much to everything
+                # else (registrations, handshakes, full maps), so that a storm of
+                # endpoint and online changes becomes fewer, larger updates. A log
+                # change (a join, a policy) ends the wait: it is not held back.
+                with trio.move_on_at(self._fanout_started + _PRESENCE_PACING * self._fanout_cost):
+                    await self._hub_log_wake.wait()
             self._publish()
             await self._wake_streams()
 
