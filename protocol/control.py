@@ -32,7 +32,7 @@ import dataclasses
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -725,9 +725,8 @@ class Control:
                     last_sent = trio.current_time()
         finally:
             self.streams_open -= 1
-            if self._nursery is not None:
-                self._nursery.start_soon(self._offline_later, node_id, generation)
-            else:
+            if not self._start_soon(self._offline_later, node_id, generation):
+                # Not running, or shutting down (the streams end after us): at once.
                 self.presence.disconnect(node_id, generation, clock())
 
     def set_derp_map(self, derp_map: DERPMap) -> bool:
@@ -765,14 +764,25 @@ class Control:
         """Wait for a full-map turn; it ends at ``release()`` or after ``full_map_turn``."""
         await self._full_maps.acquire()
         turn = _Turn(self._full_maps)
-        if self._nursery is not None:
-            self._nursery.start_soon(turn.expire, self.settings.full_map_turn)
+        self._start_soon(turn.expire, self.settings.full_map_turn)
         return turn
+
+    def _start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Start a background task; ``False`` when :meth:`run` is not running (or ending)."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # "Nursery is closed to new arrivals": shutting down
+            return False
+        return True
 
     async def _offline_later(self, node_id: int, generation: int) -> None:
         """Mark a node offline once its stream has been gone a little while (pitfall 14)."""
-        await trio.sleep(self.settings.offline_grace)
-        self.presence.disconnect(node_id, generation, self.tailnet.clock())
+        try:
+            await trio.sleep(self.settings.offline_grace)
+        finally:  # at once when the server shuts down meanwhile
+            self.presence.disconnect(node_id, generation, self.tailnet.clock())
 
     async def _collect_ephemeral(self) -> None:
         timeout = self.settings.ephemeral_timeout
