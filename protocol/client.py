@@ -354,8 +354,19 @@ class ControlClient:
         Raises:
             ProtocolError: The write failed; the client is shut down.
         """
-        async with self._send_lock:
+        lock = self._send_lock
+        if not lock.locked():
+            # Nobody is writing: take the bytes now (no await before the lock is
+            # ours, so the order holds) and skip the lock when there are none, which
+            # is most acknowledgements: h2 sends WINDOW_UPDATE only now and then.
             data = self._conn.data_to_send()
+            if not data:
+                return
+            lock.acquire_nowait()
+        else:
+            await lock.acquire()
+            data = self._conn.data_to_send()
+        try:
             if data:
                 try:
                     await self._stream.send_all(data)
@@ -363,6 +374,8 @@ class ControlClient:
                     self._conn.send_failed()
                     self._shutdown(RemoteProtocolError(f"write failed: {exc!r}"))
                     raise self._closed_error() from exc
+        finally:
+            lock.release()
 
     async def _acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
