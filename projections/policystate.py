@@ -59,11 +59,27 @@ def policy_node(node: Node) -> PolicyNode:
     )
 
 
+#: The last (users, nodes) maps and their Tailnet: a policy change, and its
+#: validation just before, find the tailnet unchanged (0.3 s each at 5,000 nodes).
+_last_tailnet: tuple[object, object, Tailnet] | None = None
+
+
 def policy_tailnet(state: TailnetState) -> Tailnet:
-    return Tailnet(
+    """The policy engine's view of the users and nodes of ``state``.
+
+    States are immutable and share unchanged maps, so the view of the same maps is
+    reused (a Tailnet is never changed in place: ``with_node`` and friends clone).
+    """
+    global _last_tailnet
+    last = _last_tailnet
+    if last is not None and last[0] is state.users and last[1] is state.nodes:
+        return last[2]
+    tailnet = Tailnet(
         [policy_user(u) for u in state.users.values()],
         [policy_node(n) for n in state.nodes.values()],
     )
+    _last_tailnet = (state.users, state.nodes, tailnet)
+    return tailnet
 
 
 class PolicyCompiler:
