@@ -428,3 +428,24 @@ async def test_accept_loop_retries_after_emfile(caplog: pytest.LogCaptureFixture
     await listener[0].aclose()
     assert served == [accepted]
     assert "accept failed with EMFILE" in caplog.text
+
+
+# -- hyperframe's DATA repr (h2 formats it for every received frame) ---------------------
+
+
+@given(st.one_of(st.none(), st.binary(max_size=64), st.binary(min_size=1000, max_size=20000)))
+def test_cheap_data_repr_is_hyperframes(data: bytes | None) -> None:
+    from protocol import h2flow
+
+    assert h2flow._original_data_repr is not None
+    assert h2flow._data_repr(data) == h2flow._original_data_repr(data)
+
+
+def test_cheap_data_repr_is_installed() -> None:
+    import hyperframe.frame
+
+    from protocol import h2flow
+
+    assert hyperframe.frame._raw_data_repr is h2flow._data_repr
+    frame = hyperframe.frame.DataFrame(1, data=b"\x01" * 16384)
+    assert repr(frame).endswith("<hex:01010101010101010101...>")
