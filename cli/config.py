@@ -260,8 +260,6 @@ def validate(config: Config) -> None:
         ("node_key_expiry", config.node_key_expiry),
         ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
         ("derp.auto_update_interval", config.derp.auto_update_interval),
-        ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
-        ("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
     ):
         try:
             parse_duration(text)
@@ -273,7 +271,10 @@ def validate(config: Config) -> None:
         ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
         ("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
     ):
-        positive = parse_duration(text)
+        try:
+            positive = parse_duration(text)
+        except DurationError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
         if positive is None or positive.total_seconds() <= 0:
             raise ConfigError(f"{what}: must be a positive duration")
     if config.policy.mode not in ("database", "file"):

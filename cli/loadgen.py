@@ -1036,10 +1036,15 @@ async def _join(
     results["join_self_map_ms"] = (
         None if newcomer.first_map_at is None else (newcomer.first_map_at - watch.t0) * 1000
     )
-    results["join_reached"] = len(watch.latencies)
-    results["join_p50_ms"] = _pct(watch.latencies, watch.expected, 0.5)
-    results["join_p99_ms"] = _pct(watch.latencies, watch.expected, 0.99)
-    results["join_max_ms"] = _pct(watch.latencies, watch.expected, 1.0)
+    _record_latencies(results, "join", watch)
+
+
+def _record_latencies(results: Results, phase: str, watch: _Watch) -> None:
+    """``<phase>_reached`` and the p50, p99 and max latencies of a watched change."""
+    results[f"{phase}_reached"] = len(watch.latencies)
+    results[f"{phase}_p50_ms"] = _pct(watch.latencies, watch.expected, 0.5)
+    results[f"{phase}_p99_ms"] = _pct(watch.latencies, watch.expected, 0.99)
+    results[f"{phase}_max_ms"] = _pct(watch.latencies, watch.expected, 1.0)
 
 
 async def _policy(
@@ -1056,10 +1061,7 @@ async def _policy(
     await _wait(watch.done, opts.timeout(30, 0.02, n), "policy", lambda: len(watch.latencies), watch.expected)
     span.close(results, "policy")
     hub.watch = None
-    results["policy_reached"] = len(watch.latencies)
-    results["policy_p50_ms"] = _pct(watch.latencies, watch.expected, 0.5)
-    results["policy_p99_ms"] = _pct(watch.latencies, watch.expected, 0.99)
-    results["policy_max_ms"] = _pct(watch.latencies, watch.expected, 1.0)
+    _record_latencies(results, "policy", watch)
 
 
 async def _restart(

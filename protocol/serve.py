@@ -364,6 +364,11 @@ class _NoiseSession:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._closing_reason = ""
 
+    def _plain_socket(self) -> trio.socket.SocketType | None:
+        """The socket under a plain TCP stream, which may be read and written directly;
+        ``None`` for TLS and WebSocket streams (they hold bytes the socket does not show)."""
+        return self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+
     @property
     def machine_key(self) -> bytes:
         """The client's machine public key (for log lines)."""
@@ -380,9 +385,7 @@ class _NoiseSession:
                 goroutines of Go's HTTP/2 server. A nursery per session would
                 cost ~1 KiB more per idle node.
         """
-        # Only a plain socket may be polled directly: TLS and WebSocket
-        # streams can hold decoded bytes that the socket no longer shows.
-        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+        sock = self._plain_socket()
         try:
             first, self._first = self._first, b""
             await self._write(first)
@@ -476,7 +479,7 @@ class _NoiseSession:
             # order, and a socket with room (the usual case: a small delta) costs
             # one system call and no trip through the scheduler. A write that did
             # not fit continues below, under the lock, before anybody else's.
-            sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+            sock = self._plain_socket()
             fd = sock.fileno() if sock is not None else -1  # -1 once closed
             if fd >= 0:
                 data = take()

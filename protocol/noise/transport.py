@@ -308,7 +308,7 @@ class NoiseTransport:
         out: list[bytes] = []
         for i in range(0, len(plaintext), step):
             chunk = view[i : i + step]
-            sealed = encrypt(_NONCE_PREFIX + counter.to_bytes(8, "big"), chunk, None)
+            sealed = encrypt(_nonce(counter), chunk, None)
             counter += 1
             out.append(
                 full_header if len(chunk) == step else messages.encode_record_header(len(sealed))
