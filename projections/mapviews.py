@@ -196,19 +196,30 @@ class MapMessage:
 _TAIL: Final = MapMessage(b"]}")
 
 
+class _Link:
+    """One version's entry in its class's change journal: the ids that changed from
+    the version before. Links hold no peers, so a chain of them is cheap and keeps no
+    superseded :class:`Peer` alive; a peer set is freed once no stream is on it."""
+
+    __slots__ = ("changed", "parent")
+
+    def __init__(self, changed: frozenset[int], parent: _Link | None) -> None:
+        self.changed = changed
+        self.parent = parent
+
+
 class PeerSet:
     """What the members of one visibility class are shown about their peers.
 
     Attributes:
         peers: node id -> shared peer (members included; a stream skips itself).
         users: user id -> profile, for every user shown.
-        parent: the previous version, while it is within :data:`JOURNAL_DEPTH`.
-        changed: ids whose entry differs from ``parent``'s.
+        link: this version's journal entry (ids that changed from the version before,
+            and that version's entry while it is within :data:`JOURNAL_DEPTH`).
+        depth: how many versions this class went through before this one.
     """
 
-    __slots__ = (
-        "__weakref__", "_chunks", "_diffs", "_prune_at", "_sorted", "changed", "depth", "parent", "peers", "users",
-    )
+    __slots__ = ("__weakref__", "_chunks", "_diff_to", "_older_chunks", "_sorted", "depth", "link", "peers", "users")
 
     def __init__(
         self,
@@ -219,33 +230,29 @@ class PeerSet:
     ) -> None:
         self.peers = peers
         self.users = users
-        self.parent: PeerSet | None = parent
-        self.changed = changed
+        self.link: _Link = _Link(changed, parent.link if parent is not None else None)
         self.depth: int = 0 if parent is None else parent.depth + 1
-        # Diffs from older versions, keyed by their id; the older version is held
-        # weakly, so a cache never keeps a chain of old versions (and their full-map
-        # pieces) alive once no stream is on them.
-        self._diffs: dict[int, tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None]] = {}
-        self._prune_at = 8
+        # The diff from this version to the one its streams moved on to, with that
+        # version held weakly: it lives as long as a stream is still on this version,
+        # so a connect storm's many diffs go with the versions they start from.
+        self._diff_to: tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None] | None = None
         self._sorted: tuple[list[int], list[bytes]] | None = None
         self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
+        # The pieces of the newest older version that built any, to take over the
+        # unchanged ones (see _build_chunks).
+        self._older_chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
         if parent is not None:
-            # Full maps are only built from current versions: an old version keeps
-            # just its journal entry (a few hundred bytes), so the journal can be long
-            # enough that streams which joined at different versions during a connect
-            # storm still diff through it instead of comparing every peer.
-            parent._sorted = None
-            # Streams diff only to the current version: the parent's diffs (large
-            # after a connect storm, when streams sit on many versions) go too.
-            parent._diffs = {}
-        if parent is not None and self.depth % JOURNAL_DEPTH == 0:
-            # Forget versions older than the journal keeps (they hold memory).
-            old = self
-            for _ in range(JOURNAL_DEPTH):
-                if old.parent is None:
-                    break
-                old = old.parent
-            old.parent = None
+            # Full maps are only built from current versions.
+            self._older_chunks = parent._chunks if parent._chunks is not None else parent._older_chunks
+            parent._sorted = parent._chunks = parent._older_chunks = None
+            if self.depth % JOURNAL_DEPTH == 0:
+                # Forget entries older than the journal keeps.
+                old = self.link
+                for _ in range(JOURNAL_DEPTH):
+                    if old.parent is None:
+                        break
+                    old = old.parent
+                old.parent = None
 
     def _order(self) -> tuple[list[int], list[bytes]]:
         if self._sorted is None:
@@ -294,14 +301,9 @@ class PeerSet:
         nearest older version that has pieces is taken over from it (with its cached
         compressed frame), so a version costs only the pieces it changed."""
         older: dict[int, list[tuple[tuple[bytes, ...], MapMessage]]] = {}
-        cur = self.parent
-        while cur is not None:
-            if cur._chunks is not None:
-                for piece in cur._chunks:
-                    older.setdefault(id(piece[0][0]), []).append(piece)
-                cur._chunks = None  # taken over by this version
-                break
-            cur = cur.parent
+        for piece in self._older_chunks or ():
+            older.setdefault(id(piece[0][0]), []).append(piece)
+        self._older_chunks = None  # taken over by this version
         out: list[tuple[tuple[bytes, ...], MapMessage]] = []
         for i in range(0, len(parts), CHUNK):
             group = tuple(parts[i : i + CHUNK])
@@ -319,20 +321,14 @@ class PeerSet:
 
     def diff_message(self, old: PeerSet, now: datetime | None) -> tuple[PeerDiff, MapMessage | None]:
         """The diff and its encoded message (when ``now`` is given), built once for
-        every stream moving from ``old``."""
-        hit = self._diffs.get(id(old))
-        if hit is None or hit[0]() is not old:
-            hit = (weakref.ref(old), diff_peer_sets(old, self), None)
-            if len(self._diffs) >= self._prune_at:
-                # Drop diffs from versions no stream is on any more (their messages);
-                # amortised: the next sweep waits until the cache doubled.
-                self._diffs = {k: v for k, v in self._diffs.items() if v[0]() is not None}
-                self._prune_at = max(8, 2 * len(self._diffs))
-            self._diffs[id(old)] = hit
+        every stream moving from ``old`` (and kept by ``old``)."""
+        hit = old._diff_to
+        if hit is None or hit[0]() is not self:
+            hit = old._diff_to = (weakref.ref(self), diff_peer_sets(old, self), None)
         diff, msg = hit[1], hit[2]
         if msg is None and now is not None and not diff.is_empty():
             msg = MapMessage(_encode_update(now, {}, diff))
-            self._diffs[id(old)] = (hit[0], diff, msg)
+            old._diff_to = (hit[0], diff, msg)
         return diff, msg
 
 
@@ -345,8 +341,8 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
     """Compare two peer sets: through the change journal when ``old`` is a recent
     ancestor of ``new`` (cost: the ids changed in between), else entry by entry."""
     ids: set[int] = set()
-    cur: PeerSet | None = new
-    while cur is not None and cur is not old:
+    cur: _Link | None = new.link
+    while cur is not None and cur is not old.link:
         ids |= cur.changed
         cur = cur.parent
     if cur is None:

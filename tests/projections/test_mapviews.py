@@ -15,6 +15,7 @@ must both equal the reference map.
 
 from __future__ import annotations
 
+import functools
 import random
 from datetime import timedelta
 from typing import TypeVar
@@ -31,6 +32,7 @@ from projections.mapviews import MapHub, StreamCursor, join_pieces
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
+from projections.state import TailnetState
 from projections.tailcfg import DERPMap, MapResponse, decode
 from tests.protocol.netmap_model import ClientNetmap
 
@@ -172,3 +174,58 @@ def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
                 cursors[nid], models[nid] = fresh, ClientNetmap()
                 models[nid].apply(first)
             assert models[nid].comparable() == expected, (nid, op, arg)
+
+
+def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
+    """Streams that skip many versions still reach the reference map (through the
+    change journal), and once no stream is on a superseded version, it and the peers
+    only it showed are freed: the journal keeps ids, not peers."""
+    import gc
+    import weakref
+
+    rnd = random.Random(7)
+    r = Recorder()
+    r.user("user0")
+    owner = sorted(r.state.users)[0]
+    def register(s: TailnetState, i: int, machine_key: str, node_key: str) -> c.Decision[int]:
+        return c.decide_register_node(
+            s, machine_key=machine_key, node_key=node_key, hostname=f"host{i}", user_id=owner, tags=(),
+            ephemeral=False, expiry=None, auth="cli", preauth_key=None, plan=PLAN,
+        )
+
+    for i in range(6):
+        r.run(functools.partial(
+            register, i=i, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}"
+        ))
+    presence: dict[int, NodePresence] = {}
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, presence.get)
+    hub.advance(r.state, r.now, r.delta, set())
+    nodes = sorted(r.state.nodes)
+    cursors = {nid: StreamCursor(nid) for nid in nodes}
+    models = {nid: ClientNetmap() for nid in nodes}
+    for nid in nodes:
+        models[nid].apply(decode(join_pieces(cursors[nid].full_map(hub)), MapResponse))
+    versions: list[weakref.ref[object]] = []
+    for step in range(30):
+        nid = nodes[step % len(nodes)]
+        r.now += timedelta(seconds=1)
+        presence[nid] = NodePresence(
+            online=step % 2 == 0, endpoints=(f"192.0.2.{step}:41641",), home_derp=1 + step % 3,
+            last_seen=r.now, disco_key=None,
+        )
+        hub.advance(r.state, r.now, EMPTY, {nid})
+        versions.append(weakref.ref(hub.peer_set(nodes[0])))
+        # Only the first node's stream keeps up; the others are 10 versions behind.
+        for other in nodes if step % 10 == 9 else nodes[:1]:
+            for message in cursors[other].update(hub):
+                models[other].apply(decode(message.json, MapResponse))
+    for nid in nodes:
+        reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now)
+        assert models[nid].comparable() == _comparable(reference)
+    gc.collect()
+    current = hub.peer_set(nodes[0])
+    assert [v() for v in versions if v() is not None] == [current]
+    live_peers = [o for o in gc.get_objects() if isinstance(o, mapviews.Peer)]
+    assert len(live_peers) == len(current.peers)
