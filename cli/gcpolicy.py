@@ -16,7 +16,13 @@ only garbage *cycles* among frozen objects would wait, so every
 full-heap pause, by design at a time of our choosing, then frozen again).
 
 Each step also asks glibc to return free pages (``malloc_trim``): after a
-connect storm's full maps the allocator would otherwise keep tens of MiB.
+connect storm's full maps the allocator would otherwise keep tens of MiB. A burst
+(a connect storm, a policy fan-out) frees most of what it allocated only when it
+ends, which may be just after a step; so between steps the process also trims
+once a burst is over: when it did real work since the last trim (``trim_work``
+seconds of CPU) and the last ``trim_interval`` was quiet. An idle process never
+trims (nothing to give back), a busy one does not give pages back that it would
+fault in again at once, and idle memory does not depend on when the last step ran.
 
 This is a property of the process, not of the library: :func:`cli.server.run_server`
 runs it; tests that embed a :class:`~cli.server.Server` leave the interpreter alone.
@@ -50,6 +56,11 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _TRIM: Final = _malloc_trim()
 
 
+def _trim() -> None:
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _freeze_survivors(*, full: bool) -> tuple[int, float]:
     """Collect (everything when ``full``), then freeze the survivors.
 
@@ -61,11 +72,10 @@ def _freeze_survivors(*, full: bool) -> tuple[int, float]:
         gc.unfreeze()
     found = gc.collect()
     gc.freeze()
-    if _TRIM is not None:
-        # Hand the pages freed since (a connect storm's full maps) back to the
-        # system: glibc keeps them otherwise, and idle RSS would depend on the
-        # largest burst the process ever saw.
-        _TRIM(0)
+    # Hand the pages freed since (a connect storm's full maps) back to the system:
+    # glibc keeps them otherwise, and idle RSS would depend on the largest burst
+    # the process ever saw.
+    _trim()
     return found, time.perf_counter() - start
 
 
@@ -73,18 +83,30 @@ async def manage_gc(
     *,
     interval: float = 10.0,
     full_interval: float = 3600.0,
+    trim_interval: float = 1.0,
+    trim_work: float = 0.05,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Freeze the heap now and every ``interval`` s; unfreeze and collect all every ``full_interval`` s."""
+    """Freeze the heap now and every ``interval`` s; unfreeze and collect all every
+    ``full_interval`` s; in between, trim after a burst (see the module docstring)."""
     found, took = _freeze_survivors(full=True)
     log.debug("gc: froze %d objects (%d collected in %.3f s)", gc.get_freeze_count(), found, took)
     task_status.started()
-    last_full = trio.current_time()
+    last_full = last_step = trio.current_time()
+    cpu_at_trim = cpu_at_tick = time.process_time()
     while True:
-        await trio.sleep(interval)
-        full = trio.current_time() - last_full >= full_interval
-        found, took = _freeze_survivors(full=full)
-        if full:
-            last_full = trio.current_time()
-            log.info("gc: full collection freed %d cycles in %.3f s", found, took)
-        log.debug("gc: %d objects frozen", gc.get_freeze_count())
+        await trio.sleep(min(trim_interval, interval))
+        now, cpu = trio.current_time(), time.process_time()
+        if now - last_step >= interval:
+            full = now - last_full >= full_interval
+            found, took = _freeze_survivors(full=full)
+            last_step = now
+            if full:
+                last_full = now
+                log.info("gc: full collection freed %d cycles in %.3f s", found, took)
+            log.debug("gc: %d objects frozen", gc.get_freeze_count())
+            cpu_at_trim = time.process_time()
+        elif cpu - cpu_at_trim >= trim_work and cpu - cpu_at_tick < 0.2 * trim_interval:
+            _trim()
+            cpu_at_trim = time.process_time()
+        cpu_at_tick = time.process_time()

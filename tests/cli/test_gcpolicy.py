@@ -4,12 +4,15 @@ collects cycles (young ones at every step, frozen ones at the full step)."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.lowlevel
 
+from cli import gcpolicy
 from cli.gcpolicy import manage_gc
 
 
@@ -50,3 +53,31 @@ async def test_freezes_then_collects_young_and_later_frozen_cycles() -> None:
         assert gc.get_freeze_count() > 0 and abs(gc.get_freeze_count() - frozen_before) < frozen_before
         nursery.cancel_scope.cancel()
     assert all(k.me is k for k in kept)
+
+
+async def _burn(seconds: float) -> None:
+    """Use ``seconds`` of CPU, letting other tasks run in between."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        sum(range(10_000))
+        await trio.lowlevel.checkpoint()
+
+
+async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(gcpolicy, "_trim", lambda: trims.append(trio.current_time()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: manage_gc(
+            interval=3600.0, trim_interval=0.2, trim_work=0.05, task_status=task_status
+        ))
+        trims.clear()  # the first step trims
+        await trio.sleep(1.0)
+        assert trims == [], "an idle process trimmed"
+        await _burn(0.6)  # busy through several ticks
+        assert trims == [], "a busy process trimmed"
+        burst_over = trio.current_time()
+        await trio.sleep(0.7)
+        assert len(trims) == 1 and trims[0] - burst_over < 0.5
+        await trio.sleep(0.6)
+        assert len(trims) == 1, "trimmed again with nothing done since"
+        nursery.cancel_scope.cancel()
