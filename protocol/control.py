@@ -81,8 +81,10 @@ MIN_CAPABILITY_VERSION = 113
 _JSON = (("content-type", "application/json"),)
 #: Stream groups woken one after another by a publication (see Control._wake_streams).
 _WAKE_GROUPS = 64
-#: A presence-only fan-out may use at most 1/_PRESENCE_PACING of the time.
+#: A presence-only fan-out may use at most 1/_PRESENCE_PACING of the time...
 _PRESENCE_PACING = 5
+#: ...but presence is never held back longer than this many seconds.
+_PRESENCE_MAX_HOLD = 3.0
 #: Keep-alive ticks per keep-alive interval (see Control._tick_keepalives).
 _KEEPALIVE_TICKS = 4
 
@@ -241,6 +243,10 @@ class Control:
         self._hub_watch = presence.watch(self._hub_wake.set)
         #: Streams yet to handle the latest publication, when it started, and how long
         #: the last complete fan-out took (paces publications, see _drive_hub).
+        # Streams past their full map, reading publications (a fan-out's cost is
+        # the time until each of them handled it; streams still waiting for a full
+        # map turn do not count).
+        self._listening = 0
         self._fanout_left = 0
         self._fanout_started = 0.0
         self._fanout_cost = 0.0
@@ -588,7 +594,7 @@ class Control:
     def _publish(self) -> None:
         """Advance the hub and wake every stream to read it."""
         self.hub.advance(self.tailnet.state, self.tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
-        self._fanout_left = self.streams_open
+        self._fanout_left = self._listening
         self._fanout_started = trio.current_time()
         self._published_seq = self.hub.seq
         self._wake_pending = True
@@ -633,7 +639,8 @@ class Control:
                 # else (registrations, handshakes, full maps), so that a storm of
                 # endpoint and online changes becomes fewer, larger updates. A log
                 # change (a join, a policy) ends the wait: it is not held back.
-                with trio.move_on_at(self._fanout_started + _PRESENCE_PACING * self._fanout_cost):
+                hold = min(_PRESENCE_PACING * self._fanout_cost, _PRESENCE_MAX_HOLD)
+                with trio.move_on_at(self._fanout_started + hold):
                     await self._hub_log_wake.wait()
             self._publish()
             await self._wake_streams()
@@ -641,7 +648,7 @@ class Control:
     def _fanned_out(self) -> None:
         """One stream handled the latest publication; the last one times the fan-out."""
         self._fanout_left -= 1
-        if self._fanout_left == 0:
+        if self._fanout_left == 0:  # (and not below: streams that came later do not count)
             self._fanout_cost = trio.current_time() - self._fanout_started
 
     def _frame_full(self, pieces: list[MapMessage | bytes], compress: bool) -> bytes:
@@ -681,6 +688,8 @@ class Control:
         clock = self.tailnet.clock
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
+        listening_since: int | None = None  # the publication seq when it began listening
+        cursor: StreamCursor | None = None
         try:
             # The full map is built only once this stream's turn comes, and the turn
             # ends when the client has taken all of it (the generator resumes only
@@ -700,6 +709,8 @@ class Control:
             del turn  # an idle stream keeps nothing of its turn
             last_sent = trio.current_time()
             group = node_id % _WAKE_GROUPS
+            self._listening += 1
+            listening_since = self._published_seq
             while True:
                 # Woken by a publication or by the keep-alive ticker (no timer per
                 # stream: a cancel scope per wait cost more than the sends). No wait
@@ -715,7 +726,7 @@ class Control:
                 while messages:  # not a for loop: nothing stays bound while idle
                     yield self._frame(messages.pop(0), compress)
                 del messages
-                if cursor.seq != seen:
+                if cursor.seq != seen and seen >= listening_since:
                     self._fanned_out()
                 now = trio.current_time()
                 if sent:
@@ -725,6 +736,10 @@ class Control:
                     last_sent = trio.current_time()
         finally:
             self.streams_open -= 1
+            if listening_since is not None and cursor is not None:
+                self._listening -= 1
+                if cursor.seq < self._published_seq and self._published_seq > listening_since:
+                    self._fanned_out()  # one the latest fan-out no longer waits for
             if not self._start_soon(self._offline_later, node_id, generation):
                 # Not running, or shutting down (the streams end after us): at once.
                 self.presence.disconnect(node_id, generation, clock())

@@ -501,3 +501,31 @@ async def test_stream_clean_up_after_the_control_stopped_does_not_raise(tmp_path
         control = server.control
         assert control is not None
     assert control._start_soon(trio.sleep, 0) is False  # closed: refused, no exception
+
+
+async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_path: Path) -> None:
+    """Presence-only updates are paced by what the last fan-out cost, within a bound:
+    an endpoint change reaches the peers within seconds even if a fan-out was slow."""
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(key))
+            await cb.register(b.register_request(key))
+            async with cb.map_stream(b.map_request()) as sb:
+                await next_update(sb)
+                async with ca.map_stream(a.map_request()) as sa:
+                    await next_update(sa)
+                    await next_update(sb)  # a came online
+                    assert server.control is not None
+                    server.control._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
+                    t0 = trio.current_time()
+                    await ca.post_json(
+                        "/machine/map", a.map_request(stream=False, omit_peers=True, endpoints=["203.0.113.9:41641"])
+                    )
+                    with trio.fail_after(10):
+                        while True:
+                            msg = await next_update(sb)
+                            if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
+                                break
+                    assert trio.current_time() - t0 < 5
