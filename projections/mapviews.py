@@ -185,11 +185,34 @@ class MapMessage:
     first stream that sends it.
     """
 
-    __slots__ = ("frames", "json")
+    __slots__ = ("_json", "frames")
 
     def __init__(self, json: bytes) -> None:
-        self.json = json
+        self._json = json
         self.frames: dict[object, bytes] = {}
+
+    @property
+    def json(self) -> bytes:
+        return self._json
+
+
+class _Piece(MapMessage):
+    """A shared piece of full maps: peers' JSON, joined only when asked for.
+
+    Streams are compressed: the transport compresses a piece once and caches the
+    frame, so the joined JSON (as large as the peers' JSON itself) would otherwise
+    be a second copy of every peer kept for nothing.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[bytes, ...]) -> None:
+        super().__init__(b"")
+        self._parts = parts
+
+    @property
+    def json(self) -> bytes:
+        return b"," + b",".join(self._parts)
 
 
 #: The end of every full map's pieces (closes ``Peers`` and the message).
@@ -312,7 +335,7 @@ class PeerSet:
                     out.append(candidate)
                     break
             else:
-                out.append((group, MapMessage(b"," + b",".join(group))))
+                out.append((group, _Piece(group)))
         return out
 
     def diff(self, old: PeerSet) -> PeerDiff:
