@@ -415,8 +415,13 @@ class ServerConnection:
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: DEFAULT_MAX_HEADER_LIST_SIZE,
+                # No HPACK dynamic tables, either way: a long poll sends one request
+                # and one response, so an idle tunnel would keep its headers for
+                # nothing (~1 KiB); a lite update costs a few dozen bytes more.
+                h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0,
             },
         )
+        self._h2.encoder.header_table_size = 0
         self._h2.remote_settings = CompactSettings(client=True)
         compact_header_tables(self._h2)
         self._outbound = OutboundQueues(self._h2)
@@ -514,6 +519,11 @@ class ServerConnection:
             code = int(ev.error_code) if ev.error_code is not None else 0
             out.append(StreamReset(stream_id=ev.stream_id, error_code=code))
         elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if isinstance(ev, h2.events.RemoteSettingsChanged) and (
+                h2.settings.SettingCodes.HEADER_TABLE_SIZE in ev.changed_settings
+            ):
+                # The peer's value is a limit; our encoder keeps using no table.
+                self._h2.encoder.header_table_size = 0
             out.append(WindowUpdated())
         elif isinstance(ev, h2.events.ConnectionTerminated):
             code = int(ev.error_code) if ev.error_code is not None else 0

@@ -280,6 +280,10 @@ def test_an_idle_long_poll_holds_no_deques_or_cipher_objects() -> None:
     found = [type(o).__name__ for o in _reachable(pair.server)]
     assert "deque" not in found
     assert "ChaCha20Poly1305" not in found
+    # No HPACK dynamic tables (SETTINGS_HEADER_TABLE_SIZE 0 one way, our encoder's
+    # choice the other): the requests' and responses' headers are not kept.
+    assert len(pair.server._h2.decoder.header_table.dynamic_entries) == 0
+    assert len(pair.server._h2.encoder.header_table.dynamic_entries) == 0
     # ... and the connection still works after idling.
     pair.server.send_data(poll, b"second map")
     pair.pump()
