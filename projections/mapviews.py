@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 _encoder: Final = msgspec.json.Encoder()
+_wire_decoder: Final = msgspec.json.Decoder(WireNode)
 _NO_SSH: Final = b'{"rules":[]}'
 #: How many versions back a peer set remembers its parents; a stream further behind
 #: gets a full comparison (still computed once per pair of versions, not per stream).
@@ -100,22 +101,35 @@ def _digest(data: bytes) -> bytes:
 
 class Peer:
     """One peer as a class of viewers sees it: the wire node and its JSON, shared by
-    every peer set and stream that shows this version."""
+    every peer set and stream that shows this version.
 
-    __slots__ = ("_json", "node", "presence", "view", "wire")
+    Only one form is kept: the wire node until the JSON is needed (full maps), then
+    the JSON, from which the wire node is decoded again when a diff needs it (a
+    diff touches only the peers that changed).
+    """
+
+    __slots__ = ("_json", "_wire", "node", "presence", "view")
 
     def __init__(self, node: Node, presence: NodePresence | None, view: PeerView, wire: WireNode) -> None:
         self.node = node
         self.presence = presence
         self.view = view
-        self.wire = wire
+        self._wire: WireNode | None = wire
         self._json: bytes | None = None
 
     @property
     def json(self) -> bytes:
         if self._json is None:
-            self._json = _encoder.encode(self.wire)
+            self._json = _encoder.encode(self._wire)
+            self._wire = None
         return self._json
+
+    @property
+    def wire(self) -> WireNode:
+        if self._wire is not None:
+            return self._wire
+        assert self._json is not None
+        return _wire_decoder.decode(self._json)
 
 
 class PeerCache:
@@ -381,16 +395,18 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
         if after is None:
             removed.append(nid)
             continue
-        if before is not None and before.wire == after.wire:
+        new_wire = after.wire
+        old_wire = before.wire if before is not None else None
+        if old_wire is not None and old_wire == new_wire:
             continue
-        if before is None or _structural(before.wire) != _structural(after.wire) or _clears(before.wire, after.wire):
-            changed.append(after.wire)
-            uid = after.wire.user
+        if old_wire is None or _structural(old_wire) != _structural(new_wire) or _clears(old_wire, new_wire):
+            changed.append(new_wire)
+            uid = new_wire.user
             profile = new.users.get(uid)
             if profile is not None and old.users.get(uid) != profile:
                 profiles[uid] = profile
         else:
-            patches.append(_patch(before.wire, after.wire))
+            patches.append(_patch(old_wire, new_wire))
     if cur is None or old.users is not new.users:
         for uid, profile in new.users.items():
             if old.users.get(uid) != profile:
@@ -509,6 +525,8 @@ class MapHub:
     _cache: PeerCache = field(default_factory=PeerCache)
     _key_of: dict[int, Hashable] = field(default_factory=dict)
     _members: dict[Hashable, set[int]] = field(default_factory=dict)
+    #: class key -> the one object of it that _key_of uses (interned).
+    _canon: dict[Hashable, Hashable] = field(default_factory=dict)
     _classes: dict[Hashable, PeerSet] = field(default_factory=dict)
     #: node id -> hub seq at which its self node / filter may have changed.
     _dirty: dict[int, int] = field(default_factory=dict)
@@ -590,7 +608,13 @@ class MapHub:
         self.stats.rebuilds += 1
         self._cache.rebuilt()
         aliases = _address_aliases(compiled)
-        keys = {nid: class_key(compiled, nid, aliases) for nid in state.nodes}
+        # One key object per class, not an equal copy per node.
+        canon: dict[Hashable, Hashable] = {}
+        keys: dict[int, Hashable] = {}
+        for nid in state.nodes:
+            key = class_key(compiled, nid, aliases)
+            keys[nid] = canon.setdefault(key, key)
+        self._canon = canon
         members: dict[Hashable, set[int]] = {}
         for nid, key in keys.items():
             members.setdefault(key, set()).add(nid)
@@ -644,6 +668,7 @@ class MapHub:
             if aliases is None:
                 aliases = _address_aliases(compiled)
             key = class_key(compiled, nid, aliases)
+            key = self._canon.setdefault(key, key)
             self._key_of[nid] = key
             members = self._members.setdefault(key, set())
             if not members:
@@ -664,6 +689,8 @@ class MapHub:
             extra = {lone[key]} if key in lone else set()
             classes[key] = self._update_class(state, now, compiled, old, mem, changed | extra, presence_only)
         self._members = {k: m for k, m in self._members.items() if m}
+        if len(self._canon) > len(self._members):
+            self._canon = {k: k for k in self._members}
         self._classes = classes
         for nid in changed | presence_only:
             self._dirty[nid] = self.seq
