@@ -84,7 +84,6 @@ __all__ = [
 ]
 
 _encoder: Final = msgspec.json.Encoder()
-_wire_decoder: Final = msgspec.json.Decoder(WireNode)
 _NO_SSH: Final = b'{"rules":[]}'
 #: How many versions back a peer set remembers its parents; a stream further behind
 #: gets a full comparison (still computed once per pair of versions, not per stream).
@@ -103,33 +102,25 @@ class Peer:
     """One peer as a class of viewers sees it: the wire node and its JSON, shared by
     every peer set and stream that shows this version.
 
-    Only one form is kept: the wire node until the JSON is needed (full maps), then
-    the JSON, from which the wire node is decoded again when a diff needs it (a
-    diff touches only the peers that changed).
+    The wire node is kept beside the JSON: diffs compare and send wire nodes, and
+    decoding them again from the JSON when needed churned the heap during connect
+    storms (pymalloc arenas left half empty cost more than the wire nodes saved).
     """
 
-    __slots__ = ("_json", "_wire", "node", "presence", "view")
+    __slots__ = ("_json", "node", "presence", "view", "wire")
 
     def __init__(self, node: Node, presence: NodePresence | None, view: PeerView, wire: WireNode) -> None:
         self.node = node
         self.presence = presence
         self.view = view
-        self._wire: WireNode | None = wire
+        self.wire = wire
         self._json: bytes | None = None
 
     @property
     def json(self) -> bytes:
         if self._json is None:
-            self._json = _encoder.encode(self._wire)
-            self._wire = None
+            self._json = _encoder.encode(self.wire)
         return self._json
-
-    @property
-    def wire(self) -> WireNode:
-        if self._wire is not None:
-            return self._wire
-        assert self._json is not None
-        return _wire_decoder.decode(self._json)
 
 
 class PeerCache:

@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import TypeVar
 from unittest.mock import patch
 
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,7 +33,7 @@ from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
 from projections.state import TailnetState
-from projections.tailcfg import DERPMap, Hostinfo, MapResponse, Service, decode
+from projections.tailcfg import DERPMap, MapResponse, decode
 from tests.protocol.netmap_model import ClientNetmap
 
 from .builders import PLAN, Recorder
@@ -230,60 +229,3 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
     assert [v() for v in versions if v() is not None] == [current]
     live_peers = [o for o in gc.get_objects() if isinstance(o, mapviews.Peer)]
     assert len(live_peers) == len(current.peers)
-
-
-@pytest.mark.parametrize("policy_index", range(len(POLICIES)))
-def test_a_peer_decodes_from_its_json_to_the_wire_node_it_was_built_from(policy_index: int) -> None:
-    """A peer keeps either its wire node or its JSON: the wire node decoded from the
-    JSON must be the one it was built from (diffs compare and send those)."""
-    rnd = random.Random(policy_index)
-    r = Recorder()
-    for name in ("user0", "user1", "user2"):
-        r.user(name)
-    if POLICIES[policy_index] is not None:
-        text = POLICIES[policy_index]
-        assert text is not None
-        r.run(lambda s: c.decide_set_policy(s, text, source="test"))
-    users = sorted(r.state.users)
-
-    def register(s: TailnetState, i: int, machine_key: str, node_key: str) -> c.Decision[int]:
-        return c.decide_register_node(
-            s, machine_key=machine_key, node_key=node_key, hostname=f"host{i}", user_id=users[i % 3],
-            tags=(("tag:a",) if i % 3 == 0 else ()) + (("tag:t0",) if i % 4 == 0 else ()), ephemeral=False,
-            expiry=r.now + timedelta(days=1) if i % 2 else None, auth="cli", preauth_key=None, plan=PLAN,
-        )
-
-    for i in range(8):
-        r.run(functools.partial(
-            register, i=i, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}"
-        ))
-    routes = ("10.1.0.0/16", "0.0.0.0/0", "::/0")
-
-    def advertise(s: TailnetState, nid: int) -> c.Decision[int]:
-        return c.decide_advertise_routes(s, s.nodes[nid], routes)
-
-    def approve(s: TailnetState, nid: int) -> c.Decision[int]:
-        return c.decide_approve_routes(s, str(nid), routes)
-
-    for nid in sorted(r.state.nodes)[:3]:
-        r.run(functools.partial(advertise, nid=nid))
-        r.run(functools.partial(approve, nid=nid))
-    presence = {
-        nid: NodePresence(
-            online=nid % 2 == 0, endpoints=(f"192.0.2.{nid}:41641", "[2001:db8::1]:41641"), home_derp=nid % 3,
-            last_seen=r.now, disco_key=f"discokey:{nid:064x}", cap=130,
-            hostinfo=Hostinfo(os="linux", hostname=f"h{nid}", services=[Service(proto="tcp", port=22)]),
-        )
-        for nid in sorted(r.state.nodes)[::2]
-    }
-    hub = MapHub(PolicyCompiler("https://control.example"), NetmapSettings(
-        domain="example.ts.net", derp_map=DERPMap(regions={})), presence.get)
-    hub.advance(r.state, r.now, r.delta, set())
-    checked = 0
-    for nid in r.state.nodes:
-        for peer in hub.peer_set(nid).peers.values():
-            built = peer.wire
-            assert peer.json == msgspec.json.encode(built)
-            assert peer.wire == built and peer.wire is not built  # decoded, not kept
-            checked += 1
-    assert checked
