@@ -588,6 +588,8 @@ class _NoiseSession:
                         # Not kept while waiting for the next one: a long poll's first
                         # chunk is a full map, and the next may come hours later.
                         del chunk
+                except (ProtocolError, _ConnectionLost):
+                    raise  # sending failed: the connection closed under us (below)
                 except Exception:
                     log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
                     self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)

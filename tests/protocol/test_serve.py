@@ -590,3 +590,26 @@ async def test_lifespan_startup_and_shutdown() -> None:
         assert srv.app_state.events == ["startup"]
         outer.cancel_scope.cancel()
     assert srv.app_state.events == ["startup", "shutdown"]
+
+
+async def test_a_stream_whose_client_said_goaway_ends_quietly(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long poll still producing when its client closes the connection (GOAWAY,
+    then the socket, with the stream never reset) is abandoned without an error in
+    the log: the client left, nothing failed."""
+    caplog.set_level(logging.DEBUG, logger="protocol")
+    for _ in range(5):
+        tunnel = await open_raw_tunnel(server.port, server.server_public, b"\x0d" * 32)
+        tunnel.conn.send_request("POST", "/forever?goaway")
+        await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
+        tunnel.conn.close()  # GOAWAY
+        await tunnel.stream.send_all(tunnel.conn.data_to_send())
+        await trio.sleep(0.05)  # the stream keeps producing after the GOAWAY
+        await tunnel.stream.aclose()
+    with trio.fail_after(5):
+        while server.handler.closed_streams.count("goaway") < 5:
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    await assert_still_serving(server)
