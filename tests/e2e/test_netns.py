@@ -293,6 +293,13 @@ def test_children_die_with_a_killed_pytest(tmp_path: Path) -> None:
             assert driver.stdout is not None
             child = int(driver.stdout.readline())
             assert Path(f"/proc/{child}").exists()
+            # The death signal is armed by setpriv before it execs the rest; a
+            # parent killed before that moment (a race only a test this quick can
+            # hit) leaves no one to signal. Wait until the guarded program runs.
+            comm = Path(f"/proc/{child}/comm")
+            give_up = time.monotonic() + 10
+            while comm.exists() and comm.read_text().strip() != "sleep" and time.monotonic() < give_up:
+                time.sleep(0.005)
         finally:
             driver.kill()
     # Generous: the kernel delivers PDEATHSIG at once, but a loaded CI machine may
