@@ -178,7 +178,9 @@ class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         connections: TCP connections accepted.
-        tls_failures: TLS handshakes that failed or timed out.
+        tls_failures: TLS handshakes that failed (a TLS error) or timed out.
+        tls_abandoned: TLS handshakes the client gave up on (closed or reset the
+            connection), e.g. a latency probe it no longer needed.
         requests: HTTP requests parsed.
         derp_upgrades: streams switched to DERP after a 101 response.
         derp_fast_start: streams switched to DERP with ``Derp-Fast-Start: 1``.
@@ -187,6 +189,7 @@ class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
 
     connections: int
     tls_failures: int
+    tls_abandoned: int
     requests: int
     derp_upgrades: int
     derp_fast_start: int
@@ -588,6 +591,13 @@ class RelayServer:
                     stream = trio.SSLStream(tcp, self._ssl, server_side=True)
                     try:
                         await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        # trio wraps both: a TLS error, or the transport going away.
+                        gone = not isinstance(exc.__cause__, ssl.SSLError) or isinstance(
+                            exc.__cause__, ssl.SSLEOFError
+                        )
+                        counters["tls_abandoned" if gone else "tls_failures"] += 1
+                        raise
                     except BaseException:
                         counters["tls_failures"] += 1
                         raise

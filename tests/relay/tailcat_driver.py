@@ -160,6 +160,7 @@ async def main(tailcat: str, mode: str) -> dict[str, object]:
             "derp_fast_start": http.derp_fast_start,
             "websocket_upgrades": http.websocket_upgrades,
             "tls_failures": http.tls_failures,
+            "tls_abandoned": http.tls_abandoned,
         }
         assert relay.stun is not None
         result["stun_requests"] = relay.stun.stats().requests

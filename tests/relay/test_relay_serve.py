@@ -396,3 +396,24 @@ async def test_derp_region_describes_the_running_relay(tmp_path: Path) -> None:
         assert relay.stun is not None
         assert node.stun_port == relay.stun.port
         assert node.cert_name == relay.cert_name
+
+
+async def test_tls_handshakes_given_up_by_the_client_are_not_failures(tmp_path: Path) -> None:
+    """A client that hangs up mid-handshake (a probe it no longer needs) is counted
+    apart from a handshake that fails; neither disturbs a later client."""
+    async with running_relay(tmp_path, tls="self-signed", data_dir=str(tmp_path / "relay")) as relay:
+        quitter = await trio.open_tcp_stream("127.0.0.1", relay.derp_port)
+        await quitter.aclose()  # connected, then gone before a ClientHello
+        garbage = await trio.open_tcp_stream("127.0.0.1", relay.derp_port)
+        await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not TLS
+        with trio.fail_after(5):
+            await garbage.receive_some(1024)  # the relay closes it
+            await garbage.aclose()
+            while relay.http_stats().tls_failures + relay.http_stats().tls_abandoned < 2:
+                await trio.sleep(0.01)
+        stats = relay.http_stats()
+        assert (stats.tls_abandoned, stats.tls_failures) == (1, 1)
+        a, b = await pair(relay.url, cert_name=relay.cert_name)
+        async with a, b:
+            await a.send(b.public_key, b"still fine")
+            assert (await recv_packet(b)).data == b"still fine"
