@@ -184,8 +184,31 @@ def _invalid_setting(code: _Code, value: int) -> h2.errors.ErrorCodes | None:
     return None
 
 
+#: Settled settings shared by every connection that has them (see CompactSettings).
+_SETTLED: dict[tuple[tuple[_Code, int | None], ...], dict[_Code, int | None]] = {}
+#: At most this many distinct sets are remembered (clients choose their settings).
+_SETTLED_MAX: Final = 64
+
+
+def _settled(current: dict[_Code, int | None]) -> tuple[dict[_Code, int | None], bool]:
+    """The shared dict equal to ``current`` (it may be ``current``), and True: shared."""
+    key = tuple(current.items())
+    shared = _SETTLED.get(key)
+    if shared is None:
+        if len(_SETTLED) >= _SETTLED_MAX:
+            # The oldest goes (its connections keep their dict); common sets come
+            # back at once, so odd ones cannot crowd them out.
+            del _SETTLED[next(iter(_SETTLED))]
+        shared = _SETTLED[key] = current
+    return shared, True
+
+
 class CompactSettings(h2.settings.Settings):
     """``h2.settings.Settings`` that stores plain ints instead of a deque per setting.
+
+    While nothing is pending, the current values live in a dict shared by every
+    connection with the same settings (nearly all clients send the same), copied
+    on the next change.
 
     Assign instances to ``H2Connection.local_settings`` and
     ``H2Connection.remote_settings`` right after creating the connection,
@@ -220,9 +243,15 @@ class CompactSettings(h2.settings.Settings):
         for code, value in (initial_values or {}).items():
             self._check(code, value)
             current[code] = value
-        self._current = current
+        self._current, self._shared = _settled(current)
         # Proposed values per code, oldest first; absent when nothing is pending.
         self._pending: dict[_Code, list[int]] = {}
+
+    def _own(self) -> dict[_Code, int | None]:
+        """``_current``, made this instance's own before a change."""
+        if self._shared:
+            self._current, self._shared = dict(self._current), False
+        return self._current
 
     @staticmethod
     def _check(code: _Code, value: int) -> None:
@@ -237,17 +266,19 @@ class CompactSettings(h2.settings.Settings):
         changed: dict[_Code, h2.settings.ChangedSetting] = {}
         if not self._pending:
             return changed
-        for code in list(self._current):  # key order, like h2
+        current = self._own()
+        for code in list(current):  # key order, like h2
             queued = self._pending.get(code)
             if not queued:
                 continue
-            old, new = self._current[code], queued.pop(0)
-            self._current[code] = new
+            old, new = current[code], queued.pop(0)
+            current[code] = new
             if not queued:
                 del self._pending[code]
             changed[code] = h2.settings.ChangedSetting(code, old, new)
         if not self._pending:
             self._pending = {}  # a dict keeps its grown table; a fresh one has none
+            self._current, self._shared = _settled(current)
         return changed
 
     def __getitem__(self, key: _Code) -> int:
@@ -259,11 +290,11 @@ class CompactSettings(h2.settings.Settings):
     def __setitem__(self, key: _Code, value: int) -> None:
         self._check(key, value)
         if key not in self._current:
-            self._current[key] = None
+            self._own()[key] = None
         self._pending.setdefault(key, []).append(value)
 
     def __delitem__(self, key: _Code) -> None:
-        del self._current[key]
+        del self._own()[key]
         self._pending.pop(key, None)
 
     def __iter__(self) -> Iterator[_Code]:

@@ -66,18 +66,16 @@ class NodeInfo:
     Attributes:
         node: the input record.
         addrs: addresses on the shared integer line (v4 first).
-        addr_set: ``addrs`` as an :class:`IPSet`.
         subnet_routes: served non-exit routes.
         exit_routes: served exit routes.
         owner: user id for untagged nodes, None for tagged ones.
     """
 
-    __slots__ = ("addr_set", "addrs", "exit_routes", "node", "owner", "subnet_routes", "tags")
+    __slots__ = ("addrs", "exit_routes", "node", "owner", "subnet_routes", "tags")
 
     def __init__(self, node: PolicyNode) -> None:
         self.node = node
         self.addrs = node.addrs()
-        self.addr_set = IPSet.from_addrs(self.addrs)
         self.subnet_routes = node.subnet_routes()
         self.exit_routes = node.exit_routes()
         self.owner = node.owner

@@ -155,6 +155,22 @@ def test_compact_settings_make_the_same_settings_frame() -> None:
     assert wires[0] == wires[1]
 
 
+def test_settled_settings_are_shared_and_copied_on_change() -> None:
+    """Connections whose settings settled to the same values share one dict; a later
+    change to one of them leaves the others alone."""
+    a, b = CompactSettings(client=True), CompactSettings(client=True)
+    for s in (a, b):
+        s[SC.INITIAL_WINDOW_SIZE] = 4 * 2**20
+        s[SC.MAX_HEADER_LIST_SIZE] = 10 * 2**20
+        s.acknowledge()
+    assert a._current is b._current
+    a[SC.MAX_FRAME_SIZE] = 2**15
+    a.acknowledge()
+    assert a._current is not b._current
+    assert (a.max_frame_size, b.max_frame_size) == (2**15, 2**14)
+    assert b.initial_window_size == 4 * 2**20
+
+
 # -- HPACK tables on lists --------------------------------------------------------------
 
 _header_names = st.sampled_from([b"content-type", b"x-a", b"x-b", b"ts-lb", b"user-agent"])
