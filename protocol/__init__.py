@@ -29,7 +29,7 @@ from .client import (
     open_control_client,
 )
 from .errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .handler import ControlHandler, NoiseRequest, NoiseResponse
+from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
 from .mapframe import (
     KEEPALIVE_FRAME_RAW,
     KEEPALIVE_FRAME_ZSTD,
@@ -56,6 +56,7 @@ __all__ = [
     "MapStream",
     "NoiseRequest",
     "NoiseResponse",
+    "Park",
     "ProtocolError",
     "RemoteProtocolError",
     "ResponseStream",

@@ -68,7 +68,7 @@ from projections.tailcfg import (
     time_or_none,
 )
 
-from .handler import NoiseRequest, NoiseResponse
+from .handler import NoiseRequest, NoiseResponse, Park
 from .mapframe import compress_piece, frame_map_response, frame_pieces, keepalive_frame
 
 __all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlSettings"]
@@ -235,7 +235,10 @@ class Control:
         #: One event per group of streams (by node id): a publication wakes the groups
         #: one after another, so requests that arrive meanwhile wait for one group's
         #: sends, not for every stream's.
-        self._hub_changed = [trio.Event() for _ in range(_WAKE_GROUPS)]
+        # Parked streams per wake group: the resume callables of their transports
+        # (an idle stream is no task, see protocol.handler.Park).
+        self._parked: list[list[Callable[[], None]]] = [[] for _ in range(_WAKE_GROUPS)]
+        self._parks = [Park(self._parked[g].append) for g in range(_WAKE_GROUPS)]
         #: Bounds the full maps in flight (see ControlSettings.full_map_concurrency).
         self._full_maps = trio.Semaphore(settings.full_map_concurrency)
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
@@ -600,8 +603,11 @@ class Control:
         self._wake_pending = True
 
     def _wake_group(self, group: int) -> None:
-        event, self._hub_changed[group] = self._hub_changed[group], trio.Event()
-        event.set()
+        parked = self._parked[group]
+        resumes = parked[:]
+        parked.clear()  # the same list: the group's Park appends to it
+        for resume in resumes:
+            resume()
 
     async def _wake_streams(self) -> None:
         """Wake the stream groups in turn, letting other tasks run in between."""
@@ -684,7 +690,7 @@ class Control:
             frame = msg.frames[compress] = frame_map_response(msg.json, compress)
         return frame
 
-    async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes | Park]:
         clock = self.tailnet.clock
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
@@ -712,11 +718,11 @@ class Control:
             self._listening += 1
             listening_since = self._published_seq
             while True:
-                # Woken by a publication or by the keep-alive ticker (no timer per
-                # stream: a cancel scope per wait cost more than the sends). No wait
-                # if something was published while this stream was sending.
+                # Parked (no task) until a publication or the keep-alive ticker
+                # wakes the group (no timer per stream). No wait if something was
+                # published while this stream was sending.
                 if cursor.seq >= self._published_seq:
-                    await self._hub_changed[group].wait()
+                    yield self._parks[group]
                 assert self.hub.state is not None
                 if node_id not in self.hub.state.nodes:
                     return  # deleted: the client re-registers or gives up

@@ -21,6 +21,10 @@ Contract for handlers:
   is inside an ``await`` it sees ``trio.Cancelled`` there. Either way its
   ``finally`` blocks run; cleanup that must ``await`` there has to shield
   itself (``with trio.CancelScope(shield=True):``), as usual in trio.
+* A streaming response that has nothing to send for a while yields a
+  :class:`Park` instead of blocking: the transport ends the task that drove it
+  and keeps only the suspended iterator, until the stream's owner calls the
+  ``resume`` it was handed. An idle long poll then costs no task.
 * An exception escaping the handler is logged and answered with a 500 (if the
   headers were not sent yet) or a stream reset; the connection survives.
 * Never answer a failed map poll with an empty 200 (pitfall 5): return an
@@ -29,13 +33,30 @@ Contract for handlers:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["ControlHandler", "NoiseRequest", "NoiseResponse"]
+__all__ = ["ControlHandler", "NoiseRequest", "NoiseResponse", "Park"]
 
 Headers = tuple[tuple[str, str], ...]
+
+
+class Park:
+    """Yielded by a long-poll stream that has nothing to send for now.
+
+    The transport then calls ``register(resume)`` once and lets the task that
+    drove the stream end, keeping only the suspended iterator. Calling
+    ``resume()`` (at most once; it does nothing if the stream ended
+    meanwhile) makes the transport drive the stream again from a new task: the
+    ``yield`` returns and the stream goes on. One instance may serve any number
+    of streams: ``register`` decides where their ``resume`` callables wait.
+    """
+
+    __slots__ = ("register",)
+
+    def __init__(self, register: Callable[[Callable[[], None]], None]) -> None:
+        self.register = register
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +110,14 @@ class NoiseResponse:
             per chunk, see :func:`protocol.mapframe.frame_map_response`). The
             stream ends when the iterator is exhausted. If the client resets
             the stream or disconnects, the iterator is closed (``aclose()``)
-            and the task is cancelled.
+            and the task is cancelled. It may yield :class:`Park` to wait
+            without a task.
     """
 
     status: int
     headers: Headers = ()
     body: bytes | None = None
-    stream: AsyncIterator[bytes] | None = field(default=None, compare=False)
+    stream: AsyncIterator[bytes | Park] | None = field(default=None, compare=False)
 
 
 class ControlHandler(Protocol):

@@ -80,7 +80,7 @@ from hypercorn.typing import ConnectionState
 
 from . import h2_bridge, upgrade
 from .errors import HandshakeError, ProtocolError, RemoteProtocolError
-from .handler import ControlHandler, NoiseRequest, NoiseResponse
+from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
 from .noise import Keypair, encode_error
 from .wsstream import WebSocketByteStream
 
@@ -331,7 +331,9 @@ class _NoiseSession:
         "_conn",
         "_first",
         "_handler",
+        "_handlers",
         "_options",
+        "_parked",
         "_peer",
         "_scopes",
         "_send_lock",
@@ -362,6 +364,9 @@ class _NoiseSession:
         self._send_lock: trio.Lock | None = None
         self._window_changed: trio.Event | None = None
         self._scopes: dict[int, trio.CancelScope] = {}
+        # Long polls that yielded Park: their iterators, with no task (see _drive).
+        self._parked: dict[int, AsyncIterator[bytes | Park]] = {}
+        self._handlers: trio.Nursery | None = None
         self._closing_reason = ""
 
     def _plain_socket(self) -> trio.socket.SocketType | None:
@@ -386,6 +391,7 @@ class _NoiseSession:
                 cost ~1 KiB more per idle node.
         """
         sock = self._plain_socket()
+        self._handlers = handlers
         try:
             first, self._first = self._first, b""
             await self._write(first)
@@ -417,6 +423,9 @@ class _NoiseSession:
             for scope in list(self._scopes.values()):
                 scope.cancel()
             self._notify_window()
+            while self._parked:  # their resume() does nothing from now on
+                _, parked = self._parked.popitem()
+                await self._close_iterator(parked)
         return self._closing_reason
 
     # -- reading ----------------------------------------------------------------------
@@ -436,6 +445,9 @@ class _NoiseSession:
                 reset_scope = self._scopes.pop(event.stream_id, None)
                 if reset_scope is not None:
                     reset_scope.cancel()
+                parked = self._parked.pop(event.stream_id, None)
+                if parked is not None:
+                    handlers.start_soon(self._close_iterator, parked)
                 self._notify_window()
             elif isinstance(event, h2_bridge.WindowUpdated):
                 self._notify_window()
@@ -542,60 +554,53 @@ class _NoiseSession:
     # -- requests ---------------------------------------------------------------------
 
     async def _serve_request(
-        self, stream_id: int, request: NoiseRequest, scope: trio.CancelScope
+        self,
+        stream_id: int,
+        request: NoiseRequest | None,
+        scope: trio.CancelScope,
+        resumed: AsyncIterator[bytes | Park] | None = None,
     ) -> None:
-        """Run the handler for one stream inside ``scope`` and send its answer.
+        """Run the handler for one stream inside ``scope`` and send its answer
+        (or, with ``resumed``, go on sending a parked long poll).
 
         ``scope`` was created by the reader before this task started, so an
         RST_STREAM that arrives first still cancels the handler at once.
 
-        For a long poll this task lives as long as the stream, so it holds on
-        to nothing it no longer needs: the request is released once the
-        handler returned, and the response is sent here rather than in a
-        helper coroutine (one frame less per idle stream).
+        A long poll holds this task only while it has something to send: when
+        it yields :class:`Park` the task ends and the iterator waits in
+        ``_parked`` until its ``resume`` starts a new one (see :meth:`_drive`).
         """
-        stream: AsyncIterator[bytes] | None = None
+        stream = resumed
+        parked = False
         try:
             with scope:
-                try:
-                    response = await self._handler(request)
-                except Exception:
-                    log.exception(
-                        "%s: handler failed for %s %s", self._peer, request.method, request.path
-                    )
-                    response = NoiseResponse(status=500, body=b"internal server error\n")
-                del request
-                stream = response.stream
-                body = response.body or b""
-                headers = response.headers
-                if stream is None and not any(k.lower() == "content-length" for k, _ in headers):
-                    headers = (*headers, ("content-length", str(len(body))))
-                head_only = stream is None and not body
-                status = response.status
-                del response
-                if not self._conn.send_headers(stream_id, status, headers, end_stream=head_only):
-                    return  # reset by the client meanwhile
-                del headers
-                await self._flush()
-                if stream is None:
-                    if body:
-                        await self._send_body(stream_id, body, end_stream=True)
-                    return
-                try:
-                    async for chunk in stream:
-                        if chunk:
-                            await self._send_body(stream_id, chunk, end_stream=False)
-                        # Not kept while waiting for the next one: a long poll's first
-                        # chunk is a full map, and the next may come hours later.
-                        del chunk
-                except (ProtocolError, _ConnectionLost):
-                    raise  # sending failed: the connection closed under us (below)
-                except Exception:
-                    log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
-                    self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                if request is not None:
+                    try:
+                        response = await self._handler(request)
+                    except Exception:
+                        log.exception(
+                            "%s: handler failed for %s %s", self._peer, request.method, request.path
+                        )
+                        response = NoiseResponse(status=500, body=b"internal server error\n")
+                    del request
+                    stream = response.stream
+                    body = response.body or b""
+                    headers = response.headers
+                    if stream is None and not any(k.lower() == "content-length" for k, _ in headers):
+                        headers = (*headers, ("content-length", str(len(body))))
+                    head_only = stream is None and not body
+                    status = response.status
+                    del response
+                    if not self._conn.send_headers(stream_id, status, headers, end_stream=head_only):
+                        return  # reset by the client meanwhile
+                    del headers
                     await self._flush()
-                    return
-                await self._send_body(stream_id, b"", end_stream=True)
+                    if stream is None:
+                        if body:
+                            await self._send_body(stream_id, body, end_stream=True)
+                        return
+                assert stream is not None
+                parked = await self._drive(stream_id, stream)
         except _ConnectionLost:
             pass  # the reader notices too and ends the session
         except ProtocolError as exc:
@@ -610,11 +615,57 @@ class _NoiseSession:
             with contextlib.suppress(ProtocolError, _ConnectionLost), trio.move_on_after(1):
                 await self._flush()
         finally:
-            self._scopes.pop(stream_id, None)
-            if stream is not None:
+            if self._scopes.get(stream_id) is scope:
+                del self._scopes[stream_id]
+            if stream is not None and not parked:
                 await self._close_iterator(stream)
 
-    async def _close_iterator(self, stream: AsyncIterator[bytes]) -> None:
+    async def _drive(self, stream_id: int, stream: AsyncIterator[bytes | Park]) -> bool:
+        """Send what a long poll yields until it ends (False) or parks (True).
+
+        A parked iterator is kept in ``_parked`` with no task; the ``resume`` it
+        registered starts a task that drives it again (:meth:`_resume`).
+        """
+        while True:
+            try:
+                chunk = await stream.__anext__()
+            except StopAsyncIteration:
+                await self._send_body(stream_id, b"", end_stream=True)
+                return False
+            except Exception:
+                log.exception("%s: response stream of stream %d failed", self._peer, stream_id)
+                self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                await self._flush()
+                return False
+            if isinstance(chunk, Park):
+                if self._closing_reason:
+                    return False  # the session ends: the caller closes the iterator
+                self._parked[stream_id] = stream
+                chunk.register(partial(self._resume, stream_id))
+                return True
+            if chunk:
+                await self._send_body(stream_id, chunk, end_stream=False)
+            # Not kept while waiting for the next one: a long poll's first
+            # chunk is a full map, and the next may come hours later.
+            del chunk
+
+    def _resume(self, stream_id: int) -> None:
+        """Drive a parked long poll again, from a new task (see :class:`Park`)."""
+        stream = self._parked.pop(stream_id, None)
+        if stream is None or self._handlers is None:
+            return  # ended (reset, closed) meanwhile
+        if self._closing_reason:  # the session's end closes it (run)
+            self._parked[stream_id] = stream
+            return
+        scope = trio.CancelScope()
+        self._scopes[stream_id] = scope
+        try:
+            self._handlers.start_soon(self._serve_request, stream_id, None, scope, stream)
+        except RuntimeError:  # the nursery is closing: the session closes it
+            del self._scopes[stream_id]
+            self._parked[stream_id] = stream
+
+    async def _close_iterator(self, stream: AsyncIterator[bytes | Park]) -> None:
         """``aclose()`` a response stream, shielded and with a deadline."""
         aclose = getattr(stream, "aclose", None)
         if aclose is None:

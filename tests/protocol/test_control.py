@@ -529,3 +529,26 @@ async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_pat
                             if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
                                 break
                     assert trio.current_time() - t0 < 5
+
+
+async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
+    """Between updates a map stream is parked (no task per idle node); a join wakes it."""
+    from .test_serve import _tasks_running
+
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca:
+            await ca.register(a.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                await next_update(sa)
+                with trio.fail_after(5):
+                    while _tasks_running("_serve_request"):
+                        await trio.sleep(0.01)
+                async with b.connect(server) as cb:
+                    await cb.register(b.register_request(key))
+                    msg = await next_update(sa)
+                    assert [p.key for p in msg.peers_changed or []] == [b.node_key]
+                with trio.fail_after(5):
+                    while _tasks_running("_serve_request"):
+                        await trio.sleep(0.01)

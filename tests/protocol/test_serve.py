@@ -613,3 +613,57 @@ async def test_a_stream_whose_client_said_goaway_ends_quietly(
     await trio.sleep(0.1)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     await assert_still_serving(server)
+
+
+def _tasks_running(name: str) -> int:
+    """How many tasks of this trio run are in a coroutine called ``name``."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += task.coro.cr_code.co_name == name
+        todo.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return count
+
+
+async def test_a_parked_long_poll_has_no_task_and_resumes_from_a_new_one(server: RunningServer) -> None:
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0e" * 32) as client:
+        async with client.open_stream("POST", "/park?p") as stream:
+            assert await stream.__anext__() == b"p:0;"
+            with trio.fail_after(5):
+                while not server.handler.parked:
+                    await trio.sleep(0.01)
+            assert _tasks_running("_serve_request") == 0
+            for i in range(1, 4):
+                server.handler.parked.pop()()
+                assert await stream.__anext__() == f"p:{i};".encode()
+            with trio.fail_after(5):
+                while not server.handler.parked:
+                    await trio.sleep(0.01)
+            assert _tasks_running("_serve_request") == 0
+        # The client reset the parked stream: its iterator is closed, and a late
+        # resume does nothing.
+        with trio.fail_after(5):
+            await server.handler.stream_closed.wait()
+        assert server.handler.closed_streams == ["p"]
+        server.handler.parked.pop()()
+        await trio.sleep(0.05)
+        assert _tasks_running("_serve_request") == 0
+    await assert_still_serving(server)
+
+
+async def test_parked_long_polls_are_closed_when_the_connection_goes(server: RunningServer) -> None:
+    tunnel = await open_raw_tunnel(server.port, server.server_public, b"\x0f" * 32)
+    tunnel.conn.send_request("POST", "/park?gone")
+    await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
+    with trio.fail_after(5):
+        while not server.handler.parked:
+            await trio.sleep(0.01)
+    await tunnel.stream.aclose()  # no reset, no GOAWAY: the socket just goes
+    with trio.fail_after(5):
+        await server.handler.stream_closed.wait()
+    assert server.handler.closed_streams == ["gone"]
+    server.handler.parked.pop()()  # too late: nothing happens
+    await trio.sleep(0.05)
+    assert _tasks_running("_serve_request") == 0

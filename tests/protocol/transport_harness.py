@@ -13,7 +13,7 @@ import ipaddress
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from protocol import (
     NoiseRequest,
     NoiseResponse,
+    Park,
     ServeOptions,
     frame_map_response,
     keepalive_frame,
@@ -50,6 +51,8 @@ class EchoHandler:
     cancelled: list[str] = field(default_factory=list)
     stream_closed: trio.Event = field(default_factory=trio.Event)
     handler_cancelled: trio.Event = field(default_factory=trio.Event)
+    #: resume callables of streams parked by /park (see protocol.Park)
+    parked: list[Callable[[], None]] = field(default_factory=list)
 
     async def __call__(self, request: NoiseRequest) -> NoiseResponse:
         self.requests.append(request)
@@ -75,6 +78,8 @@ class EchoHandler:
             return NoiseResponse(200, stream=self._forever(query))
         if path == "/blocked":
             return NoiseResponse(200, stream=self._blocked(query))
+        if path == "/park":
+            return NoiseResponse(200, stream=self._parking(query))
         if path == "/slow":
             try:
                 await trio.sleep_forever()
@@ -127,6 +132,17 @@ class EchoHandler:
         except BaseException as exc:
             self.close_reasons.append(type(exc).__name__)
             raise
+        finally:
+            self.closed_streams.append(tag)
+            self.stream_closed.set()
+
+    async def _parking(self, tag: str) -> AsyncIterator[bytes | Park]:
+        """Parks after every chunk; each resume makes it send the next one."""
+        park = Park(self.parked.append)
+        try:
+            for i in range(1_000_000):
+                yield f"{tag}:{i};".encode()
+                yield park
         finally:
             self.closed_streams.append(tag)
             self.stream_closed.set()
