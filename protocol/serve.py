@@ -63,6 +63,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -308,6 +309,54 @@ class _ConnectionLost(Exception):
     """Internal: a write failed; the session must end."""
 
 
+class _IdleReaders:
+    """Sessions whose reader parked, and the one task that waits for all of them.
+
+    An idle tunnel's reader would otherwise be a task parked in ``wait_readable``
+    (with its coroutine chain and epoll registration, ~2 KiB per node). Parked
+    sessions' sockets sit in one epoll set (one-shot); when a socket becomes
+    readable (data, EOF, error) its session resumes reading in a new task. When
+    the server stops, every parked session is ended here.
+    """
+
+    __slots__ = ("_epoll", "_sessions")
+
+    _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sessions: dict[int, _NoiseSession] = {}
+
+    def park(self, fd: int, session: _NoiseSession) -> None:
+        self._sessions[fd] = session
+        try:
+            self._epoll.modify(fd, self._EVENTS)  # registered before, fired since
+        except FileNotFoundError:
+            self._epoll.register(fd, self._EVENTS)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, _ in self._epoll.poll(0):
+                    session = self._sessions.pop(fd, None)
+                    if session is not None:
+                        session.resume_reading()
+        finally:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+            with trio.CancelScope(shield=True):
+                for session in sessions:
+                    await session.end("server stopped")
+            self._epoll.close()
+
+
+def _idle_readers() -> _IdleReaders | None:
+    """Where epoll exists (Linux), the shared waiter for idle readers."""
+    return _IdleReaders() if hasattr(select, "epoll") else None
+
+
 class _NoiseSession:
     """Runs one upgraded connection: reader loop, handler tasks, writer lock.
 
@@ -332,6 +381,7 @@ class _NoiseSession:
         "_first",
         "_handler",
         "_handlers",
+        "_idle",
         "_options",
         "_parked",
         "_peer",
@@ -367,6 +417,7 @@ class _NoiseSession:
         # Long polls that yielded Park: their iterators, with no task (see _drive).
         self._parked: dict[int, AsyncIterator[bytes | Park]] = {}
         self._handlers: trio.Nursery | None = None
+        self._idle: _IdleReaders | None = None
         self._closing_reason = ""
 
     def _plain_socket(self) -> trio.socket.SocketType | None:
@@ -379,8 +430,10 @@ class _NoiseSession:
         """The client's machine public key (for log lines)."""
         return self._conn.machine_key
 
-    async def run(self, handlers: trio.Nursery) -> str:
-        """Serve until EOF, GOAWAY or an error; return the reason for the log.
+    async def run(self, handlers: trio.Nursery, *, resumed: bool = False) -> str | None:
+        """Serve until EOF, GOAWAY or an error; return the reason for the log, or
+        ``None`` when the reader parked in the server's shared waiter (see
+        :class:`_IdleReaders`; ``resumed``: it was woken there, read at once).
 
         Args:
             handlers: Where the handler tasks run (the server's connection
@@ -392,19 +445,26 @@ class _NoiseSession:
         """
         sock = self._plain_socket()
         self._handlers = handlers
+        parked = False
         try:
             first, self._first = self._first, b""
-            await self._write(first)
+            if first:
+                await self._write(first)
             del first
             trailing, self._trailing = self._trailing, b""
             if trailing:
                 await self._on_data(trailing, handlers)
             del trailing
-            more = False
+            more = resumed  # a resumed reader was woken because there is something to read
             while not self._closing_reason:
                 if sock is not None and not more:
-                    # Park here while idle; a full read suggests more is
-                    # queued, so then read again without waiting.
+                    # Wait while idle (a full read suggests more is queued, so
+                    # then read again at once): with no task at all when the
+                    # server has a shared waiter, else parked in wait_readable.
+                    if self._idle is not None:
+                        self._idle.park(sock.fileno(), self)
+                        parked = True
+                        return None
                     await trio.lowlevel.wait_readable(sock)
                 data = bytes(await self._stream.receive_some(_MAX_RECV))
                 if not data:
@@ -420,13 +480,51 @@ class _NoiseSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionLost):
             self._closing_reason = self._closing_reason or "connection lost"
         finally:
-            for scope in list(self._scopes.values()):
-                scope.cancel()
-            self._notify_window()
-            while self._parked:  # their resume() does nothing from now on
-                _, parked = self._parked.popitem()
-                await self._close_iterator(parked)
+            if not parked:
+                await self._cleanup()
         return self._closing_reason
+
+    async def _cleanup(self) -> None:
+        """The session ended: cancel its handlers, close its parked streams."""
+        for scope in list(self._scopes.values()):
+            scope.cancel()
+        self._notify_window()
+        while self._parked:  # their resume() does nothing from now on
+            _, stream = self._parked.popitem()
+            await self._close_iterator(stream)
+
+    async def serve(self, handlers: trio.Nursery, idle: _IdleReaders | None, *, resumed: bool = False) -> None:
+        """Run (or resume) the session; once it ended, log why and close the stream.
+
+        Returns early, with nothing closed, when the reader parked in ``idle``.
+        """
+        self._idle = idle
+        reason: str | None = "cancelled"
+        try:
+            reason = await self.run(handlers, resumed=resumed)
+        except Exception:
+            log.exception("%s: connection handler failed", self._peer)
+            reason = "internal error"
+        finally:
+            if reason is not None:
+                await self._close(reason)
+
+    async def _close(self, reason: str) -> None:
+        log.info("%s: noise session (machine %s...) closed: %s", self._peer, self.machine_key.hex()[:16], reason)
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self._stream.aclose()
+
+    def resume_reading(self) -> None:
+        """The parked reader's socket is readable: read on, in a new task."""
+        assert self._handlers is not None
+        self._handlers.start_soon(partial(self.serve, self._handlers, self._idle, resumed=True))
+
+    async def end(self, reason: str) -> None:
+        """End a session whose reader is parked (the server stops)."""
+        self._closing_reason = self._closing_reason or reason
+        with trio.CancelScope(shield=True):
+            await self._cleanup()
+            await self._close(self._closing_reason)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -725,6 +823,7 @@ class ControlServer:
         self._lifespan_state: dict[str, Any] = {}
         # The nursery of connection tasks while serve() runs; handler tasks go there too.
         self._connections: trio.Nursery | None = None
+        self._idle: _IdleReaders | None = None
 
     async def serve(
         self,
@@ -754,11 +853,14 @@ class ControlServer:
             try:
                 async with trio.open_nursery() as connections:
                     self._connections = connections
+                    self._idle = _idle_readers()
+                    if self._idle is not None:
+                        await connections.start(self._idle.run)
                     for listener in listeners:
                         connections.start_soon(self._accept_loop, listener, connections)
                     task_status.started()
             finally:
-                self._connections = None
+                self._connections = self._idle = None
                 with trio.CancelScope(shield=True):
                     await self._hyper_context.terminated.set()
                     with trio.move_on_after(self._hyper_config.shutdown_timeout + 1):
@@ -797,20 +899,16 @@ class ControlServer:
         idle tunnel.
         """
         peer = _peer_name(stream)
+        owned = False  # by the session, which closes it when it ends
         try:
             session = await self._handle(stream, peer)
             if session is not None:
+                owned = True
                 if self._connections is not None:
-                    reason = await session.run(self._connections)
+                    await session.serve(self._connections, self._idle)
                 else:  # called outside serve(), e.g. with custom listeners
                     async with trio.open_nursery() as handlers:
-                        reason = await session.run(handlers)
-                log.info(
-                    "%s: noise session (machine %s...) closed: %s",
-                    peer,
-                    session.machine_key.hex()[:16],
-                    reason,
-                )
+                        await session.serve(handlers, None)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("%s: connection lost: %r", peer, exc)
         except RemoteProtocolError as exc:
@@ -818,8 +916,9 @@ class ControlServer:
         except Exception:
             log.exception("%s: connection handler failed", peer)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            if not owned:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await stream.aclose()
 
     async def _handle(self, raw: trio.SocketStream, peer: str) -> _NoiseSession | None:
         """TLS (optional), then the front's decisions until one is final.

@@ -616,13 +616,15 @@ async def test_a_stream_whose_client_said_goaway_ends_quietly(
 
 
 def _tasks_running(name: str) -> int:
-    """How many tasks of this trio run are in a coroutine called ``name``."""
+    """How many tasks of this trio run have a root coroutine called ``name``
+    (a function name or a qualified one, ``Class.method``)."""
     root = trio.lowlevel.current_root_task()
     assert root is not None
     count, todo = 0, [root]
     while todo:
         task = todo.pop()
-        count += task.coro.cr_code.co_name == name
+        code = task.coro.cr_code
+        count += name in (code.co_name, code.co_qualname)
         todo.extend(t for n in task.child_nurseries for t in n.child_tasks)
     return count
 
@@ -667,3 +669,15 @@ async def test_parked_long_polls_are_closed_when_the_connection_goes(server: Run
     server.handler.parked.pop()()  # too late: nothing happens
     await trio.sleep(0.05)
     assert _tasks_running("_serve_request") == 0
+
+
+async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(server: RunningServer) -> None:
+    """Between requests the session's reader is parked in the server's shared
+    waiter, not a task; the next request (or the end) wakes it."""
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x10" * 32) as client:
+        for _ in range(3):
+            assert (await client.request("GET", "/echo")).status == 200
+            with trio.fail_after(5):
+                while _tasks_running("_NoiseSession.serve") + _tasks_running("handle_stream"):
+                    await trio.sleep(0.01)
+    await assert_still_serving(server)
