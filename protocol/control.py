@@ -29,6 +29,7 @@ Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import logging
 import secrets
@@ -237,8 +238,11 @@ class Control:
         #: sends, not for every stream's.
         # Parked streams per wake group: the resume callables of their transports
         # (an idle stream is no task, see protocol.handler.Park).
-        self._parked: list[list[Callable[[], None]]] = [[] for _ in range(_WAKE_GROUPS)]
-        self._parks = [Park(self._parked[g].append) for g in range(_WAKE_GROUPS)]
+        # Each with the time its keep-alive falls due (set by the stream just before
+        # it parks), so that the keep-alive ticker resumes only the streams due.
+        self._parked: list[list[tuple[float, Callable[[], None]]]] = [[] for _ in range(_WAKE_GROUPS)]
+        self._parks = [Park(functools.partial(self._park_in, g)) for g in range(_WAKE_GROUPS)]
+        self._parking_due = 0.0
         #: Bounds the full maps in flight (see ControlSettings.full_map_concurrency).
         self._full_maps = trio.Semaphore(settings.full_map_concurrency)
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
@@ -602,11 +606,22 @@ class Control:
         self._published_seq = self.hub.seq
         self._wake_pending = True
 
-    def _wake_group(self, group: int) -> None:
+    def _park_in(self, group: int, resume: Callable[[], None]) -> None:
+        self._parked[group].append((self._parking_due, resume))
+
+    def _wake_group(self, group: int, *, due_by: float | None = None) -> None:
+        """Resume the group's parked streams (with ``due_by``, only those whose
+        keep-alive is due by then)."""
         parked = self._parked[group]
-        resumes = parked[:]
-        parked.clear()  # the same list: the group's Park appends to it
-        for resume in resumes:
+        if due_by is None:
+            woken = parked
+            self._parked[group] = []
+        else:
+            woken = [p for p in parked if p[0] <= due_by]
+            if not woken:
+                return
+            self._parked[group] = [p for p in parked if p[0] > due_by]
+        for _, resume in woken:
             resume()
 
     async def _wake_streams(self) -> None:
@@ -722,6 +737,7 @@ class Control:
                 # wakes the group (no timer per stream). No wait if something was
                 # published while this stream was sending.
                 if cursor.seq >= self._published_seq:
+                    self._parking_due = last_sent + self._keepalive_due()
                     yield self._parks[group]
                 assert self.hub.state is not None
                 if node_id not in self.hub.state.nodes:
@@ -779,7 +795,7 @@ class Control:
             step = self.settings.keepalive_interval / _KEEPALIVE_TICKS / _WAKE_GROUPS
             for group in range(_WAKE_GROUPS):
                 await trio.sleep(step)
-                self._wake_group(group)
+                self._wake_group(group, due_by=trio.current_time())
 
     async def _full_map_turn(self) -> _Turn:
         """Wait for a full-map turn; it ends at ``release()`` or after ``full_map_turn``."""
