@@ -100,3 +100,16 @@ async def make_key(server: Server, user: str = "alice", **kw: object) -> str:
     key = result["key"]
     assert isinstance(key, str)
     return key
+
+
+@asynccontextmanager
+async def two_registered(
+    server: Server,
+) -> AsyncIterator[tuple[SimNode, ControlClient, SimNode, ControlClient]]:
+    """Nodes alpha and bravo, each connected and registered with one reusable key."""
+    key = await make_key(server, reusable=True)
+    a, b = SimNode.new("alpha"), SimNode.new("bravo")
+    async with a.connect(server) as ca, b.connect(server) as cb:
+        await ca.register(a.register_request(key))
+        await cb.register(b.register_request(key))
+        yield a, ca, b, cb

@@ -15,7 +15,7 @@ from eventlog.events import NodeRegistered, PreAuthKeyUsed
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
 
-from .control_harness import ADMIN, SimNode, make_key, running
+from .control_harness import ADMIN, SimNode, make_key, running, two_registered
 
 
 async def next_update(stream: MapStream, wait: float = 10) -> MapResponse:
@@ -107,18 +107,16 @@ async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
 
 
 async def test_expired_node_drops_out_of_peer_maps(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        key = await make_key(server, reusable=True)
-        a, b = SimNode.new("alpha"), SimNode.new("bravo")
-        async with a.connect(server) as ca, b.connect(server) as cb:
-            await ca.register(a.register_request(key))
-            await cb.register(b.register_request(key))
-            async with ca.map_stream(a.map_request()) as sa:
-                first = await next_update(sa)
-                assert first.peers and len(first.peers) == 1
-                await server.ops.dispatch("nodes.expire", {"node": "bravo"}, ADMIN)
-                gone = await next_update(sa)
-                assert gone.peers_removed == [first.peers[0].id]
+    async with (
+        running(tmp_path) as server,
+        two_registered(server) as (a, ca, _b, _cb),
+        ca.map_stream(a.map_request()) as sa,
+    ):
+        first = await next_update(sa)
+        assert first.peers and len(first.peers) == 1
+        await server.ops.dispatch("nodes.expire", {"node": "bravo"}, ADMIN)
+        gone = await next_update(sa)
+        assert gone.peers_removed == [first.peers[0].id]
 
 
 @pytest.mark.parametrize(
@@ -506,29 +504,27 @@ async def test_stream_clean_up_after_the_control_stopped_does_not_raise(tmp_path
 async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_path: Path) -> None:
     """Presence-only updates are paced by what the last fan-out cost, within a bound:
     an endpoint change reaches the peers within seconds even if a fan-out was slow."""
-    async with running(tmp_path) as server:
-        key = await make_key(server, reusable=True)
-        a, b = SimNode.new("alpha"), SimNode.new("bravo")
-        async with a.connect(server) as ca, b.connect(server) as cb:
-            await ca.register(a.register_request(key))
-            await cb.register(b.register_request(key))
-            async with cb.map_stream(b.map_request()) as sb:
-                await next_update(sb)
-                async with ca.map_stream(a.map_request()) as sa:
-                    await next_update(sa)
-                    await next_update(sb)  # a came online
-                    assert server.control is not None
-                    server.control._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
-                    t0 = trio.current_time()
-                    await ca.post_json(
-                        "/machine/map", a.map_request(stream=False, omit_peers=True, endpoints=["203.0.113.9:41641"])
-                    )
-                    with trio.fail_after(10):
-                        while True:
-                            msg = await next_update(sb)
-                            if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
-                                break
-                    assert trio.current_time() - t0 < 5
+    async with (
+        running(tmp_path) as server,
+        two_registered(server) as (a, ca, b, cb),
+        cb.map_stream(b.map_request()) as sb,
+    ):
+        await next_update(sb)
+        async with ca.map_stream(a.map_request()) as sa:
+            await next_update(sa)
+            await next_update(sb)  # a came online
+            assert server.control is not None
+            server.control._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
+            t0 = trio.current_time()
+            await ca.post_json(
+                "/machine/map", a.map_request(stream=False, omit_peers=True, endpoints=["203.0.113.9:41641"])
+            )
+            with trio.fail_after(10):
+                while True:
+                    msg = await next_update(sb)
+                    if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
+                        break
+            assert trio.current_time() - t0 < 5
 
 
 async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
