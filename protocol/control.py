@@ -233,13 +233,12 @@ class Control:
         #: Shared peer views of every stream (see :mod:`projections.mapviews`), advanced
         #: by :meth:`_drive_hub` and read by the streams.
         self.hub = MapHub(self.policy, settings.netmap, presence.get)
-        #: One event per group of streams (by node id): a publication wakes the groups
-        #: one after another, so requests that arrive meanwhile wait for one group's
-        #: sends, not for every stream's.
-        # Parked streams per wake group: the resume callables of their transports
-        # (an idle stream is no task, see protocol.handler.Park).
-        # Each with the time its keep-alive falls due (set by the stream just before
-        # it parks), so that the keep-alive ticker resumes only the streams due.
+        #: Parked streams per group (by node id): the resume callables of their
+        #: transports (an idle stream is no task, see protocol.handler.Park), each
+        #: with the time its keep-alive falls due (_parking_due, set by the stream
+        #: just before it parks), so that the keep-alive ticker resumes only those
+        #: due. A publication resumes the groups one after another, so requests that
+        #: arrive meanwhile wait for one group's sends, not for every stream's.
         self._parked: list[list[tuple[float, Callable[[], None]]]] = [[] for _ in range(_WAKE_GROUPS)]
         self._parks = [Park(functools.partial(self._park_in, g)) for g in range(_WAKE_GROUPS)]
         self._parking_due = 0.0
@@ -248,12 +247,11 @@ class Control:
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
         self._hub_sub = tailnet.runner.subscribe(self._on_log_change)
         self._hub_watch = presence.watch(self._hub_wake.set)
+        #: Streams past their full map, reading publications (streams still waiting
+        #: for a full-map turn do not count in a fan-out's cost).
+        self._listening = 0
         #: Streams yet to handle the latest publication, when it started, and how long
         #: the last complete fan-out took (paces publications, see _drive_hub).
-        # Streams past their full map, reading publications (a fan-out's cost is
-        # the time until each of them handled it; streams still waiting for a full
-        # map turn do not count).
-        self._listening = 0
         self._fanout_left = 0
         self._fanout_started = 0.0
         self._fanout_cost = 0.0

@@ -190,8 +190,8 @@ _SETTLED: dict[tuple[tuple[_Code, int | None], ...], dict[_Code, int | None]] = 
 _SETTLED_MAX: Final = 64
 
 
-def _settled(current: dict[_Code, int | None]) -> tuple[dict[_Code, int | None], bool]:
-    """The shared dict equal to ``current`` (it may be ``current``), and True: shared."""
+def _settled(current: dict[_Code, int | None]) -> dict[_Code, int | None]:
+    """The shared dict equal to ``current`` (it may be ``current`` itself)."""
     key = tuple(current.items())
     shared = _SETTLED.get(key)
     if shared is None:
@@ -200,7 +200,7 @@ def _settled(current: dict[_Code, int | None]) -> tuple[dict[_Code, int | None],
             # back at once, so odd ones cannot crowd them out.
             del _SETTLED[next(iter(_SETTLED))]
         shared = _SETTLED[key] = current
-    return shared, True
+    return shared
 
 
 class CompactSettings(h2.settings.Settings):
@@ -243,7 +243,8 @@ class CompactSettings(h2.settings.Settings):
         for code, value in (initial_values or {}).items():
             self._check(code, value)
             current[code] = value
-        self._current, self._shared = _settled(current)
+        self._current = _settled(current)
+        self._shared = True  # _current may be another instance's: copy before a change
         # Proposed values per code, oldest first; absent when nothing is pending.
         self._pending: dict[_Code, list[int]] = {}
 
@@ -278,7 +279,7 @@ class CompactSettings(h2.settings.Settings):
             changed[code] = h2.settings.ChangedSetting(code, old, new)
         if not self._pending:
             self._pending = {}  # a dict keeps its grown table; a fresh one has none
-            self._current, self._shared = _settled(current)
+            self._current, self._shared = _settled(current), True
         return changed
 
     def __getitem__(self, key: _Code) -> int:
