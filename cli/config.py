@@ -111,6 +111,31 @@ class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     gc_freeze: bool = True
 
 
+class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Bounds on what clients and operators can make the server hold or write.
+
+    Every limit here is counted in metrics when it bites. Sections of the hardening
+    work fill it in; each field says what it bounds.
+    """
+
+    # -- connections (protocol/serve.py) ---------------------------------------------
+    # (filled in by the connection-limits work)
+
+    # -- map streams and node updates (protocol/control.py) ------------------------------
+    # (filled in by the control hardening work)
+
+    # -- pending interactive registrations ------------------------------------------------
+    # (filled in by the pending-registrations work)
+
+
+class AuditConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Signed checkpoints of the log head (filled in by the audit work)."""
+
+
+class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The local admin socket (filled in by the audit work: group access)."""
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./tailledger-data"
     listen_addr: str = "127.0.0.1:8080"
@@ -127,6 +152,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     derp: DerpConfig = msgspec.field(default_factory=DerpConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     tuning: TuningConfig = msgspec.field(default_factory=TuningConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
 
     # -- derived ------------------------------------------------------------------
 
