@@ -3,16 +3,21 @@
 A Unix stream socket in the data directory (mode 0600, like Headscale's CLI socket)
 carries one JSON object per line each way::
 
-    → {"op": "users.create", "args": {"name": "alice"}}
+    → {"op": "users.create", "args": {"name": "alice"}, "reason": "onboarding, OPS-12"}
     ← {"ok": true, "result": {...}}            or   {"ok": false, "error": "user 'alice' already exists"}
 
 The server identifies the caller by the socket's peer credentials (``SO_PEERCRED``), so
 every event an operator causes is recorded with ``admin:<unix user>`` as its actor;
-nobody can claim to be someone else over this socket.
+nobody can claim to be someone else over this socket. With ``admin.socket_group`` the
+socket is opened to that group (mode 0660) so that each operator uses their own account
+and is named as such; the socket then lives outside the data directory, which is 0700.
+Each request is one cause (:func:`eventlog.caused_by`): its events share a correlation
+id and carry the request's ``reason``.
 """
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import pwd
@@ -23,7 +28,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from eventlog import Actor, ActorKind
+from eventlog import Actor, ActorKind, caused_by
 from projections import CommandError
 from projections.admin import AdminOps
 
@@ -41,6 +46,7 @@ class AdminError(Exception):
 class _Request(msgspec.Struct, forbid_unknown_fields=True):
     op: str
     args: dict[str, object] = msgspec.field(default_factory=dict)
+    reason: str = ""
 
 
 def _peer_actor(sock: trio.socket.SocketType) -> Actor:
@@ -83,24 +89,59 @@ async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return {"ok": False, "error": f"malformed request: {exc}"}
     try:
-        return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
+        with caused_by(reason=req.reason):
+            return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
+    except ValueError as exc:  # a reason that cannot be stored
+        return {"ok": False, "error": f"--reason: {exc}"}
     except CommandError as exc:
         return {"ok": False, "error": str(exc)}
 
 
-def _prepare(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def group_id(name: str) -> int:
+    """The id of the Unix group ``name`` (or a numeric id).
+
+    Raises:
+        ValueError: no such group.
+    """
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError(f"no Unix group named {name!r}") from None
+
+
+def _prepare(path: Path, gid: int | None) -> None:
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        if gid is not None:  # our own directory: open it to the group (the umask is 077)
+            os.chown(path.parent, -1, gid)
+            os.chmod(path.parent, 0o750)
     path.unlink(missing_ok=True)  # a stale socket from a crashed server
 
 
 async def serve_admin_socket(
-    path: Path, ops: AdminOps, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    path: Path,
+    ops: AdminOps,
+    *,
+    group: str = "",
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``path`` until cancelled. A stale socket file is replaced."""
-    await trio.to_thread.run_sync(_prepare, path)
+    """Listen on ``path`` until cancelled. A stale socket file is replaced.
+
+    Args:
+        group: a Unix group whose members may use the socket (mode 0660); empty for
+            the server's own account only (0600).
+    """
+    gid = group_id(group) if group else None
+    await trio.to_thread.run_sync(_prepare, path, gid)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(path))
-    os.chmod(path, 0o600)
+    if gid is None:
+        os.chmod(path, 0o600)
+    else:
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
     sock.listen(64)
     listener = trio.SocketListener(sock)
     task_status.started()
@@ -110,8 +151,17 @@ async def serve_admin_socket(
         path.unlink(missing_ok=True)  # noqa: ASYNC240 - a cheap unlink during shutdown
 
 
-def call(path: Path, op: str, args: dict[str, object] | None = None, *, timeout: float = 60) -> object:
+def call(
+    path: Path,
+    op: str,
+    args: dict[str, object] | None = None,
+    *,
+    reason: str = "",
+    timeout: float = 60,
+) -> object:
     """Run ``op`` on the server listening at ``path`` (blocking).
+
+    ``reason`` is stored with every event the operation appends.
 
     Raises:
         AdminError: the server is not running, or it refused the operation.
@@ -120,7 +170,10 @@ def call(path: Path, op: str, args: dict[str, object] | None = None, *, timeout:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(msgspec.json.encode({"op": op, "args": args or {}}) + b"\n")
+            request: dict[str, object] = {"op": op, "args": args or {}}
+            if reason:
+                request["reason"] = reason
+            sock.sendall(msgspec.json.encode(request) + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -131,6 +184,11 @@ def call(path: Path, op: str, args: dict[str, object] | None = None, *, timeout:
         raise AdminError(
             f"no tailledger server is running here (no admin socket at {path}); start one with "
             "'tailledger serve' or pass --config/--data"
+        ) from None
+    except PermissionError:
+        raise AdminError(
+            f"permission denied on the admin socket {path}: run as the server's account, or "
+            "as a member of its admin.socket_group"
         ) from None
     except ConnectionRefusedError:
         raise AdminError(f"the server at {path} is not accepting connections") from None

@@ -129,11 +129,36 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class AuditConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Signed checkpoints of the log head (filled in by the audit work)."""
+    """Signed checkpoints of the log head (see ``eventlog/signing.py``).
+
+    The signing key must live outside the data directory, so that whoever can write the
+    data directory cannot re-sign an edited history. Default (filled in by
+    :func:`load_config`): ``tailledger-signing.key`` beside the configuration file when
+    there is one (and it is not in the data directory); else ``/etc/tailledger/signing.key`` when running as root; else
+    ``$XDG_CONFIG_HOME/tailledger/signing.key`` (``~/.config/tailledger/signing.key``).
+    It is generated (0600) on the first start when absent.
+    """
+
+    signing_key_file: str = ""
+    # The server signs its head after this many new events …
+    checkpoint_events: int = 1000
+    # … and at least this often while events arrive (and at shutdown, and on demand).
+    checkpoint_interval: str = "10m"
+    # Where the public key is read from by ``log verify`` (default: the signing key's
+    # public half, or the verify key stored beside it); overridden by ``--pubkey``.
+    public_key: str = ""
 
 
 class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The local admin socket (filled in by the audit work: group access)."""
+    """The local admin socket.
+
+    ``socket_group``: a Unix group whose members may use the admin socket (mode 0660),
+    each recorded under their own account (``SO_PEERCRED``). The data directory is 0700,
+    so a group socket must live elsewhere: set ``admin_socket`` too (for example
+    ``/run/tailledger/admin.sock``; its directory is created 0750 for the group).
+    """
+
+    socket_group: str = ""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -251,8 +276,24 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     except msgspec.ValidationError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{_explain(str(exc))}") from None
+    if not config.audit.signing_key_file:
+        key_path = default_signing_key_path(path, env)
+        if _inside(key_path, config.data_path):  # a config file kept in the data directory
+            key_path = default_signing_key_path(None, env)
+        audit = msgspec.structs.replace(config.audit, signing_key_file=str(key_path))
+        config = msgspec.structs.replace(config, audit=audit)
     validate(config)
     return config
+
+
+def default_signing_key_path(config_file: str | Path | None, env: Mapping[str, str]) -> Path:
+    """Where the signing key lives when ``audit.signing_key_file`` is not set."""
+    if config_file:
+        return Path(config_file).resolve().parent / "tailledger-signing.key"
+    if os.geteuid() == 0:
+        return Path("/etc/tailledger/signing.key")
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "tailledger" / "signing.key"
 
 
 def _explain(msg: str) -> str:
@@ -331,6 +372,50 @@ def validate(config: Config) -> None:
     _validate_mesh(config.derp.server)
     if not config.dns.base_domain and config.dns.magic_dns:
         raise ConfigError("dns.base_domain: MagicDNS needs a base domain")
+    _validate_audit(config)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _validate_audit(config: Config) -> None:
+    audit = config.audit
+    if audit.checkpoint_events < 1:
+        raise ConfigError("audit.checkpoint_events: must be at least 1")
+    try:
+        interval = parse_duration(audit.checkpoint_interval)
+    except DurationError as exc:
+        raise ConfigError(f"audit.checkpoint_interval: {exc}") from None
+    if interval is None or interval.total_seconds() <= 0:
+        raise ConfigError("audit.checkpoint_interval: must be a positive duration")
+    if audit.signing_key_file and _inside(Path(audit.signing_key_file), config.data_path):
+        raise ConfigError(
+            f"audit.signing_key_file: {audit.signing_key_file} is inside the data directory; "
+            "whoever can edit the log could then re-sign it. Keep the key elsewhere."
+        )
+    if audit.public_key:
+        text = audit.public_key.strip()
+        if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+            raise ConfigError("audit.public_key: must be 64 hexadecimal digits (an Ed25519 public key)")
+    if config.admin.socket_group:
+        if _inside(config.admin_socket_path, config.data_path):
+            raise ConfigError(
+                "admin.socket_group: the data directory is private (0700), so a group socket "
+                "must live elsewhere: set admin_socket too, e.g. /run/tailledger/admin.sock"
+            )
+        import grp
+
+        group = config.admin.socket_group
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            if not group.isdigit():
+                raise ConfigError(f"admin.socket_group: no Unix group named {group!r}") from None
 
 
 def _validate_mesh(ds: DerpServerConfig) -> None:

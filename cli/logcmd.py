@@ -35,7 +35,8 @@ def _line(rec: RecordedEvent) -> str:
     payload.pop("type", None)
     fields = " ".join(f"{k}={msgspec.json.encode(v).decode()}" for k, v in payload.items())
     at = rec.recorded_at.isoformat(timespec="seconds").replace("+00:00", "Z")
-    return f"{rec.seq:>6}  {at}  {rec.actor!s:<20} {rec.type:<24} {fields}"
+    why = f"  reason={msgspec.json.encode(rec.reason).decode()}" if rec.reason else ""
+    return f"{rec.seq:>6}  {at}  {rec.actor!s:<20} {rec.type:<24} {fields}{why}"
 
 
 def _json(rec: RecordedEvent) -> dict[str, object]:
@@ -43,6 +44,8 @@ def _json(rec: RecordedEvent) -> dict[str, object]:
         "seq": rec.seq,
         "recorded_at": rec.recorded_at.isoformat().replace("+00:00", "Z"),
         "actor": str(rec.actor),
+        "correlation_id": rec.correlation_id,
+        "reason": rec.reason,
         "type": rec.type,
         "schema": rec.schema,
         "event": msgspec.to_builtins(rec.event),

@@ -53,7 +53,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _admin(args: argparse.Namespace, op: str, payload: dict[str, object] | None = None) -> object:
     config = _config(args)
     try:
-        return call(config.admin_socket_path, op, payload)
+        return call(config.admin_socket_path, op, payload, reason=getattr(args, "reason", None) or "")
     except AdminError as exc:
         raise CLIError(str(exc)) from None
 
@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-c", "--config", help="TOML configuration file (default: $TAILLEDGER_CONFIG)")
     common.add_argument("--data", help="data directory (default: $TAILLEDGER_DATA or ./tailledger-data)")
     common.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    common.add_argument(
+        "--reason", metavar="TEXT",
+        help="why (admin commands): stored with every event the command appends, shown by 'log show'",
+    )
 
     parser = argparse.ArgumentParser(
         prog="tailledger",

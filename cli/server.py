@@ -9,7 +9,9 @@ the reverse, by cancellation of the nursery.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -35,7 +37,7 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        config.data_path.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(config.data_path)
         self.store = SQLiteEventStore(config.database_path, synchronous=config.database.synchronous.upper())
         self.log = EventLog(self.store)
         self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db")
@@ -47,6 +49,10 @@ class Server:
         self.relay: RelayServer | None = None
         self.noise_public = b""
         self.port = 0
+
+    def secure_files(self) -> None:
+        """Make every file of the data directory private (0600), once they all exist."""
+        secure_data_dir(self.config.data_path)
 
     def _presence(self, node_id: int) -> Presence | None:
         if self.presence is None:
@@ -64,7 +70,11 @@ class Server:
 
                     self.ops.policy_mode = "file"
                     await nursery.start(watch_policy_file, self.tailnet, Path(self.config.policy.path))
-                await nursery.start(serve_admin_socket, self.config.admin_socket_path, self.ops)
+                await nursery.start(
+                    partial(serve_admin_socket, group=self.config.admin.socket_group),
+                    self.config.admin_socket_path,
+                    self.ops,
+                )
                 await self._start_network(nursery)
                 log.info(
                     "tailledger serving on %s (data in %s, log head %d)",
@@ -81,12 +91,27 @@ class Server:
         await start_network(self, nursery)
 
 
+def secure_data_dir(path: Path) -> None:
+    """Create the data directory private to the server's account (0700), its files 0600.
+
+    The log, the checkpoints and the presence table say who may reach what; nobody else
+    on the machine has to read them. (A socket in it keeps the mode it was given.)
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for child in path.iterdir():
+        if child.is_file() and not child.is_symlink() and child.stat().st_mode & 0o077:
+            os.chmod(child, 0o600)
+
+
 def run_server(config: Config) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+    os.umask(0o077)  # everything the server creates is private to its account
 
     async def main() -> None:
         server = Server(config)

@@ -9,6 +9,7 @@ whose SQLite implementation is the embedded default.
 Layering: ``eventlog`` imports nothing else of ours; everything else may import it.
 """
 
+from .cause import MAX_REASON, Cause, caused_by, check_reason, current_cause, new_correlation_id
 from .codec import decode_event, encode_event
 from .envelope import (
     GENESIS_HASH,
@@ -34,10 +35,12 @@ from .upcast import register_upcaster, upcast
 __all__ = [
     "EVENT_TYPES",
     "GENESIS_HASH",
+    "MAX_REASON",
     "Actor",
     "ActorKind",
     "AnyEvent",
     "AppendRequest",
+    "Cause",
     "ChainError",
     "Clock",
     "Event",
@@ -52,10 +55,14 @@ __all__ = [
     "StoredRow",
     "UnknownEventError",
     "VerifyReport",
+    "caused_by",
     "chain_hash",
+    "check_reason",
+    "current_cause",
     "decode_event",
     "encode_event",
     "from_micros",
+    "new_correlation_id",
     "register_upcaster",
     "to_micros",
     "upcast",

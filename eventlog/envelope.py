@@ -13,15 +13,24 @@ Each row stores ``hash = SHA-256(prev_hash ‖ "\\n" ‖ header ‖ "\\n" ‖ da
 prev_hash   the previous row's ``hash`` as 64 lower-case hex chars (``GENESIS_HASH``
             for seq 1)
 header      compact JSON array ``[seq, recorded_at_us, actor_kind, actor_id, type,
-            schema]``
+            schema]``, followed by ``correlation_id, reason`` when either is not
+            empty (rows written before those fields existed hash as they always did)
 data        the event payload exactly as stored (JSON bytes, tag included)
 ==========  ===========================================================================
 
 Hashing the *stored* bytes (not a re-encoding) keeps the chain independent of the
 Python classes: upcasting an old payload at read time never changes its hash. Altering a
 row breaks its own hash; removing one breaks the seq sequence and the next ``prev_hash``;
-reordering breaks both. Truncating the tail is only visible against a head hash kept
-elsewhere, which is why ``tailledger log verify`` prints it for external anchoring.
+reordering breaks both. Truncating the tail, or re-hashing the whole history after an
+edit, is only visible against a head kept elsewhere: the server signs its head
+periodically (:mod:`eventlog.signing`) and ``tailledger log anchor`` prints it.
+
+Cause
+-----
+Besides its actor, every event carries a *correlation id* shared by all the events one
+request caused (a login's registration, routes and hostname; a policy change and the
+approvals it triggered) and the operator's free-text *reason* (``--reason``), both
+covered by the hash.
 """
 
 from __future__ import annotations
@@ -85,6 +94,10 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
     event: AnyEvent
     prev_hash: str
     hash: str
+    #: Shared by the events one request caused ("" on events older than the field).
+    correlation_id: str = ""
+    #: Why, in the operator's words (``--reason``); "" when none was given.
+    reason: str = ""
 
 
 def to_micros(t: datetime) -> int:
@@ -112,9 +125,14 @@ def chain_hash(
     type: str,
     schema: int,
     data: bytes,
+    correlation_id: str = "",
+    reason: str = "",
 ) -> str:
     """The chain hash of one row (see the module docstring for the layout)."""
-    header = _header_encoder.encode([seq, recorded_at_us, actor_kind, actor_id, type, schema])
+    fields: list[object] = [seq, recorded_at_us, actor_kind, actor_id, type, schema]
+    if correlation_id or reason:
+        fields += [correlation_id, reason]
+    header = _header_encoder.encode(fields)
     h = hashlib.sha256()
     h.update(prev_hash.encode("ascii"))
     h.update(b"\n")

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from .cause import check_reason, current_cause, new_correlation_id
 from .envelope import Actor, RecordedEvent, to_micros
 from .errors import EventLogError
 from .events import AnyEvent
@@ -128,6 +129,8 @@ class EventLog:
         *,
         actor: Actor,
         expected_seq: int | None = None,
+        correlation_id: str | None = None,
+        reason: str | None = None,
     ) -> tuple[RecordedEvent, ...]:
         """Append ``events`` atomically and return them as recorded.
 
@@ -136,6 +139,9 @@ class EventLog:
             actor: who caused it.
             expected_seq: the head the caller decided against (optimistic concurrency);
                 ``None`` to append unconditionally.
+            correlation_id: shared with the other events of the same request; by
+                default the open :func:`~eventlog.cause.caused_by` block's, else new.
+            reason: why (``--reason``); by default the open cause's.
 
         Raises:
             ExpectedSequenceConflict: the head moved since ``expected_seq``.
@@ -143,7 +149,16 @@ class EventLog:
         """
         if not self._running:
             raise EventLogError("the event log writer is not running")
-        pending = _Pending(AppendRequest(events=tuple(events), actor=actor, expected_seq=expected_seq))
+        cause = current_cause()
+        if correlation_id is None:
+            correlation_id = cause.correlation_id if cause else new_correlation_id()
+        reason = check_reason(reason) if reason is not None else (cause.reason if cause else "")
+        pending = _Pending(
+            AppendRequest(
+                events=tuple(events), actor=actor, expected_seq=expected_seq,
+                correlation_id=correlation_id, reason=reason,
+            )
+        )
         self._send.send_nowait(pending)
         await pending.done.wait()
         result = pending.result

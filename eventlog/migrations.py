@@ -42,3 +42,10 @@ def create_events(db: Database) -> None:
         "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
         "BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END"
     )
+
+
+@MIGRATIONS(name="0002_event_cause")
+def add_event_cause(db: Database) -> None:
+    # Rows written before these columns existed read as "" and hash as they always did.
+    db.execute("ALTER TABLE events ADD COLUMN correlation_id TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE events ADD COLUMN reason TEXT NOT NULL DEFAULT ''")

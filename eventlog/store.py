@@ -57,6 +57,8 @@ class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
     events: tuple[AnyEvent, ...]
     actor: Actor
     expected_seq: int | None = None
+    correlation_id: str = ""  # shared by the events of one request (see eventlog.cause)
+    reason: str = ""  # the operator's reason, stored with each event
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,8 @@ class StoredRow:
     data: bytes
     prev_hash: str
     hash: str
+    correlation_id: str = ""
+    reason: str = ""
 
     def to_event(self) -> RecordedEvent:
         return RecordedEvent(
@@ -92,6 +96,23 @@ class StoredRow:
             event=decode_event(self.type, self.schema, self.data),
             prev_hash=self.prev_hash,
             hash=self.hash,
+            correlation_id=self.correlation_id,
+            reason=self.reason,
+        )
+
+    def computed_hash(self) -> str:
+        """This row's chain hash recomputed from its stored content."""
+        return chain_hash(
+            self.prev_hash,
+            seq=self.seq,
+            recorded_at_us=self.recorded_at_us,
+            actor_kind=self.actor_kind,
+            actor_id=self.actor_id,
+            type=self.type,
+            schema=self.schema,
+            data=self.data,
+            correlation_id=self.correlation_id,
+            reason=self.reason,
         )
 
 
@@ -189,16 +210,7 @@ class EventStore(abc.ABC):
                     count, row.seq - 1, prev, row.seq,
                     "prev_hash does not match the previous event's hash (removed or reordered)",
                 )
-            computed = chain_hash(
-                row.prev_hash,
-                seq=row.seq,
-                recorded_at_us=row.recorded_at_us,
-                actor_kind=row.actor_kind,
-                actor_id=row.actor_id,
-                type=row.type,
-                schema=row.schema,
-                data=row.data,
-            )
+            computed = row.computed_hash()
             if computed != row.hash:
                 return VerifyReport(
                     count, row.seq - 1, prev, row.seq,
@@ -217,12 +229,12 @@ class EventStore(abc.ABC):
 
 
 _SELECT: Final = (
-    "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash "
-    "FROM events "
+    "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
+    "correlation_id, reason FROM events "
 )
 _INSERT: Final = (
     "INSERT INTO events (seq, recorded_at_us, actor_kind, actor_id, type, schema, data, "
-    "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "prev_hash, hash, correlation_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -288,12 +300,13 @@ class SQLiteEventStore(EventStore):
                 head = self._head(conn)
                 seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
                 at_dt = from_micros(at)
-                rows: list[tuple[int, int, str, str, str, int, bytes, str, str]] = []
+                rows: list[tuple[int, int, str, str, str, int, bytes, str, str, str, str]] = []
                 for req in requests:
                     if req.expected_seq is not None and req.expected_seq != seq:
                         results.append(ExpectedSequenceConflict(req.expected_seq, seq))
                         continue
                     recorded: list[RecordedEvent] = []
+                    corr, reason = req.correlation_id, req.reason
                     for event in req.events:
                         seq += 1
                         data = encode_event(event)
@@ -302,13 +315,16 @@ class SQLiteEventStore(EventStore):
                         h = chain_hash(
                             prev, seq=seq, recorded_at_us=at, actor_kind=kind,
                             actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
+                            correlation_id=corr, reason=reason,
                         )
-                        rows.append((seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h))
+                        rows.append(
+                            (seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h, corr, reason)
+                        )
                         recorded.append(
                             RecordedEvent(
                                 seq=seq, recorded_at=at_dt, actor=req.actor,
                                 type=type_, schema=event.SCHEMA, event=event, prev_hash=prev,
-                                hash=h,
+                                hash=h, correlation_id=corr, reason=reason,
                             )
                         )
                         prev = h
@@ -346,6 +362,7 @@ class SQLiteEventStore(EventStore):
             StoredRow(
                 int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]),
                 r[6] if isinstance(r[6], bytes) else str(r[6]).encode(), str(r[7]), str(r[8]),
+                str(r[9]), str(r[10]),
             )
             for r in fetched
         ]

@@ -43,7 +43,7 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from eventlog import Actor, ActorKind
+from eventlog import Actor, ActorKind, caused_by
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet
 from projections import commands as c
 from projections.admin import AdminOps
@@ -304,7 +304,8 @@ class Control:
             return _register_error("the register request has no node key")
         mk = request.machine_key.hex()
         try:
-            return await self._decide_register(rr, mk, raw_nk.hex())
+            with caused_by():  # one login: its events share a correlation id
+                return await self._decide_register(rr, mk, raw_nk.hex())
         except CommandError as exc:
             return _register_error(str(exc))
 

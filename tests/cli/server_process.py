@@ -26,10 +26,16 @@ class RunningServer:
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    extra_env: dict[str, str] | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "TAILLEDGER_DATA": str(self.data), "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{self.port}"}
+        return {
+            **os.environ,
+            "TAILLEDGER_DATA": str(self.data),
+            "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{self.port}",
+            **(self.extra_env or {}),
+        }
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -56,10 +62,10 @@ def running_server(data: Path, *, extra_env: dict[str, str] | None = None) -> It
     }
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env, stdout=logf, stderr=subprocess.STDOUT)
-    server = RunningServer(data, port, proc, log_path)
+    server = RunningServer(data, port, proc, log_path, extra_env)
     try:
         deadline = time.monotonic() + 30
-        sock = data / "admin.sock"
+        sock = Path(env.get("TAILLEDGER_ADMIN_SOCKET") or data / "admin.sock")
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{server.log_text()}")

@@ -109,8 +109,9 @@ def test_verify_catches_a_recomputed_hash_that_breaks_the_next_link(tmp_path: Pa
     path = tmp_path / "log.db"
     _fill(path)
     conn = _raw(path)
-    seq, at, kind, ident, type_, schema, _, prev, _ = conn.execute(
-        "SELECT * FROM events WHERE seq = 2"
+    seq, at, kind, ident, type_, schema, prev = conn.execute(
+        "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, prev_hash "
+        "FROM events WHERE seq = 2"
     ).fetchone()
     forged = b'{"type":"user.created","user_id":2,"name":"mallory"}'
     new_hash = chain_hash(
