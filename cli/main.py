@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=["log", "relay", "policy"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
 
+    from .replaycmd import register as register_replay
+
+    register_replay(sub, add, logs=ls_, policy=ps)
+
     from .loadgen import build_parser as loadgen_options
 
     about = "Simulate N tailscale clients over the real protocol and measure the server."

@@ -339,6 +339,42 @@ class SQLiteEventStore(EventStore):
                 raise
         return results
 
+    def insert_rows(self, rows: Sequence[StoredRow]) -> None:
+        """Write rows exactly as given (an import): each must extend the chain at the head.
+
+        Raises:
+            ChainError: a row does not follow the head (seq or prev_hash).
+            EventLogError: the store is read-only or the commit failed.
+        """
+        self._check_open()
+        if self._read_only:
+            raise EventLogError("the event store was opened read-only")
+        with self._lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._head(conn)
+                seq, prev = head.seq, head.hash
+                for row in rows:
+                    if row.seq != seq + 1 or row.prev_hash != prev:
+                        raise ChainError(row.seq, f"does not follow the head (seq {seq})")
+                    seq, prev = row.seq, row.hash
+                conn.executemany(
+                    _INSERT,
+                    [
+                        (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
+                         r.data, r.prev_hash, r.hash)
+                        for r in rows
+                    ],
+                )
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise EventLogError(f"import failed: {exc}") from exc
+                raise
+
     @staticmethod
     def _head(conn: sqlite3.Connection) -> Head:
         row = conn.execute(

@@ -1,0 +1,502 @@
+"""``tailledger replay …``, ``log export|import`` and ``policy impact``: the past, offline.
+
+Theory of operation
+-------------------
+These commands never talk to the server. They open the event log read-only (SQLite
+``mode=ro``: the data directory is never written, not even a WAL index) or read an
+export with ``--from-export FILE`` (verified line by line into a private in-memory
+store), and ask :mod:`projections.replay`. Folds leave verified snapshots in a cache
+*outside* the data directory (``$XDG_CACHE_HOME/tailledger/replay``, or
+``--cache-dir``; ``--no-cache`` keeps them in memory), keyed by the hash of the log's
+first event; a snapshot is used only when the log still holds its event with the same
+hash (see :mod:`projections.replay.history`), so a stale or forged cache costs time,
+never a wrong answer.
+
+Long folds, exports and imports draw a progress bar on stderr when it is a terminal.
+:func:`register` adds the subcommands to the parser built in :mod:`cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from eventlog import ChainError, EventLogError, SQLiteEventStore
+from eventlog.export import export_lines, import_export
+from projections.replay import (
+    History,
+    MemorySnapshots,
+    ReplayError,
+    Snapshot,
+    diff_view,
+    impact,
+    netmap_view,
+    parse_proto,
+    reach_timeline,
+    state_view,
+    target_for,
+    who_can_reach,
+)
+
+from .output import print_json, print_table
+
+__all__ = ["register"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Fail(Exception):
+    pass
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, label: str, *, enabled: bool | None = None) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {done:,}/{total:,}")
+        sys.stderr.flush()
+        self._drawn = True
+
+    def done(self) -> None:
+        if self._drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# -- snapshot cache --------------------------------------------------------------------
+
+
+class FileSnapshots:
+    """Replay snapshots in a SQLite file outside the data directory."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._conn = sqlite3.connect(str(path), isolation_level=None)
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS snapshots (seq INTEGER PRIMARY KEY, event_hash TEXT NOT NULL, "
+            "content_sha256 TEXT NOT NULL, policy_seq INTEGER NOT NULL, blob BLOB NOT NULL)"
+        )
+
+    def seqs(self) -> list[int]:
+        return [int(r[0]) for r in self._conn.execute("SELECT seq FROM snapshots ORDER BY seq")]
+
+    def get(self, seq: int) -> Snapshot | None:
+        row = self._conn.execute(
+            "SELECT event_hash, content_sha256, policy_seq, blob FROM snapshots WHERE seq = ?", (seq,)
+        ).fetchone()
+        if row is None:
+            return None
+        return Snapshot(seq, str(row[0]), str(row[1]), bytes(row[3]), int(row[2]))
+
+    def put(self, snapshot: Snapshot) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)",
+            (snapshot.seq, snapshot.event_hash, snapshot.content_sha256, snapshot.policy_seq, snapshot.blob),
+        )
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tailledger" / "replay"
+
+
+# -- opening the history ---------------------------------------------------------------
+
+
+def _database(args: argparse.Namespace) -> Path:
+    from .main import _config
+
+    return _config(args).database_path
+
+
+def open_store(args: argparse.Namespace) -> SQLiteEventStore:
+    """The log, read-only: the data directory's database or a verified export."""
+    export = getattr(args, "from_export", None)
+    if export:
+        store = SQLiteEventStore(":memory:")
+        bar = Progress("loading export")
+        try:
+            import_export(Path(export), store, progress=lambda n: bar(n, max(n, 1)))
+        except OSError as exc:
+            raise _Fail(f"cannot read {export}: {exc.strerror}") from None
+        except ChainError as exc:
+            raise _Fail(f"{export}: the export does not verify: {exc}") from None
+        finally:
+            bar.done()
+        return store
+    path = _database(args)
+    if not path.exists():
+        raise _Fail(f"no event log at {path}")
+    try:
+        return SQLiteEventStore(path, read_only=True)
+    except EventLogError as exc:
+        raise _Fail(str(exc)) from None
+
+
+def open_history(args: argparse.Namespace) -> History:
+    store = open_store(args)
+    first = store.read_rows(0, 1)
+    snapshots: Any = MemorySnapshots()
+    if first and not args.no_cache and not getattr(args, "from_export", None):
+        key = hashlib.sha256(f"{first[0].hash}".encode()).hexdigest()[:32]
+        try:
+            snapshots = FileSnapshots(_cache_dir(args) / f"{key}.db")
+        except (OSError, sqlite3.Error):
+            snapshots = MemorySnapshots()  # an unusable cache only costs time
+    return History(store, snapshots=snapshots, progress=Progress("folding"))
+
+
+# -- output helpers --------------------------------------------------------------------
+
+
+def _cell_event(ref: object) -> str:
+    if not isinstance(ref, dict):
+        return "-"
+    reason = f" ({ref['reason']})" if ref.get("reason") else ""
+    return f"#{ref['seq']} {ref['time']} {ref['type']} by {ref['actor']}{reason}"
+
+
+def _events_text(refs: object) -> str:
+    if not isinstance(refs, list) or not refs:
+        return "-"
+    return "; ".join(_cell_event(r) for r in refs)
+
+
+# -- handlers --------------------------------------------------------------------------
+
+
+def _parse_port(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise _Fail(f"invalid port {text!r}")
+    return int(text)
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    data = state_view(history, history.point(args.at))
+    if args.output == "json":
+        print_json(data)
+        return 0
+    print(f"state after seq {data['at_seq']} (judged at {data['at_time']})\n")
+    print("Users")
+    print_table(data["users"], [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email")])  # type: ignore[arg-type]
+    print("\nNodes")
+    print_table(data["nodes"], [  # type: ignore[arg-type]
+        ("id", "ID"), ("name", "Name"), ("user", "User"), ("tags", "Tags"), ("ipv4", "IPv4"),
+        ("ipv6", "IPv6"), ("approved_routes", "Approved routes"), ("primary_routes", "Primary"),
+        ("key_expiry", "Key expiry"), ("expired", "Expired"),
+    ])
+    policy = data["policy"]
+    print()
+    if isinstance(policy, dict):
+        print(f"Policy in force: set by {_cell_event(policy)}, sha256 {str(policy['sha256'])[:12]}…")
+    else:
+        print("Policy in force: none set (allow-all)")
+    return 0
+
+
+def cmd_netmap(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    data = netmap_view(history, history.point(args.at), args.node)
+    if args.output == "json":
+        print_json(data)
+        return 0
+    assert isinstance(data, dict)
+    node = data.get("Node", {})
+    print(f"netmap of {node.get('Name')} (id {node.get('ID')}) addresses {','.join(node.get('Addresses') or [])}")
+    peers = data.get("Peers") or []
+    rows = [
+        {"id": p.get("ID"), "name": p.get("Name"), "allowed_ips": p.get("AllowedIPs"),
+         "primary": p.get("PrimaryRoutes"), "tags": p.get("Tags"), "expiry": p.get("KeyExpiry")}
+        for p in peers
+    ]
+    print(f"\nPeers ({len(rows)})")
+    print_table(rows, [("id", "ID"), ("name", "Name"), ("allowed_ips", "Allowed IPs"), ("primary", "Primary routes"), ("tags", "Tags"), ("expiry", "Key expiry")])
+    rules = (data.get("PacketFilters") or {}).get("base") or []
+    print(f"\nPacket filter ({len(rules)} rules)")
+    for rule in rules:
+        print("  " + msgspec.json.encode(rule).decode())
+    ssh = data.get("SSHPolicy")
+    print(f"\nSSH policy: {len((ssh or {}).get('rules') or [])} rules")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    start = history.point(args.from_)
+    end = history.point(args.to)
+    data = diff_view(history, start, end)
+    if args.output == "json":
+        print_json(data)
+        return 0
+    print(f"changes after seq {data['from_seq']} up to seq {data['to_seq']}\n")
+    nodes = [{**n, "changes": "; ".join(n["changes"]), "events": _events_text(n["events"])} for n in data["nodes"]]  # type: ignore[attr-defined]
+    print("Nodes")
+    print_table(nodes, [("node", "Node"), ("id", "ID"), ("changes", "Changes"), ("events", "Caused by")])
+    users = [{**u, "events": _events_text(u["events"])} for u in data["users"]]  # type: ignore[attr-defined]
+    print("\nUsers")
+    print_table(users, [("user", "User"), ("id", "ID"), ("change", "Change"), ("events", "Caused by")])
+    policy = data["policy"]
+    assert isinstance(policy, dict)
+    print("\nPolicy:", "changed by " + _events_text(policy["events"]) if policy["changed"] else "unchanged")
+    if policy["diff"]:
+        print(policy["diff"], end="")
+    for key, title in (("reach_gained", "Reachability gained"), ("reach_lost", "Reachability lost")):
+        rows = [{**r, "events": _events_text(r["events"])} for r in data[key]]  # type: ignore[attr-defined]
+        print(f"\n{title}")
+        print_table(rows, [("src", "Source"), ("dst", "Destination"), ("proto", "Proto"), ("ports", "Ports"), ("events", "Caused by")])
+    return 0
+
+
+def cmd_reach(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    port = _parse_port(args.port)
+    protocols = parse_proto(args.proto, port)
+    start = history.point(args.from_) if args.from_ else history.point_at_seq(0)
+    end = history.point(args.to)
+    timeline = reach_timeline(
+        history, args.src, args.dst, port=port, protocols=protocols, proto_name=args.proto,
+        start=start, end=end,
+    )
+    if args.format in ("svg", "html"):
+        from .timeline_svg import render_html, render_svg
+
+        svg = render_svg([timeline])
+        sys.stdout.write(render_html([timeline], svg) if args.format == "html" else svg)
+        return 0
+    data = timeline.to_json()
+    if args.output == "json":
+        print_json(data)
+        return 0
+    what = f"port {port}" if port is not None else "any port"
+    print(f"{timeline.src} -> {timeline.dst} ({args.proto or 'any protocol'}, {what}), seq {start.seq}..{end.seq}")
+    rows = [{"from": _cell_event(i["from"]), "to": _cell_event(i["to"]) if i["to"] else "(still open)",
+             "rule": i["rule"] + (f" via {i['via']}" if i.get("via") else "")}
+            for i in data["intervals"]]  # type: ignore[attr-defined]
+    if not rows:
+        print("never reachable in this range")
+    else:
+        print_table(rows, [("from", "Opened by"), ("to", "Closed by"), ("rule", "Rule")])
+    return 0
+
+
+def _split_dst(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, _parse_port(rest[1:]) if rest.startswith(":") else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, _parse_port(port)
+    return text, None
+
+
+def cmd_who_can_reach(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    point = history.point(args.at)
+    ref, port = _split_dst(args.dst)
+    target = target_for(history.state_at(point.seq), ref)
+    data = who_can_reach(history, point, target, port=port, protocols=parse_proto(args.proto, port))
+    if args.output == "json":
+        print_json(data)
+        return 0
+    print(f"who could reach {data['dst']}{'' if port is None else f':{port}'} after seq {data['at_seq']}")
+    print_table(data["sources"], [("node", "Source"), ("rule", "Rule"), ("via", "Via")])  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    history = open_history(args)
+    start = history.point(args.from_) if args.from_ else history.point_at_seq(0)
+    end = history.point(args.to)
+    out = open(args.file, "wb") if args.file else sys.stdout.buffer  # noqa: SIM115
+    bar = Progress("exporting")
+    total = end.seq - start.seq
+    try:
+        for n, line in enumerate(export_lines(history.store, after_seq=start.seq, upto_seq=end.seq), 1):
+            out.write(line)
+            if n % 10_000 == 0:
+                bar(n, total)
+        bar(total, total)
+    finally:
+        bar.done()
+        if args.file:
+            out.close()
+        else:
+            out.flush()
+    if args.file:
+        print(f"exported events {start.seq + 1}..{end.seq} to {args.file}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    data = Path(args.data) if args.data else None
+    if data is None:
+        raise _Fail("log import needs --data DIR (a new data directory)")
+    if data.exists() and any(data.iterdir()):
+        raise _Fail(f"{data} is not empty: import builds a fresh data directory")
+    created = not data.exists()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data, 0o700)
+    path = _database(args)
+    bar = Progress("importing")
+    try:
+        store = SQLiteEventStore(path)
+        head = import_export(Path(args.file), store, progress=lambda n: bar(n, max(n, 1)))
+        store.close()
+    except (ChainError, EventLogError, OSError) as exc:
+        bar.done()
+        for leftover in sorted(data.iterdir()):
+            leftover.unlink()
+        if created:
+            data.rmdir()
+        raise _Fail(f"import refused, nothing kept: {exc}") from None
+    bar.done()
+    for f in data.iterdir():
+        os.chmod(f, 0o600)
+    if args.output == "json":
+        print_json({"events": head.seq, "head_seq": head.seq, "head_hash": head.hash})
+    else:
+        print(f"imported {head.seq} events into {path}; chain verified")
+        print(f"head: seq {head.seq} hash {head.hash}")
+    return 0
+
+
+def cmd_policy_impact(args: argparse.Namespace) -> int:
+    from projections import commands as c
+    from projections.errors import CommandError
+
+    try:
+        text = Path(args.file).read_text()
+    except OSError as exc:
+        raise _Fail(f"cannot read {args.file}: {exc.strerror}") from None
+    history = open_history(args)
+    point = history.point(None)
+    state = history.state_at(point.seq)
+    try:
+        c.check_policy_text(state, text)
+    except CommandError as exc:
+        raise _Fail(f"{args.file}: {exc}") from None
+    data = impact(state, text, point.now)
+    if args.output == "json":
+        print_json({"at_seq": point.seq, **data})
+        return 0
+    print(f"impact of {args.file} against the tailnet after seq {point.seq} (nothing appended)")
+    for key, title in (("pairs_gained", "Pairs gained"), ("pairs_lost", "Pairs lost")):
+        print(f"\n{title}")
+        print_table(data[key], [("src", "Source"), ("dst", "Destination"), ("proto", "Proto"), ("ports", "Ports")])  # type: ignore[arg-type]
+    changed = data["netmaps_changed"]
+    print(f"\nNetmaps that change: {', '.join(changed) if changed else 'none'}")  # type: ignore[arg-type]
+    return 0
+
+
+def _guard(handler: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (_Fail, ReplayError) as exc:
+            print(f"tailledger: {exc}", file=sys.stderr)
+            return 1
+        except ChainError as exc:
+            print(f"tailledger: the log does not verify at event {exc.seq}: {exc.reason}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+# -- registration ----------------------------------------------------------------------
+
+AddFn = Callable[..., argparse.ArgumentParser]
+
+
+def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
+    """Add ``replay``, ``log export|import`` and ``policy impact`` (and ``policy set
+    --dry-run``) to the parser built by :func:`cli.main.build_parser`."""
+
+    def source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--from-export", metavar="FILE", help="read a log export instead of the data directory")
+        p.add_argument("--cache-dir", help="where replay snapshots are kept (outside the data directory)")
+        p.add_argument("--no-cache", action="store_true", help="keep snapshots in memory only")
+        return p
+
+    replay = add(sub, "replay", "Answer questions about the past from the log (offline, read-only).")
+    rs = replay.add_subparsers(dest="action", required=True, metavar="ACTION")
+    at_help = "a sequence number or an RFC 3339 time (default: the head)"
+    p = source(add(rs, "state", "Users, nodes and the policy in force at a point.", _guard(cmd_state)))
+    p.add_argument("--at", help=at_help)
+    p = source(add(rs, "netmap", "The netmap a node would have received (no presence).", _guard(cmd_netmap)))
+    p.add_argument("node", help="id, name or IP")
+    p.add_argument("--at", help=at_help)
+    p = source(add(rs, "diff", "What changed between two points, with the events that caused it.", _guard(cmd_diff)))
+    p.add_argument("--from", dest="from_", required=True, help=at_help)
+    p.add_argument("--to", help=at_help)
+    p = source(add(rs, "reach", "The intervals during which SRC could reach DST.", _guard(cmd_reach)))
+    p.add_argument("src", help="id, name or IP")
+    p.add_argument("dst", help="id, name or IP (any address: through subnet routes and exit nodes)")
+    p.add_argument("--port")
+    p.add_argument("--proto", choices=["tcp", "udp", "icmp"])
+    p.add_argument("--from", dest="from_", help=at_help + "; default: the first event")
+    p.add_argument("--to", help=at_help)
+    p.add_argument("--format", choices=["text", "svg", "html"], default="text",
+                   help="svg/html: draw the timeline instead")
+    p = source(add(rs, "who-can-reach", "Every node that could reach DST[:PORT] at a point.", _guard(cmd_who_can_reach)))
+    p.add_argument("dst", help="DST or DST:PORT ([v6]:port); DST is an id, name or IP")
+    p.add_argument("--proto", choices=["tcp", "udp", "icmp"])
+    p.add_argument("--at", help=at_help)
+
+    p = source(add(logs, "export", "Write the log as JSONL (one verified event per line).", _guard(cmd_export)))
+    p.add_argument("--from", dest="from_", help="start after this point (default: the first event)")
+    p.add_argument("--to", help="end at this point (default: the head)")
+    p.add_argument("-f", "--file", help="output file (default: stdout)")
+    p = add(logs, "import", "Build a fresh data directory from an export, verifying the chain.", _guard(cmd_import))
+    p.add_argument("file")
+
+    p = source(add(policy, "impact", "What a policy file would change against the current tailnet.",
+                   _guard(cmd_policy_impact)))
+    p.add_argument("file")
+    setp = policy.choices["set"]
+    previous = setp.get_default("func")
+    source(setp)
+    setp.add_argument("--dry-run", action="store_true",
+                      help="print the impact against the current tailnet and append nothing")
+
+    def policy_set(args: argparse.Namespace) -> int:
+        if args.dry_run:
+            return _guard(cmd_policy_impact)(args)
+        if previous is not None:
+            result: int = previous(args)
+            return result
+        from .main import cmd_policy
+
+        return cmd_policy(args)
+
+    setp.set_defaults(func=policy_set)

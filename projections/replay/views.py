@@ -1,0 +1,279 @@
+"""The answers of ``replay state|netmap|who-can-reach|diff`` and ``policy impact``.
+
+Each function takes folded states (from :class:`~projections.replay.history.History`)
+and returns plain JSON-ready values; the CLI prints them as tables or JSON. All of them
+judge key expiry at the point's instant (``Point.now``) and never look at presence.
+
+* :func:`state_view`: users, nodes (with approved and primary routes, expiry), and the
+  policy in force with the event that set it.
+* :func:`netmap_view`: :func:`projections.netmap.full_map` for the node, exactly what
+  the server computes, with no presence and no ``ControlTime``.
+* :func:`who_can_reach`: every node that could reach a destination, with the rule.
+* :func:`diff_view`: what changed between two points, each change citing the events in
+  the range that caused it (events naming the node, user or policy; for a reachability
+  pair, the events that touched either node, the users or the policy).
+* :func:`impact`: pairs gained and lost and nodes whose netmap changes if the tailnet
+  ran another policy text.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from datetime import datetime
+
+import msgspec
+
+from eventlog import RecordedEvent
+from eventlog.events import PolicySet
+
+from ..netmap import NetmapSettings, full_map
+from ..policy.ipset import prefix_str
+from ..policystate import PolicyCompiler
+from ..state import Node, TailnetState
+from ..tailcfg import DERPMap, encode
+from .history import History, Point, ReplayError
+from .reach import Target, explain, find_node, reach_pairs
+from .timeline import event_ref, iso
+
+__all__ = ["diff_view", "impact", "netmap_view", "state_view", "who_can_reach"]
+
+DEFAULT_SETTINGS = NetmapSettings(domain="tailnet.internal", derp_map=DERPMap(regions={}))
+
+
+def _node_row(state: TailnetState, node: Node, primaries: dict[int, list[str]], now: datetime) -> dict[str, object]:
+    user = state.users.get(node.user_id)
+    return {
+        "id": node.id,
+        "name": node.given_name,
+        "user": user.name if user is not None else str(node.user_id),
+        "tags": list(node.tags),
+        "ipv4": node.ipv4,
+        "ipv6": node.ipv6,
+        "approved_routes": list(node.approved_routes),
+        "primary_routes": primaries.get(node.id, []),
+        "key_expiry": iso(node.expiry) if node.expiry is not None else None,
+        "expired": node.is_expired(now),
+    }
+
+
+def _primaries(state: TailnetState) -> dict[int, list[str]]:
+    compiled = PolicyCompiler().compiled(state)
+    return {nid: [prefix_str(p) for p in ps] for nid, ps in compiled.primaries_by_node.items()}
+
+
+def _policy_event(history: History, state: TailnetState) -> RecordedEvent | None:
+    if state.policy_text is None:
+        return None
+    seq = history.policy_seq(state.seq)
+    if seq == 0:
+        return None
+    return next(iter(history.events(seq - 1, seq)))
+
+
+def state_view(history: History, point: Point) -> dict[str, object]:
+    state = history.state_at(point.seq)
+    primaries = _primaries(state)
+    policy: dict[str, object] | None = None
+    rec = _policy_event(history, state)
+    if rec is not None:
+        policy = {**event_ref(rec), "sha256": state.policy_sha256, "source": state.policy_source}
+    return {
+        "at_seq": point.seq,
+        "at_time": iso(point.now),
+        "users": [
+            {"id": u.id, "name": u.name, "display_name": u.display_name, "email": u.email}
+            for u in sorted(state.users.values(), key=lambda u: u.id)
+        ],
+        "nodes": [
+            _node_row(state, n, primaries, point.now)
+            for n in sorted(state.nodes.values(), key=lambda n: n.id)
+        ],
+        "policy": policy,
+    }
+
+
+def netmap_bytes(state: TailnetState, node_id: int, now: datetime,
+                 settings: NetmapSettings = DEFAULT_SETTINGS,
+                 compiler: PolicyCompiler | None = None) -> bytes:
+    """The node's full map as canonical JSON (what the golden fixtures hold)."""
+    msg = full_map(
+        state, node_id, policy=compiler or PolicyCompiler("https://control.example"),
+        settings=settings, presence=lambda _nid: None, now=now,
+    )
+    return encode(msgspec.structs.replace(msg, control_time=None))
+
+
+def netmap_view(history: History, point: Point, ref: str,
+                settings: NetmapSettings = DEFAULT_SETTINGS, control_url: str = "") -> object:
+    state = history.state_at(point.seq)
+    node = find_node(state, ref)
+    if node is None:
+        raise ReplayError(f"no node {ref!r} (by id, name or IP) at seq {point.seq}")
+    return msgspec.json.decode(netmap_bytes(state, node.id, point.now, settings, PolicyCompiler(control_url)))
+
+
+def who_can_reach(
+    history: History, point: Point, target: Target, *, port: int | None, protocols: tuple[int, ...]
+) -> dict[str, object]:
+    state = history.state_at(point.seq)
+    compiled = PolicyCompiler().compiled(state)
+    sources: list[dict[str, object]] = []
+    for nid in sorted(state.nodes):
+        hit = explain(compiled, state, nid, target, port=port, protocols=protocols, now=point.now)
+        if hit is None:
+            continue
+        entry: dict[str, object] = {"node": state.nodes[nid].given_name, "rule": hit.rule(state.policy_text)}
+        if hit.via is not None:
+            entry["via"] = hit.via
+        sources.append(entry)
+    return {"at_seq": point.seq, "dst": target.label(state), "port": port, "sources": sources}
+
+
+# -- diff ------------------------------------------------------------------------------
+
+
+def _pairs_json(
+    pairs: Iterable[tuple[tuple[int, int], frozenset[str]]], names: dict[int, str]
+) -> list[dict[str, object]]:
+    out = []
+    for (src, dst), labels in sorted(pairs):
+        for label in sorted(labels):
+            proto, _, ports = label.partition(":")
+            out.append({"src": names.get(src, str(src)), "dst": names.get(dst, str(dst)),
+                        "proto": proto, "ports": ports})
+    return out
+
+
+def _pair_delta(
+    before: dict[tuple[int, int], frozenset[str]], after: dict[tuple[int, int], frozenset[str]]
+) -> tuple[dict[tuple[int, int], frozenset[str]], dict[tuple[int, int], frozenset[str]]]:
+    gained: dict[tuple[int, int], frozenset[str]] = {}
+    lost: dict[tuple[int, int], frozenset[str]] = {}
+    for key in before.keys() | after.keys():
+        b, a = before.get(key, frozenset()), after.get(key, frozenset())
+        if a - b:
+            gained[key] = a - b
+        if b - a:
+            lost[key] = b - a
+    return gained, lost
+
+
+def _node_changes(old: Node | None, new: Node | None, then: datetime, now: datetime) -> list[str]:
+    if old is None and new is not None:
+        return ["added"]
+    if new is None:
+        return ["removed"]
+    assert old is not None
+    out = []
+    if old.given_name != new.given_name:
+        out.append(f"renamed {old.given_name} -> {new.given_name}")
+    if old.tags != new.tags:
+        out.append(f"retagged {list(old.tags)} -> {list(new.tags)}")
+    if old.node_key != new.node_key:
+        out.append("re-keyed")
+    if old.advertised_routes != new.advertised_routes:
+        out.append(f"advertised routes {list(old.advertised_routes)} -> {list(new.advertised_routes)}")
+    if old.approved_routes != new.approved_routes:
+        out.append(f"approved routes {list(old.approved_routes)} -> {list(new.approved_routes)}")
+    if old.expiry != new.expiry:
+        fmt = lambda t: iso(t) if t is not None else "never"  # noqa: E731
+        out.append(f"key expiry {fmt(old.expiry)} -> {fmt(new.expiry)}")
+    if old.is_expired(then) != new.is_expired(now):
+        out.append("key expired" if new.is_expired(now) else "key valid again")
+    if old.user_id != new.user_id:
+        out.append(f"user {old.user_id} -> {new.user_id}")
+    return out
+
+
+def diff_view(history: History, start: Point, end: Point) -> dict[str, object]:
+    if end.seq < start.seq:
+        raise ReplayError("--to is before --from")
+    before = history.state_at(start.seq)
+    after = history.state_at(end.seq)
+    by_node: dict[int, list[dict[str, object]]] = {}
+    by_user: dict[int, list[dict[str, object]]] = {}
+    policy_events: list[dict[str, object]] = []
+    wide: list[dict[str, object]] = []  # policy and user events touch every pair
+    for rec in history.events(start.seq, end.seq):
+        ref = event_ref(rec)
+        node_id = getattr(rec.event, "node_id", None)
+        user_id = getattr(rec.event, "user_id", None)
+        if isinstance(node_id, int):
+            by_node.setdefault(node_id, []).append(ref)
+        elif isinstance(user_id, int):
+            by_user.setdefault(user_id, []).append(ref)
+            wide.append(ref)
+        if isinstance(rec.event, PolicySet):
+            policy_events.append(ref)
+            wide.append(ref)
+    names = {n.id: n.given_name for n in before.nodes.values()}
+    names.update({n.id: n.given_name for n in after.nodes.values()})
+
+    nodes = []
+    for nid in sorted(set(before.nodes) | set(after.nodes)):
+        changes = _node_changes(before.nodes.get(nid), after.nodes.get(nid), start.now, end.now)
+        if changes:
+            nodes.append({"node": names[nid], "id": nid, "changes": changes, "events": by_node.get(nid, [])})
+    users = []
+    for uid in sorted(set(before.users) | set(after.users)):
+        old, new = before.users.get(uid), after.users.get(uid)
+        if old == new:
+            continue
+        change = "added" if old is None else "removed" if new is None else f"renamed {old.name} -> {new.name}"
+        name = (new or old).name  # type: ignore[union-attr]
+        users.append({"user": name, "id": uid, "change": change, "events": by_user.get(uid, [])})
+
+    policy_diff = "".join(
+        difflib.unified_diff(
+            (before.policy_text or "").splitlines(keepends=True),
+            (after.policy_text or "").splitlines(keepends=True),
+            fromfile=f"policy@{start.seq}", tofile=f"policy@{end.seq}",
+        )
+    )
+    gained, lost = _pair_delta(reach_pairs(before, start.now), reach_pairs(after, end.now))
+
+    def caused(pairs: dict[tuple[int, int], frozenset[str]]) -> list[dict[str, object]]:
+        out = []
+        for row in _pairs_json(pairs.items(), names):
+            src = next(k for k, v in names.items() if v == row["src"])
+            dst = next(k for k, v in names.items() if v == row["dst"])
+            events = by_node.get(src, []) + by_node.get(dst, []) + wide
+            row["events"] = sorted(events, key=lambda e: int(str(e["seq"])))
+            out.append(row)
+        return out
+
+    return {
+        "from_seq": start.seq,
+        "to_seq": end.seq,
+        "nodes": nodes,
+        "users": users,
+        "policy": {"changed": before.policy_text != after.policy_text, "diff": policy_diff,
+                   "events": policy_events},
+        "reach_gained": caused(gained),
+        "reach_lost": caused(lost),
+    }
+
+
+# -- policy impact ---------------------------------------------------------------------
+
+
+def impact(state: TailnetState, new_text: str, now: datetime) -> dict[str, object]:
+    """What putting ``new_text`` in force would change (the text must be checked)."""
+    import hashlib
+
+    proposed = msgspec.structs.replace(
+        state, policy_text=new_text, policy_sha256=hashlib.sha256(new_text.encode()).hexdigest()
+    )
+    names = {n.id: n.given_name for n in state.nodes.values()}
+    gained, lost = _pair_delta(reach_pairs(state, now), reach_pairs(proposed, now))
+    old_c, new_c = PolicyCompiler(), PolicyCompiler()
+    changed = [
+        names[nid] for nid in sorted(state.nodes)
+        if netmap_bytes(state, nid, now, compiler=old_c) != netmap_bytes(proposed, nid, now, compiler=new_c)
+    ]
+    return {
+        "pairs_gained": _pairs_json(gained.items(), names),
+        "pairs_lost": _pairs_json(lost.items(), names),
+        "netmaps_changed": changed,
+    }
