@@ -11,7 +11,8 @@ import msgspec
 __all__ = ["print_json", "print_table", "render_table"]
 
 
-def print_json(data: object, out: TextIO = sys.stdout) -> None:
+def print_json(data: object, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up per call: stdout may be redirected after import
     out.write(msgspec.json.format(msgspec.json.encode(data), indent=2).decode() + "\n")
 
 
@@ -35,6 +36,7 @@ def render_table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str,
 
 
 def print_table(
-    rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]], out: TextIO = sys.stdout
+    rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]], out: TextIO | None = None
 ) -> None:
+    out = out or sys.stdout
     out.write(render_table(rows, columns))

@@ -155,8 +155,11 @@ def open_store(args: argparse.Namespace) -> SQLiteEventStore:
     path = _database(args)
     if not path.exists():
         raise _Fail(f"no event log at {path}")
+    # Without a WAL file no server is writing: open immutable, so not even a WAL index
+    # is created. With one, a live server owns the directory; read it through WAL.
+    live = Path(f"{path}-wal").exists()
     try:
-        return SQLiteEventStore(path, read_only=True)
+        return SQLiteEventStore(path, read_only=True, immutable=not live)
     except EventLogError as exc:
         raise _Fail(str(exc)) from None
 

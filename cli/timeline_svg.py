@@ -26,9 +26,9 @@ def _t(ref: object) -> datetime | None:
 
 
 def render_svg(timelines: list[Timeline]) -> str:
-    instants = [t.start.now for t in timelines] + [t.end.now for t in timelines]
+    instants = [t.end.now for t in timelines] + [t.start.now for t in timelines if t.start.seq > 0]
     for tl in timelines:
-        instants.extend(x for e in tl.events if (x := _t(e)) is not None)
+        instants.extend(when for e in tl.events if (when := _t(e)) is not None)
     lo, hi = min(instants), max(instants)
     span = max((hi - lo).total_seconds(), 1.0)
 

@@ -246,12 +246,17 @@ class SQLiteEventStore(EventStore):
         synchronous: SQLite's ``synchronous`` pragma; ``"FULL"`` (the default) makes a
             commit durable across power loss, ``"NORMAL"`` only across process crashes.
         read_only: open for reading only (``tailledger log verify`` on a live server).
+        immutable: with ``read_only``, also promise SQLite that nobody writes the file
+            (no WAL, no locks): nothing at all is created next to it. Only for a log
+            that no server is writing (the replay tool checks for a WAL file first).
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", read_only: bool = False
+        self, path: str | Path, *, synchronous: str = "FULL", read_only: bool = False,
+        immutable: bool = False,
     ) -> None:
         self._path = str(path)
+        self._immutable = immutable and read_only
         self._memory = self._path == ":memory:"
         self._read_only = read_only
         self._lock = threading.Lock()
@@ -273,7 +278,7 @@ class SQLiteEventStore(EventStore):
 
     def _connect(self) -> sqlite3.Connection:
         if self._read_only:
-            uri = f"file:{self._path}?mode=ro"
+            uri = f"file:{self._path}?mode=ro" + ("&immutable=1" if self._immutable else "")
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)

@@ -39,7 +39,7 @@ from ..policy import CompiledPolicy, Tailnet, compile_policy, parse_policy
 from ..policy.compile import CompiledGrant, GrantKind, self_rules, via_rules
 from ..policy.document import Policy
 from ..policy.hujson import load_hujson
-from ..policy.ipset import addr_to_int
+from ..policy.ipset import addr_to_int, prefix_str
 from ..policy.rules import Rule
 from ..policy.tailnet import INTERNET, NodeInfo
 from ..policystate import ALLOW_ALL_POLICY, PolicyCompiler, policy_node, policy_user
@@ -310,6 +310,13 @@ def reach_pairs(
                 for e in rule.dst
                 if e.addresses.contains_any(dst.addrs)
             }
+            # Through the destination's primary subnet routes: "tcp:22@10.0.0.0/24".
+            for prefix in compiled.primaries_by_node.get(dst_id, ()):
+                labels.update(
+                    f"{_proto_label(rule.protocols)}:{_port_label(e.first, e.last)}@{prefix_str(prefix)}"
+                    for e in rule.dst
+                    if e.addresses.overlaps_prefix(prefix)
+                )
             if not labels:
                 continue
             for src_id in compiled.tailnet.node_ids_in(rule.src_set.merged()):

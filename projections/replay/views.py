@@ -136,7 +136,7 @@ def who_can_reach(
 def _pairs_json(
     pairs: Iterable[tuple[tuple[int, int], frozenset[str]]], names: dict[int, str]
 ) -> list[dict[str, object]]:
-    out = []
+    out: list[dict[str, object]] = []
     for (src, dst), labels in sorted(pairs):
         for label in sorted(labels):
             proto, _, ports = label.partition(":")
@@ -159,6 +159,10 @@ def _pair_delta(
     return gained, lost
 
 
+def _when(t: datetime | None) -> str:
+    return iso(t) if t is not None else "never"
+
+
 def _node_changes(old: Node | None, new: Node | None, then: datetime, now: datetime) -> list[str]:
     if old is None and new is not None:
         return ["added"]
@@ -177,8 +181,7 @@ def _node_changes(old: Node | None, new: Node | None, then: datetime, now: datet
     if old.approved_routes != new.approved_routes:
         out.append(f"approved routes {list(old.approved_routes)} -> {list(new.approved_routes)}")
     if old.expiry != new.expiry:
-        fmt = lambda t: iso(t) if t is not None else "never"  # noqa: E731
-        out.append(f"key expiry {fmt(old.expiry)} -> {fmt(new.expiry)}")
+        out.append(f"key expiry {_when(old.expiry)} -> {_when(new.expiry)}")
     if old.is_expired(then) != new.is_expired(now):
         out.append("key expired" if new.is_expired(now) else "key valid again")
     if old.user_id != new.user_id:

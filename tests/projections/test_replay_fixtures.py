@@ -30,6 +30,7 @@ from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap, encode
 
 from .builders import PLAN, Recorder
+from .replay_scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2] / "replay-fixtures"
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -68,6 +69,9 @@ def build_policy_routes() -> list[RecordedEvent]:
 
 
 BUILDERS = {"policy-routes": build_policy_routes}
+# The incident scenarios' netmaps at their end are golden too (answers: test_replay_scenarios).
+for _name, _scenario in SCENARIOS.items():
+    BUILDERS[_name] = lambda scenario=_scenario: scenario()[0]  # type: ignore[misc]
 
 
 def _line(rec: RecordedEvent, data: bytes) -> bytes:
