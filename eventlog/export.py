@@ -2,7 +2,7 @@
 
 Format (the ``replay-fixtures`` format): one recorded event per line, a JSON object
 ``{"seq", "recorded_at_us", "actor", "type", "schema", "data", "prev_hash", "hash"}``
-where ``data`` is the stored payload *byte for byte* (it is copied into the line as raw
+plus ``correlation_id`` and ``reason`` when the envelope has them, where ``data`` is the stored payload *byte for byte* (it is copied into the line as raw
 JSON, never re-encoded), so every line can be checked against its hash with
 :func:`~eventlog.envelope.chain_hash` by anyone, with any JSON library that keeps the
 payload's bytes (or, as the fixture tests do, with msgspec, whose compact encoding
@@ -33,7 +33,7 @@ from .store import EventStore, Head, SQLiteEventStore, StoredRow
 __all__ = ["ExportLine", "export_lines", "import_export", "read_export", "row_line"]
 
 
-class ExportLine(msgspec.Struct, frozen=True, kw_only=True):
+class ExportLine(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One line of an export (field order is the line's key order)."""
 
     seq: int
@@ -44,6 +44,8 @@ class ExportLine(msgspec.Struct, frozen=True, kw_only=True):
     data: msgspec.Raw
     prev_hash: str
     hash: str
+    correlation_id: str = ""
+    reason: str = ""
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -62,6 +64,8 @@ def row_line(row: StoredRow) -> bytes:
             data=msgspec.Raw(row.data),
             prev_hash=row.prev_hash,
             hash=row.hash,
+            correlation_id=row.correlation_id,
+            reason=row.reason,
         )
     )
 
@@ -112,13 +116,13 @@ def read_export(
         computed = chain_hash(
             line.prev_hash, seq=line.seq, recorded_at_us=line.recorded_at_us,
             actor_kind=actor.kind.value, actor_id=actor.id, type=line.type,
-            schema=line.schema, data=data,
+            schema=line.schema, data=data, correlation_id=line.correlation_id, reason=line.reason,
         )
         if computed != line.hash:
             raise ChainError(line.seq, "content does not match its hash (altered)")
         yield StoredRow(
             line.seq, line.recorded_at_us, actor.kind.value, actor.id, line.type,
-            line.schema, data, line.prev_hash, line.hash,
+            line.schema, data, line.prev_hash, line.hash, line.correlation_id, line.reason,
         )
         prev = line.hash
         expected_seq = line.seq + 1

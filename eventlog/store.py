@@ -368,7 +368,7 @@ class SQLiteEventStore(EventStore):
                     _INSERT,
                     [
                         (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
-                         r.data, r.prev_hash, r.hash)
+                         r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
                         for r in rows
                     ],
                 )

@@ -130,7 +130,7 @@ def _check(row: StoredRow, prev: str) -> None:
     computed = chain_hash(
         row.prev_hash, seq=row.seq, recorded_at_us=row.recorded_at_us,
         actor_kind=row.actor_kind, actor_id=row.actor_id, type=row.type,
-        schema=row.schema, data=row.data,
+        schema=row.schema, data=row.data, correlation_id=row.correlation_id, reason=row.reason,
     )
     if computed != row.hash:
         raise ChainError(row.seq, "content does not match its hash (altered)")

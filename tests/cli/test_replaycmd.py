@@ -105,3 +105,37 @@ def test_a_tampered_export_is_refused_and_leaves_nothing(tmp_path: Path, capfd: 
     assert not (tmp_path / "new").exists()
     assert main(["replay", "state", "--from-export", str(bad)]) == 1
     assert "event 5" in capfd.readouterr().err
+
+
+def test_reason_and_correlation_are_cited_and_survive_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from eventlog import Actor, ActorKind, AppendRequest
+    from eventlog.events import NodeTagsSet
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "data"
+    _run(capfd, "log", "import", str(ROOT / "incident-tag-opens-ssh" / "events.jsonl"), "--data", str(folder))
+    store = SQLiteEventStore(folder / "ledger.db")
+    head = store.head()
+    store.append_batch(
+        [AppendRequest(events=(NodeTagsSet(node_id=1, tags=()),), actor=Actor(kind=ActorKind.ADMIN, id="dave"),
+                       expected_seq=head.seq, correlation_id="req-42", reason="INC-7: jump host untagged")],
+        head.recorded_at_us + 60_000_000,
+    )
+    store.close()
+    diff = json.loads(_run(capfd, "replay", "diff", "--from", "5", "-o", "json", "--data", str(folder)))
+    [node] = diff["nodes"]
+    assert node["node"] == "laptop" and node["changes"] == ["retagged ['tag:jump'] -> []"]
+    [cause] = node["events"]
+    assert cause["actor"] == "admin:dave" and cause["reason"] == "INC-7: jump host untagged"
+    assert cause["correlation_id"] == "req-42"
+    [lost] = diff["reach_lost"]
+    assert (lost["src"], lost["dst"], lost["ports"]) == ("laptop", "prod-1", "22")
+    assert lost["events"][-1]["reason"] == "INC-7: jump host untagged"
+    reach = json.loads(_run(capfd, "replay", "reach", "laptop", "prod-1", "--port", "22", "-o", "json", "--data", str(folder)))
+    assert reach["intervals"][-1]["to"]["reason"] == "INC-7: jump host untagged"
+    out = tmp_path / "export.jsonl"
+    _run(capfd, "log", "export", "-f", str(out), "--data", str(folder))
+    text = _run(capfd, "log", "import", str(out), "--data", str(tmp_path / "copy"), "-o", "json")
+    assert json.loads(text)["head_hash"] == SQLiteEventStore(folder / "ledger.db", read_only=True).head().hash
