@@ -30,7 +30,7 @@ from .policy import (
     Tailnet,
     auto_approved_routes,
     compile_policy,
-    parse_policy,
+    parse_stored_policy,
 )
 from .state import Node, TailnetState, User
 
@@ -101,8 +101,9 @@ class PolicyCompiler:
     def policy(self, state: TailnetState) -> Policy:
         text = state.policy_text or ALLOW_ALL_POLICY
         if text != self._text or self._policy is None:
-            # Every stored policy was checked before it was appended.
-            self._policy = parse_policy(text)
+            # Every stored policy was checked before it was appended (some under
+            # the lenient JSON5 reading of earlier versions).
+            self._policy = parse_stored_policy(text)
             self._text = text
         return self._policy
 

@@ -27,7 +27,7 @@ from .document import Policy
 from .engine import CompiledPolicy, NodeNetmap, PeerView, compile_policy
 from .errors import PolicyError, PolicySyntaxError, PolicyTestFailure, PolicyValidationError
 from .model import PolicyNode, PolicyUser, TailnetSettings
-from .parse import parse_policy
+from .parse import parse_policy, parse_stored_policy
 from .tailnet import Tailnet
 from .validate import validate_policy
 from .wire import (
@@ -67,5 +67,6 @@ __all__ = [
     "check_policy_against",
     "compile_policy",
     "parse_policy",
+    "parse_stored_policy",
     "validate_policy",
 ]

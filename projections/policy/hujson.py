@@ -1,36 +1,65 @@
 """HuJSON loading with a source map, so errors can name a line and column.
 
 Role in the pipeline: first step of :func:`projections.policy.parse_policy`.
-The *values* come from the ``json5`` package (a superset of HuJSON: comments,
-trailing commas). ``json5`` reports positions for syntax errors only, so a
-second, tolerant scanner walks the same text and records where every object
-key and every value starts, keyed by its JSON path (a tuple of object keys
-and array indexes). Validation code then asks the :class:`SourceMap` where
+
+HuJSON is JSON (RFC 8259) plus ``//`` and ``/* */`` comments and trailing commas,
+nothing else: what Tailscale's ``hujson`` package and its policy tools accept. The
+JSON5 extensions that look similar -- single-quoted or multi-line strings, unquoted
+keys, ``NaN``/``Infinity``, hexadecimal numbers, a leading ``+``, a leading or trailing
+decimal point -- are refused with the line and column of the offending character and
+a hint, because Tailscale would refuse the same file.
+
+One pass of a small, non-recursive parser builds the values and records where every
+object key and every value starts, keyed by its JSON path (a tuple of object keys and
+array indexes); validation code then asks the :class:`SourceMap` where
 ``("acls", 0, "dst", 1)`` is and reports that location.
 
-Invariant: the scanner only runs on text ``json5`` already accepted, so it
-never has to diagnose anything; when it meets something it does not
-understand it stops recording, and lookups fall back to the nearest
-recorded ancestor.
+Invariants:
+
+* The parser keeps its own stack (no Python recursion), and nesting deeper than
+  :data:`MAX_NESTING` is a :class:`PolicySyntaxError` at the bracket that goes too
+  deep. No input text, however large or deep, raises anything but
+  :class:`PolicySyntaxError`, and every later stage that walks the values (recursively)
+  is bounded by the same depth.
+* Strings are decoded as Go's ``encoding/json`` decodes them: ``\\u`` escapes that
+  leave a lone surrogate become U+FFFD, so no value holds a code point that cannot be
+  encoded as UTF-8.
+
+:func:`load_legacy_hujson` is the old, lenient reading (``json5``) for policy texts
+that were accepted before this parser and are already in the log: history must keep
+folding.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping
+from json.decoder import scanstring  # type: ignore[attr-defined]  # C-accelerated; not in typeshed
+from typing import Final
 
 import json5
 
 from .errors import PolicySyntaxError
 
-__all__ = ["JSONPath", "SourceMap", "load_hujson"]
+__all__ = ["MAX_NESTING", "JSONPath", "SourceMap", "load_hujson", "load_legacy_hujson"]
 
 #: A path into a JSON document: object keys and array indexes.
 JSONPath = tuple[str | int, ...]
 
-_JSON5_ERROR = re.compile(r"^<string>:(?P<line>\d+) (?P<msg>.*?)(?: at column (?P<col>\d+))?$")
+#: The deepest nesting of objects and arrays a policy may have. A real policy nests
+#: five or six levels (grants' ``app`` values a few more); the limit only keeps
+#: hostile input from exhausting the stack of later stages.
+MAX_NESTING: Final = 100
+
+_WHITESPACE: Final = re.compile(r"[ \t\r\n]*")
+_NUMBER: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_WORD: Final = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_LITERALS: Final[dict[str, object]] = {"true": True, "false": False, "null": None}
+# Characters that may not directly follow a number or literal (they would make it a
+# different, JSON5-only token: 0x1F, 1.e5, NaN2 ...).
+_GLUED: Final = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_$.+-")
 
 
 class SourceMap:
@@ -79,176 +108,273 @@ def load_hujson(text: str) -> tuple[object, SourceMap]:
         ``(value, source_map)``; objects become dicts, arrays lists.
 
     Raises:
-        PolicySyntaxError: when the text is not valid HuJSON, with the line
-            and column ``json5`` reported.
+        PolicySyntaxError: the text is not HuJSON (including JSON5 extensions and
+            nesting deeper than :data:`MAX_NESTING`), with its line and column.
     """
-    try:
-        # Plain JSON is a subset of HuJSON; the stdlib parser is ~50x faster
-        # than json5's pure-Python one and yields the same values for it.
-        value = json.loads(text)
-    except ValueError:
-        value = _json5_loads(text)
-    scanner = _Scanner(text)
-    with contextlib.suppress(_StopScan):
-        scanner.value(())
-    return value, SourceMap(scanner.values, scanner.keys)
-
-
-def _json5_loads(text: str) -> object:
-    """Parse with json5 (comments, trailing commas), mapping errors."""
-    try:
-        return json5.loads(text)
-    except ValueError as exc:
-        line, column, message = _describe_json5_error(str(exc))
-        raise PolicySyntaxError(message, line, column) from None
-
-
-def _describe_json5_error(raw: str) -> tuple[int | None, int | None, str]:
-    """Turn json5's ``<string>:L msg at column C`` into parts."""
-    match = _JSON5_ERROR.match(raw)
-    if match is None:
-        return None, None, f"invalid HuJSON: {raw}"
-    col = match.group("col")
-    return (
-        int(match.group("line")),
-        int(col) if col is not None else None,
-        f"invalid HuJSON: {match.group('msg')}",
+    parser = _Parser(text)
+    value = parser.parse()
+    return value, SourceMap(
+        {path: parser.where(pos) for path, pos in parser.values.items()},
+        {path: parser.where(pos) for path, pos in parser.keys.items()},
     )
 
 
-class _StopScan(Exception):
-    """Raised internally when the scanner meets text it does not model."""
+def load_legacy_hujson(text: str) -> object:
+    """Read a policy text the way earlier versions did (``json5``: lenient).
+
+    Only for texts already in the log, which were checked when they were appended;
+    positions are not tracked.
+
+    Raises:
+        PolicySyntaxError: not even ``json5`` can read it.
+    """
+    try:
+        return json5.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise PolicySyntaxError(f"invalid HuJSON: {exc}") from None
 
 
-class _Scanner:
-    """A forgiving recursive-descent walker that records token positions."""
+def _found(ch: str) -> str:
+    """Name what was found instead of the expected token."""
+    return repr(ch) if ch else "the end of the text"
+
+
+class _Frame:
+    """An object or array being filled, on the parser's explicit stack."""
+
+    __slots__ = ("container", "key", "path")
+
+    def __init__(self, container: dict[str, object] | list[object], path: JSONPath) -> None:
+        self.container = container
+        self.path = path
+        self.key = ""  # the key of the member being read (objects only)
+
+    def add(self, value: object) -> None:
+        if isinstance(self.container, dict):
+            self.container[self.key] = value
+        else:
+            self.container.append(value)
+
+
+class _Parser:
+    """A non-recursive HuJSON parser recording the offset of every key and value."""
 
     def __init__(self, text: str) -> None:
-        """Start at the beginning of ``text`` (line 1, column 1)."""
         self.text = text
-        self.pos = 0
-        self.line = 1
-        self.col = 1
-        self.values: dict[JSONPath, tuple[int, int]] = {}
-        self.keys: dict[JSONPath, tuple[int, int]] = {}
+        self.values: dict[JSONPath, int] = {}
+        self.keys: dict[JSONPath, int] = {}
+        self._line_starts: list[int] | None = None
 
-    # -- low level --------------------------------------------------------
+    # -- positions and errors -------------------------------------------------------
 
-    def _advance(self, count: int = 1) -> None:
-        """Consume ``count`` characters, tracking line and column."""
-        for _ in range(count):
-            if self.pos >= len(self.text):
-                raise _StopScan
-            if self.text[self.pos] == "\n":
-                self.line += 1
-                self.col = 1
-            else:
-                self.col += 1
-            self.pos += 1
+    def where(self, pos: int) -> tuple[int, int]:
+        """The 1-based ``(line, column)`` of character offset ``pos``."""
+        if self._line_starts is None:
+            starts = [0]
+            find = self.text.find
+            nl = find("\n")
+            while nl >= 0:
+                starts.append(nl + 1)
+                nl = find("\n", nl + 1)
+            self._line_starts = starts
+        line = bisect_right(self._line_starts, pos)
+        return line, pos - self._line_starts[line - 1] + 1
 
-    def _peek(self) -> str:
-        """The next character; stops the scan at the end of the text."""
-        if self.pos >= len(self.text):
-            raise _StopScan
-        return self.text[self.pos]
+    def error(self, pos: int, message: str) -> PolicySyntaxError:
+        line, column = self.where(pos)
+        return PolicySyntaxError(f"invalid HuJSON: {message}", line, column)
 
-    def _skip_space(self) -> None:
-        """Skip whitespace, ``//`` line comments and ``/* */`` block comments."""
+    def _char(self, pos: int) -> str:
+        """The character at ``pos`` ('' at the end of the text)."""
+        return self.text[pos] if pos < len(self.text) else ""
+
+    # -- lexical ----------------------------------------------------------------------
+
+    def skip(self, pos: int) -> int:
+        """Skip whitespace and comments; return the offset of the next token."""
         text = self.text
-        while self.pos < len(text):
-            ch = text[self.pos]
-            if ch in " \t\r\n\ufeff\u00a0\u2028\u2029":
-                self._advance()
-            elif text.startswith("//", self.pos):
-                while self.pos < len(text) and text[self.pos] != "\n":
-                    self._advance()
-            elif text.startswith("/*", self.pos):
-                end = text.find("*/", self.pos + 2)
+        while True:
+            match = _WHITESPACE.match(text, pos)
+            assert match is not None  # the pattern matches the empty string
+            pos = match.end()
+            if text.startswith("//", pos):
+                end = text.find("\n", pos)
+                pos = len(text) if end < 0 else end
+            elif text.startswith("/*", pos):
+                end = text.find("*/", pos + 2)
                 if end < 0:
-                    raise _StopScan
-                self._advance(end + 2 - self.pos)
+                    raise self.error(pos, "unterminated /* comment")
+                pos = end + 2
             else:
-                return
+                return pos
 
-    def _string(self) -> str:
-        """Consume a quoted string (either quote, JSON escapes) and decode it."""
-        quote = self._peek()
-        self._advance()
-        out: list[str] = []
+    def string(self, pos: int) -> tuple[str, int]:
+        """Decode the double-quoted string at ``pos``; return it and the offset after it."""
+        try:
+            value, end = scanstring(self.text, pos + 1, True)
+        except ValueError as exc:
+            raise self._string_error(pos, exc) from None
+        if not value.isascii() and _SURROGATE.search(value):
+            value = _SURROGATE.sub("\ufffd", value)  # as Go's encoding/json does
+        return value, end
+
+    def _string_error(self, start: int, exc: ValueError) -> PolicySyntaxError:
+        at = getattr(exc, "pos", start)
+        msg = getattr(exc, "msg", str(exc))
+        text = self.text
+        if msg.startswith("Unterminated string"):
+            return self.error(start, "unterminated string")
+        if msg.startswith("Invalid control character"):
+            if text[at] in "\r\n":
+                return self.error(at, "a string cannot contain a line break (write \\n)")
+            return self.error(at, f"control character {text[at]!r} in a string (escape it)")
+        if msg.startswith("Invalid \\escape") and text[at + 1 : at + 2] in ("\r", "\n"):
+            return self.error(at, "a string cannot continue on the next line (multi-line strings are JSON5, not HuJSON)")
+        if msg.startswith("Invalid \\escape"):
+            return self.error(at, f"invalid escape {text[at : at + 2]!r} in a string")
+        return self.error(at, "invalid \\u escape in a string (it needs four hex digits)")
+
+    def scalar(self, pos: int) -> tuple[object, int]:
+        """Read a number, ``true``, ``false`` or ``null`` at ``pos``; refuse anything else."""
+        text = self.text
+        ch = self._char(pos)
+        if ch == "-" or "0" <= ch <= "9":
+            match = _NUMBER.match(text, pos)
+            if match is None:  # a lone '-', or '-' before something else
+                word = _WORD.match(text, pos + 1)
+                if word is not None and word.group() in ("Infinity", "NaN"):
+                    raise self.error(pos, "NaN and Infinity are not JSON numbers")
+                raise self.error(pos, "invalid number")
+            end = match.end()
+            after = self._char(end)
+            if after and after in _GLUED:
+                raise self.error(pos, self._number_hint(match.group(), after))
+            token = match.group()
+            try:
+                if "." in token or "e" in token or "E" in token:
+                    number: float | int = float(token)
+                    if number in (float("inf"), float("-inf")):
+                        raise self.error(pos, f"number {token} is out of range")
+                else:
+                    number = int(token)
+            except ValueError:  # more digits than Python converts (sys.int_info)
+                raise self.error(pos, "number has too many digits") from None
+            return number, end
+        word = _WORD.match(text, pos)
+        if word is not None:
+            name = word.group()
+            end = word.end()
+            if name in _LITERALS and not (self._char(end) and self._char(end) in _GLUED):
+                return _LITERALS[name], end
+            if name in ("NaN", "Infinity"):
+                raise self.error(pos, "NaN and Infinity are not JSON numbers")
+            raise self.error(pos, f"unexpected word {name!r} (strings need double quotes)")
+        raise self.error(pos, self._unexpected(ch))
+
+    @staticmethod
+    def _number_hint(token: str, after: str) -> str:
+        if token in ("0", "-0") and after in "xX":
+            return "hexadecimal numbers are not allowed (JSON5, not HuJSON)"
+        if after == ".":
+            return "a number needs digits after its decimal point"
+        if token.lstrip("-").startswith("0") and after.isdigit():
+            return "a number cannot have leading zeros"
+        return f"invalid number (unexpected {after!r} after {token!r})"
+
+    @staticmethod
+    def _unexpected(ch: str) -> str:
+        match ch:
+            case "":
+                return "unexpected end of text"
+            case "'":
+                return "single-quoted strings are not allowed (use double quotes)"
+            case "+":
+                return "a number cannot start with '+'"
+            case ".":
+                return "a number needs a digit before its decimal point"
+            case _:
+                return f"unexpected character {ch!r}"
+
+    def key(self, pos: int) -> tuple[str, int]:
+        """Read an object key (a double-quoted string) at ``pos``."""
+        ch = self._char(pos)
+        if ch == '"':
+            return self.string(pos)
+        if ch == "'":
+            raise self.error(pos, "single-quoted keys are not allowed (use double quotes)")
+        if _WORD.match(self.text, pos) is not None:
+            raise self.error(pos, "object keys must be double-quoted strings (unquoted keys are JSON5, not HuJSON)")
+        raise self.error(pos, f"expected a double-quoted key, found {_found(ch)}")
+
+    # -- grammar ----------------------------------------------------------------------
+
+    def parse(self) -> object:
+        """The whole text: one value, surrounded by whitespace and comments."""
+        text = self.text
+        pos = 1 if text.startswith("\ufeff") else 0  # a byte-order mark some editors add
+        pos = self.skip(pos)
+        if pos >= len(text):
+            raise self.error(pos, "the policy is empty")
+        stack: list[_Frame] = []
+        path: JSONPath = ()
+        result: object = None
         while True:
-            ch = self._peek()
-            if ch == quote:
-                self._advance()
-                return "".join(out)
-            if ch == "\\":
-                self._advance()
-                esc = self._peek()
-                out.append({"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}.get(esc, esc))
-                if esc == "u":
-                    digits = self.text[self.pos + 1 : self.pos + 5]
-                    out[-1] = chr(int(digits, 16)) if len(digits) == 4 else "u"
-                    self._advance(4)
-                self._advance()
-                continue
-            out.append(ch)
-            self._advance()
+            # A value starts at ``pos`` (after skipping), for ``path``.
+            self.values[path] = pos
+            ch = self._char(pos)
+            if ch in ("{", "["):
+                if len(stack) >= MAX_NESTING:
+                    raise self.error(pos, f"nesting deeper than {MAX_NESTING} levels")
+                container: dict[str, object] | list[object] = {} if ch == "{" else []
+                stack.append(_Frame(container, path))
+                pos = self.skip(pos + 1)
+                closing = "}" if ch == "{" else "]"
+                if self._char(pos) == closing:
+                    pos += 1
+                    value: object = stack.pop().container
+                else:
+                    path, pos = self._member(stack[-1], pos)
+                    continue
+            elif ch == '"':
+                value, pos = self.string(pos)
+            else:
+                value, pos = self.scalar(pos)
+            # A value is complete: attach it, then close every container it completes.
+            while True:
+                if not stack:
+                    result = value
+                    break
+                frame = stack[-1]
+                frame.add(value)
+                closing = "}" if isinstance(frame.container, dict) else "]"
+                pos = self.skip(pos)
+                ch = self._char(pos)
+                if ch == ",":
+                    pos = self.skip(pos + 1)
+                    if self._char(pos) != closing:  # another member
+                        break
+                elif ch != closing:
+                    what = "member" if closing == "}" else "element"
+                    raise self.error(pos, f"expected ',' or '{closing}' after an {what}, found {_found(ch)}")
+                pos += 1
+                value = stack.pop().container
+            if not stack:
+                break
+            path, pos = self._member(stack[-1], pos)
+        pos = self.skip(pos)
+        if pos < len(text):
+            raise self.error(pos, f"unexpected {_found(text[pos])} after the policy")
+        return result
 
-    def _bare(self) -> str:
-        """Consume a number, literal or unquoted (JSON5) key."""
-        start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos] not in ",:]}/ \t\r\n":
-            self._advance()
-        return self.text[start : self.pos]
-
-    # -- grammar ----------------------------------------------------------
-
-    def value(self, path: JSONPath) -> None:
-        """Record where the value at ``path`` starts, then consume it."""
-        self._skip_space()
-        self.values[path] = (self.line, self.col)
-        ch = self._peek()
-        if ch == "{":
-            self._object(path)
-        elif ch == "[":
-            self._array(path)
-        elif ch in "\"'":
-            self._string()
-        else:
-            self._bare()
-
-    def _object(self, path: JSONPath) -> None:
-        """Consume an object, recording each key and value position."""
-        self._advance()
-        while True:
-            self._skip_space()
-            ch = self._peek()
-            if ch == "}":
-                self._advance()
-                return
-            if ch == ",":
-                self._advance()
-                continue
-            where = (self.line, self.col)
-            key = self._string() if ch in "\"'" else self._bare()
-            self.keys[(*path, key)] = where
-            self._skip_space()
-            if self._peek() != ":":
-                raise _StopScan
-            self._advance()
-            self.value((*path, key))
-
-    def _array(self, path: JSONPath) -> None:
-        """Consume an array, recording each element position by index."""
-        self._advance()
-        index = 0
-        while True:
-            self._skip_space()
-            ch = self._peek()
-            if ch == "]":
-                self._advance()
-                return
-            if ch == ",":
-                self._advance()
-                continue
-            self.value((*path, index))
-            index += 1
+    def _member(self, frame: _Frame, pos: int) -> tuple[JSONPath, int]:
+        """Start the next member of ``frame`` at ``pos``: its path and where its value starts."""
+        if isinstance(frame.container, list):
+            return (*frame.path, len(frame.container)), pos
+        key_pos = pos
+        frame.key, pos = self.key(pos)
+        path = (*frame.path, frame.key)
+        self.keys[path] = key_pos
+        pos = self.skip(pos)
+        if self._char(pos) != ":":
+            raise self.error(pos, f"expected ':' after the key {frame.key!r}")
+        return path, self.skip(pos + 1)

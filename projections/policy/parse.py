@@ -58,8 +58,8 @@ from .document import (
     SSHRule,
     SSHTest,
 )
-from .errors import PolicyValidationError
-from .hujson import JSONPath, SourceMap, load_hujson
+from .errors import PolicySyntaxError, PolicyValidationError
+from .hujson import JSONPath, SourceMap, load_hujson, load_legacy_hujson
 from .syntax import (
     SyntaxProblem,
     format_go_duration,
@@ -70,7 +70,7 @@ from .syntax import (
     split_host_port,
 )
 
-__all__ = ["parse_policy"]
+__all__ = ["parse_policy", "parse_stored_policy"]
 
 _T = TypeVar("_T")
 
@@ -125,6 +125,22 @@ def parse_policy(text: str) -> Policy:
     """
     value, source = load_hujson(text)
     return _Parser(source).policy(value)
+
+
+def parse_stored_policy(text: str) -> Policy:
+    """Parse a policy text taken from the log.
+
+    Like :func:`parse_policy`, but a text that earlier versions accepted with JSON5
+    extensions (before the parser became strict HuJSON) is still read, leniently:
+    it is in force, and replaying history must reproduce it.
+
+    Raises:
+        PolicySyntaxError, PolicyValidationError: as :func:`parse_policy`.
+    """
+    try:
+        return parse_policy(text)
+    except PolicySyntaxError:
+        return _Parser(SourceMap({}, {})).policy(load_legacy_hujson(text))
 
 
 class _Parser:
