@@ -63,31 +63,56 @@ def _peer_actor(sock: trio.socket.SocketType) -> Actor:
 
 
 async def _handle(stream: trio.SocketStream, ops: AdminOps) -> None:
+    """Serve one admin connection. Nothing that goes wrong here reaches the server:
+    a failure ends this connection alone (logged with its traceback)."""
+    async with stream:
+        try:
+            await _serve_connection(stream, ops)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("admin connection failed; closing it")
+
+
+async def _serve_connection(stream: trio.SocketStream, ops: AdminOps) -> None:
     actor = _peer_actor(stream.socket)
     buf = b""
-    async with stream:
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return
-            if not data:
-                return
-            buf += data
-            if len(buf) > _MAX_LINE:
-                await stream.send_all(b'{"ok":false,"error":"request too large"}\n')
-                return
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                reply = await _answer(line, ops, actor)
-                await stream.send_all(msgspec.json.encode(reply) + b"\n")
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            reply = await _answer(line, ops, actor)
+            await stream.send_all(_encode_reply(reply))
+        if len(buf) > _MAX_LINE:
+            await stream.send_all(b'{"ok":false,"error":"request too large"}\n')
+            return
+
+
+def _encode_reply(reply: dict[str, object]) -> bytes:
+    """One reply line; a result that cannot be encoded becomes an error answer."""
+    try:
+        return msgspec.json.encode(reply) + b"\n"
+    except (TypeError, ValueError, OverflowError, RecursionError, UnicodeError) as exc:
+        log.error("cannot encode the answer to an admin request: %r", exc)
+        return msgspec.json.encode({"ok": False, "error": f"internal error: cannot encode the answer ({exc})"}) + b"\n"
 
 
 async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]:
+    """The answer to one request line.
+
+    A refused command answers its reason. Any other failure of the operation is a bug
+    or an outage (the disk, the log): it is logged with its traceback and answered as
+    an internal error, and the server goes on serving.
+    """
     try:
         req = msgspec.json.decode(line, type=_Request)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return {"ok": False, "error": f"malformed request: {exc}"}
+    except RecursionError:
+        return {"ok": False, "error": "malformed request: nested too deeply"}
     try:
         with caused_by(reason=req.reason):
             return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
@@ -95,6 +120,9 @@ async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]
         return {"ok": False, "error": f"--reason: {exc}"}
     except CommandError as exc:
         return {"ok": False, "error": str(exc)}
+    except Exception as exc:
+        log.exception("admin operation %r by %s failed", req.op[:100], actor.id)
+        return {"ok": False, "error": f"internal error in {req.op[:100]!r}: {type(exc).__name__}: {exc}"[:2000]}
 
 
 def group_id(name: str) -> int:

@@ -36,7 +36,10 @@ def parse_duration(text: str) -> timedelta | None:
         )
     if total == 0:
         return None
-    return timedelta(seconds=total)
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise DurationError(f"duration {text!r} is too long") from None
 
 
 def format_duration(td: timedelta) -> str:

@@ -115,6 +115,10 @@ class _PolicyText(msgspec.Struct, forbid_unknown_fields=True):
     text: str
 
 
+#: The longest pre-auth key lifetime (100 years): beyond it dates stop being representable.
+_MAX_EXPIRATION_SECONDS = 100 * 366 * 86400
+
+
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
 
@@ -269,6 +273,8 @@ class AdminOps:
         now = self.tailnet.clock()
         if a.expiration_seconds is not None and a.expiration_seconds <= 0:
             raise BadRequest("the expiration must be positive (or null for a key that never expires)")
+        if a.expiration_seconds is not None and a.expiration_seconds > _MAX_EXPIRATION_SECONDS:
+            raise BadRequest("the expiration is too far in the future (at most 100 years; or null for never)")
         expires = now + timedelta(seconds=a.expiration_seconds) if a.expiration_seconds else None
         prefix, secret = self._token(6), self._token(24)
         key, _ = await self.tailnet.execute(

@@ -98,11 +98,20 @@ def hash_secret(secret: str) -> str:
 # -- lookups --------------------------------------------------------------------------
 
 
+def _numeric_id(ref: str) -> int | None:
+    """``ref`` as a numeric id, if it is one (ASCII digits only: ``str.isdigit`` also
+    accepts superscripts and other digits that ``int`` refuses)."""
+    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        return int(ref)
+    return None
+
+
 def find_user(state: TailnetState, ref: str) -> User:
     """A user by name or by numeric id."""
     user = state.user_named(ref)
-    if user is None and ref.isdigit():
-        user = state.users.get(int(ref))
+    uid = _numeric_id(ref)
+    if user is None and uid is not None:
+        user = state.users.get(uid)
     if user is None:
         raise NotFoundError(f"user {ref!r} not found")
     return user
@@ -110,7 +119,8 @@ def find_user(state: TailnetState, ref: str) -> User:
 
 def find_node(state: TailnetState, ref: str) -> Node:
     """A node by numeric id or by given (MagicDNS) name."""
-    node = state.nodes.get(int(ref)) if ref.isdigit() else None
+    nid = _numeric_id(ref)
+    node = state.nodes.get(nid) if nid is not None else None
     if node is None:
         node = state.node_named(ref)
     if node is None:
@@ -124,8 +134,9 @@ def find_preauth_key(state: TailnetState, ref: str) -> PreAuthKey:
         parsed = parse_preauth_key(ref)
         if parsed is not None:
             ref = parsed[0]
+    kid = _numeric_id(ref)
     for key in state.preauth_keys.values():
-        if key.prefix == ref or (ref.isdigit() and key.id == int(ref)):
+        if key.prefix == ref or key.id == kid:
             return key
     raise NotFoundError(f"pre-auth key {ref!r} not found")
 
