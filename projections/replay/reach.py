@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from ..policy import CompiledPolicy, Tailnet, compile_policy, parse_policy
+from ..policy import CompiledPolicy, PolicySyntaxError, Tailnet, compile_policy, parse_stored_policy
 from ..policy.compile import CompiledGrant, GrantKind, self_rules, via_rules
 from ..policy.document import Policy
-from ..policy.hujson import load_hujson
+from ..policy.hujson import load_hujson, load_legacy_hujson
 from ..policy.ipset import addr_to_int, prefix_str
 from ..policy.rules import Rule
 from ..policy.tailnet import INTERNET, NodeInfo
@@ -129,7 +129,10 @@ def rule_text(policy_text: str | None, path: tuple[str | int, ...]) -> str:
     text = policy_text or ALLOW_ALL_POLICY
     entries = _entries_cache.get(text)
     if entries is None:
-        value, _ = load_hujson(text)
+        try:
+            value, _ = load_hujson(text)
+        except PolicySyntaxError:  # stored before the reader became strict HuJSON
+            value = load_legacy_hujson(text)
         entries = {}
         if isinstance(value, dict):
             for key in ("acls", "grants"):
@@ -256,7 +259,7 @@ def _policy(text: str | None) -> Policy:
     if policy is None:
         if len(_policy_cache) > 16:
             _policy_cache.clear()
-        policy = _policy_cache[key] = parse_policy(key)
+        policy = _policy_cache[key] = parse_stored_policy(key)
     return policy
 
 
