@@ -233,6 +233,17 @@ class History:
         self._policy_seq[state.seq] = snap.policy_seq
         return state
 
+    def trusted_upto(self, seq: int) -> int:
+        """The latest snapshot seq <= ``seq`` whose event the log still holds with the same
+        hash: the rows up to it were verified when the snapshot was made (0: none)."""
+        seqs = self.snapshots.seqs()
+        for candidate in reversed(seqs[: bisect.bisect_right(seqs, seq)]):
+            snap = self.snapshots.get(candidate)
+            rows = self.store.read_rows(candidate - 1, 1)
+            if snap is not None and rows and rows[0].seq == candidate and rows[0].hash == snap.event_hash:
+                return candidate
+        return 0
+
     def start_for(self, seq: int) -> TailnetState:
         """The latest verified snapshot at or before ``seq`` (an empty state if none)."""
         if self._cache is not None and self._cache[0] <= seq:

@@ -11,7 +11,13 @@ the pair by id, found by a byte search in the stored payload before any decoding
 partial state this fold builds is exact for everything the pair depends on, and
 :func:`~projections.replay.reach.pair_policy` compiles the policy against just those
 nodes. The pair is re-evaluated after each such event (skipped when none of its inputs
-changed by identity) and at each key expiry between events.
+changed: a memo keyed by the policy text, the users and what the policy can see of
+each node -- user, tags, addresses, routes, expiry -- so a rename or a hostname change
+costs a dictionary lookup) and at each key expiry between events.
+
+Rows up to the latest snapshot that still matches the chain were verified when that
+snapshot was made, so the store pre-filters them (:meth:`~eventlog.EventStore.scan`,
+inside SQLite for the embedded store); the rows after it are verified one by one.
 
 Every change of the answer opens or closes an interval and cites its cause: the event
 (seq, time, type, actor, and the envelope's reason and correlation when present), or,
@@ -24,16 +30,17 @@ its true opening event).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from eventlog import RecordedEvent, StoredRow, from_micros
+from eventlog import RecordedEvent, StoredRow, from_micros, to_micros
+from eventlog.events import NodeRegistered, NodeRenamed
 
 from ..fold import apply
-from ..state import TailnetState
+from ..state import Node, TailnetState
 from .history import History, Point, ReplayError
-from .reach import Hit, explain, find_node, pair_policy, target_for
+from .reach import Hit, Target, explain, find_node, pair_policy, target_for
 
 __all__ = ["Interval", "Timeline", "event_ref", "iso", "reach_timeline"]
 
@@ -96,13 +103,22 @@ def _needles(ids: Iterable[int]) -> tuple[bytes, ...]:
     return tuple(n for i in ids for n in (b'"node_id":%d,' % i, b'"node_id":%d}' % i))
 
 
-def _relevant(row: StoredRow, needles: tuple[bytes, ...], all_nodes: bool) -> bool:
-    t = row.type
-    if t == "policy.set" or t.startswith("user."):
-        return True
-    if not t.startswith("node."):
-        return False
-    return all_nodes or any(n in row.data for n in needles)
+def _relevant_rows(history: History, end_seq: int, needles: tuple[bytes, ...], all_nodes: bool) -> Iterator[StoredRow]:
+    """The rows that can change the pair's answer, in order, up to ``end_seq``.
+
+    Rows up to the latest trusted snapshot were verified when it was made; they are
+    pre-filtered inside the store. Rows after it are verified here, one by one.
+    """
+    anchor = history.trusted_upto(end_seq)
+    prefixes = ("policy.set", "user.", "node.") if all_nodes else ("policy.set", "user.")
+    yield from history.store.scan(
+        0, anchor, type_prefixes=prefixes,
+        types_containing=() if all_nodes else ("node.",), contains=needles,
+    )
+    for row in history.rows(anchor, end_seq):
+        t = row.type
+        if t.startswith(prefixes) or (t.startswith("node.") and any(n in row.data for n in needles)):
+            yield row
 
 
 def reach_timeline(
@@ -118,22 +134,25 @@ def reach_timeline(
 ) -> Timeline:
     """The intervals in ``[start, end]`` during which SRC could reach DST."""
     named = history.state_at(end.seq)
-    src_node = find_node(named, src_ref)
-    if src_node is None:
-        raise ReplayError(f"no node {src_ref!r} (by id, name or IP) at seq {end.seq}")
-    target = target_for(named, dst_ref)
-    src_id = src_node.id
+    src_id = _node_id(history, named, src_ref, end.seq)
+    if src_id is None:
+        raise ReplayError(f"no node {src_ref!r} (by id, name or IP) up to seq {end.seq}")
+    dst_id = _node_id(history, named, dst_ref, end.seq)
+    target = Target(node_id=dst_id) if dst_id is not None else target_for(named, dst_ref)
     ids = [src_id] if target.node_id is None else [src_id, target.node_id]
     needles = _needles(ids)
     by_address = target.node_id is None
-    timeline = Timeline(src_node.given_name, target.label(named), port, proto_name, start, end)
+    timeline = Timeline(
+        _name(history, named, src_id, end.seq), _name(history, named, dst_id, end.seq) if dst_id else str(target.addr),
+        port, proto_name, start, end,
+    )
 
     state = TailnetState()
-    current: Hit | None = None
-    current_text: str | None = None
+    current: tuple[Hit | None, str | None] = (None, None)
     open_interval: Interval | None = None
-    seen: tuple[object, ...] | None = None
-    last_time: datetime | None = None
+    memo: dict[tuple[object, ...], tuple[Hit | None, str | None]] = {}
+    users_version = 0
+    last_users: object = state.users
 
     def watched() -> list[datetime]:
         nodes = [state.nodes.get(i) for i in ids]
@@ -141,51 +160,63 @@ def reach_timeline(
             nodes.extend(n for n in state.nodes.values() if n.approved_routes)
         return [n.expiry for n in nodes if n is not None and n.expiry is not None]
 
+    def answer(now: datetime) -> tuple[Hit | None, str | None]:
+        nodes = [state.nodes.get(i) for i in ids]
+        key: tuple[object, ...] = (
+            state.policy_text, users_version,
+            *((None if n is None else (_policy_key(n), n.is_expired(now)))
+              for n in nodes),
+        )
+        if by_address:
+            key += tuple(
+                (_policy_key(n), n.is_expired(now)) for n in state.nodes.values() if n.approved_routes
+            )
+        cached = memo.get(key)
+        if cached is None:
+            compiled = pair_policy(state, ids, routers=by_address)
+            hit = explain(compiled, state, src_id, target, port=port, protocols=protocols, now=now)
+            cached = memo[key] = (hit, hit.rule(state.policy_text) if hit is not None else None)
+        return cached
+
     def evaluate(now: datetime, cause: dict[str, object]) -> None:
-        nonlocal current, current_text, open_interval
-        compiled = pair_policy(state, ids, routers=by_address)
-        hit = explain(compiled, state, src_id, target, port=port, protocols=protocols, now=now)
-        text = hit.rule(state.policy_text) if hit is not None else None
-        if hit == current and text == current_text:
+        nonlocal current, open_interval
+        result = answer(now)
+        if result == current:
             return
         if open_interval is not None:
             open_interval.closed = cause
             open_interval = None
+        hit, text = result
         if hit is not None and text is not None:
             open_interval = Interval(cause, text, hit.via)
             timeline.intervals.append(open_interval)
-        current, current_text = hit, text
+        current = result
 
-    for row in history.rows(0, end.seq):
+    def expiries(after: datetime, upto: datetime) -> None:
+        for expiry in sorted(e for e in watched() if after < e <= upto):
+            marker: dict[str, object] = {
+                "seq": history.store.seq_at_time(to_micros(expiry)), "time": iso(expiry),
+                "type": "node.key_expiry_reached", "actor": "system:clock",
+            }
+            timeline.events.append(marker)
+            evaluate(expiry, marker)
+
+    last_time: datetime | None = None
+    for row in _relevant_rows(history, end.seq, needles, by_address):
         at = from_micros(row.recorded_at_us)
         if last_time is not None:
-            for expiry in sorted(e for e in watched() if last_time < e <= at):
-                marker: dict[str, object] = {
-                    "seq": row.seq - 1, "time": iso(expiry), "type": "node.key_expiry_reached",
-                    "actor": "system:clock",
-                }
-                timeline.events.append(marker)
-                evaluate(expiry, marker)
+            expiries(last_time, at)
         last_time = at
-        if not _relevant(row, needles, by_address):
-            continue
         rec = row.to_event()
         state, _ = apply(state, rec)
-        key = (state.policy_text, state.users, *(state.nodes.get(i) for i in ids),
-               state.nodes if by_address else None)
-        if seen is not None and len(key) == len(seen) and all(a is b for a, b in zip(key, seen, strict=True)):
-            continue
-        seen = key
+        if state.users is not last_users:
+            users_version += 1
+            last_users = state.users
         ref = event_ref(rec)
         timeline.events.append(ref)
         evaluate(at, ref)
-    # Expiries between the last event and the end point.
     if last_time is not None:
-        for expiry in sorted(e for e in watched() if last_time < e <= end.now):
-            marker = {"seq": end.seq, "time": iso(expiry), "type": "node.key_expiry_reached",
-                      "actor": "system:clock"}
-            timeline.events.append(marker)
-            evaluate(expiry, marker)
+        expiries(last_time, end.now)
 
     def seq_of(ref: dict[str, object] | None) -> int:
         value = ref.get("seq") if ref is not None else None
@@ -199,3 +230,36 @@ def reach_timeline(
     return timeline
 
 
+def _policy_key(node: Node) -> tuple[object, ...]:
+    """What of a node the policy can see (not its names, hostname or keys)."""
+    return (node.user_id, node.tags, node.ipv4, node.ipv6, node.advertised_routes, node.approved_routes)
+
+
+def _node_id(history: History, state: TailnetState, ref: str, upto: int) -> int | None:
+    """A node by id, name or IP at ``upto``; else the last node that ever had that
+    name or address in the history (a node deleted since is still a valid question)."""
+    node = find_node(state, ref)
+    if node is not None:
+        return node.id
+    ref = ref.strip()
+    found: int | None = None
+    for row in history.store.scan(0, upto, type_prefixes=("node.registered", "node.renamed")):
+        event = row.to_event().event
+        if isinstance(event, NodeRegistered):
+            if ref in (str(event.node_id), event.given_name, event.ipv4, event.ipv6):
+                found = event.node_id
+        elif isinstance(event, NodeRenamed) and event.given_name == ref:
+            found = event.node_id
+    return found
+
+
+def _name(history: History, state: TailnetState, node_id: int, upto: int) -> str:
+    node = state.nodes.get(node_id)
+    if node is not None:
+        return node.given_name
+    name = str(node_id)
+    for row in history.store.scan(0, upto, type_prefixes=("node.registered", "node.renamed")):
+        event = row.to_event().event
+        if isinstance(event, NodeRegistered | NodeRenamed) and event.node_id == node_id:
+            name = event.given_name
+    return name

@@ -139,3 +139,34 @@ def test_reason_and_correlation_are_cited_and_survive_export(
     _run(capfd, "log", "export", "-f", str(out), "--data", str(folder))
     text = _run(capfd, "log", "import", str(out), "--data", str(tmp_path / "copy"), "-o", "json")
     assert json.loads(text)["head_hash"] == SQLiteEventStore(folder / "ledger.db", read_only=True).head().hash
+
+
+def test_a_log_from_before_the_envelope_columns_is_read_without_migrating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from eventlog.export import open_lines, read_export
+    from eventlog.migrations import create_events
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "old"
+    folder.mkdir()
+    conn = sqlite3.connect(folder / "ledger.db")
+    import sqlite_utils
+
+    create_events(sqlite_utils.Database(conn))  # migration 0001 only: no correlation_id, reason
+    rows = list(read_export(open_lines(ROOT / "policy-routes" / "events.jsonl")))
+    conn.executemany(
+        "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema, r.data, r.prev_hash, r.hash) for r in rows],
+    )
+    conn.commit()
+    conn.close()
+    before = _fingerprint(folder)
+    state = json.loads(_run(capfd, "replay", "state", "-o", "json", "--data", str(folder)))
+    assert [n["name"] for n in state["nodes"]] == ["laptop", "www", "router", "bobs-box"]
+    # A node deleted before the end is still named by its old name.
+    reach = json.loads(_run(capfd, "replay", "reach", "temp", "laptop", "-o", "json", "--data", str(folder)))
+    assert reach["src"] == "temp" and reach["intervals"][0]["to"]["type"] == "policy.set"
+    assert _fingerprint(folder) == before
