@@ -122,7 +122,20 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # (filled in by the connection-limits work)
 
     # -- map streams and node updates (protocol/control.py) ------------------------------
-    # (filled in by the control hardening work)
+    # Largest Hostinfo a node may send (bytes of JSON); a larger one is refused (register
+    # answers an error, map requests a 413) and nothing of it is kept. What is kept is
+    # trimmed to the fields peers get (projections.tailcfg.PEER_HOSTINFO_FIELDS).
+    max_hostinfo_bytes: int = 16384
+    # Longest host name recorded (characters; Tailscale's DNS label length). Longer
+    # names are cut, control characters dropped.
+    max_hostname_length: int = 63
+    # Most routes one node may advertise (Hostinfo.RoutableIPs); more are refused.
+    max_advertised_routes: int = 512
+    # Per node, updates that append to the log (host name, routes, key expiry, re-keys)
+    # are rate-limited by a token bucket: burst tokens, one more every interval. An
+    # update without a token is refused (HTTP 429 / a register error) and not appended.
+    node_update_burst: int = 10
+    node_update_interval: str = "30s"
 
     # -- pending interactive registrations ------------------------------------------------
     # (filled in by the pending-registrations work)
@@ -346,6 +359,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{what}: {exc}") from None
         if positive is None or positive.total_seconds() <= 0:
             raise ConfigError(f"{what}: must be a positive duration")
+    _validate_limits(config.limits)
     if config.policy.mode not in ("database", "file"):
         raise ConfigError(f"policy.mode: {config.policy.mode!r} is not 'database' or 'file'")
     if config.policy.mode == "file" and not config.policy.path:
@@ -416,6 +430,23 @@ def _validate_audit(config: Config) -> None:
         except KeyError:
             if not group.isdigit():
                 raise ConfigError(f"admin.socket_group: no Unix group named {group!r}") from None
+
+
+def _validate_limits(limits: LimitsConfig) -> None:
+    for what, value, least in (
+        ("limits.max_hostinfo_bytes", limits.max_hostinfo_bytes, 1024),
+        ("limits.max_hostname_length", limits.max_hostname_length, 1),
+        ("limits.max_advertised_routes", limits.max_advertised_routes, 0),
+        ("limits.node_update_burst", limits.node_update_burst, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{what}: must be at least {least}")
+    try:
+        interval = parse_duration(limits.node_update_interval)
+    except DurationError as exc:
+        raise ConfigError(f"limits.node_update_interval: {exc}") from None
+    if interval is None or interval.total_seconds() <= 0:
+        raise ConfigError("limits.node_update_interval: must be a positive duration")
 
 
 def _validate_mesh(ds: DerpServerConfig) -> None:

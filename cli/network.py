@@ -37,7 +37,7 @@ from projections.netmap import NetmapSettings
 from projections.presence import PresenceTable
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import generate_private_key, public_key, serve_control
-from protocol.control import Control, ControlSettings
+from protocol.control import Control, ControlLimits, ControlSettings
 
 from .config import Config, ConfigError, read_mesh_key, split_host_port
 from .durations import parse_duration
@@ -198,6 +198,7 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         full_map_concurrency=config.tuning.full_map_concurrency,
         full_map_turn=_seconds(config.tuning.full_map_turn_timeout),
         keepalive_interval=_seconds(config.tuning.map_keepalive_interval),
+        limits=control_limits(config),
     )
     control = Control(server.tailnet, presence, settings)
     server.control = control
@@ -222,6 +223,18 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     if port == 0 and not config.server_url:
         scheme = "https" if ctx is not None else "http"
         control.public_url = f"{scheme}://{host}:{server.port}"
+
+
+def control_limits(config: Config) -> ControlLimits:
+    """The ``[limits]`` of map streams and node updates (checked by cli.config.validate)."""
+    limits = config.limits
+    return ControlLimits(
+        max_hostinfo_bytes=limits.max_hostinfo_bytes,
+        max_hostname_length=limits.max_hostname_length,
+        max_advertised_routes=limits.max_advertised_routes,
+        node_update_burst=limits.node_update_burst,
+        node_update_interval=_seconds(limits.node_update_interval),
+    )
 
 
 async def _refresh_derp_map(

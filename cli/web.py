@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.metrics_core import Metric
 
+    from protocol.control import ControlStats
     from relay.serve import RelayServer
 
     from .server import Server
@@ -71,8 +72,34 @@ class _ServerCollector(Collector):
             yield GaugeMetricFamily(
                 "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.hub.classes()
             )
+            yield from _control_limit_metrics(s.control.stats)
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
+
+
+def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
+    """What the ``[limits]`` of map streams and node updates refused or dropped."""
+    refused = CounterMetricFamily(
+        "tailledger_control_refused",
+        "Node requests refused by a limit, by reason: hostinfo_too_large, too_many_routes"
+        " (refused whole), rate_limited (log-writing updates over the per-node rate),"
+        " expired_node (Hostinfo of an expired or logged-out node, ignored)",
+        labels=["reason"],
+    )
+    refused.add_metric(["hostinfo_too_large"], stats.hostinfo_too_large)
+    refused.add_metric(["too_many_routes"], stats.too_many_routes)
+    refused.add_metric(["rate_limited"], stats.updates_rate_limited)
+    refused.add_metric(["expired_node"], stats.expired_updates_ignored)
+    yield refused
+    yield CounterMetricFamily(
+        "tailledger_control_hostnames_cleaned",
+        "Host names cut to limits.max_hostname_length or cleaned of control characters",
+        value=stats.hostnames_cleaned,
+    )
+    yield CounterMetricFamily(
+        "tailledger_map_streams_superseded", "Map long-polls ended by a newer one of the same node",
+        value=stats.streams_superseded,
+    )
 
 
 def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:

@@ -27,6 +27,7 @@ from eventlog.events import (
     ApiKeyExpired,
     NodeDeleted,
     NodeExpirySet,
+    NodeHostnameChanged,
     NodeKeyRotated,
     NodeLoggedOut,
     NodeRegistered,
@@ -48,10 +49,14 @@ from .ipam import AllocationMode, Network, allocate
 from .state import Node, PreAuthKey, TailnetState, User
 
 __all__ = [
+    "MAX_HOSTNAME_LENGTH",
     "PREAUTH_KEY_PREFIX",
     "AddressPlan",
     "Decision",
+    "clean_hostname",
+    "decide_advertise_routes",
     "decide_approve_routes",
+    "decide_change_hostname",
     "decide_create_preauth_key",
     "decide_create_user",
     "decide_delete_node",
@@ -79,7 +84,17 @@ API_KEY_PREFIX = "tlkey-api-"
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,62}$")
 _TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_DNS_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+#: A DNS label's longest length (RFC 1035), which Tailscale holds host names and
+#: MagicDNS names to (``dnsname.SanitizeHostname``).
+MAX_HOSTNAME_LENGTH = 63
+#: What a host name may not hold: C0 and C1 control characters (terminal escapes),
+#: DEL, and the Unicode line and paragraph separators.
+_HOSTNAME_BAD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Suffixes Tailscale trims from a host name before making it a DNS label.
+_COMMON_SUFFIXES = (".local", ".localdomain", ".lan")
+#: Characters Tailscale turns into "-" inside a label (others outside [a-z0-9-] go).
+_LABEL_SEPARATORS = frozenset(" .@_")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 @dataclass(frozen=True)
@@ -315,10 +330,39 @@ def decide_set_policy(state: TailnetState, text: str, *, source: str) -> Decisio
 # -- nodes ----------------------------------------------------------------------------
 
 
+def clean_hostname(hostname: str, max_length: int = MAX_HOSTNAME_LENGTH) -> str:
+    """The host name a node reports (``Hostinfo.Hostname``) as it is recorded and
+    shown: without control characters and cut to ``max_length`` characters
+    (Tailscale clients send the host name's first DNS label, at most 63 characters;
+    anything longer is not a host name, and must not become a large event)."""
+    if len(hostname) > 4 * max_length:
+        hostname = hostname[: 4 * max_length]  # cleaning a huge text costs nothing then
+    return _HOSTNAME_BAD.sub("", hostname)[:max_length].strip()
+
+
 def sanitize_hostname(hostname: str) -> str:
-    """A DNS label from an OS hostname: lower case, ``[a-z0-9-]``, at most 63 chars."""
-    label = _DNS_LABEL_BAD.sub("-", hostname.lower().split(".")[0]).strip("-")
-    return (label or "node")[:63].rstrip("-") or "node"
+    """A DNS label from a host name, the way Tailscale makes MagicDNS names
+    (``dnsname.SanitizeHostname``): ``.local``, ``.localdomain`` or ``.lan`` trimmed,
+    cut to 63 characters, leading and trailing characters that are not letters or
+    digits dropped, space, dot, ``@`` and ``_`` inside turned into ``-``, other
+    characters outside ``[a-z0-9-]`` dropped, lower case. ``node`` if nothing is left.
+    """
+    for suffix in _COMMON_SUFFIXES:
+        hostname = hostname.removesuffix(suffix)
+    label = hostname[:MAX_HOSTNAME_LENGTH]
+    start, end = 0, len(label)
+    while start < end and label[start] not in _ALNUM:
+        start += 1
+    while end > start and label[end - 1] not in _ALNUM:
+        end -= 1
+    out: list[str] = []
+    for i in range(start, end):
+        ch = label[i]
+        if ch in _LABEL_SEPARATORS and start < i < end - 1:
+            out.append("-")
+        elif ch in _ALNUM or ch == "-":
+            out.append(ch.lower())
+    return "".join(out) or "node"
 
 
 def _unique_given_name(state: TailnetState, wanted: str, *, exclude: int | None = None) -> str:
@@ -358,8 +402,11 @@ def decide_register_node(
     plan: AddressPlan,
     os: str = "",
     randbelow: Callable[[int], int] | None = None,
+    max_hostname_length: int = MAX_HOSTNAME_LENGTH,
 ) -> Decision[int]:
-    """Admit a new machine: allocate its addresses and a unique name."""
+    """Admit a new machine: allocate its addresses and a unique name (the host name
+    is cleaned, see :func:`clean_hostname`)."""
+    hostname = clean_hostname(hostname, max_hostname_length) or "node"
     if state.node_by_key(node_key) is not None:
         raise ConflictError("this node key is already registered to another machine")
     if user_id not in state.users and not (user_id == 0 and tags):
@@ -391,7 +438,7 @@ def decide_register_node(
             expiry=expiry,
             auth=auth,
             preauthkey_id=preauth_key.id if preauth_key else None,
-            os=os,
+            os=clean_hostname(os, MAX_HOSTNAME_LENGTH),
         )
     ]
     if preauth_key is not None:
@@ -471,7 +518,24 @@ def _canonical_routes(routes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def decide_advertise_routes(state: TailnetState, node: Node, routes: tuple[str, ...]) -> Decision[int]:
+def decide_change_hostname(
+    state: TailnetState, node: Node, hostname: str, *, max_length: int = MAX_HOSTNAME_LENGTH
+) -> Decision[int]:
+    """Record the host name a node reports (cleaned, see :func:`clean_hostname`);
+    nothing when it is empty or unchanged."""
+    cleaned = clean_hostname(hostname, max_length)
+    if not cleaned or cleaned == node.hostname:
+        return Decision((), node.id)
+    return Decision((NodeHostnameChanged(node_id=node.id, hostname=cleaned),), node.id)
+
+
+def decide_advertise_routes(
+    state: TailnetState, node: Node, routes: tuple[str, ...], *, max_routes: int | None = None
+) -> Decision[int]:
+    """Record the routes a node advertises (``Hostinfo.RoutableIPs``); nothing when
+    unchanged. Refused when invalid or more than ``max_routes``."""
+    if max_routes is not None and len(routes) > max_routes:
+        raise CommandError(f"too many advertised routes: {len(routes)} (the limit is {max_routes})")
     canonical = _canonical_routes(routes)
     if canonical == node.advertised_routes:
         return Decision((), node.id)

@@ -56,9 +56,12 @@ import msgspec
 
 from .delta import Delta
 from .netmap import (
+    DENY_ALL,
     TAGGED_DEVICES_USER_ID,
     NetmapSettings,
     PresenceOf,
+    expired_map,
+    expired_self,
     profiles_for,
     user_id_shown,
     wire_node,
@@ -69,7 +72,7 @@ from .policy.resolve import node_keys
 from .policystate import PolicyCompiler
 from .presence import NodePresence
 from .state import Node, TailnetState
-from .tailcfg import Debug, MapResponse, PeerChange, UserProfile
+from .tailcfg import Debug, DNSConfig, MapResponse, PeerChange, UserProfile
 from .tailcfg import Node as WireNode
 
 __all__ = [
@@ -801,14 +804,21 @@ class StreamCursor:
 
     :meth:`full_map` makes the first message; :meth:`update` the next ones (zero, one
     or two messages: the peer diff shared with the class, then this node's own parts).
+
+    A node whose key is out of use (expired or logged out) is sent only its own node,
+    marked expired: when that happens on an open stream, one message removes every
+    peer and clears the filter, SSH policy and DNS configuration (``expired`` is then
+    set and ``peers`` is ``None``); if the key comes back into use (re-keyed), one
+    message sends the whole netmap again.
     """
 
-    __slots__ = ("derp_map", "filter", "node_id", "peers", "self_node", "seq", "ssh")
+    __slots__ = ("derp_map", "expired", "filter", "node_id", "peers", "self_node", "seq", "ssh")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
         self.seq = 0
         self.peers: PeerSet | None = None
+        self.expired = False
         self.self_node = b""
         self.filter = b""
         self.ssh = b""
@@ -821,6 +831,11 @@ class StreamCursor:
         assert state is not None and now is not None and compiled is not None
         me = self.node_id
         node = state.nodes[me]
+        if node.is_expired(now):
+            msg = expired_map(state, node, hub.presence(me), hub.settings, now)
+            self._now_expired(hub, msg.node)
+            return [_encoder.encode(msg)]
+        self.expired = False
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
         pf = _encoder.encode(compiled.packet_filter(me))
@@ -858,15 +873,87 @@ class StreamCursor:
             cap_map=caps, is_self=True,
         )
 
+    def _now_expired(self, hub: MapHub, self_wire: WireNode | None) -> None:
+        """Remember that the client was sent the expired map (or its transition)."""
+        self.expired, self.peers, self.seq, self.derp_map = True, None, hub.seq, hub.settings.derp_map
+        self.self_node = _digest(_encoder.encode(self_wire))
+        self.filter = _digest(bytes(DENY_ALL))
+        self.ssh = _digest(_NO_SSH)
+
+    def _expired_update(self, hub: MapHub, node: Node) -> list[MapMessage]:
+        """The update of a stream whose node's key is out of use: at the transition,
+        every peer removed and the filter, SSH policy and DNS configuration cleared;
+        afterwards only its own node and the DERP map."""
+        now = hub.now
+        assert now is not None
+        self_wire = expired_self(node, hub.presence(node.id), hub.settings)
+        parts: dict[str, object] = {}
+        digest = _digest(_encoder.encode(self_wire))
+        if digest != self.self_node:
+            parts["node"] = self_wire
+        if not self.expired:
+            assert self.peers is not None
+            gone = sorted(nid for nid in self.peers.peers if nid != self.node_id)
+            if gone:
+                parts["peers_removed"] = gone
+            if self.filter != _digest(bytes(DENY_ALL)):
+                parts["packet_filters"] = {"base": DENY_ALL}
+            if self.ssh != _digest(_NO_SSH):
+                parts["ssh_policy"] = msgspec.Raw(_NO_SSH)
+            if hub.settings.dns is not None:
+                parts["dns_config"] = DNSConfig()
+        if hub.settings.derp_map is not self.derp_map:
+            parts["derp_map"] = hub.settings.derp_map
+        self._now_expired(hub, self_wire)
+        return [MapMessage(_encoder.encode(MapResponse(control_time=now, **parts)))] if parts else []  # type: ignore[arg-type]
+
+    def _restored(self, hub: MapHub, node: Node) -> list[MapMessage]:
+        """The update of a stream whose node's key is back in use: the whole netmap
+        (every peer as changed, since the client holds none)."""
+        state, now, compiled = hub.state, hub.now, hub.compiled
+        assert state is not None and now is not None and compiled is not None
+        me = self.node_id
+        peers = hub.peer_set(me)
+        self_wire = self._self_wire(hub, node)
+        pf = _encoder.encode(compiled.packet_filter(me))
+        ssh_policy = compiled.ssh_policy(me)
+        ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else _NO_SSH
+        changed = [peers.peers[i].wire for i in sorted(peers.peers) if i != me]
+        profiles = dict(peers.users)
+        for p in profiles_for(state, [node]):
+            profiles[p.id] = p
+        parts: dict[str, object] = {
+            "node": self_wire,
+            "packet_filters": {"base": msgspec.Raw(pf)},
+            "ssh_policy": msgspec.Raw(ssh),
+            "user_profiles": [profiles[k] for k in sorted(profiles)],
+        }
+        if changed:
+            parts["peers_changed"] = changed
+        if hub.settings.dns is not None:
+            parts["dns_config"] = hub.settings.dns
+        if hub.settings.derp_map is not self.derp_map:
+            parts["derp_map"] = hub.settings.derp_map
+        self.expired, self.peers, self.seq, self.derp_map = False, peers, hub.seq, hub.settings.derp_map
+        self.self_node = _digest(_encoder.encode(self_wire))
+        self.filter = _digest(pf)
+        self.ssh = _digest(ssh)
+        return [MapMessage(_encoder.encode(MapResponse(control_time=now, **parts)))]  # type: ignore[arg-type]
+
     def update(self, hub: MapHub) -> list[MapMessage]:
         """Messages that bring the client from what it was sent to the hub's state."""
         state, now, compiled = hub.state, hub.now, hub.compiled
-        assert state is not None and now is not None and compiled is not None and self.peers is not None
+        assert state is not None and now is not None and compiled is not None
         me = self.node_id
         out: list[MapMessage] = []
         node = state.nodes.get(me)
         if node is None or hub.seq == self.seq:
             return out
+        if node.is_expired(now):
+            return self._expired_update(hub, node)
+        if self.expired:
+            return self._restored(hub, node)
+        assert self.peers is not None
         peers = hub.peer_set(me)
         if peers is not self.peers:
             diff, shared = peers.diff_message(self.peers, now)

@@ -37,10 +37,13 @@ from .tailcfg import (
 from .tailcfg import Node as WireNode
 
 __all__ = [
+    "DENY_ALL",
     "TAGGED_DEVICES_USER_ID",
     "NetmapSettings",
     "PolicyView",
     "PresenceOf",
+    "expired_map",
+    "expired_self",
     "full_map",
     "profiles_for",
     "user_id_shown",
@@ -100,9 +103,11 @@ def wire_node(
     primary_routes: tuple[str, ...],
     cap_map: dict[str, msgspec.Raw | None],
     is_self: bool,
+    expired: bool = False,
 ) -> WireNode:
     """The ``tailcfg.Node`` for ``node``; the policy-dependent parts come from the
-    viewer's netmap (a peer's AllowedIPs depend on who looks)."""
+    viewer's netmap (a peer's AllowedIPs depend on who looks). ``expired`` marks a
+    self node whose key is out of use (``Node.Expired``)."""
     addresses = [f"{node.ipv4}/32"] if node.ipv4 else []
     if node.ipv6:
         addresses.append(f"{node.ipv6}/128")
@@ -129,6 +134,38 @@ def wire_node(
         last_seen=None if is_self else p.last_seen,  # kept while online, as Tailscale does
         machine_authorized=True,
         cap_map=wire_cap_map(cap_map),
+        expired=expired,
+    )
+
+
+#: The packet filter of a node whose key is out of use: deny everything.
+DENY_ALL: Final = msgspec.Raw(b"[]")
+
+
+def expired_self(node: Node, presence: NodePresence | None, settings: NetmapSettings) -> WireNode:
+    """The self node of a node whose key expired or that logged out: marked
+    ``Expired`` (its ``KeyExpiry`` is in the past), with none of the policy's extras."""
+    return wire_node(
+        node, presence, settings, allowed_ips=(), primary_routes=(), cap_map={}, is_self=True, expired=True
+    )
+
+
+def expired_map(
+    state: TailnetState, node: Node, presence: NodePresence | None, settings: NetmapSettings, now: datetime
+) -> MapResponse:
+    """What a node whose key is out of use (expired, or logged out) is told, as
+    Tailscale's control plane does: its own node, marked expired, and nothing of the
+    tailnet: no peers, a deny-all packet filter, no SSH policy and no DNS
+    configuration. The client then asks its user to log in again."""
+    return MapResponse(
+        node=expired_self(node, presence, settings),
+        derp_map=settings.derp_map,
+        domain=settings.domain,
+        packet_filters={"base": DENY_ALL},
+        user_profiles=profiles_for(state, [node]),
+        collect_services=False,
+        control_time=now,
+        debug=Debug(disable_log_tail=True),
     )
 
 
@@ -171,6 +208,8 @@ def full_map(
     and audit tools use this directly.
     """
     node = state.nodes[node_id]
+    if node.is_expired(now):
+        return expired_map(state, node, presence(node_id), settings, now)
     netmap = policy.netmap(state, node_id)
     peers: list[WireNode] = []
     for view in netmap.peers:

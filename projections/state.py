@@ -102,7 +102,9 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     updated_seq: int = 0  # the last event that changed this node (for cheap diffs)
 
     def is_expired(self, now: datetime) -> bool:
-        return self.expiry is not None and self.expiry <= now
+        """Whether the node's key is out of use at ``now``: expired (by time or by an
+        admin) or logged out. Such a node sees no peers and no peer sees it."""
+        return self.logged_out or (self.expiry is not None and self.expiry <= now)
 
     @property
     def is_tagged(self) -> bool:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Annotated, Final, TypeVar
 import msgspec
 
 __all__ = [
+    "PEER_HOSTINFO_FIELDS",
     "RAW_NULL",
     "ZERO_TIME",
     "ChallengeKeyText",
@@ -109,6 +110,7 @@ __all__ = [
     "is_zero_time",
     "parse_key",
     "parse_time",
+    "peer_hostinfo",
     "time_or_none",
     "zero_key",
 ]
@@ -481,6 +483,48 @@ class Hostinfo(_Wire, frozen=True, kw_only=True):
     location: Location | None = None
     tpm: TPMInfo | None = None
     state_encrypted: bool | None = None
+
+
+#: The Hostinfo fields the server keeps and shows to peers (``Node.Hostinfo``): what
+#: peers' clients read (names and platform for status and UIs, peerapi ``Services``,
+#: ``sshHostKeys`` for Tailscale SSH, ``WoLMACs`` to wake it, ``Location`` and the
+#: app-connector and peer-relay flags to pick nodes, the routes and tags it asks
+#: for) and what the server itself records (host name, OS, routes). Everything else
+#: stays with the node: log ids, the push token, the exit node it uses, TPM and
+#: posture data, and ``NetInfo`` (its DERP home is kept apart, as ``HomeDERP``).
+PEER_HOSTINFO_FIELDS: Final = (
+    "ipn_version",
+    "os",
+    "os_version",
+    "distro",
+    "distro_version",
+    "app",
+    "package",
+    "device_model",
+    "hostname",
+    "shields_up",
+    "wire_ingress",
+    "ingress_enabled",
+    "routable_ips",
+    "request_tags",
+    "wol_macs",
+    "services",
+    "ssh_host_keys",
+    "userspace",
+    "userspace_router",
+    "app_connector",
+    "services_hash",
+    "peer_relay",
+    "location",
+)
+
+
+def peer_hostinfo(hostinfo: Hostinfo, **changes: object) -> Hostinfo:
+    """``hostinfo`` trimmed to :data:`PEER_HOSTINFO_FIELDS` (with ``changes`` applied),
+    as the server stores it and copies it into peers' maps."""
+    kept = {name: getattr(hostinfo, name) for name in PEER_HOSTINFO_FIELDS}
+    kept.update(changes)
+    return Hostinfo(**kept)
 
 
 # -- register ---------------------------------------------------------------

@@ -20,18 +20,29 @@ it); only an unsupported client version or an undecodable body gets an HTTP erro
 Map: a streaming request opens a long-poll that first sends the full netmap, then the
 smallest update whenever the log or the presence of a visible peer changes (bursts are
 coalesced for :attr:`ControlSettings.coalesce` seconds), and a keep-alive when nothing
-happened for :attr:`ControlSettings.keepalive_interval` seconds. Lite updates
-(``OmitPeers``, not streaming) only report endpoints and Hostinfo.
+happened for :attr:`ControlSettings.keepalive_interval` seconds. A node has one
+long-poll: a newer one ends the older. Lite updates (``OmitPeers``, not streaming)
+only report endpoints and Hostinfo; one-shot maps (neither) wait for a full-map turn
+like streams.
+
+What a node can make the server keep or write is bounded (:class:`ControlLimits`): its
+Hostinfo is refused above a size and kept only as peers see it
+(:func:`~projections.tailcfg.peer_hostinfo`), its host name is cleaned and cut, its
+routes are counted, and updates that append to the log are rate-limited per node. A
+node whose key expired or that logged out gets only its own node, marked expired,
+and its updates are ignored. Every refusal is counted in :class:`ControlStats`.
 
 Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -66,13 +77,15 @@ from projections.tailcfg import (
     decode_register_request,
     encode,
     parse_key,
+    peer_hostinfo,
     time_or_none,
 )
 
 from .handler import NoiseRequest, NoiseResponse, Park
 from .mapframe import compress_piece, frame_map_response, frame_pieces, keepalive_frame
+from .ratelimit import TokenBuckets
 
-__all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlSettings"]
+__all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlLimits", "ControlSettings", "ControlStats"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +101,40 @@ _PRESENCE_PACING = 5
 _PRESENCE_MAX_HOLD = 3.0
 #: Keep-alive ticks per keep-alive interval (see Control._tick_keepalives).
 _KEEPALIVE_TICKS = 4
+
+
+@dataclass(frozen=True)
+class ControlLimits:
+    """What one node may make the server keep or write (``[limits]`` in the config)."""
+
+    #: Largest Hostinfo accepted, in bytes of JSON.
+    max_hostinfo_bytes: int = 16384
+    #: Longest host name recorded (longer ones are cut).
+    max_hostname_length: int = c.MAX_HOSTNAME_LENGTH
+    #: Most routes one node may advertise.
+    max_advertised_routes: int = 512
+    #: Log-writing updates per node: a bucket of this many...
+    node_update_burst: int = 10
+    #: ...regaining one every this many seconds.
+    node_update_interval: float = 30.0
+
+
+@dataclass
+class ControlStats:
+    """What the limits refused or dropped (exported as metrics)."""
+
+    #: Requests refused because their Hostinfo was larger than the limit.
+    hostinfo_too_large: int = 0
+    #: Requests refused because they advertised too many routes.
+    too_many_routes: int = 0
+    #: Host names cut to the limit (or cleaned of control characters).
+    hostnames_cleaned: int = 0
+    #: Log-writing updates refused by the per-node rate limit.
+    updates_rate_limited: int = 0
+    #: Hostinfo updates ignored because the node's key expired or it logged out.
+    expired_updates_ignored: int = 0
+    #: Map long-polls ended by a newer one of the same node.
+    streams_superseded: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +155,7 @@ class ControlSettings:
     full_map_concurrency: int = 32
     #: Longest a full map may hold its turn (a client that stopped reading).
     full_map_turn: float = 10.0
+    limits: ControlLimits = field(default_factory=ControlLimits)
 
 
 class _Turn:
@@ -142,6 +190,16 @@ class _Pending:
     created: datetime
     done: trio.Event = field(default_factory=trio.Event)
     node_id: int | None = None
+
+
+class _Poll:
+    """The long-poll a node has open (there is one: a newer one ends it)."""
+
+    __slots__ = ("cancel", "superseded")
+
+    def __init__(self, cancel: Callable[[], None] | None) -> None:
+        self.cancel = cancel
+        self.superseded = False
 
 
 class _Wake:
@@ -230,6 +288,11 @@ class Control:
         self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
+        self.stats = ControlStats()
+        #: Each node's open long-poll (see _stream).
+        self._polls: dict[int, _Poll] = {}
+        #: Log-writing updates per node (see ControlLimits.node_update_burst).
+        self._updates = TokenBuckets(settings.limits.node_update_interval, settings.limits.node_update_burst)
         #: Shared peer views of every stream (see :mod:`projections.mapviews`), advanced
         #: by :meth:`_drive_hub` and read by the streams.
         self.hub = MapHub(self.policy, settings.netmap, presence.get)
@@ -272,6 +335,7 @@ class Control:
             task_status.started()
             while True:
                 await trio.sleep(10)
+                self._updates.prune(trio.current_time())
                 await self._collect_ephemeral()
 
     def register_admin_ops(self, ops: AdminOps) -> None:
@@ -303,6 +367,9 @@ class Control:
         if raw_nk is None:
             return _register_error("the register request has no node key")
         mk = request.machine_key.hex()
+        refused = self._check_hostinfo(rr.hostinfo)
+        if refused is not None:
+            return _register_error(refused)
         try:
             with caused_by():  # one login: its events share a correlation id
                 return await self._decide_register(rr, mk, raw_nk.hex())
@@ -334,6 +401,10 @@ class Control:
                 if not auth_key:
                     return _register_response(state, node, node_key_expired=True)
             else:
+                shorten = expiry is not None and (node.expiry is None or expiry < node.expiry)
+                refused = self._spend(node, int(shorten) + self._hostinfo_cost(node, rr.hostinfo))
+                if refused is not None:
+                    return _register_error(refused)
                 if expiry is not None and (node.expiry is None or expiry < node.expiry):
                     await self.tailnet.execute(
                         lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry),
@@ -390,6 +461,12 @@ class Control:
         if existing is not None and existing.node_key == nk and not existing.is_expired(now):
             # A container re-running `up --authkey` with a spent one-shot key.
             return _register_response(self.tailnet.state, existing)
+        if existing is not None:
+            # A re-key appends two events (and maybe the Hostinfo's): rate-limited.
+            refused = self._spend(existing, 2 + self._hostinfo_cost(existing, rr.hostinfo))
+            if refused is not None:
+                return _register_error(refused)
+        limits = self.settings.limits
 
         def decide(state: TailnetState) -> c.Decision[int]:
             key = self._check_preauth_key(state, text, now)
@@ -417,6 +494,7 @@ class Control:
                 plan=self.settings.plan,
                 os=hostinfo.os,
                 randbelow=self._randbelow,
+                max_hostname_length=limits.max_hostname_length,
             )
 
         node_id, _ = await self.tailnet.execute(decide, actor=actor)
@@ -486,6 +564,7 @@ class Control:
                 plan=self.settings.plan,
                 os=hostinfo.os,
                 randbelow=self._randbelow,
+                max_hostname_length=self.settings.limits.max_hostname_length,
             )
 
         node_id, _ = await self.tailnet.execute(decide, actor=actor)
@@ -496,30 +575,77 @@ class Control:
 
     # -- hostinfo → log ------------------------------------------------------------------
 
+    def _check_hostinfo(self, hostinfo: Hostinfo | None) -> str | None:
+        """Why a Hostinfo is refused (too large, too many routes), or ``None``."""
+        if hostinfo is None:
+            return None
+        limits = self.settings.limits
+        size = len(encode(hostinfo))
+        if size > limits.max_hostinfo_bytes:
+            self.stats.hostinfo_too_large += 1
+            return f"the Hostinfo is too large: {size} bytes (the limit is {limits.max_hostinfo_bytes})"
+        routes = len(hostinfo.routable_ips or ())
+        if routes > limits.max_advertised_routes:
+            self.stats.too_many_routes += 1
+            return f"too many advertised routes: {routes} (the limit is {limits.max_advertised_routes})"
+        return None
+
+    def _route_decision(self, state: TailnetState, node: Node, hostinfo: Hostinfo) -> c.Decision[int]:
+        return c.decide_advertise_routes(
+            state, node, tuple(hostinfo.routable_ips or ()), max_routes=self.settings.limits.max_advertised_routes
+        )
+
+    def _hostname_decision(self, state: TailnetState, node: Node, hostinfo: Hostinfo) -> c.Decision[int]:
+        return c.decide_change_hostname(
+            state, node, hostinfo.hostname, max_length=self.settings.limits.max_hostname_length
+        )
+
+    def _hostinfo_cost(self, node: Node, hostinfo: Hostinfo | None) -> int:
+        """How many events applying ``hostinfo`` to ``node`` would append now."""
+        if hostinfo is None:
+            return 0
+        state = self.tailnet.state
+        cost = len(self._hostname_decision(state, node, hostinfo).events)
+        with contextlib.suppress(CommandError):  # invalid routes append nothing (see _apply_hostinfo)
+            cost += len(self._route_decision(state, node, hostinfo).events)
+        return cost
+
+    def _spend(self, node: Node, cost: int) -> str | None:
+        """Take ``cost`` tokens from the node's update bucket; why not, if it can't."""
+        wait = self._updates.take(node.id, cost, trio.current_time())
+        if wait is None:
+            return None
+        self.stats.updates_rate_limited += 1
+        log.info("node %d: update refused by the rate limit (%d event(s))", node.id, cost)
+        if math.isinf(wait):
+            return f"this update would append {cost} events; at most {self._updates.burst} are allowed at once"
+        return f"too many updates from this node: try again in {math.ceil(wait)} s"
+
     async def _apply_hostinfo(self, node_id: int, hostinfo: Hostinfo | None, actor: Actor) -> None:
-        """Record what in a Hostinfo decides reachability: routes and hostname."""
+        """Record what in a Hostinfo decides reachability or is audited: routes and
+        host name (cleaned and cut, see ``commands.clean_hostname``)."""
         if hostinfo is None:
             return
-        node = self.tailnet.state.nodes.get(node_id)
+        state = self.tailnet.state
+        node = state.nodes.get(node_id)
         if node is None:
             return
-        routes = tuple(hostinfo.routable_ips or ())
-        if tuple(sorted(routes)) != node.advertised_routes:
+        try:
+            routes_change = bool(self._route_decision(state, node, hostinfo).events)
+        except CommandError as exc:
+            log.info("node %d advertised invalid routes: %s", node_id, exc)
+            routes_change = False
+        if routes_change:
             try:
                 await self.tailnet.execute(
-                    lambda s: c.decide_advertise_routes(s, s.nodes[node_id], routes), actor=actor
+                    lambda s: self._route_decision(s, s.nodes[node_id], hostinfo), actor=actor
                 )
             except CommandError as exc:
                 log.info("node %d advertised invalid routes: %s", node_id, exc)
             await self._auto_approve(node_id)
-        if hostinfo.hostname and hostinfo.hostname != node.hostname:
-            from eventlog.events import NodeHostnameChanged
-
+        if self._hostname_decision(state, node, hostinfo).events:
             await self.tailnet.execute(
-                lambda s: c.Decision(
-                    (NodeHostnameChanged(node_id=node_id, hostname=hostinfo.hostname),), node_id
-                ),
-                actor=actor,
+                lambda s: self._hostname_decision(s, s.nodes[node_id], hostinfo), actor=actor
             )
 
     async def _auto_approve(self, node_id: int) -> None:
@@ -538,21 +664,24 @@ class Control:
             actor=Actor(kind=ActorKind.SYSTEM, id="policy-auto-approver"),
         )
 
-    def _update_presence(self, node_id: int, mr: MapRequest) -> None:
+    def _update_presence(self, node_id: int, mr: MapRequest, hostinfo: Hostinfo | None) -> None:
+        """Store what a map request says about the node's connection; ``hostinfo`` is
+        the request's Hostinfo if it is to be kept (``None`` when ignored)."""
         changes: dict[str, object] = {"cap": mr.version}
         if mr.disco_key and parse_key(KeyPrefix.DISCO, mr.disco_key) is not None:
             changes["disco_key"] = mr.disco_key
         if mr.endpoints or not mr.stream:
             changes["endpoints"] = tuple(mr.endpoints or ())
-        if mr.hostinfo is not None:
-            old = self.presence.get(node_id)
-            hi = mr.hostinfo
-            if hi.net_info is None and old is not None and old.hostinfo is not None:
-                # Clients resend NetInfo only when it changes (pitfall 12).
-                hi = msgspec.structs.replace(hi, net_info=old.hostinfo.net_info)
-            changes["hostinfo"] = hi
-            if hi.net_info is not None and hi.net_info.preferred_derp:
-                changes["home_derp"] = hi.net_info.preferred_derp
+        if hostinfo is not None:
+            # Kept as peers see it: trimmed, the host name cleaned and cut. NetInfo is
+            # not kept (clients resend it only when it changes, pitfall 12): its DERP
+            # home is, as home_derp, until a NetInfo says otherwise.
+            hostname = c.clean_hostname(hostinfo.hostname, self.settings.limits.max_hostname_length)
+            if hostname != hostinfo.hostname:
+                self.stats.hostnames_cleaned += 1
+            changes["hostinfo"] = peer_hostinfo(hostinfo, hostname=hostname)
+            if hostinfo.net_info is not None and hostinfo.net_info.preferred_derp:
+                changes["home_derp"] = hostinfo.net_info.preferred_derp
         self.presence.update(node_id, **changes)
 
     # -- map -----------------------------------------------------------------------------
@@ -568,21 +697,46 @@ class Control:
         mk = request.machine_key.hex()
         if node.machine_key != mk:
             return _http_error(401, "this node key belongs to another machine")
-        self._update_presence(node.id, mr)
-        if mr.hostinfo is not None:
-            await self._apply_hostinfo(node.id, mr.hostinfo, self._actor(mk))
+        hostinfo = mr.hostinfo
+        if hostinfo is not None and node.is_expired(self.tailnet.clock()):
+            # Expired or logged out: what it says about itself is ignored until it
+            # logs in again (nothing is appended, nothing is shown to anyone).
+            self.stats.expired_updates_ignored += 1
+            hostinfo = None
+        if hostinfo is not None:
+            refused = self._check_hostinfo(hostinfo)
+            if refused is None:
+                refused = self._spend(node, self._hostinfo_cost(node, hostinfo))
+                status = 429
+            else:
+                status = 413
+            if refused is not None:
+                return _http_error(status, refused)
+        self._update_presence(node.id, mr, hostinfo)
+        if hostinfo is not None:
+            await self._apply_hostinfo(node.id, hostinfo, self._actor(mk))
         compress = mr.compress == "zstd"
         if not mr.stream:
             if mr.omit_peers:
                 return NoiseResponse(200, (), b"")
-            self._sync_hub()
-            full = StreamCursor(node.id).full_map(self.hub)
-            return NoiseResponse(200, (), self._frame_full(full, compress))
+            return NoiseResponse(200, (), stream=self._one_shot(node.id, compress))
         return NoiseResponse(
             200,
             (("content-type", "application/octet-stream"),),
-            stream=self._stream(node.id, compress),
+            stream=self._stream(node.id, compress, request.cancel),
         )
+
+    async def _one_shot(self, node_id: int, compress: bool) -> AsyncIterator[bytes | Park]:
+        """A one-shot (non-streaming) full map: it waits for a full-map turn like a
+        stream's first map, and holds it until the client took it all."""
+        turn = await self._full_map_turn()
+        try:
+            self._sync_hub()
+            if self.hub.state is None or node_id not in self.hub.state.nodes:
+                return
+            yield self._frame_full(StreamCursor(node_id).full_map(self.hub), compress)
+        finally:
+            turn.release()
 
     # -- the hub: one place computes what changed, every stream reads it ---------------
 
@@ -704,12 +858,31 @@ class Control:
             frame = msg.frames[compress] = frame_map_response(msg.json, compress)
         return frame
 
-    async def _stream(self, node_id: int, compress: bool) -> AsyncIterator[bytes | Park]:
+    def _open_poll(self, node_id: int, cancel: Callable[[], None] | None) -> _Poll:
+        """Make this the node's long-poll; the older one, if any, ends (the newest
+        wins: a client opens a new poll when it lost or gave up the old one)."""
+        poll = _Poll(cancel)
+        previous = self._polls.get(node_id)
+        self._polls[node_id] = poll
+        if previous is not None:
+            previous.superseded = True
+            self.stats.streams_superseded += 1
+            if previous.cancel is not None:
+                previous.cancel()  # even one stuck sending to a client that stopped reading
+            else:
+                self._wake_group(node_id % _WAKE_GROUPS)  # it sees superseded and ends
+        return poll
+
+    async def _stream(
+        self, node_id: int, compress: bool, cancel: Callable[[], None] | None = None
+    ) -> AsyncIterator[bytes | Park]:
         clock = self.tailnet.clock
         generation = self.presence.connect(node_id, clock())
         self.streams_open += 1
         listening_since: int | None = None  # the publication seq when it began listening
         cursor: StreamCursor | None = None
+        poll = self._open_poll(node_id, cancel)
+        del cancel
         try:
             # The full map is built only once this stream's turn comes, and the turn
             # ends when the client has taken all of it (the generator resumes only
@@ -738,6 +911,8 @@ class Control:
                 if cursor.seq >= self._published_seq:
                     self._parking_due = last_sent + self._keepalive_due()
                     yield self._parks[group]
+                if poll.superseded:
+                    return
                 assert self.hub.state is not None
                 if node_id not in self.hub.state.nodes:
                     return  # deleted: the client re-registers or gives up
@@ -757,6 +932,8 @@ class Control:
                     last_sent = trio.current_time()
         finally:
             self.streams_open -= 1
+            if self._polls.get(node_id) is poll:
+                del self._polls[node_id]
             if listening_since is not None and cursor is not None:
                 self._listening -= 1
                 if cursor.seq < self._published_seq and self._published_seq > listening_since:

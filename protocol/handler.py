@@ -73,6 +73,11 @@ class NoiseRequest:
         body: The full request body (capped by the server, 1 MiB by default).
         protocol_version: The client's capability version from the Noise
             header (130 for v1.90); the JSON bodies carry it too.
+        cancel: Ends this request's response from the handler's side (e.g. a
+            long poll superseded by a newer one): the transport cancels the
+            task serving it (or closes its parked iterator) and resets the
+            stream with ``CANCEL``. Does nothing once the stream ended;
+            ``None`` when the transport offers no such thing.
     """
 
     machine_key: bytes
@@ -81,6 +86,7 @@ class NoiseRequest:
     headers: Headers
     body: bytes
     protocol_version: int = 0
+    cancel: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def header(self, name: str) -> str | None:
         """Return the first value of header ``name`` (case-insensitive), if any."""

@@ -66,7 +66,7 @@ import os
 import select
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, cast
 
@@ -538,7 +538,9 @@ class _NoiseSession:
             if isinstance(event, h2_bridge.RequestReceived):
                 scope = trio.CancelScope()
                 self._scopes[event.stream_id] = scope
-                handlers.start_soon(self._serve_request, event.stream_id, event.request, scope)
+                request = replace(event.request, cancel=partial(self._cancel_stream, event.stream_id))
+                handlers.start_soon(self._serve_request, event.stream_id, request, scope)
+                del request
             elif isinstance(event, h2_bridge.StreamReset):
                 reset_scope = self._scopes.pop(event.stream_id, None)
                 if reset_scope is not None:
@@ -762,6 +764,30 @@ class _NoiseSession:
         except RuntimeError:  # the nursery is closing: the session closes it
             del self._scopes[stream_id]
             self._parked[stream_id] = stream
+
+    def _cancel_stream(self, stream_id: int) -> None:
+        """End a stream from the handler's side (``NoiseRequest.cancel``): cancel the
+        task serving it, or close its parked iterator, and reset it with CANCEL."""
+        scope = self._scopes.pop(stream_id, None)
+        parked = self._parked.pop(stream_id, None)
+        if scope is None and parked is None:
+            return  # ended already
+        if scope is not None:
+            scope.cancel()
+        self._conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self._notify_window()
+        if self._handlers is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the nursery is closing: the session ends anyway
+            if parked is not None:
+                self._handlers.start_soon(self._close_iterator, parked)
+            self._handlers.start_soon(self._flush_quietly)
+
+    async def _flush_quietly(self) -> None:
+        """Flush, for a write nobody waits for (a connection that died is noticed by
+        its reader)."""
+        with contextlib.suppress(ProtocolError, _ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._flush()
 
     async def _close_iterator(self, stream: AsyncIterator[bytes | Park]) -> None:
         """``aclose()`` a response stream, shielded and with a deadline."""
