@@ -32,6 +32,7 @@ import msgspec
 
 from eventlog import ChainError, EventLogError, SQLiteEventStore
 from eventlog.export import export_lines, import_export
+from projections.netmap import NetmapSettings
 from projections.replay import (
     History,
     MemorySnapshots,
@@ -228,9 +229,34 @@ def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def netmap_settings(args: argparse.Namespace) -> tuple[NetmapSettings, str]:
+    """The tailnet-wide parts of a map as the configured server builds them: domain,
+    DNS, the SSH check URL, and the DERP map from ``derp.paths`` files. Configuration is
+    not history: it is today's, and ``derp.urls`` and the embedded relay's region are
+    left out (a replay never touches the network)."""
+    from .config import ConfigError
+    from .main import _config
+    from .network import assemble_derp_map, dns_config
+
+    config = _config(args)
+    files: dict[str, bytes] = {}
+    for path in config.derp.paths:
+        try:
+            files[path] = Path(path).read_bytes()
+        except OSError as exc:
+            raise _Fail(f"derp.paths: cannot read {path}: {exc.strerror}") from None
+    try:
+        derp = assemble_derp_map(config, files=files, urls={}, embedded=None)
+    except ConfigError as exc:
+        raise _Fail(str(exc)) from None
+    settings = NetmapSettings(domain=config.dns.base_domain, derp_map=derp, dns=dns_config(config))
+    return settings, config.public_url
+
+
 def cmd_netmap(args: argparse.Namespace) -> int:
     history = open_history(args)
-    data = netmap_view(history, history.point(args.at), args.node)
+    settings, control_url = netmap_settings(args)
+    data = netmap_view(history, history.point(args.at), args.node, settings, control_url)
     if args.output == "json":
         print_json(data)
         return 0

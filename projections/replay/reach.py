@@ -39,7 +39,7 @@ from ..policy import CompiledPolicy, PolicySyntaxError, Tailnet, compile_policy,
 from ..policy.compile import CompiledGrant, GrantKind, self_rules, via_rules
 from ..policy.document import Policy
 from ..policy.hujson import load_hujson, load_legacy_hujson
-from ..policy.ipset import addr_to_int, prefix_str
+from ..policy.ipset import Prefix, addr_to_int, prefix_str
 from ..policy.rules import Rule
 from ..policy.tailnet import INTERNET, NodeInfo
 from ..policystate import ALLOW_ALL_POLICY, PolicyCompiler, policy_node, policy_user
@@ -50,6 +50,7 @@ __all__ = [
     "Hit",
     "Target",
     "explain",
+    "explain_subnet_source",
     "find_node",
     "pair_policy",
     "parse_proto",
@@ -174,9 +175,16 @@ def _grant_rules(compiled: CompiledPolicy, grant: CompiledGrant, dst: NodeInfo) 
         yield from via_rules(grant, dst)
 
 
-def _allows(rule: Rule, src: NodeInfo, dst_addrs: Iterable[int], port: int | None,
+def _allows(rule: Rule, src: NodeInfo | Prefix, dst_addrs: Iterable[int], port: int | None,
             protocols: tuple[int, ...]) -> bool:
-    if rule.caps or not rule.src_set.contains_any(src.addrs):
+    """Whether ``rule`` lets ``src`` (a node, or the hosts of a subnet) reach one of
+    ``dst_addrs`` on ``port`` with one of ``protocols``."""
+    if rule.caps:
+        return False
+    if isinstance(src, Prefix):
+        if not rule.src_set.overlaps_prefix(src):
+            return False
+    elif not rule.src_set.contains_any(src.addrs):
         return False
     common = set(rule.protocols or DEFAULT_PROTOCOLS) & set(protocols)
     if not common:
@@ -192,7 +200,7 @@ def _allows(rule: Rule, src: NodeInfo, dst_addrs: Iterable[int], port: int | Non
     return False
 
 
-def _first_hit(compiled: CompiledPolicy, src: NodeInfo, filter_node: NodeInfo,
+def _first_hit(compiled: CompiledPolicy, src: NodeInfo | Prefix, filter_node: NodeInfo,
                dst_addrs: tuple[int, ...], port: int | None, protocols: tuple[int, ...]) -> tuple[str | int, ...] | None:
     for grant in compiled.grants:
         for rule in _grant_rules(compiled, grant, filter_node):
@@ -246,6 +254,40 @@ def explain(
             continue
         path = _first_hit(compiled, src, router, (addr,), port, protocols)
         if path is not None:
+            return Hit(path, via)
+    return None
+
+
+def explain_subnet_source(
+    compiled: CompiledPolicy,
+    state: TailnetState,
+    router_id: int,
+    target: Target,
+    *,
+    port: int | None,
+    protocols: tuple[int, ...],
+    now: datetime,
+) -> Hit | None:
+    """Whether hosts of a subnet the router is primary for may reach a node ``target``.
+
+    Their packets enter the tailnet at the router; the destination's filter sees their
+    own addresses only when the router does not masquerade them (``tailscale up
+    --snat-subnet-routes=false``; with the default SNAT they arrive as the router, which
+    is then a source in its own right).
+    """
+    router_node = state.nodes.get(router_id)
+    if target.node_id is None or router_node is None or router_node.is_expired(now):
+        return None
+    dst_node = state.nodes.get(target.node_id)
+    if dst_node is None or dst_node.is_expired(now) or target.node_id == router_id:
+        return None
+    dst = compiled.tailnet.nodes.get(target.node_id)
+    if dst is None:
+        return None
+    for prefix in compiled.primaries_by_node.get(router_id, ()):
+        path = _first_hit(compiled, prefix, dst, dst.addrs, port, protocols)
+        if path is not None:
+            via = f"hosts in {prefix_str(prefix)} behind {router_node.given_name} (subnet route, without SNAT)"
             return Hit(path, via)
     return None
 

@@ -8,7 +8,9 @@ judge key expiry at the point's instant (``Point.now``) and never look at presen
   policy in force with the event that set it.
 * :func:`netmap_view`: :func:`projections.netmap.full_map` for the node, exactly what
   the server computes, with no presence and no ``ControlTime``.
-* :func:`who_can_reach`: every node that could reach a destination, with the rule.
+* :func:`who_can_reach`: every node that could reach a destination, with the rule;
+  an address destination is reached through its primary subnet router or an exit
+  node, and hosts behind a subnet router are listed under their router.
 * :func:`diff_view`: what changed between two points, each change citing the events in
   the range that caused it (events naming the node, user or policy; for a reachability
   pair, the events that touched either node, the users or the policy).
@@ -33,7 +35,7 @@ from ..policystate import PolicyCompiler
 from ..state import Node, TailnetState
 from ..tailcfg import DERPMap, encode
 from .history import History, Point, ReplayError
-from .reach import Target, explain, find_node, reach_pairs
+from .reach import Target, explain, explain_subnet_source, find_node, reach_pairs
 from .timeline import event_ref, iso
 
 __all__ = ["diff_view", "impact", "netmap_view", "state_view", "who_can_reach"]
@@ -127,6 +129,12 @@ def who_can_reach(
         if hit.via is not None:
             entry["via"] = hit.via
         sources.append(entry)
+    # Hosts behind subnet routers, which enter the tailnet through their router.
+    for router_id in sorted(compiled.primaries_by_node):
+        hit = explain_subnet_source(compiled, state, router_id, target, port=port, protocols=protocols, now=point.now)
+        if hit is not None:
+            sources.append({"node": state.nodes[router_id].given_name, "rule": hit.rule(state.policy_text),
+                            "via": hit.via})
     return {"at_seq": point.seq, "dst": target.label(state), "port": port, "sources": sources}
 
 
@@ -163,7 +171,10 @@ def _when(t: datetime | None) -> str:
     return iso(t) if t is not None else "never"
 
 
-def _node_changes(old: Node | None, new: Node | None, then: datetime, now: datetime) -> list[str]:
+def _node_changes(
+    old: Node | None, new: Node | None, then: datetime, now: datetime,
+    primaries: tuple[list[str], list[str]] = ([], []),
+) -> list[str]:
     if old is None and new is not None:
         return ["added"]
     if new is None:
@@ -180,6 +191,8 @@ def _node_changes(old: Node | None, new: Node | None, then: datetime, now: datet
         out.append(f"advertised routes {list(old.advertised_routes)} -> {list(new.advertised_routes)}")
     if old.approved_routes != new.approved_routes:
         out.append(f"approved routes {list(old.approved_routes)} -> {list(new.approved_routes)}")
+    if primaries[0] != primaries[1]:
+        out.append(f"primary routes {primaries[0]} -> {primaries[1]}")
     if old.expiry != new.expiry:
         out.append(f"key expiry {_when(old.expiry)} -> {_when(new.expiry)}")
     if old.is_expired(then) != new.is_expired(now):
@@ -214,8 +227,12 @@ def diff_view(history: History, start: Point, end: Point) -> dict[str, object]:
     names.update({n.id: n.given_name for n in after.nodes.values()})
 
     nodes = []
+    primaries_before, primaries_after = _primaries(before), _primaries(after)
     for nid in sorted(set(before.nodes) | set(after.nodes)):
-        changes = _node_changes(before.nodes.get(nid), after.nodes.get(nid), start.now, end.now)
+        changes = _node_changes(
+            before.nodes.get(nid), after.nodes.get(nid), start.now, end.now,
+            (primaries_before.get(nid, []), primaries_after.get(nid, [])),
+        )
         if changes:
             nodes.append({"node": names[nid], "id": nid, "changes": changes, "events": by_node.get(nid, [])})
     users = []

@@ -170,3 +170,39 @@ def test_a_log_from_before_the_envelope_columns_is_read_without_migrating(
     reach = json.loads(_run(capfd, "replay", "reach", "temp", "laptop", "-o", "json", "--data", str(folder)))
     assert reach["src"] == "temp" and reach["intervals"][0]["to"]["type"] == "policy.set"
     assert _fingerprint(folder) == before
+
+
+def test_the_progress_bar_draws_only_on_a_terminal(capfd: pytest.CaptureFixture[str]) -> None:
+    from cli.replaycmd import Progress
+
+    quiet = Progress("folding")  # stderr is not a terminal under pytest
+    quiet(5, 10)
+    quiet(10, 10)
+    quiet.done()
+    assert capfd.readouterr().err == ""
+    shown = Progress("folding", enabled=True)
+    shown(10, 10)
+    shown.done()
+    err = capfd.readouterr().err
+    assert "folding [" in err and "100.0%" in err and err.endswith("\n")
+
+
+def test_replay_netmap_is_the_servers_full_map_with_the_configured_domain(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from eventlog.export import import_export
+    from projections.netmap import NetmapSettings
+    from projections.replay import History, netmap_bytes
+    from projections.tailcfg import DERPMap
+
+    monkeypatch.setenv("TAILLEDGER_DNS__BASE_DOMAIN", "corp.example")
+    got = json.loads(_run(capfd, "replay", "netmap", "laptop", "--at", "8", "-o", "json", "--data", str(data)))
+    store = SQLiteEventStore(":memory:")
+    import_export(ROOT / "incident-subnet-route" / "events.jsonl", store)
+    history = History(store)
+    point = history.point_at_seq(8)
+    settings = NetmapSettings(domain="corp.example", derp_map=DERPMap(regions={}))
+    want = json.loads(netmap_bytes(history.state_at(8), 1, point.now, settings))
+    assert got["Node"]["Name"] == "laptop.corp.example."
+    assert got["Peers"] == want["Peers"] and got["PacketFilters"] == want["PacketFilters"]
+    assert got["Node"] == want["Node"]

@@ -133,3 +133,29 @@ def _filter_allows(full: object, state: TailnetState, src: int, dst: int, port: 
             if entry.addresses.contains_any(d.addrs) and (port is None or entry.first <= port <= entry.last):
                 return True
     return False
+
+
+def test_who_can_reach_names_hosts_behind_a_subnet_router() -> None:
+    from projections import commands as c
+    from projections.replay import who_can_reach
+
+    from .builders import Recorder
+
+    r = Recorder()
+    alice = r.user("alice")
+    r.node(alice, "laptop")
+    router = r.node(alice, "router", tags=("tag:router",))
+    r.run(lambda s: c.decide_advertise_routes(s, s.nodes[router], ("10.40.0.0/24",)))
+    r.run(lambda s: c.decide_approve_routes(s, "router", ("10.40.0.0/24",)))
+    policy = """{"hosts": {"lab": "10.40.0.0/24"}, "tagOwners": {"tag:router": ["alice@"]},
+      "acls": [{"action": "accept", "src": ["lab"], "dst": ["alice@:22"]}]}"""
+    r.run(lambda s: c.decide_set_policy(s, policy, source="db"))
+    history = History(r.store)
+    point = history.point(None)
+    answer = who_can_reach(history, point, Target(node_id=1), port=22, protocols=(6, 17))
+    assert answer["sources"] == [{
+        "node": "router", "rule": 'acls[0]: {"action":"accept","src":["lab"],"dst":["alice@:22"]}',
+        "via": "hosts in 10.40.0.0/24 behind router (subnet route, without SNAT)",
+    }]
+    # Port 80 is not allowed to anyone.
+    assert who_can_reach(history, point, Target(node_id=1), port=80, protocols=(6, 17))["sources"] == []
