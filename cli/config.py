@@ -84,6 +84,18 @@ class DerpServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     mesh_key: str = ""  # 64 hex digits, shared by every relay of the region
     mesh_key_file: str = ""  # or a file holding it (like derper's --mesh-psk-file)
     mesh_with: list[DerpMeshPeerConfig] = msgspec.field(default_factory=list)
+    # Abuse bounds: what one authorised node can take from the others (relay/derp/server.py).
+    # Bytes per second each node key may send through the relay (0 = unlimited), and the
+    # burst it may send at once (at least 65 573 bytes, one maximum-size packet). Announced
+    # to clients, which pace themselves; excess is dropped (metric drops{reason="rate_limited"}).
+    rate_limit: int = 8 << 20
+    rate_burst: int = 1 << 20
+    # Concurrent connections one node key may hold (0 = unlimited, like derper). Beyond it,
+    # "close_oldest" closes the key's oldest connection (a client that reconnects while its
+    # dead connections linger always gets in; metric closed_key_limit) and "refuse_new"
+    # refuses the newcomer (metric refused_key_limit).
+    max_conns_per_key: int = 4
+    key_limit_policy: str = "close_oldest"
 
 
 class DerpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -384,6 +396,7 @@ def validate(config: Config) -> None:
         if not 0 <= value <= 65535:
             raise ConfigError(f"{what}: {value} is not a port (0 = the bound port)")
     _validate_mesh(config.derp.server)
+    _validate_relay_limits(config.derp.server)
     if not config.dns.base_domain and config.dns.magic_dns:
         raise ConfigError("dns.base_domain: MagicDNS needs a base domain")
     _validate_audit(config)
@@ -462,6 +475,21 @@ def _validate_mesh(ds: DerpServerConfig) -> None:
             raise ConfigError(f"derp.server.mesh_with[{i}].url: {peer.url!r} is not an http(s):// DERP URL")
         if peer.cert_name and not peer.cert_name.startswith("sha256-raw:"):
             raise ConfigError(f"derp.server.mesh_with[{i}].cert_name: only sha256-raw:<hex> pins are supported")
+
+
+def _validate_relay_limits(ds: DerpServerConfig) -> None:
+    from relay.derp.server import MIN_RATE_BURST
+
+    if ds.rate_limit < 0:
+        raise ConfigError("derp.server.rate_limit: must be 0 (unlimited) or bytes per second")
+    if ds.rate_limit and ds.rate_burst < MIN_RATE_BURST:
+        raise ConfigError(
+            f"derp.server.rate_burst: {ds.rate_burst} is less than one maximum-size packet ({MIN_RATE_BURST} bytes)"
+        )
+    if ds.max_conns_per_key < 0:
+        raise ConfigError("derp.server.max_conns_per_key: must be 0 (unlimited) or a positive count")
+    if ds.key_limit_policy not in ("close_oldest", "refuse_new"):
+        raise ConfigError(f"derp.server.key_limit_policy: {ds.key_limit_policy!r} is not 'close_oldest' or 'refuse_new'")
 
 
 def _is_mesh_key(text: str) -> bool:

@@ -279,6 +279,10 @@ def relay_config(config: Config) -> RelayConfig:
         stun_host=stun_host,
         stun_port=stun_port,
         mesh_key=read_mesh_key(ds),
+        rate_limit=ds.rate_limit,
+        rate_burst=ds.rate_burst,
+        max_conns_per_key=ds.max_conns_per_key,
+        key_limit_policy="refuse_new" if ds.key_limit_policy == "refuse_new" else "close_oldest",
         mesh_with=tuple(
             MeshPeer(url=p.url, cert_name=p.cert_name or None, dial_host=p.dial_host or None)
             for p in ds.mesh_with

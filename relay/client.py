@@ -79,6 +79,11 @@ class DerpClient:
         return key
 
     @property
+    def server_info(self) -> f.ServerInfo | None:
+        """What the relay said at login (its version and rate limit); ``None`` before."""
+        return self._protocol.server_info
+
+    @property
     def logged_in(self) -> bool:
         """Whether the relay answered our ClientInfo with ServerInfo."""
         return self._protocol.logged_in

@@ -71,6 +71,7 @@ from .derp.server import (
     DEFAULT_QUEUE_DEPTH,
     DupPolicy,
     ForwardQueue,
+    KeyLimitPolicy,
     RelayCore,
     RelayStats,
     ServerConn,
@@ -141,6 +142,16 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
         queue_depth: per-client packet queue bound.
         dup_policy: what to do when a node key is connected twice (see
             :class:`relay.derp.server.DupPolicy`).
+        rate_limit: bytes per second one node key may send through the relay
+            (SendPacket frames); 0 = unlimited.  Excess packets are dropped as
+            ``rate_limited``.
+        rate_burst: the rate bucket's size in bytes (at least one maximum-size
+            frame, :data:`relay.derp.server.MIN_RATE_BURST`).
+        max_conns_per_key: concurrent connections one node key may hold; 0 =
+            unlimited.
+        key_limit_policy: ``"close_oldest"`` (a newcomer beyond the cap closes
+            the key's oldest connection) or ``"refuse_new"`` (it is refused);
+            see :class:`relay.derp.server.KeyLimitPolicy`.
         write_timeout: seconds a write to one client may take before that client
             is disconnected; ``None`` disables it.
         handshake_timeout: seconds allowed for TLS + HTTP + DERP login.
@@ -165,6 +176,10 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
     mesh_with: tuple[MeshPeer, ...] = ()
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     dup_policy: Literal["last_writer_is_active", "disable_fighters"] = "last_writer_is_active"
+    rate_limit: int = 0
+    rate_burst: int = 0
+    max_conns_per_key: int = 0
+    key_limit_policy: Literal["close_oldest", "refuse_new"] = "close_oldest"
     write_timeout: float | None = 2.0
     handshake_timeout: float = 10.0
     keepalive_interval: float = f.KEEPALIVE_INTERVAL
@@ -947,7 +962,7 @@ async def serve_relay(
             that accepts connections.
 
     Raises:
-        ConfigError: unusable keys, certificates or mesh settings.
+        ConfigError: unusable keys, certificates, mesh settings or limits.
         OSError: a port could not be bound.
 
     Cancellation: cancelling closes every listener and connection; the
@@ -957,15 +972,22 @@ async def serve_relay(
     if config.mesh_with and mesh_key is None:
         raise ConfigError("mesh_with needs a mesh_key")
     private_key, material, ctx = await trio.to_thread.run_sync(_load_identity, config)
-    core = RelayCore(
-        private_key,
-        authorizer,
-        mesh_key=mesh_key,
-        queue_depth=config.queue_depth,
-        dup_policy=DupPolicy(config.dup_policy),
-        clock=trio.current_time,
-        log=log_line or log.info,
-    )
+    try:
+        core = RelayCore(
+            private_key,
+            authorizer,
+            mesh_key=mesh_key,
+            queue_depth=config.queue_depth,
+            dup_policy=DupPolicy(config.dup_policy),
+            rate_limit=config.rate_limit,
+            rate_burst=config.rate_burst,
+            max_conns_per_key=config.max_conns_per_key,
+            key_limit_policy=KeyLimitPolicy(config.key_limit_policy),
+            clock=trio.current_time,
+            log=log_line or log.info,
+        )
+    except ValueError as exc:  # out-of-range limits: the core says which
+        raise ConfigError(str(exc)) from None
     server = RelayServer(config, core, ctx, material)
     listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
     server.derp_port = int(listeners[0].socket.getsockname()[1])

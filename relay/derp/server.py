@@ -40,6 +40,35 @@ Every dropped packet is counted under exactly one :class:`DropReason`;
 nothing is ever lost silently.  A reader that stops reading therefore costs its
 own queue, never the sender's progress or anybody else's.
 
+Abuse bounds (one authorised node against the others)
+-----------------------------------------------------
+A full queue drops its oldest packet, so a node that sends faster than its
+victim reads would otherwise push everybody else's packets to that victim
+out of the queue.  Two limits bound what one node key can do; both are off
+unless configured (derper has neither by default) and both exempt mesh peers,
+which carry many clients' traffic:
+
+* **Rate** (``rate_limit`` bytes/s, ``rate_burst`` bytes): one token bucket
+  per node key, shared by all of that key's connections, charged the full
+  SendPacket frame (header + key + packet, the unit Tailscale's ServerInfo
+  ``TokenBucketBytesPerSecond`` is defined in).  A packet the bucket cannot
+  pay for is dropped before it reaches any queue, as ``rate_limited``.  The
+  limit is announced in ServerInfo, where Tailscale clients read it and pace
+  their own sends, so a well-behaved client never loses a packet to it.
+  Early derper versions paced instead (a per-client limiter waited before
+  reading each frame, so TCP pushed back on the sender); dropping in the
+  core keeps the decision sans-I/O and testable with the injected clock, and
+  it takes effect within one read, whereas pacing a 64 KiB read still lets
+  its whole content into the victim's queue.
+* **Connections per key** (``max_conns_per_key``): derper keeps every
+  duplicate (:class:`DupPolicy`); we cap them.  By default the newest
+  connection wins and the oldest of the key are closed
+  (:attr:`KeyLimitPolicy.CLOSE_OLDEST`, counted as ``closed_key_limit``):
+  a client that reconnects faster than its dead TCP connections time out
+  must always get in, and only that key's owner pays.  With
+  :attr:`KeyLimitPolicy.REFUSE_NEW` a login beyond the cap is refused like an
+  unauthorised one (counted as ``refused_key_limit``).
+
 Invariants
 ----------
 * ``_active[k]`` is set iff ``_sets[k]`` exists and has an active connection,
@@ -70,11 +99,13 @@ from . import frames as f
 
 __all__ = [
     "DEFAULT_QUEUE_DEPTH",
+    "MIN_RATE_BURST",
     "ConnInput",
     "ConnState",
     "DropReason",
     "DupPolicy",
     "ForwardQueue",
+    "KeyLimitPolicy",
     "PacketForwarder",
     "RelayCore",
     "RelayStats",
@@ -112,6 +143,9 @@ _RECV_OVERHEAD = f.FRAME_HEADER_LEN + KEY_LEN  # bytes of a RecvPacket frame tha
 _FRAME_HEADER_LEN = f.FRAME_HEADER_LEN
 _MAX_SEND_PAYLOAD = f.MAX_PACKET_SIZE + KEY_LEN
 _KEEPALIVE_FRAME = f.encode_keep_alive()
+_UNLIMITED = float("inf")
+#: The largest SendPacket frame; a rate bucket's burst must pay for one.
+MIN_RATE_BURST = f.FRAME_HEADER_LEN + KEY_LEN + f.MAX_PACKET_SIZE
 
 
 class DropReason(enum.Enum):
@@ -131,6 +165,8 @@ class DropReason(enum.Enum):
     """The destination key is connected more than once and none is active."""
     MESH_QUEUE_FULL = "mesh_queue_full"
     """The mesh link to the relay that has the destination was backed up."""
+    RATE_LIMITED = "rate_limited"
+    """The sender's node key was over its byte rate (see ``rate_limit``)."""
 
 
 class ConnState(enum.Enum):
@@ -189,6 +225,10 @@ class RelayStats(msgspec.Struct, frozen=True, kw_only=True):
         drops: dropped packets per :class:`DropReason` value (every reason present).
         bytes_dropped: dropped packet bytes per reason.
         refused_unauthorized: logins refused by the authorizer.
+        refused_key_limit: logins refused because their node key already held
+            ``max_conns_per_key`` connections (:attr:`KeyLimitPolicy.REFUSE_NEW`).
+        closed_key_limit: older connections closed to admit a newer one of the
+            same node key (:attr:`KeyLimitPolicy.CLOSE_OLDEST`).
         refused_protocol: connections closed for a protocol violation.
         revoked: connections closed because their authorization was revoked.
         peer_gone_disconnected_sent: PeerGone(DISCONNECTED) frames queued.
@@ -214,6 +254,8 @@ class RelayStats(msgspec.Struct, frozen=True, kw_only=True):
     drops: dict[str, int]
     bytes_dropped: dict[str, int]
     refused_unauthorized: int
+    refused_key_limit: int
+    closed_key_limit: int
     refused_protocol: int
     revoked: int
     peer_gone_disconnected_sent: int
@@ -254,6 +296,7 @@ class ServerConn:
         "_not_here_tokens",
         "_not_here_updated",
         "_pong_queued",
+        "bucket",
         "can_mesh",
         "close_reason",
         "conn_id",
@@ -291,6 +334,8 @@ class ServerConn:
         self.wake_pending = False
         self.decoder = f.FrameDecoder(f.MAX_CLIENT_INFO_LEN)
         self.can_mesh = False
+        # The node key's rate bucket (shared by its connections); None = unlimited.
+        self.bucket: RateBucket | None = None
         self.preferred = False
         self.is_dup = False
         self.watching = False
@@ -332,6 +377,34 @@ class DupPolicy(enum.Enum):
     (dropped as ``dup_client``) until a new connection arrives."""
 
 
+class KeyLimitPolicy(enum.Enum):
+    """What a login does when its node key already holds ``max_conns_per_key`` connections."""
+
+    CLOSE_OLDEST = "close_oldest"
+    """Admit the newcomer and close the key's oldest connections (the default).
+    A client that reconnects while its dead TCP connections linger (a dead peer
+    is only noticed when the kernel gives up retransmitting) always gets in."""
+    REFUSE_NEW = "refuse_new"
+    """Refuse the newcomer like an unauthorised login; the existing ones stay."""
+
+
+class RateBucket:
+    """A token bucket of bytes for one node key (see "Abuse bounds" above).
+
+    ``tokens`` may be fractional; it is refilled lazily (once per received
+    chunk) from ``updated``, capped at the core's burst.
+    """
+
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.updated = now
+
+    def __repr__(self) -> str:
+        return f"<RateBucket {self.tokens:.0f} bytes>"
+
+
 class _ClientSet:
     """All local connections for one key (usually exactly one).
 
@@ -344,9 +417,11 @@ class _ClientSet:
     ``dup_client``) until one does.
     """
 
-    __slots__ = ("active", "conns", "fighting", "send_history")
+    __slots__ = ("active", "bucket", "conns", "fighting", "send_history")
 
     def __init__(self) -> None:
+        # The key's rate bucket, shared by its connections (mesh peers have none).
+        self.bucket: RateBucket | None = None
         self.conns: list[ServerConn] = []
         self.active: ServerConn | None = None
         self.send_history: list[ServerConn] = []
@@ -412,6 +487,13 @@ class RelayCore:
             and close peers.
         queue_depth: per-client packet queue bound (each of disco and other).
         dup_policy: how to treat a key connected more than once.
+        rate_limit: bytes per second each node key may send (SendPacket frames,
+            header included); 0 = unlimited.  Announced in ServerInfo.
+        rate_burst: bytes a node key may send at once (the bucket's size); at
+            least :data:`MIN_RATE_BURST` when ``rate_limit`` is set.
+        max_conns_per_key: concurrent connections one node key may hold; 0 =
+            unlimited (derper's behaviour).  Mesh peers are exempt.
+        key_limit_policy: what a login beyond ``max_conns_per_key`` does.
         clock: monotonic seconds; injected so tests can control time.
         log: called with one human-readable line per notable event
             (refusals, protocol errors, revocations).
@@ -425,6 +507,10 @@ class RelayCore:
         mesh_key: bytes | None = None,
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         dup_policy: DupPolicy = DupPolicy.LAST_WRITER_IS_ACTIVE,
+        rate_limit: int = 0,
+        rate_burst: int = 0,
+        max_conns_per_key: int = 0,
+        key_limit_policy: KeyLimitPolicy = KeyLimitPolicy.CLOSE_OLDEST,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -432,15 +518,31 @@ class RelayCore:
             raise ValueError("mesh key must be 32 bytes")
         if queue_depth < 1:
             raise ValueError("queue_depth must be at least 1")
+        if rate_limit < 0 or max_conns_per_key < 0:
+            raise ValueError("rate_limit and max_conns_per_key must not be negative (0 = off)")
+        if rate_limit and rate_burst < MIN_RATE_BURST:
+            # A smaller bucket could never pay for a maximum-size packet.
+            raise ValueError(f"rate_burst must be at least {MIN_RATE_BURST} bytes")
         self.private_key = private_key
         self.public_key = public_key_of(private_key)
         self.authorizer = authorizer
         self.mesh_key = mesh_key
         self.queue_depth = queue_depth
         self.dup_policy = dup_policy
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst if rate_limit else 0
+        self.max_conns_per_key = max_conns_per_key
+        self.key_limit_policy = key_limit_policy
         self._clock = clock
         self._log = log
         self._server_key_frame = f.encode_server_key(self.public_key)
+        # What every admitted client is told, sealed per client at login.
+        self._server_info_json = f.encode_server_info_json(
+            f.ServerInfo(
+                token_bucket_bytes_per_second=self.rate_limit,
+                token_bucket_bytes_burst=self.rate_burst,
+            )
+        )
         self._next_id = 0
         self._conns: dict[int, ServerConn] = {}
         self._sets: dict[bytes, _ClientSet] = {}
@@ -459,6 +561,8 @@ class RelayCore:
         self._fwd_out = 0
         self._fwd_in = 0
         self._refused_unauthorized = 0
+        self._refused_key_limit = 0
+        self._closed_key_limit = 0
         self._refused_protocol = 0
         self._revoked = 0
         self._gone_disconnected_sent = 0
@@ -681,6 +785,8 @@ class RelayCore:
             drops={r.value: n for r, n in self._drops.items()},
             bytes_dropped={r.value: n for r, n in self._drop_bytes.items()},
             refused_unauthorized=self._refused_unauthorized,
+            refused_key_limit=self._refused_key_limit,
+            closed_key_limit=self._closed_key_limit,
             refused_protocol=self._refused_protocol,
             revoked=self._revoked,
             peer_gone_disconnected_sent=self._gone_disconnected_sent,
@@ -717,15 +823,23 @@ class RelayCore:
             conn.key = client_key
             self._close(conn, ConnInput.REFUSED, "not authorized")
             return
+        over_cap = not can_mesh and self._key_at_cap(client_key)
+        if over_cap and self.key_limit_policy is KeyLimitPolicy.REFUSE_NEW:
+            self._refused_key_limit += 1
+            self._log(f"derp: #{conn.conn_id} {short_key(client_key)}: too many connections")
+            conn.key = client_key
+            self._close(conn, ConnInput.REFUSED, "too many connections for this node key")
+            return
         self._transition(conn, ConnInput.CLIENT_INFO_OK)
         conn.key = client_key
         conn.info = info
         conn.can_mesh = can_mesh
         conn.decoder.max_frame_len = _MAX_ACTIVE_FRAME
         self._register(conn)
-        sealed_info = seal_to(
-            self.private_key, client_key, f.encode_server_info_json(f.ServerInfo())
-        )
+        if over_cap:
+            # Registered first, so the key never leaves the region (no PeerGone).
+            self._close_oldest(client_key)
+        sealed_info = seal_to(self.private_key, client_key, self._server_info_json)
         self._queue_ctrl(conn, f.encode_server_info(sealed_info))
         if len(frames) > 1:
             self._receive_active(conn, frames[1:])
@@ -743,6 +857,9 @@ class RelayCore:
         assert src is not None  # Invariant: ACTIVE implies a key.
         if conn.is_dup:
             self._note_dup_activity(conn)
+        bucket = conn.bucket
+        if bucket is not None:
+            self._refill(bucket)
         for ftype, payload in frames:
             if ftype == _SEND_PACKET:
                 plen = len(payload)
@@ -750,6 +867,11 @@ class RelayCore:
                     raise RemoteProtocolError(f"SendPacket payload of {plen} bytes")
                 self._packets_received += 1
                 self._bytes_received += plen - KEY_LEN
+                if bucket is not None:
+                    if plen + _FRAME_HEADER_LEN > bucket.tokens:
+                        self._drop(DropReason.RATE_LIMITED, plen - KEY_LEN)
+                        continue
+                    bucket.tokens -= plen + _FRAME_HEADER_LEN
                 dconn = self._active.get(payload[:KEY_LEN])
                 if dconn is None:
                     self._route_slow(conn, src, payload[:KEY_LEN], payload[KEY_LEN:])
@@ -786,6 +908,11 @@ class RelayCore:
             self._note_dup_activity(conn)
         src = conn.key
         assert src is not None  # Invariant: ACTIVE implies a key.
+        # The sender's rate bucket, in a local for the loop (inf = unlimited,
+        # so the unlimited case costs one comparison per packet).
+        bucket = conn.bucket
+        tokens = _UNLIMITED if bucket is None else self._refill(bucket)
+        limited = limited_bytes = 0
         n = len(data)
         limit = decoder.max_frame_len
         unpack_from = _HEADER.unpack_from
@@ -812,6 +939,11 @@ class RelayCore:
                     raise RemoteProtocolError(f"SendPacket payload of {length} bytes")
                 received += 1
                 received_bytes += length - KEY_LEN
+                if length + _FRAME_HEADER_LEN > tokens:
+                    limited += 1
+                    limited_bytes += length - KEY_LEN
+                    continue
+                tokens -= length + _FRAME_HEADER_LEN
                 dst = data[body : body + KEY_LEN]
                 dconn = active_get(dst)
                 if dconn is None:
@@ -848,6 +980,20 @@ class RelayCore:
             if dropped:
                 self._drops[DropReason.QUEUE_FULL] += dropped
                 self._drop_bytes[DropReason.QUEUE_FULL] += dropped_bytes
+            if bucket is not None:
+                bucket.tokens = tokens
+                if limited:
+                    self._drops[DropReason.RATE_LIMITED] += limited
+                    self._drop_bytes[DropReason.RATE_LIMITED] += limited_bytes
+
+    def _refill(self, bucket: RateBucket) -> float:
+        """Add the tokens earned since the bucket was last looked at; return the balance."""
+        now = self._clock()
+        elapsed = now - bucket.updated
+        if elapsed > 0:
+            bucket.tokens = min(float(self.rate_burst), bucket.tokens + elapsed * self.rate_limit)
+            bucket.updated = now
+        return bucket.tokens
 
     def _handle_frame(self, conn: ServerConn, ftype: int, payload: bytes) -> None:
         """Everything but SendPacket, for an established connection."""
@@ -969,6 +1115,10 @@ class RelayCore:
         if cs is None:
             cs = self._sets[key] = _ClientSet()
         cs.conns.append(conn)
+        if self.rate_limit and not conn.can_mesh:
+            if cs.bucket is None:  # the key's first limited connection: a full bucket
+                cs.bucket = RateBucket(float(self.rate_burst), self._clock())
+            conn.bucket = cs.bucket
         if len(cs.conns) == 2:
             cs.send_history = [cs.conns[0]]
         if len(cs.conns) > 1:
@@ -1012,6 +1162,23 @@ class RelayCore:
                 self._active.pop(key, None)
             else:
                 self._active[key] = cs.active
+
+    def _key_at_cap(self, key: bytes) -> bool:
+        """Whether ``key`` already holds ``max_conns_per_key`` client connections."""
+        cap = self.max_conns_per_key
+        cs = self._sets.get(key)
+        if not cap or cs is None:
+            return False
+        return sum(1 for c in cs.conns if not c.can_mesh) >= cap
+
+    def _close_oldest(self, key: bytes) -> None:
+        """Close ``key``'s oldest client connections until it is back at its cap."""
+        cs = self._sets[key]
+        clients = [c for c in cs.conns if not c.can_mesh]  # join order: oldest first
+        for victim in clients[: len(clients) - self.max_conns_per_key]:
+            self._closed_key_limit += 1
+            self._log(f"derp: {victim!r}: replaced by a newer connection (connection cap)")
+            self._close(victim, ConnInput.CLOSE, "replaced: too many connections for this node key")
 
     def _note_dup_activity(self, conn: ServerConn) -> None:
         key = conn.key

@@ -1,0 +1,1 @@
+"""Abuse tests: each finding of the hostile-client review, tried against a real running server."""

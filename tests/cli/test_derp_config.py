@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -122,6 +123,52 @@ def test_unreadable_mesh_key_file(tmp_path: Path) -> None:
         config = load_config(None, {"TAILLEDGER_DATA": str(tmp_path), "TAILLEDGER_DERP__SERVER__MESH_KEY_FILE": str(path)})
         with pytest.raises(ConfigError, match=message):
             relay_config(config)
+
+
+# -- abuse bounds: rate and connections per node key ----------------------------------
+
+
+def test_relay_limits_are_on_by_default_and_reach_the_relay(tmp_path: Path) -> None:
+    rc = relay_config(load_config(None, {"TAILLEDGER_DATA": str(tmp_path)}))
+    assert (rc.rate_limit, rc.rate_burst) == (8 << 20, 1 << 20)
+    assert (rc.max_conns_per_key, rc.key_limit_policy) == (4, "close_oldest")
+    f = tmp_path / "c.toml"
+    f.write_text(
+        "[derp.server]\nrate_limit = 0\nmax_conns_per_key = 1\nkey_limit_policy = \"refuse_new\"\n"
+    )
+    rc = relay_config(load_config(f, {"TAILLEDGER_DATA": str(tmp_path)}))
+    assert (rc.rate_limit, rc.max_conns_per_key, rc.key_limit_policy) == (0, 1, "refuse_new")
+
+
+async def test_default_relay_limits_are_accepted_by_the_relay(tmp_path: Path) -> None:
+    config = relay_config(load_config(None, {"TAILLEDGER_DATA": str(tmp_path)}))
+    config = msgspec.structs.replace(config, listen_host="127.0.0.1", listen_port=0, tls="off", stun=False)
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(serve_relay, config, AllowAll())
+        assert (relay.core.rate_limit, relay.core.max_conns_per_key) == (8 << 20, 4)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("rate_limit = -1", "derp.server.rate_limit: must be 0 (unlimited)"),
+        ("rate_burst = 1500", "derp.server.rate_burst: 1500 is less than one maximum-size packet (65573 bytes)"),
+        ("rate_limit = 0\nrate_burst = 1500", None),  # no rate, no bucket to size
+        ("max_conns_per_key = -2", "derp.server.max_conns_per_key: must be 0 (unlimited)"),
+        ('key_limit_policy = "kick"', "derp.server.key_limit_policy: 'kick' is not 'close_oldest' or 'refuse_new'"),
+        ('rate_limit = "fast"', "Expected `int`, got `str`"),
+    ],
+)
+def test_bad_relay_limits_are_explained(tmp_path: Path, toml: str, message: str | None) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[derp.server]\n{toml}\n")
+    if message is None:
+        load_config(f, {})
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(f, {})
+    assert message in str(excinfo.value)
 
 
 # -- DERP map sources ------------------------------------------------------------

@@ -417,3 +417,25 @@ async def test_tls_handshakes_given_up_by_the_client_are_not_failures(tmp_path: 
         async with a, b:
             await a.send(b.public_key, b"still fine")
             assert (await recv_packet(b)).data == b"still fine"
+
+
+async def test_key_cap_closes_the_oldest_connection_of_a_key(tmp_path: Path) -> None:
+    async with running_relay(tmp_path, max_conns_per_key=2) as relay:
+        key = generate_private_key()
+        conns = [await connect_derp(relay.url, key) for _ in range(3)]
+        other = await connect_derp(relay.url, generate_private_key())
+        async with conns[0], conns[1], conns[2], other:
+            # The oldest was closed to admit the newest; the newest gets the packets.
+            with pytest.raises(ConnectionClosedError):
+                await recv_until(conns[0], lambda e: False)
+            await other.send(public_key_of(key), b"to the newest")
+            assert (await recv_packet(conns[2])).data == b"to the newest"
+        stats = relay.stats()
+        assert (stats.closed_key_limit, stats.refused_key_limit) == (1, 0)
+
+
+async def test_relay_limits_out_of_range_are_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ExceptionGroup) as caught:  # running_relay's nursery wraps it
+        async with running_relay(tmp_path, rate_limit=1000, rate_burst=1000):
+            pass
+    assert caught.group_contains(ConfigError, match="rate_burst must be at least 65573 bytes")

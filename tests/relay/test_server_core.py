@@ -21,10 +21,12 @@ from relay.derp.client import (
 )
 from relay.derp.server import (
     _TRANSITIONS,
+    MIN_RATE_BURST,
     ConnInput,
     ConnState,
     DupPolicy,
     ForwardQueue,
+    KeyLimitPolicy,
     RelayCore,
 )
 from relay.errors import LocalProtocolError
@@ -518,6 +520,192 @@ def test_close_peer_disconnects_the_target() -> None:
     assert a.conn.closed
     assert a.conn.close_reason == "closed by mesh peer"
     assert not peer.conn.closed
+
+
+# -- abuse bounds: per-key rate bucket and connection cap -----------------------------
+
+#: A SendPacket frame of a 16 KiB packet costs header + key + packet.
+BIG = b"\xee" * (16 << 10)
+BIG_COST = f.FRAME_HEADER_LEN + 32 + len(BIG)
+#: How many BIG packets a full bucket of MIN_RATE_BURST bytes pays for (3).
+BIG_PER_BURST = MIN_RATE_BURST // BIG_COST
+
+
+def limited_core(clock: FakeClock, **kwargs: object) -> RelayCore:
+    kwargs.setdefault("rate_limit", 10_000)
+    kwargs.setdefault("rate_burst", MIN_RATE_BURST)
+    return make_core(clock=clock, **kwargs)
+
+
+def test_rate_limit_drops_what_the_bucket_cannot_pay_and_refills_with_time() -> None:
+    clock = FakeClock()
+    core = limited_core(clock, queue_depth=100)
+    a, b = login_all(core, 2)
+    a.send_raw(b"".join(f.encode_send_packet(b.key, BIG) for _ in range(10)))
+    assert len(packets(b.pump_in())) == BIG_PER_BURST
+    limited = 10 - BIG_PER_BURST
+    assert drops(core) == {"rate_limited": limited}
+    assert core.stats().bytes_dropped["rate_limited"] == limited * len(BIG)
+    assert core.stats().packets_received == 10  # received, then dropped: counted once each
+    # 10 000 bytes/s: one more BIG packet is paid for after the rest of its cost accrues.
+    left = MIN_RATE_BURST - BIG_PER_BURST * BIG_COST
+    clock.now += (BIG_COST - left) / 10_000 - 0.01  # 100 bytes short
+    a.send_raw(f.encode_send_packet(b.key, BIG))
+    assert packets(b.pump_in()) == []
+    clock.now += 0.02  # 100 bytes over
+    a.send_raw(f.encode_send_packet(b.key, BIG))
+    assert len(packets(b.pump_in())) == 1
+    # A long idle time refills the bucket to the burst, no more.
+    clock.now += 3600
+    a.send_raw(b"".join(f.encode_send_packet(b.key, BIG) for _ in range(10)))
+    assert len(packets(b.pump_in())) == BIG_PER_BURST
+
+
+def test_a_rate_limited_flooder_cannot_crowd_out_a_victims_queue() -> None:
+    # The victim reads slowly (its queue holds 8); a peer sends it 4 packets, then a
+    # flooder sends 100.  Without the bucket the flood pushes the peer's packets out
+    # of the queue (oldest dropped first); with it, the flood stops at the burst.
+    for rate_limit, peer_packets_kept in ((0, 0), (10_000, 4)):
+        core = make_core(
+            clock=FakeClock(),
+            queue_depth=8,
+            rate_limit=rate_limit,
+            rate_burst=MIN_RATE_BURST if rate_limit else 0,
+        )
+        victim, peer, flooder = login_all(core, 3)
+        for i in range(4):
+            peer.send_raw(f.encode_send_packet(victim.key, b"peer %d" % i))
+        flooder.send_raw(b"".join(f.encode_send_packet(victim.key, BIG) for _ in range(100)))
+        got = packets(victim.pump_in())
+        assert [p.data for p in got if p.source == peer.key] == [
+            b"peer %d" % i for i in range(4)
+        ][:peer_packets_kept]
+        if rate_limit:
+            assert len(got) == 4 + BIG_PER_BURST
+            assert drops(core) == {"rate_limited": 100 - BIG_PER_BURST}
+        else:
+            assert len(got) == 8
+            assert drops(core) == {"queue_full": 96}
+
+
+def test_a_keys_connections_share_one_bucket() -> None:
+    clock = FakeClock()
+    core = limited_core(clock, queue_depth=100)
+    (b,) = login_all(core, 1)
+    key = generate_private_key()
+    first, second = CoreClient(core, private_key=key), CoreClient(core, private_key=key)
+    first.login()
+    second.login()
+    for _ in range(BIG_PER_BURST):
+        first.send_raw(f.encode_send_packet(b.key, BIG))
+        second.send_raw(f.encode_send_packet(b.key, BIG))
+    assert len(packets(b.pump_in())) == BIG_PER_BURST
+    assert drops(core) == {"rate_limited": BIG_PER_BURST}
+
+
+def test_rate_limit_is_announced_in_server_info_and_spares_mesh_peers() -> None:
+    core = limited_core(FakeClock(), mesh_key=MESH, queue_depth=100)
+    (b,) = login_all(core, 1)
+    peer = CoreClient(core, mesh_key=MESH)
+    assert peer.login()[0] == ServerInfoReceived(
+        info=f.ServerInfo(
+            version=2, token_bucket_bytes_per_second=10_000, token_bucket_bytes_burst=MIN_RATE_BURST
+        )
+    )
+    src = b"\x55" * 32
+    peer.send_raw(b"".join(f.encode_forward_packet(src, b.key, BIG) for _ in range(20)))
+    peer.send_raw(b"".join(f.encode_send_packet(b.key, BIG) for _ in range(20)))
+    assert len(packets(b.pump_in())) == 40
+    assert drops(core) == {}
+
+
+def test_rate_limits_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="rate_burst must be at least"):
+        make_core(rate_limit=1000, rate_burst=MIN_RATE_BURST - 1)
+    with pytest.raises(ValueError, match="must not be negative"):
+        make_core(max_conns_per_key=-1)
+    with pytest.raises(ValueError, match="must not be negative"):
+        make_core(rate_limit=-5)
+
+
+def _limited_deliveries(cuts: list[int]) -> tuple[list[bytes], dict[str, int]]:
+    """One fixed stream from A under a bucket that admits only part of it, cut at ``cuts``."""
+    core = limited_core(FakeClock(), queue_depth=1000)
+    a, b = login_all(core, 2)
+    sizes = [30_000, 100, 30_000, 20_000, 1, 16_000, 5_000, 0, 64 << 10, 7]
+    stream = b"".join(f.encode_send_packet(b.key, bytes([i]) * n) for i, n in enumerate(sizes))
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    for lo, hi in zip([0, *points], [*points, len(stream)], strict=True):
+        a.send_raw(stream[lo:hi])
+    return [p.data[:1] for p in packets(b.pump_in())], drops(core)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_chunking_never_changes_what_the_bucket_admits(cuts: list[int]) -> None:
+    whole = _limited_deliveries([])
+    # 30 000 + 100 + 30 000 fit (plus 37 bytes of framing each), leaving 5 366 bytes:
+    # 20 000, 16 000 and 64 KiB do not fit; 1, 5 000, 0 and 7 do.
+    assert whole == (
+        [b"\x00", b"\x01", b"\x02", b"\x04", b"\x06", b"", b"\x09"],
+        {"rate_limited": 3},
+    )
+    assert _limited_deliveries(cuts) == whole
+
+
+def test_key_cap_closes_the_oldest_connection_and_the_key_stays_present() -> None:
+    core = make_core(max_conns_per_key=2, mesh_key=MESH)
+    (b,) = login_all(core, 1)
+    watcher = CoreClient(core, mesh_key=MESH)
+    watcher.login()
+    watcher.send_raw(f.encode_watch_conns())
+    key = generate_private_key()
+    conns = [CoreClient(core, private_key=key) for _ in range(3)]
+    conns[0].login()
+    conns[0].send_raw(f.encode_send_packet(b.key, b"hello"))  # b now watches the key
+    b.pump_in()
+    conns[1].login()
+    watcher.pump_in()
+    assert isinstance(conns[2].login()[0], ServerInfoReceived)
+    assert conns[0].conn.closed
+    assert conns[0].conn.close_reason == "replaced: too many connections for this node key"
+    assert not conns[1].conn.closed and not conns[2].conn.closed
+    stats = core.stats()
+    assert (stats.closed_key_limit, stats.refused_key_limit) == (1, 0)
+    # The key never left the region: nobody was told it was gone.
+    assert not [e for e in b.pump_in() if isinstance(e, PeerGoneReceived)]
+    assert not [e for e in watcher.pump_in() if isinstance(e, PeerGoneReceived)]
+    # The newest connection gets the key's packets.
+    b.send_raw(f.encode_send_packet(conns[0].key, b"to the newest"))
+    assert packets(conns[2].pump_in()) == [PacketReceived(source=b.key, data=b"to the newest")]
+
+
+def test_key_cap_refuse_new_keeps_the_existing_connections() -> None:
+    core = make_core(max_conns_per_key=2, key_limit_policy=KeyLimitPolicy.REFUSE_NEW)
+    key = generate_private_key()
+    conns = [CoreClient(core, private_key=key) for _ in range(3)]
+    assert isinstance(conns[0].login()[0], ServerInfoReceived)
+    assert isinstance(conns[1].login()[0], ServerInfoReceived)
+    assert conns[2].login() == []  # the ServerKey, then silence, as for an unauthorised key
+    assert conns[2].conn.closed
+    assert conns[2].conn.close_reason == "too many connections for this node key"
+    assert not conns[0].conn.closed and not conns[1].conn.closed
+    assert (core.stats().refused_key_limit, core.stats().closed_key_limit) == (1, 0)
+    # Once one leaves, the key may connect again; other keys were never affected.
+    core.connection_lost(conns[0].conn)
+    assert isinstance(CoreClient(core, private_key=key).login()[0], ServerInfoReceived)
+    assert len(login_all(core, 3)) == 3
+
+
+def test_key_cap_spares_mesh_peers() -> None:
+    core = make_core(
+        max_conns_per_key=1, key_limit_policy=KeyLimitPolicy.REFUSE_NEW, mesh_key=MESH
+    )
+    key = generate_private_key()
+    peers = [CoreClient(core, private_key=key, mesh_key=MESH) for _ in range(3)]
+    for peer in peers:
+        assert isinstance(peer.login()[0], ServerInfoReceived)
+    assert core.stats().refused_key_limit == 0
 
 
 # -- the connection state machine (every pair) ------------------------------------------
