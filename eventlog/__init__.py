@@ -24,6 +24,7 @@ from .errors import (
     ChainError,
     EventLogError,
     ExpectedSequenceConflict,
+    StorageFullError,
     StoreClosedError,
     UnknownEventError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Head",
     "RecordedEvent",
     "SQLiteEventStore",
+    "StorageFullError",
     "StoreClosedError",
     "StoredRow",
     "UnknownEventError",

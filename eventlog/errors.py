@@ -10,6 +10,7 @@ __all__ = [
     "ChainError",
     "EventLogError",
     "ExpectedSequenceConflict",
+    "StorageFullError",
     "StoreClosedError",
     "UnknownEventError",
 ]
@@ -31,6 +32,14 @@ class ExpectedSequenceConflict(EventLogError):
         super().__init__(f"expected the log head at seq {expected}, but it is at {actual}")
         self.expected = expected
         self.actual = actual
+
+
+class StorageFullError(EventLogError):
+    """The disk holding the log is full: the append was rolled back, nothing was appended.
+
+    The store stays usable: reads go on, and appends succeed again once space is freed,
+    without reopening anything.
+    """
 
 
 class StoreClosedError(EventLogError):

@@ -20,6 +20,7 @@ an ``expected_seq`` race gets :class:`~eventlog.errors.ExpectedSequenceConflict`
 from __future__ import annotations
 
 import abc
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,13 @@ import sqlite_utils
 
 from .codec import decode_event, encode_event
 from .envelope import GENESIS_HASH, Actor, ActorKind, RecordedEvent, chain_hash, from_micros
-from .errors import ChainError, EventLogError, ExpectedSequenceConflict, StoreClosedError
+from .errors import (
+    ChainError,
+    EventLogError,
+    ExpectedSequenceConflict,
+    StorageFullError,
+    StoreClosedError,
+)
 from .events import AnyEvent
 from .migrations import MIGRATIONS
 
@@ -253,6 +260,8 @@ _SELECT: Final = (
     "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
     "correlation_id, reason FROM events "
 )
+#: SQLite's primary result code for "database or disk is full" (sqlite3.h).
+_SQLITE_FULL: Final = 13
 _INSERT: Final = (
     "INSERT INTO events (seq, recorded_at_us, actor_kind, actor_id, type, schema, data, "
     "prev_hash, hash, correlation_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -338,6 +347,7 @@ class SQLiteEventStore(EventStore):
         with self._lock:
             conn = self._writer
             try:
+                self._rollback(conn)  # a transaction left open by an earlier failure
                 conn.execute("BEGIN IMMEDIATE")
                 head = self._head(conn)
                 seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
@@ -374,10 +384,9 @@ class SQLiteEventStore(EventStore):
                 conn.executemany(_INSERT, rows)
                 conn.execute("COMMIT")
             except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                self._rollback(conn)
                 if isinstance(exc, sqlite3.Error):
-                    raise EventLogError(f"append failed: {exc}") from exc
+                    raise self._append_error(exc) from exc
                 raise
         return results
 
@@ -416,6 +425,27 @@ class SQLiteEventStore(EventStore):
                 if isinstance(exc, sqlite3.Error):
                     raise EventLogError(f"import failed: {exc}") from exc
                 raise
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        """Roll back a failed append, if SQLite has not done so itself.
+
+        SQLite rolls back on its own after some errors (a full disk during the commit).
+        A rollback that fails too must not hide the first error; the next append calls
+        this again before it begins, so one failure cannot wedge the writer.
+        """
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _append_error(self, exc: sqlite3.Error) -> EventLogError:
+        # The primary result code is the low byte of the extended one (sqlite3.h).
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+            return StorageFullError(
+                f"the disk is full: cannot append to the event log at {self._path} until space "
+                "is freed"
+            )
+        return EventLogError(f"append failed: {exc}")
 
     @staticmethod
     def _head(conn: sqlite3.Connection) -> Head:

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import AppendRequest, ChainError, EventLogError, EventStore, SQLiteEventStore
-from eventlog.events import UserCreated
+from eventlog import (
+    AppendRequest,
+    ChainError,
+    EventLogError,
+    EventStore,
+    SQLiteEventStore,
+    StorageFullError,
+)
+from eventlog.events import PolicySet, UserCreated
 from tests.conftest import ADMIN
 
 from .contract import StoreContract, user
@@ -146,3 +153,28 @@ def test_two_store_instances_on_one_file_cannot_both_win(tmp_path: Path) -> None
 def test_unreadable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EventLogError, match="cannot open the event log"):
         SQLiteEventStore(tmp_path / "missing-dir" / "log.db")
+
+
+def _limit_pages(conn: sqlite3.Connection, extra: int = 0) -> None:
+    """Make ``conn`` see a full disk: no page beyond the current ones (plus ``extra``)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + extra}")
+
+
+def test_a_full_disk_is_a_clear_error_and_the_store_recovers(tmp_path: Path) -> None:
+    store = SQLiteEventStore(tmp_path / "log.db")
+    store.append_batch([AppendRequest(events=(user(1),), actor=ADMIN)], 1000)
+    big = PolicySet(text="x" * 50_000, sha256="0" * 64)
+    # The limit holds per connection: it must be the store's own writer that hits it.
+    _limit_pages(store._writer, extra=2)  # room for part of the append, not all of it
+    with pytest.raises(StorageFullError, match=r"the disk is full: cannot append .* until space is freed"):
+        store.append_batch([AppendRequest(events=(user(2), big), actor=ADMIN)], 2000)
+    assert store.head().seq == 1 and store.verify().ok  # nothing half-written
+
+    store._writer.execute("PRAGMA max_page_count = 1073741823")  # space returns
+    [recorded] = store.append_batch([AppendRequest(events=(user(2), big), actor=ADMIN)], 3000)
+    assert not isinstance(recorded, BaseException) and [r.seq for r in recorded] == [2, 3]
+    store.close()
+    reopened = SQLiteEventStore(tmp_path / "log.db")
+    assert reopened.verify().count == 3
+    reopened.close()
