@@ -12,7 +12,14 @@ Layering: imports ``eventlog`` only; ``protocol``, ``relay`` and ``cli`` import 
 from .checkpoint import SNAPSHOT_SCHEMA, CheckpointStore, decode_state, encode_state
 from .commands import AddressPlan, Decision
 from .delta import EMPTY, Delta
-from .errors import CommandError, ConflictError, NotFoundError, ProjectionError
+from .errors import (
+    CheckpointError,
+    CommandError,
+    ConflictError,
+    NotFoundError,
+    ProjectionError,
+    UnavailableError,
+)
 from .fold import apply, fold
 from .ipam import DEFAULT_V4, DEFAULT_V6, AllocationMode, allocate
 from .runner import ProjectionRunner, Subscription
@@ -27,6 +34,7 @@ __all__ = [
     "AddressPlan",
     "AllocationMode",
     "ApiKey",
+    "CheckpointError",
     "CheckpointStore",
     "CommandError",
     "ConflictError",
@@ -40,6 +48,7 @@ __all__ = [
     "Subscription",
     "Tailnet",
     "TailnetState",
+    "UnavailableError",
     "User",
     "allocate",
     "apply",

@@ -26,6 +26,7 @@ from immutables import Map
 
 from eventlog import EventStore
 
+from .errors import CheckpointError
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
 
 __all__ = ["SNAPSHOT_SCHEMA", "CheckpointStore", "decode_state", "encode_state"]
@@ -112,12 +113,21 @@ class CheckpointStore:
         )
 
     def save(self, name: str, state: TailnetState, event_hash: str) -> None:
+        """Replace the checkpoint called ``name`` (atomically: the old one or the new one).
+
+        Raises:
+            CheckpointError: it could not be written (a full disk); the previous
+                checkpoint, if any, is still there and still valid.
+        """
         blob = encode_state(state)
         with self._lock:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                (name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob),
-            )
+            try:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                    (name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob),
+                )
+            except sqlite3.Error as exc:
+                raise CheckpointError(f"checkpoint {name!r} at seq {state.seq} not saved: {exc}") from exc
 
     def load(self, name: str, store: EventStore) -> TailnetState | None:
         """The checkpoint called ``name`` if it is still valid against ``store``."""

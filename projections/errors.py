@@ -6,7 +6,14 @@ person or client that asked, unchanged, and nothing was appended.
 
 from __future__ import annotations
 
-__all__ = ["CommandError", "ConflictError", "NotFoundError", "ProjectionError"]
+__all__ = [
+    "CheckpointError",
+    "CommandError",
+    "ConflictError",
+    "NotFoundError",
+    "ProjectionError",
+    "UnavailableError",
+]
 
 
 class ProjectionError(Exception):
@@ -23,3 +30,13 @@ class NotFoundError(CommandError):
 
 class ConflictError(CommandError):
     """The command would break a uniqueness rule (a duplicate name, a reused key)."""
+
+
+class UnavailableError(CommandError):
+    """The command was decided but the log could not record it (a full disk, a failed
+    store): nothing was appended, and the same command may succeed later."""
+
+
+class CheckpointError(ProjectionError):
+    """A checkpoint could not be saved. Checkpoints are only a cache: the next start
+    folds a longer tail, nothing else changes."""

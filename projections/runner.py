@@ -25,6 +25,7 @@ from eventlog import EventLog, RecordedEvent
 
 from .checkpoint import CheckpointStore
 from .delta import Delta
+from .errors import CheckpointError
 from .fold import fold
 from .state import TailnetState
 
@@ -169,4 +170,9 @@ class ProjectionRunner:
         if self._since_checkpoint == 0:
             return
         self._since_checkpoint = 0
-        await trio.to_thread.run_sync(self._checkpoints.save, self._name, self.state, self._last_hash)
+        try:
+            await trio.to_thread.run_sync(self._checkpoints.save, self._name, self.state, self._last_hash)
+        except CheckpointError as exc:
+            # Only a cache: keep folding, and try again after the next checkpoint_every
+            # events (not on every batch: each try encodes the whole state).
+            log.warning("projection %s: %s (the next start folds a longer tail)", self._name, exc)

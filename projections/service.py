@@ -10,6 +10,11 @@ reads its own writes.
 Commands of this process that lose such a race go on one at a time (a lock), so a
 burst of concurrent registrations cannot keep conflicting with each other until they
 run out of retries; only another replica can still make them decide again.
+
+When the log cannot record a decision (the disk is full, the store failed), the command
+fails with :class:`~projections.errors.UnavailableError`, a refusal whose message says
+why and that nothing changed: the admin socket, the HTTP API and the control protocol
+answer it like any other refusal instead of failing the request or the server.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from typing import TypeVar
 
 import trio
 
-from eventlog import Actor, EventLog, ExpectedSequenceConflict, RecordedEvent
+from eventlog import Actor, EventLog, EventLogError, ExpectedSequenceConflict, RecordedEvent
 
 from .commands import Decision
-from .errors import CommandError
+from .errors import CommandError, UnavailableError
 from .runner import ProjectionRunner
 from .state import TailnetState
 
@@ -63,7 +68,8 @@ class Tailnet:
         """Decide and append; retry on a concurrent append.
 
         Raises:
-            CommandError: the command was refused (nothing appended).
+            CommandError: the command was refused (nothing appended), including
+                :class:`UnavailableError` when the log could not record it.
         """
         if not self._serial.locked():
             try:
@@ -86,6 +92,11 @@ class Tailnet:
         decision = decide(state)
         if not decision.events:
             return decision.result, ()
-        recorded = await self.log.append(decision.events, actor=actor, expected_seq=state.seq)
+        try:
+            recorded = await self.log.append(decision.events, actor=actor, expected_seq=state.seq)
+        except ExpectedSequenceConflict:
+            raise
+        except EventLogError as exc:
+            raise UnavailableError(f"{exc}; nothing was changed") from exc
         await self.runner.wait_for(recorded[-1].seq)
         return decision.result, recorded

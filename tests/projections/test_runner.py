@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,19 @@ import trio
 
 from eventlog import EventLog, SQLiteEventStore
 from eventlog.events import UserCreated
-from projections import CheckpointStore, CommandError, ProjectionRunner, Tailnet, TailnetState, fold
+from projections import (
+    CheckpointStore,
+    CommandError,
+    ProjectionRunner,
+    Tailnet,
+    TailnetState,
+    UnavailableError,
+    fold,
+)
 from projections import commands as c
 from tests.conftest import ADMIN
+
+_ALLOW_ALL = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n'
 
 
 async def _fill(log: EventLog, n: int, start: int = 1) -> None:
@@ -133,3 +144,61 @@ async def test_a_burst_of_concurrent_commands_all_land(tmp_path: Path) -> None:
         assert sorted(results) == list(range(1, 61))
         assert {u.name for u in runner.state.users.values()} == {f"u{i}" for i in range(60)}
         nursery.cancel_scope.cancel()
+
+
+def _limit_pages(conn: sqlite3.Connection) -> None:
+    """Make ``conn`` see a full disk: no page beyond the ones it has."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+async def test_a_command_the_log_cannot_record_is_refused_clearly(tmp_path: Path) -> None:
+    store = SQLiteEventStore(tmp_path / "log.db")
+    log = EventLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        runner = ProjectionRunner(log)
+        await nursery.start(runner.run)
+        tailnet = Tailnet(log, runner)
+        await tailnet.execute(lambda s: c.decide_create_user(s, "alice"), actor=ADMIN)
+        _limit_pages(store._writer)  # the store's writer is what must meet the full disk
+        big = "x" * 20_000  # needs new pages
+        with pytest.raises(UnavailableError, match=r"the disk is full.*; nothing was changed"):
+            await tailnet.execute(lambda s: c.decide_set_policy(s, _ALLOW_ALL + "// " + big, source="db"), actor=ADMIN)
+        assert runner.state.seq == 1 and store.head().seq == 1
+        store._writer.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        _, recorded = await tailnet.execute(
+            lambda s: c.decide_set_policy(s, _ALLOW_ALL + "// " + big, source="db"), actor=ADMIN
+        )
+        assert recorded[0].seq == 2 and runner.state.policy_text is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_checkpoint_that_cannot_be_saved_is_logged_and_the_runner_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteEventStore(tmp_path / "log.db")
+    cps = CheckpointStore(tmp_path / "cp.db")
+    _limit_pages(cps._conn)  # a full disk under the checkpoint file
+    log = EventLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        runner = ProjectionRunner(log, cps, checkpoint_every=10)
+        await nursery.start(runner.run)
+        await _fill(log, 100)  # a state far larger than the checkpoint file's one page
+        await runner.wait_for(100)
+        nursery.cancel_scope.cancel()  # and the save on shutdown fails too: no error
+    assert "checkpoint 'tailnet' at seq 100 not saved" in caplog.text
+    events = store.read(0, 1000)
+    earlier = cps.load("tailnet", store)  # the last one that fitted is intact
+    assert earlier is not None and earlier.seq < 100
+    assert earlier == fold(TailnetState(), events[: earlier.seq])[0]
+
+    cps._conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        runner = ProjectionRunner(log, cps)
+        await nursery.start(runner.run)  # saves the folded backlog before it is ready
+        nursery.cancel_scope.cancel()
+    loaded = cps.load("tailnet", store)
+    assert loaded is not None and loaded == fold(TailnetState(), events)[0]
