@@ -55,7 +55,7 @@ import trio
 import trio.lowlevel
 
 from eventlog import Actor, ActorKind, caused_by
-from projections import AddressPlan, CommandError, NotFoundError, Tailnet
+from projections import AddressPlan, CommandError, NotFoundError, Tailnet, UnavailableError
 from projections import commands as c
 from projections.admin import AdminOps
 from projections.mapviews import MapHub, MapMessage, StreamCursor
@@ -349,10 +349,15 @@ class Control:
 
     async def __call__(self, request: NoiseRequest) -> NoiseResponse:
         path = request.path.split("?", 1)[0]
-        if path == "/machine/register" and request.method == "POST":
-            return await self._register(request)
-        if path == "/machine/map" and request.method == "POST":
-            return await self._map(request)
+        try:
+            if path == "/machine/register" and request.method == "POST":
+                return await self._register(request)
+            if path == "/machine/map" and request.method == "POST":
+                return await self._map(request)
+        except UnavailableError as exc:
+            # The log cannot record what the request reported (a full disk): a clear
+            # error the client retries, with its Hostinfo again, not a 500.
+            return _http_error(503, str(exc))
         if path.startswith("/machine/"):
             return _http_error(501, f"{path} is not implemented by this server")
         return _http_error(404, "not found")
