@@ -27,6 +27,10 @@ from .durations import DurationError, parse_duration
 __all__ = ["Config", "ConfigError", "load_config"]
 
 
+#: Where ``/metrics`` is served unless configured (Headscale's default too): localhost only.
+DEFAULT_METRICS_LISTEN_ADDR = "127.0.0.1:9090"
+
+
 class ConfigError(Exception):
     """The configuration is invalid; the message explains what and where."""
 
@@ -194,7 +198,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     log_level: str = "info"
     node_key_expiry: str = "0"  # default expiry of node keys; 0 = never
     ephemeral_node_inactivity_timeout: str = "30m"
-    metrics_listen_addr: str = ""
+    # Prometheus /metrics, never on the public control port; "" turns it off. When the
+    # default address is taken the server starts without metrics (a warning); an
+    # address set explicitly must be free.
+    metrics_listen_addr: str = DEFAULT_METRICS_LISTEN_ADDR
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
     prefixes: PrefixConfig = msgspec.field(default_factory=PrefixConfig)
     dns: DNSConfig = msgspec.field(default_factory=DNSConfig)
@@ -335,6 +342,12 @@ def msgspec_msg_split(msg: str) -> tuple[str, str, str]:
 def validate(config: Config) -> None:
     """Semantic checks beyond types."""
     config.listen  # noqa: B018 - raises ConfigError when malformed
+    metrics = split_host_port(config.metrics_listen_addr, "metrics_listen_addr") if config.metrics_listen_addr else None
+    if metrics is not None and metrics == config.listen and metrics[1]:
+        raise ConfigError(
+            "metrics_listen_addr: must differ from listen_addr (metrics are not served on the "
+            "public control port); use a local address such as 127.0.0.1:9090, or \"\" for none"
+        )
     for what, text, version in (("prefixes.v4", config.prefixes.v4, 4), ("prefixes.v6", config.prefixes.v6, 6)):
         if not text:
             continue

@@ -39,9 +39,9 @@ from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import generate_private_key, public_key, serve_control
 from protocol.control import Control, ControlLimits, ControlSettings
 
-from .config import Config, ConfigError, read_mesh_key, split_host_port
+from .config import DEFAULT_METRICS_LISTEN_ADDR, Config, ConfigError, read_mesh_key, split_host_port
 from .durations import parse_duration
-from .web import make_app
+from .web import make_app, serve_metrics
 
 if TYPE_CHECKING:
     from relay.serve import RelayConfig, RelayServer
@@ -223,6 +223,31 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     if port == 0 and not config.server_url:
         scheme = "https" if ctx is not None else "http"
         control.public_url = f"{scheme}://{host}:{server.port}"
+    await _start_metrics(server, nursery)
+
+
+async def _start_metrics(server: Server, nursery: trio.Nursery) -> None:
+    """Serve ``/metrics`` on ``metrics_listen_addr`` (not on the control port).
+
+    The default address being taken (another server on this machine) costs only the
+    metrics, with a warning; an address the operator chose must be free.
+    """
+    addr = server.config.metrics_listen_addr
+    if not addr:
+        log.info("metrics are off (metrics_listen_addr is empty)")
+        return
+    host, port = split_host_port(addr, "metrics_listen_addr")
+    try:
+        server.metrics_port = await nursery.start(serve_metrics, server, host, port)
+    except OSError as exc:
+        if addr != DEFAULT_METRICS_LISTEN_ADDR:
+            raise ConfigError(f"metrics_listen_addr: cannot listen on {addr}: {exc.strerror or exc}") from None
+        log.warning(
+            "metrics NOT served: the default metrics_listen_addr %s is taken (%s); "
+            "set metrics_listen_addr to a free local address", addr, exc.strerror or exc,
+        )
+        return
+    log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
 
 
 def control_limits(config: Config) -> ControlLimits:

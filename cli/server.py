@@ -49,6 +49,8 @@ class Server:
         self.relay: RelayServer | None = None
         self.noise_public = b""
         self.port = 0
+        #: The bound port of ``/metrics`` (0 while not served).
+        self.metrics_port = 0
 
     def secure_files(self) -> None:
         """Make every file of the data directory private (0600), once they all exist."""

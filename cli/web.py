@@ -1,13 +1,16 @@
-"""The HTTP side of the server (Quart on trio): health, metrics, the register page.
+"""The HTTP side of the server (Quart on trio): health, the register page, metrics.
 
-Served by hypercorn on the control port for every request that is not ``/key`` or
-``/ts2021`` (see :mod:`protocol.serve`).
+:func:`make_app` is served by hypercorn on the control port for every request that is
+not ``/key`` or ``/ts2021`` (see :mod:`protocol.serve`):
 
 * ``GET /health`` — 200 with the log head while the projection is current, 503 while it
   is still folding the backlog (load balancers should wait).
-* ``GET /metrics`` — Prometheus text format.
 * ``GET /register/<id>`` — the page a client's AuthURL points to: it tells the person
   which command an admin runs to approve the machine (OIDC login replaces it later).
+
+:func:`serve_metrics` serves ``GET /metrics`` (Prometheus text format) on its own
+address, ``metrics_listen_addr`` (``127.0.0.1:9090`` by default, as Headscale): never
+on the public control port, where anyone could read the tailnet's size and activity.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING
 
+import trio
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -31,7 +35,7 @@ if TYPE_CHECKING:
 
     from .server import Server
 
-__all__ = ["make_app", "metrics_registry"]
+__all__ = ["make_app", "make_metrics_app", "metrics_registry", "serve_metrics"]
 
 
 class _ServerCollector(Collector):
@@ -147,7 +151,6 @@ code{{background:#eee;padding:.2em .4em;border-radius:.2em}}</style></head>
 
 def make_app(server: Server) -> QuartTrio:
     app = QuartTrio("tailledger")
-    registry = metrics_registry(server)
 
     @app.get("/health")
     async def health() -> tuple[dict[str, object], int]:
@@ -155,10 +158,6 @@ def make_app(server: Server) -> QuartTrio:
         folded = server.runner.state.seq
         ok = folded >= head
         return {"status": "ok" if ok else "catching-up", "log_seq": head, "folded_seq": folded}, 200 if ok else 503
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/register/<auth_id>")
     async def register_page(auth_id: str) -> tuple[str, int]:
@@ -170,3 +169,47 @@ def make_app(server: Server) -> QuartTrio:
         return _PAGE.format(what=what, key=html.escape(auth_id)), 200
 
     return app
+
+
+def make_metrics_app(server: Server) -> QuartTrio:
+    """The app of the metrics address: ``GET /metrics`` and nothing else."""
+    app = QuartTrio("tailledger-metrics")
+    registry = metrics_registry(server)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def serve_metrics(
+    server: Server, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve :func:`make_metrics_app` on ``host:port`` until cancelled; report the bound port.
+
+    Raises:
+        OSError: the address cannot be bound (raised before ``task_status.started``).
+    """
+    import socket
+
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    # Bind here, so that a taken address is a plain OSError for the caller; hypercorn
+    # then takes the socket over by its descriptor.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)  # connections queue from now on, before hypercorn accepts
+    except BaseException:
+        sock.close()
+        raise
+    bound: int = sock.getsockname()[1]
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    task_status.started(bound)
+    await serve(make_metrics_app(server), config)

@@ -58,6 +58,8 @@ def running_server(data: Path, *, extra_env: dict[str, str] | None = None) -> It
         **os.environ,
         "TAILLEDGER_DATA": str(data),
         "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
+        # Each test server its own metrics port (the default 9090 is shared by all).
+        "TAILLEDGER_METRICS_LISTEN_ADDR": "127.0.0.1:0",
         **(extra_env or {}),
     }
     with open(log_path, "wb") as logf:

@@ -232,6 +232,7 @@ class TailledgerServer:
         port: The control port (namespace loopback).
         derp_port: The embedded relay's TCP port, if enabled.
         stun_port: The embedded relay's STUN (UDP) port, if enabled.
+        metrics_port: Where ``/metrics`` is served (namespace loopback).
     """
 
     process: ManagedProcess
@@ -239,6 +240,7 @@ class TailledgerServer:
     port: int
     derp_port: int | None
     stun_port: int | None
+    metrics_port: int
 
     @property
     def control_url(self) -> str:
@@ -489,13 +491,13 @@ class E2EHarness:
             ProcessExitedError: The server died during start-up (bad config...).
             LogWaitTimeout: It did not listen in time.
         """
-        port, derp_port, stun_port = self.ns.free_ports(3)
+        port, derp_port, stun_port, metrics_port = self.ns.free_ports(4)
         env = tailledger_env(
             self.root / f"{name}-data",
             listen=f"{LOOPBACK}:{port}",
             derp_listen=f"{LOOPBACK}:{derp_port}" if embedded_derp else None,
             stun_listen=f"{LOOPBACK}:{stun_port}" if embedded_derp else None,
-            extra=env_extra,
+            extra={"TAILLEDGER_METRICS_LISTEN_ADDR": f"{LOOPBACK}:{metrics_port}", **(env_extra or {})},
         )
         process = self.start_tailledger(["serve"], env=env, name=name)
         self.wait_listening(process, port, timeout=timeout)
@@ -507,6 +509,7 @@ class E2EHarness:
             port,
             derp_port if embedded_derp else None,
             stun_port if embedded_derp else None,
+            metrics_port,
         )
 
     def preauth_key(

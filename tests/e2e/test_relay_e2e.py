@@ -71,7 +71,7 @@ BIG_BODY = "relayed " * 25_000  # 200 000 bytes
 
 def relay_metrics(e2e: E2EHarness, server: TailledgerServer) -> dict[str, float]:
     """``tailledger_relay_*`` samples from the server's ``/metrics``, prefix stripped."""
-    resp = e2e.ns.http_request(f"http://{LOOPBACK}:{server.port}/metrics", timeout=10)
+    resp = e2e.ns.http_request(f"http://{LOOPBACK}:{server.metrics_port}/metrics", timeout=10)
     assert resp.status == 200, resp
     return {
         name.removeprefix("tailledger_relay_"): value

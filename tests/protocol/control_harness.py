@@ -21,7 +21,9 @@ ADMIN = Actor(kind=ActorKind.ADMIN, id="test")
 
 
 def make_config(tmp: Path, **overrides: object) -> Config:
-    base: dict[str, object] = {"data_dir": str(tmp), "listen_addr": "127.0.0.1:0"}
+    base: dict[str, object] = {
+        "data_dir": str(tmp), "listen_addr": "127.0.0.1:0", "metrics_listen_addr": "127.0.0.1:0",
+    }
     base.update(overrides)
     return msgspec.convert(base, type=Config)
 

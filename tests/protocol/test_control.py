@@ -312,7 +312,11 @@ async def test_health_metrics_and_register_page(tmp_path: Path) -> None:
                 assert (
                     status == 200 and "tailledger nodes register --key" in body and "laptop" in body
                 )
+            # Metrics are on their own (local) address, not on the public control port.
             status, body = await _http_get(server.port, "/metrics")
+            assert status == 404
+            assert server.metrics_port not in (0, server.port)
+            status, body = await _http_get(server.metrics_port, "/metrics")
             assert status == 200
             assert "tailledger_nodes 1.0" in body
             assert "tailledger_log_head_seq" in body
