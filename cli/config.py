@@ -239,6 +239,36 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return split_host_port(self.listen_addr, "listen_addr")
 
 
+#: What a secret value is shown as (``config check -o json``).
+REDACTED = "<redacted>"
+
+
+def _is_secret(name: str) -> bool:
+    """Whether a key of this name holds a secret (not a path to one, not a public key)."""
+    n = name.lower()
+    if n.endswith(("_file", "_path", "_addr", "_url", "_expiry")) or n.startswith("public"):
+        return False
+    return n.endswith("key") or any(w in n for w in ("secret", "password", "passwd", "token", "psk", "credential"))
+
+
+def redacted(config: Config) -> dict[str, object]:
+    """The configuration as plain data with every secret value replaced by ``<redacted>``
+    (the DERP mesh key, and any future key, secret, token or password), for printing."""
+
+    def scrub(value: object, name: str = "") -> object:
+        if isinstance(value, dict):
+            return {k: scrub(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v, name) for v in value]
+        if _is_secret(name) and value not in ("", None):
+            return REDACTED
+        return value
+
+    data = scrub(msgspec.to_builtins(config))
+    assert isinstance(data, dict)
+    return data
+
+
 def split_host_port(addr: str, what: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:

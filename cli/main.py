@@ -97,9 +97,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.output == "json":
-        import msgspec
+        from .config import redacted
 
-        print_json(msgspec.to_builtins(config))
+        print_json(redacted(config))
     else:
         print(f"configuration OK (data in {config.data_path}, listening on {config.listen_addr})")
     return 0

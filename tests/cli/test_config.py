@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,25 @@ def test_config_check_command(tmp_path: Path) -> None:
     f.write_text("")
     result = subprocess.run([sys.executable, "-m", "cli", "config", "check", "-c", str(f)], capture_output=True, text=True)
     assert result.returncode == 0 and "configuration OK" in result.stdout
+
+
+def test_config_check_json_redacts_secrets(tmp_path: Path) -> None:
+    mesh_key = "ab" * 32
+    public_key = "cd" * 32
+    f = tmp_path / "t.toml"
+    f.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        f'[derp.server]\nmesh_key = "{mesh_key}"\nkey_file = "/etc/tls/derp.key"\n'
+        f'[audit]\npublic_key = "{public_key}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "config", "check", "-c", str(f), "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    assert mesh_key not in result.stdout
+    shown = json.loads(result.stdout)
+    assert shown["derp"]["server"]["mesh_key"] == "<redacted>"
+    # Paths to secrets and public keys are not secrets.
+    assert shown["derp"]["server"]["key_file"] == "/etc/tls/derp.key"
+    assert shown["audit"]["public_key"] == public_key
+    assert shown["derp"]["server"]["mesh_key_file"] == ""
