@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import ssl
 import urllib.parse
 from collections.abc import Mapping
@@ -73,15 +74,58 @@ def load_noise_key(data_dir: Path) -> bytes:
 
     Clients do not pin it, but a changed key makes every client re-fetch ``/key``;
     keep the file with the data.
+
+    The key is written whole or not at all: to a temporary file, fsynced, renamed
+    over the final name, and the directory fsynced. A crash at any point leaves either
+    no key (a new one is made on the next start) or the complete key. A leftover
+    temporary file is removed; an empty key file (left by versions that wrote it in
+    place) is replaced, with a warning -- no client can have used an empty key.
+
+    Raises:
+        ConfigError: the key file holds something that is not a key.
     """
     path = data_dir / "noise_private.key"
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        log.warning("removing %s, left by a start that crashed while writing the Noise key", tmp)
+        tmp.unlink()
     if path.exists():
-        text = path.read_text().strip()
-        return bytes.fromhex(text.removeprefix("privkey:"))
+        text = path.read_text(errors="replace").strip()
+        if text:
+            try:
+                key = bytes.fromhex(text.removeprefix("privkey:"))
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                raise ConfigError(
+                    f"{path} does not hold a Noise private key (privkey:<64 hex digits>); "
+                    "restore it from a backup, or delete it to make a new one (clients re-fetch /key)"
+                )
+            return key
+        log.warning("%s is empty (a crash while it was first written); making a new Noise key", path)
     key = generate_private_key()
-    path.touch(mode=0o600)
-    path.write_text(f"privkey:{key.hex()}\n")
+    _write_atomically(path, f"privkey:{key.hex()}\n".encode())
     return key
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that a crash never leaves a partial file there."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def dns_config(config: Config) -> DNSConfig:
