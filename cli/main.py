@@ -260,19 +260,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="TOML configuration file (default: $TAILLEDGER_CONFIG)")
-    common.add_argument("--data", help="data directory (default: $TAILLEDGER_DATA or ./tailledger-data)")
-    common.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
-    common.add_argument(
-        "--reason", metavar="TEXT",
-        help="why (admin commands): stored with every event the command appends, shown by 'log show'",
-    )
+    def global_options(*, top: bool) -> argparse.ArgumentParser:
+        """The options every command takes, before or after its name.
+
+        The top-level parser holds the defaults; the subcommands' copies default to
+        ``SUPPRESS``, so that ``tailledger --data X users list`` keeps X instead of
+        having it silently overwritten by the subcommand's default (argparse copies a
+        subparser's defaults over what the main parser parsed). Given in both places,
+        the later one wins.
+        """
+        def d(value: object) -> object:
+            return value if top else argparse.SUPPRESS
+
+        opts = argparse.ArgumentParser(add_help=False)
+        opts.add_argument("-c", "--config", default=d(None), help="TOML configuration file (default: $TAILLEDGER_CONFIG)")
+        opts.add_argument("--data", default=d(None), help="data directory (default: $TAILLEDGER_DATA or ./tailledger-data)")
+        opts.add_argument("-o", "--output", choices=["table", "json"], default=d("table"), help="output format")
+        opts.add_argument(
+            "--reason", metavar="TEXT", default=d(None),
+            help="why (admin commands): stored with every event the command appends, shown by 'log show'",
+        )
+        return opts
+
+    common = global_options(top=False)
 
     parser = argparse.ArgumentParser(
         prog="tailledger",
         description="A Tailscale control server whose state is a tamper-evident event log.",
-        parents=[common],
+        parents=[global_options(top=True)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
