@@ -448,6 +448,32 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_set(args: argparse.Namespace) -> int:
+    """``policy set FILE``: the server checks it, computes its impact summary against
+    the live tailnet and records both in the ``policy.set`` event."""
+    from .main import CLIError, _admin
+
+    try:
+        text = Path(args.file).read_text()
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
+    data = _admin(args, "policy.set", {"text": text, "impact": True})
+    if args.output == "json":
+        print_json(data)
+        return 0
+    assert isinstance(data, dict)
+    print("policy set" if data["changed"] else "policy unchanged", f"(sha256 {str(data['sha256'])[:12]}…)")
+    impact = data.get("impact")
+    if isinstance(impact, dict):
+        nodes = impact.get("nodes") or []
+        more = int(impact["netmaps_changed"]) - len(nodes)
+        names = ", ".join(nodes) + (f" and {more} more" if more > 0 else "")
+        print(f"impact (recorded with the event): {impact['pairs_gained']} pairs gained, "
+              f"{impact['pairs_lost']} lost, {impact['netmaps_changed']} netmaps changed"
+              + (f" ({names})" if names else ""))
+    return 0
+
+
 def _guard(handler: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -513,7 +539,6 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
                    _guard(cmd_policy_impact)))
     p.add_argument("file")
     setp = policy.choices["set"]
-    previous = setp.get_default("func")
     source(setp)
     setp.add_argument("--dry-run", action="store_true",
                       help="print the impact against the current tailnet and append nothing")
@@ -521,11 +546,6 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
     def policy_set(args: argparse.Namespace) -> int:
         if args.dry_run:
             return _guard(cmd_policy_impact)(args)
-        if previous is not None:
-            result: int = previous(args)
-            return result
-        from .main import cmd_policy
-
-        return cmd_policy(args)
+        return cmd_policy_set(args)
 
     setp.set_defaults(func=policy_set)

@@ -19,8 +19,10 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 import msgspec
+import trio
 
 from eventlog import Actor
+from eventlog.events import PolicyImpact
 
 from . import commands as c
 from .errors import CommandError
@@ -113,6 +115,7 @@ class _Empty(msgspec.Struct, forbid_unknown_fields=True):
 
 class _PolicyText(msgspec.Struct, forbid_unknown_fields=True):
     text: str
+    impact: bool = False  # policy.set: compute the impact summary and record it
 
 
 #: The longest pre-auth key lifetime (100 years): beyond it dates stop being representable.
@@ -361,7 +364,28 @@ class AdminOps:
             raise CommandError(
                 "the policy is read from a file (policy.mode = file); edit that file instead"
             )
+        impact = None
+        if a.impact:
+            # Pairs and netmaps of every node, before and after: seconds on a large
+            # tailnet, so off the event loop. It is computed against the state of now;
+            # ``against_seq`` says which, should the decision land on a later one.
+            impact = await trio.to_thread.run_sync(_impact, self.state, a.text, self.tailnet.clock())
         sha, recorded = await self.tailnet.execute(
-            lambda s: c.decide_set_policy(s, a.text, source="db"), actor=actor
+            lambda s: c.decide_set_policy(s, a.text, source="db", impact=impact), actor=actor
         )
-        return {"sha256": sha, "changed": bool(recorded), "seq": recorded[-1].seq if recorded else None}
+        out: dict[str, object] = {"sha256": sha, "changed": bool(recorded), "seq": recorded[-1].seq if recorded else None}
+        if impact is not None and recorded:
+            out["impact"] = msgspec.to_builtins(impact)
+        return out
+
+
+def _impact(state: TailnetState, text: str, now: datetime) -> PolicyImpact | None:
+    """The impact summary of ``text``, or ``None`` when it is invalid (the decision
+    that follows refuses it with the reason)."""
+    from .replay import impact_summary
+
+    try:
+        c.check_policy_text(state, text)
+    except CommandError:
+        return None
+    return impact_summary(state, text, now)

@@ -33,6 +33,7 @@ from eventlog.events import (
     NodeRegistered,
     NodeRenamed,
     NodeTagsSet,
+    PolicyImpact,
     PolicySet,
     PreAuthKeyCreated,
     PreAuthKeyExpired,
@@ -319,12 +320,15 @@ def check_policy_text(state: TailnetState, text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def decide_set_policy(state: TailnetState, text: str, *, source: str) -> Decision[str]:
-    """Put ``text`` in force (after :func:`check_policy_text`); nothing if unchanged."""
+def decide_set_policy(
+    state: TailnetState, text: str, *, source: str, impact: PolicyImpact | None = None
+) -> Decision[str]:
+    """Put ``text`` in force (after :func:`check_policy_text`); nothing if unchanged.
+    ``impact`` is the summary to record with it (see ``projections.replay.impact_summary``)."""
     sha = check_policy_text(state, text)
     if state.policy_text == text and state.policy_source == source:
         return Decision((), sha)
-    return Decision((PolicySet(text=text, sha256=sha, source=source),), sha)
+    return Decision((PolicySet(text=text, sha256=sha, source=source, impact=impact),), sha)
 
 
 # -- nodes ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .node import (
     NodeRenamed,
     NodeTagsSet,
 )
-from .policy import PolicySet
+from .policy import PolicyImpact, PolicySet
 from .route import RoutesAdvertised, RoutesApproved
 from .user import UserCreated, UserDeleted, UserRenamed
 
@@ -48,6 +48,7 @@ __all__ = [
     "NodeRegistered",
     "NodeRenamed",
     "NodeTagsSet",
+    "PolicyImpact",
     "PolicySet",
     "PreAuthKeyCreated",
     "PreAuthKeyExpired",

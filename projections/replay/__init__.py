@@ -48,7 +48,15 @@ from .reach import (
     target_for,
 )
 from .timeline import Interval, Timeline, event_ref, iso, reach_timeline
-from .views import diff_view, impact, netmap_bytes, netmap_view, state_view, who_can_reach
+from .views import (
+    diff_view,
+    impact,
+    impact_summary,
+    netmap_bytes,
+    netmap_view,
+    state_view,
+    who_can_reach,
+)
 
 __all__ = [
     "History",
@@ -66,6 +74,7 @@ __all__ = [
     "explain",
     "find_node",
     "impact",
+    "impact_summary",
     "iso",
     "netmap_bytes",
     "netmap_view",

@@ -27,7 +27,7 @@ from datetime import datetime
 import msgspec
 
 from eventlog import RecordedEvent
-from eventlog.events import PolicySet
+from eventlog.events import PolicyImpact, PolicySet
 
 from ..netmap import NetmapSettings, full_map
 from ..policy.ipset import prefix_str
@@ -38,7 +38,7 @@ from .history import History, Point, ReplayError
 from .reach import Target, explain, explain_subnet_source, find_node, reach_pairs
 from .timeline import event_ref, iso
 
-__all__ = ["diff_view", "impact", "netmap_view", "state_view", "who_can_reach"]
+__all__ = ["diff_view", "impact", "impact_summary", "netmap_view", "state_view", "who_can_reach"]
 
 DEFAULT_SETTINGS = NetmapSettings(domain="tailnet.internal", derp_map=DERPMap(regions={}))
 
@@ -297,3 +297,15 @@ def impact(state: TailnetState, new_text: str, now: datetime) -> dict[str, objec
         "pairs_lost": _pairs_json(lost.items(), names),
         "netmaps_changed": changed,
     }
+
+
+def impact_summary(state: TailnetState, new_text: str, now: datetime) -> PolicyImpact:
+    """The summary of :func:`impact` that ``policy set`` records in its event."""
+    full = impact(state, new_text, now)
+    changed = full["netmaps_changed"]
+    gained, lost = full["pairs_gained"], full["pairs_lost"]
+    assert isinstance(changed, list) and isinstance(gained, list) and isinstance(lost, list)
+    return PolicyImpact(
+        against_seq=state.seq, pairs_gained=len(gained), pairs_lost=len(lost),
+        netmaps_changed=len(changed), nodes=tuple(str(n) for n in changed[:50]),
+    )
