@@ -407,16 +407,16 @@ class Control:
                     return _register_response(state, node, node_key_expired=True)
             else:
                 shorten = expiry is not None and (node.expiry is None or expiry < node.expiry)
+                if expiry is not None and not shorten:
+                    return _register_error("extending the key expiry is not allowed")
                 refused = self._spend(node, int(shorten) + self._hostinfo_cost(node, rr.hostinfo))
                 if refused is not None:
                     return _register_error(refused)
-                if expiry is not None and (node.expiry is None or expiry < node.expiry):
+                if shorten:
                     await self.tailnet.execute(
                         lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry),
                         actor=actor,
                     )
-                elif expiry is not None:
-                    return _register_error("extending the key expiry is not allowed")
                 await self._apply_hostinfo(node.id, rr.hostinfo, actor)
                 return _register_response(self.tailnet.state, self.tailnet.state.nodes[node.id])
 

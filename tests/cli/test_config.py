@@ -43,6 +43,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[tuning]\nfull_map_concurrency = 0", "tuning.full_map_concurrency: must be at least 1"),
         ("[tuning]\nfull_map_turn_timeout = '0'", "tuning.full_map_turn_timeout: must be a positive"),
         ("[tuning]\nfull_map_turn_timeout = 'soon'", "tuning.full_map_turn_timeout: malformed duration"),
+        ("[limits]\nmax_hostinfo_bytes = 100", "limits.max_hostinfo_bytes: must be at least 1024"),
+        ("[limits]\nmax_hostname_length = 0", "limits.max_hostname_length: must be at least 1"),
+        ("[limits]\nmax_advertised_routes = -1", "limits.max_advertised_routes: must be at least 0"),
+        ("[limits]\nnode_update_burst = 0", "limits.node_update_burst: must be at least 1"),
+        ("[limits]\nnode_update_interval = '0'", "limits.node_update_interval: must be a positive duration"),
+        ("[limits]\nnode_update_interval = 'often'", "limits.node_update_interval: malformed duration"),
     ],
 )
 def test_bad_config_is_explained(tmp_path: Path, text: str, message: str) -> None:
