@@ -224,7 +224,7 @@ def reach_timeline(
 
     timeline.intervals = [
         i for i in timeline.intervals
-        if seq_of(i.opened) <= end.seq and (i.closed is None or seq_of(i.closed) >= start.seq)
+        if seq_of(i.opened) <= end.seq and (i.closed is None or seq_of(i.closed) > start.seq)
     ]
     timeline.events = [e for e in timeline.events if start.seq <= seq_of(e) <= end.seq]
     return timeline

@@ -159,3 +159,23 @@ def test_who_can_reach_names_hosts_behind_a_subnet_router() -> None:
     }]
     # Port 80 is not allowed to anyone.
     assert who_can_reach(history, point, Target(node_id=1), port=80, protocols=(6, 17))["sources"] == []
+
+
+def test_reach_intervals_are_clipped_to_the_window() -> None:
+    from projections.replay import reach_timeline
+
+    history = History(_copy("incident-overbroad-grant"))
+
+    def opened(start: int, end: int) -> list[tuple[int, int | None]]:
+        tl = reach_timeline(history, "bobs-box", "db-1", port=5432, protocols=(6,), proto_name="tcp",
+                            start=history.point_at_seq(start), end=history.point_at_seq(end))
+        return [(int(str(i.opened["seq"])), None if i.closed is None else int(str(i.closed["seq"])))
+                for i in tl.intervals]
+
+    assert opened(0, 8) == [(5, 6), (7, 8)]
+    # After event 6 the allow-all interval is over; the grant's opens at 7.
+    assert opened(6, 8) == [(7, 8)]
+    # An interval that opened before the window keeps its true opening event.
+    # The scan stops at --to: what closes the interval later is not shown.
+    assert opened(7, 7) == [(7, None)]
+    assert opened(8, 8) == []
