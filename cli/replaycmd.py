@@ -358,7 +358,7 @@ def cmd_who_can_reach(args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json(data)
         return 0
-    print(f"who could reach {data['dst']}{'' if port is None else f':{port}'} after seq {data['at_seq']}")
+    print(f"who could reach {data['dst']} after seq {data['at_seq']}")
     print_table(data["sources"], [("node", "Source"), ("rule", "Rule"), ("via", "Via")])  # type: ignore[arg-type]
     return 0
 
@@ -401,7 +401,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         store = SQLiteEventStore(path)
         head = import_export(Path(args.file), store, progress=lambda n: bar(n, max(n, 1)))
+        report = store.verify()  # read back what was written: the same chain, end to end
         store.close()
+        if not report.ok or report.head_hash != head.hash:
+            raise ChainError(report.first_bad or head.seq, report.reason or "the imported head differs")
     except (ChainError, EventLogError, OSError) as exc:
         bar.done()
         for leftover in sorted(data.iterdir()):

@@ -135,7 +135,10 @@ def who_can_reach(
         if hit is not None:
             sources.append({"node": state.nodes[router_id].given_name, "rule": hit.rule(state.policy_text),
                             "via": hit.via})
-    return {"at_seq": point.seq, "dst": target.label(state), "port": port, "sources": sources}
+    label = target.label(state)
+    if port is not None:
+        label = f"[{label}]:{port}" if ":" in label else f"{label}:{port}"
+    return {"at_seq": point.seq, "dst": label, "sources": sources}
 
 
 # -- diff ------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def test_json_shapes_of_reach_and_who_can_reach(data: Path, capfd: pytest.Captur
     assert interval["from"] == {"seq": 8, "time": interval["from"]["time"], "type": "node.routes_approved", "actor": "admin:carol"}
     assert interval["to"]["seq"] == 9 and interval["rule"].startswith("acls[0]: ")
     who = json.loads(_run(capfd, "replay", "who-can-reach", "10.30.0.7:22", "--at", "8", "-o", "json", *d))
-    assert who["at_seq"] == 8 and who["dst"] == "10.30.0.7"
+    assert set(who) == {"at_seq", "dst", "sources"}
+    assert who["at_seq"] == 8 and who["dst"] == "10.30.0.7:22"
     assert [s["node"] for s in who["sources"]] == ["laptop"]
     assert who["sources"][0]["via"] == "subnet route 10.30.0.0/24 of router"
     # --at as an RFC 3339 time: the state after the last event at or before it.
