@@ -179,3 +179,22 @@ def test_reach_intervals_are_clipped_to_the_window() -> None:
     # The scan stops at --to: what closes the interval later is not shown.
     assert opened(7, 7) == [(7, None)]
     assert opened(8, 8) == []
+
+
+def test_replay_netmap_is_the_golden_netmap_of_every_fixture() -> None:
+    """``replay netmap`` computes exactly what the golden fixtures hold (the server's
+    reference full map, without presence), through the replay's own verified fold."""
+    from projections.netmap import NetmapSettings
+    from projections.replay import netmap_bytes
+    from projections.tailcfg import DERPMap
+
+    from .test_replay_fixtures import NOW
+
+    settings = NetmapSettings(domain="tailnet.internal", derp_map=DERPMap(regions={}))
+    for folder in sorted(p for p in ROOT.iterdir() if p.is_dir()):
+        history = History(_copy(folder.name))
+        state = history.state_at(history.head.seq)
+        for golden in sorted((folder / "expected").glob("*.json")):
+            node = next(n for n in state.nodes.values() if n.given_name == golden.stem)
+            got = netmap_bytes(state, node.id, NOW, settings, PolicyCompiler("https://control.example"))
+            assert msgspec.json.format(got, indent=1) + b"\n" == golden.read_bytes(), golden
