@@ -18,7 +18,7 @@ from .test_node_commands import _register
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second account")
-async def test_replay_diff_names_the_operator_and_the_reason(tmp_path: Path) -> None:
+def test_replay_diff_names_the_operator_and_the_reason(tmp_path: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="tl-admin-"))
     base.chmod(0o711)
     sock = base / "run" / "admin.sock"
@@ -28,29 +28,23 @@ async def test_replay_diff_names_the_operator_and_the_reason(tmp_path: Path) -> 
             run = server.cli
             run("users", "create", "alice", check=True)
             key = run("preauthkeys", "create", "-u", "alice", check=True).stdout.strip()
-            await _register(server, key, "build-box")
-            before = await trio.to_thread.run_sync(_head, server)
+            trio.run(_register, server, key, "build-box")
+            before = _head(server)
             child_env = {"TAILLEDGER_ADMIN_SOCKET": str(sock), "TAILLEDGER_DATA": str(server.data)}
-            code, _out, err = await trio.to_thread.run_sync(
-                lambda: _as_other_account(
-                    ["nodes", "tag", "build-box", "-t", "tag:ci", "--reason", "INC-9 isolate the box"],
-                    child_env, NOBODY, NOGROUP,
-                )
+            code, _out, err = _as_other_account(
+                ["nodes", "tag", "build-box", "-t", "tag:ci", "--reason", "INC-9 isolate the box"],
+                child_env, NOBODY, NOGROUP,
             )
             assert code == 0, err
             files = sorted(p.name for p in server.data.iterdir())
-            out = await trio.to_thread.run_sync(
-                lambda: run("replay", "diff", "--from", str(before), "-o", "json", "--no-cache", check=True).stdout
-            )
+            out = run("replay", "diff", "--from", str(before), "-o", "json", "--no-cache", check=True).stdout
             diff = json.loads(out)
             [node] = diff["nodes"]
             assert node["node"] == "build-box" and node["changes"] == ["retagged [] -> ['tag:ci']"]
             [cause] = node["events"]
             assert cause["actor"] == "admin:nobody" and cause["reason"] == "INC-9 isolate the box"
             assert cause["type"] == "node.tags_set" and cause["correlation_id"]
-            table = await trio.to_thread.run_sync(
-                lambda: run("replay", "diff", "--from", str(before), "--no-cache", check=True).stdout
-            )
+            table = run("replay", "diff", "--from", str(before), "--no-cache", check=True).stdout
             assert "admin:nobody (INC-9 isolate the box)" in table
             assert sorted(p.name for p in server.data.iterdir()) == files  # replay wrote nothing
     finally:
