@@ -275,3 +275,28 @@ async def test_log_writing_updates_are_rate_limited_per_node(tmp_path: Path) -> 
         assert node is not None and node.hostname == "name-9"
         seen = control.presence.get(node.id)
         assert seen is not None and seen.hostinfo is not None and seen.hostinfo.hostname == "name-9"
+
+
+async def test_a_stream_stops_receiving_peer_data_when_its_key_expires_by_time(tmp_path: Path) -> None:
+    async with running(tmp_path, node_key_expiry="4s") as server:
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        key = await make_key(server)
+        tagged = await make_key(server, tags=["tag:server"])  # tagged keys do not expire
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            assert (await ca.register(a.register_request(key))).error == ""
+            assert (await cb.register(b.register_request(tagged))).error == ""
+            async with ca.map_stream(a.map_request()) as sa:
+                msg = await next_update(sa)
+                if not msg.node or not msg.node.expired:  # (unless it expired already)
+                    assert [p.key for p in msg.peers or []] == [b.node_key]
+                    bravo = (msg.peers or [])[0].id
+                    while not (msg.node and msg.node.expired):
+                        msg = await next_update(sa)
+                    assert msg.peers_removed == [bravo]
+                assert_expired_map_parts(msg)
+
+
+def assert_expired_map_parts(msg: MapResponse) -> None:
+    assert msg.node is not None and msg.node.expired and msg.node.key_expiry is not None
+    assert msg.packet_filters is not None and bytes(msg.packet_filters["base"]) == b"[]"
+    assert not msg.peers and not msg.peers_changed
