@@ -154,7 +154,14 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     node_update_interval: str = "30s"
 
     # -- pending interactive registrations ------------------------------------------------
-    # (filled in by the pending-registrations work)
+    # Machines waiting for an admin's approval (``tailscale up`` without a key), at most
+    # this many at once; more are refused until some are approved, rejected or expire.
+    pending_registrations_max: int = 256
+    # ... and at most this many from one source address (an IPv6 /64 counts as one).
+    pending_registrations_per_address: int = 8
+    # A request nobody approved or rejected within this long expires (the client must
+    # log in again).
+    pending_registration_ttl: str = "30m"
 
 
 class AuditConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -503,6 +510,18 @@ def _validate_limits(limits: LimitsConfig) -> None:
         raise ConfigError(f"limits.node_update_interval: {exc}") from None
     if interval is None or interval.total_seconds() <= 0:
         raise ConfigError("limits.node_update_interval: must be a positive duration")
+    for what, count in (
+        ("limits.pending_registrations_max", limits.pending_registrations_max),
+        ("limits.pending_registrations_per_address", limits.pending_registrations_per_address),
+    ):
+        if count < 1:
+            raise ConfigError(f"{what}: must be at least 1")
+    try:
+        ttl = parse_duration(limits.pending_registration_ttl)
+    except DurationError as exc:
+        raise ConfigError(f"limits.pending_registration_ttl: {exc}") from None
+    if ttl is None or ttl.total_seconds() <= 0:
+        raise ConfigError("limits.pending_registration_ttl: must be a positive duration")
 
 
 def _validate_mesh(ds: DerpServerConfig) -> None:

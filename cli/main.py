@@ -28,6 +28,10 @@ KEY_COLUMNS = [
     ("ephemeral", "Ephemeral"), ("tags", "Tags"), ("used", "Used"), ("expired", "Expired"),
     ("expiration", "Expiration"),
 ]
+PENDING_COLUMNS = [
+    ("key", "Key"), ("hostname", "Hostname"), ("os", "OS"), ("request_tags", "Requested tags"),
+    ("source", "Source"), ("created", "Created"), ("expires", "Expires"), ("status", "Status"),
+]
 NODE_COLUMNS = [
     ("id", "ID"), ("name", "Name"), ("hostname", "Hostname"), ("user", "User"), ("ipv4", "IPv4"),
     ("ipv6", "IPv6"), ("tags", "Tags"), ("online", "Online"), ("expired", "Expired"),
@@ -177,6 +181,14 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             data = _admin(args, "nodes.tag", {"node": args.node, "tags": _split(args.tags)})
         case "register":
             data = _admin(args, "nodes.register", {"key": args.key, "user": args.user})
+        case "pending":
+            _show(args, _admin(args, "nodes.pending"), PENDING_COLUMNS)
+            return 0
+        case "reject":
+            data = _admin(args, "nodes.reject", {"key": args.key, "reason": args.reason or ""})
+            if args.output != "json":
+                print(f"registration {args.key} rejected")
+                return 0
         case "approve-routes":
             data = _admin(args, "nodes.approve_routes", {"node": args.node, "routes": _split(args.routes)})
         case _:
@@ -351,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ns, "register", "Approve a pending interactive registration.")
     p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
     p.add_argument("-u", "--user", required=True)
+    add(ns, "pending", "List the interactive registrations waiting for approval.")
+    p = add(ns, "reject", "Reject a pending interactive registration (recorded in the log).")
+    p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
+    p.add_argument("--reason", help="why; stored with the event and shown to the client")
     p = add(ns, "approve-routes", "Set the routes approved for a node.")
     p.add_argument("node", help="id or name")
     p.add_argument("-r", "--routes", required=True, help="comma-separated prefixes; empty clears")

@@ -21,6 +21,7 @@ import os
 import ssl
 import urllib.parse
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -35,10 +36,11 @@ from projections.derpmap import (
     single_point_of_failure,
 )
 from projections.netmap import NetmapSettings
-from projections.presence import PresenceTable
+from projections.presence import PresenceTable, persist_presence
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import generate_private_key, public_key, serve_control
 from protocol.control import Control, ControlLimits, ControlSettings
+from protocol.registrations import PendingLimits, PendingRegistrations
 
 from .config import DEFAULT_METRICS_LISTEN_ADDR, Config, ConfigError, read_mesh_key, split_host_port
 from .durations import parse_duration
@@ -224,6 +226,10 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     config = server.config
     presence = PresenceTable()
     server.presence = presence
+    # Restored before the control logic starts: its ephemeral-node clean-up reads it.
+    await nursery.start(
+        persist_presence, presence, server.side, lambda: server.tailnet.clock(), server.tailnet.state.nodes
+    )
     embedded = await _start_relay(server, nursery) if config.derp.server.enabled else None
     files, urls = await _read_derp_sources(config)
     derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
@@ -244,7 +250,17 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         keepalive_interval=_seconds(config.tuning.map_keepalive_interval),
         limits=control_limits(config),
     )
-    control = Control(server.tailnet, presence, settings)
+    limits = config.limits
+    pending = PendingRegistrations(
+        server.side,
+        server.tailnet,
+        PendingLimits(
+            max_total=limits.pending_registrations_max,
+            max_per_source=limits.pending_registrations_per_address,
+            ttl=timedelta(seconds=_seconds(limits.pending_registration_ttl)),
+        ),
+    )
+    control = Control(server.tailnet, presence, settings, pending=pending)
     server.control = control
     control.register_admin_ops(server.ops)
     await nursery.start(control.run)

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from eventlog import EventLog, SQLiteEventStore
+from eventlog.sidetables import SideTables
 from projections import CheckpointStore, ProjectionRunner, Tailnet
 from projections.admin import AdminOps, Presence
 from projections.presence import PresenceTable
@@ -40,6 +41,8 @@ class Server:
         secure_data_dir(config.data_path)
         self.store = SQLiteEventStore(config.database_path, synchronous=config.database.synchronous.upper())
         self.log = EventLog(self.store)
+        #: Presence and pending registrations, beside the log in its database.
+        self.side = SideTables(config.database_path)
         self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db")
         self.runner = ProjectionRunner(self.log, self.checkpoints)
         self.tailnet = Tailnet(self.log, self.runner)
@@ -85,6 +88,7 @@ class Server:
                 task_status.started()
         finally:
             self.checkpoints.close()
+            self.side.close()
             self.store.close()
 
     async def _start_network(self, nursery: trio.Nursery) -> None:

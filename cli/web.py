@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from protocol.control import ControlStats
+    from protocol.registrations import PendingStats
     from relay.serve import RelayServer
 
     from .server import Server
@@ -77,6 +78,7 @@ class _ServerCollector(Collector):
                 "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.hub.classes()
             )
             yield from _control_limit_metrics(s.control.stats)
+            yield from _pending_metrics(s.control.pending.stats)
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
 
@@ -104,6 +106,31 @@ def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
         "tailledger_map_streams_superseded", "Map long-polls ended by a newer one of the same node",
         value=stats.streams_superseded,
     )
+
+
+def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:
+    """Pending interactive registrations: how many, refusals by cap, outcomes."""
+    yield GaugeMetricFamily(
+        "tailledger_pending_registrations",
+        "Interactive registrations waiting for an admin (rejected ones until they expire)",
+        value=stats.current,
+    )
+    refused = CounterMetricFamily(
+        "tailledger_pending_registrations_refused",
+        "Interactive registration requests refused by a cap (limits.pending_registrations_*)",
+        labels=["cap"],
+    )
+    for cap, count in sorted(stats.refused.items()):
+        refused.add_metric([cap], count)
+    yield refused
+    ended = CounterMetricFamily(
+        "tailledger_pending_registrations_ended",
+        "Interactive registration requests approved, rejected or expired",
+        labels=["outcome"],
+    )
+    for outcome, count in (("approved", stats.approved), ("rejected", stats.rejected), ("expired", stats.expired)):
+        ended.add_metric([outcome], count)
+    yield ended
 
 
 def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:
@@ -161,12 +188,18 @@ def make_app(server: Server) -> QuartTrio:
 
     @app.get("/register/<auth_id>")
     async def register_page(auth_id: str) -> tuple[str, int]:
-        pending = server.control.pending_registration(auth_id) if server.control else None
+        pending = await server.control.pending.get(auth_id) if server.control else None
         if pending is None:
             return "<!doctype html><p>This registration link is unknown or has expired. Run the login again.</p>", 404
-        host = pending.hostinfo.hostname if pending.hostinfo else "a machine"
-        what = f"The machine <b>{html.escape(host)}</b> asked to join this tailnet."
-        return _PAGE.format(what=what, key=html.escape(auth_id)), 200
+        if pending.rejected_reason is not None:
+            return "<!doctype html><p>An administrator rejected this registration.</p>", 410
+        what = f"The machine <b>{html.escape(pending.hostname or 'a machine')}</b>"
+        if pending.os:
+            what += f" ({html.escape(pending.os)})"
+        what += " asked to join this tailnet"
+        if pending.request_tags:
+            what += " with the tags " + ", ".join(f"<code>{html.escape(t)}</code>" for t in pending.request_tags)
+        return _PAGE.format(what=what + ".", key=html.escape(auth_id)), 200
 
     return app
 

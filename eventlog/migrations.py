@@ -49,3 +49,39 @@ def add_event_cause(db: Database) -> None:
     # Rows written before these columns existed read as "" and hash as they always did.
     db.execute("ALTER TABLE events ADD COLUMN correlation_id TEXT NOT NULL DEFAULT ''")
     db.execute("ALTER TABLE events ADD COLUMN reason TEXT NOT NULL DEFAULT ''")
+
+
+@MIGRATIONS(name="0003_side_tables")
+def create_side_tables(db: Database) -> None:
+    """Compactable tables beside the log (see :mod:`eventlog.sidetables`): rows are
+    replaced and deleted, they are not chained, and no fold reads them."""
+    db.execute(
+        """
+        CREATE TABLE presence (
+            node_id      INTEGER PRIMARY KEY,
+            last_seen_us INTEGER NOT NULL,
+            online       INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE pending_registrations (
+            auth_id         TEXT    PRIMARY KEY,
+            machine_key     TEXT    NOT NULL,
+            node_key        TEXT    NOT NULL,
+            hostname        TEXT    NOT NULL,
+            os              TEXT    NOT NULL,
+            request_tags    TEXT    NOT NULL,
+            ephemeral       INTEGER NOT NULL,
+            source          TEXT    NOT NULL,
+            created_us      INTEGER NOT NULL,
+            expires_us      INTEGER NOT NULL,
+            rejected_reason TEXT,
+            rejected_by     TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX pending_by_source ON pending_registrations (source)")
+    db.execute("CREATE INDEX pending_by_machine ON pending_registrations (machine_key)")
+    db.execute("CREATE INDEX pending_by_expiry ON pending_registrations (expires_us)")

@@ -31,6 +31,7 @@ from eventlog.events import (
     NodeKeyRotated,
     NodeLoggedOut,
     NodeRegistered,
+    NodeRegistrationRejected,
     NodeRenamed,
     NodeTagsSet,
     PolicyImpact,
@@ -65,6 +66,7 @@ __all__ = [
     "decide_expire_node",
     "decide_expire_preauth_key",
     "decide_register_node",
+    "decide_reject_registration",
     "decide_rename_node",
     "decide_rename_user",
     "decide_rotate_node_key",
@@ -467,6 +469,36 @@ def decide_rotate_node_key(
     if preauth_key is not None:
         events.append(PreAuthKeyUsed(key_id=preauth_key.id, node_id=node.id))
     return Decision(tuple(events), node.id)
+
+
+#: Longest reason an admin may give for a rejection (it is stored in the log for good).
+MAX_REASON_LENGTH = 500
+
+
+def decide_reject_registration(
+    *,
+    request_id: str,
+    machine_key: str,
+    node_key: str,
+    hostname: str,
+    source: str,
+    reason: str,
+) -> Decision[None]:
+    """Record an admin's refusal of a pending interactive registration.
+
+    The request is not part of the state (see :mod:`eventlog.sidetables`), so the
+    caller has looked it up; this only checks the reason.
+    """
+    reason = reason.strip()
+    if len(reason) > MAX_REASON_LENGTH:
+        raise CommandError(f"the reason is too long ({len(reason)} characters; at most {MAX_REASON_LENGTH})")
+    if any(not ch.isprintable() for ch in reason):
+        raise CommandError("the reason may not contain control characters")
+    event = NodeRegistrationRejected(
+        request_id=request_id, machine_key=machine_key, node_key=node_key,
+        hostname=hostname, source=source, reason=reason,
+    )
+    return Decision((event,), None)
 
 
 def decide_rename_node(state: TailnetState, ref: str, new_name: str) -> Decision[int]:

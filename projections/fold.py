@@ -26,6 +26,7 @@ from eventlog.events import (
     NodeKeyRotated,
     NodeLoggedOut,
     NodeRegistered,
+    NodeRegistrationRejected,
     NodeRenamed,
     NodeTagsSet,
     PolicySet,
@@ -237,6 +238,10 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 node_by_machine_key=by_machine,
                 node_by_ip=by_ip,
             ), Delta(nodes_removed=frozenset((node_old.id,)))
+        case NodeRegistrationRejected():
+            # Audit only: the request was never part of the state (it lives in a side
+            # table until approved, rejected or expired).
+            return state, Delta()
         case RoutesAdvertised():
             return _update_node(state, event.node_id, recorded.seq, advertised_routes=event.routes)
         case RoutesApproved():

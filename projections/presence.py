@@ -9,6 +9,14 @@ sets of node ids, merged while a subscriber is busy, like the log's deltas.
 Everything that *does* decide reachability (keys, tags, routes, approvals, expiry) is
 taken from a client's requests and appended to the log by the control handler.
 
+What must survive a restart, ``last_seen`` and the online flag, is written to the
+``presence`` side table of the log's database (:mod:`eventlog.sidetables`) by
+:func:`persist_presence`: changed nodes every few seconds, online nodes' ``last_seen``
+refreshed every minute, everything at shutdown. A restart loads it back (as offline:
+no stream survives a restart), so an ephemeral node's inactivity counts from when it
+was last seen, not from when the server came back. Endpoints, disco keys and Hostinfo
+are resent by every client when it reconnects and are not persisted.
+
 Multiple map streams of one node (reconnects, ``restartMap``) are tracked by a
 generation number: only the newest stream's end marks the node offline (Headscale
 pitfall 15).
@@ -16,13 +24,21 @@ pitfall 15).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+import trio
+
+from eventlog import EventLogError
+from eventlog.sidetables import PresenceRecord, SideTables
+
 from .tailcfg import Hostinfo
 
-__all__ = ["NodePresence", "PresenceTable", "PresenceWatcher"]
+__all__ = ["NodePresence", "PresenceTable", "PresenceWatcher", "persist_presence"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +77,10 @@ class PresenceTable:
     def __init__(self) -> None:
         self._nodes: dict[int, NodePresence] = {}
         self._watchers: set[PresenceWatcher] = set()
+        #: Nodes whose online flag or last_seen changed since persist_presence looked,
+        #: and nodes forgotten since (their rows are deleted).
+        self._dirty: set[int] = set()
+        self._forgotten: set[int] = set()
 
     def get(self, node_id: int) -> NodePresence | None:
         return self._nodes.get(node_id)
@@ -90,6 +110,7 @@ class PresenceTable:
         old = self._nodes.get(node_id, NodePresence())
         gen = old.generation + 1
         self._nodes[node_id] = replace(old, online=True, last_seen=now, generation=gen)
+        self._dirty.add(node_id)
         if not old.online:
             self._changed(node_id)
         return gen
@@ -100,11 +121,106 @@ class PresenceTable:
         if old is None or old.generation != generation:
             return False
         self._nodes[node_id] = replace(old, online=False, last_seen=now)
+        self._dirty.add(node_id)
         self._changed(node_id)
         return True
 
     def forget(self, node_id: int) -> None:
         self._nodes.pop(node_id, None)
+        self._dirty.discard(node_id)
+        self._forgotten.add(node_id)
+
+    # -- persistence (see persist_presence) ------------------------------------------------
+
+    def restore(self, records: Iterable[PresenceRecord], known: Container[int]) -> None:
+        """Load persisted presence: each known node offline, last seen as recorded
+        (a node already present here is left alone); rows of nodes that no longer
+        exist are deleted at the next save."""
+        for r in records:
+            if r.node_id not in known:
+                self._forgotten.add(r.node_id)
+            elif r.node_id not in self._nodes:
+                self._nodes[r.node_id] = NodePresence(online=False, last_seen=r.last_seen)
+
+    def take_changes(self, now: datetime, *, refresh_online: bool) -> tuple[list[PresenceRecord], list[int]]:
+        """What to write: the changed nodes (and, with ``refresh_online``, every online
+        node, last seen ``now``), and the forgotten ones to delete."""
+        ids = set(self._dirty)
+        if refresh_online:
+            ids.update(n for n, p in self._nodes.items() if p.online)
+        self._dirty.clear()
+        forgotten, self._forgotten = sorted(self._forgotten), set()
+        records = []
+        for node_id in sorted(ids):
+            p = self._nodes.get(node_id)
+            if p is None or p.last_seen is None:
+                continue
+            records.append(PresenceRecord(node_id, now if p.online else p.last_seen, p.online))
+        return records, forgotten
+
+    def requeue(self, records: Iterable[PresenceRecord], forgotten: Iterable[int]) -> None:
+        """Changes taken by :meth:`take_changes` whose write failed: take them again."""
+        self._dirty.update(r.node_id for r in records if r.node_id in self._nodes)
+        self._forgotten.update(forgotten)
+
+    def final_records(self, now: datetime) -> list[PresenceRecord]:
+        """Every node as it is when the server stops: online ones go offline ``now``."""
+        return [
+            PresenceRecord(node_id, now if p.online else p.last_seen, False)
+            for node_id, p in sorted(self._nodes.items())
+            if p.last_seen is not None
+        ]
 
     def items(self) -> list[tuple[int, NodePresence]]:
         return list(self._nodes.items())
+
+
+async def persist_presence(
+    table: PresenceTable,
+    side: SideTables,
+    clock: Callable[[], datetime],
+    known: Container[int],
+    *,
+    interval: float = 5.0,
+    refresh_every: float = 60.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``table``'s ``last_seen`` and online flags in the ``presence`` side table.
+
+    Loads the table first (``known``: the node ids that exist; other rows are dropped)
+    and reports readiness, then writes the changes every ``interval`` seconds and every
+    online node every ``refresh_every`` seconds (so that after a crash an online node
+    counts as seen at most that long before). On cancellation (shutdown) it writes
+    every node as offline now, shielded.
+
+    A failing write is logged and retried with the next changes: presence is not worth
+    stopping the server for.
+    """
+    limiter = trio.CapacityLimiter(1)
+    records = await trio.to_thread.run_sync(side.load_presence, limiter=limiter)
+    table.restore(records, known)
+    log.info("presence: %d node(s) restored from the presence table", len(records))
+    task_status.started()
+    next_refresh = trio.current_time() + refresh_every
+    try:
+        while True:
+            await trio.sleep(interval)
+            refresh = trio.current_time() >= next_refresh
+            if refresh:
+                next_refresh = trio.current_time() + refresh_every
+            save, forget = table.take_changes(clock(), refresh_online=refresh)
+            if not save and not forget:
+                continue
+            try:
+                await trio.to_thread.run_sync(side.save_presence, save, forget, limiter=limiter)
+            except EventLogError as exc:
+                log.warning("presence: saving %d row(s) failed: %s", len(save), exc)
+                table.requeue(save, forget)
+    finally:
+        with trio.CancelScope(shield=True):
+            _, forget = table.take_changes(clock(), refresh_online=False)
+            final = table.final_records(clock())
+            try:
+                await trio.to_thread.run_sync(side.save_presence, final, forget, limiter=limiter)
+            except EventLogError as exc:
+                log.warning("presence: saving at shutdown failed: %s", exc)

@@ -10,9 +10,12 @@ Register (control-protocol.md §7, Headscale's ``handleRegister`` order):
 
 1. an ``Expiry`` in the past is a logout (checked first, even with an auth key);
 2. a known node key without an auth key is a daemon restart: answer the current state;
-3. ``Followup`` waits for an interactive approval (``tailledger nodes register``);
+3. ``Followup`` waits for an interactive approval (``tailledger nodes register``) or
+   rejection (``nodes reject``), answered as a streamed body that keeps nothing of the
+   request (see :mod:`protocol.registrations`);
 4. an auth key registers a new node, or re-keys the machine's existing node;
-5. anything else starts an interactive registration and answers an ``AuthURL``.
+5. anything else starts an interactive registration and answers an ``AuthURL``, unless
+   the caps on pending registrations refuse it.
 
 Errors a user should see are answered as HTTP 200 with ``Error`` set (the client shows
 it); only an unsupported client version or an undecodable body gets an HTTP error.
@@ -55,6 +58,7 @@ import trio
 import trio.lowlevel
 
 from eventlog import Actor, ActorKind, caused_by
+from eventlog.sidetables import Admission, PendingRegistration
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet, UnavailableError
 from projections import commands as c
 from projections.admin import AdminOps
@@ -84,6 +88,15 @@ from projections.tailcfg import (
 from .handler import NoiseRequest, NoiseResponse, Park
 from .mapframe import compress_piece, frame_map_response, frame_pieces, keepalive_frame
 from .ratelimit import TokenBuckets
+from .registrations import (
+    Approved,
+    Expired,
+    Gone,
+    Outcome,
+    PendingLimits,
+    PendingRegistrations,
+    Rejected,
+)
 
 __all__ = ["MIN_CAPABILITY_VERSION", "Control", "ControlLimits", "ControlSettings", "ControlStats"]
 
@@ -178,20 +191,6 @@ class _Turn:
         self.release()
 
 
-@dataclass(eq=False)
-class _Pending:
-    """An interactive registration waiting for an admin."""
-
-    auth_id: str
-    machine_key: str
-    node_key: str
-    hostinfo: Hostinfo | None
-    ephemeral: bool
-    created: datetime
-    done: trio.Event = field(default_factory=trio.Event)
-    node_id: int | None = None
-
-
 class _Poll:
     """The long-poll a node has open (there is one: a newer one ends it)."""
 
@@ -235,6 +234,11 @@ def _register_error(message: str) -> NoiseResponse:
     return NoiseResponse(200, _JSON, encode(RegisterResponse(error=message)))
 
 
+def _rejected(reason: str) -> NoiseResponse:
+    why = f": {reason}" if reason else ""
+    return _register_error(f"an administrator rejected this machine's registration{why}")
+
+
 def _http_error(status: int, message: str) -> NoiseResponse:
     return NoiseResponse(
         status, (("content-type", "text/plain; charset=utf-8"),), message.encode() + b"\n"
@@ -269,6 +273,8 @@ class Control:
         settings: see :class:`ControlSettings`.
         policy: compiles the policy in force for each state (allow-all until one is set).
         randbelow: randomness for random address allocation.
+        pending: where interactive registrations wait (default: an in-memory table
+            with the default limits, for tests; the server keeps them beside the log).
     """
 
     def __init__(
@@ -279,13 +285,20 @@ class Control:
         *,
         policy: PolicyCompiler | None = None,
         randbelow: Callable[[int], int] = secrets.randbelow,
+        pending: PendingRegistrations | None = None,
     ) -> None:
         self.tailnet = tailnet
         self.presence = presence
         self.settings = settings
         self.policy = policy or PolicyCompiler(settings.public_url)
         self._randbelow = randbelow
-        self._pending: dict[str, _Pending] = {}
+        if pending is None:
+            from eventlog.sidetables import SideTables
+
+            pending = PendingRegistrations(SideTables(":memory:"), tailnet, PendingLimits())
+        self.pending = pending
+        #: When run() started: an ephemeral node never seen since counts from here.
+        self._started: datetime | None = None
         self._nursery: trio.Nursery | None = None
         self.streams_open = 0
         self.stats = ControlStats()
@@ -328,10 +341,12 @@ class Control:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background duties: offline marking, ephemeral node clean-up."""
+        self._started = self.tailnet.clock()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._drive_hub)
             nursery.start_soon(self._tick_keepalives)
+            await nursery.start(self.pending.run)
             task_status.started()
             while True:
                 await trio.sleep(10)
@@ -340,7 +355,7 @@ class Control:
 
     def register_admin_ops(self, ops: AdminOps) -> None:
         ops.register("nodes.register", self._admin_register)
-        ops.register("nodes.pending", self._admin_pending)
+        self.pending.register_admin_ops(ops)
 
     def _actor(self, machine_key: str) -> Actor:
         return Actor(kind=ActorKind.NODE, id=machine_key)
@@ -377,11 +392,13 @@ class Control:
             return _register_error(refused)
         try:
             with caused_by():  # one login: its events share a correlation id
-                return await self._decide_register(rr, mk, raw_nk.hex())
+                return await self._decide_register(rr, mk, raw_nk.hex(), request.remote_addr)
         except CommandError as exc:
             return _register_error(str(exc))
 
-    async def _decide_register(self, rr: RegisterRequest, mk: str, nk: str) -> NoiseResponse:
+    async def _decide_register(
+        self, rr: RegisterRequest, mk: str, nk: str, source: str
+    ) -> NoiseResponse:
         now = self.tailnet.clock()
         actor = self._actor(mk)
         state = self.tailnet.state
@@ -422,15 +439,14 @@ class Control:
 
         # 3. Follow-up of an interactive registration.
         if rr.followup:
-            pending = self._pending.get(urlparse(rr.followup).path.rstrip("/").rsplit("/", 1)[-1])
+            auth_id = urlparse(rr.followup).path.rstrip("/").rsplit("/", 1)[-1]
+            pending = await self.pending.get(auth_id)
             if pending is not None and pending.machine_key == mk and pending.node_key == nk:
-                await pending.done.wait()
-                self._pending.pop(pending.auth_id, None)
-                state = self.tailnet.state
-                registered = state.nodes.get(pending.node_id or 0)
-                if registered is None:
-                    return _register_error("the registration was approved but the node is gone")
-                return _register_response(state, registered)
+                if pending.rejected_reason is not None:
+                    return _rejected(pending.rejected_reason)
+                # The answer is a body streamed once decided: the wait keeps nothing of
+                # this request (its Hostinfo may be a megabyte), only the ids.
+                return NoiseResponse(200, _JSON, stream=self._await_decision(pending))
             # Unknown or stale follow-up: start over with a fresh URL below.
 
         # 4. Pre-auth key.
@@ -438,7 +454,7 @@ class Control:
             return await self._register_with_key(rr, mk, nk, auth_key, now, actor)
 
         # 5. Interactive.
-        return self._start_interactive(rr, mk, nk, now)
+        return await self._start_interactive(rr, mk, nk, source)
 
     def _check_preauth_key(self, state: TailnetState, text: str, now: datetime) -> PreAuthKey:
         parsed = c.parse_preauth_key(text.strip())
@@ -506,44 +522,63 @@ class Control:
         await self._apply_hostinfo(node_id, rr.hostinfo, actor)
         return _register_response(self.tailnet.state, self.tailnet.state.nodes[node_id])
 
-    def _start_interactive(
-        self, rr: RegisterRequest, mk: str, nk: str, now: datetime
+    async def _start_interactive(
+        self, rr: RegisterRequest, mk: str, nk: str, source: str
     ) -> NoiseResponse:
-        # Drop stale entries so unauthenticated clients cannot grow this without bound.
-        for auth_id, p in list(self._pending.items()):
-            if now - p.created > timedelta(minutes=30) or p.machine_key == mk:
-                self._pending.pop(auth_id, None)
-                p.done.set()
-        auth_id = secrets.token_urlsafe(18)
-        self._pending[auth_id] = _Pending(auth_id, mk, nk, rr.hostinfo, rr.ephemeral, now)
-        url = f"{self.public_url}/register/{auth_id}"
+        pending = await self.pending.start(
+            machine_key=mk, node_key=nk, hostinfo=rr.hostinfo, ephemeral=rr.ephemeral, source=source
+        )
+        if not isinstance(pending, PendingRegistration):
+            return _register_error(
+                "too many machines are waiting for approval"
+                + (" from your address" if pending is Admission.SOURCE_CAP else "")
+                + "; try again later, or ask an administrator for an auth key"
+            )
+        url = f"{self.public_url}/register/{pending.auth_id}"
         return NoiseResponse(200, _JSON, encode(RegisterResponse(auth_url=url)))
 
-    def pending_registration(self, auth_id: str) -> _Pending | None:
-        return self._pending.get(auth_id)
+    async def _await_decision(self, pending: PendingRegistration) -> AsyncIterator[bytes]:
+        """The streamed answer to a follow-up: written once the request is decided."""
+        outcome = await self.pending.wait(pending)
+        yield await self._decision_answer(outcome, pending.machine_key, pending.node_key)
 
-    async def _admin_pending(self, raw: dict[str, object], actor: Actor) -> object:
-        return [
-            {
-                "key": p.auth_id,
-                "machine_key": p.machine_key,
-                "hostname": p.hostinfo.hostname if p.hostinfo else "",
-            }
-            for p in self._pending.values()
-        ]
+    async def _decision_answer(self, outcome: Outcome, mk: str, nk: str) -> bytes:
+        if isinstance(outcome, Rejected):
+            return _rejected(outcome.reason).body or b""
+        if isinstance(outcome, Approved | Gone):
+            if isinstance(outcome, Gone):
+                # Decided elsewhere: the node, if approved, is in the log; catch up first.
+                await self.tailnet.runner.wait_for((await self.tailnet.log.head()).seq)
+            state = self.tailnet.state
+            node = state.node_by_key(nk)
+            if node is not None and node.machine_key == mk:
+                return _register_response(state, node).body or b""
+            if isinstance(outcome, Approved):
+                return encode(RegisterResponse(error="the registration was approved but the node is gone"))
+        if isinstance(outcome, Expired | Gone):
+            return encode(
+                RegisterResponse(
+                    error="the registration request expired before an administrator approved it; log in again"
+                )
+            )
+        return encode(RegisterResponse(error="a newer login of this machine took over this request"))
 
     async def _admin_register(self, raw: dict[str, object], actor: Actor) -> object:
         """``tailledger nodes register --key AUTH_ID --user USER``."""
         auth_id, user_ref = raw.get("key"), raw.get("user")
         if not isinstance(auth_id, str) or not isinstance(user_ref, str):
             raise CommandError("bad arguments: need 'key' and 'user'")
-        pending = self._pending.get(auth_id)
+        pending = await self.pending.get(auth_id)
         if pending is None:
             raise NotFoundError(
                 f"no pending registration with key {auth_id!r} (it may have expired)"
             )
+        if pending.rejected_reason is not None:
+            raise CommandError(
+                f"the registration {auth_id!r} was rejected by {pending.rejected_by}; "
+                "the machine must log in again"
+            )
         now = self.tailnet.clock()
-        hostinfo = pending.hostinfo or Hostinfo()
 
         def decide(state: TailnetState) -> c.Decision[int]:
             user = c.find_user(state, user_ref)
@@ -559,7 +594,7 @@ class Control:
                 state,
                 machine_key=pending.machine_key,
                 node_key=pending.node_key,
-                hostname=hostinfo.hostname or "node",
+                hostname=pending.hostname or "node",
                 user_id=user.id,
                 tags=(),
                 ephemeral=pending.ephemeral,
@@ -567,15 +602,14 @@ class Control:
                 auth="cli",
                 preauth_key=None,
                 plan=self.settings.plan,
-                os=hostinfo.os,
+                os=pending.os,
                 randbelow=self._randbelow,
                 max_hostname_length=self.settings.limits.max_hostname_length,
             )
 
         node_id, _ = await self.tailnet.execute(decide, actor=actor)
-        await self._apply_hostinfo(node_id, pending.hostinfo, actor)
-        pending.node_id = node_id
-        pending.done.set()
+        # Routes and the rest of the Hostinfo arrive with the node's first map request.
+        await self.pending.approved(auth_id, node_id)
         return {"registered": node_id, "name": self.tailnet.state.nodes[node_id].given_name}
 
     # -- hostinfo → log ------------------------------------------------------------------
@@ -1011,10 +1045,15 @@ class Control:
             if not node.ephemeral:
                 continue
             p = self.presence.get(node.id)
-            since = p.last_seen if p is not None and not p.online else None
-            if p is None:
-                since = node.created_at
-            if since is not None and now - since > timeout:
+            if p is not None and p.online:
+                continue
+            # Inactive since it was last seen (persisted across restarts, see
+            # projections.presence), or else since it registered, but never since
+            # before this server started: a restart is no inactivity of the node.
+            since = p.last_seen if p is not None else None
+            if since is None:
+                since = max(node.created_at, self._started or node.created_at)
+            if now - since > timeout:
                 ref = str(node.id)
 
                 def decide(s: TailnetState, ref: str = ref) -> c.Decision[int]:

@@ -78,6 +78,8 @@ class NoiseRequest:
             task serving it (or closes its parked iterator) and resets the
             stream with ``CANCEL``. Does nothing once the stream ended;
             ``None`` when the transport offers no such thing.
+        remote_addr: The client's IP address as the server's socket saw it
+            (empty when unknown); limits per source address count by it.
     """
 
     machine_key: bytes
@@ -87,6 +89,7 @@ class NoiseRequest:
     body: bytes
     protocol_version: int = 0
     cancel: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    remote_addr: str = ""
 
     def header(self, name: str) -> str | None:
         """Return the first value of header ``name`` (case-insensitive), if any."""

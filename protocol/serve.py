@@ -538,7 +538,11 @@ class _NoiseSession:
             if isinstance(event, h2_bridge.RequestReceived):
                 scope = trio.CancelScope()
                 self._scopes[event.stream_id] = scope
-                request = replace(event.request, cancel=partial(self._cancel_stream, event.stream_id))
+                request = replace(
+                    event.request,
+                    cancel=partial(self._cancel_stream, event.stream_id),
+                    remote_addr=self._peer.rpartition(":")[0],
+                )
                 handlers.start_soon(self._serve_request, event.stream_id, request, scope)
                 del request
             elif isinstance(event, h2_bridge.StreamReset):

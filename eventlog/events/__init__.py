@@ -26,6 +26,7 @@ from .node import (
     NodeKeyRotated,
     NodeLoggedOut,
     NodeRegistered,
+    NodeRegistrationRejected,
     NodeRenamed,
     NodeTagsSet,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "NodeKeyRotated",
     "NodeLoggedOut",
     "NodeRegistered",
+    "NodeRegistrationRejected",
     "NodeRenamed",
     "NodeTagsSet",
     "PolicyImpact",
@@ -78,6 +80,7 @@ AnyEvent = (
     | NodeExpirySet
     | NodeLoggedOut
     | NodeDeleted
+    | NodeRegistrationRejected
     | RoutesAdvertised
     | RoutesApproved
     | PolicySet
@@ -101,6 +104,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     NodeExpirySet,
     NodeLoggedOut,
     NodeDeleted,
+    NodeRegistrationRejected,
     RoutesAdvertised,
     RoutesApproved,
     PolicySet,

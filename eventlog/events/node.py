@@ -19,6 +19,7 @@ __all__ = [
     "NodeKeyRotated",
     "NodeLoggedOut",
     "NodeRegistered",
+    "NodeRegistrationRejected",
     "NodeRenamed",
     "NodeTagsSet",
 ]
@@ -98,3 +99,21 @@ class NodeDeleted(Event, frozen=True, kw_only=True, tag="node.deleted"):
 
     node_id: int
     reason: str = "admin"
+
+
+class NodeRegistrationRejected(Event, frozen=True, kw_only=True, tag="node.registration_rejected"):
+    """An admin refused a machine's interactive registration request.
+
+    The request itself was never an event (anyone who reaches the control port can
+    make one; it waited in a side table, see :mod:`eventlog.sidetables`); its refusal
+    is, with who refused it and why. ``request_id`` is the id of its AuthURL, as
+    ``tailledger nodes pending`` listed it; ``source`` is the address it came from.
+    Nothing in the tailnet changes: no node exists for the machine.
+    """
+
+    request_id: str
+    machine_key: str
+    node_key: str
+    hostname: str = ""
+    source: str = ""
+    reason: str = ""
