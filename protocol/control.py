@@ -447,6 +447,12 @@ class Control:
                 # The answer is a body streamed once decided: the wait keeps nothing of
                 # this request (its Hostinfo may be a megabyte), only the ids.
                 return NoiseResponse(200, _JSON, stream=self._await_decision(pending))
+            state = self.tailnet.state
+            approved = state.node_by_key(nk)
+            if approved is not None and approved.machine_key == mk and not approved.is_expired(now):
+                # Approved while the client was not waiting (it reconnected, or the
+                # server restarted): the node is its answer.
+                return _register_response(state, approved)
             # Unknown or stale follow-up: start over with a fresh URL below.
 
         # 4. Pre-auth key.
