@@ -185,7 +185,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             _show(args, _admin(args, "nodes.pending"), PENDING_COLUMNS)
             return 0
         case "reject":
-            data = _admin(args, "nodes.reject", {"key": args.key, "reason": args.reason or ""})
+            data = _admin(args, "nodes.reject", {"key": args.key})
             if args.output != "json":
                 print(f"registration {args.key} rejected")
                 return 0
@@ -364,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
     p.add_argument("-u", "--user", required=True)
     add(ns, "pending", "List the interactive registrations waiting for approval.")
-    p = add(ns, "reject", "Reject a pending interactive registration (recorded in the log).")
+    p = add(ns, "reject", "Reject a pending interactive registration (recorded in the log; "
+            "--reason is shown to the client).")
     p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
-    p.add_argument("--reason", help="why; stored with the event and shown to the client")
     p = add(ns, "approve-routes", "Set the routes approved for a node.")
     p.add_argument("node", help="id or name")
     p.add_argument("-r", "--routes", required=True, help="comma-separated prefixes; empty clears")

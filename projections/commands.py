@@ -471,32 +471,17 @@ def decide_rotate_node_key(
     return Decision(tuple(events), node.id)
 
 
-#: Longest reason an admin may give for a rejection (it is stored in the log for good).
-MAX_REASON_LENGTH = 500
-
-
 def decide_reject_registration(
-    *,
-    request_id: str,
-    machine_key: str,
-    node_key: str,
-    hostname: str,
-    source: str,
-    reason: str,
+    *, request_id: str, machine_key: str, node_key: str, hostname: str, source: str
 ) -> Decision[None]:
     """Record an admin's refusal of a pending interactive registration.
 
-    The request is not part of the state (see :mod:`eventlog.sidetables`), so the
-    caller has looked it up; this only checks the reason.
+    The request is not part of the state (see :mod:`eventlog.sidetables`): the caller
+    has looked it up. Why it was refused is the request's reason (the envelope's).
     """
-    reason = reason.strip()
-    if len(reason) > MAX_REASON_LENGTH:
-        raise CommandError(f"the reason is too long ({len(reason)} characters; at most {MAX_REASON_LENGTH})")
-    if any(not ch.isprintable() for ch in reason):
-        raise CommandError("the reason may not contain control characters")
     event = NodeRegistrationRejected(
         request_id=request_id, machine_key=machine_key, node_key=node_key,
-        hostname=hostname, source=source, reason=reason,
+        hostname=hostname, source=source,
     )
     return Decision((event,), None)
 

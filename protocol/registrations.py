@@ -32,6 +32,7 @@ expiry) is found by the sweep every :attr:`PendingLimits.sweep_interval` seconds
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import secrets
@@ -44,7 +45,7 @@ from typing import TypeVar
 import msgspec
 import trio
 
-from eventlog import Actor
+from eventlog import Actor, caused_by, current_cause
 from eventlog.sidetables import Admission, PendingRegistration, SideTables
 from projections import CommandError, NotFoundError, Tailnet
 from projections import commands as c
@@ -277,13 +278,14 @@ class PendingRegistrations:
         if waiter is not None:
             waiter.finish(Approved(node_id))
 
-    async def reject(self, auth_id: str, reason: str, actor: Actor) -> PendingRegistration:
+    async def reject(self, auth_id: str, actor: Actor) -> PendingRegistration:
         """Refuse a request: record the refusal in the log, then mark the row and tell
-        the waiting client.
+        the waiting client. The reason is the request's (:func:`eventlog.caused_by`),
+        recorded with the event and shown to the client.
 
         Raises:
             NotFoundError: no such request (or it expired).
-            CommandError: it was already rejected, or the reason is unusable.
+            CommandError: it was already rejected.
         """
         reg = await self.get(auth_id)
         if reg is None:
@@ -295,11 +297,12 @@ class PendingRegistrations:
         await self._tailnet.execute(
             lambda _s: c.decide_reject_registration(
                 request_id=reg.auth_id, machine_key=reg.machine_key, node_key=reg.node_key,
-                hostname=reg.hostname, source=reg.source, reason=reason,
+                hostname=reg.hostname, source=reg.source,
             ),
             actor=actor,
         )
-        reason = reason.strip()
+        cause = current_cause()
+        reason = cause.reason if cause is not None else ""
         await self._db(partial(self._side.reject_pending, reason=reason, by=str(actor)), auth_id)
         self.stats.rejected += 1
         waiter = self._waiters.get(auth_id)
@@ -379,13 +382,20 @@ class PendingRegistrations:
         return [self.view(reg) for reg in await self.list()]
 
     async def _admin_reject(self, raw: dict[str, object], actor: Actor) -> object:
-        """``tailledger nodes reject --key ID [--reason TEXT]``."""
+        """``tailledger nodes reject --key ID [--reason TEXT]``: the reason is the
+        request's (``--reason`` travels with every admin request), or ``reason`` here."""
         try:
             args = msgspec.convert(raw, type=_RejectArgs)
         except msgspec.ValidationError as exc:
             raise BadRequest(f"bad arguments: {exc}") from None
-        reg = await self.reject(args.key, args.reason, actor)
-        return {"rejected": reg.auth_id, "hostname": reg.hostname, "reason": args.reason.strip()}
+        try:
+            with caused_by(reason=args.reason) if args.reason else contextlib.nullcontext():
+                reg = await self.reject(args.key, actor)
+        except ValueError as exc:  # a reason that cannot be stored
+            raise BadRequest(f"bad arguments: reason: {exc}") from None
+        cause = current_cause()
+        reason = args.reason or (cause.reason if cause is not None else "")
+        return {"rejected": reg.auth_id, "hostname": reg.hostname, "reason": reason}
 
     @staticmethod
     def view(reg: PendingRegistration) -> dict[str, object]:

@@ -106,9 +106,10 @@ class NodeRegistrationRejected(Event, frozen=True, kw_only=True, tag="node.regis
 
     The request itself was never an event (anyone who reaches the control port can
     make one; it waited in a side table, see :mod:`eventlog.sidetables`); its refusal
-    is, with who refused it and why. ``request_id`` is the id of its AuthURL, as
-    ``tailledger nodes pending`` listed it; ``source`` is the address it came from.
-    Nothing in the tailnet changes: no node exists for the machine.
+    is, with who refused it (the actor) and why (the envelope's reason, from
+    ``--reason``). ``request_id`` is the id of its AuthURL, as ``tailledger nodes
+    pending`` listed it; ``source`` is the address it came from. Nothing in the
+    tailnet changes: no node exists for the machine.
     """
 
     request_id: str
@@ -116,4 +117,3 @@ class NodeRegistrationRejected(Event, frozen=True, kw_only=True, tag="node.regis
     node_key: str
     hostname: str = ""
     source: str = ""
-    reason: str = ""

@@ -58,7 +58,7 @@ def test_pending_requests_survive_a_restart_and_are_decided_from_the_cli(tmp_pat
             server.cli("log", "show", "--type", "node.registration_rejected", "-o", "json", check=True).stdout
         )
         [event] = events
-        assert event["actor"].startswith("admin:") and event["event"]["reason"] == "not one of ours"
+        assert event["actor"].startswith("admin:") and event["reason"] == "not one of ours"
         assert event["event"]["request_id"] == stranger_id and event["event"]["hostname"] == "stranger"
         left = json.loads(server.cli("nodes", "pending", "-o", "json", check=True).stdout)
         assert [(p["key"], p["status"]) for p in left] == [(stranger_id, "rejected")]
