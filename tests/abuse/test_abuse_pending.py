@@ -74,7 +74,10 @@ async def metrics(port: int) -> str:
 
 
 def test_a_flood_from_one_address_is_capped_and_holds_no_hostinfo(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server:
+    # Hostinfo up to 1 MiB allowed (the default, 16 KiB, would refuse these requests
+    # outright): the pending registrations themselves must not keep it.
+    env = {"TAILLEDGER_LIMITS__MAX_HOSTINFO_BYTES": str(1 << 20)}
+    with running_server(tmp_path / "data", extra_env=env) as server:
         trio.run(wait_until_serving, server.port)
         trio.run(flood, server.port, 3)  # warm up allocator and caches
         before = rss_kib(server)
@@ -99,6 +102,7 @@ def test_the_global_cap_holds_whatever_the_addresses(tmp_path: Path) -> None:
     env = {
         "TAILLEDGER_LIMITS__PENDING_REGISTRATIONS_MAX": "4",
         "TAILLEDGER_LIMITS__PENDING_REGISTRATIONS_PER_ADDRESS": "100",
+        "TAILLEDGER_LIMITS__MAX_HOSTINFO_BYTES": str(1 << 20),
     }
     with running_server(tmp_path / "data", extra_env=env) as server:
         trio.run(wait_until_serving, server.port)

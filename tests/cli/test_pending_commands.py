@@ -10,6 +10,7 @@ import trio
 
 from projections.tailcfg import RegisterResponse
 from protocol import RemoteProtocolError, open_control_client
+from tests.abuse.test_abuse_pending import wait_until_serving
 from tests.protocol.control_harness import SimNode
 
 from .server_process import running_server
@@ -37,6 +38,8 @@ def test_pending_requests_survive_a_restart_and_are_decided_from_the_cli(tmp_pat
     keep_id, stranger_id = url_keep.rsplit("/", 1)[-1], url_stranger.rsplit("/", 1)[-1]
 
     with running_server(data) as server:  # a new process: nothing of the old one in memory
+        # The admin socket comes up before the control logic registers its operations.
+        trio.run(wait_until_serving, server.port)
         table = server.cli("nodes", "pending", check=True).stdout
         assert "keeper" in table and "stranger" in table and keep_id in table and "waiting" in table
         listed = json.loads(server.cli("nodes", "pending", "-o", "json", check=True).stdout)

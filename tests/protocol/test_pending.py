@@ -22,6 +22,9 @@ from .control_harness import ADMIN, SimNode, running
 
 #: Nearly the 1 MiB body cap, in a Hostinfo field nobody needs to approve a machine.
 BIG = 900_000
+#: ``limits.max_hostinfo_bytes`` raised so that such a Hostinfo reaches the pending
+#: registrations at all (the default refuses any above 16 KiB outright).
+LARGE_HOSTINFO = {"max_hostinfo_bytes": 1 << 20}
 
 
 def big_request(node: SimNode, **kw: object) -> RegisterRequest:
@@ -84,7 +87,7 @@ def test_ipv6_clients_count_by_their_64() -> None:
 
 
 async def test_only_what_the_approval_needs_is_kept(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
+    async with running(tmp_path, limits=LARGE_HOSTINFO) as server:
         n = SimNode.new("laptop")
         hostinfo = Hostinfo(
             hostname="lap\x1b[31mtop" + "y" * 5000, os="linux", request_tags=["tag:web", "tag:db"],
@@ -119,7 +122,8 @@ def _held(marker_len: int) -> list[object]:
 
 async def test_many_megabyte_requests_and_waits_retain_nothing_of_them(tmp_path: Path) -> None:
     """Issue 14: 80 register requests with a 1 MiB Hostinfo took 78 MB that stayed."""
-    async with running(tmp_path, limits={"pending_registrations_per_address": 50}) as server:
+    limits = {"pending_registrations_per_address": 50, **LARGE_HOSTINFO}
+    async with running(tmp_path, limits=limits) as server:
         nodes = [SimNode.new(f"box{i}") for i in range(12)]
         async with trio.open_nursery() as nursery:
             waiting = trio.CapacityLimiter(len(nodes))
