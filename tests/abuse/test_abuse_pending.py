@@ -17,7 +17,7 @@ import trio
 
 from projections.tailcfg import Hostinfo, RegisterRequest, RegisterResponse
 from protocol import open_control_client
-from tests.cli.server_process import RunningServer, running_server
+from tests.cli.server_process import RunningServer, free_port, running_server
 from tests.protocol.control_harness import SimNode
 from tests.protocol.test_control import _http_get
 
@@ -68,6 +68,7 @@ async def wait_until_serving(port: int) -> None:
 
 
 async def metrics(port: int) -> str:
+    """``/metrics`` from ``metrics_listen_addr``."""
     status, body = await _http_get(port, "/metrics")
     assert status == 200
     return body
@@ -76,7 +77,11 @@ async def metrics(port: int) -> str:
 def test_a_flood_from_one_address_is_capped_and_holds_no_hostinfo(tmp_path: Path) -> None:
     # Hostinfo up to 1 MiB allowed (the default, 16 KiB, would refuse these requests
     # outright): the pending registrations themselves must not keep it.
-    env = {"TAILLEDGER_LIMITS__MAX_HOSTINFO_BYTES": str(1 << 20)}
+    metrics_port = free_port()
+    env = {
+        "TAILLEDGER_LIMITS__MAX_HOSTINFO_BYTES": str(1 << 20),
+        "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}",
+    }
     with running_server(tmp_path / "data", extra_env=env) as server:
         trio.run(wait_until_serving, server.port)
         trio.run(flood, server.port, 3)  # warm up allocator and caches
@@ -91,7 +96,7 @@ def test_a_flood_from_one_address_is_capped_and_holds_no_hostinfo(tmp_path: Path
         assert all("too many machines are waiting for approval from your address" in a.error for a in refused)
         # 60 requests and 5 held follow-ups of ~1 MiB each: before the fix, > 60 MB stayed.
         assert grown < 16 * 1024, f"server RSS grew by {grown} KiB"
-        text = trio.run(metrics, server.port)
+        text = trio.run(metrics, metrics_port)
         assert 'tailledger_pending_registrations_refused_total{cap="per_source"} 55.0' in text
         assert "tailledger_pending_registrations 8.0" in text
         listed = server.cli("nodes", "pending", "-o", "json", check=True).stdout
@@ -99,10 +104,12 @@ def test_a_flood_from_one_address_is_capped_and_holds_no_hostinfo(tmp_path: Path
 
 
 def test_the_global_cap_holds_whatever_the_addresses(tmp_path: Path) -> None:
+    metrics_port = free_port()
     env = {
         "TAILLEDGER_LIMITS__PENDING_REGISTRATIONS_MAX": "4",
         "TAILLEDGER_LIMITS__PENDING_REGISTRATIONS_PER_ADDRESS": "100",
         "TAILLEDGER_LIMITS__MAX_HOSTINFO_BYTES": str(1 << 20),
+        "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}",
     }
     with running_server(tmp_path / "data", extra_env=env) as server:
         trio.run(wait_until_serving, server.port)
@@ -110,7 +117,7 @@ def test_the_global_cap_holds_whatever_the_addresses(tmp_path: Path) -> None:
         assert sum(1 for a in answers if a.auth_url) == 4
         refused = [a.error for a in answers if not a.auth_url]
         assert len(refused) == 6 and all("from your address" not in e for e in refused)
-        text = trio.run(metrics, server.port)
+        text = trio.run(metrics, metrics_port)
         assert 'tailledger_pending_registrations_refused_total{cap="global"} 6.0' in text
 
 
