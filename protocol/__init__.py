@@ -11,6 +11,8 @@ Layers, bottom-up (sans-I/O cores unless marked *adapter*):
 * :mod:`.noise` -- controlbase messages, handshake, transport records.
 * :mod:`.upgrade` -- HTTP/1.1 front and the client's upgrade request.
 * :mod:`.early`, :mod:`.mapframe` -- early payload; ``[u32 LE][zstd]`` frames.
+* :mod:`.compat` -- every reliance on h2, hpack, hyperframe and hypercorn
+  internals (compact HTTP/2 structures, the hypercorn hand-off), guarded and pinned.
 * :mod:`.h2flow`, :mod:`.h2_bridge`, :mod:`.client_conn` -- HTTP/2 over Noise.
 * :mod:`.handler` -- :class:`NoiseRequest`, :class:`NoiseResponse`,
   :class:`ControlHandler`: the interface the control logic implements.

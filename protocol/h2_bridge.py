@@ -45,7 +45,7 @@ Invariants:
   flow-control deadlock that withholding WINDOW_UPDATEs could cause.
 * An idle connection (the usual state of a node's tunnel, for days) holds
   no handshake leftovers, no cipher objects and none of ``h2``'s deque-based
-  settings or HPACK tables (:mod:`protocol.h2flow`), and ``h2`` remembers at
+  settings or HPACK tables (:mod:`protocol.compat`), and ``h2`` remembers at
   most ``max(max_concurrent_streams, 100)`` closed streams instead of 65536.
   ``tests/protocol/test_transport_memory.py`` checks the first three.
 """
@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Final
@@ -67,9 +66,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from .compat import CompactH2Connection, CompactSettings, compact_header_tables
 from .early import encode_early_payload
 from .errors import LocalProtocolError, RemoteProtocolError
-from .h2flow import CompactSettings, OutboundQueues, compact_header_tables
+from .h2flow import OutboundQueues
 from .handler import Headers, NoiseRequest
 from .noise.handshake import Keypair, respond
 from .noise.transport import NoiseTransport
@@ -100,7 +100,7 @@ DEFAULT_MAX_CONCURRENT_STREAMS: Final = 250
 _CLIENT_PREFACE_LEN: Final = 24
 #: Bound on the decoded request header list.
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 64 << 10
-#: Floor of how many closed streams ``h2`` remembers (see :class:`_H2Connection`).
+#: Floor of how many closed streams ``h2`` remembers (see :class:`CompactH2Connection`).
 _MIN_CLOSED_STREAMS_MEMORY: Final = 100
 
 #: One configuration for every server connection: ``h2`` only ever reads it,
@@ -243,68 +243,6 @@ class _FrameSizeGuard:
         return None
 
 
-def _dispatch_names() -> dict[type, str]:
-    """Frame class -> name of the ``H2Connection`` method that receives it.
-
-    Read from a probe connection, so it follows whatever ``h2`` maps; empty
-    if ``h2`` no longer keeps a dict of bound methods (then nothing is swapped).
-    """
-    probe = h2.connection.H2Connection()
-    table = getattr(probe, "_frame_dispatch_table", None)
-    if not isinstance(table, dict):
-        return {}
-    names: dict[type, str] = {}
-    for frame_type, method in table.items():
-        name = getattr(method, "__name__", "")
-        if getattr(method, "__self__", None) is not probe or getattr(probe, name, None) != method:
-            return {}
-        names[frame_type] = name
-    return names
-
-
-_DISPATCH_NAMES: Final = _dispatch_names()
-
-
-class _FrameDispatch:
-    """``h2``'s frame dispatch table as a view: one slot instead of 12 bound methods.
-
-    ``H2Connection`` builds, per connection, a dict from frame class to a
-    bound method (~0.6 KiB) and only ever looks frames up in it; this looks
-    the same names up on the connection when a frame arrives.
-    """
-
-    __slots__ = ("_conn",)
-
-    def __init__(self, conn: h2.connection.H2Connection) -> None:
-        self._conn = conn
-
-    def __getitem__(self, frame_type: type) -> Callable[..., object]:
-        method: Callable[..., object] = getattr(self._conn, _DISPATCH_NAMES[frame_type])
-        return method
-
-
-class _H2Connection(h2.connection.H2Connection):
-    """``h2``'s connection, remembering fewer closed streams, dispatching via a view.
-
-    ``h2`` records how every closed stream ended (``MAX_CLOSED_STREAMS``,
-    65536 by default) so that a late frame on a stream *reset* earlier gets
-    a RST_STREAM instead of a connection error. A tunnel lives for days and
-    carries a stream per lite map update, so that record would grow to
-    ~6 MiB per connection. Late frames arrive within one round trip, when at
-    most ``SETTINGS_MAX_CONCURRENT_STREAMS`` streams can have been open, so
-    remembering that many closed streams keeps the behaviour.
-
-    The frame dispatch table becomes a :class:`_FrameDispatch` (same lookups,
-    ~0.6 KiB less per connection) when ``h2``'s table has the expected shape.
-    """
-
-    def __init__(self, config: h2.config.H2Configuration, *, closed_streams: int) -> None:
-        self.MAX_CLOSED_STREAMS = closed_streams  # read by the base __init__
-        super().__init__(config=config)
-        if _DISPATCH_NAMES and set(_DISPATCH_NAMES) == set(self._frame_dispatch_table):
-            self._frame_dispatch_table = _FrameDispatch(self)  # type: ignore[assignment]
-
-
 @dataclass(slots=True)
 class _PartialRequest:
     method: str
@@ -405,11 +343,11 @@ class ServerConnection:
         self._max_body = max_body_size
         self._max_buffered = max_buffered_bodies
         self._buffered = 0  # sum of _PartialRequest.size over self._partial
-        self._h2 = _H2Connection(
+        self._h2 = CompactH2Connection(
             _H2_CONFIG, closed_streams=max(max_concurrent_streams, _MIN_CLOSED_STREAMS_MEMORY)
         )
         # Replaced before any frame moves, so h2 never used its own (deque-
-        # based, ~4.5 KiB each) Settings; see protocol.h2flow.CompactSettings.
+        # based, ~4.5 KiB each) Settings; see protocol.compat.CompactSettings.
         self._h2.local_settings = CompactSettings(
             client=False,
             initial_values={

@@ -32,7 +32,8 @@ shutdown of the Quart app) and its ``WorkerContext``, as ``worker_serve``
 does. TLS connections that negotiate ALPN ``h2`` go to hypercorn directly
 (Tailscale's ``/ts2021`` TLS fallback disables ALPN). Tested against
 hypercorn 0.18 (``tests/protocol/test_serve.py`` covers the hand-off, TLS and
-keep-alive); these are hypercorn internals, so pin the minor version.
+keep-alive); these are hypercorn internals, imported from :mod:`protocol.compat`
+(item 6), which pins the minor version.
 
 A connection handed to hypercorn stays there; if a later request on it asks
 for ``/key`` the ASGI shim :func:`with_key_endpoint` answers it, so ``/key``
@@ -72,14 +73,10 @@ from typing import Any, Final, cast
 
 import h2.errors
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
 
 from . import h2_bridge, upgrade
+from .compat import ASGIWrapper, ConnectionState, Lifespan, TCPServer, WorkerContext
 from .errors import HandshakeError, ProtocolError, RemoteProtocolError
 from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
 from .noise import Keypair, encode_error

@@ -94,6 +94,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("protocol/noise/", "noise records/handshake"),
     ("protocol/h2_bridge.py", "h2 bridge (ours)"),
     ("protocol/h2flow.py", "h2 bridge (ours)"),
+    ("protocol/compat.py", "h2 bridge (ours)"),
     ("protocol/serve.py", "serve adapter (ours)"),
     ("protocol/upgrade.py", "HTTP/1.1 front"),
     ("h11/", "HTTP/1.1 front"),
@@ -589,7 +590,7 @@ def _h2_server(compact: bool) -> object:
     import h2.connection
     import h2.settings
 
-    from protocol.h2flow import CompactSettings, compact_header_tables
+    from protocol.compat import CompactSettings, compact_header_tables
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     if compact:

@@ -33,13 +33,14 @@ from protocol import (
     ControlServer,
     NoiseRequest,
     NoiseResponse,
+    compat,
     generate_private_key,
     open_control_client,
 )
 from protocol import client_conn as cc
 from protocol import h2_bridge as hb
+from protocol.compat import CompactH2Connection, CompactSettings, compact_header_tables
 from protocol.errors import RemoteProtocolError
-from protocol.h2flow import CompactSettings, compact_header_tables
 from protocol.noise.handshake import SessionKeys, public_key
 from protocol.noise.transport import NoiseTransport
 from protocol.upgrade import UPGRADE_RESPONSE, FrontConnection, Upgrade
@@ -320,7 +321,7 @@ def test_reset_after_the_peers_goaway_is_a_no_op() -> None:
 
 
 def test_closed_streams_are_remembered_up_to_the_concurrency_limit() -> None:
-    conn = hb._H2Connection(h2.config.H2Configuration(client_side=False), closed_streams=3)
+    conn = CompactH2Connection(h2.config.H2Configuration(client_side=False), closed_streams=3)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     conn.initiate_connection()
@@ -336,10 +337,10 @@ def test_closed_streams_are_remembered_up_to_the_concurrency_limit() -> None:
 
 
 def test_frame_dispatch_view_finds_the_same_handlers_as_h2() -> None:
-    conn = hb._H2Connection(h2.config.H2Configuration(client_side=False), closed_streams=10)
+    conn = CompactH2Connection(h2.config.H2Configuration(client_side=False), closed_streams=10)
     stock = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     view = conn._frame_dispatch_table
-    assert isinstance(view, hb._FrameDispatch)  # the per-connection dict is gone
+    assert isinstance(view, compat._FrameDispatch)  # the per-connection dict is gone
     for frame_type, method in stock._frame_dispatch_table.items():
         found = view[frame_type]
         assert getattr(found, "__self__", None) is conn
@@ -455,17 +456,15 @@ async def test_accept_loop_retries_after_emfile(caplog: pytest.LogCaptureFixture
 
 @given(st.one_of(st.none(), st.binary(max_size=64), st.binary(min_size=1000, max_size=20000)))
 def test_cheap_data_repr_is_hyperframes(data: bytes | None) -> None:
-    from protocol import h2flow
-
-    assert h2flow._original_data_repr is not None
-    assert h2flow._data_repr(data) == h2flow._original_data_repr(data)
+    assert compat._original_data_repr is not None
+    assert compat._data_repr(data) == compat._original_data_repr(data)
 
 
 def test_cheap_data_repr_is_installed() -> None:
     import hyperframe.frame
 
-    from protocol import h2flow
+    import protocol.h2flow  # noqa: F401  (installs it)
 
-    assert hyperframe.frame._raw_data_repr is h2flow._data_repr
+    assert hyperframe.frame._raw_data_repr is compat._data_repr
     frame = hyperframe.frame.DataFrame(1, data=b"\x01" * 16384)
     assert repr(frame).endswith("<hex:01010101010101010101...>")

@@ -1,0 +1,223 @@
+"""Guards of :mod:`protocol.compat`: each fails when upstream changes an internal we rely on.
+
+One test (or a few) per item of the table in the module docstring. They read the
+libraries themselves (attributes, signatures, and where a behaviour hangs on how
+upstream *uses* something, its source), so that an upgrade past the pinned
+versions fails here, naming the item, instead of silently costing memory or
+breaking a connection. The behaviour of the replacements is checked against the
+stock objects in ``tests/protocol/test_transport_memory.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import pkgutil
+import re
+import tomllib
+import types
+from collections import deque
+from pathlib import Path
+
+import h2
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+import hpack.table
+import hyperframe.frame
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from protocol import compat
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _package_sources(package: types.ModuleType) -> dict[str, str]:
+    """Module name -> source, for every module of an installed package."""
+    return {
+        info.name: inspect.getsource(importlib.import_module(f"{package.__name__}.{info.name}"))
+        for info in pkgutil.iter_modules(package.__path__)
+    }
+
+
+def _params(func: object) -> list[str]:
+    return [p for p in inspect.signature(func).parameters if p != "self"]  # type: ignore[arg-type]
+
+
+# -- item 1: h2's per-connection frame dispatch table -------------------------------------
+
+
+def test_h2_dispatch_table_is_a_dict_of_the_connections_bound_methods() -> None:
+    conn = h2.connection.H2Connection()
+    table = conn._frame_dispatch_table
+    assert type(table) is dict
+    assert table, "h2 no longer fills _frame_dispatch_table"
+    for frame_type, method in table.items():
+        assert isinstance(frame_type, type)
+        assert getattr(method, "__self__", None) is conn
+    assert set(compat._DISPATCH_NAMES) == set(table)
+
+
+def test_h2_only_indexes_its_dispatch_table_by_frame_class() -> None:
+    uses = [
+        line.strip()
+        for source in _package_sources(h2).values()
+        for line in source.splitlines()
+        if "_frame_dispatch_table" in line
+    ]
+    assignments = [u for u in uses if re.match(r"self\._frame_dispatch_table\b.*=\s*\{", u)]
+    lookups = [u for u in uses if "_frame_dispatch_table[frame.__class__]" in u]
+    assert len(assignments) == 1 and len(lookups) == 1 and len(uses) == 2, uses
+
+
+# -- item 2: h2's record of closed streams -------------------------------------------------
+
+
+def test_h2_sizes_its_closed_stream_record_from_max_closed_streams() -> None:
+    assert isinstance(h2.connection.H2Connection.MAX_CLOSED_STREAMS, int)
+    init = inspect.getsource(h2.connection.H2Connection.__init__)
+    assert re.search(r"size_limit=self\.MAX_CLOSED_STREAMS", init), "h2 no longer reads it"
+    conn = compat.CompactH2Connection(h2.config.H2Configuration(client_side=False), closed_streams=7)
+    assert getattr(conn._closed_streams, "_size_limit", None) == 7
+
+
+# -- item 3: h2's settings -------------------------------------------------------------------
+
+#: What h2 may use of a Settings object: the mapping interface and named properties.
+_SETTINGS_INTERFACE = {
+    "acknowledge",
+    "enable_connect_protocol",
+    "enable_push",
+    "get",
+    "header_table_size",
+    "initial_window_size",
+    "items",
+    "keys",
+    "max_concurrent_streams",
+    "max_frame_size",
+    "max_header_list_size",
+    "update",
+    "validate_received_setting",
+    "values",
+}
+
+
+def test_h2_uses_settings_only_through_their_public_interface() -> None:
+    used: set[str] = set()
+    for source in _package_sources(h2).values():
+        used |= set(re.findall(r"(?:local|remote)_settings\.(\w+)", source))
+        used |= set(re.findall(r"old_settings\.(\w+)", source))  # RemoteSettingsChanged
+    assert used, "h2 no longer names local_settings/remote_settings"
+    assert used <= _SETTINGS_INTERFACE, used - _SETTINGS_INTERFACE
+    for name in ("local_settings", "remote_settings"):  # plain attributes we can assign
+        assert not hasattr(h2.connection.H2Connection, name)
+
+
+def test_settings_methods_compact_settings_inherits_use_only_what_it_sets() -> None:
+    """Whatever ``h2.settings.Settings`` defines and CompactSettings does not override
+    must not need the base ``__init__`` (which CompactSettings skips)."""
+    compact = compat.CompactSettings(client=True)
+    private: set[str] = set()
+    for name, value in vars(h2.settings.Settings).items():
+        if name in vars(compat.CompactSettings):
+            continue
+        func = value.fget if isinstance(value, property) else value
+        if inspect.isfunction(func):
+            private |= set(re.findall(r"self\.(_\w+)", inspect.getsource(func)))
+    assert all(hasattr(compact, attr) for attr in private), private
+    assert _params(h2.settings.Settings.__init__) == ["client", "initial_values"]
+
+
+# -- item 4: hpack's dynamic tables ------------------------------------------------------------
+
+
+def test_hpack_dynamic_entries_are_a_deque_used_like_a_list() -> None:
+    assert type(hpack.table.HeaderTable().dynamic_entries) is deque
+    sources = _package_sources(hpack)
+    users = [name for name, source in sources.items() if "dynamic_entries" in source]
+    assert users == ["table"], users
+    methods = set(re.findall(r"dynamic_entries\.(\w+)", sources["table"]))
+    assert methods <= {"appendleft", "pop", "clear"}, methods
+    assert "appendleft" in vars(compat._DynamicEntries)
+    conn = h2.connection.H2Connection()
+    assert compat.compact_header_tables(conn)
+    assert isinstance(conn.decoder.header_table.dynamic_entries, compat._DynamicEntries)
+
+
+# -- item 5: hyperframe's payload repr ----------------------------------------------------------
+
+
+def test_hyperframe_reprs_go_through_raw_data_repr() -> None:
+    original = compat._original_data_repr
+    assert original is not None, "hyperframe.frame._raw_data_repr is gone"
+    assert _params(original) == ["data"]
+    data_frame_repr = inspect.getsource(hyperframe.frame.DataFrame._body_repr)
+    assert "_raw_data_repr(" in data_frame_repr
+    assert compat.install_cheap_data_repr()
+    assert hyperframe.frame._raw_data_repr is compat._data_repr
+
+
+# -- item 6: hypercorn's per-connection driver ------------------------------------------------
+
+
+def test_hypercorn_tcp_server_takes_what_we_give_and_probes_what_we_provide() -> None:
+    assert _params(compat.TCPServer.__init__) == ["app", "config", "context", "state", "stream"]
+    assert inspect.iscoroutinefunction(compat.TCPServer.run)
+    source = inspect.getsource(compat.TCPServer)
+    for probe in ("do_handshake", "selected_alpn_protocol", "transport_stream", ".socket"):
+        assert probe in source, probe
+
+
+async def test_hypercorn_lifespan_worker_context_and_wrappers() -> None:
+    assert _params(compat.Lifespan.__init__) == ["app", "config", "state"]
+    for name in ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"):
+        assert inspect.iscoroutinefunction(getattr(compat.Lifespan, name)), name
+    assert "task_status" in inspect.signature(compat.Lifespan.handle_lifespan).parameters
+    assert _params(compat.WorkerContext.__init__) == ["max_requests"]
+    context = compat.WorkerContext(None)
+    await context.terminated.set()
+    assert context.terminated.is_set()
+    assert _params(compat.ASGIWrapper.__init__) == ["app"]
+    assert compat.ConnectionState({"a": 1}) == {"a": 1}
+    assert isinstance(HypercornConfig().shutdown_timeout, float | int)
+    await trio.lowlevel.checkpoint()
+
+
+# -- one place, pinned ---------------------------------------------------------------------------
+
+#: Names of these libraries' internals; only protocol/compat.py may say them.
+_INTERNALS = re.compile(
+    r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio|app_wrappers|typing))\b"
+    r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|dynamic_entries|_raw_data_repr"
+    r"|\bheader_table\b",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.parametrize("package", ["eventlog", "projections", "protocol", "relay", "cli"])
+def test_no_module_outside_compat_touches_the_internals(package: str) -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {match.group(0).strip()}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "protocol" / "compat.py"
+        for match in _INTERNALS.finditer(path.read_text())
+    ]
+    assert offenders == []
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@pytest.mark.parametrize("library", ["h2", "hpack", "hyperframe", "hypercorn"])
+def test_library_is_pinned_below_the_next_unverified_minor(library: str) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (spec,) = [d for d in project["dependencies"] if re.match(rf"{library}\b", d, re.IGNORECASE)]
+    upper = re.search(r"<\s*([\d.]+)", spec)
+    assert upper is not None, f"{spec}: no upper bound"
+    assert _version(importlib.metadata.version(library)) < _version(upper.group(1))
