@@ -9,12 +9,11 @@ Each test starts ``tailledger serve`` with the relay enabled and its limits set
 through the environment (``TAILLEDGER_DERP__SERVER__*``), registers node keys
 with a pre-auth key over the real control protocol, and talks DERP to the relay
 over TCP with our DERP client. The counters are read from the server's
-``/metrics``.
+``/metrics`` (on ``metrics_listen_addr``).
 """
 
 from __future__ import annotations
 
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,24 +56,16 @@ def relay_server(tmp_path: Path, **limits: str) -> Iterator[tuple[RunningServer,
         yield server, f"http://127.0.0.1:{derp_port}/derp", metrics_port
 
 
-def relay_counters(server: RunningServer, metrics_port: int) -> dict[str, float]:
-    """The ``tailledger_relay_*`` samples, prefix stripped.
-
-    ``metrics_listen_addr`` is tried first; until it is honoured the metrics are
-    on the control port, so that is the fallback.
-    """
-    for port in (metrics_port, server.port):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-        except urllib.error.URLError:
-            continue
-        return {
-            name.removeprefix("tailledger_relay_"): value
-            for name, value in parse_metrics(text).items()
-            if name.startswith("tailledger_relay_")
-        }
-    raise AssertionError(f"no /metrics on port {metrics_port} or {server.port}")
+def relay_counters(metrics_port: int) -> dict[str, float]:
+    """The ``tailledger_relay_*`` samples of the server's ``/metrics``, prefix stripped."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        name.removeprefix("tailledger_relay_"): value
+        for name, value in parse_metrics(text).items()
+        if name.startswith("tailledger_relay_")
+    }
 
 
 async def register_nodes(server: RunningServer, count: int) -> list[bytes]:
@@ -161,7 +152,7 @@ async def test_a_flooding_node_does_not_starve_a_victims_traffic(tmp_path: Path)
         # Only the burst (one 64 KiB of frames) and the trickle earned since got
         # through from the flooder: 2 * 250 packets were sent.
         assert from_flooder < 10
-        counters = relay_counters(server, metrics_port)
+        counters = relay_counters(metrics_port)
         assert counters['drops{reason="rate_limited"}'] >= 2 * FLOOD_PACKETS - 10
         assert counters['bytes_dropped{reason="rate_limited"}'] >= (2 * FLOOD_PACKETS - 10) * len(
             FLOOD_PACKET
@@ -187,6 +178,6 @@ async def test_connections_beyond_the_per_key_cap_are_refused(tmp_path: Path) ->
                     pass
             assert event.data == b"still served"
             await round_trip(first, b"first ok")
-        counters = relay_counters(server, metrics_port)
+        counters = relay_counters(metrics_port)
         assert counters["refused_key_limit"] == 1
         assert counters["closed_key_limit"] == 0

@@ -192,7 +192,8 @@ async def test_hypercorn_lifespan_worker_context_and_wrappers() -> None:
 
 #: Names of these libraries' internals; only protocol/compat.py may say them.
 _INTERNALS = re.compile(
-    r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio|app_wrappers|typing))\b"
+    # hypercorn's public API (hypercorn.config, ``from hypercorn.trio import serve``) is fine.
+    r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio\.\w+|app_wrappers|typing))\b"
     r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|dynamic_entries|_raw_data_repr"
     r"|\bheader_table\b",
     re.MULTILINE,
