@@ -685,6 +685,8 @@ class Control:
                 await self.tailnet.execute(
                     lambda s: self._route_decision(s, s.nodes[node_id], hostinfo), actor=actor
                 )
+            except UnavailableError:
+                raise  # valid routes the log cannot record now: the client must retry
             except CommandError as exc:
                 log.info("node %d advertised invalid routes: %s", node_id, exc)
             await self._auto_approve(node_id)

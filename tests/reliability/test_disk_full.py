@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -124,11 +125,21 @@ async def test_disk_full_refuses_clearly_leaves_nothing_half_written_and_recover
             assert "Traceback" not in cli.stderr
             _, error = await _register(server, key["key"], "n2")
             assert "disk is full" in error, error
-            # A map poll reporting a new hostname cannot record it: an error, not a hang.
-            with trio.fail_after(ANSWER_DEADLINE):
-                async with open_control_client("127.0.0.1", server.port, machine_key=n1.machine_private) as c:
-                    poll = await c.post_json("/machine/map", replace(n1, hostname="n1-new").map_request(stream=False))
-            assert poll.status == 503 and b"disk is full" in poll.body, poll
+            # Map polls reporting new routes or a new hostname cannot record them: an
+            # error saying why, which the client retries (not a hang, not a 500, and the
+            # change is not dropped).
+            routes = n1.map_request(stream=False)
+            assert routes.hostinfo is not None
+            routes = msgspec.structs.replace(
+                routes, hostinfo=msgspec.structs.replace(routes.hostinfo, routable_ips=["10.9.0.0/24"])
+            )
+            for poll_request in (routes, replace(n1, hostname="n1-new").map_request(stream=False)):
+                with trio.fail_after(ANSWER_DEADLINE):
+                    async with open_control_client(
+                        "127.0.0.1", server.port, machine_key=n1.machine_private
+                    ) as client:
+                        poll = await client.post_json("/machine/map", poll_request)
+                assert poll.status == 503 and b"disk is full" in poll.body, poll
             # Reads go on, and the server is still there.
             assert [u["name"] for u in await admin_rows(server.admin_socket, "users.list")] == ["alice"]
             assert server.proc.poll() is None
