@@ -27,6 +27,12 @@ before it, and the fold from the snapshot checks every link after it) and the bl
 hashes to ``content_sha256``; otherwise it is ignored and the fold starts from an
 earlier one or from zero. The property tests hold "state from a snapshot at N" equal to
 "fold from zero to N".
+
+Trust: a snapshot proves *where* it sits in the chain, not who wrote it. It is as
+trustworthy as the cache it was read from, which is why the CLI keeps the cache in the
+auditor's own account, never in the data directory; ``--no-cache`` answers from a
+fold in which every row is verified. Signed checkpoints, once the log has them, are
+the natural anchors for snapshots.
 """
 
 from __future__ import annotations
