@@ -49,17 +49,18 @@ unless configured (derper has neither by default) and both exempt mesh peers,
 which carry many clients' traffic:
 
 * **Rate** (``rate_limit`` bytes/s, ``rate_burst`` bytes): one token bucket
-  per node key, shared by all of that key's connections, charged the full
-  SendPacket frame (header + key + packet, the unit Tailscale's ServerInfo
-  ``TokenBucketBytesPerSecond`` is defined in).  A packet the bucket cannot
-  pay for is dropped before it reaches any queue, as ``rate_limited``.  The
-  limit is announced in ServerInfo, where Tailscale clients read it and pace
-  their own sends, so a well-behaved client never loses a packet to it.
-  Early derper versions paced instead (a per-client limiter waited before
-  reading each frame, so TCP pushed back on the sender); dropping in the
-  core keeps the decision sans-I/O and testable with the injected clock, and
-  it takes effect within one read, whereas pacing a 64 KiB read still lets
-  its whole content into the victim's queue.
+  per node key, shared by all of that key's connections and kept after the
+  last one leaves until it would have refilled (reconnecting buys no fresh
+  burst), charged the full SendPacket frame (header + key + packet, the unit
+  of Tailscale's ServerInfo ``TokenBucketBytesPerSecond``).  A packet the
+  bucket cannot pay for is dropped before it reaches any queue, as
+  ``rate_limited``.  The limit is announced in ServerInfo, where Tailscale
+  clients read it and hold their own sends to it, so what a well-behaved
+  client sends is never dropped here.  Early derper versions paced instead (a
+  per-client limiter waited before reading each frame, so TCP pushed back on
+  the sender); dropping in the core keeps the decision sans-I/O and testable
+  with the injected clock, and it takes effect within one read, whereas
+  pacing a 64 KiB read still lets its whole content into the victim's queue.
 * **Connections per key** (``max_conns_per_key``): derper keeps every
   duplicate (:class:`DupPolicy`); we cap them.  By default the newest
   connection wins and the oldest of the key are closed
@@ -78,6 +79,8 @@ Invariants
   from it gets PeerGone(DISCONNECTED), exactly once.
 * A connection in CLOSED is in no table and its queues are empty (their packets
   were counted as ``gone_disconnected``).
+* With a rate limit, the SendPacket frames of one node key admitted during any
+  interval of T seconds total at most ``rate_burst + rate_limit * T`` bytes.
 """
 
 from __future__ import annotations
@@ -550,6 +553,8 @@ class RelayCore:
         self._forwarders: dict[bytes, list[PacketForwarder]] = {}
         self._watchers: set[ServerConn] = set()
         self._peer_gone_watchers: dict[bytes, set[ServerConn]] = {}
+        # Rate buckets of keys that left before their bucket refilled (see _register).
+        self._left_buckets: dict[bytes, RateBucket] = {}
         # counters
         self._drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self._drop_bytes: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
@@ -1116,8 +1121,12 @@ class RelayCore:
             cs = self._sets[key] = _ClientSet()
         cs.conns.append(conn)
         if self.rate_limit and not conn.can_mesh:
-            if cs.bucket is None:  # the key's first limited connection: a full bucket
-                cs.bucket = RateBucket(float(self.rate_burst), self._clock())
+            if cs.bucket is None:
+                # The key's first limited connection: the bucket it left with, if
+                # it still is not full, so reconnecting never buys a fresh burst.
+                cs.bucket = self._left_buckets.pop(key, None) or RateBucket(
+                    float(self.rate_burst), self._clock()
+                )
             conn.bucket = cs.bucket
         if len(cs.conns) == 2:
             cs.send_history = [cs.conns[0]]
@@ -1144,6 +1153,8 @@ class RelayCore:
         cs.send_history = history
         if not cs.conns:
             del self._sets[key]
+            if cs.bucket is not None:
+                self._keep_left_bucket(key, cs.bucket)
             self._active.pop(key, None)
             self._broadcast_gone(key)
             if key not in self._forwarders:
@@ -1162,6 +1173,21 @@ class RelayCore:
                 self._active.pop(key, None)
             else:
                 self._active[key] = cs.active
+
+    def _keep_left_bucket(self, key: bytes, bucket: RateBucket) -> None:
+        """Remember the bucket of a key that left, until it would have refilled.
+
+        At most one entry per node key that connected (only authorised keys
+        do); the oldest entries are dropped once they are full again.
+        """
+        left = self._left_buckets
+        while left:
+            oldest = next(iter(left))
+            if self._refill(left[oldest]) < self.rate_burst:
+                break
+            del left[oldest]
+        if self._refill(bucket) < self.rate_burst:
+            left[key] = bucket
 
     def _key_at_cap(self, key: bytes) -> bool:
         """Whether ``key`` already holds ``max_conns_per_key`` client connections."""

@@ -603,6 +603,58 @@ def test_a_keys_connections_share_one_bucket() -> None:
     assert drops(core) == {"rate_limited": BIG_PER_BURST}
 
 
+def test_reconnecting_does_not_refill_the_bucket() -> None:
+    clock = FakeClock()
+    core = limited_core(clock, queue_depth=100)
+    (b,) = login_all(core, 1)
+    key = generate_private_key()
+    for _ in range(3):  # each time: the burst is spent, leave, come back at once
+        flooder = CoreClient(core, private_key=key)
+        flooder.login()
+        flooder.send_raw(b"".join(f.encode_send_packet(b.key, BIG) for _ in range(10)))
+        core.connection_lost(flooder.conn)
+    assert len(packets(b.pump_in())) == BIG_PER_BURST
+    # Once the bucket would have refilled, the key starts afresh (and is forgotten).
+    clock.now += MIN_RATE_BURST / 10_000
+    flooder = CoreClient(core, private_key=key)
+    flooder.login()
+    flooder.send_raw(b"".join(f.encode_send_packet(b.key, BIG) for _ in range(10)))
+    assert len(packets(b.pump_in())) == BIG_PER_BURST
+    core.connection_lost(flooder.conn)
+    clock.now += MIN_RATE_BURST / 10_000
+    other = CoreClient(core)
+    other.login()
+    core.connection_lost(other.conn)  # its leaving prunes the refilled entries
+    assert core._left_buckets == {}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 3), st.integers(0, f.MAX_PACKET_SIZE), st.booleans()), min_size=1, max_size=40
+    )
+)
+def test_admitted_bytes_never_exceed_burst_plus_rate_times_time(
+    steps: list[tuple[float, int, bool]],
+) -> None:
+    clock = FakeClock()
+    core = limited_core(clock, queue_depth=10_000)
+    (b,) = login_all(core, 1)
+    key = generate_private_key()
+    sender = CoreClient(core, private_key=key)
+    sender.login()
+    start, admitted = clock.now, 0
+    for seconds, size, reconnect in steps:
+        clock.now += seconds
+        if reconnect:
+            core.connection_lost(sender.conn)
+            sender = CoreClient(core, private_key=key)
+            sender.login()
+        sender.send_raw(f.encode_send_packet(b.key, b"\x01" * size))
+        admitted += sum(f.FRAME_HEADER_LEN + 32 + len(p.data) for p in packets(b.pump_in()))
+        assert admitted <= MIN_RATE_BURST + 10_000 * (clock.now - start) + 1e-6
+
+
 def test_rate_limit_is_announced_in_server_info_and_spares_mesh_peers() -> None:
     core = limited_core(FakeClock(), mesh_key=MESH, queue_depth=100)
     (b,) = login_all(core, 1)
