@@ -45,6 +45,10 @@ item  library     internal relied on                                      fallba
                   ``Lifespan``, ``WorkerContext``, ``ASGIWrapper``,
                   ``ConnectionState`` (re-exported below; the hand-off
                   in :mod:`protocol.serve` explains why)
+7     h2          ``H2Connection._data_to_send``: the serialised frames   detected: counts 0
+                  ``data_to_send()`` has not handed out yet, a bytearray
+                  (:func:`unsent_bytes`, for capping a connection's
+                  outgoing buffer)
 ====  ==========  =====================================================  =====================================
 
 Upstream, item 5 is a plain cost bug. The issue we would file at
@@ -110,6 +114,7 @@ __all__ = [
     "WorkerContext",
     "compact_header_tables",
     "install_cheap_data_repr",
+    "unsent_bytes",
 ]
 
 _Code = h2.settings.SettingCodes | int
@@ -117,7 +122,7 @@ _SC = h2.settings.SettingCodes
 _PROTOCOL_ERROR: Final = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 
-# -- items 1 and 2: h2's connection ------------------------------------------------------
+# -- items 1, 2 and 7: h2's connection ----------------------------------------------------
 
 def _dispatch_names() -> dict[type, str]:
     """Frame class -> name of the ``H2Connection`` method that receives it.
@@ -179,6 +184,17 @@ class CompactH2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         if _DISPATCH_NAMES and set(_DISPATCH_NAMES) == set(self._frame_dispatch_table):
             self._frame_dispatch_table = _FrameDispatch(self)  # type: ignore[assignment]
+
+
+def unsent_bytes(conn: h2.connection.H2Connection) -> int:
+    """Bytes of frames ``conn`` has serialised but ``data_to_send()`` not yet returned (item 7).
+
+    ``h2`` has no public way to ask; it appends every frame to ``_data_to_send``,
+    a bytearray, and ``data_to_send()`` empties it. If that attribute changes
+    shape, this counts 0 (the guard test fails first).
+    """
+    framed = getattr(conn, "_data_to_send", None)
+    return len(framed) if isinstance(framed, bytearray | bytes) else 0
 
 
 # -- item 3: h2's settings ---------------------------------------------------------------

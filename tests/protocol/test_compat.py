@@ -188,6 +188,23 @@ async def test_hypercorn_lifespan_worker_context_and_wrappers() -> None:
     await trio.lowlevel.checkpoint()
 
 
+# -- item 7: h2's output buffer -----------------------------------------------------------------
+
+
+def test_h2_keeps_unsent_frames_in_a_bytearray_that_data_to_send_drains() -> None:
+    conn = h2.connection.H2Connection()
+    assert type(conn._data_to_send) is bytearray
+    conn.initiate_connection()
+    conn.ping(b"12345678")
+    pending = compat.unsent_bytes(conn)
+    assert pending > 0
+    assert len(conn.data_to_send()) == pending
+    assert compat.unsent_bytes(conn) == 0
+    conn.ping(b"abcdefgh")
+    assert len(conn.data_to_send(5)) == 5  # a partial take leaves the rest counted
+    assert compat.unsent_bytes(conn) == 17 - 5
+
+
 # -- one place, pinned ---------------------------------------------------------------------------
 
 #: Names of these libraries' internals; only protocol/compat.py may say them.
