@@ -57,7 +57,7 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from eventlog import Actor, ActorKind, caused_by
+from eventlog import Actor, ActorKind, EventLogError, caused_by
 from eventlog.sidetables import Admission, PendingRegistration
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet, UnavailableError
 from projections import commands as c
@@ -531,9 +531,13 @@ class Control:
     async def _start_interactive(
         self, rr: RegisterRequest, mk: str, nk: str, source: str
     ) -> NoiseResponse:
-        pending = await self.pending.start(
-            machine_key=mk, node_key=nk, hostinfo=rr.hostinfo, ephemeral=rr.ephemeral, source=source
-        )
+        try:
+            pending = await self.pending.start(
+                machine_key=mk, node_key=nk, hostinfo=rr.hostinfo, ephemeral=rr.ephemeral, source=source
+            )
+        except EventLogError as exc:
+            log.warning("cannot store a pending registration: %s", exc)
+            return _register_error("the server cannot take interactive registrations right now; try again later")
         if not isinstance(pending, PendingRegistration):
             return _register_error(
                 "too many machines are waiting for approval"

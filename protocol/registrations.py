@@ -45,7 +45,7 @@ from typing import TypeVar
 import msgspec
 import trio
 
-from eventlog import Actor, caused_by, current_cause
+from eventlog import Actor, EventLogError, caused_by, current_cause
 from eventlog.sidetables import Admission, PendingRegistration, SideTables
 from projections import CommandError, NotFoundError, Tailnet
 from projections import commands as c
@@ -347,7 +347,13 @@ class PendingRegistrations:
         waiting clients. Runs until cancelled."""
         task_status.started()
         while True:
-            delay = await self.sweep()
+            try:
+                delay = await self.sweep()
+            except EventLogError as exc:
+                # The database is unwell (locked for too long, disk full…): waiting
+                # clients keep their own deadlines; try again later.
+                log.warning("expiring pending registrations failed: %s", exc)
+                delay = self.limits.sweep_interval
             await trio.sleep(delay)
 
     async def sweep(self) -> float:

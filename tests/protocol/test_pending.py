@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from eventlog import EventLog, SQLiteEventStore
+from eventlog import EventLog, EventLogError, SQLiteEventStore
 from eventlog.sidetables import PendingRegistration, SideTables
 from projections import ProjectionRunner, Tailnet
 from projections.tailcfg import Hostinfo, RegisterRequest
@@ -266,3 +266,30 @@ async def test_expiry_timer_and_waiting_client_on_virtual_time(
         assert await trio.to_thread.run_sync(side.count_pending) == 0
         assert pending.stats.expired == 1 and pending.stats.current == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_database_does_not_end_the_timer_or_crash_a_register(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """The side tables fail (here: closed): the sweep logs and goes on."""
+    log = EventLog(SQLiteEventStore(":memory:"))
+    side = SideTables(":memory:")
+    pending = PendingRegistrations(side, Tailnet(log, ProjectionRunner(log)), PendingLimits(sweep_interval=5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pending.run)
+        side.close()
+        for _ in range(3):
+            mock_clock.jump(5)
+            await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(EventLogError):
+            await pending.start(machine_key="a" * 64, node_key="b" * 64, hostinfo=None, ephemeral=False, source="x")
+        nursery.cancel_scope.cancel()  # the timer was still running: the nursery did not fail
+
+
+async def test_a_register_the_database_cannot_store_gets_an_error(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        server.side.close()
+        n = SimNode.new("laptop")
+        async with n.connect(server) as client:
+            resp = await client.register(n.register_request())
+        assert not resp.auth_url and "cannot take interactive registrations right now" in resp.error
