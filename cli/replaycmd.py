@@ -423,14 +423,30 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_policy_impact(args: argparse.Namespace) -> int:
+def _impact_from_server(args: argparse.Namespace, text: str) -> dict[str, Any] | None:
+    """Ask the running server (its live tailnet); ``None`` when none answers here."""
+    from .adminsock import AdminError, call
+    from .main import _config
+
+    if args.offline or getattr(args, "from_export", None):
+        return None
+    config = _config(args)
+    if not config.admin_socket_path.exists():
+        return None
+    try:
+        data = call(config.admin_socket_path, "policy.impact", {"text": text})
+    except AdminError as exc:
+        message = str(exc)
+        if "unknown operation" in message or "no tailledger server" in message or "not accepting" in message:
+            return None  # an older server, or none: answer from the log instead
+        raise _Fail(f"{args.file}: {message}") from None
+    return data if isinstance(data, dict) else None
+
+
+def _impact_offline(args: argparse.Namespace, text: str) -> dict[str, Any]:
     from projections import commands as c
     from projections.errors import CommandError
 
-    try:
-        text = Path(args.file).read_text()
-    except OSError as exc:
-        raise _Fail(f"cannot read {args.file}: {exc.strerror}") from None
     history = open_history(args)
     point = history.point(None)
     state = history.state_at(point.seq)
@@ -438,16 +454,27 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
         c.check_policy_text(state, text)
     except CommandError as exc:
         raise _Fail(f"{args.file}: {exc}") from None
-    data = impact(state, text, point.now)
+    return {"at_seq": point.seq, **impact(state, text, point.now)}
+
+
+def cmd_policy_impact(args: argparse.Namespace) -> int:
+    """``policy impact FILE`` / ``policy set --dry-run FILE``: asked of the running
+    server when there is one (an operator on the group socket cannot read the data
+    directory), else computed read-only from the log."""
+    try:
+        text = Path(args.file).read_text()
+    except OSError as exc:
+        raise _Fail(f"cannot read {args.file}: {exc.strerror}") from None
+    data = _impact_from_server(args, text) or _impact_offline(args, text)
     if args.output == "json":
-        print_json({"at_seq": point.seq, **data})
+        print_json(data)
         return 0
-    print(f"impact of {args.file} against the tailnet after seq {point.seq} (nothing appended)")
+    print(f"impact of {args.file} against the tailnet after seq {data['at_seq']} (nothing appended)")
     for key, title in (("pairs_gained", "Pairs gained"), ("pairs_lost", "Pairs lost")):
         print(f"\n{title}")
-        print_table(data[key], [("src", "Source"), ("dst", "Destination"), ("proto", "Proto"), ("ports", "Ports")])  # type: ignore[arg-type]
+        print_table(data[key], [("src", "Source"), ("dst", "Destination"), ("proto", "Proto"), ("ports", "Ports")])
     changed = data["netmaps_changed"]
-    print(f"\nNetmaps that change: {', '.join(changed) if changed else 'none'}")  # type: ignore[arg-type]
+    print(f"\nNetmaps that change: {', '.join(changed) if changed else 'none'}")
     return 0
 
 
@@ -460,7 +487,7 @@ def cmd_policy_set(args: argparse.Namespace) -> int:
         text = Path(args.file).read_text()
     except OSError as exc:
         raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
-    data = _admin(args, "policy.set", {"text": text, "impact": True})
+    data = _admin(args, "policy.set", {"text": text, "impact": not args.no_impact})
     if args.output == "json":
         print_json(data)
         return 0
@@ -541,10 +568,14 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
     p = source(add(policy, "impact", "What a policy file would change against the current tailnet.",
                    _guard(cmd_policy_impact)))
     p.add_argument("file")
+    p.add_argument("--offline", action="store_true", help="read the log even when a server is running")
     setp = policy.choices["set"]
     source(setp)
     setp.add_argument("--dry-run", action="store_true",
                       help="print the impact against the current tailnet and append nothing")
+    setp.add_argument("--offline", action="store_true", help="with --dry-run: read the log, not the server")
+    setp.add_argument("--no-impact", action="store_true",
+                      help="do not compute the impact summary recorded with the event (large tailnets)")
 
     def policy_set(args: argparse.Namespace) -> int:
         if args.dry_run:

@@ -165,6 +165,7 @@ class AdminOps:
             "policy.get": self.get_policy,
             "policy.set": self.set_policy,
             "policy.check": self.check_policy,
+            "policy.impact": self.impact_policy,
         }
         #: Where the policy comes from: "database" (``policy set``) or "file".
         self.policy_mode = "database"
@@ -357,6 +358,16 @@ class AdminOps:
     async def check_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
         a = _args(_PolicyText, raw)
         return {"ok": True, "sha256": c.check_policy_text(self.state, a.text)}
+
+    async def impact_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
+        """What ``text`` would change against the live tailnet; appends nothing."""
+        from .replay import impact
+
+        a = _args(_PolicyText, raw)
+        state = self.state
+        c.check_policy_text(state, a.text)
+        data = await trio.to_thread.run_sync(impact, state, a.text, self.tailnet.clock())
+        return {"at_seq": state.seq, **data}
 
     async def set_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
         a = _args(_PolicyText, raw)

@@ -207,3 +207,28 @@ def test_replay_netmap_is_the_servers_full_map_with_the_configured_domain(
     assert got["Node"]["Name"] == "laptop.corp.example."
     assert got["Peers"] == want["Peers"] and got["PacketFilters"] == want["PacketFilters"]
     assert got["Node"] == want["Node"]
+
+
+def test_policy_impact_asks_the_running_server_and_appends_nothing(tmp_path: Path) -> None:
+    """An operator on the admin socket gets the impact from the live tailnet (no read
+    access to the data directory needed); nothing is appended."""
+    from .server_process import running_server
+
+    policy = tmp_path / "p.hujson"
+    policy.write_text('{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["alice@:22"]}]}')
+    with running_server(tmp_path / "data") as server:
+        server.cli("users", "create", "alice", check=True)
+        head = SQLiteEventStore(server.data / "ledger.db", read_only=True).head().seq
+        for argv in (("policy", "impact", str(policy)), ("policy", "set", "--dry-run", str(policy))):
+            out = json.loads(server.cli(*argv, "-o", "json", check=True).stdout)
+            assert out == {"at_seq": head, "pairs_gained": [], "pairs_lost": [], "netmaps_changed": []}
+        bad = tmp_path / "bad.hujson"
+        bad.write_text('{"acls": [{"action": "accept", "src": ["group:nobody"], "dst": ["*:*"]}]}')
+        refused = server.cli("policy", "impact", str(bad))
+        assert refused.returncode == 1 and "group:nobody" in refused.stderr
+        assert SQLiteEventStore(server.data / "ledger.db", read_only=True).head().seq == head
+        # policy set records the summary with its event.
+        out = json.loads(server.cli("policy", "set", str(policy), "-o", "json", check=True).stdout)
+        assert out["impact"]["against_seq"] == head and out["impact"]["pairs_gained"] == 0
+        shown = json.loads(server.cli("log", "show", "--type", "policy.", "-o", "json", check=True).stdout)
+        assert shown[-1]["event"]["impact"]["against_seq"] == head
