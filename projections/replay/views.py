@@ -258,12 +258,11 @@ def diff_view(history: History, start: Point, end: Point) -> dict[str, object]:
 
     def caused(pairs: dict[tuple[int, int], frozenset[str]]) -> list[dict[str, object]]:
         out = []
-        for row in _pairs_json(pairs.items(), names):
-            src = next(k for k, v in names.items() if v == row["src"])
-            dst = next(k for k, v in names.items() if v == row["dst"])
-            events = by_node.get(src, []) + by_node.get(dst, []) + wide
-            row["events"] = sorted(events, key=lambda e: int(str(e["seq"])))
-            out.append(row)
+        for (src, dst), labels in sorted(pairs.items()):
+            events = sorted(by_node.get(src, []) + by_node.get(dst, []) + wide, key=lambda e: int(str(e["seq"])))
+            for row in _pairs_json([((src, dst), labels)], names):
+                row["events"] = events
+                out.append(row)
         return out
 
     return {

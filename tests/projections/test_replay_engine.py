@@ -198,3 +198,25 @@ def test_replay_netmap_is_the_golden_netmap_of_every_fixture() -> None:
             node = next(n for n in state.nodes.values() if n.given_name == golden.stem)
             got = netmap_bytes(state, node.id, NOW, settings, PolicyCompiler("https://control.example"))
             assert msgspec.json.format(got, indent=1) + b"\n" == golden.read_bytes(), golden
+
+
+def test_diff_cites_the_events_of_the_right_node_when_a_name_is_reused() -> None:
+    from projections import commands as c
+    from projections.replay import diff_view
+
+    from .builders import Recorder
+
+    r = Recorder()
+    alice = r.user("alice")
+    r.node(alice, "box")
+    r.node(alice, "peer")
+    start = r.state.seq
+    r.run(lambda s: c.decide_delete_node(s, "box"))
+    deleted = r.state.seq
+    r.node(alice, "box")  # a new machine under the old name
+    registered = r.state.seq
+    history = History(r.store)
+    diff = diff_view(history, history.point_at_seq(start), history.point(None))
+    gained = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in diff["reach_gained"]}
+    lost = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in diff["reach_lost"]}
+    assert gained[("peer", "box")] == [registered] and lost[("peer", "box")] == [deleted]
