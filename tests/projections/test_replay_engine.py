@@ -217,6 +217,7 @@ def test_diff_cites_the_events_of_the_right_node_when_a_name_is_reused() -> None
     registered = r.state.seq
     history = History(r.store)
     diff = diff_view(history, history.point_at_seq(start), history.point(None))
-    gained = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in diff["reach_gained"]}
-    lost = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in diff["reach_lost"]}
+    rows = msgspec.json.decode(msgspec.json.encode(diff))
+    gained = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in rows["reach_gained"]}
+    lost = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in rows["reach_lost"]}
     assert gained[("peer", "box")] == [registered] and lost[("peer", "box")] == [deleted]
