@@ -14,7 +14,7 @@ import msgspec
 from eventlog import EventLogError, RecordedEvent, SQLiteEventStore
 
 from .config import Config
-from .output import print_json
+from .output import print_json, terminal_safe
 
 __all__ = ["show", "tail", "verify"]
 
@@ -36,7 +36,7 @@ def _line(rec: RecordedEvent) -> str:
     fields = " ".join(f"{k}={msgspec.json.encode(v).decode()}" for k, v in payload.items())
     at = rec.recorded_at.isoformat(timespec="seconds").replace("+00:00", "Z")
     why = f"  reason={msgspec.json.encode(rec.reason).decode()}" if rec.reason else ""
-    return f"{rec.seq:>6}  {at}  {rec.actor!s:<20} {rec.type:<24} {fields}{why}"
+    return terminal_safe(f"{rec.seq:>6}  {at}  {rec.actor!s:<20} {rec.type:<24} {fields}{why}")
 
 
 def _json(rec: RecordedEvent) -> dict[str, object]:

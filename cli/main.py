@@ -18,7 +18,7 @@ from pathlib import Path
 from .adminsock import AdminError, call
 from .config import Config, ConfigError, load_config
 from .durations import DurationError, parse_duration
-from .output import print_json, print_table
+from .output import print_json, print_table, terminal_safe
 
 __all__ = ["build_parser", "main"]
 
@@ -70,7 +70,7 @@ def _show(args: argparse.Namespace, data: object, columns: Sequence[tuple[str, s
     elif isinstance(data, dict):
         print_table([data], columns)
     else:
-        print(data)
+        print(terminal_safe(str(data)))
 
 
 def _split(text: str | None) -> list[str]:
@@ -225,7 +225,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
             else:
                 assert isinstance(data, dict)
                 text = data.get("text")
-                print(text if text else "# no policy set: every node may reach every other (allow-all)")
+                print(terminal_safe(str(text)) if text else "# no policy set: every node may reach every other (allow-all)")
             return 0
         case "set" | "check":
             try:
@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except CLIError as exc:
-        print(f"tailledger: {exc}", file=sys.stderr)
+        print(f"tailledger: {terminal_safe(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

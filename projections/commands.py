@@ -91,8 +91,9 @@ _TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 #: MagicDNS names to (``dnsname.SanitizeHostname``).
 MAX_HOSTNAME_LENGTH = 63
 #: What a host name may not hold: C0 and C1 control characters (terminal escapes),
-#: DEL, and the Unicode line and paragraph separators.
-_HOSTNAME_BAD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: DEL, the Unicode line and paragraph separators, and the bidirectional controls
+#: (which can make a name display as another).
+_HOSTNAME_BAD = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 #: Suffixes Tailscale trims from a host name before making it a DNS label.
 _COMMON_SUFFIXES = (".local", ".localdomain", ".lan")
 #: Characters Tailscale turns into "-" inside a label (others outside [a-z0-9-] go).
