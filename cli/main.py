@@ -178,7 +178,16 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         case "expire":
             data = _admin(args, "nodes.expire", {"node": args.node})
         case "tag":
-            data = _admin(args, "nodes.tag", {"node": args.node, "tags": _split(args.tags)})
+            payload: dict[str, object] = {"node": args.node, "tags": _split(args.tags)}
+            if args.user:
+                payload["user"] = args.user
+            data = _admin(args, "nodes.tag", payload)
+            if args.output != "json" and isinstance(data, dict):
+                _show(args, data, NODE_COLUMNS)
+                rules = data.get("allowed_by")
+                for tag, rule in sorted(rules.items()) if isinstance(rules, dict) else ():
+                    print(terminal_safe(f"{tag}: allowed by {rule}"))
+                return 0
         case "register":
             data = _admin(args, "nodes.register", {"key": args.key, "user": args.user})
         case "pending":
@@ -357,9 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="id or name")
     p = add(ns, "expire", "Expire a node's key now (the client must log in again).")
     p.add_argument("node", help="id or name")
-    p = add(ns, "tag", "Set a node's tags (replacing the old ones; empty clears them).")
+    p = add(ns, "tag", "Set a node's tags (replacing the old ones; empty clears them). Each tag "
+                       "must be defined in the policy's tagOwners; as an admin you need not own it.")
     p.add_argument("node", help="id or name")
     p.add_argument("-t", "--tags", required=True, help="comma-separated, e.g. tag:web,tag:prod")
+    p.add_argument("-u", "--user", help="when clearing the tags: the user who will own the node "
+                                        "(required for a node registered with a tags-only key)")
     p = add(ns, "register", "Approve a pending interactive registration.")
     p.add_argument("-k", "--key", required=True, help="the id from the client's AuthURL")
     p.add_argument("-u", "--user", required=True)

@@ -45,3 +45,9 @@ def upcast(event_type: str, schema: int, target: int, payload: Payload) -> Paylo
         payload = UPCASTERS[(event_type, schema)](payload)
         schema += 1
     return payload
+
+
+@register_upcaster("node.tags_set", 1)
+def _node_tags_set_v1(payload: Payload) -> Payload:
+    """v2 added ``user_id`` (the new owner when tags are cleared); v1 had none."""
+    return payload

@@ -102,6 +102,7 @@ class _RenameNode(msgspec.Struct, forbid_unknown_fields=True):
 class _TagNode(msgspec.Struct, forbid_unknown_fields=True):
     node: str
     tags: list[str]
+    user: str | None = None  # the new owner, when clearing the tags
 
 
 class _Routes(msgspec.Struct, forbid_unknown_fields=True):
@@ -333,8 +334,10 @@ class AdminOps:
 
     async def tag_node(self, raw: dict[str, object], actor: Actor) -> JSON:
         a = _args(_TagNode, raw)
-        nid, _ = await self.tailnet.execute(lambda s: c.decide_set_tags(s, a.node, tuple(a.tags)), actor=actor)
-        return self.node_view(self.state.nodes[nid])
+        (nid, rules), _ = await self.tailnet.execute(
+            lambda s: c.decide_tag_node(s, a.node, tuple(a.tags), user=a.user), actor=actor
+        )
+        return {**self.node_view(self.state.nodes[nid]), "allowed_by": rules}
 
     async def approve_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
         a = _args(_Routes, raw)

@@ -55,6 +55,7 @@ __all__ = [
     "PREAUTH_KEY_PREFIX",
     "AddressPlan",
     "Decision",
+    "check_relogin_owner",
     "clean_hostname",
     "decide_advertise_routes",
     "decide_approve_routes",
@@ -71,12 +72,14 @@ __all__ = [
     "decide_rename_user",
     "decide_rotate_node_key",
     "decide_set_tags",
+    "decide_tag_node",
     "find_node",
     "find_preauth_key",
     "find_user",
     "hash_secret",
     "parse_preauth_key",
     "sanitize_hostname",
+    "tag_rules",
     "validate_tag",
 ]
 
@@ -453,6 +456,27 @@ def decide_register_node(
     return Decision(tuple(events), node_id)
 
 
+def check_relogin_owner(state: TailnetState, node: Node, user: User) -> None:
+    """Refuse approving a machine's new login for ``user`` when the machine already has
+    a node owned by another user.
+
+    Approving it would re-key that node and leave it with its old owner -- silently
+    not what the admin asked for. A tagged node is owned by its tags, whoever approves.
+
+    Raises:
+        ConflictError: with the node, its owner, and what to do instead.
+    """
+    if node.tags or node.user_id == user.id:
+        return
+    owner = state.users.get(node.user_id)
+    owner_name = owner.name if owner is not None else f"#{node.user_id}"
+    raise ConflictError(
+        f"this machine is already registered as node {node.given_name!r} (id {node.id}) owned by "
+        f"user {owner_name!r}, not {user.name!r}: approve it with --user {owner_name} to log it in "
+        f"again, or delete node {node.id} first to register the machine anew for {user.name!r}"
+    )
+
+
 def decide_rotate_node_key(
     state: TailnetState,
     node: Node,
@@ -520,14 +544,76 @@ def decide_logout_node(state: TailnetState, node: Node, *, now: datetime) -> Dec
     return Decision((NodeLoggedOut(node_id=node.id, at=now),), node.id)
 
 
-def decide_set_tags(state: TailnetState, ref: str, tags: tuple[str, ...]) -> Decision[int]:
+def decide_set_tags(
+    state: TailnetState, ref: str, tags: tuple[str, ...], *, user: str | None = None
+) -> Decision[int]:
+    """Replace a node's tags (the command itself; an admin's request goes through
+    :func:`decide_tag_node`, which also checks the policy's ``tagOwners``).
+
+    Clearing the tags gives the node back to a user: ``user`` when given, else the
+    one who registered it. A node registered with a tags-only key has none, so
+    clearing its tags without ``user`` is refused.
+    """
     node = find_node(state, ref)
     for tag in tags:
         validate_tag(tag)
     canonical = tuple(sorted(set(tags)))
     if canonical == node.tags:
         raise CommandError(f"node {node.given_name!r} already has exactly these tags")
+    if user is not None:
+        if canonical or not node.tags:
+            raise CommandError(
+                "--user only applies when clearing a node's tags: it names the user who will own it"
+            )
+        owner = find_user(state, user)
+        return Decision((NodeTagsSet(node_id=node.id, tags=(), user_id=owner.id),), node.id)
+    if not canonical and node.user_id not in state.users:
+        raise CommandError(
+            f"node {node.given_name!r} was registered with a tags-only key and belongs to no user: "
+            "clearing its tags needs --user USER, the user who will own it"
+        )
     return Decision((NodeTagsSet(node_id=node.id, tags=canonical),), node.id)
+
+
+def tag_rules(state: TailnetState, tags: tuple[str, ...]) -> dict[str, str]:
+    """For each tag, the ``tagOwners`` rule of the policy in force that defines it.
+
+    The operator is an admin, so owning the tag is not required, but a tag the policy
+    does not define is refused: Tailscale refuses such tags too, and no rule could
+    refer to the node by it.
+
+    Raises:
+        CommandError: a tag is not in the policy's ``tagOwners`` (the message says so).
+    """
+    from .policy import parse_stored_policy
+
+    policy = parse_stored_policy(state.policy_text) if state.policy_text else None
+    owners = policy.tag_owner_map() if policy is not None else {}
+    rules: dict[str, str] = {}
+    for tag in sorted(set(tags)):
+        validate_tag(tag)
+        if tag not in owners:
+            where = "the policy's tagOwners" if policy is not None else "a policy (none is set)"
+            raise CommandError(
+                f"tag {tag!r} is not defined in {where}: add it to tagOwners, with its owners, "
+                "before tagging nodes with it"
+            )
+        assert policy is not None
+        pos = policy.source.key(("tagOwners", tag)) if policy.source is not None else None
+        line = f" (policy line {pos[0]})" if pos is not None else ""
+        names = ", ".join(a.text for a in owners[tag]) or "nobody"
+        rules[tag] = f'tagOwners["{tag}"]{line}: owned by {names}; set by an admin, who needs no ownership'
+    return rules
+
+
+def decide_tag_node(
+    state: TailnetState, ref: str, tags: tuple[str, ...], *, user: str | None = None
+) -> Decision[tuple[int, dict[str, str]]]:
+    """An admin's ``nodes tag``: every tag must be defined in the policy's
+    ``tagOwners`` (:func:`tag_rules`); the result names the rule that allows each."""
+    rules = tag_rules(state, tags)
+    decision = decide_set_tags(state, ref, tags, user=user)
+    return Decision(decision.events, (decision.result, rules))
 
 
 def _canonical_routes(routes: tuple[str, ...]) -> tuple[str, ...]:

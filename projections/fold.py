@@ -212,6 +212,8 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
         case NodeHostnameChanged():
             return _update_node(state, event.node_id, recorded.seq, hostname=event.hostname)
         case NodeTagsSet():
+            if event.user_id is not None:
+                return _update_node(state, event.node_id, recorded.seq, tags=event.tags, user_id=event.user_id)
             return _update_node(state, event.node_id, recorded.seq, tags=event.tags)
         case NodeExpirySet():
             return _update_node(state, event.node_id, recorded.seq, expiry=event.expiry)

@@ -594,6 +594,7 @@ class Control:
             user = c.find_user(state, user_ref)
             current = state.node_by_machine(pending.machine_key)
             if current is not None:
+                c.check_relogin_owner(state, current, user)
                 return c.decide_rotate_node_key(
                     state,
                     current,

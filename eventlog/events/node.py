@@ -9,6 +9,7 @@ decided, and replay reads it back instead of deciding again.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
 from .base import Event
 
@@ -74,10 +75,15 @@ class NodeHostnameChanged(Event, frozen=True, kw_only=True, tag="node.hostname_c
 
 
 class NodeTagsSet(Event, frozen=True, kw_only=True, tag="node.tags_set"):
-    """The node's tags were replaced. Empty tags return ownership to its user."""
+    """The node's tags were replaced. Empty tags return ownership to its user: to
+    ``user_id`` when it is set (schema 2; a node registered with a tags-only key has no
+    user to return to), else to the user who registered it."""
+
+    SCHEMA: ClassVar[int] = 2
 
     node_id: int
     tags: tuple[str, ...]
+    user_id: int | None = None
 
 
 class NodeExpirySet(Event, frozen=True, kw_only=True, tag="node.expiry_set"):

@@ -48,6 +48,9 @@ async def test_nodes_list_rename_tag_expire_delete(server: RunningServer) -> Non
     bad = run("nodes", "rename", "db", "Not A Label")
     assert bad.returncode == 1 and "invalid node name" in bad.stderr
 
+    policy = server.data.parent / "tags.hujson"
+    policy.write_text('{"tagOwners": {"tag:db": ["alice@"], "tag:prod": []}}')
+    run("policy", "set", str(policy), check=True)
     tagged = json.loads(run("nodes", "tag", "db", "--tags", "tag:db,tag:prod", "-o", "json", check=True).stdout)
     assert tagged["tags"] == ["tag:db", "tag:prod"]
     assert run("nodes", "tag", "db", "--tags", "db").returncode == 1

@@ -25,12 +25,14 @@ from protocol.mapframe import MapFrameDecoder
 from .control_harness import ADMIN, SimNode, make_key, running
 from .netmap_model import ClientNetmap
 
+# Each defines tag:web: nodes.tag refuses tags the policy in force does not define.
 POLICIES = [
-    '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}',
+    '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}',
     '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", "src": ["alice@"], "dst": ["tag:web:80,443"]},'
     ' {"action": "accept", "src": ["bob@"], "dst": ["bob@:*"]}],'
     ' "autoApprovers": {"routes": {"10.0.0.0/8": ["alice@"]}}}',
-    '{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]}',
+    '{"tagOwners": {"tag:web": ["alice@"]},'
+    ' "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]}',
 ]
 
 
@@ -58,6 +60,7 @@ async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int) -> None:
         # below wait for quiet streams, so make that short.
         server.control.settings = dataclasses.replace(server.control.settings, presence_coalesce=0.05)
         keys = {u: await make_key(server, u, reusable=True) for u in ("alice", "bob")}
+        await server.ops.dispatch("policy.set", {"text": POLICIES[0]}, ADMIN)
         watchers = [SimNode.new(f"watch-{i}") for i in range(3)]
         others: list[SimNode] = []
         async with trio.open_nursery() as nursery, AsyncExitStack() as stack:

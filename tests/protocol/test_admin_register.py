@@ -1,0 +1,53 @@
+"""``nodes register --user U`` for a machine that already has a node owned by another
+user is refused with why (it used to re-key that node silently, keeping its owner)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from projections import ConflictError
+
+from .control_harness import ADMIN, SimNode, make_key, running
+
+
+async def test_approving_a_relogin_for_another_user_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        await server.ops.dispatch("users.create", {"name": "bob"}, ADMIN)
+        first = SimNode.new("laptop")
+        async with first.connect(server) as client:
+            resp = await client.register(first.register_request(await make_key(server, "alice")))
+            assert resp.machine_authorized
+        [node] = server.tailnet.state.nodes.values()
+
+        # The same machine logs in again interactively with a new node key.
+        again = SimNode(first.machine_private, os.urandom(32), "laptop")
+        async with again.connect(server) as client:
+            pending = await client.register(again.register_request())
+            auth_id = pending.auth_url.rsplit("/", 1)[-1]
+            head = server.store.head().seq
+            with pytest.raises(ConflictError) as info:
+                await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "bob"}, ADMIN)
+            message = str(info.value)
+            assert f"already registered as node 'laptop' (id {node.id}) owned by user 'alice', not 'bob'" in message
+            assert "--user alice" in message and f"delete node {node.id}" in message
+            assert server.store.head().seq == head
+            assert server.tailnet.state.nodes[node.id].node_key == node.node_key
+
+            # Approved for its owner, it logs in again (re-keyed, same node).
+            result: list[object] = []
+
+            async def follow() -> None:
+                result.append(await client.register(again.register_request(followup=pending.auth_url)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                await trio.sleep(0.1)
+                await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "alice"}, ADMIN)
+        [answer] = result
+        assert answer.machine_authorized  # type: ignore[attr-defined]
+        [rekeyed] = server.tailnet.state.nodes.values()
+        assert rekeyed.id == node.id and rekeyed.node_key == again.node_key.removeprefix("nodekey:")
