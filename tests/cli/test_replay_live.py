@@ -29,6 +29,9 @@ def test_replay_diff_names_the_operator_and_the_reason(tmp_path: Path) -> None:
             run("users", "create", "alice", check=True)
             key = run("preauthkeys", "create", "-u", "alice", check=True).stdout.strip()
             trio.run(_register, server, key, "build-box")
+            policy = tmp_path / "policy.hujson"  # nodes tag needs the tag defined in tagOwners
+            policy.write_text('{"tagOwners": {"tag:ci": ["alice@"]}}')
+            run("policy", "set", str(policy), check=True)
             before = _head(server)
             child_env = {"TAILLEDGER_ADMIN_SOCKET": str(sock), "TAILLEDGER_DATA": str(server.data)}
             code, _out, err = _as_other_account(
