@@ -135,7 +135,34 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """
 
     # -- connections (protocol/serve.py) ---------------------------------------------
-    # (filled in by the connection-limits work)
+    # A whole HTTP/1.1 request head (slowloris: a byte now and then does not renew it);
+    # also how long a kept-alive /key connection may wait for its next request.
+    head_timeout: str = "10s"
+    # A request body once its head arrived: inside the tunnel per stream (answered
+    # 408), on the web port (hypercorn) for the whole request (connection closed).
+    body_timeout: str = "30s"
+    # A Noise tunnel with no request being handled and no map long poll open is closed
+    # after this long. A node's long poll counts as open however quiet it is, so only
+    # tunnels nobody uses are cut; keep it above tuning.map_keepalive_interval.
+    tunnel_idle_timeout: str = "3m"
+    # A connection that takes nothing we send (socket writes, or HTTP/2 flow-control
+    # window for a response) for this long is closed as a slow reader.
+    write_timeout: str = "30s"
+    # Bytes one connection may leave us holding, not yet taken (queued for flow-control
+    # window or the socket); more closes it as a slow reader. Above the largest full map.
+    max_outgoing_buffer: int = 16 << 20
+    # Connections open at once; more are closed as soon as they are accepted.
+    max_connections: int = 10_000
+    # Connections open at once from one address (IPv6: one /64). Raise it when many
+    # nodes share one public address (an office behind one NAT).
+    max_connections_per_address: int = 512
+    # Addresses only max_connections limits: a reverse proxy on this host sends every
+    # client from its own address. Empty it when clients connect from loopback.
+    connection_cap_exempt: list[str] = msgspec.field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"]
+    )
+    # The TLS handshake (with tls.cert_file).
+    tls_handshake_timeout: str = "10s"
 
     # -- map streams and node updates (protocol/control.py) ------------------------------
     # Largest Hostinfo a node may send (bytes of JSON); a larger one is refused (register
@@ -422,6 +449,7 @@ def validate(config: Config) -> None:
         if positive is None or positive.total_seconds() <= 0:
             raise ConfigError(f"{what}: must be a positive duration")
     _validate_limits(config.limits)
+    _validate_connection_limits(config.limits)
     if config.policy.mode not in ("database", "file"):
         raise ConfigError(f"policy.mode: {config.policy.mode!r} is not 'database' or 'file'")
     if config.policy.mode == "file" and not config.policy.path:
@@ -522,6 +550,25 @@ def _validate_limits(limits: LimitsConfig) -> None:
         raise ConfigError(f"limits.pending_registration_ttl: {exc}") from None
     if ttl is None or ttl.total_seconds() <= 0:
         raise ConfigError("limits.pending_registration_ttl: must be a positive duration")
+
+
+def _validate_connection_limits(limits: LimitsConfig) -> None:
+    for name in ("head_timeout", "body_timeout", "tunnel_idle_timeout", "write_timeout", "tls_handshake_timeout"):
+        text = getattr(limits, name)
+        try:
+            duration = parse_duration(text)
+        except DurationError as exc:
+            raise ConfigError(f"limits.{name}: {exc}") from None
+        if duration is None or duration.total_seconds() <= 0:
+            raise ConfigError(f"limits.{name}: must be a positive duration")
+    for name in ("max_outgoing_buffer", "max_connections", "max_connections_per_address"):
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name}: must be at least 1")
+    for i, text in enumerate(limits.connection_cap_exempt):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"limits.connection_cap_exempt[{i}]: {exc}") from None
 
 
 def _validate_mesh(ds: DerpServerConfig) -> None:

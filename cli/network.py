@@ -38,7 +38,7 @@ from projections.derpmap import (
 from projections.netmap import NetmapSettings
 from projections.presence import PresenceTable, persist_presence
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
-from protocol import generate_private_key, public_key, serve_control
+from protocol import ConnectionStats, ServeOptions, generate_private_key, public_key, serve_control
 from protocol.control import Control, ControlLimits, ControlSettings
 from protocol.registrations import PendingLimits, PendingRegistrations
 
@@ -58,6 +58,7 @@ __all__ = [
     "load_noise_key",
     "relay_config",
     "relay_region",
+    "serve_options",
     "start_network",
 ]
 
@@ -274,10 +275,12 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
     host, port = config.listen
+    server.connection_stats = stats = ConnectionStats()
+    options = serve_options(config)
     server.port = await nursery.start(
         lambda task_status: serve_control(
             host=host, port=port, server_key=key, handler=control, asgi_app=make_app(server),
-            ssl_context=ctx, task_status=task_status,
+            ssl_context=ctx, options=options, stats=stats, task_status=task_status,
         )
     )
     if port == 0 and not config.server_url:
@@ -319,6 +322,22 @@ def control_limits(config: Config) -> ControlLimits:
         max_advertised_routes=limits.max_advertised_routes,
         node_update_burst=limits.node_update_burst,
         node_update_interval=_seconds(limits.node_update_interval),
+    )
+
+
+def serve_options(config: Config) -> ServeOptions:
+    """The control port's limits from ``[limits]`` (checked by cli.config.validate)."""
+    limits = config.limits
+    return ServeOptions(
+        head_timeout=_seconds(limits.head_timeout),
+        body_timeout=_seconds(limits.body_timeout),
+        tunnel_idle_timeout=_seconds(limits.tunnel_idle_timeout),
+        write_timeout=_seconds(limits.write_timeout),
+        max_outgoing_buffer=limits.max_outgoing_buffer,
+        max_connections=limits.max_connections,
+        max_connections_per_address=limits.max_connections_per_address,
+        cap_exempt=tuple(ipaddress.ip_network(n, strict=False) for n in limits.connection_cap_exempt),
+        tls_handshake_timeout=_seconds(limits.tls_handshake_timeout),
     )
 
 

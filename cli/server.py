@@ -21,6 +21,7 @@ from eventlog.sidetables import SideTables
 from projections import CheckpointStore, ProjectionRunner, Tailnet
 from projections.admin import AdminOps, Presence
 from projections.presence import PresenceTable
+from protocol import ConnectionStats
 from protocol.control import Control
 from relay.serve import RelayServer
 
@@ -50,6 +51,7 @@ class Server:
         self.ops = AdminOps(self.tailnet, presence=self._presence)
         self.control: Control | None = None
         self.relay: RelayServer | None = None
+        self.connection_stats: ConnectionStats | None = None  # the control port's counters
         self.noise_public = b""
         self.port = 0
         #: The bound port of ``/metrics`` (0 while not served).

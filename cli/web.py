@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.metrics_core import Metric
 
+    from protocol import ConnectionStats
     from protocol.control import ControlStats
     from protocol.registrations import PendingStats
     from relay.serve import RelayServer
@@ -79,6 +80,8 @@ class _ServerCollector(Collector):
             )
             yield from _control_limit_metrics(s.control.stats)
             yield from _pending_metrics(s.control.pending.stats)
+        if s.connection_stats is not None:
+            yield from _connection_metrics(s.connection_stats)
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
 
@@ -131,6 +134,39 @@ def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:
     for outcome, count in (("approved", stats.approved), ("rejected", stats.rejected), ("expired", stats.expired)):
         ended.add_metric([outcome], count)
     yield ended
+
+
+def _connection_metrics(stats: ConnectionStats) -> Iterator[Metric]:
+    """The control port's connection limits (``[limits]``, protocol/serve.py)."""
+    yield GaugeMetricFamily("tailledger_connections_open", "Connections open on the control port", value=stats.open)
+    yield CounterMetricFamily(
+        "tailledger_connections_accepted", "Connections accepted on the control port", value=stats.accepted
+    )
+    refused = CounterMetricFamily(
+        "tailledger_connections_refused",
+        "Connections closed at accept by a connection cap (limits.max_connections*)",
+        labels=["reason"],
+    )
+    for reason, count in stats.refused.items():
+        refused.add_metric([reason], count)
+    yield refused
+    timeouts = CounterMetricFamily(
+        "tailledger_connection_timeouts",
+        "Deadlines that fired on the control port, by kind (limits.*_timeout)",
+        labels=["kind"],
+    )
+    for kind, count in stats.timeouts.items():
+        timeouts.add_metric([kind], count)
+    yield timeouts
+    slow = CounterMetricFamily(
+        "tailledger_slow_readers_closed",
+        "Connections closed because they did not take what was sent"
+        " (limits.max_outgoing_buffer, limits.write_timeout)",
+        labels=["reason"],
+    )
+    for reason, count in stats.slow_readers.items():
+        slow.add_metric([reason], count)
+    yield slow
 
 
 def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:

@@ -41,13 +41,21 @@ from .mapframe import (
     keepalive_frame,
 )
 from .noise import Keypair, generate_private_key, public_key
-from .serve import ControlServer, ServeOptions, load_ssl_context, serve_control, with_key_endpoint
+from .serve import (
+    ConnectionStats,
+    ControlServer,
+    ServeOptions,
+    load_ssl_context,
+    serve_control,
+    with_key_endpoint,
+)
 
 __all__ = [
     "KEEPALIVE_FRAME_RAW",
     "KEEPALIVE_FRAME_ZSTD",
     "KEEPALIVE_JSON",
     "ClientResponse",
+    "ConnectionStats",
     "ControlClient",
     "ControlHandler",
     "ControlServer",

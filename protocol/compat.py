@@ -44,7 +44,11 @@ item  library     internal relied on                                      fallba
                   ``TCPServer(app, config, context, state, stream)``,
                   ``Lifespan``, ``WorkerContext``, ``ASGIWrapper``,
                   ``ConnectionState`` (re-exported below; the hand-off
-                  in :mod:`protocol.serve` explains why)
+                  in :mod:`protocol.serve` explains why); and
+                  ``TCPServer.protocol_send(event)`` receiving the
+                  protocol's ``Updated(idle=...)`` events
+                  (:class:`BusyAwareTCPServer`: the request deadline of
+                  hand-off connections)
 7     h2          ``H2Connection._data_to_send``: the serialised frames   detected: counts 0
                   ``data_to_send()`` has not handed out yet, a bytearray
                   (:func:`unsent_bytes`, for capping a connection's
@@ -98,7 +102,10 @@ import h2.errors
 import h2.exceptions
 import h2.settings
 import hyperframe.frame
+import trio
 from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -106,6 +113,7 @@ from hypercorn.typing import ConnectionState
 
 __all__ = [
     "ASGIWrapper",
+    "BusyAwareTCPServer",
     "CompactH2Connection",
     "CompactSettings",
     "ConnectionState",
@@ -432,3 +440,34 @@ def install_cheap_data_repr() -> bool:
 #   ``wait_for_startup()`` and ``wait_for_shutdown()``;
 # * ``WorkerContext(max_requests)`` and its ``terminated`` event (``await ....set()``);
 # * ``ASGIWrapper(app)`` and ``ConnectionState(dict)``.
+
+
+# -- item 6: hypercorn's driver, telling when a request is in progress -------------------------
+
+
+class BusyAwareTCPServer(TCPServer):
+    """hypercorn's per-connection driver, calling ``on_busy(True)`` when its
+    protocol goes busy (``Updated(idle=False)``: a request head arrived) and
+    ``on_busy(False)`` when it is idle again (its keep-alive timer starts then).
+
+    hypercorn sends these events to ``protocol_send``, which it hands to its
+    protocol as the send callback; everything else passes through unchanged.
+    """
+
+    def __init__(
+        self,
+        app: ASGIWrapper,
+        config: HypercornConfig,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SSLStream[trio.SocketStream],
+        *,
+        on_busy: Callable[[bool], None],
+    ) -> None:
+        super().__init__(app, config, context, state, stream)
+        self._on_busy = on_busy
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            self._on_busy(not event.idle)
+        await super().protocol_send(event)

@@ -43,6 +43,12 @@ Invariants:
   (``max_buffered_bodies``); a stream that would exceed it is answered 503
   and reset, so memory per connection stays bounded without risking the
   flow-control deadlock that withholding WINDOW_UPDATEs could cause.
+* Deadlines are the adapter's (this core reads no clock): it learns which
+  request bodies are still incomplete from :meth:`ServerConnection.partial_streams`,
+  answers one that took too long with :meth:`ServerConnection.expire_request`
+  (408, then reset), and watches :meth:`ServerConnection.buffered_outgoing`,
+  the bytes this core holds that the peer has not taken yet, to close slow
+  readers.
 * An idle connection (the usual state of a node's tunnel, for days) holds
   no handshake leftovers, no cipher objects and none of ``h2``'s deque-based
   settings or HPACK tables (:mod:`protocol.compat`), and ``h2`` remembers at
@@ -55,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Final
@@ -66,7 +73,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from .compat import CompactH2Connection, CompactSettings, compact_header_tables
+from .compat import CompactH2Connection, CompactSettings, compact_header_tables, unsent_bytes
 from .early import encode_early_payload
 from .errors import LocalProtocolError, RemoteProtocolError
 from .h2flow import OutboundQueues
@@ -614,6 +621,32 @@ class ServerConnection:
     def pending(self, stream_id: int) -> int:
         """Bytes of ``stream_id`` still waiting for flow-control window."""
         return self._outbound.pending(stream_id)
+
+    def buffered_outgoing(self) -> int:
+        """Bytes this core holds for the peer: DATA waiting for flow-control
+        window plus frames not yet taken by :meth:`data_to_send`.
+
+        The adapter adds what it took but could not write yet; together that is
+        the connection's outgoing buffer, which it caps (slow readers).
+        ``h2`` does not say how much output it holds; :func:`compat.unsent_bytes`
+        reads it (item 7 there).
+        """
+        return self._outbound.queued() + unsent_bytes(self._h2)
+
+    def partial_streams(self) -> Collection[int]:
+        """Streams whose request head arrived but whose body is not complete yet."""
+        return self._partial.keys()
+
+    def expire_request(self, stream_id: int) -> bool:
+        """Give up on an incomplete request body: answer 408 and reset the stream.
+
+        Returns:
+            Whether ``stream_id`` was still incomplete (else nothing happens).
+        """
+        if stream_id not in self._partial or self.state is not ServerState.OPEN:
+            return False
+        self._reject(stream_id, 408, "request body not received in time", [])
+        return True
 
     def reset_stream(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Reset a stream (handler failed after its headers were sent); never raises.

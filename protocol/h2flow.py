@@ -116,6 +116,11 @@ class OutboundQueues:
         """Whether any stream still waits for window."""
         return bool(self._streams)
 
+    def queued(self) -> int:
+        """Bytes of every stream still waiting for window (summed on demand: at
+        most ``SETTINGS_MAX_CONCURRENT_STREAMS`` streams, and none when idle)."""
+        return sum(pending.size for pending in self._streams.values())
+
     def discard(self, stream_id: int) -> None:
         """Forget everything queued for ``stream_id`` (it was reset)."""
         self._forget(stream_id)

@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
+import math
 import os
 import select
 import ssl
@@ -76,14 +78,19 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from . import h2_bridge, upgrade
-from .compat import ASGIWrapper, ConnectionState, Lifespan, TCPServer, WorkerContext
+from .compat import ASGIWrapper, BusyAwareTCPServer, ConnectionState, Lifespan, WorkerContext
 from .errors import HandshakeError, ProtocolError, RemoteProtocolError
 from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
 from .noise import Keypair, encode_error
 from .wsstream import WebSocketByteStream
 
 __all__ = [
+    "LOOPBACK_NETWORKS",
+    "REFUSAL_REASONS",
+    "SLOW_READER_KINDS",
+    "TIMEOUT_KINDS",
     "ASGIApp",
+    "ConnectionStats",
     "ControlServer",
     "ServeOptions",
     "load_ssl_context",
@@ -97,9 +104,19 @@ log = logging.getLogger(__name__)
 ASGIApp = Callable[..., Awaitable[None]]
 
 _MAX_RECV: Final = 65536
+#: Writes go out in pieces of this size; each must be taken within write_timeout.
+_WRITE_PIECE: Final = 65536
 #: accept(2) errors that mean "overloaded, retry soon" (as trio.serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+
+
+#: Addresses whose connections only the global cap limits: a reverse proxy on
+#: this host (every client then comes from its address) and local tools.
+LOOPBACK_NETWORKS: Final = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
 )
 
 
@@ -109,9 +126,30 @@ class ServeOptions:
 
     Attributes:
         max_body_size: Cap on request bodies inside the tunnel (Headscale: 1 MiB).
-        head_timeout: Seconds to receive one complete HTTP/1.1 request head
-            on the front (slowloris guard); hypercorn's own timeouts apply
-            after a hand-off.
+        head_timeout: Seconds to receive one *whole* HTTP/1.1 request head on
+            the front (slowloris guard: the deadline is set when the request
+            starts, not renewed by each read); also how long a kept-alive
+            front connection may wait for its next request.
+        body_timeout: Seconds to receive a request body once its head
+            arrived: inside the tunnel per HTTP/2 stream (the stream is then
+            answered 408 and reset), and on hypercorn connections for a whole
+            request (the connection is then closed).
+        tunnel_idle_timeout: Seconds a Noise tunnel may stay with no request
+            being handled and no long poll open (then GOAWAY and close). A
+            node's map long poll counts as open, however quiet.
+        write_timeout: Seconds a connection may make no progress taking what
+            we send (socket writes, or HTTP/2 flow-control window for a
+            response) before it is closed as a slow reader.
+        max_outgoing_buffer: Cap on the bytes held for one connection that
+            the peer has not taken yet (queued for window, framed, or
+            written only in part); above it the connection is closed as a
+            slow reader. Must exceed the largest full map.
+        max_connections: Connections open at once (all kinds); more are
+            closed as soon as they are accepted.
+        max_connections_per_address: Connections open at once from one
+            address (IPv6: one /64); ``cap_exempt`` addresses are not counted.
+        cap_exempt: Networks the per-address cap ignores (default loopback:
+            a reverse proxy on this host).
         tls_handshake_timeout: Seconds for the TLS handshake.
         min_protocol_version: Close tunnels of clients below this capability
             version right after the handshake, like Headscale's early-noise
@@ -130,8 +168,15 @@ class ServeOptions:
     """
 
     max_body_size: int = h2_bridge.DEFAULT_MAX_BODY_SIZE
-    head_timeout: float = 30.0
-    tls_handshake_timeout: float = 30.0
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+    tunnel_idle_timeout: float = 180.0
+    write_timeout: float = 30.0
+    max_outgoing_buffer: int = 16 << 20
+    max_connections: int = 10_000
+    max_connections_per_address: int = 512
+    cap_exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = LOOPBACK_NETWORKS
+    tls_handshake_timeout: float = 10.0
     min_protocol_version: int = 0
     send_early_payload: bool = True
     max_concurrent_streams: int = h2_bridge.DEFAULT_MAX_CONCURRENT_STREAMS
@@ -139,6 +184,128 @@ class ServeOptions:
     challenge_source: Callable[[], bytes] = field(default=lambda: Keypair.generate().public)
     hypercorn_config: HypercornConfig | None = field(default=None, compare=False)
     stream_close_timeout: float = 5.0
+
+
+#: Why a connection was refused at accept (``ConnectionStats.refused``).
+REFUSAL_REASONS: Final = ("max_connections", "max_connections_per_address")
+#: Which deadline closed something (``ConnectionStats.timeouts``).
+TIMEOUT_KINDS: Final = (
+    "tls_handshake",  # the TLS handshake took too long
+    "head",  # a request head did not arrive whole in time (slowloris)
+    "keepalive",  # a kept-alive front connection sent no next request in time
+    "body",  # a request body inside the tunnel stalled (stream answered 408)
+    "http_body",  # a request on a hypercorn connection stalled (connection closed)
+    "tunnel_idle",  # a tunnel had nothing open for tunnel_idle_timeout
+)
+#: How a slow reader was detected (``ConnectionStats.slow_readers``).
+SLOW_READER_KINDS: Final = (
+    "buffer",  # its outgoing buffer exceeded max_outgoing_buffer
+    "write_stall",  # the socket took nothing for write_timeout
+    "window_stall",  # it gave no flow-control window for write_timeout
+)
+
+
+class ConnectionStats:
+    """Counters of the control port, read by ``/metrics`` (:mod:`cli.web`).
+
+    Attributes:
+        accepted: Connections accepted and admitted.
+        open: Connections open now (admitted, not yet closed).
+        refused: Connections closed at accept, by reason (:data:`REFUSAL_REASONS`).
+        timeouts: Deadlines that fired, by kind (:data:`TIMEOUT_KINDS`).
+        slow_readers: Connections closed as slow readers (:data:`SLOW_READER_KINDS`).
+    """
+
+    __slots__ = ("accepted", "open", "refused", "slow_readers", "timeouts")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self.refused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.timeouts = dict.fromkeys(TIMEOUT_KINDS, 0)
+        self.slow_readers = dict.fromkeys(SLOW_READER_KINDS, 0)
+
+
+class _Admitted:
+    """One admitted connection's place in the counts; given back once, on close."""
+
+    __slots__ = ("_key", "_table")
+
+    def __init__(self, table: _Admission, key: str | None) -> None:
+        self._table: _Admission | None = table
+        self._key = key
+
+    def release(self) -> None:
+        table, self._table = self._table, None
+        if table is not None:
+            table.release(self._key)
+
+
+class _Admission:
+    """The connection caps: how many are open, in total and per address."""
+
+    __slots__ = ("_by_address", "_exempt", "_last_warning", "_options", "_stats")
+
+    #: Seconds between two warnings about refused connections.
+    _WARN_EVERY: Final = 60.0
+
+    def __init__(self, options: ServeOptions, stats: ConnectionStats) -> None:
+        self._options = options
+        self._stats = stats
+        self._by_address: dict[str, int] = {}
+        self._exempt = options.cap_exempt
+        self._last_warning = -math.inf
+
+    def address_key(self, sockaddr: object) -> str | None:
+        """What the per-address cap counts: the IPv4 address or the IPv6 /64;
+        ``None`` for exempt addresses and non-IP sockets."""
+        if not isinstance(sockaddr, tuple) or not sockaddr:
+            return None
+        try:
+            ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self._exempt):
+            return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
+
+    def admit(self, sockaddr: object) -> _Admitted | str:
+        """Count a new connection in, or return why it is refused."""
+        opts, stats = self._options, self._stats
+        if stats.open >= opts.max_connections:
+            return self._refuse("max_connections", sockaddr)
+        key = self.address_key(sockaddr)
+        if key is not None:
+            if self._by_address.get(key, 0) >= opts.max_connections_per_address:
+                return self._refuse("max_connections_per_address", sockaddr)
+            self._by_address[key] = self._by_address.get(key, 0) + 1
+        stats.open += 1
+        stats.accepted += 1
+        return _Admitted(self, key)
+
+    def release(self, key: str | None) -> None:
+        self._stats.open -= 1
+        if key is not None:
+            left = self._by_address.pop(key) - 1
+            if left:
+                self._by_address[key] = left
+
+    def _refuse(self, reason: str, sockaddr: object) -> str:
+        self._stats.refused[reason] += 1
+        now = trio.current_time()
+        if now - self._last_warning >= self._WARN_EVERY:
+            self._last_warning = now
+            log.warning(
+                "refusing connections (%s reached, e.g. from %s); %d refused so far",
+                reason,
+                sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else "?",
+                sum(self._stats.refused.values()),
+            )
+        return reason
 
 
 def load_ssl_context(
@@ -207,12 +374,72 @@ def with_key_endpoint(app: ASGIApp, server_public: bytes) -> ASGIApp:
     return key_shim
 
 
-class _ReplayStream(trio.abc.HalfCloseableStream):
-    """A plain TCP stream that first returns bytes already read (for hypercorn)."""
+class _HandOffGuard:
+    """The deadlines of a connection served by hypercorn.
 
-    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+    hypercorn bounds the wait for a request head (its keep-alive timer runs
+    until a head is complete) but, with its default ``read_timeout=None``,
+    not a request in progress: a client that sent a head and then stalls its
+    body would hold the connection forever. :class:`~protocol.compat.BusyAwareTCPServer`
+    tells this guard when hypercorn's protocol goes busy (a request head arrived) and
+    idle again (the response went out); reads while busy share one deadline,
+    ``body_timeout`` after the head, so a body trickled byte by byte does not
+    renew it. Writes that take nothing for ``write_timeout`` fail (hypercorn
+    shields its writes, so a peer that never reads would otherwise keep
+    the task forever).
+    """
+
+    __slots__ = ("_options", "_peer", "_stats", "deadline")
+
+    def __init__(self, options: ServeOptions, stats: ConnectionStats, peer: str) -> None:
+        self._options = options
+        self._stats = stats
+        self._peer = peer
+        self.deadline = math.inf
+
+    def request_active(self, active: bool) -> None:
+        """hypercorn's protocol went busy (a request started) or idle."""
+        if not active:
+            self.deadline = math.inf
+        elif self.deadline == math.inf:
+            self.deadline = trio.current_time() + self._options.body_timeout
+
+    async def receive(
+        self, receive: Callable[[int | None], Awaitable[bytes | bytearray]], max_bytes: int | None
+    ) -> bytes:
+        """``receive(max_bytes)`` before the deadline, else ``trio.TooSlowError``
+        (hypercorn's reader takes that as the end of the connection)."""
+        try:
+            with trio.fail_at(self.deadline):
+                return bytes(await receive(max_bytes))
+        except trio.TooSlowError:
+            self._stats.timeouts["http_body"] += 1
+            log.info("%s: request not received in time, closing", self._peer)
+            raise
+
+    async def send(
+        self,
+        send: Callable[[bytes | bytearray | memoryview], Awaitable[None]],
+        data: bytes | bytearray | memoryview,
+    ) -> None:
+        """``send(data)``; ``trio.BrokenResourceError`` if the peer takes nothing
+        for ``write_timeout`` (hypercorn then closes the connection)."""
+        with trio.move_on_after(self._options.write_timeout) as stall:
+            await send(data)
+        if stall.cancelled_caught:
+            self._stats.slow_readers["write_stall"] += 1
+            log.info("%s: slow reader: nothing written for %gs, closing", self._peer, self._options.write_timeout)
+            raise trio.BrokenResourceError("slow reader")
+
+
+class _ReplayStream(trio.abc.HalfCloseableStream):
+    """A plain TCP stream that first returns bytes already read (for hypercorn),
+    reading and writing under a :class:`_HandOffGuard`."""
+
+    def __init__(self, stream: trio.SocketStream, replay: bytes, guard: _HandOffGuard) -> None:
         self._stream = stream
         self._replay = replay
+        self._guard = guard
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -229,11 +456,11 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
             data, self._replay = self._replay, b""
             await trio.lowlevel.checkpoint()
             return data
-        return bytes(await self._stream.receive_some(max_bytes))
+        return await self._guard.receive(self._stream.receive_some, max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Delegate."""
-        await self._stream.send_all(data)
+        """Delegate (with the write deadline)."""
+        await self._guard.send(self._stream.send_all, data)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Delegate."""
@@ -251,9 +478,12 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
 class _ReplaySSLStream(trio.abc.Stream):
     """The TLS twin of :class:`_ReplayStream` (the TLS handshake is already done)."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], replay: bytes) -> None:
+    def __init__(
+        self, stream: trio.SSLStream[trio.SocketStream], replay: bytes, guard: _HandOffGuard
+    ) -> None:
         self._stream = stream
         self._replay = replay
+        self._guard = guard
 
     @property
     def transport_stream(self) -> trio.SocketStream:
@@ -274,10 +504,10 @@ class _ReplaySSLStream(trio.abc.Stream):
             data, self._replay = self._replay, b""
             await trio.lowlevel.checkpoint()
             return data
-        return bytes(await self._stream.receive_some(max_bytes))
+        return await self._guard.receive(self._stream.receive_some, max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        await self._guard.send(self._stream.send_all, data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -300,6 +530,14 @@ def _peer_name(stream: trio.abc.Stream) -> str:
             return f"{peer[0]}:{peer[1]}"
         return str(peer)
     return "?"
+
+
+def _peer_address(stream: trio.SocketStream) -> object:
+    """The peer's socket address (``None`` if unknown), for the connection caps."""
+    try:
+        return stream.socket.getpeername()
+    except OSError:
+        return None
 
 
 class _ConnectionLost(Exception):
@@ -330,6 +568,16 @@ class _IdleReaders:
             self._epoll.modify(fd, self._EVENTS)  # registered before, fired since
         except FileNotFoundError:
             self._epoll.register(fd, self._EVENTS)
+
+    def unpark(self, fd: int, session: _NoiseSession) -> bool:
+        """Take ``session`` out of the set (a timer now concerns it); ``False``
+        if it was not parked (its reader runs, or is about to)."""
+        if self._sessions.get(fd) is not session:
+            return False
+        del self._sessions[fd]
+        # Still registered (one-shot, armed): a late event finds no session and
+        # is ignored; the next park() re-arms it.
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -370,22 +618,51 @@ class _NoiseSession:
     parks in ``wait_readable`` instead of inside ``receive_some``, whose
     coroutine chain (stream, socket, non-blocking helper) would otherwise
     stay allocated for as long as the node stays idle.
+
+    Deadlines and slow readers (issue 14). Three timers apply, all read from
+    :meth:`_deadline` by the reader, which waits for data under a cancel scope
+    with that deadline (``_wait``) and acts when it passes (:meth:`_on_deadline`):
+
+    * each incomplete request body must be complete ``body_timeout`` after its
+      head (``_bodies``), else its stream is answered 408 and reset;
+    * a tunnel with no request being handled and no long poll open (``_scopes``
+      and ``_parked`` empty) is closed ``tunnel_idle_timeout`` after the last
+      one ended (``_idle_since``). Incomplete requests do not count as open:
+      trickling bodies cannot keep a tunnel alive.
+
+    A reader only parks in the shared waiter when no timer runs (the usual
+    state of a node: its long poll is open). When a handler ends the last
+    open stream, :meth:`_rearm` moves the deadline of a waiting reader, or
+    takes a parked one out of the waiter and starts it, so the idle timer runs.
+    Writes are bounded by :meth:`_abort`: a connection whose outgoing buffer
+    (what the core holds plus what a writer has not written yet, ``_unsent``)
+    passes ``max_outgoing_buffer``, whose socket takes nothing for
+    ``write_timeout``, or that grants no flow-control window to a waiting
+    response for ``write_timeout`` is closed at once: its handlers and reader
+    are cancelled and nothing more is written.
     """
 
     __slots__ = (
+        "_admitted",
+        "_bodies",
         "_closing_reason",
         "_conn",
         "_first",
         "_handler",
         "_handlers",
         "_idle",
+        "_idle_since",
         "_options",
         "_parked",
         "_peer",
+        "_reader",
         "_scopes",
         "_send_lock",
+        "_stats",
         "_stream",
         "_trailing",
+        "_unsent",
+        "_wait",
         "_window_changed",
     )
 
@@ -399,6 +676,8 @@ class _NoiseSession:
         *,
         first: bytes,
         trailing: bytes,
+        stats: ConnectionStats,
+        admitted: _Admitted | None = None,
     ) -> None:
         self._stream = stream
         self._conn = conn
@@ -416,6 +695,14 @@ class _NoiseSession:
         self._handlers: trio.Nursery | None = None
         self._idle: _IdleReaders | None = None
         self._closing_reason = ""
+        self._stats = stats
+        self._admitted = admitted  # released when the connection closes
+        # Timers (see the class docstring); no request has been handled yet.
+        self._idle_since = trio.current_time()
+        self._bodies: dict[int, float] | None = None  # stream id -> body deadline
+        self._reader: trio.CancelScope | None = None  # the running reader's scope
+        self._wait: trio.CancelScope | None = None  # its wait for data, with the deadline
+        self._unsent = 0  # bytes the current writer took but has not written yet
 
     def _plain_socket(self) -> trio.socket.SocketType | None:
         """The socket under a plain TCP stream, which may be read and written directly;
@@ -444,32 +731,53 @@ class _NoiseSession:
         self._handlers = handlers
         parked = False
         try:
-            first, self._first = self._first, b""
-            if first:
-                await self._write(first)
-            del first
-            trailing, self._trailing = self._trailing, b""
-            if trailing:
-                await self._on_data(trailing, handlers)
-            del trailing
-            more = resumed  # a resumed reader was woken because there is something to read
-            while not self._closing_reason:
-                if sock is not None and not more:
-                    # Wait while idle (a full read suggests more is queued, so
-                    # then read again at once): with no task at all when the
-                    # server has a shared waiter, else parked in wait_readable.
-                    if self._idle is not None:
+            with trio.CancelScope() as reader:  # cancelled by _abort
+                self._reader = reader
+                first, self._first = self._first, b""
+                if first:
+                    await self._write(first)
+                del first
+                trailing, self._trailing = self._trailing, b""
+                if trailing:
+                    await self._on_data(trailing, handlers)
+                del trailing
+                more = resumed  # a resumed reader was woken because there is something to read
+                while not self._closing_reason:
+                    deadline = self._deadline()
+                    if (
+                        sock is not None
+                        and not more
+                        and self._idle is not None
+                        and deadline == math.inf
+                    ):
+                        # Idle, no timer running: wait with no task at all in
+                        # the server's shared waiter (_rearm takes it out when
+                        # a timer starts).
                         self._idle.park(sock.fileno(), self)
                         parked = True
                         return None
-                    await trio.lowlevel.wait_readable(sock)
-                data = bytes(await self._stream.receive_some(_MAX_RECV))
-                if not data:
-                    self._closing_reason = "peer closed the connection"
-                    break
-                more = len(data) == _MAX_RECV
-                await self._on_data(data, handlers)
-                del data  # not kept alive while parked
+                    data: bytes | None = None
+                    with trio.CancelScope(deadline=deadline) as wait:
+                        self._wait = wait
+                        try:
+                            if sock is not None and not more:
+                                # Wait while idle (a full read suggests more is
+                                # queued, so then read again at once) outside
+                                # receive_some, whose coroutine chain would stay.
+                                await trio.lowlevel.wait_readable(sock)
+                            data = bytes(await self._stream.receive_some(_MAX_RECV))
+                        finally:
+                            self._wait = None
+                    if data is None:  # the deadline passed
+                        await self._on_deadline()
+                        more = False
+                        continue
+                    if not data:
+                        self._closing_reason = "peer closed the connection"
+                        break
+                    more = len(data) == _MAX_RECV
+                    await self._on_data(data, handlers)
+                    del data  # not kept alive while parked
         except RemoteProtocolError as exc:
             self._closing_reason = f"protocol error: {exc.reason}"
             with trio.move_on_after(1):
@@ -477,9 +785,125 @@ class _NoiseSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ConnectionLost):
             self._closing_reason = self._closing_reason or "connection lost"
         finally:
+            self._reader = None
             if not parked:
                 await self._cleanup()
         return self._closing_reason
+
+    # -- deadlines --------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        """When the reader must next act on a timer (``inf``: none runs)."""
+        deadline = math.inf
+        if self._bodies:
+            deadline = min(self._bodies.values())
+        if not self._scopes and not self._parked:
+            deadline = min(deadline, self._idle_since + self._options.tunnel_idle_timeout)
+        return deadline
+
+    def _track_bodies(self) -> None:
+        """Start the body deadline of requests whose head just arrived; forget
+        those that completed or were reset."""
+        partial = self._conn.partial_streams()
+        bodies = self._bodies
+        if not partial:
+            self._bodies = None
+            return
+        if bodies is None:
+            bodies = self._bodies = {}
+        for stream_id in [s for s in bodies if s not in partial]:
+            del bodies[stream_id]
+        if len(bodies) < len(partial):
+            deadline = trio.current_time() + self._options.body_timeout
+            for stream_id in partial:
+                bodies.setdefault(stream_id, deadline)
+
+    async def _on_deadline(self) -> None:
+        """A timer of :meth:`_deadline` passed: expire bodies, close an idle tunnel."""
+        now = trio.current_time()
+        if self._bodies:
+            expired = [s for s, deadline in self._bodies.items() if deadline <= now]
+            for stream_id in expired:
+                del self._bodies[stream_id]
+                if self._conn.expire_request(stream_id):
+                    self._stats.timeouts["body"] += 1
+                    log.info("%s: stream %d: request body not received in time", self._peer, stream_id)
+            if not self._bodies:
+                self._bodies = None
+            if expired:
+                await self._flush()
+        if (
+            not self._scopes
+            and not self._parked
+            and now >= self._idle_since + self._options.tunnel_idle_timeout
+        ):
+            self._stats.timeouts["tunnel_idle"] += 1
+            self._closing_reason = "idle tunnel (no request and no long poll open)"
+            # GOAWAY first: Go's client then dials anew for its next request.
+            self._conn.close(h2.errors.ErrorCodes.NO_ERROR, "idle")
+            with trio.move_on_after(1):
+                await self._flush()
+
+    def _stream_ended(self) -> None:
+        """A handler task ended its stream: the last one starts the idle timer."""
+        if self._scopes or self._parked or self._closing_reason:
+            return
+        self._idle_since = trio.current_time()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """The deadline may have moved: tell the reader, wherever it waits."""
+        wait = self._wait
+        if wait is not None:
+            wait.deadline = self._deadline()
+            return
+        sock = self._plain_socket()
+        handlers = self._handlers
+        if self._idle is None or sock is None or handlers is None:
+            return  # the reader runs; it reads _deadline() before it waits again
+        if self._idle.unpark(sock.fileno(), self):
+            try:
+                handlers.start_soon(partial(self.serve, handlers, self._idle))
+            except RuntimeError:  # the server stops: let its waiter end the session
+                self._idle.park(sock.fileno(), self)
+
+    def _abort(self, reason: str, kind: str) -> None:
+        """Close a slow reader now, from any task: nothing more is written, its
+        handlers and reader are cancelled, the reader's end closes the socket."""
+        if self._closing_reason:
+            return
+        self._closing_reason = reason
+        self._stats.slow_readers[kind] += 1
+        log.info("%s: closing a slow reader: %s", self._peer, reason)
+        self._conn.send_failed()  # data_to_send() is empty from now on
+        for scope in self._scopes.values():
+            scope.cancel()
+        self._notify_window()
+        if self._reader is not None:
+            self._reader.cancel()
+            return
+        sock = self._plain_socket()
+        handlers = self._handlers
+        if (
+            self._idle is not None
+            and sock is not None
+            and handlers is not None
+            and self._idle.unpark(sock.fileno(), self)
+        ):
+            with contextlib.suppress(RuntimeError):  # stopping: the waiter ends it
+                handlers.start_soon(self.end, reason)
+
+    def _check_outgoing(self) -> None:
+        """Close the connection if its outgoing buffer passed the cap.
+
+        Raises:
+            _ConnectionLost: It did (the caller's task must stop sending).
+        """
+        held = self._conn.buffered_outgoing() + self._unsent
+        cap = self._options.max_outgoing_buffer
+        if held > cap:
+            self._abort(f"{held} bytes not taken by the peer (cap {cap})", "buffer")
+            raise _ConnectionLost("slow reader")
 
     async def _cleanup(self) -> None:
         """The session ended: cancel its handlers, close its parked streams."""
@@ -508,8 +932,12 @@ class _NoiseSession:
 
     async def _close(self, reason: str) -> None:
         log.info("%s: noise session (machine %s...) closed: %s", self._peer, self.machine_key.hex()[:16], reason)
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await self._stream.aclose()
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._stream.aclose()
+        finally:
+            if self._admitted is not None:
+                self._admitted.release()
 
     def resume_reading(self) -> None:
         """The parked reader's socket is readable: read on, in a new task."""
@@ -549,6 +977,7 @@ class _NoiseSession:
                 parked = self._parked.pop(event.stream_id, None)
                 if parked is not None:
                     handlers.start_soon(self._close_iterator, parked)
+                    self._stream_ended()
                 self._notify_window()
             elif isinstance(event, h2_bridge.WindowUpdated):
                 self._notify_window()
@@ -562,6 +991,9 @@ class _NoiseSession:
                 )
             elif isinstance(event, h2_bridge.ConnectionTerminated):
                 self._closing_reason = f"peer sent GOAWAY (code {event.error_code})"
+        if self._bodies or self._conn.partial_streams():
+            self._track_bodies()
+        self._check_outgoing()  # PING ACKs, WINDOW_UPDATEs, DATA new window let out
         await self._flush()
 
     # -- writing --------------------------------------------------------------------
@@ -619,16 +1051,37 @@ class _NoiseSession:
                 out = rest or take()
                 if not out:
                     return
-                try:
-                    await self._stream.send_all(out)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._conn.send_failed()
-                    raise _ConnectionLost("write failed") from exc
+                await self._write_out(out)
             finally:
                 lock.release()
         finally:
             if self._send_lock is lock and not lock.locked():
                 self._send_lock = None
+
+    async def _write_out(self, out: bytes | memoryview) -> None:
+        """Write ``out`` (under the send lock) in pieces, each of which the peer
+        must take within ``write_timeout`` (a slow reader is closed otherwise).
+
+        Raises:
+            _ConnectionLost: The write failed or stalled.
+        """
+        view = memoryview(out)
+        timeout = self._options.write_timeout
+        self._unsent = len(view)
+        try:
+            for start in range(0, len(view), _WRITE_PIECE):
+                piece = view[start : start + _WRITE_PIECE]
+                with trio.move_on_after(timeout) as stall:
+                    await self._stream.send_all(piece)
+                if stall.cancelled_caught:
+                    self._abort(f"nothing written for {timeout:g}s", "write_stall")
+                    raise _ConnectionLost("write stalled")
+                self._unsent -= len(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._conn.send_failed()
+            raise _ConnectionLost("write failed") from exc
+        finally:
+            self._unsent = 0
 
     def _notify_window(self) -> None:
         """Wake the tasks waiting for flow-control window (if any)."""
@@ -644,13 +1097,27 @@ class _NoiseSession:
         its next chunk while the previous one still waits for window.
         """
         self._conn.send_data(stream_id, data, end_stream=end_stream)
+        self._check_outgoing()
         await self._flush()
-        while self._conn.pending(stream_id):
+        waiting = self._conn.pending(stream_id)
+        if not waiting:
+            return
+        # The peer must open window for some of it every write_timeout.
+        timeout = self._options.write_timeout
+        deadline = trio.current_time() + timeout
+        while waiting:
             event = self._window_changed
             if event is None:
                 event = self._window_changed = trio.Event()
-            await event.wait()
+            with trio.move_on_at(deadline):
+                await event.wait()
             await self._flush()
+            left = self._conn.pending(stream_id)
+            if left < waiting:
+                waiting, deadline = left, trio.current_time() + timeout
+            elif trio.current_time() >= deadline:
+                self._abort(f"no flow-control window for {timeout:g}s", "window_stall")
+                raise _ConnectionLost("window stalled")
 
     # -- requests ---------------------------------------------------------------------
 
@@ -695,6 +1162,7 @@ class _NoiseSession:
                     if not self._conn.send_headers(stream_id, status, headers, end_stream=head_only):
                         return  # reset by the client meanwhile
                     del headers
+                    self._check_outgoing()
                     await self._flush()
                     if stream is None:
                         if body:
@@ -718,6 +1186,8 @@ class _NoiseSession:
         finally:
             if self._scopes.get(stream_id) is scope:
                 del self._scopes[stream_id]
+            if not parked:
+                self._stream_ended()
             if stream is not None and not parked:
                 await self._close_iterator(stream)
 
@@ -817,6 +1287,7 @@ class ControlServer:
 
     Attributes:
         server_public: Our Noise public key (what ``/key`` publishes).
+        stats: The counters of :class:`ConnectionStats`.
     """
 
     def __init__(
@@ -827,6 +1298,7 @@ class ControlServer:
         asgi_app: ASGIApp,
         ssl_context: ssl.SSLContext | None = None,
         options: ServeOptions | None = None,
+        stats: ConnectionStats | None = None,
     ) -> None:
         """Create the server (no I/O yet).
 
@@ -837,6 +1309,8 @@ class ControlServer:
             asgi_app: Serves everything that is not ``/key`` or ``/ts2021``.
             ssl_context: Terminate TLS on accepted connections if given.
             options: Tunables; see :class:`ServeOptions`.
+            stats: Where to count connections, refusals, timeouts and slow
+                readers (``/metrics`` reads it); ``None`` = a new one.
         """
         # Loaded once: every handshake reuses the key object (see Keypair).
         self._server_key = Keypair.from_private_bytes(server_key)
@@ -844,6 +1318,8 @@ class ControlServer:
         self._handler = handler
         self._ssl_context = ssl_context
         self._options = options or ServeOptions()
+        self.stats = stats or ConnectionStats()
+        self._admission = _Admission(self._options, self.stats)
         self._hyper_config = self._options.hypercorn_config or HypercornConfig()
         self._hyper_app = ASGIWrapper(with_key_endpoint(asgi_app, self.server_public))
         self._hyper_context = WorkerContext(None)
@@ -900,7 +1376,9 @@ class ControlServer:
         What ``trio.serve_listeners`` does, minus its per-connection wrapper
         task frame (``handle_stream`` closes the stream itself): one coroutine
         less for every connected node. Like trio, an overloaded system
-        (EMFILE and friends) is logged and retried after 100 ms.
+        (EMFILE and friends) is logged and retried after 100 ms. Connections
+        over ``max_connections`` or ``max_connections_per_address`` are closed
+        as soon as they are accepted (counted in ``stats.refused``).
         """
         async with listener:
             while True:
@@ -916,19 +1394,33 @@ class ControlServer:
                     )
                     await trio.sleep(0.1)
                 else:
-                    nursery.start_soon(self.handle_stream, stream)
+                    admitted = self._admission.admit(_peer_address(stream))
+                    if isinstance(admitted, str):
+                        # Refused: closed at once, before reading anything.
+                        log.debug("%s: refused (%s)", _peer_name(stream), admitted)
+                        with trio.CancelScope(shield=True):
+                            await stream.aclose()
+                        continue
+                    nursery.start_soon(self.handle_stream, stream, admitted)
 
-    async def handle_stream(self, stream: trio.SocketStream) -> None:
+    async def handle_stream(
+        self, stream: trio.SocketStream, admitted: _Admitted | None = None
+    ) -> None:
         """Serve one accepted connection; never raises (failures are logged).
 
         The set-up (TLS, front, handshake) returns before the session runs,
         so that none of its objects or coroutine frames stay alive beside an
         idle tunnel.
+
+        Args:
+            stream: The accepted connection.
+            admitted: Its place in the connection caps (from the accept
+                loop), given back when the connection closes.
         """
         peer = _peer_name(stream)
         owned = False  # by the session, which closes it when it ends
         try:
-            session = await self._handle(stream, peer)
+            session = await self._handle(stream, peer, admitted)
             if session is not None:
                 owned = True
                 if self._connections is not None:
@@ -944,10 +1436,16 @@ class ControlServer:
             log.exception("%s: connection handler failed", peer)
         finally:
             if not owned:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await stream.aclose()
+                try:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await stream.aclose()
+                finally:
+                    if admitted is not None:
+                        admitted.release()
 
-    async def _handle(self, raw: trio.SocketStream, peer: str) -> _NoiseSession | None:
+    async def _handle(
+        self, raw: trio.SocketStream, peer: str, admitted: _Admitted | None
+    ) -> _NoiseSession | None:
         """TLS (optional), then the front's decisions until one is final.
 
         Returns:
@@ -962,28 +1460,42 @@ class ControlServer:
                 with trio.fail_after(self._options.tls_handshake_timeout):
                     await tls.do_handshake()
             except trio.TooSlowError:
+                self.stats.timeouts["tls_handshake"] += 1
                 log.info("%s: TLS handshake timed out", peer)
                 return None
             except trio.BrokenResourceError as exc:
                 log.info("%s: TLS handshake failed: %r", peer, exc.__cause__ or exc)
                 return None
             if tls.selected_alpn_protocol() == "h2":
-                await self._hand_off(tls, b"")
+                await self._hand_off(tls, b"", peer)
                 return None
             stream = tls
         front = upgrade.FrontConnection(server_public=self.server_public)
+        # One deadline for a whole request head, set when the request cycle
+        # starts (connection accepted, or the previous answer written): a
+        # byte now and then does not renew it (slowloris).
+        head_deadline = trio.current_time() + self._options.head_timeout
+        started = False  # a byte of the current request arrived
         while True:
             event = front.next_event()
             if isinstance(event, upgrade.NeedData):
                 try:
-                    with trio.fail_after(self._options.head_timeout):
+                    with trio.fail_at(head_deadline):
                         data = bytes(await stream.receive_some(_MAX_RECV))
                 except trio.TooSlowError:
-                    log.info("%s: no complete request head in time", peer)
+                    kind = "head" if started else "keepalive"
+                    self.stats.timeouts[kind] += 1
+                    if started:
+                        log.info("%s: no complete request head in time", peer)
+                    else:
+                        log.debug("%s: no next request in time", peer)
                     return None
+                started = started or bool(data)
                 front.receive_data(data)
             elif isinstance(event, upgrade.SendResponse):
                 await stream.send_all(event.data)
+                head_deadline = trio.current_time() + self._options.head_timeout
+                started = False
                 if event.status >= 400:
                     log.info("%s: front answered %d: %s", peer, event.status, event.reason)
                 else:
@@ -992,29 +1504,36 @@ class ControlServer:
                     return None
             elif isinstance(event, upgrade.HandOff):
                 log.debug("%s: handing the connection to hypercorn", peer)
-                await self._hand_off(stream, event.replay)
+                await self._hand_off(stream, event.replay, peer)
                 return None
             elif isinstance(event, upgrade.Upgrade):
                 return await self._noise(
-                    stream, peer, event.initiation, event.trailing, websocket=False
+                    stream, peer, event.initiation, event.trailing, websocket=False, admitted=admitted
                 )
             elif isinstance(event, upgrade.WebSocketUpgrade):
                 await stream.send_all(event.response)
                 ws = WebSocketByteStream(stream, client=False, trailing=event.trailing)
-                return await self._noise(ws, peer, event.initiation, b"", websocket=True)
+                return await self._noise(
+                    ws, peer, event.initiation, b"", websocket=True, admitted=admitted
+                )
             else:  # PeerClosed
                 return None
 
     async def _hand_off(
-        self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream], replay: bytes
+        self,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        replay: bytes,
+        peer: str,
     ) -> None:
-        """Let hypercorn serve the ASGI app on this connection (see module docstring)."""
+        """Let hypercorn serve the ASGI app on this connection (see module docstring),
+        with the request deadline of :class:`_HandOffGuard`."""
+        guard = _HandOffGuard(self._options, self.stats, peer)
         wrapped: trio.abc.Stream
         if isinstance(stream, trio.SSLStream):
-            wrapped = _ReplaySSLStream(stream, replay)
+            wrapped = _ReplaySSLStream(stream, replay, guard)
         else:
-            wrapped = _ReplayStream(stream, replay)
-        server = TCPServer(
+            wrapped = _ReplayStream(stream, replay, guard)
+        server = BusyAwareTCPServer(
             self._hyper_app,
             self._hyper_config,
             self._hyper_context,
@@ -1022,6 +1541,7 @@ class ControlServer:
             # TCPServer is annotated with SSLStream but duck-types plain
             # streams (it catches the AttributeError of do_handshake).
             cast("trio.SSLStream[trio.SocketStream]", wrapped),
+            on_busy=guard.request_active,
         )
         await server.run()
 
@@ -1033,6 +1553,7 @@ class ControlServer:
         trailing: bytes,
         *,
         websocket: bool,
+        admitted: _Admitted | None,
     ) -> _NoiseSession | None:
         """Complete the handshake; return the session to run (``None``: refused)."""
         opts = self._options
@@ -1072,7 +1593,15 @@ class ControlServer:
             conn.protocol_version,
         )
         return _NoiseSession(
-            stream, conn, self._handler, opts, peer, first=first, trailing=trailing
+            stream,
+            conn,
+            self._handler,
+            opts,
+            peer,
+            first=first,
+            trailing=trailing,
+            stats=self.stats,
+            admitted=admitted,
         )
 
 
@@ -1085,6 +1614,7 @@ async def serve_control(
     asgi_app: ASGIApp,
     ssl_context: ssl.SSLContext | None = None,
     options: ServeOptions | None = None,
+    stats: ConnectionStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve the control protocol and the ASGI app.
@@ -1100,6 +1630,7 @@ async def serve_control(
         ssl_context: If given, TLS is terminated here; build it from PEM
             files with :func:`load_ssl_context`.
         options: See :class:`ServeOptions`.
+        stats: Counters to fill (see :class:`ControlServer`).
         task_status: Receives the bound port via ``task_status.started(port)``.
 
     Cancellation: runs until cancelled; see :meth:`ControlServer.serve`.
@@ -1110,6 +1641,7 @@ async def serve_control(
         asgi_app=asgi_app,
         ssl_context=ssl_context,
         options=options,
+        stats=stats,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]

@@ -188,6 +188,21 @@ async def test_hypercorn_lifespan_worker_context_and_wrappers() -> None:
     await trio.lowlevel.checkpoint()
 
 
+def test_hypercorn_tcp_server_routes_its_protocols_events_through_protocol_send() -> None:
+    """Item 6, :class:`compat.BusyAwareTCPServer`: the protocol gets the bound
+    ``self.protocol_send`` as its send callback, and that method handles
+    ``Updated`` (idle / busy) events."""
+    run = inspect.getsource(compat.TCPServer.run)
+    assert "self.protocol_send" in run
+    assert inspect.iscoroutinefunction(compat.TCPServer.protocol_send)
+    assert "Updated" in inspect.getsource(compat.TCPServer.protocol_send)
+    assert _params(compat.BusyAwareTCPServer.__init__)[:5] == _params(compat.TCPServer.__init__)
+    from hypercorn.protocol import h11 as hypercorn_h11
+
+    source = inspect.getsource(hypercorn_h11)
+    assert "Updated(idle=False)" in source and "Updated(idle=True)" in source
+
+
 # -- item 7: h2's output buffer -----------------------------------------------------------------
 
 
@@ -212,6 +227,7 @@ _INTERNALS = re.compile(
     # hypercorn's public API (hypercorn.config, ``from hypercorn.trio import serve``) is fine.
     r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio\.\w+|app_wrappers|typing))\b"
     r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|dynamic_entries|_raw_data_repr"
+    r"|_data_to_send|protocol_send|^\s*(?:import|from)\s+hypercorn\.events\b"
     r"|\bheader_table\b",
     re.MULTILINE,
 )

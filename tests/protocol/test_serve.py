@@ -672,12 +672,22 @@ async def test_parked_long_polls_are_closed_when_the_connection_goes(server: Run
 
 
 async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(server: RunningServer) -> None:
-    """Between requests the session's reader is parked in the server's shared
-    waiter, not a task; the next request (or the end) wakes it."""
-    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x10" * 32) as client:
+    """A node's idle state: its long poll parked, nothing else going on. Then
+    the session's reader is parked in the server's shared waiter, not a task;
+    the next request (or the end) wakes it. (A tunnel with no long poll keeps
+    a reader task: its idle timer runs, see test_serve_limits.py.)"""
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=b"\x10" * 32) as client,
+        client.open_stream("POST", "/park?idle") as stream,
+    ):
+        assert await stream.__anext__() == b"idle:0;"
         for _ in range(3):
             assert (await client.request("GET", "/echo")).status == 200
             with trio.fail_after(5):
-                while _tasks_running("_NoiseSession.serve") + _tasks_running("handle_stream"):
+                while (
+                    _tasks_running("_NoiseSession.serve")
+                    + _tasks_running("handle_stream")
+                    + _tasks_running("_serve_request")
+                ):
                     await trio.sleep(0.01)
     await assert_still_serving(server)

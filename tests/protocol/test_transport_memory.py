@@ -429,7 +429,7 @@ async def test_accept_loop_retries_after_emfile(caplog: pytest.LogCaptureFixture
     served: list[trio.SocketStream] = []
     server = ControlServer(server_key=SERVER_KEY, handler=_buggy_handler, asgi_app=_lifespan_app)
 
-    async def record(stream: trio.SocketStream) -> None:
+    async def record(stream: trio.SocketStream, admitted: object = None) -> None:
         served.append(stream)
         await stream.aclose()
 

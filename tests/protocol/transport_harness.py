@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protocol import (
+    ConnectionStats,
     NoiseRequest,
     NoiseResponse,
     Park,
@@ -86,6 +87,9 @@ class EchoHandler:
             finally:
                 self.cancelled.append(query)
                 self.handler_cancelled.set()
+        if path == "/sleep":
+            await trio.sleep(float(query))
+            return NoiseResponse(200, body=b"slept")
         if path == "/boom":
             raise RuntimeError("handler bug (expected by the test)")
         if path == "/bad-stream":
@@ -185,6 +189,15 @@ def make_asgi_app(state: AppState) -> Any:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         body = f"asgi:{scope['path']}:{scope['scheme']}:{scope['http_version']}".encode()
+        if scope["path"] == "/upload":  # reads the whole request body before answering
+            size, more = 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # http.disconnect
+                size += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = f"uploaded:{size}".encode()
         await send(
             {
                 "type": "http.response.start",
@@ -206,6 +219,7 @@ class RunningServer:
     server_key: bytes
     handler: EchoHandler
     app_state: AppState
+    stats: ConnectionStats = field(default_factory=ConnectionStats)
 
     @property
     def server_public(self) -> bytes:
@@ -221,6 +235,7 @@ async def start_server(
     server_key = bytes(range(7, 39))
     handler = EchoHandler()
     app_state = AppState()
+    stats = ConnectionStats()
 
     async def run(task_status: trio.TaskStatus[int]) -> None:
         await serve_control(
@@ -231,11 +246,12 @@ async def start_server(
             asgi_app=make_asgi_app(app_state),
             ssl_context=ssl_context,
             options=options,
+            stats=stats,
             task_status=task_status,
         )
 
     port = await nursery.start(run)
-    return RunningServer(port, server_key, handler, app_state)
+    return RunningServer(port, server_key, handler, app_state, stats)
 
 
 class LogWaiter(logging.Handler):
@@ -324,10 +340,18 @@ class RawTunnel:
         return events
 
 
-async def open_raw_tunnel(port: int, server_public: bytes, machine: bytes) -> RawTunnel:
+async def open_raw_tunnel(
+    port: int, server_public: bytes, machine: bytes, *, window: int | None = None
+) -> RawTunnel:
+    """A tunnel up to the early payload; ``window``: our stream and connection
+    receive windows (default: HTTP/2's 65535)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = cc.ClientConnection(
-        machine_private=machine, server_public=server_public, host=f"127.0.0.1:{port}"
+        machine_private=machine,
+        server_public=server_public,
+        host=f"127.0.0.1:{port}",
+        initial_window_size=window,
+        connection_window_size=window,
     )
     tunnel = RawTunnel(stream, conn)
     await tunnel.pump_until(lambda evs: any(isinstance(e, cc.EarlyPayloadReceived) for e in evs))
