@@ -865,6 +865,14 @@ class _NoiseSession:
             try:
                 handlers.start_soon(partial(self.serve, handlers, self._idle))
             except RuntimeError:  # the server stops: let its waiter end the session
+                self._park_again(sock)
+
+    def _park_again(self, sock: trio.socket.SocketType) -> None:
+        """Put a session taken out of the waiter back, when no task can be started
+        for it (the server stops, and its waiter then ends every parked session);
+        if the waiter has already finished, the process is exiting anyway."""
+        if self._idle is not None:
+            with contextlib.suppress(ValueError, OSError):  # the waiter's epoll is closed
                 self._idle.park(sock.fileno(), self)
 
     def _abort(self, reason: str, kind: str) -> None:
@@ -890,8 +898,10 @@ class _NoiseSession:
             and handlers is not None
             and self._idle.unpark(sock.fileno(), self)
         ):
-            with contextlib.suppress(RuntimeError):  # stopping: the waiter ends it
+            try:
                 handlers.start_soon(self.end, reason)
+            except RuntimeError:  # the server stops: its waiter ends the session
+                self._park_again(sock)
 
     def _check_outgoing(self) -> None:
         """Close the connection if its outgoing buffer passed the cap.
