@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from eventlog import Actor, ActorKind, caused_by
+from eventlog import Actor, ActorKind, caused_by, check_reason
 from projections import CommandError
 from projections.admin import AdminOps
 
@@ -114,10 +114,12 @@ async def _answer(line: bytes, ops: AdminOps, actor: Actor) -> dict[str, object]
     except RecursionError:
         return {"ok": False, "error": "malformed request: nested too deeply"}
     try:
-        with caused_by(reason=req.reason):
-            return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
+        reason = check_reason(req.reason)
     except ValueError as exc:  # a reason that cannot be stored
         return {"ok": False, "error": f"--reason: {exc}"}
+    try:
+        with caused_by(reason=reason):
+            return {"ok": True, "result": await ops.dispatch(req.op, req.args, actor)}
     except CommandError as exc:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:

@@ -32,3 +32,22 @@ async def test_a_broken_operation_fails_alone(tmp_path: Path, caplog: pytest.Log
         [record, _] = [r for r in caplog.records if "test.broken" in r.getMessage()]
         assert record.exc_info is not None
         assert "disk on fire" in caplog.text
+
+
+async def test_a_value_error_of_an_operation_is_not_blamed_on_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(tmp_path) as server:
+
+        async def buggy(raw: dict[str, object], actor: Actor) -> object:
+            raise ValueError("bad arithmetic")
+
+        server.ops.register("test.buggy", buggy)
+        sock = server.config.admin_socket_path
+        with caplog.at_level(logging.ERROR, logger="cli.adminsock"), pytest.raises(
+            AdminError, match=r"internal error in 'test.buggy': ValueError: bad arithmetic"
+        ):
+            await trio.to_thread.run_sync(partial(call, sock, "test.buggy"))
+        assert any(r.exc_info is not None and "test.buggy" in r.getMessage() for r in caplog.records)
+        with pytest.raises(AdminError, match="--reason: the reason must be one line"):
+            await trio.to_thread.run_sync(partial(call, sock, "users.list", reason="two\nlines"))
