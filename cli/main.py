@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from eventlog.events import ROLES
+
 from .adminsock import AdminError, call
 from .config import Config, ConfigError, load_config
 from .durations import DurationError, parse_duration
@@ -22,7 +24,7 @@ from .output import print_json, print_table, terminal_safe
 
 __all__ = ["build_parser", "main"]
 
-USER_COLUMNS = [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email"), ("created", "Created")]
+USER_COLUMNS = [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email"), ("role", "Role"), ("created", "Created")]
 KEY_COLUMNS = [
     ("id", "ID"), ("prefix", "Prefix"), ("user", "User"), ("reusable", "Reusable"),
     ("ephemeral", "Ephemeral"), ("tags", "Tags"), ("used", "Used"), ("expired", "Expired"),
@@ -112,7 +114,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_users(args: argparse.Namespace) -> int:
     match args.action:
         case "create":
-            data = _admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or ""})
+            data = _admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or "", "role": args.role})
+        case "set-role":
+            data = _admin(args, "users.set_role", {"user": args.user, "role": args.role})
         case "list":
             data = _admin(args, "users.list")
         case "rename":
@@ -333,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--display-name")
     p.add_argument("--email")
+    p.add_argument("--role", choices=ROLES, help="owner, admin or member (default: owner for the first user, else member)")
     add(us, "list", "List users.")
+    p = add(us, "set-role", "Give a user another role (owner, admin, member).")
+    p.add_argument("user", help="name or id")
+    p.add_argument("role", choices=ROLES)
     p = add(us, "rename", "Rename a user.")
     p.add_argument("user", help="name or id")
     p.add_argument("new_name")

@@ -123,7 +123,12 @@ def build_tailnet(
     raw_nodes = case.get("nodes") or {}
     assert isinstance(raw_users, list) and isinstance(raw_nodes, dict)
     users = [
-        PolicyUser(id=int(u["id"]), login=str(u.get("email") or u["name"]), name=str(u["name"]))
+        PolicyUser(
+            id=int(u["id"]),
+            login=str(u.get("email") or u["name"]),
+            name=str(u["name"]),
+            role=str(u.get("role") or "member"),
+        )
         for u in raw_users
     ]
     by_name = {u.name: u.id for u in users}

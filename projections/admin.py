@@ -67,6 +67,12 @@ class _CreateUser(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     display_name: str = ""
     email: str = ""
+    role: str | None = None  # None: owner for the first user, else member
+
+
+class _SetRole(msgspec.Struct, forbid_unknown_fields=True):
+    user: str
+    role: str
 
 
 class _RenameUser(msgspec.Struct, forbid_unknown_fields=True):
@@ -152,6 +158,7 @@ class AdminOps:
             "users.list": self.list_users,
             "users.rename": self.rename_user,
             "users.delete": self.delete_user,
+            "users.set_role": self.set_user_role,
             "preauthkeys.create": self.create_preauth_key,
             "preauthkeys.list": self.list_preauth_keys,
             "preauthkeys.expire": self.expire_preauth_key,
@@ -201,6 +208,7 @@ class AdminOps:
             "display_name": user.display_name,
             "email": user.email,
             "provider": user.provider,
+            "role": user.role,
             "created": _iso(user.created_at),
         }
 
@@ -250,9 +258,16 @@ class AdminOps:
     async def create_user(self, raw: dict[str, object], actor: Actor) -> JSON:
         a = _args(_CreateUser, raw)
         uid, _ = await self.tailnet.execute(
-            lambda s: c.decide_create_user(s, a.name, display_name=a.display_name, email=a.email),
+            lambda s: c.decide_create_user(
+                s, a.name, display_name=a.display_name, email=a.email, role=a.role
+            ),
             actor=actor,
         )
+        return self.user_view(self.state.users[uid])
+
+    async def set_user_role(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_SetRole, raw)
+        uid, _ = await self.tailnet.execute(lambda s: c.decide_set_role(s, a.user, a.role), actor=actor)
         return self.user_view(self.state.users[uid])
 
     async def list_users(self, raw: dict[str, object], actor: Actor) -> JSON:

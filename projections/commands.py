@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from eventlog.events import (
+    ROLES,
     AnyEvent,
     ApiKeyCreated,
     ApiKeyExpired,
@@ -44,6 +45,7 @@ from eventlog.events import (
     UserCreated,
     UserDeleted,
     UserRenamed,
+    UserRoleSet,
 )
 
 from .errors import CommandError, ConflictError, NotFoundError
@@ -71,6 +73,7 @@ __all__ = [
     "decide_rename_node",
     "decide_rename_user",
     "decide_rotate_node_key",
+    "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
     "find_node",
@@ -192,8 +195,13 @@ def decide_create_user(
     email: str = "",
     provider: str = "local",
     provider_id: str = "",
+    role: str | None = None,
 ) -> Decision[int]:
+    """Create a user. ``role`` ``None``: the first user of a tailnet without users
+    becomes its owner, every later one a member."""
     _check_user_name(name)
+    if role is not None:
+        _check_role(role)
     if state.user_named(name) is not None:
         raise ConflictError(f"user {name!r} already exists")
     uid = state.next_user_id
@@ -204,8 +212,30 @@ def decide_create_user(
         email=email,
         provider=provider,
         provider_id=provider_id,
+        role=role if role is not None else ("owner" if not state.users else "member"),
     )
     return Decision((event,), uid)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise CommandError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
+
+
+def decide_set_role(state: TailnetState, ref: str, role: str) -> Decision[int]:
+    """Give a user another role. The last owner stays one until another user is made
+    owner: a tailnet always keeps someone who can manage everything."""
+    user = find_user(state, ref)
+    _check_role(role)
+    if user.role == role:
+        raise CommandError(f"user {user.name!r} already has the role {role}")
+    if user.role == "owner" and not any(
+        u.role == "owner" and u.id != user.id for u in state.users.values()
+    ):
+        raise CommandError(
+            f"user {user.name!r} is the tailnet's only owner; make another user owner first"
+        )
+    return Decision((UserRoleSet(user_id=user.id, role=role),), user.id)
 
 
 def decide_rename_user(state: TailnetState, ref: str, new_name: str) -> Decision[int]:

@@ -38,6 +38,7 @@ from eventlog.events import (
     UserCreated,
     UserDeleted,
     UserRenamed,
+    UserRoleSet,
 )
 
 from .delta import Delta
@@ -71,6 +72,16 @@ def _update_preauth_key(state: TailnetState, key_id: int, **changes: object) -> 
     return replace(state, preauth_keys=state.preauth_keys.set(key_id, replace(key, **changes))), Delta(keys=True)
 
 
+def _update_user(state: TailnetState, user_id: int, **changes: object) -> tuple[TailnetState, Delta]:
+    """Replace fields of one user; an unknown user (deleted earlier) changes nothing."""
+    user = state.users.get(user_id)
+    if user is None:
+        return state, Delta()
+    return replace(state, users=state.users.set(user_id, replace(user, **changes))), Delta(
+        users_changed=frozenset((user_id,))
+    )
+
+
 def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, Delta]:
     """Fold one recorded event into ``state``; return the new state and what changed."""
     state = replace(state, seq=recorded.seq, last_event_at=recorded.recorded_at)
@@ -87,6 +98,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 provider_id=event.provider_id,
                 profile_pic_url=event.profile_pic_url,
                 created_at=at,
+                role=event.role,
             )
             return replace(
                 state,
@@ -104,6 +116,8 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 users=state.users.set(user.id, user),
                 user_by_name=state.user_by_name.delete(old.name).set(user.name, user.id),
             ), Delta(users_changed=frozenset((user.id,)))
+        case UserRoleSet():
+            return _update_user(state, event.user_id, role=event.role)
         case UserDeleted():
             old = state.users.get(event.user_id)
             if old is None:

@@ -43,7 +43,9 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 def policy_user(user: User) -> PolicyUser:
-    return PolicyUser(id=user.id, login=user.login_name, display_name=user.display_name, name=user.name)
+    return PolicyUser(
+        id=user.id, login=user.login_name, display_name=user.display_name, name=user.name, role=user.role
+    )
 
 
 def policy_node(node: Node) -> PolicyNode:

@@ -38,6 +38,12 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
     provider_id: str
     profile_pic_url: str
     created_at: datetime
+    role: str = "member"  # owner, admin or member (eventlog.events.ROLES)
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the user may see and change the whole tailnet (owners are admins)."""
+        return self.role in ("owner", "admin")
 
     @property
     def login_name(self) -> str:

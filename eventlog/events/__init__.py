@@ -32,10 +32,11 @@ from .node import (
 )
 from .policy import PolicyImpact, PolicySet
 from .route import RoutesAdvertised, RoutesApproved
-from .user import UserCreated, UserDeleted, UserRenamed
+from .user import ROLES, UserCreated, UserDeleted, UserRenamed, UserRoleSet
 
 __all__ = [
     "EVENT_TYPES",
+    "ROLES",
     "AnyEvent",
     "ApiKeyCreated",
     "ApiKeyDeleted",
@@ -60,12 +61,14 @@ __all__ = [
     "UserCreated",
     "UserDeleted",
     "UserRenamed",
+    "UserRoleSet",
 ]
 
 AnyEvent = (
     UserCreated
     | UserRenamed
     | UserDeleted
+    | UserRoleSet
     | PreAuthKeyCreated
     | PreAuthKeyUsed
     | PreAuthKeyExpired
@@ -90,6 +93,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     UserCreated,
     UserRenamed,
     UserDeleted,
+    UserRoleSet,
     PreAuthKeyCreated,
     PreAuthKeyUsed,
     PreAuthKeyExpired,

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Final
+
+from ..upcast import Payload, register_upcaster
 from .base import Event
 
-__all__ = ["UserCreated", "UserDeleted", "UserRenamed"]
+__all__ = ["ROLES", "UserCreated", "UserDeleted", "UserRenamed", "UserRoleSet"]
+
+#: The tailnet roles, most powerful first. An owner is an admin too (``autogroup:admin``
+#: matches both); a member sees and changes only what is their own.
+ROLES: Final = ("owner", "admin", "member")
 
 
 class UserCreated(Event, frozen=True, kw_only=True, tag="user.created"):
@@ -13,7 +20,12 @@ class UserCreated(Event, frozen=True, kw_only=True, tag="user.created"):
     ``name`` is the login name used in policies (``alice`` or ``alice@example.com``);
     ``provider`` is ``"local"`` for users made by an admin and ``"oidc"`` for users made
     by an OIDC login, with ``provider_id`` the issuer's subject.
+
+    ``role`` (schema 2): ``owner``, ``admin`` or ``member`` (see :data:`ROLES`); users
+    recorded before roles existed are members.
     """
+
+    SCHEMA: ClassVar[int] = 2
 
     user_id: int
     name: str
@@ -22,6 +34,13 @@ class UserCreated(Event, frozen=True, kw_only=True, tag="user.created"):
     provider: str = "local"
     provider_id: str = ""
     profile_pic_url: str = ""
+    role: str = "member"
+
+
+@register_upcaster("user.created", 1)
+def _v1_to_v2(payload: Payload) -> Payload:
+    """Schema 1 had no role: every user was a member."""
+    return {**payload, "role": "member"}
 
 
 class UserRenamed(Event, frozen=True, kw_only=True, tag="user.renamed"):
@@ -33,3 +52,10 @@ class UserDeleted(Event, frozen=True, kw_only=True, tag="user.deleted"):
     """A user was deleted. Only users without nodes can be deleted."""
 
     user_id: int
+
+
+class UserRoleSet(Event, frozen=True, kw_only=True, tag="user.role_set"):
+    """The user's role is now ``role`` (one of :data:`ROLES`)."""
+
+    user_id: int
+    role: str

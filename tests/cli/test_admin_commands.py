@@ -39,6 +39,16 @@ def test_users_lifecycle_with_tables_and_json(server: RunningServer) -> None:
     assert "deleted" in server.cli("users", "delete", "caroline", check=True).stdout
 
 
+def test_roles_are_set_on_create_and_changed_with_set_role(server: RunningServer) -> None:
+    made = json.loads(server.cli("users", "create", "rolly", "--role", "admin", "-o", "json", check=True).stdout)
+    assert made["role"] == "admin"
+    changed = json.loads(server.cli("users", "set-role", "rolly", "member", "-o", "json", check=True).stdout)
+    assert changed["role"] == "member"
+    assert "Role" in server.cli("users", "list", check=True).stdout
+    shown = server.cli("log", "show", "--type", "user.role_set", "-o", "json", check=True).stdout
+    assert '"role": "member"' in shown or '"role":"member"' in shown
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -46,6 +56,8 @@ def test_users_lifecycle_with_tables_and_json(server: RunningServer) -> None:
         (("users", "create", "bad name!"), "invalid user name"),
         (("users", "rename", "ghost", "x"), "not found"),
         (("users", "delete", "ghost"), "not found"),
+        (("users", "set-role", "ghost", "admin"), "not found"),
+        (("users", "set-role", "dup", "member"), "already has the role"),
         (("preauthkeys", "create", "-u", "ghost"), "not found"),
         (("preauthkeys", "create", "-u", "dup", "-e", "soon"), "malformed duration"),
         (("preauthkeys", "create", "-u", "dup", "--tags", "web"), "invalid tag"),
