@@ -688,6 +688,12 @@ class _Server:
         env.update(
             TAILLEDGER_DATA=str(self.data), TAILLEDGER_LISTEN_ADDR=f"127.0.0.1:{self.port}",
             TAILLEDGER_LOG_LEVEL="warning",
+            # The simulated clients keep their tunnel with no stream open between the
+            # register and connect phases (real ones open their map poll at once), and
+            # thousands of them share two cores with the server, so one may not read for
+            # a while: the idle and slow-reader limits would measure the load generator.
+            TAILLEDGER_LIMITS__TUNNEL_IDLE_TIMEOUT="24h",
+            TAILLEDGER_LIMITS__WRITE_TIMEOUT="10m",
         )
         return env
 
