@@ -34,9 +34,17 @@ it.
   shared peer objects, so streams whose view did not change get nothing.
 
 A :class:`StreamCursor` is all a stream keeps: the peer set it last sent, digests of
-the self node, packet filter and SSH policy it last sent, and the hub sequence number
-it has seen. Per-node parts (self, filter, SSH) are recomputed only for nodes the hub
-marked dirty since then.
+the self node and packet filter it last sent, the SSH policy's JSON (shared) and the
+hub sequence number it has seen. Per-node parts follow what a change can affect:
+
+* the self node is recomputed only for nodes that changed (or after a rebuild);
+* the packet filter only for nodes whose filter the change may touch
+  (:meth:`~projections.policy.CompiledPolicy.filters_changed_since`: destinations
+  of rules that differ, the changed nodes and their owners' devices);
+* the SSH policy comes from :class:`SSHCache`: one JSON per SSH key (nodes that are
+  the destinations of the same rules share it), rebuilt only when a token it was
+  built from changed, so a join re-encodes the SSH policy of the destinations of the
+  rules whose sources gained its addresses, once per key.
 
 Nothing here reads a clock or does I/O: time and state are arguments.
 """
@@ -69,6 +77,7 @@ from .netmap import (
 from .policy import CompiledPolicy, PeerView
 from .policy.document import AliasKind
 from .policy.resolve import node_keys
+from .policy.ssh import SSHKey, SSHTable
 from .policystate import PolicyCompiler
 from .presence import NodePresence
 from .state import Node, TailnetState
@@ -498,6 +507,75 @@ class HubStats:
     incremental: int = 0
     rebuilds: int = 0
     peer_evaluations: int = 0
+    #: SSH policies rendered and encoded (once per SSH key whose tokens changed).
+    ssh_renders: int = 0
+    #: Packet filters recomputed by stream updates (only nodes a change may affect).
+    filter_evaluations: int = 0
+
+
+class SSHCache:
+    """SSH policy JSON per SSH key, kept across compiles of the same policy text.
+
+    A node's key (:meth:`SSHTable.key`) is kept until the node changes (or the
+    users or the policy do); an answer is reused while the tokens it was built from
+    (:meth:`SSHTable.deps`) are the same objects in the current table, checked once
+    per key and table.
+    """
+
+    def __init__(self, stats: HubStats) -> None:
+        self._stats = stats
+        self._compiled: CompiledPolicy | None = None
+        self._table: SSHTable | None = None
+        self._keys: dict[int, SSHKey] = {}
+        self._canon: dict[SSHKey, SSHKey] = {}
+        #: key -> [deps, JSON, table generation it was last checked in]
+        self._entries: dict[SSHKey, tuple[tuple[object, ...], bytes, int]] = {}
+        self._gen = 0
+
+    def advance(self, compiled: CompiledPolicy, changed: Iterable[int] | None) -> None:
+        """Follow ``compiled``; ``changed`` are the nodes that changed since the last
+        call (None: every node, after a change of users, routes or policy)."""
+        if compiled is self._compiled:
+            return
+        previous = self._table
+        if previous is None or compiled.policy is not previous.policy:
+            previous = None
+            self._keys.clear()
+            self._canon.clear()
+            self._entries.clear()
+        elif changed is None:
+            self._keys.clear()
+        else:
+            for nid in changed:
+                self._keys.pop(nid, None)
+        self._compiled, self._table = compiled, compiled.ssh_table(previous)
+        self._gen += 1
+        if len(self._entries) > 2 * len(self._keys) + 64:
+            live = set(self._keys.values())
+            self._entries = {k: v for k, v in self._entries.items() if k in live}
+            self._canon = {k: k for k in live}
+
+    def json(self, node_id: int) -> bytes | None:
+        """The node's SSH policy as JSON (None when the policy has no ``ssh`` section)."""
+        table, compiled = self._table, self._compiled
+        assert table is not None and compiled is not None
+        if table.policy.ssh is None:
+            return None
+        key = self._keys.get(node_id)
+        if key is None:
+            key = table.key(compiled.tailnet.nodes[node_id])
+            key = self._keys[node_id] = self._canon.setdefault(key, key)
+        entry = self._entries.get(key)
+        if entry is not None and entry[2] != self._gen:
+            deps = table.deps(key)
+            if len(deps) == len(entry[0]) and all(a is b for a, b in zip(deps, entry[0], strict=True)):
+                entry = self._entries[key] = (entry[0], entry[1], self._gen)
+            else:
+                entry = None
+        if entry is None:
+            self._stats.ssh_renders += 1
+            entry = self._entries[key] = (table.deps(key), _encoder.encode(table.render(key)), self._gen)
+        return entry[1]
 
 
 @dataclass(eq=False)
@@ -522,11 +600,15 @@ class MapHub:
     #: class key -> the one object of it that _key_of uses (interned).
     _canon: dict[Hashable, Hashable] = field(default_factory=dict)
     _classes: dict[Hashable, PeerSet] = field(default_factory=dict)
-    #: node id -> hub seq at which its self node / filter may have changed.
+    #: node id -> hub seq at which its self node (and filter) may have changed.
     _dirty: dict[int, int] = field(default_factory=dict)
+    #: node id -> hub seq at which its packet filter may have changed.
+    _filter_dirty: dict[int, int] = field(default_factory=dict)
+    #: hub seq at which every node's self node and filter may have changed.
     _all_dirty: int = 0
-    _ssh_dirty: int = 0
-    _rules_print: bytes = b""
+    #: hub seq at which every node's filter may have changed.
+    _filters_dirty: int = 0
+    _ssh: SSHCache | None = None
     _expiries: tuple[TailnetState | None, list[datetime]] = (None, [])
     _messages: dict[bytes, MapMessage] = field(default_factory=dict)
 
@@ -546,6 +628,11 @@ class MapHub:
         i = bisect.bisect_right(times, self.now)
         return times[i] if i < len(times) else None
 
+    def ssh_json(self, node_id: int) -> bytes | None:
+        """The node's SSH policy JSON, shared by every node with the same SSH key."""
+        assert self._ssh is not None
+        return self._ssh.json(node_id)
+
     def shared(self, json: bytes) -> MapMessage:
         """One :class:`MapMessage` per distinct content within a hub version."""
         msg = self._messages.get(json)
@@ -564,8 +651,10 @@ class MapHub:
             delta: the log changes since the previous call (merged).
             presence_changed: nodes whose presence changed since the previous call.
         """
-        old_state, old_now = self.state, self.now
+        old_state, old_now, old_compiled = self.state, self.now, self.compiled
         compiled = self.policy.compiled(state)
+        if self._ssh is None:
+            self._ssh = SSHCache(self.stats)
         self.seq += 1
         self._messages = {}
         changed = set(delta.nodes_changed) | set(delta.nodes_removed)
@@ -576,6 +665,15 @@ class MapHub:
         expired = self._expired_between(state, old_now, now)
         self.state, self.now, self.compiled = state, now, compiled
         self._incremental(state, now, compiled, changed, set(presence_changed) | expired, delta)
+        if compiled is not old_compiled:
+            assert old_compiled is not None
+            self._ssh.advance(compiled, changed)
+            affected = compiled.filters_changed_since(old_compiled, changed)
+            if affected is None:
+                self._filters_dirty = self.seq
+            else:
+                for nid in affected:
+                    self._filter_dirty[nid] = self.seq
 
     def _needs_rebuild(self, old: TailnetState, new: TailnetState, delta: Delta, changed: set[int]) -> bool:
         if delta.policy or delta.users_changed or delta.users_removed:
@@ -617,8 +715,9 @@ class MapHub:
             entries = self._class_entries(state, now, compiled, mem)
             classes[key] = _next_version(self._classes.get(key), entries, _users(state, entries.values()))
         self._key_of, self._members, self._classes = keys, members, classes
-        self._all_dirty = self._ssh_dirty = self.seq
-        self._rules_print = self._fingerprint(compiled)
+        self._all_dirty = self.seq
+        assert self._ssh is not None
+        self._ssh.advance(compiled, None)
 
     def _class_entries(
         self, state: TailnetState, now: datetime, compiled: CompiledPolicy, members: set[int]
@@ -688,13 +787,6 @@ class MapHub:
         self._classes = classes
         for nid in changed | presence_only:
             self._dirty[nid] = self.seq
-        if changed:
-            policy = compiled.policy
-            if compiled.per_node or self._fingerprint(compiled) != self._rules_print:
-                self._all_dirty = self.seq
-                self._rules_print = self._fingerprint(compiled)
-            if policy.ssh:
-                self._ssh_dirty = self.seq
 
     def _update_class(
         self,
@@ -745,20 +837,21 @@ class MapHub:
             return old
         return PeerSet(peers.finish(), users, old, frozenset(touched))
 
-    @staticmethod
-    def _fingerprint(compiled: CompiledPolicy) -> bytes:
-        return _digest(_encoder.encode([r.wire() for r in compiled.global_rules]))
-
     # -- per-stream dirtiness ----------------------------------------------------------
 
     def self_dirty_since(self, node_id: int, seq: int) -> bool:
         return self._all_dirty > seq or self._dirty.get(node_id, 0) > seq
 
-    def ssh_dirty_since(self, seq: int) -> bool:
-        return self._ssh_dirty > seq or self._all_dirty > seq
+    def filter_dirty_since(self, node_id: int, seq: int) -> bool:
+        return (
+            self._filters_dirty > seq
+            or self._filter_dirty.get(node_id, 0) > seq
+            or self.self_dirty_since(node_id, seq)
+        )
 
     def forget(self, node_id: int) -> None:
         self._dirty.pop(node_id, None)
+        self._filter_dirty.pop(node_id, None)
 
 
 def _representative(members: set[int], exclude: int) -> int | None:
@@ -839,12 +932,11 @@ class StreamCursor:
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
         pf = _encoder.encode(compiled.packet_filter(me))
-        ssh_policy = compiled.ssh_policy(me)
-        ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else None
+        ssh = hub.ssh_json(me)
         self.peers, self.seq, self.derp_map = peers, hub.seq, hub.settings.derp_map
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(pf)
-        self.ssh = _digest(ssh or _NO_SSH)
+        self.ssh = ssh or _NO_SSH
         own = profiles_for(state, [node])
         profiles = dict(peers.users)
         for p in own:
@@ -878,7 +970,7 @@ class StreamCursor:
         self.expired, self.peers, self.seq, self.derp_map = True, None, hub.seq, hub.settings.derp_map
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(bytes(DENY_ALL))
-        self.ssh = _digest(_NO_SSH)
+        self.ssh = _NO_SSH
 
     def _expired_update(self, hub: MapHub, node: Node) -> list[MapMessage]:
         """The update of a stream whose node's key is out of use: at the transition,
@@ -898,7 +990,7 @@ class StreamCursor:
                 parts["peers_removed"] = gone
             if self.filter != _digest(bytes(DENY_ALL)):
                 parts["packet_filters"] = {"base": DENY_ALL}
-            if self.ssh != _digest(_NO_SSH):
+            if self.ssh != _NO_SSH:
                 parts["ssh_policy"] = msgspec.Raw(_NO_SSH)
             if hub.settings.dns is not None:
                 parts["dns_config"] = DNSConfig()
@@ -916,8 +1008,7 @@ class StreamCursor:
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
         pf = _encoder.encode(compiled.packet_filter(me))
-        ssh_policy = compiled.ssh_policy(me)
-        ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else _NO_SSH
+        ssh = hub.ssh_json(me) or _NO_SSH
         changed = [peers.peers[i].wire for i in sorted(peers.peers) if i != me]
         profiles = dict(peers.users)
         for p in profiles_for(state, [node]):
@@ -937,7 +1028,7 @@ class StreamCursor:
         self.expired, self.peers, self.seq, self.derp_map = False, peers, hub.seq, hub.settings.derp_map
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(pf)
-        self.ssh = _digest(ssh)
+        self.ssh = ssh
         return [MapMessage(_encoder.encode(MapResponse(control_time=now, **parts)))]  # type: ignore[arg-type]
 
     def update(self, hub: MapHub) -> list[MapMessage]:
@@ -971,18 +1062,19 @@ class StreamCursor:
             if digest != self.self_node:
                 self.self_node = digest
                 parts["node"] = self_wire
+        if hub.filter_dirty_since(me, self.seq):
+            hub.stats.filter_evaluations += 1
             pf = _encoder.encode(compiled.packet_filter(me))
             digest = _digest(pf)
             if digest != self.filter:
                 self.filter = digest
                 parts["packet_filters"] = {"base": msgspec.Raw(pf)}
-        if hub.ssh_dirty_since(self.seq):
-            ssh_policy = compiled.ssh_policy(me)
-            ssh = _encoder.encode(ssh_policy) if ssh_policy is not None else _NO_SSH
-            digest = _digest(ssh)
-            if digest != self.ssh:
-                self.ssh = digest
+        ssh = hub.ssh_json(me) or _NO_SSH
+        if ssh is not self.ssh:
+            # One object per SSH key: a different object is usually different bytes.
+            if ssh != self.ssh:
                 parts["ssh_policy"] = msgspec.Raw(ssh)
+            self.ssh = ssh
         if hub.settings.derp_map is not self.derp_map:
             self.derp_map = hub.settings.derp_map
             parts["derp_map"] = hub.settings.derp_map
@@ -992,4 +1084,4 @@ class StreamCursor:
         return out
 
 
-__all__ += ["JOURNAL_DEPTH", "TAGGED_DEVICES_USER_ID", "HubStats", "PeerCache", "PeerDiff"]
+__all__ += ["JOURNAL_DEPTH", "TAGGED_DEVICES_USER_ID", "HubStats", "PeerCache", "PeerDiff", "SSHCache"]

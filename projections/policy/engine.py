@@ -55,7 +55,7 @@ from .peers import can_access, routes_for_peer, via_routes_for_peer
 from .resolve import Resolver, node_keys
 from .routes import elect_primaries, primary_routes_by_node
 from .rules import Match, Rule, merge_rules
-from .ssh import compile_ssh_policy
+from .ssh import SSHTable, compile_ssh_policy
 from .tailnet import NodeInfo, Tailnet
 from .wire import FilterRule, SSHPolicy
 
@@ -461,6 +461,67 @@ class CompiledPolicy:
         self._netmaps[node_id] = result
         return result
 
+    def ssh_table(self, previous: SSHTable | None = None) -> SSHTable:
+        """Every SSH rule resolved once for this snapshot (see :class:`SSHTable`);
+        ``previous`` is the table of an earlier snapshot, whose equal tokens are kept."""
+        return SSHTable(self.resolver, self.control_url, previous)
+
+    def filters_changed_since(self, old: CompiledPolicy, changed: set[int]) -> frozenset[int] | None:
+        """Nodes whose packet filter may differ from ``old``'s, when this policy came
+        from ``old`` by node changes only (:meth:`with_node`/:meth:`without_node` on
+        the same policy and users); None when that cannot be bounded cheaply (every
+        node's filter must then be recomputed).
+
+        A node's filter is its relevant entries of the merged global rules, in order,
+        then of its own ``autogroup:self`` rules. So only these can change:
+
+        * the ``changed`` nodes themselves;
+        * destinations (old or new) of merged global rules that differ: a rule is
+          the same when its ``SrcIPs``, protocols and very entry objects are (grants
+          that were not recompiled share theirs), provided the rules present in both
+          keep their order (else None);
+        * the devices of the changed nodes' owners (old and new): ``autogroup:self``
+          rules depend only on the owner's devices;
+        * the devices of a user whose devices alone are the sources of a rule that
+          differs: such a rule merges with their ``autogroup:self`` rules.
+
+        Via grants give per-router rules that depend on others' routes: None.
+        """
+        if old.policy is not self.policy or self.via_grants or old.via_grants:
+            return None
+        out: set[int] = set(changed)
+        for nid in changed:
+            for tailnet in (old.tailnet, self.tailnet):
+                info = tailnet.nodes.get(nid)
+                if info is not None and info.owner is not None:
+                    out |= tailnet.node_ids_of_user(info.owner)
+        before, after = old.global_rules, self.global_rules
+        if before is after:
+            return frozenset(out)
+        sig_before = [_signature(r) for r in before]
+        sig_after = [_signature(r) for r in after]
+        common = set(sig_before) & set(sig_after)
+        if [s for s in sig_before if s in common] != [s for s in sig_after if s in common]:
+            return None
+        for tailnet, rules, sigs in ((old.tailnet, before, sig_before), (self.tailnet, after, sig_after)):
+            touched = [r for r, s in zip(rules, sigs, strict=True) if s not in common]
+            if not touched:
+                continue
+            dests: list[IPSet] = []
+            for rule in touched:
+                dests.extend(e.addresses for e in rule.dst)
+                dests.extend(c.addresses() for c in rule.caps)
+                if self.per_node:
+                    owners = {tailnet.nodes[i].owner for i in tailnet.node_ids_in(rule.src_set.merged())}
+                    if len(owners) == 1 and None not in owners:
+                        [owner] = owners
+                        assert owner is not None
+                        out |= tailnet.node_ids_of_user(owner)
+            out |= tailnet.node_ids_in(IPSet.union(dests))
+            # Routers and exit nodes are destinations by route too.
+            out.update(r.id for r in tailnet.routers())
+        return frozenset(out)
+
     # -- incremental updates ----------------------------------------------------
 
     def with_node(self, node: PolicyNode) -> CompiledPolicy:
@@ -517,6 +578,11 @@ class CompiledPolicy:
             node_attrs=node_attrs,
             primaries=None if routes_changed else self.primaries,
         )
+
+
+def _signature(rule: Rule) -> tuple[object, ...]:
+    """What tells a merged rule apart (entry objects are shared by unchanged grants)."""
+    return (rule.src, rule.protocols, tuple(map(id, rule.dst)), tuple(map(id, rule.caps)))
 
 
 def _member(node: NodeInfo, addresses: AddressUnion) -> bool:

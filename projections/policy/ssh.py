@@ -16,11 +16,26 @@ follows the hosted control plane (as captured by headscale's
 ``compileSSHPolicy``): policy order, one rule per source user when
 localpart entries are present (users by id, tagged sources last), and
 finally every ``check`` rule moved before every ``accept`` rule (stable).
+
+:func:`compile_ssh_policy` is the per-node reference. Serving thousands of streams
+uses :class:`SSHTable` instead, which gives the same answer
+(``tests/projections/policy/test_ssh_table.py``) at a fraction of the cost:
+
+* each rule's sources are resolved and grouped into principals once per compile
+  (:class:`SSHSources`), not once per node per rule;
+* a node's answer depends only on an :meth:`SSHTable.key` -- which rules it is a
+  destination of, and its owner where ``autogroup:self`` or localpart rules make
+  the owner matter -- so nodes with equal keys share one answer;
+* each part of a rule's output is a *token* object (the owner's principals, all
+  principals of the rule, the localpart map) that the next table reuses when equal,
+  so an answer stays valid exactly while the tokens it was built from are the
+  same objects (:meth:`SSHTable.deps`). A node joining replaces only the tokens
+  of rules whose sources gained its addresses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Final
 
 from .document import Alias, SSHRule
@@ -29,7 +44,7 @@ from .resolve import Resolver
 from .tailnet import NodeInfo, Tailnet
 from .wire import SSHAction, SSHPolicy, SSHPrincipal, SSHRuleWire
 
-__all__ = ["CHECK_URL_TEMPLATE", "compile_ssh_policy", "localpart_domain"]
+__all__ = ["CHECK_URL_TEMPLATE", "SSHSources", "SSHTable", "compile_ssh_policy", "localpart_domain"]
 
 #: Path of the check-mode callback; the client substitutes the variables.
 CHECK_URL_TEMPLATE: Final = (
@@ -195,3 +210,169 @@ def _group_sources(
         for uid, addrs in per_user.items()
     }
     return sorted(by_user), by_user, tagged
+
+
+# -- shared per compile ---------------------------------------------------------------
+
+#: Key element kinds: the rule's ``autogroup:self`` part for the node's owner; the
+#: node is one of the rule's other destinations; the node is only a source of a
+#: localpart rule (owned, or tagged).
+_SELF: Final = 0
+_DST: Final = 1
+_LP_OWNER: Final = 2
+_LP_TAGGED: Final = 3
+
+#: A node's SSH key: ``(rule index, kind, owner id or sorted addresses)`` per part.
+SSHKey = tuple[tuple[int, int, Hashable], ...]
+
+
+class SSHSources:
+    """One SSH rule resolved against one tailnet snapshot (see :class:`SSHTable`).
+
+    Attributes:
+        rule: the policy rule.
+        src_ips: the addresses its sources denote.
+        dst_ips: the addresses of its destinations other than ``autogroup:self``
+            (None when it has none).
+        self_dst: ``autogroup:self`` is among its destinations.
+        by_user: source user id -> that user's principals (a token).
+        user_ids: the source users, by id.
+        tagged: principals of tagged sources (once per tag).
+        everyone: token of every principal of the rule (user ids, each user's
+            principals and the tagged ones).
+        localparts: token of the user id -> local part map (empty when the rule
+            has no ``localpart:*@domain`` entry).
+    """
+
+    __slots__ = (
+        "_merged", "action", "by_user", "dst_ips", "env", "everyone", "localparts", "rule", "self_dst",
+        "src_ips", "tagged", "user_ids", "users",
+    )
+
+    def __init__(self, rule: SSHRule, resolver: Resolver, control_url: str, previous: SSHSources | None) -> None:
+        tailnet = resolver.tailnet
+        self.rule = rule
+        self.src_ips = resolver.union(rule.src)
+        others = [a for a in rule.dst if a.text != "autogroup:self"]
+        self.dst_ips: IPSet | None = resolver.union(others) if others else None
+        self.self_dst = len(others) != len(rule.dst)
+        self.action = (
+            SSHAction(hold_and_delegate=control_url + CHECK_URL_TEMPLATE) if rule.action == "check" else _ACCEPT
+        )
+        self.env = rule.accept_env
+        self.users = _user_map(rule.users)
+        if self.src_ips:
+            user_ids, by_user, tagged = _group_sources(tailnet, self.src_ips)
+        else:
+            user_ids, by_user, tagged = [], {}, []
+        old_by_user = previous.by_user if previous is not None else {}
+        self.by_user: dict[int, tuple[SSHPrincipal, ...]] = {}
+        for uid, principals in by_user.items():
+            token = tuple(principals)
+            old = old_by_user.get(uid)
+            self.by_user[uid] = old if old is not None and old == token else token
+        self.user_ids = tuple(user_ids)
+        self.tagged = tuple(tagged)
+        everyone: tuple[object, ...] = (self.user_ids, tuple(self.by_user[u] for u in self.user_ids), self.tagged)
+        self.everyone: tuple[object, ...] = previous.everyone if previous is not None and previous.everyone == everyone else everyone
+        localparts = tuple(sorted(_localparts(rule.users, tailnet).items()))
+        self.localparts: tuple[tuple[int, str], ...] = (
+            previous.localparts if previous is not None and previous.localparts == localparts else localparts
+        )
+        self._merged: tuple[SSHPrincipal, ...] | None = None
+
+    def merged(self) -> tuple[SSHPrincipal, ...]:
+        """Every principal, users by id then tagged sources."""
+        if self._merged is None:
+            self._merged = tuple(p for uid in self.user_ids for p in self.by_user[uid]) + self.tagged
+        return self._merged
+
+    def emit(self, out: list[SSHRuleWire], principals: tuple[SSHPrincipal, ...], uid: int | None) -> None:
+        out.append(SSHRuleWire(principals=principals, ssh_users=self.users, action=self.action, accept_env=self.env))
+        if uid is not None and self.localparts:
+            local = dict(self.localparts).get(uid)
+            if local is not None:
+                out.append(
+                    SSHRuleWire(
+                        principals=principals, ssh_users={local: local}, action=self.action, accept_env=self.env
+                    )
+                )
+
+
+class SSHTable:
+    """Every SSH rule of a policy resolved once against one tailnet snapshot.
+
+    Build it with the previous snapshot's table, so that equal tokens stay the same
+    objects; then :meth:`key` a node, and :meth:`render` the key (once per key) to
+    get what :func:`compile_ssh_policy` gives that node.
+    """
+
+    __slots__ = ("policy", "rules")
+
+    def __init__(self, resolver: Resolver, control_url: str, previous: SSHTable | None = None) -> None:
+        self.policy = resolver.policy
+        rules = resolver.policy.ssh or ()
+        old: Sequence[SSHSources | None] = (
+            previous.rules if previous is not None and previous.policy is self.policy else [None] * len(rules)
+        )
+        self.rules: tuple[SSHSources, ...] = tuple(SSHSources(r, resolver, control_url, o) for r, o in zip(rules, old, strict=True))
+
+    def key(self, node: NodeInfo) -> SSHKey:
+        """What the node's SSH policy depends on about the node itself.
+
+        It depends only on the node's addresses and owner (its membership in the
+        rules' destinations and sources), never on other nodes, so it stays valid
+        while the node, the users and the policy are unchanged.
+        """
+        out: list[tuple[int, int, Hashable]] = []
+        for i, rs in enumerate(self.rules):
+            if rs.self_dst and node.owner is not None:
+                out.append((i, _SELF, node.owner))
+            if rs.dst_ips is None:
+                continue
+            if rs.dst_ips.contains_any(node.addrs):
+                out.append((i, _DST, None))
+            elif rs.localparts and rs.src_ips.contains_any(node.addrs):
+                if node.owner is None:
+                    out.append((i, _LP_TAGGED, tuple(sorted(node.addrs))))
+                else:
+                    out.append((i, _LP_OWNER, node.owner))
+        return tuple(out)
+
+    def deps(self, key: SSHKey) -> tuple[object, ...]:
+        """The tokens the answer for ``key`` is built from (compare by identity)."""
+        out: list[object] = []
+        for i, kind, arg in key:
+            rs = self.rules[i]
+            if kind == _DST:
+                out.append(rs.everyone)
+            elif kind in (_SELF, _LP_OWNER):
+                out.append(rs.by_user.get(arg))  # type: ignore[call-overload]
+            out.append(rs.localparts)
+        return tuple(out)
+
+    def render(self, key: SSHKey) -> SSHPolicy | None:
+        """The SSH policy of every node with this key (None without an ``ssh`` section)."""
+        if self.policy.ssh is None:
+            return None
+        rules: list[SSHRuleWire] = []
+        for i, kind, arg in key:
+            rs = self.rules[i]
+            if kind == _DST:
+                if rs.localparts:
+                    for uid in rs.user_ids:
+                        rs.emit(rules, rs.by_user[uid], uid)
+                    if rs.tagged:
+                        rs.emit(rules, rs.tagged, None)
+                elif rs.merged():
+                    rs.emit(rules, rs.merged(), None)
+            elif kind == _LP_TAGGED:
+                assert isinstance(arg, tuple)
+                rs.emit(rules, tuple(SSHPrincipal(node_ip=format_addr(a)) for a in arg), None)
+            else:
+                principals = rs.by_user.get(arg)  # type: ignore[call-overload]
+                if principals:
+                    rs.emit(rules, principals, arg)  # type: ignore[arg-type]
+        checks = [r for r in rules if r.action.hold_and_delegate]
+        accepts = [r for r in rules if not r.action.hold_and_delegate]
+        return SSHPolicy(rules=tuple(checks + accepts))

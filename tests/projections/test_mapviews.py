@@ -15,6 +15,7 @@ must both equal the reference map.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from datetime import timedelta
@@ -58,6 +59,31 @@ POLICIES = [
     ' {"src": ["autogroup:member"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:a"]}]}',
     '{' + _TAGS + ', "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],'
     ' "autoApprovers": {"routes": {"10.0.0.0/8": ["autogroup:member"]}, "exitNode": ["tag:t0"]}}',
+    # Corp-shaped (issue 19): many classes, autogroup:self, team and tag rules, an
+    # admin seeing all, an app grant, routes, SSH to self, to tags and in check mode.
+    '{' + _TAGS + ', "groups": {"group:eng": ["user0@"], "group:ops": ["user1@", "user2@"], "group:adm": ["user2@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:t0:22,80", "tag:a:443"]},'
+    ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},'
+    ' {"action": "accept", "src": ["group:ops"], "dst": ["group:ops:22,5900-5901"]},'
+    ' {"action": "accept", "src": ["tag:t1"], "dst": ["tag:t2:5432", "tag:t0:5432"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["*:*"]}],'
+    ' "grants": [{"src": ["group:eng"], "dst": ["tag:a"], "ip": ["443"], "app": {"example.com/cap/x": [{"r": 1}]}}],'
+    ' "autoApprovers": {"routes": {"10.0.0.0/8": ["group:ops"]}, "exitNode": ["tag:t0"]},'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot", "root"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["tag:a", "tag:t0", "tag:t1"], "users": ["root"]},'
+    ' {"action": "check", "src": ["group:eng"], "dst": ["tag:t0"], "users": ["autogroup:nonroot"]},'
+    ' {"action": "check", "src": ["group:ops"], "dst": ["tag:t1"], "users": ["autogroup:nonroot"]}]}',
+    # The same with wider ports and one team more on a tag (a policy change of the
+    # corp benchmark's kind: filters change, peers mostly do not).
+    '{' + _TAGS + ', "groups": {"group:eng": ["user0@"], "group:ops": ["user1@", "user2@"], "group:adm": ["user2@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:t0:22-23,80", "tag:a:443"]},'
+    ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},'
+    ' {"action": "accept", "src": ["group:ops"], "dst": ["group:ops:22,5900-5901", "tag:t2:80"]},'
+    ' {"action": "accept", "src": ["tag:t1"], "dst": ["tag:t2:5432-5433", "tag:t0:5432-5433"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["*:*"]}],'
+    ' "grants": [{"src": ["group:eng"], "dst": ["tag:a"], "ip": ["443"], "app": {"example.com/cap/x": [{"r": 1}]}}],'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]},'
+    ' {"action": "check", "src": ["group:eng", "group:ops"], "dst": ["tag:t0"], "users": ["autogroup:nonroot"]}]}',
 ]
 
 
@@ -229,3 +255,56 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
     assert [v() for v in versions if v() is not None] == [current]
     live_peers = [o for o in gc.get_objects() if isinstance(o, mapviews.Peer)]
     assert len(live_peers) == len(current.peers)
+
+
+def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
+    """Issue 19: in a corp-shaped tailnet, a team member's new device re-renders the
+    SSH policy of the keys whose rules gained a source (its owner's devices, its
+    team's servers), recomputes only the filters it may touch, and every stream
+    still ends up with exactly the reference map."""
+    from cli.scenarios import corp
+
+    sc = corp(60)
+    rnd = random.Random(7)
+    r = Recorder()
+    uids = [r.user(u) for u in sc.users]
+    r.run(lambda s: c.decide_set_policy(s, sc.policy_a, source="test"))
+
+    def register(index: int) -> int:
+        user, tags = sc.node(index)
+        return r.run(lambda s: c.decide_register_node(
+            s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+            hostname=f"n{index}", user_id=uids[sc.users.index(user)], tags=tags, ephemeral=False,
+            expiry=None, auth="cli", preauth_key=None, plan=PLAN,
+        ))
+
+    for i in range(len(sc.owners)):
+        register(i)
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, lambda _nid: None)
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    cursors = {nid: StreamCursor(nid) for nid in r.state.nodes}
+    models = {nid: ClientNetmap() for nid in r.state.nodes}
+    for nid, cur in cursors.items():
+        models[nid].apply(decode(join_pieces(cur.full_map(hub)), MapResponse))
+    before = dataclasses.replace(hub.stats)
+
+    r.now += timedelta(seconds=1)
+    newcomer = register(len(sc.owners) + 5)  # a device of u5 (team 5, not an admin)
+    hub.advance(r.state, r.now, r.delta, ())
+    for nid, cur in cursors.items():
+        for message in cur.update(hub):
+            models[nid].apply(decode(message.json, MapResponse))
+    StreamCursor(newcomer).full_map(hub)
+
+    # Two SSH keys gained a source: u5's devices (autogroup:self) and the servers of
+    # tag:svc5 (team 5's check rule); nobody else's SSH policy is rebuilt.
+    assert hub.stats.ssh_renders - before.ssh_renders == 2
+    # Filters: team 5's destinations, u5's devices, the admins' "*" rule does not
+    # change -- far fewer than the 60 streams.
+    assert 0 < hub.stats.filter_evaluations - before.filter_evaluations < 10
+    for nid in cursors:
+        reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=lambda _n: None, now=r.now)
+        assert models[nid].comparable() == _comparable(reference), nid

@@ -1,0 +1,128 @@
+"""CPU of one change across every stream, in process (issue 19).
+
+Run from the repository root::
+
+    python tests/benchmarks/corp_hub.py --scenario corp --nodes 1000,2000
+    python tests/benchmarks/corp_hub.py --scenario corp --nodes 2000 --profile join
+
+A benchmark script, not a test: it prints figures and asserts nothing. It builds the
+scenario's tailnet through real commands into an in-memory log, opens a
+:class:`~projections.mapviews.StreamCursor` for every node (full maps), and then
+times what the server's map fan-out does for one change -- ``MapHub.advance`` plus
+every stream's ``update`` -- with ``time.process_time``:
+
+* join: one more node of the scenario registers;
+* tag: a device becomes a tagged server;
+* delete: the newcomer is deleted;
+* policy: the scenario's policy change.
+
+It also prints how many streams got a message, the bytes encoded, the number of
+visibility classes and the average/median/max peers per node. No network, no
+encryption, no compression: the figures are the projection's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cli.scenarios import scenario
+from projections import commands as c
+from projections.delta import EMPTY
+from projections.mapviews import MapHub, StreamCursor, join_pieces
+from projections.netmap import NetmapSettings
+from projections.policystate import PolicyCompiler
+from projections.tailcfg import DERPMap
+from tests.projections.builders import PLAN, Recorder
+
+
+def _register(r: Recorder, rnd: random.Random, user_id: int, tags: tuple[str, ...], name: str) -> int:
+    return r.run(lambda s: c.decide_register_node(
+        s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+        hostname=name, user_id=user_id, tags=tags, ephemeral=False, expiry=None, auth="cli",
+        preauth_key=None, plan=PLAN,
+    ))
+
+
+def run(name: str, n: int, profile: str | None) -> None:
+    sc = scenario(name, n)
+    rnd = random.Random(n)
+    r = Recorder()
+    uids = [r.user(u) for u in sc.users]
+    r.run(lambda s: c.decide_set_policy(s, sc.policy_a, source="bench"))
+    t0 = time.perf_counter()
+    for i in range(n):
+        user, tags = sc.node(i)
+        _register(r, rnd, uids[sc.users.index(user)], tags, f"n{i}")
+    compiler = PolicyCompiler("https://control.example")
+    settings = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    hub = MapHub(compiler, settings, lambda _nid: None)
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    cursors = {nid: StreamCursor(nid) for nid in r.state.nodes}
+    full = 0
+    for cur in cursors.values():
+        full += len(join_pieces(cur.full_map(hub)))
+    peers = [len(hub.peer_set(nid).peers) - (nid in hub.peer_set(nid).peers) for nid in r.state.nodes]
+    print(f"{name} {n}: built in {time.perf_counter() - t0:.1f} s; classes {hub.classes()}, "
+          f"peers avg {statistics.mean(peers):.0f} median {statistics.median(peers):.0f} max {max(peers)}, "
+          f"full maps {full / 2**20:.1f} MiB", flush=True)
+
+    def change(label: str, act: object) -> None:
+        assert callable(act)
+        r.now += timedelta(seconds=1)
+        act()
+        prof = cProfile.Profile() if profile == label else None
+        c0 = time.process_time()
+        if prof:
+            prof.enable()
+        hub.advance(r.state, r.now, r.delta, ())
+        r.delta = EMPTY
+        sent = nbytes = 0
+        for nid in list(cursors):
+            if nid not in r.state.nodes:
+                del cursors[nid]
+                continue
+            msgs = cursors[nid].update(hub)
+            sent += bool(msgs)
+            nbytes += sum(len(m.json) for m in msgs)
+        for nid in r.state.nodes:
+            if nid not in cursors:
+                cursors[nid] = StreamCursor(nid)
+                cursors[nid].full_map(hub)
+        cpu = time.process_time() - c0
+        if prof:
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        print(f"  {label:7} CPU {cpu:7.3f} s   streams messaged {sent:5}   bytes {nbytes / 1024:9.1f} KiB", flush=True)
+
+    user, tags = sc.node(n + 5)  # a team member, not an admin (admins see everyone)
+    newcomer: list[int] = []
+    change("join", lambda: newcomer.append(_register(r, rnd, uids[sc.users.index(user)], tags, "newcomer")))
+    device = next(nid for nid, node in r.state.nodes.items() if not node.tags)
+    change("tag", lambda: r.run(lambda s: c.decide_set_tags(s, str(device), ("tag:svc1",))))
+    change("delete", lambda: r.run(lambda s: c.decide_delete_node(s, str(newcomer[0]))))
+    change("policy", lambda: r.run(lambda s: c.decide_set_policy(s, sc.policy_b, source="bench")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="corp", choices=["corp", "flat"])
+    parser.add_argument("--nodes", default="1000")
+    parser.add_argument("--profile", default=None, help="profile this change (join, tag, delete, policy)")
+    args = parser.parse_args()
+    for n in (int(x) for x in args.nodes.split(",")):
+        run(args.scenario, n, args.profile)
+
+
+if __name__ == "__main__":
+    main()

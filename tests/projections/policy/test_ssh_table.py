@@ -1,0 +1,153 @@
+"""Shared per-key SSH policies and bounded filter recomputation equal the per-node
+reference (issue 19, item 6).
+
+For random policies (groups, tags, ``autogroup:self``, ``check`` mode, localpart
+users, grants with app caps, CIDR hosts, routes) and random histories of joins,
+leaves and changes, after every step:
+
+* every node's SSH policy rendered from its :class:`SSHTable` key equals
+  :func:`compile_ssh_policy` for that node;
+* an answer kept from an earlier table because its tokens are the same objects
+  (what :class:`~projections.mapviews.SSHCache` relies on) still equals the
+  reference;
+* every node outside :meth:`CompiledPolicy.filters_changed_since` has the very same
+  packet filter as before the step, and the filters equal a fresh compile's.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy.ssh import SSHKey, compile_ssh_policy
+
+USERS = [PolicyUser(id=i, login=f"u{i}@example.com", name=f"u{i}") for i in (1, 2, 3, 4)]
+TAGS = ["tag:web", "tag:db", "tag:gw"]
+ALIASES = [
+    "*", "autogroup:member", "autogroup:tagged", "group:ops", "group:dev", "u1@example.com",
+    "u3@example.com", "tag:web", "tag:db", "tag:gw", "lan", "100.64.0.0/29",
+]
+SSH_DSTS = ["autogroup:self", "autogroup:member", "autogroup:tagged", "tag:web", "tag:db", "group:ops", "u2@example.com"]
+SSH_USERS = [["root"], ["autogroup:nonroot"], ["localpart:*@example.com"], ["root", "ubuntu"],
+             ["autogroup:nonroot", "localpart:*@example.com"]]
+CTRL = "https://control.example"
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> str:
+    acls = []
+    for _ in range(draw(st.integers(0, 6))):
+        src = draw(st.lists(st.sampled_from(ALIASES), min_size=1, max_size=2, unique=True))
+        dst = draw(st.lists(st.sampled_from([*ALIASES, "autogroup:self"]), min_size=1, max_size=2, unique=True))
+        if "autogroup:self" in dst and any(s not in ("autogroup:member", "group:ops", "group:dev", "u1@example.com") for s in src):
+            dst = [d for d in dst if d != "autogroup:self"] or ["tag:web"]
+        ports = draw(st.sampled_from(["*", "22", "80,443", "5432-5433"]))
+        acls.append({"action": "accept", "src": src, "dst": [f"{d}:{ports}" for d in dst]})
+    grants = []
+    if draw(st.booleans()):
+        grants.append({"src": [draw(st.sampled_from(ALIASES))], "dst": [draw(st.sampled_from(TAGS))], "ip": ["443"],
+                       "app": {"example.com/cap/x": [{"v": 1}]}})
+    ssh = []
+    for _ in range(draw(st.integers(0, 5))):
+        dst = draw(st.lists(st.sampled_from(SSH_DSTS), min_size=1, max_size=2, unique=True))
+        src = draw(st.lists(st.sampled_from(["autogroup:member", "group:ops", "group:dev", "u1@example.com",
+                                             "tag:web", "tag:db", "*"]), min_size=1, max_size=2, unique=True))
+        if "autogroup:self" in dst:
+            src = [s for s in src if s in ("autogroup:member", "group:ops", "group:dev", "u1@example.com")] or ["autogroup:member"]
+        if any(d.startswith("autogroup:") and d != "autogroup:self" for d in dst) or "*" in src:
+            src = [s for s in src if s != "*"] or ["autogroup:member"]
+        ssh.append({"action": draw(st.sampled_from(["accept", "check"])), "src": src, "dst": dst,
+                    "users": draw(st.sampled_from(SSH_USERS))})
+    doc: dict[str, object] = {
+        "groups": {"group:ops": ["u1@example.com", "u2@example.com"], "group:dev": ["u3@example.com", "u4@example.com"]},
+        "tagOwners": {t: ["group:ops"] for t in TAGS},
+        "hosts": {"lan": "10.1.0.0/16"},
+        "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:gw"]}, "exitNode": ["tag:gw"]},
+        "acls": acls or [{"action": "accept", "src": ["group:ops"], "dst": ["*:*"]}],
+        "grants": grants,
+    }
+    if ssh:
+        doc["ssh"] = ssh
+    return json.dumps(doc)
+
+
+@st.composite
+def node(draw: st.DrawFn, node_id: int) -> PolicyNode:
+    tags = draw(st.sampled_from([(), (), (), ("tag:web",), ("tag:db",), ("tag:gw",), ("tag:web", "tag:db")]))
+    routes: tuple[str, ...] = ()
+    if "tag:gw" in tags:
+        routes = draw(st.sampled_from([("10.1.0.0/16",), ("10.1.0.0/16", "0.0.0.0/0"), ()]))
+    return PolicyNode(
+        id=node_id, name=f"n{node_id}", user_id=draw(st.sampled_from([1, 2, 3, 4])), tags=tags,
+        ipv4=f"100.64.0.{node_id}", ipv6=f"fd7a:115c:a1e0::{node_id:x}", routable_ips=routes,
+    )
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[str, list[PolicyNode], list[PolicyNode | int]]:
+    initial = [draw(node(i)) for i in range(1, draw(st.integers(1, 8)) + 1)]
+    ops: list[PolicyNode | int] = []
+    next_id = len(initial) + 1
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["join", "join", "leave", "change"]))
+        if kind == "join":
+            ops.append(draw(node(next_id)))
+            next_id += 1
+        elif kind == "leave":
+            ops.append(draw(st.integers(1, next_id)))
+        else:
+            ops.append(draw(node(draw(st.integers(1, next_id - 1)))))
+    return draw(policies()), initial, ops
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories())
+def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
+    history: tuple[str, list[PolicyNode], list[PolicyNode | int]],
+) -> None:
+    text, initial, ops = history
+    policy = parse_policy(text)
+    nodes = {n.id: n for n in initial}
+    compiled = compile_policy(policy, Tailnet(USERS, nodes.values()), control_url=CTRL)
+    table = compiled.ssh_table()
+    # What SSHCache keeps: per node its key, per key the deps and the answer.
+    keys: dict[int, SSHKey] = {}
+    kept: dict[SSHKey, tuple[tuple[object, ...], object]] = {}
+
+    def check(step: str) -> None:
+        for nid, info in compiled.tailnet.nodes.items():
+            reference = compile_ssh_policy(compiled.resolver, info, CTRL)
+            key = table.key(info)
+            assert keys.setdefault(nid, key) == key, f"{step}: key of an unchanged node {nid} moved"
+            assert table.render(key) == reference, f"{step}: node {nid}"
+            deps = table.deps(key)
+            old = kept.get(key)
+            if old is not None and len(old[0]) == len(deps) and all(a is b for a, b in zip(old[0], deps, strict=True)):
+                assert old[1] == reference, f"{step}: a kept answer of node {nid} is stale"
+            kept[key] = (deps, reference)
+
+    check("start")
+    for op in ops:
+        before = compiled
+        if isinstance(op, PolicyNode):
+            compiled = compiled.with_node(op)
+            nodes[op.id] = op
+            changed = {op.id}
+        else:
+            compiled = compiled.without_node(op)
+            nodes.pop(op, None)
+            changed = {op}
+        for nid in changed:
+            keys.pop(nid, None)
+        table = compiled.ssh_table(table)
+        check(f"after {op!r}")
+        affected = compiled.filters_changed_since(before, changed)
+        fresh = compile_policy(policy, Tailnet(USERS, nodes.values()), control_url=CTRL,
+                               previous_primaries=before.primaries)
+        for nid in compiled.tailnet.nodes:
+            assert compiled.packet_filter(nid) == fresh.packet_filter(nid)
+            if affected is not None and nid not in affected and nid in before.tailnet.nodes:
+                assert compiled.packet_filter(nid) == before.packet_filter(nid), f"filter of {nid} changed unnoticed"
