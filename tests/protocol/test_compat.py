@@ -225,7 +225,7 @@ def test_h2_keeps_unsent_frames_in_a_bytearray_that_data_to_send_drains() -> Non
 #: Names of these libraries' internals; only protocol/compat.py may say them.
 _INTERNALS = re.compile(
     # hypercorn's public API (hypercorn.config, ``from hypercorn.trio import serve``) is fine.
-    r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio\.\w+|app_wrappers|typing))\b"
+    r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio\.\w+|app_wrappers|typing|protocol))\b"
     r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|dynamic_entries|_raw_data_repr"
     r"|_data_to_send|protocol_send|^\s*(?:import|from)\s+hypercorn\.events\b"
     r"|\bheader_table\b",
