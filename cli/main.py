@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(us, "delete", "Delete a user who owns no nodes.")
     p.add_argument("user", help="name or id")
 
+    from .apikeycmd import add_parsers as add_apikey_parsers
+
+    add_apikey_parsers(sub, add, _admin, _show, CLIError)
+
     keys = add(sub, "preauthkeys", "Manage pre-auth keys.", cmd_preauthkeys)
     ks = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = add(ks, "create", "Create a pre-auth key and print it (shown once).")

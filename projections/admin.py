@@ -27,7 +27,7 @@ from eventlog.events import PolicyImpact
 from . import commands as c
 from .errors import CommandError
 from .service import Tailnet
-from .state import Node, PreAuthKey, TailnetState, User
+from .state import ApiKey, Node, PreAuthKey, TailnetState, User
 
 __all__ = ["AdminOps", "BadRequest", "Presence", "PresenceView"]
 
@@ -96,6 +96,14 @@ class _KeyArgs(msgspec.Struct, forbid_unknown_fields=True):
     key: str
 
 
+class _CreateApiKey(msgspec.Struct, forbid_unknown_fields=True):
+    user: str | None = None
+    role: str = "admin"
+    expiration_seconds: int | None = 90 * 86400
+    description: str = ""
+    scopes: list[str] = msgspec.field(default_factory=list)  # OAuth clients only
+
+
 class _NodeArgs(msgspec.Struct, forbid_unknown_fields=True):
     node: str
 
@@ -162,6 +170,13 @@ class AdminOps:
             "preauthkeys.create": self.create_preauth_key,
             "preauthkeys.list": self.list_preauth_keys,
             "preauthkeys.expire": self.expire_preauth_key,
+            "apikeys.create": self.create_api_key,
+            "apikeys.list": self.list_api_keys,
+            "apikeys.expire": self.expire_api_key,
+            "apikeys.delete": self.delete_api_key,
+            "oauth_clients.create": self.create_oauth_client,
+            "oauth_clients.list": self.list_oauth_clients,
+            "oauth_clients.delete": self.delete_oauth_client,
             "nodes.list": self.list_nodes,
             "nodes.show": self.show_node,
             "nodes.rename": self.rename_node,
@@ -253,6 +268,23 @@ class AdminOps:
             "created": _iso(key.created_at),
         }
 
+    def api_key_view(self, key: ApiKey) -> dict[str, JSON]:
+        now = self.tailnet.clock()
+        user = self.state.users.get(key.user_id) if key.user_id is not None else None
+        view: dict[str, JSON] = {
+            "id": key.id,
+            "prefix": key.prefix,
+            "user": user.name if user else None,
+            "role": key.role,
+            "description": key.description,
+            "expiration": _iso(key.expires_at),
+            "expired": key.usable_at(now) is not None,
+            "created": _iso(key.created_at),
+        }
+        if key.kind == "oauth_client":
+            view["scopes"] = list(key.scopes)
+        return view
+
     # -- users -----------------------------------------------------------------------
 
     async def create_user(self, raw: dict[str, object], actor: Actor) -> JSON:
@@ -318,6 +350,65 @@ class AdminOps:
         a = _args(_KeyArgs, raw)
         kid, _ = await self.tailnet.execute(lambda s: c.decide_expire_preauth_key(s, a.key), actor=actor)
         return self.key_view(self.state.preauth_keys[kid])
+
+    # -- API keys and OAuth clients ---------------------------------------------------
+
+    async def _create_credential(self, a: _CreateApiKey, actor: Actor, kind: str) -> JSON:
+        now = self.tailnet.clock()
+        if a.expiration_seconds is not None and not 0 < a.expiration_seconds <= _MAX_EXPIRATION_SECONDS:
+            raise BadRequest("the expiration must be positive and at most 100 years (or null for never)")
+        expires = now + timedelta(seconds=a.expiration_seconds) if a.expiration_seconds else None
+        prefix, secret = self._token(6), self._token(24)
+        full, _ = await self.tailnet.execute(
+            lambda s: c.decide_create_api_key(
+                s, expires_at=expires, now=now, prefix=prefix, secret=secret, user=a.user,
+                role=a.role, kind=kind, scopes=tuple(a.scopes), description=a.description,
+            ),
+            actor=actor,
+        )
+        view = self.api_key_view(c.find_api_key(self.state, prefix, kind=kind))
+        view["key"] = full
+        return view
+
+    async def create_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_CreateApiKey, raw)
+        if a.scopes:
+            raise BadRequest("scopes apply to OAuth clients (oauth-clients create)")
+        return await self._create_credential(a, actor, "apikey")
+
+    async def create_oauth_client(self, raw: dict[str, object], actor: Actor) -> JSON:
+        return await self._create_credential(_args(_CreateApiKey, raw), actor, "oauth_client")
+
+    def _credentials(self, raw: dict[str, object], kind: str) -> JSON:
+        a = _args(_ListArgs, raw)
+        uid = c.find_user(self.state, a.user).id if a.user else None
+        keys = sorted(self.state.api_keys.values(), key=lambda k: k.id)
+        return [
+            self.api_key_view(k) for k in keys if k.kind == kind and (uid is None or k.user_id == uid)
+        ]
+
+    async def list_api_keys(self, raw: dict[str, object], actor: Actor) -> JSON:
+        return self._credentials(raw, "apikey")
+
+    async def list_oauth_clients(self, raw: dict[str, object], actor: Actor) -> JSON:
+        return self._credentials(raw, "oauth_client")
+
+    async def expire_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_KeyArgs, raw)
+        kid, _ = await self.tailnet.execute(lambda s: c.decide_expire_api_key(s, a.key), actor=actor)
+        return self.api_key_view(self.state.api_keys[kid])
+
+    async def delete_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_KeyArgs, raw)
+        kid, _ = await self.tailnet.execute(lambda s: c.decide_delete_api_key(s, a.key), actor=actor)
+        return {"deleted": kid}
+
+    async def delete_oauth_client(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_KeyArgs, raw)
+        kid, _ = await self.tailnet.execute(
+            lambda s: c.decide_delete_api_key(s, a.key, kind="oauth_client"), actor=actor
+        )
+        return {"deleted": kid}
 
     # -- nodes -----------------------------------------------------------------------
 

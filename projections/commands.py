@@ -19,12 +19,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from eventlog.events import (
     ROLES,
     AnyEvent,
     ApiKeyCreated,
+    ApiKeyDeleted,
     ApiKeyExpired,
     NodeDeleted,
     NodeExpirySet,
@@ -50,7 +51,7 @@ from eventlog.events import (
 
 from .errors import CommandError, ConflictError, NotFoundError
 from .ipam import AllocationMode, Network, allocate
-from .state import Node, PreAuthKey, TailnetState, User
+from .state import ApiKey, Node, PreAuthKey, TailnetState, User
 
 __all__ = [
     "MAX_HOSTNAME_LENGTH",
@@ -62,10 +63,13 @@ __all__ = [
     "decide_advertise_routes",
     "decide_approve_routes",
     "decide_change_hostname",
+    "decide_create_api_key",
     "decide_create_preauth_key",
     "decide_create_user",
+    "decide_delete_api_key",
     "decide_delete_node",
     "decide_delete_user",
+    "decide_expire_api_key",
     "decide_expire_node",
     "decide_expire_preauth_key",
     "decide_register_node",
@@ -76,12 +80,15 @@ __all__ = [
     "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
+    "find_api_key",
     "find_node",
     "find_preauth_key",
     "find_user",
     "hash_secret",
+    "parse_api_key",
     "parse_preauth_key",
     "sanitize_hostname",
+    "scope_grants",
     "tag_rules",
     "validate_tag",
 ]
@@ -312,25 +319,123 @@ def decide_expire_preauth_key(state: TailnetState, ref: str) -> Decision[int]:
     return Decision((PreAuthKeyExpired(key_id=key.id),), key.id)
 
 
+#: The scopes an OAuth client may hold (Tailscale's names). A write scope includes its
+#: ``:read``; ``all`` includes every scope and ``all:read`` every ``:read`` one.
+OAUTH_SCOPES: Final = (
+    "all", "all:read",
+    "devices:core", "devices:core:read",
+    "devices:routes", "devices:routes:read",
+    "auth_keys", "auth_keys:read",
+    "policy_file", "policy_file:read",
+    "dns", "dns:read",
+    "users", "users:read",
+)
+API_KEY_ROLES: Final = ("admin", "member")
+OAUTH_CLIENT_PREFIX = "tlkey-client-"
+
+
+def scope_grants(held: tuple[str, ...], needed: str) -> bool:
+    """Whether the scopes ``held`` include ``needed`` (see :data:`OAUTH_SCOPES`)."""
+    if needed in held or "all" in held:
+        return True
+    if needed.endswith(":read"):
+        return "all:read" in held or needed.removesuffix(":read") in held
+    return False
+
+
+def find_api_key(state: TailnetState, ref: str, *, kind: str = "apikey") -> ApiKey:
+    """An API key (or OAuth client, by ``kind``) by id, by prefix, or by the full key."""
+    parsed = parse_api_key(ref)
+    if parsed is not None:
+        ref = parsed[1]
+    kid = _numeric_id(ref)
+    for key in state.api_keys.values():
+        if key.kind == kind and (key.prefix == ref or key.id == kid):
+            return key
+    what = "OAuth client" if kind == "oauth_client" else "API key"
+    raise NotFoundError(f"{what} {ref!r} not found")
+
+
+def parse_api_key(text: str) -> tuple[str, str, str] | None:
+    """Split ``tlkey-api-<prefix>-<secret>`` (kind ``apikey``) or
+    ``tlkey-client-<prefix>-<secret>`` (kind ``oauth_client``) into
+    ``(kind, prefix, secret)``."""
+    for kind, head in (("apikey", API_KEY_PREFIX), ("oauth_client", OAUTH_CLIENT_PREFIX)):
+        if text.startswith(head):
+            prefix, sep, secret = text[len(head) :].partition("-")
+            if sep and prefix and secret:
+                return kind, prefix, secret
+            return None
+    return None
+
+
 def decide_create_api_key(
-    state: TailnetState, *, expires_at: datetime | None, now: datetime, prefix: str, secret: str
+    state: TailnetState,
+    *,
+    expires_at: datetime | None,
+    now: datetime,
+    prefix: str,
+    secret: str,
+    user: str | None = None,
+    role: str = "admin",
+    kind: str = "apikey",
+    scopes: tuple[str, ...] = (),
+    description: str = "",
 ) -> Decision[str]:
+    """Issue an API key or an OAuth client; ``prefix`` and ``secret`` are fresh random
+    strings from the adapter. Returns the full secret, shown once.
+
+    A member key needs its user; an admin key owned by a user needs that user to be an
+    admin or owner. An OAuth client needs at least one known scope.
+    """
+    if role not in API_KEY_ROLES:
+        raise CommandError(f"invalid key role {role!r}: use admin or member")
+    owner = find_user(state, user) if user is not None else None
+    if role == "member" and owner is None:
+        raise CommandError("a member key acts for a user: give its user")
+    if role == "admin" and owner is not None and not owner.is_admin:
+        raise CommandError(
+            f"user {owner.name!r} is a {owner.role}; an admin key needs an admin or owner (or use --role member)"
+        )
+    if kind == "oauth_client":
+        if not scopes:
+            raise CommandError(f"an OAuth client needs scopes, some of: {', '.join(OAUTH_SCOPES)}")
+        for scope in scopes:
+            if scope not in OAUTH_SCOPES:
+                raise CommandError(f"unknown scope {scope!r}: use some of {', '.join(OAUTH_SCOPES)}")
+    elif kind != "apikey":
+        raise CommandError(f"unknown credential kind {kind!r}")
+    elif scopes:
+        raise CommandError("scopes apply to OAuth clients; an API key has its role's permissions")
     if expires_at is not None and expires_at <= now:
         raise CommandError("the expiration must be in the future")
+    if any(k.prefix == prefix for k in state.api_keys.values()):
+        raise ConflictError("key prefix collision; try again")
     event = ApiKeyCreated(
         key_id=state.next_api_key_id,
         prefix=prefix,
         secret_sha256=hash_secret(secret),
         expires_at=expires_at,
+        kind=kind,
+        user_id=owner.id if owner is not None else None,
+        role=role,
+        scopes=tuple(sorted(set(scopes))),
+        description=description,
     )
-    return Decision((event,), f"{API_KEY_PREFIX}{prefix}-{secret}")
+    head = OAUTH_CLIENT_PREFIX if kind == "oauth_client" else API_KEY_PREFIX
+    return Decision((event,), f"{head}{prefix}-{secret}")
 
 
-def decide_expire_api_key(state: TailnetState, prefix: str) -> Decision[int]:
-    for key in state.api_keys.values():
-        if key.prefix == prefix:
-            return Decision((ApiKeyExpired(key_id=key.id),), key.id)
-    raise NotFoundError(f"API key {prefix!r} not found")
+def decide_expire_api_key(state: TailnetState, ref: str, *, kind: str = "apikey") -> Decision[int]:
+    key = find_api_key(state, ref, kind=kind)
+    if key.revoked:
+        raise CommandError(f"key {key.prefix} is already expired")
+    return Decision((ApiKeyExpired(key_id=key.id),), key.id)
+
+
+def decide_delete_api_key(state: TailnetState, ref: str, *, kind: str = "apikey") -> Decision[int]:
+    key = find_api_key(state, ref, kind=kind)
+    return Decision((ApiKeyDeleted(key_id=key.id),), key.id)
 
 
 # -- policy ---------------------------------------------------------------------------

@@ -158,6 +158,11 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 secret_sha256=event.secret_sha256,
                 expires_at=event.expires_at,
                 created_at=at,
+                kind=event.kind,
+                user_id=event.user_id,
+                role=event.role,
+                scopes=event.scopes,
+                description=event.description,
             )
             return replace(
                 state,

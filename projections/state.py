@@ -76,12 +76,27 @@ class PreAuthKey(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    """An admin API key or an OAuth client (``kind``), see ``ApiKeyCreated``."""
+
     id: int
     prefix: str
     secret_sha256: str
     expires_at: datetime | None
     created_at: datetime
     revoked: bool = False
+    kind: str = "apikey"
+    user_id: int | None = None
+    role: str = "admin"
+    scopes: tuple[str, ...] = ()
+    description: str = ""
+
+    def usable_at(self, now: datetime) -> str | None:
+        """Why this credential authenticates nothing at ``now``, or ``None``."""
+        if self.revoked:
+            return "the key has been expired"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "the key has expired"
+        return None
 
 
 class Node(msgspec.Struct, frozen=True, kw_only=True):

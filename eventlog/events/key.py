@@ -7,7 +7,9 @@ public prefix and a SHA-256 hash of the secret part, which is enough to authenti
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
+from ..upcast import Payload, register_upcaster
 from .base import Event
 
 __all__ = [
@@ -51,10 +53,33 @@ class PreAuthKeyExpired(Event, frozen=True, kw_only=True, tag="preauthkey.expire
 
 
 class ApiKeyCreated(Event, frozen=True, kw_only=True, tag="apikey.created"):
+    """A credential of the admin HTTP API was issued.
+
+    Schema 2 adds who it acts for and how far: ``kind`` is ``"apikey"`` (a bearer key,
+    ``tlkey-api-<prefix>-<secret>``) or ``"oauth_client"`` (client credentials, which
+    only buy short-lived tokens limited to ``scopes``); ``user_id`` is the owner (``None``
+    for a key an operator made for the whole tailnet); ``role`` is ``admin`` or
+    ``member`` (a member key sees and changes only its owner's nodes and keys, and an
+    owner's own role caps it at use).
+    """
+
+    SCHEMA: ClassVar[int] = 2
+
     key_id: int
     prefix: str
     secret_sha256: str
     expires_at: datetime | None = None
+    kind: str = "apikey"
+    user_id: int | None = None
+    role: str = "admin"
+    scopes: tuple[str, ...] = ()
+    description: str = ""
+
+
+@register_upcaster("apikey.created", 1)
+def _apikey_v1_to_v2(payload: Payload) -> Payload:
+    """Schema 1 keys were tailnet-wide admin keys."""
+    return {**payload, "kind": "apikey", "user_id": None, "role": "admin", "scopes": [], "description": ""}
 
 
 class ApiKeyExpired(Event, frozen=True, kw_only=True, tag="apikey.expired"):
