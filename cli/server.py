@@ -26,6 +26,7 @@ from protocol.control import Control
 from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
+from .api import ApiService
 from .config import Config
 from .gcpolicy import manage_gc
 
@@ -54,6 +55,8 @@ class Server:
         self.connection_stats: ConnectionStats | None = None  # the control port's counters
         self.noise_public = b""
         self.port = 0
+        #: The admin HTTP API (``cli.api``), once the web app is made.
+        self.api: ApiService | None = None
         #: The bound port of ``/metrics`` (0 while not served).
         self.metrics_port = 0
 

@@ -84,6 +84,10 @@ class _ServerCollector(Collector):
             yield from _connection_metrics(s.connection_stats)
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
+        if s.api is not None:
+            from .api import api_metrics
+
+            yield from api_metrics(s.api.stats)
 
 
 def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
@@ -237,6 +241,9 @@ def make_app(server: Server) -> QuartTrio:
             what += " with the tags " + ", ".join(f"<code>{html.escape(t)}</code>" for t in pending.request_tags)
         return _PAGE.format(what=what + ".", key=html.escape(auth_id)), 200
 
+    from .api import mount_api
+
+    mount_api(app, server)
     return app
 
 

@@ -61,7 +61,8 @@ class ActorKind(StrEnum):
     """Who caused an event."""
 
     ADMIN = "admin"  # an operator through the local admin socket (id: unix user)
-    API_KEY = "apikey"  # the admin HTTP API (id: the key's prefix)
+    API_KEY = "apikey"  # the admin HTTP API (id: the key's prefix, "/<owner user id>" if owned)
+    OAUTH_CLIENT = "oauthclient"  # an OAuth access token of /api/v2 (id: the client id)
     NODE = "node"  # a client over the control protocol (id: its machine key hex)
     OIDC = "oidc"  # a person who logged in through OIDC (id: issuer subject)
     SYSTEM = "system"  # the server itself: policy file reload, ephemeral cleanup, expiry

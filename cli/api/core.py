@@ -1,0 +1,481 @@
+"""The admin HTTP API's plumbing: who is asking, what they may do, errors, routes,
+metrics.
+
+Authentication
+--------------
+A request carries an API key (``tlkey-api-<prefix>-<secret>``) or, on ``/api/v2``, an
+OAuth access token, as ``Authorization: Bearer …`` or as the user name of HTTP Basic
+(what Tailscale's API clients send). A key is found by its public prefix and its secret
+compared by hash in constant time; an unknown prefix costs the same comparison. A key
+that was expired or deleted, is past its expiration or whose user is gone gets 401.
+
+Every change a request makes goes through the same admin operations as the CLI's
+socket (:class:`projections.admin.AdminOps`), so the log is the same whichever door
+was used; the actor is ``apikey:<prefix>`` followed by ``/<owner's user id>`` when the
+key belongs to a user (OAuth tokens: ``oauthclient:<client id>``).
+
+Permissions
+-----------
+A key's role is ``admin`` or ``member``; a user's own role caps it (an admin key of a
+user who was made a member acts as a member). Admins see and change everything; a
+member sees and changes only its user's nodes and pre-auth keys (others' are "not
+found", so their existence does not leak) and nothing tailnet-wide (403). OAuth tokens
+are tailnet-wide but limited to their scopes: a missing scope is 403.
+
+Errors are RFC 7807 problem documents (``application/problem+json``). A refused
+request appends nothing: every check happens before the operation runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import msgspec
+from quart import Response, request
+
+from eventlog import Actor, ActorKind
+from projections import commands as c
+from projections.errors import CommandError, ConflictError, NotFoundError, UnavailableError
+from projections.state import ApiKey, Node, TailnetState
+
+from .schema import Problem
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
+    from ..server import Server
+
+__all__ = [
+    "ApiError",
+    "ApiService",
+    "Ctx",
+    "Principal",
+    "Route",
+]
+
+log = logging.getLogger("tailledger.api")
+
+T = TypeVar("T")
+
+#: How long an OAuth access token lives (Tailscale's: one hour).
+TOKEN_LIFETIME: Final = timedelta(hours=1)
+TOKEN_PREFIX: Final = "tlkey-oauthtok-"
+#: Bodies above this are refused before they are parsed.
+MAX_BODY_BYTES: Final = 1 << 20
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """A refusal, answered as a problem document with ``status``."""
+
+    def __init__(self, status: int, detail: str, *, title: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+
+
+_TITLES: Final = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    503: "Service Unavailable",
+}
+
+
+def problem_response(status: int, detail: str, title: str | None = None) -> Response:
+    body = Problem(title=title or _TITLES.get(status, "Error"), status=status, detail=detail, message=detail)
+    return Response(_encoder.encode(body), status=status, content_type="application/problem+json")
+
+
+def from_command_error(exc: CommandError) -> ApiError:
+    """The HTTP status of a refused command."""
+    if isinstance(exc, NotFoundError):
+        return ApiError(404, str(exc))
+    if isinstance(exc, ConflictError):
+        return ApiError(409, str(exc))
+    if isinstance(exc, UnavailableError):
+        return ApiError(503, str(exc))
+    return ApiError(400, str(exc))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as."""
+
+    actor: Actor
+    role: str  # effective: "admin" or "member"
+    user_id: int | None
+    #: OAuth scopes; ``None`` for API keys (their role decides).
+    scopes: tuple[str, ...] | None = None
+    key_id: int = 0
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def sees_user(self, user_id: int | None) -> bool:
+        return self.is_admin or (user_id is not None and user_id == self.user_id)
+
+
+@dataclass
+class _Token:
+    client_id: int
+    client_prefix: str
+    scopes: tuple[str, ...]
+    expires: datetime
+
+
+@dataclass
+class ApiStats:
+    """Requests by route template, method and status, and time spent per route."""
+
+    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def record(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.seconds[(route, method)] = self.seconds.get((route, method), 0.0) + seconds
+
+
+Handler = Callable[["Ctx"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: its path (OpenAPI template), types and requirements."""
+
+    method: str
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    response: Any = None  # a msgspec type; None: no JSON body (see ``content_type``)
+    body: Any = None  # the request body's msgspec type, if any
+    scope: str | None = None  # the OAuth scope it needs (v2)
+    tags: tuple[str, ...] = ()
+    auth: bool = True
+    api: str = "v1"
+    status: int = 200
+    content_type: str = "application/json"
+    query: tuple[str, ...] = ()
+
+
+class Ctx:
+    """What a handler gets: the server, the principal, path parameters, the body."""
+
+    def __init__(
+        self, service: ApiService, principal: Principal, params: Mapping[str, str], body: bytes, route: Route
+    ) -> None:
+        self.service = service
+        self.server = service.server
+        self.principal = principal
+        self.params = params
+        self.raw_body = body
+        self.route = route
+        self.headers: dict[str, str] = {}
+
+    @property
+    def state(self) -> TailnetState:
+        return self.server.runner.state
+
+    @property
+    def actor(self) -> Actor:
+        return self.principal.actor
+
+    def query(self, name: str) -> str | None:
+        value = request.args.get(name)
+        return value if value else None
+
+    def body(self, type_: type[T]) -> T:
+        """The JSON body as ``type_``; 400 for malformed or mistyped JSON."""
+        raw = self.raw_body.strip() or b"{}"
+        try:
+            return msgspec.json.decode(raw, type=type_)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"invalid request body: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"malformed JSON: {exc}") from None
+
+    def require_admin(self) -> None:
+        if not self.principal.is_admin:
+            raise ApiError(403, "this needs an admin key; a member key manages only its own user's nodes and keys")
+
+    def node(self, ref: str) -> Node:
+        """A node the principal may see, by id (404 otherwise)."""
+        node = None
+        if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+            node = self.state.nodes.get(int(ref))
+        elif ref.startswith("n") and ref[1:].isascii() and ref[1:].isdigit() and len(ref) <= 19:
+            node = self.state.nodes.get(int(ref[1:]))  # a v2 stable node id
+        if node is None or not self.principal.sees_user(node.user_id):
+            raise ApiError(404, f"node {ref!r} not found")
+        return node
+
+    def visible_nodes(self) -> list[Node]:
+        nodes = sorted(self.state.nodes.values(), key=lambda n: n.id)
+        if self.principal.is_admin:
+            return nodes
+        return [n for n in nodes if n.user_id == self.principal.user_id]
+
+    async def op(self, name: str, args: dict[str, object]) -> Any:
+        """Run an admin operation (the CLI's) as the principal."""
+        try:
+            return await self.server.ops.dispatch(name, args, self.actor)
+        except CommandError as exc:
+            raise from_command_error(exc) from None
+
+    def is_online(self, node_id: int) -> bool:
+        presence = self.server.presence
+        if presence is None:
+            return False
+        p = presence.get(node_id)
+        return bool(p is not None and p.online)
+
+    def last_seen(self, node_id: int) -> datetime | None:
+        presence = self.server.presence
+        if presence is None:
+            return None
+        p = presence.get(node_id)
+        return p.last_seen if p is not None else None
+
+
+class ApiService:
+    """The API of one server: credentials, tokens, routes, stats."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.stats = ApiStats()
+        self.routes: list[Route] = []
+        self._tokens: dict[str, _Token] = {}
+        self.version = package_version()
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.server.tailnet.clock()
+
+    def authenticate(self, header: str | None, *, allow_tokens: bool) -> Principal:
+        """The principal of an ``Authorization`` header.
+
+        Raises:
+            ApiError: 401 for a missing, unknown, expired or revoked credential.
+        """
+        credential = _credential(header)
+        if credential is None:
+            raise ApiError(401, "authentication required: send an API key as a Bearer token")
+        if credential.startswith(TOKEN_PREFIX):
+            if not allow_tokens:
+                raise ApiError(401, "OAuth access tokens are for /api/v2; /api/v1 takes API keys")
+            return self._token_principal(credential)
+        parsed = c.parse_api_key(credential)
+        state = self.server.runner.state
+        key = None
+        if parsed is not None and parsed[0] == "apikey":
+            key = _key_by_prefix(state, parsed[1], "apikey")
+        secret = parsed[2] if parsed is not None else credential
+        if not _secret_matches(key, secret) or key is None:
+            raise ApiError(401, "invalid API key")
+        why = key.usable_at(self.now())
+        if why is not None:
+            raise ApiError(401, f"invalid API key: {why}")
+        role = key.role
+        actor_id = key.prefix
+        if key.user_id is not None:
+            user = state.users.get(key.user_id)
+            if user is None:
+                raise ApiError(401, "invalid API key: its user no longer exists")
+            if not user.is_admin:
+                role = "member"
+            actor_id = f"{key.prefix}/{user.id}"
+        return Principal(
+            actor=Actor(kind=ActorKind.API_KEY, id=actor_id), role=role, user_id=key.user_id, key_id=key.id
+        )
+
+    def _token_principal(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        entry = self._tokens.get(digest)
+        now = self.now()
+        if entry is None or entry.expires <= now:
+            self._tokens.pop(digest, None)
+            raise ApiError(401, "invalid or expired access token")
+        client = self.server.runner.state.api_keys.get(entry.client_id)
+        if client is None or client.usable_at(now) is not None:
+            self._tokens.pop(digest, None)
+            raise ApiError(401, "the OAuth client of this token was expired or deleted")
+        return Principal(
+            actor=Actor(kind=ActorKind.OAUTH_CLIENT, id=entry.client_prefix),
+            role="admin" if client.user_id is None or client.role == "admin" else "member",
+            user_id=client.user_id,
+            scopes=entry.scopes,
+            key_id=client.id,
+        )
+
+    def issue_token(self, client_id: str, client_secret: str, scope: str | None) -> tuple[str, _Token]:
+        """Client credentials grant: a token for ``client_id`` (narrowed to ``scope``).
+
+        Raises:
+            ApiError: 401 for bad credentials, 400 for a scope the client does not hold.
+        """
+        parsed = c.parse_api_key(client_secret)
+        secret = client_secret
+        if parsed is not None:
+            if parsed[0] != "oauth_client" or parsed[1] != client_id:
+                raise ApiError(401, "invalid client credentials")
+            secret = parsed[2]
+        client = _key_by_prefix(self.server.runner.state, client_id, "oauth_client")
+        if not _secret_matches(client, secret) or client is None:
+            raise ApiError(401, "invalid client credentials")
+        now = self.now()
+        if client.usable_at(now) is not None:
+            raise ApiError(401, "invalid client credentials: the client was expired")
+        scopes = client.scopes
+        if scope:
+            wanted = tuple(sorted(set(scope.split())))
+            for s in wanted:
+                if not c.scope_grants(client.scopes, s):
+                    raise ApiError(400, f"the client does not hold the scope {s!r}")
+            scopes = wanted
+        for digest in [d for d, t in self._tokens.items() if t.expires <= now]:
+            del self._tokens[digest]
+        token = TOKEN_PREFIX + secrets.token_hex(24)
+        entry = _Token(client_id=client.id, client_prefix=client.prefix, scopes=scopes, expires=now + TOKEN_LIFETIME)
+        self._tokens[hashlib.sha256(token.encode()).hexdigest()] = entry
+        return token, entry
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def add(self, route: Route) -> None:
+        self.routes.append(route)
+
+    def mount(self, app: QuartTrio) -> None:
+        """Register every route on ``app``."""
+        for route in self.routes:
+            rule = route.path.replace("{", "<").replace("}", ">")
+            app.add_url_rule(
+                rule,
+                endpoint=f"api_{route.operation_id}",
+                view_func=self._view(route),
+                methods=[route.method],
+            )
+
+        async def not_found(rest: str) -> Response:
+            return problem_response(404, f"no such API endpoint: {request.method} {request.path}")
+
+        for prefix in ("/api/v1", "/api/v2"):
+            app.add_url_rule(
+                f"{prefix}/<path:rest>",
+                endpoint=f"api_unknown_{prefix[-2:]}",
+                view_func=not_found,
+                methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            )
+
+    def _view(self, route: Route) -> Callable[..., Awaitable[Response]]:
+        async def view(**params: str) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await self._handle(route, params)
+            except ApiError as exc:
+                response = problem_response(exc.status, exc.detail, exc.title)
+            except Exception:
+                log.exception("API %s %s failed", route.method, route.path)
+                response = problem_response(500, "internal error; see the server log")
+            self.stats.record(route.path, route.method, response.status_code, time.perf_counter() - started)
+            return response
+
+        return view
+
+    async def _handle(self, route: Route, params: Mapping[str, str]) -> Response:
+        if route.auth:
+            principal = self.authenticate(request.headers.get("Authorization"), allow_tokens=route.api == "v2")
+            if route.scope is not None and principal.scopes is not None and not c.scope_grants(
+                principal.scopes, route.scope
+            ):
+                raise ApiError(403, f"this token lacks the scope {route.scope!r}")
+        else:
+            principal = Principal(actor=Actor(kind=ActorKind.SYSTEM, id="anonymous"), role="member", user_id=None)
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        body = await request.get_data(cache=False, as_text=False) if route.method in ("POST", "PUT", "PATCH") else b""
+        assert isinstance(body, bytes)
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        ctx = Ctx(self, principal, params, body, route)
+        result = await route.handler(ctx)
+        if isinstance(result, Response):
+            return result
+        payload = result.encode() if isinstance(result, str) else _encoder.encode(result)
+        response = Response(payload, status=route.status, content_type=route.content_type)
+        for name, value in ctx.headers.items():
+            response.headers[name] = value
+        return response
+
+
+def _credential(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return value
+    if scheme.lower() == "basic" and value:
+        import base64
+        import binascii
+
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, _, _password = decoded.partition(":")
+        return user or None
+    return None
+
+
+def _key_by_prefix(state: TailnetState, prefix: str, kind: str) -> ApiKey | None:
+    for key in state.api_keys.values():
+        if key.prefix == prefix and key.kind == kind:
+            return key
+    return None
+
+
+#: Compared against when the prefix is unknown, so that answering takes as long.
+_NO_KEY_HASH: Final = "0" * 64
+
+
+def _secret_matches(key: ApiKey | None, secret: str) -> bool:
+    """Constant-time comparison of the secret's hash with the stored one."""
+    expected = key.secret_sha256 if key is not None else _NO_KEY_HASH
+    return hmac.compare_digest(c.hash_secret(secret).encode(), expected.encode()) and key is not None
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tailledger")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
