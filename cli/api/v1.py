@@ -6,6 +6,7 @@ Reads come from the current projection; every write is an admin operation
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Final
 
@@ -136,7 +137,7 @@ def _user(ctx: Ctx, ref: str) -> User:
 def _seconds_until(ctx: Ctx, when: datetime | None) -> int | None:
     if when is None:
         return None
-    seconds = int((when - ctx.service.now()).total_seconds())
+    seconds = math.ceil((when - ctx.service.now()).total_seconds())
     if seconds <= 0:
         raise ApiError(400, "the expiration must be in the future")
     return seconds

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from eventlog import SQLiteEventStore
+from projections.tailcfg import RegisterResponse
+from protocol import RemoteProtocolError, open_control_client
 from relay.certs import generate_self_signed
 from tests.cli.server_process import RunningServer, running_server
+from tests.protocol.control_harness import SimNode
 
 #: The fixed host of Tailscale's API, which the test certificate names too.
 TAILSCALE_API_HOST = "api.tailscale.com"
@@ -24,6 +28,8 @@ class ApiServer:
     cert: Path
     admin_key: str
     member_key: str  # bob's, a member
+    #: Every response the test clients saw: (method, path, status, content type, body).
+    seen: list[tuple[str, str, int, str, bytes]] = field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -34,7 +40,36 @@ class ApiServer:
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base, verify=self.ssl_context(), headers=headers, timeout=30)
+
+        def record(response: httpx.Response) -> None:
+            response.read()
+            self.seen.append((
+                response.request.method, response.request.url.path, response.status_code,
+                response.headers.get("content-type", ""), response.content,
+            ))
+
+        return httpx.Client(
+            base_url=self.base, verify=self.ssl_context(), headers=headers, timeout=30,
+            event_hooks={"response": [record]},
+        )
+
+    def register(self, hostname: str, auth_key: str | None = None) -> tuple[SimNode, RegisterResponse]:
+        """A machine registers over the real control protocol (over TLS)."""
+        node = SimNode.new(hostname)
+
+        async def go() -> RegisterResponse:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        async with open_control_client(
+                            "127.0.0.1", self.srv.port, machine_key=node.machine_private,
+                            ssl_context=self.ssl_context(), server_hostname="localhost",
+                        ) as client:
+                            return await client.register(node.register_request(auth_key))
+                    except (OSError, RemoteProtocolError):
+                        await trio.sleep(0.1)
+
+        return node, trio.run(go)
 
     def head(self) -> int:
         store = SQLiteEventStore(self.srv.data / "ledger.db", read_only=True)

@@ -1,0 +1,305 @@
+"""``/api/v1`` (Headscale's REST API) against a real server with httpx: every operation,
+its permissions, its events and actors, and its refusals (which append nothing)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from .conftest import ApiServer
+
+
+def _prefix(key: str) -> str:
+    return key.split("-")[2]
+
+
+def test_users_through_the_api_are_events_with_the_key_as_actor(api: ApiServer) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        made = http.post("/api/v1/user", json={"name": "carol", "email": "carol@example.com"})
+        assert made.status_code == 200, made.text
+        user = made.json()["user"]
+        assert (user["name"], user["email"], user["role"]) == ("carol", "carol@example.com", "member")
+        renamed = http.post(f"/api/v1/user/{user['id']}/rename/caroline").json()["user"]
+        assert renamed["name"] == "caroline"
+        listed = http.get("/api/v1/user", params={"name": "caroline"}).json()["users"]
+        assert [u["id"] for u in listed] == [user["id"]]
+        assert http.delete(f"/api/v1/user/{user['id']}").json() == {}
+        assert "caroline" not in {u["name"] for u in http.get("/api/v1/user").json()["users"]}
+    actor = f"apikey:{_prefix(api.admin_key)}"
+    assert api.events(before) == [("user.created", actor), ("user.renamed", actor), ("user.deleted", actor)]
+
+
+def test_nodes_keys_and_policy(api: ApiServer) -> None:
+    with api.client(api.admin_key) as http:
+        policy = '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+        set_policy = http.put("/api/v1/policy", json={"policy": policy})
+        assert set_policy.status_code == 200, set_policy.text
+        assert http.get("/api/v1/policy").json()["policy"] == policy
+        made = http.post("/api/v1/preauthkey", json={"user": "1", "reusable": True})
+        assert made.status_code == 200, made.text
+        alice_key = made.json()["preAuthKey"]["key"]
+        bob_key = http.post("/api/v1/preauthkey", json={"user": "2"}).json()["preAuthKey"]["key"]
+    api.register("alice-laptop", alice_key)
+    api.register("bob-laptop", bob_key)
+    with api.client(api.admin_key) as http:
+        nodes = http.get("/api/v1/node").json()["nodes"]
+        by_name = {n["givenName"]: n for n in nodes}
+        alice_node, bob_node = by_name["alice-laptop"], by_name["bob-laptop"]
+        assert alice_node["user"]["name"] == "alice" and alice_node["registerMethod"] == "REGISTER_METHOD_AUTH_KEY"
+        assert alice_node["ipAddresses"] and alice_node["machineKey"].startswith("mkey:")
+        assert [n["id"] for n in http.get("/api/v1/node", params={"user": "bob"}).json()["nodes"]] == [bob_node["id"]]
+        nid = alice_node["id"]
+        assert http.get(f"/api/v1/node/{nid}").json()["node"]["id"] == nid
+        assert http.post(f"/api/v1/node/{nid}/rename/web-1").json()["node"]["givenName"] == "web-1"
+        tagged = http.post(f"/api/v1/node/{nid}/tags", json={"tags": ["tag:web"]})
+        assert tagged.status_code == 200, tagged.text
+        assert tagged.json()["node"]["tags"] == ["tag:web"]
+        routes = http.post(f"/api/v1/node/{nid}/approve_routes", json={"routes": ["10.1.0.0/16"]})
+        assert routes.json()["node"]["approvedRoutes"] == ["10.1.0.0/16"]
+        expired = http.post(f"/api/v1/node/{nid}/expire").json()["node"]
+        assert expired["expiry"] is not None
+        keys = http.get("/api/v1/preauthkey", params={"user": "alice"}).json()["preAuthKeys"]
+        assert [k["reusable"] for k in keys] == [True] and keys[0]["used"]
+        assert "…" in keys[0]["key"]  # the secret is never shown again
+        assert http.post("/api/v1/preauthkey/expire", json={"id": keys[0]["id"]}).json() == {}
+        assert http.delete(f"/api/v1/node/{nid}").json() == {}
+        assert nid not in {n["id"] for n in http.get("/api/v1/node").json()["nodes"]}
+
+
+def test_member_keys_see_and_change_only_their_own(api: ApiServer) -> None:
+    with api.client(api.admin_key) as http:
+        key = http.post("/api/v1/preauthkey", json={"user": "1"}).json()["preAuthKey"]["key"]
+    api.register("alice-desk", key)
+    with api.client(api.admin_key) as http:
+        nodes = {n["givenName"]: n["id"] for n in http.get("/api/v1/node").json()["nodes"]}
+    before = api.head()
+    with api.client(api.member_key) as http:
+        mine = http.get("/api/v1/node").json()["nodes"]
+        assert {n["user"]["name"] for n in mine} == {"bob"}
+        assert http.get(f"/api/v1/node/{nodes['alice-desk']}").status_code == 404
+        assert http.post(f"/api/v1/node/{nodes['alice-desk']}/expire").status_code == 404
+        assert http.delete(f"/api/v1/node/{nodes['alice-desk']}").status_code == 404
+        assert http.post(f"/api/v1/node/{nodes['bob-laptop']}/tags", json={"tags": ["tag:web"]}).status_code == 403
+        assert http.put("/api/v1/policy", json={"policy": "{}"}).status_code == 403
+        assert http.post("/api/v1/user", json={"name": "eve"}).status_code == 403
+        assert http.post("/api/v1/preauthkey", json={"user": "1"}).status_code == 404
+        assert http.post("/api/v1/apikey", json={"role": "admin"}).status_code == 403
+        assert {k["user"]["name"] for k in http.get("/api/v1/preauthkey").json()["preAuthKeys"]} == {"bob"}
+        assert {k["role"] for k in http.get("/api/v1/apikey").json()["apiKeys"]} == {"member"}
+        assert api.head() == before
+        # Its own: allowed, and recorded with the key and its owner.
+        renamed = http.post(f"/api/v1/node/{nodes['bob-laptop']}/rename/bobs")
+        assert renamed.status_code == 200, renamed.text
+        own_key = http.post("/api/v1/preauthkey", json={})
+        assert own_key.json()["preAuthKey"]["user"]["name"] == "bob"
+    actor = f"apikey:{_prefix(api.member_key)}/2"
+    assert api.events(before) == [("node.renamed", actor), ("preauthkey.created", actor)]
+
+
+def test_api_keys_create_expire_delete(api: ApiServer) -> None:
+    with api.client(api.admin_key) as http:
+        made = http.post("/api/v1/apikey", json={"expiration": "2099-01-01T00:00:00Z"})
+        assert made.status_code == 200, made.text
+        new_key = made.json()["apiKey"]
+    with api.client(new_key) as http:
+        assert http.get("/api/v1/user").status_code == 200
+        listed = {k["prefix"]: k for k in http.get("/api/v1/apikey").json()["apiKeys"]}
+        assert listed[_prefix(new_key)]["expiration"].startswith("2099-01-01")
+        assert http.post("/api/v1/apikey/expire", json={"prefix": _prefix(new_key)}).json() == {}
+        # Expired, it authenticates nothing, even its own deletion.
+        refused = http.delete(f"/api/v1/apikey/{_prefix(new_key)}")
+        assert refused.status_code == 401
+        assert "expired" in refused.json()["detail"]
+    with api.client(api.admin_key) as http:
+        assert http.delete(f"/api/v1/apikey/{_prefix(new_key)}").json() == {}
+        assert _prefix(new_key) not in {k["prefix"] for k in http.get("/api/v1/apikey").json()["apiKeys"]}
+
+
+def test_register_a_pending_authurl(api: ApiServer) -> None:
+    _node, first = api.register("waiting")
+    assert first.auth_url, first
+    auth_id = first.auth_url.rstrip("/").rsplit("/", 1)[-1]
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        assert http.post("/api/v1/node/register", params={"user": "bob", "key": "nope"}).status_code == 404
+        assert api.head() == before
+        done = http.post("/api/v1/node/register", params={"user": "bob", "key": auth_id})
+        assert done.status_code == 200, done.text
+        node = done.json()["node"]
+        assert (node["user"]["name"], node["registerMethod"]) == ("bob", "REGISTER_METHOD_CLI")
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+#: (method, path, body) of every authenticated v1 operation, on ids that exist (1) where
+#: the operation needs one.
+V1_OPERATIONS: list[tuple[str, str, Any]] = [
+    ("GET", "/api/v1/user", None),
+    ("POST", "/api/v1/user", {"name": "zed"}),
+    ("POST", "/api/v1/user/2/rename/zed", None),
+    ("DELETE", "/api/v1/user/2", None),
+    ("GET", "/api/v1/node", None),
+    ("POST", "/api/v1/node/register", None),
+    ("GET", "/api/v1/node/1", None),
+    ("DELETE", "/api/v1/node/1", None),
+    ("POST", "/api/v1/node/1/rename/zed", None),
+    ("POST", "/api/v1/node/1/expire", None),
+    ("POST", "/api/v1/node/1/tags", {"tags": []}),
+    ("POST", "/api/v1/node/1/approve_routes", {"routes": []}),
+    ("GET", "/api/v1/preauthkey", None),
+    ("POST", "/api/v1/preauthkey", {"user": "1"}),
+    ("POST", "/api/v1/preauthkey/expire", {"id": "1"}),
+    ("GET", "/api/v1/apikey", None),
+    ("POST", "/api/v1/apikey", {}),
+    ("POST", "/api/v1/apikey/expire", {"prefix": "x"}),
+    ("DELETE", "/api/v1/apikey/x", None),
+    ("GET", "/api/v1/policy", None),
+    ("PUT", "/api/v1/policy", {"policy": "{}"}),
+]
+
+
+@pytest.fixture(scope="module")
+def expired_key(api: ApiServer) -> str:
+    key = api.srv.cli("apikeys", "create", check=True).stdout.strip()
+    api.srv.cli("apikeys", "expire", _prefix(key), check=True)
+    return key
+
+
+@pytest.mark.parametrize(("method", "path", "body"), V1_OPERATIONS, ids=[f"{m} {p}" for m, p, _ in V1_OPERATIONS])
+@pytest.mark.parametrize("credential", ["none", "unknown", "expired", "garbage"])
+def test_no_valid_key_is_401_and_appends_nothing(
+    api: ApiServer, expired_key: str, method: str, path: str, body: Any, credential: str
+) -> None:
+    key = {
+        "none": None,
+        "unknown": "tlkey-api-000000000000-" + "0" * 48,
+        "expired": expired_key,
+        "garbage": "not a key",
+    }[credential]
+    before = api.head()
+    with api.client(key) as http:
+        response = http.request(method, path, json=body)
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 401 and problem["title"] == "Unauthorized" and problem["detail"]
+    assert api.head() == before
+
+
+_WITH_BODY = [(m, p) for m, p, b in V1_OPERATIONS if b is not None]
+
+
+@pytest.mark.parametrize(("method", "path"), _WITH_BODY, ids=[f"{m} {p}" for m, p in _WITH_BODY])
+@pytest.mark.parametrize("payload", [b"{not json", b'{"tags": 5, "routes": 5, "name": 5, "policy": 5, "user": 5, '
+                                     b'"id": 5, "prefix": 5, "expiration": 5}'])
+def test_malformed_json_is_400_and_appends_nothing(api: ApiServer, method: str, path: str, payload: bytes) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        response = http.request(method, path, content=payload, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["status"] == 400
+    assert api.head() == before
+
+
+UNKNOWN_IDS = [
+    ("POST", "/api/v1/user/999/rename/zed", None),
+    ("DELETE", "/api/v1/user/999", None),
+    ("GET", "/api/v1/node/999", None),
+    ("DELETE", "/api/v1/node/999", None),
+    ("POST", "/api/v1/node/999/rename/zed", None),
+    ("POST", "/api/v1/node/999/expire", None),
+    ("POST", "/api/v1/node/999/tags", {"tags": []}),
+    ("POST", "/api/v1/node/999/approve_routes", {"routes": []}),
+    ("POST", "/api/v1/node/register", None),
+    ("POST", "/api/v1/preauthkey", {"user": "999"}),
+    ("POST", "/api/v1/preauthkey/expire", {"id": "999"}),
+    ("POST", "/api/v1/apikey/expire", {"prefix": "nope"}),
+    ("DELETE", "/api/v1/apikey/nope", None),
+    ("GET", "/api/v1/node", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), UNKNOWN_IDS, ids=[f"{m} {p}" for m, p, _ in UNKNOWN_IDS])
+def test_unknown_ids_are_404_and_append_nothing(api: ApiServer, method: str, path: str, body: Any) -> None:
+    params = {"user": "999"} if path.endswith(("/node", "/register")) else None
+    if path.endswith("/register"):
+        params = {"user": "bob", "key": "no-such-registration"}
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        response = http.request(method, path, json=body, params=params)
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert api.head() == before
+
+
+def test_refused_commands_keep_their_message_and_status(api: ApiServer) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        dup = http.post("/api/v1/user", json={"name": "alice"})
+        assert dup.status_code == 409 and "already exists" in dup.json()["detail"]
+        bad = http.put("/api/v1/policy", json={"policy": '{"acls": [{"action": "maybe"}]}'})
+        assert bad.status_code == 400 and bad.json()["detail"]
+        missing = http.post("/api/v1/user", json={})
+        assert missing.status_code == 400 and "name" in missing.json()["detail"]
+    assert api.head() == before
+
+
+def test_version_and_metrics(api: ApiServer) -> None:
+    with api.client() as http:
+        version = http.get("/version").json()
+    assert version["version"] and "v1" in version["api"]
+    port = _metrics_port(api)
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'tailledger_api_requests_total{method="GET",route="/api/v1/user",status="200"}' in text
+    assert 'route="/api/v1/node/{nodeId}",status="404"' in text
+
+
+def _metrics_port(api: ApiServer) -> int:
+    for line in api.srv.log_text().splitlines():
+        if "metrics" in line and "127.0.0.1:" in line:
+            tail = line.rsplit("127.0.0.1:", 1)[1]
+            digits = "".join(ch for ch in tail if ch.isdigit())
+            if digits:
+                return int(digits)
+    raise AssertionError("the server did not log its metrics address:\n" + api.srv.log_text())
+
+
+def test_openapi_document_covers_every_route_and_every_response_validates(api: ApiServer) -> None:
+    """Runs last in this module: it checks every response the tests above received."""
+    from jsonschema import Draft202012Validator
+
+    with api.client() as http:
+        doc = http.get("/api/v1/openapi.json").json()
+        page = http.get("/api/v1/docs")
+    assert page.status_code == 200 and "/api/v1/node/{nodeId}" in page.text
+    routes = {(m, p) for m, p, _ in V1_OPERATIONS}
+    templated = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    for method, path in routes:
+        assert any(_matches(t, path) and m == method for m, t in templated), (method, path)
+    checked = 0
+    for method, path, status, ctype, body in api.seen:
+        template = next((t for m, t in templated if m == method and _matches(t, path)), None)
+        if template is None:
+            continue
+        responses = doc["paths"][template][method.lower()]["responses"]
+        spec = responses.get(str(status)) or responses["default"]
+        content = spec.get("content", {})
+        media = ctype.split(";")[0]
+        if media not in content:
+            assert not content or media == "text/html", (method, path, status, ctype)
+            continue
+        schema = {**content[media]["schema"], "components": doc["components"]}
+        errors = list(Draft202012Validator(schema).iter_errors(json.loads(body)))
+        assert not errors, (method, path, status, errors[0].message)
+        checked += 1
+    assert checked > 50
+
+
+def _matches(template: str, path: str) -> bool:
+    t, p = template.strip("/").split("/"), path.strip("/").split("/")
+    return len(t) == len(p) and all(a == b or a.startswith("{") for a, b in zip(t, p, strict=True))
