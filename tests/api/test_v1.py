@@ -204,7 +204,7 @@ def test_malformed_json_is_400_and_appends_nothing(api: ApiServer, method: str, 
     assert api.head() == before
 
 
-UNKNOWN_IDS = [
+UNKNOWN_IDS: list[tuple[str, str, Any]] = [
     ("POST", "/api/v1/user/999/rename/zed", None),
     ("DELETE", "/api/v1/user/999", None),
     ("GET", "/api/v1/node/999", None),
