@@ -29,11 +29,12 @@ OPS = [
     "users.create", "users.list", "users.rename", "users.delete",
     "preauthkeys.create", "preauthkeys.list", "preauthkeys.expire",
     "nodes.list", "nodes.show", "nodes.rename", "nodes.delete", "nodes.expire", "nodes.tag",
-    "nodes.register", "nodes.approve_routes", "log.head", "policy.get", "policy.check", "policy.set",
+    "nodes.register", "nodes.pending", "nodes.reject", "nodes.approve_routes", "log.head",
+    "policy.get", "policy.check", "policy.set", "policy.impact",
 ]
 ARG_NAMES = [
     "name", "display_name", "email", "user", "new_name", "key", "node", "tags", "routes",
-    "reusable", "ephemeral", "expiration_seconds", "text",
+    "reusable", "ephemeral", "expiration_seconds", "text", "reason",
 ]
 
 # Strings that reach the grammars inside a policy: aliases, ports, prefixes, Unicode digits.
@@ -91,7 +92,7 @@ requests = st.fixed_dictionaries(
     optional={"args": st.dictionaries(st.sampled_from(ARG_NAMES) | fuzzy_text, json_values, max_size=4)},
 )
 policy_requests = st.builds(
-    lambda op, text: {"op": op, "args": {"text": text}}, st.sampled_from(["policy.check", "policy.set"]), policy_texts
+    lambda op, text: {"op": op, "args": {"text": text}}, st.sampled_from(["policy.check", "policy.set", "policy.impact"]), policy_texts
 )
 lines = (
     (requests | policy_requests).map(lambda r: json.dumps(r).encode())
