@@ -51,6 +51,20 @@ itself. The receive path therefore does the least the measurement needs
 It also reports how busy the load generator itself was in each phase
 (``*_loadgen_cpu_pct``, % of one core); near 100 % the phase's figures are upper
 bounds, not measurements of the server.
+
+Scenarios
+---------
+``--scenario`` picks the tailnet (``cli/scenarios.py``): ``flat`` (one user,
+allow-all: one visibility class) or ``corp`` (a segmented company tailnet: N/10 users
+in 20 teams, 10 % tagged servers over 20 tags registered with tagged keys, 166 rules,
+2 app grants, 22 SSH rules with ``check`` mode; its policy change widens a port range
+in 70 rules). The receivers of a change are computed with the policy engine on the
+same users, tags and policies before the run: the join waits only for the nodes that
+can see the newcomer, the policy change only for the nodes whose packet filter
+changes, and a node that gets a change it should not see is counted in
+``*_unexpected`` (reported as a warning; must be 0). The report adds the number of
+visibility classes, the average/median/max peers per node and the (compressed) bytes
+the clients received per change.
 """
 
 from __future__ import annotations
@@ -80,6 +94,8 @@ import msgspec
 import trio
 import zstandard
 
+from projections.mapviews import class_key
+from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
 from projections.tailcfg import Hostinfo, MapRequest, NetInfo, RegisterRequest, RegisterResponseAuth
 from protocol import (
     KEEPALIVE_FRAME_ZSTD,
@@ -96,6 +112,7 @@ from protocol import (
 
 from .adminsock import AdminError, call
 from .gcpolicy import manage_gc
+from .scenarios import SCENARIOS, Scenario, scenario
 
 __all__ = [
     "PHASES",
@@ -129,11 +146,6 @@ _MIN_AVAILABLE: Final = 0.10
 #: full map or update can never be this small (it carries at least ControlTime).
 _SMALL_FRAME: Final = 64
 
-# Two policies whose packet filters differ for every node (ports 0-65535 vs 1-65535)
-# while visibility stays the same: a policy change is then exactly one new filter per
-# stream, not a peer-list change.
-_POLICY_A: Final = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
-_POLICY_B: Final = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:1-65535"]}]}'
 _FILTER_MARKER: Final = b'"PacketFilter'  # matches PacketFilters and PacketFilter
 
 
@@ -335,9 +347,23 @@ class _Watch:
     marker: bytes
     expected: int
     exclude: int | None = None  # the client that caused the change (not a receiver)
+    #: The clients that must get the change (None: everybody but ``exclude``).
+    receivers: frozenset[int] | None = None
     t0: float = math.inf
     latencies: list[float] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Clients that got the change although the policy says they should not.
+    unexpected: int = 0
+    #: Compressed bytes of the updates all clients received while it was watched.
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.expected <= 0:
+            self.done.set()  # nobody to wait for
+
+    def wants(self, index: int) -> bool:
+        """Whether client ``index`` is one of the change's receivers."""
+        return index != self.exclude and (self.receivers is None or index in self.receivers)
 
     def hit(self, now: float) -> None:
         """One more receiver saw the change at ``now`` (each receiver hits once)."""
@@ -363,6 +389,8 @@ class _Hub:
     update_interval: tuple[float, float]
     register_slots: trio.Semaphore
     connect_slots: trio.Semaphore | None
+    #: Per client index, the pre-auth key to register with (else ``auth_key``).
+    auth_keys: dict[int, str] = field(default_factory=dict)
     streams_go: trio.Event = field(default_factory=trio.Event)
     registered: int = 0
     registered_all: trio.Event = field(default_factory=trio.Event)
@@ -550,7 +578,8 @@ class _Client:
         hub = self.hub
         request = RegisterRequest(
             version=_CAP_VERSION, node_key=self.node_key,
-            auth=RegisterResponseAuth(auth_key=hub.auth_key), hostinfo=self._hostinfo(),
+            auth=RegisterResponseAuth(auth_key=hub.auth_keys.get(self.index, hub.auth_key)),
+            hostinfo=self._hostinfo(),
         )
         if self.on_register is not None:
             self.on_register()
@@ -613,15 +642,22 @@ class _Client:
             body = hub.decompress(frame.payload)
         except zstandard.ZstdError:
             raise RemoteProtocolError("bad zstd map frame") from None
+        watch = hub.watch
         if frame.kind is FrameKind.UPDATE:
             hub.updates_read += 1
-        watch = hub.watch
+            if watch is not None:
+                watch.bytes += frame.size
         hit = (
             watch is not None
             and self._seen is not watch
             and self.index != watch.exclude
             and watch.marker in body
         )
+        if hit and watch is not None and not watch.wants(self.index):
+            # The change reached a node the policy says it does not concern.
+            watch.unexpected += 1
+            self._seen = watch
+            hit = False
         if self.sentinel:
             self._check(body, frame.kind, watch if self._seen is not watch else None, hit)
         if hit:
@@ -755,6 +791,7 @@ class LoadgenOptions:
         timeout_scale: multiplies every phase timeout (they grow with N).
         max_server_rss: bytes of server RSS at which the run is aborted (0: only
             the machine-wide guard, see ``_memory_guard``).
+        scenario: the tailnet's shape, a name in :data:`cli.scenarios.SCENARIOS`.
     """
 
     phases: frozenset[str] = frozenset(PHASES)
@@ -764,6 +801,7 @@ class LoadgenOptions:
     register_concurrency: int = 4
     timeout_scale: float = 1.0
     max_server_rss: int = 0
+    scenario: str = "flat"
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale
@@ -815,6 +853,49 @@ async def _settle(server: _Server, *, min_s: float, max_s: float, idle_pct: floa
         last_t, last_cpu = now, cpu
         if (now - t0 >= min_s and pct < idle_pct) or now - t0 >= max_s:
             return now - t0, pct
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What the policy engine says about a scenario's tailnet of ``n`` nodes plus the
+    newcomer (client indexes; node ``n`` is the newcomer).
+
+    Attributes:
+        join: the clients that can see the newcomer.
+        policy: the clients whose packet filter the scenario's policy change changes.
+        classes: visibility classes (:func:`projections.mapviews.class_key`).
+        peers_avg, peers_median, peers_max: peers per node.
+    """
+
+    join: frozenset[int]
+    policy: frozenset[int]
+    classes: int
+    peers_avg: float
+    peers_median: float
+    peers_max: int
+
+
+def expectations(sc: Scenario, n: int) -> Expectations:
+    """Compile the scenario's policies on its users and nodes (synthetic addresses:
+    the scenarios name no addresses) and derive each change's receivers."""
+    users = [PolicyUser(id=i + 1, login=name, name=name) for i, name in enumerate(sc.users)]
+    uid = {name: i + 1 for i, name in enumerate(sc.users)}
+    nodes = []
+    for i in range(n + 1):
+        user, tags = sc.node(i)
+        nodes.append(PolicyNode(
+            id=i + 1, name=f"sim-{i}", user_id=uid[user], tags=tags,
+            ipv4=f"100.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", ipv6=f"fd7a:115c:a1e0::{i + 1:x}",
+        ))
+    tailnet = Tailnet(users, nodes)
+    a = compile_policy(parse_policy(sc.policy_a), tailnet)
+    b = compile_policy(parse_policy(sc.policy_b), tailnet)
+    join = frozenset(i - 1 for i in a.peer_id_set(n + 1))
+    policy = frozenset(i for i in range(n + 1) if a.packet_filter(i + 1) != b.packet_filter(i + 1))
+    peers = sorted(len(a.peer_id_set(i + 1)) for i in range(n))
+    classes = len({class_key(a, i + 1) for i in range(n)})
+    return Expectations(join, policy, classes, sum(peers) / max(n, 1), float(peers[n // 2]) if n else 0.0,
+                        peers[-1] if n else 0)
 
 
 async def measure(n: int, workdir: Path, options: LoadgenOptions | None = None) -> Results:
@@ -899,23 +980,35 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
     """Set the tailnet up (user, reusable key, policy A), start the clients and run the
     phases in order, filling ``results`` as each one ends."""
     admin = trio.to_thread.run_sync
-    await admin(server.admin, "users.create", {"name": "load"})
-    created = await admin(
-        server.admin, "preauthkeys.create", {"user": "load", "reusable": True, "expiration_seconds": None}
-    )
-    assert isinstance(created, dict)
+    sc = scenario(opts.scenario, n + 1)  # the join phase's newcomer is node n
+    expect = await trio.to_thread.run_sync(expectations, sc, n)
+    results.update(scenario=sc.name, classes=expect.classes, peers_avg=expect.peers_avg,
+                   peers_median=expect.peers_median, peers_max=expect.peers_max)
+    for name in sc.users:
+        await admin(server.admin, "users.create", {"name": name})
     has_policy = True
     try:
-        await admin(server.admin, "policy.set", {"text": _POLICY_A})
+        await admin(server.admin, "policy.set", {"text": sc.policy_a})
     except AdminError:
         has_policy = False
+    keys: dict[tuple[str, tuple[str, ...]], str] = {}
+    for i in range(n + 1):
+        kind = sc.node(i)
+        if kind not in keys:
+            created = await admin(server.admin, "preauthkeys.create", {
+                "user": kind[0], "reusable": True, "tags": list(kind[1]), "expiration_seconds": None,
+            })
+            assert isinstance(created, dict)
+            keys[kind] = str(created["key"])
+    auth_keys = {i: keys[sc.node(i)] for i in range(n + 1)}
     rss0, _ = _proc_memory(server.pid)
 
     updaters = min(n // 10, 20) if opts.updaters is None else min(opts.updaters, n)
     decompress = make_decompressor()  # one for all: this is one thread
     hub = _Hub(
         port=server.port,
-        auth_key=str(created["key"]),
+        auth_key=auth_keys[0],
+        auth_keys=auth_keys,
         server_key=await fetch_server_key("127.0.0.1", server.port),
         decompress=decompress,
         update_interval=opts.update_interval,
@@ -973,10 +1066,11 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             results["mem_per_node_kib"] = (rss1 - rss0) / max(n, 1) / 1024
 
             if "join" in opts.phases:
-                await _join(n, server, opts, hub, clients, nursery, results)
+                await _join(n, server, opts, hub, clients, nursery, results, expect.join)
             if "policy" in opts.phases and has_policy:
                 await _settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
-                await _policy(n, server, opts, hub, clients, results)
+                receivers = expect.policy if len(clients) > n else expect.policy - {n}
+                await _policy(n, server, opts, hub, clients, results, sc, receivers)
             if "restart" in opts.phases:
                 await _settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
                 await _restart(n, server, opts, hub, clients, results)
@@ -1015,11 +1109,12 @@ def _sec(ms: float | None) -> float | None:
 
 async def _join(
     n: int, server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client],
-    nursery: trio.Nursery, results: Results,
+    nursery: trio.Nursery, results: Results, receivers: frozenset[int],
 ) -> None:
-    """One more node registers and streams; it stays for the later phases."""
+    """One more node registers and streams; it stays for the later phases. Only the
+    ``receivers`` (the nodes that can see it) are waited for."""
     newcomer = _Client(len(clients), hub)
-    watch = _Watch("join", newcomer.marker, expected=len(clients), exclude=newcomer.index)
+    watch = _Watch("join", newcomer.marker, expected=len(receivers), exclude=newcomer.index, receivers=receivers)
 
     def begin() -> None:  # just before the register request leaves
         watch.t0 = trio.current_time()
@@ -1051,18 +1146,22 @@ def _record_latencies(results: Results, phase: str, watch: _Watch) -> None:
     results[f"{phase}_p50_ms"] = _pct(watch.latencies, watch.expected, 0.5)
     results[f"{phase}_p99_ms"] = _pct(watch.latencies, watch.expected, 0.99)
     results[f"{phase}_max_ms"] = _pct(watch.latencies, watch.expected, 1.0)
+    results[f"{phase}_expected"] = watch.expected
+    results[f"{phase}_unexpected"] = watch.unexpected
+    results[f"{phase}_kib"] = watch.bytes / 1024
 
 
 async def _policy(
-    n: int, server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client], results: Results
+    n: int, server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client], results: Results,
+    sc: Scenario, receivers: frozenset[int],
 ) -> None:
-    """Change every node's packet filter; time until each stream carried one."""
-    watch = _Watch("policy", _FILTER_MARKER, expected=len(clients))
+    """Change the policy; time until each stream whose filter changes carried one."""
+    watch = _Watch("policy", _FILTER_MARKER, expected=len(receivers), receivers=receivers)
     results["last_phase"] = "policy"
     span = _Span(server)
     watch.t0 = trio.current_time()
     hub.watch = watch
-    await trio.to_thread.run_sync(server.admin, "policy.set", {"text": _POLICY_B})
+    await trio.to_thread.run_sync(server.admin, "policy.set", {"text": sc.policy_b})
     results["policy_set_ms"] = (trio.current_time() - watch.t0) * 1000
     await _wait(watch.done, opts.timeout(30, 0.02, n), "policy", lambda: len(watch.latencies), watch.expected)
     span.close(results, "policy")
@@ -1107,6 +1206,10 @@ async def _restart(
 
 _COLUMNS: Final = [
     ("nodes", "nodes", "{:.0f}"),
+    ("classes", "classes", "{:.0f}"),
+    ("peers_avg", "peers avg", "{:.0f}"),
+    ("peers_median", "med", "{:.0f}"),
+    ("peers_max", "max", "{:.0f}"),
     ("register_all_s", "reg s", "{:.1f}"),
     ("connect_all_s", "connect s", "{:.1f}"),
     ("mem_per_node_kib", "KiB/node", "{:.1f}"),
@@ -1115,9 +1218,15 @@ _COLUMNS: Final = [
     ("join_p50_ms", "join p50 ms", "{:.0f}"),
     ("join_p99_ms", "join p99 ms", "{:.0f}"),
     ("join_cpu_s", "join CPU s", "{:.3f}"),
+    ("join_loadgen_cpu_pct", "lg %", "{:.0f}"),
+    ("join_expected", "join rcv", "{:.0f}"),
+    ("join_kib", "join KiB", "{:.0f}"),
     ("policy_p50_ms", "policy p50 ms", "{:.0f}"),
     ("policy_p99_ms", "policy p99 ms", "{:.0f}"),
     ("policy_cpu_s", "policy CPU s", "{:.3f}"),
+    ("policy_loadgen_cpu_pct", "lg %", "{:.0f}"),
+    ("policy_expected", "policy rcv", "{:.0f}"),
+    ("policy_kib", "policy KiB", "{:.0f}"),
     ("server_start_s", "start s", "{:.1f}"),
     ("reconnect_all_s", "reconnect s", "{:.1f}"),
 ]
@@ -1179,7 +1288,9 @@ def _warnings(row: Results) -> list[str]:
                       ("join_reached", "saw the join"), ("policy_reached", "got the new filter"),
                       ("reconnected", "reconnected")):
         got = _num(row, key)
-        want = n + 1 if key in ("policy_reached", "reconnected") and "join_reached" in row else n
+        want = n + 1 if key == "reconnected" and "join_reached" in row else n
+        if key in ("join_reached", "policy_reached"):
+            want = _num(row, key.replace("reached", "expected")) or 0
         if got is not None and got < want:
             out.append(f"{n:.0f} nodes: only {got:.0f} of {want:.0f} {what} before the timeout")
     for phase in ("connect", "join", "policy", "reconnect"):
@@ -1189,6 +1300,10 @@ def _warnings(row: Results) -> list[str]:
                        "its figures are upper bounds")
     if row.get("aborted"):
         out.append(f"{n:.0f} nodes: aborted: {row['aborted']}")
+    for phase in ("join", "policy"):
+        if row.get(f"{phase}_unexpected"):
+            out.append(f"{n:.0f} nodes: {row[f'{phase}_unexpected']} nodes got the {phase} change although "
+                       "the policy says it does not concern them")
     if row.get("marker_mismatches"):
         out.append(f"{n:.0f} nodes: byte search and full decode disagreed {row['marker_mismatches']} times")
     return out
@@ -1237,6 +1352,9 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
     )
     parser.add_argument("--nodes", default="100,1000", help="comma-separated tailnet sizes (e.g. 100,1000,5000)")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="flat",
+                        help="the tailnet's shape: flat (one user, allow-all) or corp (segmented; see "
+                             "cli/scenarios.py); default flat")
     parser.add_argument("--json", default="loadgen-results.json", help="where to write the figures ('' = nowhere)")
     parser.add_argument("--phases", type=_parse_phases, default=frozenset(PHASES),
                         help=f"comma-separated phases after register+connect (default {','.join(PHASES)})")
@@ -1283,13 +1401,13 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         phases=args.phases, updaters=args.updaters, update_interval=args.update_interval,
         concurrency=max(1, args.concurrency),
         register_concurrency=max(1, args.register_concurrency), timeout_scale=args.timeout_scale,
-        max_server_rss=max(0, args.max_server_rss) * 2**20,
+        max_server_rss=max(0, args.max_server_rss) * 2**20, scenario=args.scenario,
     )
     _raise_fd_limit(max(sizes))
     rows: list[Results] = []
     with tempfile.TemporaryDirectory(prefix="tailledger-loadgen-") as tmp:
         for n in sizes:
-            print(f"# {n} simulated nodes ...", flush=True)
+            print(f"# {n} simulated nodes, {options.scenario} ...", flush=True)
             try:
                 rows.append(trio.run(measure, n, Path(tmp), options))
             except RuntimeError as exc:

@@ -9,7 +9,9 @@ the in-process benchmark and the correctness tests build the very same tailnet.
 * ``max(20, n // 10)`` users in 20 team groups (user *i* is in team *i* mod 20),
   the first three also in ``group:admins``;
 * every tenth node is a server tagged with one of 20 tags ``tag:svc<k>`` (owned by
-  the admins), the others are user devices handed out round robin;
+  the admins, registered with a tagged key of ``u0``), the others are user devices
+  handed out round robin, starting after the admins (so node *n* of an *n*-node
+  run, the join phase's newcomer, is a team member's device);
 * 166 ACL rules: each team reaches 2 or 3 service tags on ``22,80,443`` (50 rules),
   ``autogroup:member`` reaches ``autogroup:self:*``, each team reaches its own
   members on ``22,5900-5901`` (20), each tag reaches four others on ``5432`` (80),
@@ -18,11 +20,12 @@ the in-process benchmark and the correctness tests build the very same tailnet.
 * 22 SSH rules: members to their own devices, the admins to every tag as root, and
   each team to its tag in ``check`` mode.
 
-Its policy change (:attr:`Scenario.policy_b`) widens ``5432`` to ``5432-5433`` in 70
-rules: every server's packet filter changes, nobody's peers do.
+Its policy change (:attr:`Scenario.policy_b`) widens port ranges in 70 rules (each
+team's ``5900-5901`` to its own members, and ``5432`` in 50 tag rules): nearly every
+node's packet filter changes, nobody's peers do.
 
-``flat`` is one user and an allow-all policy; its policy change allows ``*:*`` through
-an explicit rule, which changes every filter's shape but no peers.
+``flat`` is one user and an allow-all policy; its policy change narrows ``*:*`` to
+``*:1-65535``, which changes every node's filter but no peers.
 """
 
 from __future__ import annotations
@@ -65,11 +68,10 @@ class Scenario:
 
 
 def flat(n: int) -> Scenario:
-    """One user, allow-all."""
-    allow_all = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}
-    wider = {"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]},
-                      {"action": "accept", "src": ["*"], "dst": ["*:22"], "proto": "tcp"}]}
-    return Scenario("flat", ("load",), (0,) * max(n, 1), ((),) * max(n, 1), json.dumps(allow_all), json.dumps(wider))
+    """One user, allow-all; the change narrows ``*:*`` to ``*:1-65535``."""
+    a = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    b = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:1-65535"]}]}'
+    return Scenario("flat", ("load",), (0,) * max(n, 1), ((),) * max(n, 1), a, b)
 
 
 def _user(i: int) -> str:
@@ -89,13 +91,13 @@ def corp(n: int) -> Scenario:
             owners.append(0)  # tagged: the key's user is an admin
             tags.append((f"tag:svc{(i // 10) % TAGS}",))
         else:
-            owners.append(device % nusers)
+            owners.append((device + ADMINS) % nusers)  # devices start at a team member, not an admin
             tags.append(())
             device += 1
-    return Scenario("corp", users, tuple(owners), tuple(tags), _corp_policy(users, 5432), _corp_policy(users, 5433))
+    return Scenario("corp", users, tuple(owners), tuple(tags), _corp_policy(users, False), _corp_policy(users, True))
 
 
-def _corp_policy(users: tuple[str, ...], pg_last: int) -> str:
+def _corp_policy(users: tuple[str, ...], widened: bool) -> str:
     groups: dict[str, list[str]] = {f"group:team{t}": [] for t in range(TEAMS)}
     for i, name in enumerate(users):
         groups[f"group:team{i % TEAMS}"].append(f"{name}@")
@@ -111,13 +113,11 @@ def _corp_policy(users: tuple[str, ...], pg_last: int) -> str:
             accept(f"group:team{t}", f"tag:svc{(t + k) % TAGS}:22,80,443")
     accept("autogroup:member", "autogroup:self:*")
     for t in range(TEAMS):
-        accept(f"group:team{t}", f"group:team{t}:22,5900-5901")
-    widened = 0
+        accept(f"group:team{t}", f"group:team{t}:22,{'5900-5902' if widened else '5900-5901'}")
     for k in range(TAGS):
         for j in range(1, 5):
-            ports = f"5432-{pg_last}" if pg_last != 5432 and widened < 70 else "5432"
-            widened += 1
-            accept(f"tag:svc{k}", f"tag:svc{(k + j) % TAGS}:{ports}")
+            wide = widened and 4 * k + j <= 50  # the first 50 of these 80 rules
+            accept(f"tag:svc{k}", f"tag:svc{(k + j) % TAGS}:{'5432-5433' if wide else '5432'}")
     accept("group:admins", "*:*")
     for t in range(14):
         accept(f"group:team{t}", f"tag:svc{(t + 3) % TAGS}:8080")

@@ -193,6 +193,34 @@ def test_a_tiny_run_measures_every_phase(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_tiny_corp_run_waits_only_for_the_nodes_a_change_concerns(tmp_path: Path) -> None:
+    """Issue 19: the corp scenario's receivers come from the policy engine; a node
+    that gets a change it should not see would be counted (and must not be)."""
+    n = 40
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.loadgen", "--scenario", "corp", "--nodes", str(n), "--json", str(out),
+         "--updaters", "0", "--phases", "join,policy"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stdout, proc.stdout
+    [row] = json.loads(out.read_text())
+    assert row["scenario"] == "corp"
+    assert row["registered"] == row["connected"] == n
+    # Segmented: several classes, and the newcomer (a team member's device) is seen
+    # by some nodes but not all; the policy change reaches nearly all.
+    assert _number(row, "classes") > 5
+    assert 0 < _number(row, "join_expected") < n
+    assert row["join_reached"] == row["join_expected"]
+    assert row["join_unexpected"] == 0
+    assert row["policy_reached"] == row["policy_expected"] > n // 2
+    assert row["policy_unexpected"] == 0
+    assert row["marker_mismatches"] == 0
+    assert _number(row, "join_kib") > 0 and _number(row, "policy_kib") > 0
+
+
+@pytest.mark.slow
 def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
     # Any real server is above 1 MiB: the guard must trip, kill it and say so.
     out = tmp_path / "results.json"
