@@ -292,18 +292,19 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     before = dataclasses.replace(hub.stats)
 
     r.now += timedelta(seconds=1)
-    newcomer = register(len(sc.owners) + 5)  # a device of u5 (team 5, not an admin)
+    newcomer = register(len(sc.owners))  # the scenario's next device: u3's (team 3, no admin)
+    assert r.state.nodes[newcomer].user_id == uids[3] and not r.state.nodes[newcomer].tags
     hub.advance(r.state, r.now, r.delta, ())
     for nid, cur in cursors.items():
         for message in cur.update(hub):
             models[nid].apply(decode(message.json, MapResponse))
     StreamCursor(newcomer).full_map(hub)
 
-    # Two SSH keys gained a source: u5's devices (autogroup:self) and the servers of
-    # tag:svc5 (team 5's check rule); nobody else's SSH policy is rebuilt.
+    # Two SSH keys gained a source: u3's devices (autogroup:self) and the servers of
+    # tag:svc3 (team 3's check rule); nobody else's SSH policy is rebuilt.
     assert hub.stats.ssh_renders - before.ssh_renders == 2
-    # Filters: team 5's destinations, u5's devices, the admins' "*" rule does not
-    # change -- far fewer than the 60 streams.
+    # Filters: team 3's destinations and u3's devices (the admins' "*" rule is
+    # unchanged) -- far fewer than the 60 streams.
     assert 0 < hub.stats.filter_evaluations - before.filter_evaluations < 10
     for nid in cursors:
         reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=lambda _n: None, now=r.now)
