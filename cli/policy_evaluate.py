@@ -16,15 +16,17 @@ server would still send.
 
 Node ids. Ids order registration, and registration decides route failover:
 the lowest id serving a prefix is primary ("first advertiser wins"). A case
-node may carry an ``id`` (used as is) or a ``created`` timestamp (nodes are
-numbered in that order); otherwise nodes are numbered in file order, or in
-``registration_order`` when the caller knows the capture's join order.
+node may carry an ``id`` (used as is) or a ``created`` timestamp (when every
+node has one, nodes are numbered in that order); otherwise nodes are numbered
+in file order.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -77,20 +79,16 @@ def evaluate_main(paths: list[str], out: TextIO) -> int:
     return status
 
 
-def evaluate_case(
-    case: Mapping[str, JSON], registration_order: Sequence[str] | None = None
-) -> dict[str, JSON]:
+def evaluate_case(case: Mapping[str, JSON]) -> dict[str, JSON]:
     """Evaluate one decoded case.
 
     Args:
         case: the case object (``policy``, ``users``, ``nodes``, ...).
-        registration_order: node names in the order they joined the tailnet;
-            overrides file order when the case carries no ``id`` fields.
 
     Returns:
         The result object of the command contract.
     """
-    tailnet = build_tailnet(case, registration_order)
+    tailnet = build_tailnet(case)
     text = _policy_text(case["policy"])
     accepted, error = True, None
     try:
@@ -115,10 +113,8 @@ def _policy_text(policy: JSON) -> str:
     return json.dumps(policy, indent=2, ensure_ascii=False)
 
 
-def build_tailnet(
-    case: Mapping[str, JSON], registration_order: Sequence[str] | None = None
-) -> Tailnet:
-    """Users and nodes of a case as a :class:`Tailnet`."""
+def build_tailnet(case: Mapping[str, JSON]) -> Tailnet:
+    """Users and nodes of a case as a :class:`Tailnet`, numbered in join order."""
     raw_users = case.get("users") or []
     raw_nodes = case.get("nodes") or {}
     assert isinstance(raw_users, list) and isinstance(raw_nodes, dict)
@@ -133,11 +129,8 @@ def build_tailnet(
     ]
     by_name = {u.name: u.id for u in users}
     names = list(raw_nodes)
-    if registration_order is not None:
-        rank = {name: i for i, name in enumerate(registration_order)}
-        names.sort(key=lambda n: rank.get(n, len(rank)))
-    elif all("created" in raw_nodes[n] for n in names):
-        names.sort(key=lambda n: str(raw_nodes[n]["created"]))
+    if all("created" in raw_nodes[n] for n in names):
+        names.sort(key=lambda n: _created_key(str(raw_nodes[n]["created"])))
     nodes: list[PolicyNode] = []
     for index, name in enumerate(names, start=1):
         spec = raw_nodes[name]
@@ -155,6 +148,31 @@ def build_tailnet(
             )
         )
     return Tailnet(users, nodes)
+
+
+def _created_key(text: str) -> tuple[datetime, int]:
+    """An RFC 3339 time as (whole seconds, nanoseconds), for ordering.
+
+    Go writes ``created`` with up to nine fractional digits and drops trailing
+    zeros, so the strings do not sort as text (``.5Z`` is before ``.55Z``).
+
+    Raises:
+        ValueError: the text is not an RFC 3339 time.
+    """
+    match = _RFC3339.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"created: {text!r} is not an RFC 3339 time")
+    whole = datetime.fromisoformat(match["whole"] + match["zone"].replace("z", "Z"))
+    if whole.tzinfo is None:
+        raise ValueError(f"created: {text!r} has no time zone")
+    nanos = int((match["frac"] or "").ljust(9, "0")[:9] or "0")
+    return whole.astimezone(UTC), nanos
+
+
+_RFC3339 = re.compile(
+    r"(?P<whole>\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?"
+    r"(?P<zone>[Zz]|[+-]\d{2}:\d{2})"
+)
 
 
 def render_nodes(compiled: CompiledPolicy) -> dict[str, JSON]:

@@ -10,6 +10,7 @@ describe hosted-only tailnet state are removed from both sides first.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,8 +18,12 @@ from typing import Final
 
 __all__ = ["CONFORMANCE_DIR", "HOSTED_ONLY_CAPS", "case_paths", "diff_case", "normalise"]
 
-#: ``../shared/conformance`` relative to the repository root.
-CONFORMANCE_DIR: Final = Path(__file__).resolve().parents[3].parent / "shared" / "conformance"
+#: ``../shared/conformance`` relative to the repository root, or the folder
+#: ``TAILLEDGER_CONFORMANCE_DIR`` names (for a checkout elsewhere, e.g. a worktree).
+CONFORMANCE_DIR: Final = Path(
+    os.environ.get("TAILLEDGER_CONFORMANCE_DIR")
+    or Path(__file__).resolve().parents[3].parent / "shared" / "conformance"
+)
 
 #: Hosted-only SelfNode/peer caps (README list). ``default-auto-update`` is
 #: added: its presence follows a tailnet setting the cases do not record

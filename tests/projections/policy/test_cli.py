@@ -82,6 +82,32 @@ def test_nodes_are_numbered_by_creation_time() -> None:
     assert [n.node.name for n in tailnet.iter_nodes()] == ["web", "laptop"]
 
 
+def test_creation_times_compare_as_times_not_text() -> None:
+    from cli.policy_evaluate import build_tailnet
+
+    # Go drops trailing zeros: ".5Z" is later than ".45Z" though it sorts first as text,
+    # and an offset is honoured.
+    times = {
+        "a": "2026-01-01T00:00:00.5Z",
+        "b": "2026-01-01T00:00:00.45Z",
+        "c": "2026-01-01T01:00:00.4+02:00",
+    }
+    nodes = {
+        name: {**LAPTOP, "ipv4": f"100.64.0.{i}", "ipv6": f"fd7a:115c:a1e0::{i}", "created": t}
+        for i, (name, t) in enumerate(times.items(), start=1)
+    }
+    tailnet = build_tailnet({**CASE, "nodes": nodes})
+    assert [n.node.name for n in tailnet.iter_nodes()] == ["c", "b", "a"]
+
+
+def test_malformed_creation_time_fails_the_case(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**CASE, "nodes": {"laptop": {**LAPTOP, "created": "yesterday"}}}))
+    out = io.StringIO()
+    assert evaluate_main([str(bad)], out) == 1
+    assert "created" in json.loads(out.getvalue())["error"]
+
+
 def test_unreadable_case_fails_the_run(tmp_path: Path) -> None:
     out = io.StringIO()
     assert evaluate_main([str(tmp_path / "missing.json")], out) == 1

@@ -29,7 +29,6 @@ from projections.policy import (
 from projections.policy.ipset import Prefix
 
 from .compare import CONFORMANCE_DIR, case_paths
-from .registration import registration_order
 
 
 def snapshot(compiled: CompiledPolicy) -> dict[int, bytes]:
@@ -67,7 +66,7 @@ def test_incremental_equals_full_compile_on_cases(path: Path) -> None:
     case = json.loads(path.read_text(encoding="utf-8"))
     policy = case["policy"] if case["accepted"] else "{}"  # rejected: default policy
     text = policy if isinstance(policy, str) else json.dumps(policy)
-    _check_join_and_leave(text, build_tailnet(case, registration_order(case["nodes"])))
+    _check_join_and_leave(text, build_tailnet(case))
 
 
 # -- a synthetic tailnet for property tests -------------------------------------
