@@ -233,3 +233,130 @@ def test_ssh_tests() -> None:
     )
     with pytest.raises(PolicyTestFailure):
         check_policy(parse_policy(failing), USERS, NODES)
+
+
+USER_DST_ERROR = "users in dst are only allowed from the same user"
+
+
+def ssh_rule(src: list[str], dst: list[str], **extra: object) -> dict[str, object]:
+    return {"action": "accept", "src": src, "dst": dst, "users": ["root"], **extra}
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        # A user destination only from that same user, alone.
+        (
+            ssh_rule(["tag:server"], ["odin@example.com"]),
+            USER_DST_ERROR,
+        ),
+        (ssh_rule(["thor@example.org"], ["odin@example.com"]), USER_DST_ERROR),
+        (ssh_rule(["odin@example.com", "thor@example.org"], ["odin@example.com"]), USER_DST_ERROR),
+        (ssh_rule(["group:admins"], ["odin@example.com"]), USER_DST_ERROR),
+        (ssh_rule(["autogroup:member"], ["odin@example.com"]), USER_DST_ERROR),
+        # autogroup:self needs user-shaped sources; tags own no devices of a user.
+        (
+            ssh_rule(["autogroup:member", "tag:server"], ["autogroup:self"]),
+            "autogroup:self can only be used with users, groups, or supported autogroups",
+        ),
+        (
+            ssh_rule(["autogroup:tagged"], ["autogroup:self"]),
+            "autogroup:self can only be used with users, groups, or supported autogroups",
+        ),
+        # Tags cannot reach user-owned devices through autogroup:member either.
+        (
+            ssh_rule(["tag:server"], ["autogroup:member"]),
+            "tags in SSH source cannot access autogroup:member (user-owned devices)",
+        ),
+        (ssh_rule(["autogroup:member"], ["*"]), "wildcard (*) is not supported as SSH destination"),
+        (
+            ssh_rule(["autogroup:member"], ["autogroup:internet"]),
+            "autogroup:internet can only be used in ACL destinations",
+        ),
+        (
+            ssh_rule(["autogroup:internet"], ["tag:server"]),
+            "autogroup:internet can only be used in ACL destinations",
+        ),
+        (
+            ssh_rule(["autogroup:member"], ["tag:server"], checkPeriod="1h"),
+            'checkPeriod is only valid with action "check"',
+        ),
+        (
+            ssh_rule(["autogroup:member"], ["tag:server"], checkPeriod="always"),
+            'checkPeriod is only valid with action "check"',
+        ),
+    ],
+)
+def test_ssh_rules_hosted_rejects(rule: dict[str, object], message: str) -> None:
+    with pytest.raises(PolicyValidationError) as info:
+        validate_policy(parse_policy(policy_text(ssh=[rule])))
+    assert info.value.message == message
+    assert info.value.line is not None
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ssh_rule(["odin@example.com"], ["odin@example.com"]),
+        ssh_rule(["user:odin@example.com"], ["odin@example.com"]),
+        ssh_rule(["autogroup:member", "group:admins", "odin@example.com"], ["autogroup:self"]),
+        ssh_rule(["user:*@example.com", "autogroup:admin"], ["autogroup:self"]),
+        ssh_rule(["autogroup:member"], ["autogroup:member", "autogroup:tagged"]),
+        ssh_rule(["tag:server", "autogroup:tagged"], ["tag:prod", "autogroup:tagged"]),
+        {**ssh_rule(["autogroup:member"], ["tag:server"], checkPeriod="1h"), "action": "check"},
+        ssh_rule(["autogroup:member"], ["tag:server"], checkPeriod=None),
+    ],
+)
+def test_ssh_rules_hosted_accepts(rule: dict[str, object]) -> None:
+    validate_policy(parse_policy(policy_text(ssh=[rule])))
+
+
+def test_internet_is_a_destination_only_in_acls_and_grants() -> None:
+    acl = {"action": "accept", "src": ["autogroup:internet"], "dst": ["*:*"]}
+    grant = {"src": ["autogroup:internet"], "dst": ["*"], "ip": ["*"]}
+    for sections in ({"acls": [acl]}, {"grants": [grant]}):
+        with pytest.raises(PolicyValidationError) as info:
+            validate_policy(parse_policy(policy_text(**sections)))
+        assert info.value.message == "autogroup:internet can only be used in ACL destinations"
+    validate_policy(
+        parse_policy(
+            policy_text(
+                acls=[{"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}],
+                grants=[{"src": ["*"], "dst": ["autogroup:internet"], "ip": ["*"]}],
+            )
+        )
+    )
+
+
+def test_missing_tag_in_grant_dst_is_not_framed_like_an_acl_dst() -> None:
+    # Grant destinations carry no ports, so the hosted plane names the tag alone;
+    # a port written into a grant destination becomes part of the tag name.
+    for dst, message in (
+        ("tag:nope", 'tag not found: "tag:nope"'),
+        ("tag:server:22", 'tag not found: "tag:server:22"'),
+    ):
+        text = policy_text(grants=[{"src": ["*"], "dst": [dst], "ip": ["*"]}])
+        with pytest.raises(PolicyValidationError) as info:
+            validate_policy(parse_policy(text))
+        assert info.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("cap", "granted"),
+    [
+        ("tailscale.com/cap/drive", True),
+        ("tailscale.com/cap/relay", True),
+        ("tailscale.com/cap/golink", True),
+        ("tailscale.com/cap/funnel", False),
+        ("tailscale.com/cap/drive-sharer", False),
+        ("tailscale.com/cap/relay-target", False),
+    ],
+)
+def test_only_user_grantable_tailscale_caps(cap: str, granted: bool) -> None:
+    policy = parse_policy(policy_text(grants=[{"src": ["*"], "dst": ["*"], "app": {cap: [{}]}}]))
+    if granted:
+        validate_policy(policy)
+        return
+    with pytest.raises(PolicyValidationError) as info:
+        validate_policy(policy)
+    assert info.value.message == "capability name must not be in the tailscale.com domain"
