@@ -730,6 +730,7 @@ class _Server:
             # a while: the idle and slow-reader limits would measure the load generator.
             TAILLEDGER_LIMITS__TUNNEL_IDLE_TIMEOUT="24h",
             TAILLEDGER_LIMITS__WRITE_TIMEOUT="10m",
+            TAILLEDGER_AUDIT__SIGNING_KEY_FILE=str(self.data.parent / f"{self.data.name}-signing.key"),
         )
         return env
 

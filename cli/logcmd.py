@@ -1,4 +1,4 @@
-"""``tailledger log show|tail|verify``: read the log file directly (read-only).
+"""``tailledger log show|tail|verify|pubkey|anchor``: read the log file directly (read-only).
 
 These commands open the database themselves instead of asking the server, so they work
 whether or not a server is running, and an auditor can run them on a copy of the file.
@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 
 from eventlog import EventLogError, RecordedEvent, SQLiteEventStore
+from eventlog.audit import audit_log
+from eventlog.signing import SignedCheckpoint, parse_anchor, read_anchor
 
+from .audit import SigningKeyError, key_path, trusted_public_key
 from .config import Config
 from .output import print_json, terminal_safe
 
-__all__ = ["show", "tail", "verify"]
+__all__ = ["anchor", "pubkey", "show", "tail", "verify"]
 
 
 def _open(config: Config) -> SQLiteEventStore:
@@ -85,25 +89,105 @@ def tail(config: Config, output: str, *, after: int | None, type_prefix: str | N
         return 0
 
 
-def verify(config: Config, output: str) -> int:
+def _anchors(files: list[str]) -> list[SignedCheckpoint]:
+    anchors: list[SignedCheckpoint] = []
+    for name in files:
+        try:
+            text = Path(name).read_text()
+        except OSError as exc:
+            raise SystemExit(f"tailledger: --anchor: cannot read {name}: {exc.strerror}") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                anchors.append(parse_anchor(line))
+            except ValueError as exc:
+                raise SystemExit(f"tailledger: --anchor: {name}:{number}: {exc}") from None
+    return anchors
+
+
+def _public_key(config: Config, override: str | None) -> str | None:
+    try:
+        return trusted_public_key(config, override)
+    except SigningKeyError as exc:
+        raise SystemExit(f"tailledger: {exc}") from None
+
+
+def verify(config: Config, output: str, *, pubkey: str | None = None, anchor_files: list[str] | None = None) -> int:
     store = _open(config)
-    report = store.verify()
+    public_key = _public_key(config, pubkey)
+    anchors = _anchors(anchor_files or [])
+    kept = read_anchor(key_path(config))  # the server keeps its newest one beside the key
+    if kept is not None:
+        anchors.append(kept)
+    report = audit_log(store, public_key=public_key, anchors=anchors)
+    latest = report.latest
     if output == "json":
         print_json(
             {
                 "ok": report.ok,
-                "events": report.count,
+                "events": report.events,
                 "head_seq": report.head_seq,
                 "head_hash": report.head_hash,
+                "signed_checkpoints": report.checkpoints,
+                "anchors": report.anchors,
+                "signatures_checked": report.signatures_checked,
+                "public_key": public_key,
+                "latest_signed_seq": latest.seq if latest else None,
                 "first_bad": report.first_bad,
                 "reason": report.reason,
+                "problems": [{"seq": p.seq, "reason": p.reason} for p in report.problems],
             }
         )
     elif report.ok:
-        print(f"OK: {report.count} events, chain intact")
+        print(f"OK: {report.events} events, chain intact")
         print(f"head: seq {report.head_seq} hash {report.head_hash}")
-        print("(keep this head hash elsewhere to detect a truncated log later)")
+        if not report.signatures_checked:
+            print("signatures NOT checked: no public key (give --pubkey or set audit.public_key)")
+        elif latest is None:
+            print("no signed checkpoint yet: a re-hashed or truncated log would not be detected")
+        else:
+            print(
+                f"{report.checkpoints} signed checkpoints verify (key {public_key}); the newest "
+                f"covers seq {latest.seq}, {report.head_seq - latest.seq} events after it are unsigned"
+            )
+        if report.anchors:
+            print(f"{report.anchors} anchors match")
     else:
         print(f"BROKEN at event {report.first_bad}: {report.reason}")
-        print(f"the {report.count} events before it verify; last good hash {report.head_hash}")
+        for problem in report.problems[1:]:
+            print(f"  also from event {problem.seq}: {problem.reason}")
     return 0 if report.ok else 1
+
+
+def pubkey(config: Config, output: str) -> int:
+    key = _public_key(config, None)
+    if key is None:
+        raise SystemExit(
+            f"tailledger: no public key: {config.audit.signing_key_file} cannot be read and "
+            "audit.public_key is not set"
+        )
+    if output == "json":
+        print_json({"public_key": key, "signing_key_file": config.audit.signing_key_file})
+    else:
+        print(key)
+    return 0
+
+
+def anchor(config: Config, output: str) -> int:
+    store = _open(config)
+    latest = store.last_signed_checkpoint()
+    if latest is None:
+        raise SystemExit("tailledger: the log has no signed checkpoint yet (try 'tailledger log checkpoint')")
+    key = _public_key(config, None)
+    if key is not None and not latest.verifies(key):
+        raise SystemExit(
+            f"tailledger: the newest signed checkpoint ({latest.n}) does not verify against {key}; "
+            "run 'tailledger log verify'"
+        )
+    if output == "json":
+        print_json(msgspec.to_builtins(latest) | {"anchor": latest.anchor_line()})
+    else:
+        print(latest.anchor_line())
+    return 0

@@ -85,7 +85,7 @@ def _split(text: str | None) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
-    return run_server(_config(args))
+    return run_server(_config(args), ignore_chain_errors=args.ignore_chain_errors)
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
@@ -216,7 +216,19 @@ def cmd_log(args: argparse.Namespace) -> int:
     config = _config(args)
     match args.action:
         case "verify":
-            return logcmd.verify(config, args.output)
+            return logcmd.verify(config, args.output, pubkey=args.pubkey, anchor_files=args.anchor or [])
+        case "pubkey":
+            return logcmd.pubkey(config, args.output)
+        case "anchor":
+            return logcmd.anchor(config, args.output)
+        case "checkpoint":
+            data = _admin(args, "log.checkpoint")
+            if args.output == "json":
+                print_json(data)
+            else:
+                assert isinstance(data, dict)
+                print(data["anchor"])
+            return 0
         case "show":
             return logcmd.show(config, args.output, after=args.after, limit=args.limit, type_prefix=args.type)
         case "tail":
@@ -323,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=func)
         return p
 
-    add(sub, "serve", "Run the control server (with its embedded defaults when unconfigured).", cmd_serve)
+    p = add(sub, "serve", "Run the control server (with its embedded defaults when unconfigured).", cmd_serve)
+    p.add_argument(
+        "--ignore-chain-errors", action="store_true",
+        help="start even though the event log fails verification (the start is recorded in the log)",
+    )
 
     add(sub, "relay", "Run the DERP relay and STUN server alone, following the event log.", cmd_relay)
 
@@ -404,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ls_, "tail", "Print events as they are appended (Ctrl-C to stop).")
     p.add_argument("--after", type=int, help="start after this sequence number (default: the head)")
     p.add_argument("--type", help="only events whose type starts with this")
-    add(ls_, "verify", "Recompute the hash chain and name the first altered, removed or reordered event.")
+    p = add(ls_, "verify", "Check the hash chain, the signed checkpoints and anchors; name the first event that fails.")
+    p.add_argument("--pubkey", help="the public key to check signatures with (default: audit.public_key, or the signing key's)")
+    p.add_argument("--anchor", action="append", metavar="FILE", help="a file of anchor lines kept elsewhere (repeatable)")
+    add(ls_, "pubkey", "Print the public key the log's checkpoints are signed with.")
+    add(ls_, "anchor", "Print the latest signed head as one line, to keep elsewhere.")
+    add(ls_, "checkpoint", "Ask the running server to sign its head now, and print it as an anchor line.")
 
     pol = add(sub, "policy", "Read, check, set and evaluate the tailnet policy.", cmd_policy)
     ps = pol.add_subparsers(dest="action", required=True, metavar="ACTION")

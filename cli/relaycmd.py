@@ -18,6 +18,7 @@ from projections import CheckpointStore, ProjectionRunner
 from projections.derpmap import merge_derp_maps
 from projections.tailcfg import encode
 
+from .audit import mac_key_for
 from .config import Config
 from .network import relay_config, relay_region
 
@@ -32,10 +33,17 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
 
     store = SQLiteEventStore(config.database_path, read_only=True)
     config.data_path.mkdir(parents=True, exist_ok=True)
-    checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db")
+    mac_key = mac_key_for(config)
+    checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db", mac_key=mac_key)
+    if mac_key is None:
+        log.warning(
+            "relay: cannot read the signing key %s, so its checkpoints cannot be "
+            "authenticated: folding the log from the start instead",
+            config.audit.signing_key_file,
+        )
     try:
         events = EventLog(store, poll_interval=0.5)
-        runner = ProjectionRunner(events, checkpoints, name="relay")
+        runner = ProjectionRunner(events, checkpoints if mac_key is not None else None, name="relay")
         async with trio.open_nursery() as nursery:
             await nursery.start(runner.run)
             auth = LogAuthorizer(runner)

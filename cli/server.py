@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import signal
+import sys
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from eventlog import EventLog, SQLiteEventStore
+from eventlog import Actor, ActorKind, ChainError, EventLog, SQLiteEventStore
+from eventlog.audit import audit_log
+from eventlog.events import ChainErrorsIgnored
+from eventlog.headsigner import HeadSigner
+from eventlog.signing import read_anchor
 from eventlog.sidetables import SideTables
-from projections import CheckpointStore, ProjectionRunner, Tailnet
+from projections import CheckpointStore, CommandError, ProjectionRunner, Tailnet
 from projections.admin import AdminOps, Presence
 from projections.presence import PresenceTable
 from protocol import ConnectionStats
@@ -27,7 +33,9 @@ from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
 from .api import ApiService
+from .audit import SigningKeyError, key_path, open_signer
 from .config import Config
+from .durations import parse_duration
 from .gcpolicy import manage_gc
 
 __all__ = ["Server"]
@@ -35,21 +43,40 @@ __all__ = ["Server"]
 log = logging.getLogger("tailledger")
 
 
-class Server:
-    """A running tailledger server (built from a :class:`Config`)."""
+class ChainRefused(Exception):
+    """The log does not verify; the server will not serve from it."""
 
-    def __init__(self, config: Config) -> None:
+
+class Server:
+    """A running tailledger server (built from a :class:`Config`).
+
+    Args:
+        ignore_chain_errors: start although the log fails verification (the start is
+            recorded as a ``log.chain_errors_ignored`` event).
+    """
+
+    def __init__(self, config: Config, *, ignore_chain_errors: bool = False) -> None:
         self.config = config
+        self.ignore_chain_errors = ignore_chain_errors
         secure_data_dir(config.data_path)
+        self.signer = open_signer(config)
         self.store = SQLiteEventStore(config.database_path, synchronous=config.database.synchronous.upper())
         self.log = EventLog(self.store)
         #: Presence and pending registrations, beside the log in its database.
         self.side = SideTables(config.database_path)
-        self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db")
-        self.runner = ProjectionRunner(self.log, self.checkpoints)
+        self.signing = HeadSigner(
+            self.log,
+            self.signer,
+            every_events=config.audit.checkpoint_events,
+            every_seconds=_seconds(config.audit.checkpoint_interval),
+            key_path=key_path(config),
+        )
+        self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db", mac_key=self.signer.mac_key())
+        self.runner = ProjectionRunner(self.log, self.checkpoints, check_links=not ignore_chain_errors)
         self.tailnet = Tailnet(self.log, self.runner)
         self.presence: PresenceTable | None = None
         self.ops = AdminOps(self.tailnet, presence=self._presence)
+        self.ops.register("log.checkpoint", self._sign_now)
         self.control: Control | None = None
         self.relay: RelayServer | None = None
         self.connection_stats: ConnectionStats | None = None  # the control port's counters
@@ -59,6 +86,16 @@ class Server:
         self.api: ApiService | None = None
         #: The bound port of ``/metrics`` (0 while not served).
         self.metrics_port = 0
+
+    async def _sign_now(self, raw: dict[str, object], actor: Actor) -> object:
+        """``tailledger log checkpoint``: sign the head now (if it is not signed yet)."""
+        if raw:
+            raise CommandError("bad arguments: log.checkpoint takes none")
+        checkpoint = await self.signing.sign_head()
+        if checkpoint is None:
+            raise CommandError("the log is empty: there is nothing to sign yet")
+        log.info("%s signed the log head on demand: seq %d", actor, checkpoint.seq)
+        return {"n": checkpoint.n, "seq": checkpoint.seq, "hash": checkpoint.hash, "anchor": checkpoint.anchor_line()}
 
     def secure_files(self) -> None:
         """Make every file of the data directory private (0600), once they all exist."""
@@ -70,11 +107,53 @@ class Server:
         p = self.presence.get(node_id)
         return Presence(online=p.online, last_seen=p.last_seen) if p is not None else Presence(online=False)
 
+    async def check_log(self) -> None:
+        """Verify the log from the last verified signed checkpoint (and the anchor kept
+        beside the key); refuse to go on unless told to ignore what is found.
+
+        Raises:
+            ChainRefused: the log fails and ``ignore_chain_errors`` is not set.
+        """
+        anchor = read_anchor(key_path(self.config))
+        report = await trio.to_thread.run_sync(
+            partial(
+                audit_log,
+                self.store,
+                public_key=self.signer.public_key,
+                anchors=[anchor] if anchor is not None else [],
+                from_last_checkpoint=True,
+            )
+        )
+        if report.ok:
+            return
+        message = f"the event log fails verification at seq {report.first_bad}: {report.reason}"
+        if not self.ignore_chain_errors:
+            raise ChainRefused(
+                f"refusing to serve: {message}. Run 'tailledger log verify' to see all of it; "
+                "'tailledger serve --ignore-chain-errors' starts anyway and records that it did."
+            )
+        log.error("%s; starting anyway (--ignore-chain-errors), and recording that", message)
+        assert report.first_bad is not None
+        await self.log.append(
+            [
+                ChainErrorsIgnored(
+                    first_bad=report.first_bad,
+                    reason=report.reason or "",
+                    head_seq=report.head_seq,
+                    head_hash=report.head_hash,
+                )
+            ],
+            actor=Actor(kind=ActorKind.ADMIN, id=_local_user()),
+            reason="serve --ignore-chain-errors",
+        )
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.log.run)
+                await self.check_log()
                 await nursery.start(self.runner.run)
+                await nursery.start(self.signing.run)
                 if self.config.policy.mode == "file":
                     from .policyfile import watch_policy_file
 
@@ -102,6 +181,19 @@ class Server:
         await start_network(self, nursery)
 
 
+def _seconds(text: str) -> float:
+    duration = parse_duration(text)
+    assert duration is not None  # validated with the configuration
+    return duration.total_seconds()
+
+
+def _local_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid{os.geteuid()}"
+
+
 def secure_data_dir(path: Path) -> None:
     """Create the data directory private to the server's account (0700), its files 0600.
 
@@ -115,7 +207,7 @@ def secure_data_dir(path: Path) -> None:
             os.chmod(child, 0o600)
 
 
-def run_server(config: Config) -> int:
+def run_server(config: Config, *, ignore_chain_errors: bool = False) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -125,7 +217,7 @@ def run_server(config: Config) -> int:
     os.umask(0o077)  # everything the server creates is private to its account
 
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, ignore_chain_errors=ignore_chain_errors)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             if config.tuning.gc_freeze:
@@ -136,7 +228,28 @@ def run_server(config: Config) -> int:
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except SigningKeyError as exc:
+        log.error("%s", exc)
+        print(f"tailledger: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        refused = group.subgroup(lambda e: isinstance(e, ChainRefused | ChainError | SigningKeyError))
+        if refused is None:
+            raise
+        first = refused.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        text = str(first)
+        if isinstance(first, ChainError):
+            text = (
+                f"refusing to serve: the event log fails verification at seq {first.seq}: "
+                f"{first.reason}. Run 'tailledger log verify'."
+            )
+        log.error("%s", text)
+        print(f"tailledger: {text}", file=sys.stderr)
+        return 1
     return 0
 
 

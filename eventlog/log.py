@@ -172,9 +172,21 @@ class EventLog:
     async def head(self) -> Head:
         return await trio.to_thread.run_sync(self.store.head, limiter=self._read_limiter)
 
-    async def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+    async def read(
+        self, after_seq: int = 0, limit: int = 1000, *, prev_hash: str | None = None
+    ) -> list[RecordedEvent]:
+        """Events after ``after_seq``; with ``prev_hash`` (the hash of event
+        ``after_seq``) each one's link and hash are checked too.
+
+        Raises:
+            ChainError: (with ``prev_hash``) an event that does not verify.
+        """
+        if prev_hash is None:
+            return await trio.to_thread.run_sync(
+                self.store.read, after_seq, limit, limiter=self._read_limiter
+            )
         return await trio.to_thread.run_sync(
-            self.store.read, after_seq, limit, limiter=self._read_limiter
+            self.store.read_checked, after_seq, limit, prev_hash, limiter=self._read_limiter
         )
 
     async def wait_for_new(self, after_seq: int) -> None:
@@ -186,13 +198,21 @@ class EventLog:
             with trio.move_on_after(self._poll_interval):
                 await waiter.wait()
 
-    async def tail(self, after_seq: int = 0, *, batch: int = 1000) -> AsyncGenerator[list[RecordedEvent], None]:
-        """Yield batches of events after ``after_seq`` forever, in order, without gaps."""
+    async def tail(
+        self, after_seq: int = 0, *, batch: int = 1000, prev_hash: str | None = None
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
+        """Yield batches of events after ``after_seq`` forever, in order, without gaps.
+
+        With ``prev_hash`` (the hash of event ``after_seq``) every event's link and hash
+        are checked before it is yielded (:class:`~eventlog.errors.ChainError`).
+        """
         while True:
-            events = await self.read(after_seq, batch)
+            events = await self.read(after_seq, batch, prev_hash=prev_hash)
             if events:
                 yield events
                 after_seq = events[-1].seq
+                if prev_hash is not None:
+                    prev_hash = events[-1].hash
                 continue
             await self.wait_for_new(after_seq)
 

@@ -85,3 +85,29 @@ def create_side_tables(db: Database) -> None:
     db.execute("CREATE INDEX pending_by_source ON pending_registrations (source)")
     db.execute("CREATE INDEX pending_by_machine ON pending_registrations (machine_key)")
     db.execute("CREATE INDEX pending_by_expiry ON pending_registrations (expires_us)")
+
+
+@MIGRATIONS(name="0004_signed_checkpoints")
+def create_signed_checkpoints(db: Database) -> None:
+    # Beside the log, append-only like it (see eventlog/signing.py).
+    db.execute(
+        """
+        CREATE TABLE signed_checkpoints (
+            n            INTEGER PRIMARY KEY,
+            seq          INTEGER NOT NULL,
+            hash         TEXT    NOT NULL,
+            signed_at_us INTEGER NOT NULL,
+            prev         TEXT    NOT NULL,
+            public_key   TEXT    NOT NULL,
+            signature    TEXT    NOT NULL
+        )
+        """
+    )
+    db.execute(
+        "CREATE TRIGGER signed_checkpoints_no_update BEFORE UPDATE ON signed_checkpoints "
+        "BEGIN SELECT RAISE(ABORT, 'signed checkpoints are append-only'); END"
+    )
+    db.execute(
+        "CREATE TRIGGER signed_checkpoints_no_delete BEFORE DELETE ON signed_checkpoints "
+        "BEGIN SELECT RAISE(ABORT, 'signed checkpoints are append-only'); END"
+    )

@@ -42,6 +42,7 @@ from .errors import (
 )
 from .events import AnyEvent
 from .migrations import MIGRATIONS
+from .signing import SignedCheckpoint
 
 __all__ = [
     "AppendRequest",
@@ -192,6 +193,28 @@ class EventStore(abc.ABC):
     def close(self) -> None:
         """Release connections. Further calls raise :class:`StoreClosedError`."""
 
+    @abc.abstractmethod
+    def add_signed_checkpoint(self, checkpoint: SignedCheckpoint) -> None:
+        """Store a signed checkpoint (its ``n`` must be the next one).
+
+        Raises:
+            EventLogError: ``n`` is taken or the write failed.
+        """
+
+    @abc.abstractmethod
+    def signed_checkpoints(self, after_n: int = 0) -> list[SignedCheckpoint]:
+        """The signed checkpoints with ``n > after_n``, in order."""
+
+    def last_signed_checkpoint(self) -> SignedCheckpoint | None:
+        """The newest signed checkpoint stored, if any."""
+        found = self.signed_checkpoints(0)
+        return found[-1] if found else None
+
+    def hash_at(self, seq: int) -> str | None:
+        """The stored chain hash of event ``seq`` (``None`` when there is none)."""
+        rows = self.read_rows(seq - 1, 1)
+        return rows[0].hash if rows and rows[0].seq == seq else None
+
     def iter_rows(self, after_seq: int = 0, page: int = 5000) -> Iterator[StoredRow]:
         """Every stored row after ``after_seq``, paging through the log."""
         while True:
@@ -221,6 +244,29 @@ class EventStore(abc.ABC):
                 row.type.startswith(types_containing) and any(c in row.data for c in contains)
             ):
                 yield row
+
+    def read_checked(self, after_seq: int, limit: int, prev_hash: str) -> list[RecordedEvent]:
+        """Like :meth:`read`, checking that each event links to the one before it
+        (``prev_hash`` for the first) and matches its own hash.
+
+        Raises:
+            ChainError: the first event that does not.
+        """
+        events: list[RecordedEvent] = []
+        expected = after_seq + 1
+        for row in self.read_rows(after_seq, limit):
+            if row.seq != expected:
+                raise ChainError(expected, f"missing: found seq {row.seq} instead (events removed)")
+            if row.prev_hash != prev_hash:
+                raise ChainError(
+                    row.seq, "does not link to the event before it (removed, reordered or re-hashed)"
+                )
+            if row.computed_hash() != row.hash:
+                raise ChainError(row.seq, "content does not match its hash (altered)")
+            events.append(row.to_event())
+            prev_hash = row.hash
+            expected += 1
+        return events
 
     def verify(self) -> VerifyReport:
         """Recompute the hash chain from genesis and report the first break."""
@@ -528,6 +574,42 @@ class SQLiteEventStore(EventStore):
                 "SELECT max(seq) FROM events WHERE recorded_at_us <= ?", (at_us,)
             ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+    def add_signed_checkpoint(self, checkpoint: SignedCheckpoint) -> None:
+        self._check_open()
+        if self._read_only:
+            raise EventLogError("the event store was opened read-only")
+        c = checkpoint
+        try:
+            with self._lock:
+                self._writer.execute(
+                    "INSERT INTO signed_checkpoints (n, seq, hash, signed_at_us, prev, public_key, "
+                    "signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (c.n, c.seq, c.hash, c.signed_at_us, c.prev, c.public_key, c.signature),
+                )
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot store signed checkpoint {c.n}: {exc}") from exc
+
+    def signed_checkpoints(self, after_n: int = 0) -> list[SignedCheckpoint]:
+        self._check_open()
+        try:
+            with self._reader_lock:
+                rows = self._reader.execute(
+                    "SELECT n, seq, hash, signed_at_us, prev, public_key, signature "
+                    "FROM signed_checkpoints WHERE n > ? ORDER BY n",
+                    (after_n,),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc):  # a read-only look at a log never migrated
+                return []
+            raise EventLogError(f"read failed: {exc}") from exc
+        return [
+            SignedCheckpoint(
+                n=int(r[0]), seq=int(r[1]), hash=str(r[2]), signed_at_us=int(r[3]), prev=str(r[4]),
+                public_key=str(r[5]), signature=str(r[6]),
+            )
+            for r in rows
+        ]
 
     def close(self) -> None:
         if self._closed:

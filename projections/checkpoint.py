@@ -10,11 +10,19 @@ its own.
 A checkpoint is used only when (a) its ``schema`` equals :data:`SNAPSHOT_SCHEMA` (a
 change to the state's shape bumps it, and old checkpoints are simply ignored), and (b)
 the log still holds the event at ``seq`` with the same chain hash (a log restored from a
-backup or replaced by another one invalidates it). Otherwise the fold starts from zero.
+backup or replaced by another one invalidates it), and (c) its MAC verifies: the
+checkpoint is authenticated with HMAC-SHA256 under a key that does not live in the data
+directory (derived from the log's signing key, see :mod:`eventlog.signing`), so someone
+who can write the data directory cannot plant a state the log never produced (a
+pre-auth key, an authorized node key for the relay). A checkpoint that fails any check
+is discarded with a warning and the state is refolded from the log.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import sqlite3
 import threading
 from datetime import datetime
@@ -30,6 +38,8 @@ from .errors import CheckpointError
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
 
 __all__ = ["SNAPSHOT_SCHEMA", "CheckpointStore", "decode_state", "encode_state"]
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_SCHEMA: Final = 1
 
@@ -101,16 +111,35 @@ def decode_state(blob: bytes) -> TailnetState:
     return rebuild_indexes(state)
 
 
-class CheckpointStore:
-    """Checkpoints in a small SQLite file of their own (``":memory:"`` for tests)."""
+def _mac(key: bytes, name: str, seq: int, event_hash: str, schema: int, blob: bytes) -> bytes:
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    h.update(f"{name}\n{seq}\n{event_hash}\n{schema}\n".encode())
+    h.update(blob)
+    return h.digest()
 
-    def __init__(self, path: str | Path) -> None:
+
+class CheckpointStore:
+    """Checkpoints in a small SQLite file of their own (``":memory:"`` for tests).
+
+    Args:
+        mac_key: the key authenticating checkpoints: every checkpoint is written with
+            a MAC and loaded only when it verifies. ``None`` writes and checks none
+            (tests only: the server and the relay always pass one, or use no
+            checkpoints at all).
+    """
+
+    def __init__(self, path: str | Path, *, mac_key: bytes | None = None) -> None:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._mac_key = mac_key
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS checkpoints (name TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
-            "event_hash TEXT NOT NULL, schema INTEGER NOT NULL, state BLOB NOT NULL)"
+            "event_hash TEXT NOT NULL, schema INTEGER NOT NULL, state BLOB NOT NULL, mac BLOB)"
         )
+        columns = {str(r[1]) for r in self._conn.execute("PRAGMA table_info(checkpoints)")}
+        if "mac" not in columns:  # a file from before checkpoints were authenticated
+            self._conn.execute("ALTER TABLE checkpoints ADD COLUMN mac BLOB")
+        self.discarded = 0  # checkpoints refused by load (metrics, tests)
 
     def save(self, name: str, state: TailnetState, event_hash: str) -> None:
         """Replace the checkpoint called ``name`` (atomically: the old one or the new one).
@@ -120,11 +149,17 @@ class CheckpointStore:
                 checkpoint, if any, is still there and still valid.
         """
         blob = encode_state(state)
+        mac = (
+            _mac(self._mac_key, name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob)
+            if self._mac_key is not None
+            else None
+        )
         with self._lock:
             try:
                 self._conn.execute(
-                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                    (name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob),
+                    "INSERT OR REPLACE INTO checkpoints (name, seq, event_hash, schema, state, mac) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, state.seq, event_hash, SNAPSHOT_SCHEMA, blob, mac),
                 )
             except sqlite3.Error as exc:
                 raise CheckpointError(f"checkpoint {name!r} at seq {state.seq} not saved: {exc}") from exc
@@ -133,13 +168,24 @@ class CheckpointStore:
         """The checkpoint called ``name`` if it is still valid against ``store``."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT seq, event_hash, schema, state FROM checkpoints WHERE name = ?", (name,)
+                "SELECT seq, event_hash, schema, state, mac FROM checkpoints WHERE name = ?", (name,)
             ).fetchone()
         if row is None:
             return None
         seq, event_hash, schema, blob = int(row[0]), str(row[1]), int(row[2]), bytes(row[3])
         if schema != SNAPSHOT_SCHEMA or seq == 0:
             return None
+        if self._mac_key is not None:
+            mac = bytes(row[4]) if row[4] is not None else b""
+            want = _mac(self._mac_key, name, seq, event_hash, schema, blob)
+            if not hmac.compare_digest(mac, want):
+                self.discarded += 1
+                log.warning(
+                    "projection checkpoint %r at seq %d fails its MAC (forged, or written with "
+                    "another key): discarded, refolding from the log",
+                    name, seq,
+                )
+                return None
         rows = store.read_rows(seq - 1, 1)
         if not rows or rows[0].seq != seq or rows[0].hash != event_hash:
             return None

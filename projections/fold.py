@@ -20,6 +20,7 @@ from eventlog.events import (
     ApiKeyCreated,
     ApiKeyDeleted,
     ApiKeyExpired,
+    ChainErrorsIgnored,
     NodeDeleted,
     NodeExpirySet,
     NodeHostnameChanged,
@@ -274,6 +275,8 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 policy_sha256=event.sha256,
                 policy_source=event.source,
             ), Delta(policy=True)
+        case ChainErrorsIgnored():
+            return state, Delta()
         case _:
             assert_never(event)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import trio
 
-from eventlog import EventLog, RecordedEvent
+from eventlog import GENESIS_HASH, EventLog, RecordedEvent
 
 from .checkpoint import CheckpointStore
 from .delta import Delta
@@ -90,6 +90,9 @@ class ProjectionRunner:
         checkpoint_every: save a checkpoint after this many new events.
         on_batch: called synchronously after each batch is folded, before subscribers
             wake (metrics, logging).
+        check_links: check every event's hash and its link to the one before it as it
+            is folded (a :class:`~eventlog.ChainError` stops the runner); off only for
+            ``serve --ignore-chain-errors``.
     """
 
     def __init__(
@@ -100,11 +103,13 @@ class ProjectionRunner:
         name: str = "tailnet",
         checkpoint_every: int = 1000,
         on_batch: Callable[[list[RecordedEvent], TailnetState, Delta], None] | None = None,
+        check_links: bool = True,
     ) -> None:
         self.log = log
         self._checkpoints = checkpoints
         self._name = name
         self._checkpoint_every = checkpoint_every
+        self._check_links = check_links
         self._on_batch = on_batch
         self.state = TailnetState()
         self._subscribers: set[Subscription] = set()
@@ -132,23 +137,33 @@ class ProjectionRunner:
             if loaded is not None:
                 self.state = loaded
                 log.info("projection %s: loaded checkpoint at seq %d", self._name, loaded.seq)
+        # Every event folded is checked against the one before it (a ChainError stops
+        # the runner: a server must not serve from a log that does not verify).
+        if self.state.seq:
+            found = await trio.to_thread.run_sync(self.log.store.hash_at, self.state.seq)
+            self._last_hash = found or ""
+        else:
+            self._last_hash = GENESIS_HASH
         # Fold the backlog before declaring readiness, so a server never answers from a
         # state older than the log it found on start.
         while True:
-            events = await self.log.read(self.state.seq, 5000)
+            events = await self.log.read(self.state.seq, 5000, prev_hash=self._checked())
             if not events:
                 break
             self._apply(events)
         await self._maybe_checkpoint(force=True)
         task_status.started()
         try:
-            async for events in self.log.tail(self.state.seq):
+            async for events in self.log.tail(self.state.seq, prev_hash=self._checked()):
                 self._apply(events)
                 await self._maybe_checkpoint()
         finally:
             # A clean shutdown saves what was folded, so the next start folds nothing.
             with trio.CancelScope(shield=True):
                 await self._maybe_checkpoint(force=True)
+
+    def _checked(self) -> str | None:
+        return self._last_hash if self._check_links else None
 
     def _apply(self, events: list[RecordedEvent]) -> None:
         self.state, delta = fold(self.state, events)
@@ -163,7 +178,7 @@ class ProjectionRunner:
         advanced.set()
 
     async def _maybe_checkpoint(self, *, force: bool = False) -> None:
-        if self._checkpoints is None or not self._last_hash:
+        if self._checkpoints is None or not self._last_hash or self.state.seq == 0:
             return
         if not force and self._since_checkpoint < self._checkpoint_every:
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from .audit import ChainErrorsIgnored
 from .base import Event
 from .key import (
     ApiKeyCreated,
@@ -41,6 +42,7 @@ __all__ = [
     "ApiKeyCreated",
     "ApiKeyDeleted",
     "ApiKeyExpired",
+    "ChainErrorsIgnored",
     "Event",
     "NodeDeleted",
     "NodeExpirySet",
@@ -87,6 +89,7 @@ AnyEvent = (
     | RoutesAdvertised
     | RoutesApproved
     | PolicySet
+    | ChainErrorsIgnored
 )
 
 _CLASSES: Final[tuple[type[Event], ...]] = (
@@ -112,6 +115,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     RoutesAdvertised,
     RoutesApproved,
     PolicySet,
+    ChainErrorsIgnored,
 )
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {cls.type_name(): cls for cls in _CLASSES}

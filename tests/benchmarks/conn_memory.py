@@ -313,7 +313,11 @@ async def _start_full(
     from cli.server import Server
     from eventlog import Actor, ActorKind
 
-    settings: dict[str, object] = {"data_dir": str(data), "listen_addr": "127.0.0.1:0"}
+    settings: dict[str, object] = {
+        "data_dir": str(data),
+        "listen_addr": "127.0.0.1:0",
+        "audit": {"signing_key_file": str(data.parent / f"{data.name}-signing.key")},
+    }
     if ssl_context is not None and certs is not None:
         settings["tls"] = {
             "cert_file": str(certs / "cert.pem"),

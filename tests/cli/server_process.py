@@ -34,6 +34,7 @@ class RunningServer:
             **os.environ,
             "TAILLEDGER_DATA": str(self.data),
             "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{self.port}",
+            "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(self.data.parent / f"{self.data.name}-signing.key"),
             **(self.extra_env or {}),
         }
 
@@ -49,21 +50,31 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-@contextmanager
-def running_server(data: Path, *, extra_env: dict[str, str] | None = None) -> Iterator[RunningServer]:
-    port = free_port()
-    data.mkdir(parents=True, exist_ok=True)
-    log_path = data.parent / f"{data.name}-serve.log"
-    env = {
+def serve_env(data: Path, port: int, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    return {
         **os.environ,
         "TAILLEDGER_DATA": str(data),
         "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
         # Each test server its own metrics port (the default 9090 is shared by all).
         "TAILLEDGER_METRICS_LISTEN_ADDR": "127.0.0.1:0",
+        # The signing key lives outside the data directory (never /etc in tests).
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data.parent / f"{data.name}-signing.key"),
         **(extra_env or {}),
     }
+
+
+@contextmanager
+def running_server(
+    data: Path, *, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[RunningServer]:
+    port = free_port()
+    data.mkdir(parents=True, exist_ok=True)
+    log_path = data.parent / f"{data.name}-serve.log"
+    env = serve_env(data, port, extra_env)
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "serve", *args], env=env, stdout=logf, stderr=subprocess.STDOUT
+        )
     server = RunningServer(data, port, proc, log_path, extra_env)
     try:
         deadline = time.monotonic() + 30

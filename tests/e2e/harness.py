@@ -209,7 +209,12 @@ def tailledger_env(
         The variables (to pass as ``env=`` to `E2EHarness.start_tailledger`
         and to every admin command for the same server).
     """
-    env = {"TAILLEDGER_DATA": str(data_dir), "TAILLEDGER_LISTEN_ADDR": listen}
+    env = {
+        "TAILLEDGER_DATA": str(data_dir),
+        "TAILLEDGER_LISTEN_ADDR": listen,
+        # The log's signing key lives outside the data directory.
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data_dir.parent / f"{data_dir.name}-signing.key"),
+    }
     if derp_listen is not None:
         env |= {
             "TAILLEDGER_DERP__SERVER__ENABLED": "true",

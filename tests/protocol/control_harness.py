@@ -22,7 +22,11 @@ ADMIN = Actor(kind=ActorKind.ADMIN, id="test")
 
 def make_config(tmp: Path, **overrides: object) -> Config:
     base: dict[str, object] = {
-        "data_dir": str(tmp), "listen_addr": "127.0.0.1:0", "metrics_listen_addr": "127.0.0.1:0",
+        "data_dir": str(tmp),
+        "listen_addr": "127.0.0.1:0",
+        "metrics_listen_addr": "127.0.0.1:0",
+        # The log's signing key lives outside the data directory.
+        "audit": {"signing_key_file": str(tmp.parent / f"{tmp.name}-signing.key")},
     }
     base.update(overrides)
     return msgspec.convert(base, type=Config)
