@@ -57,6 +57,7 @@ class HeadSigner:
         self._lock = trio.Lock()
         self.last: SignedCheckpoint | None = None
         self.signed = 0  # signatures made by this process
+        self.failures = 0  # signatures that could not be stored
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sign on the schedule until cancelled, then sign the head once more."""
@@ -67,7 +68,12 @@ class HeadSigner:
                 base = self.last.seq if self.last is not None else 0
                 with trio.move_on_after(self._every_seconds):
                     await self.log.wait_for_new(base + self._every_events - 1)
-                await self.sign_head()
+                try:
+                    await self.sign_head()
+                except EventLogError as exc:  # e.g. a full disk: try again later
+                    self.failures += 1
+                    log.warning("could not sign the log head (will retry): %s", exc)
+                    await trio.sleep(min(self._every_seconds, 30.0))
         finally:
             with trio.CancelScope(shield=True):
                 try:

@@ -91,6 +91,8 @@ def server_env(data: Path, admin_socket: Path, port: int) -> dict[str, str]:
         "TAILLEDGER_DATA": str(data),
         "TAILLEDGER_ADMIN_SOCKET": str(admin_socket),
         "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
+        # The log's signing key lives outside the data directory.
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data.parent / f"{data.name}-signing.key"),
     }
 
 
