@@ -22,8 +22,8 @@ from eventlog import Actor, ActorKind, ChainError, EventLog, SQLiteEventStore
 from eventlog.audit import audit_log
 from eventlog.events import ChainErrorsIgnored
 from eventlog.headsigner import HeadSigner
-from eventlog.signing import read_anchor
 from eventlog.sidetables import SideTables
+from eventlog.signing import read_anchor
 from projections import CheckpointStore, CommandError, ProjectionRunner, Tailnet
 from projections.admin import AdminOps, Presence
 from projections.presence import PresenceTable

@@ -14,13 +14,15 @@ here, so a decision is reproducible.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final, Generic, TypeVar
 
+from eventlog import Actor, ActorKind, RecordedEvent
 from eventlog.events import (
     ROLES,
     AnyEvent,
@@ -50,6 +52,7 @@ from eventlog.events import (
 )
 
 from .errors import CommandError, ConflictError, NotFoundError
+from .fold import apply
 from .ipam import AllocationMode, Network, allocate
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User
 
@@ -58,6 +61,9 @@ __all__ = [
     "PREAUTH_KEY_PREFIX",
     "AddressPlan",
     "Decision",
+    "LoginRules",
+    "ReportedHost",
+    "check_preauth_key",
     "check_relogin_owner",
     "clean_hostname",
     "decide_advertise_routes",
@@ -72,6 +78,10 @@ __all__ = [
     "decide_expire_api_key",
     "decide_expire_node",
     "decide_expire_preauth_key",
+    "decide_host_report",
+    "decide_login_approved",
+    "decide_login_known",
+    "decide_login_with_key",
     "decide_register_node",
     "decide_reject_registration",
     "decide_rename_node",
@@ -791,3 +801,205 @@ def decide_approve_routes(state: TailnetState, ref: str, routes: tuple[str, ...]
     return Decision((RoutesApproved(node_id=node.id, routes=canonical),), node.id)
 
 
+
+
+# -- logins ---------------------------------------------------------------------------
+#
+# A client's login (or an admin approving an interactive one) causes up to four facts:
+# the registration or key rotation, the routes the client advertises, the routes the
+# policy's autoApprovers approve, and its host name. They are decided here together,
+# against one state, and appended in one transaction: a login is all of it or none.
+
+
+@dataclass(frozen=True)
+class ReportedHost:
+    """What a client's Hostinfo says that the log records."""
+
+    hostname: str = ""
+    os: str = ""
+    routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoginRules:
+    """The server's settings a login is decided with."""
+
+    plan: AddressPlan
+    node_key_expiry: timedelta | None = None
+    max_hostname_length: int = MAX_HOSTNAME_LENGTH
+    max_routes: int | None = None
+    randbelow: Callable[[int], int] | None = None
+    #: The routes the policy's autoApprovers approve for a node (none when ``None``).
+    auto_approve: Callable[[TailnetState, Node], Iterable[str]] | None = None
+
+    def new_expiry(self, now: datetime, tagged: bool) -> datetime | None:
+        if tagged or self.node_key_expiry is None:
+            return None
+        return now + self.node_key_expiry
+
+
+_DECIDING = Actor(kind=ActorKind.SYSTEM, id="decision")
+
+
+def _then(state: TailnetState, events: tuple[AnyEvent, ...], now: datetime) -> TailnetState:
+    """``state`` with ``events`` folded in, to decide what follows from them (the
+    envelope here is provisional: the log records the real one)."""
+    for event in events:
+        recorded = RecordedEvent(
+            seq=state.seq + 1, recorded_at=now, actor=_DECIDING, type=event.type_name(),
+            schema=event.SCHEMA, event=event, prev_hash="", hash="",
+        )
+        state, _ = apply(state, recorded)
+    return state
+
+
+def check_preauth_key(state: TailnetState, text: str, now: datetime) -> PreAuthKey:
+    """The pre-auth key ``text`` names, if its secret matches and it may be used now.
+
+    Raises:
+        CommandError: it is unknown, its secret is wrong (the same message, so a probe
+            learns nothing), or it is expired, revoked or spent.
+    """
+    parsed = parse_preauth_key(text.strip())
+    if parsed is None:
+        raise CommandError("invalid pre-auth key")
+    prefix, secret = parsed
+    key = next((k for k in state.preauth_keys.values() if k.prefix == prefix), None)
+    if key is None or not hmac.compare_digest(key.secret_sha256, hash_secret(secret)):
+        raise CommandError("invalid pre-auth key")
+    why = key.usable_at(now)
+    if why is not None:
+        raise CommandError(why)
+    return key
+
+
+def decide_host_report(
+    state: TailnetState, node: Node, host: ReportedHost | None, rules: LoginRules, *, now: datetime
+) -> Decision[int]:
+    """What a node's Hostinfo changes in the log: its advertised routes (and the
+    approvals the policy grants for them) and its host name. Invalid routes are not
+    recorded (``meta["routes_refused"]`` says why); the rest still is."""
+    if host is None:
+        return Decision((), node.id)
+    events: list[AnyEvent] = []
+    meta: dict[str, str] = {}
+    try:
+        routes = decide_advertise_routes(state, node, host.routes, max_routes=rules.max_routes)
+    except CommandError as exc:
+        meta["routes_refused"] = str(exc)
+        routes = Decision((), node.id)
+    if routes.events:
+        events.extend(routes.events)
+        if rules.auto_approve is not None:
+            after = _then(state, routes.events, now)
+            current = after.nodes[node.id]
+            extra = set(rules.auto_approve(after, current))
+            if extra:
+                approved = _canonical_routes(tuple(set(current.approved_routes) | extra))
+                if approved != current.approved_routes:
+                    events.append(RoutesApproved(node_id=node.id, routes=approved, auto=True))
+    events.extend(
+        decide_change_hostname(state, node, host.hostname, max_length=rules.max_hostname_length).events
+    )
+    return Decision(tuple(events), node.id, meta)
+
+
+def _with_host_report(
+    state: TailnetState, first: Decision[int], host: ReportedHost | None, rules: LoginRules, now: datetime
+) -> Decision[int]:
+    after = _then(state, first.events, now)
+    report = decide_host_report(after, after.nodes[first.result], host, rules, now=now)
+    return Decision(first.events + report.events, first.result, {**first.meta, **report.meta})
+
+
+def decide_login_with_key(
+    state: TailnetState,
+    *,
+    machine_key: str,
+    node_key: str,
+    auth_key: str,
+    host: ReportedHost | None,
+    now: datetime,
+    rules: LoginRules,
+) -> Decision[int]:
+    """A client logs in with a pre-auth key: a new node, or a new key for its machine
+    (same owner, or tagged), plus what its Hostinfo reports. One decision.
+
+    Raises:
+        CommandError: the key is invalid or unusable, or the node key is taken.
+    """
+    key = check_preauth_key(state, auth_key, now)
+    reported = host or ReportedHost()
+    current = state.node_by_machine(machine_key)
+    tagged = bool(key.tags)
+    first: Decision[int]
+    if current is not None and (current.user_id == key.user_id or tagged or current.tags):
+        first = decide_rotate_node_key(
+            state, current, node_key=node_key,
+            expiry=rules.new_expiry(now, tagged or bool(current.tags)), preauth_key=key,
+        )
+    else:
+        first = decide_register_node(
+            state, machine_key=machine_key, node_key=node_key,
+            hostname=reported.hostname or "node",
+            user_id=key.user_id if key.user_id is not None else 0,
+            tags=key.tags, ephemeral=key.ephemeral, expiry=rules.new_expiry(now, tagged),
+            auth="preauthkey", preauth_key=key, plan=rules.plan, os=reported.os,
+            randbelow=rules.randbelow, max_hostname_length=rules.max_hostname_length,
+        )
+    return _with_host_report(state, first, host, rules, now)
+
+
+def decide_login_approved(
+    state: TailnetState,
+    *,
+    machine_key: str,
+    node_key: str,
+    user_ref: str,
+    ephemeral: bool,
+    host: ReportedHost | None,
+    now: datetime,
+    rules: LoginRules,
+) -> Decision[int]:
+    """An admin approves an interactive login for ``user_ref``: a new node, or a new
+    key for its machine, plus what its Hostinfo reported. One decision.
+
+    Raises:
+        CommandError: unknown user, the machine's node belongs to another user (see
+            :func:`check_relogin_owner`), or the node key is taken.
+    """
+    user = find_user(state, user_ref)
+    reported = host or ReportedHost()
+    current = state.node_by_machine(machine_key)
+    first: Decision[int]
+    if current is not None:
+        check_relogin_owner(state, current, user)
+        first = decide_rotate_node_key(
+            state, current, node_key=node_key, expiry=rules.new_expiry(now, bool(current.tags))
+        )
+    else:
+        first = decide_register_node(
+            state, machine_key=machine_key, node_key=node_key,
+            hostname=reported.hostname or "node", user_id=user.id, tags=(),
+            ephemeral=ephemeral, expiry=rules.new_expiry(now, False), auth="cli",
+            preauth_key=None, plan=rules.plan, os=reported.os, randbelow=rules.randbelow,
+            max_hostname_length=rules.max_hostname_length,
+        )
+    return _with_host_report(state, first, host, rules, now)
+
+
+def decide_login_known(
+    state: TailnetState,
+    node: Node,
+    *,
+    shorten_expiry_to: datetime | None,
+    host: ReportedHost | None,
+    now: datetime,
+    rules: LoginRules,
+) -> Decision[int]:
+    """A registered node logs in again with its key: maybe a shorter key expiry it
+    asks for, plus what its Hostinfo reports. One decision."""
+    first: Decision[int] = Decision((), node.id)
+    if shorten_expiry_to is not None:
+        first = Decision((NodeExpirySet(node_id=node.id, expiry=shorten_expiry_to),), node.id)
+    return _with_host_report(state, first, host, rules, now)

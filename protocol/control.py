@@ -40,10 +40,8 @@ Every lookup by node key checks the Noise peer's machine key (pitfall 9).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hmac
 import logging
 import math
 import secrets
@@ -66,7 +64,7 @@ from projections.mapviews import MapHub, MapMessage, StreamCursor
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
-from projections.state import Node, PreAuthKey, TailnetState
+from projections.state import Node, TailnetState
 from projections.tailcfg import (
     DERPMap,
     Hostinfo,
@@ -228,6 +226,15 @@ def _register_response(state: TailnetState, node: Node, **extra: object) -> Nois
         **extra,  # type: ignore[arg-type]
     )
     return NoiseResponse(200, _JSON, encode(body))
+
+
+def _reported(hostinfo: Hostinfo | None) -> c.ReportedHost | None:
+    """What of a Hostinfo goes to the log (``None``: the client sent none)."""
+    if hostinfo is None:
+        return None
+    return c.ReportedHost(
+        hostname=hostinfo.hostname or "", os=hostinfo.os or "", routes=tuple(hostinfo.routable_ips or ())
+    )
 
 
 def _register_error(message: str) -> NoiseResponse:
@@ -426,15 +433,19 @@ class Control:
                 shorten = expiry is not None and (node.expiry is None or expiry < node.expiry)
                 if expiry is not None and not shorten:
                     return _register_error("extending the key expiry is not allowed")
-                refused = self._spend(node, int(shorten) + self._hostinfo_cost(node, rr.hostinfo))
+                host = _reported(rr.hostinfo)
+                rules = self._rules()
+
+                def relogin(s: TailnetState) -> c.Decision[int]:
+                    return c.decide_login_known(
+                        s, s.nodes[node.id], shorten_expiry_to=expiry if shorten else None,
+                        host=host, now=now, rules=rules,
+                    )
+
+                refused = self._spend(node, len(relogin(state).events))
                 if refused is not None:
                     return _register_error(refused)
-                if shorten:
-                    await self.tailnet.execute(
-                        lambda s: c.decide_expire_node(s, str(node.id), now=now, at=expiry),
-                        actor=actor,
-                    )
-                await self._apply_hostinfo(node.id, rr.hostinfo, actor)
+                await self._login(relogin, actor, node.id)
                 return _register_response(self.tailnet.state, self.tailnet.state.nodes[node.id])
 
         # 3. Follow-up of an interactive registration.
@@ -462,70 +473,53 @@ class Control:
         # 5. Interactive.
         return await self._start_interactive(rr, mk, nk, source)
 
-    def _check_preauth_key(self, state: TailnetState, text: str, now: datetime) -> PreAuthKey:
-        parsed = c.parse_preauth_key(text.strip())
-        if parsed is None:
-            raise CommandError("invalid pre-auth key")
-        prefix, secret = parsed
-        key = next((k for k in state.preauth_keys.values() if k.prefix == prefix), None)
-        if key is None or not hmac.compare_digest(key.secret_sha256, c.hash_secret(secret)):
-            raise CommandError("invalid pre-auth key")
-        why = key.usable_at(now)
-        if why is not None:
-            raise CommandError(why)
-        return key
+    def _rules(self) -> c.LoginRules:
+        """The settings a login is decided with (see ``commands.decide_login_*``)."""
+        limits = self.settings.limits
+        return c.LoginRules(
+            plan=self.settings.plan,
+            node_key_expiry=self.settings.node_key_expiry,
+            max_hostname_length=limits.max_hostname_length,
+            max_routes=limits.max_advertised_routes,
+            randbelow=self._randbelow,
+            auto_approve=self.policy.auto_approved,
+        )
 
-    def _new_expiry(self, now: datetime, tagged: bool) -> datetime | None:
-        if tagged or self.settings.node_key_expiry is None:
-            return None
-        return now + self.settings.node_key_expiry
+    async def _login(self, decide: Callable[[TailnetState], c.Decision[int]], actor: Actor, node_id: int) -> int:
+        """Append one login's decision (one transaction) and log what it refused."""
+        decided: list[c.Decision[int]] = []
+
+        def remember(state: TailnetState) -> c.Decision[int]:
+            decided.append(decide(state))
+            return decided[-1]
+
+        result, _ = await self.tailnet.execute(remember, actor=actor)
+        refused = decided[-1].meta.get("routes_refused") if decided else None
+        if refused:
+            log.info("node %d advertised invalid routes: %s", result or node_id, refused)
+        return result
 
     async def _register_with_key(
         self, rr: RegisterRequest, mk: str, nk: str, text: str, now: datetime, actor: Actor
     ) -> NoiseResponse:
-        hostinfo = rr.hostinfo or Hostinfo()
         existing = self.tailnet.state.node_by_machine(mk)
         if existing is not None and existing.node_key == nk and not existing.is_expired(now):
             # A container re-running `up --authkey` with a spent one-shot key.
             return _register_response(self.tailnet.state, existing)
-        if existing is not None:
-            # A re-key appends two events (and maybe the Hostinfo's): rate-limited.
-            refused = self._spend(existing, 2 + self._hostinfo_cost(existing, rr.hostinfo))
-            if refused is not None:
-                return _register_error(refused)
-        limits = self.settings.limits
+        host = _reported(rr.hostinfo)
+        rules = self._rules()
 
         def decide(state: TailnetState) -> c.Decision[int]:
-            key = self._check_preauth_key(state, text, now)
-            current = state.node_by_machine(mk)
-            tagged = bool(key.tags)
-            if current is not None and (current.user_id == key.user_id or tagged or current.tags):
-                return c.decide_rotate_node_key(
-                    state,
-                    current,
-                    node_key=nk,
-                    expiry=self._new_expiry(now, tagged or bool(current.tags)),
-                    preauth_key=key,
-                )
-            return c.decide_register_node(
-                state,
-                machine_key=mk,
-                node_key=nk,
-                hostname=hostinfo.hostname or "node",
-                user_id=key.user_id if key.user_id is not None else 0,
-                tags=key.tags,
-                ephemeral=key.ephemeral,
-                expiry=self._new_expiry(now, tagged),
-                auth="preauthkey",
-                preauth_key=key,
-                plan=self.settings.plan,
-                os=hostinfo.os,
-                randbelow=self._randbelow,
-                max_hostname_length=limits.max_hostname_length,
+            return c.decide_login_with_key(
+                state, machine_key=mk, node_key=nk, auth_key=text, host=host, now=now, rules=rules
             )
 
-        node_id, _ = await self.tailnet.execute(decide, actor=actor)
-        await self._apply_hostinfo(node_id, rr.hostinfo, actor)
+        if existing is not None:
+            # A re-key appends two events (and maybe the Hostinfo's): rate-limited.
+            refused = self._spend(existing, len(decide(self.tailnet.state).events))
+            if refused is not None:
+                return _register_error(refused)
+        node_id = await self._login(decide, actor, 0)
         return _register_response(self.tailnet.state, self.tailnet.state.nodes[node_id])
 
     async def _start_interactive(
@@ -590,35 +584,16 @@ class Control:
             )
         now = self.tailnet.clock()
 
+        host = c.ReportedHost(hostname=pending.hostname, os=pending.os)
+        rules = self._rules()
+
         def decide(state: TailnetState) -> c.Decision[int]:
-            user = c.find_user(state, user_ref)
-            current = state.node_by_machine(pending.machine_key)
-            if current is not None:
-                c.check_relogin_owner(state, current, user)
-                return c.decide_rotate_node_key(
-                    state,
-                    current,
-                    node_key=pending.node_key,
-                    expiry=self._new_expiry(now, bool(current.tags)),
-                )
-            return c.decide_register_node(
-                state,
-                machine_key=pending.machine_key,
-                node_key=pending.node_key,
-                hostname=pending.hostname or "node",
-                user_id=user.id,
-                tags=(),
-                ephemeral=pending.ephemeral,
-                expiry=self._new_expiry(now, False),
-                auth="cli",
-                preauth_key=None,
-                plan=self.settings.plan,
-                os=pending.os,
-                randbelow=self._randbelow,
-                max_hostname_length=self.settings.limits.max_hostname_length,
+            return c.decide_login_approved(
+                state, machine_key=pending.machine_key, node_key=pending.node_key,
+                user_ref=user_ref, ephemeral=pending.ephemeral, host=host, now=now, rules=rules,
             )
 
-        node_id, _ = await self.tailnet.execute(decide, actor=actor)
+        node_id = await self._login(decide, actor, 0)
         # Routes and the rest of the Hostinfo arrive with the node's first map request.
         await self.pending.approved(auth_id, node_id)
         return {"registered": node_id, "name": self.tailnet.state.nodes[node_id].given_name}
@@ -640,25 +615,14 @@ class Control:
             return f"too many advertised routes: {routes} (the limit is {limits.max_advertised_routes})"
         return None
 
-    def _route_decision(self, state: TailnetState, node: Node, hostinfo: Hostinfo) -> c.Decision[int]:
-        return c.decide_advertise_routes(
-            state, node, tuple(hostinfo.routable_ips or ()), max_routes=self.settings.limits.max_advertised_routes
-        )
-
-    def _hostname_decision(self, state: TailnetState, node: Node, hostinfo: Hostinfo) -> c.Decision[int]:
-        return c.decide_change_hostname(
-            state, node, hostinfo.hostname, max_length=self.settings.limits.max_hostname_length
+    def _host_report(self, state: TailnetState, node_id: int, hostinfo: Hostinfo | None) -> c.Decision[int]:
+        return c.decide_host_report(
+            state, state.nodes[node_id], _reported(hostinfo), self._rules(), now=self.tailnet.clock()
         )
 
     def _hostinfo_cost(self, node: Node, hostinfo: Hostinfo | None) -> int:
         """How many events applying ``hostinfo`` to ``node`` would append now."""
-        if hostinfo is None:
-            return 0
-        state = self.tailnet.state
-        cost = len(self._hostname_decision(state, node, hostinfo).events)
-        with contextlib.suppress(CommandError):  # invalid routes append nothing (see _apply_hostinfo)
-            cost += len(self._route_decision(state, node, hostinfo).events)
-        return cost
+        return len(self._host_report(self.tailnet.state, node.id, hostinfo).events)
 
     def _spend(self, node: Node, cost: int) -> str | None:
         """Take ``cost`` tokens from the node's update bucket; why not, if it can't."""
@@ -672,48 +636,14 @@ class Control:
         return f"too many updates from this node: try again in {math.ceil(wait)} s"
 
     async def _apply_hostinfo(self, node_id: int, hostinfo: Hostinfo | None, actor: Actor) -> None:
-        """Record what in a Hostinfo decides reachability or is audited: routes and
-        host name (cleaned and cut, see ``commands.clean_hostname``)."""
-        if hostinfo is None:
+        """Record what in a Hostinfo decides reachability or is audited: routes (and
+        the approvals the policy grants for them) and host name, in one transaction."""
+        if hostinfo is None or node_id not in self.tailnet.state.nodes:
             return
-        state = self.tailnet.state
-        node = state.nodes.get(node_id)
-        if node is None:
-            return
-        try:
-            routes_change = bool(self._route_decision(state, node, hostinfo).events)
-        except CommandError as exc:
-            log.info("node %d advertised invalid routes: %s", node_id, exc)
-            routes_change = False
-        if routes_change:
-            try:
-                await self.tailnet.execute(
-                    lambda s: self._route_decision(s, s.nodes[node_id], hostinfo), actor=actor
-                )
-            except UnavailableError:
-                raise  # valid routes the log cannot record now: the client must retry
-            except CommandError as exc:
-                log.info("node %d advertised invalid routes: %s", node_id, exc)
-            await self._auto_approve(node_id)
-        if self._hostname_decision(state, node, hostinfo).events:
-            await self.tailnet.execute(
-                lambda s: self._hostname_decision(s, s.nodes[node_id], hostinfo), actor=actor
-            )
-
-    async def _auto_approve(self, node_id: int) -> None:
-        """Approve advertised routes the policy's autoApprovers cover (double opt-in:
-        the node advertised, the policy approves; the log shows both)."""
-        state = self.tailnet.state
-        node = state.nodes.get(node_id)
-        if node is None:
-            return
-        extra = self.policy.auto_approved(state, node)
-        if not extra:
-            return
-        routes = tuple(sorted(set(node.approved_routes) | set(extra)))
-        await self.tailnet.execute(
-            lambda s: c.decide_approve_routes(s, str(node_id), routes),
-            actor=Actor(kind=ActorKind.SYSTEM, id="policy-auto-approver"),
+        await self._login(
+            lambda s: self._host_report(s, node_id, hostinfo) if node_id in s.nodes else c.Decision((), node_id),
+            actor,
+            node_id,
         )
 
     def _update_presence(self, node_id: int, mr: MapRequest, hostinfo: Hostinfo | None) -> None:

@@ -19,8 +19,14 @@ class RoutesAdvertised(Event, frozen=True, kw_only=True, tag="node.routes_advert
     routes: tuple[str, ...]
 
 
-class RoutesApproved(Event, frozen=True, kw_only=True, tag="node.routes_approved"):
-    """The node's set of approved routes is now ``routes``."""
+class RoutesApproved(Event, frozen=True, kw_only=True, tag="node.routes_approved", omit_defaults=True):
+    """The node's set of approved routes is now ``routes``.
+
+    ``auto``: approved by the policy's autoApprovers as part of the node's own login or
+    Hostinfo update (recorded with the node as actor, in the same transaction as the
+    advertisement); not written when false, so older payloads are unchanged.
+    """
 
     node_id: int
     routes: tuple[str, ...]
+    auto: bool = False
