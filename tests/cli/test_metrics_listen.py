@@ -91,6 +91,7 @@ def test_a_taken_explicit_address_stops_the_server_with_why(tmp_path: Path) -> N
             "TAILLEDGER_DATA": str(tmp_path / "data"),
             "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{free_port()}",
             "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{port}",
+            "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
             "PATH": "/usr/bin:/bin",
             **{k: v for k, v in __import__("os").environ.items() if k == "PYTHONPATH"},
         }
