@@ -136,7 +136,7 @@ def group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
+        if name.isascii() and name.isdigit():
             return int(name)
         raise ValueError(f"no Unix group named {name!r}") from None
 

@@ -305,7 +305,7 @@ def redacted(config: Config) -> dict[str, object]:
 
 def split_host_port(addr: str, what: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: {addr!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -519,7 +519,7 @@ def _validate_audit(config: Config) -> None:
         try:
             grp.getgrnam(group)
         except KeyError:
-            if not group.isdigit():
+            if not (group.isascii() and group.isdigit()):
                 raise ConfigError(f"admin.socket_group: no Unix group named {group!r}") from None
 
 

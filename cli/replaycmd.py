@@ -200,7 +200,7 @@ def _events_text(refs: object) -> str:
 def _parse_port(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise _Fail(f"invalid port {text!r}")
     return int(text)
 

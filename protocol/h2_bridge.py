@@ -493,7 +493,7 @@ class ServerConnection:
             elif name.startswith(":"):
                 continue  # :scheme, :authority: never route on them (pitfall 22)
             else:
-                if name == "content-length" and value.isdigit():
+                if name == "content-length" and value.isascii() and value.isdigit():
                     content_length = int(value)
                 headers.append((name, value))
         request = _PartialRequest(method=method, path=path, headers=tuple(headers))

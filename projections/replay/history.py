@@ -185,7 +185,7 @@ class History:
         if text is None or text == "head":
             return Point(self.head.seq, self.time_of(self.head.seq))
         text = text.strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             seq = int(text)
             if seq > self.head.seq:
                 raise ReplayError(f"seq {seq} is past the head of the log ({self.head.seq})")

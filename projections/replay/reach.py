@@ -93,7 +93,7 @@ class Target:
 def find_node(state: TailnetState, ref: str) -> Node | None:
     """A node by id, given name or address (``None`` when none matches)."""
     ref = ref.strip()
-    if ref.isdigit() and int(ref) in state.nodes:
+    if ref.isascii() and ref.isdigit() and int(ref) in state.nodes:
         return state.nodes[int(ref)]
     node = state.node_named(ref)
     if node is not None:

@@ -90,3 +90,11 @@ def test_config_check_json_redacts_secrets(tmp_path: Path) -> None:
     assert shown["derp"]["server"]["key_file"] == "/etc/tls/derp.key"
     assert shown["audit"]["public_key"] == public_key
     assert shown["derp"]["server"]["mesh_key_file"] == ""
+
+
+def test_a_port_of_unicode_digits_is_a_config_error_not_a_crash() -> None:
+    # "²".isdigit() is true but int("²") raises: such a port must be refused cleanly.
+    from cli.config import ConfigError, split_host_port
+
+    with pytest.raises(ConfigError, match="is not HOST:PORT"):
+        split_host_port("127.0.0.1:²", "listen_addr")
