@@ -378,10 +378,14 @@ class CompiledPolicy:
         reach = self._reach(node_id)[0]
         return tuple(self._peer_view(viewer, reach, peer_id) for peer_id in self.peer_ids(node_id))
 
-    def _peer_view(self, viewer: NodeInfo, reach: IPSet, peer_id: int) -> PeerView:
+    def _peer_view(self, viewer: NodeInfo, reach: IPSet | None, peer_id: int) -> PeerView:
+        """How ``viewer`` sees ``peer_id``; ``reach`` is the viewer's fold (computed
+        here when None and the peer serves routes)."""
         peer = self._node(peer_id)
         routes: list[Prefix] = []
         if peer.subnet_routes or peer.exit_routes:
+            if reach is None:
+                reach = self._reach(viewer.id)[0]
             via = via_routes_for_peer(viewer, peer, self.via_grants, self.grants, self.tailnet)
             routes = routes_for_peer(viewer, peer, reach, self.primaries_by_node, via)
         attrs = self.node_attrs.get(peer_id, ())
@@ -397,7 +401,8 @@ class CompiledPolicy:
         """Whether ``b`` is a peer of ``a``, without building ``a``'s whole peer set.
 
         The same test as :meth:`peer_id_set` applied to one candidate: cost is one
-        fold of ``a``'s matchers (cached) plus ``b``'s addresses and routes.
+        fold of ``a``'s matchers -- or of ``b``'s when ``a``'s is not cached (folds
+        are cached) -- plus the other node's addresses and routes.
         """
         if a == b or b not in self.tailnet.nodes or a not in self.tailnet.nodes:
             return False
@@ -406,6 +411,12 @@ class CompiledPolicy:
             return b in cached
         if self.via_grants:
             return b in self.peer_id_set(a)
+        if a not in self._reaches:
+            # Visibility is symmetric (see peer_id_set), so fold either side. Right
+            # after an incremental compile nothing is folded, and a join asks this
+            # once per visibility class about the one newcomer: its fold, made once,
+            # answers every class.
+            a, b = b, a
         reach, exit_reach, internet = self._reach(a)
         peer = self._node(b)
         for part in (reach, exit_reach):
@@ -417,7 +428,7 @@ class CompiledPolicy:
         """How ``viewer_id`` sees ``peer_id``, or ``None`` when it is not a peer."""
         if not self.visible_one(viewer_id, peer_id):
             return None
-        return self._peer_view(self._node(viewer_id), self._reach(viewer_id)[0], peer_id)
+        return self._peer_view(self._node(viewer_id), None, peer_id)
 
     def self_view(self, node_id: int) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, CapValue]]:
         """The node's own ``(AllowedIPs, PrimaryRoutes, CapMap)`` without its peers."""

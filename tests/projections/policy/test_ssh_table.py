@@ -11,7 +11,8 @@ leaves and changes, after every step:
   (what :class:`~projections.mapviews.SSHCache` relies on) still equals the
   reference;
 * every node outside :meth:`CompiledPolicy.filters_changed_since` has the very same
-  packet filter as before the step, and the filters equal a fresh compile's.
+  packet filter as before the step, and the filters equal a fresh compile's;
+* one-candidate visibility on a fresh compile equals the peer sets.
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
             changed = {op}
         for nid in changed:
             keys.pop(nid, None)
+        # Visibility asked one candidate at a time on a fresh compile (no fold cached
+        # yet: the matcher-by-matcher test) equals the full peer sets.
+        ids = sorted(compiled.tailnet.nodes)
+        one = {(x, y) for x in ids for y in ids if compiled.visible_one(x, y)}
+        assert one == {(x, y) for x in ids for y in compiled.peer_id_set(x)}
         table = compiled.ssh_table(table)
         check(f"after {op!r}")
         affected = compiled.filters_changed_since(before, changed)
