@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +12,8 @@ import pytest
 
 from eventlog import SQLiteEventStore
 
+from .accounts import NOBODY, NOGROUP, as_other_account
 from .server_process import RunningServer, running_server
-
-NOBODY, NOGROUP = 65534, 65534
 
 
 def _events(server: RunningServer, after: int = 0) -> list[dict[str, object]]:
@@ -63,39 +60,6 @@ def test_a_reason_that_cannot_be_stored_is_refused_and_appends_nothing(server: R
     assert _head(server) == before
 
 
-def _as_other_account(argv: list[str], env: dict[str, str], uid: int, gid: int) -> tuple[int, str, str]:
-    """Run the CLI's ``main`` in a forked child under another Unix account."""
-    from cli.main import build_parser, main
-
-    build_parser()  # import everything now: the other account cannot read this Python
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 70
-        try:
-            sys.stdout = os.fdopen(out_w, "w")
-            sys.stderr = os.fdopen(err_w, "w")
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.environ.clear()
-            os.environ.update(env)
-            code = main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(out_w)
-    os.close(err_w)
-    with os.fdopen(out_r) as o, os.fdopen(err_r) as e:
-        stdout, stderr = o.read(), e.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), stdout, stderr
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second account")
 def test_a_group_member_is_recorded_under_their_own_account(tmp_path: Path) -> None:
     # The socket's directories must be reachable by the other account (tmp_path is not).
@@ -110,12 +74,12 @@ def test_a_group_member_is_recorded_under_their_own_account(tmp_path: Path) -> N
             server.cli("users", "create", "ops", check=True)
             before = _head(server)
             child_env = {"TAILLEDGER_ADMIN_SOCKET": str(sock), "TAILLEDGER_DATA": str(server.data)}
-            code, _out, err = _as_other_account(
+            code, _out, err = as_other_account(
                 ["users", "create", "vera", "--reason", "new hire"], child_env, NOBODY, NOGROUP
             )
             assert code == 0, err
             # Not in the group: the socket refuses, nothing is appended.
-            code, _out, err = _as_other_account(["users", "create", "eve"], child_env, NOBODY, 4242)
+            code, _out, err = as_other_account(["users", "create", "eve"], child_env, NOBODY, 4242)
             assert code == 1 and "permission denied" in err
             events = _events(server, before)
             assert [(e["actor"], e["reason"]) for e in events] == [("admin:nobody", "new hire")]

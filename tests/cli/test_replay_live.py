@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from .accounts import NOBODY, NOGROUP
+from .accounts import as_other_account as _as_other_account
 from .server_process import running_server
-from .test_audit_actors import NOBODY, NOGROUP, _as_other_account, _head
+from .test_audit_actors import _head
 from .test_node_commands import _register
 
 
