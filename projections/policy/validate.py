@@ -34,17 +34,32 @@ from .syntax import is_known_autogroup
 
 __all__ = ["validate_policy"]
 
-#: Autogroups allowed on each side of ACLs/grants, SSH rules and nodeAttrs.
-_SRC_AUTOGROUPS: Final = frozenset(
+#: Role autogroups (Tailscale's user roles, kb/1138). tailledger models the
+#: owner, admin and member roles; the others name nobody here, but a policy
+#: written for the hosted plane may use them wherever a role is allowed.
+_ROLE_AUTOGROUPS: Final = frozenset(
     {
-        "autogroup:member",
-        "autogroup:members",
-        "autogroup:tagged",
-        "autogroup:danger-all",
         "autogroup:admin",
         "autogroup:owner",
-        "autogroup:shared",
+        "autogroup:it-admin",
+        "autogroup:network-admin",
+        "autogroup:billing-admin",
+        "autogroup:auditor",
     }
+)
+
+#: Autogroups allowed on each side of ACLs/grants, SSH rules and nodeAttrs.
+_SRC_AUTOGROUPS: Final = (
+    frozenset(
+        {
+            "autogroup:member",
+            "autogroup:members",
+            "autogroup:tagged",
+            "autogroup:danger-all",
+            "autogroup:shared",
+        }
+    )
+    | _ROLE_AUTOGROUPS
 )
 _DST_AUTOGROUPS: Final = frozenset(
     {
@@ -67,14 +82,8 @@ _SSH_SRC_AUTOGROUPS: Final = frozenset(
 _SSH_DST_AUTOGROUPS: Final = frozenset(
     {"autogroup:member", "autogroup:members", "autogroup:tagged", "autogroup:self"}
 )
-_NODE_ATTR_AUTOGROUPS: Final = frozenset(
-    {
-        "autogroup:member",
-        "autogroup:members",
-        "autogroup:tagged",
-        "autogroup:admin",
-        "autogroup:owner",
-    }
+_NODE_ATTR_AUTOGROUPS: Final = (
+    frozenset({"autogroup:member", "autogroup:members", "autogroup:tagged"}) | _ROLE_AUTOGROUPS
 )
 
 #: tailscale.com/cap/* names users may grant themselves (the rest are
