@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from .document import Alias, AliasKind, Grant, Policy, SSHRule
+from .document import Alias, AliasKind, Grant, Policy, SSHRule, SSHTest
 from .errors import PolicyValidationError
 from .hujson import JSONPath
 from .ipset import CGNAT, parse_prefix
-from .syntax import is_known_autogroup
+from .syntax import SyntaxProblem, is_known_autogroup, parse_alias
 
 __all__ = ["validate_policy"]
 
@@ -160,12 +160,38 @@ class _Validator:
         for i, approver in enumerate(self.policy.auto_approvers.exit_node):
             self.owner(approver, ("autoApprovers", "exitNode", i))
         for test in self.policy.ssh_tests:
-            for i, dst in enumerate(test.dst):
-                if dst.strip() == "autogroup:internet":
-                    raise self.fail(
-                        'SSH tests dst contains disallowed element "autogroup:internet"',
-                        (*test.path, "dst", i),
-                    )
+            self.ssh_test(test)
+
+    def ssh_test(self, test: SSHTest) -> None:
+        """One ``sshTests`` entry's shape, checked before any test runs.
+
+        The source is a user, group, tag or address: no autogroup (the hosted
+        plane's message, tailscale/tailscale#14102). Each destination names
+        single hosts: a tag must be declared (``tag:server:22`` is a tag
+        name, not a host and port), and ``autogroup:internet``, CIDRs and
+        hosts-table entries wider than one address are refused.
+        """
+        src = (test.src or "").strip()
+        if src.startswith("autogroup:"):
+            raise self.fail(
+                f'SSH tests src contains disallowed element "{src}"', (*test.path, "src")
+            )
+        for i, raw in enumerate(test.dst):
+            where = (*test.path, "dst", i)
+            text = raw.strip()
+            disallowed = f'SSH tests dst contains disallowed element "{text}"'
+            if text == "autogroup:internet":
+                raise self.fail(disallowed, where)
+            try:
+                alias = parse_alias(text)
+            except SyntaxProblem:
+                continue  # the test itself fails when run
+            if alias.kind is AliasKind.TAG and alias.text not in self.tags:
+                raise self.fail(f'SSH tests dst contains unknown tag "{alias.text}"', where)
+            target = self.hosts.get(alias.text) if alias.kind is AliasKind.HOST else alias.text
+            wide = alias.kind in (AliasKind.PREFIX, AliasKind.HOST) and target is not None
+            if wide and target is not None and not parse_prefix(target).is_single():
+                raise self.fail(disallowed, where)
 
     # -- shared reference checks -------------------------------------------
 

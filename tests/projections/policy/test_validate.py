@@ -360,3 +360,45 @@ def test_only_user_grantable_tailscale_caps(cap: str, granted: bool) -> None:
     with pytest.raises(PolicyValidationError) as info:
         validate_policy(policy)
     assert info.value.message == "capability name must not be in the tailscale.com domain"
+
+
+SERVER_SSH = [
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server"], "users": ["root"]}
+]
+
+
+@pytest.mark.parametrize(
+    ("test", "message"),
+    [
+        (
+            {"src": "autogroup:admin", "dst": ["tag:server"], "accept": ["root"]},
+            'SSH tests src contains disallowed element "autogroup:admin"',
+        ),
+        (
+            {"src": "odin@example.com", "dst": ["tag:nope"], "accept": ["root"]},
+            'SSH tests dst contains unknown tag "tag:nope"',
+        ),
+        (
+            {"src": "odin@example.com", "dst": ["tag:server:22"], "accept": ["root"]},
+            'SSH tests dst contains unknown tag "tag:server:22"',
+        ),
+        (
+            {"src": "odin@example.com", "dst": ["net"], "accept": ["root"]},
+            'SSH tests dst contains disallowed element "net"',
+        ),
+        (
+            {"src": "odin@example.com", "dst": ["tag:server", "100.64.0.0/24"], "deny": ["root"]},
+            'SSH tests dst contains disallowed element "100.64.0.0/24"',
+        ),
+    ],
+)
+def test_ssh_tests_shape_is_checked_before_running(test: dict[str, object], message: str) -> None:
+    with pytest.raises(PolicyValidationError) as info:
+        check_policy(parse_policy(policy_text(ssh=SERVER_SSH, sshTests=[test])), USERS, NODES)
+    assert info.value.message == message
+
+
+@pytest.mark.parametrize("dst", ["tag:server", "web", "100.64.0.3", "100.64.0.3/32"])
+def test_ssh_tests_single_host_destinations_run(dst: str) -> None:
+    test = {"src": "odin@example.com", "dst": [dst], "accept": ["root"]}
+    check_policy(parse_policy(policy_text(ssh=SERVER_SSH, sshTests=[test])), USERS, NODES)
