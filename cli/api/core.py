@@ -412,7 +412,7 @@ class ApiService:
         length = request.content_length
         if length is not None and length > MAX_BODY_BYTES:
             raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        body = await request.get_data(cache=False, as_text=False) if route.method in ("POST", "PUT", "PATCH") else b""
+        body = await request.get_data(cache=True, as_text=False) if route.method in ("POST", "PUT", "PATCH") else b""
         assert isinstance(body, bytes)
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")

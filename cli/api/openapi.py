@@ -79,6 +79,10 @@ def _operation(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "success"}
     if route.response is not None:
         ok["content"] = {route.content_type: {"schema": refs[route.response]}}
+    elif route.content_type == "application/hujson":
+        # The policy file: its text as written, or as JSON with Accept: application/json.
+        ok["content"] = {"application/hujson": {"schema": {"type": "string"}},
+                         "application/json": {"schema": {"type": "object"}}}
     elif route.content_type != "application/json":
         ok["content"] = {route.content_type: {"schema": {"type": "string"}}}
     op["responses"][str(route.status)] = ok

@@ -11,6 +11,7 @@ APIs do, so clients written for a newer version keep working.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -204,3 +205,147 @@ class V1PolicyRequest(_Camel):
 
 class V1Empty(_Camel):
     pass
+
+
+# -- /api/v2 (Tailscale) ---------------------------------------------------------------------
+
+
+class V2Device(_Camel):
+    """A device as Tailscale's API describes it (``GET /device/{id}``)."""
+
+    id: str
+    node_id: str
+    name: str
+    hostname: str
+    user: str
+    addresses: list[str]
+    tags: list[str]
+    authorized: bool
+    is_external: bool
+    key_expiry_disabled: bool
+    created: datetime
+    expires: datetime | None
+    last_seen: datetime | None
+    connected_to_control: bool
+    os: str
+    machine_key: str
+    node_key: str
+    client_version: str
+    update_available: bool
+    blocks_incoming_connections: bool
+    is_ephemeral: bool
+    advertised_routes: list[str]
+    enabled_routes: list[str]
+
+
+class V2Devices(_Camel):
+    devices: list[V2Device]
+
+
+class V2Authorized(_Camel):
+    authorized: bool
+
+
+class V2Name(_Camel):
+    name: str = ""
+
+
+class V2Tags(_Camel):
+    tags: list[str]
+
+
+class V2Routes(_Camel):
+    routes: list[str]
+
+
+class V2DeviceRoutes(_Camel):
+    advertised_routes: list[str]
+    enabled_routes: list[str]
+
+
+class V2Empty(_Camel):
+    pass
+
+
+class V2KeyCreate(_Camel):
+    reusable: bool = False
+    ephemeral: bool = False
+    preauthorized: bool = False
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class V2KeyDevices(_Camel):
+    create: V2KeyCreate = msgspec.field(default_factory=V2KeyCreate)
+
+
+class V2KeyCapabilities(_Camel):
+    devices: V2KeyDevices = msgspec.field(default_factory=V2KeyDevices)
+
+
+class V2Key(_Camel, omit_defaults=True):
+    """An auth key (a pre-auth key); ``key`` only in the answer that created it."""
+
+    id: str
+    key_type: str
+    description: str
+    created: datetime
+    expires: datetime | None
+    revoked: datetime | None
+    invalid: bool
+    capabilities: V2KeyCapabilities
+    user_id: str | None
+    key: str | None = None
+
+
+class V2Keys(_Camel):
+    keys: list[V2Key]
+
+
+class V2KeyRequest(_Camel):
+    key_type: str = "auth"
+    description: str = ""
+    expiry_seconds: int | None = None
+    capabilities: V2KeyCapabilities = msgspec.field(default_factory=V2KeyCapabilities)
+
+
+class V2User(_Camel):
+    id: str
+    display_name: str
+    login_name: str
+    profile_pic_url: str
+    tailnet_id: str
+    created: datetime
+    type: str
+    role: str
+    status: str
+    device_count: int
+    last_seen: datetime | None
+    currently_connected: bool
+
+
+class V2Users(_Camel):
+    users: list[V2User]
+
+
+class V2Validation(_Camel):
+    """``acl/validate``: empty when the policy is valid and its tests pass."""
+
+    message: str | None = None
+    data: list[dict[str, Any]] | None = None
+
+
+class V2Preview(_Camel):
+    """``acl/preview``: the rules matching a user or ``ip:port`` (``matches``), and what
+    putting the policy in force would change (``impact``, as ``tailledger policy impact``)."""
+
+    type: str
+    preview_for: str
+    matches: list[dict[str, Any]]
+    impact: dict[str, Any]
+
+
+class V2Token(msgspec.Struct, kw_only=True):
+    access_token: str
+    token_type: str
+    expires_in: int
+    scope: str

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,3 +103,42 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         admin_key = srv.cli("apikeys", "create", check=True).stdout.strip()
         member_key = srv.cli("apikeys", "create", "--user", "bob", "--role", "member", check=True).stdout.strip()
         yield ApiServer(srv, cert, admin_key, member_key)
+
+
+def check_against_openapi(api: ApiServer, operations: list[tuple[str, str, Any]]) -> int:
+    """Every operation is in the server's OpenAPI document, and every JSON response the
+    test clients received validates against the schema the document gives for its
+    route and status. Returns how many responses were checked."""
+    from jsonschema import Draft202012Validator
+
+    with api.client() as http:
+        doc = http.get("/api/v1/openapi.json").json()
+        page = http.get("/api/v1/docs")
+    assert page.status_code == 200 and "/api/v1/node/{nodeId}" in page.text
+    templated = [(method.upper(), path) for path, ops in doc["paths"].items() for method in ops]
+    for method, path, _ in operations:
+        assert any(m == method and _matches(t, path) for m, t in templated), (method, path)
+    checked = 0
+    for method, path, status, ctype, body in api.seen:
+        template = next((t for m, t in templated if m == method and _matches(t, path)), None)
+        if template is None:
+            continue
+        responses = doc["paths"][template][method.lower()]["responses"]
+        spec = responses.get(str(status)) or responses["default"]
+        content = spec.get("content", {})
+        media = ctype.split(";")[0]
+        if media not in content or not media.endswith("json"):
+            assert media not in ("application/json", "application/problem+json") or not content, (
+                method, path, status, ctype,
+            )
+            continue
+        schema = {**content[media]["schema"], "components": doc["components"]}
+        errors = list(Draft202012Validator(schema).iter_errors(json.loads(body)))
+        assert not errors, (method, path, status, errors[0].message)
+        checked += 1
+    return checked
+
+
+def _matches(template: str, path: str) -> bool:
+    t, p = template.strip("/").split("/"), path.strip("/").split("/")
+    return len(t) == len(p) and all(a == b or a.startswith("{") for a, b in zip(t, p, strict=True))

@@ -1,0 +1,281 @@
+"""``/api/v2`` driven by Tailscale's API client from PyPI (``tailscale``), unmodified:
+its base URL is fixed (``https://api.tailscale.com/api/v2/``), so it gets an aiohttp
+session whose resolver sends that host to the test server and which trusts the test
+certificate (it names ``api.tailscale.com``). Refusals are checked with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from tailscale import Tailscale, TailscaleError, TailscalePermissionError
+
+from .conftest import TAILSCALE_API_HOST, ApiServer, check_against_openapi
+
+
+class _ToTestServer(AbstractResolver):
+    """Resolves Tailscale's API host to the test server; nothing else."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host != TAILSCALE_API_HOST:
+            raise OSError(f"the test resolver knows only {TAILSCALE_API_HOST}, not {host}")
+        return [ResolveResult(hostname=host, host="127.0.0.1", port=self.port, family=socket.AF_INET, proto=0,
+                              flags=socket.AI_NUMERICHOST)]
+
+    async def close(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def tailscale_client(api: ApiServer, **kw: Any) -> AsyncIterator[Tailscale]:
+    connector = aiohttp.TCPConnector(resolver=_ToTestServer(api.srv.port), ssl=api.ssl_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield Tailscale(session=session, request_timeout=30, **kw)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def tailnet(api: ApiServer) -> dict[str, str]:
+    """Two nodes of alice, one of bob, and the policy that owns tag:web."""
+    srv = api.srv
+    alice_key = srv.cli("preauthkeys", "create", "-u", "alice", "--reusable", check=True).stdout.strip()
+    bob_key = srv.cli("preauthkeys", "create", "-u", "bob", check=True).stdout.strip()
+    api.register("web-a", alice_key)
+    api.register("web-b", alice_key)
+    api.register("bobs-box", bob_key)
+    with api.client(api.admin_key) as http:
+        nodes = {n["givenName"]: n["id"] for n in http.get("/api/v1/node").json()["nodes"]}
+    return nodes
+
+
+def test_devices_through_the_tailscale_client(api: ApiServer, tailnet: dict[str, str]) -> None:
+    async def go() -> None:
+        async with tailscale_client(api, api_key=api.admin_key) as ts:
+            policy = await ts.policy_file()
+            await ts.set_policy_file(
+                '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}',
+                etag=policy.etag,
+            )
+            devices = await ts.devices()
+            names = {d.hostname: d for d in devices.values()}
+            assert {"web-a", "web-b", "bobs-box"} <= set(names)
+            web_a = names["web-a"]
+            assert web_a.user == "alice" and web_a.addresses and web_a.authorized
+            one = await ts.device(web_a.device_id)
+            assert one.node_id == f"n{web_a.device_id}"
+            await ts.rename_device(web_a.device_id, name="front")
+            await ts.set_device_tags(web_a.device_id, tags=["tag:web"])
+            routes = await ts.set_device_routes(web_a.device_id, routes=["10.9.0.0/16"])
+            assert routes.enabled_routes == []  # approved, but not advertised
+            assert (await ts.device_routes(web_a.device_id)).advertised_routes == []
+            await ts.authorize_device(web_a.device_id, authorized=True)
+            await ts.expire_device_key(names["web-b"].device_id)
+            renamed = await ts.device(web_a.device_id)
+            assert renamed.name.startswith("front.") and renamed.tags == ["tag:web"]
+            assert (await ts.device(names["web-b"].device_id)).expires is not None
+            await ts.delete_device(names["web-b"].device_id)
+            assert names["web-b"].device_id not in await ts.devices()
+
+    before = api.head()
+    _run(go())
+    actor = f"apikey:{api.admin_key.split('-')[2]}"
+    assert [t for t, a in api.events(before) if a == actor] == [
+        "policy.set", "node.renamed", "node.tags_set", "node.routes_approved", "node.expiry_set", "node.deleted",
+    ]
+
+
+def test_keys_policy_and_users_through_the_tailscale_client(api: ApiServer, tailnet: dict[str, str]) -> None:
+    async def go() -> None:
+        async with tailscale_client(api, api_key=api.admin_key) as ts:
+            made = await ts.create_key(tags=["tag:web"], reusable=True, expiry_seconds=3600)
+            assert made.key.startswith("tlkey-auth-") and made.capabilities.devices.create.reusable
+            listed = {k.key_id: k for k in await ts.keys()}
+            assert made.key_id in listed and listed[made.key_id].key == ""  # shown once
+            assert (await ts.key(made.key_id)).capabilities.devices.create.tags == ["tag:web"]
+            await ts.delete_key(made.key_id)
+            assert (await ts.key(made.key_id)).invalid
+
+            policy = await ts.policy_file()
+            assert '"tag:web"' in policy.policy and policy.etag
+            with pytest.raises(TailscaleError):  # changed since: the ETag no longer matches
+                await ts.set_policy_file('{"acls": []}', etag='"stale"')
+            bad = await ts.validate_policy_file('{"acls": [{"action": "maybe"}]}')
+            assert bad.message
+            good = await ts.validate_policy_file(policy.policy)
+            assert good.message is None
+            preview = await ts.preview_policy_rules(
+                '{"tagOwners": {"tag:web": ["alice@"]}, "acls": []}', preview_type="user", preview_for="alice"
+            )
+            assert preview.preview_type == "user"
+
+            users = {u.login_name: u for u in await ts.users()}
+            assert users["alice"].role == "owner" and users["bob"].role == "member"
+            assert [u.login_name for u in await ts.users(role="owner")] == ["alice"]
+
+    before = api.head()
+    _run(go())
+    assert [t for t, _ in api.events(before)] == ["preauthkey.created", "preauthkey.expired"]
+
+
+def test_a_member_key_sees_only_its_own_devices(api: ApiServer, tailnet: dict[str, str]) -> None:
+    async def go() -> None:
+        async with tailscale_client(api, api_key=api.member_key) as ts:
+            devices = await ts.devices()
+            assert {d.hostname for d in devices.values()} == {"bobs-box"}
+            with pytest.raises(TailscaleError) as refused:
+                await ts.device(tailnet["web-a"])
+            assert refused.value.args[0] == 404 or "not found" in str(refused.value)
+            assert [u.login_name for u in await ts.users()] == ["bob"]
+
+    _run(go())
+
+
+def _client(api: ApiServer, scopes: str) -> tuple[str, str]:
+    secret = api.srv.cli("oauth-clients", "create", "--scopes", scopes, check=True).stdout.strip()
+    return secret.split("-")[2], secret
+
+
+def test_oauth_client_credentials_and_scopes(api: ApiServer, tailnet: dict[str, str]) -> None:
+    client_id, secret = _client(api, "devices:core")
+
+    async def go() -> None:
+        async with tailscale_client(api, oauth_client_id=client_id, oauth_client_secret=secret) as ts:
+            devices = await ts.devices()
+            assert "bobs-box" in {d.hostname for d in devices.values()}
+            await ts.rename_device(tailnet["bobs-box"], name="bobby")
+            with pytest.raises(TailscalePermissionError):
+                await ts.keys()
+            with pytest.raises(TailscalePermissionError):
+                await ts.policy_file()
+
+    before = api.head()
+    _run(go())
+    assert api.events(before) == [("node.renamed", f"oauthclient:{client_id}")]
+
+
+def test_oauth_token_endpoint_refusals(api: ApiServer) -> None:
+    client_id, secret = _client(api, "devices:core:read")
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+        wrong = http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret + "x"})
+        assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
+        wider = http.post(
+            "/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret, "scope": "devices:core"}
+        )
+        assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+        ok = http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret})
+        assert ok.status_code == 200 and ok.json()["expires_in"] == 3600
+        token = ok.json()["access_token"]
+        # Tokens are for /api/v2 only, and end with their client.
+        assert http.get("/api/v1/node", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+        devices = http.get("/api/v2/tailnet/-/devices", headers={"Authorization": f"Bearer {token}"})
+        assert devices.status_code == 200
+    api.srv.cli("oauth-clients", "delete", client_id, check=True)
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+        gone = http.get("/api/v2/tailnet/-/devices", headers={"Authorization": f"Bearer {token}"})
+        assert gone.status_code == 401
+
+
+# -- refusals, with httpx ----------------------------------------------------------------------------
+
+V2_OPERATIONS: list[tuple[str, str, Any]] = [
+    ("GET", "/api/v2/tailnet/-/devices", None),
+    ("GET", "/api/v2/device/1", None),
+    ("DELETE", "/api/v2/device/1", None),
+    ("POST", "/api/v2/device/1/authorized", {"authorized": True}),
+    ("POST", "/api/v2/device/1/expire", None),
+    ("POST", "/api/v2/device/1/name", {"name": "x"}),
+    ("POST", "/api/v2/device/1/tags", {"tags": []}),
+    ("GET", "/api/v2/device/1/routes", None),
+    ("POST", "/api/v2/device/1/routes", {"routes": []}),
+    ("GET", "/api/v2/tailnet/-/keys", None),
+    ("POST", "/api/v2/tailnet/-/keys", {"capabilities": {"devices": {"create": {"tags": ["tag:web"]}}}}),
+    ("GET", "/api/v2/tailnet/-/keys/1", None),
+    ("DELETE", "/api/v2/tailnet/-/keys/1", None),
+    ("GET", "/api/v2/tailnet/-/acl", None),
+    ("POST", "/api/v2/tailnet/-/acl/validate", None),
+    ("GET", "/api/v2/tailnet/-/users", None),
+]
+
+
+@pytest.fixture(scope="module")
+def narrow_token(api: ApiServer) -> str:
+    """A token whose only scope (dns:read) grants none of the operations above."""
+    client_id, secret = _client(api, "dns:read")
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+        return str(http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret})
+                   .json()["access_token"])
+
+
+@pytest.fixture(scope="module")
+def expired_key(api: ApiServer) -> str:
+    key = api.srv.cli("apikeys", "create", check=True).stdout.strip()
+    api.srv.cli("apikeys", "expire", key.split("-")[2], check=True)
+    return key
+
+
+@pytest.mark.parametrize(("method", "path", "body"), V2_OPERATIONS, ids=[f"{m} {p}" for m, p, _ in V2_OPERATIONS])
+@pytest.mark.parametrize(("credential", "status"), [("none", 401), ("expired", 401), ("narrow token", 403)])
+def test_refused_credentials_append_nothing(
+    api: ApiServer, tailnet: dict[str, str], narrow_token: str, expired_key: str,
+    method: str, path: str, body: Any, credential: str, status: int,
+) -> None:
+    key = {"none": None, "expired": expired_key, "narrow token": narrow_token}[credential]
+    before = api.head()
+    with api.client(key) as http:
+        response = http.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["message"]
+    assert api.head() == before
+
+
+_V2_BODIES = [(m, p) for m, p, b in V2_OPERATIONS if isinstance(b, dict)]
+
+
+@pytest.mark.parametrize(("method", "path"), _V2_BODIES, ids=[f"{m} {p}" for m, p in _V2_BODIES])
+def test_malformed_json_is_400(api: ApiServer, tailnet: dict[str, str], method: str, path: str) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        response = http.request(method, path, content=b'{"tags": ', headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert api.head() == before
+
+
+_V2_UNKNOWN = [
+    (m, p.replace("/device/1", "/device/999").replace("/keys/1", "/keys/999").replace("/tailnet/-/", "/tailnet/other/"), b)
+    for m, p, b in V2_OPERATIONS
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), _V2_UNKNOWN, ids=[f"{m} {p}" for m, p, _ in _V2_UNKNOWN])
+def test_unknown_ids_and_tailnets_are_404(api: ApiServer, tailnet: dict[str, str], method: str, path: str,
+                                          body: Any) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        response = http.request(method, path, json=body)
+    assert response.status_code == 404, response.text
+    assert api.head() == before
+
+
+def test_openapi_document_covers_v2_and_every_response_validates(api: ApiServer, tailnet: dict[str, str]) -> None:
+    """Runs last in this module: the refusals above, and the answers of every read."""
+    with api.client(api.admin_key) as http:
+        for method, path, _body in V2_OPERATIONS:
+            if method == "GET":
+                assert http.get(path).status_code == 200, path
+        assert http.post("/api/v2/tailnet/-/acl/validate", content=b'{"acls": []}').status_code == 200
+        made = http.post("/api/v2/tailnet/-/keys", json={"capabilities": {"devices": {"create": {"tags": ["tag:web"]}}}})
+        assert made.status_code == 200, made.text
+    assert check_against_openapi(api, V2_OPERATIONS) > 50
