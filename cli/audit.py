@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eventlog.signing import (
     Signer,
+    anchor_path,
     load_or_create_signing_key,
     load_signing_key,
     parse_public_key,
@@ -20,7 +21,7 @@ from eventlog.signing import (
 
 from .config import Config, default_signing_key_path
 
-__all__ = ["SigningKeyError", "key_path", "mac_key_for", "open_signer", "trusted_public_key"]
+__all__ = ["SigningKeyError", "anchor_file", "key_path", "mac_key_for", "open_signer", "trusted_public_key"]
 
 log = logging.getLogger("tailledger")
 
@@ -35,6 +36,11 @@ def key_path(config: Config) -> Path:
     if config.audit.signing_key_file:
         return Path(config.audit.signing_key_file)
     return default_signing_key_path(None, os.environ)
+
+
+def anchor_file(config: Config) -> Path:
+    """Where the server keeps the newest anchor line of its log (beside the key)."""
+    return anchor_path(key_path(config), config.database_path)
 
 
 def open_signer(config: Config) -> Signer:

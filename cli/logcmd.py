@@ -16,7 +16,7 @@ from eventlog import EventLogError, RecordedEvent, SQLiteEventStore
 from eventlog.audit import audit_log
 from eventlog.signing import SignedCheckpoint, parse_anchor, read_anchor
 
-from .audit import SigningKeyError, key_path, trusted_public_key
+from .audit import SigningKeyError, anchor_file, trusted_public_key
 from .config import Config
 from .output import print_json, terminal_safe
 
@@ -118,7 +118,7 @@ def verify(config: Config, output: str, *, pubkey: str | None = None, anchor_fil
     store = _open(config)
     public_key = _public_key(config, pubkey)
     anchors = _anchors(anchor_files or [])
-    kept = read_anchor(key_path(config))  # the server keeps its newest one beside the key
+    kept = read_anchor(anchor_file(config))  # the server keeps its newest one beside the key
     if kept is not None:
         anchors.append(kept)
     report = audit_log(store, public_key=public_key, anchors=anchors)

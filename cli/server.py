@@ -33,7 +33,7 @@ from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
 from .api import ApiService
-from .audit import SigningKeyError, key_path, open_signer
+from .audit import SigningKeyError, anchor_file, open_signer
 from .config import Config
 from .durations import parse_duration
 from .gcpolicy import manage_gc
@@ -69,7 +69,7 @@ class Server:
             self.signer,
             every_events=config.audit.checkpoint_events,
             every_seconds=_seconds(config.audit.checkpoint_interval),
-            key_path=key_path(config),
+            anchor_file=anchor_file(config),
         )
         self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db", mac_key=self.signer.mac_key())
         self.runner = ProjectionRunner(self.log, self.checkpoints, check_links=not ignore_chain_errors)
@@ -114,7 +114,7 @@ class Server:
         Raises:
             ChainRefused: the log fails and ``ignore_chain_errors`` is not set.
         """
-        anchor = read_anchor(key_path(self.config))
+        anchor = read_anchor(anchor_file(self.config))
         report = await trio.to_thread.run_sync(
             partial(
                 audit_log,

@@ -34,8 +34,8 @@ class HeadSigner:
     Args:
         every_events: sign once the head is this many events past the last signature.
         every_seconds: sign at least this often while new events arrive.
-        key_path: the signing key's file; the newest anchor is written beside it
-            (``None``: no anchor file, for tests).
+        anchor_file: where the newest anchor line is written, beside the signing key
+            (:func:`~eventlog.signing.anchor_path`; ``None``: nowhere, for tests).
     """
 
     def __init__(
@@ -45,14 +45,14 @@ class HeadSigner:
         *,
         every_events: int = 1000,
         every_seconds: float = 600.0,
-        key_path: Path | None = None,
+        anchor_file: Path | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.log = log
         self.signer = signer
         self._every_events = every_events
         self._every_seconds = every_seconds
-        self._key_path = key_path
+        self._anchor_file = anchor_file
         self._clock = clock
         self._lock = trio.Lock()
         self.last: SignedCheckpoint | None = None
@@ -93,11 +93,11 @@ class HeadSigner:
             prev = self.last.digest() if self.last is not None else ""
             checkpoint = self.signer.sign(n=n, seq=head.seq, hash=head.hash, at=self._clock(), prev=prev)
             await trio.to_thread.run_sync(self.log.store.add_signed_checkpoint, checkpoint)
-            if self._key_path is not None:
+            if self._anchor_file is not None:
                 try:
-                    await trio.to_thread.run_sync(write_anchor, self._key_path, checkpoint)
+                    await trio.to_thread.run_sync(write_anchor, self._anchor_file, checkpoint)
                 except OSError as exc:
-                    log.warning("cannot write the anchor beside %s: %s", self._key_path, exc)
+                    log.warning("cannot write the anchor %s: %s", self._anchor_file, exc)
             self.last = checkpoint
             self.signed += 1
             log.debug("signed the log head: seq %d (checkpoint %d)", head.seq, n)

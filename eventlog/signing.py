@@ -8,8 +8,8 @@ not read that key can no longer produce a history that verifies.
 
 Signed checkpoints are numbered ``n = 1, 2, …`` and each names the digest of the one
 before it (``prev``), so removing one from the middle breaks the sequence. The newest
-is also written, as an *anchor line*, to a file beside the signing key
-(:func:`anchor_path`): removing the newest checkpoints or truncating the log is then
+is also written, as an *anchor line*, to a file beside the signing key (one per log,
+:func:`anchor_path`): removing the newest checkpoints or truncating the log is then
 caught by comparing with that file, and ``tailledger log anchor`` prints the same line
 to keep anywhere else (a ticket, a commit, another machine).
 
@@ -196,14 +196,15 @@ def load_or_create_signing_key(path: Path) -> tuple[Signer, bool]:
     return Signer(key), True
 
 
-def anchor_path(key_path: Path) -> Path:
-    """Where the newest anchor line is kept, beside the signing key."""
-    return key_path.with_name(key_path.name + ".anchor")
+def anchor_path(key_path: Path, log_path: Path) -> Path:
+    """Where the newest anchor line of the log at ``log_path`` is kept: beside the
+    signing key, one file per log (several servers may share a key)."""
+    which = hashlib.sha256(str(log_path.resolve()).encode()).hexdigest()[:12]
+    return key_path.with_name(f"{key_path.name}.{which}.anchor")
 
 
-def write_anchor(key_path: Path, checkpoint: SignedCheckpoint) -> None:
-    """Replace the anchor file beside the key with ``checkpoint`` (atomically)."""
-    target = anchor_path(key_path)
+def write_anchor(target: Path, checkpoint: SignedCheckpoint) -> None:
+    """Replace the anchor file ``target`` with ``checkpoint`` (atomically)."""
     tmp = target.with_name(target.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -213,10 +214,10 @@ def write_anchor(key_path: Path, checkpoint: SignedCheckpoint) -> None:
     os.replace(tmp, target)
 
 
-def read_anchor(key_path: Path) -> SignedCheckpoint | None:
-    """The anchor kept beside the key, if there is a readable one."""
+def read_anchor(path: Path) -> SignedCheckpoint | None:
+    """The anchor kept in ``path`` (see :func:`anchor_path`), if there is a readable one."""
     try:
-        text = anchor_path(key_path).read_text().strip()
+        text = path.read_text().strip()
     except OSError:
         return None
     try:

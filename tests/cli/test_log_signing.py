@@ -108,3 +108,22 @@ def test_a_forged_projection_checkpoint_is_discarded(tmp_path: Path) -> None:
         keys = json.loads(server.cli("preauthkeys", "list", "-o", "json", check=True).stdout)
         assert [k["prefix"] for k in keys] == [key.prefix]
     assert "fails its MAC" in server.log_text()
+
+
+def test_two_logs_can_share_one_signing_key(tmp_path: Path) -> None:
+    """Each log keeps its own anchor beside the shared key: neither blames the other."""
+    env = {"TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "shared.key")}
+    for name in ("a", "b", "a"):
+        with running_server(tmp_path / name, extra_env=env) as server:
+            server.cli("users", "create", f"user-{name}-{server.port}", check=True)
+        assert "refusing" not in server.log_text()
+    anchors = sorted(p.name for p in tmp_path.glob("shared.key.*.anchor"))
+    assert len(anchors) == 2
+    for name in ("a", "b"):
+        assert json.loads(_cli_with(tmp_path / name, env, "log", "verify", "-o", "json").stdout)["ok"]
+
+
+def _cli_with(data: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], env=serve_env(data, 0, env), capture_output=True, text=True, timeout=60
+    )

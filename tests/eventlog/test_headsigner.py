@@ -40,8 +40,8 @@ async def test_signs_every_n_events_every_interval_and_at_shutdown(
     store = SQLiteEventStore(tmp_path / "log.db")
     log = EventLog(store, poll_interval=0.5)
     signer = Signer.generate()
-    key_path = tmp_path / "signing.key"
-    heads = HeadSigner(log, signer, every_events=3, every_seconds=60, key_path=key_path)
+    anchor = tmp_path / "signing.key.0.anchor"
+    heads = HeadSigner(log, signer, every_events=3, every_seconds=60, anchor_file=anchor)
 
     def signed_seqs() -> list[int]:
         return [cp.seq for cp in store.signed_checkpoints()]
@@ -71,7 +71,7 @@ async def test_signs_every_n_events_every_interval_and_at_shutdown(
         await log.append([user(5)], actor=ADMIN)
         nursery.cancel_scope.cancel()
     assert signed_seqs() == [3, 4, 5]  # at shutdown
-    kept = read_anchor(key_path)
+    kept = read_anchor(anchor)
     assert kept is not None and kept.seq == 5 and kept.n == 3
     assert audit_log(store, public_key=signer.public_key, anchors=[kept]).ok
 
