@@ -224,6 +224,55 @@ class AdminConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     socket_group: str = ""
 
 
+class PKCEConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    method: str = "S256"  # or "plain" (only for a provider that knows no better)
+
+
+class OIDCConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Sign-in with an OpenID Connect provider (``[oidc]``; off while ``issuer`` is "").
+
+    Names follow Headscale's ``oidc:`` section where they mean the same. See
+    ``docs/oidc.md``.
+    """
+
+    # The provider's issuer URL; its /.well-known/openid-configuration is read.
+    issuer: str = ""
+    client_id: str = ""
+    # The client secret, or a file holding it (give one; the file is better: the
+    # secret then stays out of the configuration and of the environment).
+    client_secret: str = ""
+    client_secret_path: str = ""
+    scope: list[str] = msgspec.field(default_factory=lambda: ["openid", "profile", "email"])
+    # More parameters of the authorization request (e.g. domain_hint, prompt).
+    extra_params: dict[str, str] = msgspec.field(default_factory=dict)
+    pkce: PKCEConfig = msgspec.field(default_factory=PKCEConfig)
+    # Who may sign in (each list empty = no restriction by it): e-mail domains, e-mail
+    # addresses, and groups from the ``groups_claim`` claim of the token.
+    allowed_domains: list[str] = msgspec.field(default_factory=list)
+    allowed_users: list[str] = msgspec.field(default_factory=list)
+    allowed_groups: list[str] = msgspec.field(default_factory=list)
+    groups_claim: str = "groups"
+    # Members of these groups become admins of the tailnet when they sign in.
+    admin_groups: list[str] = msgspec.field(default_factory=list)
+    # Refuse a login whose e-mail the provider has not verified (email_verified).
+    email_verified_required: bool = True
+    # Key expiry of nodes registered by a sign-in ("" = node_key_expiry), or, with
+    # use_expiry_from_token, the expiry of the ID token.
+    expiry: str = ""
+    use_expiry_from_token: bool = False
+    # User names without the e-mail's domain (alice, not alice@example.com).
+    strip_email_domain: bool = False
+    # Trust this CA bundle for the provider (a private CA). Verification is never off
+    # unless tls_insecure_skip_verify is set, which only tests should do.
+    ca_file: str = ""
+    tls_insecure_skip_verify: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     data_dir: str = "./tailledger-data"
     listen_addr: str = "127.0.0.1:8080"
@@ -246,6 +295,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    oidc: OIDCConfig = msgspec.field(default_factory=OIDCConfig)
 
     # -- derived ------------------------------------------------------------------
 
@@ -294,7 +344,7 @@ def redacted(config: Config) -> dict[str, object]:
             return {k: scrub(v, str(k)) for k, v in value.items()}
         if isinstance(value, list):
             return [scrub(v, name) for v in value]
-        if _is_secret(name) and value not in ("", None):
+        if _is_secret(name) and value not in ("", None) and not isinstance(value, bool):
             return REDACTED
         return value
 
@@ -478,6 +528,7 @@ def validate(config: Config) -> None:
     if not config.dns.base_domain and config.dns.magic_dns:
         raise ConfigError("dns.base_domain: MagicDNS needs a base domain")
     _validate_audit(config)
+    _validate_oidc(config.oidc)
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -521,6 +572,57 @@ def _validate_audit(config: Config) -> None:
         except KeyError:
             if not (group.isascii() and group.isdigit()):
                 raise ConfigError(f"admin.socket_group: no Unix group named {group!r}") from None
+
+
+def _validate_oidc(oidc: OIDCConfig) -> None:
+    from urllib.parse import urlsplit
+
+    if not oidc.enabled:
+        return
+    url = urlsplit(oidc.issuer)
+    loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+    if url.scheme != "https" and not (url.scheme == "http" and loopback):
+        raise ConfigError(f"oidc.issuer: {oidc.issuer!r} is not an https:// URL")
+    if not oidc.client_id:
+        raise ConfigError("oidc.client_id: needed with oidc.issuer")
+    if bool(oidc.client_secret) == bool(oidc.client_secret_path):
+        raise ConfigError("oidc: give client_secret or client_secret_path (one of them)")
+    read_client_secret(oidc)
+    if "openid" not in oidc.scope:
+        raise ConfigError("oidc.scope: must include \"openid\"")
+    if oidc.pkce.method not in ("S256", "plain"):
+        raise ConfigError(f"oidc.pkce.method: {oidc.pkce.method!r} is not S256 or plain")
+    if not oidc.groups_claim:
+        raise ConfigError("oidc.groups_claim: must name a claim")
+    if oidc.expiry:
+        try:
+            parse_duration(oidc.expiry)
+        except DurationError as exc:
+            raise ConfigError(f"oidc.expiry: {exc}") from None
+    if oidc.ca_file and not Path(oidc.ca_file).is_file():
+        raise ConfigError(f"oidc.ca_file: {oidc.ca_file} is not a readable file")
+    for i, domain in enumerate(oidc.allowed_domains):
+        if not domain or "@" in domain:
+            raise ConfigError(f"oidc.allowed_domains[{i}]: {domain!r} is not a domain")
+
+
+def read_client_secret(oidc: OIDCConfig) -> str:
+    """The OIDC client secret from ``client_secret`` or ``client_secret_path``.
+
+    Raises:
+        ConfigError: the file is unreadable or empty (the message never holds the secret).
+    """
+    if oidc.client_secret:
+        return oidc.client_secret
+    try:
+        text = Path(oidc.client_secret_path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"oidc.client_secret_path: cannot read {oidc.client_secret_path}: {exc.strerror}"
+        ) from None
+    if not text:
+        raise ConfigError(f"oidc.client_secret_path: {oidc.client_secret_path} is empty")
+    return text
 
 
 def _validate_limits(limits: LimitsConfig) -> None:

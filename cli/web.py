@@ -5,8 +5,8 @@ not ``/key`` or ``/ts2021`` (see :mod:`protocol.serve`):
 
 * ``GET /health`` — 200 with the log head while the projection is current, 503 while it
   is still folding the backlog (load balancers should wait).
-* ``GET /register/<id>`` — the page a client's AuthURL points to: it tells the person
-  which command an admin runs to approve the machine (OIDC login replaces it later).
+* ``GET /register/<id>`` — the page a client's AuthURL points to, and the OIDC sign-in
+  behind it (:mod:`cli.register_web`).
 
 :func:`serve_metrics` serves ``GET /metrics`` (Prometheus text format) on its own
 address, ``metrics_listen_addr`` (``127.0.0.1:9090`` by default, as Headscale): never
@@ -15,7 +15,6 @@ on the public control port, where anyone could read the tailnet's size and activ
 
 from __future__ import annotations
 
-import html
 from typing import TYPE_CHECKING
 
 import trio
@@ -204,18 +203,6 @@ def metrics_registry(server: Server) -> CollectorRegistry:
     return registry
 
 
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>tailledger: approve this machine</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em}}
-code{{background:#eee;padding:.2em .4em;border-radius:.2em}}</style></head>
-<body><h1>Machine waiting for approval</h1>
-<p>{what}</p>
-<p>An administrator of this tailnet approves it with:</p>
-<p><code>tailledger nodes register --key {key} --user USERNAME</code></p>
-<p>The client connects by itself once approved.</p></body></html>
-"""
-
-
 def make_app(server: Server) -> QuartTrio:
     app = QuartTrio("tailledger")
 
@@ -226,20 +213,9 @@ def make_app(server: Server) -> QuartTrio:
         ok = folded >= head
         return {"status": "ok" if ok else "catching-up", "log_seq": head, "folded_seq": folded}, 200 if ok else 503
 
-    @app.get("/register/<auth_id>")
-    async def register_page(auth_id: str) -> tuple[str, int]:
-        pending = await server.control.pending.get(auth_id) if server.control else None
-        if pending is None:
-            return "<!doctype html><p>This registration link is unknown or has expired. Run the login again.</p>", 404
-        if pending.rejected_reason is not None:
-            return "<!doctype html><p>An administrator rejected this registration.</p>", 410
-        what = f"The machine <b>{html.escape(pending.hostname or 'a machine')}</b>"
-        if pending.os:
-            what += f" ({html.escape(pending.os)})"
-        what += " asked to join this tailnet"
-        if pending.request_tags:
-            what += " with the tags " + ", ".join(f"<code>{html.escape(t)}</code>" for t in pending.request_tags)
-        return _PAGE.format(what=what + ".", key=html.escape(auth_id)), 200
+    from .register_web import install_register_routes
+
+    install_register_routes(app, server)
 
     from .api import mount_api
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from eventlog import Actor, ActorKind, RecordedEvent
 from eventlog.events import (
@@ -47,6 +47,7 @@ from eventlog.events import (
     RoutesApproved,
     UserCreated,
     UserDeleted,
+    UserProfileUpdated,
     UserRenamed,
     UserRoleSet,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
+    "decide_update_user_profile",
     "find_api_key",
     "find_node",
     "find_preauth_key",
@@ -213,6 +215,7 @@ def decide_create_user(
     provider: str = "local",
     provider_id: str = "",
     role: str | None = None,
+    profile_pic_url: str = "",
 ) -> Decision[int]:
     """Create a user. ``role`` ``None``: the first user of a tailnet without users
     becomes its owner, every later one a member."""
@@ -230,6 +233,7 @@ def decide_create_user(
         provider=provider,
         provider_id=provider_id,
         role=role if role is not None else ("owner" if not state.users else "member"),
+        profile_pic_url=profile_pic_url,
     )
     return Decision((event,), uid)
 
@@ -253,6 +257,33 @@ def decide_set_role(state: TailnetState, ref: str, role: str) -> Decision[int]:
             f"user {user.name!r} is the tailnet's only owner; make another user owner first"
         )
     return Decision((UserRoleSet(user_id=user.id, role=role),), user.id)
+def decide_update_user_profile(
+    state: TailnetState,
+    user_id: int,
+    *,
+    display_name: str,
+    email: str,
+    provider: str,
+    provider_id: str,
+    profile_pic_url: str,
+) -> Decision[int]:
+    """Record a user's profile as an identity provider states it; nothing when it is
+    already so (a login with unchanged claims appends nothing)."""
+    user = state.users.get(user_id)
+    if user is None:
+        raise NotFoundError(f"user {user_id} not found")
+    new = (display_name, email, provider, provider_id, profile_pic_url)
+    if new == (user.display_name, user.email, user.provider, user.provider_id, user.profile_pic_url):
+        return Decision((), user.id)
+    event = UserProfileUpdated(
+        user_id=user.id,
+        display_name=display_name,
+        email=email,
+        provider=provider,
+        provider_id=provider_id,
+        profile_pic_url=profile_pic_url,
+    )
+    return Decision((event,), user.id)
 
 
 def decide_rename_user(state: TailnetState, ref: str, new_name: str) -> Decision[int]:
@@ -960,9 +991,14 @@ def decide_login_approved(
     host: ReportedHost | None,
     now: datetime,
     rules: LoginRules,
+    auth: str = "cli",
+    expiry: datetime | Literal["default"] | None = "default",
 ) -> Decision[int]:
-    """An admin approves an interactive login for ``user_ref``: a new node, or a new
-    key for its machine, plus what its Hostinfo reported. One decision.
+    """An admin (or the user, signing in) approves an interactive login for
+    ``user_ref``: a new node, or a new key for its machine, plus what its Hostinfo
+    reported. One decision. ``auth`` is recorded on a new node (``cli``, ``web``,
+    ``oidc``); ``expiry`` is the key's (``"default"``: ``rules.node_key_expiry``;
+    a tagged node's key never expires).
 
     Raises:
         CommandError: unknown user, the machine's node belongs to another user (see
@@ -972,16 +1008,22 @@ def decide_login_approved(
     reported = host or ReportedHost()
     current = state.node_by_machine(machine_key)
     first: Decision[int]
+
+    def key_expiry(tagged: bool) -> datetime | None:
+        if expiry == "default" or tagged:
+            return rules.new_expiry(now, tagged)
+        return expiry
+
     if current is not None:
         check_relogin_owner(state, current, user)
         first = decide_rotate_node_key(
-            state, current, node_key=node_key, expiry=rules.new_expiry(now, bool(current.tags))
+            state, current, node_key=node_key, expiry=key_expiry(bool(current.tags))
         )
     else:
         first = decide_register_node(
             state, machine_key=machine_key, node_key=node_key,
             hostname=reported.hostname or "node", user_id=user.id, tags=(),
-            ephemeral=ephemeral, expiry=rules.new_expiry(now, False), auth="cli",
+            ephemeral=ephemeral, expiry=key_expiry(False), auth=auth,
             preauth_key=None, plan=rules.plan, os=reported.os, randbelow=rules.randbelow,
             max_hostname_length=rules.max_hostname_length,
         )

@@ -38,6 +38,7 @@ from eventlog.events import (
     RoutesApproved,
     UserCreated,
     UserDeleted,
+    UserProfileUpdated,
     UserRenamed,
     UserRoleSet,
 )
@@ -119,6 +120,16 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             ), Delta(users_changed=frozenset((user.id,)))
         case UserRoleSet():
             return _update_user(state, event.user_id, role=event.role)
+        case UserProfileUpdated():
+            return _update_user(
+                state,
+                event.user_id,
+                display_name=event.display_name,
+                email=event.email,
+                provider=event.provider,
+                provider_id=event.provider_id,
+                profile_pic_url=event.profile_pic_url,
+            )
         case UserDeleted():
             old = state.users.get(event.user_id)
             if old is None:

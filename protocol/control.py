@@ -48,7 +48,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlparse
 
 import msgspec
@@ -572,6 +572,32 @@ class Control:
         auth_id, user_ref = raw.get("key"), raw.get("user")
         if not isinstance(auth_id, str) or not isinstance(user_ref, str):
             raise CommandError("bad arguments: need 'key' and 'user'")
+        node_id = await self.approve_pending(auth_id, user_ref, actor)
+        return {"registered": node_id, "name": self.tailnet.state.nodes[node_id].given_name}
+
+    async def approve_pending(
+        self,
+        auth_id: str,
+        user_ref: str,
+        actor: Actor,
+        *,
+        auth: str = "cli",
+        expiry: datetime | Literal["default"] | None = "default",
+    ) -> int:
+        """Register the machine of the pending request ``auth_id`` to the user
+        ``user_ref`` (name or id), as ``actor``; answer its waiting client.
+
+        Args:
+            auth: how it was approved, as recorded (``cli``, ``oidc``, ``web``).
+            expiry: the node key's expiry; ``"default"``: ``node_key_expiry``.
+
+        Returns:
+            The node's id.
+
+        Raises:
+            NotFoundError: no such request (or it expired), or no such user.
+            CommandError: it was rejected, or the registration is refused.
+        """
         pending = await self.pending.get(auth_id)
         if pending is None:
             raise NotFoundError(
@@ -591,12 +617,13 @@ class Control:
             return c.decide_login_approved(
                 state, machine_key=pending.machine_key, node_key=pending.node_key,
                 user_ref=user_ref, ephemeral=pending.ephemeral, host=host, now=now, rules=rules,
+                auth=auth, expiry=expiry,
             )
 
         node_id = await self._login(decide, actor, 0)
         # Routes and the rest of the Hostinfo arrive with the node's first map request.
         await self.pending.approved(auth_id, node_id)
-        return {"registered": node_id, "name": self.tailnet.state.nodes[node_id].given_name}
+        return node_id
 
     # -- hostinfo → log ------------------------------------------------------------------
 

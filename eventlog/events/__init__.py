@@ -33,7 +33,7 @@ from .node import (
 )
 from .policy import PolicyImpact, PolicySet
 from .route import RoutesAdvertised, RoutesApproved
-from .user import ROLES, UserCreated, UserDeleted, UserRenamed, UserRoleSet
+from .user import ROLES, UserCreated, UserDeleted, UserProfileUpdated, UserRenamed, UserRoleSet
 
 __all__ = [
     "EVENT_TYPES",
@@ -62,6 +62,7 @@ __all__ = [
     "RoutesApproved",
     "UserCreated",
     "UserDeleted",
+    "UserProfileUpdated",
     "UserRenamed",
     "UserRoleSet",
 ]
@@ -71,6 +72,7 @@ AnyEvent = (
     | UserRenamed
     | UserDeleted
     | UserRoleSet
+    | UserProfileUpdated
     | PreAuthKeyCreated
     | PreAuthKeyUsed
     | PreAuthKeyExpired
@@ -97,6 +99,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     UserRenamed,
     UserDeleted,
     UserRoleSet,
+    UserProfileUpdated,
     PreAuthKeyCreated,
     PreAuthKeyUsed,
     PreAuthKeyExpired,

@@ -32,7 +32,8 @@ class NodeRegistered(Event, frozen=True, kw_only=True, tag="node.registered"):
     ``user_id`` is the owner; a tagged node (``tags`` non-empty) is owned by its tags and
     has ``user_id`` set to the user who registered it, for the audit trail only.
     ``auth`` says how: ``"preauthkey"`` (with ``preauthkey_id``), ``"cli"`` (an admin
-    approved an interactive request) or ``"oidc"``.
+    approved an interactive request), ``"web"`` (an admin approved it on the
+    registration page) or ``"oidc"`` (its user signed in with the identity provider).
     """
 
     node_id: int

@@ -7,7 +7,7 @@ from typing import ClassVar, Final
 from ..upcast import Payload, register_upcaster
 from .base import Event
 
-__all__ = ["ROLES", "UserCreated", "UserDeleted", "UserRenamed", "UserRoleSet"]
+__all__ = ["ROLES", "UserCreated", "UserDeleted", "UserProfileUpdated", "UserRenamed", "UserRoleSet"]
 
 #: The tailnet roles, most powerful first. An owner is an admin too (``autogroup:admin``
 #: matches both); a member sees and changes only what is their own.
@@ -59,3 +59,18 @@ class UserRoleSet(Event, frozen=True, kw_only=True, tag="user.role_set"):
 
     user_id: int
     role: str
+
+
+class UserProfileUpdated(Event, frozen=True, kw_only=True, tag="user.profile_updated"):
+    """The user's profile, as an identity provider states it, changed: an OIDC login
+    whose claims (``email``, ``name``, ``picture``) differ from what the log holds, or
+    the first OIDC login of a user an admin made beforehand, which links that user to
+    the provider's subject (``provider``, ``provider_id``). The name is unchanged
+    (``user.renamed``). Every field holds the new value."""
+
+    user_id: int
+    display_name: str
+    email: str
+    provider: str
+    provider_id: str
+    profile_pic_url: str

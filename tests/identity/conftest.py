@@ -1,0 +1,159 @@
+"""Fixtures of the identity tests: a real OIDC provider process and a real browser.
+
+The provider is ``django-oidc-provider`` (``tests/identity/provider.py``); the browser is
+Debian's Chromium driven through its ``chromedriver`` by Selenium. Both come from
+``tests/install-deps.sh`` (run by ``.ci/run``). When one is missing the tests skip,
+except under ``CI=true``, where they fail.
+
+A failing test leaves a screenshot and the page's HTML of every open browser in
+``test-artifacts/<test name>/`` (``$TAILLEDGER_ARTIFACTS`` moves it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .provider import ProviderProject, build_template, prepare
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing() -> list[str]:
+    out = [f"{m} (pip)" for m in ("django", "oidc_provider", "selenium") if importlib.util.find_spec(m) is None]
+    out += [f"{b} (apt)" for b in ("chromium", "chromedriver") if shutil.which(b) is None]
+    return out
+
+
+def require() -> None:
+    lacking = missing()
+    if lacking:
+        message = f"missing {', '.join(lacking)}: run tests/install-deps.sh"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the provider exited:\n{log.read_text()[-3000:]}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the provider does not listen:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.1)
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("TAILLEDGER_")}
+
+
+@pytest.fixture(scope="session")
+def provider_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require()
+    return build_template(tmp_path_factory.mktemp("oidc-template"), _base_env())
+
+
+@pytest.fixture
+def start_provider(provider_template: Path, tmp_path: Path) -> Iterator[Callable[[list[str]], ProviderProject]]:
+    """Start a provider whose client accepts these redirect URIs."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(redirect_uris: list[str]) -> ProviderProject:
+        project = prepare(provider_template, tmp_path / "provider", free_port(), redirect_uris, _base_env())
+        log = tmp_path / "provider.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                project.command(), cwd=project.root, env=project.env(_base_env()), stdout=out, stderr=subprocess.STDOUT
+            )
+        procs.append(proc)
+        wait_port(project.port, proc, log)
+        return project
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def chrome(profile: Path) -> Any:
+    """A headless Chromium from Debian with its chromedriver (no download)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+        # The provider's certificate is the test's own; the server under test checks it
+        # for real through oidc.ca_file, the browser need not.
+        "--ignore-certificate-errors", f"--user-data-dir={profile}", "--no-first-run",
+        "--disable-extensions", "--disable-background-networking",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    service = Service(executable_path=shutil.which("chromedriver") or "chromedriver")
+    return webdriver.Chrome(options=options, service=service)
+
+
+@pytest.fixture
+def browsers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Open real browsers; each is closed after the test, with a screenshot on failure."""
+    opened: list[Any] = []
+
+    def open_browser() -> Any:
+        require()
+        driver = chrome(tmp_path / f"chrome-profile-{len(opened)}")
+        opened.append(driver)
+        return driver
+
+    yield open_browser
+    reports = request.node.stash.get(_REPORTS, {})
+    failed = any(r.failed for r in reports.values())
+    artifacts = Path(os.environ.get("TAILLEDGER_ARTIFACTS", "test-artifacts")) / request.node.name
+    for i, driver in enumerate(opened):
+        try:
+            if failed:
+                artifacts.mkdir(parents=True, exist_ok=True)
+                driver.save_screenshot(str(artifacts / f"browser-{i}.png"))
+                (artifacts / f"browser-{i}.html").write_text(driver.page_source)
+                (artifacts / f"browser-{i}.url").write_text(driver.current_url)
+        finally:
+            driver.quit()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
