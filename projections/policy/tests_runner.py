@@ -10,7 +10,10 @@ carries that message plus one line of detail per failed assertion.
 
 * it is malformed: no ``src``, neither ``accept`` nor ``deny``, a
   destination that is not one host and one port (ranges, lists, ``*``,
-  CIDRs and CIDR host aliases are refused), or ``autogroup:internet``;
+  CIDRs and CIDR host aliases are refused), ``autogroup:internet``, or an
+  IPv6 address without brackets (``fd7a::1:22``; ``[fd7a::1]:22`` is the
+  address form, as in URLs -- the same reason a bare IPv6 ``sshTests``
+  destination names no node);
 * ``src`` or a destination resolves to no address;
 * for ``accept``: some source address cannot reach the destination; for
   ``deny``: some source address can.
@@ -134,6 +137,8 @@ def _reachable(
     """Whether every source address (or CIDR) reaches ``dst`` on its port."""
     tailnet = resolver.tailnet
     host, port_text = split_host_port(dst)
+    if not dst.strip().startswith("[") and _is_ipv6_literal(host):
+        raise _Broken(f'IPv6 address needs brackets: "[{host}]:{port_text}"')
     ports = parse_ports(port_text)
     if len(ports) != 1 or ports[0].first != ports[0].last:
         raise _Broken("test destination port must be a single port")
@@ -155,6 +160,16 @@ def _reachable(
     if not targets:
         raise _Broken("destination resolved to no addresses")
     return all(_one_reaches(p, targets, port, protocols, rules) for p in src.prefixes())
+
+
+def _is_ipv6_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv6 address or prefix (it has colons; aliases do not)."""
+    if ":" not in host or host.startswith(("tag:", "group:", "autogroup:", "user:")):
+        return False
+    try:
+        return not parse_prefix(host).v4
+    except ValueError:
+        return False
 
 
 def _one_reaches(

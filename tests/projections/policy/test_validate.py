@@ -402,3 +402,27 @@ def test_ssh_tests_shape_is_checked_before_running(test: dict[str, object], mess
 def test_ssh_tests_single_host_destinations_run(dst: str) -> None:
     test = {"src": "odin@example.com", "dst": [dst], "accept": ["root"]}
     check_policy(parse_policy(policy_text(ssh=SERVER_SSH, sshTests=[test])), USERS, NODES)
+
+
+@pytest.mark.parametrize(
+    ("dst", "passes"),
+    [
+        ("[fd7a:115c:a1e0::3]:22", True),
+        ("100.64.0.3:22", True),
+        ("tag:server:22", True),
+        ("fd7a:115c:a1e0::3:22", False),  # IPv6 without brackets names no host
+        ("[fd7a:115c:a1e0::3]/128:22", False),
+        ("[fd7a:115c:a1e0::4]:22", False),  # an address no rule reaches
+    ],
+)
+def test_ipv6_test_destinations_are_bracketed(dst: str, passes: bool) -> None:
+    text = policy_text(
+        acls=[{"action": "accept", "src": ["group:admins"], "dst": ["tag:server:22"]}],
+        tests=[{"src": "odin@example.com", "accept": [dst]}],
+    )
+    if passes:
+        check_policy(parse_policy(text), USERS, NODES)
+        return
+    with pytest.raises(PolicyTestFailure) as info:
+        check_policy(parse_policy(text), USERS, NODES)
+    assert info.value.message == "test(s) failed"
