@@ -29,6 +29,10 @@ __all__ = ["Config", "ConfigError", "load_config"]
 
 #: Where ``/metrics`` is served unless configured (Headscale's default too): localhost only.
 DEFAULT_METRICS_LISTEN_ADDR = "127.0.0.1:9090"
+#: Where ``tailledger relay`` listens when ``derp.server.listen_addr`` is empty.
+DEFAULT_RELAY_LISTEN_ADDR = "127.0.0.1:3340"
+#: The STUN port when ``derp.server.stun_listen_addr`` is empty (Tailscale's default).
+DEFAULT_STUN_PORT = 3478
 
 
 class ConfigError(Exception):
@@ -69,14 +73,22 @@ class DerpMeshPeerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
 
 
 class DerpServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    enabled: bool = False
+    # The embedded relay is on by default, so that a tailnet works with no configuration
+    # (a Tailscale client with no DERP region never reaches Running).
+    enabled: bool = True
     region_id: int = 999
     region_code: str = "tailledger"
     region_name: str = "tailledger embedded DERP"
     node_name: str = ""  # this relay's node name in the region; default "<region_id>a"
-    listen_addr: str = "127.0.0.1:3340"
-    stun_listen_addr: str = "127.0.0.1:3478"
-    hostname: str = ""  # what clients dial; default: the listen address's host
+    # "" (default): served on the control port at /derp, named in the DERP map by the
+    # server URL's host and port. HOST:PORT: a listener of its own (``tailledger relay``
+    # defaults to DEFAULT_RELAY_LISTEN_ADDR).
+    listen_addr: str = ""
+    # STUN (UDP). "": the control port's host, port 3478; when that default port is
+    # taken the server runs without STUN (a warning). An address set here must be free.
+    stun: bool = True
+    stun_listen_addr: str = ""
+    hostname: str = ""  # what clients dial; default: the server URL's host (or the listen host)
     # Ports announced in the DERP map when a proxy or NAT sits in front (0 = the bound port).
     public_derp_port: int = 0
     public_stun_port: int = 0
@@ -123,6 +135,9 @@ class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     full_map_turn_timeout: str = "10s"
     # Longest silence on an idle map stream before a keep-alive message.
     map_keepalive_interval: str = "55s"
+    # Subnet routers fail over when their primary is offline, but not in this long after
+    # start-up, while nodes reconnect ("0": at once; protocol/ha.py).
+    route_failover_grace: str = "10s"
     # Keep the long-lived heap out of garbage collections (see cli/gcpolicy.py).
     gc_freeze: bool = True
 
@@ -481,6 +496,7 @@ def validate(config: Config) -> None:
         ("node_key_expiry", config.node_key_expiry),
         ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
         ("derp.auto_update_interval", config.derp.auto_update_interval),
+        ("tuning.route_failover_grace", config.tuning.route_failover_grace),
     ):
         try:
             parse_duration(text)
@@ -512,11 +528,12 @@ def validate(config: Config) -> None:
         raise ConfigError("database.synchronous: use FULL, EXTRA or NORMAL")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {config.log_level!r} is not debug, info, warning or error")
-    if config.derp.server.enabled:
+    if config.derp.server.listen_addr:
         split_host_port(config.derp.server.listen_addr, "derp.server.listen_addr")
+    if config.derp.server.stun_listen_addr:
         split_host_port(config.derp.server.stun_listen_addr, "derp.server.stun_listen_addr")
-        if not 1 <= config.derp.server.region_id < 2**53:
-            raise ConfigError("derp.server.region_id: must be between 1 and 2^53-1")
+    if config.derp.server.enabled and not 1 <= config.derp.server.region_id < 2**53:
+        raise ConfigError("derp.server.region_id: must be between 1 and 2^53-1")
     for what, value in (
         ("derp.server.public_derp_port", config.derp.server.public_derp_port),
         ("derp.server.public_stun_port", config.derp.server.public_stun_port),

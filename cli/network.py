@@ -2,8 +2,10 @@
 
 The control port serves ``/key`` and ``/ts2021`` (the Tailscale control protocol) and
 hands every other HTTP request to hypercorn running the Quart app (:mod:`cli.web`).
-The embedded DERP relay, when enabled, runs beside it with its own consumer of the log
-and becomes region ``derp.server.region_id`` of the DERP map.
+The embedded DERP relay (on by default) runs beside it with its own consumer of the log
+and becomes region ``derp.server.region_id`` of the DERP map. Unless it is given a
+listener of its own (``derp.server.listen_addr``) it is served on the control port at
+``/derp``, as Headscale does, and the map names it by the server URL's host and port.
 
 The DERP map is assembled at start-up (:func:`assemble_derp_map`) and again every
 ``derp.auto_update_interval`` when files or URLs are configured: ``derp.paths`` files,
@@ -38,11 +40,27 @@ from projections.derpmap import (
 from projections.netmap import NetmapSettings
 from projections.presence import PresenceTable, persist_presence
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
-from protocol import ConnectionStats, ServeOptions, generate_private_key, public_key, serve_control
+from protocol import (
+    ConnectionStats,
+    DerpRoute,
+    ServeOptions,
+    generate_private_key,
+    public_key,
+    serve_control,
+)
 from protocol.control import Control, ControlLimits, ControlSettings
+from protocol.ha import RouteFailover
 from protocol.registrations import PendingLimits, PendingRegistrations
 
-from .config import DEFAULT_METRICS_LISTEN_ADDR, Config, ConfigError, read_mesh_key, split_host_port
+from .config import (
+    DEFAULT_METRICS_LISTEN_ADDR,
+    DEFAULT_RELAY_LISTEN_ADDR,
+    DEFAULT_STUN_PORT,
+    Config,
+    ConfigError,
+    read_mesh_key,
+    split_host_port,
+)
 from .durations import parse_duration
 from .web import make_app, serve_metrics
 
@@ -231,7 +249,12 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     await nursery.start(
         persist_presence, presence, server.side, lambda: server.tailnet.clock(), server.tailnet.state.nodes
     )
-    embedded = await _start_relay(server, nursery) if config.derp.server.enabled else None
+    ds = config.derp.server
+    on_control_port = ds.enabled and not ds.listen_addr
+    relay = await _start_relay(server, nursery, on_control_port=on_control_port) if ds.enabled else None
+    # Before the control port is bound (port 0) its URL names the configured port; the
+    # map is made again below with the bound one.
+    embedded = relay_region(config, relay, control_url=config.public_url) if relay is not None else None
     files, urls = await _read_derp_sources(config)
     derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
     if single_point_of_failure(derp):
@@ -265,9 +288,13 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     server.control = control
     control.register_admin_ops(server.ops)
     await nursery.start(control.run)
-    interval = parse_duration(config.derp.auto_update_interval)
-    if interval is not None and (config.derp.paths or config.derp.urls):
-        nursery.start_soon(_refresh_derp_map, config, control, embedded, interval.total_seconds())
+    # Subnet routers fail over when their primary goes offline (recorded as events).
+    grace = parse_duration(config.tuning.route_failover_grace)
+    failover = RouteFailover(
+        server.tailnet, presence, control.policy, startup_grace=grace.total_seconds() if grace is not None else 0.0
+    )
+    server.route_failover = failover
+    await nursery.start(failover.run)
     key = await trio.to_thread.run_sync(load_noise_key, config.data_path)
     server.noise_public = public_key(key)
     ctx = None
@@ -277,15 +304,29 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     host, port = config.listen
     server.connection_stats = stats = ConnectionStats()
     options = serve_options(config)
+    route = None
+    if relay is not None and on_control_port:
+        # Served at /derp; on a plain-HTTP control port also over the relay's own
+        # (self-signed, pinned) TLS, since Tailscale clients dial DERP over https only.
+        route = DerpRoute(
+            serve_http=relay.serve_handed_off,
+            serve_tls=relay.serve_handed_off_tls if relay.cert_name is not None else None,
+        )
     server.port = await nursery.start(
         lambda task_status: serve_control(
             host=host, port=port, server_key=key, handler=control, asgi_app=make_app(server),
-            ssl_context=ctx, options=options, stats=stats, task_status=task_status,
+            ssl_context=ctx, options=options, stats=stats, derp=route, task_status=task_status,
         )
     )
     if port == 0 and not config.server_url:
         scheme = "https" if ctx is not None else "http"
         control.public_url = f"{scheme}://{host}:{server.port}"
+        if relay is not None and on_control_port:
+            embedded = relay_region(config, relay, control_url=control.public_url)
+            control.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
+    interval = parse_duration(config.derp.auto_update_interval)
+    if interval is not None and (config.derp.paths or config.derp.urls):
+        nursery.start_soon(_refresh_derp_map, config, control, embedded, interval.total_seconds())
     await _start_metrics(server, nursery)
 
 
@@ -358,8 +399,14 @@ async def _refresh_derp_map(
             log.info("DERP map changed: %d region(s) now", len(derp.regions or {}))
 
 
-def relay_config(config: Config) -> RelayConfig:
+def relay_config(config: Config, *, on_control_port: bool = False) -> RelayConfig:
     """The relay's settings from ``derp.server`` (the same for ``serve`` and ``relay``).
+
+    With ``on_control_port`` the relay has no listener of its own: the control port
+    hands it ``/derp`` (see :func:`relay_region` for how the map names it). Its TLS is
+    then the control port's when the server URL is ``https`` (the control port's own
+    certificate, or a proxy in front), else its own self-signed certificate, which the
+    control port serves to connections that open with a TLS ClientHello.
 
     Raises:
         ConfigError: a listen address is malformed or the mesh key file is unusable.
@@ -367,21 +414,37 @@ def relay_config(config: Config) -> RelayConfig:
     from relay.serve import MeshPeer, RelayConfig
 
     ds = config.derp.server
-    host, port = split_host_port(ds.listen_addr, "derp.server.listen_addr")
-    stun_host, stun_port = split_host_port(ds.stun_listen_addr, "derp.server.stun_listen_addr")
+    listen_port: int | None
+    if on_control_port:
+        url = urllib.parse.urlsplit(config.public_url)
+        host, port = config.listen
+        listen_port = None
+        url_host = url.hostname or host
+        own_tls = url.scheme != "https"
+    else:
+        host, port = split_host_port(ds.listen_addr or DEFAULT_RELAY_LISTEN_ADDR, "derp.server.listen_addr")
+        listen_port = port
+        url_host = host
+        own_tls = True
+    if ds.stun_listen_addr:
+        stun_host, stun_port = split_host_port(ds.stun_listen_addr, "derp.server.stun_listen_addr")
+    else:
+        stun_host, stun_port = host, DEFAULT_STUN_PORT
     tls: Literal["self-signed", "files", "off"] = (
-        "off" if not ds.tls else ("files" if ds.cert_file else "self-signed")
+        "off" if not (ds.tls and own_tls) else ("files" if ds.cert_file else "self-signed")
     )
     return RelayConfig(
         data_dir=str(config.data_path / "relay"),
         listen_host=host,
-        listen_port=port,
+        listen_port=listen_port,
         tls=tls,
         cert_file=ds.cert_file or None,
         key_file=ds.key_file or None,
-        hostnames=(ds.hostname or host,),
+        hostnames=(ds.hostname or url_host,),
+        stun=ds.stun,
         stun_host=stun_host,
         stun_port=stun_port,
+        stun_required=bool(ds.stun_listen_addr),
         mesh_key=read_mesh_key(ds),
         rate_limit=ds.rate_limit,
         rate_burst=ds.rate_burst,
@@ -391,7 +454,7 @@ def relay_config(config: Config) -> RelayConfig:
             MeshPeer(url=p.url, cert_name=p.cert_name or None, dial_host=p.dial_host or None)
             for p in ds.mesh_with
             if not _is_this_relay(
-                p.url, p.dial_host, names={ds.hostname, host} - {""}, ports={port, ds.public_derp_port} - {0}
+                p.url, p.dial_host, names={ds.hostname, host, url_host} - {""}, ports={port, ds.public_derp_port} - {0}
             )
         ),
     )
@@ -414,33 +477,42 @@ def _is_this_relay(url: str, dial_host: str, *, names: set[str], ports: set[int]
     return peer_port in ports and bool(hosts & {n.strip("[]").lower() for n in names})
 
 
-async def _start_relay(server: Server, nursery: trio.Nursery) -> DERPRegion:
+async def _start_relay(server: Server, nursery: trio.Nursery, *, on_control_port: bool) -> RelayServer:
     from relay.logauth import LogAuthorizer
     from relay.serve import serve_relay
 
     config = server.config
-    rc = relay_config(config)
+    rc = relay_config(config, on_control_port=on_control_port)
     # The relay is its own consumer of the log: its own runner and checkpoint.
     runner = ProjectionRunner(server.log, server.checkpoints, name="relay")
     await nursery.start(runner.run)
     auth = LogAuthorizer(runner)
     auth.refresh()
-    relay = await nursery.start(serve_relay, rc, auth)
+    relay: RelayServer = await nursery.start(serve_relay, rc, auth)
     server.relay = relay
     await nursery.start(auth.run, relay.revoke)
-    return relay_region(config, relay)
+    return relay
 
 
-def relay_region(config: Config, relay: RelayServer) -> DERPRegion:
+def relay_region(config: Config, relay: RelayServer, *, control_url: str | None = None) -> DERPRegion:
     """The running relay as the one-node DERP region ``derp.server`` describes.
 
-    HostName is ``derp.server.hostname`` (default: the listen host), the ports are
-    ``public_derp_port`` / ``public_stun_port`` or else the bound ones, and CertName
-    pins the self-signed certificate, if that is in use.
+    HostName is ``derp.server.hostname``, by default the host of ``control_url`` when
+    the relay is served on the control port (pass the server's URL then), else the
+    listen host. The DERP port is ``public_derp_port``, else the URL's port (80 or 443
+    by its scheme when it has none), else the bound one; the STUN port is
+    ``public_stun_port`` or the bound one. CertName pins the self-signed certificate,
+    if that is in use.
     """
     ds = config.derp.server
+    host_name = ds.hostname or None
+    derp_port = ds.public_derp_port or None
+    if control_url is not None and relay.config.listen_port is None:
+        url = urllib.parse.urlsplit(control_url)
+        host_name = host_name or url.hostname
+        derp_port = derp_port or url.port or (443 if url.scheme == "https" else 80)
     return relay.derp_region(
         region_id=ds.region_id, region_code=ds.region_code, region_name=ds.region_name,
-        host_name=ds.hostname or None, ipv4=ds.ipv4 or None, node_name=ds.node_name or None,
-        public_derp_port=ds.public_derp_port or None, public_stun_port=ds.public_stun_port or None,
+        host_name=host_name, ipv4=ds.ipv4 or None, node_name=ds.node_name or None,
+        public_derp_port=derp_port, public_stun_port=ds.public_stun_port or None,
     )

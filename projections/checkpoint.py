@@ -60,6 +60,8 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     next_api_key_id: int
     last_ipv4: str | None
     last_ipv6: str | None
+    # Absent in checkpoints made before route.primary_changed existed (then empty).
+    route_primaries: dict[str, int] = {}
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -85,6 +87,7 @@ def encode_state(state: TailnetState) -> bytes:
             next_api_key_id=state.next_api_key_id,
             last_ipv4=state.last_ipv4,
             last_ipv6=state.last_ipv6,
+            route_primaries=dict(state.route_primaries),
         )
     )
 
@@ -107,6 +110,7 @@ def decode_state(blob: bytes) -> TailnetState:
         next_api_key_id=snap.next_api_key_id,
         last_ipv4=snap.last_ipv4,
         last_ipv6=snap.last_ipv6,
+        route_primaries=Map(snap.route_primaries),
     )
     return rebuild_indexes(state)
 

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Generic, Literal, TypeVar
@@ -43,6 +43,7 @@ from eventlog.events import (
     PreAuthKeyCreated,
     PreAuthKeyExpired,
     PreAuthKeyUsed,
+    RoutePrimaryChanged,
     RoutesAdvertised,
     RoutesApproved,
     UserCreated,
@@ -88,6 +89,7 @@ __all__ = [
     "decide_rename_node",
     "decide_rename_user",
     "decide_rotate_node_key",
+    "decide_route_primaries",
     "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
@@ -1045,3 +1047,52 @@ def decide_login_known(
     if shorten_expiry_to is not None:
         first = Decision((NodeExpirySet(node_id=node.id, expiry=shorten_expiry_to),), node.id)
     return _with_host_report(state, first, host, rules, now)
+
+
+def decide_route_primaries(
+    state: TailnetState,
+    elected: Mapping[str, int],
+    routers: Mapping[str, Sequence[int]],
+    online: Callable[[int], bool],
+    *,
+    failover: bool = True,
+) -> Decision[int]:
+    """Record every change of a subnet's primary router (route high availability).
+
+    The one HA decision of the server (actor ``system:ha``). ``elected`` is the route
+    election in force (prefix -> primary, which keeps each recorded primary while it
+    serves its prefix), ``routers`` every node serving each prefix. A primary that is
+    offline hands the prefix to the online router with the lowest id (``"offline"``);
+    with none online it keeps it. A primary that comes back stays secondary: the
+    recorded primary is kept while it serves and is online, so nothing flaps. Every
+    difference between what is in force and what the log records becomes a
+    ``route.primary_changed`` event; nothing changed, no event. ``failover`` false
+    (just after start-up, before routers had time to reconnect) records the election
+    without moving any prefix for being offline.
+
+    Returns:
+        The decision; its result is the number of primary changes.
+    """
+    events: list[AnyEvent] = []
+    for prefix in sorted(routers):
+        ids = sorted(set(routers[prefix]))
+        if not ids:
+            continue
+        current = elected.get(prefix, ids[0])
+        recorded = state.route_primaries.get(prefix)
+        want, reason = current, "elected"
+        if failover and not online(current):
+            standby = [i for i in ids if i != current and online(i)]
+            if standby:
+                want, reason = standby[0], "offline"
+        if want == recorded:
+            continue
+        if reason != "offline" and recorded is not None and recorded not in ids:
+            reason = "no longer serves"
+        events.append(RoutePrimaryChanged(prefix=prefix, node_id=want, previous_node_id=recorded, reason=reason))
+    for prefix, recorded in sorted(state.route_primaries.items()):
+        if prefix not in routers:
+            events.append(
+                RoutePrimaryChanged(prefix=prefix, node_id=None, previous_node_id=recorded, reason="no router")
+            )
+    return Decision(tuple(events), len(events))

@@ -34,6 +34,7 @@ from eventlog.events import (
     PreAuthKeyCreated,
     PreAuthKeyExpired,
     PreAuthKeyUsed,
+    RoutePrimaryChanged,
     RoutesAdvertised,
     RoutesApproved,
     UserCreated,
@@ -279,6 +280,14 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             return _update_node(state, event.node_id, recorded.seq, advertised_routes=event.routes)
         case RoutesApproved():
             return _update_node(state, event.node_id, recorded.seq, approved_routes=event.routes)
+        case RoutePrimaryChanged():
+            primaries = state.route_primaries
+            if event.node_id is not None:
+                primaries = primaries.set(event.prefix, event.node_id)
+            elif event.prefix in primaries:
+                primaries = primaries.delete(event.prefix)
+            moved = frozenset(n for n in (event.node_id, event.previous_node_id) if n is not None and n in state.nodes)
+            return replace(state, route_primaries=primaries), Delta(nodes_changed=moved)
         case PolicySet():
             return replace(
                 state,

@@ -17,6 +17,7 @@ the previous route election, so primaries stay sticky).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
@@ -32,9 +33,17 @@ from .policy import (
     compile_policy,
     parse_stored_policy,
 )
+from .policy.ipset import Prefix, parse_prefix
 from .state import Node, TailnetState, User
 
-__all__ = ["ALLOW_ALL_POLICY", "PolicyCompiler", "policy_node", "policy_tailnet", "policy_user"]
+__all__ = [
+    "ALLOW_ALL_POLICY",
+    "PolicyCompiler",
+    "policy_node",
+    "policy_tailnet",
+    "policy_user",
+    "recorded_primaries",
+]
 
 #: What a tailnet without a policy runs: everyone may reach everyone.
 ALLOW_ALL_POLICY: Final = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
@@ -115,8 +124,14 @@ class PolicyCompiler:
         old_state, old = self._state, self._compiled
         text_changed = (state.policy_text or ALLOW_ALL_POLICY) != self._text
         policy = self.policy(state)
-        if old is None or old_state is None or text_changed or state.users is not old_state.users:
-            previous = old.primaries if old is not None else None
+        if (
+            old is None
+            or old_state is None
+            or text_changed
+            or state.users is not old_state.users
+            or state.route_primaries is not old_state.route_primaries
+        ):
+            previous = recorded_primaries(state, old.primaries if old is not None else None)
             compiled = compile_policy(
                 policy, policy_tailnet(state), control_url=self._control_url, previous_primaries=previous
             )
@@ -144,3 +159,14 @@ class PolicyCompiler:
 
 def encode_raw(value: object) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(value))
+
+
+def recorded_primaries(state: TailnetState, elected: Mapping[Prefix, int] | None = None) -> dict[Prefix, int]:
+    """The route election's starting point: the last election (``elected``, when this
+    process made one) with the primaries the log records (``route.primary_changed``)
+    over it. The election keeps each while it still serves its prefix, so a replay that
+    compiles a past state elects what the server had in force."""
+    out = dict(elected or {})
+    for text, node_id in state.route_primaries.items():
+        out[parse_prefix(text)] = node_id
+    return out

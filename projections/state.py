@@ -157,6 +157,9 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     # freed address is not handed out again until the range wraps around.
     last_ipv4: str | None = None
     last_ipv6: str | None = None
+    # The recorded primary router of each subnet prefix (route.primary_changed events):
+    # the route election keeps these while they serve the prefix (see policystate).
+    route_primaries: Map[str, int] = msgspec.field(default_factory=Map)
 
     def user_named(self, name: str) -> User | None:
         uid = self.user_by_name.get(name)

@@ -44,6 +44,7 @@ from .noise import Keypair, generate_private_key, public_key
 from .serve import (
     ConnectionStats,
     ControlServer,
+    DerpRoute,
     ServeOptions,
     load_ssl_context,
     serve_control,
@@ -59,6 +60,7 @@ __all__ = [
     "ControlClient",
     "ControlHandler",
     "ControlServer",
+    "DerpRoute",
     "HandshakeError",
     "Keypair",
     "LocalProtocolError",

@@ -11,7 +11,9 @@ connection::
       GET /key?v=N         -> answer, keep reading (keep-alive)
       /ts2021 native       -> 101 + Noise + early payload + HTTP/2  -> ControlHandler
       /ts2021 WebSocket    -> 101 + WebSocket framing + Noise + HTTP/2 -> ControlHandler
+      /derp, /derp/probe…  -> the embedded DERP relay (with a DerpRoute)
       anything else        -> hypercorn serves the ASGI app on this connection
+    A TLS ClientHello on a port without ssl_context -> the relay's own TLS (DerpRoute.serve_tls)
 
 Sharing the port with hypercorn -- the choice and why
 ------------------------------------------------------
@@ -92,6 +94,7 @@ __all__ = [
     "ASGIApp",
     "ConnectionStats",
     "ControlServer",
+    "DerpRoute",
     "ServeOptions",
     "load_ssl_context",
     "serve_control",
@@ -118,6 +121,34 @@ LOOPBACK_NETWORKS: Final = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
 )
+
+
+#: The request paths of a DERP relay (Tailscale's derper serves the same set).
+DERP_PATHS: Final = frozenset({"/derp", "/derp/probe", "/derp/latency-check", "/generate_204"})
+
+#: First byte of a TLS record carrying a handshake (a ClientHello); no HTTP method starts so.
+_TLS_HANDSHAKE_RECORD: Final = 0x16
+
+
+@dataclass(frozen=True)
+class DerpRoute:
+    """The embedded DERP relay, served on the control port (as Headscale serves ``/derp``).
+
+    The control port stays ignorant of DERP: it only hands connections over.
+
+    Attributes:
+        serve_http: Serves a connection whose first request is for one of
+            :data:`DERP_PATHS` (replayed from its first byte; already inside TLS when
+            the control port terminates TLS). Takes the stream and the TCP stream
+            under it (for the peer's address).
+        serve_tls: On a control port *without* TLS: serves a connection that opens
+            with a TLS ClientHello (replayed) by terminating TLS with the relay's own
+            certificate (self-signed, pinned by ``CertName`` in the DERP map) and then
+            serving DERP. ``None``: such connections go to hypercorn as before.
+    """
+
+    serve_http: Callable[[trio.abc.Stream, trio.SocketStream], Awaitable[None]]
+    serve_tls: Callable[[trio.abc.Stream, trio.SocketStream], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -514,6 +545,31 @@ class _ReplaySSLStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class _Prepended(trio.abc.Stream):
+    """A stream that first returns bytes already read, for the DERP relay (no request
+    deadlines: a DERP connection lives as long as the client stays)."""
+
+    def __init__(self, stream: trio.abc.Stream, replay: bytes) -> None:
+        self.transport_stream = stream
+        self._replay = replay
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.transport_stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -1309,6 +1365,7 @@ class ControlServer:
         ssl_context: ssl.SSLContext | None = None,
         options: ServeOptions | None = None,
         stats: ConnectionStats | None = None,
+        derp: DerpRoute | None = None,
     ) -> None:
         """Create the server (no I/O yet).
 
@@ -1321,7 +1378,9 @@ class ControlServer:
             options: Tunables; see :class:`ServeOptions`.
             stats: Where to count connections, refusals, timeouts and slow
                 readers (``/metrics`` reads it); ``None`` = a new one.
+            derp: The embedded DERP relay to serve at ``/derp``, if any.
         """
+        self._derp = derp
         # Loaded once: every handshake reuses the key object (see Keypair).
         self._server_key = Keypair.from_private_bytes(server_key)
         self.server_public = self._server_key.public
@@ -1486,6 +1545,21 @@ class ControlServer:
         # byte now and then does not renew it (slowloris).
         head_deadline = trio.current_time() + self._options.head_timeout
         started = False  # a byte of the current request arrived
+        if self._derp is not None and self._derp.serve_tls is not None and stream is raw:
+            # A plain control port also serves the relay's TLS (clients dial DERP over
+            # https): the first byte tells a ClientHello from an HTTP request.
+            try:
+                with trio.fail_at(head_deadline):
+                    first = bytes(await raw.receive_some(_MAX_RECV))
+            except trio.TooSlowError:
+                self.stats.timeouts["keepalive"] += 1
+                log.debug("%s: nothing received in time", peer)
+                return None
+            if first and first[0] == _TLS_HANDSHAKE_RECORD:
+                await self._derp.serve_tls(_Prepended(raw, first), raw)
+                return None
+            started = bool(first)
+            front.receive_data(first)
         while True:
             event = front.next_event()
             if isinstance(event, upgrade.NeedData):
@@ -1512,6 +1586,10 @@ class ControlServer:
                     log.debug("%s: front answered %d: %s", peer, event.status, event.reason)
                 if event.close:
                     return None
+            elif isinstance(event, upgrade.HandOff) and self._derp is not None and event.path in DERP_PATHS:
+                log.debug("%s: handing the connection to the DERP relay", peer)
+                await self._derp.serve_http(_Prepended(stream, event.replay), raw)
+                return None
             elif isinstance(event, upgrade.HandOff):
                 log.debug("%s: handing the connection to hypercorn", peer)
                 await self._hand_off(stream, event.replay, peer)
@@ -1625,6 +1703,7 @@ async def serve_control(
     ssl_context: ssl.SSLContext | None = None,
     options: ServeOptions | None = None,
     stats: ConnectionStats | None = None,
+    derp: DerpRoute | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` and serve the control protocol and the ASGI app.
@@ -1641,6 +1720,7 @@ async def serve_control(
             files with :func:`load_ssl_context`.
         options: See :class:`ServeOptions`.
         stats: Counters to fill (see :class:`ControlServer`).
+        derp: The embedded DERP relay to serve at ``/derp`` (see :class:`DerpRoute`).
         task_status: Receives the bound port via ``task_status.started(port)``.
 
     Cancellation: runs until cancelled; see :meth:`ControlServer.serve`.
@@ -1652,6 +1732,7 @@ async def serve_control(
         ssl_context=ssl_context,
         options=options,
         stats=stats,
+        derp=derp,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]

@@ -156,9 +156,15 @@ class WebSocketUpgrade:
 
 @dataclass(frozen=True, slots=True)
 class HandOff:
-    """Not ours: give the connection to hypercorn, replaying ``replay`` first."""
+    """Not ours: give the connection to hypercorn, replaying ``replay`` first.
+
+    ``path`` is the request's path when a request head was parsed (``""`` for bytes
+    that are not HTTP/1.1 we understand), so that the adapter can route ``/derp`` to
+    the embedded relay instead.
+    """
 
     replay: bytes
+    path: str = ""
 
 
 FrontEvent = NeedData | PeerClosed | SendResponse | Upgrade | WebSocketUpgrade | HandOff
@@ -241,7 +247,7 @@ class FrontConnection:
             return self._serve_key(split.query)
         if split.path == UPGRADE_PATH and method in ("POST", "GET"):
             return self._upgrade(request, method, split.query)
-        return self._finish(HandOff(bytes(self._cycle_raw)))
+        return self._finish(HandOff(bytes(self._cycle_raw), split.path))
 
     def _await_end_of_message(self) -> bool:
         """Consume the (empty) body of the current request; False on a body."""

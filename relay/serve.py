@@ -124,7 +124,9 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         data_dir: where the server key and the self-signed certificate live.
         listen_host: address for the DERP/HTTP(S) listener; ``None`` = all.
-        listen_port: its port (443 in production; 0 picks a free one).
+        listen_port: its port (443 in production; 0 picks a free one); ``None``: no
+            listener of its own, connections are handed over by another server
+            (:meth:`RelayServer.serve_handed_off`, the control port's ``/derp``).
         tls: ``"self-signed"`` (generated on first start, pinned via CertName),
             ``"files"`` (``cert_file`` + ``key_file``), or ``"off"`` (plain
             HTTP, for running behind a TLS-terminating proxy).
@@ -136,6 +138,8 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
         stun: run the STUN server.
         stun_host: STUN bind address; ``None`` = all IPv4 and IPv6 addresses.
         stun_port: STUN UDP port (3478; 0 picks a free one).
+        stun_required: a STUN port that cannot be bound stops the relay; when false
+            the relay runs without STUN (a warning), for a default port that is taken.
         private_key: ``privkey:<hex>`` to use instead of the key file.
         mesh_key: the region's mesh key (64 hex digits); enables meshing.
         mesh_with: the other relays of the region.
@@ -163,7 +167,7 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     data_dir: str
     listen_host: str | None = None
-    listen_port: int = 443
+    listen_port: int | None = 443
     tls: Literal["self-signed", "files", "off"] = "self-signed"
     cert_file: str | None = None
     key_file: str | None = None
@@ -171,6 +175,7 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True):
     stun: bool = True
     stun_host: str | None = None
     stun_port: int = DEFAULT_STUN_PORT
+    stun_required: bool = True
     private_key: str | None = None
     mesh_key: str | None = None
     mesh_with: tuple[MeshPeer, ...] = ()
@@ -593,17 +598,38 @@ class RelayServer:
 
     # -- connection handling -------------------------------------------
 
+    async def serve_handed_off(self, stream: trio.abc.Stream, tcp: trio.SocketStream) -> None:
+        """Serve a connection another server accepted (the control port's ``/derp``).
+
+        ``stream`` replays the first request from its first byte and is already inside
+        TLS when the other server terminates TLS; this relay's own TLS is not used.
+        ``tcp`` is the TCP stream under it (for the peer's address). Closes ``stream``.
+        """
+        await self._serve_connection(stream, _peer_of(tcp), tls=False, keep_alive=False)
+
+    async def serve_handed_off_tls(self, stream: trio.abc.Stream, tcp: trio.SocketStream) -> None:
+        """Like :meth:`serve_handed_off` for a connection that opens with a TLS
+        ClientHello: terminate TLS with this relay's certificate, then serve DERP."""
+        await self._serve_connection(stream, _peer_of(tcp), tls=self._ssl is not None, keep_alive=False)
+
     async def _handle(self, tcp: trio.SocketStream) -> None:
-        stream: trio.abc.Stream = tcp
-        remote = _peer_of(tcp)
+        await self._serve_connection(tcp, _peer_of(tcp), tls=self._ssl is not None)
+
+    async def _serve_connection(
+        self, transport: trio.abc.Stream, remote: tuple[str, int] | None, *, tls: bool, keep_alive: bool = True
+    ) -> None:
+        """TLS (when ``tls``), then HTTP until a DERP upgrade. Without ``keep_alive``
+        a plain answer closes the connection: a connection handed over by the control
+        port must not go on to serve that port's other paths with the relay's 404s."""
+        stream: trio.abc.Stream = transport
         counters = self._http_counts
         counters["connections"] += 1
         try:
             route: DerpUpgrade | WebSocketUpgrade | None = None
             trailing = b""
             with trio.move_on_after(self.config.handshake_timeout):
-                if self._ssl is not None:
-                    stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+                if tls and self._ssl is not None:
+                    stream = trio.SSLStream(transport, self._ssl, server_side=True)
                     try:
                         await stream.do_handshake()
                     except trio.BrokenResourceError as exc:
@@ -616,7 +642,7 @@ class RelayServer:
                     except BaseException:
                         counters["tls_failures"] += 1
                         raise
-                route, trailing = await self._http(stream)
+                route, trailing = await self._http(stream, keep_alive=keep_alive)
             if route is None:
                 return
             if isinstance(route, WebSocketUpgrade):
@@ -643,7 +669,7 @@ class RelayServer:
             await trio.aclose_forcefully(stream)
 
     async def _http(
-        self, stream: trio.abc.Stream
+        self, stream: trio.abc.Stream, *, keep_alive: bool = True
     ) -> tuple[DerpUpgrade | WebSocketUpgrade | None, bytes]:
         """Serve HTTP requests until one upgrades to DERP or the client leaves."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HTTP_HEAD)
@@ -667,6 +693,8 @@ class RelayServer:
                 if not isinstance(route, PlainResponse):
                     return route, conn.trailing_data[0]
                 head_only = event.method == b"HEAD"
+                if not keep_alive:
+                    route = msgspec.structs.replace(route, headers=[*route.headers, (b"Connection", b"close")])
                 await self._respond(stream, conn, route, head_only)
                 continue
             if isinstance(event, h11.EndOfMessage | h11.Data):
@@ -989,22 +1017,34 @@ async def serve_relay(
     except ValueError as exc:  # out-of-range limits: the core says which
         raise ConfigError(str(exc)) from None
     server = RelayServer(config, core, ctx, material)
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
-    server.derp_port = int(listeners[0].socket.getsockname()[1])
+    listeners: list[trio.SocketListener] = []
+    if config.listen_port is not None:
+        listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+        server.derp_port = int(listeners[0].socket.getsockname()[1])
     async with trio.open_nursery() as nursery:
         server._nursery = nursery
         server._mesh_key = mesh_key
         if config.stun:
-            server.stun = await nursery.start(serve_stun, config.stun_host, config.stun_port)
+            try:
+                server.stun = await nursery.start(serve_stun, config.stun_host, config.stun_port)
+            except OSError as exc:
+                if config.stun_required:
+                    raise
+                log.warning(
+                    "relay: STUN NOT served: UDP port %d is taken (%s); clients of this relay learn "
+                    "no public address (set derp.server.stun_listen_addr to a free one)",
+                    config.stun_port, exc.strerror or exc,
+                )
         nursery.start_soon(server._keepalive)
         if config.write_timeout is not None:
             nursery.start_soon(server._write_watchdog, config.write_timeout)
         for peer in config.mesh_with:
             server.add_mesh_peer(peer)
-        await nursery.start(trio.serve_listeners, server._handle, listeners)
+        if listeners:
+            await nursery.start(trio.serve_listeners, server._handle, listeners)
         log.info(
-            "relay: DERP on port %d (%s), key %s%s",
-            server.derp_port,
+            "relay: DERP on %s (%s), key %s%s",
+            f"port {server.derp_port}" if listeners else "the control port",
             "plain HTTP" if ctx is None else "TLS",
             short_key(server.public_key),
             "" if server.stun is None else f", STUN on port {server.stun.port}",

@@ -32,7 +32,7 @@ from .node import (
     NodeTagsSet,
 )
 from .policy import PolicyImpact, PolicySet
-from .route import RoutesAdvertised, RoutesApproved
+from .route import RoutePrimaryChanged, RoutesAdvertised, RoutesApproved
 from .user import ROLES, UserCreated, UserDeleted, UserProfileUpdated, UserRenamed, UserRoleSet
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "PreAuthKeyCreated",
     "PreAuthKeyExpired",
     "PreAuthKeyUsed",
+    "RoutePrimaryChanged",
     "RoutesAdvertised",
     "RoutesApproved",
     "UserCreated",
@@ -90,6 +91,7 @@ AnyEvent = (
     | NodeRegistrationRejected
     | RoutesAdvertised
     | RoutesApproved
+    | RoutePrimaryChanged
     | PolicySet
     | ChainErrorsIgnored
 )
@@ -117,6 +119,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     NodeRegistrationRejected,
     RoutesAdvertised,
     RoutesApproved,
+    RoutePrimaryChanged,
     PolicySet,
     ChainErrorsIgnored,
 )

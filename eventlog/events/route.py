@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import Event
 
-__all__ = ["RoutesAdvertised", "RoutesApproved"]
+__all__ = ["RoutePrimaryChanged", "RoutesAdvertised", "RoutesApproved"]
 
 
 class RoutesAdvertised(Event, frozen=True, kw_only=True, tag="node.routes_advertised"):
@@ -30,3 +30,22 @@ class RoutesApproved(Event, frozen=True, kw_only=True, tag="node.routes_approved
     node_id: int
     routes: tuple[str, ...]
     auto: bool = False
+
+
+class RoutePrimaryChanged(Event, frozen=True, kw_only=True, tag="route.primary_changed"):
+    """The primary router of subnet ``prefix`` is now node ``node_id`` (``None``: no router
+    serves it any more), instead of ``previous_node_id``.
+
+    Of the routers that serve (advertise and have approved) a subnet, one, the primary,
+    carries it in its peers' AllowedIPs. Which one depends on which routers are online,
+    which the log does not otherwise know, so every change is recorded (by the server,
+    actor ``system:ha``), with ``reason``: ``"elected"`` (the prefix's first router),
+    ``"offline"`` (the primary went offline and an online router took over),
+    ``"no longer serves"`` (the primary stopped advertising the prefix, lost its
+    approval or was deleted), ``"no router"``.
+    """
+
+    prefix: str
+    node_id: int | None
+    previous_node_id: int | None = None
+    reason: str

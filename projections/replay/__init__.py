@@ -22,9 +22,11 @@ that, offline and read-only:
 
 Nothing here writes to the log or reads a clock; the only I/O is reading the store
 (and, through :class:`~.history.SnapshotStore`, a cache the caller provides).
-Route primaries are elected as the server elects them on a fresh start (lowest node id
-among the routers serving a prefix); when primary moves become events, the fold will
-carry them and the replay will read them from the log instead.
+Route primaries come from the log: every change of a subnet's primary router is a
+``route.primary_changed`` event (the server's HA decisions, actor ``system:ha``), which
+the fold keeps in ``TailnetState.route_primaries`` and the election keeps while the
+router serves the prefix (:func:`projections.policystate.recorded_primaries`); only a
+prefix with no recorded primary falls back to the lowest node id among its routers.
 """
 
 from .history import (

@@ -42,7 +42,13 @@ from ..policy.hujson import load_hujson, load_legacy_hujson
 from ..policy.ipset import Prefix, addr_to_int, prefix_str
 from ..policy.rules import Rule
 from ..policy.tailnet import INTERNET, NodeInfo
-from ..policystate import ALLOW_ALL_POLICY, PolicyCompiler, policy_node, policy_user
+from ..policystate import (
+    ALLOW_ALL_POLICY,
+    PolicyCompiler,
+    policy_node,
+    policy_user,
+    recorded_primaries,
+)
 from ..state import Node, TailnetState
 from .history import ReplayError
 
@@ -314,7 +320,7 @@ def pair_policy(state: TailnetState, node_ids: Iterable[int], *, routers: bool) 
         if n.id in keep or (routers and n.approved_routes and n.advertised_routes)
     ]
     tailnet = Tailnet([policy_user(u) for u in state.users.values()], [policy_node(n) for n in nodes])
-    return compile_policy(_policy(state.policy_text), tailnet)
+    return compile_policy(_policy(state.policy_text), tailnet, previous_primaries=recorded_primaries(state))
 
 
 # -- every pair ------------------------------------------------------------------------

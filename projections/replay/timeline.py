@@ -110,7 +110,7 @@ def _relevant_rows(history: History, end_seq: int, needles: tuple[bytes, ...], a
     pre-filtered inside the store. Rows after it are verified here, one by one.
     """
     anchor = history.trusted_upto(end_seq)
-    prefixes = ("policy.set", "user.", "node.") if all_nodes else ("policy.set", "user.")
+    prefixes = ("policy.set", "user.", "node.", "route.") if all_nodes else ("policy.set", "user.", "route.")
     yield from history.store.scan(
         0, anchor, type_prefixes=prefixes,
         types_containing=() if all_nodes else ("node.",), contains=needles,

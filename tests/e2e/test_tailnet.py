@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from .caddy import CaddyNodeSpec
-from .harness import E2EHarness
+from .harness import E2EHarness, TailledgerServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -76,3 +76,37 @@ async def test_two_nodes_talk_trio_flavour(caddy_e2e: E2EHarness) -> None:
         await b.wait_for_peers_async({"nodea"})
         resp = await a.fetch_async(f"{view.ipv4('nodeb')}:80")
     assert (resp.status, resp.text) == (200, "hello from nodeb")
+
+
+def test_zero_configuration_tailnet_passes_traffic(caddy_e2e: E2EHarness) -> None:
+    """The README's first command, then two clients with a pre-auth key: traffic flows.
+
+    ``tailledger serve`` runs with no configuration file and no ``TAILLEDGER_*``
+    variable (its own namespace, so the default ports are free). The clients dial DERP
+    as stock clients do, over https (no ``TS_DEBUG_USE_DERP_HTTP``): the embedded relay
+    on the control port, pinned by the DERP map's CertName.
+    """
+    process = caddy_e2e.start_tailledger(["serve"], name="zero")
+    caddy_e2e.wait_listening(process, 8080)
+    # Admin commands find the server through its data directory (./tailledger-data).
+    admin_env = {"TAILLEDGER_DATA": str(caddy_e2e.work_dir / "zero" / "tailledger-data")}
+    server = TailledgerServer(process, admin_env, 8080, None, None, 9090)
+    key = caddy_e2e.preauth_key(server)
+    a = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodea", control_url="http://127.0.0.1:8080", auth_key=key), derp_over_http=False
+    )
+    b = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodeb", control_url="http://127.0.0.1:8080", auth_key=key), derp_over_http=False
+    )
+    a.wait_running(timeout=60)
+    b.wait_running(timeout=60)
+    view_a = a.wait_for_peers({"nodeb"}, timeout=60)
+    b.wait_for_peers({"nodea"}, timeout=60)
+    (region,) = (view_a.derp_map or {})["Regions"].values()
+    (node,) = region["Nodes"]
+    assert (node["HostName"], node["DERPPort"], node.get("STUNPort", 0)) == ("127.0.0.1", 8080, 0)  # 0: 3478
+    assert node["CertName"].startswith("sha256-raw:")
+    resp = a.fetch(f"{view_a.ipv4('nodeb')}:80", timeout=30)
+    assert (resp.status, resp.text) == (200, "hello from nodeb")
+    resp = b.fetch("nodea:80", timeout=30)
+    assert (resp.status, resp.text) == (200, "hello from nodea")

@@ -65,6 +65,14 @@ class Recorder:
         )
 
 
+def _routers(state: TailnetState) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for node in state.nodes.values():
+        for route in node.approved_routes:
+            out.setdefault(route, []).append(node.id)
+    return out
+
+
 def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
     """Interpret ``ops`` as a random but valid history of commands."""
     rnd = random.Random(seed)
@@ -112,6 +120,9 @@ def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
                     )
             case 10:
                 r.try_run(lambda s: c.decide_approve_routes(s, pick_node, (f"10.{arg % 256}.0.0/16",)))
+                # Route HA records primaries (by approvals alone here; the server uses
+                # the policy's election) and moves them off "offline" routers.
+                r.try_run(lambda s: c.decide_route_primaries(s, {}, _routers(s), lambda i: (i + arg) % 2 == 0))
             case 11:
                 r.try_run(
                     lambda s: c.decide_create_preauth_key(

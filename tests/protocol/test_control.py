@@ -361,7 +361,8 @@ async def test_derp_map_changes_reach_connected_clients(tmp_path: Path) -> None:
     region = '{{"Regions": {{"{rid}": {{"RegionID": {rid}, "RegionCode": "r{rid}", "Nodes": [{{"Name": "{rid}a", "RegionID": {rid}, "HostName": "derp{rid}.example"}}]}}}}}}'
     derp_file = tmp_path / "derp.json"
     derp_file.write_text(region.format(rid=901))
-    async with running(tmp_path / "data", derp={"paths": [str(derp_file)], "auto_update_interval": "1s"}) as server:
+    derp = {"paths": [str(derp_file)], "auto_update_interval": "1s", "server": {"enabled": False}}
+    async with running(tmp_path / "data", derp=derp) as server:
         key = await make_key(server)
         a = SimNode.new("alpha")
         async with a.connect(server) as client:

@@ -1,0 +1,126 @@
+"""Route high availability: subnet routers fail over (trio adapter).
+
+When several nodes serve one subnet prefix, one of them, the primary, carries it in
+its peers' AllowedIPs and PrimaryRoutes. This task watches the log and the presence of
+nodes; whenever the primary of a prefix is offline while another router of it is
+online, or the election in force differs from what the log records, it appends
+``route.primary_changed`` events (actor ``system:ha``), decided by
+:func:`projections.commands.decide_route_primaries`. The fold and the route election
+then move the prefix, and every map stream gets the new peers. A primary that comes
+back stays secondary (no flapping), as in Tailscale and Headscale.
+
+Right after start-up every node is offline until it reconnects, so for
+``startup_grace`` seconds the election is recorded but nothing fails over for being
+offline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from eventlog import Actor, ActorKind
+from projections import commands as c
+from projections.errors import CommandError
+from projections.policy.ipset import prefix_str
+from projections.policystate import PolicyCompiler
+from projections.presence import PresenceTable
+from projections.service import Tailnet
+from projections.state import TailnetState
+
+__all__ = ["HA_ACTOR", "RouteFailover"]
+
+log = logging.getLogger(__name__)
+
+#: Who records primary changes.
+HA_ACTOR = Actor(kind=ActorKind.SYSTEM, id="ha")
+
+
+class RouteFailover:
+    """Keeps the recorded primary of every subnet prefix on an online router."""
+
+    def __init__(
+        self,
+        tailnet: Tailnet,
+        presence: PresenceTable,
+        policy: PolicyCompiler,
+        *,
+        startup_grace: float = 10.0,
+        debounce: float = 0.2,
+    ) -> None:
+        self.tailnet = tailnet
+        self.presence = presence
+        self.policy = policy
+        self.startup_grace = startup_grace
+        self.debounce = debounce
+        #: Primary changes recorded by this process.
+        self.changes = 0
+
+    def _online(self, node_id: int) -> bool:
+        p = self.presence.get(node_id)
+        return p is not None and p.online
+
+    def _decide(self, state: TailnetState, *, failover: bool) -> c.Decision[int]:
+        compiled = self.policy.compiled(state)
+        routers: dict[str, list[int]] = {}
+        for info in compiled.tailnet.iter_nodes():
+            for route in info.subnet_routes:
+                routers.setdefault(prefix_str(route), []).append(info.id)
+        elected = {prefix_str(p): n for p, n in compiled.primaries.items()}
+        return c.decide_route_primaries(state, elected, routers, self._online, failover=failover)
+
+    async def check(self, *, failover: bool = True) -> int:
+        """Decide and record now; returns the number of primary changes."""
+        try:
+            count, recorded = await self.tailnet.execute(
+                lambda s: self._decide(s, failover=failover), actor=HA_ACTOR
+            )
+        except CommandError as exc:  # the log cannot record it now: the next wake retries
+            log.warning("route HA: primary changes not recorded: %s", exc)
+            return 0
+        for rec in recorded:
+            ev = rec.event
+            log.info(
+                "route HA: %s primary %s -> %s (%s)",
+                getattr(ev, "prefix", "?"), getattr(ev, "previous_node_id", None),
+                getattr(ev, "node_id", None), getattr(ev, "reason", ""),
+            )
+        self.changes += count
+        return count
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check on every change of the log or of a node's presence, until cancelled."""
+        wake = _Wake()
+        subscription = self.tailnet.runner.subscribe(wake.set)
+        watcher = self.presence.watch(wake.set)
+        grace_ends = trio.current_time() + self.startup_grace
+        try:
+            task_status.started()
+            while True:
+                subscription.take()
+                watcher.take()
+                in_grace = trio.current_time() < grace_ends
+                await self.check(failover=not in_grace)
+                with trio.move_on_at(grace_ends if in_grace else float("inf")):
+                    await wake.wait()
+                    # Changes come in bursts (a reconnect herd, a registration's events):
+                    # decide once per burst.
+                    await trio.sleep(self.debounce)
+        finally:
+            watcher.close()
+            subscription.close()
+
+
+class _Wake:
+    """A level-triggered wake-up: set from synchronous callbacks, cleared on waking."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
