@@ -1,13 +1,13 @@
 """Wire structs mirroring Tailscale's ``tailcfg`` package (msgspec, JSON).
 
 Role in the pipeline: the vocabulary shared by the netmap builder (pure, in
-:mod:`projections`) and the control protocol (:mod:`protocol`, which re-exports
-this module as ``protocol.tailcfg``). The builder produces :class:`MapResponse`
-values, the protocol layer encodes them and decodes :class:`RegisterRequest` /
-:class:`MapRequest` bodies. It lives in ``projections`` because imports only
+:mod:`projections`) and the control protocol (:mod:`protocol`, which imports it
+from here). The builder produces :class:`MapResponse` values, the protocol
+layer encodes them and decodes :class:`RegisterRequest` / :class:`MapRequest`
+bodies. It lives in ``projections`` because imports only
 point ``projections -> protocol`` (style rule 1).
 
-Conventions (style rule 16; control-protocol.md §6, §8.5, §9):
+Conventions (style rule 16; docs/control-protocol.md §6, §8.5, §9):
 
 * **Names.** Python fields are snake_case; :func:`go_name` maps them to the Go
   field names, which are the JSON keys (``node_id -> NodeID``,
@@ -331,7 +331,7 @@ class _Wire(
 
 
 class OverTLSPublicKeyResponse(_Wire, frozen=True, kw_only=True, rename="camel"):
-    """Body of ``GET /key?v=N`` (control-protocol.md §2).
+    """Body of ``GET /key?v=N`` (docs/control-protocol.md §2).
 
     Attributes:
         legacy_public_key: Retired NaCl-box key; send :func:`zero_key`, never "".

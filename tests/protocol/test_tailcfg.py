@@ -1,4 +1,4 @@
-"""Wire structs (``projections.tailcfg``, re-exported as ``protocol.tailcfg``).
+"""Wire structs (``projections.tailcfg``).
 
 Oracles: the JSON field names were extracted from the Go structs of
 tailscale/tailscale at de9ec7ee (tailcfg.go, derpmap.go, tka.go,
@@ -13,8 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import msgspec
 import pytest
 
-from projections import tailcfg as projections_tailcfg
-from protocol import tailcfg
+from projections import tailcfg
 
 GO_FIELDS: dict[str, list[str]] = {
     "OverTLSPublicKeyResponse": ["legacyPublicKey", "publicKey"],
@@ -308,11 +307,6 @@ def test_every_exported_struct_is_checked() -> None:
         if isinstance(getattr(tailcfg, n), type) and issubclass(getattr(tailcfg, n), msgspec.Struct)
     }
     assert structs == set(GO_FIELDS)
-
-
-def test_protocol_reexports_the_same_objects() -> None:
-    assert tailcfg.MapResponse is projections_tailcfg.MapResponse
-    assert set(tailcfg.__all__) == set(projections_tailcfg.__all__)
 
 
 def test_go_name_initialisms() -> None:
