@@ -24,7 +24,7 @@ Merge rules (:func:`merge_derp_maps`)
 * A source may map an ID to ``null`` to delete that region from what came
   before (this is how a Tailscale policy file removes a default region).
   ``null`` never reaches the output: the result only holds real regions
-  (tailcfg pitfall: a ``null`` region crashes older clients).
+  (pitfall 6: a ``null`` region crashes older clients).
 * Region IDs must be 1 ... 2^53-1 (they must survive a JavaScript number).
   A region's ``RegionID`` must equal its key and every node's ``RegionID``
   must equal its region's; zero/missing IDs are filled in from the key.

@@ -20,6 +20,9 @@ Layers, bottom-up (sans-I/O cores unless marked *adapter*):
 * :mod:`.client`, :mod:`.wsstream` (*adapters*) -- :func:`open_control_client`.
 
 Other packages import only the names below (style rule 3).
+
+References in this tree of the form "control-protocol.md §N" and "pitfall N"
+point to ``docs/control-protocol.md`` (its sections and its numbered pitfalls, §12).
 """
 
 from .client import (

@@ -3,7 +3,7 @@
 Role in the pipeline: right after the handshake the server may send one
 length-prefixed JSON message (``tailcfg.EarlyNoise``) ahead of its HTTP/2
 SETTINGS frame (TS:control/ts2021/conn.go, HS:hscontrol/noise.go; capability
-49, control-protocol.md §5.1)::
+49, docs/control-protocol.md §5.1)::
 
     off len  field
       0   5  magic FF FF FF 54 53 ("\\xff\\xff\\xffTS")

@@ -66,5 +66,5 @@ class HandshakeError(RemoteProtocolError):
 
     A server may answer with a Noise error message (type ``0x03``) before
     closing; see :func:`protocol.noise.messages.encode_error`. Real clients do
-    not depend on it (Go's server never flushes it, control-protocol.md §4.2).
+    not depend on it (Go's server never flushes it, docs/control-protocol.md §4.2).
     """

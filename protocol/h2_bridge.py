@@ -13,7 +13,7 @@ front, :mod:`protocol.upgrade`). It answers the handshake, then runs a server
 ``h2`` connection with prior knowledge over the decrypted byte stream. The
 trio adapter (:mod:`protocol.serve`) only moves bytes and runs handler tasks.
 
-Order of the first bytes the server writes (control-protocol.md §3.3, §5)::
+Order of the first bytes the server writes (docs/control-protocol.md §3.3, §5)::
 
     51-byte Noise response (raw)  ||  Noise records: early payload || SETTINGS
 

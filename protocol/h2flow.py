@@ -11,7 +11,7 @@ raises its initial window through SETTINGS), when the owner calls
 Why it matters here: a netmap for a large tailnet is several hundred KiB while
 HTTP/2's default stream window is 64 KiB, so a server that ignores flow control
 either errors (``h2`` refuses) or floods a slow client. Go clients advertise
-large windows but do respect WINDOW_UPDATE (control-protocol.md §5.2).
+large windows but do respect WINDOW_UPDATE (docs/control-protocol.md §5.2).
 
 Importing this module installs the cheaper ``hyperframe`` payload repr
 (:func:`protocol.compat.install_cheap_data_repr`): ``h2`` formats one for every

@@ -10,7 +10,7 @@ never touches sockets, records or frames.
 Contract for handlers:
 
 * Route on ``request.path`` only. ``:authority`` inside the tunnel is the
-  control host or the literal ``unused`` (control-protocol.md §1, pitfall 22).
+  control host or the literal ``unused`` (docs/control-protocol.md §1, pitfall 22).
 * ``request.machine_key`` is the Noise peer's static key, authenticated by the
   handshake. Every lookup by NodeKey must check it (pitfall 9).
 * A handler may block as long as it likes (``Followup`` register long-polls,

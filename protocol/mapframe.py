@@ -3,7 +3,7 @@
 Role in the pipeline: the control handler encodes each :class:`MapResponse` to
 JSON and passes it through :func:`frame_map_response`; the resulting bytes are
 one DATA chunk of the long-poll HTTP/2 response. The client side
-(:class:`MapFrameDecoder`) undoes it. Layout (control-protocol.md §8.2, §8.3)::
+(:class:`MapFrameDecoder`) undoes it. Layout (docs/control-protocol.md §8.2, §8.3)::
 
     off len  field
       0   4  N, uint32 LITTLE-endian (yes: unlike everything else here)

@@ -1,7 +1,7 @@
 """A trio byte stream carried in WebSocket binary messages (thin adapter).
 
 Role in the pipeline: the WebSocket variant of ``/ts2021`` (browser/WASM
-clients, control-protocol.md §3.4) carries the Noise byte stream in binary
+clients, docs/control-protocol.md §3.4) carries the Noise byte stream in binary
 WebSocket messages whose boundaries are meaningless. :class:`WebSocketByteStream`
 turns an upgraded connection back into a plain ``trio.abc.Stream`` so that the
 Noise/HTTP2 session code runs unchanged on top of it. Framing, masking, PING

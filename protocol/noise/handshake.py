@@ -7,7 +7,7 @@ initiation / consumes the response (client side). The resulting
 
 The instance is ``Noise_IK_25519_ChaChaPoly_BLAKE2s`` with empty payloads and
 the prologue ``b"Tailscale Control Protocol v" + str(version)``
-(TS:control/controlbase/handshake.go; control-protocol.md §4.4)::
+(TS:control/controlbase/handshake.go; docs/control-protocol.md §4.4)::
 
     IK:
       <- s

@@ -5,7 +5,7 @@ Role in the pipeline: the lowest layer of the ts2021 transport. The handshake
 through these functions, the record layer (:mod:`protocol.noise.transport`) uses
 the record header helpers. Nothing here does cryptography or I/O.
 
-Protocol flow (control-protocol.md §1, §4)::
+Protocol flow (docs/control-protocol.md §1, §4)::
 
     client                                              server
       |-- initiation (101 bytes, base64 in the           |

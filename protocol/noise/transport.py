@@ -6,7 +6,7 @@ carried in records of type ``0x04`` (layout in :mod:`protocol.noise.messages`).
 plaintext into wire bytes; the layers above (early payload, HTTP/2) see one
 continuous byte stream and ignore record boundaries.
 
-The big gotcha (control-protocol.md §4.3): the 12-byte ChaCha20-Poly1305 nonce
+The big gotcha (docs/control-protocol.md §4.3): the 12-byte ChaCha20-Poly1305 nonce
 is ``4 zero bytes || 64-bit counter`` in **big-endian** order, where standard
 Noise says little-endian. Counter 0 encodes identically either way, so an
 off-the-shelf Noise library works for exactly one record per direction and then
