@@ -1,1 +1,40 @@
-"""cli package."""
+"""The ``tailledger`` command line: the top floor, where the other packages are put together.
+
+Role in the pipeline
+--------------------
+Every other package is a library; this one turns them into programs.  It reads the
+configuration, composes the event log, the projections, the control server and the
+relay into a running server, and gives the operator commands that act on that server
+(through its local admin socket) or on the log directly (read-only).  It may import
+every other package; none imports it.
+
+Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
+
+    serve            run the control server            server.py, network.py, web.py,
+                                                       config.py, adminsock.py, api/,
+                                                       audit.py, policyfile.py, gcpolicy.py
+    relay            run the DERP relay + STUN alone   relaycmd.py (relay.serve)
+    config check     validate the configuration        config.py
+    users            manage users                      main.py -> admin socket
+    apikeys          API keys of the admin HTTP API    apikeycmd.py -> admin socket
+    oauth-clients    OAuth clients of /api/v2          apikeycmd.py -> admin socket
+    preauthkeys      manage pre-auth keys              main.py -> admin socket
+    nodes            list, rename, tag, expire, approve routes, pending registrations
+                                                       main.py -> admin socket
+    log              show, tail, verify, pubkey, anchor, checkpoint
+                                                       logcmd.py, audit.py
+    policy           get, set, check, evaluate         main.py, policy_evaluate.py
+    replay           the past from the log (state, netmap, diff, reach, who-can-reach)
+                                                       replaycmd.py, timeline_svg.py
+    bench            log, relay, policy, replay        bench_*.py, scenarios.py
+    loadgen          N simulated clients over the real protocol
+                                                       loadgen.py, scenarios.py
+
+Shared pieces: :mod:`cli.output` (tables or JSON, with node-written text escaped),
+:mod:`cli.durations` (``90s``, ``7d``...), :mod:`cli.adminsock` (the admin socket
+the administrative commands talk to; its operations are
+:class:`projections.admin.AdminOps`, the same ones the admin HTTP API in
+:mod:`cli.api` runs).
+
+Running ``python -m cli`` is the same as the ``tailledger`` console script.
+"""

@@ -8,9 +8,9 @@ gets its own optimistic-concurrency check and its own answer.
 
 ``tail`` yields every event after a sequence number and then waits for new ones. New
 events are announced in-process the moment they commit; events appended by *other*
-processes (a second server on PostgreSQL, the CLI, a relay process) are found by polling
-the head every ``poll_interval`` seconds, so a tailer never misses an event whoever
-wrote it.
+processes that open the same SQLite database file are found by polling the head every
+``poll_interval`` seconds, so a tailer never misses an event whoever wrote it. (SQLite
+is the only backend today.)
 
 Cancellation: ``append`` may be cancelled while waiting; the request may still commit
 (the caller cannot know), exactly as with a dropped network connection to a database.

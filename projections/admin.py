@@ -1,8 +1,13 @@
 """Administrative operations: the one table of what an operator can do.
 
-The CLI's local admin socket and the HTTP admin API both dispatch through
-:class:`AdminOps`, so they accept the same arguments, refuse the same bad input with the
-same messages, and record the same events. Every mutating operation goes through
+Two doors dispatch through :class:`AdminOps`: the CLI's local admin socket
+(``cli/adminsock.py``, which the ``tailledger users|nodes|...`` commands talk to) and
+the admin HTTP API (``cli/api``: ``/api/v1`` and the Tailscale-compatible ``/api/v2``).
+So both accept the same arguments, refuse the same bad input with the same messages, and
+record the same events. The operations defined here are the tailnet's own; a layer
+above adds the ones it owns with :meth:`AdminOps.register` (the control server:
+``nodes.register``, ``nodes.pending``, ``nodes.reject``; the serve command:
+``log.checkpoint``). Every mutating operation goes through
 :meth:`projections.service.Tailnet.execute`; reads come from the current projection.
 
 An operation takes a JSON object of arguments (validated into a Struct: unknown or
