@@ -6,7 +6,8 @@ Role in the pipeline: the write boundary. A new policy is accepted only when
 1. :func:`~projections.policy.validate.validate_policy` -- internal
    consistency (needs no tailnet);
 2. domain association -- ``user:*@<domain>`` and ``localpart:*@<domain>``
-   may only name domains associated with the tailnet;
+   may only name domains associated with the tailnet (configured, else the
+   owner's login domain: see :meth:`Tailnet.domains`);
 3. the policy's ``tests`` block, then its ``sshTests`` block, evaluated
    against the tailnet (``tests_runner.py``).
 """
@@ -82,6 +83,9 @@ def _check_domains(policy: Policy, tailnet: Tailnet) -> None:
         for i, alias in enumerate(acl.src):
             if alias.kind is AliasKind.USER_DOMAIN and alias.text not in domains:
                 raise fail(alias.text, (*acl.path, "src", i))
+        for i, dst in enumerate(acl.dst):
+            if dst.alias.kind is AliasKind.USER_DOMAIN and dst.alias.text not in domains:
+                raise fail(dst.alias.text, (*acl.path, "dst", i))
     for grant in policy.grants or ():
         for side, aliases in (("src", grant.src), ("dst", grant.dst)):
             for i, alias in enumerate(aliases):

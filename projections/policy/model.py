@@ -132,7 +132,7 @@ class TailnetSettings(msgspec.Struct, frozen=True, kw_only=True):
             on the peer view (the hosted plane's default).
         domains: the tailnet's associated email domains, for
             ``user:*@domain`` and ``localpart:*@domain``. Empty means "the
-            domains of the users' logins".
+            owner's login domain" (every user's, when no user is an owner).
     """
 
     auto_update_default: bool | None = None

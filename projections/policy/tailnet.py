@@ -201,10 +201,18 @@ class Tailnet:
         return [u.id for u in self.users.values() if u.domain == domain]
 
     def domains(self) -> frozenset[str]:
-        """Domains associated with the tailnet (``user:*@d`` / ``localpart:*@d``)."""
+        """Domains associated with the tailnet (``user:*@d`` / ``localpart:*@d``).
+
+        Configured ones, else the owner's login domain: as on the hosted plane,
+        inviting a user from another domain does not associate that domain with
+        the tailnet. A tailnet without an owner (users recorded before roles)
+        associates every user's domain.
+        """
         if self.settings.domains:
             return frozenset(self.settings.domains)
-        return frozenset(u.domain for u in self.users.values() if u.domain)
+        users = self.users.values()
+        owners = [u for u in users if u.role == "owner"]
+        return frozenset(u.domain for u in (owners or users) if u.domain)
 
     def iter_nodes(self) -> Iterator[NodeInfo]:
         """Nodes in id order."""

@@ -11,6 +11,7 @@ from projections.policy import (
     PolicyTestFailure,
     PolicyUser,
     PolicyValidationError,
+    TailnetSettings,
     check_policy,
     parse_policy,
     validate_policy,
@@ -426,3 +427,45 @@ def test_ipv6_test_destinations_are_bracketed(dst: str, passes: bool) -> None:
     with pytest.raises(PolicyTestFailure) as info:
         check_policy(parse_policy(text), USERS, NODES)
     assert info.value.message == "test(s) failed"
+
+
+ROLE_USERS = [
+    PolicyUser(id=1, login="odin@example.com", name="odin", role="owner"),
+    PolicyUser(id=2, login="thor@example.org", name="thor", role="admin"),
+]
+NOT_ASSOCIATED = (
+    "example.org is not associated with this Tailnet and cannot be used in "
+    "user:*@<domain> expressions"
+)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {
+            "ssh": [
+                {
+                    "action": "accept",
+                    "src": ["autogroup:member"],
+                    "dst": ["tag:server"],
+                    "users": ["localpart:*@example.org"],
+                }
+            ]
+        },
+        {"ssh": [ssh_rule(["user:*@example.org"], ["tag:server"])]},
+        {"grants": [{"src": ["user:*@example.org"], "dst": ["*"], "ip": ["*"]}]},
+        {"acls": [{"action": "accept", "src": ["*"], "dst": ["user:*@example.org:22"]}]},
+    ],
+)
+def test_only_the_owners_domain_is_associated(sections: dict[str, object]) -> None:
+    # An admin invited from another domain does not associate that domain.
+    with pytest.raises(PolicyValidationError) as info:
+        check_policy(parse_policy(policy_text(**sections)), ROLE_USERS, NODES)
+    assert info.value.message == NOT_ASSOCIATED
+    # The owner's domain is; so is every user's in a tailnet without an owner
+    # (users recorded before roles), and any configured domain.
+    owner_domain = json.loads(json.dumps(sections).replace("example.org", "example.com"))
+    check_policy(parse_policy(policy_text(**owner_domain)), ROLE_USERS, NODES)
+    check_policy(parse_policy(policy_text(**sections)), USERS, NODES)
+    configured = TailnetSettings(domains=("example.com", "example.org"))
+    check_policy(parse_policy(policy_text(**sections)), ROLE_USERS, NODES, configured)
