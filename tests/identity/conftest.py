@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from .provider import ProviderProject, build_template, prepare
+from .browser import artifacts_dir, chrome, save_artifacts
+from .provider import ProviderProject, build_template, prepare, seed
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -84,7 +85,8 @@ def start_provider(provider_template: Path, tmp_path: Path) -> Iterator[Callable
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(redirect_uris: list[str]) -> ProviderProject:
-        project = prepare(provider_template, tmp_path / "provider", free_port(), redirect_uris, _base_env())
+        project = prepare(provider_template, tmp_path / "provider", free_port())
+        seed(project, redirect_uris, _base_env())
         log = tmp_path / "provider.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -104,26 +106,6 @@ def start_provider(provider_template: Path, tmp_path: Path) -> Iterator[Callable
             proc.wait()
 
 
-def chrome(profile: Path) -> Any:
-    """A headless Chromium from Debian with its chromedriver (no download)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "chromium"
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-        # The provider's certificate is the test's own; the server under test checks it
-        # for real through oidc.ca_file, the browser need not.
-        "--ignore-certificate-errors", f"--user-data-dir={profile}", "--no-first-run",
-        "--disable-extensions", "--disable-background-networking",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    service = Service(executable_path=shutil.which("chromedriver") or "chromedriver")
-    return webdriver.Chrome(options=options, service=service)
-
-
 @pytest.fixture
 def browsers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
     """Open real browsers; each is closed after the test, with a screenshot on failure."""
@@ -138,14 +120,11 @@ def browsers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callabl
     yield open_browser
     reports = request.node.stash.get(_REPORTS, {})
     failed = any(r.failed for r in reports.values())
-    artifacts = Path(os.environ.get("TAILLEDGER_ARTIFACTS", "test-artifacts")) / request.node.name
+    artifacts = artifacts_dir(request.node.name)
     for i, driver in enumerate(opened):
         try:
             if failed:
-                artifacts.mkdir(parents=True, exist_ok=True)
-                driver.save_screenshot(str(artifacts / f"browser-{i}.png"))
-                (artifacts / f"browser-{i}.html").write_text(driver.page_source)
-                (artifacts / f"browser-{i}.url").write_text(driver.current_url)
+                save_artifacts(driver, artifacts, f"browser-{i}")
         finally:
             driver.quit()
 

@@ -3,8 +3,8 @@ Django project generated here, served over TLS by hypercorn with a certificate m
 for the test (the server under test trusts it through ``oidc.ca_file``).
 
 :func:`build_template` migrates a database once per session; :func:`prepare` copies
-it for one test and adds the users and the client (with the test's redirect URI);
-:func:`provider_command` is the command that serves it.
+it for one test (with a new certificate), :func:`seed` adds the users and the client
+(with the test's redirect URI); :meth:`ProviderProject.command` serves it.
 
 Users (password ``pw-<username>``):
 
@@ -220,15 +220,18 @@ def _certificate(root: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def prepare(template_db: Path, root: Path, port: int, redirect_uris: list[str], base_env: dict[str, str]) -> ProviderProject:
-    """One test's provider project: the template database with the users and client."""
+def prepare(template_db: Path, root: Path, port: int) -> ProviderProject:
+    """One test's provider project: the template database and a TLS certificate."""
     _write_project(root)
     shutil.copyfile(template_db, root / "db.sqlite3")
     cert, key = _certificate(root)
-    project = ProviderProject(root, port, cert, key)
+    return ProviderProject(root, port, cert, key)
+
+
+def seed(project: ProviderProject, redirect_uris: list[str], base_env: dict[str, str]) -> None:
+    """Add the users and the client (accepting these redirect URIs)."""
     spec = {"users": USERS, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": redirect_uris}
     subprocess.run(
-        [sys.executable, "seed.py", json.dumps(spec)], cwd=root, env=project.env(base_env),
+        [sys.executable, "seed.py", json.dumps(spec)], cwd=project.root, env=project.env(base_env),
         check=True, capture_output=True, timeout=120,
     )
-    return project
