@@ -123,9 +123,20 @@ class DerpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    type: str = "sqlite"
-    path: str = ""  # default: <data_dir>/ledger.db
-    synchronous: str = "FULL"
+    type: str = "sqlite"  # "sqlite" (embedded) or "postgres" (shared by replicas)
+    path: str = ""  # sqlite: default <data_dir>/ledger.db
+    synchronous: str = "FULL"  # sqlite
+    # postgres: a libpq connection string or URI, and/or its parts (the parts win).
+    # The password never goes in here: it comes from password_file or the environment
+    # variable named by password_env (or libpq's own PGPASSWORD / PGPASSFILE).
+    dsn: str = ""
+    host: str = ""  # a host name, an address or a Unix socket directory
+    port: int = 0  # 0: libpq's default (5432)
+    name: str = ""  # the database
+    user: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    connect_timeout: str = "5s"
 
 
 class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -342,6 +353,63 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 REDACTED = "<redacted>"
 
 
+def _validate_postgres(db: DatabaseConfig) -> None:
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not (db.dsn or db.host or db.name):
+        raise ConfigError("database: type 'postgres' needs a dsn, or a host and a name")
+    try:
+        parts = conninfo_to_dict(db.dsn)
+    except ProgrammingError as exc:
+        raise ConfigError(f"database.dsn: not a connection string: {exc}") from None
+    if "password" in parts:
+        raise ConfigError(
+            "database.dsn: holds a password; put it in database.password_file or the "
+            "environment variable named by database.password_env"
+        )
+    if db.password_file and db.password_env:
+        raise ConfigError("database: give password_file or password_env, not both")
+    if not 0 <= db.port <= 65535:
+        raise ConfigError("database.port: must be between 1 and 65535")
+    try:
+        timeout = parse_duration(db.connect_timeout)
+    except DurationError as exc:
+        raise ConfigError(f"database.connect_timeout: {exc}") from None
+    if timeout is None or timeout.total_seconds() <= 0:
+        raise ConfigError("database.connect_timeout: must be a positive duration")
+
+
+def postgres_conninfo(db: DatabaseConfig, env: Mapping[str, str] | None = None) -> str:
+    """The libpq connection string of ``database`` with its password read now.
+
+    Raises:
+        ConfigError: the password file cannot be read or the variable is not set.
+    """
+    from psycopg.conninfo import make_conninfo
+
+    env = os.environ if env is None else env
+    parts: dict[str, str | int] = {}
+    if db.host:
+        parts["host"] = db.host
+    if db.port:
+        parts["port"] = db.port
+    if db.name:
+        parts["dbname"] = db.name
+    if db.user:
+        parts["user"] = db.user
+    if db.password_file:
+        try:
+            parts["password"] = Path(db.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"database.password_file: cannot read it: {exc.strerror}") from None
+    elif db.password_env:
+        if db.password_env not in env:
+            raise ConfigError(f"database.password_env: the variable {db.password_env} is not set")
+        parts["password"] = env[db.password_env]
+    return make_conninfo(db.dsn, **parts)
+
+
 def _is_secret(name: str) -> bool:
     """Whether a key of this name holds a secret (not a path to one, not a public key)."""
     n = name.lower()
@@ -522,8 +590,10 @@ def validate(config: Config) -> None:
         raise ConfigError("policy.path: policy.mode is 'file' but no path is given")
     if bool(config.tls.cert_file) != bool(config.tls.key_file):
         raise ConfigError("tls: give both cert_file and key_file, or neither")
-    if config.database.type != "sqlite":
-        raise ConfigError(f"database.type: {config.database.type!r} is not supported (sqlite)")
+    if config.database.type not in ("sqlite", "postgres"):
+        raise ConfigError(f"database.type: {config.database.type!r} is not 'sqlite' or 'postgres'")
+    if config.database.type == "postgres":
+        _validate_postgres(config.database)
     if config.database.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("database.synchronous: use FULL, EXTRA or NORMAL")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

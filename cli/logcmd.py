@@ -1,4 +1,5 @@
-"""``tailledger log show|tail|verify|pubkey|anchor``: read the log file directly (read-only).
+"""``tailledger log show|tail|verify|pubkey|anchor``: read the log directly (read-only),
+from its SQLite file or its PostgreSQL database.
 
 These commands open the database themselves instead of asking the server, so they work
 whether or not a server is running, and an auditor can run them on a copy of the file.
@@ -6,30 +7,29 @@ whether or not a server is running, and an auditor can run them on a copy of the
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import msgspec
 
-from eventlog import EventLogError, RecordedEvent, SQLiteEventStore
+from eventlog import EventLogError, EventStore, RecordedEvent
 from eventlog.audit import audit_log
 from eventlog.signing import SignedCheckpoint, parse_anchor, read_anchor
 
 from .audit import SigningKeyError, anchor_file, trusted_public_key
-from .config import Config
+from .config import Config, ConfigError
 from .output import print_json, terminal_safe
+from .storage import open_store
 
 __all__ = ["anchor", "pubkey", "show", "tail", "verify"]
 
 
-def _open(config: Config) -> SQLiteEventStore:
-    path = config.database_path
-    if not path.exists():
-        raise SystemExit(f"tailledger: no event log at {path}")
+def _open(config: Config) -> EventStore:
     try:
-        return SQLiteEventStore(path, read_only=True)
-    except EventLogError as exc:
+        return open_store(config, read_only=True)
+    except (EventLogError, ConfigError) as exc:
         raise SystemExit(f"tailledger: {exc}") from None
 
 
@@ -59,7 +59,11 @@ def _json(rec: RecordedEvent) -> dict[str, object]:
 
 
 def show(config: Config, output: str, *, after: int, limit: int, type_prefix: str | None) -> int:
-    store = _open(config)
+    with contextlib.closing(_open(config)) as store:
+        return _show(store, output, after=after, limit=limit, type_prefix=type_prefix)
+
+
+def _show(store: EventStore, output: str, *, after: int, limit: int, type_prefix: str | None) -> int:
     events = [e for e in store.read(after, limit) if not type_prefix or e.type.startswith(type_prefix)]
     if output == "json":
         print_json([_json(e) for e in events])
@@ -70,7 +74,11 @@ def show(config: Config, output: str, *, after: int, limit: int, type_prefix: st
 
 
 def tail(config: Config, output: str, *, after: int | None, type_prefix: str | None) -> int:
-    store = _open(config)
+    with contextlib.closing(_open(config)) as store:
+        return _tail(store, output, after=after, type_prefix=type_prefix)
+
+
+def _tail(store: EventStore, output: str, *, after: int | None, type_prefix: str | None) -> int:
     seq = store.head().seq if after is None else after
     try:
         while True:
@@ -115,7 +123,13 @@ def _public_key(config: Config, override: str | None) -> str | None:
 
 
 def verify(config: Config, output: str, *, pubkey: str | None = None, anchor_files: list[str] | None = None) -> int:
-    store = _open(config)
+    with contextlib.closing(_open(config)) as store:
+        return _verify(store, config, output, pubkey=pubkey, anchor_files=anchor_files)
+
+
+def _verify(
+    store: EventStore, config: Config, output: str, *, pubkey: str | None, anchor_files: list[str] | None
+) -> int:
     public_key = _public_key(config, pubkey)
     anchors = _anchors(anchor_files or [])
     kept = read_anchor(anchor_file(config))  # the server keeps its newest one beside the key
@@ -176,8 +190,8 @@ def pubkey(config: Config, output: str) -> int:
 
 
 def anchor(config: Config, output: str) -> int:
-    store = _open(config)
-    latest = store.last_signed_checkpoint()
+    with contextlib.closing(_open(config)) as store:
+        latest = store.last_signed_checkpoint()
     if latest is None:
         raise SystemExit("tailledger: the log has no signed checkpoint yet (try 'tailledger log checkpoint')")
     key = _public_key(config, None)

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from eventlog import ChainError, EventLogError, SQLiteEventStore
+from eventlog import ChainError, EventLogError, EventStore, Head, SQLiteEventStore
 from eventlog.export import export_lines, import_export
 from projections.netmap import NetmapSettings
 from projections.replay import (
@@ -48,6 +48,7 @@ from projections.replay import (
     who_can_reach,
 )
 
+from .config import Config, ConfigError
 from .output import print_json, print_table
 
 __all__ = ["register"]
@@ -138,7 +139,7 @@ def _database(args: argparse.Namespace) -> Path:
     return _config(args).database_path
 
 
-def open_store(args: argparse.Namespace) -> SQLiteEventStore:
+def open_store(args: argparse.Namespace) -> EventStore:
     """The log, read-only: the data directory's database or a verified export."""
     export = getattr(args, "from_export", None)
     if export:
@@ -153,7 +154,19 @@ def open_store(args: argparse.Namespace) -> SQLiteEventStore:
         finally:
             bar.done()
         return store
-    path = _database(args)
+    from .main import _config
+
+    config = _config(args)
+    if config.database.type == "postgres":
+        from .storage import open_store as open_configured
+
+        try:
+            shared = open_configured(config, read_only=True)
+        except (EventLogError, ConfigError) as exc:
+            raise _Fail(str(exc)) from None
+        _opened.append(shared)
+        return shared
+    path = config.database_path
     if not path.exists():
         raise _Fail(f"no event log at {path}")
     # Without a WAL file no server is writing: open immutable, so not even a WAL index
@@ -387,7 +400,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_postgres(args: argparse.Namespace, config: Config) -> int:
+    """Import into the configured PostgreSQL database: one transaction, so a refused
+    import leaves the (append-only) log exactly as empty as it was."""
+    from .storage import describe
+    from .storage import open_store as open_configured
+
+    bar = Progress("importing")
+    try:
+        store = open_configured(config)
+        try:
+            head = import_export(Path(args.file), store, progress=lambda n: bar(n, max(n, 1)))
+            report = store.verify()
+        finally:
+            store.close()
+        if not report.ok or report.head_hash != head.hash:
+            raise ChainError(report.first_bad or head.seq, report.reason or "the imported head differs")
+    except (ChainError, EventLogError, ConfigError, OSError) as exc:
+        raise _Fail(f"import refused, nothing kept: {exc}") from None
+    finally:
+        bar.done()
+    _print_imported(args, head, describe(config))
+    return 0
+
+
+def _print_imported(args: argparse.Namespace, head: Head, where: str) -> None:
+    if args.output == "json":
+        print_json({"events": head.seq, "head_seq": head.seq, "head_hash": head.hash})
+    else:
+        print(f"imported {head.seq} events into {where}; chain verified")
+        print(f"head: seq {head.seq} hash {head.hash}")
+
+
 def cmd_import(args: argparse.Namespace) -> int:
+    from .main import _config
+
+    config = _config(args)
+    if config.database.type == "postgres":
+        return _import_postgres(args, config)
     data = Path(args.data) if args.data else None
     if data is None:
         raise _Fail("log import needs --data DIR (a new data directory)")
@@ -415,11 +465,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     bar.done()
     for f in data.iterdir():
         os.chmod(f, 0o600)
-    if args.output == "json":
-        print_json({"events": head.seq, "head_seq": head.seq, "head_hash": head.hash})
-    else:
-        print(f"imported {head.seq} events into {path}; chain verified")
-        print(f"head: seq {head.seq} hash {head.hash}")
+    _print_imported(args, head, str(path))
     return 0
 
 
@@ -504,6 +550,11 @@ def cmd_policy_set(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Stores opened by the running command, closed when it ends (a PostgreSQL store holds
+#: connections).
+_opened: list[EventStore] = []
+
+
 def _guard(handler: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -514,6 +565,9 @@ def _guard(handler: Handler) -> Handler:
         except ChainError as exc:
             print(f"tailledger: the log does not verify at event {exc.seq}: {exc.reason}", file=sys.stderr)
             return 1
+        finally:
+            while _opened:
+                _opened.pop().close()
 
     return run
 
@@ -562,7 +616,7 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
     p.add_argument("--from", dest="from_", help="start after this point (default: the first event)")
     p.add_argument("--to", help="end at this point (default: the head)")
     p.add_argument("-f", "--file", help="output file (default: stdout)")
-    p = add(logs, "import", "Build a fresh data directory from an export, verifying the chain.", _guard(cmd_import))
+    p = add(logs, "import", "Build a fresh log from an export, verifying the chain (a new --data directory, or the configured empty PostgreSQL database).", _guard(cmd_import))
     p.add_argument("file")
 
     p = source(add(policy, "impact", "What a policy file would change against the current tailnet.",

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import trio
 
-from eventlog import Actor, ActorKind, ChainError, EventLog, SQLiteEventStore
+from eventlog import Actor, ActorKind, ChainError, EventLog
 from eventlog.audit import audit_log
 from eventlog.events import ChainErrorsIgnored
 from eventlog.headsigner import HeadSigner
-from eventlog.sidetables import SideTables
 from eventlog.signing import read_anchor
 from projections import CheckpointStore, CommandError, ProjectionRunner, Tailnet
 from projections.admin import AdminOps, Presence
@@ -38,6 +37,7 @@ from .audit import SigningKeyError, anchor_file, open_signer
 from .config import Config
 from .durations import parse_duration
 from .gcpolicy import manage_gc
+from .storage import open_side_tables, open_store
 
 __all__ = ["Server"]
 
@@ -61,10 +61,10 @@ class Server:
         self.ignore_chain_errors = ignore_chain_errors
         secure_data_dir(config.data_path)
         self.signer = open_signer(config)
-        self.store = SQLiteEventStore(config.database_path, synchronous=config.database.synchronous.upper())
+        self.store = open_store(config)
         self.log = EventLog(self.store)
         #: Presence and pending registrations, beside the log in its database.
-        self.side = SideTables(config.database_path)
+        self.side = open_side_tables(config)
         self.signing = HeadSigner(
             self.log,
             self.signer,

@@ -4,7 +4,9 @@
 not ``/key`` or ``/ts2021`` (see :mod:`protocol.serve`):
 
 * ``GET /health`` — 200 with the log head while the projection is current, 503 while it
-  is still folding the backlog (load balancers should wait).
+  is still folding the backlog (load balancers should wait), and 503 with
+  ``"status": "database-unavailable"`` while the log's database cannot be reached
+  (PostgreSQL down: the server retries with back-off and recovers by itself).
 * ``GET /register/<id>`` — the page a client's AuthURL points to, and the OIDC sign-in
   behind it (:mod:`cli.register_web`).
 
@@ -23,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
+
+from eventlog import EventLogError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -208,8 +212,11 @@ def make_app(server: Server) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> tuple[dict[str, object], int]:
-        head = server.store.head().seq
         folded = server.runner.state.seq
+        try:
+            head = (await server.log.head()).seq
+        except EventLogError as exc:  # the database is unreachable (the store retries)
+            return {"status": "database-unavailable", "error": str(exc), "folded_seq": folded}, 503
         ok = folded >= head
         return {"status": "ok" if ok else "catching-up", "log_seq": head, "folded_seq": folded}, 200 if ok else 503
 

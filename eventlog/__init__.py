@@ -26,6 +26,7 @@ from .errors import (
     ExpectedSequenceConflict,
     StorageFullError,
     StoreClosedError,
+    StoreUnavailableError,
     UnknownEventError,
 )
 from .events import EVENT_TYPES, AnyEvent, Event
@@ -54,6 +55,7 @@ __all__ = [
     "SQLiteEventStore",
     "StorageFullError",
     "StoreClosedError",
+    "StoreUnavailableError",
     "StoredRow",
     "UnknownEventError",
     "VerifyReport",

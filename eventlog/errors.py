@@ -42,6 +42,11 @@ class StorageFullError(EventLogError):
     """
 
 
+class StoreUnavailableError(EventLogError):
+    """The store's database cannot be reached now (a server-based backend retries with
+    back-off; readers such as :meth:`EventLog.tail` wait and try again)."""
+
+
 class StoreClosedError(EventLogError):
     """The store was used after ``close()``."""
 

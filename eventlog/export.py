@@ -13,7 +13,7 @@ one page of rows at a time) and yields one encoded line per row. :func:`read_exp
 is the inverse: it streams a file line by line, recomputes the chain as it goes and
 raises :class:`~eventlog.errors.ChainError` naming the first line whose link or hash
 fails, so a reader never sees an event it could not verify. :func:`import_export`
-feeds those verified rows to :meth:`SQLiteEventStore.insert_rows`, which writes them
+feeds those verified rows to :meth:`EventStore.import_rows`, which writes them
 unchanged (same seq, time, actor and hashes) into an empty store; the result ends with
 the export's head hash.
 """
@@ -28,7 +28,7 @@ import msgspec
 
 from .envelope import GENESIS_HASH, Actor, chain_hash
 from .errors import ChainError, EventLogError
-from .store import EventStore, Head, SQLiteEventStore, StoredRow
+from .store import EventStore, Head, StoredRow
 
 __all__ = ["ExportLine", "export_lines", "import_export", "read_export", "row_line"]
 
@@ -140,7 +140,7 @@ def _lines(fh: BinaryIO) -> Iterator[bytes]:
 
 def import_export(
     path: Path,
-    store: SQLiteEventStore,
+    store: EventStore,
     *,
     batch: int = 5000,
     progress: Callable[[int], None] | None = None,
@@ -149,24 +149,19 @@ def import_export(
 
     Raises:
         ChainError: the export does not verify (nothing after the bad line is written;
-            the caller discards the partial store).
+            the caller discards the partial store; PostgreSQL keeps nothing at all).
         EventLogError: the store is not empty, or a write failed.
     """
     if store.head().seq != 0:
         raise EventLogError("the target event log is not empty")
-    pending: list[StoredRow] = []
-    count = 0
-    for row in read_export(open_lines(path), start_hash=GENESIS_HASH):
-        pending.append(row)
-        if len(pending) >= batch:
-            store.insert_rows(pending)
-            count += len(pending)
-            pending = []
-            if progress is not None:
-                progress(count)
-    if pending:
-        store.insert_rows(pending)
-        count += len(pending)
-        if progress is not None:
-            progress(count)
+
+    def counted(rows: Iterable[StoredRow]) -> Iterator[StoredRow]:
+        for n, row in enumerate(rows, 1):
+            yield row
+            if progress is not None and n % batch == 0:
+                progress(n)
+
+    count = store.import_rows(counted(read_export(open_lines(path), start_hash=GENESIS_HASH)), batch=batch)
+    if progress is not None and count:
+        progress(count)
     return store.head()

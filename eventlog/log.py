@@ -26,7 +26,7 @@ import trio
 
 from .cause import check_reason, current_cause, new_correlation_id
 from .envelope import Actor, RecordedEvent, to_micros
-from .errors import EventLogError
+from .errors import EventLogError, StoreUnavailableError
 from .events import AnyEvent
 from .store import AppendRequest, EventStore, Head
 
@@ -86,18 +86,32 @@ class EventLog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Runs until cancelled; start it with ``nursery.start``."""
         self._running = True
-        task_status.started()
         try:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._commit(batch)
+            async with trio.open_nursery() as nursery:
+                if self.store.notifies_appends:
+                    nursery.start_soon(self._listen)
+                task_status.started()
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < self._max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    await self._commit(batch)
         finally:
             self._running = False
+
+    async def _listen(self) -> None:
+        """Wake the tailers when the store announces an append by another process
+        (PostgreSQL's LISTEN/NOTIFY); polling stays the fallback."""
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            announced = await trio.to_thread.run_sync(
+                self.store.wait_for_append, 1.0, limiter=limiter, abandon_on_cancel=True
+            )
+            if announced:
+                self._notify()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]
@@ -205,16 +219,27 @@ class EventLog:
 
         With ``prev_hash`` (the hash of event ``after_seq``) every event's link and hash
         are checked before it is yielded (:class:`~eventlog.errors.ChainError`).
+
+        While the store is unreachable (:class:`StoreUnavailableError`) the tail waits
+        and tries again, with back-off, instead of failing: the server keeps serving
+        what it has folded and catches up when the database returns.
         """
+        backoff = 0.0
         while True:
-            events = await self.read(after_seq, batch, prev_hash=prev_hash)
+            try:
+                events = await self.read(after_seq, batch, prev_hash=prev_hash)
+                if not events:
+                    await self.wait_for_new(after_seq)
+                backoff = 0.0
+            except StoreUnavailableError:
+                backoff = min(5.0, max(0.1, backoff * 2))
+                await trio.sleep(backoff)
+                continue
             if events:
                 yield events
                 after_seq = events[-1].seq
                 if prev_hash is not None:
                     prev_hash = events[-1].hash
-                continue
-            await self.wait_for_new(after_seq)
 
 
 

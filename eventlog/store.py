@@ -23,7 +23,7 @@ import abc
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -214,6 +214,41 @@ class EventStore(abc.ABC):
         """The stored chain hash of event ``seq`` (``None`` when there is none)."""
         rows = self.read_rows(seq - 1, 1)
         return rows[0].hash if rows and rows[0].seq == seq else None
+
+    #: Whether :meth:`wait_for_append` hears appends made through other connections
+    #: (other processes); without it, :class:`~eventlog.log.EventLog` only polls.
+    notifies_appends: bool = False
+
+    def wait_for_append(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for an append by anyone; ``True`` when one
+        was announced. Only for backends with :attr:`notifies_appends`."""
+        raise NotImplementedError
+
+    def insert_rows(self, rows: Sequence[StoredRow]) -> None:
+        """Write rows exactly as given (an import): each must extend the chain at the head.
+
+        Raises:
+            ChainError: a row does not follow the head (seq or prev_hash).
+            EventLogError: the store is read-only or the commit failed.
+        """
+        raise NotImplementedError
+
+    def import_rows(self, rows: Iterable[StoredRow], *, batch: int = 5000) -> int:
+        """Write a stream of rows with :meth:`insert_rows`, ``batch`` per commit; return
+        how many. A backend that can keep the whole import in one transaction does (so
+        that a failure leaves nothing behind in a log that refuses deletes)."""
+        count = 0
+        pending: list[StoredRow] = []
+        for row in rows:
+            pending.append(row)
+            if len(pending) >= batch:
+                self.insert_rows(pending)
+                count += len(pending)
+                pending = []
+        if pending:
+            self.insert_rows(pending)
+            count += len(pending)
+        return count
 
     def iter_rows(self, after_seq: int = 0, page: int = 5000) -> Iterator[StoredRow]:
         """Every stored row after ``after_seq``, paging through the log."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from eventlog import Actor, ActorKind, SQLiteEventStore
+from tests.pgserver import PgServer, find_bin_dir
 
 ADMIN = Actor(kind=ActorKind.ADMIN, id="tester")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -34,3 +36,24 @@ def fresh_store() -> Iterator[SQLiteEventStore]:
 @pytest.fixture
 def step_clock() -> StepClock:
     return StepClock()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session (skipped where none is installed, except
+    under ``CI=true``: there a missing server fails)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed (tests/install-deps.sh installs it)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PgServer(bin_dir)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """The connection string of a fresh, empty database."""
+    return pg_server.create_database()

@@ -140,3 +140,30 @@ class StoreContract(abc.ABC):
         store.close()
         with pytest.raises(StoreClosedError):
             store.head()
+
+    def test_signed_checkpoints_are_stored_in_order_and_audit(self) -> None:
+        from nacl.signing import SigningKey
+
+        from eventlog import EventLogError
+        from eventlog.audit import audit_log
+        from eventlog.signing import Signer
+        from tests.conftest import T0
+
+        store = self.make_store()
+        signer = Signer(SigningKey(b"k" * 32))
+        assert store.signed_checkpoints() == [] and store.last_signed_checkpoint() is None
+        signed = []
+        for i in range(1, 4):
+            store.append_batch([AppendRequest(events=(user(i),), actor=ADMIN)], i)
+            head = store.head()
+            cp = signer.sign(n=i, seq=head.seq, hash=head.hash, at=T0, prev=signed[-1].digest() if signed else "")
+            store.add_signed_checkpoint(cp)
+            signed.append(cp)
+        assert store.signed_checkpoints() == signed
+        assert store.signed_checkpoints(2) == signed[2:]
+        assert store.last_signed_checkpoint() == signed[-1]
+        assert store.hash_at(2) == signed[1].hash and store.hash_at(9) is None
+        with pytest.raises(EventLogError):  # a second replica signing the same n loses
+            store.add_signed_checkpoint(signed[0])
+        report = audit_log(store, public_key=signer.public_key)
+        assert report.ok and report.checkpoints == 3 and report.latest == signed[-1]

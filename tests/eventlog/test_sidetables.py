@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,9 +21,17 @@ def reg(n: int, *, source: str = "192.0.2.1", machine: str | None = None, minute
     )
 
 
-@pytest.fixture
-def side() -> SideTables:
-    return SideTables(":memory:")
+@pytest.fixture(params=["sqlite", "postgres"])
+def side(request: pytest.FixtureRequest) -> Iterator[SideTables]:
+    """The side tables on each backend (the same assertions hold on both)."""
+    if request.param == "sqlite":
+        tables = SideTables(":memory:")
+    else:
+        from eventlog.pgstore import PostgresSideTables
+
+        tables = PostgresSideTables(request.getfixturevalue("pg_dsn"))
+    yield tables
+    tables.close()
 
 
 def test_global_and_per_source_caps(side: SideTables) -> None:
@@ -92,3 +101,22 @@ def test_side_tables_live_in_the_log_database_and_survive_reopening(tmp_path: Pa
     store = SQLiteEventStore(path)
     assert store.head().seq == 0 and store.verify().ok
     store.close()
+
+
+def test_replicas_share_pending_registrations_and_presence(pg_dsn: str) -> None:
+    """What one replica stores, another sees: a request admitted on A is approved
+    (deleted) on B, and the caps count both replicas' requests."""
+    from eventlog.pgstore import PostgresEventStore, PostgresSideTables
+
+    store = PostgresEventStore(pg_dsn)
+    a, b = PostgresSideTables(pg_dsn), PostgresSideTables(pg_dsn)
+    assert a.add_pending(reg(1), max_total=2, max_per_source=5) is Admission.ADMITTED
+    assert b.add_pending(reg(2), max_total=2, max_per_source=5) is Admission.ADMITTED
+    assert a.add_pending(reg(3), max_total=2, max_per_source=5) is Admission.GLOBAL_CAP
+    got = b.get_pending("id1")
+    assert got is not None and got.hostname == "host1"
+    assert b.delete_pending("id1") and a.get_pending("id1") is None
+    a.save_presence([PresenceRecord(7, T0, True)])
+    assert b.load_presence() == [PresenceRecord(7, T0, True)]
+    for t in (a, b, store):
+        t.close()

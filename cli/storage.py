@@ -1,0 +1,60 @@
+"""Open the configured event store and side tables (SQLite or PostgreSQL).
+
+The one place that turns ``[database]`` into a backend, for the server and for the
+commands that read or write the log directly (``log``, ``replay``, ``relay``).
+"""
+
+from __future__ import annotations
+
+from eventlog import EventLogError, EventStore, SQLiteEventStore
+from eventlog.sidetables import SideTables
+
+from .config import Config, postgres_conninfo
+from .durations import parse_duration
+
+__all__ = ["describe", "open_side_tables", "open_store"]
+
+
+def _timeout(config: Config) -> float:
+    parsed = parse_duration(config.database.connect_timeout)
+    return parsed.total_seconds() if parsed is not None else 5.0
+
+
+def open_store(config: Config, *, read_only: bool = False) -> EventStore:
+    """The configured event store.
+
+    Raises:
+        ConfigError: the password cannot be read.
+        EventLogError: the database cannot be opened (a read-only open of a missing
+            SQLite file says so).
+    """
+    if config.database.type == "postgres":
+        from eventlog.pgstore import PostgresEventStore
+
+        return PostgresEventStore(
+            postgres_conninfo(config.database), connect_timeout=_timeout(config), read_only=read_only
+        )
+    path = config.database_path
+    if read_only:
+        if not path.exists():
+            raise EventLogError(f"no event log at {path}")
+        return SQLiteEventStore(path, read_only=True)
+    return SQLiteEventStore(path, synchronous=config.database.synchronous.upper())
+
+
+def open_side_tables(config: Config) -> SideTables:
+    """The configured side tables (in the same database as the log)."""
+    if config.database.type == "postgres":
+        from eventlog.pgstore import PostgresSideTables
+
+        return PostgresSideTables(postgres_conninfo(config.database), connect_timeout=_timeout(config))
+    return SideTables(config.database_path)
+
+
+def describe(config: Config) -> str:
+    """Where the log lives, for messages (never the password)."""
+    if config.database.type == "postgres":
+        db = config.database  # the validated dsn holds no password
+        parts = (("host", db.host), ("port", db.port), ("dbname", db.name), ("user", db.user))
+        return "PostgreSQL " + " ".join([db.dsn, *(f"{k}={v}" for k, v in parts if v)]).strip()
+    return str(config.database_path)

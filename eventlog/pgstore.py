@@ -1,0 +1,666 @@
+"""The PostgreSQL backend of the event log, and its side tables.
+
+Several ``tailledger serve`` processes (replicas) share one log here. The store keeps
+the contract of :class:`~eventlog.store.EventStore` exactly: the same rows, the same
+hash chain, the same answers (``tests/eventlog/contract.py`` runs on both backends).
+
+Driver: psycopg 3, synchronous, like the SQLite store; the trio layer
+(:mod:`eventlog.log`) calls it through ``trio.to_thread.run_sync``. Each store holds
+three connections: a writer, a reader (autocommit) and, once something waits for other
+writers, a listener.
+
+Concurrency: an append runs in one transaction that first takes a transaction-scoped
+advisory lock (:data:`APPEND_LOCK`), then reads the head, checks each request's
+``expected_seq`` and inserts. Appends of every replica are therefore serialised, and
+the loser of an ``expected_seq`` race gets :class:`ExpectedSequenceConflict`. The
+primary key on ``seq`` is a second guard: a writer that bypassed the lock (or a bug)
+fails on the duplicate sequence number instead of forking the chain.
+
+Tailing: an append notifies the channel :data:`CHANNEL` (delivered at commit);
+:meth:`PostgresEventStore.wait_for_append` blocks on it, and :class:`EventLog` still
+polls as a fallback (a notification lost with a connection is found by the next poll).
+
+Connection loss: a failed connection is dropped; the next call reconnects, at most once
+per back-off interval (0.1 s doubling to 5 s), failing fast in between with
+:class:`DatabaseUnavailable`. :meth:`PostgresEventStore.health` reports the state for
+``/health``. An append whose connection broke during the commit is reported as failed
+with its outcome unknown (as with any database); it was not acknowledged.
+
+Schema: versioned migrations in ``schema_migrations``, applied under an advisory lock,
+each in the transaction that records it (so two replicas starting together migrate once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from .codec import encode_event
+from .envelope import GENESIS_HASH, RecordedEvent, chain_hash, from_micros
+from .errors import (
+    ChainError,
+    EventLogError,
+    ExpectedSequenceConflict,
+    StoreClosedError,
+    StoreUnavailableError,
+)
+from .sidetables import SideTables
+from .signing import SignedCheckpoint
+from .store import AppendRequest, AppendResult, EventStore, Head, StoredRow
+
+__all__ = [
+    "APPEND_LOCK",
+    "CHANNEL",
+    "DatabaseUnavailable",
+    "PostgresEventStore",
+    "PostgresSideTables",
+    "StoreHealth",
+    "migrate",
+]
+
+#: The notification channel of appends (payload: the new head's seq).
+CHANNEL: Final = "tailledger_events"
+#: Advisory lock keys (one namespace; arbitrary but fixed).
+APPEND_LOCK: Final = 0x7A11_1ED6_E000_0001
+MIGRATE_LOCK: Final = 0x7A11_1ED6_E000_0002
+SIDE_LOCK: Final = 0x7A11_1ED6_E000_0003
+
+_BACKOFF_MIN: Final = 0.1
+_BACKOFF_MAX: Final = 5.0
+
+T = TypeVar("T")
+
+
+#: The database cannot be reached now (the store retries with back-off).
+DatabaseUnavailable = StoreUnavailableError
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    ok: bool
+    error: str = ""
+
+
+# -- schema ---------------------------------------------------------------------------
+
+_APPEND_ONLY: Final = """
+CREATE FUNCTION tailledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the event log is append-only';
+END $$;
+CREATE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION tailledger_append_only();
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION tailledger_append_only();
+"""
+
+#: Versioned migrations, in order: (name, SQL). Never edit one that shipped; add one.
+MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
+    (
+        "0001_events",
+        """
+        CREATE TABLE events (
+            seq            BIGINT PRIMARY KEY,
+            recorded_at_us BIGINT NOT NULL,
+            actor_kind     TEXT   NOT NULL,
+            actor_id       TEXT   NOT NULL,
+            type           TEXT   NOT NULL,
+            schema         INTEGER NOT NULL,
+            data           BYTEA  NOT NULL,
+            prev_hash      TEXT   NOT NULL,
+            hash           TEXT   NOT NULL,
+            correlation_id TEXT   NOT NULL DEFAULT '',
+            reason         TEXT   NOT NULL DEFAULT ''
+        );
+        CREATE INDEX events_recorded_at ON events (recorded_at_us);
+        """
+        + _APPEND_ONLY,
+    ),
+    (
+        "0002_side_tables",
+        """
+        CREATE TABLE presence (
+            node_id      BIGINT PRIMARY KEY,
+            last_seen_us BIGINT NOT NULL,
+            online       INTEGER NOT NULL
+        );
+        CREATE TABLE pending_registrations (
+            auth_id         TEXT    PRIMARY KEY,
+            machine_key     TEXT    NOT NULL,
+            node_key        TEXT    NOT NULL,
+            hostname        TEXT    NOT NULL,
+            os              TEXT    NOT NULL,
+            request_tags    TEXT    NOT NULL,
+            ephemeral       INTEGER NOT NULL,
+            source          TEXT    NOT NULL,
+            created_us      BIGINT  NOT NULL,
+            expires_us      BIGINT  NOT NULL,
+            rejected_reason TEXT,
+            rejected_by     TEXT
+        );
+        CREATE INDEX pending_by_source ON pending_registrations (source);
+        CREATE INDEX pending_by_machine ON pending_registrations (machine_key);
+        CREATE INDEX pending_by_expiry ON pending_registrations (expires_us);
+        """,
+    ),
+    (
+        "0003_signed_checkpoints",
+        """
+        CREATE TABLE signed_checkpoints (
+            n            BIGINT PRIMARY KEY,
+            seq          BIGINT NOT NULL,
+            hash         TEXT   NOT NULL,
+            signed_at_us BIGINT NOT NULL,
+            prev         TEXT   NOT NULL,
+            public_key   TEXT   NOT NULL,
+            signature    TEXT   NOT NULL
+        );
+        CREATE FUNCTION tailledger_checkpoints_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'signed checkpoints are append-only';
+        END $$;
+        CREATE TRIGGER signed_checkpoints_no_update BEFORE UPDATE OR DELETE ON signed_checkpoints
+            FOR EACH ROW EXECUTE FUNCTION tailledger_checkpoints_append_only();
+        CREATE TRIGGER signed_checkpoints_no_truncate BEFORE TRUNCATE ON signed_checkpoints
+            FOR EACH STATEMENT EXECUTE FUNCTION tailledger_checkpoints_append_only();
+        """,
+    ),
+)
+
+
+def migrate(conn: psycopg.Connection[Any]) -> list[str]:
+    """Apply the migrations ``conn``'s database lacks; return their names.
+
+    Runs under :data:`MIGRATE_LOCK`, each migration in the transaction that records it.
+    """
+    applied: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        done = {str(r[0]) for r in conn.execute("SELECT name FROM schema_migrations")}
+        for name, text in MIGRATIONS:
+            if name in done:
+                continue
+            with conn.transaction():
+                conn.execute(text.encode())
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
+            applied.append(name)
+    return applied
+
+
+# -- connections ----------------------------------------------------------------------
+
+
+class _Connection:
+    """One lazily (re)connected psycopg connection, used under its own lock.
+
+    A call that fails on a broken connection drops it; reconnecting is attempted at
+    most once per back-off interval, so a dead server costs a fast failure, not a hang.
+    """
+
+    def __init__(self, conninfo: str, what: str, *, connect_timeout: float) -> None:
+        self._conninfo = conninfo
+        self._what = what
+        self._timeout = connect_timeout
+        self.lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._backoff = 0.0
+        self._next_try = 0.0
+        self.last_error = ""
+        self.setup: Callable[[psycopg.Connection[Any]], None] | None = None
+
+    def get(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        now = time.monotonic()
+        if now < self._next_try:
+            raise DatabaseUnavailable(
+                f"the database is unavailable ({self.last_error}); retrying in "
+                f"{self._next_try - now:.1f}s"
+            )
+        try:
+            conn = psycopg.connect(
+                self._conninfo, autocommit=True, connect_timeout=max(1, round(self._timeout))
+            )
+            if self.setup is not None:
+                self.setup(conn)
+        except psycopg.Error as exc:
+            self._failed(exc)
+            raise DatabaseUnavailable(f"cannot connect to the database: {_short(exc)}") from exc
+        self._conn = conn
+        self._backoff = 0.0
+        self.last_error = ""
+        return conn
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error = _short(exc)
+        self._backoff = min(_BACKOFF_MAX, max(_BACKOFF_MIN, self._backoff * 2))
+        self._next_try = time.monotonic() + self._backoff
+
+    def broken(self, exc: BaseException) -> None:
+        """Drop the connection after ``exc`` if it is no longer usable."""
+        conn = self._conn
+        if conn is None:
+            return
+        if conn.closed or conn.broken or isinstance(exc, psycopg.OperationalError):
+            self._conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._failed(exc)
+
+    @property
+    def healthy(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def close(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- the store ------------------------------------------------------------------------
+
+_COLUMNS: Final = (
+    "seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
+    "correlation_id, reason"
+)
+_SELECT: Final = f"SELECT {_COLUMNS} FROM events "
+_INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_HEAD: Final = "SELECT seq, hash, recorded_at_us FROM events ORDER BY seq DESC LIMIT 1"
+
+
+def _row(r: tuple[Any, ...]) -> StoredRow:
+    return StoredRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7], r[8], r[9], r[10])
+
+
+def _head(conn: psycopg.Connection[Any]) -> Head:
+    r = conn.execute(_HEAD).fetchone()
+    return Head(0, GENESIS_HASH, 0) if r is None else Head(int(r[0]), str(r[1]), int(r[2]))
+
+
+def _listen(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+
+
+class PostgresEventStore(EventStore):
+    """The event log in a PostgreSQL database, shared by every replica.
+
+    Args:
+        conninfo: a libpq connection string or URI (``host=/run/pg dbname=ledger`` or
+            ``postgresql://user@host/ledger``); a password may come from libpq's
+            ``PGPASSWORD``/``PGPASSFILE`` or be part of it.
+        connect_timeout: seconds one connection attempt may take.
+
+    Raises:
+        EventLogError: the database cannot be reached at start or its schema cannot be
+            migrated.
+    """
+
+    notifies_appends = True
+
+    def __init__(
+        self, conninfo: str, *, connect_timeout: float = 5.0, read_only: bool = False
+    ) -> None:
+        self._conninfo = conninfo
+        self._read_only = read_only
+        self._closed = False
+        self._writer = _Connection(conninfo, "writer", connect_timeout=connect_timeout)
+        self._reader = _Connection(conninfo, "reader", connect_timeout=connect_timeout)
+        self._listener = _Connection(conninfo, "listener", connect_timeout=connect_timeout)
+        self._listener.setup = _listen
+        try:
+            with self._writer.lock:
+                conn = self._writer.get()
+                if not read_only:
+                    migrate(conn)
+                elif conn.execute("SELECT to_regclass('events')").fetchone() in (None, (None,)):
+                    raise EventLogError("there is no event log in this database")
+            if not read_only:
+                # Subscribe now, so no append after the store exists goes unannounced.
+                with self._listener.lock:
+                    self._listener.get()
+        except psycopg.Error as exc:
+            self.close()
+            raise EventLogError(f"cannot prepare the event log database: {_short(exc)}") from exc
+        except StoreUnavailableError as exc:
+            self.close()
+            raise EventLogError(f"cannot open the event log: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def conninfo(self) -> str:
+        return self._conninfo
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the event store is closed")
+
+    def _call(self, c: _Connection, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        self._check_open()
+        with c.lock:
+            conn = c.get()
+            try:
+                return fn(conn)
+            except psycopg.Error as exc:
+                c.broken(exc)
+                if isinstance(exc, psycopg.OperationalError):
+                    raise StoreUnavailableError(f"{what} failed: {_short(exc)}") from exc
+                raise EventLogError(f"{what} failed: {_short(exc)}") from exc
+
+    def health(self) -> StoreHealth:
+        """Whether the last use of the database succeeded (no I/O here)."""
+        for c in (self._writer, self._reader):
+            if c.last_error:
+                return StoreHealth(False, c.last_error)
+        return StoreHealth(True)
+
+    def ping(self) -> StoreHealth:
+        """Reach the database now (reconnecting if due) and report."""
+        try:
+            for c in (self._reader, self._writer):
+                self._call(c, "ping", lambda conn: conn.execute("SELECT 1").fetchone())
+        except EventLogError as exc:
+            return StoreHealth(False, str(exc))
+        return self.health()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise EventLogError("the event store was opened read-only")
+
+    def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        self._check_writable()
+
+        def work(conn: psycopg.Connection[Any]) -> list[AppendResult]:
+            results: list[AppendResult] = []
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                head = _head(conn)
+                seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
+                at_dt = from_micros(at)
+                rows: list[tuple[object, ...]] = []
+                for req in requests:
+                    if req.expected_seq is not None and req.expected_seq != seq:
+                        results.append(ExpectedSequenceConflict(req.expected_seq, seq))
+                        continue
+                    recorded: list[RecordedEvent] = []
+                    corr, reason, kind = req.correlation_id, req.reason, req.actor.kind.value
+                    for event in req.events:
+                        seq += 1
+                        data = encode_event(event)
+                        type_ = event.type_name()
+                        h = chain_hash(
+                            prev, seq=seq, recorded_at_us=at, actor_kind=kind,
+                            actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
+                            correlation_id=corr, reason=reason,
+                        )
+                        rows.append(
+                            (seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h, corr, reason)
+                        )
+                        recorded.append(
+                            RecordedEvent(
+                                seq=seq, recorded_at=at_dt, actor=req.actor, type=type_,
+                                schema=event.SCHEMA, event=event, prev_hash=prev, hash=h,
+                                correlation_id=corr, reason=reason,
+                            )
+                        )
+                        prev = h
+                    results.append(tuple(recorded))
+                if rows:
+                    with conn.cursor() as cur:
+                        cur.executemany(_INSERT, rows)
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+            return results
+
+        return self._call(self._writer, "append", work)
+
+    def insert_rows(self, rows: Sequence[StoredRow]) -> None:
+        """Write rows exactly as given (an import): each must extend the chain at the head."""
+        self._check_writable()
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                head = _head(conn)
+                seq, prev = head.seq, head.hash
+                for row in rows:
+                    if row.seq != seq + 1 or row.prev_hash != prev:
+                        raise ChainError(row.seq, f"does not follow the head (seq {seq})")
+                    seq, prev = row.seq, row.hash
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        _INSERT,
+                        [
+                            (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
+                             r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
+                            for r in rows
+                        ],
+                    )
+                if rows:
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+
+        self._call(self._writer, "import", work)
+
+    def import_rows(self, rows: Iterable[StoredRow], *, batch: int = 5000) -> int:
+        """The whole import in one transaction: a failure (a row that does not verify,
+        a lost connection) leaves the log as it was, which matters because the log
+        refuses deletes."""
+        self._check_writable()
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            count = 0
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                head = _head(conn)
+                seq, prev = head.seq, head.hash
+                pending: list[tuple[object, ...]] = []
+                with conn.cursor() as cur:
+                    for r in rows:
+                        if r.seq != seq + 1 or r.prev_hash != prev:
+                            raise ChainError(r.seq, f"does not follow the head (seq {seq})")
+                        seq, prev = r.seq, r.hash
+                        pending.append(
+                            (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
+                             r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
+                        )
+                        if len(pending) >= batch:
+                            cur.executemany(_INSERT, pending)
+                            count += len(pending)
+                            pending = []
+                    if pending:
+                        cur.executemany(_INSERT, pending)
+                        count += len(pending)
+                if count:
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+            return count
+
+        return self._call(self._writer, "import", work)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
+        def work(conn: psycopg.Connection[Any]) -> list[StoredRow]:
+            cur = conn.execute(_SELECT + "WHERE seq > %s ORDER BY seq LIMIT %s", (after_seq, limit))
+            return [_row(r) for r in cur.fetchall()]
+
+        return self._call(self._reader, "read", work)
+
+    def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return [row.to_event() for row in self.read_rows(after_seq, limit)]
+
+    def scan(
+        self,
+        after_seq: int,
+        upto_seq: int,
+        *,
+        type_prefixes: tuple[str, ...],
+        types_containing: tuple[str, ...] = (),
+        contains: tuple[bytes, ...] = (),
+    ) -> Iterator[StoredRow]:
+        wanted = ["starts_with(type, %s)" for _ in type_prefixes]
+        args: list[object] = list(type_prefixes)
+        if types_containing and contains:
+            kinds = " OR ".join("starts_with(type, %s)" for _ in types_containing)
+            found = " OR ".join("position(%s::bytea in data) > 0" for _ in contains)
+            wanted.append(f"(({kinds}) AND ({found}))")
+            args += [*types_containing, *contains]
+        if not wanted:
+            return
+        where = " OR ".join(wanted)
+        query = (_SELECT + f"WHERE seq > %s AND seq <= %s AND ({where}) ORDER BY seq LIMIT 2000").encode()
+
+        def page(conn: psycopg.Connection[Any], after: int) -> list[tuple[Any, ...]]:
+            return conn.execute(query, (after, upto_seq, *args)).fetchall()
+
+        while True:
+            fetched = self._call(self._reader, "read", partial(page, after=after_seq))
+            if not fetched:
+                return
+            for r in fetched:
+                yield _row(r)
+            after_seq = int(fetched[-1][0])
+
+    def head(self) -> Head:
+        return self._call(self._reader, "read", _head)
+
+    def seq_at_time(self, at_us: int) -> int:
+        def work(conn: psycopg.Connection[Any]) -> int:
+            r = conn.execute("SELECT max(seq) FROM events WHERE recorded_at_us <= %s", (at_us,)).fetchone()
+            return int(r[0]) if r and r[0] is not None else 0
+
+        return self._call(self._reader, "read", work)
+
+    # -- signed checkpoints ------------------------------------------------------------
+
+    def add_signed_checkpoint(self, checkpoint: SignedCheckpoint) -> None:
+        self._check_writable()
+        c = checkpoint
+        self._call(
+            self._writer,
+            f"storing signed checkpoint {c.n}",
+            lambda conn: conn.execute(
+                "INSERT INTO signed_checkpoints (n, seq, hash, signed_at_us, prev, public_key, "
+                "signature) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (c.n, c.seq, c.hash, c.signed_at_us, c.prev, c.public_key, c.signature),
+            ),
+        )
+
+    def signed_checkpoints(self, after_n: int = 0) -> list[SignedCheckpoint]:
+        def work(conn: psycopg.Connection[Any]) -> list[SignedCheckpoint]:
+            rows = conn.execute(
+                "SELECT n, seq, hash, signed_at_us, prev, public_key, signature "
+                "FROM signed_checkpoints WHERE n > %s ORDER BY n",
+                (after_n,),
+            ).fetchall()
+            return [
+                SignedCheckpoint(
+                    n=r[0], seq=r[1], hash=r[2], signed_at_us=r[3], prev=r[4],
+                    public_key=r[5], signature=r[6],
+                )
+                for r in rows
+            ]
+
+        return self._call(self._reader, "read", work)
+
+    def wait_for_append(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for an append by anyone (this store included);
+        ``True`` when one was announced. Errors count as "no news" (the caller polls)."""
+        if self._closed:
+            return False
+        with self._listener.lock:
+            try:
+                conn = self._listener.get()
+                for _ in conn.notifies(timeout=timeout, stop_after=1):
+                    return True
+                return False
+            except (psycopg.Error, EventLogError) as exc:
+                self._listener.broken(exc)
+        time.sleep(min(timeout, _BACKOFF_MIN))
+        return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for c in (self._writer, self._reader, self._listener):
+            c.close()
+
+
+# -- side tables ----------------------------------------------------------------------
+
+
+class _QmarkConnection:
+    """The slice of :class:`sqlite3.Connection` that :class:`SideTables` uses, over
+    psycopg: ``?`` placeholders become ``%s``."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, query: str, params: Sequence[object] = ()) -> psycopg.Cursor[Any]:
+        return self._conn.execute(query.replace("?", "%s").encode(), params)
+
+    def executemany(self, query: str, params: Sequence[Sequence[object]]) -> psycopg.Cursor[Any]:
+        cur = self._conn.cursor()
+        cur.executemany(query.replace("?", "%s").encode(), params)
+        return cur
+
+
+class PostgresSideTables(SideTables):
+    """:class:`~eventlog.sidetables.SideTables` in the log's PostgreSQL database, shared
+    by the replicas: a write runs in one transaction under :data:`SIDE_LOCK`, so the
+    cap checks of two replicas never interleave (as ``BEGIN IMMEDIATE`` does in SQLite).
+    """
+
+    def __init__(self, conninfo: str, *, connect_timeout: float = 5.0) -> None:
+        self._path = conninfo
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pg = _Connection(conninfo, "side tables", connect_timeout=connect_timeout)
+        try:
+            with self._pg.lock:
+                migrate(self._pg.get())
+        except psycopg.Error as exc:
+            self._pg.broken(exc)
+            raise EventLogError(f"cannot prepare the side tables: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pg.close()
+
+    def _run(self, what: str, fn: Callable[[Any], T], *, write: bool = True) -> T:
+        if self._closed:
+            raise StoreClosedError("the side tables are closed")
+        with self._pg.lock:
+            try:
+                conn = self._pg.get()
+                if not write:
+                    return fn(_QmarkConnection(conn))
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SIDE_LOCK,))
+                    return fn(_QmarkConnection(conn))
+            except psycopg.Error as exc:
+                self._pg.broken(exc)
+                raise EventLogError(f"{what} failed: {_short(exc)}") from exc
