@@ -13,7 +13,7 @@ import signal
 
 import trio
 
-from eventlog import EventLog, SQLiteEventStore
+from eventlog import EventLog
 from projections import CheckpointStore, ProjectionRunner
 from projections.derpmap import merge_derp_maps
 from projections.tailcfg import encode
@@ -21,6 +21,7 @@ from projections.tailcfg import encode
 from .audit import mac_key_for
 from .config import Config
 from .network import relay_config, relay_region
+from .storage import describe, open_store
 
 __all__ = ["run_relay"]
 
@@ -31,7 +32,7 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
     from relay.logauth import LogAuthorizer
     from relay.serve import serve_relay
 
-    store = SQLiteEventStore(config.database_path, read_only=True)
+    store = open_store(config, read_only=True)
     config.data_path.mkdir(parents=True, exist_ok=True)
     mac_key = mac_key_for(config)
     checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db", mac_key=mac_key)
@@ -50,7 +51,7 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
             auth.refresh()
             relay = await nursery.start(serve_relay, relay_config(config), auth)
             await nursery.start(auth.run, relay.revoke)
-            log.info("relay following the log at %s (head %d)", config.database_path, runner.state.seq)
+            log.info("relay following the log at %s (head %d)", describe(config), runner.state.seq)
             # What the control server's DERP map needs to name this relay (derp.paths),
             # including the CertName pin of a self-signed certificate made on first start.
             derp_map = merge_derp_maps([], embedded=relay_region(config, relay))
@@ -63,7 +64,7 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
 
 def run_relay(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not config.database_path.exists():
+    if config.database.type == "sqlite" and not config.database_path.exists():
         raise SystemExit(f"tailledger relay: no event log at {config.database_path}; start 'tailledger serve' first")
 
     async def main() -> None:

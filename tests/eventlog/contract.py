@@ -146,13 +146,13 @@ class StoreContract(abc.ABC):
 
         from eventlog import EventLogError
         from eventlog.audit import audit_log
-        from eventlog.signing import Signer
+        from eventlog.signing import SignedCheckpoint, Signer
         from tests.conftest import T0
 
         store = self.make_store()
         signer = Signer(SigningKey(b"k" * 32))
         assert store.signed_checkpoints() == [] and store.last_signed_checkpoint() is None
-        signed = []
+        signed: list[SignedCheckpoint] = []
         for i in range(1, 4):
             store.append_batch([AppendRequest(events=(user(i),), actor=ADMIN)], i)
             head = store.head()
