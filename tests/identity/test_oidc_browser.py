@@ -328,3 +328,44 @@ async def test_the_provider_certificate_is_verified(
                 r = await http.get(f"{setup.url}/oidc/login/{auth_id}")
         assert r.status_code == 502 and "cannot be reached" in r.text
         assert any("CERTIFICATE_VERIFY_FAILED" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_the_callback_refuses_other_browsers_replays_mix_ups_and_swapped_codes(
+    tmp_path: Path, start_provider: Any, browsers: Callable[[], Any]
+) -> None:
+    """OIDCLogin.finish on its own, against the real provider. The redirect URI points
+    where nothing listens: the browser stops there, and the test reads the code."""
+    from cli.config import OIDCConfig
+    from cli.oidc import LoginRefused, OIDCLogin
+
+    redirect = f"http://127.0.0.1:{free_port()}/oidc/callback"
+    project = await _t(start_provider, [redirect])
+    config = OIDCConfig(
+        issuer=project.issuer, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, ca_file=str(project.cert)
+    )
+    login = OIDCLogin(config, redirect)
+
+    def state_of(url: str) -> str:
+        return dict(parse_qsl(urlsplit(url).query))["state"]
+
+    url, browser = await login.begin("req-1", "register")
+    with pytest.raises(LoginRefused, match="another browser"):
+        await login.finish({"state": state_of(url), "code": "c"}, "not-the-cookie")
+    with pytest.raises(LoginRefused, match="already used"):  # one try per state
+        await login.finish({"state": state_of(url), "code": "c"}, browser)
+
+    url, browser = await login.begin("req-1", "register")
+    with pytest.raises(LoginRefused, match="names issuer"):
+        await login.finish({"state": state_of(url), "code": "c", "iss": "https://evil.example"}, browser)
+
+    # A real code of one login, presented with another login's state (and so its PKCE
+    # verifier and nonce), is refused by the provider's PKCE check.
+    driver = await _t(browsers)
+    first_url, first_browser = await login.begin("req-1", "register")
+    second_url, _ = await login.begin("req-2", "register")
+    await _t(driver.get, second_url)
+    await provider_login(driver, "alice", redirect)
+    answer = dict(parse_qsl(urlsplit(driver.current_url).query))
+    assert answer["state"] == state_of(second_url) and answer["code"]
+    with pytest.raises(LoginRefused, match="refused the code"):
+        await login.finish({"state": state_of(first_url), "code": answer["code"]}, first_browser)
