@@ -15,6 +15,7 @@ import hyperframe.frame
 import pytest
 import trio
 
+from projections import tailcfg
 from protocol import (
     ServeOptions,
     fetch_server_key,
@@ -22,7 +23,6 @@ from protocol import (
     load_ssl_context,
     open_control_client,
     serve_control,
-    tailcfg,
 )
 from protocol import client_conn as cc
 from protocol.client import MapStream

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from projections import tailcfg
 from protocol import (
     ConnectionStats,
     NoiseRequest,
@@ -35,7 +36,6 @@ from protocol import (
     frame_map_response,
     keepalive_frame,
     serve_control,
-    tailcfg,
 )
 from protocol import client_conn as cc
 from protocol.noise import public_key
