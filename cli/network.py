@@ -295,6 +295,9 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     )
     server.route_failover = failover
     await nursery.start(failover.run)
+    from .dnsapply import follow_dns  # DNS set through the admin API, from the log
+
+    await nursery.start(lambda task_status: follow_dns(config, server.runner, control, task_status=task_status))
     key = await trio.to_thread.run_sync(load_noise_key, config.data_path)
     server.noise_public = public_key(key)
     ctx = None

@@ -75,6 +75,14 @@ class _CreateUser(msgspec.Struct, forbid_unknown_fields=True):
     role: str | None = None  # None: owner for the first user, else member
 
 
+class _SetDns(msgspec.Struct, forbid_unknown_fields=True):
+    """Fields left out keep their value; ``null`` returns one to the configuration's."""
+
+    nameservers: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    search_paths: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    magic_dns: bool | msgspec.UnsetType | None = msgspec.UNSET
+
+
 class _SetRole(msgspec.Struct, forbid_unknown_fields=True):
     user: str
     role: str
@@ -190,6 +198,8 @@ class AdminOps:
             "nodes.tag": self.tag_node,
             "nodes.approve_routes": self.approve_routes,
             "log.head": self.log_head,
+            "dns.get": self.get_dns,
+            "dns.set": self.set_dns,
             "policy.get": self.get_policy,
             "policy.set": self.set_policy,
             "policy.check": self.check_policy,
@@ -461,6 +471,38 @@ class AdminOps:
         _args(_Empty, raw)
         head = await self.tailnet.log.head()
         return {"seq": head.seq, "hash": head.hash}
+
+    # -- DNS ------------------------------------------------------------------------
+
+    def _dns_view(self) -> dict[str, JSON]:
+        s = self.state
+        return {
+            "nameservers": list(s.dns_nameservers) if s.dns_nameservers is not None else None,
+            "search_paths": list(s.dns_search_paths) if s.dns_search_paths is not None else None,
+            "magic_dns": s.dns_magic_dns,
+        }
+
+    async def get_dns(self, raw: dict[str, object], actor: Actor) -> JSON:
+        """The DNS settings made through the log (``null``: as configured)."""
+        _args(_Empty, raw)
+        return self._dns_view()
+
+    async def set_dns(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_SetDns, raw)
+
+        def decide(s: TailnetState) -> c.Decision[None]:
+            ns = s.dns_nameservers if a.nameservers is msgspec.UNSET else a.nameservers
+            sp = s.dns_search_paths if a.search_paths is msgspec.UNSET else a.search_paths
+            magic = s.dns_magic_dns if a.magic_dns is msgspec.UNSET else a.magic_dns
+            return c.decide_set_dns(
+                s,
+                nameservers=tuple(ns) if ns is not None else None,
+                search_paths=tuple(sp) if sp is not None else None,
+                magic_dns=magic,
+            )
+
+        await self.tailnet.execute(decide, actor=actor)
+        return self._dns_view()
 
     # -- policy ---------------------------------------------------------------------
 

@@ -62,6 +62,9 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     last_ipv6: str | None
     # Absent in checkpoints made before route.primary_changed existed (then empty).
     route_primaries: dict[str, int] = {}
+    dns_nameservers: tuple[str, ...] | None = None
+    dns_search_paths: tuple[str, ...] | None = None
+    dns_magic_dns: bool | None = None
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -88,6 +91,9 @@ def encode_state(state: TailnetState) -> bytes:
             last_ipv4=state.last_ipv4,
             last_ipv6=state.last_ipv6,
             route_primaries=dict(state.route_primaries),
+            dns_nameservers=state.dns_nameservers,
+            dns_search_paths=state.dns_search_paths,
+            dns_magic_dns=state.dns_magic_dns,
         )
     )
 
@@ -111,6 +117,9 @@ def decode_state(blob: bytes) -> TailnetState:
         last_ipv4=snap.last_ipv4,
         last_ipv6=snap.last_ipv6,
         route_primaries=Map(snap.route_primaries),
+        dns_nameservers=snap.dns_nameservers,
+        dns_search_paths=snap.dns_search_paths,
+        dns_magic_dns=snap.dns_magic_dns,
     )
     return rebuild_indexes(state)
 

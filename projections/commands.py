@@ -29,6 +29,7 @@ from eventlog.events import (
     ApiKeyCreated,
     ApiKeyDeleted,
     ApiKeyExpired,
+    DnsSet,
     NodeDeleted,
     NodeExpirySet,
     NodeHostnameChanged,
@@ -90,6 +91,7 @@ __all__ = [
     "decide_rename_user",
     "decide_rotate_node_key",
     "decide_route_primaries",
+    "decide_set_dns",
     "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
@@ -479,6 +481,47 @@ def decide_expire_api_key(state: TailnetState, ref: str, *, kind: str = "apikey"
 def decide_delete_api_key(state: TailnetState, ref: str, *, kind: str = "apikey") -> Decision[int]:
     key = find_api_key(state, ref, kind=kind)
     return Decision((ApiKeyDeleted(key_id=key.id),), key.id)
+
+
+# -- DNS --------------------------------------------------------------------------------
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def decide_set_dns(
+    state: TailnetState,
+    *,
+    nameservers: tuple[str, ...] | None,
+    search_paths: tuple[str, ...] | None,
+    magic_dns: bool | None,
+) -> Decision[None]:
+    """Put DNS settings in force (``None``: as configured); nothing when unchanged.
+
+    Raises:
+        CommandError: a name server that is not an IP address, or a search path that is
+            not a domain name.
+    """
+    if nameservers is not None:
+        canonical: list[str] = []
+        for ns in nameservers:
+            try:
+                canonical.append(str(ipaddress.ip_address(ns)))
+            except ValueError:
+                raise CommandError(f"invalid name server {ns!r}: give an IP address") from None
+        nameservers = tuple(dict.fromkeys(canonical))
+        if len(nameservers) > 32:
+            raise CommandError("too many name servers (at most 32)")
+    if search_paths is not None:
+        for path in search_paths:
+            if not _DNS_NAME.match(path):
+                raise CommandError(f"invalid search path {path!r}: give a domain name")
+        search_paths = tuple(dict.fromkeys(p.rstrip(".").lower() for p in search_paths))
+        if len(search_paths) > 32:
+            raise CommandError("too many search paths (at most 32)")
+    current = (state.dns_nameservers, state.dns_search_paths, state.dns_magic_dns)
+    if (nameservers, search_paths, magic_dns) == current:
+        return Decision((), None)
+    return Decision((DnsSet(nameservers=nameservers, search_paths=search_paths, magic_dns=magic_dns),), None)
 
 
 # -- policy ---------------------------------------------------------------------------

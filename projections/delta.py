@@ -26,6 +26,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True):
     users_removed: frozenset[int] = frozenset()
     policy: bool = False
     keys: bool = False  # pre-auth or API keys: no netmap cares, the admin views do
+    dns: bool = False  # the tailnet's DNS settings
 
     def merge(self, later: Delta) -> Delta:
         """The delta of applying ``self`` and then ``later`` (associative)."""
@@ -38,6 +39,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True):
             users_removed=users_removed,
             policy=self.policy or later.policy,
             keys=self.keys or later.keys,
+            dns=self.dns or later.dns,
         )
 
     def is_empty(self) -> bool:
@@ -48,6 +50,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True):
             or self.users_removed
             or self.policy
             or self.keys
+            or self.dns
         )
 
 

@@ -21,6 +21,7 @@ from eventlog.events import (
     ApiKeyDeleted,
     ApiKeyExpired,
     ChainErrorsIgnored,
+    DnsSet,
     NodeDeleted,
     NodeExpirySet,
     NodeHostnameChanged,
@@ -297,6 +298,13 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             ), Delta(policy=True)
         case ChainErrorsIgnored():
             return state, Delta()
+        case DnsSet():
+            return replace(
+                state,
+                dns_nameservers=event.nameservers,
+                dns_search_paths=event.search_paths,
+                dns_magic_dns=event.magic_dns,
+            ), Delta(dns=True)
         case _:
             assert_never(event)
 

@@ -905,7 +905,7 @@ class StreamCursor:
     message sends the whole netmap again.
     """
 
-    __slots__ = ("derp_map", "expired", "filter", "node_id", "peers", "self_node", "seq", "ssh")
+    __slots__ = ("derp_map", "dns", "expired", "filter", "node_id", "peers", "self_node", "seq", "ssh")
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
@@ -916,6 +916,7 @@ class StreamCursor:
         self.filter = b""
         self.ssh = b""
         self.derp_map: object = None
+        self.dns: object = None  # the DNS configuration last sent (by identity)
 
     def full_map(self, hub: MapHub) -> list[MapMessage | bytes]:
         """The complete first message (and the new baseline), as JSON pieces to be
@@ -934,6 +935,7 @@ class StreamCursor:
         pf = _encoder.encode(compiled.packet_filter(me))
         ssh = hub.ssh_json(me)
         self.peers, self.seq, self.derp_map = peers, hub.seq, hub.settings.derp_map
+        self.dns = hub.settings.dns
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(pf)
         self.ssh = ssh or _NO_SSH
@@ -1026,6 +1028,7 @@ class StreamCursor:
         if hub.settings.derp_map is not self.derp_map:
             parts["derp_map"] = hub.settings.derp_map
         self.expired, self.peers, self.seq, self.derp_map = False, peers, hub.seq, hub.settings.derp_map
+        self.dns = hub.settings.dns
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(pf)
         self.ssh = ssh
@@ -1078,6 +1081,10 @@ class StreamCursor:
         if hub.settings.derp_map is not self.derp_map:
             self.derp_map = hub.settings.derp_map
             parts["derp_map"] = hub.settings.derp_map
+        if hub.settings.dns is not self.dns:
+            # A DNS change made through the API (dns.set): every stream gets it.
+            self.dns = hub.settings.dns
+            parts["dns_config"] = hub.settings.dns if hub.settings.dns is not None else DNSConfig()
         if parts:
             out.append(hub.shared(_encode_update(now, parts, None)))
         self.seq = hub.seq

@@ -144,6 +144,10 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     policy_text: str | None = None
     policy_sha256: str | None = None
     policy_source: str | None = None
+    # DNS settings made through the API (``dns.set``); None: as configured.
+    dns_nameservers: tuple[str, ...] | None = None
+    dns_search_paths: tuple[str, ...] | None = None
+    dns_magic_dns: bool | None = None
     next_user_id: int = 1
     next_node_id: int = 1
     next_preauth_key_id: int = 1

@@ -67,6 +67,7 @@ from projections.presence import PresenceTable
 from projections.state import Node, TailnetState
 from projections.tailcfg import (
     DERPMap,
+    DNSConfig,
     Hostinfo,
     KeyFormatError,
     KeyPrefix,
@@ -956,6 +957,20 @@ class Control:
         if derp_map == self.settings.netmap.derp_map:
             return False
         netmap = dataclasses.replace(self.settings.netmap, derp_map=derp_map)
+        self.settings = dataclasses.replace(self.settings, netmap=netmap)
+        self.hub.settings = netmap
+        self._publish()
+        for group in range(_WAKE_GROUPS):
+            self._wake_group(group)
+        self._wake_pending = False
+        return True
+
+    def set_dns(self, dns: DNSConfig | None) -> bool:
+        """Put a new DNS configuration in force (made through the admin API and recorded
+        in the log); every open stream sends it. Returns whether it changed."""
+        if dns == self.settings.netmap.dns:
+            return False
+        netmap = dataclasses.replace(self.settings.netmap, dns=dns)
         self.settings = dataclasses.replace(self.settings, netmap=netmap)
         self.hub.settings = netmap
         self._publish()

@@ -349,3 +349,20 @@ class V2Token(msgspec.Struct, kw_only=True):
     token_type: str
     expires_in: int
     scope: str
+
+
+class V2Nameservers(_Camel):
+    dns: list[str]
+    magic_dns: bool = msgspec.field(name="magicDNS")
+
+
+class V2NameserversRequest(_Camel):
+    dns: list[str]
+
+
+class V2SearchPaths(_Camel):
+    search_paths: list[str]
+
+
+class V2DnsPreferences(_Camel):
+    magic_dns: bool = msgspec.field(name="magicDNS")

@@ -30,6 +30,7 @@ from .schema import (
     V2Device,
     V2DeviceRoutes,
     V2Devices,
+    V2DnsPreferences,
     V2Empty,
     V2Key,
     V2KeyCapabilities,
@@ -38,8 +39,11 @@ from .schema import (
     V2KeyRequest,
     V2Keys,
     V2Name,
+    V2Nameservers,
+    V2NameserversRequest,
     V2Preview,
     V2Routes,
+    V2SearchPaths,
     V2Tags,
     V2Token,
     V2User,
@@ -319,6 +323,56 @@ async def preview_policy_file(ctx: Ctx) -> V2Preview:
     return V2Preview(type=kind, preview_for=target, matches=[], impact=impact)
 
 
+# -- DNS -----------------------------------------------------------------------------------------
+
+
+def _dns(ctx: Ctx) -> tuple[list[str], list[str], bool]:
+    from ..dnsapply import effective_dns_settings
+
+    dns = effective_dns_settings(ctx.server.config, ctx.state)
+    return list(dns.nameservers), list(dns.search_domains), dns.magic_dns
+
+
+async def get_nameservers(ctx: Ctx) -> V2Nameservers:
+    _tailnet(ctx)
+    ns, _, magic = _dns(ctx)
+    return V2Nameservers(dns=ns, magic_dns=magic)
+
+
+async def set_nameservers(ctx: Ctx) -> V2Nameservers:
+    _tailnet(ctx)
+    body = ctx.body(V2NameserversRequest)
+    ctx.require_admin()
+    await ctx.op("dns.set", {"nameservers": body.dns})
+    return await get_nameservers(ctx)
+
+
+async def get_search_paths(ctx: Ctx) -> V2SearchPaths:
+    _tailnet(ctx)
+    return V2SearchPaths(search_paths=_dns(ctx)[1])
+
+
+async def set_search_paths(ctx: Ctx) -> V2SearchPaths:
+    _tailnet(ctx)
+    body = ctx.body(V2SearchPaths)
+    ctx.require_admin()
+    await ctx.op("dns.set", {"search_paths": body.search_paths})
+    return await get_search_paths(ctx)
+
+
+async def get_dns_preferences(ctx: Ctx) -> V2DnsPreferences:
+    _tailnet(ctx)
+    return V2DnsPreferences(magic_dns=_dns(ctx)[2])
+
+
+async def set_dns_preferences(ctx: Ctx) -> V2DnsPreferences:
+    _tailnet(ctx)
+    body = ctx.body(V2DnsPreferences)
+    ctx.require_admin()
+    await ctx.op("dns.set", {"magic_dns": body.magic_dns})
+    return await get_dns_preferences(ctx)
+
+
 # -- users -----------------------------------------------------------------------------------------
 
 
@@ -436,6 +490,19 @@ def add_v2_routes(service: ApiService) -> None:
     r("POST", "/tailnet/{tailnet}/acl/preview", preview_policy_file, "previewPolicyFile",
       "What a policy file would change (tailledger policy impact)", V2Preview, "policy_file:read", tags=pol,
       query=("type", "previewFor"))
+    dns = ("DNS",)
+    r("GET", "/tailnet/{tailnet}/dns/nameservers", get_nameservers, "listDNSNameservers", "The DNS name servers",
+      V2Nameservers, "dns:read", tags=dns)
+    r("POST", "/tailnet/{tailnet}/dns/nameservers", set_nameservers, "setDNSNameservers",
+      "Set the DNS name servers", V2Nameservers, "dns", V2NameserversRequest, dns)
+    r("GET", "/tailnet/{tailnet}/dns/searchpaths", get_search_paths, "listDNSSearchPaths", "The DNS search paths",
+      V2SearchPaths, "dns:read", tags=dns)
+    r("POST", "/tailnet/{tailnet}/dns/searchpaths", set_search_paths, "setDNSSearchPaths",
+      "Set the DNS search paths", V2SearchPaths, "dns", V2SearchPaths, dns)
+    r("GET", "/tailnet/{tailnet}/dns/preferences", get_dns_preferences, "getDNSPreferences",
+      "The DNS preferences (MagicDNS)", V2DnsPreferences, "dns:read", tags=dns)
+    r("POST", "/tailnet/{tailnet}/dns/preferences", set_dns_preferences, "setDNSPreferences",
+      "Set the DNS preferences (MagicDNS)", V2DnsPreferences, "dns", V2DnsPreferences, dns)
     r("GET", "/tailnet/{tailnet}/users", list_users, "listUsers2", "List users", V2Users, "users:read",
       tags=("Users",), query=("type", "role"))
     service.add(Route(method="POST", path="/api/v2/oauth/token", handler=oauth_token, operation_id="oauthToken",

@@ -12,6 +12,7 @@ from typing import Final
 
 from .audit import ChainErrorsIgnored
 from .base import Event
+from .dns import DnsSet
 from .key import (
     ApiKeyCreated,
     ApiKeyDeleted,
@@ -43,6 +44,7 @@ __all__ = [
     "ApiKeyDeleted",
     "ApiKeyExpired",
     "ChainErrorsIgnored",
+    "DnsSet",
     "Event",
     "NodeDeleted",
     "NodeExpirySet",
@@ -94,6 +96,7 @@ AnyEvent = (
     | RoutePrimaryChanged
     | PolicySet
     | ChainErrorsIgnored
+    | DnsSet
 )
 
 _CLASSES: Final[tuple[type[Event], ...]] = (
@@ -122,6 +125,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     RoutePrimaryChanged,
     PolicySet,
     ChainErrorsIgnored,
+    DnsSet,
 )
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {cls.type_name(): cls for cls in _CLASSES}

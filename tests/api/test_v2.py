@@ -17,6 +17,9 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from tailscale import Tailscale, TailscaleError, TailscalePermissionError
 
+from protocol import open_control_client
+from tests.protocol.control_harness import SimNode
+
 from .conftest import TAILSCALE_API_HOST, ApiServer, check_against_openapi
 
 
@@ -47,6 +50,10 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+#: The simulated machines of the tailnet fixture, by host name.
+SIM: dict[str, SimNode] = {}
+
+
 @pytest.fixture(scope="module")
 def tailnet(api: ApiServer) -> dict[str, str]:
     """Two nodes of alice, one of bob, and the policy that owns tag:web."""
@@ -55,7 +62,7 @@ def tailnet(api: ApiServer) -> dict[str, str]:
     bob_key = srv.cli("preauthkeys", "create", "-u", "bob", check=True).stdout.strip()
     api.register("web-a", alice_key)
     api.register("web-b", alice_key)
-    api.register("bobs-box", bob_key)
+    SIM["bobs-box"], _ = api.register("bobs-box", bob_key)
     with api.client(api.admin_key) as http:
         nodes = {n["givenName"]: n["id"] for n in http.get("/api/v1/node").json()["nodes"]}
     return nodes
@@ -188,6 +195,51 @@ def test_oauth_token_endpoint_refusals(api: ApiServer) -> None:
         assert gone.status_code == 401
 
 
+def test_dns_settings_go_through_the_log_to_open_streams(api: ApiServer, tailnet: dict[str, str]) -> None:
+    """Set through Tailscale's client; recorded with the key as actor; an open map
+    stream receives the new configuration without reconnecting."""
+    import trio
+
+    node = SIM["bobs-box"]
+    before = api.head()
+
+    async def set_through_client() -> None:
+        async with tailscale_client(api, api_key=api.admin_key) as ts:
+            assert (await ts.dns_nameservers()).dns == []
+            assert (await ts.set_dns_nameservers(dns=["9.9.9.9", "2620:fe::fe"])).dns == ["9.9.9.9", "2620:fe::fe"]
+            assert (await ts.set_dns_search_paths(search_paths=["corp.example"])).search_paths == ["corp.example"]
+            assert (await ts.set_dns_preferences(magic_dns=True)).magic_dns is True
+            assert (await ts.dns_search_paths()).search_paths == ["corp.example"]
+            assert (await ts.dns_preferences()).magic_dns is True
+
+    async def watch() -> None:
+        with trio.fail_after(60):
+            async with open_control_client(
+                "127.0.0.1", api.srv.port, machine_key=node.machine_private,
+                ssl_context=api.ssl_context(), server_hostname="localhost",
+            ) as client, client.map_stream(node.map_request()) as stream:
+                first = await stream.__anext__()
+                assert first.dns_config is None or not first.dns_config.fallback_resolvers
+                await trio.to_thread.run_sync(lambda: _run(set_through_client()))
+                async for msg in stream:
+                    dns = msg.dns_config
+                    if dns is not None and dns.fallback_resolvers and "corp.example" in (dns.domains or []):
+                        assert [r.addr for r in dns.fallback_resolvers] == ["9.9.9.9", "2620:fe::fe"]
+                        return
+
+    trio.run(watch)
+    actor = f"apikey:{api.admin_key.split('-')[2]}"
+    assert [(t, a) for t, a in api.events(before) if t == "dns.set"] == [("dns.set", actor)] * 3  # servers, paths, MagicDNS made explicit
+    with api.client(api.member_key) as http:
+        refused = http.post("/api/v2/tailnet/-/dns/nameservers", json={"dns": ["1.1.1.1"]})
+        assert refused.status_code == 403
+        bad = http.post("/api/v2/tailnet/-/dns/searchpaths", json={"searchPaths": "x"})
+        assert bad.status_code == 400
+    with api.client(api.admin_key) as http:
+        invalid = http.post("/api/v2/tailnet/-/dns/nameservers", json={"dns": ["dns.example"]})
+        assert invalid.status_code == 400 and "IP address" in invalid.json()["message"]
+
+
 # -- refusals, with httpx ----------------------------------------------------------------------------
 
 V2_OPERATIONS: list[tuple[str, str, Any]] = [
@@ -207,16 +259,28 @@ V2_OPERATIONS: list[tuple[str, str, Any]] = [
     ("GET", "/api/v2/tailnet/-/acl", None),
     ("POST", "/api/v2/tailnet/-/acl/validate", None),
     ("GET", "/api/v2/tailnet/-/users", None),
+    ("GET", "/api/v2/tailnet/-/dns/nameservers", None),
+    ("POST", "/api/v2/tailnet/-/dns/nameservers", {"dns": []}),
+    ("GET", "/api/v2/tailnet/-/dns/searchpaths", None),
+    ("POST", "/api/v2/tailnet/-/dns/searchpaths", {"searchPaths": []}),
+    ("GET", "/api/v2/tailnet/-/dns/preferences", None),
+    ("POST", "/api/v2/tailnet/-/dns/preferences", {"magicDNS": True}),
 ]
 
 
 @pytest.fixture(scope="module")
-def narrow_token(api: ApiServer) -> str:
-    """A token whose only scope (dns:read) grants none of the operations above."""
-    client_id, secret = _client(api, "dns:read")
-    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
-        return str(http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret})
-                   .json()["access_token"])
+def narrow_tokens(api: ApiServer) -> dict[str, str]:
+    """Tokens with one scope each: dns:read (for every operation but DNS) and
+    users:read (for DNS)."""
+    tokens = {}
+    for scope in ("dns:read", "users:read"):
+        client_id, secret = _client(api, scope)
+        with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+            tokens[scope] = str(
+                http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret})
+                .json()["access_token"]
+            )
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +293,11 @@ def expired_key(api: ApiServer) -> str:
 @pytest.mark.parametrize(("method", "path", "body"), V2_OPERATIONS, ids=[f"{m} {p}" for m, p, _ in V2_OPERATIONS])
 @pytest.mark.parametrize(("credential", "status"), [("none", 401), ("expired", 401), ("narrow token", 403)])
 def test_refused_credentials_append_nothing(
-    api: ApiServer, tailnet: dict[str, str], narrow_token: str, expired_key: str,
+    api: ApiServer, tailnet: dict[str, str], narrow_tokens: dict[str, str], expired_key: str,
     method: str, path: str, body: Any, credential: str, status: int,
 ) -> None:
-    key = {"none": None, "expired": expired_key, "narrow token": narrow_token}[credential]
+    narrow = narrow_tokens["users:read" if "/dns/" in path else "dns:read"]
+    key = {"none": None, "expired": expired_key, "narrow token": narrow}[credential]
     before = api.head()
     with api.client(key) as http:
         response = http.request(method, path, json=body)
