@@ -14,7 +14,7 @@ Layout (sans-I/O cores, thin trio adapters; style rule 2)::
     derp/client.py   client protocol     stun.py         STUN parse/build
     http_front.py    HTTP routing        keys.py         Curve25519 + NaCl box
     auth.py          Authorizer port     certs.py        key/cert files (sync I/O)
-    serve.py         trio adapter: listeners, TLS, DERP streams, STUN, mesh
+    serve/           trio adapter: listeners, TLS, DERP streams, STUN, mesh
     client.py        trio DERP client    wsstream.py     DERP over WebSocket
     fetch.py         fetch a DERP map URL
 

@@ -2,7 +2,7 @@
 
 Role in the pipeline
 --------------------
-Startup helpers for :mod:`relay.serve`.  They are synchronous (file I/O plus
+Startup helpers for :mod:`relay.serve.identity`.  They are synchronous (file I/O plus
 some crypto); the adapter runs them in a worker thread.
 
 Files in the relay's data directory::

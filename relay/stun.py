@@ -6,7 +6,7 @@ Tailscale clients find their public ``ip:port`` (and probe relay latency) by
 sending STUN binding requests to every DERP region's STUN port (3478 by
 default).  The relay answers each with the source address it observed.  This
 module only parses and builds datagrams; the UDP socket lives in
-:mod:`relay.serve` (``serve_stun``).
+:mod:`relay.serve.stun_io` (``serve_stun``).
 
 Message layout (RFC 5389 §6)::
 

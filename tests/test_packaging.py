@@ -70,6 +70,7 @@ SANS_IO = (
     "relay/errors.py",
     "relay/http_front.py",
     "relay/keys.py",
+    "relay/serve/config.py",
     "relay/stun.py",
 )
 IO_MODULES = {"trio", "socket", "asyncio", "selectors", "select", "anyio"}
