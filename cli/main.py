@@ -210,6 +210,24 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+ROUTE_COLUMNS = [
+    ("id", "ID"), ("node", "Node"), ("advertised", "Advertised"), ("approved", "Approved"),
+    ("primary", "Primary"), ("exit_node", "Exit node"),
+]
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    match args.action:
+        case "list":
+            data = _admin(args, "routes.list")
+        case "approve" | "reject":
+            data = _admin(args, f"routes.{args.action}", {"node": args.node, "routes": args.prefixes})
+        case _:
+            raise AssertionError(args.action)
+    _show(args, data, ROUTE_COLUMNS)
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from . import logcmd
 
@@ -410,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ns, "approve-routes", "Set the routes approved for a node.")
     p.add_argument("node", help="id or name")
     p.add_argument("-r", "--routes", required=True, help="comma-separated prefixes; empty clears")
+
+    routes = add(sub, "routes", "Subnet routes and exit nodes: list, approve, reject.", cmd_routes)
+    rs = routes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(rs, "list", "Each node's advertised, approved and primary routes (exit nodes marked).")
+    p = add(rs, "approve", "Approve routes a node advertises (an exit route approves both).")
+    p.add_argument("node", help="id or name")
+    p.add_argument("prefixes", nargs="+", metavar="PREFIX")
+    p = add(rs, "reject", "Withdraw the approval of a node's routes, auto-approved ones too.")
+    p.add_argument("node", help="id or name")
+    p.add_argument("prefixes", nargs="+", metavar="PREFIX")
 
     logp = add(sub, "log", "Read and verify the event log.", cmd_log)
     ls_ = logp.add_subparsers(dest="action", required=True, metavar="ACTION")

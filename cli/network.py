@@ -49,7 +49,7 @@ from protocol import (
     serve_control,
 )
 from protocol.control import Control, ControlLimits, ControlSettings
-from protocol.ha import RouteFailover
+from protocol.ha import PolicyAutoApprover, RouteFailover
 from protocol.registrations import PendingLimits, PendingRegistrations
 
 from .config import (
@@ -295,6 +295,8 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     )
     server.route_failover = failover
     await nursery.start(failover.run)
+    server.auto_approver = PolicyAutoApprover(server.tailnet)
+    await nursery.start(server.auto_approver.run)
     from .dnsapply import follow_dns  # DNS set through the admin API, from the log
 
     await nursery.start(lambda task_status: follow_dns(config, server.runner, control, task_status=task_status))

@@ -28,7 +28,7 @@ from projections.admin import AdminOps, Presence
 from projections.presence import PresenceTable
 from protocol import ConnectionStats
 from protocol.control import Control
-from protocol.ha import RouteFailover
+from protocol.ha import PolicyAutoApprover, RouteFailover
 from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
@@ -82,6 +82,7 @@ class Server:
         self.relay: RelayServer | None = None
         self.connection_stats: ConnectionStats | None = None  # the control port's counters
         self.route_failover: RouteFailover | None = None
+        self.auto_approver: PolicyAutoApprover | None = None
         self.noise_public = b""
         self.port = 0
         #: The admin HTTP API (``cli.api``), once the web app is made.

@@ -197,6 +197,9 @@ class AdminOps:
             "nodes.expire": self.expire_node,
             "nodes.tag": self.tag_node,
             "nodes.approve_routes": self.approve_routes,
+            "routes.list": self.list_routes,
+            "routes.approve": self.approve_node_routes,
+            "routes.reject": self.reject_node_routes,
             "log.head": self.log_head,
             "dns.get": self.get_dns,
             "dns.set": self.set_dns,
@@ -466,6 +469,45 @@ class AdminOps:
             lambda s: c.decide_approve_routes(s, a.node, tuple(a.routes)), actor=actor
         )
         return self.node_view(self.state.nodes[nid])
+
+    def route_view(self, node: Node) -> dict[str, JSON]:
+        """One node's routes: what it advertises, what is approved (by an admin or by
+        the policy, both recorded), the subnets it is primary for, and whether it is an
+        exit node (both exit routes advertised and approved)."""
+        served = set(node.advertised_routes) & set(node.approved_routes)
+        primary = sorted(p for p, nid in self.state.route_primaries.items() if nid == node.id)
+        exit_node = set(c.EXIT_ROUTES) <= served
+        return {
+            "id": node.id,
+            "node": node.given_name,
+            "advertised": list(node.advertised_routes),
+            "approved": list(node.approved_routes),
+            "pending": sorted(set(node.advertised_routes) - set(node.approved_routes)),
+            "primary": primary,
+            "exit_node": exit_node,
+        }
+
+    async def list_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
+        _args(_Empty, raw)
+        return [
+            self.route_view(n)
+            for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
+            if n.advertised_routes or n.approved_routes
+        ]
+
+    async def approve_node_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_Routes, raw)
+        nid, _ = await self.tailnet.execute(
+            lambda s: c.decide_approve_node_routes(s, a.node, a.routes), actor=actor
+        )
+        return self.route_view(self.state.nodes[nid])
+
+    async def reject_node_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
+        a = _args(_Routes, raw)
+        nid, _ = await self.tailnet.execute(
+            lambda s: c.decide_reject_node_routes(s, a.node, a.routes), actor=actor
+        )
+        return self.route_view(self.state.nodes[nid])
 
     async def log_head(self, raw: dict[str, object], actor: Actor) -> JSON:
         _args(_Empty, raw)

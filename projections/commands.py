@@ -70,6 +70,7 @@ __all__ = [
     "check_relogin_owner",
     "clean_hostname",
     "decide_advertise_routes",
+    "decide_approve_node_routes",
     "decide_approve_routes",
     "decide_change_hostname",
     "decide_create_api_key",
@@ -85,7 +86,9 @@ __all__ = [
     "decide_login_approved",
     "decide_login_known",
     "decide_login_with_key",
+    "decide_policy_auto_approvals",
     "decide_register_node",
+    "decide_reject_node_routes",
     "decide_reject_registration",
     "decide_rename_node",
     "decide_rename_user",
@@ -969,7 +972,10 @@ def decide_host_report(
         if rules.auto_approve is not None:
             after = _then(state, routes.events, now)
             current = after.nodes[node.id]
-            extra = set(rules.auto_approve(after, current))
+            # Only routes the node newly advertises: one an admin revoked stays revoked
+            # when the node re-advertises its set.
+            newly = set(current.advertised_routes) - set(node.advertised_routes)
+            extra = set(rules.auto_approve(after, current)) & newly
             if extra:
                 approved = _canonical_routes(tuple(set(current.approved_routes) | extra))
                 if approved != current.approved_routes:
@@ -1138,4 +1144,77 @@ def decide_route_primaries(
             events.append(
                 RoutePrimaryChanged(prefix=prefix, node_id=None, previous_node_id=recorded, reason="no router")
             )
+    return Decision(tuple(events), len(events))
+
+
+# -- routes (``tailledger routes``) -------------------------------------------------------
+
+#: The two routes of an exit node: approved and rejected together.
+EXIT_ROUTES: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+
+
+def _route_operands(node: Node, prefixes: Iterable[str], have: tuple[str, ...]) -> set[str]:
+    wanted = set(_canonical_routes(tuple(prefixes)))
+    if not wanted:
+        raise CommandError("give at least one prefix")
+    if wanted & set(EXIT_ROUTES):
+        wanted |= set(EXIT_ROUTES) & set(have)
+    return wanted
+
+
+def decide_approve_node_routes(state: TailnetState, ref: str, prefixes: Iterable[str]) -> Decision[int]:
+    """Approve some of the routes a node advertises (an exit route approves both).
+
+    Raises:
+        CommandError: an invalid prefix, one the node does not advertise, or nothing new.
+    """
+    node = find_node(state, ref)
+    wanted = _route_operands(node, prefixes, node.advertised_routes)
+    missing = sorted(wanted - set(node.advertised_routes))
+    if missing:
+        advertised = ", ".join(node.advertised_routes) or "nothing"
+        raise CommandError(
+            f"node {node.given_name!r} does not advertise {', '.join(missing)} (it advertises {advertised})"
+        )
+    approved = tuple(sorted(set(node.approved_routes) | wanted))
+    if approved == node.approved_routes:
+        raise CommandError(f"{', '.join(sorted(wanted))} already approved for node {node.given_name!r}")
+    return Decision((RoutesApproved(node_id=node.id, routes=approved),), node.id)
+
+
+def decide_reject_node_routes(state: TailnetState, ref: str, prefixes: Iterable[str]) -> Decision[int]:
+    """Withdraw the approval of some of a node's routes, also one the policy's
+    autoApprovers approved (it stays withdrawn until approved again).
+
+    Raises:
+        CommandError: an invalid prefix or one that is not approved for the node.
+    """
+    node = find_node(state, ref)
+    wanted = _route_operands(node, prefixes, node.approved_routes)
+    missing = sorted(wanted - set(node.approved_routes))
+    if missing:
+        raise CommandError(f"{', '.join(missing)} is not approved for node {node.given_name!r}")
+    approved = tuple(sorted(set(node.approved_routes) - wanted))
+    return Decision((RoutesApproved(node_id=node.id, routes=approved),), node.id)
+
+
+def decide_policy_auto_approvals(
+    state: TailnetState, newly: Mapping[int, Iterable[str]]
+) -> Decision[int]:
+    """Approve, as ``auto`` approvals, routes a policy change newly auto-approves
+    (``newly``: node id -> routes the new policy approves and the old one did not).
+    Only advertised, not yet approved routes of existing nodes count.
+
+    Returns:
+        The decision; its result is the number of nodes whose approvals grew.
+    """
+    events: list[AnyEvent] = []
+    for node_id in sorted(newly):
+        node = state.nodes.get(node_id)
+        if node is None:
+            continue
+        extra = set(newly[node_id]) & set(node.advertised_routes)
+        approved = _canonical_routes(tuple(set(node.approved_routes) | extra))
+        if approved != node.approved_routes:
+            events.append(RoutesApproved(node_id=node.id, routes=approved, auto=True))
     return Decision(tuple(events), len(events))

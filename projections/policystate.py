@@ -39,6 +39,7 @@ from .state import Node, TailnetState, User
 __all__ = [
     "ALLOW_ALL_POLICY",
     "PolicyCompiler",
+    "auto_approvals",
     "policy_node",
     "policy_tailnet",
     "policy_user",
@@ -132,8 +133,11 @@ class PolicyCompiler:
             or state.route_primaries is not old_state.route_primaries
         ):
             previous = recorded_primaries(state, old.primaries if old is not None else None)
+            # Approvals are events (login, policy change), never implied here: an
+            # auto-approved route an admin revoked stays revoked.
             compiled = compile_policy(
-                policy, policy_tailnet(state), control_url=self._control_url, previous_primaries=previous
+                policy, policy_tailnet(state), control_url=self._control_url, previous_primaries=previous,
+                auto_approve=False,
             )
             self.full_compiles += 1
         else:
@@ -169,4 +173,22 @@ def recorded_primaries(state: TailnetState, elected: Mapping[Prefix, int] | None
     out = dict(elected or {})
     for text, node_id in state.route_primaries.items():
         out[parse_prefix(text)] = node_id
+    return out
+
+
+def auto_approvals(policy_text: str | None, state: TailnetState) -> dict[int, tuple[str, ...]]:
+    """Node id -> advertised routes the policy ``policy_text`` (``None``: none, the
+    allow-all default) auto-approves and that are not approved yet."""
+    if policy_text is None:
+        return {}
+    policy = parse_stored_policy(policy_text)
+    if not policy.auto_approvers.routes and not policy.auto_approvers.exit_node:
+        return {}
+    tailnet = policy_tailnet(state)
+    out: dict[int, tuple[str, ...]] = {}
+    for node in state.nodes.values():
+        if node.advertised_routes:
+            extra = auto_approved_routes(policy, tailnet, policy_node(node))
+            if extra:
+                out[node.id] = extra
     return out

@@ -1,4 +1,11 @@
-"""Route high availability: subnet routers fail over (trio adapter).
+"""Route high availability and policy auto-approvals (trio adapters).
+
+:class:`PolicyAutoApprover`: when a policy change makes its autoApprovers approve routes
+that nodes already advertise, the approvals are appended as events (actor
+``system:policy-auto-approver``), not implied at compile time, so that the log says
+when a route came into service and an admin can revoke one (``routes reject``).
+
+:class:`RouteFailover`:
 
 When several nodes serve one subnet prefix, one of them, the primary, carries it in
 its peers' AllowedIPs and PrimaryRoutes. This task watches the log and the presence of
@@ -24,17 +31,61 @@ from eventlog import Actor, ActorKind
 from projections import commands as c
 from projections.errors import CommandError
 from projections.policy.ipset import prefix_str
-from projections.policystate import PolicyCompiler
+from projections.policystate import PolicyCompiler, auto_approvals
 from projections.presence import PresenceTable
 from projections.service import Tailnet
 from projections.state import TailnetState
 
-__all__ = ["HA_ACTOR", "RouteFailover"]
+__all__ = ["AUTO_APPROVER_ACTOR", "HA_ACTOR", "PolicyAutoApprover", "RouteFailover"]
 
 log = logging.getLogger(__name__)
 
 #: Who records primary changes.
 HA_ACTOR = Actor(kind=ActorKind.SYSTEM, id="ha")
+#: Who records the approvals a policy change implies.
+AUTO_APPROVER_ACTOR = Actor(kind=ActorKind.SYSTEM, id="policy-auto-approver")
+
+
+class PolicyAutoApprover:
+    """Appends the route approvals each policy change newly implies."""
+
+    def __init__(self, tailnet: Tailnet) -> None:
+        self.tailnet = tailnet
+        #: The policy whose approvals are recorded (the one in force at start-up).
+        self.policy_text = tailnet.state.policy_text
+
+    async def check(self) -> int:
+        """If the policy changed, approve what it newly auto-approves; returns the
+        number of nodes whose approvals grew."""
+        state = self.tailnet.state
+        if state.policy_text == self.policy_text:
+            return 0
+        old_text, new_text = self.policy_text, state.policy_text
+
+        def decide(s: TailnetState) -> c.Decision[int]:
+            old = auto_approvals(old_text, s)
+            new = auto_approvals(new_text, s)
+            newly = {nid: tuple(set(routes) - set(old.get(nid, ()))) for nid, routes in new.items()}
+            return c.decide_policy_auto_approvals(s, newly)
+
+        try:
+            count, _ = await self.tailnet.execute(decide, actor=AUTO_APPROVER_ACTOR)
+        except CommandError as exc:  # retried on the next change
+            log.warning("policy auto-approvals not recorded: %s", exc)
+            return 0
+        self.policy_text = new_text
+        if count:
+            log.info("policy change: routes auto-approved on %d node(s)", count)
+        return count
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        wake = _Wake()
+        with self.tailnet.runner.subscribe(wake.set) as subscription:
+            task_status.started()
+            while True:
+                subscription.take()
+                await self.check()
+                await wake.wait()
 
 
 class RouteFailover:

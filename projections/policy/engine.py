@@ -97,6 +97,7 @@ def compile_policy(
     *,
     control_url: str = "",
     previous_primaries: dict[Prefix, int] | None = None,
+    auto_approve: bool = True,
 ) -> CompiledPolicy:
     """Resolve a validated policy against a tailnet.
 
@@ -105,16 +106,22 @@ def compile_policy(
         tailnet: users and nodes.
         control_url: the server URL, prefix of SSH check callbacks.
         previous_primaries: last route election, for failover stickiness.
+        auto_approve: add the routes the policy's autoApprovers approve (what a
+            policy means on its own: conformance cases, tests blocks). The server
+            passes false: it records every approval as an event, so that an admin
+            can revoke an auto-approved route.
 
     Returns:
         The compiled policy.
     """
-    tailnet = with_auto_approvals(policy, tailnet)
+    if auto_approve:
+        tailnet = with_auto_approvals(policy, tailnet)
     resolver = Resolver(policy, tailnet)
     sources = effective_grants(policy)
     grants = [compile_grant(g, resolver) for g in sources]
     return CompiledPolicy(
-        resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries
+        resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries,
+        auto_approve=auto_approve,
     )
 
 
@@ -149,6 +156,7 @@ class CompiledPolicy:
         previous_primaries: dict[Prefix, int] | None,
         node_attrs: dict[int, tuple[str, ...]] | None = None,
         primaries: dict[Prefix, int] | None = None,
+        auto_approve: bool = True,
     ) -> None:
         """Internal: use :func:`compile_policy` or :meth:`with_node`.
 
@@ -164,6 +172,7 @@ class CompiledPolicy:
         self.grants = [g for g in grants if g is not None]
         self.control_url = control_url
         self.previous_primaries = previous_primaries
+        self.auto_approve = auto_approve
         self.per_node = any(g.kind is not GrantKind.REGULAR for g in self.grants)
         if node_attrs is not None:
             self.__dict__["node_attrs"] = node_attrs
@@ -542,7 +551,8 @@ class CompiledPolicy:
         the grants that use them; everything else is shared.
         """
         old = self.tailnet.nodes.get(node.id)
-        node = approve(self.policy, self.tailnet, node)
+        if self.auto_approve:
+            node = approve(self.policy, self.tailnet, node)
         tailnet = self.tailnet.with_node(node)
         info = tailnet.nodes[node.id]
         touched = node_keys(info, tailnet)
@@ -588,6 +598,7 @@ class CompiledPolicy:
             previous_primaries=self.primaries,
             node_attrs=node_attrs,
             primaries=None if routes_changed else self.primaries,
+            auto_approve=self.auto_approve,
         )
 
 

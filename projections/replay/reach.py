@@ -320,7 +320,9 @@ def pair_policy(state: TailnetState, node_ids: Iterable[int], *, routers: bool) 
         if n.id in keep or (routers and n.approved_routes and n.advertised_routes)
     ]
     tailnet = Tailnet([policy_user(u) for u in state.users.values()], [policy_node(n) for n in nodes])
-    return compile_policy(_policy(state.policy_text), tailnet, previous_primaries=recorded_primaries(state))
+    return compile_policy(
+        _policy(state.policy_text), tailnet, previous_primaries=recorded_primaries(state), auto_approve=False
+    )
 
 
 # -- every pair ------------------------------------------------------------------------

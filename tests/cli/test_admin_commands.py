@@ -39,6 +39,12 @@ def test_users_lifecycle_with_tables_and_json(server: RunningServer) -> None:
     assert "deleted" in server.cli("users", "delete", "caroline", check=True).stdout
 
 
+def test_routes_list_shows_a_table(server: RunningServer) -> None:
+    out = server.cli("routes", "list", check=True).stdout
+    assert out.split()[:6] == ["ID", "Node", "Advertised", "Approved", "Primary", "Exit"]
+    assert json.loads(server.cli("routes", "list", "-o", "json", check=True).stdout) == []
+
+
 def test_roles_are_set_on_create_and_changed_with_set_role(server: RunningServer) -> None:
     made = json.loads(server.cli("users", "create", "rolly", "--role", "admin", "-o", "json", check=True).stdout)
     assert made["role"] == "admin"
@@ -55,6 +61,8 @@ def test_roles_are_set_on_create_and_changed_with_set_role(server: RunningServer
         (("users", "create", "dup"), "already exists"),
         (("users", "create", "bad name!"), "invalid user name"),
         (("users", "rename", "ghost", "x"), "not found"),
+        (("routes", "approve", "404", "10.0.0.0/24"), "not found"),
+        (("routes", "reject", "404", "10.0.0.0/24"), "not found"),
         (("users", "delete", "ghost"), "not found"),
         (("users", "set-role", "ghost", "admin"), "not found"),
         (("users", "set-role", "dup", "member"), "already has the role"),
