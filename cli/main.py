@@ -307,6 +307,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from .bench_replay import bench_replay_main
 
             return bench_replay_main(rest)
+        case "api":
+            from .bench_api import bench_api_main
+
+            return bench_api_main(rest)
         case _:
             raise AssertionError(args.target)
 
@@ -466,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases", nargs="+", metavar="CASE.json")
 
     bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
-    bench.add_argument("target", choices=["log", "relay", "policy", "replay"])
+    bench.add_argument("target", choices=["log", "relay", "policy", "replay", "api"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
 
     from .replaycmd import register as register_replay
