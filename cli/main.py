@@ -21,6 +21,7 @@ from .adminsock import AdminError, call
 from .config import Config, ConfigError, load_config
 from .durations import DurationError, parse_duration
 from .output import print_json, print_table, terminal_safe
+from .version import package_version
 
 __all__ = ["build_parser", "main"]
 
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A Tailscale control server whose state is a tamper-evident event log.",
         parents=[global_options(top=True)],
     )
+    parser.add_argument("--version", action="version", version=f"tailledger {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str,

@@ -224,6 +224,10 @@ def make_app(server: Server) -> QuartTrio:
 
     install_register_routes(app, server)
 
+    from .verify import install_verify_route  # for Tailscale's derper --verify-client-url
+
+    install_verify_route(app, server)
+
     from .api import mount_api
 
     mount_api(app, server)

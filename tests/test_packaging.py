@@ -132,3 +132,20 @@ def test_cores_are_sans_io(where: str) -> None:
                         continue
                     assert dep in cores, f"{path} imports {dep.relative_to(ROOT)}, which does I/O"
             assert not IO_MODULES & set(names), f"{path} does I/O"
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+    from cli.version import package_version
+
+    try:
+        expected = importlib.metadata.version("tailledger")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout
+        import tomllib
+
+        expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert package_version() == expected
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"tailledger {expected}\n"

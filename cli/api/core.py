@@ -465,17 +465,7 @@ def _secret_matches(key: ApiKey | None, secret: str) -> bool:
 
 
 def package_version() -> str:
-    """The installed package's version (its metadata), else the source tree's."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed package's version (see :func:`cli.version.package_version`)."""
+    from ..version import package_version as version
 
-    try:
-        return version("tailledger")
-    except PackageNotFoundError:
-        import tomllib
-        from pathlib import Path
-
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-        try:
-            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
+    return version()
