@@ -537,7 +537,10 @@ class SSHCache:
         call (None: every node, after a change of users, routes or policy)."""
         if compiled is self._compiled:
             return
-        previous = self._table
+        previous, before = self._table, self._compiled
+        infos = None
+        if changed is not None and before is not None:
+            infos = [t.nodes[nid] for nid in changed for t in (before.tailnet, compiled.tailnet) if nid in t.nodes]
         if previous is None or compiled.policy is not previous.policy:
             previous = None
             self._keys.clear()
@@ -548,7 +551,7 @@ class SSHCache:
         else:
             for nid in changed:
                 self._keys.pop(nid, None)
-        self._compiled, self._table = compiled, compiled.ssh_table(previous)
+        self._compiled, self._table = compiled, compiled.ssh_table(previous, infos)
         self._gen += 1
         if len(self._entries) > 2 * len(self._keys) + 64:
             live = set(self._keys.values())

@@ -24,6 +24,7 @@ raises :class:`~projections.policy.errors.PolicyError`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 
 import msgspec
@@ -481,10 +482,11 @@ class CompiledPolicy:
         self._netmaps[node_id] = result
         return result
 
-    def ssh_table(self, previous: SSHTable | None = None) -> SSHTable:
+    def ssh_table(self, previous: SSHTable | None = None, changed: Sequence[NodeInfo] | None = None) -> SSHTable:
         """Every SSH rule resolved once for this snapshot (see :class:`SSHTable`);
-        ``previous`` is the table of an earlier snapshot, whose equal tokens are kept."""
-        return SSHTable(self.resolver, self.control_url, previous)
+        ``previous`` is the table of an earlier snapshot, whose equal tokens are kept;
+        ``changed``, the only nodes changed since, before and after (same users)."""
+        return SSHTable(self.resolver, self.control_url, previous, changed)
 
     def filters_changed_since(self, old: CompiledPolicy, changed: set[int]) -> frozenset[int] | None:
         """Nodes whose packet filter may differ from ``old``'s, when this policy came

@@ -212,6 +212,17 @@ def _group_sources(
     return sorted(by_user), by_user, tagged
 
 
+def _tagged_sources(tailnet: Tailnet, src_ips: IPSet) -> list[SSHPrincipal]:
+    """The tagged part of :func:`_group_sources` alone."""
+    out: list[SSHPrincipal] = []
+    for nid in sorted(tailnet.tagged_ids()):
+        info = tailnet.nodes[nid]
+        if src_ips.contains_any(info.addrs):
+            for _ in info.tags:
+                out.extend(SSHPrincipal(node_ip=format_addr(a)) for a in info.addrs)
+    return out
+
+
 # -- shared per compile ---------------------------------------------------------------
 
 #: Key element kinds: the rule's ``autogroup:self`` part for the node's owner; the
@@ -249,7 +260,14 @@ class SSHSources:
         "src_ips", "tagged", "user_ids", "users",
     )
 
-    def __init__(self, rule: SSHRule, resolver: Resolver, control_url: str, previous: SSHSources | None) -> None:
+    def __init__(
+        self,
+        rule: SSHRule,
+        resolver: Resolver,
+        control_url: str,
+        previous: SSHSources | None,
+        changed: Sequence[NodeInfo] | None = None,
+    ) -> None:
         tailnet = resolver.tailnet
         self.rule = rule
         self.src_ips = resolver.union(rule.src)
@@ -261,12 +279,43 @@ class SSHSources:
         )
         self.env = rule.accept_env
         self.users = _user_map(rule.users)
-        if self.src_ips:
+        self._merged: tuple[SSHPrincipal, ...] | None = None
+        self.by_user: dict[int, tuple[SSHPrincipal, ...]]
+        self.user_ids: tuple[int, ...]
+        self.tagged: tuple[SSHPrincipal, ...]
+        self.everyone: tuple[object, ...]
+        self.localparts: tuple[tuple[int, str], ...]
+        if previous is not None and changed is not None:
+            moved = [a for info in changed for a in info.addrs]
+            if not self.src_ips.contains_any(moved) and previous.src_ips == self.src_ips:
+                # The same sources, none of them a changed node: the same principals.
+                self.by_user, self.user_ids, self.tagged = previous.by_user, previous.user_ids, previous.tagged
+                self.everyone, self.localparts = previous.everyone, previous.localparts
+                self._merged = previous._merged
+                return
+            # Only the changed nodes' owners (and the tagged nodes, when one of them is
+            # or was tagged) can group differently.
+            by_user = {uid: list(p) for uid, p in previous.by_user.items()}
+            for uid in {info.owner for info in changed if info.owner is not None}:
+                addrs = sorted(
+                    a
+                    for nid in tailnet.node_ids_of_user(uid)
+                    if self.src_ips.contains_any(tailnet.nodes[nid].addrs)
+                    for a in tailnet.nodes[nid].addrs
+                )
+                by_user.pop(uid, None)
+                if addrs:
+                    by_user[uid] = [SSHPrincipal(node_ip=format_addr(a)) for a in addrs]
+            tagged = list(previous.tagged)
+            if any(info.owner is None for info in changed):
+                tagged = _tagged_sources(tailnet, self.src_ips)
+            user_ids = sorted(by_user)
+        elif self.src_ips:
             user_ids, by_user, tagged = _group_sources(tailnet, self.src_ips)
         else:
             user_ids, by_user, tagged = [], {}, []
         old_by_user = previous.by_user if previous is not None else {}
-        self.by_user: dict[int, tuple[SSHPrincipal, ...]] = {}
+        self.by_user = {}
         for uid, principals in by_user.items():
             token = tuple(principals)
             old = old_by_user.get(uid)
@@ -274,12 +323,11 @@ class SSHSources:
         self.user_ids = tuple(user_ids)
         self.tagged = tuple(tagged)
         everyone: tuple[object, ...] = (self.user_ids, tuple(self.by_user[u] for u in self.user_ids), self.tagged)
-        self.everyone: tuple[object, ...] = previous.everyone if previous is not None and previous.everyone == everyone else everyone
+        self.everyone = previous.everyone if previous is not None and previous.everyone == everyone else everyone
         localparts = tuple(sorted(_localparts(rule.users, tailnet).items()))
-        self.localparts: tuple[tuple[int, str], ...] = (
+        self.localparts = (
             previous.localparts if previous is not None and previous.localparts == localparts else localparts
         )
-        self._merged: tuple[SSHPrincipal, ...] | None = None
 
     def merged(self) -> tuple[SSHPrincipal, ...]:
         """Every principal, users by id then tagged sources."""
@@ -309,13 +357,25 @@ class SSHTable:
 
     __slots__ = ("policy", "rules")
 
-    def __init__(self, resolver: Resolver, control_url: str, previous: SSHTable | None = None) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        control_url: str,
+        previous: SSHTable | None = None,
+        changed: Sequence[NodeInfo] | None = None,
+    ) -> None:
+        """Resolve every rule. ``changed`` (with ``previous``) are the only nodes that
+        changed since ``previous`` (same users and policy), as they were and as they
+        are: a rule none of whose sources is among them keeps its principals, the
+        others regroup only the changed nodes' owners (and the tagged sources)."""
         self.policy = resolver.policy
         rules = resolver.policy.ssh or ()
         old: Sequence[SSHSources | None] = (
             previous.rules if previous is not None and previous.policy is self.policy else [None] * len(rules)
         )
-        self.rules: tuple[SSHSources, ...] = tuple(SSHSources(r, resolver, control_url, o) for r, o in zip(rules, old, strict=True))
+        self.rules: tuple[SSHSources, ...] = tuple(
+            SSHSources(r, resolver, control_url, o, changed) for r, o in zip(rules, old, strict=True)
+        )
 
     def key(self, node: NodeInfo) -> SSHKey:
         """What the node's SSH policy depends on about the node itself.

@@ -148,7 +148,8 @@ def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
         ids = sorted(compiled.tailnet.nodes)
         one = {(x, y) for x in ids for y in ids if compiled.visible_one(x, y)}
         assert one == {(x, y) for x in ids for y in compiled.peer_id_set(x)}
-        table = compiled.ssh_table(table)
+        moved = [t.nodes[nid] for t in (before.tailnet, compiled.tailnet) for nid in changed if nid in t.nodes]
+        table = compiled.ssh_table(table, moved)
         check(f"after {op!r}")
         affected = compiled.filters_changed_since(before, changed)
         fresh = compile_policy(policy, Tailnet(USERS, nodes.values()), control_url=CTRL,
