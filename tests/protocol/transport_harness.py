@@ -8,8 +8,6 @@ and :func:`asgi_app` (a stand-in for the Quart web app).
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
 import logging
 import ssl
@@ -21,10 +19,6 @@ from typing import Any
 import h11
 import trio
 import trio.lowlevel
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from projections import tailcfg
 from protocol import (
@@ -40,6 +34,7 @@ from protocol import (
 from protocol import client_conn as cc
 from protocol.noise import public_key
 from protocol.upgrade import build_upgrade_request
+from relay.certs import generate_self_signed
 
 
 @dataclass
@@ -370,33 +365,9 @@ def handshake_header(initiation: bytes) -> str:
 
 
 def make_tls_files(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost / 127.0.0.1 (test only)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    """A self-signed certificate for localhost / 127.0.0.1, made by the relay's own builder."""
+    cert_pem, key_pem = generate_self_signed(["localhost"], valid_days=1)
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(key_pem)
     return cert_path, key_path
