@@ -1,0 +1,141 @@
+"""The protocol's state machines, every (state, input) pair against its table.
+
+Like the relay's connection table (tests/relay/test_server_core.py): each core keeps
+an explicit ``_TRANSITIONS`` table and one ``advance`` step.  For every pair, a pair in
+the table moves to its target, and a pair outside it raises without changing the
+state: LocalProtocolError for a misuse, or the sticky peer error once the core has
+failed.  Three machines: the HTTP/2-over-Noise server connection
+(:mod:`protocol.h2_bridge`), the client connection (:mod:`protocol.client_conn`) and
+one direction of the Noise transport (:mod:`protocol.noise.transport`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pytest
+
+from protocol import client_conn as cc
+from protocol import h2_bridge as hb
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.noise import transport as nt
+from protocol.noise.handshake import ClientHandshake, public_key
+
+SERVER_KEY = bytes(range(64, 96))
+MACHINE_KEY = bytes(range(96, 128))
+
+
+def _server() -> hb.ServerConnection:
+    initiation = ClientHandshake(MACHINE_KEY, public_key(SERVER_KEY), 130).initiation
+    return hb.ServerConnection(server_private=SERVER_KEY, initiation=initiation, challenge_public=None)
+
+
+def _client() -> cc.ClientConnection:
+    return cc.ClientConnection(
+        machine_private=MACHINE_KEY, server_public=public_key(SERVER_KEY), host="ctl.example"
+    )
+
+
+def _pairs(states: type[Enum], inputs: type[Enum]) -> list[tuple[Enum, Enum]]:
+    return [(s, i) for s in states for i in inputs]
+
+
+# -- the server connection ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "event"), _pairs(hb.ServerState, hb._Input))
+def test_server_table_every_pair(state: hb.ServerState, event: hb._Input) -> None:
+    conn = _server()
+    conn.state = state
+    expected = hb._TRANSITIONS.get((state, event))
+    if expected is None:
+        with pytest.raises(LocalProtocolError):
+            conn._advance(event)
+        assert conn.state is state
+    else:
+        conn._advance(event)
+        assert conn.state is expected
+
+
+@pytest.mark.parametrize("event", [e for e in hb._Input if (hb.ServerState.ERROR, e) not in hb._TRANSITIONS])
+def test_server_after_a_failure_reraises_the_peer_error(event: hb._Input) -> None:
+    conn = _server()
+    conn.state = hb.ServerState.ERROR
+    conn.error = RemoteProtocolError("bad frame")
+    with pytest.raises(RemoteProtocolError, match="bad frame"):
+        conn._advance(event)
+
+
+def test_server_error_is_terminal_and_closed_never_reopens() -> None:
+    for (state, _event), target in hb._TRANSITIONS.items():
+        if state is hb.ServerState.ERROR:
+            assert target is hb.ServerState.ERROR
+        if state is hb.ServerState.CLOSED:
+            assert target in (hb.ServerState.CLOSED, hb.ServerState.ERROR)
+    assert hb._TRANSITIONS[(hb.ServerState.HANDSHAKEN, hb._Input.START)] is hb.ServerState.OPEN
+
+
+# -- the client connection ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "event"), _pairs(cc.ClientState, cc._Input))
+def test_client_table_every_pair(state: cc.ClientState, event: cc._Input) -> None:
+    conn = _client()
+    conn.state = state
+    expected = cc._TRANSITIONS.get((state, event))
+    if expected is None:
+        with pytest.raises(LocalProtocolError):
+            conn._advance(event)
+        assert conn.state is state
+    else:
+        conn._advance(event)
+        assert conn.state is expected
+
+
+def test_client_after_a_failure_reraises_the_peer_error() -> None:
+    conn = _client()
+    conn.state = cc.ClientState.ERROR
+    conn.error = RemoteProtocolError("bad record")
+    with pytest.raises(RemoteProtocolError, match="bad record"):
+        conn._advance(cc._Input.DATA)
+
+
+def test_client_path_to_open_is_the_only_one() -> None:
+    """Upgrade, handshake, early payload, open: each step only from the one before."""
+    steps = [
+        (cc.ClientState.AWAIT_UPGRADE, cc._Input.GOT_101, cc.ClientState.AWAIT_RESPONSE),
+        (cc.ClientState.AWAIT_RESPONSE, cc._Input.HANDSHAKE_DONE, cc.ClientState.AWAIT_EARLY),
+        (cc.ClientState.AWAIT_EARLY, cc._Input.EARLY_DONE, cc.ClientState.OPEN),
+    ]
+    for state, event, target in steps:
+        assert cc._TRANSITIONS[(state, event)] is target
+        others = [s for s in cc.ClientState if s is not state and (s, event) in cc._TRANSITIONS]
+        assert others == [], (event, others)
+    assert all(cc._TRANSITIONS[(s, cc._Input.FAIL)] is cc.ClientState.ERROR for s in cc.ClientState)
+
+
+# -- one direction of the Noise transport ---------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "event"), _pairs(nt.ChannelState, nt.ChannelInput))
+def test_channel_table_every_pair(state: nt.ChannelState, event: nt.ChannelInput) -> None:
+    channel = nt._Channel(bytes(32), 0)
+    channel.state = state
+    expected = nt._TRANSITIONS.get((state, event))
+    if expected is None:
+        with pytest.raises(LocalProtocolError):
+            channel.advance(event)
+        assert channel.state is state
+    else:
+        channel.advance(event)
+        assert channel.state is expected
+        # Leaving OPEN drops the key (forward secrecy); staying OPEN keeps it.
+        assert (channel.key is not None) is (expected is nt.ChannelState.OPEN)
+
+
+def test_channel_failed_by_the_peer_reports_the_peer_error() -> None:
+    channel = nt._Channel(bytes(32), 0)
+    channel.fail(RemoteProtocolError("tag mismatch"))
+    assert channel.state is nt.ChannelState.ERROR
+    with pytest.raises(RemoteProtocolError, match="tag mismatch"):
+        channel.advance(nt.ChannelInput.OK)
