@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from eventlog import EventLog, EventLogError, ExpectedSequenceConflict, SQLiteEventStore
 from eventlog.events import UserCreated
@@ -56,20 +57,22 @@ async def test_tail_sees_backlog_then_new_events_in_order() -> None:
         await nursery.start(log.run)
         await log.append([UserCreated(user_id=1, name="a")], actor=ADMIN)
 
+        caught_up = trio.Event()
+
         async def follow() -> None:
             async with aclosing(log.tail(0)) as tail:
                 async for batch in tail:
                     seen.extend(e.seq for e in batch)
                     if seen[-1] >= 5:
+                        caught_up.set()
                         return
 
         nursery.start_soon(follow)
         for i in range(2, 6):
-            await trio.sleep(0.01)
+            await wait_all_tasks_blocked()  # the tailer is waiting for the next event
             await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
         with trio.fail_after(5):
-            while len(seen) < 5:
-                await trio.sleep(0.01)
+            await caught_up.wait()
         nursery.cancel_scope.cancel()
     assert seen == [1, 2, 3, 4, 5]
 
@@ -83,18 +86,19 @@ async def test_tail_finds_events_written_by_another_process(tmp_path: Path) -> N
     async with trio.open_nursery() as nursery:
         await nursery.start(other.run)
         got: list[int] = []
+        found = trio.Event()
 
         async def follow() -> None:
             async with aclosing(log.tail(0)) as tail:
                 async for batch in tail:
                     got.extend(e.seq for e in batch)
+                    found.set()
                     return
 
         nursery.start_soon(follow)
-        await trio.sleep(0.1)
+        await wait_all_tasks_blocked()  # the tailer has read the (empty) log and waits
         await other.append([UserCreated(user_id=1, name="a")], actor=ADMIN)
         with trio.fail_after(5):
-            while not got:
-                await trio.sleep(0.01)
+            await found.wait()
         nursery.cancel_scope.cancel()
     assert got == [1]

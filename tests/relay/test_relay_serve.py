@@ -281,7 +281,10 @@ async def test_mesh_link_to_ourselves_is_ignored(tmp_path: Path) -> None:
             tmp_path / "s2", mesh_key="ef" * 32, private_key=key, mesh_with=(MeshPeer(url=s.url),)
         ) as s2,
     ):
-        await trio.sleep(0.3)
+        # Wait until the link has been tried and refused (a client claiming the
+        # relay's own key is a protocol error), not for a fixed while: a sleep
+        # passes without the link having even connected.
+        await wait_for(lambda: s.stats().refused_protocol >= 1)
         assert s2.stats().forwarded_keys == 0
         assert s.stats().watchers == 0
 
