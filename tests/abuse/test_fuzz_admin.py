@@ -21,7 +21,7 @@ from projections import CommandError
 from projections import commands as c
 from projections.policy import PolicyError, parse_policy
 from tests.cli.server_process import RunningServer, running_server
-from tests.projections.builders import Recorder
+from tests.support.builders import Recorder
 
 from .helpers import assert_serving, raw_request
 

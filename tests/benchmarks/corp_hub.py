@@ -42,7 +42,7 @@ from projections.mapviews import MapHub, StreamCursor, join_pieces
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap
-from tests.projections.builders import PLAN, Recorder
+from tests.support.builders import PLAN, Recorder
 
 
 def _register(r: Recorder, rnd: random.Random, user_id: int, tags: tuple[str, ...], name: str) -> int:

@@ -15,8 +15,7 @@ from datetime import timedelta
 
 from eventlog import Actor, ActorKind, AppendRequest, RecordedEvent
 from projections import commands as c
-
-from .builders import PLAN, Recorder
+from tests.support.builders import PLAN, Recorder
 
 Question = dict[str, object]
 Scenario = tuple[list[RecordedEvent], list[Question]]

@@ -11,8 +11,7 @@ from eventlog.codec import decode_event
 from eventlog.events import ApiKeyCreated, ApiKeyDeleted, ApiKeyExpired
 from projections import CommandError
 from projections import commands as c
-
-from .builders import Recorder
+from tests.support.builders import Recorder
 
 
 def _create(r: Recorder, prefix: str, **kw: object) -> str:

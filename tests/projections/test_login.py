@@ -16,8 +16,7 @@ from eventlog.events import (
 from projections import CommandError
 from projections import commands as c
 from projections.state import Node, TailnetState
-
-from .builders import PLAN, T0, Recorder
+from tests.support.builders import PLAN, T0, Recorder
 
 
 def _approve_tens(state: TailnetState, node: Node) -> tuple[str, ...]:

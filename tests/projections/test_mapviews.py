@@ -35,9 +35,8 @@ from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
 from projections.state import TailnetState
 from projections.tailcfg import DERPMap, MapResponse, decode
-from tests.protocol.netmap_model import ClientNetmap
-
-from .builders import PLAN, Recorder
+from tests.support.builders import PLAN, Recorder
+from tests.support.netmap_model import ClientNetmap
 
 T = TypeVar("T")
 

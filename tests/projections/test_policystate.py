@@ -5,8 +5,7 @@ from __future__ import annotations
 from projections import commands as c
 from projections.policy.tailnet import Tailnet
 from projections.policystate import policy_tailnet
-
-from .builders import random_history
+from tests.support.builders import random_history
 
 
 def _summary(tailnet: Tailnet) -> list[tuple[object, ...]]:

@@ -25,8 +25,7 @@ from projections import encode_state, fold
 from projections.policystate import PolicyCompiler
 from projections.replay import History, Snapshot, Target, explain, pair_policy
 from projections.state import TailnetState
-
-from .builders import random_history
+from tests.support.builders import random_history
 
 ROOT = Path(__file__).resolve().parents[2] / "replay-fixtures"
 
@@ -138,8 +137,7 @@ def _filter_allows(full: object, state: TailnetState, src: int, dst: int, port: 
 def test_who_can_reach_names_hosts_behind_a_subnet_router() -> None:
     from projections import commands as c
     from projections.replay import who_can_reach
-
-    from .builders import Recorder
+    from tests.support.builders import Recorder
 
     r = Recorder()
     alice = r.user("alice")
@@ -203,8 +201,7 @@ def test_replay_netmap_is_the_golden_netmap_of_every_fixture() -> None:
 def test_diff_cites_the_events_of_the_right_node_when_a_name_is_reused() -> None:
     from projections import commands as c
     from projections.replay import diff_view
-
-    from .builders import Recorder
+    from tests.support.builders import Recorder
 
     r = Recorder()
     alice = r.user("alice")

@@ -28,8 +28,8 @@ from projections import commands as c
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap, encode
+from tests.support.builders import PLAN, Recorder
 
-from .builders import PLAN, Recorder
 from .replay_scenarios import SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2] / "replay-fixtures"

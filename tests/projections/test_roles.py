@@ -13,8 +13,7 @@ from eventlog.events import UserCreated, UserRoleSet
 from projections import CommandError
 from projections import commands as c
 from projections.policystate import PolicyCompiler
-
-from .builders import Recorder
+from tests.support.builders import Recorder
 
 
 def test_the_first_user_becomes_owner_and_later_ones_members() -> None:

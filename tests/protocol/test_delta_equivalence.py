@@ -21,9 +21,9 @@ import trio
 from projections.tailcfg import decode_map_response
 from protocol import MapStream
 from protocol.mapframe import MapFrameDecoder
+from tests.support.netmap_model import ClientNetmap
 
 from .control_harness import ADMIN, SimNode, make_key, running
-from .netmap_model import ClientNetmap
 
 # Each defines tag:web: nodes.tag refuses tags the policy in force does not define.
 POLICIES = [

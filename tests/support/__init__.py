@@ -1,0 +1,12 @@
+"""Helpers shared by more than one test package.
+
+A helper that only one package uses stays in that package; once a second package
+imports it, it moves here, so test packages never import each other.
+
+* :mod:`tests.support.builders` -- :class:`Recorder` (real commands into a real
+  in-memory log) and :func:`random_history`, for projection, replay, abuse and
+  benchmark tests.
+* :mod:`tests.support.netmap_model` -- :class:`ClientNetmap`, a model of how a
+  Tailscale client applies map responses, for the map-stream tests of protocol and
+  projections.
+"""
