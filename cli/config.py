@@ -122,6 +122,23 @@ class DerpConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     auto_update_interval: str = "24h"
 
 
+class TaildropConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Taildrop (file sharing between a user's devices), Headscale's ``taildrop``."""
+
+    enabled: bool = True
+
+
+class CapabilitiesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tailnet-wide capabilities every node gets in its CapMap (projections/policy/capmap.py)."""
+
+    # Tailscale SSH (the ssh section of the policy still says who may connect).
+    ssh: bool = True
+    # Approved exit nodes are offered as suggestions (suggest-exit-node).
+    suggest_exit_nodes: bool = True
+    # "auto-update new devices": true or false is sent to every node; unset sends nothing.
+    auto_update_default: bool | None = None
+
+
 class DatabaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     type: str = "sqlite"  # "sqlite" (embedded) or "postgres" (shared by replicas)
     path: str = ""  # sqlite: default <data_dir>/ledger.db
@@ -316,6 +333,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     dns: DNSConfig = msgspec.field(default_factory=DNSConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     derp: DerpConfig = msgspec.field(default_factory=DerpConfig)
+    taildrop: TaildropConfig = msgspec.field(default_factory=TaildropConfig)
+    capabilities: CapabilitiesConfig = msgspec.field(default_factory=CapabilitiesConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     tuning: TuningConfig = msgspec.field(default_factory=TuningConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

@@ -38,6 +38,8 @@ from projections.derpmap import (
     single_point_of_failure,
 )
 from projections.netmap import NetmapSettings
+from projections.policy import TailnetSettings
+from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable, persist_presence
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import (
@@ -284,7 +286,10 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
             ttl=timedelta(seconds=_seconds(limits.pending_registration_ttl)),
         ),
     )
-    control = Control(server.tailnet, presence, settings, pending=pending)
+    control = Control(
+        server.tailnet, presence, settings, pending=pending,
+        policy=PolicyCompiler(settings.public_url, tailnet_settings(config)),
+    )
     server.control = control
     control.register_admin_ops(server.ops)
     await nursery.start(control.run)
@@ -357,6 +362,17 @@ async def _start_metrics(server: Server, nursery: trio.Nursery) -> None:
         )
         return
     log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
+
+
+def tailnet_settings(config: Config) -> TailnetSettings:
+    """The capabilities of ``[taildrop]`` and ``[capabilities]`` for every node's CapMap."""
+    caps = config.capabilities
+    return TailnetSettings(
+        file_sharing=config.taildrop.enabled,
+        ssh=caps.ssh,
+        suggest_exit_nodes=caps.suggest_exit_nodes,
+        auto_update_default=caps.auto_update_default,
+    )
 
 
 def control_limits(config: Config) -> ControlLimits:

@@ -29,6 +29,7 @@ from .policy import (
     PolicyNode,
     PolicyUser,
     Tailnet,
+    TailnetSettings,
     auto_approved_routes,
     compile_policy,
     parse_stored_policy,
@@ -73,24 +74,26 @@ def policy_node(node: Node) -> PolicyNode:
 
 #: The last (users, nodes) maps and their Tailnet: a policy change, and its
 #: validation just before, find the tailnet unchanged (0.3 s each at 5,000 nodes).
-_last_tailnet: tuple[object, object, Tailnet] | None = None
+_last_tailnet: tuple[object, object, TailnetSettings | None, Tailnet] | None = None
 
 
-def policy_tailnet(state: TailnetState) -> Tailnet:
-    """The policy engine's view of the users and nodes of ``state``.
+def policy_tailnet(state: TailnetState, settings: TailnetSettings | None = None) -> Tailnet:
+    """The policy engine's view of the users and nodes of ``state`` (with the
+    tailnet-wide ``settings``: capabilities such as Taildrop; default: all on).
 
     States are immutable and share unchanged maps, so the view of the same maps is
     reused (a Tailnet is never changed in place: ``with_node`` and friends clone).
     """
     global _last_tailnet
     last = _last_tailnet
-    if last is not None and last[0] is state.users and last[1] is state.nodes:
-        return last[2]
+    if last is not None and last[0] is state.users and last[1] is state.nodes and last[2] == settings:
+        return last[3]
     tailnet = Tailnet(
         [policy_user(u) for u in state.users.values()],
         [policy_node(n) for n in state.nodes.values()],
+        settings,
     )
-    _last_tailnet = (state.users, state.nodes, tailnet)
+    _last_tailnet = (state.users, state.nodes, settings, tailnet)
     return tailnet
 
 
@@ -101,8 +104,9 @@ class PolicyCompiler:
         control_url: prefix of SSH ``check`` callback URLs.
     """
 
-    def __init__(self, control_url: str = "") -> None:
+    def __init__(self, control_url: str = "", settings: TailnetSettings | None = None) -> None:
         self._control_url = control_url
+        self._settings = settings
         self._state: TailnetState | None = None
         self._compiled: CompiledPolicy | None = None
         self._policy: Policy | None = None
@@ -136,7 +140,8 @@ class PolicyCompiler:
             # Approvals are events (login, policy change), never implied here: an
             # auto-approved route an admin revoked stays revoked.
             compiled = compile_policy(
-                policy, policy_tailnet(state), control_url=self._control_url, previous_primaries=previous,
+                policy, policy_tailnet(state, self._settings), control_url=self._control_url,
+                previous_primaries=previous,
                 auto_approve=False,
             )
             self.full_compiles += 1
