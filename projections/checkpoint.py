@@ -65,6 +65,7 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     dns_nameservers: tuple[str, ...] | None = None
     dns_search_paths: tuple[str, ...] | None = None
     dns_magic_dns: bool | None = None
+    policy_set_at: datetime | None = None
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -94,6 +95,7 @@ def encode_state(state: TailnetState) -> bytes:
             dns_nameservers=state.dns_nameservers,
             dns_search_paths=state.dns_search_paths,
             dns_magic_dns=state.dns_magic_dns,
+            policy_set_at=state.policy_set_at,
         )
     )
 
@@ -120,6 +122,7 @@ def decode_state(blob: bytes) -> TailnetState:
         dns_nameservers=snap.dns_nameservers,
         dns_search_paths=snap.dns_search_paths,
         dns_magic_dns=snap.dns_magic_dns,
+        policy_set_at=snap.policy_set_at,
     )
     return rebuild_indexes(state)
 

@@ -295,6 +295,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 policy_text=event.text,
                 policy_sha256=event.sha256,
                 policy_source=event.source,
+                policy_set_at=at,
             ), Delta(policy=True)
         case ChainErrorsIgnored():
             return state, Delta()

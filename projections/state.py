@@ -144,6 +144,7 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     policy_text: str | None = None
     policy_sha256: str | None = None
     policy_source: str | None = None
+    policy_set_at: datetime | None = None  # when the policy in force was recorded
     # DNS settings made through the API (``dns.set``); None: as configured.
     dns_nameservers: tuple[str, ...] | None = None
     dns_search_paths: tuple[str, ...] | None = None

@@ -12,7 +12,7 @@ that was expired or deleted, is past its expiration or whose user is gone gets 4
 Every change a request makes goes through the same admin operations as the CLI's
 socket (:class:`projections.admin.AdminOps`), so the log is the same whichever door
 was used; the actor is ``apikey:<prefix>`` followed by ``/<owner's user id>`` when the
-key belongs to a user (OAuth tokens: ``oauthclient:<client id>``).
+key belongs to a user (OAuth tokens: ``oauthclient:<client id>``, the same way).
 
 Permissions
 -----------
@@ -314,13 +314,22 @@ class ApiService:
         if entry is None or entry.expires <= now:
             self._tokens.pop(digest, None)
             raise ApiError(401, "invalid or expired access token")
-        client = self.server.runner.state.api_keys.get(entry.client_id)
+        state = self.server.runner.state
+        client = state.api_keys.get(entry.client_id)
         if client is None or client.usable_at(now) is not None:
             self._tokens.pop(digest, None)
             raise ApiError(401, "the OAuth client of this token was expired or deleted")
+        role, actor_id = client.role, client.prefix
+        if client.user_id is not None:
+            user = state.users.get(client.user_id)
+            if user is None:
+                raise ApiError(401, "the OAuth client's user no longer exists")
+            if not user.is_admin:
+                role = "member"
+            actor_id = f"{client.prefix}/{user.id}"
         return Principal(
-            actor=Actor(kind=ActorKind.OAUTH_CLIENT, id=entry.client_prefix),
-            role="admin" if client.user_id is None or client.role == "admin" else "member",
+            actor=Actor(kind=ActorKind.OAUTH_CLIENT, id=actor_id),
+            role=role,
             user_id=client.user_id,
             scopes=entry.scopes,
             key_id=client.id,

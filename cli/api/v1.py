@@ -355,14 +355,14 @@ async def get_policy(ctx: Ctx) -> V1Policy:
     state = ctx.state
     if state.policy_text is None:
         raise ApiError(404, "no policy has been set (the tailnet runs the allow-all default)")
-    return V1Policy(policy=state.policy_text, updated_at=None)
+    return V1Policy(policy=state.policy_text, updated_at=state.policy_set_at)
 
 
 async def set_policy(ctx: Ctx) -> V1Policy:
     body = ctx.body(V1PolicyRequest)
     ctx.require_admin()
     await ctx.op("policy.set", {"text": body.policy})
-    return V1Policy(policy=ctx.state.policy_text or body.policy, updated_at=None)
+    return V1Policy(policy=ctx.state.policy_text or body.policy, updated_at=ctx.state.policy_set_at)
 
 
 def add_v1_routes(service: ApiService) -> None:

@@ -36,7 +36,8 @@ def test_nodes_keys_and_policy(api: ApiServer) -> None:
         policy = '{"tagOwners": {"tag:web": ["alice@"]}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
         set_policy = http.put("/api/v1/policy", json={"policy": policy})
         assert set_policy.status_code == 200, set_policy.text
-        assert http.get("/api/v1/policy").json()["policy"] == policy
+        got = http.get("/api/v1/policy").json()
+        assert got["policy"] == policy and got["updatedAt"] == set_policy.json()["updatedAt"] is not None
         made = http.post("/api/v1/preauthkey", json={"user": "1", "reusable": True})
         assert made.status_code == 200, made.text
         alice_key = made.json()["preAuthKey"]["key"]
@@ -96,6 +97,20 @@ def test_member_keys_see_and_change_only_their_own(api: ApiServer) -> None:
         assert own_key.json()["preAuthKey"]["user"]["name"] == "bob"
     actor = f"apikey:{_prefix(api.member_key)}/2"
     assert api.events(before) == [("node.renamed", actor), ("preauthkey.created", actor)]
+
+
+def test_a_users_role_caps_their_keys_and_a_deleted_user_s_keys_stop(api: ApiServer) -> None:
+    srv = api.srv
+    srv.cli("users", "create", "dana", "--role", "admin", check=True)
+    key = srv.cli("apikeys", "create", "--user", "dana", check=True).stdout.strip()
+    with api.client(key) as http:
+        assert len(http.get("/api/v1/user").json()["users"]) > 1  # an admin sees everyone
+        srv.cli("users", "set-role", "dana", "member", check=True)
+        assert [u["name"] for u in http.get("/api/v1/user").json()["users"]] == ["dana"]
+        assert http.post("/api/v1/user", json={"name": "eve"}).status_code == 403
+        srv.cli("users", "delete", "dana", check=True)
+        gone = http.get("/api/v1/user")
+        assert gone.status_code == 401 and "no longer exists" in gone.json()["detail"]
 
 
 def test_api_keys_create_expire_delete(api: ApiServer) -> None:
