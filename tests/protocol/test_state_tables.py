@@ -11,7 +11,9 @@ one direction of the Noise transport (:mod:`protocol.noise.transport`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from enum import Enum
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -36,25 +38,48 @@ def _client() -> cc.ClientConnection:
     )
 
 
-def _pairs(states: type[Enum], inputs: type[Enum]) -> list[tuple[Enum, Enum]]:
-    return [(s, i) for s in states for i in inputs]
+class Machine(NamedTuple):
+    make: Callable[[], Any]  # a fresh core in its first state
+    states: type[Enum]
+    inputs: type[Enum]
+    table: Mapping[tuple[Any, Any], Any]
+    step: str  # the name of the core's one transition method
+
+
+MACHINES = {
+    "server": Machine(_server, hb.ServerState, hb._Input, hb._TRANSITIONS, "_advance"),
+    "client": Machine(_client, cc.ClientState, cc._Input, cc._TRANSITIONS, "_advance"),
+    "channel": Machine(
+        lambda: nt._Channel(bytes(32), 0), nt.ChannelState, nt.ChannelInput, nt._TRANSITIONS, "advance"
+    ),
+}
+EVERY_PAIR = [
+    pytest.param(name, state, event, id=f"{name}-{state.name}-{event.name}")
+    for name, machine in MACHINES.items()
+    for state in machine.states
+    for event in machine.inputs
+]
+
+
+@pytest.mark.parametrize(("name", "state", "event"), EVERY_PAIR)
+def test_table_every_pair(name: str, state: Enum, event: Enum) -> None:
+    machine = MACHINES[name]
+    core = machine.make()
+    core.state = state
+    expected = machine.table.get((state, event))
+    if expected is None:
+        with pytest.raises(LocalProtocolError):
+            getattr(core, machine.step)(event)
+        assert core.state is state
+    else:
+        getattr(core, machine.step)(event)
+        assert core.state is expected
+        if name == "channel":
+            # Leaving OPEN drops the key (forward secrecy); staying OPEN keeps it.
+            assert (core.key is not None) is (expected is nt.ChannelState.OPEN)
 
 
 # -- the server connection ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("state", "event"), _pairs(hb.ServerState, hb._Input))
-def test_server_table_every_pair(state: hb.ServerState, event: hb._Input) -> None:
-    conn = _server()
-    conn.state = state
-    expected = hb._TRANSITIONS.get((state, event))
-    if expected is None:
-        with pytest.raises(LocalProtocolError):
-            conn._advance(event)
-        assert conn.state is state
-    else:
-        conn._advance(event)
-        assert conn.state is expected
 
 
 @pytest.mark.parametrize("event", [e for e in hb._Input if (hb.ServerState.ERROR, e) not in hb._TRANSITIONS])
@@ -76,20 +101,6 @@ def test_server_error_is_terminal_and_closed_never_reopens() -> None:
 
 
 # -- the client connection ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("state", "event"), _pairs(cc.ClientState, cc._Input))
-def test_client_table_every_pair(state: cc.ClientState, event: cc._Input) -> None:
-    conn = _client()
-    conn.state = state
-    expected = cc._TRANSITIONS.get((state, event))
-    if expected is None:
-        with pytest.raises(LocalProtocolError):
-            conn._advance(event)
-        assert conn.state is state
-    else:
-        conn._advance(event)
-        assert conn.state is expected
 
 
 def test_client_after_a_failure_reraises_the_peer_error() -> None:
@@ -115,22 +126,6 @@ def test_client_path_to_open_is_the_only_one() -> None:
 
 
 # -- one direction of the Noise transport ---------------------------------------------
-
-
-@pytest.mark.parametrize(("state", "event"), _pairs(nt.ChannelState, nt.ChannelInput))
-def test_channel_table_every_pair(state: nt.ChannelState, event: nt.ChannelInput) -> None:
-    channel = nt._Channel(bytes(32), 0)
-    channel.state = state
-    expected = nt._TRANSITIONS.get((state, event))
-    if expected is None:
-        with pytest.raises(LocalProtocolError):
-            channel.advance(event)
-        assert channel.state is state
-    else:
-        channel.advance(event)
-        assert channel.state is expected
-        # Leaving OPEN drops the key (forward secrecy); staying OPEN keeps it.
-        assert (channel.key is not None) is (expected is nt.ChannelState.OPEN)
 
 
 def test_channel_failed_by_the_peer_reports_the_peer_error() -> None:
