@@ -115,10 +115,28 @@ async def click(driver: Any, element_id: str) -> None:
     await _t(lambda: driver.find_element(By.ID, element_id).click())
 
 
-def text(driver: Any) -> str:
+async def see(driver: Any, needle: str) -> None:
+    """Wait until the page shows ``needle`` (a navigation may still be under way)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait() -> None:
+        try:
+            WebDriverWait(driver, 30).until(lambda d: needle in d.find_element(By.TAG_NAME, "body").text)
+        except TimeoutException:
+            body = driver.find_element(By.TAG_NAME, "body").text
+            raise AssertionError(f"{needle!r} not on the page {driver.current_url}:\n{body}") from None
+
+    await _t(wait)
+
+
+async def text(driver: Any) -> str:
+    """The page's text, read from a thread: the server answering the browser runs on
+    this trio loop, which must not block."""
     from selenium.webdriver.common.by import By
 
-    return str(driver.find_element(By.TAG_NAME, "body").text)
+    return str(await _t(lambda: driver.find_element(By.TAG_NAME, "body").text))
 
 
 def callback_urls(driver: Any) -> list[str]:
@@ -141,11 +159,11 @@ async def test_sign_in_registers_the_machine_to_the_token_user(
         driver = await _t(browsers)
         async with pending_machine(setup, "alices-laptop") as (auth_url, answers):
             await _t(driver.get, auth_url)
-            page = text(driver)
+            page = await text(driver)
             assert "alices-laptop" in page and "linux" in page
             await click(driver, "signin")
             await provider_login(driver, "alice", setup.url)
-            assert "is now in the tailnet as alice@example.com" in text(driver)
+            await see(driver, "is now in the tailnet as alice@example.com")
             with trio.fail_after(30):
                 while not answers:
                     await trio.sleep(0.05)
@@ -169,7 +187,7 @@ async def test_sign_in_registers_the_machine_to_the_token_user(
         # The provider's answer used once is refused when replayed, and appends nothing.
         [callback] = await _t(callback_urls, driver)
         await _t(driver.get, callback)
-        assert "not valid" in text(driver)
+        await see(driver, "not valid")
         assert len(setup.events()) == len(events)
     # The client secret reaches the provider, never the logs.
     assert CLIENT_SECRET not in caplog.text
@@ -194,7 +212,7 @@ async def test_a_refused_sign_in_shows_why_logs_it_and_appends_nothing(
             await _t(driver.get, auth_url)
             await click(driver, "signin")
             await provider_login(driver, user, setup.url)
-            assert shown in text(driver)
+            await see(driver, shown)
             assert not answers  # still waiting
             assert await setup.server.control.pending.get(auth_url.rsplit("/", 1)[1]) is not None  # type: ignore[union-attr]
         assert len(setup.events()) == before
@@ -211,7 +229,7 @@ async def test_a_tampered_state_is_refused(
             await _t(driver.get, auth_url)
             await click(driver, "signin")
             # At the provider: the authorization request comes back with another state.
-            parts = urlsplit(driver.current_url)
+            parts = urlsplit(await _t(lambda: driver.current_url))
             query = dict(parse_qsl(parts.query))
             if "state" not in query:  # the login page carries the request in ?next=
                 inner = urlsplit(query["next"])
@@ -222,7 +240,7 @@ async def test_a_tampered_state_is_refused(
                 query["state"] = query["state"][:-4] + "AAAA"
             await _t(driver.get, urlunsplit(parts._replace(query=urlencode(query))))
             await provider_login(driver, "alice", setup.url)
-            assert "not valid" in text(driver)
+            await see(driver, "not valid")
             assert not answers
         assert not setup.events() or all(e.type.startswith("policy") for e in setup.events())
 
@@ -240,7 +258,7 @@ async def test_an_expired_request_cannot_be_completed(
                 while await pending.get(auth_url.rsplit("/", 1)[1]) is not None:
                     await trio.sleep(0.1)
             await provider_login(driver, "alice", setup.url)
-            assert "expired" in text(driver)
+            await see(driver, "expired")
         assert not setup.server.runner.state.users and not setup.server.runner.state.nodes
 
 
@@ -257,7 +275,7 @@ async def test_an_admin_approves_for_a_chosen_user_with_csrf_protected_forms(
             before = len(setup.events())
             await _t(driver.get, f"{setup.url}/oidc/login/{auth_id}?purpose=admin")
             await provider_login(driver, "alice", setup.url)
-            assert "not an administrator" in text(driver)
+            await see(driver, "not an administrator")
             assert len(setup.events()) == before
             await _t(driver.delete_all_cookies)
 
@@ -266,7 +284,7 @@ async def test_an_admin_approves_for_a_chosen_user_with_csrf_protected_forms(
             await _t(admin_browser.get, auth_url)
             await click(admin_browser, "admin-signin")
             await provider_login(admin_browser, "dave", setup.url)
-            assert "Signed in as dave@example.com (admin)" in text(admin_browser)
+            await see(admin_browser, "Signed in as dave@example.com (admin)")
             cookies = {c["name"]: c for c in await _t(admin_browser.get_cookies)}
             session = cookies["tailledger_session"]
             assert session["httpOnly"] and session["sameSite"] == "Lax" and not session["secure"]  # http server
@@ -289,7 +307,7 @@ async def test_an_admin_approves_for_a_chosen_user_with_csrf_protected_forms(
             assert erin is not None
             await _t(lambda: Select(admin_browser.find_element(By.ID, "user")).select_by_value(str(erin.id)))
             await _t(lambda: admin_browser.find_element(By.CSS_SELECTOR, "#approve button").click())
-            assert "is now in the tailnet as erin" in text(admin_browser)
+            await see(admin_browser, "is now in the tailnet as erin")
             with trio.fail_after(30):
                 while not answers:
                     await trio.sleep(0.05)
@@ -365,7 +383,7 @@ async def test_the_callback_refuses_other_browsers_replays_mix_ups_and_swapped_c
     second_url, _ = await login.begin("req-2", "register")
     await _t(driver.get, second_url)
     await provider_login(driver, "alice", redirect)
-    answer = dict(parse_qsl(urlsplit(driver.current_url).query))
+    answer = dict(parse_qsl(urlsplit(await _t(lambda: driver.current_url)).query))
     assert answer["state"] == state_of(second_url) and answer["code"]
     with pytest.raises(LoginRefused, match="refused the code"):
         await login.finish({"state": state_of(first_url), "code": answer["code"]}, first_browser)
