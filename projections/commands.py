@@ -92,6 +92,7 @@ __all__ = [
     "decide_reject_registration",
     "decide_rename_node",
     "decide_rename_user",
+    "decide_requested_tags",
     "decide_rotate_node_key",
     "decide_route_primaries",
     "decide_set_dns",
@@ -897,6 +898,8 @@ class ReportedHost:
     hostname: str = ""
     os: str = ""
     routes: tuple[str, ...] = ()
+    #: ``Hostinfo.RequestTags`` (``tailscale up --advertise-tags``); empty: none asked.
+    request_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -983,7 +986,66 @@ def decide_host_report(
     events.extend(
         decide_change_hostname(state, node, host.hostname, max_length=rules.max_hostname_length).events
     )
+    if host.request_tags:
+        try:
+            events.extend(decide_requested_tags(state, node, host.request_tags).events)
+        except CommandError as exc:
+            meta["tags_refused"] = str(exc)
     return Decision(tuple(events), node.id, meta)
+
+
+def requested_tags_refusal(tags: Iterable[str]) -> str:
+    """Tailscale's message for tags a node may not have."""
+    return f"requested tags [{' '.join(tags)}] are invalid or not permitted"
+
+
+def decide_requested_tags(state: TailnetState, node: Node, requested: Iterable[str]) -> Decision[int]:
+    """The tags a node asks for (``tailscale up --advertise-tags``): applied when each is
+    allowed, all or nothing. A tag is allowed when the pre-auth key the node used
+    carries it, or the policy's ``tagOwners`` names the node's user (directly, by a
+    group, or by role through ``autogroup:admin``/``owner``) or a tag the node already
+    has. A node that becomes tagged belongs to its tags, not to a user (the policy no
+    longer sees its user), and its key stops expiring, as in Tailscale.
+
+    Raises:
+        CommandError: Tailscale's "requested tags [...] are invalid or not permitted",
+            naming the tags refused.
+    """
+    from .policy import parse_stored_policy
+    from .policy.document import AliasKind
+    from .policystate import policy_tailnet
+
+    wanted = tuple(sorted(set(requested)))
+    if wanted == node.tags:
+        return Decision((), node.id)
+    key = state.preauth_keys.get(node.preauthkey_id) if node.preauthkey_id is not None else None
+    from_key = set(key.tags) if key is not None else set()
+    policy = parse_stored_policy(state.policy_text) if state.policy_text else None
+    owners = policy.tag_owner_map() if policy is not None else {}
+    groups = policy.group_map() if policy is not None else {}
+    tailnet = policy_tailnet(state)
+
+    def allowed(tag: str) -> bool:
+        try:
+            validate_tag(tag)
+        except CommandError:
+            return False
+        if tag in from_key:
+            return True
+        for alias in owners.get(tag, ()):
+            if alias.kind is AliasKind.TAG and alias.text in node.tags:
+                return True
+            if alias.kind is not AliasKind.TAG and node.user_id in tailnet.user_ids_for_alias(alias, groups):
+                return True
+        return False
+
+    refused = [t for t in wanted if not allowed(t)]
+    if refused:
+        raise CommandError(requested_tags_refusal(refused))
+    events: list[AnyEvent] = [NodeTagsSet(node_id=node.id, tags=wanted)]
+    if node.expiry is not None and not node.logged_out:
+        events.append(NodeExpirySet(node_id=node.id, expiry=None))
+    return Decision(tuple(events), node.id)
 
 
 def _with_host_report(
@@ -991,6 +1053,10 @@ def _with_host_report(
 ) -> Decision[int]:
     after = _then(state, first.events, now)
     report = decide_host_report(after, after.nodes[first.result], host, rules, now=now)
+    if "tags_refused" in report.meta:
+        # At login, tags the node may not have refuse the login (what
+        # ``tailscale up --advertise-tags`` then prints); nothing is recorded.
+        raise CommandError(report.meta["tags_refused"])
     return Decision(first.events + report.events, first.result, {**first.meta, **report.meta})
 
 

@@ -234,7 +234,8 @@ def _reported(hostinfo: Hostinfo | None) -> c.ReportedHost | None:
     if hostinfo is None:
         return None
     return c.ReportedHost(
-        hostname=hostinfo.hostname or "", os=hostinfo.os or "", routes=tuple(hostinfo.routable_ips or ())
+        hostname=hostinfo.hostname or "", os=hostinfo.os or "", routes=tuple(hostinfo.routable_ips or ()),
+        request_tags=tuple(hostinfo.request_tags or ()),
     )
 
 
@@ -498,6 +499,9 @@ class Control:
         refused = decided[-1].meta.get("routes_refused") if decided else None
         if refused:
             log.info("node %d advertised invalid routes: %s", result or node_id, refused)
+        refused = decided[-1].meta.get("tags_refused") if decided else None
+        if refused:
+            log.info("node %d: %s", result or node_id, refused)
         return result
 
     async def _register_with_key(
@@ -611,7 +615,7 @@ class Control:
             )
         now = self.tailnet.clock()
 
-        host = c.ReportedHost(hostname=pending.hostname, os=pending.os)
+        host = c.ReportedHost(hostname=pending.hostname, os=pending.os, request_tags=pending.request_tags)
         rules = self._rules()
 
         def decide(state: TailnetState) -> c.Decision[int]:
