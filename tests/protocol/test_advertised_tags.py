@@ -50,8 +50,8 @@ async def test_owned_tags_apply_at_registration_and_later_unowned_are_refused(tm
         node = server.tailnet.state.node_by_key(web.node_key.removeprefix("nodekey:"))
         assert node is not None and node.tags == ("tag:web",) and node.expiry is None
         assert policy_node(node).user_id is None
-        tagged = [e for e in server.store.read() if isinstance(e.event, NodeTagsSet)]
-        assert [(e.event.tags, e.actor.kind.value) for e in tagged] == [(("tag:web",), "node")]
+        tagged = [(e.event.tags, e.actor.kind.value) for e in server.store.read() if isinstance(e.event, NodeTagsSet)]
+        assert tagged == [(("tag:web",), "node")]
 
         # Later: an untagged node asks for tags in a map update.
         late = SimNode.new("late")
