@@ -152,14 +152,18 @@ def test_log_tail_follows_new_events(server: RunningServer) -> None:
     import subprocess
     import sys
 
+    # Start after the current head explicitly: a tail that starts "at the head" would
+    # race with the append below (a loaded machine starts it late, and it waits forever).
+    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
+    try:
+        head = store.head().seq
+    finally:
+        store.close()
     tail = subprocess.Popen(
-        [sys.executable, "-m", "cli", "log", "tail", "--type", "user.", "-o", "json"],
+        [sys.executable, "-m", "cli", "log", "tail", "--after", str(head), "--type", "user.", "-o", "json"],
         env=server.env, stdout=subprocess.PIPE, text=True,
     )
     try:
-        import time
-
-        time.sleep(1.0)  # it starts at the head: only events from now on
         server.cli("users", "create", "followed", check=True)
         assert tail.stdout is not None
         line = tail.stdout.readline()
