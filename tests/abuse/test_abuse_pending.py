@@ -20,6 +20,7 @@ from protocol import open_control_client
 from tests.cli.server_process import RunningServer, free_port, running_server
 from tests.protocol.control_harness import SimNode
 from tests.protocol.test_control import _http_get
+from tests.support.net import wait_until_serving
 
 #: Nearly the 1 MiB request body cap.
 BIG = 900_000
@@ -53,18 +54,6 @@ async def flood(port: int, machines: int, *, followup_waits: bool = False) -> li
 async def _hold_followup(port: int, node: SimNode, url: str, hostinfo: Hostinfo) -> None:
     async with open_control_client("127.0.0.1", port, machine_key=node.machine_private) as client:
         await client.register(RegisterRequest(version=130, node_key=node.node_key, hostinfo=hostinfo, followup=url))
-
-
-async def wait_until_serving(port: int) -> None:
-    with trio.fail_after(30):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.1)
-                continue
-            await stream.aclose()
-            return
 
 
 async def metrics(port: int) -> str:

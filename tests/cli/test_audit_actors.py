@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from eventlog import SQLiteEventStore
+from tests.support.accounts import NOBODY, NOGROUP, as_other_account
 
-from .accounts import NOBODY, NOGROUP, as_other_account
 from .server_process import RunningServer, running_server
 
 

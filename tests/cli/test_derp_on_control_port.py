@@ -23,7 +23,7 @@ import pytest
 from projections.tailcfg import DERPMap, DERPNode
 from relay import UnauthorizedError, connect_derp
 from tests.protocol.control_harness import SimNode, make_key, running
-from tests.relay.helpers import recv_packet
+from tests.support.relay_helpers import recv_packet
 
 
 async def _derp_map(server: object, node: SimNode, key: str) -> DERPMap:

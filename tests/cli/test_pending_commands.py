@@ -10,8 +10,8 @@ import trio
 
 from projections.tailcfg import RegisterResponse
 from protocol import RemoteProtocolError, open_control_client
-from tests.abuse.test_abuse_pending import wait_until_serving
 from tests.protocol.control_harness import SimNode
+from tests.support.net import wait_until_serving
 
 from .server_process import running_server
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from .accounts import NOBODY, NOGROUP
-from .accounts import as_other_account as _as_other_account
+from tests.support.accounts import NOBODY, NOGROUP
+from tests.support.accounts import as_other_account as _as_other_account
+
 from .server_process import running_server
 from .test_audit_actors import _head
 from .test_node_commands import _register

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.accounts import NOBODY, NOGROUP, as_other_account
+from tests.support.accounts import NOBODY, NOGROUP, as_other_account
 
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness

@@ -26,8 +26,7 @@ from relay.derp.client import (
     PongReceived,
 )
 from relay.keys import generate_private_key, public_key_of
-
-from .helpers import recv_packet, recv_until, running_relay, wait_for
+from tests.support.relay_helpers import recv_packet, recv_until, running_relay, wait_for
 
 
 async def pair(url: str, **kwargs: object) -> tuple[DerpClient, DerpClient]:

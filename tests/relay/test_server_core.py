@@ -31,8 +31,7 @@ from relay.derp.server import (
 )
 from relay.errors import LocalProtocolError
 from relay.keys import generate_private_key, public_key_of, seal_to
-
-from .helpers import CoreClient, FakeClock, login_all
+from tests.support.relay_helpers import CoreClient, FakeClock, login_all
 
 DISCO = f.DISCO_MAGIC + b"\x11" * 32 + b"\x22" * 24 + b"payload"
 

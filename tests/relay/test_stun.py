@@ -21,8 +21,7 @@ from relay.errors import (
     StunError,
 )
 from relay.serve import serve_stun
-
-from .helpers import wait_for
+from tests.support.relay_helpers import wait_for
 
 
 def h(text: str) -> bytes:

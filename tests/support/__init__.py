@@ -9,4 +9,9 @@ imports it, it moves here, so test packages never import each other.
 * :mod:`tests.support.netmap_model` -- :class:`ClientNetmap`, a model of how a
   Tailscale client applies map responses, for the map-stream tests of protocol and
   projections.
+* :mod:`tests.support.relay_helpers` -- sans-I/O relay logins, running relays, waits
+  for relay events (relay tests and the DERP-on-the-control-port test).
+* :mod:`tests.support.accounts` -- running the CLI as another Unix account (cli and
+  e2e audit tests).
+* :mod:`tests.support.net` -- waiting for another process's port.
 """

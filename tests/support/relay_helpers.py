@@ -1,4 +1,4 @@
-"""Shared helpers for the relay tests: sans-I/O login, running relays, event waits."""
+"""Helpers for relay tests (and others that talk to a relay): sans-I/O login, running relays, event waits."""
 
 from __future__ import annotations
 
