@@ -319,8 +319,16 @@ async def preview_policy_file(ctx: Ctx) -> V2Preview:
         raise ApiError(400, "give type=user or type=ipport, and previewFor")
     text = _policy_body(ctx)
     ctx.require_admin()
-    impact = await ctx.op("policy.impact", {"text": text})
-    return V2Preview(type=kind, preview_for=target, matches=[], impact=impact)
+    impact = await ctx.op("policy.impact", {"text": text})  # also checks the policy
+    from projections.policy import PolicyError
+
+    from .preview import preview_matches
+
+    try:
+        matches = preview_matches(ctx.state, text, kind, target)
+    except (PolicyError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
+    return V2Preview(type=kind, preview_for=target, matches=matches, impact=impact)
 
 
 # -- DNS -----------------------------------------------------------------------------------------

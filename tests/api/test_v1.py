@@ -113,6 +113,37 @@ def test_a_users_role_caps_their_keys_and_a_deleted_user_s_keys_stop(api: ApiSer
         assert gone.status_code == 401 and "no longer exists" in gone.json()["detail"]
 
 
+def test_the_log_is_the_same_whichever_door(api: ApiServer) -> None:
+    """The same changes through the CLI's socket and through the API append the same
+    events; only the actor differs."""
+    import msgspec
+
+    from eventlog import SQLiteEventStore
+
+    def payloads(after: int) -> list[dict[str, object]]:
+        store = SQLiteEventStore(api.srv.data / "ledger.db", read_only=True)
+        try:
+            return [msgspec.to_builtins(r.event) for r in store.read(after)]
+        finally:
+            store.close()
+
+    before = api.head()
+    api.srv.cli("users", "create", "door1", "--email", "d@example.com", check=True)
+    api.srv.cli("users", "rename", "door1", "door1b", check=True)
+    api.srv.cli("users", "delete", "door1b", check=True)
+    by_cli = payloads(before)
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        uid = http.post("/api/v1/user", json={"name": "door1", "email": "d@example.com"}).json()["user"]["id"]
+        http.post(f"/api/v1/user/{uid}/rename/door1b").raise_for_status()
+        http.delete(f"/api/v1/user/{uid}").raise_for_status()
+    by_api = payloads(before)
+    for a, b in zip(by_cli, by_api, strict=True):
+        a.pop("user_id")
+        b.pop("user_id")  # a new user, a new id
+    assert by_cli == by_api
+
+
 def test_api_keys_create_expire_delete(api: ApiServer) -> None:
     with api.client(api.admin_key) as http:
         made = http.post("/api/v1/apikey", json={"expiration": "2099-01-01T00:00:00Z"})

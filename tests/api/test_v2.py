@@ -123,10 +123,21 @@ def test_keys_policy_and_users_through_the_tailscale_client(api: ApiServer, tail
             assert bad.message
             good = await ts.validate_policy_file(policy.policy)
             assert good.message is None
-            preview = await ts.preview_policy_rules(
-                '{"tagOwners": {"tag:web": ["alice@"]}, "acls": []}', preview_type="user", preview_for="alice"
+            proposed = (
+                '{"tagOwners": {"tag:web": ["alice@"]},\n'
+                ' "acls": [{"action": "accept", "src": ["bob@"], "dst": ["tag:web:443"]},\n'
+                '          {"action": "accept", "src": ["autogroup:admin"], "dst": ["*:22"]}]}'
             )
+            preview = await ts.preview_policy_rules(proposed, preview_type="user", preview_for="alice")
             assert preview.preview_type == "user"
+            assert [(m.users, m.ports, m.line_number) for m in preview.matches] == [
+                (["autogroup:admin"], ["*:22"], 3)
+            ]
+            web_a = next(d for d in (await ts.devices()).values() if "tag:web" in d.tags)
+            by_ip = await ts.preview_policy_rules(
+                proposed, preview_type="ipport", preview_for=f"{web_a.addresses[0]}:443"
+            )
+            assert [m.users for m in by_ip.matches] == [["bob@"]]
 
             users = {u.login_name: u for u in await ts.users()}
             assert users["alice"].role == "owner" and users["bob"].role == "member"
