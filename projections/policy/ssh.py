@@ -256,7 +256,7 @@ class SSHSources:
     """
 
     __slots__ = (
-        "_merged", "action", "by_user", "dst_ips", "env", "everyone", "localparts", "rule", "self_dst",
+        "_merged", "_resolved", "action", "by_user", "dst_ips", "env", "everyone", "localparts", "rule", "self_dst",
         "src_ips", "tagged", "user_ids", "users",
     )
 
@@ -270,9 +270,19 @@ class SSHSources:
     ) -> None:
         tailnet = resolver.tailnet
         self.rule = rule
-        self.src_ips = resolver.union(rule.src)
         others = [a for a in rule.dst if a.text != "autogroup:self"]
-        self.dst_ips: IPSet | None = resolver.union(others) if others else None
+        # Resolved aliases are shared by snapshots that did not touch them: so are
+        # the unions made of them.
+        self._resolved = tuple(resolver.resolve(a) for a in (*rule.src, *others))
+        self.src_ips: IPSet
+        self.dst_ips: IPSet | None
+        if previous is not None and all(
+            a is b for a, b in zip(self._resolved, previous._resolved, strict=True)
+        ):
+            self.src_ips, self.dst_ips = previous.src_ips, previous.dst_ips
+        else:
+            self.src_ips = resolver.union(rule.src)
+            self.dst_ips = resolver.union(others) if others else None
         self.self_dst = len(others) != len(rule.dst)
         self.action = (
             SSHAction(hold_and_delegate=control_url + CHECK_URL_TEMPLATE) if rule.action == "check" else _ACCEPT
@@ -295,7 +305,7 @@ class SSHSources:
                 return
             # Only the changed nodes' owners (and the tagged nodes, when one of them is
             # or was tagged) can group differently.
-            by_user = {uid: list(p) for uid, p in previous.by_user.items()}
+            by_user: dict[int, Sequence[SSHPrincipal]] = dict(previous.by_user)
             for uid in {info.owner for info in changed if info.owner is not None}:
                 addrs = sorted(
                     a
@@ -311,7 +321,8 @@ class SSHSources:
                 tagged = _tagged_sources(tailnet, self.src_ips)
             user_ids = sorted(by_user)
         elif self.src_ips:
-            user_ids, by_user, tagged = _group_sources(tailnet, self.src_ips)
+            user_ids, grouped, tagged = _group_sources(tailnet, self.src_ips)
+            by_user = dict(grouped)
         else:
             user_ids, by_user, tagged = [], {}, []
         old_by_user = previous.by_user if previous is not None else {}

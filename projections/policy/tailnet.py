@@ -171,8 +171,32 @@ class Tailnet:
         old = clone.nodes.get(node.id)
         if old is not None:
             clone._unindex(old)
-        clone._index(NodeInfo(node))
+        info = NodeInfo(node)
+        clone._index(info)
+        clone._carry_addr_index(self, old, info)
         return clone
+
+    def _carry_addr_index(self, parent: Tailnet, old: NodeInfo | None, new: NodeInfo | None) -> None:
+        """Take the parent's address index over, edited for one node (a registration
+        would otherwise re-sort every address of the tailnet)."""
+        if parent._addr_index is None:
+            return
+        keys, ids = list(parent._addr_index[0]), list(parent._addr_index[1])
+        if old is not None:
+            for addr in old.addrs:
+                at = bisect_left(keys, addr)
+                while at < len(keys) and keys[at] == addr and ids[at] != old.id:
+                    at += 1
+                if at < len(keys) and keys[at] == addr:
+                    del keys[at], ids[at]
+        if new is not None:
+            for addr in new.addrs:
+                at = bisect_left(keys, addr)
+                while at < len(keys) and keys[at] == addr and ids[at] < new.id:
+                    at += 1
+                keys.insert(at, addr)
+                ids.insert(at, new.id)
+        self._addr_index = (keys, ids)
 
     def without_node(self, node_id: int) -> Tailnet:
         """A new view without the node ``node_id`` (no-op if absent)."""
@@ -180,6 +204,7 @@ class Tailnet:
         old = clone.nodes.get(node_id)
         if old is not None:
             clone._unindex(old)
+            clone._carry_addr_index(self, old, None)
         return clone
 
     # -- lookups --------------------------------------------------------------

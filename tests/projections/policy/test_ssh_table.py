@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy.ipset import IPSet, parse_prefix
 from projections.policy.ssh import SSHKey, compile_ssh_policy
 
 USERS = [PolicyUser(id=i, login=f"u{i}@example.com", name=f"u{i}") for i in (1, 2, 3, 4)]
@@ -158,3 +159,25 @@ def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
             assert compiled.packet_filter(nid) == fresh.packet_filter(nid)
             if affected is not None and nid not in affected and nid in before.tailnet.nodes:
                 assert compiled.packet_filter(nid) == before.packet_filter(nid), f"filter of {nid} changed unnoticed"
+
+
+@settings(max_examples=60, deadline=None)
+@given(histories())
+def test_a_carried_address_index_equals_a_fresh_one(history: tuple[str, list[PolicyNode], list[PolicyNode | int]]) -> None:
+    """Tailnet.with_node/without_node edit the parent's address index instead of
+    re-sorting it: the edited one answers like a fresh tailnet's."""
+    _, initial, ops = history
+    nodes = {n.id: n for n in initial}
+    tailnet = Tailnet(USERS, nodes.values())
+    probes = [IPSet.of([parse_prefix(p)]) for p in ("100.64.0.0/10", "100.64.0.0/30", "100.64.0.4/31", "fd7a:115c:a1e0::/48")]
+    for op in ops:
+        tailnet.node_ids_in(probes[0])  # build the index, so that the next view carries it
+        if isinstance(op, PolicyNode):
+            tailnet = tailnet.with_node(op)
+            nodes[op.id] = op
+        else:
+            tailnet = tailnet.without_node(op)
+            nodes.pop(op, None)
+        fresh = Tailnet(USERS, nodes.values())
+        for probe in probes:
+            assert tailnet.node_ids_in(probe) == fresh.node_ids_in(probe)
