@@ -35,6 +35,33 @@ POLICIES = [
     ' "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]}',
 ]
 
+#: Corp-shaped (issue 19): several classes (users, a group, tags), autogroup:self, a
+#: team reaching tags, an admin reaching all, an app grant, auto-approved routes, and
+#: SSH to self, to tags and in check mode. The second widens ports and moves the SSH
+#: rules: every filter and SSH policy changes, few peers do.
+CORP = [
+    '{"groups": {"group:eng": ["alice@"], "group:adm": ["bob@"]},'
+    ' "tagOwners": {"tag:web": ["alice@"], "tag:db": ["alice@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:web:80,443", "tag:db:5432"]},'
+    ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},'
+    ' {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["*:*"]}],'
+    ' "grants": [{"src": ["group:eng"], "dst": ["tag:web"], "ip": ["443"], "app": {"example.com/cap/web": [{"r": 1}]}}],'
+    ' "autoApprovers": {"routes": {"10.0.0.0/8": ["alice@"]}},'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot", "root"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["tag:web", "tag:db"], "users": ["root"]},'
+    ' {"action": "check", "src": ["group:eng"], "dst": ["tag:web"], "users": ["autogroup:nonroot"]}]}',
+    '{"groups": {"group:eng": ["alice@"], "group:adm": ["bob@"]},'
+    ' "tagOwners": {"tag:web": ["alice@"], "tag:db": ["alice@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:web:80-81,443", "tag:db:5432-5433"]},'
+    ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22,80"]},'
+    ' {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432-5433"]},'
+    ' {"action": "accept", "src": ["group:adm"], "dst": ["*:*"]}],'
+    ' "grants": [{"src": ["group:eng"], "dst": ["tag:web"], "ip": ["443"], "app": {"example.com/cap/web": [{"r": 2}]}}],'
+    ' "ssh": [{"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]},'
+    ' {"action": "accept", "src": ["group:eng", "group:adm"], "dst": ["tag:db"], "users": ["autogroup:nonroot"]}]}',
+]
+
 
 class _Follower:
     """Applies every message of one stream to a model, in a task of its own (reads
@@ -51,8 +78,12 @@ class _Follower:
 
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "corp"), [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                            (6, True), (7, True), (8, True)])
+async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int, corp: bool) -> None:
+    """``corp``: the history starts under a corp-shaped policy and its policy
+    changes switch between corp-shaped ones (issue 19)."""
+    policies = CORP if corp else POLICIES
     rnd = random.Random(seed)
     async with running(tmp_path, **{"ephemeral_node_inactivity_timeout": "0"}) as server:
         assert server.control is not None
@@ -60,6 +91,8 @@ async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int) -> None:
         # below wait for quiet streams, so make that short.
         server.control.settings = dataclasses.replace(server.control.settings, presence_coalesce=0.05)
         keys = {u: await make_key(server, u, reusable=True) for u in ("alice", "bob")}
+        if corp:
+            await server.ops.dispatch("policy.set", {"text": CORP[0]}, ADMIN)
         await server.ops.dispatch("policy.set", {"text": POLICIES[0]}, ADMIN)
         watchers = [SimNode.new(f"watch-{i}") for i in range(3)]
         others: list[SimNode] = []
@@ -124,7 +157,7 @@ async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int) -> None:
                     target = rnd.choice(candidates)
                     await server.ops.dispatch("nodes.approve_routes", {"node": str(target.id), "routes": ["10.1.0.0/16"]}, ADMIN)
                 elif op == "policy":
-                    await server.ops.dispatch("policy.set", {"text": rnd.choice(POLICIES)}, ADMIN)
+                    await server.ops.dispatch("policy.set", {"text": rnd.choice(policies)}, ADMIN)
                 else:
                     w = rnd.choice(watchers)
                     async with w.connect(server) as c:
