@@ -57,6 +57,11 @@ class DNSConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     split: dict[str, list[str]] = msgspec.field(default_factory=dict)
     search_domains: list[str] = msgspec.field(default_factory=list)
     override_local_dns: bool = False
+    # Extra MagicDNS records, Headscale's form: [{name = "grafana.example", type = "A",
+    # value = "100.64.0.3"}], or in a JSON file (a list of such objects) that is
+    # watched (not both). Every change is recorded in the log (dns.extra_records_set).
+    extra_records: list[dict[str, str]] = msgspec.field(default_factory=list)
+    extra_records_path: str = ""
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -631,6 +636,19 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{what}: {value} is not a port (0 = the bound port)")
     _validate_mesh(config.derp.server)
     _validate_relay_limits(config.derp.server)
+    if config.dns.extra_records and config.dns.extra_records_path:
+        raise ConfigError("dns: give extra_records or extra_records_path, not both")
+    if config.dns.extra_records:
+        from projections.commands import parse_extra_records
+        from projections.errors import CommandError
+
+        try:
+            parse_extra_records(config.dns.extra_records, where="dns.extra_records")
+        except CommandError as exc:
+            raise ConfigError(str(exc)) from None
+    if config.dns.override_local_dns and not config.dns.nameservers:
+        # As Headscale: overriding the clients' DNS with nothing would leave them none.
+        raise ConfigError("dns.override_local_dns: needs dns.nameservers (the resolvers clients are to use)")
     if not config.dns.base_domain and config.dns.magic_dns:
         raise ConfigError("dns.base_domain: MagicDNS needs a base domain")
     _validate_audit(config)

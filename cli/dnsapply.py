@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from projections.state import TailnetState
-from projections.tailcfg import DNSConfig
+from projections.tailcfg import DNSConfig, DNSRecord
 
 from .config import Config
 from .config import DNSConfig as DNSSettings
@@ -40,13 +40,17 @@ def effective_dns_settings(config: Config, state: TailnetState) -> DNSSettings:
 
 
 def effective_dns(config: Config, state: TailnetState) -> DNSConfig:
-    """The DNS configuration clients get for ``state``."""
+    """The DNS configuration clients get for ``state`` (with the log's extra records)."""
     merged = msgspec.structs.replace(config, dns=effective_dns_settings(config, state))
-    return dns_config(merged)
+    out = dns_config(merged)
+    if state.dns_extra_records:
+        records = [DNSRecord(name=r.name, type=r.type, value=r.value) for r in state.dns_extra_records]
+        out = msgspec.structs.replace(out, extra_records=records)
+    return out
 
 
 def _key(state: TailnetState) -> tuple[object, ...]:
-    return (state.dns_nameservers, state.dns_search_paths, state.dns_magic_dns)
+    return (state.dns_nameservers, state.dns_search_paths, state.dns_magic_dns, state.dns_extra_records)
 
 
 async def follow_dns(

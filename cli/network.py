@@ -151,12 +151,42 @@ def _write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+def reverse_zones(*prefixes: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> list[str]:
+    """The reverse-DNS zones (``in-addr.arpa.``, ``ip6.arpa.``) covering the tailnet's
+    prefixes, as Tailscale and Headscale hand them out with MagicDNS: each prefix
+    widened to its enclosing octet (IPv4) or nibble (IPv6) boundary, one zone per
+    subnet of that size (``100.64.0.0/10`` gives ``64.100.in-addr.arpa.`` …
+    ``127.100.in-addr.arpa.``), so that 100.100.100.100 answers PTR queries for
+    tailnet addresses."""
+    zones: list[str] = []
+    for net in prefixes:
+        if net is None:
+            continue
+        unit = 8 if net.version == 4 else 4
+        bits = -(-net.prefixlen // unit) * unit  # rounded up to the boundary
+        for sub in net.subnets(new_prefix=bits) if bits > net.prefixlen else (net,):
+            # reverse_pointer names the whole address, most specific label first; the
+            # zone is its last bits/unit labels before "in-addr.arpa" / "ip6.arpa".
+            labels = sub.network_address.reverse_pointer.split(".")
+            zones.append(".".join(labels[len(labels) - 2 - bits // unit :]) + ".")
+    return zones
+
+
 def dns_config(config: Config) -> DNSConfig:
+    """The ``tailcfg.DNSConfig`` of ``[dns]``, with Headscale's semantics:
+    ``override_local_dns`` makes the name servers the clients' resolvers for every
+    query; without it they are fallback resolvers and clients keep their own DNS.
+    ``split`` sends a suffix to its servers; MagicDNS adds the base domain to the
+    search domains and answers the tailnet's reverse zones."""
     dns = config.dns
     resolvers = [DNSResolver(addr=ns) for ns in dns.nameservers] or None
     routes: dict[str, list[DNSResolver] | None] = {
         suffix: [DNSResolver(addr=ns) for ns in servers] for suffix, servers in dns.split.items()
     }
+    if dns.magic_dns:
+        plan = address_plan(config)
+        for zone in reverse_zones(plan.ipv4, plan.ipv6):
+            routes.setdefault(zone, [])  # [] = answered by 100.100.100.100
     domains = [*([dns.base_domain] if dns.magic_dns else []), *dns.search_domains]
     return DNSConfig(
         resolvers=resolvers if dns.override_local_dns else None,
@@ -302,6 +332,9 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     await nursery.start(failover.run)
     server.auto_approver = PolicyAutoApprover(server.tailnet)
     await nursery.start(server.auto_approver.run)
+    from .dnsrecords import sync_extra_records  # extra DNS records (config or file) into the log
+
+    await nursery.start(sync_extra_records, config, server.tailnet)
     from .dnsapply import follow_dns  # DNS set through the admin API, from the log
 
     await nursery.start(lambda task_status: follow_dns(config, server.runner, control, task_status=task_status))

@@ -33,6 +33,7 @@ import msgspec
 from immutables import Map
 
 from eventlog import EventStore
+from eventlog.events import DnsExtraRecord
 
 from .errors import CheckpointError
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
@@ -66,6 +67,7 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     dns_search_paths: tuple[str, ...] | None = None
     dns_magic_dns: bool | None = None
     policy_set_at: datetime | None = None
+    dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -96,6 +98,7 @@ def encode_state(state: TailnetState) -> bytes:
             dns_search_paths=state.dns_search_paths,
             dns_magic_dns=state.dns_magic_dns,
             policy_set_at=state.policy_set_at,
+            dns_extra_records=state.dns_extra_records,
         )
     )
 
@@ -123,6 +126,7 @@ def decode_state(blob: bytes) -> TailnetState:
         dns_search_paths=snap.dns_search_paths,
         dns_magic_dns=snap.dns_magic_dns,
         policy_set_at=snap.policy_set_at,
+        dns_extra_records=snap.dns_extra_records,
     )
     return rebuild_indexes(state)
 

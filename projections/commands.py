@@ -29,6 +29,8 @@ from eventlog.events import (
     ApiKeyCreated,
     ApiKeyDeleted,
     ApiKeyExpired,
+    DnsExtraRecord,
+    DnsExtraRecordsSet,
     DnsSet,
     NodeDeleted,
     NodeExpirySet,
@@ -96,6 +98,7 @@ __all__ = [
     "decide_rotate_node_key",
     "decide_route_primaries",
     "decide_set_dns",
+    "decide_set_extra_records",
     "decide_set_role",
     "decide_set_tags",
     "decide_tag_node",
@@ -106,6 +109,7 @@ __all__ = [
     "find_user",
     "hash_secret",
     "parse_api_key",
+    "parse_extra_records",
     "parse_preauth_key",
     "sanitize_hostname",
     "scope_grants",
@@ -1284,3 +1288,53 @@ def decide_policy_auto_approvals(
         if approved != node.approved_routes:
             events.append(RoutesApproved(node_id=node.id, routes=approved, auto=True))
     return Decision(tuple(events), len(events))
+
+
+# -- extra DNS records -----------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def parse_extra_records(raw: object, *, where: str = "extra_records") -> tuple[DnsExtraRecord, ...]:
+    """Extra DNS records from their JSON form (Headscale's): a list of ``{"name":
+    "grafana.example.internal", "type": "A", "value": "100.64.0.3"}``. Names are
+    lower-cased without a trailing dot; types are ``A`` or ``AAAA`` with an address of
+    that family. Returned sorted, duplicates removed.
+
+    Raises:
+        CommandError: the first problem, with its position (``where[i]``).
+    """
+    if not isinstance(raw, list):
+        raise CommandError(f"{where}: expected a list of {{name, type, value}} records")
+    out: set[DnsExtraRecord] = set()
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or set(item) - {"name", "type", "value"}:
+            raise CommandError(f"{at}: expected an object with name, type and value")
+        name, rtype, value = item.get("name"), item.get("type"), item.get("value")
+        if not (isinstance(name, str) and isinstance(rtype, str) and isinstance(value, str)):
+            raise CommandError(f"{at}: name, type and value must be strings")
+        name = name.strip().lower().rstrip(".")
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+            raise CommandError(f"{at}: {name!r} is not a DNS name")
+        rtype = rtype.strip().upper()
+        if rtype not in ("A", "AAAA"):
+            raise CommandError(f"{at}: type {rtype!r} is not supported (A or AAAA)")
+        try:
+            addr = ipaddress.ip_address(value.strip())
+        except ValueError:
+            raise CommandError(f"{at}: {value!r} is not an IP address") from None
+        if (addr.version == 4) != (rtype == "A"):
+            raise CommandError(f"{at}: {value!r} is not an {'IPv4' if rtype == 'A' else 'IPv6'} address ({rtype})")
+        out.add(DnsExtraRecord(name=name, type=rtype, value=str(addr)))
+    return tuple(sorted(out, key=lambda r: (r.name, r.type, r.value)))
+
+
+def decide_set_extra_records(
+    state: TailnetState, records: tuple[DnsExtraRecord, ...], *, source: str
+) -> Decision[bool]:
+    """Record the tailnet's extra DNS records when they differ from the log's (an
+    empty set is recorded only to clear records recorded before). Result: changed."""
+    if records == (state.dns_extra_records or ()):
+        return Decision((), False)
+    return Decision((DnsExtraRecordsSet(records=records, source=source),), True)

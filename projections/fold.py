@@ -21,6 +21,7 @@ from eventlog.events import (
     ApiKeyDeleted,
     ApiKeyExpired,
     ChainErrorsIgnored,
+    DnsExtraRecordsSet,
     DnsSet,
     NodeDeleted,
     NodeExpirySet,
@@ -306,6 +307,8 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 dns_search_paths=event.search_paths,
                 dns_magic_dns=event.magic_dns,
             ), Delta(dns=True)
+        case DnsExtraRecordsSet():
+            return replace(state, dns_extra_records=event.records), Delta(dns=True)
         case _:
             assert_never(event)
 

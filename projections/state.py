@@ -19,6 +19,8 @@ from datetime import datetime
 import msgspec
 from immutables import Map
 
+from eventlog.events import DnsExtraRecord
+
 __all__ = [
     "ApiKey",
     "Node",
@@ -149,6 +151,8 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     dns_nameservers: tuple[str, ...] | None = None
     dns_search_paths: tuple[str, ...] | None = None
     dns_magic_dns: bool | None = None
+    # Extra DNS records (``dns.extra_records_set``); None: none recorded yet.
+    dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
     next_user_id: int = 1
     next_node_id: int = 1
     next_preauth_key_id: int = 1

@@ -12,7 +12,7 @@ from typing import Final
 
 from .audit import ChainErrorsIgnored
 from .base import Event
-from .dns import DnsSet
+from .dns import DnsExtraRecord, DnsExtraRecordsSet, DnsSet
 from .key import (
     ApiKeyCreated,
     ApiKeyDeleted,
@@ -44,6 +44,8 @@ __all__ = [
     "ApiKeyDeleted",
     "ApiKeyExpired",
     "ChainErrorsIgnored",
+    "DnsExtraRecord",
+    "DnsExtraRecordsSet",
     "DnsSet",
     "Event",
     "NodeDeleted",
@@ -97,6 +99,7 @@ AnyEvent = (
     | PolicySet
     | ChainErrorsIgnored
     | DnsSet
+    | DnsExtraRecordsSet
 )
 
 _CLASSES: Final[tuple[type[Event], ...]] = (
@@ -126,6 +129,7 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     PolicySet,
     ChainErrorsIgnored,
     DnsSet,
+    DnsExtraRecordsSet,
 )
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {cls.type_name(): cls for cls in _CLASSES}

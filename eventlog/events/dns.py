@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from .base import Event
 
-__all__ = ["DnsSet"]
+__all__ = ["DnsExtraRecord", "DnsExtraRecordsSet", "DnsSet"]
 
 
 class DnsSet(Event, frozen=True, kw_only=True, tag="dns.set"):
@@ -15,3 +17,21 @@ class DnsSet(Event, frozen=True, kw_only=True, tag="dns.set"):
     nameservers: tuple[str, ...] | None = None
     search_paths: tuple[str, ...] | None = None
     magic_dns: bool | None = None
+
+
+class DnsExtraRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One extra MagicDNS record: ``name`` resolves to ``value`` (an A or AAAA record)."""
+
+    name: str
+    type: str
+    value: str
+
+
+class DnsExtraRecordsSet(Event, frozen=True, kw_only=True, tag="dns.extra_records_set"):
+    """The tailnet's extra DNS records (``dns.extra_records`` or the watched
+    ``dns.extra_records_path`` file) are now ``records``, all of them, so the replay
+    knows which names resolved where at any time. ``source`` says where they came from
+    (``config`` or the file's path)."""
+
+    records: tuple[DnsExtraRecord, ...]
+    source: str

@@ -110,3 +110,27 @@ def test_zero_configuration_tailnet_passes_traffic(caddy_e2e: E2EHarness) -> Non
     assert (resp.status, resp.text) == (200, "hello from nodeb")
     resp = b.fetch("nodea:80", timeout=30)
     assert (resp.status, resp.text) == (200, "hello from nodea")
+    # The DNS configuration the client received: MagicDNS with the tailnet's domain and
+    # its reverse zones answered by 100.100.100.100.
+    dns = view_a.dns_config or {}
+    assert dns.get("Proxied") is True and dns.get("Domains") == ["tailnet.internal"]
+    assert dns["Routes"]["64.100.in-addr.arpa."] in (None, [])
+    assert "0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa." in dns["Routes"]
+
+
+def test_a_client_receives_the_dns_configuration(caddy_e2e: E2EHarness) -> None:
+    """Extra records and override_local_dns, as a real client receives them."""
+    env = {
+        "TAILLEDGER_DNS__EXTRA_RECORDS": '[{name = "wiki.corp", type = "A", value = "100.64.0.7"}]',
+        "TAILLEDGER_DNS__NAMESERVERS": '["192.0.2.53"]',
+        "TAILLEDGER_DNS__OVERRIDE_LOCAL_DNS": "true",
+    }
+    server = caddy_e2e.start_control_server(env_extra=env)
+    key = caddy_e2e.preauth_key(server)
+    a = caddy_e2e.start_caddy_node(CaddyNodeSpec("nodea", control_url=server.control_url, auth_key=key))
+    a.wait_running(timeout=60)
+    view = a.view()
+    dns = view.dns_config or {}
+    assert dns.get("ExtraRecords") == [{"Name": "wiki.corp", "Type": "A", "Value": "100.64.0.7"}]
+    assert [r["Addr"] for r in dns.get("Resolvers") or []] == ["192.0.2.53"]
+    assert not dns.get("FallbackResolvers")

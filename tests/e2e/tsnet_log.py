@@ -115,12 +115,14 @@ class TailnetView:
         self_node: The latest ``MapResponse.Node`` (tailcfg.Node JSON), if any.
         peers: Peers by ``tailcfg.NodeID``.
         derp_map: The latest ``MapResponse.DERPMap``, if any.
+        dns_config: The latest ``MapResponse.DNSConfig``, if any.
         responses: How many map responses were folded in (keep-alives included).
     """
 
     self_node: dict[str, Any] | None = None
     peers: dict[int, dict[str, Any]] = field(default_factory=dict)
     derp_map: dict[str, Any] | None = None
+    dns_config: dict[str, Any] | None = None
     responses: int = 0
 
     def peer_names(self) -> set[str]:
@@ -190,6 +192,8 @@ def _apply(view: TailnetView, resp: Mapping[str, Any]) -> None:
         view.self_node = dict(resp["Node"])
     if resp.get("DERPMap") is not None:
         view.derp_map = dict(resp["DERPMap"])
+    if resp.get("DNSConfig") is not None:
+        view.dns_config = dict(resp["DNSConfig"])
     if resp.get("Peers") is not None:
         view.peers = {int(p["ID"]): dict(p) for p in resp["Peers"]}
     for node_id in resp.get("PeersRemoved") or []:
