@@ -200,7 +200,8 @@ def tailledger_env(
         data_dir: ``TAILLEDGER_DATA`` (event log, keys, admin socket).
         listen: ``listen_addr`` of the control port, ``host:port``.
         derp_listen: Enable the embedded DERP relay (plain HTTP, no TLS: the
-            clients run with ``TS_DEBUG_USE_DERP_HTTP=1``) on ``host:port``.
+            clients run with ``TS_DEBUG_USE_DERP_HTTP=1``) on ``host:port``;
+            ``None`` turns the embedded relay off (it is on by default).
         stun_listen: The relay's STUN ``host:port`` (UDP). Needed with
             `derp_listen`: without working STUN clients publish no endpoints.
         extra: More variables, applied last.
@@ -215,7 +216,10 @@ def tailledger_env(
         # The log's signing key lives outside the data directory.
         "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data_dir.parent / f"{data_dir.name}-signing.key"),
     }
-    if derp_listen is not None:
+    if derp_listen is None:
+        # The embedded relay is on by default (it then serves on the control port).
+        env["TAILLEDGER_DERP__SERVER__ENABLED"] = "false"
+    else:
         env |= {
             "TAILLEDGER_DERP__SERVER__ENABLED": "true",
             "TAILLEDGER_DERP__SERVER__LISTEN_ADDR": derp_listen,

@@ -409,6 +409,8 @@ def test_separate_relay_from_derp_map_sources_carries_tsnet_traffic(caddy_e2e: E
         embedded_derp=False,
         env_extra={
             "TAILLEDGER_DATA": first.env["TAILLEDGER_DATA"],
+            # Same log, so the same signing key: its checkpoints must verify.
+            "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": first.env["TAILLEDGER_AUDIT__SIGNING_KEY_FILE"],
             "TAILLEDGER_DERP__PATHS": json.dumps([str(map_file)]),
             "TAILLEDGER_DERP__URLS": json.dumps([maps.url("/derp.json")]),
         },
