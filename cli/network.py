@@ -64,6 +64,7 @@ from .config import (
     split_host_port,
 )
 from .durations import parse_duration
+from .leader import while_leading
 from .web import make_app, serve_metrics
 
 if TYPE_CHECKING:
@@ -329,7 +330,10 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         server.tailnet, presence, control.policy, startup_grace=grace.total_seconds() if grace is not None else 0.0
     )
     server.route_failover = failover
-    await nursery.start(failover.run)
+    # Run-once jobs: only the elected replica fails routes over and collects ephemeral
+    # nodes (every server on SQLite).
+    control.leads = lambda: server.leadership.leading
+    await nursery.start(while_leading, server.leadership, failover.run)
     server.auto_approver = PolicyAutoApprover(server.tailnet)
     await nursery.start(server.auto_approver.run)
     from .dnsrecords import sync_extra_records  # extra DNS records (config or file) into the log

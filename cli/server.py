@@ -37,7 +37,8 @@ from .audit import SigningKeyError, anchor_file, open_signer
 from .config import Config
 from .durations import parse_duration
 from .gcpolicy import manage_gc
-from .storage import open_side_tables, open_store
+from .leader import Leadership, while_leading
+from .storage import open_leader_lock, open_side_tables, open_store
 
 __all__ = ["Server"]
 
@@ -65,6 +66,8 @@ class Server:
         self.log = EventLog(self.store)
         #: Presence and pending registrations, beside the log in its database.
         self.side = open_side_tables(config)
+        #: Whether this replica runs the run-once jobs (always, on SQLite).
+        self.leadership = Leadership(open_leader_lock(config))
         self.signing = HeadSigner(
             self.log,
             self.signer,
@@ -156,7 +159,8 @@ class Server:
                 await nursery.start(self.log.run)
                 await self.check_log()
                 await nursery.start(self.runner.run)
-                await nursery.start(self.signing.run)
+                await nursery.start(self.leadership.run)
+                await nursery.start(while_leading, self.leadership, self.signing.run)
                 if self.config.policy.mode == "file":
                     from .policyfile import watch_policy_file
 

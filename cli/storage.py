@@ -6,13 +6,18 @@ commands that read or write the log directly (``log``, ``replay``, ``relay``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from eventlog import EventLogError, EventStore, SQLiteEventStore
 from eventlog.sidetables import SideTables
 
 from .config import Config, postgres_conninfo
+
+if TYPE_CHECKING:
+    from eventlog.pgstore import LeaderLock
 from .durations import parse_duration
 
-__all__ = ["describe", "open_side_tables", "open_store"]
+__all__ = ["describe", "open_leader_lock", "open_side_tables", "open_store"]
 
 
 def _timeout(config: Config) -> float:
@@ -49,6 +54,15 @@ def open_side_tables(config: Config) -> SideTables:
 
         return PostgresSideTables(postgres_conninfo(config.database), connect_timeout=_timeout(config))
     return SideTables(config.database_path)
+
+
+def open_leader_lock(config: Config) -> LeaderLock | None:
+    """The election lock of the replicas (``None`` on SQLite: one server, it leads)."""
+    if config.database.type != "postgres":
+        return None
+    from eventlog.pgstore import LeaderLock
+
+    return LeaderLock(postgres_conninfo(config.database), connect_timeout=_timeout(config))
 
 
 def describe(config: Config) -> str:

@@ -60,6 +60,7 @@ __all__ = [
     "APPEND_LOCK",
     "CHANNEL",
     "DatabaseUnavailable",
+    "LeaderLock",
     "PostgresEventStore",
     "PostgresSideTables",
     "StoreHealth",
@@ -72,6 +73,8 @@ CHANNEL: Final = "tailledger_events"
 APPEND_LOCK: Final = 0x7A11_1ED6_E000_0001
 MIGRATE_LOCK: Final = 0x7A11_1ED6_E000_0002
 SIDE_LOCK: Final = 0x7A11_1ED6_E000_0003
+#: Held (session-level) by the replica elected to run the run-once jobs.
+LEADER_LOCK: Final = 0x7A11_1ED6_E000_0004
 
 _BACKOFF_MIN: Final = 0.1
 _BACKOFF_MAX: Final = 5.0
@@ -664,3 +667,46 @@ class PostgresSideTables(SideTables):
             except psycopg.Error as exc:
                 self._pg.broken(exc)
                 raise EventLogError(f"{what} failed: {_short(exc)}") from exc
+
+
+# -- election -------------------------------------------------------------------------
+
+
+class LeaderLock:
+    """The election of the replica that runs the run-once jobs (ephemeral-node clean-up,
+    subnet-route failover, signing the head): whoever holds the session-level advisory
+    lock :data:`LEADER_LOCK` on its own connection.
+
+    :meth:`poll` tries to take the lock, or checks that the connection holding it is
+    still alive; the lock goes with the connection (a replica killed with -9, a
+    network partition), so another replica's next :meth:`poll` takes it over.
+    """
+
+    def __init__(self, conninfo: str, *, connect_timeout: float = 5.0) -> None:
+        self._conn = _Connection(conninfo, "leader", connect_timeout=connect_timeout)
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def poll(self) -> bool:
+        """Whether this replica leads now (taking the lock when it is free)."""
+        with self._conn.lock:
+            try:
+                conn = self._conn.get()
+                if self._held:
+                    conn.execute("SELECT 1").fetchone()
+                else:
+                    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
+                    self._held = bool(row and row[0])
+            except psycopg.Error as exc:
+                self._conn.broken(exc)
+                self._held = False
+            except StoreUnavailableError:
+                self._held = False
+        return self._held
+
+    def close(self) -> None:
+        self._held = False
+        self._conn.close()

@@ -345,6 +345,9 @@ class Control:
         #: Where AuthURLs point; the embedding program may update it once the real
         #: listening port is known.
         self.public_url = settings.public_url
+        #: Whether this server runs the run-once jobs (ephemeral-node clean-up): one
+        #: elected replica of several on one log.
+        self.leads: Callable[[], bool] = lambda: True
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -360,7 +363,8 @@ class Control:
             while True:
                 await trio.sleep(10)
                 self._updates.prune(trio.current_time())
-                await self._collect_ephemeral()
+                if self.leads():
+                    await self._collect_ephemeral()
 
     def register_admin_ops(self, ops: AdminOps) -> None:
         ops.register("nodes.register", self._admin_register)
