@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from eventlog import EventLogError
 from eventlog.pgstore import LeaderLock
 
 __all__ = ["Leadership", "while_leading"]
@@ -77,12 +78,19 @@ async def while_leading(
         if not leadership.leading:
             await leadership.wait_changed()
             continue
-        async with trio.open_nursery() as nursery:
-            await nursery.start(job)
+        failed = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(job)
 
-            async def stop_when_deposed() -> None:
-                while leadership.leading:
-                    await leadership.wait_changed()
-                nursery.cancel_scope.cancel()
+                async def stop_when_deposed() -> None:
+                    while leadership.leading:
+                        await leadership.wait_changed()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(stop_when_deposed)
+                nursery.start_soon(stop_when_deposed)
+        except* EventLogError as group:  # the database went away under the job
+            log.warning("replica: a run-once job stopped (will restart): %s", group.exceptions[0])
+            failed = True
+        if failed:
+            await trio.sleep(1.0)

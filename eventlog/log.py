@@ -207,8 +207,11 @@ class EventLog:
         """Return once the head is past ``after_seq`` (in-process wake-up or polling)."""
         while True:
             waiter = self._committed
-            if (await self.head()).seq > after_seq:
-                return
+            try:
+                if (await self.head()).seq > after_seq:
+                    return
+            except StoreUnavailableError:
+                pass  # the database is down: wait for it like for an append
             with trio.move_on_after(self._poll_interval):
                 await waiter.wait()
 

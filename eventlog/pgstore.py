@@ -221,11 +221,13 @@ class _Connection:
         self._backoff = 0.0
         self._next_try = 0.0
         self.last_error = ""
+        self.fresh = False  # whether the last get() connected anew
         self.setup: Callable[[psycopg.Connection[Any]], None] | None = None
 
     def get(self) -> psycopg.Connection[Any]:
         conn = self._conn
         if conn is not None and not conn.closed:
+            self.fresh = False
             return conn
         now = time.monotonic()
         if now < self._next_try:
@@ -245,7 +247,12 @@ class _Connection:
         self._conn = conn
         self._backoff = 0.0
         self.last_error = ""
+        self.fresh = True
         return conn
+
+    def retry_now(self) -> None:
+        """Allow one reconnection at once (a connection found dead, not a dead server)."""
+        self._next_try = 0.0
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = _short(exc)
@@ -358,17 +365,41 @@ class PostgresEventStore(EventStore):
         if self._closed:
             raise StoreClosedError("the event store is closed")
 
-    def _call(self, c: _Connection, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+    def _call(
+        self,
+        c: _Connection,
+        what: str,
+        fn: Callable[[psycopg.Connection[Any]], T],
+        *,
+        retry_if: Callable[[], bool] = lambda: True,
+    ) -> T:
+        """``fn(conn)`` under the connection's lock, errors as :class:`EventLogError`.
+
+        A connection that broke while idle (the server restarted) is only found out by
+        using it: when that happens on a connection kept from before and ``retry_if()``
+        says nothing can have reached the database (always, for reads; for a write,
+        until its first statement succeeded), ``fn`` runs once more on a new one.
+        """
         self._check_open()
         with c.lock:
-            conn = c.get()
-            try:
-                return fn(conn)
-            except psycopg.Error as exc:
-                c.broken(exc)
-                if isinstance(exc, psycopg.OperationalError):
-                    raise StoreUnavailableError(f"{what} failed: {_short(exc)}") from exc
-                raise EventLogError(f"{what} failed: {_short(exc)}") from exc
+            conn, fresh = c.get(), c.fresh
+            for attempt in (1, 2):
+                try:
+                    return fn(conn)
+                except psycopg.Error as exc:
+                    c.broken(exc)
+                    stale = isinstance(exc, psycopg.OperationalError) and not fresh
+                    if attempt == 1 and stale and retry_if():
+                        c.retry_now()
+                        try:
+                            conn, fresh = c.get(), True
+                            continue
+                        except StoreUnavailableError:
+                            pass
+                    if isinstance(exc, psycopg.OperationalError):
+                        raise StoreUnavailableError(f"{what} failed: {_short(exc)}") from exc
+                    raise EventLogError(f"{what} failed: {_short(exc)}") from exc
+            raise AssertionError("unreachable")
 
     def health(self) -> StoreHealth:
         """Whether the last use of the database succeeded (no I/O here)."""
@@ -394,11 +425,13 @@ class PostgresEventStore(EventStore):
 
     def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
         self._check_writable()
+        sent: list[bool] = []
 
         def work(conn: psycopg.Connection[Any]) -> list[AppendResult]:
             results: list[AppendResult] = []
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                sent.append(True)
                 head = _head(conn)
                 seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
                 at_dt = from_micros(at)
@@ -436,7 +469,7 @@ class PostgresEventStore(EventStore):
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
             return results
 
-        return self._call(self._writer, "append", work)
+        return self._call(self._writer, "append", work, retry_if=lambda: not sent)
 
     def insert_rows(self, rows: Sequence[StoredRow]) -> None:
         """Write rows exactly as given (an import): each must extend the chain at the head."""
@@ -463,7 +496,7 @@ class PostgresEventStore(EventStore):
                 if rows:
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
 
-        self._call(self._writer, "import", work)
+        self._call(self._writer, "import", work, retry_if=lambda: False)
 
     def import_rows(self, rows: Iterable[StoredRow], *, batch: int = 5000) -> int:
         """The whole import in one transaction: a failure (a row that does not verify,
@@ -498,7 +531,7 @@ class PostgresEventStore(EventStore):
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
             return count
 
-        return self._call(self._writer, "import", work)
+        return self._call(self._writer, "import", work, retry_if=lambda: False)
 
     # -- reading ---------------------------------------------------------------------
 

@@ -147,3 +147,17 @@ def test_losing_the_server_fails_fast_then_recovers(pg_server: PgServer, pg_dsn:
     [r] = store.append_batch([AppendRequest(events=(user(4),), actor=ADMIN)], 10_000)
     assert isinstance(r, tuple) and r[0].seq == 4
     store.close()
+
+
+def test_a_restart_of_the_server_costs_no_failed_call(pg_server: PgServer, pg_dsn: str) -> None:
+    """Connections that died while idle (a restart between two calls) are replaced on
+    the spot: the first read and the first append after the restart succeed."""
+    store = PostgresEventStore(pg_dsn)
+    _fill(store, 2)
+    pg_server.kill()
+    pg_server.start()
+    assert store.head().seq == 2
+    [r] = store.append_batch([AppendRequest(events=(user(3),), actor=ADMIN)], 9000)
+    assert isinstance(r, tuple) and r[0].seq == 3
+    assert store.health().ok
+    store.close()
