@@ -1,4 +1,9 @@
-"""``tailledger bench log``: append throughput against plain sqlite3 inserts.
+"""``tailledger bench log``: append throughput against plain inserts.
+
+``--backend sqlite`` (the default) compares with plain sqlite3; ``--backend postgres
+--dsn DSN`` runs the same against PostgreSQL (an empty database the bench may fill)
+and compares with plain psycopg ``executemany`` of the same rows in transactions of
+the same sizes (target: at least 50% of the plain rate).
 
 Appends N events (default 100,000) through :class:`eventlog.EventLog` from many
 concurrent tasks, durability on (WAL, ``synchronous=FULL``), so the writer group-commits.
@@ -18,14 +23,14 @@ from pathlib import Path
 
 import trio
 
-from eventlog import Actor, ActorKind, EventLog, SQLiteEventStore
+from eventlog import Actor, ActorKind, EventLog, EventStore, SQLiteEventStore
 from eventlog.events import NodeRenamed
 
 __all__ = ["bench_log_main"]
 
 
-async def _append_all(path: Path, total: int, writers: int) -> tuple[float, int]:
-    log = EventLog(SQLiteEventStore(path, synchronous="FULL"))
+async def _append_all(store: EventStore, total: int, writers: int) -> tuple[float, int]:
+    log = EventLog(store)
     actor = Actor(kind=ActorKind.SYSTEM, id="bench")
     per_writer = total // writers
     async with trio.open_nursery() as nursery:
@@ -67,15 +72,64 @@ def _plain(src: Path, dst: Path, commits: int) -> float:
     return elapsed
 
 
+def _plain_postgres(dsn: str, commits: int) -> float:
+    """Plain psycopg inserts of the log's rows into a table of the same shape."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
+            "correlation_id, reason FROM events ORDER BY seq"
+        ).fetchall()
+        conn.execute("DROP TABLE IF EXISTS bench_plain_events")
+        conn.execute("CREATE TABLE bench_plain_events (LIKE events INCLUDING ALL)")
+        batch = max(1, len(rows) // max(commits, 1))
+        start = time.perf_counter()
+        try:
+            for i in range(0, len(rows), batch):
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO bench_plain_events VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        rows[i : i + batch],
+                    )
+            return time.perf_counter() - start
+        finally:
+            conn.execute("DROP TABLE bench_plain_events")
+
+
+def _bench_postgres(dsn: str, total: int, writers: int) -> tuple[float, int, float]:
+    from eventlog.pgstore import PostgresEventStore
+
+    store = PostgresEventStore(dsn)
+    if store.head().seq != 0:
+        store.close()
+        raise SystemExit("tailledger bench log: the database's event log is not empty (give an empty database)")
+    ours, commits = trio.run(_append_all, store, total, writers)
+    return ours, commits, _plain_postgres(dsn, commits)
+
+
 def bench_log_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tailledger bench log", description=__doc__)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--writers", type=int, default=100, help="concurrent appending tasks")
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--dsn", help="postgres: the connection string of an empty database")
     args = parser.parse_args(argv)
     total = args.events - args.events % args.writers
+    if args.backend == "postgres":
+        if not args.dsn:
+            parser.error("--backend postgres needs --dsn (an empty database the bench may fill)")
+        ours, commits, plain = _bench_postgres(args.dsn, total, args.writers)
+        ours_rate, plain_rate = total / ours, total / plain
+        print(f"events appended          {total}")
+        print(f"group commits            {commits}  (avg {total / commits:.1f} events/commit)")
+        print(f"tailledger log           {ours_rate:,.0f} events/s  ({ours:.2f} s, PostgreSQL)")
+        print(f"plain psycopg inserts    {plain_rate:,.0f} events/s  ({plain:.2f} s, same rows, same batches)")
+        print(f"ratio                    {ours_rate / plain_rate:.1%} of plain (target >= 50%)")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         log_path, plain_path = Path(tmp) / "log.db", Path(tmp) / "plain.db"
-        ours, commits = trio.run(_append_all, log_path, total, args.writers)
+        ours, commits = trio.run(_append_all, SQLiteEventStore(log_path, synchronous="FULL"), total, args.writers)
         plain = _plain(log_path, plain_path, commits)
     ours_rate, plain_rate = total / ours, total / plain
     print(f"events appended          {total}")
