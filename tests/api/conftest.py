@@ -140,5 +140,6 @@ def check_against_openapi(api: ApiServer, operations: list[tuple[str, str, Any]]
 
 
 def _matches(template: str, path: str) -> bool:
+    path = path.split("?", 1)[0]
     t, p = template.strip("/").split("/"), path.strip("/").split("/")
     return len(t) == len(p) and all(a == b or a.startswith("{") for a, b in zip(t, p, strict=True))

@@ -268,7 +268,9 @@ V2_OPERATIONS: list[tuple[str, str, Any]] = [
     ("GET", "/api/v2/tailnet/-/keys/1", None),
     ("DELETE", "/api/v2/tailnet/-/keys/1", None),
     ("GET", "/api/v2/tailnet/-/acl", None),
+    ("POST", "/api/v2/tailnet/-/acl", None),
     ("POST", "/api/v2/tailnet/-/acl/validate", None),
+    ("POST", "/api/v2/tailnet/-/acl/preview?type=user&previewFor=alice", None),
     ("GET", "/api/v2/tailnet/-/users", None),
     ("GET", "/api/v2/tailnet/-/dns/nameservers", None),
     ("POST", "/api/v2/tailnet/-/dns/nameservers", {"dns": []}),
@@ -326,6 +328,19 @@ def test_malformed_json_is_400(api: ApiServer, tailnet: dict[str, str], method: 
     with api.client(api.admin_key) as http:
         response = http.request(method, path, content=b'{"tags": ', headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
+    assert api.head() == before
+
+
+@pytest.mark.parametrize("path", ["/api/v2/tailnet/-/acl", "/api/v2/tailnet/-/acl/preview?type=user&previewFor=x"])
+@pytest.mark.parametrize("text", [b"", b"{not json", b'{"acls": [{"action": "maybe"}]}'])
+def test_a_bad_policy_file_is_400_and_appends_nothing(
+    api: ApiServer, tailnet: dict[str, str], path: str, text: bytes
+) -> None:
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        response = http.post(path, content=text, headers={"Content-Type": "application/hujson"})
+    assert response.status_code == 400, response.text
+    assert response.json()["message"]
     assert api.head() == before
 
 
