@@ -282,6 +282,13 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     await nursery.start(
         persist_presence, presence, server.side, lambda: server.tailnet.clock(), server.tailnet.state.nodes
     )
+    from eventlog.pgstore import PostgresSideTables
+
+    if isinstance(server.side, PostgresSideTables):
+        # Replicas on one PostgreSQL log: live presence travels between them.
+        from projections.presence_share import share_presence
+
+        await nursery.start(share_presence, presence, server.side, server.replica_id)
     ds = config.derp.server
     on_control_port = ds.enabled and not ds.listen_addr
     relay = await _start_relay(server, nursery, on_control_port=on_control_port) if ds.enabled else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import secrets
 import signal
 import sys
 from functools import partial
@@ -66,6 +67,8 @@ class Server:
         self.log = EventLog(self.store)
         #: Presence and pending registrations, beside the log in its database.
         self.side = open_side_tables(config)
+        #: This process among the replicas of one PostgreSQL log (random per start).
+        self.replica_id = secrets.token_hex(6)
         #: Whether this replica runs the run-once jobs (always, on SQLite).
         self.leadership = Leadership(open_leader_lock(config))
         self.signing = HeadSigner(

@@ -176,7 +176,23 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
             FOR EACH STATEMENT EXECUTE FUNCTION tailledger_checkpoints_append_only();
         """,
     ),
+    (
+        "0004_presence_live",
+        """
+        CREATE SEQUENCE presence_live_version;
+        CREATE TABLE presence_live (
+            node_id  BIGINT PRIMARY KEY,
+            replica  TEXT   NOT NULL,
+            version  BIGINT NOT NULL,
+            state    BYTEA  NOT NULL
+        );
+        CREATE INDEX presence_live_by_version ON presence_live (version);
+        """,
+    ),
 )
+
+#: The notification channel of live presence changes.
+PRESENCE_CHANNEL: Final = "tailledger_presence"
 
 
 def migrate(conn: psycopg.Connection[Any]) -> list[str]:
@@ -308,6 +324,10 @@ def _head(conn: psycopg.Connection[Any]) -> Head:
 
 def _listen(conn: psycopg.Connection[Any]) -> None:
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+
+
+def _listen_presence(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PRESENCE_CHANNEL)))
 
 
 class PostgresEventStore(EventStore):
@@ -673,6 +693,7 @@ class PostgresSideTables(SideTables):
         self._lock = threading.Lock()
         self._closed = False
         self._pg = _Connection(conninfo, "side tables", connect_timeout=connect_timeout)
+        self._listen: _Connection | None = None
         try:
             with self._pg.lock:
                 migrate(self._pg.get())
@@ -685,6 +706,60 @@ class PostgresSideTables(SideTables):
             return
         self._closed = True
         self._pg.close()
+        if self._listen is not None:
+            self._listen.close()
+
+    # -- live presence, shared by the replicas -----------------------------------------
+
+    def publish_presence(self, replica: str, states: Sequence[tuple[int, bytes]]) -> None:
+        """Store each node's live presence (opaque ``state`` bytes) as last written by
+        ``replica``, and notify the other replicas once."""
+        if not states:
+            return
+
+        def work(conn: Any) -> None:
+            conn.executemany(
+                "INSERT INTO presence_live (node_id, replica, version, state) "
+                "VALUES (?, ?, nextval('presence_live_version'), ?) ON CONFLICT (node_id) DO UPDATE "
+                "SET replica = excluded.replica, version = excluded.version, state = excluded.state",
+                [(n, replica, st) for n, st in states],
+            )
+            conn.execute("SELECT pg_notify(?, ?)", (PRESENCE_CHANNEL, replica))
+
+        self._run("publishing presence", work, write=False)
+
+    def presence_since(self, replica: str, version: int) -> tuple[list[tuple[int, bytes]], int]:
+        """The live presence written by other replicas after ``version``, and the newest
+        version seen (``version`` itself when nothing is newer)."""
+
+        def work(conn: Any) -> tuple[list[tuple[int, bytes]], int]:
+            rows = conn.execute(
+                "SELECT node_id, replica, version, state FROM presence_live WHERE version > ? "
+                "ORDER BY version",
+                (version,),
+            ).fetchall()
+            newest = max([version, *(int(r[2]) for r in rows)])
+            return [(int(r[0]), bytes(r[3])) for r in rows if r[1] != replica], newest
+
+        return self._run("reading presence", work, write=False)
+
+    def wait_presence(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a presence notification by anyone."""
+        if self._closed:
+            return False
+        if self._listen is None:
+            self._listen = _Connection(self._path, "presence listener", connect_timeout=5.0)
+            self._listen.setup = _listen_presence
+        with self._listen.lock:
+            try:
+                conn = self._listen.get()
+                for _ in conn.notifies(timeout=timeout, stop_after=1):
+                    return True
+                return False
+            except (psycopg.Error, EventLogError) as exc:
+                self._listen.broken(exc)
+        time.sleep(min(timeout, _BACKOFF_MIN))
+        return False
 
     def _run(self, what: str, fn: Callable[[Any], T], *, write: bool = True) -> T:
         if self._closed:

@@ -1,0 +1,158 @@
+"""Live presence shared by the replicas of one PostgreSQL log.
+
+Each replica's :class:`~projections.presence.PresenceTable` holds what its own clients
+report (online, endpoints, disco key, DERP home, Hostinfo, capability version). So that
+a client on one replica learns them for a peer on another, :func:`share_presence`:
+
+* publishes the nodes whose shared fields changed in this replica's table, coalesced
+  (one write and one notification per ``coalesce`` seconds at most), into the
+  ``presence_live`` table;
+* applies what the other replicas published, woken by their notification (and polling
+  every ``poll`` seconds as a fallback), to this replica's table, whose watchers then
+  fan the change out to this replica's clients as if it were local.
+
+A value applied from another replica is remembered as exchanged, so it is not sent back
+(no echo between replicas). Presence is not an event: nothing here touches the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import msgspec
+import trio
+
+from eventlog import EventLogError, from_micros, to_micros
+
+from .presence import NodePresence, PresenceTable
+from .tailcfg import Hostinfo
+
+__all__ = ["SharedPresenceStore", "share_presence"]
+
+log = logging.getLogger("tailledger.presence")
+
+
+class SharedPresenceStore(Protocol):
+    def publish_presence(self, replica: str, states: list[tuple[int, bytes]]) -> None: ...
+    def presence_since(self, replica: str, version: int) -> tuple[list[tuple[int, bytes]], int]: ...
+    def wait_presence(self, timeout: float) -> bool: ...
+
+
+class _Shared(msgspec.Struct, frozen=True, array_like=True):
+    online: bool
+    last_seen_us: int | None
+    endpoints: tuple[str, ...]
+    disco_key: str | None
+    home_derp: int
+    cap: int
+    hostinfo: Hostinfo | None
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_Shared)
+
+
+def _shared(p: NodePresence) -> _Shared:
+    return _Shared(
+        online=p.online, last_seen_us=to_micros(p.last_seen) if p.last_seen else None,
+        endpoints=p.endpoints, disco_key=p.disco_key, home_derp=p.home_derp, cap=p.cap,
+        hostinfo=p.hostinfo,
+    )
+
+
+def _key(s: _Shared) -> tuple[object, ...]:
+    """What counts as a change worth sending (not last_seen alone)."""
+    return (s.online, s.endpoints, s.disco_key, s.home_derp, s.cap, s.hostinfo)
+
+
+async def share_presence(
+    table: PresenceTable,
+    store: SharedPresenceStore,
+    replica: str,
+    *,
+    coalesce: float = 0.05,
+    poll: float = 1.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Exchange live presence with the other replicas until cancelled."""
+    exchanged: dict[int, tuple[object, ...]] = {}
+    wake = trio.Event()
+
+    def changed() -> None:
+        wake.set()
+
+    watcher = table.watch(changed)
+    out_limiter, in_limiter, listen_limiter = (trio.CapacityLimiter(1) for _ in range(3))
+    version = 0
+    # Start from what the others published already (a replica joining a running cluster).
+    try:
+        states, version = await trio.to_thread.run_sync(store.presence_since, replica, 0, limiter=in_limiter)
+        _apply(table, states, exchanged)
+    except EventLogError as exc:
+        log.warning("presence: cannot read the shared presence yet: %s", exc)
+
+    async def publish() -> None:
+        nonlocal wake
+        while True:
+            await wake.wait()
+            await trio.sleep(coalesce)  # coalesce a burst into one write
+            wake = trio.Event()
+            batch: list[tuple[int, bytes]] = []
+            for node_id in sorted(watcher.take()):
+                p = table.get(node_id)
+                if p is None:
+                    continue
+                shared = _shared(p)
+                if exchanged.get(node_id) == _key(shared):
+                    continue
+                exchanged[node_id] = _key(shared)
+                batch.append((node_id, _encoder.encode(shared)))
+            if batch:
+                try:
+                    await trio.to_thread.run_sync(store.publish_presence, replica, batch, limiter=out_limiter)
+                except EventLogError as exc:
+                    log.warning("presence: publishing %d node(s) failed (will resend): %s", len(batch), exc)
+                    for node_id, _ in batch:
+                        exchanged.pop(node_id, None)
+                        watcher.pending.add(node_id)
+                    wake.set()
+                    await trio.sleep(1.0)
+
+    async def receive() -> None:
+        nonlocal version
+        while True:
+            await trio.to_thread.run_sync(
+                store.wait_presence, poll, limiter=listen_limiter, abandon_on_cancel=True
+            )
+            try:
+                states, version = await trio.to_thread.run_sync(
+                    store.presence_since, replica, version, limiter=in_limiter
+                )
+            except EventLogError:
+                await trio.sleep(poll)
+                continue
+            _apply(table, states, exchanged)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            nursery.start_soon(receive)
+            task_status.started()
+    finally:
+        watcher.close()
+
+
+def _apply(table: PresenceTable, states: list[tuple[int, bytes]], exchanged: dict[int, tuple[object, ...]]) -> None:
+    for node_id, raw in states:
+        try:
+            s = _decoder.decode(raw)
+        except msgspec.DecodeError:
+            log.warning("presence: an unreadable shared state for node %d was skipped", node_id)
+            continue
+        exchanged[node_id] = _key(s)
+        table.update(
+            node_id, online=s.online, endpoints=s.endpoints, disco_key=s.disco_key,
+            home_derp=s.home_derp, cap=s.cap, hostinfo=s.hostinfo,
+            last_seen=from_micros(s.last_seen_us) if s.last_seen_us is not None else None,
+        )
