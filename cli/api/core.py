@@ -14,6 +14,10 @@ socket (:class:`projections.admin.AdminOps`), so the log is the same whichever d
 was used; the actor is ``apikey:<prefix>`` followed by ``/<owner's user id>`` when the
 key belongs to a user (OAuth tokens: ``oauthclient:<client id>``, the same way).
 
+Each request is one cause (:func:`eventlog.caused_by`): the events it appends share a
+correlation id, and carry the reason given in the optional ``X-Tailledger-Reason``
+header (one line, the CLI's ``--reason``).
+
 Permissions
 -----------
 A key's role is ``admin`` or ``member``; a user's own role caps it (an admin key of a
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgspec
 from quart import Response, request
 
-from eventlog import Actor, ActorKind
+from eventlog import Actor, ActorKind, caused_by, check_reason
 from projections import commands as c
 from projections.errors import CommandError, ConflictError, NotFoundError, UnavailableError
 from projections.state import ApiKey, Node, TailnetState
@@ -68,6 +72,9 @@ T = TypeVar("T")
 #: How long an OAuth access token lives (Tailscale's: one hour).
 TOKEN_LIFETIME: Final = timedelta(hours=1)
 TOKEN_PREFIX: Final = "tlkey-oauthtok-"
+#: The optional header that gives a request's reason, stored with each event it
+#: appends (the CLI's ``--reason``).
+REASON_HEADER: Final = "X-Tailledger-Reason"
 #: Bodies above this are refused before they are parsed.
 MAX_BODY_BYTES: Final = 1 << 20
 
@@ -425,8 +432,15 @@ class ApiService:
         assert isinstance(body, bytes)
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            reason = check_reason(request.headers.get(REASON_HEADER, ""))
+        except ValueError as exc:
+            raise ApiError(400, f"{REASON_HEADER}: {exc}") from None
         ctx = Ctx(self, principal, params, body, route)
-        result = await route.handler(ctx)
+        # One request, one cause: every event it appends shares a correlation id (and
+        # the reason, if it gave one), as an admin-socket command's do.
+        with caused_by(reason=reason):
+            result = await route.handler(ctx)
         if isinstance(result, Response):
             return result
         payload = result.encode() if isinstance(result, str) else _encoder.encode(result)

@@ -317,3 +317,36 @@ def _metrics_port(api: ApiServer) -> int:
 def test_openapi_document_covers_every_route_and_every_response_validates(api: ApiServer) -> None:
     """Runs last in this module: it checks every response the tests above received."""
     assert check_against_openapi(api, V1_OPERATIONS) > 50
+
+
+def _causes(api: ApiServer, after: int) -> list[tuple[str, str, str]]:
+    """(type, correlation id, reason) of the events after ``after``."""
+    from eventlog import SQLiteEventStore
+
+    store = SQLiteEventStore(api.srv.data / "ledger.db", read_only=True)
+    try:
+        return [(r.type, r.correlation_id, r.reason) for r in store.read(after)]
+    finally:
+        store.close()
+
+
+def test_each_request_is_one_cause_with_its_reason(api: ApiServer) -> None:
+    """The events of one request share a correlation id and carry the reason of its
+    X-Tailledger-Reason header; another request gets another id; a reason that cannot
+    be stored is 400 and appends nothing."""
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        made = http.post("/api/v1/user", json={"name": "dora"}, headers={"X-Tailledger-Reason": "OPS-7: new hire"})
+        assert made.status_code == 200, made.text
+        uid = made.json()["user"]["id"]
+        assert http.post(f"/api/v1/user/{uid}/rename/dorothy").status_code == 200
+        head = api.head()
+        bad = http.delete(f"/api/v1/user/{uid}", headers={"X-Tailledger-Reason": "x" * 1001})
+        assert bad.status_code == 400 and "X-Tailledger-Reason" in bad.json()["detail"]
+        assert api.head() == head
+        assert http.delete(f"/api/v1/user/{uid}", headers={"X-Tailledger-Reason": "left"}).status_code == 200
+    events = _causes(api, before)
+    assert [(t, r) for t, _, r in events] == [
+        ("user.created", "OPS-7: new hire"), ("user.renamed", ""), ("user.deleted", "left"),
+    ]
+    assert len({corr for _, corr, _ in events}) == 3 and all(corr for _, corr, _ in events)
