@@ -229,6 +229,24 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+SSH_CHECK_COLUMNS = [("id", "ID"), ("from", "From"), ("to", "To"), ("local_user", "As user"), ("created", "Since")]
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    match args.action:
+        case "pending":
+            data = _admin(args, "ssh.pending")
+        case "approve":
+            data = _admin(args, "ssh.approve", {"id": args.id})
+        case "reject":
+            # --reason is recorded with the event and shown to the SSH user.
+            data = _admin(args, "ssh.reject", {"id": args.id, "reason": args.reason or ""})
+        case _:
+            raise AssertionError(args.action)
+    _show(args, data, SSH_CHECK_COLUMNS)
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from . import logcmd
 
@@ -444,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(rs, "reject", "Withdraw the approval of a node's routes, auto-approved ones too.")
     p.add_argument("node", help="id or name")
     p.add_argument("prefixes", nargs="+", metavar="PREFIX")
+
+    sshp = add(sub, "ssh", "Tailscale SSH check mode: the held connections, approve or reject.", cmd_ssh)
+    ss = sshp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(ss, "pending", "List the SSH connections waiting for a check.")
+    p = add(ss, "approve", "Approve a held SSH connection (and, for the policy's checkPeriod, its source and user).")
+    p.add_argument("id", help="the id from the check URL")
+    p = add(ss, "reject", "Refuse a held SSH connection (--reason is shown to the SSH user).")
+    p.add_argument("id", help="the id from the check URL")
 
     logp = add(sub, "log", "Read and verify the event log.", cmd_log)
     ls_ = logp.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -53,6 +53,7 @@ from protocol import (
 from protocol.control import Control, ControlLimits, ControlSettings
 from protocol.ha import PolicyAutoApprover, RouteFailover
 from protocol.registrations import PendingLimits, PendingRegistrations
+from protocol.sshcheck import SshChecks
 
 from .config import (
     DEFAULT_METRICS_LISTEN_ADDR,
@@ -330,6 +331,10 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     )
     server.control = control
     control.register_admin_ops(server.ops)
+    ssh_checks = SshChecks(server.tailnet, lambda: control.public_url)
+    ssh_checks.register_admin_ops(server.ops)
+    control.ssh_action = ssh_checks
+    server.ssh_checks = ssh_checks
     await nursery.start(control.run)
     # Subnet routers fail over when their primary goes offline (recorded as events).
     grace = parse_duration(config.tuning.route_failover_grace)

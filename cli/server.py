@@ -30,6 +30,7 @@ from projections.presence import PresenceTable
 from protocol import ConnectionStats
 from protocol.control import Control
 from protocol.ha import PolicyAutoApprover, RouteFailover
+from protocol.sshcheck import SshChecks
 from relay.serve import RelayServer
 
 from .adminsock import serve_admin_socket
@@ -89,6 +90,7 @@ class Server:
         self.connection_stats: ConnectionStats | None = None  # the control port's counters
         self.route_failover: RouteFailover | None = None
         self.auto_approver: PolicyAutoApprover | None = None
+        self.ssh_checks: SshChecks | None = None
         self.noise_public = b""
         self.port = 0
         #: The admin HTTP API (``cli.api``), once the web app is made.

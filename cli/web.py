@@ -222,7 +222,11 @@ def make_app(server: Server) -> QuartTrio:
 
     from .register_web import install_register_routes
 
-    install_register_routes(app, server)
+    pages = install_register_routes(app, server)
+
+    from .sshcheck_web import install_ssh_check_routes  # SSH check mode
+
+    install_ssh_check_routes(app, server, pages)
 
     from .verify import install_verify_route  # for Tailscale's derper --verify-client-url
 

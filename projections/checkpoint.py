@@ -68,6 +68,7 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     dns_magic_dns: bool | None = None
     policy_set_at: datetime | None = None
     dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
+    ssh_checks: dict[str, datetime] = {}
 
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -99,6 +100,7 @@ def encode_state(state: TailnetState) -> bytes:
             dns_magic_dns=state.dns_magic_dns,
             policy_set_at=state.policy_set_at,
             dns_extra_records=state.dns_extra_records,
+            ssh_checks=dict(state.ssh_checks),
         )
     )
 
@@ -127,6 +129,7 @@ def decode_state(blob: bytes) -> TailnetState:
         dns_magic_dns=snap.dns_magic_dns,
         policy_set_at=snap.policy_set_at,
         dns_extra_records=snap.dns_extra_records,
+        ssh_checks=Map(snap.ssh_checks),
     )
     return rebuild_indexes(state)
 

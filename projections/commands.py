@@ -49,6 +49,8 @@ from eventlog.events import (
     RoutePrimaryChanged,
     RoutesAdvertised,
     RoutesApproved,
+    SshCheckApproved,
+    SshCheckRejected,
     UserCreated,
     UserDeleted,
     UserProfileUpdated,
@@ -101,6 +103,7 @@ __all__ = [
     "decide_set_extra_records",
     "decide_set_role",
     "decide_set_tags",
+    "decide_ssh_check",
     "decide_tag_node",
     "decide_update_user_profile",
     "find_api_key",
@@ -113,6 +116,8 @@ __all__ = [
     "parse_preauth_key",
     "sanitize_hostname",
     "scope_grants",
+    "ssh_check_approved",
+    "ssh_check_period",
     "tag_rules",
     "validate_tag",
 ]
@@ -1338,3 +1343,68 @@ def decide_set_extra_records(
     if records == (state.dns_extra_records or ()):
         return Decision((), False)
     return Decision((DnsExtraRecordsSet(records=records, source=source),), True)
+
+
+# -- SSH check mode ----------------------------------------------------------------------
+
+#: Tailscale's default checkPeriod of an SSH ``check`` rule.
+DEFAULT_SSH_CHECK_PERIOD = timedelta(hours=12)
+
+
+def ssh_check_period(state: TailnetState) -> timedelta:
+    """How long an approved SSH check lets the same source and user in unchecked: the
+    shortest ``checkPeriod`` of the policy's ``check`` rules (Tailscale's 12 h where a
+    rule gives none; ``always``: zero, every connection is checked)."""
+    from .policy import parse_stored_policy
+
+    if not state.policy_text:
+        return DEFAULT_SSH_CHECK_PERIOD
+    periods = []
+    for rule in parse_stored_policy(state.policy_text).ssh or ():
+        if rule.action != "check":
+            continue
+        period = rule.check_period
+        if period is None:
+            periods.append(DEFAULT_SSH_CHECK_PERIOD)
+        else:
+            periods.append(timedelta(0) if period.always else timedelta(microseconds=period.nanoseconds // 1000))
+    return min(periods, default=DEFAULT_SSH_CHECK_PERIOD)
+
+
+def ssh_check_approved(state: TailnetState, src_node_id: int, local_user: str, now: datetime) -> bool:
+    """Whether an earlier approval still covers SSH from this source as this user."""
+    until = state.ssh_checks.get(f"{src_node_id}/{local_user}")
+    return until is not None and now < until
+
+
+def decide_ssh_check(
+    state: TailnetState,
+    *,
+    check_id: str,
+    src_node_id: int,
+    dst_node_id: int,
+    local_user: str,
+    approve: bool,
+    now: datetime,
+    reason: str = "",
+) -> Decision[datetime | None]:
+    """An admin approves or rejects a held SSH connection. Result: until when an
+    approval lets the source and user in unchecked (``None`` for a rejection).
+
+    Raises:
+        NotFoundError: the source node no longer exists.
+    """
+    if src_node_id not in state.nodes:
+        raise NotFoundError(f"node {src_node_id} no longer exists")
+    if not approve:
+        return Decision(
+            (SshCheckRejected(check_id=check_id, src_node_id=src_node_id, dst_node_id=dst_node_id,
+                              local_user=local_user, reason=reason),),
+            None,
+        )
+    until = now + ssh_check_period(state)
+    return Decision(
+        (SshCheckApproved(check_id=check_id, src_node_id=src_node_id, dst_node_id=dst_node_id,
+                          local_user=local_user, until=until),),
+        until,
+    )

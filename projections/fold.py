@@ -39,6 +39,8 @@ from eventlog.events import (
     RoutePrimaryChanged,
     RoutesAdvertised,
     RoutesApproved,
+    SshCheckApproved,
+    SshCheckRejected,
     UserCreated,
     UserDeleted,
     UserProfileUpdated,
@@ -309,6 +311,11 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             ), Delta(dns=True)
         case DnsExtraRecordsSet():
             return replace(state, dns_extra_records=event.records), Delta(dns=True)
+        case SshCheckApproved():
+            approval = f"{event.src_node_id}/{event.local_user}"
+            return replace(state, ssh_checks=state.ssh_checks.set(approval, event.until)), Delta()
+        case SshCheckRejected():
+            return state, Delta()  # audit only: the held connection is refused
         case _:
             assert_never(event)
 

@@ -153,6 +153,8 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     dns_magic_dns: bool | None = None
     # Extra DNS records (``dns.extra_records_set``); None: none recorded yet.
     dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
+    # SSH check mode: "<src node id>/<local user>" -> until when it is approved.
+    ssh_checks: Map[str, datetime] = msgspec.field(default_factory=Map)
     next_user_id: int = 1
     next_node_id: int = 1
     next_preauth_key_id: int = 1

@@ -348,6 +348,8 @@ class Control:
         #: Whether this server runs the run-once jobs (ephemeral-node clean-up): one
         #: elected replica of several on one log.
         self.leads: Callable[[], bool] = lambda: True
+        #: Serves ``/machine/ssh/action/…`` (SSH check mode, protocol/sshcheck.py).
+        self.ssh_action: Callable[[NoiseRequest], Awaitable[NoiseResponse]] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -382,6 +384,8 @@ class Control:
                 return await self._register(request)
             if path == "/machine/map" and request.method == "POST":
                 return await self._map(request)
+            if path.startswith("/machine/ssh/action/") and self.ssh_action is not None:
+                return await self.ssh_action(request)
         except UnavailableError as exc:
             # The log cannot record what the request reported (a full disk): a clear
             # error the client retries, with its Hostinfo again, not a 500.

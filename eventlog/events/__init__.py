@@ -34,6 +34,7 @@ from .node import (
 )
 from .policy import PolicyImpact, PolicySet
 from .route import RoutePrimaryChanged, RoutesAdvertised, RoutesApproved
+from .ssh import SshCheckApproved, SshCheckRejected
 from .user import ROLES, UserCreated, UserDeleted, UserProfileUpdated, UserRenamed, UserRoleSet
 
 __all__ = [
@@ -65,6 +66,8 @@ __all__ = [
     "RoutePrimaryChanged",
     "RoutesAdvertised",
     "RoutesApproved",
+    "SshCheckApproved",
+    "SshCheckRejected",
     "UserCreated",
     "UserDeleted",
     "UserProfileUpdated",
@@ -100,6 +103,8 @@ AnyEvent = (
     | ChainErrorsIgnored
     | DnsSet
     | DnsExtraRecordsSet
+    | SshCheckApproved
+    | SshCheckRejected
 )
 
 _CLASSES: Final[tuple[type[Event], ...]] = (
@@ -130,6 +135,8 @@ _CLASSES: Final[tuple[type[Event], ...]] = (
     ChainErrorsIgnored,
     DnsSet,
     DnsExtraRecordsSet,
+    SshCheckApproved,
+    SshCheckRejected,
 )
 
 EVENT_TYPES: Final[dict[str, type[Event]]] = {cls.type_name(): cls for cls in _CLASSES}

@@ -1,0 +1,31 @@
+"""Tailscale SSH check mode: an admin's decision on a held SSH connection."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from .base import Event
+
+__all__ = ["SshCheckApproved", "SshCheckRejected"]
+
+
+class SshCheckApproved(Event, frozen=True, kw_only=True, tag="ssh.check_approved"):
+    """SSH from node ``src_node_id`` as ``local_user`` (to ``dst_node_id``, which held the
+    connection for a ``check`` rule) is approved; until ``until`` (the policy's
+    checkPeriod) further connections of that source and user are accepted unchecked."""
+
+    check_id: str
+    src_node_id: int
+    dst_node_id: int
+    local_user: str
+    until: datetime
+
+
+class SshCheckRejected(Event, frozen=True, kw_only=True, tag="ssh.check_rejected"):
+    """The held SSH connection ``check_id`` is refused (``reason`` is shown to the user)."""
+
+    check_id: str
+    src_node_id: int
+    dst_node_id: int
+    local_user: str
+    reason: str = ""

@@ -1,0 +1,125 @@
+"""Tailscale SSH check mode over the real protocol: the destination node asks
+``/machine/ssh/action/…``; the connection is held until an admin approves (CLI op or
+web page) or rejects; decisions are events; within the policy's checkPeriod the same
+source and user are accepted at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import trio
+
+from eventlog.events import SshCheckApproved, SshCheckRejected
+from projections import CommandError
+from protocol import ControlClient
+
+from .control_harness import ADMIN, SimNode, make_key, running
+
+POLICY = """{
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "ssh": [{"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"],
+           "users": ["root"], "checkPeriod": "1h"}]
+}"""
+
+
+async def _ask(client: ControlClient, path: str) -> dict[str, object]:
+    resp = await client.request("GET", path)
+    assert resp.status == 200, resp.body
+    out = json.loads(resp.body)
+    assert isinstance(out, dict)
+    return out
+
+
+def _path(url: object) -> str:
+    assert isinstance(url, str)
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+async def test_hold_approve_then_accepted_within_the_check_period(tmp_path: Path) -> None:
+    async with running(tmp_path, derp={"server": {"enabled": False}}) as server:
+        await server.ops.dispatch("policy.set", {"text": POLICY}, ADMIN)
+        key = await make_key(server, reusable=True)
+        laptop, box = SimNode.new("laptop"), SimNode.new("box")
+        async with laptop.connect(server) as lc, box.connect(server) as bc:
+            await lc.register(laptop.register_request(key))
+            await bc.register(box.register_request(key))
+            state = server.tailnet.state
+            src = state.node_by_key(laptop.node_key.removeprefix("nodekey:"))
+            dst = state.node_by_key(box.node_key.removeprefix("nodekey:"))
+            assert src is not None and dst is not None
+            path = f"/machine/ssh/action/{src.id}/to/{dst.id}?local_user=root"
+
+            # Only the destination may ask about connections to itself.
+            assert (await lc.request("GET", path)).status == 403
+
+            first = await _ask(bc, path)
+            assert "requires an additional check" in str(first["message"])
+            assert "/ssh/check/" in str(first["message"])
+            pending = await server.ops.dispatch("ssh.pending", {}, ADMIN)
+            assert isinstance(pending, list) and len(pending) == 1
+            check_id = pending[0]["id"]
+            assert check_id in str(first["holdAndDelegate"])
+
+            # The page the SSH user is sent to says what waits and how an admin approves.
+            async with httpx.AsyncClient() as http:
+                page = await http.get(f"http://127.0.0.1:{server.port}/ssh/check/{check_id}")
+                assert page.status_code == 200 and f"tailledger ssh approve {check_id}" in page.text
+                assert "laptop" in page.text and "root" in page.text
+                assert (await http.get(f"http://127.0.0.1:{server.port}/ssh/check/nope")).status_code == 404
+
+            head = server.tailnet.state.seq
+            with pytest.raises(CommandError, match="no open SSH check"):
+                await server.ops.dispatch("ssh.approve", {"id": "nope"}, ADMIN)
+            assert server.tailnet.state.seq == head
+
+            async with trio.open_nursery() as nursery:
+                answers: list[dict[str, object]] = []
+
+                async def held() -> None:
+                    answers.append(await _ask(bc, _path(first["holdAndDelegate"])))
+
+                nursery.start_soon(held)
+                checks = server.ssh_checks
+                assert checks is not None
+                with trio.fail_after(10):
+                    # Approve once the node's request is being held.
+                    while checks.pending[check_id].decided.statistics().tasks_waiting == 0:
+                        await trio.sleep(0.01)
+                    await server.ops.dispatch("ssh.approve", {"id": check_id}, ADMIN)
+            assert answers[0].get("accept") is True
+            # Within the checkPeriod: accepted at once.
+            assert (await _ask(bc, path)).get("accept") is True
+        approved = [(e.event, str(e.actor)) for e in server.store.read() if isinstance(e.event, SshCheckApproved)]
+        assert len(approved) == 1 and approved[0][1] == "admin:test"
+        ev = approved[0][0]
+        assert (ev.src_node_id, ev.dst_node_id, ev.local_user) == (src.id, dst.id, "root")
+        assert 3590 <= (ev.until - server.store.read()[-1].recorded_at).total_seconds() <= 3610
+
+
+async def test_a_rejected_check_refuses_the_connection(tmp_path: Path) -> None:
+    async with running(tmp_path, derp={"server": {"enabled": False}}) as server:
+        await server.ops.dispatch("policy.set", {"text": POLICY}, ADMIN)
+        key = await make_key(server, reusable=True)
+        laptop, box = SimNode.new("laptop"), SimNode.new("box")
+        async with laptop.connect(server) as lc, box.connect(server) as bc:
+            await lc.register(laptop.register_request(key))
+            await bc.register(box.register_request(key))
+            state = server.tailnet.state
+            src = state.node_by_key(laptop.node_key.removeprefix("nodekey:"))
+            dst = state.node_by_key(box.node_key.removeprefix("nodekey:"))
+            assert src is not None and dst is not None
+            first = await _ask(bc, f"/machine/ssh/action/{src.id}/to/{dst.id}?local_user=root")
+            pending = await server.ops.dispatch("ssh.pending", {}, ADMIN)
+            assert isinstance(pending, list)
+            check_id = pending[0]["id"]
+            await server.ops.dispatch("ssh.reject", {"id": check_id, "reason": "not now"}, ADMIN)
+            answer = await _ask(bc, _path(first["holdAndDelegate"]))
+        # Decided before the node asked again: it gets the refusal, with the reason.
+        assert answer.get("reject") is True and "not now" in str(answer.get("message"))
+        rejected = [e.event for e in server.store.read() if isinstance(e.event, SshCheckRejected)]
+        assert len(rejected) == 1 and rejected[0].reason == "not now"
