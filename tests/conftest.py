@@ -26,6 +26,23 @@ class StepClock:
         return self.now
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _signing_key_outside_the_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every server and CLI the tests start signs with a key of this session.
+
+    Without it, a server started by a test would create (and a `log verify` would read)
+    the machine's default key (`/etc/tailledger/signing.key` as root), so one test's
+    key would make another test's log fail verification, depending on the order.
+    """
+    name = "TAILLEDGER_AUDIT__SIGNING_KEY_FILE"
+    before = os.environ.get(name)
+    if before is None:
+        os.environ[name] = str(tmp_path_factory.mktemp("audit") / "signing.key")
+    yield
+    if before is None:
+        os.environ.pop(name, None)
+
+
 @pytest.fixture
 def fresh_store() -> Iterator[SQLiteEventStore]:
     store = SQLiteEventStore(":memory:")

@@ -268,8 +268,17 @@ def _log_verify_command(data: Path) -> None:
     from cli.main import main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = main(["log", "verify", "--data", str(data)])
+    name = "TAILLEDGER_AUDIT__SIGNING_KEY_FILE"
+    before = os.environ.get(name)
+    os.environ[name] = server_env(data, data / "admin.sock", 0)[name]  # the server's own key
+    try:
+        with contextlib.redirect_stdout(out):
+            status = main(["log", "verify", "--data", str(data)])
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
     assert status == 0 and "chain intact" in out.getvalue(), f"tailledger log verify: {out.getvalue()}"
 
 
