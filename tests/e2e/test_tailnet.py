@@ -134,3 +134,27 @@ def test_a_client_receives_the_dns_configuration(caddy_e2e: E2EHarness) -> None:
     assert dns.get("ExtraRecords") == [{"Name": "wiki.corp", "Type": "A", "Value": "100.64.0.7"}]
     assert [r["Addr"] for r in dns.get("Resolvers") or []] == ["192.0.2.53"]
     assert not dns.get("FallbackResolvers")
+
+
+def test_advertised_tags_of_a_real_client(caddy_e2e: E2EHarness) -> None:
+    """``AdvertiseTags`` of a real tsnet client: applied when its user owns the tag,
+    refused with Tailscale's message otherwise."""
+    server = caddy_e2e.start_control_server()
+    key = caddy_e2e.preauth_key(server)
+    policy = caddy_e2e.root / "policy.hujson"
+    policy.write_text(
+        '{"groups": {"group:dba": ["other@"]}, "tagOwners": {"tag:web": ["e2e@"], "tag:db": ["group:dba"]},'
+        ' "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    )
+    caddy_e2e.run_tailledger(["users", "create", "other"], env=server.env)
+    caddy_e2e.run_tailledger(["policy", "set", str(policy)], env=server.env)
+    web = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("web", control_url=server.control_url, auth_key=key, tags=("tag:web",))
+    )
+    web.wait_running(timeout=60)
+    view = web.view()
+    assert view.self_node is not None and view.self_node.get("Tags") == ["tag:web"]
+    db = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("db", control_url=server.control_url, auth_key=key, tags=("tag:db",))
+    )
+    db.process.wait_for_log("requested tags \\[tag:db\\] are invalid or not permitted", timeout=60)
