@@ -224,6 +224,12 @@ async def test_hostinfo_is_capped_and_kept_only_as_peers_see_it(tmp_path: Path) 
             )
             == 200
         )
+        # Trimmed before it is stored, not only when shown.
+        kept = control.presence.get(node.id)
+        assert kept is not None and kept.hostinfo is not None
+        assert kept.hostinfo.backend_log_id == "" and kept.hostinfo.push_device_token == ""
+        assert kept.hostinfo.exit_node_id == "" and kept.hostinfo.net_info is None
+        assert kept.hostinfo.ssh_host_keys == ["ssh-ed25519 AAAA"]
         async with cb.map_stream(b.map_request()) as sb:
             first = await next_update(sb)
         [peer] = first.peers or []
