@@ -38,6 +38,7 @@ import pytest
 import trio
 
 from eventlog import RecordedEvent, SQLiteEventStore
+from eventlog.signing import load_signing_key
 from projections import CheckpointStore, TailnetState, fold
 from tests.e2e.harness import in_ci
 
@@ -49,6 +50,7 @@ __all__ = [
     "check_log",
     "require",
     "signature",
+    "signing_key_path",
     "start_server",
 ]
 
@@ -92,7 +94,7 @@ def server_env(data: Path, admin_socket: Path, port: int) -> dict[str, str]:
         "TAILLEDGER_ADMIN_SOCKET": str(admin_socket),
         "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
         # The log's signing key lives outside the data directory.
-        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data.parent / f"{data.name}-signing.key"),
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(signing_key_path(data)),
     }
 
 
@@ -262,34 +264,43 @@ class LogCheck:
     state: TailnetState
 
 
-def _log_verify_command(data: Path) -> None:
+def signing_key_path(data: Path) -> Path:
+    """Where a test server of data directory ``data`` keeps its log's signing key
+    (outside the data directory, as ``audit.signing_key_file`` wants it)."""
+    return data.parent / f"{data.name}-signing.key"
+
+
+def _log_verify_command(data: Path, signing_key: Path | None) -> None:
     """``tailledger log verify`` on ``data``, run in-process (the same code as the
-    command, without an interpreter start per trial)."""
+    command, without an interpreter start per trial).
+
+    The signatures are checked with the public half of ``signing_key`` (the key the
+    server signed with), never with whatever key this machine's default location holds.
+    """
     from cli.main import main
 
+    args = ["log", "verify", "--data", str(data)]
+    if signing_key is None:
+        signing_key = signing_key_path(data)
+    if signing_key.exists():  # absent: the server never started, nothing was signed
+        args += ["--pubkey", load_signing_key(signing_key).public_key]
     out = io.StringIO()
-    name = "TAILLEDGER_AUDIT__SIGNING_KEY_FILE"
-    before = os.environ.get(name)
-    os.environ[name] = server_env(data, data / "admin.sock", 0)[name]  # the server's own key
-    try:
-        with contextlib.redirect_stdout(out):
-            status = main(["log", "verify", "--data", str(data)])
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+    with contextlib.redirect_stdout(out):
+        status = main(args)
     assert status == 0 and "chain intact" in out.getvalue(), f"tailledger log verify: {out.getvalue()}"
 
 
-def check_log(data: Path, acked: Sequence[Signature]) -> LogCheck:
+def check_log(data: Path, acked: Sequence[Signature], *, signing_key: Path | None = None) -> LogCheck:
     """Check a dead server's data directory; raise ``AssertionError`` on any loss.
 
     Args:
         data: the data directory (the server is not running).
         acked: the signatures of every change the server acknowledged.
+        signing_key: the server's signing key file, whose public key the signed
+            checkpoints must verify with (default: `signing_key_path` of ``data``;
+            give it for a copy of a data directory).
     """
-    _log_verify_command(data)
+    _log_verify_command(data, signing_key)
     store = SQLiteEventStore(data / "ledger.db", read_only=True)
     try:
         events: list[RecordedEvent] = []

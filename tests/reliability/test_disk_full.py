@@ -38,6 +38,7 @@ from .harness import (
     check_log,
     require,
     signature,
+    signing_key_path,
     start_server,
     wait_ready,
 )
@@ -104,6 +105,7 @@ async def test_disk_full_refuses_clearly_leaves_nothing_half_written_and_recover
     acked: list[Signature] = []
     with open_small_disk(tmp_path / "disk", DISK_SIZE) as disk:
         data = disk.mountpoint / "data"
+        signing_key = disk.host_path(signing_key_path(data))  # the servers' signing key, outside data/
         async with _serving(disk, tmp_path) as server:
             alice = await _ok(server, "users.create", {"name": "alice"})
             acked.append(signature("user.created", {"user_id": alice["id"], "name": "alice"}))
@@ -171,7 +173,7 @@ async def test_disk_full_refuses_clearly_leaves_nothing_half_written_and_recover
             assert status == 0, server.log_text()[-4000:]
             assert "Traceback" not in server.log_text(), server.log_text()[-4000:]
         disk.free()
-        check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked)
+        check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked, signing_key=signing_key)
 
         # -- after a restart: everything acknowledged is there; then a kill -9 while full -----
         async with _serving(disk, tmp_path) as server:
@@ -185,10 +187,10 @@ async def test_disk_full_refuses_clearly_leaves_nothing_half_written_and_recover
                     nursery.start_soon(_refused_for_disk_full, server, "policy.set", args)
             server.kill()
         disk.free()
-        check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked)
+        check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked, signing_key=signing_key)
         async with _serving(disk, tmp_path) as server:
             dave = await _ok(server, "users.create", {"name": "dave"})
             acked.append(signature("user.created", {"user_id": dave["id"], "name": "dave"}))
             assert server.stop() == 0
-        final = check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked)
+        final = check_log(disk.snapshot(data, tmp_path / f"copy{len(acked)}"), acked, signing_key=signing_key)
         assert sorted(u.name for u in final.state.users.values()) == ["alice", "bob", "carol", "dave"]

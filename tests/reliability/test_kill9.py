@@ -36,6 +36,7 @@ import trio
 
 from eventlog import AppendRequest, SQLiteEventStore
 from eventlog.events import UserCreated
+from eventlog.signing import load_or_create_signing_key
 from projections import CheckpointStore, TailnetState, fold
 from protocol import open_control_client
 from protocol.errors import ProtocolError
@@ -50,6 +51,7 @@ from .harness import (
     admin_rows,
     check_log,
     signature,
+    signing_key_path,
     start_server,
     wait_ready,
 )
@@ -276,7 +278,7 @@ async def test_kill_9_under_load_loses_nothing(
                     await _busy_then_kill(work, rng.uniform(0.05, 0.6))
                 acked.extend(work.acked)
                 record.acked = len(work.acked)
-            check = check_log(data, acked)
+            check = check_log(data, acked, signing_key=signing_key_path(data))
         except BaseException as exc:
             record.failure = f"{type(exc).__name__}: {exc}"[:500]
             raise
@@ -296,7 +298,7 @@ async def test_kill_9_under_load_loses_nothing(
         assert server.stop() == 0, server.log_text()[-4000:]
     verify = server.cli("log", "verify")
     assert verify.returncode == 0 and "chain intact" in verify.stdout, verify
-    final = check_log(data, acked)
+    final = check_log(data, acked, signing_key=signing_key_path(data))
     assert final.checkpoint_seq == final.head == state.seq
 
 
@@ -330,3 +332,25 @@ def test_the_oracle_catches_a_lost_change_and_a_bad_checkpoint(tmp_path: Path) -
             check_log(data, acked)
     finally:
         checkpoints.close()
+
+
+def test_the_oracle_checks_signed_checkpoints_with_the_servers_key(tmp_path: Path) -> None:
+    """`check_log` verifies the signed checkpoints with the key the server signed with,
+    whatever key this machine's default location (``/etc/tailledger/signing.key`` for
+    root) holds: a head signed by another key is a failure, the server's own passes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = SQLiteEventStore(data / "ledger.db")
+    created = [UserCreated(user_id=i, name=f"u{i}") for i in (1, 2)]
+    [recorded] = store.append_batch([AppendRequest(events=tuple(created), actor=ADMIN)], 1)
+    assert not isinstance(recorded, BaseException)
+    signer, _ = load_or_create_signing_key(signing_key_path(data))
+    head = store.head()
+    store.add_signed_checkpoint(signer.sign(n=1, seq=head.seq, hash=head.hash, at=recorded[-1].recorded_at, prev=""))
+    store.close()
+    acked = [signature("user.created", {"user_id": e.user_id, "name": e.name}) for e in created]
+
+    assert check_log(data, acked, signing_key=signing_key_path(data)).head == 2
+    load_or_create_signing_key(tmp_path / "other-signing.key")
+    with pytest.raises(AssertionError, match="does not verify against the public key"):
+        check_log(data, acked, signing_key=tmp_path / "other-signing.key")
