@@ -9,6 +9,7 @@ configuration file; ``derp.server`` says where it listens.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import trio
@@ -21,6 +22,7 @@ from projections.tailcfg import encode
 from .audit import mac_key_for
 from .config import Config
 from .network import relay_config, relay_region
+from .server import secure_data_dir
 from .storage import describe, open_store
 
 __all__ = ["run_relay"]
@@ -33,7 +35,7 @@ async def relay_main(config: Config, *, task_status: trio.TaskStatus[object] = t
     from relay.serve import serve_relay
 
     store = open_store(config, read_only=True)
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(config.data_path)  # its checkpoint says who may use the relay
     mac_key = mac_key_for(config)
     checkpoints = CheckpointStore(config.data_path / "relay-checkpoints.db", mac_key=mac_key)
     if mac_key is None:
@@ -66,6 +68,7 @@ def run_relay(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.database.type == "sqlite" and not config.database_path.exists():
         raise SystemExit(f"tailledger relay: no event log at {config.database_path}; start 'tailledger serve' first")
+    os.umask(0o077)  # everything the relay creates is private to its account, as the server's
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -7,13 +7,17 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import trio
 
 from eventlog import GENESIS_HASH
 from eventlog.signing import parse_anchor
 from eventlog.store import StoredRow
 
 from .server_process import free_port, running_server, serve_env
+from .test_node_commands import _register
 
 
 def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -127,3 +131,61 @@ def _cli_with(data: Path, env: dict[str, str], *args: str) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", "cli", *args], env=serve_env(data, 0, env), capture_output=True, text=True, timeout=60
     )
+
+
+def _run_relay(data: Path, relay_data: Path, log: Path) -> None:
+    """Start ``tailledger relay`` on the log of `data`, wait until it serves, stop it."""
+    derp, stun = free_port(), free_port()
+    env = {
+        **serve_env(relay_data, 0),
+        "TAILLEDGER_DATABASE__PATH": str(data / "ledger.db"),
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(data.parent / f"{data.name}-signing.key"),
+        "TAILLEDGER_DERP__SERVER__LISTEN_ADDR": f"127.0.0.1:{derp}",
+        "TAILLEDGER_DERP__SERVER__STUN_LISTEN_ADDR": f"127.0.0.1:{stun}",
+        "TAILLEDGER_DERP__SERVER__TLS": "false",
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "relay"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if "DERP map for this relay" in log.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert "DERP map for this relay" in log.read_text(), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_forged_relay_checkpoint_is_discarded_and_its_data_directory_is_private(tmp_path: Path) -> None:
+    """The relay's checkpoint decides who may use DERP: a node planted in it is not trusted."""
+    from msgspec.structs import replace
+
+    from projections.checkpoint import decode_state, encode_state
+
+    data, relay_data = tmp_path / "data", tmp_path / "relay-data"
+    with running_server(data) as server:
+        server.cli("users", "create", "ops", check=True)
+        key = server.cli("preauthkeys", "create", "-u", "ops", check=True).stdout.strip()
+        trio.run(_register, server, key, "box")
+    _run_relay(data, relay_data, tmp_path / "relay-1.log")
+    assert relay_data.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o077 == 0 for p in relay_data.iterdir() if p.is_file())
+
+    db = relay_data / "relay-checkpoints.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    [blob] = conn.execute("SELECT state FROM checkpoints WHERE name = 'relay'").fetchone()
+    state = decode_state(blob)
+    [node] = state.nodes.values()
+    planted = replace(node, id=99, node_key="ab" * 32, machine_key="cd" * 32, given_name="planted")
+    conn.execute("UPDATE checkpoints SET state = ? WHERE name = 'relay'", (encode_state(replace(
+        state, nodes=state.nodes.set(99, planted))),))
+    conn.close()
+
+    log = tmp_path / "relay-2.log"
+    _run_relay(data, relay_data, log)
+    assert "projection checkpoint 'relay' at seq" in log.read_text() and "fails its MAC" in log.read_text()
+    conn = sqlite3.connect(db, isolation_level=None)
+    [blob] = conn.execute("SELECT state FROM checkpoints WHERE name = 'relay'").fetchone()
+    conn.close()
+    assert [n.node_key for n in decode_state(blob).nodes.values()] == [node.node_key]  # refolded from the log
