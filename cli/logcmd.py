@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from eventlog import EventLogError, EventStore, RecordedEvent
+from eventlog import EventLogError, EventStore, RecordedEvent, SQLiteEventStore
 from eventlog.audit import audit_log
 from eventlog.signing import SignedCheckpoint, parse_anchor, read_anchor
 
@@ -26,8 +26,14 @@ from .storage import open_store
 __all__ = ["anchor", "pubkey", "show", "tail", "verify"]
 
 
-def _open(config: Config) -> EventStore:
+def _open(config: Config, *, follow: bool = False) -> EventStore:
+    """The log, read-only. A SQLite log without a WAL file has no server writing it: it is
+    opened immutable, so reading it creates nothing in the data directory (as ``replay``);
+    ``follow`` (``log tail``) reads through the WAL to see what is appended."""
     try:
+        path = config.database_path
+        if not follow and config.database.type == "sqlite" and path.exists() and not Path(f"{path}-wal").exists():
+            return SQLiteEventStore(path, read_only=True, immutable=True)
         return open_store(config, read_only=True)
     except (EventLogError, ConfigError) as exc:
         raise SystemExit(f"tailledger: {exc}") from None
@@ -74,7 +80,7 @@ def _show(store: EventStore, output: str, *, after: int, limit: int, type_prefix
 
 
 def tail(config: Config, output: str, *, after: int | None, type_prefix: str | None) -> int:
-    with contextlib.closing(_open(config)) as store:
+    with contextlib.closing(_open(config, follow=True)) as store:
         return _tail(store, output, after=after, type_prefix=type_prefix)
 
 

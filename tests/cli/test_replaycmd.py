@@ -60,6 +60,19 @@ def test_no_replay_command_changes_the_data_directory(data: Path, tmp_path: Path
     assert {p.name for p in data.iterdir()} == {"ledger.db"}
 
 
+def test_reading_the_log_of_a_stopped_server_leaves_its_directory_alone(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An auditor's ``log show|verify`` on a data directory creates no WAL files in it."""
+    monkeypatch.setenv("TAILLEDGER_AUDIT__SIGNING_KEY_FILE", str(tmp_path / "absent.key"))
+    before = _fingerprint(data)
+    d = ("--data", str(data))
+    assert '"seq": 1' in _run(capfd, "log", "show", "-o", "json", *d)
+    assert "chain intact" in _run(capfd, "log", "verify", *d)
+    assert _fingerprint(data) == before
+    assert {p.name for p in data.iterdir()} == {"ledger.db"}
+
+
 def test_json_shapes_of_reach_and_who_can_reach(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
     d = ("--data", str(data))
     reach = json.loads(_run(capfd, "replay", "reach", "100.64.0.1", "10.30.0.7", "--port", "22", "-o", "json", *d))
