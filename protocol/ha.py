@@ -24,10 +24,12 @@ offline.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import trio
 
-from eventlog import Actor, ActorKind
+from eventlog import Actor, ActorKind, RecordedEvent, caused_by
+from eventlog.events import PolicySet
 from projections import commands as c
 from projections.errors import CommandError
 from projections.policy.ipset import prefix_str
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 HA_ACTOR = Actor(kind=ActorKind.SYSTEM, id="ha")
 #: Who records the approvals a policy change implies.
 AUTO_APPROVER_ACTOR = Actor(kind=ActorKind.SYSTEM, id="policy-auto-approver")
+#: How far back (events) the policy change that caused auto-approvals is looked for.
+_CAUSE_LOOKBACK = 64
 
 
 class PolicyAutoApprover:
@@ -68,8 +72,12 @@ class PolicyAutoApprover:
             newly = {nid: tuple(set(routes) - set(old.get(nid, ()))) for nid, routes in new.items()}
             return c.decide_policy_auto_approvals(s, newly)
 
+        # The approvals are caused by the policy change: they share its correlation id
+        # and reason, so the log (and replay diff) ties them to the change and its author.
+        cause = await self._policy_event(state)
         try:
-            count, _ = await self.tailnet.execute(decide, actor=AUTO_APPROVER_ACTOR)
+            with caused_by(correlation_id=cause.correlation_id, reason=cause.reason) if cause else nullcontext():
+                count, _ = await self.tailnet.execute(decide, actor=AUTO_APPROVER_ACTOR)
         except CommandError as exc:  # retried on the next change
             log.warning("policy auto-approvals not recorded: %s", exc)
             return 0
@@ -77,6 +85,15 @@ class PolicyAutoApprover:
         if count:
             log.info("policy change: routes auto-approved on %d node(s)", count)
         return count
+
+    async def _policy_event(self, state: TailnetState) -> RecordedEvent | None:
+        """The recent ``policy.set`` that put ``state``'s policy in force, if any (an older
+        one, such as the policy in force at start-up, causes no approvals of its own)."""
+        recent = await self.tailnet.log.read(max(0, state.seq - _CAUSE_LOOKBACK), _CAUSE_LOOKBACK)
+        for rec in reversed(recent):
+            if rec.seq <= state.seq and isinstance(rec.event, PolicySet):
+                return rec if rec.event.text == state.policy_text else None
+        return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wake = _Wake()

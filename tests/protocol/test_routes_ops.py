@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from cli.server import Server
-from eventlog.events import RoutesApproved
+from eventlog import caused_by
+from eventlog.events import PolicySet, RoutesApproved
 from projections import CommandError
 from projections.tailcfg import Hostinfo, NetInfo
 from protocol import ControlClient
@@ -142,3 +143,20 @@ async def test_a_readvertised_set_does_not_reapprove_a_revoked_route(tmp_path: P
             await _advertise(client, gw, ["10.2.1.0/24", "10.2.2.0/24"])
         # Only the newly advertised route is auto-approved.
         assert (await _route_row(server, "gw"))["approved"] == ["10.2.2.0/24"]
+
+
+async def test_the_approvals_a_policy_change_triggers_share_its_correlation_id_and_reason(tmp_path: Path) -> None:
+    async with running(tmp_path, derp={"server": {"enabled": False}}) as server:
+        key = await make_key(server)
+        gw = SimNode.new("gw")
+        async with gw.connect(server) as client:
+            await client.register(gw.register_request(key))
+            await _advertise(client, gw, ["10.2.1.0/24"])
+        with caused_by(reason="INC-7 let gw carry 10.2/16"):
+            await server.ops.dispatch("policy.set", {"text": POLICY % ""}, ADMIN)
+        await _eventually(lambda: bool(_approvals(server)))
+        [policy] = [e for e in server.store.read() if isinstance(e.event, PolicySet)]
+        [approval] = [e for e in server.store.read() if isinstance(e.event, RoutesApproved)]
+        assert str(approval.actor) == "system:policy-auto-approver"
+        assert approval.correlation_id == policy.correlation_id
+        assert approval.reason == "INC-7 let gw carry 10.2/16"
