@@ -12,11 +12,13 @@ count) is checked without I/O.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
 
-from protocol import ServeOptions
+from protocol import ServeOptions, load_ssl_context
 from protocol import client_conn as cc
 
 from .test_h2_bridge import Pair
@@ -24,6 +26,7 @@ from .transport_harness import (
     RawTunnel,
     RunningServer,
     http_exchange,
+    make_tls_files,
     open_raw_tunnel,
     read_until_eof,
     start_server,
@@ -107,6 +110,24 @@ async def test_keepalive_key_connections_get_a_fresh_head_deadline_per_request(
 
 
 # -- request bodies -----------------------------------------------------------------------
+
+
+async def test_a_tls_handshake_that_never_comes_is_cut_at_its_deadline(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    cert, key = make_tls_files(tmp_path)
+    srv = await start_server(
+        nursery, ssl_context=load_ssl_context(cert, key), options=ServeOptions(tls_handshake_timeout=10)
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+    started = trio.current_time()
+    async with stream, trio.open_nursery() as senders:
+        # A ClientHello's first bytes, then one byte every 3 s: the handshake never ends.
+        senders.start_soon(_trickle, stream, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, 3.0)
+        assert await _eof_within(stream, 120) == b""
+        senders.cancel_scope.cancel()
+    assert trio.current_time() - started <= 10 + 3
+    assert srv.stats.timeouts["tls_handshake"] == 1
 
 
 async def test_a_stalled_body_in_the_tunnel_gets_408_and_the_tunnel_lives_on(
