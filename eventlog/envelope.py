@@ -61,7 +61,11 @@ class ActorKind(StrEnum):
     """Who caused an event."""
 
     ADMIN = "admin"  # an operator through the local admin socket (id: unix user)
-    API_KEY = "apikey"  # the admin HTTP API (id: the key's prefix, "/<owner user id>" if owned)
+    API = "api"  # the admin HTTP API's key (id: the key's prefix, "/<owner user id>" if owned)
+    #: What the API's key requests were recorded as before the kind was named ``api``
+    #: (issue 17's spelling). Kept so that older logs still read and verify: the chain
+    #: hash covers the stored kind, so those rows are never rewritten. Nothing new uses it.
+    API_KEY = "apikey"
     OAUTH_CLIENT = "oauthclient"  # an OAuth access token of /api/v2 (id: the client id)
     NODE = "node"  # a client over the control protocol (id: its machine key hex)
     OIDC = "oidc"  # a person who logged in through OIDC (id: issuer subject)

@@ -387,6 +387,7 @@ OAUTH_SCOPES: Final = (
     "policy_file", "policy_file:read",
     "dns", "dns:read",
     "users", "users:read",
+    "oauth_keys", "oauth_keys:read",  # OAuth clients: making them through /api/v2 keys
 )
 API_KEY_ROLES: Final = ("admin", "member")
 OAUTH_CLIENT_PREFIX = "tlkey-client-"

@@ -11,8 +11,9 @@ that was expired or deleted, is past its expiration or whose user is gone gets 4
 
 Every change a request makes goes through the same admin operations as the CLI's
 socket (:class:`projections.admin.AdminOps`), so the log is the same whichever door
-was used; the actor is ``apikey:<prefix>`` followed by ``/<owner's user id>`` when the
-key belongs to a user (OAuth tokens: ``oauthclient:<client id>``, the same way).
+was used; the actor is ``api:<prefix>`` followed by ``/<owner's user id>`` when the
+key belongs to a user (logs written before that spelling say ``apikey:``); OAuth
+tokens: ``oauthclient:<client id>``, the same way.
 
 Each request is one cause (:func:`eventlog.caused_by`): the events it appends share a
 correlation id, and carry the reason given in the optional ``X-Tailledger-Reason``
@@ -175,6 +176,9 @@ class Route:
     response: Any = None  # a msgspec type; None: no JSON body (see ``content_type``)
     body: Any = None  # the request body's msgspec type, if any
     scope: str | None = None  # the OAuth scope it needs (v2)
+    #: Other scopes that let a token reach the handler, which then checks the one
+    #: the request needs (:meth:`Ctx.require_scope`).
+    also_scopes: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     auth: bool = True
     api: str = "v1"
@@ -222,6 +226,12 @@ class Ctx:
     def require_admin(self) -> None:
         if not self.principal.is_admin:
             raise ApiError(403, "this needs an admin key; a member key manages only its own user's nodes and keys")
+
+    def require_scope(self, scope: str) -> None:
+        """403 unless a token holds ``scope`` (API keys are not limited by scopes)."""
+        scopes = self.principal.scopes
+        if scopes is not None and not c.scope_grants(scopes, scope):
+            raise ApiError(403, f"this token lacks the scope {scope!r}")
 
     def node(self, ref: str) -> Node:
         """A node the principal may see, by id (404 otherwise)."""
@@ -311,7 +321,7 @@ class ApiService:
                 role = "member"
             actor_id = f"{key.prefix}/{user.id}"
         return Principal(
-            actor=Actor(kind=ActorKind.API_KEY, id=actor_id), role=role, user_id=key.user_id, key_id=key.id
+            actor=Actor(kind=ActorKind.API, id=actor_id), role=role, user_id=key.user_id, key_id=key.id
         )
 
     def _token_principal(self, token: str) -> Principal:
@@ -419,8 +429,8 @@ class ApiService:
     async def _handle(self, route: Route, params: Mapping[str, str]) -> Response:
         if route.auth:
             principal = self.authenticate(request.headers.get("Authorization"), allow_tokens=route.api == "v2")
-            if route.scope is not None and principal.scopes is not None and not c.scope_grants(
-                principal.scopes, route.scope
+            if route.scope is not None and principal.scopes is not None and not any(
+                c.scope_grants(principal.scopes, s) for s in (route.scope, *route.also_scopes)
             ):
                 raise ApiError(403, f"this token lacks the scope {route.scope!r}")
         else:

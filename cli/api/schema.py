@@ -283,7 +283,8 @@ class V2KeyCapabilities(_Camel):
 
 
 class V2Key(_Camel, omit_defaults=True):
-    """An auth key (a pre-auth key); ``key`` only in the answer that created it."""
+    """An auth key (a pre-auth key), or an OAuth client (``keyType: client``, with its
+    ``scopes``); ``key`` only in the answer that created it."""
 
     id: str
     key_type: str
@@ -295,6 +296,7 @@ class V2Key(_Camel, omit_defaults=True):
     capabilities: V2KeyCapabilities
     user_id: str | None
     key: str | None = None
+    scopes: list[str] | None = None
 
 
 class V2Keys(_Camel):
@@ -306,6 +308,7 @@ class V2KeyRequest(_Camel):
     description: str = ""
     expiry_seconds: int | None = None
     capabilities: V2KeyCapabilities = msgspec.field(default_factory=V2KeyCapabilities)
+    scopes: list[str] = msgspec.field(default_factory=list)  # keyType "client" only
 
 
 class V2User(_Camel):

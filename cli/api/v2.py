@@ -218,8 +218,13 @@ async def get_key(ctx: Ctx) -> V2Key:
 async def create_key(ctx: Ctx) -> V2Key:
     _tailnet(ctx)
     body = ctx.body(V2KeyRequest)
+    if body.key_type == "client":
+        return await _create_client(ctx, body)
     if body.key_type != "auth":
-        raise ApiError(400, "only auth keys are made here; make OAuth clients with tailledger oauth-clients create")
+        raise ApiError(400, f"unknown keyType {body.key_type!r}: use auth or client")
+    ctx.require_scope("auth_keys")
+    if body.scopes:
+        raise ApiError(400, "scopes are for OAuth clients (keyType client)")
     create = body.capabilities.devices.create
     p = ctx.principal
     if create.tags and not p.is_admin:
@@ -238,6 +243,50 @@ async def create_key(ctx: Ctx) -> V2Key:
         },
     )
     return v2_key(ctx, ctx.state.preauth_keys[view["id"]], view["key"])
+
+
+async def _create_client(ctx: Ctx, body: V2KeyRequest) -> V2Key:
+    """An OAuth client, as Tailscale's API makes them: for a token with the
+    ``oauth_keys`` scope, or an admin API key. Its scopes may not exceed the caller's,
+    so that a narrower credential cannot mint a wider one; it acts for the caller's
+    user with the caller's role."""
+    p = ctx.principal
+    if p.scopes is None and not p.is_admin:
+        raise ApiError(403, "making an OAuth client needs an admin key or a token with the scope 'oauth_keys'")
+    ctx.require_scope("oauth_keys")
+    if not body.scopes:
+        raise ApiError(400, f"an OAuth client needs scopes, some of: {', '.join(c.OAUTH_SCOPES)}")
+    for scope in body.scopes:
+        if scope not in c.OAUTH_SCOPES:
+            raise ApiError(400, f"unknown scope {scope!r}: use some of {', '.join(c.OAUTH_SCOPES)}")
+        if p.scopes is not None and not c.scope_grants(p.scopes, scope):
+            raise ApiError(403, f"a new client's scopes may not exceed this token's, which lacks {scope!r}")
+    if body.capabilities.devices.create.tags:
+        raise ApiError(400, "capabilities are for auth keys (keyType auth); an OAuth client has scopes")
+    view = await ctx.op(
+        "oauth_clients.create",
+        {
+            "user": str(p.user_id) if p.user_id is not None else None,
+            "role": p.role,
+            "expiration_seconds": body.expiry_seconds,
+            "description": body.description,
+            "scopes": sorted(set(body.scopes)),
+        },
+    )
+    client = ctx.state.api_keys[int(view["id"])]
+    return V2Key(
+        id=client.prefix,
+        key_type="client",
+        description=client.description,
+        created=client.created_at,
+        expires=client.expires_at,
+        revoked=None,
+        invalid=False,
+        capabilities=V2KeyCapabilities(),
+        user_id=str(client.user_id) if client.user_id is not None else None,
+        key=str(view["key"]),
+        scopes=list(client.scopes),
+    )
 
 
 async def delete_key(ctx: Ctx) -> V2Empty:
@@ -480,8 +529,9 @@ def add_v2_routes(service: ApiService) -> None:
     keys = ("Keys",)
     r("GET", "/tailnet/{tailnet}/keys", list_keys, "listTailnetKeys", "List auth keys", V2Keys, "auth_keys:read",
       tags=keys, query=("all",))
-    r("POST", "/tailnet/{tailnet}/keys", create_key, "createKey", "Create an auth key (shown once)", V2Key,
-      "auth_keys", V2KeyRequest, keys)
+    r("POST", "/tailnet/{tailnet}/keys", create_key, "createKey",
+      "Create an auth key, or with keyType client an OAuth client (scope oauth_keys); shown once", V2Key,
+      "auth_keys", V2KeyRequest, keys, also_scopes=("oauth_keys",))
     r("GET", "/tailnet/{tailnet}/keys/{keyId}", get_key, "getKey", "Get an auth key", V2Key, "auth_keys:read",
       tags=keys)
     r("DELETE", "/tailnet/{tailnet}/keys/{keyId}", delete_key, "deleteKey", "Revoke an auth key", V2Empty,

@@ -27,7 +27,7 @@ def test_users_through_the_api_are_events_with_the_key_as_actor(api: ApiServer) 
         assert [u["id"] for u in listed] == [user["id"]]
         assert http.delete(f"/api/v1/user/{user['id']}").json() == {}
         assert "caroline" not in {u["name"] for u in http.get("/api/v1/user").json()["users"]}
-    actor = f"apikey:{_prefix(api.admin_key)}"
+    actor = f"api:{_prefix(api.admin_key)}"
     assert api.events(before) == [("user.created", actor), ("user.renamed", actor), ("user.deleted", actor)]
 
 
@@ -95,7 +95,7 @@ def test_member_keys_see_and_change_only_their_own(api: ApiServer) -> None:
         assert renamed.status_code == 200, renamed.text
         own_key = http.post("/api/v1/preauthkey", json={})
         assert own_key.json()["preAuthKey"]["user"]["name"] == "bob"
-    actor = f"apikey:{_prefix(api.member_key)}/2"
+    actor = f"api:{_prefix(api.member_key)}/2"
     assert api.events(before) == [("node.renamed", actor), ("preauthkey.created", actor)]
 
 

@@ -98,7 +98,7 @@ def test_devices_through_the_tailscale_client(api: ApiServer, tailnet: dict[str,
 
     before = api.head()
     _run(go())
-    actor = f"apikey:{api.admin_key.split('-')[2]}"
+    actor = f"api:{api.admin_key.split('-')[2]}"
     assert [t for t, a in api.events(before) if a == actor] == [
         "policy.set", "node.renamed", "node.tags_set", "node.routes_approved", "node.expiry_set", "node.deleted",
     ]
@@ -184,6 +184,58 @@ def test_oauth_client_credentials_and_scopes(api: ApiServer, tailnet: dict[str, 
     assert api.events(before) == [("node.renamed", f"oauthclient:{client_id}")]
 
 
+def _token(api: ApiServer, scopes: str) -> str:
+    client_id, secret = _client(api, scopes)
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+        answer = http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": secret})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["access_token"])
+
+
+def test_oauth_clients_made_through_the_keys_endpoint(api: ApiServer) -> None:
+    """keyType client makes an OAuth client for a token with oauth_keys (or an admin
+    key), no wider than the caller; anyone else is refused and nothing is appended."""
+    wide = _token(api, "oauth_keys,devices:core")
+    narrow = _token(api, "auth_keys")
+    client = {"keyType": "client", "description": "ci", "scopes": ["devices:core:read"]}
+    refusals = [
+        (narrow, client, 403),  # an auth_keys token cannot mint a client
+        (api.member_key, client, 403),  # nor a member key
+        (wide, {**client, "scopes": ["devices:core", "policy_file"]}, 403),  # wider than the caller
+        (wide, {**client, "scopes": ["all"]}, 403),
+        (wide, {**client, "scopes": []}, 400),
+        (wide, {**client, "scopes": ["nonsense"]}, 400),
+        (wide, {"capabilities": {"devices": {"create": {"tags": ["tag:web"]}}}}, 403),  # no auth_keys scope
+        (api.admin_key, {**client, "keyType": "other"}, 400),
+    ]
+    for credential, body, status in refusals:
+        before = api.head()
+        with api.client(credential) as http:
+            response = http.post("/api/v2/tailnet/-/keys", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert api.head() == before
+
+    before = api.head()
+    with api.client(wide) as http:
+        made = http.post("/api/v2/tailnet/-/keys", json=client)
+    assert made.status_code == 200, made.text
+    answer = made.json()
+    assert answer["keyType"] == "client" and answer["scopes"] == ["devices:core:read"]
+    assert answer["key"].startswith("tlkey-client-") and answer["id"] == answer["key"].split("-")[2]
+    with api.client(api.admin_key) as http:
+        by_admin = http.post("/api/v2/tailnet/-/keys", json={**client, "scopes": ["all"]})
+    assert by_admin.status_code == 200 and by_admin.json()["scopes"] == ["all"]
+    assert [t for t, _ in api.events(before)] == ["apikey.created", "apikey.created"]
+    # The new client works, within its scopes.
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
+        token = http.post(
+            "/api/v2/oauth/token", data={"client_id": answer["id"], "client_secret": answer["key"]}
+        ).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        assert http.get("/api/v2/tailnet/-/devices", headers=headers).status_code == 200
+        assert http.post("/api/v2/device/1/expire", headers=headers).status_code == 403
+
+
 def test_oauth_token_endpoint_refusals(api: ApiServer) -> None:
     client_id, secret = _client(api, "devices:core:read")
     with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
@@ -239,7 +291,7 @@ def test_dns_settings_go_through_the_log_to_open_streams(api: ApiServer, tailnet
                         return
 
     trio.run(watch)
-    actor = f"apikey:{api.admin_key.split('-')[2]}"
+    actor = f"api:{api.admin_key.split('-')[2]}"
     assert [(t, a) for t, a in api.events(before) if t == "dns.set"] == [("dns.set", actor)] * 3  # servers, paths, MagicDNS made explicit
     with api.client(api.member_key) as http:
         refused = http.post("/api/v2/tailnet/-/dns/nameservers", json={"dns": ["1.1.1.1"]})

@@ -178,3 +178,32 @@ def test_a_full_disk_is_a_clear_error_and_the_store_recovers(tmp_path: Path) -> 
     reopened = SQLiteEventStore(tmp_path / "log.db")
     assert reopened.verify().count == 3
     reopened.close()
+
+
+def test_api_key_actors_of_older_logs_still_read_verify_and_move(tmp_path: Path) -> None:
+    """The API's key actor is now ``api:``; rows an older build wrote as ``apikey:``
+    read back as they were, verify, and survive an export and import unchanged."""
+    from eventlog import Actor, ActorKind
+    from eventlog.export import export_lines, import_export
+
+    old = Actor(kind=ActorKind.API_KEY, id="a1b2c3/1")  # what the older build stored
+    new = Actor(kind=ActorKind.API, id="a1b2c3/1")
+    path = tmp_path / "log.db"
+    store = SQLiteEventStore(path)
+    store.append_batch([AppendRequest(events=(user(1),), actor=old)], 1000)
+    store.append_batch([AppendRequest(events=(user(2),), actor=new)], 2000)
+    store.close()
+    raw = sqlite3.connect(path)
+    assert [r[0] for r in raw.execute("SELECT actor_kind FROM events ORDER BY seq")] == ["apikey", "api"]
+    raw.close()
+    store = SQLiteEventStore(path, read_only=True)
+    assert [str(r.actor) for r in store.read()] == ["apikey:a1b2c3/1", "api:a1b2c3/1"]
+    assert store.verify().ok
+    lines = b"".join(export_lines(store))
+    head = store.head()
+    store.close()
+    (tmp_path / "export.jsonl").write_bytes(lines)
+    copy = SQLiteEventStore(tmp_path / "copy.db")
+    import_export(tmp_path / "export.jsonl", copy)
+    assert copy.head() == head and copy.verify().ok
+    assert [str(r.actor) for r in copy.read()] == ["apikey:a1b2c3/1", "api:a1b2c3/1"]
