@@ -603,7 +603,7 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
     p.add_argument("dst", help="id, name or IP (any address: through subnet routes and exit nodes)")
     p.add_argument("--port")
     p.add_argument("--proto", choices=["tcp", "udp", "icmp"])
-    p.add_argument("--from", dest="from_", help=at_help + "; default: the first event")
+    p.add_argument("--from", dest="from_", help="a sequence number or an RFC 3339 time (default: the first event)")
     p.add_argument("--to", help=at_help)
     p.add_argument("--format", choices=["text", "svg", "html"], default="text",
                    help="svg/html: draw the timeline instead")

@@ -245,3 +245,11 @@ def test_policy_impact_asks_the_running_server_and_appends_nothing(tmp_path: Pat
         assert out["impact"]["against_seq"] == head and out["impact"]["pairs_gained"] == 0
         shown = json.loads(server.cli("log", "show", "--type", "policy.", "-o", "json", check=True).stdout)
         assert shown[-1]["event"]["impact"]["against_seq"] == head
+
+
+def test_reach_help_gives_each_bound_one_default(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["replay", "reach", "--help"])
+    text = " ".join(capfd.readouterr().out.split())
+    assert "--from FROM_ a sequence number or an RFC 3339 time (default: the first event) --to" in text
+    assert "--to TO a sequence number or an RFC 3339 time (default: the head)" in text
