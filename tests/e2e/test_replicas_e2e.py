@@ -4,6 +4,12 @@ reaches the client of replica B."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +17,7 @@ import pytest
 
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
+from .netns import LOOPBACK, NetNamespace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -46,3 +53,110 @@ def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str
     while "tag:web" not in ((b.view().self_node or {}).get("Tags") or []):
         assert time.monotonic() < deadline, "the tag set through replica A never reached the client of B"
         time.sleep(0.2)
+
+
+class _SwitchingProxy:
+    """A TCP proxy inside the namespace whose backend can be switched: the one control
+    URL of a deployment behind a load balancer."""
+
+    def __init__(self, ns: NetNamespace, backend: int) -> None:
+        self._ns = ns
+        self.backend = backend
+        self._listener = ns.listen_socket()
+        self.port: int = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def switch(self, backend: int) -> None:
+        """Send new connections to ``backend`` and cut the current ones."""
+        self.backend = backend
+        for s in self._open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._ns.connect(LOOPBACK, self.backend)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.settimeout(None)  # map polls stay open for minutes
+                self._open.append(s)
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        self.switch(self.backend)
+        for s in self._open:
+            s.close()
+
+
+def test_a_replica_killed_its_client_moves_to_another_and_keeps_its_node(
+    caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path
+) -> None:
+    shared = {
+        "TAILLEDGER_DATABASE__TYPE": "postgres",
+        "TAILLEDGER_DATABASE__DSN": pg_dsn,
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
+    }
+    replica_a = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
+    # One Noise key for the deployment (docs/replicas.md): copy A's to B before B starts.
+    b_data = Path(replica_a.env["TAILLEDGER_DATA"]).parent / "replica-b-data"
+    b_data.mkdir(mode=0o700)
+    shutil.copy2(Path(replica_a.env["TAILLEDGER_DATA"]) / "noise_private.key", b_data / "noise_private.key")
+    replica_b = caddy_e2e.start_control_server(name="replica-b", env_extra=shared)
+    proxy = _SwitchingProxy(caddy_e2e.ns, replica_a.port)
+    try:
+        key = caddy_e2e.preauth_key(replica_a)
+        mover = caddy_e2e.start_caddy_node(CaddyNodeSpec("mover", control_url=proxy.url, auth_key=key))
+        stayer = caddy_e2e.start_caddy_node(CaddyNodeSpec("stayer", control_url=replica_b.control_url, auth_key=key))
+        mover.wait_running(timeout=90)
+        before = mover.wait_for_peers({"stayer"}, timeout=90)
+        stayer.wait_for_peers({"mover"}, timeout=90)
+        assert mover.fetch(f"{before.ipv4('stayer')}:80", timeout=60).text == "hello from stayer"
+
+        maps_before = len(mover.map_responses())
+        replica_a.process.signal(signal.SIGKILL)
+        replica_a.process.wait_exit(timeout=30)
+        proxy.switch(replica_b.port)  # the load balancer notices A is gone
+
+        deadline = time.monotonic() + 120  # a guard against hanging, not a timing assertion
+        while True:
+            assert time.monotonic() < deadline, "the client never got through to replica B\n" + mover.messages()[-3000:]
+            reconnected = len(mover.map_responses()) > maps_before  # a map from replica B
+            try:
+                if reconnected and mover.fetch(f"{before.ipv4('stayer')}:80", timeout=10).text == "hello from stayer":
+                    break
+            except Exception:  # still reconnecting (timeouts, refused connections)
+                pass
+            time.sleep(0.5)
+        after = mover.view()
+        assert after.ipv4() == before.ipv4()  # the same node: same address, same key
+        assert (after.self_node or {})["Key"] == (before.self_node or {})["Key"]
+        listed = json.loads(caddy_e2e.run_tailledger(["nodes", "list", "-o", "json"], env=replica_b.env).stdout)
+        assert sorted(n["name"] for n in listed) == ["mover", "stayer"]  # no second node
+    finally:
+        proxy.close()
