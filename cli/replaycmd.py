@@ -184,8 +184,13 @@ def open_history(args: argparse.Namespace) -> History:
     snapshots: Any = MemorySnapshots()
     if first and not args.no_cache and not getattr(args, "from_export", None):
         key = hashlib.sha256(f"{first[0].hash}".encode()).hexdigest()[:32]
+        cache = _cache_dir(args)
+        from .main import _config
+
+        if cache.resolve().is_relative_to(_config(args).data_path.resolve()):
+            raise _Fail(f"--cache-dir {cache} is inside the data directory, which replay never writes")
         try:
-            snapshots = FileSnapshots(_cache_dir(args) / f"{key}.db")
+            snapshots = FileSnapshots(cache / f"{key}.db")
         except (OSError, sqlite3.Error):
             snapshots = MemorySnapshots()  # an unusable cache only costs time
     return History(store, snapshots=snapshots, progress=Progress("folding"))

@@ -253,3 +253,11 @@ def test_reach_help_gives_each_bound_one_default(capfd: pytest.CaptureFixture[st
     text = " ".join(capfd.readouterr().out.split())
     assert "--from FROM_ a sequence number or an RFC 3339 time (default: the first event) --to" in text
     assert "--to TO a sequence number or an RFC 3339 time (default: the head)" in text
+
+
+def test_a_cache_dir_inside_the_data_directory_is_refused(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    before = _fingerprint(data)
+    code = main(["replay", "state", "--cache-dir", str(data / "cache"), "--data", str(data)])
+    assert code == 1
+    assert "--cache-dir" in capfd.readouterr().err
+    assert _fingerprint(data) == before and {p.name for p in data.iterdir()} == {"ledger.db"}
