@@ -65,6 +65,23 @@ changes, and a node that gets a change it should not see is counted in
 ``*_unexpected`` (reported as a warning; must be 0). The report adds the number of
 visibility classes, the average/median/max peers per node and the (compressed) bytes
 the clients received per change.
+
+``--scenario churn`` is the corp tailnet under steady background change for
+``--duration`` seconds, in place of the join, policy and restart phases: a join or a
+delete (alternately) every ``--join-delete-every`` seconds, a tagged node's tag
+changes every ``--tag-every`` seconds, and the policy switches between corp's two
+texts every ``--policy-every`` seconds (defaults 1, 10, 60; ``--seed`` picks the
+nodes). Each change's receivers are computed with the policy engine on the live
+tailnet (a join: who sees the newcomer; a delete: who saw the node; a tag change:
+who sees it before or after; a policy edit: whose filter changes), and each
+receiver's latency is taken from the first update that carries it (the key in
+``PeersChanged``, the id in ``PeersRemoved``, a packet filter); a node outside the
+receivers that gets it counts in ``churn_unexpected``. Changes are made one after
+another and their deliveries overlap, except a policy edit's (which waits for the
+others and holds them back until it has landed: joins and tag changes change
+filters, too). The report gives latencies per kind of change, the server's and the
+load generator's CPU, KiB received per change, and the server's RSS sampled every
+second with its least-squares slope after the first minute (MiB/min). Figures only.
 """
 
 from __future__ import annotations
@@ -95,7 +112,14 @@ import trio
 import zstandard
 
 from projections.mapviews import class_key
-from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy import (
+    CompiledPolicy,
+    PolicyNode,
+    PolicyUser,
+    Tailnet,
+    compile_policy,
+    parse_policy,
+)
 from projections.tailcfg import Hostinfo, MapRequest, NetInfo, RegisterRequest, RegisterResponseAuth
 from protocol import (
     KEEPALIVE_FRAME_ZSTD,
@@ -323,6 +347,7 @@ class _MapView(msgspec.Struct):
     Node: _PeerView | None = None
     Peers: list[_PeerView] | None = None
     PeersChanged: list[_PeerView] | None = None
+    PeersRemoved: list[int] | None = None
     PacketFilters: dict[str, msgspec.Raw] | None = None
     PacketFilter: msgspec.Raw | None = None
 
@@ -373,6 +398,57 @@ class _Watch:
 
 
 @dataclass(eq=False)
+class _ChurnWatch:
+    """One change of the churn phase being timed (several may be under way at once).
+
+    A receiver hits it when an update (not a full map) carries the change:
+
+    * ``join``: the newcomer's node key among ``PeersChanged``;
+    * ``tag``: the retagged node's key among ``PeersChanged``, or its id among
+      ``PeersRemoved`` (it may leave a node's view);
+    * ``delete``: the deleted node's id among ``PeersRemoved``;
+    * ``policy``: a packet filter.
+
+    A client hits it at most once; one outside ``receivers`` counts as ``unexpected``.
+    """
+
+    kind: str
+    receivers: frozenset[int]
+    key: bytes = b""
+    node_id: int = -1
+    exclude: int | None = None
+    t0: float = math.inf
+    latencies: list[float] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    unexpected: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.receivers:
+            self.done.set()
+
+    def matches(self, keys: set[bytes], removed: set[int], has_filter: bool) -> bool:
+        """Whether an update with these peer keys, removed ids and filter carries it."""
+        if self.kind == "policy":
+            return has_filter
+        if self.kind == "delete":
+            return self.node_id in removed
+        return self.key in keys or (self.kind == "tag" and self.node_id in removed)
+
+    def offer(self, index: int, now: float) -> None:
+        """Client ``index`` got an update that carries the change."""
+        if index == self.exclude or index in self.seen:
+            return
+        self.seen.add(index)
+        if index not in self.receivers:
+            self.unexpected += 1
+            return
+        self.latencies.append(now - self.t0)
+        if len(self.latencies) >= len(self.receivers):
+            self.done.set()
+
+
+@dataclass(eq=False)
 class _Hub:
     """Everything the simulated clients of one run share: where the server is, the
     ramp limits, the "ready" accounting and the change being watched.
@@ -402,6 +478,9 @@ class _Hub:
     ready_all: trio.Event = field(default_factory=trio.Event)
     ready_times: list[float] = field(default_factory=list)
     watch: _Watch | None = None
+    #: The churn phase's changes under way (see :class:`_ChurnWatch`).
+    churn: list[_ChurnWatch] = field(default_factory=list)
+    churn_bytes: int = 0  # compressed bytes of the updates read while churn watches ran
     full_map_max: int = 0  # largest compressed full map seen, bytes
     full_map_json: int = 0  # the sentinel's last full map, decompressed bytes
     full_map_peers: int = -1  # peers in the sentinel's last full map
@@ -491,6 +570,8 @@ class _Client:
         self.on_register: Callable[[], None] | None = None
         self._seen: _Watch | None = None  # the last watch this client has hit
         self._slot: trio.Semaphore | None = None
+        #: Cancelled when the churn phase deletes this node (its life ends there).
+        self.scope = trio.CancelScope()
 
     # -- requests ------------------------------------------------------------------
 
@@ -514,8 +595,12 @@ class _Client:
         Raises:
             _FatalClientError: the server refused the registration (not retried).
 
-        Cancellation: the only way it ends.
+        Cancellation: the only way it ends (also through :attr:`scope`).
         """
+        with self.scope:
+            await self._live()
+
+    async def _live(self) -> None:
         while True:
             try:
                 await self._session()
@@ -610,7 +695,7 @@ class _Client:
 
     def _want(self, kind: FrameKind) -> bool:
         """Keep a frame's payload only for the sentinel or while a change is timed."""
-        return self.sentinel or self.hub.watch is not None
+        return self.sentinel or self.hub.watch is not None or bool(self.hub.churn)
 
     async def _follow(self, stream: MapStream) -> None:
         """Read the long poll until it ends; raw chunks, not decoded messages."""
@@ -643,6 +728,8 @@ class _Client:
         except zstandard.ZstdError:
             raise RemoteProtocolError("bad zstd map frame") from None
         watch = hub.watch
+        if frame.kind is FrameKind.UPDATE and hub.churn:
+            self._on_churn(body, frame.size, now)
         if frame.kind is FrameKind.UPDATE:
             hub.updates_read += 1
             if watch is not None:
@@ -664,6 +751,19 @@ class _Client:
             assert watch is not None
             self._seen = watch
             watch.hit(now)
+
+    def _on_churn(self, body: bytes, size: int, now: float) -> None:
+        """Offer an update to every churn change under way (decoded: the updates of a
+        churn run are small, and a delete is only visible as a node id)."""
+        hub = self.hub
+        hub.churn_bytes += size
+        view = _view_decoder.decode(body)
+        keys = {p.Key.encode() for p in view.PeersChanged or ()}
+        removed = set(view.PeersRemoved or ())
+        has_filter = view.PacketFilters is not None or view.PacketFilter is not None
+        for watch in hub.churn:
+            if watch.matches(keys, removed, has_filter):
+                watch.offer(self.index, now)
 
     def _check(self, body: bytes, kind: FrameKind, watch: _Watch | None, hit: bool) -> None:
         """Sentinel: decode fully and compare with what the byte search concluded."""
@@ -793,6 +893,11 @@ class LoadgenOptions:
         max_server_rss: bytes of server RSS at which the run is aborted (0: only
             the machine-wide guard, see ``_memory_guard``).
         scenario: the tailnet's shape, a name in :data:`cli.scenarios.SCENARIOS`.
+        duration: how long the ``churn`` scenario's churn phase runs (s).
+        join_delete_every, tag_every, policy_every: the churn phase's rates: a join
+            or a delete (alternately), a tag change, a policy edit every so many
+            seconds (0 = never).
+        seed: seeds the churn phase's choices.
     """
 
     phases: frozenset[str] = frozenset(PHASES)
@@ -803,6 +908,11 @@ class LoadgenOptions:
     timeout_scale: float = 1.0
     max_server_rss: int = 0
     scenario: str = "flat"
+    duration: float = 30.0
+    join_delete_every: float = 1.0
+    tag_every: float = 10.0
+    policy_every: float = 60.0
+    seed: int = 19
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale
@@ -1066,6 +1176,10 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             results["peak_rss_mib"] = peak / 2**20
             results["mem_per_node_kib"] = (rss1 - rss0) / max(n, 1) / 1024
 
+            if sc.name == "churn":
+                await _churn(server, opts, hub, clients, nursery, results, sc, auth_keys)
+                nursery.cancel_scope.cancel()
+                return
             if "join" in opts.phases:
                 await _join(n, server, opts, hub, clients, nursery, results, expect.join)
             if "policy" in opts.phases and has_policy:
@@ -1202,6 +1316,270 @@ async def _restart(
 
 
 # ---------------------------------------------------------------------------
+# The churn phase
+# ---------------------------------------------------------------------------
+
+#: How long a churn change may take to reach its receivers before it counts as missed.
+_CHURN_TIMEOUT: Final = 30.0
+#: A change stays watched this long after its last receiver, to catch late strays.
+_CHURN_GRACE: Final = 0.5
+_CHURN_KINDS: Final = ("join", "delete", "tag", "policy")
+
+
+@dataclass(eq=False)
+class _ChurnModel:
+    """The tailnet as the policy engine sees it: the live clients' users and tags.
+
+    Node ids in the compiled policy are client index + 1, with synthetic addresses
+    (the scenarios name no addresses, so who sees whom does not depend on them).
+    """
+
+    users: tuple[str, ...]
+    live: dict[int, tuple[str, tuple[str, ...]]]
+    policy: str
+
+    def _compiled(self, text: str, live: Mapping[int, tuple[str, tuple[str, ...]]]) -> CompiledPolicy:
+        users = [PolicyUser(id=i + 1, login=name, name=name) for i, name in enumerate(self.users)]
+        uid = {name: i + 1 for i, name in enumerate(self.users)}
+        nodes = [
+            PolicyNode(id=i + 1, name=f"sim-{i}", user_id=uid[user], tags=tags,
+                       ipv4=f"100.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", ipv6=f"fd7a:115c:a1e0::{i + 1:x}")
+            for i, (user, tags) in sorted(live.items())
+        ]
+        return compile_policy(parse_policy(text), Tailnet(users, nodes))
+
+    def peers(self, index: int, live: Mapping[int, tuple[str, tuple[str, ...]]] | None = None) -> frozenset[int]:
+        """The clients that see client ``index`` (in ``live``, default the model's)."""
+        compiled = self._compiled(self.policy, self.live if live is None else live)
+        return frozenset(i - 1 for i in compiled.peer_id_set(index + 1))
+
+    def filter_changes(self, text: str) -> frozenset[int]:
+        """The live clients whose packet filter changes when the policy becomes ``text``."""
+        a, b = self._compiled(self.policy, self.live), self._compiled(text, self.live)
+        return frozenset(i for i in self.live if a.packet_filter(i + 1) != b.packet_filter(i + 1))
+
+
+def _rss_slope(samples: Sequence[tuple[float, float]], after: float) -> float | None:
+    """Least-squares slope of (seconds, MiB) samples taken at or after ``after``, in
+    MiB per minute (``None`` with fewer than 3 samples)."""
+    pts = [(t, m) for t, m in samples if t >= after]
+    if len(pts) < 3:
+        return None
+    mt = sum(t for t, _ in pts) / len(pts)
+    mm = sum(m for _, m in pts) / len(pts)
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    return None if var == 0 else 60 * sum((t - mt) * (m - mm) for t, m in pts) / var
+
+
+async def _sample_rss(server: _Server, t0: float, samples: list[tuple[float, float]]) -> None:
+    """Append (seconds since ``t0``, server RSS MiB) every second until cancelled."""
+    while True:
+        samples.append((trio.current_time() - t0, _proc_memory(server.pid)[0] / 2**20))
+        await trio.sleep(1.0)
+
+
+async def _churn(
+    server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client], nursery: trio.Nursery,
+    results: Results, sc: Scenario, auth_keys: Mapping[int, str],
+) -> None:
+    """Steady background change for ``opts.duration`` seconds, each change timed to
+    every node the policy engine says it concerns.
+
+    The changes are made one at a time, in order (a join waits for the newcomer's own
+    map, so it hears of later changes as updates); their deliveries overlap, except a
+    policy edit's: it waits for the changes under way and nothing starts until it has
+    reached its receivers (nearly every change also changes some packet filters, so
+    a policy edit overlapping them could not tell whose filter it is).
+    """
+    rng = random.Random(opts.seed)
+    base = len(sc.owners)
+    live = {c.index: sc.node(c.index) for c in clients}
+    model = _ChurnModel(sc.users, live, sc.policy_a)
+    by_index = {c.index: c for c in clients}
+    ids: dict[str, int] = {}
+    done: dict[str, list[_ChurnWatch]] = {k: [] for k in _CHURN_KINDS}
+    next_index = max(by_index) + 1
+    busy: set[int] = set()  # targets of changes under way
+
+    async def node_id(client: _Client) -> int:
+        if client.node_key not in ids:
+            listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
+            assert isinstance(listed, list)
+            # The admin view shows the key's hex, the protocol its "nodekey:" form.
+            ids.update({"nodekey:" + str(n["node_key"]).removeprefix("nodekey:"): int(n["id"]) for n in listed})
+        return ids[client.node_key]
+
+    async def follow(watch: _ChurnWatch) -> None:
+        with trio.move_on_after(_CHURN_TIMEOUT * opts.timeout_scale):
+            await watch.done.wait()
+            await trio.sleep(_CHURN_GRACE)
+        hub.churn.remove(watch)
+        if watch.exclude is not None:
+            busy.discard(watch.exclude)
+        done[watch.kind].append(watch)
+
+    def start(watch: _ChurnWatch, watchers: trio.Nursery) -> None:
+        if watch.t0 != math.inf:
+            return  # a registration retried after "try again": the clock runs already
+        watch.t0 = trio.current_time()
+        hub.churn.append(watch)
+        watchers.start_soon(follow, watch)
+
+    def candidates(tagged: bool) -> list[_Client]:
+        return [c for i, c in by_index.items()
+                if i in live and i not in busy and not c.sentinel and not c.updater
+                and c.has_map.is_set() and bool(live[i][1]) == tagged]
+
+    async def join(watchers: trio.Nursery) -> None:
+        nonlocal next_index
+        index, next_index = next_index, next_index + 1
+        hub.auth_keys[index] = auth_keys[index % base]
+        newcomer = _Client(index, hub)
+        after = {**live, index: sc.node(index)}
+        receivers = await trio.to_thread.run_sync(functools.partial(model.peers, index, after))
+        watch = _ChurnWatch("join", receivers & set(live), key=newcomer.marker, exclude=index)
+        newcomer.on_register = lambda: start(watch, watchers)
+        hub.register_target = hub.registered + 1
+        busy.add(index)
+        nursery.start_soon(newcomer.run)
+        with trio.move_on_after(10 * opts.timeout_scale):
+            await newcomer.has_map.wait()
+        live[index] = sc.node(index)
+        by_index[index] = newcomer
+        clients.append(newcomer)
+
+    async def delete(watchers: trio.Nursery) -> None:
+        pool = candidates(False) + candidates(True)
+        if not pool:
+            return
+        victim = rng.choice(pool)
+        nid = await node_id(victim)
+        receivers = await trio.to_thread.run_sync(model.peers, victim.index)
+        victim.scope.cancel()
+        del live[victim.index]
+        busy.add(victim.index)
+        watch = _ChurnWatch("delete", receivers, node_id=nid, exclude=victim.index)
+        start(watch, watchers)
+        await trio.to_thread.run_sync(server.admin, "nodes.delete", {"node": str(nid)})
+
+    async def retag(watchers: trio.Nursery) -> None:
+        pool = candidates(True)
+        if not pool:
+            return
+        target = rng.choice(pool)
+        user, (tag,) = live[target.index][0], live[target.index][1][:1]
+        new = f"tag:svc{(int(tag.removeprefix('tag:svc')) + 1) % 20}"
+        nid = await node_id(target)
+        before = await trio.to_thread.run_sync(model.peers, target.index)
+        live[target.index] = (user, (new,))
+        after = await trio.to_thread.run_sync(model.peers, target.index)
+        busy.add(target.index)
+        watch = _ChurnWatch("tag", before | after, key=target.marker, node_id=nid, exclude=target.index)
+        start(watch, watchers)
+        await trio.to_thread.run_sync(server.admin, "nodes.tag", {"node": str(nid), "tags": [new]})
+
+    async def edit(watchers: trio.Nursery) -> None:
+        text = sc.policy_b if model.policy == sc.policy_a else sc.policy_a
+        while hub.churn:  # let the changes under way finish (or time out)
+            await trio.sleep(0.05)
+        receivers = await trio.to_thread.run_sync(model.filter_changes, text)
+        model.policy = text
+        watch = _ChurnWatch("policy", receivers)
+        start(watch, watchers)
+        await trio.to_thread.run_sync(server.admin, "policy.set", {"text": text})
+        while watch in hub.churn:
+            await trio.sleep(0.05)
+
+    results["last_phase"] = "churn"
+    samples: list[tuple[float, float]] = []
+    span = _Span(server)
+    t0 = trio.current_time()
+    due = {"join_delete": t0 + opts.join_delete_every, "tag": t0 + opts.tag_every, "policy": t0 + opts.policy_every}
+    every = {"join_delete": opts.join_delete_every, "tag": opts.tag_every, "policy": opts.policy_every}
+    joining = True
+    async with trio.open_nursery() as watchers:
+        watchers.start_soon(_sample_rss, server, t0, samples)
+        while True:
+            pending = {k: t for k, t in due.items() if every[k] > 0}
+            if not pending:
+                break
+            kind = min(pending, key=pending.__getitem__)
+            if pending[kind] >= t0 + opts.duration:
+                break
+            await trio.sleep_until(pending[kind])
+            if kind == "join_delete":
+                await (join if joining else delete)(watchers)
+                joining = not joining
+            elif kind == "tag":
+                await retag(watchers)
+            else:
+                await edit(watchers)
+            # A late change does not make the next ones burst to catch up.
+            due[kind] = max(due[kind] + every[kind], trio.current_time())
+        while hub.churn:
+            await trio.sleep(0.05)
+        watchers.cancel_scope.cancel()
+    results["churn_loadgen_cpu_s"] = time.process_time() - span.own0
+    results["churn_duration_s"] = span.close(results, "churn")
+    after = min(60.0, opts.duration / 2)
+    results["churn_rss_samples"] = len(samples)
+    results["churn_rss_first_mib"] = samples[0][1] if samples else None
+    results["churn_rss_last_mib"] = samples[-1][1] if samples else None
+    results["churn_rss_slope_from_s"] = after
+    results["churn_rss_slope_mib_per_min"] = _rss_slope(samples, after)
+    changes = sum(len(w) for w in done.values())
+    results["churn_changes"] = changes
+    results["churn_kib_per_change"] = hub.churn_bytes / 1024 / max(changes, 1)
+    everything: list[float] = []
+    expected_all = 0
+    for kind, watches in done.items():
+        lat = [x for w in watches for x in w.latencies]
+        expected = sum(len(w.receivers) for w in watches)
+        everything += lat
+        expected_all += expected
+        results[f"churn_{kind}_count"] = len(watches)
+        results[f"churn_{kind}_expected"] = expected
+        results[f"churn_{kind}_reached"] = len(lat)
+        results[f"churn_{kind}_unexpected"] = sum(w.unexpected for w in watches)
+        results[f"churn_{kind}_p50_ms"] = _pct(lat, expected, 0.5)
+        results[f"churn_{kind}_p99_ms"] = _pct(lat, expected, 0.99)
+        results[f"churn_{kind}_max_ms"] = _pct(lat, expected, 1.0)
+    results["churn_expected"] = expected_all
+    results["churn_reached"] = len(everything)
+    results["churn_unexpected"] = sum(w.unexpected for ws in done.values() for w in ws)
+    results["churn_p50_ms"] = _pct(everything, expected_all, 0.5)
+    results["churn_p99_ms"] = _pct(everything, expected_all, 0.99)
+    results["churn_max_ms"] = _pct(everything, expected_all, 1.0)
+
+
+def _churn_lines(row: Results) -> list[str]:
+    """The churn phase's figures (nothing for a row without one)."""
+    if "churn_changes" not in row:
+        return []
+
+    def ms(key: str) -> str:
+        value = _num(row, key)
+        return "t/o" if value is None else f"{value:.0f}"
+
+    n = _num(row, "nodes") or 0
+    lines = [f"churn at {n:.0f} nodes for {_num(row, 'churn_duration_s') or 0:.0f} s: "
+             f"{row['churn_changes']} changes, {_num(row, 'churn_kib_per_change') or 0:.1f} KiB received per change"]
+    for kind in ("all", *_CHURN_KINDS):
+        p = "churn" if kind == "all" else f"churn_{kind}"
+        count = "" if kind == "all" else f"{row[f'{p}_count']:>4} changes, "
+        lines.append(f"  {kind:>6}: {count}{row[f'{p}_reached']}/{row[f'{p}_expected']} receivers reached, "
+                     f"p50 {ms(f'{p}_p50_ms')} ms, p99 {ms(f'{p}_p99_ms')} ms, max {ms(f'{p}_max_ms')} ms, "
+                     f"{row[f'{p}_unexpected']} unexpected")
+    lines.append(f"  CPU: server {_num(row, 'churn_cpu_s') or 0:.2f} s, "
+                 f"load generator {_num(row, 'churn_loadgen_cpu_s') or 0:.2f} s")
+    slope = _num(row, "churn_rss_slope_mib_per_min")
+    lines.append(f"  server RSS {_num(row, 'churn_rss_first_mib') or 0:.0f} -> {_num(row, 'churn_rss_last_mib') or 0:.0f}"
+                 f" MiB; slope after {_num(row, 'churn_rss_slope_from_s') or 0:.0f} s: "
+                 + ("n/a (too few samples)" if slope is None else f"{slope:+.2f} MiB/min"))
+    return lines
+
+
+# ---------------------------------------------------------------------------
 # Output and command line
 # ---------------------------------------------------------------------------
 
@@ -1301,6 +1679,12 @@ def _warnings(row: Results) -> list[str]:
                        "its figures are upper bounds")
     if row.get("aborted"):
         out.append(f"{n:.0f} nodes: aborted: {row['aborted']}")
+    if row.get("churn_unexpected"):
+        out.append(f"{n:.0f} nodes: {row['churn_unexpected']} nodes got a churn change although the policy "
+                   "says it does not concern them")
+    if _num(row, "churn_reached") is not None and (_num(row, "churn_reached") or 0) < (_num(row, "churn_expected") or 0):
+        out.append(f"{n:.0f} nodes: churn changes reached only {row['churn_reached']} of "
+                   f"{row['churn_expected']} receivers in time")
     for phase in ("join", "policy"):
         if row.get(f"{phase}_unexpected"):
             out.append(f"{n:.0f} nodes: {row[f'{phase}_unexpected']} nodes got the {phase} change although "
@@ -1345,6 +1729,23 @@ def _parse_interval(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     """The options of ``tailledger loadgen`` (also ``python -m cli.loadgen``; the
     ``tailledger`` command includes them as a parent parser, without ``-h``)."""
@@ -1355,7 +1756,17 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--nodes", default="100,1000", help="comma-separated tailnet sizes (e.g. 100,1000,5000)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="flat",
                         help="the tailnet's shape: flat (one user, allow-all) or corp (segmented; see "
-                             "cli/scenarios.py); default flat")
+                             "cli/scenarios.py), or churn: corp under steady change for --duration "
+                             "(instead of the join, policy and restart phases); default flat")
+    parser.add_argument("--duration", type=_positive, default=30.0,
+                        help="churn: seconds of background change (default 30)")
+    parser.add_argument("--join-delete-every", type=_non_negative, default=1.0, metavar="S",
+                        help="churn: a join or a delete (alternately) every S seconds (default 1; 0 = none)")
+    parser.add_argument("--tag-every", type=_non_negative, default=10.0, metavar="S",
+                        help="churn: a tagged node's tag changes every S seconds (default 10; 0 = none)")
+    parser.add_argument("--policy-every", type=_non_negative, default=60.0, metavar="S",
+                        help="churn: the policy is edited every S seconds (default 60; 0 = none)")
+    parser.add_argument("--seed", type=int, default=19, help="churn: seeds which nodes change (default 19)")
     parser.add_argument("--json", default="loadgen-results.json", help="where to write the figures ('' = nowhere)")
     parser.add_argument("--phases", type=_parse_phases, default=frozenset(PHASES),
                         help=f"comma-separated phases after register+connect (default {','.join(PHASES)})")
@@ -1403,6 +1814,8 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         concurrency=max(1, args.concurrency),
         register_concurrency=max(1, args.register_concurrency), timeout_scale=args.timeout_scale,
         max_server_rss=max(0, args.max_server_rss) * 2**20, scenario=args.scenario,
+        duration=args.duration, join_delete_every=args.join_delete_every, tag_every=args.tag_every,
+        policy_every=args.policy_every, seed=args.seed,
     )
     _raise_fd_limit(max(sizes))
     rows: list[Results] = []
@@ -1419,8 +1832,12 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     print(format_table(rows))
     for line in _curve(rows):
         print(line)
-    for line in _targets(rows[-1]):
-        print(line)
+    for row in rows:
+        for line in _churn_lines(row):
+            print(line)
+    if options.scenario != "churn":
+        for line in _targets(rows[-1]):
+            print(line)
     for row in rows:
         for line in _warnings(row):
             print(f"warning: {line}")

@@ -26,15 +26,20 @@ node's packet filter changes, nobody's peers do.
 
 ``flat`` is one user and an allow-all policy; its policy change narrows ``*:*`` to
 ``*:1-65535``, which changes every node's filter but no peers.
+
+``churn`` is the ``corp`` tailnet under steady background change; the load generator
+runs its churn phase on it (joins and deletes, tag changes, policy edits that switch
+between :attr:`Scenario.policy_a` and :attr:`Scenario.policy_b`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SCENARIOS", "Scenario", "corp", "flat", "scenario"]
+__all__ = ["SCENARIOS", "Scenario", "churn", "corp", "flat", "scenario"]
 
 TEAMS: Final = 20
 TAGS: Final = 20
@@ -46,7 +51,7 @@ class Scenario:
     """A tailnet shape.
 
     Attributes:
-        name: ``flat`` or ``corp``.
+        name: ``flat``, ``corp`` or ``churn``.
         users: user names, in creation order.
         owners: per node, in registration order: the index of its user in ``users``.
         tags: per node: its tags (empty for a user's device).
@@ -138,7 +143,12 @@ def _corp_policy(users: tuple[str, ...], widened: bool) -> str:
     return json.dumps({"groups": groups, "tagOwners": tag_owners, "acls": acls, "grants": grants, "ssh": ssh})
 
 
-SCENARIOS: Final = {"flat": flat, "corp": corp}
+def churn(n: int) -> Scenario:
+    """The ``corp`` tailnet, named ``churn``: the load generator changes it steadily."""
+    return dataclasses.replace(corp(n), name="churn")
+
+
+SCENARIOS: Final = {"flat": flat, "corp": corp, "churn": churn}
 
 
 def scenario(name: str, n: int) -> Scenario:

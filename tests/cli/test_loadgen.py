@@ -26,6 +26,8 @@ from cli.loadgen import (
     FrameKind,
     MapFrameScanner,
     ScannedFrame,
+    _ChurnWatch,
+    _rss_slope,
     build_parser,
     make_decompressor,
 )
@@ -233,3 +235,66 @@ def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
     assert "passed --max-server-rss" in str(row["aborted"])
     assert "warning: 3 nodes: aborted" in proc.stdout
     assert "join_reached" not in row
+
+
+def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> None:
+    watch = _ChurnWatch("tag", frozenset({1, 2}), key=b"nodekey:aa", node_id=7, exclude=3)
+    watch.t0 = 10.0
+    assert watch.matches({b"nodekey:aa"}, set(), False)
+    assert watch.matches(set(), {7}, False)  # it left this node's view
+    assert not watch.matches({b"nodekey:bb"}, {8}, True)
+    watch.offer(3, 10.5)  # the changed node itself is no receiver
+    watch.offer(1, 11.0)
+    watch.offer(1, 12.0)  # a second update to the same node counts once
+    watch.offer(5, 11.5)  # not a receiver: an error
+    assert (watch.latencies, watch.unexpected, watch.done.is_set()) == ([1.0], 1, False)
+    watch.offer(2, 12.5)
+    assert watch.latencies == [1.0, 2.5] and watch.done.is_set()
+    delete = _ChurnWatch("delete", frozenset({1}), key=b"nodekey:cc", node_id=9)
+    assert delete.matches(set(), {9}, False) and not delete.matches({b"nodekey:cc"}, set(), False)
+    assert _ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
+    assert _ChurnWatch("join", frozenset()).done.is_set()  # nobody to wait for
+
+
+def test_rss_slope_is_per_minute_after_the_warm_up() -> None:
+    samples = [(0.0, 500.0), (1.0, 100.0), (2.0, 101.0), (3.0, 102.0), (4.0, 103.0)]
+    assert _rss_slope(samples, 1.0) == pytest.approx(60.0)
+    assert _rss_slope(samples, 3.5) is None  # too few samples
+
+
+def test_churn_rates_are_checked() -> None:
+    args = build_parser().parse_args(["--scenario", "churn", "--duration", "5", "--policy-every", "0"])
+    assert (args.duration, args.policy_every, args.tag_every) == (5.0, 0.0, 10.0)
+    for bad in (["--duration", "0"], ["--tag-every", "-1"], ["--join-delete-every", "nan"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+@pytest.mark.slow
+def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(tmp_path: Path) -> None:
+    """Issue 19: corp under steady change; each change's receivers come from the
+    policy engine, every one is reached and nobody else gets it."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.loadgen", "--scenario", "churn", "--nodes", "20", "--json", str(out),
+         "--updaters", "0", "--duration", "8", "--tag-every", "2", "--policy-every", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stdout, proc.stdout
+    assert "churn at 20 nodes" in proc.stdout and "MiB/min" in proc.stdout
+    [row] = json.loads(out.read_text())
+    assert row["scenario"] == "churn"
+    assert "join_reached" not in row and "reconnected" not in row  # churn replaces those phases
+    for kind in ("join", "delete", "tag", "policy"):
+        assert row[f"churn_{kind}_count"] >= 1, kind
+        assert row[f"churn_{kind}_reached"] == row[f"churn_{kind}_expected"] > 0, kind
+        assert row[f"churn_{kind}_unexpected"] == 0, kind
+    # Segmented: a join concerns some of the nodes, not all of them.
+    assert row["churn_join_expected"] < row["churn_join_count"] * 20
+    assert row["churn_unexpected"] == 0
+    assert row["marker_mismatches"] == 0
+    assert row["churn_rss_samples"] >= 5
+    assert isinstance(row["churn_rss_slope_mib_per_min"], float)
+    assert _number(row, "churn_cpu_s") >= 0 and _number(row, "churn_loadgen_cpu_s") >= 0
+    assert _number(row, "churn_kib_per_change") > 0
