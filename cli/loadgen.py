@@ -547,6 +547,8 @@ class _Client:
         round: the last round in which this client was counted ready.
         register_s: how long its register call took.
         first_map_at: when its first full map arrived (``has_map`` is set then).
+        last_frame_at, max_frame_gap: when its last frame arrived, and the longest
+            wait between two frames (``tailledger bench api`` resets both).
         on_register: called just before the register request is sent (the join
             phase starts its clock there).
     """
@@ -566,6 +568,10 @@ class _Client:
         self.port = 41641
         self.register_s: float | None = None
         self.first_map_at: float | None = None
+        #: When its last frame (of any kind) arrived, and the longest wait between two
+        #: frames since: a wait longer than the keep-alive interval is a missed one.
+        self.last_frame_at: float | None = None
+        self.max_frame_gap = 0.0
         self.has_map = trio.Event()
         self.on_register: Callable[[], None] | None = None
         self._seen: _Watch | None = None  # the last watch this client has hit
@@ -710,6 +716,9 @@ class _Client:
     def _on_frame(self, frame: ScannedFrame, now: float) -> None:
         """Account for one complete frame: readiness, and the watched marker."""
         hub = self.hub
+        if self.last_frame_at is not None:
+            self.max_frame_gap = max(self.max_frame_gap, now - self.last_frame_at)
+        self.last_frame_at = now
         if frame.kind is FrameKind.KEEPALIVE:
             hub.keepalives += 1
             return

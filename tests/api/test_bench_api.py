@@ -26,8 +26,12 @@ def test_the_synthetic_tailnet_is_a_valid_log(tmp_path: Path) -> None:
 
 def test_bench_api_prints_figures() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "bench", "api", "--nodes", "50", "--requests", "5", "--seconds", "0.5"],
+        [sys.executable, "-m", "cli", "bench", "api", "--nodes", "50", "--requests", "5", "--seconds", "0.5",
+         "--streams", "20", "--keepalive", "1"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "/api/v2/tailnet/-/devices" in result.stdout and "requests/s" in result.stdout
+    # The second run, with 20 map streams of the load generator open and watched.
+    assert "20 map streams connected" in result.stdout and "with 20 map streams open:" in result.stdout
+    assert "of 20 clients waited over 1.5 s" in result.stdout
