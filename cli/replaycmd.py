@@ -238,13 +238,17 @@ def cmd_state(args: argparse.Namespace) -> int:
         ("ipv6", "IPv6"), ("approved_routes", "Approved routes"), ("primary_routes", "Primary"),
         ("key_expiry", "Key expiry"), ("expired", "Expired"),
     ])
-    policy = data["policy"]
     print()
+    _print_policy(data["policy"])
+    return 0
+
+
+def _print_policy(policy: object) -> None:
+    """The policy in force and the event that set it (the rules a table cites)."""
     if isinstance(policy, dict):
         print(f"Policy in force: set by {_cell_event(policy)}, sha256 {str(policy['sha256'])[:12]}…")
     else:
         print("Policy in force: none set (allow-all)")
-    return 0
 
 
 def netmap_settings(args: argparse.Namespace) -> tuple[NetmapSettings, str]:
@@ -378,6 +382,8 @@ def cmd_who_can_reach(args: argparse.Namespace) -> int:
         return 0
     print(f"who could reach {data['dst']} after seq {data['at_seq']}")
     print_table(data["sources"], [("node", "Source"), ("rule", "Rule"), ("via", "Via")])  # type: ignore[arg-type]
+    print()
+    _print_policy(state_view(history, point)["policy"])  # the rules' event
     return 0
 
 

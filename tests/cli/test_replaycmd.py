@@ -261,3 +261,9 @@ def test_a_cache_dir_inside_the_data_directory_is_refused(data: Path, capfd: pyt
     assert code == 1
     assert "--cache-dir" in capfd.readouterr().err
     assert _fingerprint(data) == before and {p.name for p in data.iterdir()} == {"ledger.db"}
+
+
+def test_who_can_reach_cites_the_event_that_set_its_rules(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    table = _run(capfd, "replay", "who-can-reach", "10.30.0.7:22", "--at", "8", "--data", str(data))
+    assert "laptop" in table
+    assert "Policy in force: set by #6 2026-01-01T00:01:05Z policy.set by admin:carol" in table
