@@ -350,3 +350,53 @@ def test_each_request_is_one_cause_with_its_reason(api: ApiServer) -> None:
         ("user.created", "OPS-7: new hire"), ("user.renamed", ""), ("user.deleted", "left"),
     ]
     assert len({corr for _, corr, _ in events}) == 3 and all(corr for _, corr, _ in events)
+
+
+def test_a_policy_set_and_the_approvals_it_triggers_share_the_requests_cause(api: ApiServer) -> None:
+    """One request that causes several appends: a policy set through the API and the
+    route approvals its autoApprovers trigger share the request's correlation id and
+    reason; another request gets another id."""
+    import msgspec
+    import trio
+
+    from projections.tailcfg import Hostinfo, NetInfo
+    from protocol import open_control_client
+    from tests.protocol.control_harness import SimNode
+
+    key = api.srv.cli("preauthkeys", "create", "-u", "alice", check=True).stdout.strip()
+    gw = SimNode.new("cause-gw")
+
+    async def register_and_advertise() -> None:
+        with trio.fail_after(30):
+            async with open_control_client(
+                "127.0.0.1", api.srv.port, machine_key=gw.machine_private,
+                ssl_context=api.ssl_context(), server_hostname="localhost",
+            ) as client:
+                assert not (await client.register(gw.register_request(key))).error
+                hi = Hostinfo(hostname=gw.hostname, os="linux", net_info=NetInfo(preferred_derp=999),
+                              routable_ips=["10.9.1.0/24", "10.9.2.0/24"])
+                request = msgspec.structs.replace(gw.map_request(stream=False, omit_peers=True), hostinfo=hi)
+                assert (await client.post_json("/machine/map", request)).status == 200
+
+    trio.run(register_and_advertise)
+    policy = ('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],'
+              ' "autoApprovers": {"routes": {"10.9.0.0/16": ["alice@"]}}}')
+    before = api.head()
+    with api.client(api.admin_key) as http:
+        answer = http.put("/api/v1/policy", json={"policy": policy}, headers={"X-Tailledger-Reason": "NET-9 gw"})
+        assert answer.status_code == 200, answer.text
+
+        async def approved() -> None:
+            with trio.fail_after(10):
+                while "node.routes_approved" not in [t for t, _, _ in _causes(api, before)]:
+                    await trio.sleep(0.05)
+
+        trio.run(approved)
+        assert http.put("/api/v1/policy", json={"policy": policy + " "}).status_code == 200
+    events = _causes(api, before)
+    [(_, policy_id, policy_reason)] = [e for e in events[:1] if e[0] == "policy.set"]
+    approvals = [e for e in events if e[0] == "node.routes_approved"]
+    assert approvals and all((corr, reason) == (policy_id, "NET-9 gw") for _, corr, reason in approvals)
+    assert policy_reason == "NET-9 gw"
+    [(_, second_id, second_reason)] = [e for e in events[1:] if e[0] == "policy.set"]
+    assert second_id != policy_id and second_reason == ""
