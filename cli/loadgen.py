@@ -82,16 +82,33 @@ others and holds them back until it has landed: joins and tag changes change
 filters, too). The report gives latencies per kind of change, the server's and the
 load generator's CPU, KiB received per change, and the server's RSS sampled every
 second with its least-squares slope after the first minute (MiB/min). Figures only.
+
+Worker processes
+----------------
+``--workers N`` runs the simulated clients in N worker processes (client *i* in
+worker *i* mod N; the join phase's newcomer and the orchestration stay here), so that
+the load generator is not the bottleneck at thousands of nodes. The workers report
+registrations, readiness, hits and strays of the watched change, and their counters
+over a pipe; all processes read one clock (``time.monotonic``), so latencies span
+them. The ramp limits are split among the workers. On a machine with 3 or more cores
+the server is pinned to the first half of them and the load generator with its
+workers to the rest (``os.sched_setaffinity``); with fewer, nothing is pinned and the
+report says so. Each phase then also reports the workers' CPU (``*_workers_cpu_s``,
+``*_workers_cpu_pct``) beside the server's (``*_cpu_s``). Not yet with ``churn``.
+Without ``--workers`` every client runs in this process, as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import functools
 import gc
 import json
 import math
+import multiprocessing
+import multiprocessing.process
 import os
 import random
 import resource
@@ -104,8 +121,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -477,6 +495,8 @@ class _Hub:
     ready_target: int = 0
     ready_all: trio.Event = field(default_factory=trio.Event)
     ready_times: list[float] = field(default_factory=list)
+    #: Clients in the run (the join phase's newcomer adds one), wherever they run.
+    population: int = 0
     watch: _Watch | None = None
     #: The churn phase's changes under way (see :class:`_ChurnWatch`).
     churn: list[_ChurnWatch] = field(default_factory=list)
@@ -509,10 +529,14 @@ class _Hub:
         """A full map reached ``client``; counts once per client and round."""
         if client.round < self.round:
             client.round = self.round
-            self.ready += 1
-            self.ready_times.append(now - self.round_t0)
-            if self.ready >= self.ready_target:
-                self.ready_all.set()
+            self.count_ready_at(now)
+
+    def count_ready_at(self, now: float) -> None:
+        """One more client is ready in this round (a worker's client, or ours)."""
+        self.ready += 1
+        self.ready_times.append(now - self.round_t0)
+        if self.ready >= self.ready_target:
+            self.ready_all.set()
 
     def note_error(self, exc: BaseException) -> None:
         """Count a connection failure by type and (shortened) message."""
@@ -793,6 +817,325 @@ class _Client:
 
 
 # ---------------------------------------------------------------------------
+# --workers: the simulated clients in several processes
+# ---------------------------------------------------------------------------
+
+
+class _SharedClock(trio.abc.Clock):
+    """trio's time as ``time.monotonic()`` itself (trio's own clock adds a random
+    offset per run), so that times taken in the worker processes and in this one
+    can be subtracted: CLOCK_MONOTONIC is one clock for the whole machine."""
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return time.monotonic()
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return deadline - time.monotonic()
+
+
+async def _recv(conn: Connection) -> tuple[Any, ...] | None:
+    """The next message on ``conn`` (``None`` once the other side is gone)."""
+    await trio.lowlevel.wait_readable(conn.fileno())
+    try:
+        msg: tuple[Any, ...] = conn.recv()
+    except (EOFError, OSError):
+        return None
+    return msg
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    """What a worker process needs to run its share of the clients."""
+
+    indexes: tuple[int, ...]
+    updaters: frozenset[int]
+    port: int
+    server_key: bytes | None
+    auth_keys: dict[int, str]
+    update_interval: tuple[float, float]
+    register_concurrency: int
+    concurrency: int
+    cpus: frozenset[int]
+
+
+@dataclass(eq=False)
+class _WorkerHub(_Hub):
+    """A worker's hub: what the parent needs to count goes to it as a message."""
+
+    conn: Connection | None = None
+
+    def _send(self, *msg: object) -> None:
+        assert self.conn is not None
+        self.conn.send(msg)
+
+    def count_registered(self) -> None:
+        self.registered += 1
+        self._send("registered")
+
+    def count_ready_at(self, now: float) -> None:
+        self._send("ready", now)
+
+
+class _RemoteWatch(_Watch):
+    """A worker's copy of the parent's watch: hits, strays and bytes go to the parent."""
+
+    serial: int = 0
+    conn: Connection | None = None
+    _unexpected: int = 0
+    _bytes: int = 0
+
+    def hit(self, now: float) -> None:
+        assert self.conn is not None
+        self.conn.send(("hit", self.serial, now))
+
+    @property
+    def unexpected(self) -> int:
+        return self._unexpected
+
+    @unexpected.setter
+    def unexpected(self, value: int) -> None:
+        if self.conn is not None and value != self._unexpected:
+            self.conn.send(("unexpected", self.serial, value - self._unexpected))
+        self._unexpected = value
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @bytes.setter
+    def bytes(self, value: int) -> None:
+        if self.conn is not None and value != self._bytes:
+            self.conn.send(("bytes", self.serial, value - self._bytes))
+        self._bytes = value
+
+
+_STAT_SUMS: Final = ("keepalives", "lite_updates", "updates_read", "marker_mismatches")
+
+
+def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
+    """A worker process: run ``spec``'s clients until the parent says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and stops us
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
+    try:
+        trio.run(_worker, conn, spec, clock=_SharedClock())
+    except* _FatalClientError as group:
+        conn.send(("fatal", str(group.exceptions[0])))
+
+
+async def _worker(conn: Connection, spec: _WorkerSpec) -> None:
+    hub = _WorkerHub(
+        port=spec.port, auth_key=spec.auth_keys[spec.indexes[0]] if spec.indexes else "", auth_keys=spec.auth_keys,
+        server_key=spec.server_key, decompress=make_decompressor(), update_interval=spec.update_interval,
+        register_slots=trio.Semaphore(spec.register_concurrency), connect_slots=trio.Semaphore(spec.concurrency),
+        conn=conn,
+    )
+    clients = [_Client(i, hub, updater=i in spec.updaters, sentinel=i == 0) for i in spec.indexes]
+    sent: dict[str, int] = dict.fromkeys(_STAT_SUMS, 0)
+    errors_sent: Counter[str] = Counter()
+    conn.send(("up",))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(manage_gc, interval=5.0, full_interval=600.0))
+        while (msg := await _recv(conn)) is not None and msg[0] != "stop":
+            op = msg[0]
+            if op == "register":
+                for c in clients:
+                    nursery.start_soon(c.run)
+                gc.freeze()
+            elif op == "go":
+                hub.streams_go.set()
+            elif op == "unslot":
+                hub.connect_slots = None
+            elif op == "round":
+                hub.round = msg[1]
+            elif op == "watch":
+                _, serial, kind, marker, expected, exclude, receivers, t0 = msg
+                watch = _RemoteWatch(kind, marker, expected, exclude=exclude, receivers=receivers, t0=t0)
+                watch.serial, watch.conn = serial, conn
+                hub.watch = watch
+            elif op == "unwatch":
+                hub.watch = None
+            elif op == "stats":
+                now = {k: getattr(hub, k) for k in _STAT_SUMS}
+                conn.send(("stats", {k: now[k] - sent[k] for k in _STAT_SUMS}, hub.full_map_max,
+                           hub.full_map_json, hub.full_map_peers, dict(hub.errors - errors_sent)))
+                sent, errors_sent = now, Counter(hub.errors)
+        nursery.cancel_scope.cancel()
+
+
+class _ParentHub(_Hub):
+    """The hub of a ``--workers`` run, in the parent: it counts what the workers
+    report, and tells them of every new round and watch."""
+
+    workers: _Workers | None = None
+    _watch: _Watch | None = None
+
+    @property
+    def watch(self) -> _Watch | None:
+        return self._watch
+
+    @watch.setter
+    def watch(self, value: _Watch | None) -> None:
+        self._watch = value
+        if self.workers is not None:
+            self.workers.publish(value)
+
+    def begin_round(self, target: int, t0: float) -> None:
+        super().begin_round(target, t0)
+        if self.workers is not None:
+            self.workers.send(("round", self.round))
+
+
+class _Workers:
+    """The worker processes of a ``--workers`` run, seen from the parent.
+
+    Client *i* runs in worker *i* mod W; the join phase's newcomer runs here. The
+    ramp limits (``--concurrency``, ``--register-concurrency``) are split among the
+    workers (at least 1 each).
+    """
+
+    def __init__(self, opts: LoadgenOptions, hub: _ParentHub, server: _Server, updaters: set[int]) -> None:
+        self.opts = opts
+        self.hub = hub
+        self.server = server
+        self.updaters = frozenset(updaters)
+        self.conns: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.watches: dict[int, _Watch] = {}
+        self.stopping = False
+        self._up = 0
+        self._all_up = trio.Event()
+        self._stats_pending = 0
+        self._stats_done = trio.Event()
+        self._own: dict[str, int] = {}
+
+    async def start(self, nursery: trio.Nursery, n: int, results: Results) -> None:
+        """Spawn the workers (their clients are made but idle until ``register``)."""
+        count = self.opts.workers
+        ctx = multiprocessing.get_context("spawn")
+        for w in range(count):
+            parent, child = ctx.Pipe()
+            spec = _WorkerSpec(
+                indexes=tuple(range(w, n, count)), updaters=self.updaters, port=self.hub.port,
+                server_key=self.hub.server_key, auth_keys=self.hub.auth_keys,
+                update_interval=self.hub.update_interval,
+                register_concurrency=max(1, self.opts.register_concurrency // count),
+                concurrency=max(1, self.opts.concurrency // count), cpus=self.server.loadgen_cpus,
+            )
+            proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True, name=f"loadgen-worker-{w}")
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+            nursery.start_soon(self._read, parent)
+        self.server.worker_pids = [p.pid for p in self.procs if p.pid is not None]
+        self.hub.workers = self
+        results["workers"] = count
+        with trio.move_on_after(60 * self.opts.timeout_scale):
+            await self._all_up.wait()
+        if not self._all_up.is_set():
+            raise _FatalClientError("the load-generator workers did not start")
+
+    def send(self, msg: tuple[object, ...]) -> None:
+        for conn in self.conns:
+            conn.send(msg)
+
+    def publish(self, watch: _Watch | None) -> None:
+        """Install ``watch`` (or none) in every worker."""
+        if watch is None:
+            self.send(("unwatch",))
+            return
+        serial = len(self.watches) + 1
+        self.watches[serial] = watch
+        self.send(("watch", serial, watch.kind, watch.marker, watch.expected, watch.exclude,
+                   watch.receivers, watch.t0))
+
+    async def collect(self) -> None:
+        """Fold the workers' counters (keep-alives, full-map sizes, errors, ...) into
+        the hub: each answer carries what changed since the last one."""
+        self._stats_pending = len(self.conns)
+        self._stats_done = trio.Event()
+        self.send(("stats",))
+        with trio.move_on_after(30 * self.opts.timeout_scale):
+            await self._stats_done.wait()
+
+    async def _read(self, conn: Connection) -> None:
+        hub = self.hub
+        while (msg := await _recv(conn)) is not None:
+            op = msg[0]
+            if op == "registered":
+                hub.count_registered()
+            elif op == "ready":
+                hub.count_ready_at(msg[1])
+            elif op == "hit":
+                self.watches[msg[1]].hit(msg[2])
+            elif op == "unexpected":
+                self.watches[msg[1]].unexpected += msg[2]
+            elif op == "bytes":
+                self.watches[msg[1]].bytes += msg[2]
+            elif op == "up":
+                self._up += 1
+                if self._up >= len(self.procs):
+                    self._all_up.set()
+            elif op == "stats":
+                _, sums, full_max, full_json, full_peers, errors = msg
+                for key in _STAT_SUMS:
+                    setattr(hub, key, getattr(hub, key) + sums[key])
+                hub.full_map_max = max(hub.full_map_max, full_max)
+                if full_peers >= 0:  # the worker with the sentinel
+                    hub.full_map_json, hub.full_map_peers = full_json, full_peers
+                hub.errors.update(errors)
+                self._stats_pending -= 1
+                if self._stats_pending <= 0:
+                    self._stats_done.set()
+            elif op == "fatal":
+                raise _FatalClientError(msg[1])
+        if not self.stopping:
+            raise _FatalClientError("a load-generator worker exited")
+
+    def stop(self) -> None:
+        """Tell the workers to stop; kill any that does not within 5 s (blocking)."""
+        self.stopping = True
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop",))
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _pids_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds of the (live) processes ``pids`` together."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += _proc_cpu(pid)
+    return total
+
+
+def _pin(server: _Server, workers: int) -> str:
+    """Pin the server apart from the load generator when the machine has cores to
+    spare (3 or more: the first half to the server, the rest to us and the workers);
+    say what was done."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 3:
+        return (f"not pinned: only {len(cpus)} core(s) here, so the server and the {workers} "
+                "load-generator workers share them")
+    half = len(cpus) // 2
+    server.cpus, server.loadgen_cpus = frozenset(cpus[:half]), frozenset(cpus[half:])
+    os.sched_setaffinity(0, server.loadgen_cpus)
+    return (f"pinned: the server on CPU(s) {','.join(map(str, cpus[:half]))}, the load generator "
+            f"and its {workers} workers on {','.join(map(str, cpus[half:]))}")
+
+
+# ---------------------------------------------------------------------------
 # The server under test
 # ---------------------------------------------------------------------------
 
@@ -826,6 +1169,12 @@ class _Server:
     data: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    #: --workers: the worker processes' pids (their CPU is reported per phase).
+    worker_pids: list[int] = field(default_factory=list)
+    #: The CPUs the server is pinned to (empty: not pinned).
+    cpus: frozenset[int] = frozenset()
+    #: The CPUs the load generator's workers are pinned to (empty: not pinned).
+    loadgen_cpus: frozenset[int] = frozenset()
 
     @property
     def env(self) -> dict[str, str]:
@@ -850,6 +1199,8 @@ class _Server:
             [sys.executable, "-m", "cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -907,6 +1258,8 @@ class LoadgenOptions:
             or a delete (alternately), a tag change, a policy edit every so many
             seconds (0 = never).
         seed: seeds the churn phase's choices.
+        workers: run the simulated clients in this many worker processes (0: in
+            this process, as always).
     """
 
     phases: frozenset[str] = frozenset(PHASES)
@@ -922,6 +1275,7 @@ class LoadgenOptions:
     tag_every: float = 10.0
     policy_every: float = 60.0
     seed: int = 19
+    workers: int = 0
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale
@@ -938,12 +1292,18 @@ class _Span:
         self.t0 = trio.current_time()
         self.cpu0 = _proc_cpu(server.pid)
         self.own0 = time.process_time()
+        self.workers0 = _pids_cpu(server.worker_pids)
 
     def close(self, results: Results, phase: str, *, wall_key: str | None = None) -> float:
         wall = trio.current_time() - self.t0
         results[f"{phase}_wall_s"] = wall
         results[f"{phase}_cpu_s"] = _proc_cpu(self.server.pid) - self.cpu0
         results[f"{phase}_loadgen_cpu_pct"] = 100 * (time.process_time() - self.own0) / max(wall, 1e-9)
+        if self.server.worker_pids:
+            # --workers: the clients' processes (together; % of one core), besides this one.
+            busy = _pids_cpu(self.server.worker_pids) - self.workers0
+            results[f"{phase}_workers_cpu_s"] = busy
+            results[f"{phase}_workers_cpu_pct"] = 100 * busy / max(wall, 1e-9)
         if wall_key:
             results[wall_key] = wall
         return wall
@@ -1039,8 +1399,11 @@ async def measure(n: int, workdir: Path, options: LoadgenOptions | None = None) 
     opts = options or LoadgenOptions()
     server = _Server(workdir / f"n{n}", _free_port())
     server.data.mkdir(parents=True)
-    await trio.to_thread.run_sync(server.start, opts.timeout(60, 0.01, n))
     results: Results = {"nodes": n}
+    if opts.workers:
+        results["pinning"] = _pin(server, opts.workers)
+        print(f"  {results['pinning']}", flush=True)
+    await trio.to_thread.run_sync(server.start, opts.timeout(60, 0.01, n))
     try:
         async with trio.open_nursery() as guarded:
             guarded.start_soon(_memory_guard, server, opts, results, guarded.cancel_scope)
@@ -1125,7 +1488,7 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
 
     updaters = min(n // 10, 20) if opts.updaters is None else min(opts.updaters, n)
     decompress = make_decompressor()  # one for all: this is one thread
-    hub = _Hub(
+    hub = (_ParentHub if opts.workers else _Hub)(
         port=server.port,
         auth_key=auth_keys[0],
         auth_keys=auth_keys,
@@ -1135,9 +1498,11 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
         register_slots=trio.Semaphore(opts.register_concurrency),
         connect_slots=trio.Semaphore(opts.concurrency),
         register_target=n,
+        population=n,
     )
     spread = {i * n // updaters for i in range(updaters)} if updaters else set()
-    clients = [_Client(i, hub, updater=i in spread, sentinel=i == 0) for i in range(n)]
+    workers = _Workers(opts, hub, server, spread) if isinstance(hub, _ParentHub) else None
+    clients = [] if workers else [_Client(i, hub, updater=i in spread, sentinel=i == 0) for i in range(n)]
     results["updaters"] = len(spread)
 
     try:
@@ -1146,11 +1511,15 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             # oldest-generation collections of the load generator itself (a second or
             # more at 5,000 clients) would be measured as server latency.
             await nursery.start(functools.partial(manage_gc, interval=5.0, full_interval=600.0))
+            if workers:
+                await workers.start(nursery, n, results)
             # -- register: everybody, before any stream exists ---------------------------
             results["last_phase"] = "register"
             span = _Span(server)
             for c in clients:
                 nursery.start_soon(c.run)
+            if workers:
+                workers.send(("register",))
             await _wait(hub.registered_all, opts.timeout(60, 0.05, n), "register", lambda: hub.registered, n)
             span.close(results, "register", wall_key="register_all_s")
             results["registered"] = hub.registered
@@ -1162,15 +1531,21 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             span = _Span(server)
             hub.begin_round(n, trio.current_time())
             hub.streams_go.set()
+            if workers:
+                workers.send(("go",))
             await _wait(hub.ready_all, opts.timeout(60, 0.1, n), "connect", lambda: hub.ready, n)
             span.close(results, "connect", wall_key="connect_all_s")
             results["connected"] = hub.ready
             results["connect_p50_s"] = _sec(_pct(hub.ready_times, n, 0.5))
             results["connect_p99_s"] = _sec(_pct(hub.ready_times, n, 0.99))
+            if workers:
+                await workers.collect()  # the full-map sizes are the workers' to tell
             results["full_map_kib"] = hub.full_map_max / 1024
             results["full_map_json_kib"] = hub.full_map_json / 1024
             results["full_map_peers"] = hub.full_map_peers
             hub.connect_slots = None  # from now on clients reconnect like real ones: at once
+            if workers:
+                workers.send(("unslot",))
             gc.freeze()
 
             # -- memory once idle ----------------------------------------------------------
@@ -1186,6 +1561,7 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             results["mem_per_node_kib"] = (rss1 - rss0) / max(n, 1) / 1024
 
             if sc.name == "churn":
+                assert workers is None  # refused by the command line
                 await _churn(server, opts, hub, clients, nursery, results, sc, auth_keys)
                 nursery.cancel_scope.cancel()
                 return
@@ -1193,13 +1569,17 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
                 await _join(n, server, opts, hub, clients, nursery, results, expect.join)
             if "policy" in opts.phases and has_policy:
                 await _settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
-                receivers = expect.policy if len(clients) > n else expect.policy - {n}
+                receivers = expect.policy if hub.population > n else expect.policy - {n}
                 await _policy(n, server, opts, hub, clients, results, sc, receivers)
             if "restart" in opts.phases:
                 await _settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
                 await _restart(n, server, opts, hub, clients, results)
+            if workers:
+                await workers.collect()
             nursery.cancel_scope.cancel()
     finally:  # also when the memory guard cut the run short
+        if workers:
+            workers.stop()
         if "aborted" in results:
             results["ready_at_abort"] = hub.ready  # in the round that was under way
         results["keepalives"] = hub.keepalives
@@ -1237,7 +1617,7 @@ async def _join(
 ) -> None:
     """One more node registers and streams; it stays for the later phases. Only the
     ``receivers`` (the nodes that can see it) are waited for."""
-    newcomer = _Client(len(clients), hub)
+    newcomer = _Client(hub.population, hub)
     watch = _Watch("join", newcomer.marker, expected=len(receivers), exclude=newcomer.index, receivers=receivers)
 
     def begin() -> None:  # just before the register request leaves
@@ -1257,6 +1637,7 @@ async def _join(
     span.close(results, "join")
     hub.watch = None
     clients.append(newcomer)
+    hub.population += 1
     results["register_ms"] = None if newcomer.register_s is None else newcomer.register_s * 1000
     results["join_self_map_ms"] = (
         None if newcomer.first_map_at is None else (newcomer.first_map_at - watch.t0) * 1000
@@ -1305,20 +1686,20 @@ async def _restart(
     t_start = trio.current_time()
     # The round begins before the new server exists, so that no full map from the
     # old one can count; latencies are then taken from when the port accepts.
-    hub.begin_round(len(clients), t_start)
+    hub.begin_round(hub.population, t_start)
     await trio.to_thread.run_sync(server.start, opts.timeout(60, 0.01, n))
     t_up = trio.current_time()
     results["server_start_s"] = t_up - t_start
     span = _Span(server)
-    await _wait(hub.ready_all, opts.timeout(60, 0.05, n), "reconnect", lambda: hub.ready, len(clients))
+    await _wait(hub.ready_all, opts.timeout(60, 0.05, n), "reconnect", lambda: hub.ready, hub.population)
     span.close(results, "reconnect")
     now = trio.current_time()
     results["reconnected"] = hub.ready
     results["reconnect_all_s"] = now - t_up if hub.ready >= hub.ready_target else None
     results["restart_total_s"] = now - t0 if hub.ready >= hub.ready_target else None
     shifted = [t - (t_up - t_start) for t in hub.ready_times]
-    results["reconnect_p50_s"] = _sec(_pct(shifted, len(clients), 0.5))
-    results["reconnect_p99_s"] = _sec(_pct(shifted, len(clients), 0.99))
+    results["reconnect_p50_s"] = _sec(_pct(shifted, hub.population, 0.5))
+    results["reconnect_p99_s"] = _sec(_pct(shifted, hub.population, 0.99))
     rss, peak = _proc_memory(server.pid)
     results["rss_after_restart_mib"] = rss / 2**20
     results["restart_peak_rss_mib"] = peak / 2**20
@@ -1561,6 +1942,22 @@ async def _churn(
     results["churn_max_ms"] = _pct(everything, expected_all, 1.0)
 
 
+def _cpu_lines(row: Results) -> list[str]:
+    """With ``--workers``: each side's CPU per phase (nothing otherwise)."""
+    if not row.get("workers"):
+        return []
+    lines = [f"{_num(row, 'nodes') or 0:.0f} nodes, {row['workers']} workers, {row.get('pinning', '')}"]
+    for phase in ("register", "connect", "join", "policy", "reconnect"):
+        wall = _num(row, f"{phase}_wall_s")
+        if wall is None:
+            continue
+        lines.append(f"  {phase:>9}: {wall:.1f} s; CPU: server {_num(row, f'{phase}_cpu_s') or 0:.2f} s, "
+                     f"workers {_num(row, f'{phase}_workers_cpu_s') or 0:.2f} s "
+                     f"({_num(row, f'{phase}_workers_cpu_pct') or 0:.0f}% of a core), "
+                     f"main {_num(row, f'{phase}_loadgen_cpu_pct') or 0:.0f}% of a core")
+    return lines
+
+
 def _churn_lines(row: Results) -> list[str]:
     """The churn phase's figures (nothing for a row without one)."""
     if "churn_changes" not in row:
@@ -1776,6 +2173,10 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--policy-every", type=_non_negative, default=60.0, metavar="S",
                         help="churn: the policy is edited every S seconds (default 60; 0 = none)")
     parser.add_argument("--seed", type=int, default=19, help="churn: seeds which nodes change (default 19)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="run the simulated clients in N worker processes, pinned apart from the "
+                             "server when the machine has 3 or more cores; each side's CPU is reported "
+                             "(default 0: all clients in this process)")
     parser.add_argument("--json", default="loadgen-results.json", help="where to write the figures ('' = nowhere)")
     parser.add_argument("--phases", type=_parse_phases, default=frozenset(PHASES),
                         help=f"comma-separated phases after register+connect (default {','.join(PHASES)})")
@@ -1818,13 +2219,19 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     if not sizes or min(sizes) < 1:
         print("tailledger loadgen: --nodes needs sizes >= 1", file=sys.stderr)
         return 2
+    if args.workers < 0:
+        print("tailledger loadgen: --workers needs N >= 0", file=sys.stderr)
+        return 2
+    if args.workers and args.scenario == "churn":
+        print("tailledger loadgen: --workers is not supported with --scenario churn yet", file=sys.stderr)
+        return 2
     options = LoadgenOptions(
         phases=args.phases, updaters=args.updaters, update_interval=args.update_interval,
         concurrency=max(1, args.concurrency),
         register_concurrency=max(1, args.register_concurrency), timeout_scale=args.timeout_scale,
         max_server_rss=max(0, args.max_server_rss) * 2**20, scenario=args.scenario,
         duration=args.duration, join_delete_every=args.join_delete_every, tag_every=args.tag_every,
-        policy_every=args.policy_every, seed=args.seed,
+        policy_every=args.policy_every, seed=args.seed, workers=args.workers,
     )
     _raise_fd_limit(max(sizes))
     rows: list[Results] = []
@@ -1832,7 +2239,9 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         for n in sizes:
             print(f"# {n} simulated nodes, {options.scenario} ...", flush=True)
             try:
-                rows.append(trio.run(measure, n, Path(tmp), options))
+                # With workers, times taken in several processes are compared: one clock.
+                clock = _SharedClock() if options.workers else None
+                rows.append(trio.run(measure, n, Path(tmp), options, clock=clock))
             except RuntimeError as exc:
                 print(f"tailledger loadgen: {exc}", file=sys.stderr)
                 return 1
@@ -1842,7 +2251,7 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     for line in _curve(rows):
         print(line)
     for row in rows:
-        for line in _churn_lines(row):
+        for line in (*_churn_lines(row), *_cpu_lines(row)):
             print(line)
     if options.scenario != "churn":
         for line in _targets(rows[-1]):

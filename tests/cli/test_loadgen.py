@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from cli.loadgen import (
     MapFrameScanner,
     ScannedFrame,
     _ChurnWatch,
+    _RemoteWatch,
     _rss_slope,
     build_parser,
     make_decompressor,
@@ -298,3 +301,62 @@ def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(tm
     assert isinstance(row["churn_rss_slope_mib_per_min"], float)
     assert _number(row, "churn_cpu_s") >= 0 and _number(row, "churn_loadgen_cpu_s") >= 0
     assert _number(row, "churn_kib_per_change") > 0
+
+
+def test_a_workers_watch_reports_hits_strays_and_bytes_to_the_parent() -> None:
+    parent, child = multiprocessing.Pipe()
+    watch = _RemoteWatch("join", b"nodekey:aa", 3, exclude=9, receivers=frozenset({1, 2, 3}), t0=5.0)
+    watch.serial, watch.conn = 4, child
+    watch.unexpected += 1
+    watch.bytes += 100
+    watch.bytes += 20
+    watch.hit(6.25)
+    got = [parent.recv() for _ in range(4)]
+    assert got == [("unexpected", 4, 1), ("bytes", 4, 100), ("bytes", 4, 20), ("hit", 4, 6.25)]
+    assert (watch.unexpected, watch.bytes) == (1, 120)
+    assert not parent.poll()
+
+
+def test_workers_are_checked() -> None:
+    assert build_parser().parse_args([]).workers == 0  # default: the clients run in-process
+    for argv in (["--workers", "-1"], ["--workers", "2", "--scenario", "churn"]):
+        proc = subprocess.run([sys.executable, "-m", "cli.loadgen", "--nodes", "3", "--json", "", *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "--workers" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_tiny_run_with_two_workers_measures_every_phase(tmp_path: Path) -> None:
+    """Issue 19: the clients in two worker processes; the parent counts what they
+    see, the sentinel's checks come back, and each side's CPU is reported."""
+    n = 6
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.loadgen", "--nodes", str(n), "--json", str(out), "--workers", "2",
+         "--updaters", "2", "--update-interval", "0.3,0.6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stdout, proc.stdout
+    [row] = json.loads(out.read_text())
+    assert row["workers"] == 2
+    assert row["registered"] == row["connected"] == n
+    assert row["join_reached"] == n and row["join_unexpected"] == 0
+    assert row["policy_reached"] == n + 1 and row["policy_unexpected"] == 0
+    assert row["reconnected"] == n + 1
+    # Counted in the workers, folded into the parent's figures.
+    assert row["full_map_peers"] == n - 1
+    assert row["marker_mismatches"] == 0
+    assert row["lite_updates"] >= 1
+    assert _number(row, "full_map_kib") > 0 and _number(row, "join_kib") > 0
+    for phase in ("join", "policy"):
+        p50, p99, top = (_number(row, f"{phase}_{q}_ms") for q in ("p50", "p99", "max"))
+        assert 0 < p50 <= p99 <= top < 60_000  # one clock across the processes
+    # Each side's CPU: the server's and the workers' (whose clients did the registering).
+    for phase in ("register", "connect", "join", "policy", "reconnect"):
+        assert _number(row, f"{phase}_cpu_s") >= 0 and _number(row, f"{phase}_workers_cpu_s") >= 0
+    assert _number(row, "register_workers_cpu_s") > 0
+    pinned = len(os.sched_getaffinity(0)) >= 3
+    assert row["pinning"].startswith("pinned:" if pinned else "not pinned:"), row["pinning"]
+    assert "workers" in proc.stdout and row["pinning"] in proc.stdout
