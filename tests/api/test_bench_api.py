@@ -32,6 +32,8 @@ def test_bench_api_prints_figures() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "/api/v2/tailnet/-/devices" in result.stdout and "requests/s" in result.stdout
-    # The second run, with 20 map streams of the load generator open and watched.
+    # Before the streams (50 nodes, 20 of them simulated clients), then with 20 map
+    # streams of the load generator open and watched.
+    assert "20 simulated clients registered" in result.stdout and "with no map stream (50 nodes):" in result.stdout
     assert "20 map streams connected" in result.stdout and "with 20 map streams open:" in result.stdout
     assert "of 20 clients waited over 1.5 s" in result.stdout
