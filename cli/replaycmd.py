@@ -40,6 +40,7 @@ from projections.replay import (
     Snapshot,
     diff_view,
     impact,
+    netmap_citations,
     netmap_view,
     parse_proto,
     reach_timeline,
@@ -206,6 +207,13 @@ def _cell_event(ref: object) -> str:
     return f"#{ref['seq']} {ref['time']} {ref['type']} by {ref['actor']}{reason}"
 
 
+def _short_event(ref: object) -> str:
+    """A short citation for a table column: ``#seq actor``."""
+    if not isinstance(ref, dict):
+        return "-"
+    return f"#{ref['seq']} {ref['actor']}"
+
+
 def _events_text(refs: object) -> str:
     if not isinstance(refs, list) or not refs:
         return "-"
@@ -230,14 +238,18 @@ def cmd_state(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     print(f"state after seq {data['at_seq']} (judged at {data['at_time']})\n")
+    users = [{**u, "changed": _short_event(u["last_change"])} for u in data["users"]]  # type: ignore[attr-defined]
     print("Users")
-    print_table(data["users"], [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email")])  # type: ignore[arg-type]
+    print_table(users, [("id", "ID"), ("name", "Name"), ("display_name", "Display name"), ("email", "Email"),
+                        ("changed", "Changed")])
+    nodes = [{**n, "changed": _short_event(n["last_change"])} for n in data["nodes"]]  # type: ignore[attr-defined]
     print("\nNodes")
-    print_table(data["nodes"], [  # type: ignore[arg-type]
+    print_table(nodes, [
         ("id", "ID"), ("name", "Name"), ("user", "User"), ("tags", "Tags"), ("ipv4", "IPv4"),
         ("ipv6", "IPv6"), ("approved_routes", "Approved routes"), ("primary_routes", "Primary"),
-        ("key_expiry", "Key expiry"), ("expired", "Expired"),
+        ("key_expiry", "Key expiry"), ("expired", "Expired"), ("changed", "Changed"),
     ])
+    print("(Changed: the event that last changed the row, by seq and actor; -o json has its time, type and reason)")
     print()
     _print_policy(data["policy"])
     return 0
@@ -246,7 +258,8 @@ def cmd_state(args: argparse.Namespace) -> int:
 def _print_policy(policy: object) -> None:
     """The policy in force and the event that set it (the rules a table cites)."""
     if isinstance(policy, dict):
-        print(f"Policy in force: set by {_cell_event(policy)}, sha256 {str(policy['sha256'])[:12]}…")
+        digest = f", sha256 {str(policy['sha256'])[:12]}…" if policy.get("sha256") else ""
+        print(f"Policy in force: set by {_cell_event(policy)}{digest}")
     else:
         print("Policy in force: none set (allow-all)")
 
@@ -278,27 +291,38 @@ def netmap_settings(args: argparse.Namespace) -> tuple[NetmapSettings, str]:
 def cmd_netmap(args: argparse.Namespace) -> int:
     history = open_history(args)
     settings, control_url = netmap_settings(args)
-    data = netmap_view(history, history.point(args.at), args.node, settings, control_url)
+    point = history.point(args.at)
+    data = netmap_view(history, point, args.node, settings, control_url)
     if args.output == "json":
-        print_json(data)
+        if args.cite:  # the map untouched under "netmap", its citations beside it
+            print_json({"netmap": data, "cites": netmap_citations(history, point, args.node, data)})
+        else:
+            print_json(data)  # exactly the MapResponse the server computes
         return 0
     assert isinstance(data, dict)
+    cites = netmap_citations(history, point, args.node, data)
+    changed = {p["id"]: p["last_change"] for p in cites["peers"]}  # type: ignore[attr-defined]
     node = data.get("Node", {})
-    print(f"netmap of {node.get('Name')} (id {node.get('ID')}) addresses {','.join(node.get('Addresses') or [])}")
+    print(f"netmap of {node.get('Name')} (id {node.get('ID')}) addresses {','.join(node.get('Addresses') or [])}"
+          f" after seq {point.seq}")
+    print(f"node last changed by {_cell_event(cites['node']['last_change'])}")  # type: ignore[index]
     peers = data.get("Peers") or []
     rows = [
         {"id": p.get("ID"), "name": p.get("Name"), "allowed_ips": p.get("AllowedIPs"),
-         "primary": p.get("PrimaryRoutes"), "tags": p.get("Tags"), "expiry": p.get("KeyExpiry")}
+         "primary": p.get("PrimaryRoutes"), "tags": p.get("Tags"), "expiry": p.get("KeyExpiry"),
+         "changed": _short_event(changed.get(p.get("ID")))}
         for p in peers
     ]
     print(f"\nPeers ({len(rows)})")
-    print_table(rows, [("id", "ID"), ("name", "Name"), ("allowed_ips", "Allowed IPs"), ("primary", "Primary routes"), ("tags", "Tags"), ("expiry", "Key expiry")])
+    print_table(rows, [("id", "ID"), ("name", "Name"), ("allowed_ips", "Allowed IPs"), ("primary", "Primary routes"),
+                       ("tags", "Tags"), ("expiry", "Key expiry"), ("changed", "Changed")])
     rules = (data.get("PacketFilters") or {}).get("base") or []
     print(f"\nPacket filter ({len(rules)} rules)")
     for rule in rules:
         print("  " + msgspec.json.encode(rule).decode())
     ssh = data.get("SSHPolicy")
-    print(f"\nSSH policy: {len((ssh or {}).get('rules') or [])} rules")
+    print(f"\nSSH policy: {len((ssh or {}).get('rules') or [])} rules\n")
+    _print_policy(cites["policy"])
     return 0
 
 
@@ -381,7 +405,8 @@ def cmd_who_can_reach(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     print(f"who could reach {data['dst']} after seq {data['at_seq']}")
-    print_table(data["sources"], [("node", "Source"), ("rule", "Rule"), ("via", "Via")])  # type: ignore[arg-type]
+    sources = [{**s, "changed": _short_event(s["last_change"])} for s in data["sources"]]  # type: ignore[attr-defined]
+    print_table(sources, [("node", "Source"), ("rule", "Rule"), ("via", "Via"), ("changed", "Source changed")])
     print()
     _print_policy(state_view(history, point)["policy"])  # the rules' event
     return 0
@@ -603,9 +628,15 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
     at_help = "a sequence number or an RFC 3339 time (default: the head)"
     p = source(add(rs, "state", "Users, nodes and the policy in force at a point.", _guard(cmd_state)))
     p.add_argument("--at", help=at_help)
-    p = source(add(rs, "netmap", "The netmap a node would have received (no presence).", _guard(cmd_netmap)))
+    p = source(add(rs, "netmap", "The netmap a node would have received (no presence). The table cites "
+                   "the policy.set in force and the event that last changed the node and each peer; "
+                   "-o json prints the MapResponse alone, exactly as the server computes it.", _guard(cmd_netmap)))
     p.add_argument("node", help="id, name or IP")
     p.add_argument("--at", help=at_help)
+    p.add_argument("--cite", action="store_true",
+                   help='with -o json: print {"netmap": <the MapResponse, unchanged>, "cites": {"at_seq", '
+                        '"node", "policy", "peers"}}, the events the map rests on (without it, the '
+                        "MapResponse alone)")
     p = source(add(rs, "diff", "What changed between two points, with the events that caused it.", _guard(cmd_diff)))
     p.add_argument("--from", dest="from_", required=True, help=at_help)
     p.add_argument("--to", help=at_help)

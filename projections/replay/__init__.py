@@ -51,16 +51,19 @@ from .reach import (
 )
 from .timeline import Interval, Timeline, event_ref, iso, reach_timeline
 from .views import (
+    Citations,
     diff_view,
     impact,
     impact_summary,
     netmap_bytes,
+    netmap_citations,
     netmap_view,
     state_view,
     who_can_reach,
 )
 
 __all__ = [
+    "Citations",
     "History",
     "Hit",
     "Interval",
@@ -79,6 +82,7 @@ __all__ = [
     "impact_summary",
     "iso",
     "netmap_bytes",
+    "netmap_citations",
     "netmap_view",
     "pair_policy",
     "parse_proto",

@@ -5,12 +5,17 @@ and returns plain JSON-ready values; the CLI prints them as tables or JSON. All 
 judge key expiry at the point's instant (``Point.now``) and never look at presence.
 
 * :func:`state_view`: users, nodes (with approved and primary routes, expiry), and the
-  policy in force with the event that set it.
+  policy in force with the event that set it; each user and node cites the event that
+  last changed it (``last_change``).
 * :func:`netmap_view`: :func:`projections.netmap.full_map` for the node, exactly what
   the server computes, with no presence and no ``ControlTime``.
+  :func:`netmap_citations` is kept apart from it: the policy.set in force and the last
+  change of the node and of each of its peers (the map itself stays byte for byte the
+  server's, as the golden fixtures require).
 * :func:`who_can_reach`: every node that could reach a destination, with the rule;
   an address destination is reached through its primary subnet router or an exit
-  node, and hosts behind a subnet router are listed under their router.
+  node, and hosts behind a subnet router are listed under their router. Each source
+  cites the policy.set that put its rule in force and the last change of the node.
 * :func:`diff_view`: what changed between two points, each change citing the events in
   the range that caused it (events naming the node, user or policy; for a reachability
   pair, the events that touched either node, the users or the policy).
@@ -38,12 +43,56 @@ from .history import History, Point, ReplayError
 from .reach import Target, explain, explain_subnet_source, find_node, reach_pairs
 from .timeline import event_ref, iso
 
-__all__ = ["diff_view", "impact", "impact_summary", "netmap_view", "state_view", "who_can_reach"]
+__all__ = [
+    "Citations", "diff_view", "impact", "impact_summary", "netmap_citations", "netmap_view", "state_view",
+    "who_can_reach",
+]
 
 DEFAULT_SETTINGS = NetmapSettings(domain="tailnet.internal", derp_map=DERPMap(regions={}))
 
 
-def _node_row(state: TailnetState, node: Node, primaries: dict[int, list[str]], now: datetime) -> dict[str, object]:
+class Citations:
+    """The events that last changed each node and user of a state, read once.
+
+    A node's last change is ``Node.updated_seq`` (kept by the fold). Users carry no
+    such field, so their events are found with one pre-filtered scan of the ``user.``
+    rows up to the state (few, and verified already: the state was folded from them).
+    Events are read by seq, each once.
+    """
+
+    def __init__(self, history: History, state: TailnetState) -> None:
+        self._history = history
+        self._state = state
+        self._refs: dict[int, dict[str, object] | None] = {}
+        self._user_seqs: dict[int, int] | None = None
+
+    def event(self, seq: int) -> dict[str, object] | None:
+        if seq <= 0 or seq > self._state.seq:
+            return None
+        if seq not in self._refs:
+            rows = self._history.store.read_rows(seq - 1, 1)
+            self._refs[seq] = event_ref(rows[0].to_event()) if rows and rows[0].seq == seq else None
+        return self._refs[seq]
+
+    def node(self, node: Node) -> dict[str, object] | None:
+        return self.event(node.updated_seq)
+
+    def user(self, user_id: int) -> dict[str, object] | None:
+        if self._user_seqs is None:
+            self._user_seqs = {}
+            for row in self._history.store.scan(0, self._state.seq, type_prefixes=("user.",)):
+                uid = getattr(row.to_event().event, "user_id", None)
+                if isinstance(uid, int):
+                    self._user_seqs[uid] = row.seq
+        return self.event(self._user_seqs.get(user_id, 0))
+
+    def policy(self) -> dict[str, object] | None:
+        rec = _policy_event(self._history, self._state)
+        return event_ref(rec) if rec is not None else None
+
+
+def _node_row(state: TailnetState, node: Node, primaries: dict[int, list[str]], now: datetime,
+              cites: Citations) -> dict[str, object]:
     user = state.users.get(node.user_id)
     return {
         "id": node.id,
@@ -56,6 +105,7 @@ def _node_row(state: TailnetState, node: Node, primaries: dict[int, list[str]], 
         "primary_routes": primaries.get(node.id, []),
         "key_expiry": iso(node.expiry) if node.expiry is not None else None,
         "expired": node.is_expired(now),
+        "last_change": cites.node(node),
     }
 
 
@@ -76,6 +126,7 @@ def _policy_event(history: History, state: TailnetState) -> RecordedEvent | None
 def state_view(history: History, point: Point) -> dict[str, object]:
     state = history.state_at(point.seq)
     primaries = _primaries(state)
+    cites = Citations(history, state)
     policy: dict[str, object] | None = None
     rec = _policy_event(history, state)
     if rec is not None:
@@ -84,11 +135,12 @@ def state_view(history: History, point: Point) -> dict[str, object]:
         "at_seq": point.seq,
         "at_time": iso(point.now),
         "users": [
-            {"id": u.id, "name": u.name, "display_name": u.display_name, "email": u.email}
+            {"id": u.id, "name": u.name, "display_name": u.display_name, "email": u.email,
+             "last_change": cites.user(u.id)}
             for u in sorted(state.users.values(), key=lambda u: u.id)
         ],
         "nodes": [
-            _node_row(state, n, primaries, point.now)
+            _node_row(state, n, primaries, point.now, cites)
             for n in sorted(state.nodes.values(), key=lambda n: n.id)
         ],
         "policy": policy,
@@ -115,11 +167,35 @@ def netmap_view(history: History, point: Point, ref: str,
     return msgspec.json.decode(netmap_bytes(state, node.id, point.now, settings, PolicyCompiler(control_url)))
 
 
+def netmap_citations(history: History, point: Point, ref: str, netmap: object) -> dict[str, object]:
+    """The events a node's map at ``point`` rests on, kept outside the map: the
+    policy.set in force, the last change of the node, and of each peer the map lists."""
+    state = history.state_at(point.seq)
+    node = find_node(state, ref)
+    if node is None:
+        raise ReplayError(f"no node {ref!r} (by id, name or IP) at seq {point.seq}")
+    cites = Citations(history, state)
+    peer_ids = [p.get("ID") for p in (netmap.get("Peers") or [])] if isinstance(netmap, dict) else []
+    peers = []
+    for pid in peer_ids:
+        peer = state.nodes.get(pid) if isinstance(pid, int) else None
+        if peer is not None:
+            peers.append({"id": peer.id, "name": peer.given_name, "last_change": cites.node(peer)})
+    return {
+        "at_seq": point.seq,
+        "node": {"id": node.id, "name": node.given_name, "last_change": cites.node(node)},
+        "policy": cites.policy(),
+        "peers": peers,
+    }
+
+
 def who_can_reach(
     history: History, point: Point, target: Target, *, port: int | None, protocols: tuple[int, ...]
 ) -> dict[str, object]:
     state = history.state_at(point.seq)
     compiled = PolicyCompiler().compiled(state)
+    cites = Citations(history, state)
+    policy = cites.policy()
     sources: list[dict[str, object]] = []
     for nid in sorted(state.nodes):
         hit = explain(compiled, state, nid, target, port=port, protocols=protocols, now=point.now)
@@ -128,13 +204,14 @@ def who_can_reach(
         entry: dict[str, object] = {"node": state.nodes[nid].given_name, "rule": hit.rule(state.policy_text)}
         if hit.via is not None:
             entry["via"] = hit.via
-        sources.append(entry)
+        sources.append({**entry, "policy": policy, "last_change": cites.node(state.nodes[nid])})
     # Hosts behind subnet routers, which enter the tailnet through their router.
     for router_id in sorted(compiled.primaries_by_node):
         hit = explain_subnet_source(compiled, state, router_id, target, port=port, protocols=protocols, now=point.now)
         if hit is not None:
-            sources.append({"node": state.nodes[router_id].given_name, "rule": hit.rule(state.policy_text),
-                            "via": hit.via})
+            router = state.nodes[router_id]
+            sources.append({"node": router.given_name, "rule": hit.rule(state.policy_text), "via": hit.via,
+                            "policy": policy, "last_change": cites.node(router)})
     label = target.label(state)
     if port is not None:
         label = f"[{label}]:{port}" if ":" in label else f"{label}:{port}"

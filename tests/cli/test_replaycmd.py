@@ -267,3 +267,88 @@ def test_who_can_reach_cites_the_event_that_set_its_rules(data: Path, capfd: pyt
     table = _run(capfd, "replay", "who-can-reach", "10.30.0.7:22", "--at", "8", "--data", str(data))
     assert "laptop" in table
     assert "Policy in force: set by #6 2026-01-01T00:01:05Z policy.set by admin:carol" in table
+
+
+def _append(folder: Path, *events: object, actor: str, reason: str) -> None:
+    from eventlog import Actor, ActorKind, AppendRequest
+
+    store = SQLiteEventStore(folder / "ledger.db")
+    head = store.head()
+    store.append_batch(
+        [AppendRequest(events=events, actor=Actor(kind=ActorKind.ADMIN, id=actor),  # type: ignore[arg-type]
+                       expected_seq=head.seq, reason=reason)],
+        head.recorded_at_us + 60_000_000,
+    )
+    store.close()
+
+
+def test_state_rows_cite_the_event_that_last_changed_them(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    d = ("--data", str(data))
+    at8 = json.loads(_run(capfd, "replay", "state", "--at", "8", "-o", "json", *d))
+    nodes = {n["name"]: n["last_change"] for n in at8["nodes"]}
+    assert nodes["router"] == {"seq": 8, "time": nodes["router"]["time"], "type": "node.routes_approved",
+                               "actor": "admin:carol"}
+    assert (nodes["laptop"]["seq"], nodes["laptop"]["type"]) == (3, "node.registered")
+    assert [(u["name"], u["last_change"]["seq"], u["last_change"]["type"]) for u in at8["users"]] == [
+        ("alice", 1, "user.created"), ("bob", 2, "user.created")]
+    # At 7 the router's last change is its own advertisement; the answer follows --at.
+    at7 = json.loads(_run(capfd, "replay", "state", "--at", "7", "-o", "json", *d))
+    router7 = next(n for n in at7["nodes"] if n["name"] == "router")["last_change"]
+    assert (router7["seq"], router7["actor"]) == (7, "node:router")
+    table = _run(capfd, "replay", "state", "--at", "8", *d)
+    assert "Changed" in table
+    router_row = next(line for line in table.splitlines() if " router " in f" {line} ")
+    assert router_row.rstrip().endswith("#8 admin:carol")
+
+
+def test_state_cites_the_actor_and_reason_of_a_later_change(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from eventlog.events import NodeTagsSet, UserRenamed
+
+    _append(data, UserRenamed(user_id=2, name="robert"), NodeTagsSet(node_id=2, tags=("tag:lab",)),
+            actor="dave", reason="INC-9: bob's box becomes a lab host")
+    for _ in range(2):  # the second run reads the snapshot the first one cached
+        state = json.loads(_run(capfd, "replay", "state", "-o", "json", "--data", str(data)))
+        users = {u["name"]: u["last_change"] for u in state["users"]}
+        nodes = {n["name"]: n["last_change"] for n in state["nodes"]}
+        assert (users["robert"]["seq"], users["robert"]["type"]) == (10, "user.renamed")
+        assert users["robert"]["reason"] == "INC-9: bob's box becomes a lab host"
+        assert users["alice"]["seq"] == 1
+        assert (nodes["bobs-box"]["seq"], nodes["bobs-box"]["type"], nodes["bobs-box"]["actor"]) == (
+            11, "node.tags_set", "admin:dave")
+        assert nodes["bobs-box"]["reason"] == "INC-9: bob's box becomes a lab host"
+        assert nodes["router"]["seq"] == 9
+
+
+def test_who_can_reach_json_cites_the_policy_and_the_sources_last_change(
+    data: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    d = ("--data", str(data))
+    who = json.loads(_run(capfd, "replay", "who-can-reach", "10.30.0.7:22", "--at", "8", "-o", "json", *d))
+    assert set(who) == {"at_seq", "dst", "sources"}  # the keys, unchanged
+    [source] = who["sources"]
+    assert set(source) == {"node", "rule", "via", "policy", "last_change"}
+    assert (source["policy"]["seq"], source["policy"]["type"], source["policy"]["actor"]) == (6, "policy.set", "admin:carol")
+    assert (source["last_change"]["seq"], source["last_change"]["type"]) == (3, "node.registered")
+    table = _run(capfd, "replay", "who-can-reach", "10.30.0.7:22", "--at", "8", *d)
+    assert "Source changed" in table and "#3 admin:tester" in table
+
+
+def test_replay_netmap_cites_its_events_outside_the_map(data: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    d = ("--data", str(data))
+    plain = json.loads(_run(capfd, "replay", "netmap", "laptop", "--at", "8", "-o", "json", *d))
+    assert "Peers" in plain and "cites" not in plain  # the MapResponse alone, as the server computes it
+    cited = json.loads(_run(capfd, "replay", "netmap", "laptop", "--at", "8", "-o", "json", "--cite", *d))
+    assert set(cited) == {"netmap", "cites"}
+    assert cited["netmap"] == plain
+    cites = cited["cites"]
+    assert cites["at_seq"] == 8
+    assert (cites["policy"]["seq"], cites["policy"]["actor"]) == (6, "admin:carol")
+    assert cites["node"]["name"] == "laptop" and cites["node"]["last_change"]["seq"] == 3
+    peers = {p["name"]: p["last_change"]["seq"] for p in cites["peers"]}
+    assert sorted(peers) == sorted(p["Name"].split(".")[0] for p in plain["Peers"])
+    assert peers["router"] == 8
+    table = _run(capfd, "replay", "netmap", "laptop", "--at", "8", *d)
+    assert "node last changed by #3 " in table
+    assert "Policy in force: set by #6 " in table
+    router_row = next(line for line in table.splitlines() if "router" in line and "10.30.0.0/24" in line)
+    assert "#8 admin:carol" in router_row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import msgspec
@@ -151,10 +152,16 @@ def test_who_can_reach_names_hosts_behind_a_subnet_router() -> None:
     history = History(r.store)
     point = history.point(None)
     answer = who_can_reach(history, point, Target(node_id=1), port=22, protocols=(6, 17))
-    assert answer["sources"] == [{
+    sources = answer["sources"]
+    assert isinstance(sources, list) and len(sources) == 1
+    source: dict[str, Any] = sources[0]
+    assert {k: source[k] for k in ("node", "rule", "via")} == {
         "node": "router", "rule": 'acls[0]: {"action":"accept","src":["lab"],"dst":["alice@:22"]}',
         "via": "hosts in 10.40.0.0/24 behind router (subnet route, without SNAT)",
-    }]
+    }
+    # Cited: the policy.set in force and the approval that made the router carry the subnet.
+    assert (source["policy"]["seq"], source["policy"]["type"]) == (6, "policy.set")
+    assert (source["last_change"]["seq"], source["last_change"]["type"]) == (5, "node.routes_approved")
     # Port 80 is not allowed to anyone.
     assert who_can_reach(history, point, Target(node_id=1), port=80, protocols=(6, 17))["sources"] == []
 
