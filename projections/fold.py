@@ -79,12 +79,12 @@ def _update_preauth_key(state: TailnetState, key_id: int, **changes: object) -> 
     return replace(state, preauth_keys=state.preauth_keys.set(key_id, replace(key, **changes))), Delta(keys=True)
 
 
-def _update_user(state: TailnetState, user_id: int, **changes: object) -> tuple[TailnetState, Delta]:
+def _update_user(state: TailnetState, user_id: int, seq: int, **changes: object) -> tuple[TailnetState, Delta]:
     """Replace fields of one user; an unknown user (deleted earlier) changes nothing."""
     user = state.users.get(user_id)
     if user is None:
         return state, Delta()
-    return replace(state, users=state.users.set(user_id, replace(user, **changes))), Delta(
+    return replace(state, users=state.users.set(user_id, replace(user, updated_seq=seq, **changes))), Delta(
         users_changed=frozenset((user_id,))
     )
 
@@ -106,6 +106,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 profile_pic_url=event.profile_pic_url,
                 created_at=at,
                 role=event.role,
+                updated_seq=recorded.seq,
             )
             return replace(
                 state,
@@ -117,18 +118,19 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             old = state.users.get(event.user_id)
             if old is None:
                 return state, Delta()
-            user = replace(old, name=event.name)
+            user = replace(old, name=event.name, updated_seq=recorded.seq)
             return replace(
                 state,
                 users=state.users.set(user.id, user),
                 user_by_name=state.user_by_name.delete(old.name).set(user.name, user.id),
             ), Delta(users_changed=frozenset((user.id,)))
         case UserRoleSet():
-            return _update_user(state, event.user_id, role=event.role)
+            return _update_user(state, event.user_id, recorded.seq, role=event.role)
         case UserProfileUpdated():
             return _update_user(
                 state,
                 event.user_id,
+                recorded.seq,
                 display_name=event.display_name,
                 email=event.email,
                 provider=event.provider,

@@ -41,6 +41,7 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
     profile_pic_url: str
     created_at: datetime
     role: str = "member"  # owner, admin or member (eventlog.events.ROLES)
+    updated_seq: int = 0  # the last event that changed this user (0: unknown, an older snapshot)
 
     @property
     def is_admin(self) -> bool:

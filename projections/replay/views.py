@@ -54,10 +54,10 @@ DEFAULT_SETTINGS = NetmapSettings(domain="tailnet.internal", derp_map=DERPMap(re
 class Citations:
     """The events that last changed each node and user of a state, read once.
 
-    A node's last change is ``Node.updated_seq`` (kept by the fold). Users carry no
-    such field, so their events are found with one pre-filtered scan of the ``user.``
-    rows up to the state (few, and verified already: the state was folded from them).
-    Events are read by seq, each once.
+    A node's or user's last change is its ``updated_seq`` (kept by the fold). A user
+    from a snapshot made before users carried it has 0 there: then the ``user.`` rows
+    up to the state are scanned once (pre-filtered by the store; verified already, the
+    state was folded from them). Events are read by seq, each once.
     """
 
     def __init__(self, history: History, state: TailnetState) -> None:
@@ -78,6 +78,9 @@ class Citations:
         return self.event(node.updated_seq)
 
     def user(self, user_id: int) -> dict[str, object] | None:
+        user = self._state.users.get(user_id)
+        if user is not None and user.updated_seq > 0:
+            return self.event(user.updated_seq)
         if self._user_seqs is None:
             self._user_seqs = {}
             for row in self._history.store.scan(0, self._state.seq, type_prefixes=("user.",)):
@@ -318,8 +321,9 @@ def diff_view(history: History, start: Point, end: Point) -> dict[str, object]:
     users = []
     for uid in sorted(set(before.users) | set(after.users)):
         old, new = before.users.get(uid), after.users.get(uid)
-        if old == new:
-            continue
+        if old is not None and new is not None and msgspec.structs.replace(old, updated_seq=0) == \
+                msgspec.structs.replace(new, updated_seq=0):
+            continue  # a user's last-change mark is not a change
         change = "added" if old is None else "removed" if new is None else f"renamed {old.name} -> {new.name}"
         name = (new or old).name  # type: ignore[union-attr]
         users.append({"user": name, "id": uid, "change": change, "events": by_user.get(uid, [])})

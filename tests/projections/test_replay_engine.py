@@ -225,3 +225,31 @@ def test_diff_cites_the_events_of_the_right_node_when_a_name_is_reused() -> None
     gained = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in rows["reach_gained"]}
     lost = {(row["src"], row["dst"]): [e["seq"] for e in row["events"]] for row in rows["reach_lost"]}
     assert gained[("peer", "box")] == [registered] and lost[("peer", "box")] == [deleted]
+
+
+def test_users_cite_their_last_change_even_from_a_snapshot_made_before_they_carried_it() -> None:
+    from eventlog.events import UserRoleSet
+    from projections.replay import Citations, diff_view
+    from tests.support.builders import Recorder
+
+    r = Recorder()
+    alice = r.user("alice")
+    bob = r.user("bob")
+    from projections.commands import Decision
+
+    for _ in range(2):  # the second sets the same role again
+        r.run(lambda s: Decision(events=(UserRoleSet(user_id=bob, role="admin"),), result=0))
+    history = History(r.store)
+    state = history.state_at(history.head.seq)
+    fresh = {uid: Citations(history, state).user(uid) for uid in (alice, bob)}
+    assert fresh[alice]["seq"] == 1 and fresh[bob]["seq"] == 4  # type: ignore[index]
+    assert fresh[bob]["type"] == "user.role_set"  # type: ignore[index]
+    # A snapshot from before users carried updated_seq decodes it as 0: the rows say.
+    old = msgspec.structs.replace(state, users=state.users.set(
+        alice, msgspec.structs.replace(state.users[alice], updated_seq=0)).set(
+        bob, msgspec.structs.replace(state.users[bob], updated_seq=0)))
+    assert {uid: Citations(history, old).user(uid) for uid in (alice, bob)} == fresh
+    # Setting the same role again changes the user's mark, not the user: no diff.
+    changed = diff_view(history, history.point_at_seq(2), history.point_at_seq(3))["users"]
+    assert [u["id"] for u in changed] == [bob]  # type: ignore[attr-defined]
+    assert diff_view(history, history.point_at_seq(3), history.point_at_seq(4))["users"] == []
