@@ -94,8 +94,9 @@ them. The ramp limits are split among the workers. On a machine with 3 or more c
 the server is pinned to the first half of them and the load generator with its
 workers to the rest (``os.sched_setaffinity``); with fewer, nothing is pinned and the
 report says so. Each phase then also reports the workers' CPU (``*_workers_cpu_s``,
-``*_workers_cpu_pct``) beside the server's (``*_cpu_s``). Not yet with ``churn``.
-Without ``--workers`` every client runs in this process, as before.
+``*_workers_cpu_pct``) beside the server's (``*_cpu_s``). With ``churn``, the
+workers report who got each change and the parent, which knows its receivers, counts
+them. Without ``--workers`` every client runs in this process, as before.
 """
 
 from __future__ import annotations
@@ -912,7 +913,21 @@ class _RemoteWatch(_Watch):
         self._bytes = value
 
 
-_STAT_SUMS: Final = ("keepalives", "lite_updates", "updates_read", "marker_mismatches")
+_STAT_SUMS: Final = ("keepalives", "lite_updates", "updates_read", "marker_mismatches", "churn_bytes")
+
+
+class _RemoteChurnWatch(_ChurnWatch):
+    """A worker's copy of a churn change: whoever gets it is reported to the parent,
+    which knows the receivers."""
+
+    serial: int = 0
+    conn: Connection | None = None
+
+    def offer(self, index: int, now: float) -> None:
+        if index not in self.seen:
+            self.seen.add(index)
+            assert self.conn is not None
+            self.conn.send(("offer", self.serial, index, now))
 
 
 def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
@@ -958,6 +973,17 @@ async def _worker(conn: Connection, spec: _WorkerSpec) -> None:
                 hub.watch = watch
             elif op == "unwatch":
                 hub.watch = None
+            elif op == "churn":
+                _, serial, kind, key, node_id = msg
+                churn = _RemoteChurnWatch(kind, frozenset({-1}), key=key, node_id=node_id)
+                churn.serial, churn.conn = serial, conn
+                hub.churn.append(churn)
+            elif op == "unchurn":
+                hub.churn = [w for w in hub.churn if not (isinstance(w, _RemoteChurnWatch) and w.serial == msg[1])]
+            elif op == "cancel":
+                for c in clients:
+                    if c.index == msg[1]:
+                        c.scope.cancel()
             elif op == "stats":
                 now = {k: getattr(hub, k) for k in _STAT_SUMS}
                 conn.send(("stats", {k: now[k] - sent[k] for k in _STAT_SUMS}, hub.full_map_max,
@@ -1005,6 +1031,7 @@ class _Workers:
         self.conns: list[Connection] = []
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.watches: dict[int, _Watch] = {}
+        self.churn: dict[int, _ChurnWatch] = {}
         self.stopping = False
         self._up = 0
         self._all_up = trio.Event()
@@ -1053,6 +1080,11 @@ class _Workers:
         self.send(("watch", serial, watch.kind, watch.marker, watch.expected, watch.exclude,
                    watch.receivers, watch.t0))
 
+    def publish_churn(self, watch: _ChurnWatch) -> None:
+        """Install a churn change in every worker (``("unchurn", id(watch))`` ends it)."""
+        self.churn[id(watch)] = watch
+        self.send(("churn", id(watch), watch.kind, watch.key, watch.node_id))
+
     async def collect(self) -> None:
         """Fold the workers' counters (keep-alives, full-map sizes, errors, ...) into
         the hub: each answer carries what changed since the last one."""
@@ -1076,6 +1108,8 @@ class _Workers:
                 self.watches[msg[1]].unexpected += msg[2]
             elif op == "bytes":
                 self.watches[msg[1]].bytes += msg[2]
+            elif op == "offer":
+                self.churn[msg[1]].offer(msg[2], msg[3])
             elif op == "up":
                 self._up += 1
                 if self._up >= len(self.procs):
@@ -1561,8 +1595,7 @@ async def _run_phases(n: int, server: _Server, opts: LoadgenOptions, results: Re
             results["mem_per_node_kib"] = (rss1 - rss0) / max(n, 1) / 1024
 
             if sc.name == "churn":
-                assert workers is None  # refused by the command line
-                await _churn(server, opts, hub, clients, nursery, results, sc, auth_keys)
+                await _churn(server, opts, hub, clients, n, spread, nursery, results, sc, auth_keys)
                 nursery.cancel_scope.cancel()
                 return
             if "join" in opts.phases:
@@ -1769,7 +1802,8 @@ async def _sample_rss(server: _Server, t0: float, samples: list[tuple[float, flo
 
 
 async def _churn(
-    server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client], nursery: trio.Nursery,
+    server: _Server, opts: LoadgenOptions, hub: _Hub, clients: list[_Client], n: int, updaters: set[int],
+    nursery: trio.Nursery,
     results: Results, sc: Scenario, auth_keys: Mapping[int, str],
 ) -> None:
     """Steady background change for ``opts.duration`` seconds, each change timed to
@@ -1780,30 +1814,38 @@ async def _churn(
     policy edit's: it waits for the changes under way and nothing starts until it has
     reached its receivers (nearly every change also changes some packet filters, so
     a policy edit overlapping them could not tell whose filter it is).
+
+    Clients 0 to n-1 were connected before (``clients`` here, or in ``--workers``
+    processes); the newcomers run here. The sentinel (client 0) and the updaters never change.
     """
     rng = random.Random(opts.seed)
     base = len(sc.owners)
-    live = {c.index: sc.node(c.index) for c in clients}
+    live = {i: sc.node(i) for i in range(n)}
     model = _ChurnModel(sc.users, live, sc.policy_a)
-    by_index = {c.index: c for c in clients}
-    ids: dict[str, int] = {}
+    local = {c.index: c for c in clients}  # the clients of this process
+    ids: dict[str, tuple[int, bytes]] = {}  # host name -> (node id, node key)
     done: dict[str, list[_ChurnWatch]] = {k: [] for k in _CHURN_KINDS}
-    next_index = max(by_index) + 1
+    next_index = n
     busy: set[int] = set()  # targets of changes under way
+    workers = hub.workers if isinstance(hub, _ParentHub) else None
 
-    async def node_id(client: _Client) -> int:
-        if client.node_key not in ids:
+    async def node_id(index: int) -> tuple[int, bytes]:
+        """The server's id and the node key of client ``index`` (host name ``sim-<index>``)."""
+        if f"sim-{index}" not in ids:
             listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
             assert isinstance(listed, list)
             # The admin view shows the key's hex, the protocol its "nodekey:" form.
-            ids.update({"nodekey:" + str(n["node_key"]).removeprefix("nodekey:"): int(n["id"]) for n in listed})
-        return ids[client.node_key]
+            ids.update({str(v["hostname"]): (int(v["id"]), b"nodekey:" + str(v["node_key"]).encode())
+                        for v in listed})
+        return ids[f"sim-{index}"]
 
     async def follow(watch: _ChurnWatch) -> None:
         with trio.move_on_after(_CHURN_TIMEOUT * opts.timeout_scale):
             await watch.done.wait()
             await trio.sleep(_CHURN_GRACE)
         hub.churn.remove(watch)
+        if workers is not None:
+            workers.send(("unchurn", id(watch)))
         if watch.exclude is not None:
             busy.discard(watch.exclude)
         done[watch.kind].append(watch)
@@ -1813,12 +1855,14 @@ async def _churn(
             return  # a registration retried after "try again": the clock runs already
         watch.t0 = trio.current_time()
         hub.churn.append(watch)
+        if workers is not None:
+            workers.publish_churn(watch)
         watchers.start_soon(follow, watch)
 
-    def candidates(tagged: bool) -> list[_Client]:
-        return [c for i, c in by_index.items()
-                if i in live and i not in busy and not c.sentinel and not c.updater
-                and c.has_map.is_set() and bool(live[i][1]) == tagged]
+    def candidates(tagged: bool) -> list[int]:
+        return [i for i in live
+                if i not in busy and i != 0 and i not in updaters
+                and (i not in local or local[i].has_map.is_set()) and bool(live[i][1]) == tagged]
 
     async def join(watchers: trio.Nursery) -> None:
         nonlocal next_index
@@ -1835,20 +1879,22 @@ async def _churn(
         with trio.move_on_after(10 * opts.timeout_scale):
             await newcomer.has_map.wait()
         live[index] = sc.node(index)
-        by_index[index] = newcomer
-        clients.append(newcomer)
+        local[index] = newcomer
 
     async def delete(watchers: trio.Nursery) -> None:
         pool = candidates(False) + candidates(True)
         if not pool:
             return
         victim = rng.choice(pool)
-        nid = await node_id(victim)
-        receivers = await trio.to_thread.run_sync(model.peers, victim.index)
-        victim.scope.cancel()
-        del live[victim.index]
-        busy.add(victim.index)
-        watch = _ChurnWatch("delete", receivers, node_id=nid, exclude=victim.index)
+        nid, _ = await node_id(victim)
+        receivers = await trio.to_thread.run_sync(model.peers, victim)
+        if victim in local:
+            local[victim].scope.cancel()
+        elif workers is not None:
+            workers.send(("cancel", victim))
+        del live[victim]
+        busy.add(victim)
+        watch = _ChurnWatch("delete", receivers, node_id=nid, exclude=victim)
         start(watch, watchers)
         await trio.to_thread.run_sync(server.admin, "nodes.delete", {"node": str(nid)})
 
@@ -1857,14 +1903,14 @@ async def _churn(
         if not pool:
             return
         target = rng.choice(pool)
-        user, (tag,) = live[target.index][0], live[target.index][1][:1]
+        user, (tag,) = live[target][0], live[target][1][:1]
         new = f"tag:svc{(int(tag.removeprefix('tag:svc')) + 1) % 20}"
-        nid = await node_id(target)
-        before = await trio.to_thread.run_sync(model.peers, target.index)
-        live[target.index] = (user, (new,))
-        after = await trio.to_thread.run_sync(model.peers, target.index)
-        busy.add(target.index)
-        watch = _ChurnWatch("tag", before | after, key=target.marker, node_id=nid, exclude=target.index)
+        nid, key = await node_id(target)
+        before = await trio.to_thread.run_sync(model.peers, target)
+        live[target] = (user, (new,))
+        after = await trio.to_thread.run_sync(model.peers, target)
+        busy.add(target)
+        watch = _ChurnWatch("tag", before | after, key=key, node_id=nid, exclude=target)
         start(watch, watchers)
         await trio.to_thread.run_sync(server.admin, "nodes.tag", {"node": str(nid), "tags": [new]})
 
@@ -1909,6 +1955,8 @@ async def _churn(
         while hub.churn:
             await trio.sleep(0.05)
         watchers.cancel_scope.cancel()
+    if workers is not None:
+        await workers.collect()  # their churn_bytes
     results["churn_loadgen_cpu_s"] = time.process_time() - span.own0
     results["churn_duration_s"] = span.close(results, "churn")
     after = min(60.0, opts.duration / 2)
@@ -1947,7 +1995,7 @@ def _cpu_lines(row: Results) -> list[str]:
     if not row.get("workers"):
         return []
     lines = [f"{_num(row, 'nodes') or 0:.0f} nodes, {row['workers']} workers, {row.get('pinning', '')}"]
-    for phase in ("register", "connect", "join", "policy", "reconnect"):
+    for phase in ("register", "connect", "join", "policy", "reconnect", "churn"):
         wall = _num(row, f"{phase}_wall_s")
         if wall is None:
             continue
@@ -1977,7 +2025,8 @@ def _churn_lines(row: Results) -> list[str]:
                      f"p50 {ms(f'{p}_p50_ms')} ms, p99 {ms(f'{p}_p99_ms')} ms, max {ms(f'{p}_max_ms')} ms, "
                      f"{row[f'{p}_unexpected']} unexpected")
     lines.append(f"  CPU: server {_num(row, 'churn_cpu_s') or 0:.2f} s, "
-                 f"load generator {_num(row, 'churn_loadgen_cpu_s') or 0:.2f} s")
+                 f"load generator {_num(row, 'churn_loadgen_cpu_s') or 0:.2f} s"
+                 + (f" + workers {_num(row, 'churn_workers_cpu_s') or 0:.2f} s" if row.get("workers") else ""))
     slope = _num(row, "churn_rss_slope_mib_per_min")
     lines.append(f"  server RSS {_num(row, 'churn_rss_first_mib') or 0:.0f} -> {_num(row, 'churn_rss_last_mib') or 0:.0f}"
                  f" MiB; slope after {_num(row, 'churn_rss_slope_from_s') or 0:.0f} s: "
@@ -2221,9 +2270,6 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         return 2
     if args.workers < 0:
         print("tailledger loadgen: --workers needs N >= 0", file=sys.stderr)
-        return 2
-    if args.workers and args.scenario == "churn":
-        print("tailledger loadgen: --workers is not supported with --scenario churn yet", file=sys.stderr)
         return 2
     options = LoadgenOptions(
         phases=args.phases, updaters=args.updaters, update_interval=args.update_interval,
