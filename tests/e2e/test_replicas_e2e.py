@@ -65,7 +65,12 @@ class _SwitchingProxy:
         self._listener = ns.listen_socket()
         self.port: int = self._listener.getsockname()[1]
         self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        # Guards _open and _closed: the accept thread may take a connection while
+        # close() runs, and a socket it kept after close() would never be closed.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     @property
     def url(self) -> str:
@@ -74,7 +79,9 @@ class _SwitchingProxy:
     def switch(self, backend: int) -> None:
         """Send new connections to ``backend`` and cut the current ones."""
         self.backend = backend
-        for s in self._open:
+        with self._lock:
+            current = list(self._open)
+        for s in current:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
 
@@ -89,9 +96,14 @@ class _SwitchingProxy:
             except OSError:
                 client.close()
                 continue
-            for s in (client, upstream):
-                s.settimeout(None)  # map polls stay open for minutes
-                self._open.append(s)
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                for s in (client, upstream):
+                    s.settimeout(None)  # map polls stay open for minutes
+                    self._open.append(s)
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
@@ -108,10 +120,17 @@ class _SwitchingProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._acceptor.join(timeout=5)
         self._listener.close()
         self.switch(self.backend)
-        for s in self._open:
-            s.close()
+        with self._lock:
+            for s in self._open:
+                s.close()
+            self._open.clear()
 
 
 def test_a_replica_killed_its_client_moves_to_another_and_keeps_its_node(
