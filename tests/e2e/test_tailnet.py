@@ -9,6 +9,9 @@ reaches node B's tailnet site, by tailnet IP and by MagicDNS name, and back.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import trio
 
@@ -79,6 +82,25 @@ async def test_two_nodes_talk_trio_flavour(caddy_e2e: E2EHarness) -> None:
 
 
 def test_zero_configuration_tailnet_passes_traffic(caddy_e2e: E2EHarness) -> None:
+    """The README's first command, then two clients with a pre-auth key: traffic flows.
+
+    With no configuration a server run as root keeps its log signing key in
+    ``/etc/tailledger``; whatever this test made there is removed afterwards, so the
+    suite leaves the machine as it found it.
+    """
+    system_dir = Path("/etc/tailledger")
+    before = set(system_dir.iterdir()) if system_dir.is_dir() else None
+    try:
+        _zero_configuration_run(caddy_e2e)
+    finally:
+        if before is None:
+            shutil.rmtree(system_dir, ignore_errors=True)
+        elif system_dir.is_dir():
+            for made in set(system_dir.iterdir()) - before:
+                made.unlink(missing_ok=True)
+
+
+def _zero_configuration_run(caddy_e2e: E2EHarness) -> None:
     """The README's first command, then two clients with a pre-auth key: traffic flows.
 
     ``tailledger serve`` runs with no configuration file and no ``TAILLEDGER_*``
