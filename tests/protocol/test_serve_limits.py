@@ -33,20 +33,6 @@ from .transport_harness import (
 )
 
 
-async def _eof_within(stream: trio.abc.ReceiveStream, seconds: float) -> bytes:
-    """Everything the server sends until it closes, failing after ``seconds``."""
-    out = b""
-    with trio.fail_after(seconds):
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return out
-            if not data:
-                return out
-            out += data
-
-
 async def _trickle(stream: trio.abc.SendStream, data: bytes, every: float) -> None:
     """Send ``data`` one byte every ``every`` seconds until the server is gone."""
     for byte in data:
@@ -86,7 +72,7 @@ async def test_a_head_sent_one_byte_at_a_time_is_cut_at_the_head_deadline(
     async with stream, trio.open_nursery() as senders:
         # One byte every 3 s: each read comes well within any per-read timeout.
         senders.start_soon(_trickle, stream, head, 3.0)
-        assert await _eof_within(stream, 120) == b""
+        assert await read_until_eof(stream, 120) == b""
         senders.cancel_scope.cancel()
     assert trio.current_time() - started <= 10 + 3
     assert srv.stats.timeouts["head"] == 1
@@ -105,7 +91,7 @@ async def test_keepalive_key_connections_get_a_fresh_head_deadline_per_request(
                 stream, b"GET /key?v=130 HTTP/1.1\r\nHost: x\r\n\r\n", conn=conn
             )
             assert status == 200
-        assert await _eof_within(stream, 20) == b""  # no next request: closed
+        assert await read_until_eof(stream, 20) == b""  # no next request: closed
     assert srv.stats.timeouts == {**srv.stats.timeouts, "head": 0, "keepalive": 1}
 
 
@@ -124,7 +110,7 @@ async def test_a_tls_handshake_that_never_comes_is_cut_at_its_deadline(
     async with stream, trio.open_nursery() as senders:
         # A ClientHello's first bytes, then one byte every 3 s: the handshake never ends.
         senders.start_soon(_trickle, stream, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, 3.0)
-        assert await _eof_within(stream, 120) == b""
+        assert await read_until_eof(stream, 120) == b""
         senders.cancel_scope.cancel()
     assert trio.current_time() - started <= 10 + 3
     assert srv.stats.timeouts["tls_handshake"] == 1
@@ -167,7 +153,7 @@ async def test_a_body_trickled_on_a_hypercorn_connection_is_cut_at_the_body_dead
         await stream.send_all(head)  # a whole head: the front hands it to hypercorn
         started = trio.current_time()
         senders.start_soon(_trickle, stream, b"b" * 999, 2.0)  # never the 1000th byte
-        answer = await _eof_within(stream, 300)
+        answer = await read_until_eof(stream, 300)
         senders.cancel_scope.cancel()
     # The app waits for the whole body (hypercorn itself closes a connection
     # whose app answered early), so no answer comes.
