@@ -9,8 +9,6 @@ that never takes what it is sent. Each is cut by the limit configured in
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import trio
 
 from protocol import client_conn as cc
 from protocol import fetch_server_key
+from tests.support.net import read_until_eof, wait_listening
+from tests.support.waits import wait_until
 
 from ..cli.server_process import RunningServer, free_port, running_server
 
@@ -41,19 +41,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     metrics_port = free_port()
     env = {**LIMITS, "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}"}
     with running_server(data, extra_env=env) as srv:
-        _wait_listening(srv.port)
+        wait_listening(srv.port)
         srv.metrics_port = metrics_port  # type: ignore[attr-defined]
         yield srv
-
-
-def _wait_listening(port: int) -> None:
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("the control port never listened")
 
 
 async def _exchange(stream: trio.SocketStream, path: str) -> tuple[int, bytes]:
@@ -114,19 +104,6 @@ async def metrics(server: RunningServer) -> dict[str, float]:
     return samples
 
 
-async def _eof_within(stream: trio.abc.ReceiveStream, seconds: float) -> bytes:
-    out = b""
-    with trio.fail_after(seconds):
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return out
-            if not data:
-                return out
-            out += data
-
-
 async def _tunnel(server: RunningServer, *, window: int | None = None) -> tuple[trio.SocketStream, cc.ClientConnection]:
     """A Noise tunnel with a fresh machine key, up to the early payload."""
     server_public = await fetch_server_key("127.0.0.1", server.port)
@@ -164,12 +141,12 @@ async def _still_serving(server: RunningServer) -> None:
 
 async def _until_open(server: RunningServer, count: int) -> None:
     """Wait until the server counts ``count`` connections besides the scrape's own."""
-    with trio.fail_after(10):
-        while True:
-            samples = await metrics(server)
-            if samples["tailledger_connections_open"] - samples["scrape_connections"] == count:
-                return
-            await trio.sleep(0.05)
+
+    async def open_now() -> bool:
+        samples = await metrics(server)
+        return samples["tailledger_connections_open"] - samples["scrape_connections"] == count
+
+    await wait_until(open_now, what=f"{count} open connections")
 
 
 async def _refused(server: RunningServer) -> bool:
@@ -180,7 +157,7 @@ async def _refused(server: RunningServer) -> bool:
             await stream.send_all(b"GET /key?v=130 HTTP/1.1\r\nHost: x\r\n\r\n")
         except trio.BrokenResourceError:
             return True
-        return await _eof_within(stream, 10) == b""
+        return await read_until_eof(stream, 10) == b""
 
 
 async def test_a_trickled_request_head_is_cut(server: RunningServer) -> None:
@@ -198,7 +175,7 @@ async def test_a_trickled_request_head_is_cut(server: RunningServer) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trickle)
-            assert await _eof_within(stream, 10) == b""
+            assert await read_until_eof(stream, 10) == b""
             nursery.cancel_scope.cancel()
     after = await metrics(server)
     key = 'tailledger_connection_timeouts_total{kind="head"}'
@@ -286,7 +263,7 @@ def small_server(tmp_path: Path) -> Iterator[RunningServer]:
         "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{metrics_port}",
     }
     with running_server(tmp_path / "data", extra_env=env) as srv:
-        _wait_listening(srv.port)
+        wait_listening(srv.port)
         srv.metrics_port = metrics_port  # type: ignore[attr-defined]
         yield srv
 

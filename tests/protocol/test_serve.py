@@ -30,6 +30,7 @@ from protocol.errors import HandshakeError, RemoteProtocolError
 from protocol.noise.handshake import ClientHandshake
 from protocol.noise.transport import NoiseTransport
 from protocol.upgrade import UPGRADE_RESPONSE
+from tests.support.net import read_until_eof
 
 from .transport_harness import (
     EchoHandler,
@@ -39,7 +40,6 @@ from .transport_harness import (
     make_tls_files,
     open_raw_tunnel,
     pattern,
-    read_until_eof,
     start_server,
     upgrade_request_with,
 )

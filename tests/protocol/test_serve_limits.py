@@ -20,6 +20,7 @@ import trio.testing
 
 from protocol import ServeOptions, load_ssl_context
 from protocol import client_conn as cc
+from tests.support.net import read_until_eof
 
 from .test_h2_bridge import Pair
 from .transport_harness import (
@@ -28,7 +29,6 @@ from .transport_harness import (
     http_exchange,
     make_tls_files,
     open_raw_tunnel,
-    read_until_eof,
     start_server,
 )
 

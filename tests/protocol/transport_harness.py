@@ -304,19 +304,6 @@ async def http_exchange(
             return status, headers, body, conn
 
 
-async def read_until_eof(stream: trio.abc.Stream, limit: float = 5) -> bytes:
-    out = b""
-    with trio.fail_after(limit):
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return out  # connection reset counts as closed
-            if not data:
-                return out
-            out += data
-
-
 @dataclass
 class RawTunnel:
     """A sans-I/O client core on a plain socket, for byte-level misbehaviour."""

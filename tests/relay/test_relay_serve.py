@@ -26,7 +26,8 @@ from relay.derp.client import (
     PongReceived,
 )
 from relay.keys import generate_private_key, public_key_of
-from tests.support.relay_helpers import recv_packet, recv_until, running_relay, wait_for
+from tests.support.relay_helpers import recv_packet, recv_until, running_relay
+from tests.support.waits import wait_until
 
 
 async def pair(url: str, **kwargs: object) -> tuple[DerpClient, DerpClient]:
@@ -130,7 +131,7 @@ async def test_reauthorize_closes_clients_the_authorizer_now_refuses(tmp_path: P
         assert relay.reauthorize() == 1
         with pytest.raises(ConnectionClosedError):
             await recv_until(clients[1], lambda e: False)
-        await wait_for(lambda: relay.stats().current_connections == 2)
+        await wait_until(lambda: relay.stats().current_connections == 2)
         for c in clients:
             await c.aclose()
 
@@ -142,7 +143,7 @@ async def test_abuse_does_not_hurt_other_clients(tmp_path: Path) -> None:
             # Packets to nobody: dropped and counted, the sender stays connected.
             for _ in range(20):
                 await a.send(b"\x01" * 32, b"into the void")
-            await wait_for(lambda: relay.stats().drops["unknown_dest"] == 20)
+            await wait_until(lambda: relay.stats().drops["unknown_dest"] == 20)
 
             # A malformed frame (SendPacket shorter than a key) kills only its sender.
             async with await connect_derp(relay.url, generate_private_key()) as evil:
@@ -187,7 +188,7 @@ async def test_slow_reader_gets_drops_and_does_not_stall_others(tmp_path: Path) 
             with trio.fail_after(10):
                 for i in range(0, 1000, 100):
                     assert (await recv_packet(b)).data == b"tick %d" % i
-            await wait_for(lambda: relay.stats().drops["queue_full"] > 0)
+            await wait_until(lambda: relay.stats().drops["queue_full"] > 0)
             assert relay.stats().drops["unknown_dest"] == 0
             io = relay.io_stats()
             # The kernel stopped taking bytes for `slow`: the reader's direct
@@ -205,8 +206,8 @@ async def test_write_timeout_disconnects_a_stuck_reader(tmp_path: Path) -> None:
                 await a.send(stuck.public_key, b"\x00" * 60_000)
                 if relay.stats().drops["write_error"]:
                     break
-            await wait_for(lambda: relay.stats().drops["write_error"] > 0, seconds=10)
-            await wait_for(lambda: not relay.core.is_connected(stuck.public_key))
+            await wait_until(lambda: relay.stats().drops["write_error"] > 0, seconds=10)
+            await wait_until(lambda: not relay.core.is_connected(stuck.public_key))
             assert relay.io_stats().write_timeouts == 1
 
 
@@ -238,7 +239,7 @@ async def test_full_mesh_forwards_both_ways_and_reports_peer_gone(tmp_path: Path
         a = await connect_derp(p.url, generate_private_key())
         b = await connect_derp(q.url, generate_private_key())
         async with b:
-            await wait_for(lambda: p.stats().forwarded_keys == 1 and q.stats().forwarded_keys == 1)
+            await wait_until(lambda: p.stats().forwarded_keys == 1 and q.stats().forwarded_keys == 1)
             await a.send(b.public_key, b"p to q")
             assert await recv_packet(b) == PacketReceived(source=a.public_key, data=b"p to q")
             await b.send(a.public_key, b"q to p")
@@ -250,7 +251,7 @@ async def test_full_mesh_forwards_both_ways_and_reports_peer_gone(tmp_path: Path
             await a.aclose()
             gone = await recv_until(b, lambda e: isinstance(e, PeerGoneReceived))
             assert gone == PeerGoneReceived(peer=a.public_key, reason=f.PeerGoneReason.DISCONNECTED)
-            await wait_for(lambda: q.stats().forwarded_keys == 0)
+            await wait_until(lambda: q.stats().forwarded_keys == 0)
 
 
 async def test_one_way_mesh_only_forwards_one_way(tmp_path: Path) -> None:
@@ -262,13 +263,13 @@ async def test_one_way_mesh_only_forwards_one_way(tmp_path: Path) -> None:
         on_p = await connect_derp(p.url, generate_private_key())
         on_q = await connect_derp(q.url, generate_private_key())
         async with on_p, on_q:
-            await wait_for(lambda: q.core.stats().forwarded_keys == 1)
+            await wait_until(lambda: q.core.stats().forwarded_keys == 1)
             await on_q.send(on_p.public_key, b"q to p")
             assert (await recv_packet(on_p)).data == b"q to p"
             # p has no link to q, so it cannot know on_q: every relay of a
             # region must mesh with every other one.
             await on_p.send(on_q.public_key, b"p to q")
-            await wait_for(lambda: p.stats().drops["unknown_dest"] == 1)
+            await wait_until(lambda: p.stats().drops["unknown_dest"] == 1)
 
 
 async def test_mesh_link_to_ourselves_is_ignored(tmp_path: Path) -> None:
@@ -283,7 +284,7 @@ async def test_mesh_link_to_ourselves_is_ignored(tmp_path: Path) -> None:
         # Wait until the link has been tried and refused (a client claiming the
         # relay's own key is a protocol error), not for a fixed while: a sleep
         # passes without the link having even connected.
-        await wait_for(lambda: s.stats().refused_protocol >= 1)
+        await wait_until(lambda: s.stats().refused_protocol >= 1)
         assert s2.stats().forwarded_keys == 0
         assert s.stats().watchers == 0
 

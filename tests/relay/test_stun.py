@@ -21,7 +21,7 @@ from relay.errors import (
     StunError,
 )
 from relay.serve import serve_stun
-from tests.support.relay_helpers import wait_for
+from tests.support.waits import wait_until
 
 
 def h(text: str) -> bytes:
@@ -207,7 +207,7 @@ async def test_stun_server_answers_with_the_mapped_address() -> None:
             with trio.fail_after(5):
                 reply, _ = await sock.recvfrom(2048)
         assert stun.parse_binding_response(reply) == (txid, "127.0.0.1", my_port)
-        await wait_for(lambda: server.stats().responses == 1)
+        await wait_until(lambda: server.stats().responses == 1)
         stats = server.stats()
         assert (stats.requests, stats.responses, stats.not_stun, stats.malformed) == (1, 1, 1, 1)
         nursery.cancel_scope.cancel()

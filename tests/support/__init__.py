@@ -11,7 +11,11 @@ imports it, it moves here, so test packages never import each other.
   projections.
 * :mod:`tests.support.relay_helpers` -- sans-I/O relay logins, running relays, waits
   for relay events (relay tests and the DERP-on-the-control-port test).
+* :mod:`tests.support.waits` -- polling a condition with a deadline, for what has
+  nothing to wait on (another process, a worker thread); its docstring says when to
+  use trio's virtual clock or ``wait_all_tasks_blocked`` instead.
 * :mod:`tests.support.accounts` -- running the CLI as another Unix account (cli and
   e2e audit tests).
-* :mod:`tests.support.net` -- waiting for another process's port.
+* :mod:`tests.support.net` -- waiting for another process's port, reading a
+  connection to its end.
 """

@@ -121,11 +121,3 @@ async def recv_packet(client: DerpClient, *, seconds: float = 5.0) -> PacketRece
     event = await recv_until(client, lambda e: isinstance(e, PacketReceived), seconds=seconds)
     assert isinstance(event, PacketReceived)
     return event
-
-
-async def wait_for(condition: Callable[[], bool], *, seconds: float = 5.0) -> None:
-    """Poll ``condition`` until true (for relay state that changes without an event)."""
-    with trio.fail_after(seconds):
-        # Relay counters have no event to wait on, so polling is the honest way.
-        while not condition():
-            await trio.sleep(0.01)
