@@ -40,7 +40,8 @@ from projections.derpmap import (
 from projections.netmap import NetmapSettings
 from projections.policy import TailnetSettings
 from projections.policystate import PolicyCompiler
-from projections.presence import PresenceTable, persist_presence
+from projections.presence import PresenceTable
+from projections.presence_io import persist_presence
 from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
 from protocol import (
     ConnectionStats,
