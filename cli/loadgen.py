@@ -130,7 +130,7 @@ import msgspec
 import trio
 import zstandard
 
-from projections.mapviews import class_key
+from projections.mapviews.hub import class_key
 from projections.policy import (
     CompiledPolicy,
     PolicyNode,
@@ -1377,7 +1377,7 @@ class Expectations:
     Attributes:
         join: the clients that can see the newcomer.
         policy: the clients whose packet filter the scenario's policy change changes.
-        classes: visibility classes (:func:`projections.mapviews.class_key`).
+        classes: visibility classes (:func:`projections.mapviews.hub.class_key`).
         peers_avg, peers_median, peers_max: peers per node.
     """
 

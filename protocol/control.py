@@ -60,7 +60,9 @@ from eventlog.sidetables import Admission, PendingRegistration
 from projections import AddressPlan, CommandError, NotFoundError, Tailnet, UnavailableError
 from projections import commands as c
 from projections.admin import AdminOps
-from projections.mapviews import MapHub, MapMessage, StreamCursor
+from projections.mapviews.cursor import StreamCursor
+from projections.mapviews.hub import MapHub
+from projections.mapviews.peersets import MapMessage
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable

@@ -7,7 +7,7 @@ Run from the repository root::
 
 A benchmark script, not a test: it prints figures and asserts nothing. It builds the
 scenario's tailnet through real commands into an in-memory log, opens a
-:class:`~projections.mapviews.StreamCursor` for every node (full maps), and then
+:class:`~projections.mapviews.cursor.StreamCursor` for every node (full maps), and then
 times what the server's map fan-out does for one change -- ``MapHub.advance`` plus
 every stream's ``update`` -- with ``time.process_time``:
 
@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cli.scenarios import scenario
 from projections import commands as c
 from projections.delta import EMPTY
-from projections.mapviews import MapHub, StreamCursor, join_pieces
+from projections.mapviews.cursor import StreamCursor
+from projections.mapviews.hub import MapHub
+from projections.mapviews.peersets import join_pieces
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap

@@ -26,10 +26,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections import CommandError, mapviews
+from projections import CommandError
 from projections import commands as c
 from projections.delta import EMPTY
-from projections.mapviews import MapHub, StreamCursor, join_pieces
+from projections.mapviews import peersets
+from projections.mapviews.cursor import StreamCursor
+from projections.mapviews.hub import MapHub
+from projections.mapviews.peersets import join_pieces
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
@@ -98,7 +101,7 @@ def _comparable(msg: MapResponse) -> dict[str, object]:
 def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, int]]) -> None:
     # Full maps are cut into shared pieces of CHUNK peers; make pieces tiny so every
     # history has many (the stream's own piece, shared ones, the first one).
-    with patch.object(mapviews, "CHUNK", 3):
+    with patch.object(peersets, "CHUNK", 3):
         _check_history(policy_index, ops)
 
 
@@ -252,7 +255,7 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
     gc.collect()
     current = hub.peer_set(nodes[0])
     assert [v() for v in versions if v() is not None] == [current]
-    live_peers = [o for o in gc.get_objects() if isinstance(o, mapviews.Peer)]
+    live_peers = [o for o in gc.get_objects() if isinstance(o, peersets.Peer)]
     assert len(live_peers) == len(current.peers)
 
 

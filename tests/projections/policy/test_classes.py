@@ -1,6 +1,6 @@
 """Visibility classes are sound on every conformance tailnet.
 
-:func:`projections.mapviews.class_key` claims that nodes with equal keys see every
+:func:`projections.mapviews.hub.class_key` claims that nodes with equal keys see every
 other node identically, which lets the server compute one peer view per class. Here
 the claim is checked against the engine's per-node answers on all of Tailscale's
 captured tailnets and policies: for any two nodes ``a`` and ``b`` of one class, the
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.policy_evaluate import build_tailnet
-from projections.mapviews import class_key
+from projections.mapviews.hub import class_key
 from projections.policy import PolicyError, check_policy_against, compile_policy, parse_policy
 
 from .compare import CONFORMANCE_DIR, case_paths

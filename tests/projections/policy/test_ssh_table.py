@@ -8,7 +8,7 @@ leaves and changes, after every step:
 * every node's SSH policy rendered from its :class:`SSHTable` key equals
   :func:`compile_ssh_policy` for that node;
 * an answer kept from an earlier table because its tokens are the same objects
-  (what :class:`~projections.mapviews.SSHCache` relies on) still equals the
+  (what :class:`~projections.mapviews.hub.SSHCache` relies on) still equals the
   reference;
 * every node outside :meth:`CompiledPolicy.filters_changed_since` has the very same
   packet filter as before the step, and the filters equal a fresh compile's;

@@ -1,0 +1,490 @@
+"""The hub: visibility classes and one peer set per class for the current state (pure).
+
+**Visibility classes.** :func:`class_key` gives every node a key made of what the
+policy can tell it apart by: its identity keys (user, the groups and domains that
+follow from the user, member/tagged, tags), which address aliases of the policy
+contain its addresses, and its ``nodeAttrs``. Nodes with equal keys are interchangeable
+to the policy, so they see every *other* node the same way (same visibility, same
+AllowedIPs). A subnet router or exit node (its routes change what it sees) and every
+node under a policy with ``via`` grants get a class of their own.
+
+**Advancing.** :class:`MapHub` folds (state, presence) changes into new peer sets
+(:mod:`.peersets`), one per class:
+
+* when only nodes changed (joins, leaves, renames, tags, keys, presence, expiry) and
+  no subnet router was involved, a node's change can only change how others see
+  *that* node (the policy's sets gain or lose only its addresses), so each class
+  re-evaluates just the changed nodes through one representative member:
+  cost is classes x changed nodes;
+* a policy change, a user change or a change involving routes (primary routes may
+  move) rebuilds every class from the compiled policy (classes x peers), reusing the
+  shared peer objects, so streams whose view did not change get nothing.
+
+Every advance bumps :attr:`MapHub.seq`. Beside the peer sets the hub records, per
+node, the sequence number at which its self node or packet filter may have changed
+(:meth:`MapHub.self_dirty_since`, :meth:`MapHub.filter_dirty_since`), so a stream
+(:mod:`.cursor`) recomputes only those parts a change can affect:
+
+* the self node only for nodes that changed (or after a rebuild);
+* the packet filter only for nodes whose filter the change may touch
+  (:meth:`~projections.policy.CompiledPolicy.filters_changed_since`: destinations
+  of rules that differ, the changed nodes and their owners' devices);
+* the SSH policy comes from :class:`SSHCache`: one JSON per SSH key (nodes that are
+  the destinations of the same rules share it), rebuilt only when a token it was
+  built from changed, so a join re-encodes the SSH policy of the destinations of the
+  rules whose sources gained its addresses, once per key.
+
+Nothing here reads a clock or does I/O: time and state are arguments.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+import immutables
+import msgspec
+
+from ..delta import Delta
+from ..netmap import NetmapSettings, PresenceOf, profiles_for, user_id_shown
+from ..policy import CompiledPolicy
+from ..policy.document import AliasKind
+from ..policy.resolve import node_keys
+from ..policy.ssh import SSHKey, SSHTable
+from ..policystate import PolicyCompiler
+from ..state import Node, TailnetState
+from ..tailcfg import UserProfile
+from .peersets import MapMessage, Peer, PeerCache, PeerSet
+
+__all__ = ["HubStats", "MapHub", "SSHCache", "class_key"]
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+# -- visibility classes ------------------------------------------------------------------
+
+
+def _address_aliases(compiled: CompiledPolicy) -> list[object]:
+    """The address sets (hosts, CIDRs, IPs) the policy's grants name."""
+    seen: dict[object, object] = {}
+    for grant in compiled.sources:
+        for alias in (*grant.src, *grant.dst):
+            if alias.kind in (AliasKind.HOST, AliasKind.PREFIX) and alias not in seen:
+                seen[alias] = compiled.resolver.addresses(alias)
+    return list(seen.values())
+
+
+def class_key(compiled: CompiledPolicy, node_id: int, address_sets: list[object] | None = None) -> Hashable:
+    """What the policy can tell ``node_id`` apart by (see the module docstring).
+
+    Nodes with equal keys see every other node identically.
+    """
+    info = compiled.tailnet.nodes[node_id]
+    if compiled.via_grants or info.subnet_routes or info.exit_routes or info.node.routable_ips:
+        return ("node", node_id)
+    if address_sets is None:
+        address_sets = _address_aliases(compiled)
+    inside = tuple(s.contains_any(info.addrs) for s in address_sets)  # type: ignore[attr-defined]
+    return (
+        frozenset(node_keys(info, compiled.tailnet)),
+        inside,
+        compiled.node_attrs.get(node_id, ()),
+    )
+
+
+# -- the hub ---------------------------------------------------------------------------------
+
+
+@dataclass
+class HubStats:
+    """How the hub advanced (for metrics and benchmarks)."""
+
+    incremental: int = 0
+    rebuilds: int = 0
+    peer_evaluations: int = 0
+    #: SSH policies rendered and encoded (once per SSH key whose tokens changed).
+    ssh_renders: int = 0
+    #: Packet filters recomputed by stream updates (only nodes a change may affect).
+    filter_evaluations: int = 0
+
+
+class SSHCache:
+    """SSH policy JSON per SSH key, kept across compiles of the same policy text.
+
+    A node's key (:meth:`SSHTable.key`) is kept until the node changes (or the
+    users or the policy do); an answer is reused while the tokens it was built from
+    (:meth:`SSHTable.deps`) are the same objects in the current table, checked once
+    per key and table.
+    """
+
+    def __init__(self, stats: HubStats) -> None:
+        self._stats = stats
+        self._compiled: CompiledPolicy | None = None
+        self._table: SSHTable | None = None
+        self._keys: dict[int, SSHKey] = {}
+        self._canon: dict[SSHKey, SSHKey] = {}
+        #: key -> [deps, JSON, table generation it was last checked in]
+        self._entries: dict[SSHKey, tuple[tuple[object, ...], bytes, int]] = {}
+        self._gen = 0
+
+    def advance(self, compiled: CompiledPolicy, changed: Iterable[int] | None) -> None:
+        """Follow ``compiled``; ``changed`` are the nodes that changed since the last
+        call (None: every node, after a change of users, routes or policy)."""
+        if compiled is self._compiled:
+            return
+        previous, before = self._table, self._compiled
+        infos = None
+        if changed is not None and before is not None:
+            infos = [t.nodes[nid] for nid in changed for t in (before.tailnet, compiled.tailnet) if nid in t.nodes]
+        if previous is None or compiled.policy is not previous.policy:
+            previous = None
+            self._keys.clear()
+            self._canon.clear()
+            self._entries.clear()
+        elif changed is None:
+            self._keys.clear()
+        else:
+            for nid in changed:
+                self._keys.pop(nid, None)
+        self._compiled, self._table = compiled, compiled.ssh_table(previous, infos)
+        self._gen += 1
+        if len(self._entries) > 2 * len(self._keys) + 64:
+            live = set(self._keys.values())
+            self._entries = {k: v for k, v in self._entries.items() if k in live}
+            self._canon = {k: k for k in live}
+
+    def json(self, node_id: int) -> bytes | None:
+        """The node's SSH policy as JSON (None when the policy has no ``ssh`` section)."""
+        table, compiled = self._table, self._compiled
+        assert table is not None and compiled is not None
+        if table.policy.ssh is None:
+            return None
+        key = self._keys.get(node_id)
+        if key is None:
+            key = table.key(compiled.tailnet.nodes[node_id])
+            key = self._keys[node_id] = self._canon.setdefault(key, key)
+        entry = self._entries.get(key)
+        if entry is not None and entry[2] != self._gen:
+            deps = table.deps(key)
+            if len(deps) == len(entry[0]) and all(a is b for a, b in zip(deps, entry[0], strict=True)):
+                entry = self._entries[key] = (entry[0], entry[1], self._gen)
+            else:
+                entry = None
+        if entry is None:
+            self._stats.ssh_renders += 1
+            entry = self._entries[key] = (table.deps(key), _encoder.encode(table.render(key)), self._gen)
+        return entry[1]
+
+
+@dataclass(eq=False)
+class MapHub:
+    """Peer sets for every class of the current state (see the module docstring).
+
+    Drive it with :meth:`advance` (the log and presence changes since the last call);
+    streams read it through :class:`StreamCursor`.
+    """
+
+    policy: PolicyCompiler
+    settings: NetmapSettings
+    presence: PresenceOf
+    stats: HubStats = field(default_factory=HubStats)
+    seq: int = 0
+    state: TailnetState | None = None
+    now: datetime | None = None
+    compiled: CompiledPolicy | None = None
+    _cache: PeerCache = field(default_factory=PeerCache)
+    _key_of: dict[int, Hashable] = field(default_factory=dict)
+    _members: dict[Hashable, set[int]] = field(default_factory=dict)
+    #: class key -> the one object of it that _key_of uses (interned).
+    _canon: dict[Hashable, Hashable] = field(default_factory=dict)
+    _classes: dict[Hashable, PeerSet] = field(default_factory=dict)
+    #: node id -> hub seq at which its self node (and filter) may have changed.
+    _dirty: dict[int, int] = field(default_factory=dict)
+    #: node id -> hub seq at which its packet filter may have changed.
+    _filter_dirty: dict[int, int] = field(default_factory=dict)
+    #: hub seq at which every node's self node and filter may have changed.
+    _all_dirty: int = 0
+    #: hub seq at which every node's filter may have changed.
+    _filters_dirty: int = 0
+    _ssh: SSHCache | None = None
+    _expiries: tuple[TailnetState | None, list[datetime]] = (None, [])
+    _messages: dict[bytes, MapMessage] = field(default_factory=dict)
+
+    # -- reading -------------------------------------------------------------------
+
+    def peer_set(self, node_id: int) -> PeerSet:
+        return self._classes[self._key_of[node_id]]
+
+    def classes(self) -> int:
+        return len(self._classes)
+
+    def next_expiry(self) -> datetime | None:
+        """The next key expiry after :attr:`now` (the driver advances then)."""
+        if self.state is None or self.now is None:
+            return None
+        times = self._expiry_times(self.state)
+        i = bisect.bisect_right(times, self.now)
+        return times[i] if i < len(times) else None
+
+    def ssh_json(self, node_id: int) -> bytes | None:
+        """The node's SSH policy JSON, shared by every node with the same SSH key."""
+        assert self._ssh is not None
+        return self._ssh.json(node_id)
+
+    def shared(self, json: bytes) -> MapMessage:
+        """One :class:`MapMessage` per distinct content within a hub version."""
+        msg = self._messages.get(json)
+        if msg is None:
+            msg = self._messages[json] = MapMessage(json)
+        return msg
+
+    # -- advancing ---------------------------------------------------------------------
+
+    def advance(self, state: TailnetState, now: datetime, delta: Delta, presence_changed: Iterable[int]) -> None:
+        """Bring every class to ``state`` at ``now``.
+
+        Args:
+            state: the current projection.
+            now: the time of this version (expired keys drop out of views).
+            delta: the log changes since the previous call (merged).
+            presence_changed: nodes whose presence changed since the previous call.
+        """
+        old_state, old_now, old_compiled = self.state, self.now, self.compiled
+        compiled = self.policy.compiled(state)
+        if self._ssh is None:
+            self._ssh = SSHCache(self.stats)
+        self.seq += 1
+        self._messages = {}
+        changed = set(delta.nodes_changed) | set(delta.nodes_removed)
+        if old_state is None or old_now is None or self._needs_rebuild(old_state, state, delta, changed):
+            self.state, self.now, self.compiled = state, now, compiled
+            self._rebuild(state, now, compiled)
+            return
+        expired = self._expired_between(state, old_now, now)
+        self.state, self.now, self.compiled = state, now, compiled
+        self._incremental(state, now, compiled, changed, set(presence_changed) | expired, delta)
+        if compiled is not old_compiled:
+            assert old_compiled is not None
+            self._ssh.advance(compiled, changed)
+            affected = compiled.filters_changed_since(old_compiled, changed)
+            if affected is None:
+                self._filters_dirty = self.seq
+            else:
+                for nid in affected:
+                    self._filter_dirty[nid] = self.seq
+
+    def _needs_rebuild(self, old: TailnetState, new: TailnetState, delta: Delta, changed: set[int]) -> bool:
+        if delta.policy or delta.users_changed or delta.users_removed:
+            return True
+        for nid in changed:
+            for s in (old, new):
+                n = s.nodes.get(nid)
+                if n is not None and (n.advertised_routes or n.approved_routes):
+                    return True  # a route can move a primary: others' views change
+        return False
+
+    def _expiry_times(self, state: TailnetState) -> list[datetime]:
+        if self._expiries[0] is not state:
+            self._expiries = (state, sorted(n.expiry for n in state.nodes.values() if n.expiry is not None))
+        return self._expiries[1]
+
+    def _expired_between(self, state: TailnetState, start: datetime, end: datetime) -> set[int]:
+        times = self._expiry_times(state)
+        if bisect.bisect_right(times, start) == bisect.bisect_right(times, end):
+            return set()
+        return {n.id for n in state.nodes.values() if n.expiry is not None and start < n.expiry <= end}
+
+    def _rebuild(self, state: TailnetState, now: datetime, compiled: CompiledPolicy) -> None:
+        self.stats.rebuilds += 1
+        self._cache.rebuilt()
+        aliases = _address_aliases(compiled)
+        # One key object per class, not an equal copy per node.
+        canon: dict[Hashable, Hashable] = {}
+        keys: dict[int, Hashable] = {}
+        for nid in state.nodes:
+            key = class_key(compiled, nid, aliases)
+            keys[nid] = canon.setdefault(key, key)
+        self._canon = canon
+        members: dict[Hashable, set[int]] = {}
+        for nid, key in keys.items():
+            members.setdefault(key, set()).add(nid)
+        classes: dict[Hashable, PeerSet] = {}
+        for key, mem in members.items():
+            entries = self._class_entries(state, now, compiled, mem)
+            classes[key] = _next_version(self._classes.get(key), entries, _users(state, entries.values()))
+        self._key_of, self._members, self._classes = keys, members, classes
+        self._all_dirty = self.seq
+        assert self._ssh is not None
+        self._ssh.advance(compiled, None)
+
+    def _class_entries(
+        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, members: set[int]
+    ) -> dict[int, Peer]:
+        """Every peer the members see (each other included), from one representative."""
+        rep = min(members)
+        entries: dict[int, Peer] = {}
+        for view in compiled.peers(rep):
+            peer = state.nodes[view.node_id]
+            if not peer.is_expired(now):
+                entries[view.node_id] = self._cache.get(peer, self.presence(peer.id), view, self.settings)
+        self.stats.peer_evaluations += len(entries)
+        if len(members) > 1:
+            other = min(members - {rep})
+            view_of_rep = compiled.peer_view(other, rep)
+            node = state.nodes[rep]
+            if view_of_rep is not None and not node.is_expired(now):
+                entries[rep] = self._cache.get(node, self.presence(rep), view_of_rep, self.settings)
+        return entries
+
+    def _incremental(
+        self,
+        state: TailnetState,
+        now: datetime,
+        compiled: CompiledPolicy,
+        changed: set[int],
+        presence_only: set[int],
+        delta: Delta,
+    ) -> None:
+        self.stats.incremental += 1
+        presence_only -= changed
+        aliases: list[object] | None = None
+        new_keys: set[Hashable] = set()
+        lone: dict[Hashable, int] = {}
+        for nid in sorted(changed):
+            old_key = self._key_of.pop(nid, None)
+            if old_key is not None:
+                self._members[old_key].discard(nid)
+            if nid not in state.nodes:
+                continue
+            if aliases is None:
+                aliases = _address_aliases(compiled)
+            key = class_key(compiled, nid, aliases)
+            key = self._canon.setdefault(key, key)
+            self._key_of[nid] = key
+            members = self._members.setdefault(key, set())
+            if not members:
+                new_keys.add(key)
+            elif len(members) == 1:
+                # The lone member had nobody to be shown to: evaluate it now.
+                lone[key] = next(iter(members))
+            members.add(nid)
+        classes: dict[Hashable, PeerSet] = {}
+        for key, mem in self._members.items():
+            if not mem:
+                continue
+            old = self._classes.get(key)
+            if key in new_keys or old is None:
+                entries = self._class_entries(state, now, compiled, mem)
+                classes[key] = _next_version(old, entries, _users(state, entries.values()))
+                continue
+            extra = {lone[key]} if key in lone else set()
+            classes[key] = self._update_class(state, now, compiled, old, mem, changed | extra, presence_only)
+        self._members = {k: m for k, m in self._members.items() if m}
+        if len(self._canon) > len(self._members):
+            self._canon = {k: k for k in self._members}
+        self._classes = classes
+        for nid in changed | presence_only:
+            self._dirty[nid] = self.seq
+
+    def _update_class(
+        self,
+        state: TailnetState,
+        now: datetime,
+        compiled: CompiledPolicy,
+        old: PeerSet,
+        members: set[int],
+        changed: set[int],
+        presence_only: set[int],
+    ) -> PeerSet:
+        peers = old.peers.mutate()
+        users = old.users
+        touched: set[int] = set()
+        for nid in changed:
+            node = state.nodes.get(nid)
+            rep = _representative(members, nid)
+            view = None
+            if node is not None and rep is not None and not node.is_expired(now):
+                view = compiled.peer_view(rep, nid)
+                self.stats.peer_evaluations += 1
+            before = peers.get(nid)
+            if view is None:
+                if before is not None:
+                    del peers[nid]
+                    touched.add(nid)
+                continue
+            assert node is not None
+            after = self._cache.get(node, self.presence(nid), view, self.settings)
+            if after is not before:
+                peers[nid] = after
+                touched.add(nid)
+                users = _with_user(state, users, node)
+        for nid in presence_only:
+            before = peers.get(nid)
+            node = state.nodes.get(nid)
+            if before is None or node is None:
+                continue
+            if node.is_expired(now):
+                del peers[nid]
+                touched.add(nid)
+                continue
+            after = self._cache.get(node, self.presence(nid), before.view, self.settings)
+            if after is not before:
+                peers[nid] = after
+                touched.add(nid)
+        if not touched and users is old.users:
+            return old
+        return PeerSet(peers.finish(), users, old, frozenset(touched))
+
+    # -- per-stream dirtiness ----------------------------------------------------------
+
+    def self_dirty_since(self, node_id: int, seq: int) -> bool:
+        return self._all_dirty > seq or self._dirty.get(node_id, 0) > seq
+
+    def filter_dirty_since(self, node_id: int, seq: int) -> bool:
+        return (
+            self._filters_dirty > seq
+            or self._filter_dirty.get(node_id, 0) > seq
+            or self.self_dirty_since(node_id, seq)
+        )
+
+    def forget(self, node_id: int) -> None:
+        self._dirty.pop(node_id, None)
+        self._filter_dirty.pop(node_id, None)
+
+
+def _representative(members: set[int], exclude: int) -> int | None:
+    for m in members:
+        if m != exclude:
+            return m
+    return None
+
+
+def _users(state: TailnetState, peers: Iterable[Peer]) -> immutables.Map[int, UserProfile]:
+    return immutables.Map({p.id: p for p in profiles_for(state, (peer.node for peer in peers))})
+
+
+def _with_user(
+    state: TailnetState, users: immutables.Map[int, UserProfile], node: Node
+) -> immutables.Map[int, UserProfile]:
+    uid = user_id_shown(node)
+    if uid in users:
+        return users
+    for p in profiles_for(state, [node]):
+        users = users.set(p.id, p)
+    return users
+
+
+def _next_version(
+    old: PeerSet | None, entries: dict[int, Peer], users: immutables.Map[int, UserProfile]
+) -> PeerSet:
+    """A peer set for ``entries``: ``old`` itself when nothing differs, else a child of it."""
+    if old is None:
+        return PeerSet(immutables.Map(entries), users)
+    touched = {nid for nid, p in entries.items() if old.peers.get(nid) is not p}
+    touched |= {nid for nid in old.peers if nid not in entries}
+    if not touched and old.users == users:
+        return old
+    return PeerSet(immutables.Map(entries), users, old, frozenset(touched))

@@ -1,0 +1,423 @@
+"""Peer sets and their change journal: what one visibility class is shown (pure).
+
+Every visibility class (see :mod:`.hub`) has one :class:`PeerSet`: an immutable map
+from node id to the shared :class:`Peer` (wire node and its JSON) that members are
+shown, which includes the members themselves; a stream leaves its own node out.
+
+**Sharing.** A :class:`Peer` is made once per node and viewer-dependent view
+(:class:`PeerCache`) and shared by every class and version that shows it; a stream
+that did not see a peer change is handed the very same object, so "did it change"
+is an identity test.
+
+**The journal.** A new version records its parent's journal entry (:class:`_Link`)
+and the ids that changed, so bringing a stream from any recent version to the current
+one costs the size of the change (:func:`diff_peer_sets`); a stream more than
+:data:`JOURNAL_DEPTH` versions behind gets an entry-by-entry comparison. Links hold
+ids, not peers, so a superseded version (and the peers only it showed) is freed once
+no stream is on it. The diff from a version to its successor is computed once and
+kept by the older version, and, encoded once, is the same bytes for every member
+whose own node is not in it.
+
+**Full maps.** A current version cuts its peers' JSON into pieces of :data:`CHUNK`
+peers in id order (:meth:`PeerSet.full_map_pieces`); pieces not holding the stream's
+own node are shared by every member, and a new version takes over the unchanged
+pieces of the version before.
+
+Invariant: a :class:`PeerSet`'s ``peers`` and ``users`` never change after
+construction; its caches (the diff to its successor, the full-map pieces) are derived
+from them alone.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import immutables
+import msgspec
+
+from ..netmap import NetmapSettings, wire_node
+from ..policy import PeerView
+from ..presence import NodePresence
+from ..state import Node
+from ..tailcfg import MapResponse, PeerChange, UserProfile
+from ..tailcfg import Node as WireNode
+
+__all__ = [
+    "CHUNK",
+    "JOURNAL_DEPTH",
+    "MapMessage",
+    "Peer",
+    "PeerCache",
+    "PeerDiff",
+    "PeerSet",
+    "diff_peer_sets",
+    "encode_update",
+    "join_pieces",
+]
+
+_encoder: Final = msgspec.json.Encoder()
+#: How many versions back a peer set remembers its parents; a stream further behind
+#: gets a full comparison (still computed once per pair of versions, not per stream).
+JOURNAL_DEPTH: Final = 1024
+#: Peers per shared piece of a full map (see :meth:`PeerSet.full_map_pieces`).
+CHUNK: Final = 128
+
+
+class Peer:
+    """One peer as a class of viewers sees it: the wire node and its JSON, shared by
+    every peer set and stream that shows this version.
+
+    The wire node is kept beside the JSON: diffs compare and send wire nodes, and
+    decoding them again from the JSON when needed churned the heap during connect
+    storms (pymalloc arenas left half empty cost more than the wire nodes saved).
+    """
+
+    __slots__ = ("_json", "node", "presence", "view", "wire")
+
+    def __init__(self, node: Node, presence: NodePresence | None, view: PeerView, wire: WireNode) -> None:
+        self.node = node
+        self.presence = presence
+        self.view = view
+        self.wire = wire
+        self._json: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = _encoder.encode(self.wire)
+        return self._json
+
+
+class PeerCache:
+    """Shared :class:`Peer` objects, keyed by node and the viewer-dependent view.
+
+    An entry is reused while the node record and its presence are the same objects.
+    :meth:`rebuilt` starts a new generation that keeps only entries used since, so
+    views that no longer exist do not pile up.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[object, ...], Peer] = {}
+        self._previous: dict[tuple[object, ...], Peer] = {}
+
+    @staticmethod
+    def _key(view: PeerView) -> tuple[object, ...]:
+        caps = tuple((k, bytes(v) if v is not None else None) for k, v in view.cap_map.items())
+        return (view.node_id, view.allowed_ips, view.primary_routes, caps)
+
+    def get(self, node: Node, presence: NodePresence | None, view: PeerView, settings: NetmapSettings) -> Peer:
+        key = self._key(view)
+        hit = self._entries.get(key) or self._previous.get(key)
+        if hit is not None and hit.node is node and hit.presence is presence:
+            self._entries[key] = hit
+            return hit
+        wire = wire_node(
+            node, presence, settings, allowed_ips=view.allowed_ips, primary_routes=view.primary_routes,
+            cap_map=view.cap_map, is_self=False,
+        )
+        peer = Peer(node, presence, view, wire)
+        self._entries[key] = peer
+        return peer
+
+    def rebuilt(self) -> None:
+        """Begin a rebuild: entries not used by it are dropped at the next one."""
+        self._previous, self._entries = self._entries, {}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDiff:
+    """What changed between two versions of a peer set, in wire form."""
+
+    changed: tuple[WireNode, ...]
+    removed: tuple[int, ...]
+    patches: tuple[PeerChange, ...]
+    profiles: tuple[UserProfile, ...]
+    #: Every node id the diff mentions (a stream whose own id is here gets its own copy).
+    ids: frozenset[int]
+
+    def without(self, node_id: int) -> PeerDiff:
+        return PeerDiff(
+            tuple(n for n in self.changed if n.id != node_id),
+            tuple(i for i in self.removed if i != node_id),
+            tuple(p for p in self.patches if p.node_id != node_id),
+            self.profiles,
+            self.ids - {node_id},
+        )
+
+    def is_empty(self) -> bool:
+        return not (self.changed or self.removed or self.patches)
+
+
+class MapMessage:
+    """One encoded update, possibly shared by many streams.
+
+    ``frames`` is a cache for the transport (e.g. the zstd-framed bytes), filled by the
+    first stream that sends it.
+    """
+
+    __slots__ = ("_json", "frames")
+
+    def __init__(self, json: bytes) -> None:
+        self._json = json
+        self.frames: dict[object, bytes] = {}
+
+    @property
+    def json(self) -> bytes:
+        return self._json
+
+
+class _Piece(MapMessage):
+    """A shared piece of full maps: peers' JSON, joined only when asked for.
+
+    Streams are compressed: the transport compresses a piece once and caches the
+    frame, so the joined JSON (as large as the peers' JSON itself) would otherwise
+    be a second copy of every peer kept for nothing.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[bytes, ...]) -> None:
+        super().__init__(b"")
+        self._parts = parts
+
+    @property
+    def json(self) -> bytes:
+        return b"," + b",".join(self._parts)
+
+
+#: The end of every full map's pieces (closes ``Peers`` and the message).
+_TAIL: Final = MapMessage(b"]}")
+
+
+class _Link:
+    """One version's entry in its class's change journal: the ids that changed from
+    the version before. Links hold no peers, so a chain of them is cheap and keeps no
+    superseded :class:`Peer` alive; a peer set is freed once no stream is on it."""
+
+    __slots__ = ("changed", "parent")
+
+    def __init__(self, changed: frozenset[int], parent: _Link | None) -> None:
+        self.changed = changed
+        self.parent = parent
+
+
+class PeerSet:
+    """What the members of one visibility class are shown about their peers.
+
+    Attributes:
+        peers: node id -> shared peer (members included; a stream skips itself).
+        users: user id -> profile, for every user shown.
+        link: this version's journal entry (ids that changed from the version before,
+            and that version's entry while it is within :data:`JOURNAL_DEPTH`).
+        depth: how many versions this class went through before this one.
+    """
+
+    __slots__ = ("__weakref__", "_chunks", "_diff_to", "_older_chunks", "_sorted", "depth", "link", "peers", "users")
+
+    def __init__(
+        self,
+        peers: immutables.Map[int, Peer],
+        users: immutables.Map[int, UserProfile],
+        parent: PeerSet | None = None,
+        changed: frozenset[int] = frozenset(),
+    ) -> None:
+        self.peers = peers
+        self.users = users
+        self.link: _Link = _Link(changed, parent.link if parent is not None else None)
+        self.depth: int = 0 if parent is None else parent.depth + 1
+        # The diff from this version to the one its streams moved on to, with that
+        # version held weakly: it lives as long as a stream is still on this version,
+        # so a connect storm's many diffs go with the versions they start from.
+        self._diff_to: tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None] | None = None
+        self._sorted: tuple[list[int], list[bytes]] | None = None
+        self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
+        # The pieces of the newest older version that built any, to take over the
+        # unchanged ones (see _build_chunks).
+        self._older_chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
+        if parent is not None:
+            # Full maps are only built from current versions.
+            self._older_chunks = parent._chunks if parent._chunks is not None else parent._older_chunks
+            parent._sorted = parent._chunks = parent._older_chunks = None
+            if self.depth % JOURNAL_DEPTH == 0:
+                # Forget entries older than the journal keeps.
+                old = self.link
+                for _ in range(JOURNAL_DEPTH):
+                    if old.parent is None:
+                        break
+                    old = old.parent
+                old.parent = None
+
+    def _order(self) -> tuple[list[int], list[bytes]]:
+        if self._sorted is None:
+            ids = sorted(self.peers)
+            self._sorted = (ids, [self.peers[i].json for i in ids])
+        return self._sorted
+
+    def full_map_pieces(self, body: bytes, exclude: int) -> list[MapMessage | bytes]:
+        """A full map as JSON pieces whose concatenation is ``body`` plus a ``Peers``
+        array of every peer but ``exclude``.
+
+        The peers are cut into pieces of :data:`CHUNK` in id order; a piece that does
+        not hold ``exclude`` is a shared :class:`MapMessage` (so a transport compresses
+        it once for every stream: zstd decoders read concatenated frames as one
+        message), the others are this stream's own bytes.
+        """
+        ids, parts = self._order()
+        if not ids or ids == [exclude]:
+            return [body]
+        if self._chunks is None:
+            self._chunks = self._build_chunks(parts)
+        out: list[MapMessage | bytes] = []
+        head = [body[:-1], b',"Peers":[']
+        first = True
+        for k, (_, chunk) in enumerate(self._chunks):
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(ids))
+            mine = ids[lo] <= exclude <= ids[hi - 1]
+            if not first and not mine:
+                out.append(chunk)
+                continue
+            members = [parts[i] for i in range(lo, hi) if ids[i] != exclude]
+            if not members:
+                continue
+            piece = b",".join(members)
+            if first:
+                head.append(piece)
+                out.append(b"".join(head))
+                first = False
+            else:
+                out.append(b"," + piece)
+        out.append(_TAIL)
+        return out
+
+    def _build_chunks(self, parts: list[bytes]) -> list[tuple[tuple[bytes, ...], MapMessage]]:
+        """The shared pieces; a piece whose peers are the very same objects as in the
+        nearest older version that has pieces is taken over from it (with its cached
+        compressed frame), so a version costs only the pieces it changed."""
+        older: dict[int, list[tuple[tuple[bytes, ...], MapMessage]]] = {}
+        for piece in self._older_chunks or ():
+            older.setdefault(id(piece[0][0]), []).append(piece)
+        self._older_chunks = None  # taken over by this version
+        out: list[tuple[tuple[bytes, ...], MapMessage]] = []
+        for i in range(0, len(parts), CHUNK):
+            group = tuple(parts[i : i + CHUNK])
+            for candidate in older.get(id(group[0]), ()):
+                if len(candidate[0]) == len(group) and all(a is b for a, b in zip(candidate[0], group, strict=True)):
+                    out.append(candidate)
+                    break
+            else:
+                out.append((group, _Piece(group)))
+        return out
+
+    def diff(self, old: PeerSet) -> PeerDiff:
+        """The diff from ``old`` to this version (cached per ``old``)."""
+        return self.diff_message(old, None)[0]
+
+    def diff_message(self, old: PeerSet, now: datetime | None) -> tuple[PeerDiff, MapMessage | None]:
+        """The diff and its encoded message (when ``now`` is given), built once for
+        every stream moving from ``old`` (and kept by ``old``)."""
+        hit = old._diff_to
+        if hit is None or hit[0]() is not self:
+            hit = old._diff_to = (weakref.ref(self), diff_peer_sets(old, self), None)
+        diff, msg = hit[1], hit[2]
+        if msg is None and now is not None and not diff.is_empty():
+            msg = MapMessage(encode_update(now, {}, diff))
+            old._diff_to = (hit[0], diff, msg)
+        return diff, msg
+
+
+def join_pieces(pieces: Iterable[MapMessage | bytes]) -> bytes:
+    """The JSON of a message given as pieces (for uncompressed streams and tests)."""
+    return b"".join(p.json if isinstance(p, MapMessage) else p for p in pieces)
+
+
+def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
+    """Compare two peer sets: through the change journal when ``old`` is a recent
+    ancestor of ``new`` (cost: the ids changed in between), else entry by entry."""
+    ids: set[int] = set()
+    cur: _Link | None = new.link
+    while cur is not None and cur is not old.link:
+        ids |= cur.changed
+        cur = cur.parent
+    if cur is None:
+        ids = set(old.peers.keys()) | set(new.peers.keys())
+    changed: list[WireNode] = []
+    removed: list[int] = []
+    patches: list[PeerChange] = []
+    profiles: dict[int, UserProfile] = {}
+    for nid in sorted(ids):
+        before, after = old.peers.get(nid), new.peers.get(nid)
+        if before is after:
+            continue
+        if after is None:
+            removed.append(nid)
+            continue
+        new_wire = after.wire
+        old_wire = before.wire if before is not None else None
+        if old_wire is not None and old_wire == new_wire:
+            continue
+        if old_wire is None or _structural(old_wire) != _structural(new_wire) or _clears(old_wire, new_wire):
+            changed.append(new_wire)
+            uid = new_wire.user
+            profile = new.users.get(uid)
+            if profile is not None and old.users.get(uid) != profile:
+                profiles[uid] = profile
+        else:
+            patches.append(_patch(old_wire, new_wire))
+    if cur is None or old.users is not new.users:
+        for uid, profile in new.users.items():
+            if old.users.get(uid) != profile:
+                profiles[uid] = profile
+    return PeerDiff(
+        tuple(changed), tuple(removed), tuple(patches),
+        tuple(profiles[k] for k in sorted(profiles)),
+        frozenset(n.id for n in changed) | frozenset(removed) | frozenset(p.node_id for p in patches),
+    )
+
+
+def _structural(node: WireNode) -> WireNode:
+    return msgspec.structs.replace(
+        node, endpoints=None, home_derp=0, disco_key=None, online=None, last_seen=None, cap=0
+    )
+
+
+def _clears(old: WireNode, new: WireNode) -> bool:
+    """Whether a presence field went back to empty, which a patch cannot say (an
+    absent patch field means "unchanged"): such a peer is sent whole."""
+    return bool(
+        (old.endpoints and not new.endpoints)
+        or (old.disco_key and not new.disco_key)
+        or (old.home_derp and not new.home_derp)
+        or (old.last_seen is not None and new.last_seen is None)
+        or (old.cap and not new.cap)
+        or (old.online is not None and new.online is None)
+    )
+
+
+def _patch(old: WireNode, new: WireNode) -> PeerChange:
+    return PeerChange(
+        node_id=new.id,
+        derp_region=new.home_derp if new.home_derp != old.home_derp else 0,
+        endpoints=new.endpoints if new.endpoints != old.endpoints else None,
+        disco_key=new.disco_key if new.disco_key != old.disco_key else None,
+        online=new.online if new.online != old.online else None,
+        last_seen=new.last_seen if new.last_seen != old.last_seen else None,
+        cap=new.cap if new.cap != old.cap else 0,
+    )
+
+
+def encode_update(now: datetime, parts: dict[str, object], diff: PeerDiff | None) -> bytes:
+    msg = dict(parts)
+    if diff is not None:
+        if diff.changed:
+            msg["peers_changed"] = list(diff.changed)
+        if diff.removed:
+            msg["peers_removed"] = list(diff.removed)
+        if diff.patches:
+            msg["peers_changed_patch"] = list(diff.patches)
+        if diff.profiles:
+            msg["user_profiles"] = list(diff.profiles)
+    return _encoder.encode(MapResponse(control_time=now, **msg))  # type: ignore[arg-type]
