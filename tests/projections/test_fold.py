@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from projections import Delta, TailnetState, decode_state, encode_state, fold, rebuild_indexes
-from tests.support.builders import random_history
+from tests.support.builders import OPS, random_history
 
-ops = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 1000)), max_size=60)
+ops = st.lists(st.tuples(st.integers(0, OPS - 1), st.integers(0, 1000)), max_size=60)
 
 
 @settings(max_examples=60, deadline=None)

@@ -26,7 +26,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections import CommandError
 from projections import commands as c
 from projections.delta import EMPTY
 from projections.mapviews import peersets
@@ -38,7 +37,7 @@ from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
 from projections.state import TailnetState
 from projections.tailcfg import DERPMap, MapResponse, decode
-from tests.support.builders import PLAN, Recorder
+from tests.support.builders import OPS, PLAN, RandomHistory, Recorder
 from tests.support.netmap_model import ClientNetmap
 
 T = TypeVar("T")
@@ -97,7 +96,7 @@ def _comparable(msg: MapResponse) -> dict[str, object]:
 
 @pytest.mark.parametrize("policy_index", range(len(POLICIES)))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 1000)), min_size=5, max_size=45))
+@given(ops=st.lists(st.tuples(st.integers(0, OPS - 1), st.integers(0, 1000)), min_size=5, max_size=45))
 def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, int]]) -> None:
     # Full maps are cut into shared pieces of CHUNK peers; make pieces tiny so every
     # history has many (the stream's own piece, shared ones, the first one).
@@ -106,84 +105,23 @@ def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, i
 
 
 def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
-    rnd = random.Random(policy_index)
-    r = Recorder()
-    presence: dict[int, NodePresence] = {}
-    changed_presence: set[int] = set()
+    history = RandomHistory(seed=policy_index, users=("user0", "user1", "user2"), policies=POLICIES)
+    r, presence = history.recorder, history.presence
     settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
     compiler = PolicyCompiler("https://control.example")
     hub = MapHub(compiler, settings_, presence.get)
     cursors: dict[int, StreamCursor] = {}
     models: dict[int, ClientNetmap] = {}
-    for name in ("user0", "user1", "user2"):
-        r.user(name)
     if POLICIES[policy_index] is not None:
         text = POLICIES[policy_index]
         assert text is not None
         r.run(lambda s: c.decide_set_policy(s, text, source="test"))
 
-    def step(op: int, arg: int) -> None:
-        users, nodes = sorted(r.state.users), sorted(r.state.nodes)
-        pick = str(nodes[arg % len(nodes)]) if nodes else "0"
-        r.now += timedelta(seconds=1)
-        try:
-            match op:
-                case 0 | 1 | 2:
-                    tags = ((f"tag:t{arg % 3}",) if arg % 4 == 0 else ()) + (("tag:a",) if arg % 7 == 0 else ())
-                    expiry = r.now + timedelta(seconds=5 + arg % 20) if arg % 5 == 0 else None
-                    r.run(lambda s: c.decide_register_node(
-                        s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
-                        hostname=f"host{arg % 9}", user_id=users[arg % len(users)], tags=tags, ephemeral=False,
-                        expiry=expiry, auth="cli", preauth_key=None, plan=PLAN,
-                    ))
-                case 3:
-                    r.run(lambda s: c.decide_delete_node(s, pick))
-                case 4:
-                    r.run(lambda s: c.decide_rename_node(s, pick, f"n{arg}"))
-                case 5:
-                    r.run(lambda s: c.decide_set_tags(s, pick, (f"tag:t{arg % 3}",)))
-                case 6:
-                    r.run(lambda s: c.decide_expire_node(s, pick, now=r.now))
-                case 7:
-                    if nodes:
-                        node = r.state.nodes[int(pick)]
-                        r.run(lambda s: c.decide_rotate_node_key(
-                            s, node, node_key=f"{rnd.getrandbits(256):064x}", expiry=None
-                        ))
-                case 8:
-                    if nodes:
-                        node = r.state.nodes[int(pick)]
-                        routes = [("10.1.0.0/16",), ("10.1.0.0/16", "10.2.0.0/16"), ("0.0.0.0/0", "::/0"), ()][arg % 4]
-                        r.run(lambda s: c.decide_advertise_routes(s, node, routes))
-                case 9:
-                    if nodes:
-                        node = r.state.nodes[int(pick)]
-                        r.run(lambda s: c.decide_approve_routes(s, pick, node.advertised_routes[: 1 + arg % 2]))
-                case 10:
-                    text = POLICIES[arg % len(POLICIES)]
-                    if text is not None:
-                        r.run(lambda s: c.decide_set_policy(s, text, source="test"))
-                case 11:
-                    r.run(lambda s: c.decide_rename_user(s, str(users[arg % len(users)]), f"user{arg % 5}"))
-                case 12 | 13:
-                    if nodes:
-                        nid = int(pick)
-                        old = presence.get(nid, NodePresence())
-                        presence[nid] = NodePresence(
-                            online=not old.online, endpoints=(f"192.0.2.{arg % 200}:41641",),
-                            home_derp=1 + arg % 3, last_seen=r.now, disco_key=old.disco_key,
-                        )
-                        changed_presence.add(nid)
-                case _:
-                    r.now += timedelta(seconds=arg % 30)
-        except CommandError:
-            pass
-
     for op, arg in ops:
-        step(op, arg)
-        hub.advance(r.state, r.now, r.delta, set(changed_presence))
+        history.step(op, arg)
+        hub.advance(r.state, r.now, r.delta, set(history.changed_presence))
         r.delta = EMPTY
-        changed_presence.clear()
+        history.changed_presence.clear()
         for nid in list(cursors):
             if nid not in r.state.nodes:
                 del cursors[nid], models[nid]

@@ -26,11 +26,11 @@ from projections import encode_state, fold
 from projections.policystate import PolicyCompiler
 from projections.replay import History, Snapshot, Target, explain, pair_policy
 from projections.state import TailnetState
-from tests.support.builders import random_history
+from tests.support.builders import OPS, random_history
 
 ROOT = Path(__file__).resolve().parents[2] / "replay-fixtures"
 
-ops = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 1000)), min_size=5, max_size=60)
+ops = st.lists(st.tuples(st.integers(0, OPS - 1), st.integers(0, 1000)), min_size=5, max_size=60)
 
 
 @settings(max_examples=40, deadline=None)

@@ -4,8 +4,8 @@ A helper that only one package uses stays in that package; once a second package
 imports it, it moves here, so test packages never import each other.
 
 * :mod:`tests.support.builders` -- :class:`Recorder` (real commands into a real
-  in-memory log) and :func:`random_history`, for projection, replay, abuse and
-  benchmark tests.
+  in-memory log) and :class:`RandomHistory`, the one random-history builder (fold,
+  replay, policy and map-hub tests), for projection, replay, abuse and benchmark tests.
 * :mod:`tests.support.netmap_model` -- :class:`ClientNetmap`, a model of how a
   Tailscale client applies map responses, for the map-stream tests of protocol and
   projections.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -12,6 +12,7 @@ from projections import AddressPlan, CommandError, Decision, TailnetState, apply
 from projections import commands as c
 from projections.delta import EMPTY, Delta
 from projections.ipam import DEFAULT_V4, DEFAULT_V6, AllocationMode
+from projections.presence import NodePresence
 from tests.conftest import ADMIN
 
 T = TypeVar("T")
@@ -73,12 +74,47 @@ def _routers(state: TailnetState) -> dict[str, list[int]]:
     return out
 
 
-def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
-    """Interpret ``ops`` as a random but valid history of commands."""
-    rnd = random.Random(seed)
-    r = Recorder()
-    random_plan = AddressPlan(DEFAULT_V4, DEFAULT_V6, AllocationMode.RANDOM)
-    for op, arg in ops:
+#: How many operations :meth:`RandomHistory.step` knows: draw ``op`` from ``range(OPS)``.
+OPS = 17
+_ADVERTISED = [("10.1.0.0/16",), ("10.1.0.0/16", "10.2.0.0/16"), ("0.0.0.0/0", "::/0"), ()]
+
+
+class RandomHistory:
+    """Interpret ``(op, arg)`` pairs as a random but valid history of real commands.
+
+    The one random-history builder of the tests (fold, replay, policy and map-hub
+    tests all draw from it): each :meth:`step` decides one command against the folded
+    state and records it in a real log (:class:`Recorder`); a command the state refuses
+    is skipped, as the server would answer it with an error.  ``op`` picks the command
+    (``0 <= op < OPS``), ``arg`` picks its target and arguments.  A caller can look at
+    the recorder's state and delta between steps (the map-hub test advances its hub
+    after each one).
+
+    Besides commands, two steps change what is not in the log: op 15 toggles a node's
+    presence (:attr:`presence`, :attr:`changed_presence`, for map tests) and op 16
+    lets time pass (expiries come due).  Op 14 sets one of ``policies`` (none given:
+    it does nothing).
+    """
+
+    def __init__(
+        self, *, seed: int = 0, users: Sequence[str] = (), policies: Sequence[str | None] = ()
+    ) -> None:
+        self.recorder = Recorder()
+        self.policies = policies
+        self.presence: dict[int, NodePresence] = {}
+        #: Nodes whose presence changed since a consumer last cleared it.
+        self.changed_presence: set[int] = set()
+        self._rnd = random.Random(seed)
+        self._random_plan = AddressPlan(DEFAULT_V4, DEFAULT_V6, AllocationMode.RANDOM)
+        for name in users:
+            self.recorder.user(name)
+
+    def _key(self) -> str:
+        return f"{self._rnd.getrandbits(256):064x}"
+
+    def step(self, op: int, arg: int) -> None:
+        """Apply the operation ``op`` (see the class docstring) with ``arg``."""
+        r = self.recorder
         users = sorted(r.state.users)
         nodes = sorted(r.state.nodes)
         pick_user = str(users[arg % len(users)]) if users else "0"
@@ -87,19 +123,19 @@ def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
             case 0:
                 r.try_run(lambda s: c.decide_create_user(s, f"user{arg}"))
             case 1:
-                r.try_run(lambda s: c.decide_rename_user(s, pick_user, f"renamed{arg}"))
+                r.try_run(lambda s: c.decide_rename_user(s, pick_user, f"user{arg % 5}"))
             case 2:
                 r.try_run(lambda s: c.decide_delete_user(s, pick_user))
             case 3 | 4:
                 if users:
-                    plan = random_plan if arg % 3 == 0 else PLAN
+                    plan = self._random_plan if arg % 3 == 0 else PLAN
+                    tags = ((f"tag:t{arg % 3}",) if arg % 4 == 0 else ()) + (("tag:a",) if arg % 5 == 0 else ())
+                    expiry = r.now + timedelta(seconds=5 + arg % 20) if arg % 6 == 0 else None
                     r.try_run(
                         lambda s: c.decide_register_node(
-                            s, machine_key=f"{rnd.getrandbits(256):064x}",
-                            node_key=f"{rnd.getrandbits(256):064x}", hostname=f"Host {arg % 7}",
-                            user_id=users[arg % len(users)], tags=("tag:a",) if arg % 5 == 0 else (),
-                            ephemeral=arg % 4 == 0, expiry=None, auth="cli", preauth_key=None,
-                            plan=plan, randbelow=rnd.randrange,
+                            s, machine_key=self._key(), node_key=self._key(), hostname=f"Host {arg % 7}",
+                            user_id=users[arg % len(users)], tags=tags, ephemeral=arg % 8 == 1,
+                            expiry=expiry, auth="cli", preauth_key=None, plan=plan, randbelow=self._rnd.randrange,
                         )
                     )
             case 5:
@@ -113,13 +149,13 @@ def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
             case 9:
                 if nodes:
                     node = r.state.nodes[int(pick_node)]
-                    r.try_run(
-                        lambda s: c.decide_rotate_node_key(
-                            s, node, node_key=f"{rnd.getrandbits(256):064x}", expiry=None
-                        )
-                    )
+                    r.try_run(lambda s: c.decide_rotate_node_key(s, node, node_key=self._key(), expiry=None))
             case 10:
-                r.try_run(lambda s: c.decide_approve_routes(s, pick_node, (f"10.{arg % 256}.0.0/16",)))
+                # Approve what the node advertises, or (as an admin may) a route it does not.
+                if nodes:
+                    advertised = r.state.nodes[int(pick_node)].advertised_routes
+                    routes = advertised[: 1 + arg % 2] if advertised else (f"10.{arg % 256}.0.0/16",)
+                    r.try_run(lambda s: c.decide_approve_routes(s, pick_node, tuple(routes)))
                 # Route HA records primaries (by approvals alone here; the server uses
                 # the policy's election) and moves them off "offline" routers.
                 r.try_run(lambda s: c.decide_route_primaries(s, {}, _routers(s), lambda i: (i + arg) % 2 == 0))
@@ -130,8 +166,36 @@ def random_history(ops: list[tuple[int, int]], seed: int = 0) -> Recorder:
                         expires_at=None, now=r.now, prefix=f"p{arg}", secret=f"s{arg}",
                     )
                 )
-            case _:
+            case 12:
                 if r.state.preauth_keys:
                     keys = sorted(r.state.preauth_keys)
                     r.try_run(lambda s: c.decide_expire_preauth_key(s, str(keys[arg % len(keys)])))
-    return r
+            case 13:
+                if nodes:
+                    node = r.state.nodes[int(pick_node)]
+                    r.try_run(lambda s: c.decide_advertise_routes(s, node, _ADVERTISED[arg % len(_ADVERTISED)]))
+            case 14:
+                if self.policies:
+                    text = self.policies[arg % len(self.policies)]
+                    if text is not None:
+                        r.try_run(lambda s: c.decide_set_policy(s, text, source="test"))
+            case 15:
+                if nodes:
+                    old = self.presence.get(int(pick_node), NodePresence())
+                    self.presence[int(pick_node)] = NodePresence(
+                        online=not old.online, endpoints=(f"192.0.2.{arg % 200}:41641",),
+                        home_derp=1 + arg % 3, last_seen=r.now, disco_key=old.disco_key,
+                    )
+                    self.changed_presence.add(int(pick_node))
+            case 16:
+                r.now += timedelta(seconds=arg % 30)
+            case _:
+                raise ValueError(f"no operation {op} (0 <= op < {OPS})")
+
+
+def random_history(ops: Iterable[tuple[int, int]], seed: int = 0) -> Recorder:
+    """The recorder of a :class:`RandomHistory` after all of ``ops``."""
+    history = RandomHistory(seed=seed)
+    for op, arg in ops:
+        history.step(op, arg)
+    return history.recorder
