@@ -26,9 +26,10 @@ Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
     policy           get, set, check, evaluate         main.py, policy_evaluate.py
     replay           the past from the log (state, netmap, diff, reach, who-can-reach)
                                                        replaycmd.py, timeline_svg.py
-    bench            log, relay, policy, replay        bench_*.py, scenarios.py
+    bench            log, relay, policy, replay, api, conn-memory
+                                                       bench/ (bench/scenarios.py)
     loadgen          N simulated clients over the real protocol
-                                                       loadgen.py, scenarios.py
+                                                       bench/loadgen/, bench/scenarios.py
 
 Shared pieces: :mod:`cli.output` (tables or JSON, with node-written text escaped),
 :mod:`cli.durations` (``90s``, ``7d``...), :mod:`cli.adminsock` (the admin socket

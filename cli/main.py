@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
-    from .loadgen import loadgen_main
+    from .bench.loadgen import loadgen_main
 
     return loadgen_main([], args)
 
@@ -311,25 +311,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rest: list[str] = args.rest
     match args.target:
         case "log":
-            from .bench_log import bench_log_main
+            from .bench.log import bench_log_main
 
             return bench_log_main(rest)
         case "relay":
-            from .bench_relay import bench_relay_main
+            from .bench.relay import bench_relay_main
 
             return bench_relay_main(rest)
         case "policy":
-            from .bench_policy import bench_policy_main
+            from .bench.policy import bench_policy_main
 
             return bench_policy_main(rest)
         case "replay":
-            from .bench_replay import bench_replay_main
+            from .bench.replay import bench_replay_main
 
             return bench_replay_main(rest)
         case "api":
-            from .bench_api import bench_api_main
+            from .bench.api import bench_api_main
 
             return bench_api_main(rest)
+        case "conn-memory":
+            from .bench.conn_memory import main as bench_conn_memory_main
+
+            return bench_conn_memory_main(rest)
         case _:
             raise AssertionError(args.target)
 
@@ -498,14 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases", nargs="+", metavar="CASE.json")
 
     bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
-    bench.add_argument("target", choices=["log", "relay", "policy", "replay", "api"])
+    bench.add_argument("target", choices=["log", "relay", "policy", "replay", "api", "conn-memory"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
 
     from .replaycmd import register as register_replay
 
     register_replay(sub, add, logs=ls_, policy=ps)
 
-    from .loadgen import build_parser as loadgen_options
+    from .bench.loadgen import build_parser as loadgen_options
 
     about = "Simulate N tailscale clients over the real protocol and measure the server."
     loadgen = sub.add_parser("loadgen", help=about, description=about,

@@ -43,7 +43,7 @@ works on every connection.
 
 Memory per connection: a node keeps its tunnel open for days and is idle
 nearly all the time, so what an idle tunnel holds is the server's cost per
-node (``tests/benchmarks/conn_memory.py`` measures it by allocation site).
+node (``cli/bench/conn_memory.py`` measures it by allocation site).
 The set-up (the HTTP/1.1 front, the handshake) returns before the session
 runs, so none of it stays alive; a session is one reader task parked in
 ``wait_readable`` on plain TCP, plus one task per open stream (the map long
@@ -668,7 +668,7 @@ class _NoiseSession:
     session (handler tasks live in the nursery passed to :meth:`run`).
 
     Memory (this object lives as long as the node is connected, usually idle;
-    ``tests/benchmarks/conn_memory.py`` measures it): the first bytes are
+    ``cli/bench/conn_memory.py`` measures it): the first bytes are
     dropped once written; the send lock and the window event exist only
     while somebody writes or waits; and the reader of a plain TCP connection
     parks in ``wait_readable`` instead of inside ``receive_some``, whose

@@ -3,7 +3,7 @@
 Who uses it
 -----------
 * the tests, to drive a real relay on 127.0.0.1 like a Tailscale node would;
-* the benchmark (``cli/bench_relay.py``);
+* the benchmark (``cli/bench/relay.py``);
 * the relay itself, for mesh links to the other relays of its region.
 
 It speaks exactly what Tailscale's ``derphttp`` client speaks: an HTTP/1.1

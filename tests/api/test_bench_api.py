@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.bench_api import write_tailnet
+from cli.bench.api import write_tailnet
 from eventlog import SQLiteEventStore
 from projections import fold
 from projections.state import TailnetState

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cli.scenarios import scenario
+from cli.bench.scenarios import scenario
 from projections import commands as c
 from projections.delta import EMPTY
 from projections.mapviews.cursor import StreamCursor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cli.bench_replay import synthetic_events
+from cli.bench.replay import synthetic_events
 from cli.main import main
 from projections import TailnetState, fold
 

@@ -23,7 +23,7 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cli.loadgen import (
+from cli.bench.loadgen import (
     PHASES,
     FrameKind,
     MapFrameScanner,
@@ -160,7 +160,7 @@ def test_a_tiny_run_measures_every_phase(tmp_path: Path) -> None:
     n = 5
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.loadgen", "--nodes", str(n), "--json", str(out),
+        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", str(n), "--json", str(out),
          "--updaters", "1", "--update-interval", "0.3,0.6"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -204,7 +204,7 @@ def test_a_tiny_corp_run_waits_only_for_the_nodes_a_change_concerns(tmp_path: Pa
     n = 40
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.loadgen", "--scenario", "corp", "--nodes", str(n), "--json", str(out),
+        [sys.executable, "-m", "cli.bench.loadgen", "--scenario", "corp", "--nodes", str(n), "--json", str(out),
          "--updaters", "0", "--phases", "join,policy"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -230,7 +230,7 @@ def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
     # Any real server is above 1 MiB: the guard must trip, kill it and say so.
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.loadgen", "--nodes", "3", "--json", str(out), "--max-server-rss", "1"],
+        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", "3", "--json", str(out), "--max-server-rss", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
@@ -281,7 +281,7 @@ def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(tm
     clients run in worker processes and the parent judges what they report)."""
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.loadgen", "--scenario", "churn", "--nodes", "20", "--json", str(out),
+        [sys.executable, "-m", "cli.bench.loadgen", "--scenario", "churn", "--nodes", "20", "--json", str(out),
          "--updaters", "0", "--duration", "8", "--tag-every", "2", "--policy-every", "4",
          "--workers", str(workers)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -326,7 +326,7 @@ def test_a_workers_watch_reports_hits_strays_and_bytes_to_the_parent() -> None:
 
 def test_workers_are_checked() -> None:
     assert build_parser().parse_args([]).workers == 0  # default: the clients run in-process
-    proc = subprocess.run([sys.executable, "-m", "cli.loadgen", "--nodes", "3", "--json", "", "--workers", "-1"],
+    proc = subprocess.run([sys.executable, "-m", "cli.bench.loadgen", "--nodes", "3", "--json", "", "--workers", "-1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "--workers" in proc.stderr
@@ -339,7 +339,7 @@ def test_a_tiny_run_with_two_workers_measures_every_phase(tmp_path: Path) -> Non
     n = 6
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.loadgen", "--nodes", str(n), "--json", str(out), "--workers", "2",
+        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", str(n), "--json", str(out), "--workers", "2",
          "--updaters", "2", "--update-interval", "0.3,0.6"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -202,7 +202,7 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     SSH policy of the keys whose rules gained a source (its owner's devices, its
     team's servers), recomputes only the filters it may touch, and every stream
     still ends up with exactly the reference map."""
-    from cli.scenarios import corp
+    from cli.bench.scenarios import corp
 
     sc = corp(60)
     rnd = random.Random(7)

@@ -1,6 +1,6 @@
 """What the transport keeps per idle connection, and that trimming it changed nothing.
 
-The memory work of issue 7 (``tests/benchmarks/conn_memory.py`` has the
+The memory work of issue 7 (``cli/bench/conn_memory.py`` has the
 figures) swapped storage under ``h2`` and ``hpack`` and restructured the trio
 adapter. These tests pin the behaviour: the compact structures act exactly
 like the stock ones (checked against them, with Hypothesis), an idle server

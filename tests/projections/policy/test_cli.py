@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench_policy import bench_policy_main
+from cli.bench.policy import bench_policy_main
 from cli.policy_evaluate import evaluate_main
 
 from .compare import CONFORMANCE_DIR

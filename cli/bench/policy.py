@@ -15,7 +15,7 @@ seeded, so runs are comparable; timings are whatever the machine gives.
 
 Usage::
 
-    python -m cli.bench_policy [--nodes N] [--users N] [--tags N] [--rules N] [--seed N]
+    python -m cli.bench.policy [--nodes N] [--users N] [--tags N] [--rules N] [--seed N]
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ bounds, not measurements of the server.
 
 Scenarios
 ---------
-``--scenario`` picks the tailnet (``cli/scenarios.py``): ``flat`` (one user,
+``--scenario`` picks the tailnet (``cli/bench/scenarios.py``): ``flat`` (one user,
 allow-all: one visibility class) or ``corp`` (a segmented company tailnet: N/10 users
 in 20 teams, 10 % tagged servers over 20 tags registered with tagged keys, 166 rules,
 2 app grants, 22 SSH rules with ``check`` mode; its policy change widens a port range
@@ -153,9 +153,9 @@ from protocol import (
     open_control_client,
 )
 
-from .adminsock import AdminError, call
-from .gcpolicy import manage_gc
-from .scenarios import SCENARIOS, Scenario, scenario
+from ...adminsock import AdminError, call
+from ...gcpolicy import manage_gc
+from ..scenarios import SCENARIOS, Scenario, scenario
 
 __all__ = [
     "PHASES",
@@ -1286,7 +1286,7 @@ class LoadgenOptions:
         timeout_scale: multiplies every phase timeout (they grow with N).
         max_server_rss: bytes of server RSS at which the run is aborted (0: only
             the machine-wide guard, see ``_memory_guard``).
-        scenario: the tailnet's shape, a name in :data:`cli.scenarios.SCENARIOS`.
+        scenario: the tailnet's shape, a name in :data:`cli.bench.scenarios.SCENARIOS`.
         duration: how long the ``churn`` scenario's churn phase runs (s).
         join_delete_every, tag_every, policy_every: the churn phase's rates: a join
             or a delete (alternately), a tag change, a policy edit every so many
@@ -2202,7 +2202,7 @@ def _positive(text: str) -> float:
 
 
 def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
-    """The options of ``tailledger loadgen`` (also ``python -m cli.loadgen``; the
+    """The options of ``tailledger loadgen`` (also ``python -m cli.bench.loadgen``; the
     ``tailledger`` command includes them as a parent parser, without ``-h``)."""
     parser = argparse.ArgumentParser(
         prog="tailledger loadgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -2211,7 +2211,7 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--nodes", default="100,1000", help="comma-separated tailnet sizes (e.g. 100,1000,5000)")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="flat",
                         help="the tailnet's shape: flat (one user, allow-all) or corp (segmented; see "
-                             "cli/scenarios.py), or churn: corp under steady change for --duration "
+                             "cli/bench/scenarios.py), or churn: corp under steady change for --duration "
                              "(instead of the join, policy and restart phases); default flat")
     parser.add_argument("--duration", type=_positive, default=30.0,
                         help="churn: seconds of background change (default 30)")
@@ -2309,7 +2309,3 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"figures written to {args.json}")
     return 1 if any(row.get("aborted") for row in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(loadgen_main(sys.argv[1:]))

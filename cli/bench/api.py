@@ -8,7 +8,7 @@ another for latency (p50, p99), then ``--clients`` at once for throughput. The t
 of issue 17 is a p99 below 300 ms for 5,000 nodes.
 
 With ``--streams`` (default 5,000) the tailnet's nodes are (up to that many) simulated
-clients of the load generator (``cli/loadgen.py``: the real protocol, a zstd map
+clients of the load generator (``cli/bench/loadgen``: the real protocol, a zstd map
 long-poll each): it measures once they registered, before any stream is open, then
 again once every one streams its map, sequential and concurrent, and watches
 every stream meanwhile: a client that waited longer than 1.5 keep-alive intervals
@@ -153,7 +153,7 @@ async def _under_streams(data: Path, port: int, t: _Target, args: argparse.Names
 
     from protocol import fetch_server_key
 
-    from .adminsock import call
+    from ..adminsock import call
     from .loadgen import _Client, _Hub, make_decompressor
 
     n = args.streams

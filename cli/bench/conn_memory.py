@@ -1,13 +1,12 @@
 """Server memory per idle connected node, and where it goes (issue 7).
 
-Run from the repository root::
+Run it as::
 
-    python tests/benchmarks/conn_memory.py                      # 500 and 2000 nodes, transport
-    python tests/benchmarks/conn_memory.py --nodes 5000 --mode both --tls
-    python tests/benchmarks/conn_memory.py --primitives-only    # Python's own overheads only
+    tailledger bench conn-memory                      # 500 and 2000 nodes, transport
+    tailledger bench conn-memory --nodes 5000 --mode both --tls
+    tailledger bench conn-memory --primitives-only    # Python's own overheads only
 
-A benchmark script, not a test: it prints figures and asserts nothing (the file
-name has no ``test_`` prefix, so pytest does not collect it).
+A benchmark, not a test: it prints figures and asserts nothing.
 
 Method. Every measurement runs in a fresh *server* process, with the simulated
 clients in a second process, so that neither the clients' memory nor an
@@ -64,18 +63,14 @@ from typing import Any
 import trio
 import trio.testing
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script: make the packages importable
-    sys.path.insert(0, str(REPO))
-
-from projections.tailcfg import (  # noqa: E402
+from projections.tailcfg import (
     Hostinfo,
     MapRequest,
     NetInfo,
     RegisterRequest,
     RegisterResponseAuth,
 )
-from protocol import (  # noqa: E402
+from protocol import (
     KEEPALIVE_FRAME_ZSTD,
     ControlServer,
     Keypair,
@@ -86,8 +81,11 @@ from protocol import (  # noqa: E402
     open_control_client,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 _STDLIB = str(Path(os.__file__).resolve().parent)
 _SELF = str(Path(__file__).resolve())
+#: A child process of this benchmark (run from the checkout's root, so it imports this code).
+_CHILD = (sys.executable, "-m", "cli.bench.conn_memory")
 
 #: Where an allocation site belongs, first match wins (paths as shortened by _short).
 _CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -113,7 +111,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("hypercorn/", "hypercorn"),
     ("cryptography/", "cryptography"),
     ("msgspec/", "msgspec"),
-    ("tests/benchmarks/", "stand-in handler (transport mode)"),
+    ("cli/bench/conn_memory.py", "stand-in handler (transport mode)"),
 )
 
 
@@ -381,8 +379,7 @@ async def _server_role(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 target = await _start_full(nursery, Path(tmp) / "data", ssl_context, certs)
             command = [
-                sys.executable,
-                _SELF,
+                *_CHILD,
                 "--role=clients",
                 f"--port={target.port}",
                 f"--server-public={target.server_public.hex()}",
@@ -391,7 +388,7 @@ async def _server_role(args: argparse.Namespace) -> dict[str, Any]:
                 *(["--tls"] if args.tls else []),
             ]
             proc = await trio.lowlevel.open_process(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO
             )
             assert proc.stdout is not None and proc.stdin is not None
             lines = _Lines(proc.stdout)
@@ -703,7 +700,7 @@ async def _primitive_role(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _run_child(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    command = [sys.executable, _SELF, *extra]
+    command = [*_CHILD, *extra]
     done = subprocess.run(command, stdout=subprocess.PIPE, check=False, cwd=REPO)
     for line in done.stdout.decode().splitlines():
         if line.startswith("RESULT "):
@@ -787,7 +784,9 @@ def _orchestrate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="tailledger bench conn-memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--nodes", default="500,2000", help="comma-separated connection counts")
     parser.add_argument("--mode", choices=["transport", "full", "both"], default="transport")

@@ -1,0 +1,7 @@
+"""``python -m cli.bench.loadgen``: the load generator without the ``tailledger`` wrapper."""
+
+import sys
+
+from . import loadgen_main
+
+sys.exit(loadgen_main(sys.argv[1:]))
