@@ -41,6 +41,7 @@ import trio
 from projections import tailcfg
 
 from . import client_conn as cc
+from . import h2flow
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .handler import Headers
 from .mapframe import MapFrameDecoder
@@ -62,7 +63,7 @@ _MAX_RECV: Final = 65536
 _MAX_KEY_BODY: Final = 64 << 10  # the Go client reads /key up to 64 KiB
 _WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-_StreamEvent = cc.ResponseReceived | cc.DataReceived | cc.StreamEnded | cc.StreamReset
+_StreamEvent = cc.ResponseReceived | cc.DataReceived | cc.StreamEnded | h2flow.StreamReset
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,7 @@ class ResponseStream:
     async def _read_head(self) -> None:
         """Wait for the response head (the first event of every stream)."""
         event = await self._next_event()
-        if isinstance(event, cc.StreamReset):
+        if isinstance(event, h2flow.StreamReset):
             self.ended = True
             raise RemoteProtocolError(f"stream reset by the server (code {event.error_code})")
         if not isinstance(event, cc.ResponseReceived):
@@ -247,7 +248,7 @@ class ResponseStream:
                     return event.data
             elif isinstance(event, cc.StreamEnded):
                 self.ended = True
-            elif isinstance(event, cc.StreamReset):
+            elif isinstance(event, h2flow.StreamReset):
                 self.ended = True
                 raise RemoteProtocolError(f"stream reset by the server (code {event.error_code})")
 
@@ -422,10 +423,10 @@ class ControlClient:
         if isinstance(event, cc.EarlyPayloadReceived):
             self.early = event.early
             self._ready.set()
-        elif isinstance(event, cc.WindowUpdated):
+        elif isinstance(event, h2flow.WindowUpdated):
             self._window_changed.set()
             self._window_changed = trio.Event()
-        elif isinstance(event, cc.ConnectionTerminated):
+        elif isinstance(event, h2flow.ConnectionTerminated):
             self._shutdown(RemoteProtocolError(f"server sent GOAWAY (code {event.error_code})"))
         elif isinstance(event, cc.PingAcknowledged):
             waiter = self._pings.pop(event.opaque, None)
@@ -437,7 +438,7 @@ class ControlClient:
             state = self._streams.get(event.stream_id)
             if state is not None:
                 state.send.send_nowait(event)
-                if isinstance(event, cc.StreamEnded | cc.StreamReset):
+                if isinstance(event, cc.StreamEnded | h2flow.StreamReset):
                     del self._streams[event.stream_id]
 
     async def _establish(self) -> None:

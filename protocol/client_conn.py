@@ -51,7 +51,7 @@ from projections import tailcfg
 
 from .early import EarlyPayloadReader
 from .errors import HandshakeError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .h2flow import OutboundQueues
+from .h2flow import CommonEvent, OutboundQueues, translate_common
 from .handler import Headers
 from .noise import messages
 from .noise.handshake import ClientHandshake, Keypair, SessionKeys
@@ -63,15 +63,12 @@ __all__ = [
     "ClientConnection",
     "ClientEvent",
     "ClientState",
-    "ConnectionTerminated",
     "DataReceived",
     "EarlyPayloadReceived",
     "HandshakeComplete",
     "PingAcknowledged",
     "ResponseReceived",
     "StreamEnded",
-    "StreamReset",
-    "WindowUpdated",
 ]
 
 #: Capability version of tailscale v1.90 (the client we mimic by default).
@@ -123,43 +120,21 @@ class StreamEnded:
 
 
 @dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The server reset ``stream_id``."""
-
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
-    """Queued request bodies may have drained."""
-
-
-@dataclass(frozen=True, slots=True)
 class PingAcknowledged:
     """The server answered our PING (round-trip measurements)."""
 
     opaque: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """The server sent GOAWAY."""
-
-    error_code: int
-    last_stream_id: int
-
-
+#: The client's events: its own six, and the three both ends share (:mod:`protocol.h2flow`).
 ClientEvent = (
     HandshakeComplete
     | EarlyPayloadReceived
     | ResponseReceived
     | DataReceived
     | StreamEnded
-    | StreamReset
-    | WindowUpdated
     | PingAcknowledged
-    | ConnectionTerminated
+    | CommonEvent
 )
 
 
@@ -432,18 +407,12 @@ class ClientConnection:
         elif isinstance(ev, h2.events.StreamEnded):
             assert ev.stream_id is not None
             events.append(StreamEnded(ev.stream_id))
-        elif isinstance(ev, h2.events.StreamReset):
-            assert ev.stream_id is not None
-            self._outbound.discard(ev.stream_id)
-            code = int(ev.error_code) if ev.error_code is not None else 0
-            events.append(StreamReset(ev.stream_id, code))
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            events.append(WindowUpdated())
         elif isinstance(ev, h2.events.PingAckReceived):
             events.append(PingAcknowledged(bytes(ev.ping_data or b"")))
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            code = int(ev.error_code) if ev.error_code is not None else 0
-            events.append(ConnectionTerminated(code, ev.last_stream_id or 0))
+        else:
+            common = translate_common(ev, self._outbound)
+            if common is not None:
+                events.append(common)
 
     # -- sending ------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ Behaviour required by Go clients (§5.2): several concurrent streams (map long
 poll + lite updates + register), flow control honoured for large responses
 (:class:`~protocol.h2flow.OutboundQueues`), ``acknowledge_received_data`` for
 request bodies, PINGs answered (``h2`` does it), ``RST_STREAM`` on a stream
-ends its response (:class:`StreamReset`, the adapter cancels the handler).
+ends its response (:class:`~protocol.h2flow.StreamReset`, the adapter cancels the handler).
 
 Invariants:
 
@@ -76,21 +76,18 @@ import h2.settings
 from .compat import CompactH2Connection, CompactSettings, compact_header_tables, unsent_bytes
 from .early import encode_early_payload
 from .errors import LocalProtocolError, RemoteProtocolError
-from .h2flow import OutboundQueues
+from .h2flow import CommonEvent, OutboundQueues, translate_common
 from .handler import Headers, NoiseRequest
 from .noise.handshake import Keypair, respond
 from .noise.transport import NoiseTransport
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
-    "ConnectionTerminated",
     "RequestReceived",
     "RequestRejected",
     "ServerConnection",
     "ServerEvent",
     "ServerState",
-    "StreamReset",
-    "WindowUpdated",
 ]
 
 log = logging.getLogger(__name__)
@@ -148,28 +145,8 @@ class RequestRejected:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The client reset the stream: stop its handler / close its iterator."""
-
-    stream_id: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
-    """Flow-control windows may have grown: queued bodies may have drained."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """The client sent GOAWAY; the connection should be closed."""
-
-    error_code: int
-    reason: str
-
-
-ServerEvent = RequestReceived | RequestRejected | StreamReset | WindowUpdated | ConnectionTerminated
+#: The server's events: its own two, and the three both ends share (:mod:`protocol.h2flow`).
+ServerEvent = RequestReceived | RequestRejected | CommonEvent
 
 
 # -- state machine ------------------------------------------------------------
@@ -457,25 +434,20 @@ class ServerConnection:
             self._on_data(ev, out)
         elif isinstance(ev, h2.events.StreamEnded):
             self._on_stream_ended(ev, out)
-        elif isinstance(ev, h2.events.StreamReset):
-            assert ev.stream_id is not None
-            self._drop_partial(ev.stream_id)
-            self._outbound.discard(ev.stream_id)
-            code = int(ev.error_code) if ev.error_code is not None else 0
-            out.append(StreamReset(stream_id=ev.stream_id, error_code=code))
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            if isinstance(ev, h2.events.RemoteSettingsChanged) and (
+        else:
+            if isinstance(ev, h2.events.StreamReset):
+                assert ev.stream_id is not None
+                self._drop_partial(ev.stream_id)
+            elif isinstance(ev, h2.events.RemoteSettingsChanged) and (
                 h2.settings.SettingCodes.HEADER_TABLE_SIZE in ev.changed_settings
             ):
                 # The peer's value is a limit; our encoder keeps using no table.
                 self._h2.encoder.header_table_size = 0
-            out.append(WindowUpdated())
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            code = int(ev.error_code) if ev.error_code is not None else 0
-            reason = ev.additional_data.decode("latin-1") if ev.additional_data else ""
-            out.append(ConnectionTerminated(error_code=code, reason=reason))
-        # PingReceived (h2 already queued the ACK), SettingsAcknowledged,
-        # PriorityUpdated, TrailersReceived, UnknownFrameReceived: nothing to do.
+            # None for PingReceived (h2 already queued the ACK), SettingsAcknowledged,
+            # PriorityUpdated, TrailersReceived, UnknownFrameReceived: nothing to do.
+            common = translate_common(ev, self._outbound)
+            if common is not None:
+                out.append(common)
 
     def _on_request_headers(self, ev: h2.events.RequestReceived, out: list[ServerEvent]) -> None:
         assert ev.stream_id is not None
@@ -607,7 +579,7 @@ class ServerConnection:
         """Queue body bytes; they leave as flow control allows.
 
         Use :meth:`pending` to apply backpressure: wait (for a
-        :class:`WindowUpdated` event) until it drops before queueing more.
+        :class:`~protocol.h2flow.WindowUpdated` event) until it drops before queueing more.
 
         Raises:
             LocalProtocolError: Wrong state or stream state (our bug).

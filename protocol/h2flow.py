@@ -1,4 +1,4 @@
-"""HTTP/2 helpers shared by both ends: flow-controlled DATA queues.
+"""HTTP/2 helpers shared by both ends: flow-controlled DATA queues, common events.
 
 Role in the pipeline: both the server bridge (:mod:`protocol.h2_bridge`) and the
 client core (:mod:`protocol.client_conn`) hand bodies to an
@@ -12,6 +12,15 @@ Why it matters here: a netmap for a large tailnet is several hundred KiB while
 HTTP/2's default stream window is 64 KiB, so a server that ignores flow control
 either errors (``h2`` refuses) or floods a slow client. Go clients advertise
 large windows but do respect WINDOW_UPDATE (docs/control-protocol.md §5.2).
+
+The events both ends report alike (:class:`StreamReset`, :class:`WindowUpdated`,
+:class:`ConnectionTerminated`) are defined here once, and
+:func:`translate_common` maps ``h2``'s events to them; each end adds its own
+events (requests for the server, responses for the client) to the union it
+returns. Why here and not in the bottom package :mod:`wire`: only the control
+protocol speaks HTTP/2 (the relay speaks HTTP/1.1 and WebSocket), so the
+lowest place both users can import is this module, the same reasoning that
+keeps :mod:`protocol.compat` inside :mod:`protocol`.
 
 Importing this module installs the cheaper ``hyperframe`` payload repr
 (:func:`protocol.compat.install_cheap_data_repr`): ``h2`` formats one for every
@@ -32,15 +41,85 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import h2.connection
+import h2.events
 import h2.exceptions
 
 from .compat import install_cheap_data_repr
 
-__all__ = ["OutboundQueues"]
+__all__ = [
+    "CommonEvent",
+    "ConnectionTerminated",
+    "OutboundQueues",
+    "StreamReset",
+    "WindowUpdated",
+    "translate_common",
+]
 
 install_cheap_data_repr()
+
+
+# -- events both ends report ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer reset ``stream_id``.
+
+    The server stops the stream's handler (or closes its response iterator);
+    the client ends the response it was reading.
+    """
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    """Flow-control windows may have grown: queued bodies may have drained."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The peer sent GOAWAY; the connection should be closed.
+
+    Attributes:
+        error_code: The GOAWAY's error code (``0``: NO_ERROR, a clean close).
+        last_stream_id: The highest stream the peer says it processed.
+        reason: The GOAWAY's debug data, decoded as Latin-1 (``""``: none).
+    """
+
+    error_code: int
+    last_stream_id: int
+    reason: str
+
+
+CommonEvent = StreamReset | WindowUpdated | ConnectionTerminated
+
+
+def translate_common(ev: h2.events.Event, outbound: OutboundQueues) -> CommonEvent | None:
+    """Our event for an ``h2`` event both ends treat alike; ``None`` for any other.
+
+    A reset stream's queued body bytes are dropped from ``outbound`` (they would
+    have nowhere to go). ``RemoteSettingsChanged`` counts as a window update: the
+    peer may have raised ``SETTINGS_INITIAL_WINDOW_SIZE``.
+    """
+    if isinstance(ev, h2.events.StreamReset):
+        assert ev.stream_id is not None
+        outbound.discard(ev.stream_id)
+        code = int(ev.error_code) if ev.error_code is not None else 0
+        return StreamReset(stream_id=ev.stream_id, error_code=code)
+    if isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+        return WindowUpdated()
+    if isinstance(ev, h2.events.ConnectionTerminated):
+        return ConnectionTerminated(
+            error_code=int(ev.error_code) if ev.error_code is not None else 0,
+            last_stream_id=ev.last_stream_id or 0,
+            reason=ev.additional_data.decode("latin-1") if ev.additional_data else "",
+        )
+    return None
 
 
 class _Pending:

@@ -79,7 +79,7 @@ import h2.errors
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from . import h2_bridge, upgrade
+from . import h2_bridge, h2flow, upgrade
 from .compat import ASGIWrapper, BusyAwareTCPServer, ConnectionState, Lifespan, WorkerContext
 from .errors import HandshakeError, ProtocolError, RemoteProtocolError
 from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
@@ -1036,7 +1036,7 @@ class _NoiseSession:
                 )
                 handlers.start_soon(self._serve_request, event.stream_id, request, scope)
                 del request
-            elif isinstance(event, h2_bridge.StreamReset):
+            elif isinstance(event, h2flow.StreamReset):
                 reset_scope = self._scopes.pop(event.stream_id, None)
                 if reset_scope is not None:
                     reset_scope.cancel()
@@ -1045,7 +1045,7 @@ class _NoiseSession:
                     handlers.start_soon(self._close_iterator, parked)
                     self._stream_ended()
                 self._notify_window()
-            elif isinstance(event, h2_bridge.WindowUpdated):
+            elif isinstance(event, h2flow.WindowUpdated):
                 self._notify_window()
             elif isinstance(event, h2_bridge.RequestRejected):
                 log.info(
@@ -1055,7 +1055,7 @@ class _NoiseSession:
                     event.status,
                     event.reason,
                 )
-            elif isinstance(event, h2_bridge.ConnectionTerminated):
+            elif isinstance(event, h2flow.ConnectionTerminated):
                 self._closing_reason = f"peer sent GOAWAY (code {event.error_code})"
         if self._bodies or self._conn.partial_streams():
             self._track_bodies()

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from protocol import client_conn as cc
-from protocol import fetch_server_key
+from protocol import fetch_server_key, h2flow
 from tests.support.net import read_until_eof, wait_listening
 from tests.support.waits import wait_until
 
@@ -188,7 +188,7 @@ async def test_an_idle_tunnel_is_closed(server: RunningServer) -> None:
     stream, conn = await _tunnel(server)
     async with stream:
         events = await _read_events(stream, conn, 10)
-    assert any(isinstance(e, cc.ConnectionTerminated) for e in events)
+    assert any(isinstance(e, h2flow.ConnectionTerminated) for e in events)
     after = await metrics(server)
     key = 'tailledger_connection_timeouts_total{kind="tunnel_idle"}'
     assert after[key] == before[key] + 1

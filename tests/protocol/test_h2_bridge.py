@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from protocol import client_conn as cc
 from protocol import h2_bridge as hb
+from protocol import h2flow
 from protocol.errors import HandshakeError, ProtocolError, RemoteProtocolError
 from protocol.noise.handshake import ClientHandshake, generate_private_key, public_key
 from protocol.noise.transport import NoiseTransport
@@ -188,7 +189,7 @@ def test_flow_control_large_response() -> None:
     received += pair.body(sid)
     assert received == body
     assert pair.server.pending(sid) == 0
-    assert any(isinstance(e, hb.WindowUpdated) for e in pair.take_server())
+    assert any(isinstance(e, h2flow.WindowUpdated) for e in pair.take_server())
 
 
 @pytest.mark.parametrize("connection_window", [None, 1 << 30])
@@ -226,7 +227,7 @@ def test_client_reset_reaches_server_and_drops_queued_data() -> None:
     pair.client.reset_stream(sid)
     pair.pump()
     events = pair.take_server()
-    assert hb.StreamReset(stream_id=sid, error_code=8) in events  # CANCEL
+    assert h2flow.StreamReset(stream_id=sid, error_code=8) in events  # CANCEL
     assert pair.server.pending(sid) == 0
     assert pair.server.send_headers(sid, 200) is False  # stream is gone
 
@@ -326,8 +327,28 @@ def test_goaway_from_client() -> None:
     pair = Pair()
     pair.client.close()
     pair.pump()
-    assert any(isinstance(e, hb.ConnectionTerminated) for e in pair.take_server())
+    ends = [e for e in pair.take_server() if isinstance(e, h2flow.ConnectionTerminated)]
+    assert ends == [h2flow.ConnectionTerminated(error_code=0, last_stream_id=0, reason="")]
 
+
+
+def test_both_ends_report_goaway_and_reset_with_the_shared_events() -> None:
+    """Client and server translate GOAWAY and RST_STREAM into the same classes
+    (protocol.h2flow), with every field the other end's frame carried."""
+    pair = Pair(window=100)
+    sid = pair.client.send_request("POST", "/machine/map", body=b"{}")
+    pair.pump()
+    pair.take_client()
+    pair.server.send_headers(sid, 200)
+    pair.server.send_data(sid, b"x" * 1_000)
+    pair.pump()
+    pair.server.reset_stream(sid)  # CANCEL
+    pair.pump()
+    assert h2flow.StreamReset(stream_id=sid, error_code=8) in pair.take_client()
+    pair.server.close(error_code=2, reason="going away")  # INTERNAL_ERROR
+    pair.pump()
+    goaway = h2flow.ConnectionTerminated(error_code=2, last_stream_id=sid, reason="going away")
+    assert goaway in pair.take_client()
 
 def _raw_session() -> tuple[hb.ServerConnection, NoiseTransport]:
     """A server core plus a bare Noise client transport (to send anything)."""

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from protocol import ServeOptions, load_ssl_context
+from protocol import ServeOptions, h2flow, load_ssl_context
 from protocol import client_conn as cc
 from tests.support.net import read_until_eof
 
@@ -223,7 +223,7 @@ async def test_a_tunnel_with_no_request_is_closed_after_the_idle_timeout(
     tunnel = await open_raw_tunnel(srv.port, srv.server_public, b"\x22" * 32)
     events = await _tunnel_events_until_closed(tunnel, 600)
     assert 120 <= trio.current_time() - started <= 121
-    assert any(isinstance(e, cc.ConnectionTerminated) and e.error_code == 0 for e in events)
+    assert any(isinstance(e, h2flow.ConnectionTerminated) and e.error_code == 0 for e in events)
     assert srv.stats.timeouts["tunnel_idle"] == 1
 
 

@@ -35,6 +35,7 @@ from protocol import (
     NoiseResponse,
     compat,
     generate_private_key,
+    h2flow,
     open_control_client,
 )
 from protocol import client_conn as cc
@@ -315,7 +316,7 @@ def test_reset_after_the_peers_goaway_is_a_no_op() -> None:
     assert pair.server.send_headers(poll, 200)
     pair.client.close()  # GOAWAY
     pair.pump()
-    assert any(isinstance(e, hb.ConnectionTerminated) for e in pair.server_events)
+    assert any(isinstance(e, h2flow.ConnectionTerminated) for e in pair.server_events)
     pair.server.reset_stream(poll, h2.errors.ErrorCodes.INTERNAL_ERROR)  # no exception
     pair.server.reset_stream(poll + 100)  # an unknown stream: no exception either
 
