@@ -17,7 +17,10 @@ Layers, bottom-up (sans-I/O cores unless marked *adapter*):
 * :mod:`.handler` -- :class:`NoiseRequest`, :class:`NoiseResponse`,
   :class:`ControlHandler`: the interface the control logic implements.
 * :mod:`.serve` (*adapter*) -- :func:`serve_control`.
-* :mod:`.client`, :mod:`.wsstream` (*adapters*) -- :func:`open_control_client`.
+* :mod:`.client` (*adapter*) -- :func:`open_control_client`.
+
+Below them all, the bottom package :mod:`wire` carries ``/ts2021`` over
+WebSocket (:class:`wire.wsstream.WebSocketStream`, shared with the relay).
 
 Other packages import only the names below (style rule 3).
 

@@ -39,6 +39,7 @@ import msgspec
 import trio
 
 from projections import tailcfg
+from wire.wsstream import WebSocketStream
 
 from . import client_conn as cc
 from . import h2flow
@@ -48,7 +49,6 @@ from .mapframe import MapFrameDecoder
 from .noise import Keypair
 from .upgrade import HANDSHAKE_HEADER, UPGRADE_PATH, UPGRADE_TOKEN, build_key_request
 from .upgrade import parse_key_response as _parse_key_response
-from .wsstream import WebSocketByteStream
 
 __all__ = [
     "ClientResponse",
@@ -634,7 +634,13 @@ async def open_control_client(
         if websocket:
             trailing = await _websocket_upgrade(stream, f"{host}:{port}", conn.initiation)
             # The initiation travelled in the query string; no early payload follows.
-            stream = WebSocketByteStream(stream, client=True, trailing=trailing)
+            stream = WebSocketStream(
+                stream,
+                client=True,
+                trailing=trailing,
+                binary_only=True,
+                violation=RemoteProtocolError,
+            )
         client = ControlClient(
             stream,
             conn,

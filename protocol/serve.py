@@ -79,12 +79,13 @@ import h2.errors
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from wire.wsstream import WebSocketStream
+
 from . import h2_bridge, h2flow, upgrade
 from .compat import ASGIWrapper, BusyAwareTCPServer, ConnectionState, Lifespan, WorkerContext
 from .errors import HandshakeError, ProtocolError, RemoteProtocolError
 from .handler import ControlHandler, NoiseRequest, NoiseResponse, Park
 from .noise import Keypair, encode_error
-from .wsstream import WebSocketByteStream
 
 __all__ = [
     "LOOPBACK_NETWORKS",
@@ -1600,7 +1601,13 @@ class ControlServer:
                 )
             elif isinstance(event, upgrade.WebSocketUpgrade):
                 await stream.send_all(event.response)
-                ws = WebSocketByteStream(stream, client=False, trailing=event.trailing)
+                ws = WebSocketStream(
+                    stream,
+                    client=False,
+                    trailing=event.trailing,
+                    binary_only=True,
+                    violation=RemoteProtocolError,
+                )
                 return await self._noise(
                     ws, peer, event.initiation, b"", websocket=True, admitted=admitted
                 )

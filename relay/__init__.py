@@ -15,7 +15,7 @@ Layout (sans-I/O cores, thin trio adapters; style rule 2)::
     http_front.py    HTTP routing        keys.py         Curve25519 + NaCl box
     auth.py          Authorizer port     certs.py        key/cert files (sync I/O)
     serve/           trio adapter: listeners, TLS, DERP streams, STUN, mesh
-    client.py        trio DERP client    wsstream.py     DERP over WebSocket
+    client.py        trio DERP client
     fetch.py         fetch a DERP map URL
 
 Embedding::

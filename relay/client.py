@@ -37,6 +37,8 @@ from wsproto import WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
+from wire.wsstream import WebSocketStream
+
 from .derp import frames as f
 from .derp.client import (
     ClientEvent,
@@ -45,7 +47,6 @@ from .derp.client import (
     ServerInfoReceived,
 )
 from .errors import ConfigError, ConnectionClosedError, RemoteProtocolError, UnauthorizedError
-from .wsstream import WebSocketStream
 
 __all__ = ["DerpClient", "connect_derp"]
 
@@ -362,15 +363,11 @@ async def connect_derp(
             raise
 
 
-class _AdoptedWebSocketStream(WebSocketStream):
-    """A :class:`WebSocketStream` continuing a handshake done by ``WSConnection``."""
-
-
 def _adopt_ws(transport: trio.abc.Stream, ws: WSConnection) -> WebSocketStream:
-    stream = _AdoptedWebSocketStream(transport, client=True)
     # WSConnection wraps a wsproto Connection once the handshake is accepted;
-    # reuse it so bytes that arrived with the 101 are not lost.
+    # continue it so bytes that arrived with the 101 are not lost.
     inner = ws.connection
     assert inner is not None
-    stream._ws = inner
-    return stream
+    return WebSocketStream(
+        transport, client=True, connection=inner, violation=RemoteProtocolError
+    )

@@ -96,7 +96,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("protocol/serve.py", "serve adapter (ours)"),
     ("protocol/upgrade.py", "HTTP/1.1 front"),
     ("h11/", "HTTP/1.1 front"),
-    ("protocol/wsstream.py", "websocket"),
+    ("wire/wsstream.py", "websocket"),
     ("protocol/control.py", "control + netmap (not transport)"),
     ("protocol/mapframe.py", "control + netmap (not transport)"),
     ("projections/", "control + netmap (not transport)"),

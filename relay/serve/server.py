@@ -44,13 +44,14 @@ import h11
 import msgspec
 import trio
 
+from wire.wsstream import WebSocketStream
+
 from ..auth import Authorizer
 from ..certs import TlsMaterial
 from ..derp.server import DupPolicy, KeyLimitPolicy, RelayCore, RelayStats
-from ..errors import ConfigError
+from ..errors import ConfigError, RemoteProtocolError
 from ..http_front import DerpUpgrade, PlainResponse, WebSocketUpgrade, route_request
 from ..keys import short_key
-from ..wsstream import WebSocketStream
 from .config import MeshPeer, RelayConfig
 from .derp_io import RECV_SIZE, DerpIO, IoStats
 from .identity import load_identity, parse_mesh_key
@@ -94,7 +95,7 @@ def peer_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
     """The remote address under any TLS and WebSocket layers, ``None`` if unknown."""
     inner: object = stream
     while isinstance(inner, trio.SSLStream | WebSocketStream):
-        inner = inner.transport_stream if isinstance(inner, trio.SSLStream) else inner.transport
+        inner = inner.transport_stream
     if isinstance(inner, trio.SocketStream):
         try:
             name = inner.socket.getpeername()
@@ -313,7 +314,9 @@ class RelayServer:
             if route.response:
                 await stream.send_all(route.response)
             if isinstance(route, WebSocketUpgrade):
-                stream = WebSocketStream(stream, client=False, trailing_data=trailing)
+                stream = WebSocketStream(
+                    stream, client=False, trailing=trailing, violation=RemoteProtocolError
+                )
                 trailing = b""
             await self._derp.serve(stream, trailing, remote, route.ideal_node)
         except (
