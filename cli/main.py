@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
-    from .bench.loadgen import loadgen_main
+    from .bench.loadgen.main import loadgen_main
 
     return loadgen_main([], args)
 
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_replay(sub, add, logs=ls_, policy=ps)
 
-    from .bench.loadgen import build_parser as loadgen_options
+    from .bench.loadgen.main import build_parser as loadgen_options
 
     about = "Simulate N tailscale clients over the real protocol and measure the server."
     loadgen = sub.add_parser("loadgen", help=about, description=about,

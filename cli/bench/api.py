@@ -154,18 +154,19 @@ async def _under_streams(data: Path, port: int, t: _Target, args: argparse.Names
     from protocol import fetch_server_key
 
     from ..adminsock import call
-    from .loadgen import _Client, _Hub, make_decompressor
+    from .loadgen.client import Client, Hub
+    from .loadgen.scanner import make_decompressor
 
     n = args.streams
     key_args: dict[str, object] = {"user": "user0", "reusable": True, "expiration_seconds": None}
     created = await trio.to_thread.run_sync(call, data / "admin.sock", "preauthkeys.create", key_args)
     assert isinstance(created, dict)
-    hub = _Hub(
+    hub = Hub(
         port=port, auth_key=str(created["key"]), server_key=await fetch_server_key("127.0.0.1", port),
         decompress=make_decompressor(), update_interval=(1e9, 1e9),
         register_slots=trio.Semaphore(4), connect_slots=trio.Semaphore(100), register_target=n,
     )
-    clients = [_Client(i, hub) for i in range(n)]
+    clients = [Client(i, hub) for i in range(n)]
     async with trio.open_nursery() as nursery:
         started = time.perf_counter()
         for client in clients:
@@ -227,9 +228,9 @@ def bench_api_main(argv: list[str]) -> int:
         write_tailnet(data / "ledger.db", written)
         print(f"wrote a tailnet of {written} nodes in {time.perf_counter() - t:.1f} s")
         if args.streams:
-            from .loadgen import _raise_fd_limit
+            from .loadgen.client import raise_fd_limit
 
-            _raise_fd_limit(args.streams)
+            raise_fd_limit(args.streams)
         port = _free_port()
         env = {
             **os.environ, "TAILLEDGER_DATA": str(data), "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",

@@ -23,17 +23,12 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cli.bench.loadgen import (
-    PHASES,
-    FrameKind,
-    MapFrameScanner,
-    ScannedFrame,
-    _ChurnWatch,
-    _RemoteWatch,
-    _rss_slope,
-    build_parser,
-    make_decompressor,
-)
+from cli.bench.loadgen.churn import rss_slope
+from cli.bench.loadgen.client import ChurnWatch
+from cli.bench.loadgen.main import build_parser
+from cli.bench.loadgen.options import PHASES
+from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
+from cli.bench.loadgen.workers import RemoteWatch
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,7 +236,7 @@ def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
 
 
 def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> None:
-    watch = _ChurnWatch("tag", frozenset({1, 2}), key=b"nodekey:aa", node_id=7, exclude=3)
+    watch = ChurnWatch("tag", frozenset({1, 2}), key=b"nodekey:aa", node_id=7, exclude=3)
     watch.t0 = 10.0
     assert watch.matches({b"nodekey:aa"}, set(), False)
     assert watch.matches(set(), {7}, False)  # it left this node's view
@@ -253,16 +248,16 @@ def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> 
     assert (watch.latencies, watch.unexpected, watch.done.is_set()) == ([1.0], 1, False)
     watch.offer(2, 12.5)
     assert watch.latencies == [1.0, 2.5] and watch.done.is_set()
-    delete = _ChurnWatch("delete", frozenset({1}), key=b"nodekey:cc", node_id=9)
+    delete = ChurnWatch("delete", frozenset({1}), key=b"nodekey:cc", node_id=9)
     assert delete.matches(set(), {9}, False) and not delete.matches({b"nodekey:cc"}, set(), False)
-    assert _ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
-    assert _ChurnWatch("join", frozenset()).done.is_set()  # nobody to wait for
+    assert ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
+    assert ChurnWatch("join", frozenset()).done.is_set()  # nobody to wait for
 
 
 def test_rss_slope_is_per_minute_after_the_warm_up() -> None:
     samples = [(0.0, 500.0), (1.0, 100.0), (2.0, 101.0), (3.0, 102.0), (4.0, 103.0)]
-    assert _rss_slope(samples, 1.0) == pytest.approx(60.0)
-    assert _rss_slope(samples, 3.5) is None  # too few samples
+    assert rss_slope(samples, 1.0) == pytest.approx(60.0)
+    assert rss_slope(samples, 3.5) is None  # too few samples
 
 
 def test_churn_rates_are_checked() -> None:
@@ -312,7 +307,7 @@ def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(tm
 
 def test_a_workers_watch_reports_hits_strays_and_bytes_to_the_parent() -> None:
     parent, child = multiprocessing.Pipe()
-    watch = _RemoteWatch("join", b"nodekey:aa", 3, exclude=9, receivers=frozenset({1, 2, 3}), t0=5.0)
+    watch = RemoteWatch("join", b"nodekey:aa", 3, exclude=9, receivers=frozenset({1, 2, 3}), t0=5.0)
     watch.serial, watch.conn = 4, child
     watch.unexpected += 1
     watch.bytes += 100

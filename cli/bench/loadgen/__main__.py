@@ -2,6 +2,6 @@
 
 import sys
 
-from . import loadgen_main
+from .main import loadgen_main
 
 sys.exit(loadgen_main(sys.argv[1:]))

@@ -1,0 +1,211 @@
+"""The load generator's figures as text: quantiles, the table and the notes under it.
+
+Pure functions of the results (:data:`~cli.bench.loadgen.options.Results`):
+:func:`pct` turns latencies into a quantile over the expected receivers (those who
+never got a change count as infinitely late), :func:`format_table` prints one row per
+tailnet size, and the ``*_lines`` functions the CPU curve, the churn and ``--workers``
+figures, issue 7's targets and the warnings about incomplete or suspect rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+from .options import CHURN_KINDS, Results
+
+__all__ = [
+    "churn_lines",
+    "cpu_lines",
+    "curve_lines",
+    "format_table",
+    "pct",
+    "sec",
+    "target_lines",
+    "warning_lines",
+]
+
+
+def pct(latencies: list[float], expected: int, q: float) -> float | None:
+    """The q-quantile in ms over ``expected`` receivers, counting those who never
+    received as infinitely late: ``None`` when the quantile falls among them."""
+    if expected <= 0:
+        return None
+    ordered = sorted(latencies)
+    i = min(expected - 1, max(0, math.ceil(q * expected) - 1))
+    return ordered[i] * 1000 if i < len(ordered) else None
+
+
+def sec(ms: float | None) -> float | None:
+    """Milliseconds to seconds, keeping ``None`` (not reached)."""
+    return None if ms is None else ms / 1000
+
+
+def cpu_lines(row: Results) -> list[str]:
+    """With ``--workers``: each side's CPU per phase (nothing otherwise)."""
+    if not row.get("workers"):
+        return []
+    lines = [f"{_num(row, 'nodes') or 0:.0f} nodes, {row['workers']} workers, {row.get('pinning', '')}"]
+    for phase in ("register", "connect", "join", "policy", "reconnect", "churn"):
+        wall = _num(row, f"{phase}_wall_s")
+        if wall is None:
+            continue
+        lines.append(f"  {phase:>9}: {wall:.1f} s; CPU: server {_num(row, f'{phase}_cpu_s') or 0:.2f} s, "
+                     f"workers {_num(row, f'{phase}_workers_cpu_s') or 0:.2f} s "
+                     f"({_num(row, f'{phase}_workers_cpu_pct') or 0:.0f}% of a core), "
+                     f"main {_num(row, f'{phase}_loadgen_cpu_pct') or 0:.0f}% of a core")
+    return lines
+
+
+def churn_lines(row: Results) -> list[str]:
+    """The churn phase's figures (nothing for a row without one)."""
+    if "churn_changes" not in row:
+        return []
+
+    def ms(key: str) -> str:
+        value = _num(row, key)
+        return "t/o" if value is None else f"{value:.0f}"
+
+    n = _num(row, "nodes") or 0
+    lines = [f"churn at {n:.0f} nodes for {_num(row, 'churn_duration_s') or 0:.0f} s: "
+             f"{row['churn_changes']} changes, {_num(row, 'churn_kib_per_change') or 0:.1f} KiB received per change"]
+    for kind in ("all", *CHURN_KINDS):
+        p = "churn" if kind == "all" else f"churn_{kind}"
+        count = "" if kind == "all" else f"{row[f'{p}_count']:>4} changes, "
+        lines.append(f"  {kind:>6}: {count}{row[f'{p}_reached']}/{row[f'{p}_expected']} receivers reached, "
+                     f"p50 {ms(f'{p}_p50_ms')} ms, p99 {ms(f'{p}_p99_ms')} ms, max {ms(f'{p}_max_ms')} ms, "
+                     f"{row[f'{p}_unexpected']} unexpected")
+    lines.append(f"  CPU: server {_num(row, 'churn_cpu_s') or 0:.2f} s, "
+                 f"load generator {_num(row, 'churn_loadgen_cpu_s') or 0:.2f} s"
+                 + (f" + workers {_num(row, 'churn_workers_cpu_s') or 0:.2f} s" if row.get("workers") else ""))
+    slope = _num(row, "churn_rss_slope_mib_per_min")
+    lines.append(f"  server RSS {_num(row, 'churn_rss_first_mib') or 0:.0f} -> {_num(row, 'churn_rss_last_mib') or 0:.0f}"
+                 f" MiB; slope after {_num(row, 'churn_rss_slope_from_s') or 0:.0f} s: "
+                 + ("n/a (too few samples)" if slope is None else f"{slope:+.2f} MiB/min"))
+    return lines
+
+
+_COLUMNS: Final = [
+    ("nodes", "nodes", "{:.0f}"),
+    ("classes", "classes", "{:.0f}"),
+    ("peers_avg", "peers avg", "{:.0f}"),
+    ("peers_median", "med", "{:.0f}"),
+    ("peers_max", "max", "{:.0f}"),
+    ("register_all_s", "reg s", "{:.1f}"),
+    ("connect_all_s", "connect s", "{:.1f}"),
+    ("mem_per_node_kib", "KiB/node", "{:.1f}"),
+    ("peak_rss_mib", "peak MiB", "{:.0f}"),
+    ("register_ms", "register ms", "{:.0f}"),
+    ("join_p50_ms", "join p50 ms", "{:.0f}"),
+    ("join_p99_ms", "join p99 ms", "{:.0f}"),
+    ("join_cpu_s", "join CPU s", "{:.3f}"),
+    ("join_loadgen_cpu_pct", "lg %", "{:.0f}"),
+    ("join_expected", "join rcv", "{:.0f}"),
+    ("join_kib", "join KiB", "{:.0f}"),
+    ("policy_p50_ms", "policy p50 ms", "{:.0f}"),
+    ("policy_p99_ms", "policy p99 ms", "{:.0f}"),
+    ("policy_cpu_s", "policy CPU s", "{:.3f}"),
+    ("policy_loadgen_cpu_pct", "lg %", "{:.0f}"),
+    ("policy_expected", "policy rcv", "{:.0f}"),
+    ("policy_kib", "policy KiB", "{:.0f}"),
+    ("server_start_s", "start s", "{:.1f}"),
+    ("reconnect_all_s", "reconnect s", "{:.1f}"),
+]
+
+
+#: Issue 7's targets (meant for 5,000 nodes on 2 cores): key, limit, label.
+_TARGETS: Final = [
+    ("join_p99_ms", 2000.0, "a join reaches all within 2 s (p99)"),
+    ("policy_p99_ms", 5000.0, "a policy change reaches all within 5 s (p99)"),
+    ("mem_per_node_kib", 20.0, "under 20 KiB of server memory per idle node"),
+    ("restart_total_s", 60.0, "all reconnected within 60 s of a restart"),
+    ("register_ms", 200.0, "registering one more node answers within 200 ms"),
+]
+
+
+def _cell(row: Results, key: str, fmt: str) -> str:
+    if key not in row:
+        return "-"
+    value = row[key]
+    if value is None:
+        return "t/o"
+    assert isinstance(value, int | float)
+    return fmt.format(value)
+
+
+def format_table(rows: Sequence[Results]) -> str:
+    """The figures as an aligned text table, one row per tailnet size."""
+    head = [h for _, h, _ in _COLUMNS]
+    body = [[_cell(r, k, fmt) for k, _, fmt in _COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *body])
+
+
+def _num(row: Results, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def curve_lines(rows: Sequence[Results]) -> list[str]:
+    """How CPU per change grows with the tailnet, against linear and quadratic."""
+    lines: list[str] = []
+    base = rows[0]
+    for r in rows[1:]:
+        scale = (_num(r, "nodes") or 0) / (_num(base, "nodes") or 1)
+        for key, what in (("join_cpu_s", "join"), ("policy_cpu_s", "policy")):
+            a, b = _num(base, key), _num(r, key)
+            if a and b is not None:
+                lines.append(
+                    f"{what} CPU x{b / a:.1f} for x{scale:.0f} nodes "
+                    f"(linear would be x{scale:.0f}, quadratic x{scale * scale:.0f})"
+                )
+    return lines
+
+
+def warning_lines(row: Results) -> list[str]:
+    """What makes a row's figures incomplete or suspect."""
+    n = _num(row, "nodes") or 0
+    out: list[str] = []
+    for key, what in (("registered", "registered"), ("connected", "connected"),
+                      ("join_reached", "saw the join"), ("policy_reached", "got the new filter"),
+                      ("reconnected", "reconnected")):
+        got = _num(row, key)
+        want = n + 1 if key == "reconnected" and "join_reached" in row else n
+        if key in ("join_reached", "policy_reached"):
+            want = _num(row, key.replace("reached", "expected")) or 0
+        if got is not None and got < want:
+            out.append(f"{n:.0f} nodes: only {got:.0f} of {want:.0f} {what} before the timeout")
+    for phase in ("connect", "join", "policy", "reconnect"):
+        busy, wall = _num(row, f"{phase}_loadgen_cpu_pct"), _num(row, f"{phase}_wall_s")
+        if busy is not None and busy > 90 and (wall or 0) >= 1:  # a blip is no saturation
+            out.append(f"{n:.0f} nodes: the load generator was {busy:.0f}% busy during {phase}; "
+                       "its figures are upper bounds")
+    if row.get("aborted"):
+        out.append(f"{n:.0f} nodes: aborted: {row['aborted']}")
+    if row.get("churn_unexpected"):
+        out.append(f"{n:.0f} nodes: {row['churn_unexpected']} nodes got a churn change although the policy "
+                   "says it does not concern them")
+    if _num(row, "churn_reached") is not None and (_num(row, "churn_reached") or 0) < (_num(row, "churn_expected") or 0):
+        out.append(f"{n:.0f} nodes: churn changes reached only {row['churn_reached']} of "
+                   f"{row['churn_expected']} receivers in time")
+    for phase in ("join", "policy"):
+        if row.get(f"{phase}_unexpected"):
+            out.append(f"{n:.0f} nodes: {row[f'{phase}_unexpected']} nodes got the {phase} change although "
+                       "the policy says it does not concern them")
+    if row.get("marker_mismatches"):
+        out.append(f"{n:.0f} nodes: byte search and full decode disagreed {row['marker_mismatches']} times")
+    return out
+
+
+def target_lines(row: Results) -> list[str]:
+    """Issue 7's targets against one row, ok or FAIL each."""
+    lines = [f"targets (issue 7; meant for 5,000 nodes on 2 cores), at {_num(row, 'nodes') or 0:.0f} nodes:"]
+    for key, limit, label in _TARGETS:
+        if key not in row:
+            continue
+        value = _num(row, key)
+        mark = "FAIL (timed out)" if value is None else ("ok" if value <= limit else "FAIL")
+        shown = "-" if value is None else f"{value:.1f}"
+        lines.append(f"  {mark:>4}  {label} ({key} = {shown})")
+    return lines
