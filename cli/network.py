@@ -326,13 +326,11 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
             ttl=timedelta(seconds=_seconds(limits.pending_registration_ttl)),
         ),
     )
-    control = Control(
-        server.tailnet, presence, settings, pending=pending,
-        policy=PolicyCompiler(settings.public_url, tailnet_settings(config)),
-    )
+    policy = PolicyCompiler(settings.public_url, tailnet_settings(config))
+    control = Control(server.tailnet, presence, settings, pending=pending, policy=policy)
     server.control = control
     control.register_admin_ops(server.ops)
-    ssh_checks = SshChecks(server.tailnet, lambda: control.public_url)
+    ssh_checks = SshChecks(server.tailnet, lambda: control.public_url, period=policy.check_period)
     ssh_checks.register_admin_ops(server.ops)
     control.ssh_action = ssh_checks
     server.ssh_checks = ssh_checks

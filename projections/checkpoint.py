@@ -36,13 +36,13 @@ from eventlog import EventStore
 from eventlog.events import DnsExtraRecord
 
 from .errors import CheckpointError
-from .state import ApiKey, Node, PreAuthKey, TailnetState, User, rebuild_indexes
+from .state import ApiKey, Node, PreAuthKey, SshApproval, TailnetState, User, rebuild_indexes
 
 __all__ = ["SNAPSHOT_SCHEMA", "CheckpointStore", "decode_state", "encode_state"]
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_SCHEMA: Final = 1
+SNAPSHOT_SCHEMA: Final = 2
 
 
 class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,7 +68,7 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     dns_magic_dns: bool | None = None
     policy_set_at: datetime | None = None
     dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
-    ssh_checks: dict[str, datetime] = {}
+    ssh_checks: dict[str, SshApproval] = {}
 
 
 _encoder: Final = msgspec.msgpack.Encoder()

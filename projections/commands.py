@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
 from eventlog import Actor, ActorKind, RecordedEvent
 from eventlog.events import (
@@ -63,6 +63,9 @@ from .fold import apply
 from .ipam import AllocationMode, Network, allocate
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User
 
+if TYPE_CHECKING:
+    from .policy.document import CheckPeriod
+
 __all__ = [
     "MAX_HOSTNAME_LENGTH",
     "PREAUTH_KEY_PREFIX",
@@ -70,6 +73,7 @@ __all__ = [
     "Decision",
     "LoginRules",
     "ReportedHost",
+    "check_period",
     "check_preauth_key",
     "check_relogin_owner",
     "clean_hostname",
@@ -1352,30 +1356,38 @@ def decide_set_extra_records(
 DEFAULT_SSH_CHECK_PERIOD = timedelta(hours=12)
 
 
+def check_period(period: CheckPeriod | None) -> timedelta:
+    """A rule's ``checkPeriod`` (Tailscale's 12 h when it gives none; ``always``: zero,
+    every connection is checked)."""
+    if period is None:
+        return DEFAULT_SSH_CHECK_PERIOD
+    return timedelta(0) if period.always else timedelta(microseconds=period.nanoseconds // 1000)
+
+
 def ssh_check_period(state: TailnetState) -> timedelta:
-    """How long an approved SSH check lets the same source and user in unchecked: the
-    shortest ``checkPeriod`` of the policy's ``check`` rules (Tailscale's 12 h where a
-    rule gives none; ``always``: zero, every connection is checked)."""
+    """The shortest ``checkPeriod`` of the policy's ``check`` rules: the period of a
+    connection no check rule holds any more (the policy changed since it was held).
+    The period of a held connection is its rule's (``PolicyCompiler.check_period``)."""
     from .policy import parse_stored_policy
 
     if not state.policy_text:
         return DEFAULT_SSH_CHECK_PERIOD
-    periods = []
-    for rule in parse_stored_policy(state.policy_text).ssh or ():
-        if rule.action != "check":
-            continue
-        period = rule.check_period
-        if period is None:
-            periods.append(DEFAULT_SSH_CHECK_PERIOD)
-        else:
-            periods.append(timedelta(0) if period.always else timedelta(microseconds=period.nanoseconds // 1000))
-    return min(periods, default=DEFAULT_SSH_CHECK_PERIOD)
+    rules = parse_stored_policy(state.policy_text).ssh or ()
+    return min((check_period(r.check_period) for r in rules if r.action == "check"), default=DEFAULT_SSH_CHECK_PERIOD)
 
 
-def ssh_check_approved(state: TailnetState, src_node_id: int, local_user: str, now: datetime) -> bool:
-    """Whether an earlier approval still covers SSH from this source as this user."""
-    until = state.ssh_checks.get(f"{src_node_id}/{local_user}")
-    return until is not None and now < until
+def ssh_check_approved(
+    state: TailnetState, src_node_id: int, local_user: str, now: datetime, period: timedelta
+) -> bool:
+    """Whether an earlier approval still covers SSH from this source as this user, for a
+    connection held by a rule with this ``checkPeriod`` (an approval recorded before
+    approvals carried their time covers any connection until its ``until``)."""
+    approval = state.ssh_checks.get(f"{src_node_id}/{local_user}")
+    if approval is None:
+        return False
+    if approval.approved_at is None:
+        return now < approval.until
+    return now < approval.approved_at + period
 
 
 def decide_ssh_check(
@@ -1388,9 +1400,12 @@ def decide_ssh_check(
     approve: bool,
     now: datetime,
     reason: str = "",
+    period: timedelta | None = None,
 ) -> Decision[datetime | None]:
     """An admin approves or rejects a held SSH connection. Result: until when an
-    approval lets the source and user in unchecked (``None`` for a rejection).
+    approval lets the source and user in unchecked through the rule holding this
+    connection, whose ``checkPeriod`` is ``period`` (``None``: the policy's shortest);
+    ``None`` for a rejection.
 
     Raises:
         NotFoundError: the source node no longer exists.
@@ -1403,9 +1418,9 @@ def decide_ssh_check(
                               local_user=local_user, reason=reason),),
             None,
         )
-    until = now + ssh_check_period(state)
+    until = now + (ssh_check_period(state) if period is None else period)
     return Decision(
         (SshCheckApproved(check_id=check_id, src_node_id=src_node_id, dst_node_id=dst_node_id,
-                          local_user=local_user, until=until),),
+                          local_user=local_user, until=until, approved_at=now),),
         until,
     )

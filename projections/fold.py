@@ -49,7 +49,7 @@ from eventlog.events import (
 )
 
 from .delta import Delta
-from .state import ApiKey, Node, PreAuthKey, TailnetState, User
+from .state import ApiKey, Node, PreAuthKey, SshApproval, TailnetState, User
 
 __all__ = ["apply", "fold"]
 
@@ -314,8 +314,9 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
         case DnsExtraRecordsSet():
             return replace(state, dns_extra_records=event.records), Delta(dns=True)
         case SshCheckApproved():
-            approval = f"{event.src_node_id}/{event.local_user}"
-            return replace(state, ssh_checks=state.ssh_checks.set(approval, event.until)), Delta()
+            approval = SshApproval(event.approved_at, event.until)
+            who = f"{event.src_node_id}/{event.local_user}"
+            return replace(state, ssh_checks=state.ssh_checks.set(who, approval)), Delta()
         case SshCheckRejected():
             return state, Delta()  # audit only: the held connection is refused
         case _:

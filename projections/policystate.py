@@ -18,10 +18,12 @@ the previous route election, so primaries stay sticky).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Final
 
 import msgspec
 
+from .commands import check_period, ssh_check_period
 from .policy import (
     CompiledPolicy,
     NodeNetmap,
@@ -35,6 +37,7 @@ from .policy import (
     parse_stored_policy,
 )
 from .policy.ipset import Prefix, parse_prefix
+from .policy.ssh import holding_check_rule
 from .state import Node, TailnetState, User
 
 __all__ = [
@@ -159,6 +162,18 @@ class PolicyCompiler:
 
     def netmap(self, state: TailnetState, node_id: int) -> NodeNetmap:
         return self.compiled(state).netmap(node_id)
+
+    def check_period(self, state: TailnetState, src_node_id: int, dst_node_id: int, local_user: str) -> timedelta:
+        """The ``checkPeriod`` of the SSH ``check`` rule holding a connection from
+        ``src_node_id`` to ``dst_node_id`` as ``local_user``; the policy's shortest
+        when no rule holds it any more."""
+        compiled = self.compiled(state)
+        nodes = compiled.tailnet.nodes
+        if src_node_id in nodes and dst_node_id in nodes:
+            rule = holding_check_rule(compiled.resolver, nodes[src_node_id], nodes[dst_node_id], local_user)
+            if rule is not None:
+                return check_period(rule.check_period)
+        return ssh_check_period(state)
 
     def auto_approved(self, state: TailnetState, node: Node) -> tuple[str, ...]:
         """Advertised routes of ``node`` that the policy's autoApprovers approve."""

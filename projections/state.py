@@ -31,6 +31,18 @@ __all__ = [
 ]
 
 
+class SshApproval(msgspec.Struct, frozen=True):
+    """An admin's approval of SSH check mode for one source node and local user.
+
+    ``approved_at`` is None for approvals recorded before it was: those cover every
+    destination until ``until``; newer ones cover a connection while it is within the
+    ``checkPeriod`` of the check rule holding it (see ``commands.ssh_check_approved``).
+    """
+
+    approved_at: datetime | None
+    until: datetime
+
+
 class User(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     name: str
@@ -154,8 +166,8 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     dns_magic_dns: bool | None = None
     # Extra DNS records (``dns.extra_records_set``); None: none recorded yet.
     dns_extra_records: tuple[DnsExtraRecord, ...] | None = None
-    # SSH check mode: "<src node id>/<local user>" -> until when it is approved.
-    ssh_checks: Map[str, datetime] = msgspec.field(default_factory=Map)
+    # SSH check mode: "<src node id>/<local user>" -> its last approval.
+    ssh_checks: Map[str, SshApproval] = msgspec.field(default_factory=Map)
     next_user_id: int = 1
     next_node_id: int = 1
     next_preauth_key_id: int = 1

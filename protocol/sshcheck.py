@@ -5,8 +5,10 @@ An ``ssh`` rule with ``"action": "check"`` compiles to an SSHAction whose
 ?local_user=$LOCAL_USER``. When someone connects, the destination node (the SSH server)
 holds the connection and asks that URL over its Noise tunnel:
 
-1. If an earlier approval of that source node and local user is still within the
-   policy's ``checkPeriod`` (recorded in the log), the answer is *accept*.
+1. If an earlier approval of that source node and local user (recorded in the log) is
+   still within the ``checkPeriod`` of the rule holding this connection, the answer is
+   *accept*: an approval is a check of the person, valid for each destination as long
+   as that destination's rule says.
 2. Otherwise a check is opened (beside the log, like a pending registration, for
    :data:`CHECK_TTL`) and the answer delegates again, with a message the SSH user sees:
    where to have it approved (``/ssh/check/<id>`` on the server, or
@@ -38,10 +40,11 @@ from projections.admin import JSON, AdminOps
 from projections.errors import CommandError, NotFoundError
 from projections.policy.wire import SSHAction
 from projections.service import Tailnet
+from projections.state import TailnetState
 
 from .handler import NoiseRequest, NoiseResponse
 
-__all__ = ["CHECK_TTL", "HOLD_SECONDS", "PendingCheck", "SshChecks"]
+__all__ = ["CHECK_TTL", "HOLD_SECONDS", "CheckPeriodOf", "PendingCheck", "SshChecks"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ log = logging.getLogger(__name__)
 CHECK_TTL: Final = timedelta(minutes=10)
 #: How long one request of the node is held before it is told to ask again.
 HOLD_SECONDS: Final = 25.0
+
+#: The ``checkPeriod`` of the rule holding a connection: (state, source node id,
+#: destination node id, local user) -> period (``PolicyCompiler.check_period``).
+CheckPeriodOf = Callable[[TailnetState, int, int, str], timedelta]
 
 _PATH = re.compile(r"/machine/ssh/action/(\d+)/to/(\d+)")
 _ACCEPT: Final = SSHAction(
@@ -77,11 +84,17 @@ class SshChecks:
     """The check-mode callbacks of one server, and the admin operations deciding them."""
 
     def __init__(
-        self, tailnet: Tailnet, public_url: Callable[[], str], *, token: Callable[[], str] | None = None
+        self,
+        tailnet: Tailnet,
+        public_url: Callable[[], str],
+        *,
+        token: Callable[[], str] | None = None,
+        period: CheckPeriodOf | None = None,
     ) -> None:
         self.tailnet = tailnet
         self._public_url = public_url
         self._token = token or (lambda: secrets.token_urlsafe(12))
+        self._period = period or (lambda state, src, dst, user: c.ssh_check_period(state))
         self.pending: dict[str, PendingCheck] = {}
 
     def register_admin_ops(self, ops: AdminOps) -> None:
@@ -114,7 +127,7 @@ class SshChecks:
             return NoiseResponse(403, (("content-type", "text/plain"),), b"not your connection to check\n")
         now = self.tailnet.clock()
         self._expire(now)
-        if c.ssh_check_approved(state, src, local_user, now):
+        if c.ssh_check_approved(state, src, local_user, now, self._period(state, src, dst, local_user)):
             return _json(_ACCEPT)
         check_id = (query.get("auth_id") or [""])[0]
         check = self.pending.get(check_id)
@@ -173,6 +186,7 @@ class SshChecks:
             lambda s: c.decide_ssh_check(
                 s, check_id=check.check_id, src_node_id=check.src_node_id, dst_node_id=check.dst_node_id,
                 local_user=check.local_user, approve=approve, now=now, reason=reason,
+                period=self._period(s, check.src_node_id, check.dst_node_id, check.local_user),
             ),
             actor=actor,
         )

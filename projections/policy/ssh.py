@@ -44,7 +44,9 @@ from .resolve import Resolver
 from .tailnet import NodeInfo, Tailnet
 from .wire import SSHAction, SSHPolicy, SSHPrincipal, SSHRuleWire
 
-__all__ = ["CHECK_URL_TEMPLATE", "SSHSources", "SSHTable", "compile_ssh_policy", "localpart_domain"]
+__all__ = [
+    "CHECK_URL_TEMPLATE", "SSHSources", "SSHTable", "compile_ssh_policy", "holding_check_rule", "localpart_domain",
+]
 
 #: Path of the check-mode callback; the client substitutes the variables.
 CHECK_URL_TEMPLATE: Final = (
@@ -161,6 +163,41 @@ def _rules_for(
         elif by_user.get(node.owner):
             emit(by_user[node.owner], node.owner)
     return out
+
+
+def holding_check_rule(
+    resolver: Resolver, src: NodeInfo, dst: NodeInfo, local_user: str
+) -> SSHRule | None:
+    """The ``check`` rule that holds SSH from ``src`` to ``dst`` as ``local_user``.
+
+    The node tries its check rules first, in policy order (see
+    :func:`compile_ssh_policy`), and the first rule naming one of the source's
+    addresses and mapping some SSH user to ``local_user`` decides. This answers with
+    that rule as compiled for ``dst`` (so ``autogroup:self``, localpart and tag forms
+    mean what they mean on the wire), or None when no check rule holds the
+    connection (the policy changed since the node asked).
+    """
+    addrs = {format_addr(a) for a in src.addrs}
+    for rule in resolver.policy.ssh or ():
+        if rule.action != "check":
+            continue
+        for wire in _rules_for(rule, resolver, dst, ""):
+            if _maps_to(wire.ssh_users, local_user) and any(
+                p.node_ip in addrs for p in wire.principals
+            ):
+                return rule
+    return None
+
+
+def _maps_to(users: dict[str, str], local: str) -> bool:
+    """Whether some SSH user name becomes ``local`` under ``tailcfg.SSHRule.SSHUsers``:
+    a name maps through its own entry, else through ``*``; ``=`` keeps the name and an
+    empty value refuses it."""
+    if not local:
+        return False
+    if users.get(local, users.get("*")) in ("=", local):
+        return True
+    return any(mapped == local for remote, mapped in users.items() if remote != local)
 
 
 def _user_map(users: Sequence[str]) -> dict[str, str]:

@@ -6,6 +6,7 @@ source and user are accepted at once."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -123,3 +124,53 @@ async def test_a_rejected_check_refuses_the_connection(tmp_path: Path) -> None:
         assert answer.get("reject") is True and "not now" in str(answer.get("message"))
         rejected = [e.event for e in server.store.read() if isinstance(e.event, SshCheckRejected)]
         assert len(rejected) == 1 and rejected[0].reason == "not now"
+
+
+TWO_PERIODS = """{
+  "tagOwners": {"tag:db": ["autogroup:member"], "tag:web": ["autogroup:member"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+  "ssh": [
+    {"action": "check", "src": ["autogroup:member"], "dst": ["tag:db"], "users": ["root"], "checkPeriod": "2h"},
+    {"action": "check", "src": ["autogroup:member"], "dst": ["tag:web"], "users": ["root"], "checkPeriod": "30m"}
+  ]
+}"""
+
+
+async def test_each_destination_keeps_its_own_rules_check_period(tmp_path: Path) -> None:
+    """One approval of a person (source node and local user), then each destination lets
+    them in for as long as *its* check rule says: 2 h for tag:db, 30 min for tag:web (the
+    policy's shortest period must not cut the db rule's)."""
+    async with running(tmp_path, derp={"server": {"enabled": False}}) as server:
+        now = [server.tailnet.clock()]
+        server.tailnet.clock = lambda: now[0]
+        await server.ops.dispatch("policy.set", {"text": TWO_PERIODS}, ADMIN)
+        key = await make_key(server, reusable=True)
+        laptop, db, web = SimNode.new("laptop"), SimNode.new("db"), SimNode.new("web")
+        async with laptop.connect(server) as lc, db.connect(server) as dc, web.connect(server) as wc:
+            await lc.register(laptop.register_request(key))
+            await dc.register(db.register_request(key))
+            await wc.register(web.register_request(key))
+            state = server.tailnet.state
+            ids = {n.hostname: n.id for n in (
+                state.node_by_key(s.node_key.removeprefix("nodekey:")) for s in (laptop, db, web)
+            ) if n is not None}
+            for name, tag in (("db", "tag:db"), ("web", "tag:web")):
+                await server.ops.dispatch("nodes.tag", {"node": name, "tags": [tag]}, ADMIN)
+            to_db = f"/machine/ssh/action/{ids['laptop']}/to/{ids['db']}?local_user=root"
+            to_web = f"/machine/ssh/action/{ids['laptop']}/to/{ids['web']}?local_user=root"
+
+            first = await _ask(dc, to_db)
+            pending = await server.ops.dispatch("ssh.pending", {}, ADMIN)
+            assert isinstance(pending, list) and len(pending) == 1 and isinstance(pending[0], dict)
+            await server.ops.dispatch("ssh.approve", {"id": pending[0]["id"]}, ADMIN)
+            assert "holdAndDelegate" in first
+            # The approval records its time, and until when the db rule's 2 h run.
+            (event,) = [e.event for e in server.store.read() if isinstance(e.event, SshCheckApproved)]
+            assert event.approved_at == now[0]
+            assert event.until == now[0] + timedelta(hours=2)
+
+            now[0] += timedelta(hours=1)
+            assert (await _ask(dc, to_db)).get("accept") is True  # within db's 2 h
+            assert "holdAndDelegate" in await _ask(wc, to_web)  # past web's 30 min: checked again
+            now[0] += timedelta(hours=1, minutes=1)
+            assert "holdAndDelegate" in await _ask(dc, to_db)  # past db's 2 h too
