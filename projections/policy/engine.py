@@ -55,7 +55,7 @@ from .model import PolicyNode
 from .peers import can_access, routes_for_peer, via_routes_for_peer
 from .resolve import Resolver, node_keys
 from .routes import elect_primaries, primary_routes_by_node
-from .rules import Match, Rule, merge_rules
+from .rules import Match, MergedRules, Rule, merge_rules, merge_rules_reusing
 from .ssh import SSHTable, compile_ssh_policy
 from .tailnet import NodeInfo, Tailnet
 from .wire import FilterRule, SSHPolicy
@@ -158,12 +158,14 @@ class CompiledPolicy:
         node_attrs: dict[int, tuple[str, ...]] | None = None,
         primaries: dict[Prefix, int] | None = None,
         auto_approve: bool = True,
+        merged: MergedRules | None = None,
     ) -> None:
         """Internal: use :func:`compile_policy` or :meth:`with_node`.
 
         ``sources`` and ``grants`` are aligned (a None slot is a grant that
         can never produce rules). ``node_attrs`` and ``primaries``, when
-        given, are reused instead of recomputed.
+        given, are reused instead of recomputed; so are the merged global rules
+        of ``merged`` (an earlier compile's) made of the same rules.
         """
         self.resolver = resolver
         self.policy = resolver.policy
@@ -185,6 +187,9 @@ class CompiledPolicy:
         self._netmaps: dict[int, NodeNetmap] = {}
         self._peer_sets: dict[int, frozenset[int]] = {}
         self._reaches: dict[int, tuple[IPSet, IPSet, bool]] = {}
+        #: merged global rules by their parts: this compile's once global_rules ran,
+        #: until then the hint of the compile this one came from.
+        self._merged: MergedRules = merged or {}
 
     # -- shared, computed once -------------------------------------------------
 
@@ -195,7 +200,10 @@ class CompiledPolicy:
         for grant in self.grants:
             if grant.kind is not GrantKind.VIA:
                 rules.extend(grant.rules)
-        return merge_rules(rules)
+        # A join recompiles a few grants: the merged rules made only of unchanged
+        # ones are the earlier compile's, with their matchers and signatures.
+        merged, self._merged = merge_rules_reusing(rules, self._merged)
+        return merged
 
     @cached_property
     def global_matches(self) -> list[Match]:
@@ -520,8 +528,8 @@ class CompiledPolicy:
         before, after = old.global_rules, self.global_rules
         if before is after:
             return frozenset(out)
-        sig_before = [_signature(r) for r in before]
-        sig_after = [_signature(r) for r in after]
+        sig_before = [r.signature() for r in before]
+        sig_after = [r.signature() for r in after]
         common = set(sig_before) & set(sig_after)
         if [s for s in sig_before if s in common] != [s for s in sig_after if s in common]:
             return None
@@ -531,8 +539,8 @@ class CompiledPolicy:
                 continue
             dests: list[IPSet] = []
             for rule in touched:
-                dests.extend(e.addresses for e in rule.dst)
-                dests.extend(c.addresses() for c in rule.caps)
+                # The per-alias parts: equal in content to the entries' sets, and few.
+                dests.extend(rule.dst_parts)
                 if self.per_node:
                     owners = {tailnet.nodes[i].owner for i in tailnet.node_ids_in(rule.src_set.merged())}
                     if len(owners) == 1 and None not in owners:
@@ -601,12 +609,8 @@ class CompiledPolicy:
             node_attrs=node_attrs,
             primaries=None if routes_changed else self.primaries,
             auto_approve=self.auto_approve,
+            merged=self._merged,
         )
-
-
-def _signature(rule: Rule) -> tuple[object, ...]:
-    """What tells a merged rule apart (entry objects are shared by unchanged grants)."""
-    return (rule.src, rule.protocols, tuple(map(id, rule.dst)), tuple(map(id, rule.caps)))
 
 
 def _member(node: NodeInfo, addresses: AddressUnion) -> bool:

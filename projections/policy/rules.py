@@ -24,7 +24,7 @@ from .ipset import ALL_V4, ALL_V6, AddressUnion, IPSet, Prefix, prefix_str
 from .tailnet import INTERNET
 from .wire import CapGrant, FilterRule, NetPortRange, PortRangeWire
 
-__all__ = ["CapEntry", "DstEntry", "Match", "Rule", "merge_rules"]
+__all__ = ["CapEntry", "DstEntry", "Match", "MergedRules", "Rule", "merge_rules", "merge_rules_reusing"]
 
 
 class DstEntry:
@@ -82,7 +82,7 @@ class Rule:
             matching; equal in content to the union of ``dst`` entries).
     """
 
-    __slots__ = ("_dst_index", "_match", "caps", "dst", "dst_parts", "protocols", "src", "src_set")
+    __slots__ = ("_dst_index", "_match", "_signature", "caps", "dst", "dst_parts", "protocols", "src", "src_set")
 
     def __init__(
         self,
@@ -103,6 +103,15 @@ class Rule:
         self.dst_parts = dst_parts
         self._match: Match | None = None
         self._dst_index: tuple[dict[int, list[int]], list[int]] | None = None
+        self._signature: tuple[object, ...] | None = None
+
+    def signature(self) -> tuple[object, ...]:
+        """What tells this rule apart from another of an earlier compile (computed
+        once): its ``SrcIPs``, protocols and very entry objects (grants that were not
+        recompiled share theirs, and so do merged rules made of the same rules)."""
+        if self._signature is None:
+            self._signature = (self.src, self.protocols, tuple(map(id, self.dst)), tuple(map(id, self.caps)))
+        return self._signature
 
     def dst_index(self) -> tuple[dict[int, list[int]], list[int]]:
         """``dst`` entries by address: single-address entries under their address, and
@@ -166,24 +175,55 @@ def merge_rules(rules: Iterable[Rule]) -> list[Rule]:
     position; capability rules pass through unmerged. This is headscale's
     ``mergeFilterRules``, which the hosted control plane's output matches.
     """
-    out: list[Rule] = []
+    return merge_rules_reusing(rules, {})[0]
+
+
+#: Merged rules by the rules they were merged from (see :func:`merge_rules_reusing`).
+MergedRules = dict[tuple[Rule, ...], Rule]
+
+
+def merge_rules_reusing(rules: Iterable[Rule], previous: MergedRules) -> tuple[list[Rule], MergedRules]:
+    """:func:`merge_rules`, reusing the merged rule of an earlier call when it was made
+    of the very same rules (``previous``: that call's second result), so that its
+    matcher, index and signature are computed once across compiles.
+
+    Returns:
+        The merged rules, and every merged rule by the rules it was made of.
+    """
+    slots: list[Rule | list[Rule]] = []
     index: dict[tuple[tuple[str, ...], tuple[int, ...]], int] = {}
     for rule in rules:
         if rule.caps:
-            out.append(rule)
+            slots.append(rule)
             continue
         key = (rule.src, rule.protocols)
         at = index.get(key)
         if at is None:
-            index[key] = len(out)
-            out.append(rule)
+            index[key] = len(slots)
+            slots.append([rule])
         else:
-            prev = out[at]
-            out[at] = Rule(
-                prev.src,
-                prev.src_set,
-                prev.dst + rule.dst,
-                prev.protocols,
-                dst_parts=prev.dst_parts + rule.dst_parts,
-            )
-    return out
+            group = slots[at]
+            assert isinstance(group, list)
+            group.append(rule)
+    out: list[Rule] = []
+    merged: MergedRules = {}
+    for slot in slots:
+        if isinstance(slot, Rule):
+            out.append(slot)
+        elif len(slot) == 1:
+            out.append(slot[0])
+        else:
+            parts = tuple(slot)
+            reused = previous.get(parts)
+            if reused is None:
+                first = slot[0]
+                reused = Rule(
+                    first.src,
+                    first.src_set,
+                    tuple(e for r in slot for e in r.dst),
+                    first.protocols,
+                    dst_parts=tuple(p for r in slot for p in r.dst_parts),
+                )
+            merged[parts] = reused
+            out.append(reused)
+    return out, merged

@@ -154,6 +154,37 @@ def test_incremental_updates_match_a_naive_recompute(
         assert snapshot(compiled) == snapshot(naive), kind
 
 
+def test_a_join_reuses_the_merged_rules_it_does_not_change() -> None:
+    """Issue 19: merged global rules made only of grants a join leaves alone are the
+    earlier compile's objects (their matchers and signatures are computed once), and
+    the merged rules still equal a fresh compile's."""
+    policy = parse_policy(json.dumps({
+        "groups": {"group:a": ["u1@example.com"], "group:b": ["u2@example.com"]},
+        "tagOwners": {"tag:x": ["group:a"], "tag:y": ["group:a"]},
+        "acls": [
+            {"action": "accept", "src": ["group:a"], "dst": ["tag:x:22", "tag:y:80"]},
+            {"action": "accept", "src": ["group:b"], "dst": ["tag:x:443", "tag:y:443"]},
+        ],
+    }))
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1"),
+        PolicyNode(id=2, name="b", user_id=2, ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="x", user_id=1, tags=("tag:x",), ipv4="100.64.0.3"),
+        PolicyNode(id=4, name="y", user_id=1, tags=("tag:y",), ipv4="100.64.0.4"),
+    ]
+    before = compile_policy(policy, Tailnet(USERS, nodes))
+    rules_before = before.global_rules
+    assert len(rules_before) == 2 and all(len(r.dst) == 2 for r in rules_before)
+    after = before.with_node(PolicyNode(id=5, name="a2", user_id=1, ipv4="100.64.0.5"))  # group:a
+    fresh = compile_policy(policy, Tailnet(USERS, [*nodes, after.tailnet.nodes[5].node]))
+    assert [r.wire() for r in after.global_rules] == [r.wire() for r in fresh.global_rules]
+    a_before, b_before = rules_before
+    a_after, b_after = after.global_rules
+    assert b_after is b_before  # group:b's merged rule: its grants were not recompiled
+    assert a_after is not a_before and "100.64.0.5" in a_after.src
+    assert after.global_matches[1] is before.global_matches[1]
+
+
 def test_compile_is_deterministic() -> None:
     nodes = [
         PolicyNode(
