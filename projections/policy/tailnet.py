@@ -174,7 +174,19 @@ class Tailnet:
         info = NodeInfo(node)
         clone._index(info)
         clone._carry_addr_index(self, old, info)
+        clone._carry_routers(self, node.id, info)
         return clone
+
+    def _carry_routers(self, parent: Tailnet, node_id: int, new: NodeInfo | None) -> None:
+        """Take the parent's router list over, edited for one node (else every
+        registration would scan the tailnet for the few routers)."""
+        if parent._routers is None:
+            return
+        routers = [r for r in parent._routers if r.id != node_id]
+        if new is not None and (new.subnet_routes or new.exit_routes):
+            routers.append(new)
+            routers.sort(key=lambda r: r.id)
+        self._routers = tuple(routers)
 
     def _carry_addr_index(self, parent: Tailnet, old: NodeInfo | None, new: NodeInfo | None) -> None:
         """Take the parent's address index over, edited for one node (a registration
@@ -205,6 +217,7 @@ class Tailnet:
         if old is not None:
             clone._unindex(old)
             clone._carry_addr_index(self, old, None)
+            clone._carry_routers(self, node_id, None)
         return clone
 
     # -- lookups --------------------------------------------------------------
