@@ -67,7 +67,8 @@ class CompiledGrant:
         kind: regular / self / via.
         rules: global rules (regular part; empty for via grants).
         src_sets: resolved address set per source alias.
-        src_strings: the rendered ``SrcIPs``.
+        src_strings: the rendered ``SrcIPs`` (empty when no destination but
+            ``autogroup:self``: such a grant has no global rules).
         dst_prefixes: destination prefixes (``autogroup:internet`` and
             ``autogroup:self`` excluded), used by via steering.
         via_internet: ``autogroup:internet`` is among the destinations.
@@ -188,15 +189,19 @@ def compile_grant(
             lambda: _src_strings(grant, sources, tailnet, keep_extras=False),
         )
         return compiled
-    compiled.src_strings = _memo(
-        resolver,
-        ("src", grant.src),
-        lambda: _src_strings(grant, sources, tailnet, keep_extras=True),
-    )
     if len(destinations) != len(grant.dst):
         compiled.kind = GrantKind.SELF
-    if destinations:
-        compiled.rules = _rules_for_destinations(compiled, sources, destinations, tailnet)
+    if destinations or allow_empty_dst:
+        # Only rules carry the rendered SrcIPs (an ``autogroup:self``-only grant expands
+        # per node from ``src_sets``): a join need not render every member again.
+        # (:func:`recompile_sources` compiles the sources alone, for the rules.)
+        compiled.src_strings = _memo(
+            resolver,
+            ("src", grant.src),
+            lambda: _src_strings(grant, sources, tailnet, keep_extras=True),
+        )
+        if destinations:
+            compiled.rules = _rules_for_destinations(compiled, sources, destinations, tailnet)
     return compiled
 
 
