@@ -371,6 +371,7 @@ class MapHub:
                 # The lone member had nobody to be shown to: evaluate it now.
                 lone[key] = next(iter(members))
             members.add(nid)
+        seen_by = self._seen_by(state, now, compiled, changed)
         classes: dict[Hashable, PeerSet] = {}
         for key, mem in self._members.items():
             if not mem:
@@ -380,14 +381,40 @@ class MapHub:
                 entries = self._class_entries(state, now, compiled, mem)
                 classes[key] = _next_version(old, entries, _users(state, entries.values()))
                 continue
-            extra = {lone[key]} if key in lone else set()
-            classes[key] = self._update_class(state, now, compiled, old, mem, changed | extra, presence_only)
+            if seen_by is None:
+                mine = set(changed)
+            else:
+                # Only the changed nodes the class sees now or saw before: for the
+                # others, the answer would be "not a peer" both times.
+                mine = {nid for nid in changed if key in seen_by[nid] or nid in old.peers}
+            if key in lone:
+                mine.add(lone[key])
+            classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only)
         self._members = {k: m for k, m in self._members.items() if m}
         if len(self._canon) > len(self._members):
             self._canon = {k: k for k in self._members}
         self._classes = classes
         for nid in changed | presence_only:
             self._dirty[nid] = self.seq
+
+    def _seen_by(
+        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, changed: set[int]
+    ) -> dict[int, set[Hashable]] | None:
+        """The classes that see each changed node, from its own peers (visibility is
+        symmetric, and nodes of one class see every other node alike): the cost
+        follows the peers of the changed nodes, not the number of classes. None
+        with via grants, whose visibility is not symmetric."""
+        if compiled.via_grants:
+            return None
+        out: dict[int, set[Hashable]] = {}
+        key_of = self._key_of
+        for nid in changed:
+            node = state.nodes.get(nid)
+            if node is None or node.is_expired(now):
+                out[nid] = set()
+                continue
+            out[nid] = {key_of[p] for p in compiled.peer_id_set(nid) if p in key_of}
+        return out
 
     def _update_class(
         self,

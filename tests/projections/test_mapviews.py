@@ -243,6 +243,12 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     # Two SSH keys gained a source: u3's devices (autogroup:self) and the servers of
     # tag:svc3 (team 3's check rule); nobody else's SSH policy is rebuilt.
     assert hub.stats.ssh_renders - before.ssh_renders == 2
+    # The newcomer is evaluated once per class that sees it (found from its own peers),
+    # not once per class: the others cannot have it as a peer.
+    compiled = compiler.compiled(r.state)
+    seeing = {hub.peer_set(m) for m in r.state.nodes if compiled.visible(m, newcomer)}
+    assert 0 < len(seeing) < hub.classes()
+    assert hub.stats.peer_evaluations - before.peer_evaluations == len(seeing)
     # Filters: team 3's destinations and u3's devices (the admins' "*" rule is
     # unchanged) -- far fewer than the 60 streams.
     assert 0 < hub.stats.filter_evaluations - before.filter_evaluations < 10
