@@ -14,6 +14,7 @@ import h2.events
 import hyperframe.frame
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from projections import tailcfg
 from protocol import (
@@ -234,8 +235,8 @@ async def test_reset_while_blocked_on_flow_control_calls_aclose(server: RunningS
         "127.0.0.1", server.port, machine_key=b"\x19" * 32, initial_window_size=1024
     ) as client:
         async with client.open_stream("POST", "/blocked?flow") as response:
-            await response.__anext__()  # the server now waits for WINDOW_UPDATE
-            await trio.sleep(0.05)
+            await response.__anext__()
+            await wait_all_tasks_blocked()  # the server now waits for WINDOW_UPDATE
         with trio.fail_after(5):
             await server.handler.stream_closed.wait()
     assert server.handler.closed_streams == ["flow"]
@@ -246,7 +247,7 @@ async def test_reset_cancels_a_pending_handler(server: RunningServer) -> None:
     async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0a" * 32) as client:
         stream_id = client._conn.send_request("POST", "/slow?reset")
         await client._flush()
-        await trio.sleep(0.1)
+        await wait_all_tasks_blocked()  # the handler runs and waits
         client._conn.reset_stream(stream_id)
         await client._flush()
         with trio.fail_after(5):
@@ -605,12 +606,10 @@ async def test_a_stream_whose_client_said_goaway_ends_quietly(
         await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
         tunnel.conn.close()  # GOAWAY
         await tunnel.stream.send_all(tunnel.conn.data_to_send())
-        await trio.sleep(0.05)  # the stream keeps producing after the GOAWAY
+        await wait_all_tasks_blocked()  # the server has the GOAWAY; the stream keeps producing
         await tunnel.stream.aclose()
-    with trio.fail_after(5):
-        while server.handler.closed_streams.count("goaway") < 5:
-            await trio.sleep(0.01)
-    await trio.sleep(0.1)
+    await wait_all_tasks_blocked()  # the server has seen every connection go
+    assert server.handler.closed_streams.count("goaway") == 5
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     await assert_still_serving(server)
 
@@ -633,16 +632,14 @@ async def test_a_parked_long_poll_has_no_task_and_resumes_from_a_new_one(server:
     async with open_control_client("127.0.0.1", server.port, machine_key=b"\x0e" * 32) as client:
         async with client.open_stream("POST", "/park?p") as stream:
             assert await stream.__anext__() == b"p:0;"
-            with trio.fail_after(5):
-                while not server.handler.parked:
-                    await trio.sleep(0.01)
+            await wait_all_tasks_blocked()
+            assert server.handler.parked
             assert _tasks_running("_serve_request") == 0
             for i in range(1, 4):
                 server.handler.parked.pop()()
                 assert await stream.__anext__() == f"p:{i};".encode()
-            with trio.fail_after(5):
-                while not server.handler.parked:
-                    await trio.sleep(0.01)
+            await wait_all_tasks_blocked()
+            assert server.handler.parked
             assert _tasks_running("_serve_request") == 0
         # The client reset the parked stream: its iterator is closed, and a late
         # resume does nothing.
@@ -650,7 +647,7 @@ async def test_a_parked_long_poll_has_no_task_and_resumes_from_a_new_one(server:
             await server.handler.stream_closed.wait()
         assert server.handler.closed_streams == ["p"]
         server.handler.parked.pop()()
-        await trio.sleep(0.05)
+        await wait_all_tasks_blocked()
         assert _tasks_running("_serve_request") == 0
     await assert_still_serving(server)
 
@@ -659,15 +656,14 @@ async def test_parked_long_polls_are_closed_when_the_connection_goes(server: Run
     tunnel = await open_raw_tunnel(server.port, server.server_public, b"\x0f" * 32)
     tunnel.conn.send_request("POST", "/park?gone")
     await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
-    with trio.fail_after(5):
-        while not server.handler.parked:
-            await trio.sleep(0.01)
+    await wait_all_tasks_blocked()
+    assert server.handler.parked
     await tunnel.stream.aclose()  # no reset, no GOAWAY: the socket just goes
     with trio.fail_after(5):
         await server.handler.stream_closed.wait()
     assert server.handler.closed_streams == ["gone"]
     server.handler.parked.pop()()  # too late: nothing happens
-    await trio.sleep(0.05)
+    await wait_all_tasks_blocked()
     assert _tasks_running("_serve_request") == 0
 
 
@@ -683,11 +679,10 @@ async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(se
         assert await stream.__anext__() == b"idle:0;"
         for _ in range(3):
             assert (await client.request("GET", "/echo")).status == 200
-            with trio.fail_after(5):
-                while (
-                    _tasks_running("_NoiseSession.serve")
-                    + _tasks_running("handle_stream")
-                    + _tasks_running("_serve_request")
-                ):
-                    await trio.sleep(0.01)
+            await wait_all_tasks_blocked()
+            assert not (
+                _tasks_running("_NoiseSession.serve")
+                + _tasks_running("handle_stream")
+                + _tasks_running("_serve_request")
+            )
     await assert_still_serving(server)
