@@ -19,8 +19,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from tests.support.waits import wait_until_sync
 
 __all__ = ["PgServer", "find_bin_dir"]
 
@@ -77,15 +78,17 @@ class PgServer:
         """SIGKILL the postmaster and every backend (a crash); the next start recovers."""
         pid = int((self.data / "postmaster.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def backends_gone() -> bool:
             # The backends notice the dead postmaster and exit by themselves.
             out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, check=False)
-            if not out.stdout.strip():
-                break
             for child in out.stdout.split():
-                os.kill(int(child), signal.SIGKILL)
-            time.sleep(0.05)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(child), signal.SIGKILL)
+            return not out.stdout.strip()
+
+        with contextlib.suppress(AssertionError):  # what lingers is a zombie: go on
+            wait_until_sync(backends_gone, what="the backends to go", seconds=10)
         # A killed postmaster may linger as a zombie whose pid still answers; its lock
         # files would make the next start believe it is alive.
         (self.data / "postmaster.pid").unlink(missing_ok=True)

@@ -9,13 +9,13 @@ last good policy from the log in force, and says so, instead of stopping ``serve
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cli.server_process import RunningServer, running_server
+from tests.support.waits import wait_until_sync
 
 from .helpers import assert_serving, raw_request
 
@@ -90,13 +90,8 @@ def test_garbage_and_oversized_lines_are_answered(server: RunningServer) -> None
     assert_serving(server)
 
 
-def _wait_for(predicate: object, what: str, server: RunningServer, timeout: float = 20) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen:\n{server.log_text()[-3000:]}")
-        time.sleep(0.1)
+def _wait_for(predicate: Callable[[], bool], what: str, server: RunningServer) -> None:
+    wait_until_sync(predicate, what=what, seconds=20, detail=lambda: server.log_text()[-3000:])
 
 
 @pytest.mark.parametrize(

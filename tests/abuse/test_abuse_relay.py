@@ -27,6 +27,7 @@ from protocol import open_control_client
 from relay import DerpClient, UnauthorizedError, connect_derp, generate_private_key, public_key_of
 from relay.derp.client import PacketReceived, PongReceived
 from relay.derp.server import MIN_RATE_BURST
+from tests.support.waits import wait_until
 
 from ..cli.server_process import RunningServer, free_port, running_server
 from ..e2e.nsclients import CAPABILITY_VERSION, parse_metrics
@@ -94,12 +95,14 @@ async def register_nodes(server: RunningServer, count: int) -> list[bytes]:
 
 async def connect_admitted(url: str, private_key: bytes) -> DerpClient:
     """Connect once the relay, which follows the log, admits the freshly registered key."""
-    with trio.fail_after(30):
-        while True:
-            try:
-                return await connect_derp(url, private_key)
-            except (UnauthorizedError, OSError):
-                await trio.sleep(0.1)  # the relay polls the log; nothing to wait on
+
+    async def admitted() -> DerpClient | None:
+        try:
+            return await connect_derp(url, private_key)
+        except (UnauthorizedError, OSError):
+            return None  # the relay polls the log; nothing to wait on
+
+    return await wait_until(admitted, what="the relay to admit the key", seconds=30)
 
 
 async def round_trip(client: DerpClient, token: bytes) -> None:

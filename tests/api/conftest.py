@@ -19,6 +19,7 @@ from protocol import RemoteProtocolError, open_control_client
 from relay.certs import generate_self_signed
 from tests.cli.server_process import RunningServer, running_server
 from tests.protocol.control_harness import SimNode
+from tests.support.waits import wait_until
 
 #: The fixed host of Tailscale's API, which the test certificate names too.
 TAILSCALE_API_HOST = "api.tailscale.com"
@@ -59,17 +60,18 @@ class ApiServer:
         """A machine registers over the real control protocol (over TLS)."""
         node = SimNode.new(hostname)
 
+        async def attempt() -> RegisterResponse | None:
+            try:
+                async with open_control_client(
+                    "127.0.0.1", self.srv.port, machine_key=node.machine_private,
+                    ssl_context=self.ssl_context(), server_hostname="localhost",
+                ) as client:
+                    return await client.register(node.register_request(auth_key))
+            except (OSError, RemoteProtocolError):
+                return None  # not serving yet
+
         async def go() -> RegisterResponse:
-            with trio.fail_after(30):
-                while True:
-                    try:
-                        async with open_control_client(
-                            "127.0.0.1", self.srv.port, machine_key=node.machine_private,
-                            ssl_context=self.ssl_context(), server_hostname="localhost",
-                        ) as client:
-                            return await client.register(node.register_request(auth_key))
-                    except (OSError, RemoteProtocolError):
-                        await trio.sleep(0.1)
+            return await wait_until(attempt, what=f"{hostname} to register", seconds=30)
 
         return node, trio.run(go)
 

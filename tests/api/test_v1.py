@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.waits import wait_until_sync
+
 from .conftest import ApiServer, check_against_openapi
 
 
@@ -386,12 +388,9 @@ def test_a_policy_set_and_the_approvals_it_triggers_share_the_requests_cause(api
         answer = http.put("/api/v1/policy", json={"policy": policy}, headers={"X-Tailledger-Reason": "NET-9 gw"})
         assert answer.status_code == 200, answer.text
 
-        async def approved() -> None:
-            with trio.fail_after(10):
-                while "node.routes_approved" not in [t for t, _, _ in _causes(api, before)]:
-                    await trio.sleep(0.05)
-
-        trio.run(approved)
+        wait_until_sync(
+            lambda: "node.routes_approved" in [t for t, _, _ in _causes(api, before)], what="the auto-approval"
+        )
         assert http.put("/api/v1/policy", json={"policy": policy + " "}).status_code == 200
     events = _causes(api, before)
     [(_, policy_id, policy_reason)] = [e for e in events[:1] if e[0] == "policy.set"]

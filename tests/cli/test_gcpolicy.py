@@ -67,21 +67,34 @@ async def _burn(seconds: float) -> None:
         await trio.lowlevel.checkpoint()
 
 
-async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(
+    monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    # Virtual time moved by hand, one tick at a time: the CPU a tick sees is what the
+    # test burnt since the last one, never what a loaded machine's delays add.
     trims: list[float] = []
     monkeypatch.setattr(gcpolicy, "_trim", lambda: trims.append(trio.current_time()))
+
+    async def tick() -> None:
+        mock_clock.jump(0.2)
+        await trio.testing.wait_all_tasks_blocked()  # the policy's step has run
+
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: manage_gc(
             interval=3600.0, trim_interval=0.2, trim_work=0.05, task_status=task_status
         ))
+        await trio.testing.wait_all_tasks_blocked()
         trims.clear()  # the first step trims
-        await trio.sleep(1.0)
+        for _ in range(5):
+            await tick()
         assert trims == [], "an idle process trimmed"
-        await _burn(0.6)  # busy through several ticks
+        for _ in range(4):
+            await _burn(0.1)  # busy through several ticks
+            await tick()
         assert trims == [], "a busy process trimmed"
-        burst_over = trio.current_time()
-        await trio.sleep(0.7)
-        assert len(trims) == 1 and trims[0] - burst_over < 0.5
-        await trio.sleep(0.6)
+        await tick()  # the first quiet tick after the burst
+        assert trims == [trio.current_time()], "not trimmed once the burst was over"
+        for _ in range(3):
+            await tick()
         assert len(trims) == 1, "trimmed again with nothing done since"
         nursery.cancel_scope.cancel()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -10,15 +9,12 @@ import trio
 from cli.leader import Leadership, while_leading
 from eventlog.pgstore import LeaderLock
 from tests.pgserver import PgServer
+from tests.support.waits import wait_until, wait_until_sync
 
 
 def _eventually(poll: Callable[[], bool]) -> bool:
-    """Poll as a replica does (here every 50 ms, for at most a minute)."""
-    for _ in range(1200):
-        if poll():
-            return True
-        threading.Event().wait(0.05)
-    return False
+    """Poll as a replica does (for at most a minute)."""
+    return wait_until_sync(poll, what="the lock", seconds=60)
 
 
 def test_one_leader_at_a_time_and_failover(pg_dsn: str) -> None:
@@ -70,14 +66,12 @@ async def test_jobs_run_only_on_the_leader_and_move_with_it(pg_dsn: str) -> None
                         await inner.start(while_leading, a, job("a"))
 
             nursery.start_soon(run_a)
-            while running != ["a"]:  # a, alone, is elected
-                await trio.sleep(0.01)
+            await wait_until(lambda: running == ["a"], what="a, alone, to be elected")
             await nursery.start(b.run)
             await nursery.start(while_leading, b, job("b"))
             assert a.leading and not b.leading
             a_scope.cancel()  # replica a stops: its lock is released, b takes over
-            while running != ["b"]:
-                await trio.sleep(0.01)
+            await wait_until(lambda: running == ["b"], what="b to take over")
             assert b.leading and b.terms == 1
             nursery.cancel_scope.cancel()
 

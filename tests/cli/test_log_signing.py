@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import trio
@@ -15,6 +14,7 @@ import trio
 from eventlog import GENESIS_HASH
 from eventlog.signing import parse_anchor
 from eventlog.store import StoredRow
+from tests.support.waits import wait_until_sync
 
 from .server_process import free_port, running_server, serve_env
 from .test_node_commands import _register
@@ -147,11 +147,10 @@ def _run_relay(data: Path, relay_data: Path, log: Path) -> None:
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cli", "relay"], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        for _ in range(600):
-            if "DERP map for this relay" in log.read_text() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert "DERP map for this relay" in log.read_text(), log.read_text()
+        wait_until_sync(
+            lambda: "DERP map for this relay" in log.read_text(), what="the relay to start",
+            process=proc, detail=log.read_text,
+        )
     finally:
         proc.terminate()
         proc.wait(30)

@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli.config import DEFAULT_METRICS_LISTEN_ADDR, ConfigError, load_config
+from tests.support.waits import wait_until_sync
 
 from .server_process import RunningServer, free_port, running_server
 
@@ -31,10 +31,10 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 def _metrics_port(server: RunningServer) -> int:
-    deadline = time.monotonic() + 20
-    while (match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log_text())) is None:
-        assert time.monotonic() < deadline, server.log_text()
-        time.sleep(0.05)
+    match = wait_until_sync(
+        lambda: re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log_text()),
+        what="the metrics address in the log", detail=server.log_text,
+    )
     return int(match.group(1))
 
 
@@ -78,10 +78,9 @@ def test_a_taken_default_address_costs_only_the_metrics(tmp_path: Path) -> None:
         env = {"TAILLEDGER_METRICS_LISTEN_ADDR": DEFAULT_METRICS_LISTEN_ADDR}
         with running_server(tmp_path / "data", extra_env=env) as server:
             assert server.cli("users", "list").returncode == 0
-            deadline = time.monotonic() + 20
-            while "metrics NOT served" not in server.log_text():
-                assert time.monotonic() < deadline, server.log_text()
-                time.sleep(0.05)
+            wait_until_sync(
+                lambda: "metrics NOT served" in server.log_text(), what="the warning", detail=server.log_text
+            )
 
 
 def test_a_taken_explicit_address_stops_the_server_with_why(tmp_path: Path) -> None:

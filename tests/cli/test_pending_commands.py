@@ -12,19 +12,22 @@ from projections.tailcfg import RegisterResponse
 from protocol import RemoteProtocolError, open_control_client
 from tests.protocol.control_harness import SimNode
 from tests.support.net import wait_until_serving
+from tests.support.waits import wait_until
 
 from .server_process import running_server
 
 
 async def _register(port: int, node: SimNode, followup: str = "") -> RegisterResponse:
     """One register request over a fresh tunnel (retried while the port comes up)."""
-    with trio.fail_after(30):
-        while True:
-            try:
-                async with open_control_client("127.0.0.1", port, machine_key=node.machine_private) as client:
-                    return await client.register(node.register_request(followup=followup))
-            except (OSError, RemoteProtocolError):
-                await trio.sleep(0.1)
+
+    async def attempt() -> RegisterResponse | None:
+        try:
+            async with open_control_client("127.0.0.1", port, machine_key=node.machine_private) as client:
+                return await client.register(node.register_request(followup=followup))
+        except (OSError, RemoteProtocolError):
+            return None  # the port is not up yet
+
+    return await wait_until(attempt, what=f"{node.hostname} to register", seconds=30)
 
 
 def test_pending_requests_survive_a_restart_and_are_decided_from_the_cli(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
+
+from tests.support.waits import wait_until_sync
 
 from .server_process import RunningServer, running_server
 
@@ -77,25 +78,19 @@ def test_policy_file_mode_reloads_on_change_and_sighup(tmp_path: Path) -> None:
 
         # An invalid edit is refused and logged; the old policy stays.
         policy.write_text(UNDEFINED_GROUP)
-        deadline = time.monotonic() + 15
-        while "refused" not in server.log_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until_sync(lambda: "refused" in server.log_text(), what="the refusal", detail=server.log_text)
         assert "group:nobody" in server.log_text()
         assert len(_policy_events(server)) == 1
 
         # A valid edit is picked up (mtime polling) ...
         second = GOOD.replace("group:admins", "group:ops")
         policy.write_text(second)
-        deadline = time.monotonic() + 15
-        while len(_policy_events(server)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until_sync(lambda: len(_policy_events(server)) == 2, what="the edit picked up", detail=server.log_text)
         assert _policy_events(server)[-1]["event"]["text"] == second  # type: ignore[index]
 
         # ... and SIGHUP forces a reload at once (same size, same mtime second).
         third = second.replace("group:ops", "group:dev")
         policy.write_text(third)
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while len(_policy_events(server)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_sync(lambda: len(_policy_events(server)) == 3, what="the reload on SIGHUP", detail=server.log_text)
         assert _policy_events(server)[-1]["event"]["text"] == third  # type: ignore[index]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -16,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from tests.pgserver import PgServer
+from tests.support.waits import wait_until_sync
 
 from .server_process import RunningServer, running_server
 
 
 def _eventually(check: Callable[[], bool], what: str, *servers: RunningServer) -> None:
-    for _ in range(1200):  # at most a minute: a guard against hanging, not a timing assertion
-        if check():
-            return
-        threading.Event().wait(0.05)
-    logs = "".join(f"\n--- {s.data.name}:\n{s.log_text()[-3000:]}" for s in servers)
-    raise AssertionError(f"never: {what}{logs}")
+    def logs() -> str:
+        return "".join(f"\n--- {s.data.name}:\n{s.log_text()[-3000:]}" for s in servers)
+
+    # At most a minute: a guard against hanging, not a timing assertion.
+    wait_until_sync(check, what=what, seconds=60, detail=logs)
 
 
 def _health(server: RunningServer) -> tuple[int, dict[str, object]]:

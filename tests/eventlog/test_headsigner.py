@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from eventlog.audit import audit_log
 from eventlog.headsigner import HeadSigner
 from eventlog.signing import Signer, read_anchor
 from tests.conftest import ADMIN
+from tests.support.waits import wait_until
 
 from .contract import user
 
@@ -26,12 +26,9 @@ def mock_clock() -> trio.testing.MockClock:
 
 
 async def _until(condition: Callable[[], bool]) -> None:
-    """Let the other tasks (and their store threads) run until ``condition`` holds."""
-    for _ in range(30_000):  # up to ~30 s of real time for the store's threads
-        if condition():
-            return
-        await trio.to_thread.run_sync(time.sleep, 0.001)
-    raise AssertionError("the condition never held")
+    """Let the other tasks (and their store threads) run until ``condition`` holds
+    (in real time: the virtual clock stays where the test put it)."""
+    await wait_until(condition, seconds=30)
 
 
 async def test_signs_every_n_events_every_interval_and_at_shutdown(

@@ -12,6 +12,7 @@ from eventlog.events import UserCreated
 from eventlog.pgstore import PostgresEventStore
 from tests.conftest import ADMIN
 from tests.pgserver import PgServer
+from tests.support.waits import wait_until
 
 #: Long enough that only a notification (never the polling fallback) can wake a tailer.
 NO_POLLING = 3600.0
@@ -38,8 +39,7 @@ async def test_an_append_on_one_replica_wakes_a_tailer_on_another(pg_dsn: str) -
 
             nursery.start_soon(follow)
             [rec] = await a.append([UserCreated(user_id=1, name="a")], actor=ADMIN)
-            while not got:
-                await trio.sleep(0.01)
+            await wait_until(lambda: got, what="the other log's tailer to see the event")
             nursery.cancel_scope.cancel()
     assert got == [rec]
     a.store.close()
@@ -72,14 +72,15 @@ async def test_tailers_wait_out_a_database_crash(pg_server: PgServer, pg_dsn: st
                 await trio.sleep(0.3)  # the tailer meets the dead database meanwhile
             finally:
                 await trio.to_thread.run_sync(pg_server.start)
-            while True:
+
+            async def append_once_back() -> tuple[RecordedEvent, ...] | None:
                 try:
-                    acknowledged += await a.append([UserCreated(user_id=3, name="c")], actor=ADMIN)
-                    break
+                    return await a.append([UserCreated(user_id=3, name="c")], actor=ADMIN)
                 except EventLogError:
-                    await trio.sleep(0.1)  # the store's back-off
-            while len(seen) < 2:
-                await trio.sleep(0.01)
+                    return None  # not back yet
+
+            acknowledged += await wait_until(append_once_back, what="the database to take appends again", seconds=60)
+            await wait_until(lambda: len(seen) == 2, what="the tailer to catch up", seconds=60)
             nursery.cancel_scope.cancel()
     assert [e.event for e in seen] == [e.event for e in acknowledged]
     assert a.store.verify().ok

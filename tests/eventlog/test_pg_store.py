@@ -12,6 +12,7 @@ from eventlog import AppendRequest, EventLogError, EventStore, ExpectedSequenceC
 from eventlog.pgstore import MIGRATIONS, PostgresEventStore, migrate
 from tests.conftest import ADMIN
 from tests.pgserver import PgServer
+from tests.support.waits import wait_until_sync
 
 from .contract import StoreContract, user
 
@@ -138,11 +139,7 @@ def test_losing_the_server_fails_fast_then_recovers(pg_server: PgServer, pg_dsn:
     finally:
         pg_server.start()
     # Back-off: the next attempt comes within a few seconds; the data is all there.
-    for _ in range(200):
-        if store.ping().ok:
-            break
-        threading.Event().wait(0.05)
-    assert store.ping().ok
+    wait_until_sync(lambda: store.ping().ok, what="the store to reconnect", seconds=10)
     assert store.verify().count == 3
     [r] = store.append_batch([AppendRequest(events=(user(4),), actor=ADMIN)], 10_000)
     assert isinstance(r, tuple) and r[0].seq == 4

@@ -16,12 +16,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.net import wait_listening
 
 from .browser import artifacts_dir, chrome, save_artifacts
 from .provider import ProviderProject, build_template, prepare, seed
@@ -56,17 +57,7 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the provider exited:\n{log.read_text()[-3000:]}") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the provider does not listen:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.1)
+    wait_listening(port, seconds=timeout, process=proc, detail=lambda: log.read_text()[-3000:])
 
 
 def _base_env() -> dict[str, str]:

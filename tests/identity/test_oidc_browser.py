@@ -28,6 +28,7 @@ from eventlog.events import NodeRegistered, UserCreated
 from projections.tailcfg import RegisterResponse
 from protocol import ControlClient
 from tests.protocol.control_harness import ADMIN, SimNode, running
+from tests.support.waits import wait_until
 
 from .conftest import free_port
 from .provider import CLIENT_ID, CLIENT_SECRET, ProviderProject
@@ -164,9 +165,7 @@ async def test_sign_in_registers_the_machine_to_the_token_user(
             await click(driver, "signin")
             await provider_login(driver, "alice", setup.url)
             await see(driver, "is now in the tailnet as alice@example.com")
-            with trio.fail_after(30):
-                while not answers:
-                    await trio.sleep(0.05)
+            await wait_until(lambda: answers, what="the machine's answer", seconds=30)
         [answer] = answers
         assert answer.machine_authorized and answer.login.login_name == "alice@example.com"
 
@@ -254,9 +253,11 @@ async def test_an_expired_request_cannot_be_completed(
             await _t(driver.get, auth_url)
             await click(driver, "signin")
             pending = setup.server.control.pending  # type: ignore[union-attr]
-            with trio.fail_after(30):
-                while await pending.get(auth_url.rsplit("/", 1)[1]) is not None:
-                    await trio.sleep(0.1)
+
+            async def expired() -> bool:
+                return await pending.get(auth_url.rsplit("/", 1)[1]) is None
+
+            await wait_until(expired, what="the request to expire", seconds=30)
             await provider_login(driver, "alice", setup.url)
             await see(driver, "expired")
         assert not setup.server.runner.state.users and not setup.server.runner.state.nodes
@@ -308,9 +309,7 @@ async def test_an_admin_approves_for_a_chosen_user_with_csrf_protected_forms(
             await _t(lambda: Select(admin_browser.find_element(By.ID, "user")).select_by_value(str(erin.id)))
             await _t(lambda: admin_browser.find_element(By.CSS_SELECTOR, "#approve button").click())
             await see(admin_browser, "is now in the tailnet as erin")
-            with trio.fail_after(30):
-                while not answers:
-                    await trio.sleep(0.05)
+            await wait_until(lambda: answers, what="the machine's answer", seconds=30)
         [registered] = [e for e in setup.events() if e.type == "node.registered"]
         assert registered.event.user_id == erin.id and registered.event.auth == "web"  # type: ignore[union-attr]
         dave = setup.server.runner.state.user_named("dave@example.com")

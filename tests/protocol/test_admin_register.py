@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from projections import ConflictError
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running
 
@@ -45,7 +46,10 @@ async def test_approving_a_relogin_for_another_user_is_refused(tmp_path: Path) -
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow)
-                await trio.sleep(0.1)
+                assert server.control is not None
+                table = server.control.pending
+                await wait_until(lambda: auth_id in table._waiters, what="the follow-up to wait")
+                assert not result
                 await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "alice"}, ADMIN)
         [answer] = result
         assert answer.machine_authorized  # type: ignore[attr-defined]

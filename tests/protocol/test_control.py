@@ -14,6 +14,7 @@ from cli.server import Server
 from eventlog.events import NodeRegistered, PreAuthKeyUsed
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running, two_registered
 
@@ -234,7 +235,9 @@ async def test_interactive_registration_approved_by_admin(tmp_path: Path) -> Non
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow)
-                await trio.sleep(0.2)
+                assert server.control is not None
+                pending = server.control.pending
+                await wait_until(lambda: auth_id in pending._waiters, what="the follow-up to wait")
                 assert not result  # it long-polls
                 await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "bob"}, ADMIN)
         [resp] = result
@@ -382,7 +385,8 @@ async def test_derp_map_changes_reach_connected_clients(tmp_path: Path) -> None:
 async def test_full_maps_take_turns_and_a_stalled_client_gives_its_turn_up(
     tmp_path: Path,
 ) -> None:
-    tuning = {"full_map_concurrency": 1, "full_map_turn_timeout": "1s"}
+    # The turn is long enough for b to queue behind a even on a loaded machine.
+    tuning = {"full_map_concurrency": 1, "full_map_turn_timeout": "3s"}
     async with running(tmp_path, tuning=tuning) as server:
         key = await make_key(server, reusable=True)
         a, b = SimNode.new("alpha"), SimNode.new("bravo")
@@ -397,19 +401,19 @@ async def test_full_maps_take_turns_and_a_stalled_client_gives_its_turn_up(
             await ca.register(a.register_request(key))
             await cb.register(b.register_request(key))
             async with ca.map_stream(a.map_request()) as sa:
-                with trio.fail_after(5):
-                    while server.control is None or server.control.streams_open < 1:
-                        await trio.sleep(0.01)
-                await trio.sleep(0.1)
+                control = server.control
+                assert control is not None
+                await wait_until(lambda: control._full_maps.value == 0, what="a's full map to hold the turn")
                 async with cb.map_stream(b.map_request()) as sb:
-                    with trio.move_on_after(0.5) as waited:
-                        await next_update(sb)
-                    assert waited.cancelled_caught, "b's full map went out during a's turn"
+                    # b's full map does not go out during a's turn: it waits for it.
+                    await wait_until(
+                        lambda: control._full_maps.statistics().tasks_waiting == 1, what="b to wait for the turn"
+                    )
                     # a's turn ends after the timeout: b gets its full map, a still
                     # gets all of its own once it reads.
-                    b_first = await next_update(sb, wait=5)
+                    b_first = await next_update(sb, wait=10)
                     assert b_first.node is not None and b_first.node.key == b.node_key
-                    a_first = await next_update(sa, wait=5)
+                    a_first = await next_update(sa, wait=10)
                     assert a_first.node is not None and a_first.node.key == a.node_key
                     assert [p.key for p in a_first.peers or []] == [b.node_key]
 
@@ -543,13 +547,9 @@ async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Pat
             await ca.register(a.register_request(key))
             async with ca.map_stream(a.map_request()) as sa:
                 await next_update(sa)
-                with trio.fail_after(5):
-                    while _tasks_running("_serve_request"):
-                        await trio.sleep(0.01)
+                await wait_until(lambda: not _tasks_running("_serve_request"), what="the stream to park")
                 async with b.connect(server) as cb:
                     await cb.register(b.register_request(key))
                     msg = await next_update(sa)
                     assert [p.key for p in msg.peers_changed or []] == [b.node_key]
-                with trio.fail_after(5):
-                    while _tasks_running("_serve_request"):
-                        await trio.sleep(0.01)
+                await wait_until(lambda: not _tasks_running("_serve_request"), what="the stream to park again")

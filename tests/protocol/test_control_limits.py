@@ -26,6 +26,7 @@ from projections.tailcfg import (
 )
 from protocol import ControlClient, MapStream, RemoteProtocolError, open_control_client
 from protocol.mapframe import MapFrameDecoder
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running, two_registered
 
@@ -143,14 +144,10 @@ async def test_a_newer_long_poll_ends_one_stuck_on_a_client_that_does_not_read(t
         async with open_control_client(
             "127.0.0.1", server.port, machine_key=a.machine_private, initial_window_size=64
         ) as stuck, stuck.map_stream(a.map_request()) as first:
-            with trio.fail_after(10):
-                while control.streams_open < 1:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: control.streams_open >= 1, what="the first stream")
             async with a.connect(server) as again, again.map_stream(a.map_request()) as second:
                 assert (await next_update(second)).node is not None
-                with trio.fail_after(10):
-                    while control.streams_open != 1:
-                        await trio.sleep(0.01)
+                await wait_until(lambda: control.streams_open == 1, what="the second stream to end the first")
                 with pytest.raises(RemoteProtocolError, match="reset"):
                     await read_until_reset(first)
 
@@ -180,13 +177,11 @@ async def test_one_shot_maps_wait_for_a_full_map_turn(tmp_path: Path) -> None:
             # a's full map stays in flight (a reads nothing) and holds the only turn;
             # once a gives its poll up (leaving the block), the one-shot map gets it.
             async with trio.open_nursery() as nursery, ca.map_stream(a.map_request()):
-                with trio.fail_after(10):
-                    while control._full_maps.value != 0:
-                        await trio.sleep(0.01)
+                await wait_until(lambda: control._full_maps.value == 0, what="a's full map to hold the turn")
                 nursery.start_soon(one_shot)
-                with trio.fail_after(10):
-                    while control._full_maps.statistics().tasks_waiting != 1:
-                        await trio.sleep(0.01)  # the one-shot map waits its turn
+                await wait_until(
+                    lambda: control._full_maps.statistics().tasks_waiting == 1, what="the one-shot map to wait its turn"
+                )
                 assert not got
             [msg] = got
             assert msg.node is not None and msg.node.key == b.node_key

@@ -17,6 +17,7 @@ from projections import ProjectionRunner, Tailnet
 from projections.tailcfg import Hostinfo, RegisterRequest
 from protocol import ControlClient
 from protocol.registrations import Expired, PendingLimits, PendingRegistrations, source_of
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, running
 
@@ -138,13 +139,10 @@ async def test_many_megabyte_requests_and_waits_retain_nothing_of_them(tmp_path:
                         await client.register(big_request(n, followup=url))
 
                 nursery.start_soon(follow)
-            with trio.fail_after(30):
-                while waiting.borrowed_tokens < len(nodes):
-                    await trio.sleep(0.05)
+            await wait_until(lambda: waiting.borrowed_tokens == len(nodes), what="every follow-up sent", seconds=30)
             assert server.control is not None
-            with trio.fail_after(30):  # every follow-up has reached the server and waits
-                while len(server.control.pending._waiters) < len(nodes):
-                    await trio.sleep(0.05)
+            pending = server.control.pending
+            await wait_until(lambda: len(pending._waiters) == len(nodes), what="every follow-up to wait", seconds=30)
             assert _held(BIG) == []
             nursery.cancel_scope.cancel()
 
@@ -164,9 +162,8 @@ async def test_reject_is_recorded_and_the_waiting_client_told(tmp_path: Path) ->
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(follow)
                 assert server.control is not None
-                with trio.fail_after(10):
-                    while auth_id not in server.control.pending._waiters:
-                        await trio.sleep(0.01)
+                table = server.control.pending
+                await wait_until(lambda: auth_id in table._waiters, what="the follow-up to wait")
                 result = await server.ops.dispatch(
                     "nodes.reject", {"key": auth_id, "reason": "not one of ours"}, ADMIN
                 )
@@ -215,9 +212,8 @@ async def test_requests_expire_on_a_timer_without_other_requests(tmp_path: Path)
         assert len(await server.ops.dispatch("nodes.pending", {}, ADMIN)) == 1  # type: ignore[arg-type]
         offset[0] = timedelta(minutes=31)  # past the default 30 minutes
         assert server.control is not None
-        with trio.fail_after(20):
-            while server.control.pending.stats.expired == 0:
-                await trio.sleep(0.1)
+        stats = server.control.pending.stats
+        await wait_until(lambda: stats.expired, what="the sweep to expire the request", seconds=20)
         assert await trio.to_thread.run_sync(server.side.count_pending) == 0
         assert await server.ops.dispatch("nodes.pending", {}, ADMIN) == []
 

@@ -10,12 +10,7 @@ from eventlog.pgstore import PostgresEventStore, PostgresSideTables
 from projections.presence import PresenceTable
 from projections.presence_share import share_presence
 from tests.conftest import T0
-
-
-async def _until(check: object) -> None:
-    assert callable(check)
-    while not check():
-        await trio.sleep(0.01)
+from tests.support.waits import wait_until
 
 
 async def test_presence_set_on_one_replica_reaches_the_other(pg_dsn: str) -> None:
@@ -30,17 +25,17 @@ async def test_presence_set_on_one_replica_reaches_the_other(pg_dsn: str) -> Non
             await nursery.start(share_presence, table_b, side_b, "b")
             table_a.connect(5, T0)
             table_a.update(5, endpoints=("192.0.2.5:41641",), disco_key="discokey:" + "ab" * 32, home_derp=900)
-            await _until(lambda: (p := table_b.get(5)) is not None and p.home_derp == 900)
+            await wait_until(lambda: (p := table_b.get(5)) is not None and p.home_derp == 900)
             seen_on_b.append(watcher.take())  # b's watchers (its clients' fan-out) heard it
             p = table_b.get(5)
             assert p is not None and p.online and p.endpoints == ("192.0.2.5:41641",)
             assert p.disco_key == "discokey:" + "ab" * 32
 
             table_b.update(6, online=True, home_derp=901)  # the other way round
-            await _until(lambda: (q := table_a.get(6)) is not None and q.home_derp == 901)
+            await wait_until(lambda: (q := table_a.get(6)) is not None and q.home_derp == 901)
 
             table_a.update(5, online=False)  # going offline travels too
-            await _until(lambda: not table_b.get(5).online)  # type: ignore[union-attr]
+            await wait_until(lambda: (p := table_b.get(5)) is not None and not p.online)
             await trio.sleep(0.3)  # time for an echo, if there were one
             nursery.cancel_scope.cancel()
     assert 5 in seen_on_b[0]

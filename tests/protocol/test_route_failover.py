@@ -5,7 +5,6 @@ back online, stays secondary."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -15,6 +14,7 @@ from cli.server import Server
 from eventlog.events import RoutePrimaryChanged
 from projections.tailcfg import Hostinfo, MapResponse, NetInfo
 from protocol import MapStream
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running
 
@@ -48,12 +48,6 @@ async def _until(stream: MapStream, view: View, done: object) -> None:
     with trio.fail_after(20):
         while not done():
             view.apply(await stream.__anext__())
-
-
-async def _eventually(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 def _router_request(node: SimNode) -> object:
@@ -90,7 +84,7 @@ async def test_primary_goes_offline_and_the_other_router_takes_over(tmp_path: Pa
             first = state.node_by_key(r1.node_key.removeprefix("nodekey:"))
             second = state.node_by_key(r2.node_key.removeprefix("nodekey:"))
             assert first is not None and second is not None
-            await _eventually(lambda: dict(server.tailnet.state.route_primaries) == {NET: first.id})
+            await wait_until(lambda: dict(server.tailnet.state.route_primaries) == {NET: first.id})
 
             scope1.cancel()  # router1's map stream ends: it is offline
             await _until(stream, view, lambda: view.primary() == {r2.node_key})
@@ -105,7 +99,7 @@ async def test_primary_goes_offline_and_the_other_router_takes_over(tmp_path: Pa
             await nursery.start(_serve_router, server, r1)
             presence = server.presence
             assert presence is not None
-            await _eventually(lambda: (p := presence.get(first.id)) is not None and p.online)
+            await wait_until(lambda: (p := presence.get(first.id)) is not None and p.online)
             assert server.route_failover is not None
             assert await server.route_failover.check() == 0
             assert dict(server.tailnet.state.route_primaries) == {NET: second.id}

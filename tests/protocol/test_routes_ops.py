@@ -8,12 +8,10 @@ stays revoked (the compiled policy does not approve it again behind the log's ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
-import trio
 
 from cli.server import Server
 from eventlog import caused_by
@@ -21,6 +19,7 @@ from eventlog.events import PolicySet, RoutesApproved
 from projections import CommandError
 from projections.tailcfg import Hostinfo, NetInfo
 from protocol import ControlClient
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running
 
@@ -31,12 +30,6 @@ async def _advertise(client: ControlClient, node: SimNode, routes: list[str]) ->
     hi = Hostinfo(hostname=node.hostname, os="linux", net_info=NetInfo(preferred_derp=999), routable_ips=routes)
     request = msgspec.structs.replace(node.map_request(stream=False, omit_peers=True), hostinfo=hi)
     assert (await client.post_json("/machine/map", request)).status == 200
-
-
-async def _eventually(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 def _approvals(server: Server) -> list[tuple[tuple[str, ...], bool, str]]:
@@ -87,7 +80,7 @@ async def test_approve_and_reject_with_exit_nodes_and_clear_refusals(tmp_path: P
         got = await server.ops.dispatch("routes.reject", {"node": "gw", "routes": ["::/0"]}, ADMIN)
         assert isinstance(got, dict) and got["approved"] == ["10.1.0.0/24"] and got["exit_node"] is False
         # The subnet's primary, recorded by route HA, shows in the list.
-        await _eventually(lambda: dict(server.tailnet.state.route_primaries) == {"10.1.0.0/24": 1})
+        await wait_until(lambda: dict(server.tailnet.state.route_primaries) == {"10.1.0.0/24": 1})
         assert (await _route_row(server, "gw"))["primary"] == ["10.1.0.0/24"]
         assert _approvals(server) == [
             (("10.1.0.0/24",), False, "admin:test"),
@@ -112,7 +105,7 @@ async def test_policy_change_auto_approves_and_an_admin_can_revoke(tmp_path: Pat
         assert _approvals(server) == []  # no autoApprovers yet
 
         await server.ops.dispatch("policy.set", {"text": POLICY % ""}, ADMIN)
-        await _eventually(lambda: bool(_approvals(server)))
+        await wait_until(lambda: bool(_approvals(server)))
         assert _approvals(server) == [(("10.2.1.0/24",), True, "system:policy-auto-approver")]
         assert (await _route_row(server, "gw"))["approved"] == ["10.2.1.0/24"]
 
@@ -125,7 +118,7 @@ async def test_policy_change_auto_approves_and_an_admin_can_revoke(tmp_path: Pat
         await server.ops.dispatch("policy.set", {"text": POLICY % ', "tagOwners": {}'}, ADMIN)
         approver = server.auto_approver
         assert approver is not None
-        await _eventually(lambda: approver.policy_text == server.tailnet.state.policy_text)
+        await wait_until(lambda: approver.policy_text == server.tailnet.state.policy_text)
         assert (await _route_row(server, "gw"))["approved"] == []
         assert len(_approvals(server)) == 2
 
@@ -154,7 +147,7 @@ async def test_the_approvals_a_policy_change_triggers_share_its_correlation_id_a
             await _advertise(client, gw, ["10.2.1.0/24"])
         with caused_by(reason="INC-7 let gw carry 10.2/16"):
             await server.ops.dispatch("policy.set", {"text": POLICY % ""}, ADMIN)
-        await _eventually(lambda: bool(_approvals(server)))
+        await wait_until(lambda: bool(_approvals(server)))
         [policy] = [e for e in server.store.read() if isinstance(e.event, PolicySet)]
         [approval] = [e for e in server.store.read() if isinstance(e.event, RoutesApproved)]
         assert str(approval.actor) == "system:policy-auto-approver"

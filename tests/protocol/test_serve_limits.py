@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from trio.testing import wait_all_tasks_blocked
 
 from protocol import ServeOptions, h2flow, load_ssl_context
 from protocol import client_conn as cc
@@ -283,9 +284,8 @@ async def _refused(srv: RunningServer, local: str = "127.0.0.1") -> bool:
 
 
 async def _until_open(srv: RunningServer, count: int) -> None:
-    with trio.fail_after(10):
-        while srv.stats.open != count:
-            await trio.sleep(0.01)
+    await wait_all_tasks_blocked()  # the server has seen every connect and close
+    assert srv.stats.open == count
 
 
 async def test_connections_over_the_global_cap_are_closed_at_once(nursery: trio.Nursery) -> None:

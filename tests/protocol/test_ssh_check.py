@@ -17,6 +17,7 @@ import trio
 from eventlog.events import SshCheckApproved, SshCheckRejected
 from projections import CommandError
 from protocol import ControlClient
+from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running
 
@@ -87,11 +88,10 @@ async def test_hold_approve_then_accepted_within_the_check_period(tmp_path: Path
                 nursery.start_soon(held)
                 checks = server.ssh_checks
                 assert checks is not None
-                with trio.fail_after(10):
-                    # Approve once the node's request is being held.
-                    while checks.pending[check_id].decided.statistics().tasks_waiting == 0:
-                        await trio.sleep(0.01)
-                    await server.ops.dispatch("ssh.approve", {"id": check_id}, ADMIN)
+                # Approve once the node's request is being held.
+                held_now = checks.pending[check_id].decided
+                await wait_until(lambda: held_now.statistics().tasks_waiting, what="the request to be held")
+                await server.ops.dispatch("ssh.approve", {"id": check_id}, ADMIN)
             assert answers[0].get("accept") is True
             # Within the checkPeriod: accepted at once.
             assert (await _ask(bc, path)).get("accept") is True

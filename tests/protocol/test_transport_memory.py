@@ -426,12 +426,17 @@ class _FlakyListener(trio.abc.Listener[trio.SocketStream]):
         await trio.lowlevel.checkpoint()
 
 
-async def test_accept_loop_retries_after_emfile(caplog: pytest.LogCaptureFixture) -> None:
+async def test_accept_loop_retries_after_emfile(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The loop backs off (a timer: virtual time here) and accepts again."""
     served: list[trio.SocketStream] = []
+    handed_on = trio.Event()
     server = ControlServer(server_key=SERVER_KEY, handler=_buggy_handler, asgi_app=_lifespan_app)
 
     async def record(stream: trio.SocketStream, admitted: object = None) -> None:
         served.append(stream)
+        handed_on.set()
         await stream.aclose()
 
     server.handle_stream = record  # type: ignore[method-assign]
@@ -443,8 +448,7 @@ async def test_accept_loop_retries_after_emfile(caplog: pytest.LogCaptureFixture
         flaky = _FlakyListener(accepted)
         nursery.start_soon(server._accept_loop, flaky, nursery)  # type: ignore[arg-type]
         with trio.fail_after(5):
-            while not served:
-                await trio.sleep(0.01)
+            await handed_on.wait()
         nursery.cancel_scope.cancel()
     await client.aclose()
     await listener[0].aclose()

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from projections.derpmap import merge_derp_maps
 from projections.tailcfg import encode
 from relay import AllowAll, RelayConfig, serve_relay
+from tests.support.waits import wait_until
 
 HOST = "10.254.0.1"
 
@@ -105,13 +106,15 @@ async def main(tailcat: str, mode: str) -> dict[str, object]:
             stderr=subprocess.PIPE,
         )
         try:
-            addr = ""
-            with trio.move_on_after(30):
-                while not addr:
-                    await trio.sleep(0.1)
-                    path = work / "addr"
-                    if path.exists():
-                        addr = path.read_text().strip()
+
+            def address() -> str:
+                path = work / "addr"
+                return path.read_text().strip() if path.exists() else ""
+
+            try:
+                addr = await wait_until(address, what="tailcat's address", seconds=30)
+            except AssertionError:
+                addr = ""  # reported in the result: the caller judges
             result["address"] = addr
             if addr:
                 ping = await trio.run_process(

@@ -412,8 +412,9 @@ async def test_tls_handshakes_given_up_by_the_client_are_not_failures(tmp_path: 
         with trio.fail_after(5):
             await garbage.receive_some(1024)  # the relay closes it
             await garbage.aclose()
-            while relay.http_stats().tls_failures + relay.http_stats().tls_abandoned < 2:
-                await trio.sleep(0.01)
+        await wait_until(
+            lambda: relay.http_stats().tls_failures + relay.http_stats().tls_abandoned == 2, what="both handshakes counted"
+        )
         stats = relay.http_stats()
         assert (stats.tls_abandoned, stats.tls_failures) == (1, 1)
         a, b = await pair(relay.url, cert_name=relay.cert_name)

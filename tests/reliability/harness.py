@@ -41,6 +41,7 @@ from eventlog import RecordedEvent, SQLiteEventStore
 from eventlog.signing import load_signing_key
 from projections import CheckpointStore, TailnetState, fold
 from tests.e2e.harness import in_ci
+from tests.support.waits import wait_until
 
 __all__ = [
     "LogCheck",
@@ -173,19 +174,21 @@ def start_server(
 
 async def wait_ready(server: ServerProcess, within: float = 60) -> None:
     """Wait until the admin socket answers and the control port accepts connections."""
-    with trio.fail_after(within):
-        while True:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({server.proc.returncode}):\n{server.log_text()[-4000:]}")
-            try:
-                reply = await admin(server.admin_socket, "log.head", within=5)
-                if reply.get("ok"):
-                    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                    await stream.aclose()
-                    return
-            except OSError:
-                pass
-            await trio.sleep(0.02)
+
+    async def ready() -> bool:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.proc.returncode}):\n{server.log_text()[-4000:]}")
+        try:
+            reply = await admin(server.admin_socket, "log.head", within=5)
+            if reply.get("ok"):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                await stream.aclose()
+                return True
+        except OSError:
+            pass
+        return False
+
+    await wait_until(ready, what="the server to serve", seconds=within, detail=lambda: server.log_text()[-4000:])
 
 
 async def admin(

@@ -69,8 +69,11 @@ async def wait_until(
 ) -> T:
     """Return the first true value of ``condition`` (called, and awaited if it is async).
 
-    Polls every :data:`INTERVAL` seconds of *wall* time: the deadline is read from
-    :func:`time.monotonic`, so a virtual clock that jumps does not cut the wait short.
+    Polls every :data:`INTERVAL` seconds of *wall* time, under any trio clock: the
+    pause is spent in a worker thread and the deadline read from
+    :func:`time.monotonic`, so a virtual clock neither cuts the wait short (autojump)
+    nor stops it (a ``mock_clock`` nobody moves).  Meanwhile the other tasks run, and
+    an autojump clock may move to their next timer.
 
     Raises:
         AssertionError: ``seconds`` passed first; names ``what`` and adds ``detail()``.
@@ -84,7 +87,7 @@ async def wait_until(
             return cast(T, result)
         if time.monotonic() > deadline:
             raise _late(what, seconds, detail)
-        await trio.sleep(INTERVAL)
+        await trio.to_thread.run_sync(time.sleep, INTERVAL)
 
 
 def wait_until_sync(
