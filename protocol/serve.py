@@ -79,6 +79,7 @@ import h2.errors
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from wire.sockets import peer_address, peer_name
 from wire.wsstream import WebSocketStream
 
 from . import h2_bridge, h2flow, upgrade
@@ -571,30 +572,6 @@ class _Prepended(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
-
-
-def _peer_name(stream: trio.abc.Stream) -> str:
-    """Best-effort ``host:port`` of the peer, for log lines."""
-    inner: object = stream
-    if isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    if isinstance(inner, trio.SocketStream):
-        try:
-            peer = inner.socket.getpeername()
-        except OSError:
-            return "?"
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            return f"{peer[0]}:{peer[1]}"
-        return str(peer)
-    return "?"
-
-
-def _peer_address(stream: trio.SocketStream) -> object:
-    """The peer's socket address (``None`` if unknown), for the connection caps."""
-    try:
-        return stream.socket.getpeername()
-    except OSError:
-        return None
 
 
 class _ConnectionLost(Exception):
@@ -1464,10 +1441,10 @@ class ControlServer:
                     )
                     await trio.sleep(0.1)
                 else:
-                    admitted = self._admission.admit(_peer_address(stream))
+                    admitted = self._admission.admit(peer_address(stream))
                     if isinstance(admitted, str):
                         # Refused: closed at once, before reading anything.
-                        log.debug("%s: refused (%s)", _peer_name(stream), admitted)
+                        log.debug("%s: refused (%s)", peer_name(stream), admitted)
                         with trio.CancelScope(shield=True):
                             await stream.aclose()
                         continue
@@ -1487,7 +1464,7 @@ class ControlServer:
             admitted: Its place in the connection caps (from the accept
                 loop), given back when the connection closes.
         """
-        peer = _peer_name(stream)
+        peer = peer_name(stream)
         owned = False  # by the session, which closes it when it ends
         try:
             session = await self._handle(stream, peer, admitted)

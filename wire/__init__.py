@@ -28,6 +28,10 @@ import them, and ``tests/test_packaging.py`` names each in ``IO_ADAPTERS``):
 * :mod:`wire.wsstream` -- :class:`~wire.wsstream.WebSocketStream`, a
   :class:`trio.abc.Stream` whose bytes travel in binary WebSocket messages
   (``/ts2021`` over WebSocket; DERP over WebSocket).
+* :mod:`wire.sockets` -- the socket under a stream:
+  :func:`~wire.sockets.peer_address` (as data: the control port's
+  per-address cap, the relay core's ``(ip, port)``) and
+  :func:`~wire.sockets.peer_name` (for log lines, both sides alike).
 
 Import from the modules, not from this package: it re-exports nothing, so the
 sans-I/O guard sees exactly which adapter a module uses.

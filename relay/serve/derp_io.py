@@ -54,6 +54,8 @@ from functools import partial
 import msgspec
 import trio
 
+from wire.sockets import format_address
+
 from ..derp.server import RelayCore, ServerConn
 from ..keys import short_key
 from .config import RelayConfig
@@ -210,7 +212,12 @@ class DerpIO:
             if not conn.closed:
                 core.connection_lost(conn, "stream ended")
             if conn.close_reason and conn.key is not None:
-                log.info("relay: %s %s closed: %s", remote, short_key(conn.key), conn.close_reason)
+                log.info(
+                    "relay: %s %s closed: %s",
+                    format_address(remote),
+                    short_key(conn.key),
+                    conn.close_reason,
+                )
 
     def _on_wake(self, io: ConnIO) -> None:
         """The core queued bytes for (or closed) ``io.conn``.

@@ -44,6 +44,7 @@ import h11
 import msgspec
 import trio
 
+from wire.sockets import format_address, peer_address
 from wire.wsstream import WebSocketStream
 
 from ..auth import Authorizer
@@ -61,7 +62,7 @@ from .stun_io import StunServer, serve_stun
 if TYPE_CHECKING:
     from projections.derpmap import DERPNode, DERPRegion
 
-__all__ = ["HttpStats", "RelayServer", "peer_of", "serve_relay"]
+__all__ = ["HttpStats", "RelayServer", "serve_relay"]
 
 log = logging.getLogger("tailledger.relay")
 
@@ -89,21 +90,6 @@ class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
     derp_upgrades: int
     derp_fast_start: int
     websocket_upgrades: int
-
-
-def peer_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    """The remote address under any TLS and WebSocket layers, ``None`` if unknown."""
-    inner: object = stream
-    while isinstance(inner, trio.SSLStream | WebSocketStream):
-        inner = inner.transport_stream
-    if isinstance(inner, trio.SocketStream):
-        try:
-            name = inner.socket.getpeername()
-        except OSError:
-            return None
-        if isinstance(name, tuple) and len(name) >= 2:
-            return str(name[0]), int(name[1])
-    return None
 
 
 class RelayServer:
@@ -265,15 +251,15 @@ class RelayServer:
         TLS when the other server terminates TLS; this relay's own TLS is not used.
         ``tcp`` is the TCP stream under it (for the peer's address). Closes ``stream``.
         """
-        await self._serve_connection(stream, peer_of(tcp), tls=False, keep_alive=False)
+        await self._serve_connection(stream, peer_address(tcp), tls=False, keep_alive=False)
 
     async def serve_handed_off_tls(self, stream: trio.abc.Stream, tcp: trio.SocketStream) -> None:
         """Like :meth:`serve_handed_off` for a connection that opens with a TLS
         ClientHello: terminate TLS with this relay's certificate, then serve DERP."""
-        await self._serve_connection(stream, peer_of(tcp), tls=self._ssl is not None, keep_alive=False)
+        await self._serve_connection(stream, peer_address(tcp), tls=self._ssl is not None, keep_alive=False)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
-        await self._serve_connection(tcp, peer_of(tcp), tls=self._ssl is not None)
+        await self._serve_connection(tcp, peer_address(tcp), tls=self._ssl is not None)
 
     async def _serve_connection(
         self, transport: trio.abc.Stream, remote: tuple[str, int] | None, *, tls: bool, keep_alive: bool = True
@@ -326,7 +312,7 @@ class RelayServer:
             ssl.SSLError,
             OSError,
         ) as exc:
-            log.debug("relay: connection from %s ended: %r", remote, exc)
+            log.debug("relay: connection from %s ended: %r", format_address(remote), exc)
         finally:
             await trio.aclose_forcefully(stream)
 
