@@ -11,6 +11,8 @@ Layers, bottom-up (sans-I/O cores unless marked *adapter*):
 * :mod:`.noise` -- controlbase messages, handshake, transport records.
 * :mod:`.upgrade` -- HTTP/1.1 front and the client's upgrade request.
 * :mod:`.early`, :mod:`.mapframe` -- early payload; ``[u32 LE][zstd]`` frames.
+* :mod:`.mapwire` -- map messages (values from ``projections.mapviews``) to
+  bytes, each shared message and full-map piece encoded and framed once.
 * :mod:`.compat` -- every reliance on h2, hpack, hyperframe and hypercorn
   internals (compact HTTP/2 structures, the hypercorn hand-off), guarded and pinned.
 * :mod:`.h2flow`, :mod:`.h2_bridge`, :mod:`.client_conn` -- HTTP/2 over Noise.
@@ -46,6 +48,7 @@ from .mapframe import (
     frame_map_response,
     keepalive_frame,
 )
+from .mapwire import MapWire
 from .noise import Keypair, generate_private_key, public_key
 from .serve import (
     ConnectionStats,
@@ -72,6 +75,7 @@ __all__ = [
     "LocalProtocolError",
     "MapFrameDecoder",
     "MapStream",
+    "MapWire",
     "NoiseRequest",
     "NoiseResponse",
     "Park",

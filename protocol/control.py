@@ -62,7 +62,6 @@ from projections import commands as c
 from projections.admin import AdminOps
 from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
-from projections.mapviews.peersets import MapMessage
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
@@ -87,7 +86,8 @@ from projections.tailcfg import (
 )
 
 from .handler import NoiseRequest, NoiseResponse, Park
-from .mapframe import compress_piece, frame_map_response, frame_pieces, keepalive_frame
+from .mapframe import keepalive_frame
+from .mapwire import MapWire
 from .ratelimit import TokenBuckets
 from .registrations import (
     Approved,
@@ -320,6 +320,9 @@ class Control:
         #: Shared peer views of every stream (see :mod:`projections.mapviews`), advanced
         #: by :meth:`_drive_hub` and read by the streams.
         self.hub = MapHub(self.policy, settings.netmap, presence.get)
+        #: The bytes of what the hub's streams are sent, each shared message and
+        #: full-map piece encoded and framed once (see protocol.mapwire).
+        self.wire = MapWire()
         #: Parked streams per group (by node id): the resume callables of their
         #: transports (an idle stream is no task, see protocol.handler.Park), each
         #: with the time its keep-alive falls due (_parking_due, set by the stream
@@ -758,7 +761,7 @@ class Control:
             self._sync_hub()
             if self.hub.state is None or node_id not in self.hub.state.nodes:
                 return
-            yield self._frame_full(StreamCursor(node_id).full_map(self.hub), compress)
+            yield self.wire.frame_full(StreamCursor(node_id).full_map(self.hub), compress)
         finally:
             turn.release()
 
@@ -849,39 +852,6 @@ class Control:
         if self._fanout_left == 0:  # (and not below: streams that came later do not count)
             self._fanout_cost = trio.current_time() - self._fanout_started
 
-    def _frame_full(self, pieces: list[MapMessage | bytes], compress: bool) -> bytes:
-        """Frame a full map given as pieces; shared pieces are compressed once."""
-        raw: list[bytes] = []
-        done: list[bool] = []
-        pending: list[bytes] = []
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                pending.append(piece)
-                continue
-            if pending:
-                raw.append(b"".join(pending))
-                done.append(False)
-                pending = []
-            if compress:
-                frame = piece.frames.get("piece")
-                if frame is None:
-                    frame = piece.frames["piece"] = compress_piece(piece.json)
-                raw.append(frame)
-                done.append(True)
-            else:
-                raw.append(piece.json)
-                done.append(False)
-        if pending:
-            raw.append(b"".join(pending))
-            done.append(False)
-        return frame_pieces(raw, compress, compressed=done)
-
-    def _frame(self, msg: MapMessage, compress: bool) -> bytes:
-        frame = msg.frames.get(compress)
-        if frame is None:
-            frame = msg.frames[compress] = frame_map_response(msg.json, compress)
-        return frame
-
     def _open_poll(self, node_id: int, cancel: Callable[[], None] | None) -> _Poll:
         """Make this the node's long-poll; the older one, if any, ends (the newest
         wins: a client opens a new poll when it lost or gave up the old one)."""
@@ -920,7 +890,7 @@ class Control:
                 if self.hub.state is None or node_id not in self.hub.state.nodes:
                     return
                 cursor = StreamCursor(node_id)
-                yield self._frame_full(cursor.full_map(self.hub), compress)
+                yield self.wire.frame_full(cursor.full_map(self.hub), compress)
             finally:
                 turn.release()
             del turn  # an idle stream keeps nothing of its turn
@@ -944,7 +914,7 @@ class Control:
                 messages = cursor.update(self.hub)
                 sent = bool(messages)
                 while messages:  # not a for loop: nothing stays bound while idle
-                    yield self._frame(messages.pop(0), compress)
+                    yield self.wire.frame(messages.pop(0), compress)
                 del messages
                 if cursor.seq != seen and seen >= listening_since:
                     self._fanned_out()

@@ -6,9 +6,11 @@ the SSH policy's JSON (shared per SSH key by the hub's :class:`~.hub.SSHCache`) 
 the hub sequence number it has seen. It holds no peer of its own: n streams of one
 class cost n cursors and one peer set.
 
-**Messages.** :meth:`StreamCursor.full_map` makes the first message (and the
-baseline); :meth:`StreamCursor.update` brings the client from what it was sent to the
-hub's state in zero, one or two messages:
+**Messages.** Both are values; the transport (``protocol.mapwire``) makes the bytes.
+:meth:`StreamCursor.full_map` makes the first message (and the baseline), a
+:class:`FullMap` whose peers are the class's peer set; :meth:`StreamCursor.update`
+brings the client from what it was sent to the hub's state in zero, one or two
+:class:`~.peersets.MapMessage` objects:
 
 1. the peer diff from the version it was on to its class's current one. Streams
    moving between the same two versions share one message (kept by the older
@@ -17,8 +19,9 @@ hub's state in zero, one or two messages:
 2. this node's own parts, each only if the hub says a change may have touched it
    (:meth:`~.hub.MapHub.self_dirty_since`, :meth:`~.hub.MapHub.filter_dirty_since`)
    and its digest differs from the one sent: the self node, the packet filter, the
-   SSH policy, the DERP map, the DNS configuration. Equal messages within one hub
-   version are one shared object (:meth:`~.hub.MapHub.shared`).
+   SSH policy, the DERP map, the DNS configuration. Streams whose parts are equal
+   (told apart by their digests) share one object per hub version
+   (:meth:`~.hub.MapHub.shared`).
 
 **Expired keys.** A node whose key is out of use (expired or logged out) is sent only
 its own node, marked expired: the transition is one message that removes every peer
@@ -30,7 +33,9 @@ Nothing here reads a clock or does I/O: time and state are arguments.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -40,9 +45,9 @@ from ..state import Node
 from ..tailcfg import Debug, DNSConfig, MapResponse
 from ..tailcfg import Node as WireNode
 from .hub import MapHub
-from .peersets import MapMessage, PeerSet, encode_update
+from .peersets import MapMessage, PeerSet, update_response
 
-__all__ = ["StreamCursor"]
+__all__ = ["FullMap", "StreamCursor"]
 
 _encoder: Final = msgspec.json.Encoder()
 _NO_SSH: Final = b'{"rules":[]}'
@@ -53,6 +58,35 @@ def _digest(data: bytes) -> bytes:
     the fastest hashlib digest here, with hardware support; not a security use)."""
     return hashlib.sha1(data, usedforsecurity=False).digest()
 
+
+@dataclass(frozen=True, slots=True)
+class FullMap:
+    """A stream's first message as values: everything but the peers in ``body``, and
+    the peers as its class's peer set less the stream's own node (``exclude``).
+
+    The transport encodes ``body`` and splices the peers' JSON in as a ``Peers`` array
+    (``protocol.mapwire``), sharing what it can between the streams of a class;
+    :meth:`response` is the same map as one struct.
+    """
+
+    body: MapResponse
+    #: None for a node whose key is out of use: ``body`` is then the whole map.
+    peers: PeerSet | None
+    exclude: int
+
+    def peer_ids(self) -> list[int]:
+        """The ids of the peers shown, in the order they are sent."""
+        if self.peers is None:
+            return []
+        return [i for i in sorted(self.peers.peers) if i != self.exclude]
+
+    def response(self) -> MapResponse:
+        """The whole map as one ``MapResponse`` (what the transport's bytes decode to)."""
+        ids = self.peer_ids()
+        if not ids:
+            return self.body
+        assert self.peers is not None
+        return msgspec.structs.replace(self.body, peers=[self.peers.peers[i].wire for i in ids])
 
 
 class StreamCursor:
@@ -81,9 +115,8 @@ class StreamCursor:
         self.derp_map: object = None
         self.dns: object = None  # the DNS configuration last sent (by identity)
 
-    def full_map(self, hub: MapHub) -> list[MapMessage | bytes]:
-        """The complete first message (and the new baseline), as JSON pieces to be
-        concatenated (see :meth:`PeerSet.full_map_pieces`)."""
+    def full_map(self, hub: MapHub) -> FullMap:
+        """The complete first message (and the new baseline)."""
         state, now, compiled = hub.state, hub.now, hub.compiled
         assert state is not None and now is not None and compiled is not None
         me = self.node_id
@@ -91,7 +124,7 @@ class StreamCursor:
         if node.is_expired(now):
             msg = expired_map(state, node, hub.presence(me), hub.settings, now)
             self._now_expired(hub, msg.node)
-            return [_encoder.encode(msg)]
+            return FullMap(msg, None, me)
         self.expired = False
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
@@ -106,21 +139,19 @@ class StreamCursor:
         profiles = dict(peers.users)
         for p in own:
             profiles[p.id] = p
-        body = _encoder.encode(
-            MapResponse(
-                node=self_wire,
-                derp_map=hub.settings.derp_map,
-                dns_config=hub.settings.dns,
-                domain=hub.settings.domain,
-                packet_filters={"base": msgspec.Raw(pf)},
-                ssh_policy=msgspec.Raw(ssh) if ssh is not None else None,
-                user_profiles=[profiles[k] for k in sorted(profiles)],
-                collect_services=False,
-                control_time=now,
-                debug=Debug(disable_log_tail=True),
-            )
+        body = MapResponse(
+            node=self_wire,
+            derp_map=hub.settings.derp_map,
+            dns_config=hub.settings.dns,
+            domain=hub.settings.domain,
+            packet_filters={"base": msgspec.Raw(pf)},
+            ssh_policy=msgspec.Raw(ssh) if ssh is not None else None,
+            user_profiles=[profiles[k] for k in sorted(profiles)],
+            collect_services=False,
+            control_time=now,
+            debug=Debug(disable_log_tail=True),
         )
-        return peers.full_map_pieces(body, exclude=me)
+        return FullMap(body, peers, me)
 
     def _self_wire(self, hub: MapHub, node: Node) -> WireNode:
         assert hub.compiled is not None
@@ -162,7 +193,7 @@ class StreamCursor:
         if hub.settings.derp_map is not self.derp_map:
             parts["derp_map"] = hub.settings.derp_map
         self._now_expired(hub, self_wire)
-        return [MapMessage(_encoder.encode(MapResponse(control_time=now, **parts)))] if parts else []  # type: ignore[arg-type]
+        return [MapMessage(MapResponse(control_time=now, **parts))] if parts else []  # type: ignore[arg-type]
 
     def _restored(self, hub: MapHub, node: Node) -> list[MapMessage]:
         """The update of a stream whose node's key is back in use: the whole netmap
@@ -195,7 +226,7 @@ class StreamCursor:
         self.self_node = _digest(_encoder.encode(self_wire))
         self.filter = _digest(pf)
         self.ssh = ssh
-        return [MapMessage(_encoder.encode(MapResponse(control_time=now, **parts)))]  # type: ignore[arg-type]
+        return [MapMessage(MapResponse(control_time=now, **parts))]  # type: ignore[arg-type]
 
     def update(self, hub: MapHub) -> list[MapMessage]:
         """Messages that bring the client from what it was sent to the hub's state."""
@@ -217,17 +248,21 @@ class StreamCursor:
             if me in diff.ids:
                 own = diff.without(me)
                 if not own.is_empty():
-                    out.append(MapMessage(encode_update(now, {}, own)))
+                    out.append(MapMessage(update_response(now, {}, own)))
             elif shared is not None:
                 out.append(shared)
             self.peers = peers
+        # The node's own parts, and tokens that tell each apart (equal tokens, equal
+        # part): streams whose parts are equal share one message.
         parts: dict[str, object] = {}
+        tokens: list[tuple[str, object]] = []
         if hub.self_dirty_since(me, self.seq):
             self_wire = self._self_wire(hub, node)
             digest = _digest(_encoder.encode(self_wire))
             if digest != self.self_node:
                 self.self_node = digest
                 parts["node"] = self_wire
+                tokens.append(("node", digest))
         if hub.filter_dirty_since(me, self.seq):
             hub.stats.filter_evaluations += 1
             pf = _encoder.encode(compiled.packet_filter(me))
@@ -235,20 +270,24 @@ class StreamCursor:
             if digest != self.filter:
                 self.filter = digest
                 parts["packet_filters"] = {"base": msgspec.Raw(pf)}
+                tokens.append(("packet_filters", digest))
         ssh = hub.ssh_json(me) or _NO_SSH
         if ssh is not self.ssh:
             # One object per SSH key: a different object is usually different bytes.
             if ssh != self.ssh:
                 parts["ssh_policy"] = msgspec.Raw(ssh)
+                tokens.append(("ssh_policy", ssh))
             self.ssh = ssh
         if hub.settings.derp_map is not self.derp_map:
             self.derp_map = hub.settings.derp_map
             parts["derp_map"] = hub.settings.derp_map
+            tokens.append(("derp_map", True))  # the hub's, fixed within a version
         if hub.settings.dns is not self.dns:
             # A DNS change made through the API (dns.set): every stream gets it.
             self.dns = hub.settings.dns
             parts["dns_config"] = hub.settings.dns if hub.settings.dns is not None else DNSConfig()
+            tokens.append(("dns_config", True))
         if parts:
-            out.append(hub.shared(encode_update(now, parts, None)))
+            out.append(hub.shared(tuple(tokens), functools.partial(update_response, now, parts, None)))
         self.seq = hub.seq
         return out

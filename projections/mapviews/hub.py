@@ -40,7 +40,7 @@ Nothing here reads a clock or does I/O: time and state are arguments.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
@@ -56,7 +56,7 @@ from ..policy.resolve import node_keys
 from ..policy.ssh import SSHKey, SSHTable
 from ..policystate import PolicyCompiler
 from ..state import Node, TailnetState
-from ..tailcfg import UserProfile
+from ..tailcfg import MapResponse, UserProfile
 from .peersets import MapMessage, Peer, PeerCache, PeerSet
 
 __all__ = ["HubStats", "MapHub", "SSHCache", "class_key"]
@@ -211,7 +211,8 @@ class MapHub:
     _filters_dirty: int = 0
     _ssh: SSHCache | None = None
     _expiries: tuple[TailnetState | None, list[datetime]] = (None, [])
-    _messages: dict[bytes, MapMessage] = field(default_factory=dict)
+    #: This version's update messages by what they carry (see :meth:`shared`).
+    _messages: dict[Hashable, MapMessage] = field(default_factory=dict)
 
     # -- reading -------------------------------------------------------------------
 
@@ -234,11 +235,17 @@ class MapHub:
         assert self._ssh is not None
         return self._ssh.json(node_id)
 
-    def shared(self, json: bytes) -> MapMessage:
-        """One :class:`MapMessage` per distinct content within a hub version."""
-        msg = self._messages.get(json)
+    def shared(self, key: Hashable, make: Callable[[], MapResponse]) -> MapMessage:
+        """One :class:`MapMessage` per ``key`` within a hub version: ``make`` builds it
+        for the first stream that asks, the others get the same object (and so the
+        same bytes, encoded once).
+
+        ``key`` must tell apart every content ``make`` may build in this version (the
+        settings do not change within a version: changing them advances the hub).
+        """
+        msg = self._messages.get(key)
         if msg is None:
-            msg = self._messages[json] = MapMessage(json)
+            msg = self._messages[key] = MapMessage(make())
         return msg
 
     # -- advancing ---------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Peer sets and their change journal: what one visibility class is shown (pure).
 
 Every visibility class (see :mod:`.hub`) has one :class:`PeerSet`: an immutable map
-from node id to the shared :class:`Peer` (wire node and its JSON) that members are
-shown, which includes the members themselves; a stream leaves its own node out.
+from node id to the shared :class:`Peer` (its wire node) that members are shown,
+which includes the members themselves; a stream leaves its own node out.
 
 **Sharing.** A :class:`Peer` is made once per node and viewer-dependent view
 (:class:`PeerCache`) and shared by every class and version that shows it; a stream
@@ -15,23 +15,23 @@ one costs the size of the change (:func:`diff_peer_sets`); a stream more than
 :data:`JOURNAL_DEPTH` versions behind gets an entry-by-entry comparison. Links hold
 ids, not peers, so a superseded version (and the peers only it showed) is freed once
 no stream is on it. The diff from a version to its successor is computed once and
-kept by the older version, and, encoded once, is the same bytes for every member
-whose own node is not in it.
+kept by the older version, with its message (:class:`MapMessage`): one object for
+every member whose own node is not in it.
 
-**Full maps.** A current version cuts its peers' JSON into pieces of :data:`CHUNK`
-peers in id order (:meth:`PeerSet.full_map_pieces`); pieces not holding the stream's
-own node are shared by every member, and a new version takes over the unchanged
-pieces of the version before.
+**No bytes here.** What a stream is sent is decided here as values (wire nodes,
+diffs, ``MapResponse`` structs); the transport (``protocol.mapwire``) turns them into
+bytes. It keys its caches by the identities this module keeps stable: a
+:class:`Peer` (its JSON, encoded once for every class that shows it), a
+:class:`MapMessage` (encoded and framed once for every stream given it) and a peer
+set's :class:`Lineage` (the full-map pieces a version takes over from the one before).
 
 Invariant: a :class:`PeerSet`'s ``peers`` and ``users`` never change after
-construction; its caches (the diff to its successor, the full-map pieces) are derived
-from them alone.
+construction; its cache (the diff to its successor) is derived from them alone.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -47,49 +47,39 @@ from ..tailcfg import MapResponse, PeerChange, UserProfile
 from ..tailcfg import Node as WireNode
 
 __all__ = [
-    "CHUNK",
     "JOURNAL_DEPTH",
+    "Lineage",
     "MapMessage",
     "Peer",
     "PeerCache",
     "PeerDiff",
     "PeerSet",
     "diff_peer_sets",
-    "encode_update",
-    "join_pieces",
+    "update_response",
 ]
 
-_encoder: Final = msgspec.json.Encoder()
 #: How many versions back a peer set remembers its parents; a stream further behind
 #: gets a full comparison (still computed once per pair of versions, not per stream).
 JOURNAL_DEPTH: Final = 1024
-#: Peers per shared piece of a full map (see :meth:`PeerSet.full_map_pieces`).
-CHUNK: Final = 128
 
 
 class Peer:
-    """One peer as a class of viewers sees it: the wire node and its JSON, shared by
-    every peer set and stream that shows this version.
+    """One peer as a class of viewers sees it: the wire node, shared by every peer
+    set and stream that shows this version.
 
-    The wire node is kept beside the JSON: diffs compare and send wire nodes, and
-    decoding them again from the JSON when needed churned the heap during connect
-    storms (pymalloc arenas left half empty cost more than the wire nodes saved).
+    The wire node is kept (the transport keeps its JSON beside it, weakly): diffs
+    compare and send wire nodes, and decoding them again from the JSON when needed
+    churned the heap during connect storms (pymalloc arenas left half empty cost more
+    than the wire nodes saved).
     """
 
-    __slots__ = ("_json", "node", "presence", "view", "wire")
+    __slots__ = ("__weakref__", "node", "presence", "view", "wire")
 
     def __init__(self, node: Node, presence: NodePresence | None, view: PeerView, wire: WireNode) -> None:
         self.node = node
         self.presence = presence
         self.view = view
         self.wire = wire
-        self._json: bytes | None = None
-
-    @property
-    def json(self) -> bytes:
-        if self._json is None:
-            self._json = _encoder.encode(self.wire)
-        return self._json
 
 
 class PeerCache:
@@ -153,44 +143,24 @@ class PeerDiff:
 
 
 class MapMessage:
-    """One encoded update, possibly shared by many streams.
+    """One update message as a value, possibly shared by many streams.
 
-    ``frames`` is a cache for the transport (e.g. the zstd-framed bytes), filled by the
-    first stream that sends it.
+    Streams handed the same object are sent the same bytes: the transport encodes and
+    frames it once, keyed by this object (so it must not be copied on the way).
     """
 
-    __slots__ = ("_json", "frames")
+    __slots__ = ("__weakref__", "response")
 
-    def __init__(self, json: bytes) -> None:
-        self._json = json
-        self.frames: dict[object, bytes] = {}
-
-    @property
-    def json(self) -> bytes:
-        return self._json
+    def __init__(self, response: MapResponse) -> None:
+        self.response = response
 
 
-class _Piece(MapMessage):
-    """A shared piece of full maps: peers' JSON, joined only when asked for.
+class Lineage:
+    """The identity every version of one class's peer set shares (a new version
+    inherits its parent's): caches that carry over from a version to the next, like
+    the transport's full-map pieces, are keyed by it."""
 
-    Streams are compressed: the transport compresses a piece once and caches the
-    frame, so the joined JSON (as large as the peers' JSON itself) would otherwise
-    be a second copy of every peer kept for nothing.
-    """
-
-    __slots__ = ("_parts",)
-
-    def __init__(self, parts: tuple[bytes, ...]) -> None:
-        super().__init__(b"")
-        self._parts = parts
-
-    @property
-    def json(self) -> bytes:
-        return b"," + b",".join(self._parts)
-
-
-#: The end of every full map's pieces (closes ``Peers`` and the message).
-_TAIL: Final = MapMessage(b"]}")
+    __slots__ = ("__weakref__",)
 
 
 class _Link:
@@ -214,9 +184,10 @@ class PeerSet:
         link: this version's journal entry (ids that changed from the version before,
             and that version's entry while it is within :data:`JOURNAL_DEPTH`).
         depth: how many versions this class went through before this one.
+        lineage: shared by every version of this class (see :class:`Lineage`).
     """
 
-    __slots__ = ("__weakref__", "_chunks", "_diff_to", "_older_chunks", "_sorted", "depth", "link", "peers", "users")
+    __slots__ = ("__weakref__", "_diff_to", "depth", "lineage", "link", "peers", "users")
 
     def __init__(
         self,
@@ -229,109 +200,35 @@ class PeerSet:
         self.users = users
         self.link: _Link = _Link(changed, parent.link if parent is not None else None)
         self.depth: int = 0 if parent is None else parent.depth + 1
+        self.lineage: Lineage = Lineage() if parent is None else parent.lineage
         # The diff from this version to the one its streams moved on to, with that
         # version held weakly: it lives as long as a stream is still on this version,
         # so a connect storm's many diffs go with the versions they start from.
         self._diff_to: tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None] | None = None
-        self._sorted: tuple[list[int], list[bytes]] | None = None
-        self._chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
-        # The pieces of the newest older version that built any, to take over the
-        # unchanged ones (see _build_chunks).
-        self._older_chunks: list[tuple[tuple[bytes, ...], MapMessage]] | None = None
-        if parent is not None:
-            # Full maps are only built from current versions.
-            self._older_chunks = parent._chunks if parent._chunks is not None else parent._older_chunks
-            parent._sorted = parent._chunks = parent._older_chunks = None
-            if self.depth % JOURNAL_DEPTH == 0:
-                # Forget entries older than the journal keeps.
-                old = self.link
-                for _ in range(JOURNAL_DEPTH):
-                    if old.parent is None:
-                        break
-                    old = old.parent
-                old.parent = None
-
-    def _order(self) -> tuple[list[int], list[bytes]]:
-        if self._sorted is None:
-            ids = sorted(self.peers)
-            self._sorted = (ids, [self.peers[i].json for i in ids])
-        return self._sorted
-
-    def full_map_pieces(self, body: bytes, exclude: int) -> list[MapMessage | bytes]:
-        """A full map as JSON pieces whose concatenation is ``body`` plus a ``Peers``
-        array of every peer but ``exclude``.
-
-        The peers are cut into pieces of :data:`CHUNK` in id order; a piece that does
-        not hold ``exclude`` is a shared :class:`MapMessage` (so a transport compresses
-        it once for every stream: zstd decoders read concatenated frames as one
-        message), the others are this stream's own bytes.
-        """
-        ids, parts = self._order()
-        if not ids or ids == [exclude]:
-            return [body]
-        if self._chunks is None:
-            self._chunks = self._build_chunks(parts)
-        out: list[MapMessage | bytes] = []
-        head = [body[:-1], b',"Peers":[']
-        first = True
-        for k, (_, chunk) in enumerate(self._chunks):
-            lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(ids))
-            mine = ids[lo] <= exclude <= ids[hi - 1]
-            if not first and not mine:
-                out.append(chunk)
-                continue
-            members = [parts[i] for i in range(lo, hi) if ids[i] != exclude]
-            if not members:
-                continue
-            piece = b",".join(members)
-            if first:
-                head.append(piece)
-                out.append(b"".join(head))
-                first = False
-            else:
-                out.append(b"," + piece)
-        out.append(_TAIL)
-        return out
-
-    def _build_chunks(self, parts: list[bytes]) -> list[tuple[tuple[bytes, ...], MapMessage]]:
-        """The shared pieces; a piece whose peers are the very same objects as in the
-        nearest older version that has pieces is taken over from it (with its cached
-        compressed frame), so a version costs only the pieces it changed."""
-        older: dict[int, list[tuple[tuple[bytes, ...], MapMessage]]] = {}
-        for piece in self._older_chunks or ():
-            older.setdefault(id(piece[0][0]), []).append(piece)
-        self._older_chunks = None  # taken over by this version
-        out: list[tuple[tuple[bytes, ...], MapMessage]] = []
-        for i in range(0, len(parts), CHUNK):
-            group = tuple(parts[i : i + CHUNK])
-            for candidate in older.get(id(group[0]), ()):
-                if len(candidate[0]) == len(group) and all(a is b for a, b in zip(candidate[0], group, strict=True)):
-                    out.append(candidate)
+        if parent is not None and self.depth % JOURNAL_DEPTH == 0:
+            # Forget entries older than the journal keeps.
+            old = self.link
+            for _ in range(JOURNAL_DEPTH):
+                if old.parent is None:
                     break
-            else:
-                out.append((group, _Piece(group)))
-        return out
+                old = old.parent
+            old.parent = None
 
     def diff(self, old: PeerSet) -> PeerDiff:
         """The diff from ``old`` to this version (cached per ``old``)."""
         return self.diff_message(old, None)[0]
 
     def diff_message(self, old: PeerSet, now: datetime | None) -> tuple[PeerDiff, MapMessage | None]:
-        """The diff and its encoded message (when ``now`` is given), built once for
-        every stream moving from ``old`` (and kept by ``old``)."""
+        """The diff and its message (when ``now`` is given), built once for every
+        stream moving from ``old`` (and kept by ``old``)."""
         hit = old._diff_to
         if hit is None or hit[0]() is not self:
             hit = old._diff_to = (weakref.ref(self), diff_peer_sets(old, self), None)
         diff, msg = hit[1], hit[2]
         if msg is None and now is not None and not diff.is_empty():
-            msg = MapMessage(encode_update(now, {}, diff))
+            msg = MapMessage(update_response(now, {}, diff))
             old._diff_to = (hit[0], diff, msg)
         return diff, msg
-
-
-def join_pieces(pieces: Iterable[MapMessage | bytes]) -> bytes:
-    """The JSON of a message given as pieces (for uncompressed streams and tests)."""
-    return b"".join(p.json if isinstance(p, MapMessage) else p for p in pieces)
 
 
 def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
@@ -409,7 +306,8 @@ def _patch(old: WireNode, new: WireNode) -> PeerChange:
     )
 
 
-def encode_update(now: datetime, parts: dict[str, object], diff: PeerDiff | None) -> bytes:
+def update_response(now: datetime, parts: dict[str, object], diff: PeerDiff | None) -> MapResponse:
+    """An update carrying ``parts`` (``MapResponse`` fields) and the peer changes of ``diff``."""
     msg = dict(parts)
     if diff is not None:
         if diff.changed:
@@ -420,4 +318,4 @@ def encode_update(now: datetime, parts: dict[str, object], diff: PeerDiff | None
             msg["peers_changed_patch"] = list(diff.patches)
         if diff.profiles:
             msg["user_profiles"] = list(diff.profiles)
-    return _encoder.encode(MapResponse(control_time=now, **msg))  # type: ignore[arg-type]
+    return MapResponse(control_time=now, **msg)  # type: ignore[arg-type]

@@ -18,7 +18,8 @@ every stream's ``update`` -- with ``time.process_time``:
 
 It also prints how many streams got a message, the bytes encoded, the number of
 visibility classes and the average/median/max peers per node. No network, no
-encryption, no compression: the figures are the projection's own cost.
+encryption, no compression: the figures are the projection's own cost and the JSON
+encoding of what it sends (``protocol.mapwire``, once per shared message).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from projections import commands as c
 from projections.delta import EMPTY
 from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
-from projections.mapviews.peersets import join_pieces
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap
+from protocol import MapWire
 from tests.support.builders import PLAN, Recorder
 
 
@@ -70,10 +71,11 @@ def run(name: str, n: int, profile: str | None) -> None:
     hub = MapHub(compiler, settings, lambda _nid: None)
     hub.advance(r.state, r.now, r.delta, ())
     r.delta = EMPTY
+    wire = MapWire()
     cursors = {nid: StreamCursor(nid) for nid in r.state.nodes}
     full = 0
     for cur in cursors.values():
-        full += len(join_pieces(cur.full_map(hub)))
+        full += len(wire.full_map_json(cur.full_map(hub)))
     peers = [len(hub.peer_set(nid).peers) - (nid in hub.peer_set(nid).peers) for nid in r.state.nodes]
     print(f"{name} {n}: built in {time.perf_counter() - t0:.1f} s; classes {hub.classes()}, "
           f"peers avg {statistics.mean(peers):.0f} median {statistics.median(peers):.0f} max {max(peers)}, "
@@ -96,11 +98,11 @@ def run(name: str, n: int, profile: str | None) -> None:
                 continue
             msgs = cursors[nid].update(hub)
             sent += bool(msgs)
-            nbytes += sum(len(m.json) for m in msgs)
+            nbytes += sum(len(wire.message_json(m)) for m in msgs)
         for nid in r.state.nodes:
             if nid not in cursors:
                 cursors[nid] = StreamCursor(nid)
-                cursors[nid].full_map(hub)
+                wire.full_map_json(cursors[nid].full_map(hub))
         cpu = time.process_time() - c0
         if prof:
             prof.disable()

@@ -20,7 +20,6 @@ import functools
 import random
 from datetime import timedelta
 from typing import TypeVar
-from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,12 +30,11 @@ from projections.delta import EMPTY
 from projections.mapviews import peersets
 from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
-from projections.mapviews.peersets import join_pieces
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
 from projections.state import TailnetState
-from projections.tailcfg import DERPMap, MapResponse, decode
+from projections.tailcfg import DERPMap, MapResponse, decode, encode
 from tests.support.builders import OPS, PLAN, RandomHistory, Recorder
 from tests.support.netmap_model import ClientNetmap
 
@@ -98,10 +96,7 @@ def _comparable(msg: MapResponse) -> dict[str, object]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(st.tuples(st.integers(0, OPS - 1), st.integers(0, 1000)), min_size=5, max_size=45))
 def test_hub_maps_equal_reference_maps(policy_index: int, ops: list[tuple[int, int]]) -> None:
-    # Full maps are cut into shared pieces of CHUNK peers; make pieces tiny so every
-    # history has many (the stream's own piece, shared ones, the first one).
-    with patch.object(peersets, "CHUNK", 3):
-        _check_history(policy_index, ops)
+    _check_history(policy_index, ops)
 
 
 def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
@@ -127,14 +122,14 @@ def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
                 del cursors[nid], models[nid]
                 continue
             for message in cursors[nid].update(hub):
-                models[nid].apply(decode(message.json, MapResponse))
+                models[nid].apply(decode(encode(message.response), MapResponse))
         for nid in r.state.nodes:
             reference = full_map(
                 r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now
             )
             expected = _comparable(reference)
             fresh = StreamCursor(nid)
-            first = decode(join_pieces(fresh.full_map(hub)), MapResponse)
+            first = decode(encode(fresh.full_map(hub).response()), MapResponse)
             assert _comparable(first) == expected, (nid, op, arg)
             if nid not in cursors:
                 cursors[nid], models[nid] = fresh, ClientNetmap()
@@ -172,7 +167,7 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
     cursors = {nid: StreamCursor(nid) for nid in nodes}
     models = {nid: ClientNetmap() for nid in nodes}
     for nid in nodes:
-        models[nid].apply(decode(join_pieces(cursors[nid].full_map(hub)), MapResponse))
+        models[nid].apply(decode(encode(cursors[nid].full_map(hub).response()), MapResponse))
     versions: list[weakref.ref[object]] = []
     for step in range(30):
         nid = nodes[step % len(nodes)]
@@ -186,7 +181,7 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
         # Only the first node's stream keeps up; the others are 10 versions behind.
         for other in nodes if step % 10 == 9 else nodes[:1]:
             for message in cursors[other].update(hub):
-                models[other].apply(decode(message.json, MapResponse))
+                models[other].apply(decode(encode(message.response), MapResponse))
     for nid in nodes:
         reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now)
         assert models[nid].comparable() == _comparable(reference)
@@ -228,7 +223,7 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     cursors = {nid: StreamCursor(nid) for nid in r.state.nodes}
     models = {nid: ClientNetmap() for nid in r.state.nodes}
     for nid, cur in cursors.items():
-        models[nid].apply(decode(join_pieces(cur.full_map(hub)), MapResponse))
+        models[nid].apply(decode(encode(cur.full_map(hub).response()), MapResponse))
     before = dataclasses.replace(hub.stats)
 
     r.now += timedelta(seconds=1)
@@ -237,7 +232,7 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     hub.advance(r.state, r.now, r.delta, ())
     for nid, cur in cursors.items():
         for message in cur.update(hub):
-            models[nid].apply(decode(message.json, MapResponse))
+            models[nid].apply(decode(encode(message.response), MapResponse))
     StreamCursor(newcomer).full_map(hub)
 
     # Two SSH keys gained a source: u3's devices (autogroup:self) and the servers of

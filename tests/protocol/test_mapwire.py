@@ -1,0 +1,172 @@
+"""The bytes of map messages: what :mod:`protocol.mapwire` frames decodes to exactly
+the values projections decided, and every shared value is encoded and framed once.
+
+The tailnet: ten devices of one user under the allow-all policy (one visibility
+class), so a full map shares pieces between streams; pieces are three peers, so the
+ten ids make four pieces: [1 2 3] [4 5 6] [7 8 9] [10].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from projections.delta import EMPTY
+from projections.mapviews.cursor import FullMap, StreamCursor
+from projections.mapviews.hub import MapHub
+from projections.netmap import NetmapSettings
+from projections.policystate import PolicyCompiler
+from projections.presence import NodePresence
+from projections.tailcfg import DERPMap, DERPRegion, MapResponse, decode, encode
+from protocol import mapframe, mapwire
+from protocol.mapframe import MapFrameDecoder
+from protocol.mapwire import MapWire
+from tests.support.builders import Recorder
+
+
+@dataclasses.dataclass
+class Tailnet:
+    r: Recorder
+    hub: MapHub
+    presence: dict[int, NodePresence]
+    nodes: list[int]
+
+    def advance(self, presence_changed: frozenset[int] = frozenset()) -> None:
+        self.r.now += timedelta(seconds=1)
+        self.hub.advance(self.r.state, self.r.now, self.r.delta, presence_changed)
+        self.r.delta = EMPTY
+
+
+@pytest.fixture
+def net() -> Tailnet:
+    r = Recorder()
+    owner = r.user("alice")
+    nodes = [r.node(owner, f"host{i}") for i in range(10)]
+    assert nodes == list(range(1, 11))
+    presence: dict[int, NodePresence] = {}
+    settings = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    hub = MapHub(PolicyCompiler("https://control.example"), settings, presence.get)
+    net = Tailnet(r, hub, presence, nodes)
+    net.advance()
+    assert hub.classes() == 1
+    return net
+
+
+def _decoded(frame: bytes, compress: bool) -> MapResponse:
+    [json] = MapFrameDecoder(compressed=compress).receive_data(frame)
+    return decode(json, MapResponse)
+
+
+def _expected(full: FullMap) -> MapResponse:
+    return decode(encode(full.response()), MapResponse)
+
+
+class CountingCompress:
+    """The real ``compress_piece``, counting its calls (of shared pieces in
+    :mod:`protocol.mapwire`, of a stream's own in :mod:`protocol.mapframe`)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._real = mapframe.compress_piece
+
+    def __call__(self, data: bytes) -> bytes:
+        self.calls += 1
+        return self._real(data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_full_maps_decode_to_the_values_decided(net: Tailnet, compress: bool) -> None:
+    wire = MapWire(chunk=3)
+    for step in range(3):
+        for nid in net.nodes:
+            full = StreamCursor(nid).full_map(net.hub)
+            assert len(full.peer_ids()) == len(net.nodes) - 1
+            got = _decoded(wire.frame_full(full, compress), compress)
+            assert got == _expected(full), (step, nid)
+            assert decode(wire.full_map_json(full), MapResponse) == got
+        # A peer's endpoints change (a new version reusing the other pieces), then one
+        # more device joins (a piece grows).
+        if step == 0:
+            net.presence[5] = NodePresence(online=True, endpoints=("192.0.2.5:41641",), home_derp=1)
+            net.advance(frozenset({5}))
+        elif step == 1:
+            net.nodes.append(net.r.node(net.r.state.nodes[1].user_id, f"host{len(net.nodes)}"))
+            net.advance()
+
+
+def test_a_node_without_peers_gets_the_body_alone() -> None:
+    r = Recorder()
+    only = r.node(r.user("alice"), "lonely")
+    hub = MapHub(
+        PolicyCompiler("https://control.example"),
+        NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={})), lambda _n: None,
+    )
+    hub.advance(r.state, r.now, r.delta, ())
+    full = StreamCursor(only).full_map(hub)
+    json = MapWire(chunk=3).full_map_json(full)
+    assert b'"Peers"' not in json
+    assert decode(json, MapResponse) == _expected(full)
+
+
+def test_shared_pieces_are_compressed_once_and_taken_over_by_the_next_version(
+    net: Tailnet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = CountingCompress()
+    monkeypatch.setattr(mapwire, "compress_piece", counter)
+    monkeypatch.setattr(mapframe, "compress_piece", counter)
+    wire = MapWire(chunk=3)
+    wire.frame_full(StreamCursor(1).full_map(net.hub), True)
+    assert counter.calls == 4  # its head, and the three pieces after it
+    # Node 2's head is its own; pieces [4 5 6] [7 8 9] [10] are node 1's.
+    counter.calls = 0
+    wire.frame_full(StreamCursor(2).full_map(net.hub), True)
+    assert counter.calls == 1
+    # Node 5 is in a piece of node 1's: it gets [4 6] of its own, after its head (one
+    # frame: its own bytes in a row are compressed together).
+    counter.calls = 0
+    full = StreamCursor(5).full_map(net.hub)
+    assert _decoded(wire.frame_full(full, True), True) == _expected(full)
+    assert counter.calls == 1
+    # Node 8's endpoints change: the next version reuses [4 5 6] and [10].
+    net.presence[8] = NodePresence(online=True, endpoints=("192.0.2.8:41641",), home_derp=1)
+    net.advance(frozenset({8}))
+    counter.calls = 0
+    full = StreamCursor(1).full_map(net.hub)
+    frame = wire.frame_full(full, True)
+    assert counter.calls == 2  # the head, and [7 8 9] for every stream
+    assert _decoded(frame, True) == _expected(full)
+
+
+def test_streams_given_one_message_are_sent_the_same_bytes(net: Tailnet) -> None:
+    wire = MapWire(chunk=3)
+    cursors = {nid: StreamCursor(nid) for nid in net.nodes}
+    for cur in cursors.values():
+        cur.full_map(net.hub)
+    # A peer diff: every stream but node 3's (its own node is in it) shares one.
+    net.presence[3] = NodePresence(online=True, endpoints=("192.0.2.3:41641",), home_derp=1)
+    net.advance(frozenset({3}))
+    frames = {nid: [wire.frame(m, True) for m in cur.update(net.hub)] for nid, cur in cursors.items()}
+    diff = frames[1][0]
+    assert all(f == [diff] for nid, f in frames.items() if nid != 3)
+    assert all(f[0] is diff for nid, f in frames.items() if nid != 3)
+    # Node 3 is told of its own node in a message of its own, not the shared diff.
+    assert frames[3] and all(f is not diff for f in frames[3])
+    # Own parts: a new DERP map is the same message, and bytes, for every stream.
+    region = DERPRegion(region_id=1, region_code="x", region_name="x", nodes=[])
+    net.hub.settings = dataclasses.replace(net.hub.settings, derp_map=DERPMap(regions={1: region}))
+    net.advance()
+    updates = {nid: cur.update(net.hub) for nid, cur in cursors.items()}
+    msg = updates[1][0]
+    assert all(msgs == [msg] for msgs in updates.values())
+    raw = wire.frame(msg, False)
+    assert all(wire.frame(msgs[0], False) is raw for msgs in updates.values())
+    assert _decoded(wire.frame(msg, True), True) == decode(encode(msg.response), MapResponse)
+    assert _decoded(raw, False).derp_map == net.hub.settings.derp_map
+    assert wire.message_json(msg) == encode(msg.response)
+
+
+def test_chunk_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        MapWire(chunk=0)
