@@ -12,6 +12,8 @@ import dataclasses
 from datetime import timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from projections.delta import EMPTY
 from projections.mapviews.cursor import FullMap, StreamCursor
@@ -23,7 +25,7 @@ from projections.tailcfg import DERPMap, DERPRegion, MapResponse, decode, encode
 from protocol import mapframe, mapwire
 from protocol.mapframe import MapFrameDecoder
 from protocol.mapwire import MapWire
-from tests.support.builders import Recorder
+from tests.support.builders import OPS, RandomHistory, Recorder
 
 
 @dataclasses.dataclass
@@ -165,6 +167,48 @@ def test_streams_given_one_message_are_sent_the_same_bytes(net: Tailnet) -> None
     assert _decoded(wire.frame(msg, True), True) == decode(encode(msg.response), MapResponse)
     assert _decoded(raw, False).derp_map == net.hub.settings.derp_map
     assert wire.message_json(msg) == encode(msg.response)
+
+
+#: Allow-all, and a policy of several classes (tags, a group, autogroup:self, SSH).
+_POLICIES = [
+    None,
+    '{"tagOwners": {"tag:t0": ["autogroup:member"], "tag:t1": ["autogroup:member"], "tag:t2": ["autogroup:member"],'
+    ' "tag:a": ["autogroup:member"]}, "groups": {"group:eng": ["user0@"]},'
+    ' "acls": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:t0:*", "tag:a:22"]},'
+    ' {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}],'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]}]}',
+]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.integers(0, OPS - 1), st.integers(0, 1000)), min_size=5, max_size=40))
+def test_random_histories_frame_to_the_values_decided(ops: list[tuple[int, int]]) -> None:
+    """Every full map (in pieces of three peers, shared across streams and versions)
+    and every update, framed, decodes to the value projections decided."""
+    history = RandomHistory(seed=1, users=("user0", "user1", "user2"), policies=_POLICIES)
+    r = history.recorder
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    hub = MapHub(PolicyCompiler("https://control.example"), settings_, history.presence.get)
+    wire = MapWire(chunk=3)
+    cursors: dict[int, StreamCursor] = {}
+    for op, arg in ops:
+        history.step(op, arg)
+        hub.advance(r.state, r.now, r.delta, set(history.changed_presence))
+        r.delta = EMPTY
+        history.changed_presence.clear()
+        for nid in list(cursors):
+            if nid not in r.state.nodes:
+                del cursors[nid]
+                continue
+            for msg in cursors[nid].update(hub):
+                compress = nid % 2 == 0
+                assert _decoded(wire.frame(msg, compress), compress) == decode(encode(msg.response), MapResponse)
+        for nid in r.state.nodes:
+            cursor = StreamCursor(nid)
+            full = cursor.full_map(hub)
+            compress = (nid + op) % 2 == 0
+            assert _decoded(wire.frame_full(full, compress), compress) == _expected(full), (nid, op, arg)
+            cursors.setdefault(nid, cursor)
 
 
 def test_chunk_must_be_positive() -> None:
