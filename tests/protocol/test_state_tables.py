@@ -7,10 +7,17 @@ state: LocalProtocolError for a misuse, or the sticky peer error once the core h
 failed.  Three machines: the HTTP/2-over-Noise server connection
 (:mod:`protocol.h2_bridge`), the client connection (:mod:`protocol.client_conn`) and
 one direction of the Noise transport (:mod:`protocol.noise.transport`).
+
+Two smaller machines keep their state implicit, so their tables are written here,
+from the outside, and every (state, input) pair is driven through the real object:
+the initiator of the Noise handshake (:class:`protocol.noise.handshake.ClientHandshake`:
+initiated, done, failed) and the HTTP/1.1 front of the control port
+(:class:`protocol.upgrade.FrontConnection`: open between requests, or done).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any, NamedTuple
@@ -19,7 +26,9 @@ import pytest
 
 from protocol import client_conn as cc
 from protocol import h2_bridge as hb
-from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol import upgrade as up
+from protocol.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+from protocol.noise import handshake as nh
 from protocol.noise import transport as nt
 from protocol.noise.handshake import ClientHandshake, public_key
 
@@ -134,3 +143,132 @@ def test_channel_failed_by_the_peer_reports_the_peer_error() -> None:
     assert channel.state is nt.ChannelState.ERROR
     with pytest.raises(RemoteProtocolError, match="tag mismatch"):
         channel.advance(nt.ChannelInput.OK)
+
+
+# -- the initiator of the Noise handshake ---------------------------------------------
+
+# What ClientHandshake.finish does with each response, by phase: the next phase, and
+# the error raised (None: it returns the session keys).
+HANDSHAKE_TABLE: dict[tuple[str, str], tuple[str, type[Exception] | None]] = {
+    ("INITIATED", "valid"): ("DONE", None),
+    ("INITIATED", "malformed"): ("FAILED", HandshakeError),
+    ("INITIATED", "forged"): ("FAILED", HandshakeError),
+    # Consumed once: after the end, whatever comes is a misuse and changes nothing.
+    **{(phase, given): (phase, LocalProtocolError) for phase in ("DONE", "FAILED")
+       for given in ("valid", "malformed", "forged")},
+}
+
+
+def _responses(hs: ClientHandshake) -> tuple[dict[str, bytes], nh.SessionKeys]:
+    valid, server_keys = nh.respond(SERVER_KEY, hs.initiation)
+    # A well-formed response to another initiation: its tag does not authenticate.
+    forged, _ = nh.respond(SERVER_KEY, ClientHandshake(MACHINE_KEY, public_key(SERVER_KEY), 130).initiation)
+    return {"valid": valid, "malformed": valid[:10], "forged": forged}, server_keys
+
+
+def _handshake_in(phase: str) -> tuple[ClientHandshake, dict[str, bytes], nh.SessionKeys]:
+    hs = ClientHandshake(MACHINE_KEY, public_key(SERVER_KEY), 130)
+    responses, server_keys = _responses(hs)
+    if phase == "DONE":
+        hs.finish(responses["valid"])
+    elif phase == "FAILED":
+        with pytest.raises(HandshakeError):
+            hs.finish(responses["forged"])
+    assert hs._phase is nh._ClientState[phase]
+    return hs, responses, server_keys
+
+
+def test_the_handshake_table_covers_every_pair() -> None:
+    inputs = ("valid", "malformed", "forged")
+    assert set(HANDSHAKE_TABLE) == {(p.name, i) for p in nh._ClientState for i in inputs}
+
+
+@pytest.mark.parametrize(("phase", "given"), sorted(HANDSHAKE_TABLE), ids=[f"{p}-{g}" for p, g in sorted(HANDSHAKE_TABLE)])
+def test_handshake_table_every_pair(phase: str, given: str) -> None:
+    hs, responses, server_keys = _handshake_in(phase)
+    target, error = HANDSHAKE_TABLE[(phase, given)]
+    if error is None:
+        keys = hs.finish(responses[given])
+        assert keys.peer_static == public_key(SERVER_KEY)
+        assert (keys.send_key, keys.receive_key) == (server_keys.receive_key, server_keys.send_key)
+    else:
+        with pytest.raises(error):
+            hs.finish(responses[given])
+    assert hs._phase is nh._ClientState[target]
+
+
+# -- the HTTP/1.1 front of the control port --------------------------------------------
+
+_INIT_B64 = base64.b64encode(bytes(range(101))).decode()
+FRONT_INPUTS: dict[str, bytes] = {
+    "key": b"GET /key?v=130 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "key-bad-v": b"GET /key?v=x HTTP/1.1\r\nHost: x\r\n\r\n",
+    "key-close": b"GET /key?v=130 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "upgrade": (
+        "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n"
+        f"Connection: upgrade\r\nX-Tailscale-Handshake: {_INIT_B64}\r\nContent-Length: 0\r\n\r\n"
+    ).encode(),
+    "bad-upgrade": (
+        "POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n"
+        f"X-Tailscale-Handshake: {_INIT_B64}\r\nContent-Length: 0\r\n\r\n"
+    ).encode(),
+    "websocket": (
+        "GET /ts2021?X-Tailscale-Handshake=" + _INIT_B64.replace("+", "%2B") + " HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tailscale-control-protocol\r\n\r\n"
+    ).encode(),
+    "other-path": b"GET /api/v2/tailnet HTTP/1.1\r\nHost: x\r\n\r\n",
+    "not-http": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40),
+    "eof": b"",
+}
+# (state, input) -> (the event, the state after).  "open": between requests (fresh, or
+# after a keep-alive answer); "done": nothing more is read.
+FRONT_TABLE: dict[tuple[str, str], tuple[type[up.FrontEvent], str]] = {
+    ("open", "key"): (up.SendResponse, "open"),
+    ("open", "key-bad-v"): (up.SendResponse, "open"),
+    ("open", "key-close"): (up.SendResponse, "done"),
+    ("open", "upgrade"): (up.Upgrade, "done"),
+    ("open", "bad-upgrade"): (up.SendResponse, "done"),
+    ("open", "websocket"): (up.WebSocketUpgrade, "done"),
+    ("open", "other-path"): (up.HandOff, "done"),
+    ("open", "not-http"): (up.HandOff, "done"),
+    ("open", "eof"): (up.PeerClosed, "done"),
+    **{("done", given): (up.PeerClosed, "done") for given in FRONT_INPUTS},
+}
+# How each state is reached from a fresh front (both kinds of "open", and "done" after
+# a hand-off and after a closing answer; after an EOF the adapter reads no more).
+FRONT_PATHS = {
+    "fresh": ("open", ()),
+    "after-a-key": ("open", ("key",)),
+    "handed-off": ("done", ("other-path",)),
+    "closed": ("done", ("key-close",)),
+}
+
+
+def _state_of(front: up.FrontConnection) -> str:
+    """Open fronts wait for more bytes; done ones report the peer gone, for good."""
+    return "open" if isinstance(front.next_event(), up.NeedData) else "done"
+
+
+def test_the_front_table_covers_every_pair() -> None:
+    assert set(FRONT_TABLE) == {(s, i) for s in ("open", "done") for i in FRONT_INPUTS}
+
+
+@pytest.mark.parametrize(
+    ("path", "given"), [(p, i) for p in FRONT_PATHS for i in FRONT_INPUTS],
+    ids=[f"{p}-{i}" for p in FRONT_PATHS for i in FRONT_INPUTS],
+)
+def test_front_table_every_pair(path: str, given: str) -> None:
+    state, prefix = FRONT_PATHS[path]
+    front = up.FrontConnection(server_public=public_key(SERVER_KEY))
+    for step in prefix:
+        front.receive_data(FRONT_INPUTS[step])
+        assert not isinstance(front.next_event(), up.NeedData)
+    assert _state_of(front) == state
+    expected, after = FRONT_TABLE[(state, given)]
+    front.receive_data(FRONT_INPUTS[given])
+    event = front.next_event()
+    assert type(event) is expected, event
+    if isinstance(event, up.SendResponse):
+        assert event.close is (after == "done")
+    assert _state_of(front) == after
