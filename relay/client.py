@@ -319,8 +319,11 @@ async def connect_derp(
                     ws.receive_data(bytes(chunk))
                     for event in ws.events():
                         if isinstance(event, AcceptConnection):
+                            # Stop here: events() would go on to the DERP bytes that
+                            # came with the 101, which the stream must read instead.
                             accepted = True
-                        elif isinstance(event, RejectConnection | RejectData):
+                            break
+                        if isinstance(event, RejectConnection | RejectData):
                             raise RemoteProtocolError("relay rejected the WebSocket upgrade")
                 # wsproto keeps any bytes after the 101 in its own buffer; hand
                 # its framing state over by re-creating the stream on top of it.
