@@ -75,6 +75,9 @@ MIGRATE_LOCK: Final = 0x7A11_1ED6_E000_0002
 SIDE_LOCK: Final = 0x7A11_1ED6_E000_0003
 #: Held (session-level) by the replica elected to run the run-once jobs.
 LEADER_LOCK: Final = 0x7A11_1ED6_E000_0004
+#: High 32 bits of each replica's liveness lock (the low 32: a hash of its name), held
+#: by its presence listener's session: a replica whose lock is gone is gone.
+LIVENESS_LOCK_HIGH: Final = 0x7A11_1ED7
 
 _BACKOFF_MIN: Final = 0.1
 _BACKOFF_MAX: Final = 5.0
@@ -189,6 +192,18 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
         CREATE INDEX presence_live_by_version ON presence_live (version);
         """,
     ),
+    (
+        "0005_presence_live_online",
+        """
+        ALTER TABLE presence_live ADD COLUMN online BOOLEAN NOT NULL DEFAULT false;
+        CREATE INDEX presence_live_online ON presence_live (replica) WHERE online;
+        """,
+    ),
+)
+
+#: Takes the liveness lock of the replica named by the parameter (see ``hold_liveness``).
+_TAKE_LIVENESS: Final = (
+    f"SELECT pg_try_advisory_lock(({LIVENESS_LOCK_HIGH}::bigint << 32) | (hashtext(%s)::bigint & 4294967295))"
 )
 
 #: The notification channel of live presence changes.
@@ -711,35 +726,108 @@ class PostgresSideTables(SideTables):
 
     # -- live presence, shared by the replicas -----------------------------------------
 
-    def publish_presence(self, replica: str, states: Sequence[tuple[int, bytes]]) -> None:
-        """Store each node's live presence (opaque ``state`` bytes) as last written by
-        ``replica``, and notify the other replicas once."""
+    def publish_presence(self, replica: str, states: Sequence[tuple[int, bool, bytes]]) -> None:
+        """Store each node's live presence (``(node id, online, opaque state bytes)``) as
+        last written by ``replica``, and notify the other replicas once."""
         if not states:
             return
 
         def work(conn: Any) -> None:
             conn.executemany(
-                "INSERT INTO presence_live (node_id, replica, version, state) "
-                "VALUES (?, ?, nextval('presence_live_version'), ?) ON CONFLICT (node_id) DO UPDATE "
-                "SET replica = excluded.replica, version = excluded.version, state = excluded.state",
-                [(n, replica, st) for n, st in states],
+                "INSERT INTO presence_live (node_id, replica, version, online, state) "
+                "VALUES (?, ?, nextval('presence_live_version'), ?, ?) ON CONFLICT (node_id) DO UPDATE "
+                "SET replica = excluded.replica, version = excluded.version, online = excluded.online, "
+                "state = excluded.state",
+                [(n, replica, online, st) for n, online, st in states],
             )
             conn.execute("SELECT pg_notify(?, ?)", (PRESENCE_CHANNEL, replica))
 
         self._run("publishing presence", work, write=False)
 
+    def hold_liveness(self, replica: str) -> None:
+        """Take ``replica``'s liveness lock on the presence listener's session (again
+        on each reconnection): while it is held, the nodes it published online stay
+        online for the others (see :meth:`stale_presence`).
+
+        Raises:
+            EventLogError: the database cannot be reached (the next reconnection of
+                the listener takes the lock).
+        """
+
+        def setup(conn: psycopg.Connection[Any]) -> None:
+            _listen_presence(conn)
+            conn.execute(_TAKE_LIVENESS, (replica,))
+
+        listen = self._listener()
+        listen.setup = setup
+        with listen.lock:
+            try:
+                conn = listen.get()
+                if not listen.fresh:
+                    setup(conn)
+            except psycopg.Error as exc:
+                listen.broken(exc)
+                raise EventLogError(f"taking the liveness lock failed: {_short(exc)}") from exc
+
+    def stale_presence(self, replica: str) -> list[tuple[int, str, int, bytes]]:
+        """Nodes published online by replicas that are gone (their liveness lock is not
+        held: killed, or cut off from the database), other than ``replica``:
+        ``(node id, replica, version, state)``."""
+
+        def work(conn: Any) -> list[tuple[int, str, int, bytes]]:
+            rows = conn.execute(
+                "SELECT p.node_id, p.replica, p.version, p.state FROM presence_live p "
+                "WHERE p.online AND p.replica <> ? AND NOT EXISTS (SELECT 1 FROM pg_locks l "
+                f"WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                f"AND l.classid = {LIVENESS_LOCK_HIGH}::oid "
+                "AND l.objid = (hashtext(p.replica)::bigint & 4294967295)::oid) ORDER BY p.node_id",
+                (replica,),
+            ).fetchall()
+            return [(int(r[0]), str(r[1]), int(r[2]), bytes(r[3])) for r in rows]
+
+        return self._run("reading stale presence", work, write=False)
+
+    def expire_presence(self, states: Sequence[tuple[int, int, bytes]]) -> int:
+        """Mark offline (with the new ``state`` bytes) each node whose row is still at
+        the version :meth:`stale_presence` read (a node that came back meanwhile is left
+        alone); notify the replicas. Returns how many rows changed."""
+        if not states:
+            return 0
+
+        def work(conn: Any) -> int:
+            changed = 0
+            for node_id, version, state in states:
+                cur = conn.execute(
+                    "UPDATE presence_live SET version = nextval('presence_live_version'), online = false, "
+                    "state = ? WHERE node_id = ? AND version = ?",
+                    (state, node_id, version),
+                )
+                changed += cur.rowcount
+            if changed:
+                conn.execute("SELECT pg_notify(?, ?)", (PRESENCE_CHANNEL, "expired"))
+            return changed
+
+        return self._run("expiring presence", work, write=False)
+
+    def _listener(self) -> _Connection:
+        if self._listen is None:
+            self._listen = _Connection(self._path, "presence listener", connect_timeout=5.0)
+            self._listen.setup = _listen_presence
+        return self._listen
+
     def presence_since(self, replica: str, version: int) -> tuple[list[tuple[int, bytes]], int]:
-        """The live presence written by other replicas after ``version``, and the newest
-        version seen (``version`` itself when nothing is newer)."""
+        """The live presence written after ``version`` by other replicas (and this one's
+        rows that another replica marked offline: :meth:`expire_presence`), and the
+        newest version seen (``version`` itself when nothing is newer)."""
 
         def work(conn: Any) -> tuple[list[tuple[int, bytes]], int]:
             rows = conn.execute(
-                "SELECT node_id, replica, version, state FROM presence_live WHERE version > ? "
+                "SELECT node_id, replica, version, state, online FROM presence_live WHERE version > ? "
                 "ORDER BY version",
                 (version,),
             ).fetchall()
             newest = max([version, *(int(r[2]) for r in rows)])
-            return [(int(r[0]), bytes(r[3])) for r in rows if r[1] != replica], newest
+            return [(int(r[0]), bytes(r[3])) for r in rows if r[1] != replica or not r[4]], newest
 
         return self._run("reading presence", work, write=False)
 
@@ -747,17 +835,15 @@ class PostgresSideTables(SideTables):
         """Block up to ``timeout`` seconds for a presence notification by anyone."""
         if self._closed:
             return False
-        if self._listen is None:
-            self._listen = _Connection(self._path, "presence listener", connect_timeout=5.0)
-            self._listen.setup = _listen_presence
-        with self._listen.lock:
+        listen = self._listener()
+        with listen.lock:
             try:
-                conn = self._listen.get()
+                conn = listen.get()
                 for _ in conn.notifies(timeout=timeout, stop_after=1):
                     return True
                 return False
             except (psycopg.Error, EventLogError) as exc:
-                self._listen.broken(exc)
+                listen.broken(exc)
         time.sleep(min(timeout, _BACKOFF_MIN))
         return False
 

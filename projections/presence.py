@@ -20,6 +20,12 @@ are resent by every client when it reconnects and are not persisted.
 Multiple map streams of one node (reconnects, ``restartMap``) are tracked by a
 generation number: only the newest stream's end marks the node offline (Headscale
 pitfall 15).
+
+With several replicas (:mod:`projections.presence_share`) the table also holds what
+the other replicas' clients report. The nodes whose newest stream is open *here* are
+this replica's own (:meth:`PresenceTable.is_local`): only those are written to the
+``presence`` side table by this replica, refreshed while online, and marked offline
+when it stops; another replica's nodes are that replica's to write.
 """
 
 from __future__ import annotations
@@ -75,9 +81,15 @@ class PresenceTable:
         #: and nodes forgotten since (their rows are deleted).
         self._dirty: set[int] = set()
         self._forgotten: set[int] = set()
+        #: Nodes whose newest map stream is open on this server.
+        self._local: set[int] = set()
 
     def get(self, node_id: int) -> NodePresence | None:
         return self._nodes.get(node_id)
+
+    def is_local(self, node_id: int) -> bool:
+        """Whether the node's newest map stream is open on this server."""
+        return node_id in self._local
 
     def watch(self, notify: Callable[[], None] | None = None) -> PresenceWatcher:
         w = PresenceWatcher(self, notify)
@@ -105,6 +117,7 @@ class PresenceTable:
         gen = old.generation + 1
         self._nodes[node_id] = replace(old, online=True, last_seen=now, generation=gen)
         self._dirty.add(node_id)
+        self._local.add(node_id)
         if not old.online:
             self._changed(node_id)
         return gen
@@ -116,12 +129,14 @@ class PresenceTable:
             return False
         self._nodes[node_id] = replace(old, online=False, last_seen=now)
         self._dirty.add(node_id)
+        self._local.discard(node_id)
         self._changed(node_id)
         return True
 
     def forget(self, node_id: int) -> None:
         self._nodes.pop(node_id, None)
         self._dirty.discard(node_id)
+        self._local.discard(node_id)
         self._forgotten.add(node_id)
 
     # -- persistence (see persist_presence) ------------------------------------------------
@@ -138,10 +153,10 @@ class PresenceTable:
 
     def take_changes(self, now: datetime, *, refresh_online: bool) -> tuple[list[PresenceRecord], list[int]]:
         """What to write: the changed nodes (and, with ``refresh_online``, every online
-        node, last seen ``now``), and the forgotten ones to delete."""
+        node of this server, last seen ``now``), and the forgotten ones to delete."""
         ids = set(self._dirty)
         if refresh_online:
-            ids.update(n for n, p in self._nodes.items() if p.online)
+            ids.update(n for n in self._local if self._nodes[n].online)
         self._dirty.clear()
         forgotten, self._forgotten = sorted(self._forgotten), set()
         records = []
@@ -158,11 +173,12 @@ class PresenceTable:
         self._forgotten.update(forgotten)
 
     def final_records(self, now: datetime) -> list[PresenceRecord]:
-        """Every node as it is when the server stops: online ones go offline ``now``."""
+        """This server's nodes as they are when it stops: online ones go offline ``now``
+        (another replica's nodes are left as that replica wrote them)."""
         return [
             PresenceRecord(node_id, now if p.online else p.last_seen, False)
             for node_id, p in sorted(self._nodes.items())
-            if p.last_seen is not None
+            if p.last_seen is not None and node_id in self._local
         ]
 
     def items(self) -> list[tuple[int, NodePresence]]:

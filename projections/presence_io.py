@@ -68,8 +68,10 @@ async def persist_presence(
                 table.requeue(save, forget)
     finally:
         with trio.CancelScope(shield=True):
-            _, forget = table.take_changes(clock(), refresh_online=False)
-            final = table.final_records(clock())
+            now = clock()
+            changed, forget = table.take_changes(now, refresh_online=False)
+            # The changes not yet written, then this server's nodes going offline now.
+            final = list(({r.node_id: r for r in changed} | {r.node_id: r for r in table.final_records(now)}).values())
             try:
                 await trio.to_thread.run_sync(side.save_presence, final, forget, limiter=limiter)
             except EventLogError as exc:

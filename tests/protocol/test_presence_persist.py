@@ -77,3 +77,18 @@ async def test_ephemeral_node_survives_a_restart_within_its_timeout(tmp_path: Pa
 
 
 
+
+
+def test_only_this_servers_nodes_are_written_and_marked_offline_at_shutdown() -> None:
+    """With replicas, the table also holds other replicas' nodes (set by ``update``): this
+    server refreshes and, when it stops, marks offline only the nodes connected to it."""
+    table = PresenceTable()
+    table.connect(1, T0)
+    table.update(2, online=True, last_seen=T0)  # another replica's node
+    assert table.is_local(1) and not table.is_local(2)
+    save, _ = table.take_changes(T0 + timedelta(minutes=1), refresh_online=True)
+    assert save == [PresenceRecord(1, T0 + timedelta(minutes=1), True)]
+    assert table.final_records(T0 + timedelta(minutes=2)) == [PresenceRecord(1, T0 + timedelta(minutes=2), False)]
+    gen = table.connect(3, T0)
+    table.disconnect(3, gen, T0 + timedelta(minutes=3))
+    assert not table.is_local(3)
