@@ -10,13 +10,16 @@ that the builder knows, so the answers can be reviewed against the history by ha
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import TypeVar
 
-from eventlog import Actor, ActorKind, AppendRequest, RecordedEvent
+from eventlog import Actor, ActorKind, RecordedEvent
+from projections import Decision, Node, TailnetState
 from projections import commands as c
 from tests.support.builders import PLAN, Recorder
 
+T = TypeVar("T")
 Question = dict[str, object]
 Scenario = tuple[list[RecordedEvent], list[Question]]
 
@@ -25,22 +28,38 @@ FILE = Actor(kind=ActorKind.SYSTEM, id="policy-file")
 
 
 class ActorRecorder(Recorder):
-    """A recorder whose commands name their actor (default: admin:carol)."""
+    """A recorder whose commands name their actor (default: admin:carol), a minute apart."""
 
-    def act(self, decide: Callable[..., object], actor: Actor = OPERATOR) -> int:
-        decision = decide(self.state)
-        self.now += timedelta(seconds=60)
-        [result] = self.store.append_batch(
-            [AppendRequest(events=decision.events, actor=actor, expected_seq=self.state.seq)],  # type: ignore[attr-defined]
-            int(self.now.timestamp() * 1_000_000),
-        )
-        assert isinstance(result, tuple)
-        from projections import apply
-
-        for rec in result:
-            self.state, _ = apply(self.state, rec)
-        self.events.extend(result)
+    def act(self, decide: Callable[[TailnetState], Decision[T]], actor: Actor = OPERATOR) -> int:
+        """Record ``decide``'s events; return the sequence number they end at."""
+        self.run(decide, actor=actor, step=timedelta(minutes=1))
         return self.state.seq
+
+
+def _questions(
+    *,
+    state: int,
+    netmaps: Sequence[tuple[str, int]],
+    diffs: Sequence[tuple[int, int]],
+    reach: Sequence[tuple[str, str, int]],
+    who_can_reach: Sequence[tuple[str, int, int]],
+) -> list[Question]:
+    """A scenario's questions, in the order of the recorded answers: the state at one
+    point, netmaps of (node, at), diffs (from, to), TCP reach (src, dst, port) and
+    who can reach (dst, port, at)."""
+    return [
+        {"cmd": "state", "at": state},
+        *({"cmd": "netmap", "node": node, "at": at} for node, at in netmaps),
+        *({"cmd": "diff", "from": start, "to": end} for start, end in diffs),
+        *({"cmd": "reach", "src": src, "dst": dst, "port": port, "proto": "tcp"} for src, dst, port in reach),
+        *({"cmd": "who-can-reach", "dst": dst, "port": port, "at": at} for dst, port, at in who_can_reach),
+    ]
+
+
+def _node(state: TailnetState, name: str) -> Node:
+    node = state.node_named(name)
+    assert node is not None, name
+    return node
 
 
 def _seeded() -> ActorRecorder:
@@ -72,16 +91,13 @@ def overbroad_grant() -> Scenario:
     base = r.act(lambda s: c.decide_set_policy(s, OVERBROAD_BASE, source="db"))
     wide = r.act(lambda s: c.decide_set_policy(s, OVERBROAD_WIDE, source="db"))
     revert = r.act(lambda s: c.decide_set_policy(s, OVERBROAD_BASE, source="db"))
-    return r.events, [
-        {"cmd": "state", "at": wide},
-        {"cmd": "netmap", "node": "db-1", "at": wide},
-        {"cmd": "diff", "from": base, "to": wide},
-        {"cmd": "diff", "from": wide, "to": revert},
-        {"cmd": "reach", "src": "bobs-box", "dst": "db-1", "port": 5432, "proto": "tcp"},
-        {"cmd": "reach", "src": "laptop", "dst": "db-1", "port": 5432, "proto": "tcp"},
-        {"cmd": "who-can-reach", "dst": "db-1", "port": 5432, "at": wide},
-        {"cmd": "who-can-reach", "dst": "db-1", "port": 5432, "at": revert},
-    ]
+    return r.events, _questions(
+        state=wide,
+        netmaps=[("db-1", wide)],
+        diffs=[(base, wide), (wide, revert)],
+        reach=[("bobs-box", "db-1", 5432), ("laptop", "db-1", 5432)],
+        who_can_reach=[("db-1", 5432, wide), ("db-1", 5432, revert)],
+    )
 
 
 SSH_POLICY = """{
@@ -102,15 +118,13 @@ def tag_opens_ssh() -> Scenario:
     r.node(alice, "prod-1", tags=("tag:prod",))
     policy = r.act(lambda s: c.decide_set_policy(s, SSH_POLICY, source="db"))
     tagged = r.act(lambda s: c.decide_set_tags(s, "laptop", ("tag:jump",)))
-    return r.events, [
-        {"cmd": "state", "at": tagged},
-        {"cmd": "netmap", "node": "prod-1", "at": tagged},
-        {"cmd": "netmap", "node": "prod-1", "at": policy},
-        {"cmd": "diff", "from": policy, "to": tagged},
-        {"cmd": "reach", "src": "laptop", "dst": "prod-1", "port": 22, "proto": "tcp"},
-        {"cmd": "who-can-reach", "dst": "prod-1", "port": 22, "at": policy},
-        {"cmd": "who-can-reach", "dst": "prod-1", "port": 22, "at": tagged},
-    ]
+    return r.events, _questions(
+        state=tagged,
+        netmaps=[("prod-1", tagged), ("prod-1", policy)],
+        diffs=[(policy, tagged)],
+        reach=[("laptop", "prod-1", 22)],
+        who_can_reach=[("prod-1", 22, policy), ("prod-1", 22, tagged)],
+    )
 
 
 SUBNET_POLICY = """{
@@ -134,16 +148,13 @@ def subnet_route() -> Scenario:
     )
     approved = r.act(lambda s: c.decide_approve_routes(s, "router", ("10.30.0.0/24",)))
     removed = r.act(lambda s: c.decide_approve_routes(s, "router", ()))
-    return r.events, [
-        {"cmd": "state", "at": approved},
-        {"cmd": "netmap", "node": "laptop", "at": approved},
-        {"cmd": "diff", "from": advertised, "to": approved},
-        {"cmd": "diff", "from": approved, "to": removed},
-        {"cmd": "reach", "src": "laptop", "dst": "10.30.0.7", "port": 22, "proto": "tcp"},
-        {"cmd": "reach", "src": "bobs-box", "dst": "10.30.0.7", "port": 22, "proto": "tcp"},
-        {"cmd": "who-can-reach", "dst": "10.30.0.7", "port": 22, "at": approved},
-        {"cmd": "who-can-reach", "dst": "10.30.0.7", "port": 22, "at": removed},
-    ]
+    return r.events, _questions(
+        state=approved,
+        netmaps=[("laptop", approved)],
+        diffs=[(advertised, approved), (approved, removed)],
+        reach=[("laptop", "10.30.0.7", 22), ("bobs-box", "10.30.0.7", 22)],
+        who_can_reach=[("10.30.0.7", 22, approved), ("10.30.0.7", 22, removed)],
+    )
 
 
 EXPIRY_POLICY = """{
@@ -161,19 +172,16 @@ def key_expiry() -> Scenario:
     policy = r.act(lambda s: c.decide_set_policy(s, EXPIRY_POLICY, source="db"))
     expired = r.act(lambda s: c.decide_expire_node(s, "srv-1", now=r.now))
     rekeyed = r.act(
-        lambda s: c.decide_rotate_node_key(s, s.node_named("srv-1"), node_key="ab" * 32, expiry=None),
+        lambda s: c.decide_rotate_node_key(s, _node(s, "srv-1"), node_key="ab" * 32, expiry=None),
         Actor(kind=ActorKind.NODE, id="srv-1"),
     )
-    return r.events, [
-        {"cmd": "state", "at": expired},
-        {"cmd": "netmap", "node": "laptop", "at": expired},
-        {"cmd": "netmap", "node": "laptop", "at": rekeyed},
-        {"cmd": "diff", "from": policy, "to": expired},
-        {"cmd": "diff", "from": expired, "to": rekeyed},
-        {"cmd": "reach", "src": "laptop", "dst": "srv-1", "port": 443, "proto": "tcp"},
-        {"cmd": "who-can-reach", "dst": "srv-1", "port": 443, "at": expired},
-        {"cmd": "who-can-reach", "dst": "srv-1", "port": 443, "at": rekeyed},
-    ]
+    return r.events, _questions(
+        state=expired,
+        netmaps=[("laptop", expired), ("laptop", rekeyed)],
+        diffs=[(policy, expired), (expired, rekeyed)],
+        reach=[("laptop", "srv-1", 443)],
+        who_can_reach=[("srv-1", 443, expired), ("srv-1", 443, rekeyed)],
+    )
 
 
 FILE_POLICY_1 = """// policy.hujson, first version
@@ -206,16 +214,13 @@ def policy_file_edit() -> Scenario:
     r.node(alice, "web-1", tags=("tag:web",))
     first = r.act(lambda s: c.decide_set_policy(s, FILE_POLICY_1, source="file"), FILE)
     edited = r.act(lambda s: c.decide_set_policy(s, FILE_POLICY_2, source="file"), FILE)
-    return r.events, [
-        {"cmd": "state", "at": edited},
-        {"cmd": "netmap", "node": "web-1", "at": first},
-        {"cmd": "netmap", "node": "web-1", "at": edited},
-        {"cmd": "diff", "from": first, "to": edited},
-        {"cmd": "reach", "src": "bobs-box", "dst": "web-1", "port": 80, "proto": "tcp"},
-        {"cmd": "reach", "src": "laptop", "dst": "web-1", "port": 443, "proto": "tcp"},
-        {"cmd": "who-can-reach", "dst": "web-1", "port": 80, "at": first},
-        {"cmd": "who-can-reach", "dst": "web-1", "port": 443, "at": edited},
-    ]
+    return r.events, _questions(
+        state=edited,
+        netmaps=[("web-1", first), ("web-1", edited)],
+        diffs=[(first, edited)],
+        reach=[("bobs-box", "web-1", 80), ("laptop", "web-1", 443)],
+        who_can_reach=[("web-1", 80, first), ("web-1", 443, edited)],
+    )
 
 
 SCENARIOS: dict[str, Callable[[], Scenario]] = {

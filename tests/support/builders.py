@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from eventlog import AppendRequest, RecordedEvent, SQLiteEventStore
+from eventlog import Actor, AppendRequest, RecordedEvent, SQLiteEventStore
 from projections import AddressPlan, CommandError, Decision, TailnetState, apply
 from projections import commands as c
 from projections.delta import EMPTY, Delta
@@ -31,12 +31,20 @@ class Recorder:
         #: What changed since a consumer last reset it to EMPTY (merged deltas).
         self.delta: Delta = EMPTY
 
-    def run(self, decide: Callable[[TailnetState], Decision[T]]) -> T:
+    def run(
+        self,
+        decide: Callable[[TailnetState], Decision[T]],
+        *,
+        actor: Actor = ADMIN,
+        step: timedelta = timedelta(seconds=1),
+    ) -> T:
+        """Decide against the state; record the events (by ``actor``, ``step`` after the
+        last ones) and fold them; return the decision's result."""
         decision = decide(self.state)
         if decision.events:
-            self.now += timedelta(seconds=1)
+            self.now += step
             [result] = self.store.append_batch(
-                [AppendRequest(events=decision.events, actor=ADMIN, expected_seq=self.state.seq)],
+                [AppendRequest(events=decision.events, actor=actor, expected_seq=self.state.seq)],
                 int(self.now.timestamp() * 1_000_000),
             )
             assert isinstance(result, tuple)
