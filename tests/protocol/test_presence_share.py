@@ -74,14 +74,14 @@ async def test_the_nodes_of_a_replica_that_dies_go_offline_everywhere(pg_dsn: st
             await nursery.start(functools.partial(share_presence, table_b, side_b, "b", poll=0.1))
             table_a.connect(5, T0)
             table_b.connect(6, T0)
-            await _until(lambda: (p := table_b.get(5)) is not None and p.online)
-            await _until(lambda: (p := table_a.get(6)) is not None and p.online)
+            await wait_until(lambda: (p := table_b.get(5)) is not None and p.online)
+            await wait_until(lambda: (p := table_a.get(6)) is not None and p.online)
             await trio.sleep(0.5)  # several sweeps: a is alive, so nothing of it is touched
             assert _row(pg_dsn, 5) == ("a", True)
 
             scope_a.cancel()  # a stops publishing: node 5 is still "online" in the shared table
             side_a.close()  # and its sessions (with its liveness lock) are gone
-            await _until(lambda: not table_b.get(5).online)  # type: ignore[union-attr]
+            await wait_until(lambda: (p := table_b.get(5)) is not None and not p.online)
             assert _row(pg_dsn, 5) == ("a", False)
             assert _row(pg_dsn, 6) == ("b", True)
             p6 = table_b.get(6)
@@ -101,14 +101,14 @@ async def test_a_replica_marked_gone_while_alive_says_its_nodes_are_online_again
             await nursery.start(functools.partial(share_presence, table_a, side_a, "a", poll=0.1))
             await nursery.start(functools.partial(share_presence, table_b, side_b, "b", poll=0.1))
             table_a.connect(5, T0)
-            await _until(lambda: (p := table_b.get(5)) is not None and p.online)
+            await wait_until(lambda: (p := table_b.get(5)) is not None and p.online)
             with psycopg.connect(pg_dsn) as conn:  # as a sweeping replica that took a for gone
                 version, state = conn.execute(
                     "SELECT version, state FROM presence_live WHERE node_id = 5"
                 ).fetchone()  # type: ignore[misc]
             assert side_b.expire_presence([(5, int(version), bytes(state).replace(b"true", b"false", 1))]) == 1
-            await _until(lambda: _row(pg_dsn, 5) == ("a", True))  # a said it again
-            await _until(lambda: (p := table_b.get(5)) is not None and p.online)
+            await wait_until(lambda: _row(pg_dsn, 5) == ("a", True))  # a said it again
+            await wait_until(lambda: (p := table_b.get(5)) is not None and p.online)
             p5 = table_a.get(5)
             assert p5 is not None and p5.online
             nursery.cancel_scope.cancel()
