@@ -11,6 +11,12 @@ Then inserts the very same rows (same columns, same bytes, hashes included) into
 database with plain ``sqlite3`` ``executemany``, in transactions of the same sizes the
 log's group commit produced, with the same pragmas. Prints both rates and their ratio.
 Target: the log reaches at least 30% of the plain rate.
+
+Then where the log's time went: inside the store's ``append_batch`` (in its worker
+thread), split into encoding and chain-hashing the events (measured again on the same
+events) and the database's part (insert and commit, the fsync); the rest is the trio
+side (queueing the requests, handing the batch to the thread and back, waking each
+appender).
 """
 
 from __future__ import annotations
@@ -19,14 +25,63 @@ import argparse
 import sqlite3
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import trio
 
 from eventlog import Actor, ActorKind, EventLog, EventStore, SQLiteEventStore
+from eventlog.codec import encode_event
+from eventlog.envelope import chain_hash
 from eventlog.events import NodeRenamed
 
 __all__ = ["bench_log_main"]
+
+
+class _Timed:
+    """The store, with the time spent in ``append_batch`` (its worker thread) summed."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self.in_store = 0.0
+
+    def append_batch(self, requests: Sequence[Any], now_us: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._store.append_batch(requests, now_us)
+        finally:
+            self.in_store += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def _encode_and_hash(total: int, writers: int) -> float:
+    """The CPU the store spends encoding and chain-hashing the bench's events."""
+    per_writer = total // writers
+    events = [NodeRenamed(node_id=w, given_name=f"node-{w}-{i}") for i in range(per_writer) for w in range(writers)]
+    prev = "0" * 64
+    start = time.perf_counter()
+    for seq, event in enumerate(events, 1):
+        data = encode_event(event)
+        prev = chain_hash(
+            prev, seq=seq, recorded_at_us=seq, actor_kind="system", actor_id="bench", type=event.type_name(),
+            schema=event.SCHEMA, data=data, correlation_id="0" * 16, reason="",
+        )
+    return time.perf_counter() - start
+
+
+def _where_the_time_goes(total_s: float, in_store_s: float, encode_s: float, database: str) -> None:
+    encode_s = min(encode_s, in_store_s)
+    parts = [
+        (f"store: {database} insert + commit", in_store_s - encode_s),
+        ("store: encode + chain hash", encode_s),
+        ("trio: queue, thread hand-off, wake-ups", max(0.0, total_s - in_store_s)),
+    ]
+    print("where the log's time goes")
+    for label, seconds in parts:
+        print(f"  {label:<38} {seconds:6.2f} s  {seconds / total_s:4.0%}")
 
 
 async def _append_all(store: EventStore, total: int, writers: int) -> tuple[float, int]:
@@ -97,15 +152,16 @@ def _plain_postgres(dsn: str, commits: int) -> float:
             conn.execute("DROP TABLE bench_plain_events")
 
 
-def _bench_postgres(dsn: str, total: int, writers: int) -> tuple[float, int, float]:
+def _bench_postgres(dsn: str, total: int, writers: int) -> tuple[float, int, float, float]:
     from eventlog.pgstore import PostgresEventStore
 
     store = PostgresEventStore(dsn)
     if store.head().seq != 0:
         store.close()
         raise SystemExit("tailledger bench log: the database's event log is not empty (give an empty database)")
-    ours, commits = trio.run(_append_all, store, total, writers)
-    return ours, commits, _plain_postgres(dsn, commits)
+    timed = _Timed(store)
+    ours, commits = trio.run(_append_all, cast(EventStore, timed), total, writers)
+    return ours, commits, _plain_postgres(dsn, commits), timed.in_store
 
 
 def bench_log_main(argv: list[str]) -> int:
@@ -119,17 +175,19 @@ def bench_log_main(argv: list[str]) -> int:
     if args.backend == "postgres":
         if not args.dsn:
             parser.error("--backend postgres needs --dsn (an empty database the bench may fill)")
-        ours, commits, plain = _bench_postgres(args.dsn, total, args.writers)
+        ours, commits, plain, in_store = _bench_postgres(args.dsn, total, args.writers)
         ours_rate, plain_rate = total / ours, total / plain
         print(f"events appended          {total}")
         print(f"group commits            {commits}  (avg {total / commits:.1f} events/commit)")
         print(f"tailledger log           {ours_rate:,.0f} events/s  ({ours:.2f} s, PostgreSQL)")
         print(f"plain psycopg inserts    {plain_rate:,.0f} events/s  ({plain:.2f} s, same rows, same batches)")
         print(f"ratio                    {ours_rate / plain_rate:.1%} of plain (target >= 50%)")
+        _where_the_time_goes(ours, in_store, _encode_and_hash(total, args.writers), "PostgreSQL")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         log_path, plain_path = Path(tmp) / "log.db", Path(tmp) / "plain.db"
-        ours, commits = trio.run(_append_all, SQLiteEventStore(log_path, synchronous="FULL"), total, args.writers)
+        timed = _Timed(SQLiteEventStore(log_path, synchronous="FULL"))
+        ours, commits = trio.run(_append_all, cast(EventStore, timed), total, args.writers)
         plain = _plain(log_path, plain_path, commits)
     ours_rate, plain_rate = total / ours, total / plain
     print(f"events appended          {total}")
@@ -137,4 +195,5 @@ def bench_log_main(argv: list[str]) -> int:
     print(f"tailledger log           {ours_rate:,.0f} events/s  ({ours:.2f} s, durable: WAL + synchronous=FULL)")
     print(f"plain sqlite3 inserts    {plain_rate:,.0f} events/s  ({plain:.2f} s, same rows, same batches)")
     print(f"ratio                    {ours_rate / plain_rate:.1%} of plain (target >= 30%)")
+    _where_the_time_goes(ours, timed.in_store, _encode_and_hash(total, args.writers), "SQLite")
     return 0

@@ -12,7 +12,7 @@ def test_bench_log_on_postgres_prints_both_rates(pg_dsn: str, capsys: pytest.Cap
     assert main(["bench", "log", "--backend", "postgres", "--dsn", pg_dsn, "--events", "300", "--writers", "10"]) == 0
     out = capsys.readouterr().out
     assert "events appended          300" in out
-    for label in ("tailledger log", "plain psycopg inserts", "ratio"):
+    for label in ("tailledger log", "plain psycopg inserts", "ratio", "store: PostgreSQL insert + commit"):
         assert label in out
     store = PostgresEventStore(pg_dsn, read_only=True)
     assert store.verify().count == 300  # the appends were real, and the chain holds
