@@ -212,7 +212,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # The TLS handshake (with tls.cert_file).
     tls_handshake_timeout: str = "10s"
 
-    # -- map streams and node updates (protocol/control.py) ------------------------------
+    # -- map streams and node updates (protocol/control/) --------------------------------
     # Largest Hostinfo a node may send (bytes of JSON); a larger one is refused (register
     # answers an error, map requests a 413) and nothing of it is kept. What is kept is
     # trimmed to the fields peers get (projections.tailcfg.PEER_HOSTINFO_FIELDS).

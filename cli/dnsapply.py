@@ -61,10 +61,10 @@ async def follow_dns(
     with runner.subscribe() as sub:
         state = runner.state
         last = _key(state)
-        control.set_dns(effective_dns(config, state))
+        control.streams.set_dns(effective_dns(config, state))
         task_status.started()
         while True:
             state, delta = await sub.next()
             if delta.dns or _key(state) != last:
                 last = _key(state)
-                control.set_dns(effective_dns(config, state))
+                control.streams.set_dns(effective_dns(config, state))

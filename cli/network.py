@@ -381,7 +381,7 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         control.public_url = f"{scheme}://{host}:{server.port}"
         if relay is not None and on_control_port:
             embedded = relay_region(config, relay, control_url=control.public_url)
-            control.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
+            control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
     interval = parse_duration(config.derp.auto_update_interval)
     if interval is not None and (config.derp.paths or config.derp.urls):
         nursery.start_soon(_refresh_derp_map, config, control, embedded, interval.total_seconds())
@@ -464,7 +464,7 @@ async def _refresh_derp_map(
         except ConfigError as exc:
             log.warning("DERP map refresh failed, keeping the current map: %s", exc)
             continue
-        if control.set_derp_map(derp):
+        if control.streams.set_derp_map(derp):
             log.info("DERP map changed: %d region(s) now", len(derp.regions or {}))
 
 

@@ -302,7 +302,7 @@ class RegisterPages:
         assert control is not None
         expiry = self.oidc.node_expiry(who, tailnet.clock())
         try:
-            node_id = await control.approve_pending(
+            node_id = await control.registration.approve_pending(
                 auth_id, str(user.id), who.actor, auth="oidc", expiry=expiry
             )
         except CommandError as exc:
@@ -329,7 +329,7 @@ class RegisterPages:
         assert control is not None
         try:
             if action == "approve":
-                node_id = await control.approve_pending(auth_id, form.get("user", ""), session.actor, auth="web")
+                node_id = await control.registration.approve_pending(auth_id, form.get("user", ""), session.actor, auth="web")
                 node = self.server.runner.state.nodes[node_id]
                 owner = self.server.runner.state.users[node.user_id]
                 return _page(

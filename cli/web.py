@@ -63,8 +63,8 @@ class _ServerCollector(Collector):
             online = sum(1 for _, p in s.presence.items() if p.online)
         yield GaugeMetricFamily("tailledger_nodes_online", "Nodes with an open map stream", value=online)
         if s.control is not None:
-            yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams_open)
-            stats = s.control.hub.stats
+            yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams.streams_open)
+            stats = s.control.streams.hub.stats
             updates = CounterMetricFamily(
                 "tailledger_map_updates",
                 "Netmap versions computed, by path: incremental (only the changed nodes"
@@ -79,7 +79,7 @@ class _ServerCollector(Collector):
                 value=stats.peer_evaluations,
             )
             yield GaugeMetricFamily(
-                "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.hub.classes()
+                "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.streams.hub.classes()
             )
             yield from _control_limit_metrics(s.control.stats)
             yield from _pending_metrics(s.control.pending.stats)

@@ -1,7 +1,7 @@
 """The Tailscale control-protocol ("ts2021") transport.
 
 Role in the pipeline: everything between a TCP socket and the control logic
-(``protocol/control.py``): the HTTP/1.1 front (``/key``, the ``/ts2021``
+(the package ``protocol/control/``): the HTTP/1.1 front (``/key``, the ``/ts2021``
 upgrade, hand-off of all other requests to hypercorn), the Noise IK handshake
 and records, the early payload, HTTP/2 inside the tunnel, map-stream framing,
 and a client for tests and load generation.

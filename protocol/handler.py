@@ -3,7 +3,7 @@
 Role in the pipeline: :func:`protocol.serve.serve_control` terminates the
 ts2021 upgrade, the Noise handshake and HTTP/2, and calls one
 :class:`ControlHandler` per HTTP/2 request that arrives inside the tunnel. The
-handler (``protocol/control.py``: register, map, ...) sees only
+handler (``protocol/control/``: register, map, ...) sees only
 :class:`NoiseRequest` values and returns :class:`NoiseResponse` values; it
 never touches sockets, records or frames.
 

@@ -97,7 +97,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("protocol/upgrade.py", "HTTP/1.1 front"),
     ("h11/", "HTTP/1.1 front"),
     ("wire/wsstream.py", "websocket"),
-    ("protocol/control.py", "control + netmap (not transport)"),
+    ("protocol/control/", "control + netmap (not transport)"),
     ("protocol/mapframe.py", "control + netmap (not transport)"),
     ("projections/", "control + netmap (not transport)"),
     ("eventlog/", "event log"),

@@ -20,7 +20,7 @@ three modules that depend on each other in this order:
 Everything here is values (wire nodes, diffs, ``MapResponse`` structs); the transport
 (``protocol.mapwire``) turns them into bytes, encoding and framing each value that
 many streams share once, keyed by identities these modules keep stable for it. The
-live server drives a hub from ``protocol.control``; :func:`projections.netmap.full_map`
+live server drives a hub from ``protocol.control.streams``; :func:`projections.netmap.full_map`
 is the per-node reference the tests compare every stream against.
 
 Nothing here reads a clock or does I/O: time and state are arguments.

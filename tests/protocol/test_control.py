@@ -403,11 +403,11 @@ async def test_full_maps_take_turns_and_a_stalled_client_gives_its_turn_up(
             async with ca.map_stream(a.map_request()) as sa:
                 control = server.control
                 assert control is not None
-                await wait_until(lambda: control._full_maps.value == 0, what="a's full map to hold the turn")
+                await wait_until(lambda: control.streams._full_maps.value == 0, what="a's full map to hold the turn")
                 async with cb.map_stream(b.map_request()) as sb:
                     # b's full map does not go out during a's turn: it waits for it.
                     await wait_until(
-                        lambda: control._full_maps.statistics().tasks_waiting == 1, what="b to wait for the turn"
+                        lambda: control.streams._full_maps.statistics().tasks_waiting == 1, what="b to wait for the turn"
                     )
                     # a's turn ends after the timeout: b gets its full map, a still
                     # gets all of its own once it reads.
@@ -485,13 +485,13 @@ async def test_shutdown_with_open_streams_is_quiet_and_marks_nodes_offline(
             for node in nodes:
                 await clients.start(follow, node, server, key)
             control = server.control
-            assert control is not None and control.streams_open == len(nodes)
+            assert control is not None and control.streams.streams_open == len(nodes)
         # The server is gone; its streams ended with it.
         with trio.fail_after(10):
             for _ in nodes:
                 await ended.acquire()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-    assert control.streams_open == 0
+    assert control.streams.streams_open == 0
     state = server.tailnet.state
     for node in nodes:
         n = state.node_by_machine(node.machine_key_hex)
@@ -507,7 +507,7 @@ async def test_stream_clean_up_after_the_control_stopped_does_not_raise(tmp_path
     async with running(tmp_path) as server:
         control = server.control
         assert control is not None
-    assert control._start_soon(trio.sleep, 0) is False  # closed: refused, no exception
+    assert control.streams._start_soon(trio.sleep, 0) is False  # closed: refused, no exception
 
 
 async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_path: Path) -> None:
@@ -523,7 +523,7 @@ async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_pat
             await next_update(sa)
             await next_update(sb)  # a came online
             assert server.control is not None
-            server.control._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
+            server.control.streams._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
             t0 = trio.current_time()
             await ca.post_json(
                 "/machine/map", a.map_request(stream=False, omit_peers=True, endpoints=["203.0.113.9:41641"])

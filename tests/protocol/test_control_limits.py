@@ -134,7 +134,7 @@ async def test_a_newer_long_poll_ends_the_older_one(tmp_path: Path) -> None:
                 assert (await next_update(second)).node is not None
                 with pytest.raises(RemoteProtocolError, match="reset"):
                     await read_until_reset(first)
-                assert control.streams_open == 1 and control.stats.streams_superseded == 1
+                assert control.streams.streams_open == 1 and control.stats.streams_superseded == 1
 
 
 async def test_a_newer_long_poll_ends_one_stuck_on_a_client_that_does_not_read(tmp_path: Path) -> None:
@@ -144,10 +144,10 @@ async def test_a_newer_long_poll_ends_one_stuck_on_a_client_that_does_not_read(t
         async with open_control_client(
             "127.0.0.1", server.port, machine_key=a.machine_private, initial_window_size=64
         ) as stuck, stuck.map_stream(a.map_request()) as first:
-            await wait_until(lambda: control.streams_open >= 1, what="the first stream")
+            await wait_until(lambda: control.streams.streams_open >= 1, what="the first stream")
             async with a.connect(server) as again, again.map_stream(a.map_request()) as second:
                 assert (await next_update(second)).node is not None
-                await wait_until(lambda: control.streams_open == 1, what="the second stream to end the first")
+                await wait_until(lambda: control.streams.streams_open == 1, what="the second stream to end the first")
                 with pytest.raises(RemoteProtocolError, match="reset"):
                     await read_until_reset(first)
 
@@ -177,10 +177,10 @@ async def test_one_shot_maps_wait_for_a_full_map_turn(tmp_path: Path) -> None:
             # a's full map stays in flight (a reads nothing) and holds the only turn;
             # once a gives its poll up (leaving the block), the one-shot map gets it.
             async with trio.open_nursery() as nursery, ca.map_stream(a.map_request()):
-                await wait_until(lambda: control._full_maps.value == 0, what="a's full map to hold the turn")
+                await wait_until(lambda: control.streams._full_maps.value == 0, what="a's full map to hold the turn")
                 nursery.start_soon(one_shot)
                 await wait_until(
-                    lambda: control._full_maps.statistics().tasks_waiting == 1, what="the one-shot map to wait its turn"
+                    lambda: control.streams._full_maps.statistics().tasks_waiting == 1, what="the one-shot map to wait its turn"
                 )
                 assert not got
             [msg] = got

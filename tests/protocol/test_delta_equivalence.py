@@ -92,7 +92,7 @@ async def test_deltas_equal_fresh_full_maps(tmp_path: Path, seed: int, corp: boo
         assert server.control is not None
         # Presence-only changes are normally gathered for half a second; make that
         # short, so the checks below do not wait for them long.
-        server.control.settings = dataclasses.replace(server.control.settings, presence_coalesce=0.05)
+        server.control.streams.settings = dataclasses.replace(server.control.streams.settings, presence_coalesce=0.05)
         keys = {u: await make_key(server, u, reusable=True) for u in ("alice", "bob")}
         if corp:
             await server.ops.dispatch("policy.set", {"text": CORP[0]}, ADMIN)
