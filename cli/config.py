@@ -182,7 +182,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     work fill it in; each field says what it bounds.
     """
 
-    # -- connections (protocol/serve.py) ---------------------------------------------
+    # -- connections (protocol/serve/) ------------------------------------------------
     # A whole HTTP/1.1 request head (slowloris: a byte now and then does not renew it);
     # also how long a kept-alive /key connection may wait for its next request.
     head_timeout: str = "10s"

@@ -144,7 +144,7 @@ def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:
 
 
 def _connection_metrics(stats: ConnectionStats) -> Iterator[Metric]:
-    """The control port's connection limits (``[limits]``, protocol/serve.py)."""
+    """The control port's connection limits (``[limits]``, protocol/serve/)."""
     yield GaugeMetricFamily("tailledger_connections_open", "Connections open on the control port", value=stats.open)
     yield CounterMetricFamily(
         "tailledger_connections_accepted", "Connections accepted on the control port", value=stats.accepted

@@ -44,7 +44,7 @@ item  library     internal relied on                                      fallba
                   ``TCPServer(app, config, context, state, stream)``,
                   ``Lifespan``, ``WorkerContext``, ``ASGIWrapper``,
                   ``ConnectionState`` (re-exported below; the hand-off
-                  in :mod:`protocol.serve` explains why); and
+                  in :mod:`protocol.serve.handoff` explains why); and
                   ``TCPServer.protocol_send(event)`` receiving the
                   protocol's ``Updated(idle=...)`` events
                   (:class:`BusyAwareTCPServer`: the request deadline of
@@ -435,7 +435,7 @@ def install_cheap_data_repr() -> bool:
 # * ``TCPServer(app, config, context, state, stream)`` and ``await server.run()``;
 #   it probes the stream for ``do_handshake``/``selected_alpn_protocol``/
 #   ``transport_stream`` (TLS) or ``socket`` (plain TCP), which the replaying
-#   streams of protocol.serve provide;
+#   streams of protocol.serve.handoff provide;
 # * ``Lifespan(app, config, state)`` with ``handle_lifespan(task_status=...)``,
 #   ``wait_for_startup()`` and ``wait_for_shutdown()``;
 # * ``WorkerContext(max_requests)`` and its ``terminated`` event (``await ....set()``);

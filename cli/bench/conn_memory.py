@@ -37,7 +37,7 @@ Kernel socket buffers are not in RSS at all.
 Allocation sites are grouped by the innermost frame outside the standard
 library (``site``) and the innermost frame in this repository that led to it
 (``via``); e.g. a coroutine object is allocated in trio's ``_util.py`` but
-``via protocol/serve.py`` names the ``start_soon`` that spawned the task.
+``via protocol/serve/session.py`` names the ``start_soon`` that spawned the task.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ _CATEGORIES: tuple[tuple[str, str], ...] = (
     ("protocol/h2_bridge.py", "h2 bridge (ours)"),
     ("protocol/h2flow.py", "h2 bridge (ours)"),
     ("protocol/compat.py", "h2 bridge (ours)"),
-    ("protocol/serve.py", "serve adapter (ours)"),
+    ("protocol/serve/", "serve adapter (ours)"),
     ("protocol/upgrade.py", "HTTP/1.1 front"),
     ("h11/", "HTTP/1.1 front"),
     ("wire/wsstream.py", "websocket"),

@@ -681,7 +681,7 @@ async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(se
             assert (await client.request("GET", "/echo")).status == 200
             await wait_all_tasks_blocked()
             assert not (
-                _tasks_running("_NoiseSession.serve")
+                _tasks_running("NoiseSession.serve")
                 + _tasks_running("handle_stream")
                 + _tasks_running("_serve_request")
             )

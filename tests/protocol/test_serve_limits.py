@@ -19,8 +19,9 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
-from protocol import ServeOptions, h2flow, load_ssl_context
+from protocol import ConnectionStats, ServeOptions, h2flow, load_ssl_context
 from protocol import client_conn as cc
+from protocol.serve.accept import Admission
 from tests.support.net import read_until_eof
 
 from .test_h2_bridge import Pair
@@ -459,16 +460,12 @@ def test_buffered_outgoing_counts_queued_and_framed_bytes() -> None:
 
 @pytest.mark.parametrize("sockaddr", [("10.0.0.1", 1), ("::ffff:10.0.0.1", 1, 0, 0)])
 def test_ipv4_and_mapped_ipv4_count_as_one_address(sockaddr: tuple[object, ...]) -> None:
-    from protocol.serve import ConnectionStats, _Admission
-
-    admission = _Admission(ServeOptions(cap_exempt=()), ConnectionStats())
+    admission = Admission(ServeOptions(cap_exempt=()), ConnectionStats())
     assert admission.address_key(sockaddr) == "10.0.0.1"
 
 
 def test_ipv6_addresses_count_per_64() -> None:
-    from protocol.serve import ConnectionStats, _Admission
-
-    admission = _Admission(ServeOptions(), ConnectionStats())
+    admission = Admission(ServeOptions(), ConnectionStats())
     first = admission.address_key(("2001:db8:1:2::1", 1, 0, 0))
     assert first == admission.address_key(("2001:db8:1:2:ffff::9", 1, 0, 0)) == "2001:db8:1:2::/64"
     assert admission.address_key(("2001:db8:1:3::1", 1, 0, 0)) != first
@@ -477,10 +474,8 @@ def test_ipv6_addresses_count_per_64() -> None:
 
 
 async def test_release_gives_the_place_back_once() -> None:
-    from protocol.serve import ConnectionStats, _Admission
-
     stats = ConnectionStats()
-    admission = _Admission(
+    admission = Admission(
         ServeOptions(max_connections_per_address=1, cap_exempt=()), stats
     )
     first = admission.admit(("10.0.0.1", 1))

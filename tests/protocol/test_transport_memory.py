@@ -30,9 +30,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import (
+    ConnectionStats,
     ControlServer,
     NoiseRequest,
     NoiseResponse,
+    ServeOptions,
     compat,
     generate_private_key,
     h2flow,
@@ -44,6 +46,7 @@ from protocol.compat import CompactH2Connection, CompactSettings, compact_header
 from protocol.errors import RemoteProtocolError
 from protocol.noise.handshake import SessionKeys, public_key
 from protocol.noise.transport import NoiseTransport
+from protocol.serve.accept import Admission, accept_loop
 from protocol.upgrade import UPGRADE_RESPONSE, FrontConnection, Upgrade
 
 SC = h2.settings.SettingCodes
@@ -432,21 +435,20 @@ async def test_accept_loop_retries_after_emfile(
     """The loop backs off (a timer: virtual time here) and accepts again."""
     served: list[trio.SocketStream] = []
     handed_on = trio.Event()
-    server = ControlServer(server_key=SERVER_KEY, handler=_buggy_handler, asgi_app=_lifespan_app)
+    admission = Admission(ServeOptions(), ConnectionStats())
 
     async def record(stream: trio.SocketStream, admitted: object = None) -> None:
         served.append(stream)
         handed_on.set()
         await stream.aclose()
 
-    server.handle_stream = record  # type: ignore[method-assign]
     listener = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         client = await trio.open_tcp_stream("127.0.0.1", port)
         accepted = await listener[0].accept()
         flaky = _FlakyListener(accepted)
-        nursery.start_soon(server._accept_loop, flaky, nursery)  # type: ignore[arg-type]
+        nursery.start_soon(accept_loop, flaky, nursery, admission, record)  # type: ignore[arg-type]
         with trio.fail_after(5):
             await handed_on.wait()
         nursery.cancel_scope.cancel()
