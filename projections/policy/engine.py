@@ -182,8 +182,10 @@ class CompiledPolicy:
         if primaries is not None:
             self.__dict__["primaries"] = primaries
         self._filters: dict[int, list[Rule]] = {}
-        self._unreduced: dict[int, list[Rule]] = {}
-        self._matches: dict[int, list[Match]] = {}
+        #: by :meth:`_rules_key` (an owner, or a node when there are via grants)
+        self._extra: dict[tuple[str, int | None], list[Rule]] = {}
+        self._unreduced: dict[tuple[str, int | None], list[Rule]] = {}
+        self._matches: dict[tuple[str, int | None], list[Match]] = {}
         self._netmaps: dict[int, NodeNetmap] = {}
         self._peer_sets: dict[int, frozenset[int]] = {}
         self._reaches: dict[int, tuple[IPSet, IPSet, bool]] = {}
@@ -230,37 +232,51 @@ class CompiledPolicy:
     def _node(self, node_id: int) -> NodeInfo:
         return self.tailnet.nodes[node_id]
 
+    def _rules_key(self, node: NodeInfo) -> tuple[str, int | None]:
+        """What the node's own rules depend on: ``autogroup:self`` rules only on its
+        owner (its owner's devices), via rules on the node itself."""
+        if self.via_grants:
+            return ("node", node.id)
+        return ("owner", node.owner)
+
     def extra_rules(self, node_id: int) -> list[Rule]:
-        """The node's own rules: its ``autogroup:self`` and via expansions."""
+        """The node's own rules: its ``autogroup:self`` and via expansions (shared by
+        the devices of one owner when there are no via grants)."""
         if not self.per_node:
             return []
         node = self._node(node_id)
-        rules: list[Rule] = []
-        for grant in self.grants:
-            if grant.kind is GrantKind.SELF:
-                rules.extend(self_rules(grant, node, self.tailnet))
-            elif grant.kind is GrantKind.VIA:
-                rules.extend(via_rules(grant, node))
-        return rules
+        key = self._rules_key(node)
+        cached = self._extra.get(key)
+        if cached is None:
+            cached = []
+            for grant in self.grants:
+                if grant.kind is GrantKind.SELF:
+                    cached.extend(self_rules(grant, node, self.tailnet))
+                elif grant.kind is GrantKind.VIA:
+                    cached.extend(via_rules(grant, node))
+            self._extra[key] = cached
+        return cached
 
     def unreduced_rules(self, node_id: int) -> list[Rule]:
         """Global rules plus the node's self and via rules, merged."""
         if not self.per_node:
             return self.global_rules
-        cached = self._unreduced.get(node_id)
+        key = self._rules_key(self._node(node_id))
+        cached = self._unreduced.get(key)
         if cached is None:
             cached = merge_rules([*self.global_rules, *self.extra_rules(node_id)])
-            self._unreduced[node_id] = cached
+            self._unreduced[key] = cached
         return cached
 
     def matches(self, node_id: int) -> list[Match]:
         """Matchers for peer visibility: global ones plus the node's own."""
         if not self.per_node:
             return self.global_matches
-        cached = self._matches.get(node_id)
+        key = self._rules_key(self._node(node_id))
+        cached = self._matches.get(key)
         if cached is None:
             cached = self.global_matches + [r.match() for r in self.extra_rules(node_id)]
-            self._matches[node_id] = cached
+            self._matches[key] = cached
         return cached
 
     def filter_rules(self, node_id: int) -> list[Rule]:

@@ -185,6 +185,33 @@ def test_a_join_reuses_the_merged_rules_it_does_not_change() -> None:
     assert after.global_matches[1] is before.global_matches[1]
 
 
+def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -> None:
+    """Issue 19: ``autogroup:self`` rules depend only on the owner, so an owner's
+    devices share their unreduced rules (computed once), and a peer without routes is
+    seen alike by every viewer (one view object); each filter and peer list still
+    equals one computed for that node alone, on a fresh compile."""
+    policy = parse_policy(json.dumps({
+        "acls": [
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+            {"action": "accept", "src": ["u3@example.com"], "dst": ["*:443"]},
+        ],
+    }))
+    nodes = [
+        PolicyNode(id=i, name=f"n{i}", user_id=1 + (i - 1) // 2, ipv4=f"100.64.0.{i}")
+        for i in range(1, 7)
+    ]  # u1: 1, 2; u2: 3, 4; u3: 5, 6
+    tailnet = Tailnet(USERS, nodes)
+    compiled = compile_policy(policy, tailnet)
+    assert compiled.unreduced_rules(1) is compiled.unreduced_rules(2)
+    assert compiled.unreduced_rules(1) is not compiled.unreduced_rules(3)
+    shared = {i: compiled.packet_filter(i) for i in range(1, 7)}
+    views = {i: compiled.peers(i) for i in range(1, 7)}
+    for i in range(1, 7):
+        alone = compile_policy(policy, tailnet)
+        assert alone.packet_filter(i) == shared[i], i
+        assert alone.peers(i) == views[i], i
+
+
 def test_compile_is_deterministic() -> None:
     nodes = [
         PolicyNode(
