@@ -189,6 +189,7 @@ class CompiledPolicy:
         self._netmaps: dict[int, NodeNetmap] = {}
         self._peer_sets: dict[int, frozenset[int]] = {}
         self._reaches: dict[int, tuple[IPSet, IPSet, bool]] = {}
+        self._plain_views: dict[tuple[int, tuple[str, ...]], PeerView] = {}
         #: merged global rules by their parts: this compile's once global_rules ran,
         #: until then the hint of the compile this one came from.
         self._merged: MergedRules = merged or {}
@@ -417,19 +418,30 @@ class CompiledPolicy:
         here when None and the peer serves routes)."""
         peer = self._node(peer_id)
         routes: list[Prefix] = []
-        if peer.subnet_routes or peer.exit_routes:
+        plain = not (peer.subnet_routes or peer.exit_routes)
+        if plain:
+            # Without routes, how a peer is seen depends only on the viewer's node
+            # attributes (disable-ipv4): one view per peer and kind of viewer.
+            key = (peer_id, self.node_attrs.get(viewer.id, ()))
+            view = self._plain_views.get(key)
+            if view is not None:
+                return view
+        else:
             if reach is None:
                 reach = self._reach(viewer.id)[0]
             via = via_routes_for_peer(viewer, peer, self.via_grants, self.grants, self.tailnet)
             routes = routes_for_peer(viewer, peer, reach, self.primaries_by_node, via)
         attrs = self.node_attrs.get(peer_id, ())
         addresses = _addresses(peer, attrs + self.node_attrs.get(viewer.id, ()))
-        return PeerView(
+        view = PeerView(
             node_id=peer_id,
             allowed_ips=tuple(sorted(addresses + [prefix_str(r) for r in routes])),
             primary_routes=tuple(prefix_str(r) for r in routes if r.bits != 0),
             cap_map=peer_cap_map(self.tailnet, peer, attrs),
         )
+        if plain:
+            self._plain_views[key] = view
+        return view
 
     def visible_one(self, a: int, b: int) -> bool:
         """Whether ``b`` is a peer of ``a``, without building ``a``'s whole peer set.

@@ -210,6 +210,9 @@ def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -
         alone = compile_policy(policy, tailnet)
         assert alone.packet_filter(i) == shared[i], i
         assert alone.peers(i) == views[i], i
+    [seen_by_2] = [v for v in views[2] if v.node_id == 5]
+    [seen_by_3] = [v for v in views[3] if v.node_id == 5]
+    assert seen_by_2 is seen_by_3
 
 
 def test_compile_is_deterministic() -> None:
