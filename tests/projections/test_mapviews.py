@@ -114,9 +114,7 @@ def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
 
     for op, arg in ops:
         history.step(op, arg)
-        hub.advance(r.state, r.now, r.delta, set(history.changed_presence))
-        r.delta = EMPTY
-        history.changed_presence.clear()
+        history.advance(hub)
         for nid in list(cursors):
             if nid not in r.state.nodes:
                 del cursors[nid], models[nid]

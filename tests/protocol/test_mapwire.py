@@ -193,9 +193,7 @@ def test_random_histories_frame_to_the_values_decided(ops: list[tuple[int, int]]
     cursors: dict[int, StreamCursor] = {}
     for op, arg in ops:
         history.step(op, arg)
-        hub.advance(r.state, r.now, r.delta, set(history.changed_presence))
-        r.delta = EMPTY
-        history.changed_presence.clear()
+        history.advance(hub)
         for nid in list(cursors):
             if nid not in r.state.nodes:
                 del cursors[nid]

@@ -12,6 +12,7 @@ from projections import AddressPlan, CommandError, Decision, TailnetState, apply
 from projections import commands as c
 from projections.delta import EMPTY, Delta
 from projections.ipam import DEFAULT_V4, DEFAULT_V6, AllocationMode
+from projections.mapviews.hub import MapHub
 from projections.presence import NodePresence
 from tests.conftest import ADMIN
 
@@ -119,6 +120,14 @@ class RandomHistory:
 
     def _key(self) -> str:
         return f"{self._rnd.getrandbits(256):064x}"
+
+    def advance(self, hub: MapHub) -> None:
+        """Bring ``hub`` to the recorder's state: the log's changes and the presence
+        changes since the last call (both then cleared), at the recorder's time."""
+        r = self.recorder
+        hub.advance(r.state, r.now, r.delta, set(self.changed_presence))
+        r.delta = EMPTY
+        self.changed_presence.clear()
 
     def step(self, op: int, arg: int) -> None:
         """Apply the operation ``op`` (see the class docstring) with ``arg``."""
