@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tests.support.waits import wait_until_sync
 
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
@@ -26,12 +27,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _wait_requests(
     requests: list[RecordedRequest], count: int, timeout: float = 30.0
 ) -> list[RecordedRequest]:
-    deadline = time.monotonic() + timeout
-    while len(requests) < count:
-        assert time.monotonic() < deadline, (
-            f"only {len(requests)} requests after {timeout}s: {requests}"
-        )
-        time.sleep(0.05)
+    wait_until_sync(
+        lambda: len(requests) >= count, what=f"{count} requests", seconds=timeout, detail=lambda: str(requests)
+    )
     return list(requests)
 
 

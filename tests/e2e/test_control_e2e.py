@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+
+from tests.support.waits import wait_until_sync
 
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
@@ -34,12 +35,14 @@ def test_registered_nodes_are_listed_online_with_names_and_ips(caddy_e2e: E2EHar
     a.wait_running(timeout=60)
     b.wait_running(timeout=60)
     view_a = a.wait_for_peers({"nodeb"}, timeout=60)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def both_online() -> list[dict[str, object]] | None:
         nodes = _nodes(caddy_e2e, server)
-        if (len(nodes) == 2 and all(n["online"] for n in nodes)) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return nodes if len(nodes) == 2 and all(n["online"] for n in nodes) else None
+
+    nodes = wait_until_sync(
+        both_online, what="both nodes listed online", seconds=30, detail=lambda: str(_nodes(caddy_e2e, server))
+    )
     by_name = {n["hostname"]: n for n in nodes}
     assert set(by_name) == {"nodea", "nodeb"}
     assert all(n["online"] is True for n in nodes), nodes
@@ -56,13 +59,12 @@ def test_registered_nodes_are_listed_online_with_names_and_ips(caddy_e2e: E2EHar
     assert all(e["actor"].startswith("node:") for e in log)
     # Stopping a node takes it offline (after the grace period) without removing it.
     b.stop()
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        state = {n["hostname"]: n["online"] for n in _nodes(caddy_e2e, server)}
-        if state.get("nodeb") is False:
-            break
-        time.sleep(0.5)
-    assert state == {"nodea": True, "nodeb": False}
+
+    def online() -> dict[object, object]:
+        return {n["hostname"]: n["online"] for n in _nodes(caddy_e2e, server)}
+
+    wait_until_sync(lambda: online().get("nodeb") is False, what="nodeb offline", seconds=40, detail=lambda: str(online()))
+    assert online() == {"nodea": True, "nodeb": False}
 
 
 def test_bad_keys_are_refused_on_the_client_and_create_nothing(caddy_e2e: E2EHarness) -> None:

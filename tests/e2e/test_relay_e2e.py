@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +46,7 @@ from relay import (
 )
 from relay.derp.client import PacketReceived
 from relay.keys import short_key
+from tests.support.waits import wait_until_sync
 
 from .caddy import CaddyNode, CaddyNodeSpec
 from .harness import E2EHarness, LedgerRelay, TailledgerServer
@@ -88,13 +88,15 @@ def wait_metrics(
     timeout: float = 30.0,
 ) -> dict[str, float]:
     """Poll the relay counters until ``ok(counters)`` holds; return them."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def satisfied() -> dict[str, float] | None:
         counters = relay_metrics(e2e, server)
-        if ok(counters):
-            return counters
-        assert time.monotonic() < deadline, f"relay counters never satisfied the check: {counters}"
-        time.sleep(0.2)
+        return counters if ok(counters) else None
+
+    return wait_until_sync(
+        satisfied, what="the relay counters to satisfy the check", seconds=timeout,
+        detail=lambda: str(relay_metrics(e2e, server)),
+    )
 
 
 def start_relayed_pair(

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.waits import wait_until_sync
 
 from .caddy import CaddyNode, CaddyNodeSpec
 from .harness import E2EHarness, TailledgerServer
@@ -58,18 +59,15 @@ def _carries(view: TailnetView, name: str) -> bool:
 def _watch(
     node: CaddyNode, condition: Callable[[TailnetView], bool], what: str, timeout: float = 60
 ) -> TailnetView:
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def seen() -> TailnetView | None:
         view = node.view()
         try:
-            if condition(view):
-                return view
+            return view if condition(view) else None
         except KeyError:
-            pass  # a peer not seen yet
-        assert time.monotonic() < deadline, (
-            f"{what}: not seen after {timeout}s; peers: {view.peers}"
-        )
-        time.sleep(0.2)
+            return None  # a peer not seen yet
+
+    return wait_until_sync(seen, what=what, seconds=timeout, detail=lambda: f"peers: {node.view().peers}")
 
 
 def _primaries(harness: E2EHarness, server: TailledgerServer) -> dict[str, list[str]]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
+
+from tests.support.waits import wait_until_sync
 
 from .harness import E2EHarness, tailcat_binary
 from .netns import LOOPBACK, RecordedRequest
@@ -23,13 +24,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _wait_for(
     requests: list[RecordedRequest], target: str, timeout: float = 60.0
 ) -> RecordedRequest:
-    deadline = time.monotonic() + timeout
-    while True:
-        for req in list(requests):
-            if req.target == target:
-                return req
-        assert time.monotonic() < deadline, f"no {target} request after {timeout}s: {requests}"
-        time.sleep(0.05)
+    return wait_until_sync(
+        lambda: next((req for req in list(requests) if req.target == target), None),
+        what=f"a {target} request", seconds=timeout, detail=lambda: str(requests),
+    )
 
 
 def test_server_uses_our_derp_map_and_dials_our_relay(tailcat_e2e: E2EHarness) -> None:
@@ -75,12 +73,10 @@ def test_forward_client_fetches_map_as_client_on_first_connection(tailcat_e2e: E
     # The tunnel is built lazily, on the first local connection: only then
     # does the client fetch the map to resolve the region in the address.
     with tailcat_e2e.ns.connect(LOOPBACK, local_port, timeout=5):
-        deadline = time.monotonic() + 30
-        while not any(r.header("Tailcat-Mode") == "client" for r in maps.requests):
-            assert time.monotonic() < deadline, (
-                f"client never fetched the DERP map: {maps.requests}"
-            )
-            time.sleep(0.05)
+        wait_until_sync(
+            lambda: any(r.header("Tailcat-Mode") == "client" for r in maps.requests),
+            what="the client to fetch the DERP map", detail=lambda: str(maps.requests),
+        )
         forward.wait_for_log(
             r"derphttp\.Client\.(Send|Recv): connecting to derp-900 \(tl\)", timeout=30
         )

@@ -523,17 +523,18 @@ async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_pat
             await next_update(sa)
             await next_update(sb)  # a came online
             assert server.control is not None
-            server.control.streams._fanout_cost = 600.0  # as if the last fan-out took 10 minutes
-            t0 = trio.current_time()
+            # As if the last fan-out took 10 minutes: paced by that cost alone, the
+            # change would wait 50 minutes; the bound (a few seconds) lets it out.
+            # The deadline only tells the two apart: no duration is asserted.
+            server.control.streams._fanout_cost = 600.0
             await ca.post_json(
                 "/machine/map", a.map_request(stream=False, omit_peers=True, endpoints=["203.0.113.9:41641"])
             )
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 while True:
                     msg = await next_update(sb)
                     if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
                         break
-            assert trio.current_time() - t0 < 5
 
 
 async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
