@@ -199,12 +199,41 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
         CREATE INDEX presence_live_online ON presence_live (replica) WHERE online;
         """,
     ),
+    (
+        "0006_relay_mesh",
+        """
+        CREATE TABLE relay_mesh_key (
+            only_row  BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+            mesh_key  TEXT NOT NULL
+        );
+        CREATE TABLE relay_nodes (
+            replica     TEXT   PRIMARY KEY,
+            peer        BYTEA  NOT NULL,
+            node        BYTEA  NOT NULL,
+            updated_us  BIGINT NOT NULL
+        );
+        """,
+    ),
 )
 
 #: Takes the liveness lock of the replica named by the parameter (see ``hold_liveness``).
 _TAKE_LIVENESS: Final = (
     f"SELECT pg_try_advisory_lock(({LIVENESS_LOCK_HIGH}::bigint << 32) | (hashtext(%s)::bigint & 4294967295))"
 )
+
+
+def _replica_alive(column: str) -> str:
+    """SQL that is true while the replica named in ``column`` holds its liveness lock
+    (its presence listener's session is alive: see ``hold_liveness``)."""
+    return (
+        "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        f"AND l.classid = {LIVENESS_LOCK_HIGH}::oid AND l.objid = (hashtext({column})::bigint & 4294967295)::oid)"
+    )
+
+
+#: How long the row of a gone replica's relay stays in ``relay_nodes`` (for a look
+#: after the fact); it is left out of the live relays at once.
+RELAY_ROW_KEEP_US: Final = 3600 * 1_000_000
 
 #: The notification channel of live presence changes.
 PRESENCE_CHANNEL: Final = "tailledger_presence"
@@ -777,10 +806,7 @@ class PostgresSideTables(SideTables):
         def work(conn: Any) -> list[tuple[int, str, int, bytes]]:
             rows = conn.execute(
                 "SELECT p.node_id, p.replica, p.version, p.state FROM presence_live p "
-                "WHERE p.online AND p.replica <> ? AND NOT EXISTS (SELECT 1 FROM pg_locks l "
-                f"WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                f"AND l.classid = {LIVENESS_LOCK_HIGH}::oid "
-                "AND l.objid = (hashtext(p.replica)::bigint & 4294967295)::oid) ORDER BY p.node_id",
+                f"WHERE p.online AND p.replica <> ? AND NOT {_replica_alive('p.replica')} ORDER BY p.node_id",
                 (replica,),
             ).fetchall()
             return [(int(r[0]), str(r[1]), int(r[2]), bytes(r[3])) for r in rows]
@@ -808,6 +834,50 @@ class PostgresSideTables(SideTables):
             return changed
 
         return self._run("expiring presence", work, write=False)
+
+    # -- the replicas' embedded relays, meshed into one region -------------------------
+
+    def relay_mesh_key(self, proposed: str) -> str:
+        """The region's mesh key shared by every replica's relay: ``proposed`` if no
+        replica stored one before, else the stored one (the first replica's wins)."""
+
+        def work(conn: Any) -> str:
+            conn.execute(
+                "INSERT INTO relay_mesh_key (mesh_key) VALUES (?) ON CONFLICT (only_row) DO NOTHING", (proposed,)
+            )
+            return str(conn.execute("SELECT mesh_key FROM relay_mesh_key").fetchone()[0])
+
+        return self._run("reading the relay mesh key", work)
+
+    def exchange_relays(self, replica: str, peer: bytes, node: bytes, now_us: int) -> list[tuple[str, bytes, bytes]]:
+        """Publish ``replica``'s relay (how a mesh link dials it, ``peer``, and its DERP
+        map node, ``node``: opaque bytes), forget the relays of replicas gone for
+        :data:`RELAY_ROW_KEEP_US`, and return the relays of the live replicas (this one
+        included) as ``(replica, peer, node)``, by replica name.
+
+        A replica is live while it holds its liveness lock (:meth:`hold_liveness`): a
+        replica killed with -9 drops out of the answer as soon as its session is gone.
+        """
+
+        def work(conn: Any) -> list[tuple[str, bytes, bytes]]:
+            conn.execute(
+                "INSERT INTO relay_nodes (replica, peer, node, updated_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (replica) DO UPDATE SET peer = excluded.peer, node = excluded.node, "
+                "updated_us = excluded.updated_us",
+                (replica, peer, node, now_us),
+            )
+            conn.execute(
+                f"DELETE FROM relay_nodes r WHERE r.updated_us < ? AND NOT {_replica_alive('r.replica')}",
+                (now_us - RELAY_ROW_KEEP_US,),
+            )
+            rows = conn.execute(
+                f"SELECT r.replica, r.peer, r.node FROM relay_nodes r WHERE r.replica = ? "
+                f"OR {_replica_alive('r.replica')} ORDER BY r.replica",
+                (replica,),
+            ).fetchall()
+            return [(str(r[0]), bytes(r[1]), bytes(r[2])) for r in rows]
+
+        return self._run("exchanging the relays", work, write=False)
 
     def _listener(self) -> _Connection:
         if self._listen is None:

@@ -121,6 +121,7 @@ class RelayServer:
         self._nursery: trio.Nursery | None = None
         self._derp = DerpIO(core, config)
         self._mesh_key: bytes | None = None
+        self._mesh_links: dict[str, list[trio.CancelScope]] = {}
         self._http_counts = {k: 0 for k in HttpStats.__struct_fields__}
 
     # -- the API used by the embedding program --------------------------
@@ -151,7 +152,33 @@ class RelayServer:
             raise ConfigError("meshing needs a mesh_key")
         if self._nursery is None:
             raise RuntimeError("relay is not running")
-        self._nursery.start_soon(mesh_link, self.core, self.config, peer, self._mesh_key)
+        scope = trio.CancelScope()
+        self._mesh_links.setdefault(peer.url, []).append(scope)
+        self._nursery.start_soon(self._run_mesh_link, peer, self._mesh_key, scope)
+
+    def remove_mesh_peer(self, url: str) -> int:
+        """Close the mesh links to the relay at ``url`` (it left the region); the core
+        forgets the clients it learnt through them. Returns how many links closed."""
+        scopes = self._mesh_links.pop(url, [])
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
+    @property
+    def mesh_peers(self) -> tuple[str, ...]:
+        """The URLs of the relays this one keeps mesh links to."""
+        return tuple(self._mesh_links)
+
+    async def _run_mesh_link(self, peer: MeshPeer, mesh_key: bytes, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await mesh_link(self.core, self.config, peer, mesh_key)
+        finally:
+            scopes = self._mesh_links.get(peer.url, [])
+            if scope in scopes:
+                scopes.remove(scope)
+                if not scopes:
+                    del self._mesh_links[peer.url]
 
     def stats(self) -> RelayStats:
         """Counters of the DERP core (drops by reason, packets, refusals...)."""
