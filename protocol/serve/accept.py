@@ -31,8 +31,8 @@ Invariants
   address whose connections all closed costs no memory).
 * :meth:`Admitted.release` gives the place back once, however many times it
   is called.
-* A refusal is logged at most once a minute (``_WARN_EVERY``), with the
-  running total; each one is counted.
+* Every refusal is counted and logged at DEBUG; a WARNING, with the running
+  total, goes out at most once a minute (``_WARN_EVERY``).
 
 Named drops (``ConnectionStats.refused``): ``max_connections``,
 ``max_connections_per_address``.
@@ -79,6 +79,7 @@ class Admitted:
         self._key = key
 
     def release(self) -> None:
+        """The connection closed: give its place back (only the first call counts)."""
         table, self._table = self._table, None
         if table is not None:
             table.release(self._key)
@@ -131,6 +132,7 @@ class Admission:
         return Admitted(self, key)
 
     def release(self, key: str | None) -> None:
+        """Count a connection out (through :meth:`Admitted.release` only)."""
         self._stats.open -= 1
         if key is not None:
             left = self._by_address.pop(key) - 1

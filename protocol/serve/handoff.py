@@ -69,7 +69,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -188,22 +188,20 @@ class _HandOffGuard:
             raise trio.BrokenResourceError("slow reader")
 
 
-class _ReplayStream(trio.abc.HalfCloseableStream):
-    """A plain TCP stream that first returns bytes already read (for hypercorn),
-    reading and writing under a :class:`_HandOffGuard`."""
+_S = TypeVar("_S", bound=trio.abc.Stream)
 
-    def __init__(self, stream: trio.SocketStream, replay: bytes, guard: _HandOffGuard) -> None:
+
+class _GuardedReplay(trio.abc.Stream, Generic[_S]):
+    """What both replay streams for hypercorn share: the bytes already read,
+    then the wrapped stream, read and written under a :class:`_HandOffGuard`."""
+
+    def __init__(self, stream: _S, replay: bytes, guard: _HandOffGuard) -> None:
         self._stream = stream
         self._replay = replay
         self._guard = guard
 
-    @property
-    def socket(self) -> trio.socket.SocketType:
-        """The socket; hypercorn reads the peer and local addresses from it."""
-        return self._stream.socket
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Return the replayed bytes once (whole), then read the socket.
+        """Return the replayed bytes once (whole), then read the stream.
 
         The replay may exceed ``max_bytes``; hypercorn reads with 64 KiB
         and the front never holds more than one request head.
@@ -222,24 +220,26 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
         """Delegate."""
         await self._stream.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        """Delegate (hypercorn half-closes plain TCP after a response)."""
-        await self._stream.send_eof()
-
     async def aclose(self) -> None:
         """Delegate."""
         await self._stream.aclose()
 
 
-class _ReplaySSLStream(trio.abc.Stream):
-    """The TLS twin of :class:`_ReplayStream` (the TLS handshake is already done)."""
+class _ReplayStream(_GuardedReplay[trio.SocketStream], trio.abc.HalfCloseableStream):
+    """A plain TCP stream that first returns bytes already read (for hypercorn)."""
 
-    def __init__(
-        self, stream: trio.SSLStream[trio.SocketStream], replay: bytes, guard: _HandOffGuard
-    ) -> None:
-        self._stream = stream
-        self._replay = replay
-        self._guard = guard
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The socket; hypercorn reads the peer and local addresses from it."""
+        return self._stream.socket
+
+    async def send_eof(self) -> None:
+        """Delegate (hypercorn half-closes plain TCP after a response)."""
+        await self._stream.send_eof()
+
+
+class _ReplaySSLStream(_GuardedReplay[trio.SSLStream[trio.SocketStream]]):
+    """The TLS twin of :class:`_ReplayStream` (the TLS handshake is already done)."""
 
     @property
     def transport_stream(self) -> trio.SocketStream:
@@ -254,22 +254,6 @@ class _ReplaySSLStream(trio.abc.Stream):
         """The negotiated ALPN protocol (``None`` or ``http/1.1`` here)."""
         alpn: str | None = self._stream.selected_alpn_protocol()
         return alpn
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._replay:
-            data, self._replay = self._replay, b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._guard.receive(self._stream.receive_some, max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._guard.send(self._stream.send_all, data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 class Prepended(trio.abc.Stream):

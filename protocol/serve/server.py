@@ -12,6 +12,7 @@ events decide where the connection goes.  The front door reads request heads
 until one is final::
 
     accepted ─▶ [TLS handshake, tls_handshake_timeout]     (only with ssl_context)
+        │         ├─ failed or too slow ───────────────────────▶ closed
         │         └─ ALPN h2 ──────────────────────────────────▶ hypercorn
         │  plain port with DerpRoute.serve_tls: first read
         │         └─ 0x16 (a TLS ClientHello) ──────────────────▶ DERP relay's TLS
@@ -22,7 +23,7 @@ until one is final::
         ├─ /ts2021 WebSocket     ─▶ 101 + WebSocket framing + Noise + HTTP/2 ─▶ session
         ├─ /derp, /derp/probe... ─▶ the embedded DERP relay (DerpRoute.serve_http)
         ├─ anything else         ─▶ hypercorn serves the ASGI app here (handoff.py)
-        └─ error status, peer closed, deadline ─▶ closed
+        └─ an answer marked close, peer closed, deadline ─▶ closed
 
 The set-up (TLS, front door, handshake) returns before the session runs, so
 none of its objects or coroutine frames stay alive beside an idle tunnel;

@@ -16,16 +16,17 @@ handler task per HTTP/2 stream; every decision is the core's::
 
 States of a session (the reader's view)::
 
-    open_session ──handshake refused / version too low──▶ closed (nothing served)
+    open_session ──invalid initiation / version too low──▶ refused (handle_stream closes)
          │
-         ▼  first write: 101 + handshake response + SETTINGS (+ early payload)
-    reading ◀──────────────resume_reading / unpark───────────┐
-      │  │ plain TCP, idle, no timer runs                      │
-      │  └────────────────────────────────────────────▶ parked (IdleReaders, no task)
-      │ EOF, GOAWAY, protocol error, write failed, deadline, _abort
-      ▼                                                         │ server stops
-    closing: cancel handler scopes, close parked long polls     ▼
-      ▼                                                   end("server stopped")
+         ▼  first write: [101 (native)] + handshake response + early payload + SETTINGS
+    reading ◀──────resume_reading (readable) / _rearm (a timer starts)───────┐
+      │  │ plain TCP, nothing left to read, no timer runs                     │
+      │  └─────────────────────────────────────────────▶ parked (in IdleReaders, no task)
+      │ EOF, GOAWAY, protocol error, write failed,                            │ _abort, or
+      │ idle deadline, _abort                                                 │ the server stops
+      ▼                                                                       ▼
+    closing: cancel handler scopes, close parked long polls ◀──────── end(reason)
+      ▼
     closed: stream closed (shielded, 1 s), Admitted released, one INFO line
 
 A long poll that yields :class:`~protocol.handler.Park` holds no task while
@@ -109,23 +110,17 @@ class _ConnectionLost(Exception):
 
 
 class NoiseSession:
-    """Runs one upgraded connection: reader loop, handler tasks, writer lock.
+    """Runs one upgraded connection: reader loop, handler tasks, writer lock
+    (states and invariants: see the module docstring).
 
-    Invariants: exactly one task reads; writes are serialised by
-    ``_send_lock`` and always take the *current* ``data_to_send()`` inside the
-    lock, so records leave in nonce order; every handler task runs in its own
-    cancel scope, cancelled by the stream's RST_STREAM or by the end of the
-    session (handler tasks live in the nursery passed to :meth:`run`).
+    Memory: this object lives as long as the node is connected, usually idle.
+    The first bytes are dropped once written; the send lock and the window
+    event exist only while somebody writes or waits; and the reader of a plain
+    TCP connection waits in ``wait_readable`` (or parks, with no task at all)
+    instead of inside ``receive_some``, whose coroutine chain (stream, socket,
+    non-blocking helper) would otherwise stay allocated while the node idles.
 
-    Memory (this object lives as long as the node is connected, usually idle;
-    ``cli/bench/conn_memory.py`` measures it): the first bytes are
-    dropped once written; the send lock and the window event exist only
-    while somebody writes or waits; and the reader of a plain TCP connection
-    parks in ``wait_readable`` instead of inside ``receive_some``, whose
-    coroutine chain (stream, socket, non-blocking helper) would otherwise
-    stay allocated for as long as the node stays idle.
-
-    Deadlines and slow readers (issue 14). Three timers apply, all read from
+    Deadlines and slow readers (issue 14). Two timers apply, both read from
     :meth:`_deadline` by the reader, which waits for data under a cancel scope
     with that deadline (``_wait``) and acts when it passes (:meth:`_on_deadline`):
 
@@ -136,10 +131,10 @@ class NoiseSession:
       one ended (``_idle_since``). Incomplete requests do not count as open:
       trickling bodies cannot keep a tunnel alive.
 
-    A reader only parks in the shared waiter when no timer runs (the usual
+    A reader only parks in the idle-reader set when no timer runs (the usual
     state of a node: its long poll is open). When a handler ends the last
     open stream, :meth:`_rearm` moves the deadline of a waiting reader, or
-    takes a parked one out of the waiter and starts it, so the idle timer runs.
+    takes a parked one out of the set and starts it, so the idle timer runs.
     Writes are bounded by :meth:`_abort`: a connection whose outgoing buffer
     (what the core holds plus what a writer has not written yet, ``_unsent``)
     passes ``max_outgoing_buffer``, whose socket takes nothing for
