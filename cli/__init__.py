@@ -35,7 +35,9 @@ Shared pieces: :mod:`cli.output` (tables or JSON, with node-written text escaped
 :mod:`cli.durations` (``90s``, ``7d``...), :mod:`cli.adminsock` (the admin socket
 the administrative commands talk to; its operations are
 :class:`projections.admin.AdminOps`, the same ones the admin HTTP API in
-:mod:`cli.api` runs).
+:mod:`cli.api` runs), :mod:`cli.spawn` (starts ``tailledger serve`` children, through
+the console script and on this checkout's code, for the load generator, the
+benchmarks and the tests).
 
 Running ``python -m cli`` is the same as the ``tailledger`` console script.
 """

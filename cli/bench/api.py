@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from eventlog import Actor, ActorKind, AppendRequest, SQLiteEventStore, to_micro
 from projections import AddressPlan, TailnetState, apply
 from projections import commands as c
 from projections.ipam import DEFAULT_V4, DEFAULT_V6
+
+from ..spawn import child_env, free_port, spawn_serve, stop, tailledger_argv, wait_ready
 
 __all__ = ["bench_api_main", "write_tailnet"]
 
@@ -74,13 +75,6 @@ def write_tailnet(db: Path, nodes: int, users: int = 50, *, seed: int = 0) -> No
             ))
     finally:
         store.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -231,7 +225,7 @@ def bench_api_main(argv: list[str]) -> int:
             from .loadgen.client import raise_fd_limit
 
             raise_fd_limit(args.streams)
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ, "TAILLEDGER_DATA": str(data), "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
             "TAILLEDGER_METRICS_LISTEN_ADDR": "",
@@ -241,17 +235,16 @@ def bench_api_main(argv: list[str]) -> int:
             "TAILLEDGER_LIMITS__TUNNEL_IDLE_TIMEOUT": "24h",
             "TAILLEDGER_LIMITS__WRITE_TIMEOUT": "10m",
         }
-        log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        log = Path(tmp) / "serve.log"
+        proc = spawn_serve(env, log)
         try:
-            deadline = time.monotonic() + 120
-            while not (data / "admin.sock").exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    print((Path(tmp) / "serve.log").read_text(errors="replace"), file=sys.stderr)
-                    return 1
-                time.sleep(0.1)
+            try:
+                wait_ready(proc, log, timeout=120, admin_socket=data / "admin.sock")
+            except RuntimeError as exc:
+                print(exc, file=sys.stderr)
+                return 1
             key = subprocess.run(
-                [sys.executable, "-m", "cli", "apikeys", "create"], env=env, capture_output=True, text=True, check=True
+                tailledger_argv("apikeys", "create"), env=child_env(env), capture_output=True, text=True, check=True
             ).stdout.strip()
             target = _Target(base=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
             print(f"{'endpoint':44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'bytes':>10}")
@@ -264,10 +257,5 @@ def bench_api_main(argv: list[str]) -> int:
                 _api_load(target, args, args.seconds)
             print("target (issue 17): p99 < 300 ms for 5,000 nodes; no missed keep-alive")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            stop(proc, 15)
     return 0

@@ -1,16 +1,16 @@
-"""A real ``tailledger serve`` process for CLI tests."""
+"""A real ``tailledger serve`` process for CLI tests (started by :mod:`cli.spawn`)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from cli.spawn import child_env, spawn_serve, stop, tailledger_argv, wait_ready
 
 
 def free_port() -> int:
@@ -40,7 +40,7 @@ class RunningServer:
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "cli", *args], env=self.env, capture_output=True, text=True, timeout=60
+            tailledger_argv(*args), env=child_env(self.env), capture_output=True, text=True, timeout=60
         )
         if check and result.returncode != 0:
             raise AssertionError(f"tailledger {' '.join(args)} failed: {result.stderr}")
@@ -71,23 +71,11 @@ def running_server(
     data.mkdir(parents=True, exist_ok=True)
     log_path = data.parent / f"{data.name}-serve.log"
     env = serve_env(data, port, extra_env)
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", *args], env=env, stdout=logf, stderr=subprocess.STDOUT
-        )
+    log_path.unlink(missing_ok=True)  # one server's output per file
+    proc = spawn_serve(env, log_path, args=args)
     server = RunningServer(data, port, proc, log_path, extra_env)
     try:
-        deadline = time.monotonic() + 30
-        sock = Path(env.get("TAILLEDGER_ADMIN_SOCKET") or data / "admin.sock")
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{server.log_text()}")
-            time.sleep(0.05)
+        wait_ready(proc, log_path, timeout=30, admin_socket=Path(env.get("TAILLEDGER_ADMIN_SOCKET") or data / "admin.sock"))
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from cli.spawn import child_env, tailledger_argv
 from eventlog import GENESIS_HASH
 from eventlog.signing import parse_anchor
 from eventlog.store import StoredRow
@@ -75,7 +76,7 @@ def test_sign_verify_tamper_refuse_and_override(tmp_path: Path) -> None:
 
     # The server refuses to serve, naming the sequence number …
     refused = subprocess.run(
-        [sys.executable, "-m", "cli", "serve"], env=serve_env(data, free_port()),
+        tailledger_argv("serve"), env=child_env(serve_env(data, free_port())),
         capture_output=True, text=True, timeout=60,
     )
     assert refused.returncode == 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.config import DEFAULT_METRICS_LISTEN_ADDR, ConfigError, load_config
+from cli.spawn import child_env, tailledger_argv
 from tests.support.waits import wait_until_sync
 
 from .server_process import RunningServer, free_port, running_server
@@ -92,10 +92,7 @@ def test_a_taken_explicit_address_stops_the_server_with_why(tmp_path: Path) -> N
             "TAILLEDGER_METRICS_LISTEN_ADDR": f"127.0.0.1:{port}",
             "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
             "PATH": "/usr/bin:/bin",
-            **{k: v for k, v in __import__("os").environ.items() if k == "PYTHONPATH"},
         }
-        result = subprocess.run(
-            [sys.executable, "-m", "cli", "serve"], env=env, capture_output=True, text=True, timeout=60
-        )
+        result = subprocess.run(tailledger_argv("serve"), env=child_env(env), capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert f"metrics_listen_addr: cannot listen on 127.0.0.1:{port}" in result.stderr

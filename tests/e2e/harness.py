@@ -52,6 +52,8 @@ from typing import Any
 import pytest
 import trio
 
+from cli.spawn import child_env, tailledger_argv
+
 from .caddy import CaddyNode, CaddyNodeSpec, start_caddy_node
 from .netns import LOOPBACK, NetNamespace, StaticHttpServer, missing_tools
 from .processes import LogWaitTimeout, ManagedProcess, ProcessExitedError, start_process
@@ -125,13 +127,14 @@ def tailcat_binary() -> Path | None:
 def tailledger_command() -> list[str]:
     """The argv prefix that runs ``tailledger`` from the repository under test.
 
-    ``$TAILLEDGER_E2E_COMMAND`` (shell-split) overrides it. The default calls
-    the console-script target directly, so a stale editable install pointing
-    at another checkout cannot be picked up by mistake.
+    ``$TAILLEDGER_E2E_COMMAND`` (shell-split) overrides it. The default is the
+    console script (:func:`cli.spawn.tailledger_argv`); the processes' environment
+    puts this repository first on ``PYTHONPATH`` (:func:`cli.spawn.child_env`), so a
+    stale editable install pointing at another checkout cannot be picked up by mistake.
     """
     if override := os.environ.get(_COMMAND_ENV):
         return shlex.split(override)
-    return [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+    return tailledger_argv()
 
 
 def missing_requirements(*, caddy: bool = False, tailcat: bool = False) -> list[str]:
@@ -179,7 +182,7 @@ def _server_env(overrides: Mapping[str, str] | None) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.lower().endswith("_proxy") and not k.startswith("TAILLEDGER_")
     }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env = child_env(env)
     env.update(overrides or {})
     return env
 

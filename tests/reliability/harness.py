@@ -25,10 +25,8 @@ import io
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import msgspec
 import pytest
 import trio
 
+from cli.spawn import child_env, free_port, spawn_serve, tailledger_argv
 from eventlog import RecordedEvent, SQLiteEventStore
 from eventlog.signing import load_signing_key
 from projections import CheckpointStore, TailnetState, fold
@@ -54,9 +53,6 @@ __all__ = [
     "signing_key_path",
     "start_server",
 ]
-
-#: Repository root: servers run with it first on PYTHONPATH, so they import this tree.
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def require(*tools: str, root: bool = True) -> None:
@@ -77,20 +73,11 @@ def require(*tools: str, root: bool = True) -> None:
     pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def server_env(data: Path, admin_socket: Path, port: int) -> dict[str, str]:
     """The environment of a server (and of CLI commands aimed at it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAILLEDGER_")}
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return {
-        **env,
-        "PYTHONPATH": pythonpath,
+        **child_env(env),
         "TAILLEDGER_DATA": str(data),
         "TAILLEDGER_ADMIN_SOCKET": str(admin_socket),
         "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
@@ -136,8 +123,7 @@ class ServerProcess:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``tailledger ARGS`` as its own process (behind the same prefix)."""
         return subprocess.run(
-            [*self.prefix, sys.executable, "-m", "cli", *args],
-            env=self.env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+            [*self.prefix, *tailledger_argv(*args)], env=self.env, capture_output=True, text=True, timeout=60
         )
 
 
@@ -160,15 +146,10 @@ def start_server(
     """
     admin_socket = admin_socket or data / "admin.sock"
     log_path = log_path or data.parent / f"{data.name}-serve.log"
-    port = port or _free_port()
+    port = port or free_port()
     # A socket left by a killed server would look like a ready one.
     admin_socket.unlink(missing_ok=True)
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "cli", "serve"],
-            env=server_env(data, admin_socket, port), stdout=logf, stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+    proc = spawn_serve(server_env(data, admin_socket, port), log_path, prefix=prefix)
     return ServerProcess(proc, data, admin_socket, port, log_path, tuple(prefix))
 
 

@@ -35,13 +35,14 @@ from protocol import fetch_server_key
 
 from ...adminsock import AdminError
 from ...gcpolicy import manage_gc
+from ...spawn import free_port
 from ..scenarios import Scenario, scenario
 from .churn import run_churn
 from .client import Client, FatalClientError, Hub, Watch
 from .options import LoadgenOptions, Results
 from .report import pct, sec
 from .scanner import FILTER_MARKER, make_decompressor
-from .server import Server, Span, free_port, memory_guard, proc_memory, settle
+from .server import Server, Span, memory_guard, proc_memory, settle
 from .workers import ParentHub, Workers, pin
 
 __all__ = ["Expectations", "expectations", "measure"]

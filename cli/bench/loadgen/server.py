@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-:class:`Server` runs ``tailledger serve`` on a scratch data directory with the
-limits that would otherwise measure the load generator (tunnel idle and slow-reader
-timeouts) lifted, and talks to it through its admin socket. Everything measured of
-it comes from ``/proc``: CPU seconds (:func:`_proc_cpu`), RSS and peak RSS
+:class:`Server` runs ``tailledger serve`` (through :mod:`cli.spawn`) on a scratch
+data directory with the limits that would otherwise measure the load generator
+(tunnel idle and slow-reader timeouts) lifted, and talks to it through its admin
+socket. Everything measured of it comes from ``/proc``: CPU seconds, RSS and peak RSS
 (:func:`proc_memory`). A :class:`Span` takes wall time, server CPU, the load
 generator's own CPU and the workers' CPU over one phase; :func:`settle` waits until
 the server is idle; :func:`memory_guard` kills it (and ends the run, ``aborted``)
@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,20 +26,16 @@ from typing import Final
 import trio
 
 from ...adminsock import call
+from ...spawn import spawn_serve, wait_ready
+from ...spawn import stop as stop_server
 from .options import LoadgenOptions, Results
 
-__all__ = ["Server", "Span", "free_port", "memory_guard", "proc_memory", "settle"]
+__all__ = ["Server", "Span", "memory_guard", "proc_memory", "settle"]
 
 
 #: The memory guard kills the server when less than this share of the machine's
 #: memory is available.
 _MIN_AVAILABLE: Final = 0.10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _proc_cpu(pid: int) -> float:
@@ -100,34 +93,22 @@ class Server:
         )
         return env
 
+    @property
+    def log(self) -> Path:
+        """The server's output (appended to across restarts)."""
+        return self.data.parent / f"{self.data.name}-server.log"
+
     def start(self, timeout: float) -> None:
         """Start the server and wait until its port accepts connections (blocking)."""
-        log = open(self.data.parent / f"{self.data.name}-server.log", "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        self.proc = spawn_serve(self.env, self.log)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, self.cpus)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start; see {log.name}") from None
-                time.sleep(0.05)
+        wait_ready(self.proc, self.log, timeout=timeout, port=self.port)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s (blocking)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_server(self.proc, 30)
 
     def admin(self, op: str, args: Mapping[str, object] | None = None) -> object:
         """One admin-socket operation (blocking)."""
