@@ -345,8 +345,14 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     # nodes (every server on SQLite).
     control.leads = lambda: server.leadership.leading
     await nursery.start(while_leading, server.leadership, failover.run)
+    # So is recording the route approvals a policy change implies (an approval an admin
+    # revoked meanwhile must not come back from a replica that saw the change late).
     server.auto_approver = PolicyAutoApprover(server.tailnet)
-    await nursery.start(server.auto_approver.run)
+    await nursery.start(while_leading, server.leadership, server.auto_approver.run)
+    # Every replica follows the extra DNS records file and the policy file (each
+    # machine has its own copy): safe, since each appends only what makes the log
+    # match the file, decided against the head with optimistic concurrency, so a
+    # change of the file is appended once (tests/cli/test_replica_jobs.py).
     from .dnsrecords import sync_extra_records  # extra DNS records (config or file) into the log
 
     await nursery.start(sync_extra_records, config, server.tailnet)

@@ -96,6 +96,14 @@ class PolicyAutoApprover:
         return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Approve what each policy change newly auto-approves, until cancelled.
+
+        A run-once job: on several replicas only the leader runs it
+        (:func:`cli.leader.while_leading`). Each run starts from the policy in force
+        then, as a server starting up does: a new leader does not redo its
+        predecessor's approvals (which an admin may have revoked since).
+        """
+        self.policy_text = self.tailnet.state.policy_text
         wake = _Wake()
         with self.tailnet.runner.subscribe(wake.set) as subscription:
             task_status.started()
