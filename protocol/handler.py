@@ -33,6 +33,7 @@ Contract for handlers:
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,18 +46,31 @@ Headers = tuple[tuple[str, str], ...]
 class Park:
     """Yielded by a long-poll stream that has nothing to send for now.
 
-    The transport then calls ``register(resume)`` once and lets the task that
-    drove the stream end, keeping only the suspended iterator. Calling
-    ``resume()`` (at most once; it does nothing if the stream ended
+    The transport then calls :meth:`register` once with a ``resume`` callable and
+    lets the task that drove the stream end, keeping only the suspended iterator.
+    Calling ``resume()`` (at most once; it does nothing if the stream ended
     meanwhile) makes the transport drive the stream again from a new task: the
-    ``yield`` returns and the stream goes on. One instance may serve any number
-    of streams: ``register`` decides where their ``resume`` callables wait.
+    ``yield`` returns and the stream goes on.
+
+    ``register`` hands the park itself and ``resume`` to ``owner``, the stream's
+    owner, which decides where ``resume`` waits; what the owner needs to know about
+    this wait travels in the park (the transport reads none of it). A new park is
+    yielded for each wait.
+
+    Attributes:
+        due: when (trio's clock) the stream wants to run again even if nothing
+            happens, e.g. its keep-alive falls due; ``math.inf``: only when woken.
     """
 
-    __slots__ = ("register",)
+    __slots__ = ("_owner", "due")
 
-    def __init__(self, register: Callable[[Callable[[], None]], None]) -> None:
-        self.register = register
+    def __init__(self, owner: Callable[[Park, Callable[[], None]], None], due: float = math.inf) -> None:
+        self._owner = owner
+        self.due = due
+
+    def register(self, resume: Callable[[], None]) -> None:
+        """Hand the stream's ``resume`` to its owner (the transport calls it once)."""
+        self._owner(self, resume)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ last fan-out cost), then publishes (:meth:`~MapStreams._publish`: ``MapHub.advan
 and wakes the streams. It also wakes at the next key expiry the hub knows of.
 
 **Parking and wake groups.** An idle stream is no task: it yields a
-:class:`~protocol.handler.Park` and the transport keeps only the suspended iterator
-and hands back a ``resume`` callable, kept in one of :data:`WAKE_GROUPS` groups (by
-node id). A publication resumes the groups one after another
+:class:`~protocol.handler.Park` that carries the time its keep-alive falls due
+(``Park.due``); the transport keeps only the suspended iterator and hands back a
+``resume`` callable, kept with that time in one of :data:`WAKE_GROUPS` groups (by
+node id, :meth:`~MapStreams._park_in`). A publication resumes the groups one after another
 (:meth:`~MapStreams._wake_streams`), letting other tasks run between groups, so a
 request that arrives during a fan-out waits for one group's sends, not every stream's.
 A resumed stream reads the hub through its cursor, sends what it got, and parks again.
@@ -152,13 +153,13 @@ class MapStreams:
         self.wire = MapWire()
         #: Parked streams per group (by node id): the resume callables of their
         #: transports (an idle stream is no task, see protocol.handler.Park), each
-        #: with the time its keep-alive falls due (_parking_due, set by the stream
-        #: just before it parks), so that the keep-alive ticker resumes only those
-        #: due. A publication resumes the groups one after another, so requests that
-        #: arrive meanwhile wait for one group's sends, not for every stream's.
+        #: with the time its keep-alive falls due (the Park's ``due``), so that the
+        #: keep-alive ticker resumes only those due. A publication resumes the groups
+        #: one after another, so requests that arrive meanwhile wait for one group's
+        #: sends, not for every stream's.
         self._parked: list[list[tuple[float, Callable[[], None]]]] = [[] for _ in range(WAKE_GROUPS)]
-        self._parks = [Park(functools.partial(self._park_in, g)) for g in range(WAKE_GROUPS)]
-        self._parking_due = 0.0
+        #: The owner of each group's parks (see _park_in).
+        self._park_owners = [functools.partial(self._park_in, g) for g in range(WAKE_GROUPS)]
         #: Bounds the full maps in flight (see ControlSettings.full_map_concurrency).
         self._full_maps = trio.Semaphore(settings.full_map_concurrency)
         self._hub_wake, self._hub_log_wake = _Wake(), _Wake()
@@ -245,8 +246,7 @@ class MapStreams:
                 # wakes the group (no timer per stream). No wait if something was
                 # published while this stream was sending.
                 if cursor.seq >= self._published_seq:
-                    self._parking_due = last_sent + self._keepalive_due()
-                    yield self._parks[group]
+                    yield Park(self._park_owners[group], due=last_sent + self._keepalive_due())
                 if poll.superseded:
                     return
                 assert self.hub.state is not None
@@ -357,8 +357,9 @@ class MapStreams:
         self._published_seq = self.hub.seq
         self._wake_pending = True
 
-    def _park_in(self, group: int, resume: Callable[[], None]) -> None:
-        self._parked[group].append((self._parking_due, resume))
+    def _park_in(self, group: int, park: Park, resume: Callable[[], None]) -> None:
+        """Where a stream of ``group`` waits, with the time its keep-alive is due."""
+        self._parked[group].append((park.due, resume))
 
     def _wake_group(self, group: int, *, due_by: float | None = None) -> None:
         """Resume the group's parked streams (with ``due_by``, only those whose

@@ -137,11 +137,13 @@ class EchoHandler:
 
     async def _parking(self, tag: str) -> AsyncIterator[bytes | Park]:
         """Parks after every chunk; each resume makes it send the next one."""
-        park = Park(self.parked.append)
+        def owner(_park: Park, resume: Callable[[], None]) -> None:
+            self.parked.append(resume)
+
         try:
             for i in range(1_000_000):
                 yield f"{tag}:{i};".encode()
-                yield park
+                yield Park(owner)
         finally:
             self.closed_streams.append(tag)
             self.stream_closed.set()

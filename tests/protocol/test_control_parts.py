@@ -1,0 +1,59 @@
+"""The parts of ``protocol.control`` on their own: a park carries its keep-alive time to
+the map streams' wake groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from eventlog import EventLog, SQLiteEventStore
+from projections import ProjectionRunner, Tailnet
+from projections.netmap import NetmapSettings
+from projections.presence import PresenceTable
+from projections.tailcfg import DERPMap
+from protocol import Park
+from protocol.control import Control, ControlSettings
+from tests.support.builders import PLAN
+
+SETTINGS = ControlSettings(
+    public_url="https://control.example",
+    plan=PLAN,
+    netmap=NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={})),
+)
+
+
+def _tailnet(tmp_path: Path) -> Tailnet:
+    log = EventLog(SQLiteEventStore(tmp_path / "log.db"))
+    return Tailnet(log, ProjectionRunner(log))
+
+
+def test_a_park_hands_itself_and_the_resume_to_its_owner() -> None:
+    got: list[tuple[float, Callable[[], None]]] = []
+    resumed: list[str] = []
+
+    def owner(park: Park, resume: Callable[[], None]) -> None:
+        got.append((park.due, resume))
+
+    Park(owner, due=12.5).register(lambda: resumed.append("a"))
+    Park(owner).register(lambda: resumed.append("b"))
+    assert [due for due, _ in got] == [12.5, float("inf")]  # no due: only when woken
+    for _, resume in got:
+        resume()
+    assert resumed == ["a", "b"]
+
+
+def test_the_keepalive_ticker_resumes_only_the_parks_that_are_due(tmp_path: Path) -> None:
+    control = Control(_tailnet(tmp_path), PresenceTable(), SETTINGS)
+    streams = control.streams
+    resumed: list[str] = []
+    # Two streams of group 3 park with different keep-alive times (what each stream
+    # yields: a Park of its group's owner carrying its due time).
+    Park(streams._park_owners[3], due=10.0).register(lambda: resumed.append("soon"))
+    Park(streams._park_owners[3], due=50.0).register(lambda: resumed.append("later"))
+    Park(streams._park_owners[4], due=1.0).register(lambda: resumed.append("other group"))
+    streams._wake_group(3, due_by=20.0)
+    assert resumed == ["soon"]
+    streams._wake_group(3, due_by=20.0)  # woken once: it is no longer parked
+    assert resumed == ["soon"]
+    streams._wake_group(3)  # a publication wakes the whole group, due or not
+    assert resumed == ["soon", "later"]
