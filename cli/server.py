@@ -183,6 +183,8 @@ class Server:
                 )
                 task_status.started()
         finally:
+            if self.control is not None:
+                self.control.close()
             self.checkpoints.close()
             self.side.close()
             self.store.close()

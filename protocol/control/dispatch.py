@@ -12,7 +12,9 @@ what a request reported (a full disk) is answered 503, which the client retries.
 
 :meth:`Control.run` runs the background duties: the map streams' hub driver and
 keep-alive ticker, the pending registrations' expiry, the rate-limit buckets' pruning
-and (on the elected replica) the clean-up of inactive ephemeral nodes.
+and (on the elected replica) the clean-up of inactive ephemeral nodes. Construction
+subscribes to the log and watches the presence table (the map streams' hub must see
+every change from the start); :meth:`Control.close` ends both once the server is done.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import datetime
 import trio
 
 from eventlog import Actor, ActorKind
+from eventlog.sidetables import SideTables
 from projections import NotFoundError, Tailnet, UnavailableError
 from projections import commands as c
 from projections.admin import AdminOps
@@ -70,10 +73,12 @@ class Control:
         self.tailnet = tailnet
         self.presence = presence
         self.policy = policy or PolicyCompiler(settings.public_url)
+        #: The in-memory side tables made for ``pending`` when none was given (closed
+        #: by close()).
+        self._own_side: SideTables | None = None
         if pending is None:
-            from eventlog.sidetables import SideTables
-
-            pending = PendingRegistrations(SideTables(":memory:"), tailnet, PendingLimits())
+            self._own_side = SideTables(":memory:")
+            pending = PendingRegistrations(self._own_side, tailnet, PendingLimits())
         self.pending = pending
         self._ephemeral_timeout = settings.ephemeral_timeout
         #: When run() started: an ephemeral node never seen since counts from here.
@@ -106,6 +111,18 @@ class Control:
                 self.hostinfo.prune(trio.current_time())
                 if self.leads():
                     await self._collect_ephemeral()
+
+    def close(self) -> None:
+        """Let go of what construction took: the map streams' log subscription and
+        presence watcher, and the in-memory pending table made when none was given.
+
+        Call it once the handler serves no more (after :meth:`run` and the transport
+        ended); the log and the presence table outlive it. Idempotent.
+        """
+        self.streams.close()
+        if self._own_side is not None:
+            self._own_side.close()
+            self._own_side = None
 
     def register_admin_ops(self, ops: AdminOps) -> None:
         self.registration.register_admin_ops(ops)

@@ -176,6 +176,12 @@ class MapStreams:
         self._wake_pending = False
         self._published_seq = 0
 
+    def close(self) -> None:
+        """End the log subscription and the presence watcher (idempotent); streams
+        still open see no further change."""
+        self._hub_sub.close()
+        self._hub_watch.close()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The hub driver, the keep-alive ticker, and the streams' timers (until cancelled)."""
         async with trio.open_nursery() as nursery:

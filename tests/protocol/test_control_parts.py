@@ -1,5 +1,5 @@
 """The parts of ``protocol.control`` on their own: a park carries its keep-alive time to
-the map streams' wake groups."""
+the map streams' wake groups, and the handler lets go of what it subscribed to."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from projections.tailcfg import DERPMap
 from protocol import Park
 from protocol.control import Control, ControlSettings
 from tests.support.builders import PLAN
+
+from .control_harness import running
 
 SETTINGS = ControlSettings(
     public_url="https://control.example",
@@ -57,3 +59,28 @@ def test_the_keepalive_ticker_resumes_only_the_parks_that_are_due(tmp_path: Path
     assert resumed == ["soon"]
     streams._wake_group(3)  # a publication wakes the whole group, due or not
     assert resumed == ["soon", "later"]
+    control.close()
+
+
+def test_close_ends_the_log_subscription_and_the_presence_watch(tmp_path: Path) -> None:
+    tailnet = _tailnet(tmp_path)
+    presence = PresenceTable()
+    subscribers, watchers = len(tailnet.runner._subscribers), len(presence._watchers)
+    control = Control(tailnet, presence, SETTINGS)
+    assert len(tailnet.runner._subscribers) == subscribers + 1
+    assert len(presence._watchers) == watchers + 1
+    control.close()
+    assert len(tailnet.runner._subscribers) == subscribers
+    assert len(presence._watchers) == watchers
+    control.close()  # idempotent
+    assert len(tailnet.runner._subscribers) == subscribers
+
+
+async def test_a_stopped_server_leaves_no_subscription_behind(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        assert server.control is not None and server.presence is not None
+        presence = server.presence
+        assert server.runner._subscribers and presence._watchers
+    # The server closed its control handler (and every task its own subscriptions).
+    assert not server.runner._subscribers
+    assert not presence._watchers
