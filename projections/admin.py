@@ -5,7 +5,8 @@ Two doors dispatch through :class:`AdminOps`: the CLI's local admin socket
 the admin HTTP API (``cli/api``: ``/api/v1`` and the Tailscale-compatible ``/api/v2``).
 So both accept the same arguments, refuse the same bad input with the same messages, and
 record the same events. The operations defined here are the tailnet's own; a layer
-above adds the ones it owns with :meth:`AdminOps.register` (the control server:
+above adds the ones it owns with :meth:`AdminOps.register` (decoding its arguments
+with :func:`decode_args` likewise) (the control server:
 ``nodes.register``, ``nodes.pending``, ``nodes.reject``; the serve command:
 ``log.checkpoint``). Every mutating operation goes through
 :meth:`projections.service.Tailnet.execute`; reads come from the current projection.
@@ -34,7 +35,7 @@ from .errors import CommandError
 from .service import Tailnet
 from .state import ApiKey, Node, PreAuthKey, TailnetState, User
 
-__all__ = ["AdminOps", "BadRequest", "Presence", "PresenceView"]
+__all__ = ["AdminOps", "BadRequest", "Presence", "PresenceView", "decode_args"]
 
 A = TypeVar("A", bound=msgspec.Struct)
 
@@ -57,7 +58,12 @@ class Presence:
 PresenceView = Callable[[int], Presence | None]
 
 
-def _args(cls: type[A], raw: dict[str, object]) -> A:
+def decode_args(cls: type[A], raw: dict[str, object]) -> A:
+    """An operation's arguments as the Struct ``cls`` (``forbid_unknown_fields``).
+
+    Raises:
+        BadRequest: a field is missing, mistyped or unknown (nothing happened).
+    """
     try:
         return msgspec.convert(raw, type=cls)
     except msgspec.ValidationError as exc:
@@ -306,7 +312,7 @@ class AdminOps:
     # -- users -----------------------------------------------------------------------
 
     async def create_user(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_CreateUser, raw)
+        a = decode_args(_CreateUser, raw)
         uid, _ = await self.tailnet.execute(
             lambda s: c.decide_create_user(
                 s, a.name, display_name=a.display_name, email=a.email, role=a.role
@@ -316,30 +322,30 @@ class AdminOps:
         return self.user_view(self.state.users[uid])
 
     async def set_user_role(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_SetRole, raw)
+        a = decode_args(_SetRole, raw)
         uid, _ = await self.tailnet.execute(lambda s: c.decide_set_role(s, a.user, a.role), actor=actor)
         return self.user_view(self.state.users[uid])
 
     async def list_users(self, raw: dict[str, object], actor: Actor) -> JSON:
-        _args(_Empty, raw)
+        decode_args(_Empty, raw)
         return [self.user_view(u) for u in sorted(self.state.users.values(), key=lambda u: u.id)]
 
     async def rename_user(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_RenameUser, raw)
+        a = decode_args(_RenameUser, raw)
         uid, _ = await self.tailnet.execute(
             lambda s: c.decide_rename_user(s, a.user, a.new_name), actor=actor
         )
         return self.user_view(self.state.users[uid])
 
     async def delete_user(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_UserArgs, raw)
+        a = decode_args(_UserArgs, raw)
         uid, _ = await self.tailnet.execute(lambda s: c.decide_delete_user(s, a.user), actor=actor)
         return {"deleted": uid}
 
     # -- pre-auth keys -----------------------------------------------------------------
 
     async def create_preauth_key(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_CreateKey, raw)
+        a = decode_args(_CreateKey, raw)
         now = self.tailnet.clock()
         if a.expiration_seconds is not None and a.expiration_seconds <= 0:
             raise BadRequest("the expiration must be positive (or null for a key that never expires)")
@@ -359,13 +365,13 @@ class AdminOps:
         return view
 
     async def list_preauth_keys(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_ListArgs, raw)
+        a = decode_args(_ListArgs, raw)
         uid = c.find_user(self.state, a.user).id if a.user else None
         keys = sorted(self.state.preauth_keys.values(), key=lambda k: k.id)
         return [self.key_view(k) for k in keys if uid is None or k.user_id == uid]
 
     async def expire_preauth_key(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_KeyArgs, raw)
+        a = decode_args(_KeyArgs, raw)
         kid, _ = await self.tailnet.execute(lambda s: c.decide_expire_preauth_key(s, a.key), actor=actor)
         return self.key_view(self.state.preauth_keys[kid])
 
@@ -389,16 +395,16 @@ class AdminOps:
         return view
 
     async def create_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_CreateApiKey, raw)
+        a = decode_args(_CreateApiKey, raw)
         if a.scopes:
             raise BadRequest("scopes apply to OAuth clients (oauth-clients create)")
         return await self._create_credential(a, actor, "apikey")
 
     async def create_oauth_client(self, raw: dict[str, object], actor: Actor) -> JSON:
-        return await self._create_credential(_args(_CreateApiKey, raw), actor, "oauth_client")
+        return await self._create_credential(decode_args(_CreateApiKey, raw), actor, "oauth_client")
 
     def _credentials(self, raw: dict[str, object], kind: str) -> JSON:
-        a = _args(_ListArgs, raw)
+        a = decode_args(_ListArgs, raw)
         uid = c.find_user(self.state, a.user).id if a.user else None
         keys = sorted(self.state.api_keys.values(), key=lambda k: k.id)
         return [
@@ -412,17 +418,17 @@ class AdminOps:
         return self._credentials(raw, "oauth_client")
 
     async def expire_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_KeyArgs, raw)
+        a = decode_args(_KeyArgs, raw)
         kid, _ = await self.tailnet.execute(lambda s: c.decide_expire_api_key(s, a.key), actor=actor)
         return self.api_key_view(self.state.api_keys[kid])
 
     async def delete_api_key(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_KeyArgs, raw)
+        a = decode_args(_KeyArgs, raw)
         kid, _ = await self.tailnet.execute(lambda s: c.decide_delete_api_key(s, a.key), actor=actor)
         return {"deleted": kid}
 
     async def delete_oauth_client(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_KeyArgs, raw)
+        a = decode_args(_KeyArgs, raw)
         kid, _ = await self.tailnet.execute(
             lambda s: c.decide_delete_api_key(s, a.key, kind="oauth_client"), actor=actor
         )
@@ -431,40 +437,40 @@ class AdminOps:
     # -- nodes -----------------------------------------------------------------------
 
     async def list_nodes(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_ListArgs, raw)
+        a = decode_args(_ListArgs, raw)
         uid = c.find_user(self.state, a.user).id if a.user else None
         nodes = sorted(self.state.nodes.values(), key=lambda n: n.id)
         return [self.node_view(n) for n in nodes if uid is None or n.user_id == uid]
 
     async def show_node(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_NodeArgs, raw)
+        a = decode_args(_NodeArgs, raw)
         return self.node_view(c.find_node(self.state, a.node))
 
     async def rename_node(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_RenameNode, raw)
+        a = decode_args(_RenameNode, raw)
         nid, _ = await self.tailnet.execute(lambda s: c.decide_rename_node(s, a.node, a.new_name), actor=actor)
         return self.node_view(self.state.nodes[nid])
 
     async def delete_node(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_NodeArgs, raw)
+        a = decode_args(_NodeArgs, raw)
         nid, _ = await self.tailnet.execute(lambda s: c.decide_delete_node(s, a.node), actor=actor)
         return {"deleted": nid}
 
     async def expire_node(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_NodeArgs, raw)
+        a = decode_args(_NodeArgs, raw)
         now = self.tailnet.clock()
         nid, _ = await self.tailnet.execute(lambda s: c.decide_expire_node(s, a.node, now=now), actor=actor)
         return self.node_view(self.state.nodes[nid])
 
     async def tag_node(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_TagNode, raw)
+        a = decode_args(_TagNode, raw)
         (nid, rules), _ = await self.tailnet.execute(
             lambda s: c.decide_tag_node(s, a.node, tuple(a.tags), user=a.user), actor=actor
         )
         return {**self.node_view(self.state.nodes[nid]), "allowed_by": rules}
 
     async def approve_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_Routes, raw)
+        a = decode_args(_Routes, raw)
         nid, _ = await self.tailnet.execute(
             lambda s: c.decide_approve_routes(s, a.node, tuple(a.routes)), actor=actor
         )
@@ -488,7 +494,7 @@ class AdminOps:
         }
 
     async def list_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
-        _args(_Empty, raw)
+        decode_args(_Empty, raw)
         return [
             self.route_view(n)
             for n in sorted(self.state.nodes.values(), key=lambda n: n.id)
@@ -496,21 +502,21 @@ class AdminOps:
         ]
 
     async def approve_node_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_Routes, raw)
+        a = decode_args(_Routes, raw)
         nid, _ = await self.tailnet.execute(
             lambda s: c.decide_approve_node_routes(s, a.node, a.routes), actor=actor
         )
         return self.route_view(self.state.nodes[nid])
 
     async def reject_node_routes(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_Routes, raw)
+        a = decode_args(_Routes, raw)
         nid, _ = await self.tailnet.execute(
             lambda s: c.decide_reject_node_routes(s, a.node, a.routes), actor=actor
         )
         return self.route_view(self.state.nodes[nid])
 
     async def log_head(self, raw: dict[str, object], actor: Actor) -> JSON:
-        _args(_Empty, raw)
+        decode_args(_Empty, raw)
         head = await self.tailnet.log.head()
         return {"seq": head.seq, "hash": head.hash}
 
@@ -526,11 +532,11 @@ class AdminOps:
 
     async def get_dns(self, raw: dict[str, object], actor: Actor) -> JSON:
         """The DNS settings made through the log (``null``: as configured)."""
-        _args(_Empty, raw)
+        decode_args(_Empty, raw)
         return self._dns_view()
 
     async def set_dns(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_SetDns, raw)
+        a = decode_args(_SetDns, raw)
 
         def decide(s: TailnetState) -> c.Decision[None]:
             ns = s.dns_nameservers if a.nameservers is msgspec.UNSET else a.nameservers
@@ -549,26 +555,26 @@ class AdminOps:
     # -- policy ---------------------------------------------------------------------
 
     async def get_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
-        _args(_Empty, raw)
+        decode_args(_Empty, raw)
         s = self.state
         return {"text": s.policy_text, "sha256": s.policy_sha256, "source": s.policy_source, "mode": self.policy_mode}
 
     async def check_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_PolicyText, raw)
+        a = decode_args(_PolicyText, raw)
         return {"ok": True, "sha256": c.check_policy_text(self.state, a.text)}
 
     async def impact_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
         """What ``text`` would change against the live tailnet; appends nothing."""
         from .replay import impact
 
-        a = _args(_PolicyText, raw)
+        a = decode_args(_PolicyText, raw)
         state = self.state
         c.check_policy_text(state, a.text)
         data = await trio.to_thread.run_sync(impact, state, a.text, self.tailnet.clock())
         return {"at_seq": state.seq, **data}
 
     async def set_policy(self, raw: dict[str, object], actor: Actor) -> JSON:
-        a = _args(_PolicyText, raw)
+        a = decode_args(_PolicyText, raw)
         if self.policy_mode != "database":
             raise CommandError(
                 "the policy is read from a file (policy.mode = file); edit that file instead"

@@ -49,7 +49,7 @@ from eventlog import Actor, EventLogError, caused_by, current_cause
 from eventlog.sidetables import Admission, PendingRegistration, SideTables
 from projections import CommandError, NotFoundError, Tailnet
 from projections import commands as c
-from projections.admin import AdminOps, BadRequest
+from projections.admin import AdminOps, BadRequest, decode_args
 from projections.tailcfg import Hostinfo
 
 __all__ = [
@@ -390,10 +390,7 @@ class PendingRegistrations:
     async def _admin_reject(self, raw: dict[str, object], actor: Actor) -> object:
         """``tailledger nodes reject --key ID [--reason TEXT]``: the reason is the
         request's (``--reason`` travels with every admin request), or ``reason`` here."""
-        try:
-            args = msgspec.convert(raw, type=_RejectArgs)
-        except msgspec.ValidationError as exc:
-            raise BadRequest(f"bad arguments: {exc}") from None
+        args = decode_args(_RejectArgs, raw)
         try:
             with caused_by(reason=args.reason) if args.reason else contextlib.nullcontext():
                 reg = await self.reject(args.key, actor)

@@ -34,11 +34,13 @@ from datetime import datetime
 from typing import Literal
 from urllib.parse import urlparse
 
+import msgspec
+
 from eventlog import Actor, ActorKind, EventLogError, caused_by
 from eventlog.sidetables import Admission, PendingRegistration
 from projections import CommandError, NotFoundError, Tailnet
 from projections import commands as c
-from projections.admin import AdminOps
+from projections.admin import AdminOps, decode_args
 from projections.state import TailnetState
 from projections.tailcfg import (
     RegisterRequest,
@@ -57,6 +59,14 @@ from .messages import JSON, decode_keyed, register_error, register_response, rej
 __all__ = ["Registration"]
 
 log = logging.getLogger(__name__)
+
+
+class _RegisterArgs(msgspec.Struct, forbid_unknown_fields=True):
+    """``nodes.register``: the pending request's id (the AuthURL's last part) and the
+    user (name or id) the machine is registered to."""
+
+    key: str
+    user: str
 
 
 def node_actor(machine_key: str) -> Actor:
@@ -250,10 +260,8 @@ class Registration:
 
     async def _admin_register(self, raw: dict[str, object], actor: Actor) -> object:
         """``tailledger nodes register --key AUTH_ID --user USER``."""
-        auth_id, user_ref = raw.get("key"), raw.get("user")
-        if not isinstance(auth_id, str) or not isinstance(user_ref, str):
-            raise CommandError("bad arguments: need 'key' and 'user'")
-        node_id = await self.approve_pending(auth_id, user_ref, actor)
+        args = decode_args(_RegisterArgs, raw)
+        node_id = await self.approve_pending(args.key, args.user, actor)
         return {"registered": node_id, "name": self._tailnet.state.nodes[node_id].given_name}
 
     async def approve_pending(

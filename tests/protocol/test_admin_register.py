@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from projections import ConflictError
+from projections.admin import BadRequest
 from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running
@@ -55,3 +56,33 @@ async def test_approving_a_relogin_for_another_user_is_refused(tmp_path: Path) -
         assert answer.machine_authorized  # type: ignore[attr-defined]
         [rekeyed] = server.tailnet.state.nodes.values()
         assert rekeyed.id == node.id and rekeyed.node_key == again.node_key.removeprefix("nodekey:")
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ({"user": "alice"}, "missing required field `key`"),
+        ({"key": "{auth_id}"}, "missing required field `user`"),
+        ({"key": "{auth_id}", "user": 7}, "Expected `str`, got `int` - at `$.user`"),
+        ({"key": "{auth_id}", "user": "alice", "ephemeral": True}, "unknown field `ephemeral`"),
+    ],
+)
+async def test_bad_register_arguments_are_refused_and_change_nothing(
+    tmp_path: Path, args: dict[str, object], why: str
+) -> None:
+    async with running(tmp_path) as server:
+        await server.ops.dispatch("users.create", {"name": "alice"}, ADMIN)
+        node = SimNode.new("laptop")
+        async with node.connect(server) as client:
+            pending = await client.register(node.register_request())
+        auth_id = pending.auth_url.rsplit("/", 1)[-1]
+        args = {k: v.format(auth_id=auth_id) if isinstance(v, str) else v for k, v in args.items()}
+        head = server.store.head().seq
+        with pytest.raises(BadRequest) as info:
+            await server.ops.dispatch("nodes.register", args, ADMIN)
+        assert str(info.value).startswith("bad arguments: ") and why in str(info.value)
+        assert server.store.head().seq == head and not server.tailnet.state.nodes
+        assert server.control is not None and await server.control.pending.get(auth_id) is not None
+        # The same request with good arguments registers the machine.
+        result = await server.ops.dispatch("nodes.register", {"key": auth_id, "user": "alice"}, ADMIN)
+        assert result == {"registered": 1, "name": "laptop"}
