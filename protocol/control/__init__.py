@@ -24,7 +24,8 @@ Modules, in the order a request meets them:
 **One registration, from the socket to every peer's stream** (a node logging in with
 an auth key; each step calls the next):
 
-1. ``protocol.serve`` terminates the Noise tunnel and HTTP/2 and calls
+1. ``protocol.serve`` accepts the connection and terminates the Noise tunnel and
+   HTTP/2; ``NoiseSession._serve_request`` (:mod:`protocol.serve.session`) calls
    :meth:`Control.__call__ <protocol.control.dispatch.Control.__call__>` with a
    :class:`~protocol.handler.NoiseRequest`;
 2. :meth:`Registration.handle <protocol.control.registration.Registration.handle>`:
@@ -34,14 +35,17 @@ an auth key; each step calls the next):
    ``Registration._register_with_key``, whose decision is
    :func:`projections.commands.decide_login_with_key`;
 4. :meth:`Decisions.append <protocol.control.decisions.Decisions.append>` ->
-   :meth:`Tailnet.execute <projections.service.Tailnet.execute>`: the log append, then
-   the wait until the runner folded it (``ProjectionRunner._apply``), which offers the
-   change to every subscription; the answer goes back to the client;
+   :meth:`Tailnet.execute <projections.service.Tailnet.execute>` ->
+   ``Tailnet._attempt``: the decision against the current state, the log append
+   (:meth:`EventLog.append <eventlog.log.EventLog.append>`), then the wait until the
+   runner folded it (``ProjectionRunner._apply``, which offers the change to every
+   subscription: ``Subscription._offer``); the answer goes back to the client;
 5. the map streams' subscription calls ``MapStreams._on_log_change``, which wakes
    ``MapStreams._drive_hub``: after ``coalesce`` seconds ``MapStreams._publish``
    advances the hub (:meth:`MapHub.advance <projections.mapviews.hub.MapHub.advance>`:
    new peer sets) and ``MapStreams._wake_streams`` resumes the parked streams group by
-   group (``MapStreams._wake_group`` calls each transport's ``resume``);
+   group (``MapStreams._wake_group`` calls each transport's ``resume``, which is
+   ``NoiseSession._resume``: a new task drives the stream again, ``NoiseSession._drive``);
 6. each peer's :meth:`MapStreams.stream <protocol.control.streams.MapStreams.stream>`
    goes on after its ``yield Park``: :meth:`StreamCursor.update
    <projections.mapviews.cursor.StreamCursor.update>` gives the new node as a delta,
