@@ -74,3 +74,37 @@ def pg_server() -> Iterator[PgServer]:
 def pg_dsn(pg_server: PgServer) -> str:
     """The connection string of a fresh, empty database."""
     return pg_server.create_database()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--bench-smoke",
+        action="store_true",
+        help="run the `slow` benchmarks in their short smoke mode (the README's test "
+        "command and CI run `python -m pytest -m slow --bench-smoke` after the default run)",
+    )
+
+
+@pytest.fixture
+def bench_smoke(request: pytest.FixtureRequest) -> bool:
+    """Whether the benchmarks run in smoke mode: the same checks of their figures, on
+    the smallest sizes and shortest runs that still exercise every part."""
+    return bool(request.config.getoption("--bench-smoke"))
+
+
+#: Markers of tests that must run in the default run (and so in CI): never `slow`.
+_NEVER_SLOW = ("e2e", "browser", "reliability")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that is both `slow` and end-to-end (or browser, reliability): the
+    default run deselects `slow`, and these must run there."""
+    wrong = [
+        item.nodeid for item in items
+        if item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in _NEVER_SLOW)
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            f"marked slow (benchmarks only, deselected by default) but also {'/'.join(_NEVER_SLOW)}, "
+            f"which must run by default: {', '.join(wrong[:5])}"
+        )

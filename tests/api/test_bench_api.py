@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
+
 from cli.bench.api import write_tailnet
+from cli.spawn import child_env, tailledger_argv
 from eventlog import SQLiteEventStore
 from projections import fold
 from projections.state import TailnetState
@@ -24,16 +26,19 @@ def test_the_synthetic_tailnet_is_a_valid_log(tmp_path: Path) -> None:
     assert len({n.ipv4 for n in state.nodes.values()}) == 30
 
 
-def test_bench_api_prints_figures() -> None:
+@pytest.mark.slow
+def test_bench_api_prints_figures(bench_smoke: bool) -> None:
+    nodes, streams = (50, 20) if bench_smoke else (200, 100)
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "bench", "api", "--nodes", "50", "--requests", "5", "--seconds", "0.5",
-         "--streams", "20", "--keepalive", "1"],
-        capture_output=True, text=True, timeout=300,
+        tailledger_argv("bench", "api", "--nodes", str(nodes), "--requests", "5", "--seconds", "0.5",
+                        "--streams", str(streams), "--keepalive", "1"),
+        env=child_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "/api/v2/tailnet/-/devices" in result.stdout and "requests/s" in result.stdout
-    # Before the streams (50 nodes, 20 of them simulated clients), then with 20 map
+    # Before the streams (some of the nodes are simulated clients), then with their map
     # streams of the load generator open and watched.
-    assert "20 simulated clients registered" in result.stdout and "with no map stream (50 nodes):" in result.stdout
-    assert "20 map streams connected" in result.stdout and "with 20 map streams open:" in result.stdout
-    assert "of 20 clients waited over 1.5 s" in result.stdout
+    assert f"{streams} simulated clients registered" in result.stdout
+    assert f"with no map stream ({nodes} nodes):" in result.stdout
+    assert f"{streams} map streams connected" in result.stdout and f"with {streams} map streams open:" in result.stdout
+    assert f"of {streams} clients waited over 1.5 s" in result.stdout

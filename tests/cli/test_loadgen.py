@@ -15,7 +15,6 @@ import math
 import multiprocessing
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,8 @@ from cli.bench.loadgen.main import build_parser
 from cli.bench.loadgen.options import PHASES
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
 from cli.bench.loadgen.workers import RemoteWatch
+from cli.spawn import child_env, tailledger_argv
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _decompress = make_decompressor()
 
@@ -155,9 +153,9 @@ def test_a_tiny_run_measures_every_phase(tmp_path: Path) -> None:
     n = 5
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", str(n), "--json", str(out),
+        [*tailledger_argv("loadgen"), "--nodes", str(n), "--json", str(out),
          "--updaters", "1", "--update-interval", "0.3,0.6"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "join p99 ms" in proc.stdout
@@ -199,9 +197,9 @@ def test_a_tiny_corp_run_waits_only_for_the_nodes_a_change_concerns(tmp_path: Pa
     n = 40
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.bench.loadgen", "--scenario", "corp", "--nodes", str(n), "--json", str(out),
+        [*tailledger_argv("loadgen"), "--scenario", "corp", "--nodes", str(n), "--json", str(out),
          "--updaters", "0", "--phases", "join,policy"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=child_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stdout, proc.stdout
@@ -225,8 +223,8 @@ def test_the_memory_guard_stops_a_ballooning_server(tmp_path: Path) -> None:
     # Any real server is above 1 MiB: the guard must trip, kill it and say so.
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", "3", "--json", str(out), "--max-server-rss", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [*tailledger_argv("loadgen"), "--nodes", "3", "--json", str(out), "--max-server-rss", "1"],
+        env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     [row] = json.loads(out.read_text())
@@ -270,16 +268,21 @@ def test_churn_rates_are_checked() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(tmp_path: Path, workers: int) -> None:
+def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(
+    tmp_path: Path, workers: int, bench_smoke: bool
+) -> None:
     """Issue 19: corp under steady change; each change's receivers come from the
     policy engine, every one is reached and nobody else gets it (also when the
     clients run in worker processes and the parent judges what they report)."""
     out = tmp_path / "results.json"
+    # Every kind of change at least once: joins and deletes every second, a tag change
+    # and a policy edit before the end.
+    duration, tag_every, policy_every = ("5", "1.5", "3") if bench_smoke else ("8", "2", "4")
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.bench.loadgen", "--scenario", "churn", "--nodes", "20", "--json", str(out),
-         "--updaters", "0", "--duration", "8", "--tag-every", "2", "--policy-every", "4",
+        [*tailledger_argv("loadgen"), "--scenario", "churn", "--nodes", "20", "--json", str(out),
+         "--updaters", "0", "--duration", duration, "--tag-every", tag_every, "--policy-every", policy_every,
          "--workers", str(workers)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=child_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stdout, proc.stdout
@@ -321,8 +324,8 @@ def test_a_workers_watch_reports_hits_strays_and_bytes_to_the_parent() -> None:
 
 def test_workers_are_checked() -> None:
     assert build_parser().parse_args([]).workers == 0  # default: the clients run in-process
-    proc = subprocess.run([sys.executable, "-m", "cli.bench.loadgen", "--nodes", "3", "--json", "", "--workers", "-1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*tailledger_argv("loadgen"), "--nodes", "3", "--json", "", "--workers", "-1"],
+                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "--workers" in proc.stderr
 
@@ -334,9 +337,9 @@ def test_a_tiny_run_with_two_workers_measures_every_phase(tmp_path: Path) -> Non
     n = 6
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.bench.loadgen", "--nodes", str(n), "--json", str(out), "--workers", "2",
+        [*tailledger_argv("loadgen"), "--nodes", str(n), "--json", str(out), "--workers", "2",
          "--updaters", "2", "--update-interval", "0.3,0.6"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stdout, proc.stdout

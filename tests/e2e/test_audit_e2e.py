@@ -20,7 +20,6 @@ from .harness import E2EHarness
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second account"),
 ]
 

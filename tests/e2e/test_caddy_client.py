@@ -21,7 +21,7 @@ from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
 from .netns import LOOPBACK, RecordedRequest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def _wait_requests(

@@ -18,7 +18,7 @@ from tests.support.waits import wait_until_sync
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def _nodes(e2e: E2EHarness, server: object) -> list[dict[str, object]]:

@@ -16,7 +16,7 @@ import pytest
 from .caddy import RUNNING_PATTERN, CaddyNodeSpec
 from .harness import E2EHarness
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 AUTH_URL = r"https?://[^\s\"]+/register/([A-Za-z0-9_-]+)"
 

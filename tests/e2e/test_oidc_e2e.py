@@ -24,7 +24,7 @@ from tests.identity.provider import CLIENT_ID, CLIENT_SECRET, build_template, pr
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 AUTH_URL = r"(https?://[^\s\"]+/register/[A-Za-z0-9_-]+)"
 

@@ -59,7 +59,7 @@ from .nsclients import (
     stun_binding,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 #: Makes magicsock disable its UDP sockets: every packet goes through DERP.
 ALWAYS_DERP = {"TS_DEBUG_ALWAYS_USE_DERP": "1"}

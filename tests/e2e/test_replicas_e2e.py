@@ -19,7 +19,7 @@ from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
 from .netns import LOOPBACK, NetNamespace
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path) -> None:

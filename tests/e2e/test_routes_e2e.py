@@ -33,7 +33,7 @@ from .harness import E2EHarness, TailledgerServer
 from .processes import ManagedProcess
 from .tsnet_log import TailnetView
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 NET = "10.77.0.0/24"
 ROUTER = Path(__file__).with_name("simrouter.py")

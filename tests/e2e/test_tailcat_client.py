@@ -18,7 +18,7 @@ from .harness import E2EHarness, tailcat_binary
 from .netns import LOOPBACK, RecordedRequest
 from .tailcat import derp_map
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def _wait_for(

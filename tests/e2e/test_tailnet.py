@@ -18,7 +18,7 @@ import trio
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness, TailledgerServer
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 
 def test_two_nodes_register_see_each_other_and_talk(caddy_e2e: E2EHarness) -> None:

@@ -33,7 +33,7 @@ from tests.support.waits import wait_until
 from .conftest import free_port
 from .provider import CLIENT_ID, CLIENT_SECRET, ProviderProject
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.browser
 
 
 async def _t(fn: Callable[..., Any], *args: Any) -> Any:

@@ -1,6 +1,7 @@
 """Benchmarks of the transport: they print figures and assert only correctness.
 
-Run with ``python -m pytest tests/protocol/test_transport_bench.py -q -s``.
+Run with ``python -m pytest -m slow tests/protocol/test_transport_bench.py -q -s``
+(``--bench-smoke``: a tenth of the work, as CI runs them).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from .transport_harness import RunningServer, pattern, start_server
 pytestmark = pytest.mark.slow
 
 
-def test_bench_noise_records(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_noise_records(capsys: pytest.CaptureFixture[str], bench_smoke: bool) -> None:
     a = NoiseTransport(SessionKeys(b"k" * 32, b"q" * 32, b"", b"", 130))
     b = NoiseTransport(SessionKeys(b"q" * 32, b"k" * 32, b"", b"", 130))
     payload = pattern(1 << 20)
-    rounds = 20
+    rounds = 2 if bench_smoke else 20
     start = time.perf_counter()
     for _ in range(rounds):
         assert b.receive_data(a.send(payload)) == payload
@@ -38,9 +39,9 @@ async def server(nursery: trio.Nursery) -> RunningServer:
 
 
 async def test_bench_requests_over_one_tunnel(
-    server: RunningServer, capsys: pytest.CaptureFixture[str]
+    server: RunningServer, capsys: pytest.CaptureFixture[str], bench_smoke: bool
 ) -> None:
-    total, concurrency = 2000, 50
+    total, concurrency = (200, 10) if bench_smoke else (2000, 50)
     done = 0
     async with open_control_client("127.0.0.1", server.port, machine_key=b"\x11" * 32) as client:
 
@@ -61,9 +62,9 @@ async def test_bench_requests_over_one_tunnel(
 
 
 async def test_bench_connect_and_register(
-    server: RunningServer, capsys: pytest.CaptureFixture[str]
+    server: RunningServer, capsys: pytest.CaptureFixture[str], bench_smoke: bool
 ) -> None:
-    count = 100
+    count = 10 if bench_smoke else 100
     start = trio.current_time()
     for _ in range(count):
         async with open_control_client(

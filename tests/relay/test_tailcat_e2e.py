@@ -65,7 +65,6 @@ def _prerequisites() -> tuple[str | None, list[str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tls", "no-meta-cert", "plain-http"])
 async def test_tailcat_ping_and_pipe_over_our_derp(mode: str) -> None:
     binary, missing = _prerequisites()
