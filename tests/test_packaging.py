@@ -96,7 +96,7 @@ IO_ADAPTERS: dict[str, str] = {
     "relay/serve/mesh.py": "mesh links between the relays of a region",
     "relay/serve/server.py": "the relay's listeners and handle",
     "relay/serve/stun_io.py": "the STUN UDP sockets",
-    "wire/sockets.py": "the peer address under a trio stream (getpeername)",
+    "wire/sockets.py": "the socket under a trio stream: peer address, direct writes",
     "wire/wsstream.py": "a trio byte stream over WebSocket messages",
 }
 IO_MODULES = {"trio", "socket", "asyncio", "selectors", "select", "anyio"}

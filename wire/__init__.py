@@ -30,8 +30,11 @@ import them, and ``tests/test_packaging.py`` names each in ``IO_ADAPTERS``):
   (``/ts2021`` over WebSocket; DERP over WebSocket).
 * :mod:`wire.sockets` -- the socket under a stream:
   :func:`~wire.sockets.peer_address` (as data: the control port's
-  per-address cap, the relay core's ``(ip, port)``) and
-  :func:`~wire.sockets.peer_name` (for log lines, both sides alike).
+  per-address cap, the relay core's ``(ip, port)``),
+  :func:`~wire.sockets.peer_name` (for log lines, both sides alike), and the
+  direct-write fast path, :func:`~wire.sockets.plain_socket` and
+  :func:`~wire.sockets.write_nowait` (one non-blocking ``write(2)`` when
+  nobody else is writing; the rest goes to the caller's blocking path).
 
 Import from the modules, not from this package: it re-exports nothing, so the
 sans-I/O guard sees exactly which adapter a module uses.

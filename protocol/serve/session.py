@@ -39,7 +39,7 @@ Invariants
   set while the session is parked (:mod:`protocol.serve.idle`).
 * Records leave in nonce order: every write takes the *current*
   ``data_to_send()`` with nothing awaited before it is written (the direct
-  ``os.write`` on plain TCP) or under the send lock.
+  write on plain TCP, :func:`wire.sockets.write_nowait`) or under the send lock.
 * Every handler task runs in its own cancel scope, created by the reader
   before the task starts, so an RST_STREAM that arrives first still cancels it;
   all handler scopes are cancelled when the session ends.
@@ -80,7 +80,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from functools import partial
@@ -88,6 +87,8 @@ from typing import Final
 
 import h2.errors
 import trio
+
+from wire.sockets import plain_socket, write_nowait
 
 from .. import h2_bridge, h2flow, upgrade
 from ..errors import HandshakeError, ProtocolError, RemoteProtocolError
@@ -205,11 +206,6 @@ class NoiseSession:
         self._wait: trio.CancelScope | None = None  # its wait for data, with the deadline
         self._unsent = 0  # bytes the current writer took but has not written yet
 
-    def _plain_socket(self) -> trio.socket.SocketType | None:
-        """The socket under a plain TCP stream, which may be read and written directly;
-        ``None`` for TLS and WebSocket streams (they hold bytes the socket does not show)."""
-        return self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
-
     @property
     def machine_key(self) -> bytes:
         """The client's machine public key (for log lines)."""
@@ -228,7 +224,7 @@ class NoiseSession:
                 goroutines of Go's HTTP/2 server. A nursery per session would
                 cost ~1 KiB more per idle node.
         """
-        sock = self._plain_socket()
+        sock = plain_socket(self._stream)
         self._handlers = handlers
         parked = False
         try:
@@ -358,7 +354,7 @@ class NoiseSession:
         if wait is not None:
             wait.deadline = self._deadline()
             return
-        sock = self._plain_socket()
+        sock = plain_socket(self._stream)
         handlers = self._handlers
         if self._idle is None or sock is None or handlers is None:
             return  # the reader runs; it reads _deadline() before it waits again
@@ -391,7 +387,7 @@ class NoiseSession:
         if self._reader is not None:
             self._reader.cancel()
             return
-        sock = self._plain_socket()
+        sock = plain_socket(self._stream)
         handlers = self._handlers
         if (
             self._idle is not None
@@ -534,23 +530,22 @@ class NoiseSession:
             # run between take() and the write (no await), so records stay in nonce
             # order, and a socket with room (the usual case: a small delta) costs
             # one system call and no trip through the scheduler. A write that did
-            # not fit continues below, under the lock, before anybody else's.
-            sock = self._plain_socket()
+            # not fit continues below, under the lock, before anybody else's
+            # (wire.sockets explains why writing trio's socket directly is safe).
+            sock = plain_socket(self._stream)
             fd = sock.fileno() if sock is not None else -1  # -1 once closed
             if fd >= 0:
                 data = take()
                 if not data:
                     return
                 try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
+                    left = write_nowait(fd, data)
                 except OSError as exc:
                     self._conn.send_failed()
                     raise _ConnectionLost(f"write failed: {exc.strerror}") from exc
-                if sent == len(data):
+                if left is None:
                     return
-                rest = memoryview(data)[sent:]
+                rest = left
         if lock is None:
             lock = self._send_lock = trio.Lock()
         try:

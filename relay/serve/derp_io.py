@@ -37,24 +37,24 @@ Invariants
 * When either task ends, the other is cancelled and the core is told the
   connection is gone; nothing outlives the connection's nursery.
 
-Why it writes with ``os.write`` on a trio-owned socket: the direct path is the
-relay's hot path, and going through trio would cost a task switch per batch.
-It is safe because the socket is non-blocking, only plain ``trio.SocketStream``
-connections take it, and the ``busy`` flag keeps the writer task and the
-direct path from writing the same socket at once.
+Why it writes a trio-owned socket directly: the direct path is the relay's hot
+path, and going through trio would cost a task switch per batch. The control
+port does the same for its Noise records; the helpers and the argument why it
+is safe are :mod:`wire.sockets`' (:func:`~wire.sockets.plain_socket`,
+:func:`~wire.sockets.write_nowait`). Here the ``busy`` flag is what keeps the
+writer task and the direct path from writing the same socket at once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from functools import partial
 
 import msgspec
 import trio
 
-from wire.sockets import format_address
+from wire.sockets import format_address, plain_socket, write_nowait
 
 from ..derp.server import RelayCore, ServerConn
 from ..keys import short_key
@@ -199,7 +199,8 @@ class DerpIO:
         """Run one DERP stream until it ends (``initial``: bytes read past the upgrade)."""
         core = self.core
         conn = core.accept(remote, ideal_node=ideal_node)
-        fd = stream.socket.fileno() if type(stream) is trio.SocketStream else None
+        sock = plain_socket(stream)
+        fd = sock.fileno() if sock is not None else None
         io = ConnIO(conn, fd)
         conn.waker = partial(self._on_wake, io)
         io.wake.set()  # the ServerKey frame is already queued
@@ -249,16 +250,14 @@ class DerpIO:
                 continue
             counts["direct_writes"] += 1
             try:
-                sent = os.write(io.fd, data)
-            except BlockingIOError:
-                sent = 0
+                rest = write_nowait(io.fd, data)
             except OSError:
                 core.write_failed(conn, packets, len(data))
                 io.wake.set()
                 continue
-            if sent < len(data):
+            if rest is not None:
                 counts["partial_writes"] += 1
-                io.pending = memoryview(data)[sent:]
+                io.pending = rest
                 io.packets = packets
                 io.busy = True
                 io.wake.set()

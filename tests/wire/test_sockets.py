@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from wire.sockets import format_address, peer_address, peer_name
+from wire.sockets import format_address, peer_address, peer_name, plain_socket, write_nowait
 from wire.wsstream import WebSocketStream
 
 
@@ -57,3 +59,45 @@ async def test_unknown_peers_never_raise() -> None:
     assert peer_address(memory) is None
     assert peer_name(memory) == "?"
     assert format_address(None) == "?"
+
+
+async def test_only_a_plain_tcp_stream_offers_its_socket() -> None:
+    async with tcp_pair("127.0.0.1") as (server, _client):
+        assert plain_socket(server) is server.socket
+        tls = trio.SSLStream(server, ssl.create_default_context(), server_side=False)
+        assert plain_socket(tls) is None  # TLS records: the socket does not show them
+        assert plain_socket(WebSocketStream(server, client=False, violation=RuntimeError)) is None
+
+
+async def test_write_nowait_writes_what_fits_and_returns_the_rest_in_order() -> None:
+    async with tcp_pair("127.0.0.1") as (server, client):
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = plain_socket(client)
+        assert sock is not None
+        fd = sock.fileno()
+        assert write_nowait(fd, b"small") is None
+        assert await server.receive_some(5) == b"small"
+        # Fill the send buffer (and the peer's receive buffer): the rest comes back.
+        sent = b""
+        chunk = bytes(range(256)) * 64
+        while (rest := write_nowait(fd, chunk)) is None:
+            sent += chunk
+        sent += chunk[: len(chunk) - len(rest)]
+        assert bytes(rest) == chunk[len(chunk) - len(rest) :]
+        full = write_nowait(fd, b"more")
+        assert full is not None and bytes(full) == b"more"  # nothing taken: all of it back
+        got = b""
+        while len(got) < len(sent):
+            got += await server.receive_some()
+        assert got == sent
+
+
+async def test_write_nowait_raises_when_the_connection_failed() -> None:
+    async with tcp_pair("127.0.0.1") as (server, client):
+        # Close with a reset (linger 0) so that the client's socket is broken at once.
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server.socket.close()
+        sock = plain_socket(client)
+        assert sock is not None
+        with pytest.raises(ConnectionError):  # reset or broken pipe
+            write_nowait(sock.fileno(), b"to nobody")
