@@ -13,12 +13,12 @@ import httpx
 import pytest
 import trio
 
-from eventlog import SQLiteEventStore
 from projections.tailcfg import RegisterResponse
 from protocol import RemoteProtocolError, open_control_client
 from relay.certs import generate_self_signed
 from tests.cli.server_process import RunningServer, running_server
 from tests.protocol.control_harness import SimNode
+from tests.support.ledger import log_head, recorded
 from tests.support.waits import wait_until
 
 #: The fixed host of Tailscale's API, which the test certificate names too.
@@ -76,19 +76,11 @@ class ApiServer:
         return node, trio.run(go)
 
     def head(self) -> int:
-        store = SQLiteEventStore(self.srv.data / "ledger.db", read_only=True)
-        try:
-            return store.head().seq
-        finally:
-            store.close()
+        return log_head(self.srv.data)
 
     def events(self, after: int) -> list[tuple[str, str]]:
         """(type, actor) of the events after ``after``."""
-        store = SQLiteEventStore(self.srv.data / "ledger.db", read_only=True)
-        try:
-            return [(r.type, str(r.actor)) for r in store.read(after)]
-        finally:
-            store.close()
+        return [(r.type, str(r.actor)) for r in recorded(self.srv.data, after)]
 
 
 @pytest.fixture(scope="module")

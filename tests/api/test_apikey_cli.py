@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from eventlog import SQLiteEventStore
 from tests.cli.server_process import RunningServer, running_server
+from tests.support.ledger import log_head
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 
-def _head(server: RunningServer) -> int:
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        return store.head().seq
-    finally:
-        store.close()
 
 
 def test_apikeys_create_list_expire_delete(server: RunningServer) -> None:
@@ -74,8 +68,8 @@ def test_oauth_clients_create_list_delete(server: RunningServer) -> None:
 def test_bad_input_is_refused_and_appends_nothing(
     server: RunningServer, args: tuple[str, ...], message: str
 ) -> None:
-    before = _head(server)
+    before = log_head(server.data)
     result = server.cli(*args)
     assert result.returncode == 1, result.stdout
     assert message in result.stderr
-    assert _head(server) == before
+    assert log_head(server.data) == before

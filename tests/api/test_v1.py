@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.ledger import recorded
 from tests.support.waits import wait_until_sync
 
 from .conftest import ApiServer, check_against_openapi
@@ -120,14 +121,9 @@ def test_the_log_is_the_same_whichever_door(api: ApiServer) -> None:
     events; only the actor differs."""
     import msgspec
 
-    from eventlog import SQLiteEventStore
 
     def payloads(after: int) -> list[dict[str, object]]:
-        store = SQLiteEventStore(api.srv.data / "ledger.db", read_only=True)
-        try:
-            return [msgspec.to_builtins(r.event) for r in store.read(after)]
-        finally:
-            store.close()
+        return [msgspec.to_builtins(r.event) for r in recorded(api.srv.data, after)]
 
     before = api.head()
     api.srv.cli("users", "create", "door1", "--email", "d@example.com", check=True)
@@ -323,13 +319,8 @@ def test_openapi_document_covers_every_route_and_every_response_validates(api: A
 
 def _causes(api: ApiServer, after: int) -> list[tuple[str, str, str]]:
     """(type, correlation id, reason) of the events after ``after``."""
-    from eventlog import SQLiteEventStore
 
-    store = SQLiteEventStore(api.srv.data / "ledger.db", read_only=True)
-    try:
-        return [(r.type, r.correlation_id, r.reason) for r in store.read(after)]
-    finally:
-        store.close()
+    return [(r.type, r.correlation_id, r.reason) for r in recorded(api.srv.data, after)]
 
 
 def test_each_request_is_one_cause_with_its_reason(api: ApiServer) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import SQLiteEventStore
+from tests.support.ledger import log_head
 
 from .server_process import RunningServer, running_server
 
@@ -20,12 +20,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield srv
 
 
-def head(server: RunningServer) -> int:
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        return store.head().seq
-    finally:
-        store.close()
 
 
 def test_users_lifecycle_with_tables_and_json(server: RunningServer) -> None:
@@ -80,12 +74,12 @@ def test_bad_input_is_refused_clearly_and_appends_nothing(
 ) -> None:
     if server.cli("users", "list", "-o", "json").stdout.count('"dup"') == 0:
         server.cli("users", "create", "dup", check=True)
-    before = head(server)
+    before = log_head(server.data)
     result = server.cli(*args)
     assert result.returncode == 1
     assert message in result.stderr
     assert result.stderr.startswith("tailledger: ")
-    assert head(server) == before
+    assert log_head(server.data) == before
 
 
 def test_preauth_keys_create_list_expire(server: RunningServer) -> None:
@@ -154,11 +148,7 @@ def test_log_tail_follows_new_events(server: RunningServer) -> None:
 
     # Start after the current head explicitly: a tail that starts "at the head" would
     # race with the append below (a loaded machine starts it late, and it waits forever).
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        head = store.head().seq
-    finally:
-        store.close()
+    head = log_head(server.data)
     tail = subprocess.Popen(
         [sys.executable, "-m", "cli", "log", "tail", "--after", str(head), "--type", "user.", "-o", "json"],
         env=server.env, stdout=subprocess.PIPE, text=True,

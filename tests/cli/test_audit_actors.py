@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import SQLiteEventStore
 from tests.support.accounts import NOBODY, NOGROUP, as_other_account
+from tests.support.ledger import log_head
 
 from .server_process import RunningServer, running_server
 
@@ -22,12 +22,6 @@ def _events(server: RunningServer, after: int = 0) -> list[dict[str, object]]:
     return events
 
 
-def _head(server: RunningServer) -> int:
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        return store.head().seq
-    finally:
-        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 def test_reason_is_stored_with_each_event_and_shown(server: RunningServer) -> None:
-    before = _head(server)
+    before = log_head(server.data)
     server.cli("users", "create", "rita", "--reason", "onboarding, ticket OPS-12", check=True)
     server.cli("preauthkeys", "create", "-u", "rita", "--reason", "laptop setup", check=True)
     server.cli("users", "create", "sam", check=True)
@@ -53,11 +47,11 @@ def test_reason_is_stored_with_each_event_and_shown(server: RunningServer) -> No
 
 
 def test_a_reason_that_cannot_be_stored_is_refused_and_appends_nothing(server: RunningServer) -> None:
-    before = _head(server)
+    before = log_head(server.data)
     result = server.cli("users", "create", "tom", "--reason", "x" * 2000)
     assert result.returncode == 1
     assert "--reason" in result.stderr and "longer than 1000" in result.stderr
-    assert _head(server) == before
+    assert log_head(server.data) == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second account")
@@ -72,7 +66,7 @@ def test_a_group_member_is_recorded_under_their_own_account(tmp_path: Path) -> N
             assert (sock.stat().st_mode & 0o777, sock.stat().st_gid) == (0o660, NOGROUP)
             assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
             server.cli("users", "create", "ops", check=True)
-            before = _head(server)
+            before = log_head(server.data)
             child_env = {"TAILLEDGER_ADMIN_SOCKET": str(sock), "TAILLEDGER_DATA": str(server.data)}
             code, _out, err = as_other_account(
                 ["users", "create", "vera", "--reason", "new hire"], child_env, NOBODY, NOGROUP

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from eventlog import SQLiteEventStore
+from tests.support.ledger import log_head, recorded
 
 from .server_process import RunningServer, running_server
 from .test_node_commands import _register
@@ -24,19 +24,9 @@ POLICY = """{
 
 
 def _events(server: RunningServer, type_: str) -> list[dict[str, object]]:
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        return [msgspec.to_builtins(e.event) for e in store.read() if e.type == type_]
-    finally:
-        store.close()
+    return [msgspec.to_builtins(e.event) for e in recorded(server.data) if e.type == type_]
 
 
-def _head(server: RunningServer) -> int:
-    store = SQLiteEventStore(server.data / "ledger.db", read_only=True)
-    try:
-        return store.head().seq
-    finally:
-        store.close()
 
 
 async def test_tags_must_be_defined_in_tag_owners_and_the_rule_is_named(tmp_path: Path) -> None:
@@ -46,20 +36,20 @@ async def test_tags_must_be_defined_in_tag_owners_and_the_rule_is_named(tmp_path
         key = run("preauthkeys", "create", "-u", "alice", check=True).stdout.strip()
         await _register(server, key, "box")
 
-        before = _head(server)
+        before = log_head(server.data)
         refused = await trio.to_thread.run_sync(lambda: run("nodes", "tag", "box", "--tags", "tag:web"))
         assert refused.returncode == 1
         assert "tag 'tag:web' is not defined in a policy (none is set)" in refused.stderr
-        assert _head(server) == before
+        assert log_head(server.data) == before
 
         policy = tmp_path / "policy.hujson"
         policy.write_text(POLICY)
         run("policy", "set", str(policy), check=True)
-        before = _head(server)
+        before = log_head(server.data)
         refused = await trio.to_thread.run_sync(lambda: run("nodes", "tag", "box", "--tags", "tag:web,tag:nope"))
         assert refused.returncode == 1
         assert "tag 'tag:nope' is not defined in the policy's tagOwners" in refused.stderr
-        assert _head(server) == before
+        assert log_head(server.data) == before
 
         # The operator (not bob) may set tag:web: an admin needs no ownership.
         out = await trio.to_thread.run_sync(lambda: run("nodes", "tag", "box", "--tags", "tag:web,tag:ci", check=True))
@@ -83,14 +73,14 @@ async def test_clearing_the_tags_of_a_tags_only_node_needs_a_user(tmp_path: Path
         node = json.loads(run("nodes", "show", "robot", "-o", "json", check=True).stdout)
         assert node["tags"] == ["tag:web"]
 
-        before = _head(server)
+        before = log_head(server.data)
         refused = await trio.to_thread.run_sync(lambda: run("nodes", "tag", "robot", "--tags", ""))
         assert refused.returncode == 1
         assert "registered with a tags-only key and belongs to no user" in refused.stderr
         assert "--user" in refused.stderr
         misplaced = await trio.to_thread.run_sync(lambda: run("nodes", "tag", "robot", "--tags", "tag:ci", "--user", "alice"))
         assert misplaced.returncode == 1 and "only applies when clearing" in misplaced.stderr
-        assert _head(server) == before
+        assert log_head(server.data) == before
 
         cleared = await trio.to_thread.run_sync(
             lambda: run("nodes", "tag", "robot", "--tags", "", "--user", "alice", "-o", "json", check=True)

@@ -14,9 +14,9 @@ import trio
 
 from tests.support.accounts import NOBODY, NOGROUP
 from tests.support.accounts import as_other_account as _as_other_account
+from tests.support.ledger import log_head
 
 from .server_process import running_server
-from .test_audit_actors import _head
 from .test_node_commands import _register
 
 
@@ -35,7 +35,7 @@ def test_replay_diff_names_the_operator_and_the_reason(tmp_path: Path) -> None:
             policy = tmp_path / "policy.hujson"  # nodes tag needs the tag defined in tagOwners
             policy.write_text('{"tagOwners": {"tag:ci": ["alice@"]}}')
             run("policy", "set", str(policy), check=True)
-            before = _head(server)
+            before = log_head(server.data)
             child_env = {"TAILLEDGER_ADMIN_SOCKET": str(sock), "TAILLEDGER_DATA": str(server.data)}
             code, _out, err = _as_other_account(
                 ["nodes", "tag", "build-box", "-t", "tag:ci", "--reason", "INC-9 isolate the box"],

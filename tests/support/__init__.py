@@ -16,6 +16,8 @@ imports it, it moves here, so test packages never import each other.
   use trio's virtual clock or ``wait_all_tasks_blocked`` instead.
 * :mod:`tests.support.accounts` -- running the CLI as another Unix account (cli and
   e2e audit tests).
+* :mod:`tests.support.ledger` -- reading a server's log read-only from the outside
+  (the CLI and API tests).
 * :mod:`tests.support.net` -- waiting for another process's port, reading a
   connection to its end.
 """
