@@ -596,7 +596,7 @@ class CompiledPolicy:
         touched = node_keys(info, tailnet)
         if old is not None:
             touched |= node_keys(old, self.tailnet)
-        resolver = self.resolver.derive(tailnet, touched)
+        resolver = self.resolver.derive(tailnet, touched, (old, info))
         attrs = dict(self.node_attrs)
         attrs.pop(node.id, None)
         attrs.update(node_attr_caps(resolver, only=(info,)))
@@ -609,7 +609,7 @@ class CompiledPolicy:
         if old is None:
             return self
         touched = node_keys(old, self.tailnet)
-        resolver = self.resolver.derive(self.tailnet.without_node(node_id), touched)
+        resolver = self.resolver.derive(self.tailnet.without_node(node_id), touched, (old, None))
         attrs = {k: v for k, v in self.node_attrs.items() if k != node_id}
         return self._recompiled(resolver, touched, attrs, bool(old.subnet_routes))
 

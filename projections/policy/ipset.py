@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Final
@@ -284,6 +285,38 @@ class IPSet:
         if hi >= -1:
             out.append((lo, hi))
         return cls(tuple(out))
+
+    def with_addr(self, addr: int) -> IPSet:
+        """This set plus one address (merged with adjacent ranges, as
+        :meth:`from_sorted_addrs` merges): ``O(log n)`` search and one tuple copy."""
+        ranges = self.ranges
+        i = bisect_right(ranges, (addr, addr))
+        lo = hi = addr
+        start = end = i
+        if i > 0 and ranges[i - 1][1] >= addr - 1:
+            if ranges[i - 1][1] >= addr:
+                return self
+            start, lo = i - 1, ranges[i - 1][0]
+        if i < len(ranges) and ranges[i][0] <= addr + 1:
+            if ranges[i][0] <= addr:
+                return self
+            end, hi = i + 1, ranges[i][1]
+        return IPSet((*ranges[:start], (lo, hi), *ranges[end:]))
+
+    def without_addr(self, addr: int) -> IPSet:
+        """This set less one address (the range holding it split in two)."""
+        ranges = self.ranges
+        i = bisect_right(ranges, (addr, addr)) - 1
+        if i < 0 or not ranges[i][0] <= addr <= ranges[i][1]:
+            if i + 1 < len(ranges) and ranges[i + 1][0] == addr:
+                i += 1
+            else:
+                return self
+        lo, hi = ranges[i]
+        pieces: tuple[tuple[int, int], ...] = ((lo, addr - 1),) if lo < addr else ()
+        if addr < hi:
+            pieces += ((addr + 1, hi),)
+        return IPSet((*ranges[:i], *pieces, *ranges[i + 1 :]))
 
     @classmethod
     def union(cls, sets: Iterable[IPSet]) -> IPSet:

@@ -23,6 +23,7 @@ Address aliases (CIDRs, hosts, ``*`` itself, internet) never depend on nodes.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
 from .document import Alias, AliasKind, Policy
@@ -51,14 +52,56 @@ class Resolved:
             addresses into a range -- while CIDR-like aliases keep their shape.
     """
 
-    __slots__ = ("_prefixes", "_strings", "addresses", "alias", "hosts")
+    __slots__ = ("_prefixes", "_strings", "addresses", "alias", "hosts", "ids")
 
-    def __init__(self, alias: Alias, addresses: IPSet, hosts: tuple[int, ...] | None) -> None:
+    def __init__(
+        self,
+        alias: Alias,
+        addresses: IPSet,
+        hosts: tuple[int, ...] | None,
+        ids: frozenset[int] | None = None,
+    ) -> None:
         self.alias = alias
         self.addresses = addresses
         self.hosts = hosts
+        #: for identity aliases, the nodes selected (what :meth:`edited` starts from)
+        self.ids = ids
         self._strings: list[str] | None = None
         self._prefixes: list[Prefix] | None = None
+
+    def edited(self, ids: frozenset[int], old: NodeInfo | None, new: NodeInfo | None) -> Resolved:
+        """This identity alias after one node changed from ``old`` to ``new`` (None:
+        absent), selecting ``ids`` now: the same result as resolving it afresh, by
+        editing the sorted addresses (and the strings and prefixes already made)
+        instead of sorting every member's addresses again."""
+        assert self.hosts is not None and self.ids is not None
+        hosts = list(self.hosts)
+        strings = list(self._strings) if self._strings is not None else None
+        prefixes = list(self._prefixes) if self._prefixes is not None else None
+        addresses = self.addresses
+        if old is not None and old.id in self.ids:
+            for addr in old.addrs:
+                at = bisect_left(hosts, addr)
+                if at < len(hosts) and hosts[at] == addr:
+                    del hosts[at]
+                    if strings is not None:
+                        del strings[at]
+                    if prefixes is not None:
+                        del prefixes[at]
+                    if not (at < len(hosts) and hosts[at] == addr):
+                        addresses = addresses.without_addr(addr)
+        if new is not None and new.id in ids:
+            for addr in new.addrs:
+                at = bisect_right(hosts, addr)
+                hosts.insert(at, addr)
+                if strings is not None:
+                    strings.insert(at, format_addr(addr))
+                if prefixes is not None:
+                    prefixes.insert(at, host_prefix(addr))
+                addresses = addresses.with_addr(addr)
+        out = Resolved(self.alias, addresses, tuple(hosts), ids)
+        out._strings, out._prefixes = strings, prefixes
+        return out
 
     def strings(self) -> list[str]:
         """SrcIPs-style strings: bare addresses, CIDRs or ``first-last`` ranges."""
@@ -82,7 +125,7 @@ class Resolved:
 class Resolver:
     """Resolves aliases of one policy against one tailnet snapshot."""
 
-    __slots__ = ("_cache", "groups", "hosts", "memo", "policy", "tailnet")
+    __slots__ = ("_cache", "_change", "_stale", "groups", "hosts", "memo", "policy", "tailnet")
 
     def __init__(
         self,
@@ -95,6 +138,10 @@ class Resolver:
         self.groups = policy.group_map()
         self.hosts = policy.host_map()
         self._cache: dict[Alias, Resolved] = cache if cache is not None else {}
+        #: identity aliases the last node change touched, as resolved just before it
+        #: (see :meth:`derive`), and that change (the node before and after)
+        self._stale: dict[Alias, Resolved] = {}
+        self._change: tuple[NodeInfo | None, NodeInfo | None] | None = None
         #: Per-snapshot memo for derived values keyed by alias tuples (e.g. a
         #: grant's rendered SrcIPs); never carried over by :meth:`derive`.
         self.memo: dict[tuple[object, ...], object] = {}
@@ -105,10 +152,13 @@ class Resolver:
         if hit is not None:
             return hit
         ids = self.tailnet.node_ids_for_alias(alias, self.groups)
-        if ids is not None:
+        stale = self._stale.pop(alias, None)
+        if ids is not None and stale is not None and self._change is not None:
+            result = stale.edited(ids, *self._change)
+        elif ids is not None:
             nodes = self.tailnet.nodes
             hosts = tuple(sorted(a for i in ids for a in nodes[i].addrs))
-            result = Resolved(alias, IPSet.from_sorted_addrs(hosts), hosts)
+            result = Resolved(alias, IPSet.from_sorted_addrs(hosts), hosts, ids)
         else:
             result = Resolved(alias, self.tailnet.addresses(alias, self.groups, self.hosts), None)
         self._cache[alias] = result
@@ -122,14 +172,28 @@ class Resolver:
         """Addresses of several aliases together."""
         return IPSet.union(self.addresses(a) for a in aliases)
 
-    def derive(self, tailnet: Tailnet, touched: set[str]) -> Resolver:
-        """The resolver for a new snapshot, keeping entries ``touched`` spares."""
-        kept = {
-            alias: resolved
-            for alias, resolved in self._cache.items()
-            if not (alias_dependencies((alias,), self.policy) & touched)
-        }
-        return Resolver(self.policy, tailnet, kept)
+    def derive(
+        self,
+        tailnet: Tailnet,
+        touched: set[str],
+        change: tuple[NodeInfo | None, NodeInfo | None] | None = None,
+    ) -> Resolver:
+        """The resolver for a new snapshot, keeping entries ``touched`` spares.
+
+        ``change`` is the one node that changed (before, after; None: absent): the
+        identity aliases it touched are then re-resolved by editing their previous
+        answer (:meth:`Resolved.edited`), not from every member again.
+        """
+        kept: dict[Alias, Resolved] = {}
+        stale: dict[Alias, Resolved] = {}
+        for alias, resolved in self._cache.items():
+            if not (alias_dependencies((alias,), self.policy) & touched):
+                kept[alias] = resolved
+            elif change is not None and resolved.ids is not None:
+                stale[alias] = resolved
+        out = Resolver(self.policy, tailnet, kept)
+        out._stale, out._change = stale, change
+        return out
 
 
 def alias_dependencies(aliases: Iterable[Alias], policy: Policy) -> set[str]:

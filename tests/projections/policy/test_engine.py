@@ -27,6 +27,9 @@ from projections.policy import (
     parse_policy,
 )
 from projections.policy.ipset import Prefix
+from projections.policy.resolve import Resolver, node_keys
+from projections.policy.syntax import parse_alias
+from projections.policy.tailnet import NodeInfo
 
 from .compare import CONFORMANCE_DIR, case_paths
 
@@ -213,6 +216,45 @@ def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -
     [seen_by_2] = [v for v in views[2] if v.node_id == 5]
     [seen_by_3] = [v for v in views[3] if v.node_id == 5]
     assert seen_by_2 is seen_by_3
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations())
+def test_an_identity_alias_edited_for_one_node_equals_resolving_it_afresh(
+    scenario: tuple[list[PolicyNode], list[tuple[str, PolicyNode | int]]],
+) -> None:
+    """Issue 19: after a node change, the aliases it touched are edited from their
+    previous answer (sorted addresses, set, strings, prefixes), not re-sorted from
+    every member; each equals a fresh resolution."""
+    initial, ops = scenario
+    policy = parse_policy(POLICY)
+    aliases = [
+        parse_alias(a) for a in ("autogroup:member", "autogroup:tagged", "group:ops", "tag:web", "u3@example.com")
+    ]
+    resolver = Resolver(policy, Tailnet(USERS, initial))
+    for alias in aliases:
+        resolver.resolve(alias).strings()
+    for _kind, arg in ops:
+        tailnet = resolver.tailnet
+        change: tuple[NodeInfo | None, NodeInfo | None]
+        if isinstance(arg, PolicyNode):
+            old, new_tailnet = tailnet.nodes.get(arg.id), tailnet.with_node(arg)
+            change = (old, new_tailnet.nodes[arg.id])
+        else:
+            old, new_tailnet = tailnet.nodes.get(arg), tailnet.without_node(arg)
+            change = (old, None)
+        touched: set[str] = set()
+        if change[0] is not None:
+            touched |= node_keys(change[0], tailnet)
+        if change[1] is not None:
+            touched |= node_keys(change[1], new_tailnet)
+        resolver = resolver.derive(new_tailnet, touched, change)
+        fresh = Resolver(policy, new_tailnet)
+        for i, alias in enumerate(aliases):
+            got, want = resolver.resolve(alias), fresh.resolve(alias)
+            assert (got.hosts, got.addresses, got.ids) == (want.hosts, want.addresses, want.ids), alias
+            if i % 2 == 0:
+                assert got.strings() == want.strings() and got.prefixes() == want.prefixes(), alias
 
 
 def test_compile_is_deterministic() -> None:

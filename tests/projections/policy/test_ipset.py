@@ -85,3 +85,11 @@ def test_prefix_parsing_masks_host_bits() -> None:
     assert prefix_str(parse_prefix("10.1.2.3/8")) == "10.0.0.0/8"
     assert parse_prefix("100.64.0.1").is_single()
     assert prefix_str(parse_prefix("fd7a:115c:a1e0::1")) == "fd7a:115c:a1e0::1/128"
+
+
+@given(st.sets(st.integers(0, 40), max_size=25), st.integers(0, 40))
+def test_adding_or_removing_one_address_equals_building_afresh(addrs: set[int], addr: int) -> None:
+    """Issue 19: a join edits an alias's addresses instead of rebuilding them."""
+    s = IPSet.from_addrs(addrs)
+    assert s.with_addr(addr).ranges == IPSet.from_addrs(addrs | {addr}).ranges
+    assert s.without_addr(addr).ranges == IPSet.from_addrs(addrs - {addr}).ranges
