@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
 import trio
 
 from projections import AddressPlan, AllocationMode, ProjectionRunner
@@ -42,7 +43,7 @@ from projections.policy import TailnetSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.presence_io import persist_presence
-from projections.tailcfg import DERPMap, DERPRegion, DNSConfig, DNSResolver
+from projections.tailcfg import DERPMap, DERPNode, DERPRegion, DNSConfig, DNSResolver
 from protocol import (
     ConnectionStats,
     DerpRoute,
@@ -286,17 +287,35 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     )
     from eventlog.pgstore import PostgresSideTables
 
-    if isinstance(server.side, PostgresSideTables):
+    replicas = server.side if isinstance(server.side, PostgresSideTables) else None
+    if replicas is not None:
         # Replicas on one PostgreSQL log: live presence travels between them.
         from projections.presence_share import share_presence
 
-        await nursery.start(share_presence, presence, server.side, server.replica_id)
+        await nursery.start(share_presence, presence, replicas, server.replica_id)
     ds = config.derp.server
     on_control_port = ds.enabled and not ds.listen_addr
-    relay = await _start_relay(server, nursery, on_control_port=on_control_port) if ds.enabled else None
+    node_name = ds.node_name or None
+    mesh_key = None
+    if replicas is not None and ds.enabled:
+        # The replicas' relays mesh into one region (cli/relaymesh.py): one mesh key,
+        # a node name each.
+        from .relaymesh import shared_mesh_key
+
+        mesh_key = await shared_mesh_key(replicas, read_mesh_key(ds))
+        node_name = node_name or f"{ds.region_id}-{server.replica_id}"
+    relay = (
+        await _start_relay(server, nursery, on_control_port=on_control_port, mesh_key=mesh_key)
+        if ds.enabled
+        else None
+    )
     # Before the control port is bound (port 0) its URL names the configured port; the
     # map is made again below with the bound one.
-    embedded = relay_region(config, relay, control_url=config.public_url) if relay is not None else None
+    embedded = (
+        relay_region(config, relay, control_url=config.public_url, node_name=node_name)
+        if relay is not None
+        else None
+    )
     files, urls = await _read_derp_sources(config)
     derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
     if single_point_of_failure(derp):
@@ -386,11 +405,21 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         scheme = "https" if ctx is not None else "http"
         control.public_url = f"{scheme}://{host}:{server.port}"
         if relay is not None and on_control_port:
-            embedded = relay_region(config, relay, control_url=control.public_url)
+            embedded = relay_region(config, relay, control_url=control.public_url, node_name=node_name)
             control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
+    region = _EmbeddedRegion(embedded)
+    if replicas is not None and relay is not None and embedded is not None and embedded.nodes:
+        from .relaymesh import mesh_replicas
+
+        def on_nodes(nodes: list[DERPNode]) -> None:
+            # Every live replica's relay is a node of the one embedded region.
+            region.set(nodes)
+            control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=region.current))
+
+        await nursery.start(mesh_replicas, relay, replicas, server.replica_id, embedded.nodes[0], on_nodes)
     interval = parse_duration(config.derp.auto_update_interval)
     if interval is not None and (config.derp.paths or config.derp.urls):
-        nursery.start_soon(_refresh_derp_map, config, control, embedded, interval.total_seconds())
+        nursery.start_soon(_refresh_derp_map, config, control, region, interval.total_seconds())
     await _start_metrics(server, nursery)
 
 
@@ -457,8 +486,20 @@ def serve_options(config: Config) -> ServeOptions:
     )
 
 
+class _EmbeddedRegion:
+    """The embedded relay's region as the DERP map shows it now: this relay alone, or,
+    between replicas, every live replica's relay (:mod:`cli.relaymesh`)."""
+
+    def __init__(self, region: DERPRegion | None) -> None:
+        self.current = region
+
+    def set(self, nodes: list[DERPNode]) -> None:
+        if self.current is not None:
+            self.current = msgspec.structs.replace(self.current, nodes=nodes)
+
+
 async def _refresh_derp_map(
-    config: Config, control: Control, embedded: DERPRegion | None, interval: float
+    config: Config, control: Control, embedded: _EmbeddedRegion, interval: float
 ) -> None:
     """Re-read the DERP map sources every ``interval`` seconds; push a changed map to
     every connected client. A source that fails keeps the map in force (logged)."""
@@ -466,7 +507,7 @@ async def _refresh_derp_map(
         await trio.sleep(interval)
         try:
             files, urls = await _read_derp_sources(config)
-            derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
+            derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded.current)
         except ConfigError as exc:
             log.warning("DERP map refresh failed, keeping the current map: %s", exc)
             continue
@@ -552,12 +593,16 @@ def _is_this_relay(url: str, dial_host: str, *, names: set[str], ports: set[int]
     return peer_port in ports and bool(hosts & {n.strip("[]").lower() for n in names})
 
 
-async def _start_relay(server: Server, nursery: trio.Nursery, *, on_control_port: bool) -> RelayServer:
+async def _start_relay(
+    server: Server, nursery: trio.Nursery, *, on_control_port: bool, mesh_key: str | None = None
+) -> RelayServer:
     from relay.logauth import LogAuthorizer
     from relay.serve import serve_relay
 
     config = server.config
     rc = relay_config(config, on_control_port=on_control_port)
+    if mesh_key is not None:  # the replicas' shared key
+        rc = msgspec.structs.replace(rc, mesh_key=mesh_key)
     # The relay is its own consumer of the log: its own runner and checkpoint.
     runner = ProjectionRunner(server.log, server.checkpoints, name="relay")
     await nursery.start(runner.run)
@@ -569,7 +614,9 @@ async def _start_relay(server: Server, nursery: trio.Nursery, *, on_control_port
     return relay
 
 
-def relay_region(config: Config, relay: RelayServer, *, control_url: str | None = None) -> DERPRegion:
+def relay_region(
+    config: Config, relay: RelayServer, *, control_url: str | None = None, node_name: str | None = None
+) -> DERPRegion:
     """The running relay as the one-node DERP region ``derp.server`` describes.
 
     HostName is ``derp.server.hostname``, by default the host of ``control_url`` when
@@ -577,7 +624,7 @@ def relay_region(config: Config, relay: RelayServer, *, control_url: str | None 
     listen host. The DERP port is ``public_derp_port``, else the URL's port (80 or 443
     by its scheme when it has none), else the bound one; the STUN port is
     ``public_stun_port`` or the bound one. CertName pins the self-signed certificate,
-    if that is in use.
+    if that is in use. The node is named ``node_name``, else ``derp.server.node_name``.
     """
     ds = config.derp.server
     host_name = ds.hostname or None
@@ -588,6 +635,6 @@ def relay_region(config: Config, relay: RelayServer, *, control_url: str | None 
         derp_port = derp_port or url.port or (443 if url.scheme == "https" else 80)
     return relay.derp_region(
         region_id=ds.region_id, region_code=ds.region_code, region_name=ds.region_name,
-        host_name=host_name, ipv4=ds.ipv4 or None, node_name=ds.node_name or None,
+        host_name=host_name, ipv4=ds.ipv4 or None, node_name=node_name or ds.node_name or None,
         public_derp_port=derp_port, public_stun_port=ds.public_stun_port or None,
     )

@@ -76,7 +76,9 @@ async def mesh_link(core: RelayCore, config: RelayConfig, peer: MeshPeer, mesh_k
                 mesh_key=mesh_key,
                 connect_timeout=config.handshake_timeout,
             )
-        except (OSError, RelayError, trio.TooSlowError) as exc:
+        except (OSError, RelayError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            # BrokenResourceError: the TLS handshake failed (trio wraps the SSL error),
+            # e.g. the peer closed or reset the connection while it was restarting.
             log.warning("relay: mesh %s: connect failed: %r", peer.url, exc)
             await trio.sleep(config.mesh_retry)
             continue

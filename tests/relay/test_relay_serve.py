@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from functools import partial
 from pathlib import Path
 
 import h11
@@ -287,6 +288,29 @@ async def test_mesh_link_to_ourselves_is_ignored(tmp_path: Path) -> None:
         await wait_until(lambda: s.stats().refused_protocol >= 1)
         assert s2.stats().forwarded_keys == 0
         assert s.stats().watchers == 0
+
+
+async def test_a_mesh_peer_that_breaks_the_tls_handshake_is_retried_not_fatal(tmp_path: Path) -> None:
+    # A peer restarting: it accepts the connection and closes it at once, which fails
+    # the TLS handshake. The relay logs it and tries again; it does not stop.
+    accepted = 0
+
+    async def slam(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, slam, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        peer = MeshPeer(url=f"https://127.0.0.1:{port}/derp", cert_name="sha256-raw:" + "00" * 32)
+        async with running_relay(tmp_path, mesh_key="ab" * 32, mesh_with=(peer,), mesh_retry=0.01) as relay:
+            await wait_until(lambda: accepted >= 3, what="the link retried")
+            a, b = await pair(relay.url)
+            async with a, b:
+                await a.send(b.public_key, b"still relaying")
+                assert (await recv_packet(b)).data == b"still relaying"
+        nursery.cancel_scope.cancel()
 
 
 # -- TLS -------------------------------------------------------------------------------
