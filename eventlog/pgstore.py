@@ -214,6 +214,20 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
         );
         """,
     ),
+    (
+        "0007_append_lock_head",
+        """
+        CREATE FUNCTION tailledger_lock_head(lock_key BIGINT)
+            RETURNS TABLE (seq BIGINT, hash TEXT, recorded_at_us BIGINT)
+            LANGUAGE plpgsql VOLATILE AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(lock_key);
+            -- A statement of its own: its snapshot is taken once the lock is held, so
+            -- it sees the head the previous holder committed.
+            RETURN QUERY SELECT e.seq, e.hash, e.recorded_at_us FROM events e ORDER BY e.seq DESC LIMIT 1;
+        END $$;
+        """,
+    ),
 )
 
 #: Takes the liveness lock of the replica named by the parameter (see ``hold_liveness``).
@@ -355,6 +369,9 @@ _COLUMNS: Final = (
 _SELECT: Final = f"SELECT {_COLUMNS} FROM events "
 _INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _HEAD: Final = "SELECT seq, hash, recorded_at_us FROM events ORDER BY seq DESC LIMIT 1"
+_COPY: Final = f"COPY events ({_COLUMNS}) FROM STDIN"
+#: Takes :data:`APPEND_LOCK` (transaction-scoped), then reads the head (migration 0007).
+_LOCK_HEAD: Final = "SELECT * FROM tailledger_lock_head(%s)"
 
 
 def _row(r: tuple[Any, ...]) -> StoredRow:
@@ -493,10 +510,12 @@ class PostgresEventStore(EventStore):
 
         def work(conn: psycopg.Connection[Any]) -> list[AppendResult]:
             results: list[AppendResult] = []
+            # The lock and the head in one call; the rows by COPY (about twice as fast
+            # as an INSERT per row); acknowledged only once COMMIT has answered.
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                r = conn.execute(_LOCK_HEAD, (APPEND_LOCK,)).fetchone()
                 sent.append(True)
-                head = _head(conn)
+                head = Head(0, GENESIS_HASH, 0) if r is None else Head(int(r[0]), str(r[1]), int(r[2]))
                 seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
                 at_dt = from_micros(at)
                 rows: list[tuple[object, ...]] = []
@@ -528,8 +547,9 @@ class PostgresEventStore(EventStore):
                         prev = h
                     results.append(tuple(recorded))
                 if rows:
-                    with conn.cursor() as cur:
-                        cur.executemany(_INSERT, rows)
+                    with conn.cursor() as cur, cur.copy(_COPY) as copy:
+                        for row in rows:
+                            copy.write_row(row)
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
             return results
 
