@@ -31,7 +31,8 @@ from .errors import (
 )
 from .events import EVENT_TYPES, AnyEvent, Event
 from .log import Clock, EventLog
-from .store import AppendRequest, EventStore, Head, SQLiteEventStore, StoredRow, VerifyReport
+from .rows import AppendRequest, Head, StoredRow
+from .store import EventStore, SQLiteEventStore, VerifyReport
 from .upcast import register_upcaster, upcast
 
 __all__ = [

@@ -28,7 +28,8 @@ import msgspec
 
 from .envelope import GENESIS_HASH, Actor, chain_hash
 from .errors import ChainError, EventLogError
-from .store import EventStore, Head, StoredRow
+from .rows import Head, StoredRow
+from .store import EventStore
 
 __all__ = ["ExportLine", "export_lines", "import_export", "read_export", "row_line"]
 

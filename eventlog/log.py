@@ -28,7 +28,8 @@ from .cause import check_reason, current_cause, new_correlation_id
 from .envelope import Actor, RecordedEvent, to_micros
 from .errors import EventLogError, StoreUnavailableError
 from .events import AnyEvent
-from .store import AppendRequest, EventStore, Head
+from .rows import AppendRequest, Head
+from .store import EventStore
 
 __all__ = ["Clock", "EventLog"]
 

@@ -43,18 +43,31 @@ from typing import Any, Final, TypeVar
 import psycopg
 from psycopg import sql
 
-from .codec import encode_event
-from .envelope import GENESIS_HASH, RecordedEvent, chain_hash, from_micros
+from .envelope import GENESIS_HASH
 from .errors import (
-    ChainError,
     EventLogError,
-    ExpectedSequenceConflict,
     StoreClosedError,
     StoreUnavailableError,
 )
+from .rows import (
+    CHECKPOINT_COLUMNS,
+    COLUMNS,
+    AppendRequest,
+    AppendResult,
+    Head,
+    RowParams,
+    StoredRow,
+    checkpoint_from_row,
+    following,
+    paged,
+    row_params,
+    scan_where,
+    stage_append,
+    stored_row,
+)
 from .sidetables import SideTables
 from .signing import SignedCheckpoint
-from .store import AppendRequest, AppendResult, EventStore, Head, StoredRow
+from .store import EventStore
 
 __all__ = [
     "APPEND_LOCK",
@@ -362,25 +375,21 @@ def _short(exc: BaseException) -> str:
 
 # -- the store ------------------------------------------------------------------------
 
-_COLUMNS: Final = (
-    "seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
-    "correlation_id, reason"
-)
-_SELECT: Final = f"SELECT {_COLUMNS} FROM events "
-_INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_SELECT: Final = f"SELECT {COLUMNS} FROM events "
+_INSERT: Final = f"INSERT INTO events ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _HEAD: Final = "SELECT seq, hash, recorded_at_us FROM events ORDER BY seq DESC LIMIT 1"
-_COPY: Final = f"COPY events ({_COLUMNS}) FROM STDIN"
+_COPY: Final = f"COPY events ({COLUMNS}) FROM STDIN"
 #: Takes :data:`APPEND_LOCK` (transaction-scoped), then reads the head (migration 0007).
 _LOCK_HEAD: Final = "SELECT * FROM tailledger_lock_head(%s)"
 
 
-def _row(r: tuple[Any, ...]) -> StoredRow:
-    return StoredRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7], r[8], r[9], r[10])
+def _head_from(r: tuple[Any, ...] | None) -> Head:
+    """The head read by :data:`_HEAD` or :data:`_LOCK_HEAD` (``None``: an empty log)."""
+    return Head(0, GENESIS_HASH, 0) if r is None else Head(int(r[0]), str(r[1]), int(r[2]))
 
 
 def _head(conn: psycopg.Connection[Any]) -> Head:
-    r = conn.execute(_HEAD).fetchone()
-    return Head(0, GENESIS_HASH, 0) if r is None else Head(int(r[0]), str(r[1]), int(r[2]))
+    return _head_from(conn.execute(_HEAD).fetchone())
 
 
 def _listen(conn: psycopg.Connection[Any]) -> None:
@@ -509,78 +518,24 @@ class PostgresEventStore(EventStore):
         sent: list[bool] = []
 
         def work(conn: psycopg.Connection[Any]) -> list[AppendResult]:
-            results: list[AppendResult] = []
             # The lock and the head in one call; the rows by COPY (about twice as fast
             # as an INSERT per row); acknowledged only once COMMIT has answered.
             with conn.transaction():
                 r = conn.execute(_LOCK_HEAD, (APPEND_LOCK,)).fetchone()
                 sent.append(True)
-                head = Head(0, GENESIS_HASH, 0) if r is None else Head(int(r[0]), str(r[1]), int(r[2]))
-                seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
-                at_dt = from_micros(at)
-                rows: list[tuple[object, ...]] = []
-                for req in requests:
-                    if req.expected_seq is not None and req.expected_seq != seq:
-                        results.append(ExpectedSequenceConflict(req.expected_seq, seq))
-                        continue
-                    recorded: list[RecordedEvent] = []
-                    corr, reason, kind = req.correlation_id, req.reason, req.actor.kind.value
-                    for event in req.events:
-                        seq += 1
-                        data = encode_event(event)
-                        type_ = event.type_name()
-                        h = chain_hash(
-                            prev, seq=seq, recorded_at_us=at, actor_kind=kind,
-                            actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
-                            correlation_id=corr, reason=reason,
-                        )
-                        rows.append(
-                            (seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h, corr, reason)
-                        )
-                        recorded.append(
-                            RecordedEvent(
-                                seq=seq, recorded_at=at_dt, actor=req.actor, type=type_,
-                                schema=event.SCHEMA, event=event, prev_hash=prev, hash=h,
-                                correlation_id=corr, reason=reason,
-                            )
-                        )
-                        prev = h
-                    results.append(tuple(recorded))
+                results, rows = stage_append(requests, _head_from(r), now_us)
                 if rows:
                     with conn.cursor() as cur, cur.copy(_COPY) as copy:
                         for row in rows:
                             copy.write_row(row)
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(rows[-1][0])))
             return results
 
         return self._call(self._writer, "append", work, retry_if=lambda: not sent)
 
     def insert_rows(self, rows: Sequence[StoredRow]) -> None:
         """Write rows exactly as given (an import): each must extend the chain at the head."""
-        self._check_writable()
-
-        def work(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-                head = _head(conn)
-                seq, prev = head.seq, head.hash
-                for row in rows:
-                    if row.seq != seq + 1 or row.prev_hash != prev:
-                        raise ChainError(row.seq, f"does not follow the head (seq {seq})")
-                    seq, prev = row.seq, row.hash
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        _INSERT,
-                        [
-                            (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
-                             r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
-                            for r in rows
-                        ],
-                    )
-                if rows:
-                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-
-        self._call(self._writer, "import", work, retry_if=lambda: False)
+        self.import_rows(rows, batch=max(1, len(rows)))
 
     def import_rows(self, rows: Iterable[StoredRow], *, batch: int = 5000) -> int:
         """The whole import in one transaction: a failure (a row that does not verify,
@@ -592,18 +547,12 @@ class PostgresEventStore(EventStore):
             count = 0
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-                head = _head(conn)
-                seq, prev = head.seq, head.hash
-                pending: list[tuple[object, ...]] = []
+                pending: list[RowParams] = []
+                seq = 0
                 with conn.cursor() as cur:
-                    for r in rows:
-                        if r.seq != seq + 1 or r.prev_hash != prev:
-                            raise ChainError(r.seq, f"does not follow the head (seq {seq})")
-                        seq, prev = r.seq, r.hash
-                        pending.append(
-                            (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
-                             r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
-                        )
+                    for r in following(rows, _head(conn)):
+                        seq = r.seq
+                        pending.append(row_params(r))
                         if len(pending) >= batch:
                             cur.executemany(_INSERT, pending)
                             count += len(pending)
@@ -622,12 +571,9 @@ class PostgresEventStore(EventStore):
     def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
         def work(conn: psycopg.Connection[Any]) -> list[StoredRow]:
             cur = conn.execute(_SELECT + "WHERE seq > %s ORDER BY seq LIMIT %s", (after_seq, limit))
-            return [_row(r) for r in cur.fetchall()]
+            return [stored_row(r) for r in cur.fetchall()]
 
         return self._call(self._reader, "read", work)
-
-    def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        return [row.to_event() for row in self.read_rows(after_seq, limit)]
 
     def scan(
         self,
@@ -638,28 +584,19 @@ class PostgresEventStore(EventStore):
         types_containing: tuple[str, ...] = (),
         contains: tuple[bytes, ...] = (),
     ) -> Iterator[StoredRow]:
-        wanted = ["starts_with(type, %s)" for _ in type_prefixes]
-        args: list[object] = list(type_prefixes)
-        if types_containing and contains:
-            kinds = " OR ".join("starts_with(type, %s)" for _ in types_containing)
-            found = " OR ".join("position(%s::bytea in data) > 0" for _ in contains)
-            wanted.append(f"(({kinds}) AND ({found}))")
-            args += [*types_containing, *contains]
-        if not wanted:
+        found = scan_where(
+            type_prefixes, types_containing, contains,
+            starts=lambda _: "starts_with(type, %s)", has="position(%s::bytea in data) > 0",
+        )
+        if found is None:
             return
-        where = " OR ".join(wanted)
+        where, args = found
         query = (_SELECT + f"WHERE seq > %s AND seq <= %s AND ({where}) ORDER BY seq LIMIT 2000").encode()
 
         def page(conn: psycopg.Connection[Any], after: int) -> list[tuple[Any, ...]]:
             return conn.execute(query, (after, upto_seq, *args)).fetchall()
 
-        while True:
-            fetched = self._call(self._reader, "read", partial(page, after=after_seq))
-            if not fetched:
-                return
-            for r in fetched:
-                yield _row(r)
-            after_seq = int(fetched[-1][0])
+        yield from paged(lambda after: self._call(self._reader, "read", partial(page, after=after)), after_seq)
 
     def head(self) -> Head:
         return self._call(self._reader, "read", _head)
@@ -680,8 +617,7 @@ class PostgresEventStore(EventStore):
             self._writer,
             f"storing signed checkpoint {c.n}",
             lambda conn: conn.execute(
-                "INSERT INTO signed_checkpoints (n, seq, hash, signed_at_us, prev, public_key, "
-                "signature) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                f"INSERT INTO signed_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (c.n, c.seq, c.hash, c.signed_at_us, c.prev, c.public_key, c.signature),
             ),
         )
@@ -689,17 +625,9 @@ class PostgresEventStore(EventStore):
     def signed_checkpoints(self, after_n: int = 0) -> list[SignedCheckpoint]:
         def work(conn: psycopg.Connection[Any]) -> list[SignedCheckpoint]:
             rows = conn.execute(
-                "SELECT n, seq, hash, signed_at_us, prev, public_key, signature "
-                "FROM signed_checkpoints WHERE n > %s ORDER BY n",
-                (after_n,),
+                f"SELECT {CHECKPOINT_COLUMNS} FROM signed_checkpoints WHERE n > %s ORDER BY n", (after_n,)
             ).fetchall()
-            return [
-                SignedCheckpoint(
-                    n=r[0], seq=r[1], hash=r[2], signed_at_us=r[3], prev=r[4],
-                    public_key=r[5], signature=r[6],
-                )
-                for r in rows
-            ]
+            return [checkpoint_from_row(r) for r in rows]
 
         return self._call(self._reader, "read", work)
 

@@ -28,100 +28,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import msgspec
 import sqlite_utils
 
-from .codec import decode_event, encode_event
-from .envelope import GENESIS_HASH, Actor, ActorKind, RecordedEvent, chain_hash, from_micros
+from .envelope import GENESIS_HASH, RecordedEvent
 from .errors import (
     ChainError,
     EventLogError,
-    ExpectedSequenceConflict,
     StorageFullError,
     StoreClosedError,
 )
-from .events import AnyEvent
 from .migrations import MIGRATIONS
+from .rows import (
+    CHECKPOINT_COLUMNS,
+    COLUMNS,
+    AppendRequest,
+    AppendResult,
+    Head,
+    StoredRow,
+    checkpoint_from_row,
+    following,
+    paged,
+    row_params,
+    scan_where,
+    stage_append,
+    stored_row,
+)
 from .signing import SignedCheckpoint
 
-__all__ = [
-    "AppendRequest",
-    "EventStore",
-    "Head",
-    "SQLiteEventStore",
-    "StoredRow",
-    "VerifyReport",
-]
-
-
-class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Events to append atomically, all caused by ``actor``.
-
-    ``expected_seq`` is the head the caller decided against; ``None`` appends wherever the
-    head is (for events whose validity does not depend on state, such as a policy set
-    from a file that was already validated).
-    """
-
-    events: tuple[AnyEvent, ...]
-    actor: Actor
-    expected_seq: int | None = None
-    correlation_id: str = ""  # shared by the events of one request (see eventlog.cause)
-    reason: str = ""  # the operator's reason, stored with each event
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    """The newest event's sequence number and chain hash (0 and genesis when empty)."""
-
-    seq: int
-    hash: str
-    recorded_at_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRow:
-    """A row exactly as stored, for verification and export (no decoding)."""
-
-    seq: int
-    recorded_at_us: int
-    actor_kind: str
-    actor_id: str
-    type: str
-    schema: int
-    data: bytes
-    prev_hash: str
-    hash: str
-    correlation_id: str = ""
-    reason: str = ""
-
-    def to_event(self) -> RecordedEvent:
-        return RecordedEvent(
-            seq=self.seq,
-            recorded_at=from_micros(self.recorded_at_us),
-            actor=Actor(kind=ActorKind(self.actor_kind), id=self.actor_id),
-            type=self.type,
-            schema=self.schema,
-            event=decode_event(self.type, self.schema, self.data),
-            prev_hash=self.prev_hash,
-            hash=self.hash,
-            correlation_id=self.correlation_id,
-            reason=self.reason,
-        )
-
-    def computed_hash(self) -> str:
-        """This row's chain hash recomputed from its stored content."""
-        return chain_hash(
-            self.prev_hash,
-            seq=self.seq,
-            recorded_at_us=self.recorded_at_us,
-            actor_kind=self.actor_kind,
-            actor_id=self.actor_id,
-            type=self.type,
-            schema=self.schema,
-            data=self.data,
-            correlation_id=self.correlation_id,
-            reason=self.reason,
-        )
+__all__ = ["EventStore", "SQLiteEventStore", "VerifyReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +75,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return self.first_bad is None
-
-
-AppendResult = tuple[RecordedEvent, ...] | ExpectedSequenceConflict
 
 
 class EventStore(abc.ABC):
@@ -173,9 +104,9 @@ class EventStore(abc.ABC):
             EventLogError: the commit failed; nothing of the batch was appended.
         """
 
-    @abc.abstractmethod
     def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` events with ``seq > after_seq``, in order."""
+        return [row.to_event() for row in self.read_rows(after_seq, limit)]
 
     @abc.abstractmethod
     def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
@@ -337,25 +268,10 @@ class EventStore(abc.ABC):
             raise ChainError(report.first_bad, report.reason or "broken")
 
 
-_SELECT: Final = (
-    "SELECT seq, recorded_at_us, actor_kind, actor_id, type, schema, data, prev_hash, hash, "
-    "correlation_id, reason FROM events "
-)
+_SELECT: Final = f"SELECT {COLUMNS} FROM events "
 #: SQLite's primary result code for "database or disk is full" (sqlite3.h).
 _SQLITE_FULL: Final = 13
-_INSERT: Final = (
-    "INSERT INTO events (seq, recorded_at_us, actor_kind, actor_id, type, schema, data, "
-    "prev_hash, hash, correlation_id, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _converted(r: tuple[object, ...]) -> StoredRow:
-    """A fetched row whose columns need converting (a payload stored as TEXT)."""
-    data = r[6] if isinstance(r[6], bytes) else str(r[6]).encode()
-    return StoredRow(
-        int(str(r[0])), int(str(r[1])), str(r[2]), str(r[3]), str(r[4]), int(str(r[5])),
-        data, str(r[7]), str(r[8]), str(r[9]), str(r[10]),
-    )
+_INSERT: Final = f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class SQLiteEventStore(EventStore):
@@ -424,44 +340,12 @@ class SQLiteEventStore(EventStore):
         self._check_open()
         if self._read_only:
             raise EventLogError("the event store was opened read-only")
-        results: list[AppendResult] = []
         with self._lock:
             conn = self._writer
             try:
                 self._rollback(conn)  # a transaction left open by an earlier failure
                 conn.execute("BEGIN IMMEDIATE")
-                head = self._head(conn)
-                seq, prev, at = head.seq, head.hash, max(now_us, head.recorded_at_us)
-                at_dt = from_micros(at)
-                rows: list[tuple[int, int, str, str, str, int, bytes, str, str, str, str]] = []
-                for req in requests:
-                    if req.expected_seq is not None and req.expected_seq != seq:
-                        results.append(ExpectedSequenceConflict(req.expected_seq, seq))
-                        continue
-                    recorded: list[RecordedEvent] = []
-                    corr, reason = req.correlation_id, req.reason
-                    for event in req.events:
-                        seq += 1
-                        data = encode_event(event)
-                        type_ = event.type_name()
-                        kind = req.actor.kind.value
-                        h = chain_hash(
-                            prev, seq=seq, recorded_at_us=at, actor_kind=kind,
-                            actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
-                            correlation_id=corr, reason=reason,
-                        )
-                        rows.append(
-                            (seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h, corr, reason)
-                        )
-                        recorded.append(
-                            RecordedEvent(
-                                seq=seq, recorded_at=at_dt, actor=req.actor,
-                                type=type_, schema=event.SCHEMA, event=event, prev_hash=prev,
-                                hash=h, correlation_id=corr, reason=reason,
-                            )
-                        )
-                        prev = h
-                    results.append(tuple(recorded))
+                results, rows = stage_append(requests, self._head(conn), now_us)
                 conn.executemany(_INSERT, rows)
                 conn.execute("COMMIT")
             except BaseException as exc:
@@ -485,20 +369,7 @@ class SQLiteEventStore(EventStore):
             conn = self._writer
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                head = self._head(conn)
-                seq, prev = head.seq, head.hash
-                for row in rows:
-                    if row.seq != seq + 1 or row.prev_hash != prev:
-                        raise ChainError(row.seq, f"does not follow the head (seq {seq})")
-                    seq, prev = row.seq, row.hash
-                conn.executemany(
-                    _INSERT,
-                    [
-                        (r.seq, r.recorded_at_us, r.actor_kind, r.actor_id, r.type, r.schema,
-                         r.data, r.prev_hash, r.hash, r.correlation_id, r.reason)
-                        for r in rows
-                    ],
-                )
+                conn.executemany(_INSERT, [row_params(r) for r in following(rows, self._head(conn))])
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:
@@ -547,15 +418,7 @@ class SQLiteEventStore(EventStore):
                 fetched = cur.fetchall()
         except sqlite3.Error as exc:
             raise EventLogError(f"read failed: {exc}") from exc
-        # Rows come back with their declared types (the data column as bytes) except
-        # when a payload was stored as TEXT; only those take the converting path.
-        return [
-            StoredRow(*r) if type(r[6]) is bytes else _converted(r)
-            for r in fetched
-        ]
-
-    def read(self, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        return [row.to_event() for row in self.read_rows(after_seq, limit)]
+        return [stored_row(r) for r in fetched]
 
     def scan(
         self,
@@ -568,31 +431,26 @@ class SQLiteEventStore(EventStore):
     ) -> Iterator[StoredRow]:
         # The filter runs inside SQLite: a replay of one pair over a million events
         # reads only the rows that can matter to it.
-        wanted = [f"substr(type, 1, {len(p)}) = ?" for p in type_prefixes]
-        args: list[object] = list(type_prefixes)
-        if types_containing and contains:
-            kinds = " OR ".join(f"substr(type, 1, {len(p)}) = ?" for p in types_containing)
-            found = " OR ".join("instr(data, ?) > 0" for _ in contains)
-            wanted.append(f"(({kinds}) AND ({found}))")
-            args += [*types_containing, *contains]
-        if not wanted:
+        found = scan_where(
+            type_prefixes, types_containing, contains,
+            starts=lambda p: f"substr(type, 1, {len(p)}) = ?", has="instr(data, ?) > 0",
+        )
+        if found is None:
             return
-        where = " OR ".join(wanted)
-        while True:
+        where, args = found
+
+        def page(after: int) -> list[tuple[object, ...]]:
             self._check_open()
             try:
                 with self._reader_lock:
-                    fetched = self._reader.execute(
+                    return self._reader.execute(
                         self._select + f"WHERE seq > ? AND seq <= ? AND ({where}) ORDER BY seq LIMIT 2000",
-                        (after_seq, upto_seq, *args),
+                        (after, upto_seq, *args),
                     ).fetchall()
             except sqlite3.Error as exc:
                 raise EventLogError(f"read failed: {exc}") from exc
-            if not fetched:
-                return
-            for r in fetched:
-                yield StoredRow(*r) if type(r[6]) is bytes else _converted(r)
-            after_seq = int(fetched[-1][0])
+
+        yield from paged(page, after_seq)
 
     def head(self) -> Head:
         self._check_open()
@@ -618,8 +476,7 @@ class SQLiteEventStore(EventStore):
         try:
             with self._lock:
                 self._writer.execute(
-                    "INSERT INTO signed_checkpoints (n, seq, hash, signed_at_us, prev, public_key, "
-                    "signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO signed_checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (c.n, c.seq, c.hash, c.signed_at_us, c.prev, c.public_key, c.signature),
                 )
         except sqlite3.Error as exc:
@@ -630,21 +487,14 @@ class SQLiteEventStore(EventStore):
         try:
             with self._reader_lock:
                 rows = self._reader.execute(
-                    "SELECT n, seq, hash, signed_at_us, prev, public_key, signature "
-                    "FROM signed_checkpoints WHERE n > ? ORDER BY n",
+                    f"SELECT {CHECKPOINT_COLUMNS} FROM signed_checkpoints WHERE n > ? ORDER BY n",
                     (after_n,),
                 ).fetchall()
         except sqlite3.Error as exc:
             if "no such table" in str(exc):  # a read-only look at a log never migrated
                 return []
             raise EventLogError(f"read failed: {exc}") from exc
-        return [
-            SignedCheckpoint(
-                n=int(r[0]), seq=int(r[1]), hash=str(r[2]), signed_at_us=int(r[3]), prev=str(r[4]),
-                public_key=str(r[5]), signature=str(r[6]),
-            )
-            for r in rows
-        ]
+        return [checkpoint_from_row(r) for r in rows]
 
     def close(self) -> None:
         if self._closed:

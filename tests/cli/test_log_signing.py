@@ -12,9 +12,8 @@ from pathlib import Path
 import trio
 
 from cli.spawn import child_env, tailledger_argv
-from eventlog import GENESIS_HASH
+from eventlog import GENESIS_HASH, StoredRow
 from eventlog.signing import parse_anchor
-from eventlog.store import StoredRow
 from tests.support.waits import wait_until_sync
 
 from .server_process import free_port, running_server, serve_env

@@ -54,7 +54,7 @@ def _raw(path: Path) -> sqlite3.Connection:
 
 def _rehash_from(conn: sqlite3.Connection, seq: int) -> None:
     """What a careful forger does after an edit: recompute every hash from ``seq`` on."""
-    from eventlog.store import StoredRow
+    from eventlog import StoredRow
 
     prev = conn.execute("SELECT hash FROM events WHERE seq = ?", (seq - 1,)).fetchone()
     prev_hash = prev[0] if prev else GENESIS_HASH
