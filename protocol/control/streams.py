@@ -51,6 +51,7 @@ import trio.lowlevel
 from projections import Tailnet
 from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
+from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.tailcfg import DERPMap, DNSConfig
@@ -319,13 +320,7 @@ class MapStreams:
         """Put a new DERP map in force; every open stream sends it. Returns whether it changed."""
         if derp_map == self.settings.netmap.derp_map:
             return False
-        netmap = dataclasses.replace(self.settings.netmap, derp_map=derp_map)
-        self.settings = dataclasses.replace(self.settings, netmap=netmap)
-        self.hub.settings = netmap
-        self._publish()
-        for group in range(WAKE_GROUPS):
-            self._wake_group(group)
-        self._wake_pending = False
+        self._put_netmap(dataclasses.replace(self.settings.netmap, derp_map=derp_map))
         return True
 
     def set_dns(self, dns: DNSConfig | None) -> bool:
@@ -333,14 +328,17 @@ class MapStreams:
         in the log); every open stream sends it. Returns whether it changed."""
         if dns == self.settings.netmap.dns:
             return False
-        netmap = dataclasses.replace(self.settings.netmap, dns=dns)
+        self._put_netmap(dataclasses.replace(self.settings.netmap, dns=dns))
+        return True
+
+    def _put_netmap(self, netmap: NetmapSettings) -> None:
+        """Publish new tailnet-wide map settings at once and wake every stream."""
         self.settings = dataclasses.replace(self.settings, netmap=netmap)
         self.hub.settings = netmap
         self._publish()
         for group in range(WAKE_GROUPS):
             self._wake_group(group)
         self._wake_pending = False
-        return True
 
     # -- the hub: one place computes what changed, every stream reads it ---------------
 
