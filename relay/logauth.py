@@ -12,12 +12,12 @@ Key expiry that happens by the passage of time is caught by a periodic re-check.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 import trio
 
-from projections import ProjectionRunner, TailnetState
+from projections import Delta, ProjectionRunner, TailnetState
 
 __all__ = ["LogAuthorizer"]
 
@@ -39,21 +39,46 @@ class LogAuthorizer:
     def __init__(self, runner: ProjectionRunner, *, clock: Callable[[], datetime] = _utcnow) -> None:
         self.runner = runner
         self._clock = clock
-        self._keys: set[bytes] = set()
-
-    def _authorized(self, state: TailnetState) -> set[bytes]:
-        now = self._clock()
-        return {bytes.fromhex(n.node_key) for n in state.nodes.values() if not n.is_expired(now)}
+        # Node id -> its authorized key, and how many authorized nodes hold each key
+        # (a key stays authorized while any node holding it is).
+        self._by_node: dict[int, bytes] = {}
+        self._holders: dict[bytes, int] = {}
 
     def is_authorized(self, node_key: bytes) -> bool:
-        return node_key in self._keys
+        return node_key in self._holders
 
-    def refresh(self) -> set[bytes]:
-        """Recompute the authorized set; return the keys that lost authorization."""
-        new = self._authorized(self.runner.state)
-        lost = self._keys - new
-        self._keys = new
-        return lost
+    def refresh(self, state: TailnetState | None = None) -> set[bytes]:
+        """Recompute the authorized set from every node of ``state`` (the runner's by
+        default; at start and periodically, for keys that expire by the passage of
+        time); return the keys that lost authorization."""
+        if state is None:
+            state = self.runner.state
+        return self._recheck(state, {*state.nodes.keys(), *self._by_node})
+
+    def apply(self, state: TailnetState, delta: Delta) -> set[bytes]:
+        """Bring the authorized set to ``state`` after ``delta``, looking only at the
+        nodes it changed or removed; return the keys that lost authorization."""
+        return self._recheck(state, delta.nodes_changed | delta.nodes_removed)
+
+    def _recheck(self, state: TailnetState, node_ids: Iterable[int]) -> set[bytes]:
+        now = self._clock()
+        dropped: set[bytes] = set()
+        for nid in node_ids:
+            node = state.nodes.get(nid)
+            key = None if node is None or node.is_expired(now) else bytes.fromhex(node.node_key)
+            old = self._by_node.get(nid)
+            if old == key:
+                continue
+            if old is not None:
+                del self._by_node[nid]
+                self._holders[old] -= 1
+                if not self._holders[old]:
+                    del self._holders[old]
+                    dropped.add(old)
+            if key is not None:
+                self._by_node[nid] = key
+                self._holders[key] = self._holders.get(key, 0) + 1
+        return dropped - self._holders.keys()
 
     async def run(
         self,
@@ -66,9 +91,15 @@ class LogAuthorizer:
         with self.runner.subscribe() as sub:
             self.refresh()
             task_status.started()
+            due = trio.current_time() + recheck
             while True:
-                with trio.move_on_after(recheck):
-                    await sub.next()
-                for key in self.refresh():
+                lost: set[bytes] = set()
+                with trio.move_on_at(due):
+                    state, delta = await sub.next()
+                    lost = self.apply(state, delta)
+                if trio.current_time() >= due:
+                    lost |= self.refresh()
+                    due = trio.current_time() + recheck
+                for key in lost:
                     closed = revoke(key)
                     log.info("relay: revoked %s… (%d connection(s) closed)", key.hex()[:16], closed)
