@@ -33,12 +33,13 @@ from eventlog.events import PolicySet
 from projections import commands as c
 from projections.errors import CommandError
 from projections.policy.ipset import prefix_str
+from projections.policy.tailnet import Tailnet as PolicyTailnet
 from projections.policystate import PolicyCompiler, auto_approvals
 from projections.presence import PresenceTable
 from projections.service import Tailnet
 from projections.state import TailnetState
 
-__all__ = ["AUTO_APPROVER_ACTOR", "HA_ACTOR", "PolicyAutoApprover", "RouteFailover"]
+__all__ = ["AUTO_APPROVER_ACTOR", "HA_ACTOR", "PolicyAutoApprover", "RouteFailover", "subnet_routers"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,16 @@ class PolicyAutoApprover:
                 await wake.wait()
 
 
+def subnet_routers(tailnet: PolicyTailnet) -> dict[str, list[int]]:
+    """Prefix -> the nodes serving it as a subnet route, in id order: from the
+    tailnet's router list (kept across compiles), not from every node."""
+    routers: dict[str, list[int]] = {}
+    for info in tailnet.routers():
+        for route in info.subnet_routes:
+            routers.setdefault(prefix_str(route), []).append(info.id)
+    return routers
+
+
 class RouteFailover:
     """Keeps the recorded primary of every subnet prefix on an online router."""
 
@@ -139,10 +150,7 @@ class RouteFailover:
 
     def _decide(self, state: TailnetState, *, failover: bool) -> c.Decision[int]:
         compiled = self.policy.compiled(state)
-        routers: dict[str, list[int]] = {}
-        for info in compiled.tailnet.iter_nodes():
-            for route in info.subnet_routes:
-                routers.setdefault(prefix_str(route), []).append(info.id)
+        routers = subnet_routers(compiled.tailnet)
         elected = {prefix_str(p): n for p, n in compiled.primaries.items()}
         return c.decide_route_primaries(state, elected, routers, self._online, failover=failover)
 
