@@ -110,16 +110,21 @@ class StoreHealth:
 
 # -- schema ---------------------------------------------------------------------------
 
-_APPEND_ONLY: Final = """
-CREATE FUNCTION tailledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'the event log is append-only';
-END $$;
-CREATE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON events
-    FOR EACH ROW EXECUTE FUNCTION tailledger_append_only();
-CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION tailledger_append_only();
-"""
+
+def _append_only(table: str, function: str, message: str) -> str:
+    """SQL that makes ``table`` refuse updates, deletes and truncation with ``message``,
+    through the trigger function ``function``."""
+    return f"""
+        CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION '{message}';
+        END $$;
+        CREATE TRIGGER {table}_no_update BEFORE UPDATE OR DELETE ON {table}
+            FOR EACH ROW EXECUTE FUNCTION {function}();
+        CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION {function}();
+        """
+
 
 #: Versioned migrations, in order: (name, SQL). Never edit one that shipped; add one.
 MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
@@ -141,7 +146,7 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
         );
         CREATE INDEX events_recorded_at ON events (recorded_at_us);
         """
-        + _APPEND_ONLY,
+        + _append_only("events", "tailledger_append_only", "the event log is append-only"),
     ),
     (
         "0002_side_tables",
@@ -182,15 +187,10 @@ MIGRATIONS: Final[tuple[tuple[str, str], ...]] = (
             public_key   TEXT   NOT NULL,
             signature    TEXT   NOT NULL
         );
-        CREATE FUNCTION tailledger_checkpoints_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            RAISE EXCEPTION 'signed checkpoints are append-only';
-        END $$;
-        CREATE TRIGGER signed_checkpoints_no_update BEFORE UPDATE OR DELETE ON signed_checkpoints
-            FOR EACH ROW EXECUTE FUNCTION tailledger_checkpoints_append_only();
-        CREATE TRIGGER signed_checkpoints_no_truncate BEFORE TRUNCATE ON signed_checkpoints
-            FOR EACH STATEMENT EXECUTE FUNCTION tailledger_checkpoints_append_only();
-        """,
+        """
+        + _append_only(
+            "signed_checkpoints", "tailledger_checkpoints_append_only", "signed checkpoints are append-only"
+        ),
     ),
     (
         "0004_presence_live",
@@ -356,6 +356,21 @@ class _Connection:
             with contextlib.suppress(Exception):
                 conn.close()
             self._failed(exc)
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a notification on this (listening)
+        connection; ``True`` when one came. An error counts as "no news" (the caller
+        polls): the connection is dropped and the wait lasts the shortest back-off."""
+        with self.lock:
+            try:
+                conn = self.get()
+                for _ in conn.notifies(timeout=timeout, stop_after=1):
+                    return True
+                return False
+            except (psycopg.Error, EventLogError) as exc:
+                self.broken(exc)
+        time.sleep(min(timeout, _BACKOFF_MIN))
+        return False
 
     @property
     def healthy(self) -> bool:
@@ -634,18 +649,7 @@ class PostgresEventStore(EventStore):
     def wait_for_append(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for an append by anyone (this store included);
         ``True`` when one was announced. Errors count as "no news" (the caller polls)."""
-        if self._closed:
-            return False
-        with self._listener.lock:
-            try:
-                conn = self._listener.get()
-                for _ in conn.notifies(timeout=timeout, stop_after=1):
-                    return True
-                return False
-            except (psycopg.Error, EventLogError) as exc:
-                self._listener.broken(exc)
-        time.sleep(min(timeout, _BACKOFF_MIN))
-        return False
+        return not self._closed and self._listener.wait(timeout)
 
     def close(self) -> None:
         if self._closed:
@@ -851,19 +855,7 @@ class PostgresSideTables(SideTables):
 
     def wait_presence(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for a presence notification by anyone."""
-        if self._closed:
-            return False
-        listen = self._listener()
-        with listen.lock:
-            try:
-                conn = listen.get()
-                for _ in conn.notifies(timeout=timeout, stop_after=1):
-                    return True
-                return False
-            except (psycopg.Error, EventLogError) as exc:
-                listen.broken(exc)
-        time.sleep(min(timeout, _BACKOFF_MIN))
-        return False
+        return not self._closed and self._listener().wait(timeout)
 
     def _run(self, what: str, fn: Callable[[Any], T], *, write: bool = True) -> T:
         if self._closed:
