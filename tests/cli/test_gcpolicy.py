@@ -4,13 +4,11 @@ collects cycles (young ones at every step, frozen ones at the full step)."""
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
 import trio
-import trio.lowlevel
 
 from cli import gcpolicy
 from cli.gcpolicy import manage_gc
@@ -59,21 +57,28 @@ async def test_freezes_then_collects_young_and_later_frozen_cycles(
     assert all(k.me is k for k in kept)
 
 
-async def _burn(seconds: float) -> None:
-    """Use ``seconds`` of CPU, letting other tasks run in between."""
-    end = time.process_time() + seconds
-    while time.process_time() < end:
-        sum(range(10_000))
-        await trio.lowlevel.checkpoint()
+class _CpuClock:
+    """The process's CPU clock as the policy sees it, moved by the test: how busy each
+    tick was is what the test says, not what a loaded machine makes of it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def burn(self, seconds: float) -> None:
+        self.now += seconds
 
 
 async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(
     monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
-    # Virtual time moved by hand, one tick at a time: the CPU a tick sees is what the
-    # test burnt since the last one, never what a loaded machine's delays add.
+    # Virtual time and virtual CPU time, both moved by hand one tick at a time: the
+    # policy's decisions depend only on the work the test says it did.
     trims: list[float] = []
     monkeypatch.setattr(gcpolicy, "_trim", lambda: trims.append(trio.current_time()))
+    cpu = _CpuClock()
 
     async def tick() -> None:
         mock_clock.jump(0.2)
@@ -81,15 +86,16 @@ async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: manage_gc(
-            interval=3600.0, trim_interval=0.2, trim_work=0.05, task_status=task_status
+            interval=3600.0, trim_interval=0.2, trim_work=0.05, cpu_time=cpu, task_status=task_status
         ))
         await trio.testing.wait_all_tasks_blocked()
         trims.clear()  # the first step trims
         for _ in range(5):
+            cpu.burn(0.001)  # a little housekeeping: not a burst
             await tick()
         assert trims == [], "an idle process trimmed"
         for _ in range(4):
-            await _burn(0.1)  # busy through several ticks
+            cpu.burn(0.1)  # busy through several ticks
             await tick()
         assert trims == [], "a busy process trimmed"
         await tick()  # the first quiet tick after the burst
