@@ -4,14 +4,19 @@ Each migration runs in a transaction together with the row that records it. The
 ``events`` table is append-only: triggers refuse UPDATE and DELETE, so an accidental
 write through the SQL shell fails loudly. (A determined editor can drop the triggers;
 that is what the hash chain and ``tailledger log verify`` are for.)
+
+:func:`connect` and :func:`prepare` open the database the same way for the event store
+and the side tables that share its file.
 """
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-__all__ = ["MIGRATIONS"]
+__all__ = ["MIGRATIONS", "connect", "prepare"]
 
 MIGRATIONS = Migrations("tailledger.eventlog")
 
@@ -111,3 +116,27 @@ def create_signed_checkpoints(db: Database) -> None:
         "CREATE TRIGGER signed_checkpoints_no_delete BEFORE DELETE ON signed_checkpoints "
         "BEGIN SELECT RAISE(ABORT, 'signed checkpoints are append-only'); END"
     )
+
+
+def connect(path: str, *, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """A connection to the log's database at ``path`` as the stores use one: usable from
+    any thread, in autocommit (transactions are explicit), waiting up to 10 s for
+    another writer's lock. ``read_only`` opens it for reading only; ``immutable`` (with
+    it) also promises SQLite that nobody writes the file."""
+    if read_only:
+        uri = f"file:{path}?mode=ro" + ("&immutable=1" if immutable else "")
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def prepare(conn: sqlite3.Connection, path: str, *, synchronous: str) -> None:
+    """Make the database at ``path`` ready for writing through ``conn``: WAL mode (for a
+    file), the ``synchronous`` pragma, and the migrations it lacks."""
+    db = Database(conn)
+    if path != ":memory:":
+        db.enable_wal()
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    MIGRATIONS.apply(db)

@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import msgspec
-import sqlite_utils
 
 from .envelope import from_micros, to_micros
 from .errors import EventLogError, StoreClosedError
-from .migrations import MIGRATIONS
+from .migrations import connect, prepare
 
 __all__ = [
     "Admission",
@@ -144,13 +143,8 @@ class SideTables:
         self._lock = threading.Lock()
         self._closed = False
         try:
-            self._conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA busy_timeout=10000")
-            db = sqlite_utils.Database(self._conn)
-            if self._path != ":memory:":
-                db.enable_wal()
-            self._conn.execute(f"PRAGMA synchronous={synchronous}")
-            MIGRATIONS.apply(db)
+            self._conn = connect(self._path)
+            prepare(self._conn, self._path, synchronous=synchronous)
         except sqlite3.Error as exc:
             raise EventLogError(f"cannot open the side tables at {self._path}: {exc}") from exc
 

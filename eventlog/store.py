@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import sqlite_utils
-
 from .envelope import GENESIS_HASH, RecordedEvent
 from .errors import (
     ChainError,
@@ -37,7 +35,7 @@ from .errors import (
     StorageFullError,
     StoreClosedError,
 )
-from .migrations import MIGRATIONS
+from .migrations import connect, prepare
 from .rows import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
@@ -300,11 +298,7 @@ class SQLiteEventStore(EventStore):
         try:
             self._writer = self._connect()
             if not read_only:
-                db = sqlite_utils.Database(self._writer)
-                if not self._memory:
-                    db.enable_wal()
-                self._writer.execute(f"PRAGMA synchronous={synchronous}")
-                MIGRATIONS.apply(db)
+                prepare(self._writer, self._path, synchronous=synchronous)
         except sqlite3.Error as exc:
             raise EventLogError(f"cannot open the event log at {self._path}: {exc}") from exc
         # Readers use their own connection so they never wait for a writer (WAL).
@@ -320,13 +314,7 @@ class SQLiteEventStore(EventStore):
                 self._select = _SELECT.replace("correlation_id, reason", "'' AS correlation_id, '' AS reason")
 
     def _connect(self) -> sqlite3.Connection:
-        if self._read_only:
-            uri = f"file:{self._path}?mode=ro" + ("&immutable=1" if self._immutable else "")
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-        else:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
-        return conn
+        return connect(self._path, read_only=self._read_only, immutable=self._immutable)
 
     @property
     def path(self) -> str:
