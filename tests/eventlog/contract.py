@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Sequence
 
 import pytest
 
@@ -25,6 +26,26 @@ from tests.conftest import ADMIN
 
 def user(uid: int) -> UserCreated:
     return UserCreated(user_id=uid, name=f"user{uid}")
+
+
+def race(stores: Sequence[EventStore], expected_seq: int) -> list[object]:
+    """Each of ``stores`` (one store may stand several times) appends ``user(i)`` for
+    its 1-based place ``i`` at once, all expecting ``expected_seq``; the outcomes, in
+    the order they came."""
+    outcomes: list[object] = []
+    barrier = threading.Barrier(len(stores))
+
+    def writer(store: EventStore, i: int) -> None:
+        barrier.wait()
+        [r] = store.append_batch([AppendRequest(events=(user(i),), actor=ADMIN, expected_seq=expected_seq)], i)
+        outcomes.append(r)
+
+    threads = [threading.Thread(target=writer, args=(s, i)) for i, s in enumerate(stores, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
 
 
 def appended(result: object) -> tuple[RecordedEvent, ...]:
@@ -87,21 +108,7 @@ class StoreContract(abc.ABC):
 
     def test_concurrent_writers_cannot_both_win(self) -> None:
         store = self.make_store()
-        outcomes: list[object] = []
-        barrier = threading.Barrier(8)
-
-        def writer(i: int) -> None:
-            barrier.wait()
-            [r] = store.append_batch(
-                [AppendRequest(events=(user(i),), actor=ADMIN, expected_seq=0)], i
-            )
-            outcomes.append(r)
-
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(1, 9)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outcomes = race([store] * 8, expected_seq=0)
         winners = [o for o in outcomes if isinstance(o, tuple)]
         assert len(winners) == 1
         assert store.head().seq == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -14,7 +13,7 @@ from tests.conftest import ADMIN
 from tests.pgserver import PgServer
 from tests.support.waits import wait_until_sync
 
-from .contract import StoreContract, user
+from .contract import StoreContract, race, user
 
 
 class TestPostgresStore(StoreContract):
@@ -43,24 +42,7 @@ def test_two_replicas_can_never_both_win(pg_dsn: str) -> None:
     stores = [PostgresEventStore(pg_dsn) for _ in range(8)]
     try:
         for round_ in range(5):
-            barrier = threading.Barrier(len(stores))
-            outcomes: list[object] = []
-
-            def writer(
-                store: PostgresEventStore, i: int, expected: int = round_,
-                barrier: threading.Barrier = barrier, outcomes: list[object] = outcomes,
-            ) -> None:
-                barrier.wait()
-                [r] = store.append_batch(
-                    [AppendRequest(events=(user(i),), actor=ADMIN, expected_seq=expected)], i
-                )
-                outcomes.append(r)
-
-            threads = [threading.Thread(target=writer, args=(s, i)) for i, s in enumerate(stores, 1)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            outcomes = race(stores, expected_seq=round_)
             winners = [o for o in outcomes if isinstance(o, tuple)]
             assert len(winners) == 1
             assert all(isinstance(o, ExpectedSequenceConflict) for o in outcomes if o not in winners)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eventlog import GENESIS_HASH, AppendRequest, SQLiteEventStore
+from eventlog import GENESIS_HASH, AppendRequest, SQLiteEventStore, StoredRow
 from eventlog.audit import audit_log
 from eventlog.signing import (
     SignedCheckpoint,
@@ -52,10 +52,11 @@ def _raw(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _rehash_from(conn: sqlite3.Connection, seq: int) -> None:
-    """What a careful forger does after an edit: recompute every hash from ``seq`` on."""
-    from eventlog import StoredRow
-
+def _forge(conn: sqlite3.Connection, seq: int) -> None:
+    """What a careful forger does: rename the user created at ``seq`` (its payload edited
+    in place), then recompute every hash from ``seq`` on."""
+    data = f'{{"type":"user.created","user_id":{seq},"name":"mallory"}}'.encode()
+    conn.execute("UPDATE events SET data = ? WHERE seq = ?", (data, seq))
     prev = conn.execute("SELECT hash FROM events WHERE seq = ?", (seq - 1,)).fetchone()
     prev_hash = prev[0] if prev else GENESIS_HASH
     rows = conn.execute(
@@ -88,8 +89,7 @@ def test_trigger_drop_edit_and_full_rehash_is_caught(tmp_path: Path, signer: Sig
     path = tmp_path / "log.db"
     _build(path, signer)
     conn = _raw(path)
-    conn.execute("UPDATE events SET data = ? WHERE seq = 7", (b'{"type":"user.created","user_id":7,"name":"mallory"}',))
-    _rehash_from(conn, 7)
+    _forge(conn, 7)
     store = SQLiteEventStore(path)
     assert store.verify().ok  # the chain alone is fooled …
     report = audit_log(store, public_key=signer.public_key)
@@ -102,8 +102,7 @@ def test_rehash_with_re_signed_checkpoints_fails_on_the_trusted_key(tmp_path: Pa
     path = tmp_path / "log.db"
     _build(path, signer)
     conn = _raw(path)
-    conn.execute("UPDATE events SET data = ? WHERE seq = 2", (b'{"type":"user.created","user_id":2,"name":"mallory"}',))
-    _rehash_from(conn, 2)
+    _forge(conn, 2)
     # The forger signs the new history with a key of their own.
     conn.execute("DELETE FROM signed_checkpoints")
     own = Signer.generate()
@@ -118,13 +117,23 @@ def test_rehash_with_re_signed_checkpoints_fails_on_the_trusted_key(tmp_path: Pa
     assert "does not verify against the public key" in (report.reason or "")
 
 
-def test_truncation_is_caught_by_a_signed_checkpoint(tmp_path: Path, signer: Signer) -> None:
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "reason"),
+    [
+        ("DELETE FROM events WHERE seq > 8", 9, "truncated"),
+        ("UPDATE signed_checkpoints SET seq = 4 WHERE n = 1", 1, "does not verify"),
+    ],
+    ids=["truncated-log", "altered-checkpoint"],
+)
+def test_tampering_is_caught_by_a_signed_checkpoint(
+    tmp_path: Path, signer: Signer, tamper: str, first_bad: int, reason: str
+) -> None:
     path = tmp_path / "log.db"
     _build(path, signer)
-    _raw(path).execute("DELETE FROM events WHERE seq > 8")
+    _raw(path).execute(tamper)
     report = audit_log(SQLiteEventStore(path), public_key=signer.public_key)
-    assert report.first_bad == 9
-    assert "truncated" in (report.reason or "")
+    assert report.first_bad == first_bad
+    assert reason in (report.reason or "")
 
 
 def test_truncation_with_its_checkpoints_removed_is_caught_by_an_anchor(tmp_path: Path, signer: Signer) -> None:
@@ -160,15 +169,6 @@ def test_a_deleted_signed_checkpoint_is_caught(tmp_path: Path, signer: Signer) -
     report = audit_log(SQLiteEventStore(path), public_key=signer.public_key, anchors=[third])
     assert not report.ok
     assert any("signed checkpoint 3 named by an anchor is missing" in p.reason for p in report.problems)
-
-
-def test_an_altered_signed_checkpoint_is_caught(tmp_path: Path, signer: Signer) -> None:
-    path = tmp_path / "log.db"
-    _build(path, signer)
-    _raw(path).execute("UPDATE signed_checkpoints SET seq = 4 WHERE n = 1")
-    report = audit_log(SQLiteEventStore(path), public_key=signer.public_key)
-    assert report.first_bad == 1
-    assert "does not verify" in (report.reason or "")
 
 
 def test_a_forged_anchor_is_refused(tmp_path: Path, signer: Signer) -> None:
