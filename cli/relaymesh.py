@@ -11,8 +11,12 @@ every ``poll`` seconds:
   one killed with -9 drops out as soon as PostgreSQL notices its session is gone;
 * keeps one mesh link to each other live relay, and closes the link to a relay that
   left;
-* hands the live relays' DERP nodes to ``on_nodes`` (the caller puts them, sorted by
-  replica, as the nodes of the one embedded region of the DERP map it serves).
+* hands the live relays' DERP nodes to ``on_nodes``, its own first, then the others
+  by replica name (the caller makes them the nodes of the one embedded region of the
+  DERP map it serves). A client homes on the first node of a region it can reach, so
+  the clients of each replica use that replica's relay (the relays share the load) and
+  reach the clients of other replicas through the mesh; when a relay fails, its
+  clients move to the next node.
 
 The relays authenticate each other with the region's mesh key:
 :func:`shared_mesh_key` takes ``derp.server.mesh_key`` when configured, else the key
@@ -93,8 +97,8 @@ async def mesh_replicas(
         directory: the shared table of relays.
         replica: this replica's name (the one its liveness lock is taken for).
         own_node: this relay's DERP map node (its name distinct within the region).
-        on_nodes: receives the nodes of every live replica's relay, by replica name,
-            each time the set changes (first before ``task_status.started``, when the
+        on_nodes: receives the nodes of every live replica's relay, this one's first,
+            then by replica name, each time the set changes (first before ``task_status.started``, when the
             database answers).
         own_peer: how the others dial this relay (:class:`relay.serve.MeshPeer`
             fields); by default :func:`mesh_peer_of` ``own_node``.
@@ -126,8 +130,10 @@ async def mesh_replicas(
             except msgspec.DecodeError:
                 log.warning("relay: the relay of replica %s is unreadable; left out", name)
                 continue
-            nodes.append(node)
-            if name != replica:
+            if name == replica:
+                nodes.insert(0, node)
+            else:
+                nodes.append(node)
                 peers[peer.url] = peer
         for url in sorted(linked - peers.keys()):
             relay.remove_mesh_peer(url)

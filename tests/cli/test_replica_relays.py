@@ -45,8 +45,13 @@ async def test_clients_of_two_replicas_meet_through_their_meshed_relays(pg_dsn: 
             b: Server = await nursery.start(run_b)
             assert a.relay is not None and b.relay is not None
             relay_a, relay_b = a.relay, b.relay
-            both = sorted([f"999-{a.replica_id}", f"999-{b.replica_id}"])
-            await wait_until(lambda: _region_nodes(a) == _region_nodes(b) == both, what="one region, two nodes")
+            node_a, node_b = f"999-{a.replica_id}", f"999-{b.replica_id}"
+            # One region of two nodes; each replica lists its own relay first, so its
+            # clients home there.
+            await wait_until(
+                lambda: _region_nodes(a) == [node_a, node_b] and _region_nodes(b) == [node_b, node_a],
+                what="one region, two nodes",
+            )
             await wait_until(lambda: len(relay_a.mesh_peers) == 1 and len(relay_b.mesh_peers) == 1)
 
             # Two registered nodes, each homed on the relay of a different replica.
