@@ -24,6 +24,7 @@ import ssl
 import urllib.parse
 from collections.abc import Mapping
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -409,14 +410,21 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
             control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
     region = _EmbeddedRegion(embedded)
     if replicas is not None and relay is not None and embedded is not None and embedded.nodes:
-        from .relaymesh import mesh_replicas
+        from .relaymesh import mesh_peer_of, mesh_replicas
 
         def on_nodes(nodes: list[DERPNode]) -> None:
             # Every live replica's relay is a node of the one embedded region.
             region.set(nodes)
             control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=region.current))
 
-        await nursery.start(mesh_replicas, relay, replicas, server.replica_id, embedded.nodes[0], on_nodes)
+        own = embedded.nodes[0]
+        own_peer = mesh_peer_of(own)
+        if relay.config.tls == "off" and relay.config.listen_port is not None and not ds.public_derp_port:
+            # A plain-HTTP listener of its own with no TLS proxy in front: dialled as is.
+            own_peer["url"] = str(own_peer["url"]).replace("https://", "http://", 1)
+        await nursery.start(
+            partial(mesh_replicas, own_peer=own_peer), relay, replicas, server.replica_id, own, on_nodes
+        )
     interval = parse_duration(config.derp.auto_update_interval)
     if interval is not None and (config.derp.paths or config.derp.urls):
         nursery.start_soon(_refresh_derp_map, config, control, region, interval.total_seconds())

@@ -18,6 +18,7 @@ import pytest
 from .caddy import CaddyNodeSpec
 from .harness import E2EHarness
 from .netns import LOOPBACK, NetNamespace
+from .test_relay_e2e import relay_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +54,39 @@ def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str
     while "tag:web" not in ((b.view().self_node or {}).get("Tags") or []):
         assert time.monotonic() < deadline, "the tag set through replica A never reached the client of B"
         time.sleep(0.2)
+
+
+def test_clients_of_two_replicas_talk_through_the_meshed_relays(
+    caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path
+) -> None:
+    shared = {
+        "TAILLEDGER_DATABASE__TYPE": "postgres",
+        "TAILLEDGER_DATABASE__DSN": pg_dsn,
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
+    }
+    replica_a = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
+    replica_b = caddy_e2e.start_control_server(name="replica-b", env_extra=shared)
+    key = caddy_e2e.preauth_key(replica_a)
+    # Relayed traffic only: each client homes on its own replica's relay (listed first
+    # in the map that replica serves), so every packet between them crosses the mesh.
+    derp_only = {"TS_DEBUG_ALWAYS_USE_DERP": "1"}
+    a = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodea", control_url=replica_a.control_url, auth_key=key), env_extra=derp_only
+    )
+    b = caddy_e2e.start_caddy_node(
+        CaddyNodeSpec("nodeb", control_url=replica_b.control_url, auth_key=key), env_extra=derp_only
+    )
+    view_a = a.wait_for_peers({"nodeb"}, timeout=90)
+    b.wait_for_peers({"nodea"}, timeout=90)
+    deadline = time.monotonic() + 60  # a guard against hanging, not a timing assertion
+    while len(((a.view().derp_map or {}).get("Regions") or {}).get("999", {}).get("Nodes") or []) < 2:
+        assert time.monotonic() < deadline, "the map never listed both replicas' relays"
+        time.sleep(0.2)
+
+    resp = a.fetch(f"{view_a.ipv4('nodeb')}:80", timeout=90)
+    assert (resp.status, resp.text) == (200, "hello from nodeb")
+    forwarded = [relay_metrics(caddy_e2e, r)["packets_forwarded_out"] for r in (replica_a, replica_b)]
+    assert all(n > 0 for n in forwarded), forwarded  # each relay forwarded to the other
 
 
 class _SwitchingProxy:
