@@ -3,8 +3,11 @@
 ``fold.apply(state, event) -> (state, delta)`` is the heart; ``commands`` decides new
 events against a state; ``runner`` keeps the state current by tailing the log;
 ``service.Tailnet`` runs commands; ``checkpoint`` saves folded states; ``ipam``
-allocates addresses. Subpackages: ``policy`` (the policy engine), ``tailcfg`` (wire
-types of the netmaps these projections produce), ``derpmap``.
+allocates addresses; ``netmap`` builds one node's map; ``presence`` holds the
+fast-changing facts kept beside the log; ``tailcfg`` has the wire types of the netmaps
+these projections produce and ``derpmap`` the DERP map. Subpackages: ``policy`` (the
+policy engine), ``mapviews`` (peer views shared by the map streams of nodes that see
+the tailnet alike) and ``replay`` (answers about the past, from the log alone).
 
 Layering: imports ``eventlog`` only; ``protocol``, ``relay`` and ``cli`` import this.
 """
