@@ -24,6 +24,15 @@ Layers, bottom-up (sans-I/O cores unless marked *adapter*):
 Below them all, the bottom package :mod:`wire` carries ``/ts2021`` over
 WebSocket (:class:`wire.wsstream.WebSocketStream`, shared with the relay).
 
+Above the transport, the control logic that answers inside the tunnel (trio
+adapters, except the token buckets):
+
+* :mod:`.control` -- the :class:`ControlHandler` of ``/machine/register`` and
+  ``/machine/map`` (its modules are listed in its own docstring).
+* :mod:`.registrations` -- pending interactive registrations, kept beside the log.
+* :mod:`.ha` -- route failover and the approvals a policy change implies.
+* :mod:`.sshcheck` -- Tailscale SSH check mode; :mod:`.ratelimit` -- token buckets.
+
 Other packages import only the names below (style rule 3).
 
 References in this tree of the form "control-protocol.md §N" and "pitfall N"
