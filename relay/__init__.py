@@ -24,7 +24,8 @@ Embedding::
     region = relay.derp_region(host_name="derp.example.com")   # for the DERP map
     relay.revoke(node_key)                                      # authorization lost
 
-Imports: ``relay`` may use ``projections`` (the DERP map types), never ``protocol``.
+Imports: ``relay`` may use ``projections`` (the DERP map types) and ``wire`` (the
+stream helpers it shares with ``protocol``), never ``protocol``.
 """
 
 from .auth import AllowAll, Authorizer, StaticAuthorizer
