@@ -233,7 +233,7 @@ _INTERNALS = re.compile(
 )
 
 
-@pytest.mark.parametrize("package", ["eventlog", "projections", "protocol", "relay", "cli"])
+@pytest.mark.parametrize("package", ["wire", "eventlog", "projections", "protocol", "relay", "cli"])
 def test_no_module_outside_compat_touches_the_internals(package: str) -> None:
     offenders = [
         f"{path.relative_to(ROOT)}: {match.group(0).strip()}"
