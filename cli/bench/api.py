@@ -13,9 +13,13 @@ long-poll each): it measures once they registered, before any stream is open, th
 again once every one streams its map, sequential and concurrent, and watches
 every stream meanwhile: a client that waited longer than 1.5 keep-alive intervals
 (``--keepalive``, shortened so that the API load spans several) between two frames
-missed a keep-alive. The clients run in this process (one trio thread) and the API
-requests in threads beside them, so the figures include the load generator's own
-load on two shared cores. ``--streams 0``: no simulated clients, no second run.
+missed a keep-alive. The simulated clients run in ``--workers`` processes (as
+``tailledger loadgen --workers``, :mod:`cli.bench.loadgen.workers`), the API requests
+in threads of this one, and each API load prints where the CPU went: the server, the
+API clients (this process) and the simulated clients (the workers), so that the
+server's share can be told from the load generator's on two shared cores.
+``--streams 0``: no simulated clients, no second run. ``--profile FILE`` records the
+server with py-spy (when installed) during the API load under streams.
 
 It prints figures and never fails on timing.
 """
@@ -25,6 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +46,8 @@ from projections import AddressPlan, TailnetState, apply
 from projections import commands as c
 from projections.ipam import DEFAULT_V4, DEFAULT_V6
 
-from ..spawn import child_env, free_port, spawn_serve, stop, tailledger_argv, wait_ready
+from ..spawn import child_env, free_port, tailledger_argv
+from .loadgen.server import Server, pids_cpu, proc_cpu
 
 __all__ = ["bench_api_main", "write_tailnet"]
 
@@ -128,68 +135,95 @@ def _print_latency(label: str, times: list[float], size: int) -> None:
     print(f"{label:44} {statistics.median(times):8.1f} {p99:8.1f} {times[-1]:8.1f} {size:10d}")
 
 
-def _api_load(t: _Target, args: argparse.Namespace, seconds: float) -> None:
-    """The API load of a run: sequential latency, then concurrent throughput."""
+def _api_load(t: _Target, args: argparse.Namespace, seconds: float, server: Server) -> None:
+    """The API load of a run: sequential latency, then concurrent throughput; then
+    where the CPU went meanwhile (the server, this process's API clients, the
+    simulated clients' worker processes), in % of one core, and the server's CPU per
+    list request, which other processes on the machine do not inflate as they do the
+    latencies (the load average is printed beside it)."""
+    wall0, server0, own0 = time.perf_counter(), proc_cpu(server.pid), time.process_time()
+    workers0 = pids_cpu(server.worker_pids)
+    requests = 0
     for path in ("/api/v2/tailnet/-/devices", "/api/v1/node"):
         times, size = _latency(t, path, args.requests)
+        requests += len(times) + 1  # and the warm-up
         _print_latency(path, times, size)
     count, elapsed = _throughput(t, args.clients, seconds)
+    requests += count
     print(f"device list, {args.clients} clients at once: {count / elapsed:.1f} requests/s "
           f"({count} in {elapsed:.1f} s)")
+    wall = max(time.perf_counter() - wall0, 1e-9)
+    busy = proc_cpu(server.pid) - server0
+    cpu = (f"CPU over the API load ({wall:.1f} s, % of one core): server {100 * busy / wall:.0f}% "
+           f"({1000 * busy / max(requests, 1):.1f} ms per list request), "
+           f"API clients (this process) {100 * (time.process_time() - own0) / wall:.0f}%")
+    if server.worker_pids:
+        cpu += f", simulated clients ({len(server.worker_pids)} workers) " \
+               f"{100 * (pids_cpu(server.worker_pids) - workers0) / wall:.0f}%"
+    print(f"{cpu}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
-async def _under_streams(data: Path, port: int, t: _Target, args: argparse.Namespace) -> None:
-    """Connect ``args.streams`` simulated clients, then run the API load while every
-    stream is watched for a missed keep-alive."""
-    import gc
-
+async def _under_streams(server: Server, t: _Target, args: argparse.Namespace) -> None:
+    """Connect ``args.streams`` simulated clients (in ``args.workers`` processes), then
+    run the API load while every stream is watched for a missed keep-alive."""
     import trio
 
     from protocol import fetch_server_key
 
-    from ..adminsock import call
-    from .loadgen.client import Client, Hub
+    from .loadgen.client import Hub
+    from .loadgen.options import LoadgenOptions
     from .loadgen.scanner import make_decompressor
+    from .loadgen.workers import ParentHub, Workers
 
     n = args.streams
-    key_args: dict[str, object] = {"user": "user0", "reusable": True, "expiration_seconds": None}
-    created = await trio.to_thread.run_sync(call, data / "admin.sock", "preauthkeys.create", key_args)
+    created = await trio.to_thread.run_sync(server.admin, "preauthkeys.create",
+                                            {"user": "user0", "reusable": True, "expiration_seconds": None})
     assert isinstance(created, dict)
-    hub = Hub(
-        port=port, auth_key=str(created["key"]), server_key=await fetch_server_key("127.0.0.1", port),
-        decompress=make_decompressor(), update_interval=(1e9, 1e9),
-        register_slots=trio.Semaphore(4), connect_slots=trio.Semaphore(100), register_target=n,
+    key = str(created["key"])
+    opts = LoadgenOptions(workers=args.workers, updaters=0)
+    hub = ParentHub(
+        port=server.port, auth_key=key, auth_keys=dict.fromkeys(range(n), key),
+        server_key=await fetch_server_key("127.0.0.1", server.port), decompress=make_decompressor(),
+        update_interval=(1e9, 1e9), register_slots=trio.Semaphore(4), connect_slots=trio.Semaphore(100),
+        register_target=n, population=n,
     )
-    clients = [Client(i, hub) for i in range(n)]
-    async with trio.open_nursery() as nursery:
-        started = time.perf_counter()
-        for client in clients:
-            nursery.start_soon(client.run)
-        with trio.fail_after(60 + 0.2 * n):
-            await hub.registered_all.wait()
-        print(f"{n} simulated clients registered in {time.perf_counter() - started:.1f} s")
-        print(f"with no map stream ({max(args.nodes, n)} nodes):")
-        await trio.to_thread.run_sync(_api_load, t, args, args.seconds)
-        started = time.perf_counter()
-        hub.begin_round(n, trio.current_time())
-        hub.streams_go.set()
-        with trio.fail_after(60 + 0.2 * n):
-            await hub.ready_all.wait()
-        hub.connect_slots = None
-        gc.freeze()  # the clients' long-lived objects
-        print(f"{n} map streams connected in {time.perf_counter() - started:.1f} s")
-        errors0, keepalives0 = sum(hub.errors.values()), hub.keepalives
-        t0 = trio.current_time()
-        for client in clients:
-            client.last_frame_at, client.max_frame_gap = t0, 0.0
-        print(f"with {n} map streams open:")
-        seconds = max(args.seconds, 3 * args.keepalive)  # the load spans several keep-alives
-        await trio.to_thread.run_sync(_api_load, t, args, seconds)
-        t1 = trio.current_time()
-        gaps = sorted(
-            max(c.max_frame_gap, t1 - c.last_frame_at) for c in clients if c.last_frame_at is not None
-        )
-        nursery.cancel_scope.cancel()
+    assert isinstance(hub, Hub)
+    workers = Workers(opts, hub, server, set())
+    try:
+        async with trio.open_nursery() as nursery:
+            await workers.start(nursery, n, {})
+            started = time.perf_counter()
+            workers.send(("register",))
+            with trio.fail_after(60 + 0.2 * n):
+                await hub.registered_all.wait()
+            print(f"{n} simulated clients registered in {time.perf_counter() - started:.1f} s "
+                  f"({args.workers} worker processes)")
+            print(f"with no map stream ({max(args.nodes, n)} nodes):")
+            await trio.to_thread.run_sync(_api_load, t, args, args.seconds, server)
+            started = time.perf_counter()
+            hub.begin_round(n, trio.current_time())
+            workers.send(("go",))
+            with trio.fail_after(60 + 0.2 * n):
+                await hub.ready_all.wait()
+            workers.send(("unslot",))
+            print(f"{n} map streams connected in {time.perf_counter() - started:.1f} s")
+            await workers.collect()
+            errors0, keepalives0 = sum(hub.errors.values()), hub.keepalives
+            t0 = trio.current_time()
+            workers.start_frame_gaps(t0)
+            print(f"with {n} map streams open:")
+            seconds = max(args.seconds, 3 * args.keepalive)  # the load spans several keep-alives
+            profiler = _start_profiler(args.profile, server.pid)
+            try:
+                await trio.to_thread.run_sync(_api_load, t, args, seconds, server)
+            finally:
+                _stop_profiler(profiler, args.profile)
+            t1 = trio.current_time()
+            gaps = await workers.frame_gaps(t1)
+            await workers.collect()
+            nursery.cancel_scope.cancel()
+    finally:
+        workers.stop()
     limit = 1.5 * args.keepalive
     missed = sum(1 for g in gaps if g > limit)
     print(f"streams during the API load ({t1 - t0:.1f} s, keep-alive every {args.keepalive:g} s): "
@@ -197,6 +231,26 @@ async def _under_streams(data: Path, port: int, t: _Target, args: argparse.Names
           f"{gaps[-1] if gaps else float('nan'):.1f} s (p99 {gaps[int(len(gaps) * 0.99)] if gaps else float('nan'):.1f} s), "
           f"{missed} of {n} clients waited over {limit:g} s (missed a keep-alive), "
           f"{sum(hub.errors.values()) - errors0} stream errors")
+
+
+def _start_profiler(out: Path | None, pid: int) -> subprocess.Popen[bytes] | None:
+    """``--profile``: py-spy records the server (if py-spy is on PATH) into ``out``."""
+    if out is None:
+        return None
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("--profile: py-spy is not installed; no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "speedscope" if out.suffix == ".json"
+                             else "flamegraph", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_profiler(proc: subprocess.Popen[bytes] | None, out: Path | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        proc.wait(60)
+        print(f"profile of the server under load: {out}")
 
 
 def bench_api_main(argv: list[str]) -> int:
@@ -210,52 +264,52 @@ def bench_api_main(argv: list[str]) -> int:
                         help="map streams connected for the second run (default 5000; 0: none)")
     parser.add_argument("--keepalive", type=float, default=5.0,
                         help="the server's map keep-alive interval for this run, seconds (default 5)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes that run the simulated clients (default 2)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="record the server with py-spy during the API load under streams "
+                             "(FILE.svg: a flame graph, FILE.json: speedscope)")
     args = parser.parse_args(argv)
-    if args.streams < 0 or args.nodes < 0 or args.keepalive <= 0:
-        parser.error("--nodes and --streams must not be negative, --keepalive must be positive")
+    if args.streams < 0 or args.nodes < 0 or args.keepalive <= 0 or args.workers < 1:
+        parser.error("--nodes and --streams must not be negative, --keepalive must be positive, "
+                     "--workers at least 1")
 
     with tempfile.TemporaryDirectory(prefix="tailledger-bench-api-") as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir(mode=0o700)
+        server = Server(Path(tmp) / "data", free_port(), extra_env={
+            "TAILLEDGER_METRICS_LISTEN_ADDR": "",
+            "TAILLEDGER_TUNING__MAP_KEEPALIVE_INTERVAL": f"{args.keepalive:g}s",
+        })
+        server.data.mkdir(mode=0o700)
         written = max(args.nodes - args.streams, 0)
         t = time.perf_counter()
-        write_tailnet(data / "ledger.db", written)
+        write_tailnet(server.data / "ledger.db", written)
         print(f"wrote a tailnet of {written} nodes in {time.perf_counter() - t:.1f} s")
         if args.streams:
             from .loadgen.client import raise_fd_limit
 
             raise_fd_limit(args.streams)
-        port = free_port()
-        env = {
-            **os.environ, "TAILLEDGER_DATA": str(data), "TAILLEDGER_LISTEN_ADDR": f"127.0.0.1:{port}",
-            "TAILLEDGER_METRICS_LISTEN_ADDR": "",
-            "TAILLEDGER_TUNING__MAP_KEEPALIVE_INTERVAL": f"{args.keepalive:g}s",
-            # As for tailledger loadgen: thousands of simulated clients share the cores
-            # with the server, so the idle and slow-reader limits would measure them.
-            "TAILLEDGER_LIMITS__TUNNEL_IDLE_TIMEOUT": "24h",
-            "TAILLEDGER_LIMITS__WRITE_TIMEOUT": "10m",
-        }
-        log = Path(tmp) / "serve.log"
-        proc = spawn_serve(env, log)
         try:
             try:
-                wait_ready(proc, log, timeout=120, admin_socket=data / "admin.sock")
+                server.start(120)
             except RuntimeError as exc:
                 print(exc, file=sys.stderr)
                 return 1
             key = subprocess.run(
-                tailledger_argv("apikeys", "create"), env=child_env(env), capture_output=True, text=True, check=True
+                tailledger_argv("apikeys", "create"), env=child_env(server.env), capture_output=True, text=True,
+                check=True,
             ).stdout.strip()
-            target = _Target(base=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
+            target = _Target(base=f"http://127.0.0.1:{server.port}", headers={"Authorization": f"Bearer {key}"})
             print(f"{'endpoint':44} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'bytes':>10}")
             if args.streams:  # the no-stream run once they registered: the same tailnet
                 import trio
 
-                trio.run(_under_streams, data, port, target, args)
+                from .loadgen.workers import SharedClock
+
+                trio.run(_under_streams, server, target, args, clock=SharedClock())
             else:
                 print(f"with no map stream ({written} nodes):")
-                _api_load(target, args, args.seconds)
+                _api_load(target, args, args.seconds, server)
             print("target (issue 17): p99 < 300 ms for 5,000 nodes; no missed keep-alive")
         finally:
-            stop(proc, 15)
+            server.stop()
     return 0

@@ -30,7 +30,7 @@ from ...spawn import spawn_serve, wait_ready
 from ...spawn import stop as stop_server
 from .options import LoadgenOptions, Results
 
-__all__ = ["Server", "Span", "memory_guard", "proc_memory", "settle"]
+__all__ = ["Server", "Span", "memory_guard", "pids_cpu", "proc_cpu", "proc_memory", "settle"]
 
 
 #: The memory guard kills the server when less than this share of the machine's
@@ -38,7 +38,7 @@ __all__ = ["Server", "Span", "memory_guard", "proc_memory", "settle"]
 _MIN_AVAILABLE: Final = 0.10
 
 
-def _proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system, all threads) of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -54,12 +54,12 @@ def proc_memory(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-def _pids_cpu(pids: Sequence[int]) -> float:
+def pids_cpu(pids: Sequence[int]) -> float:
     """CPU seconds of the (live) processes ``pids`` together."""
     total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
-            total += _proc_cpu(pid)
+            total += proc_cpu(pid)
     return total
 
 
@@ -76,6 +76,8 @@ class Server:
     cpus: frozenset[int] = frozenset()
     #: The CPUs the load generator's workers are pinned to (empty: not pinned).
     loadgen_cpus: frozenset[int] = frozenset()
+    #: Settings of this run (``TAILLEDGER_*`` variables) over the defaults below.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -91,6 +93,7 @@ class Server:
             TAILLEDGER_LIMITS__WRITE_TIMEOUT="10m",
             TAILLEDGER_AUDIT__SIGNING_KEY_FILE=str(self.data.parent / f"{self.data.name}-signing.key"),
         )
+        env.update(self.extra_env)
         return env
 
     @property
@@ -126,18 +129,18 @@ class Span:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.t0 = trio.current_time()
-        self.cpu0 = _proc_cpu(server.pid)
+        self.cpu0 = proc_cpu(server.pid)
         self.own0 = time.process_time()
-        self.workers0 = _pids_cpu(server.worker_pids)
+        self.workers0 = pids_cpu(server.worker_pids)
 
     def close(self, results: Results, phase: str, *, wall_key: str | None = None) -> float:
         wall = trio.current_time() - self.t0
         results[f"{phase}_wall_s"] = wall
-        results[f"{phase}_cpu_s"] = _proc_cpu(self.server.pid) - self.cpu0
+        results[f"{phase}_cpu_s"] = proc_cpu(self.server.pid) - self.cpu0
         results[f"{phase}_loadgen_cpu_pct"] = 100 * (time.process_time() - self.own0) / max(wall, 1e-9)
         if self.server.worker_pids:
             # --workers: the clients' processes (together; % of one core), besides this one.
-            busy = _pids_cpu(self.server.worker_pids) - self.workers0
+            busy = pids_cpu(self.server.worker_pids) - self.workers0
             results[f"{phase}_workers_cpu_s"] = busy
             results[f"{phase}_workers_cpu_pct"] = 100 * busy / max(wall, 1e-9)
         if wall_key:
@@ -151,10 +154,10 @@ async def settle(server: Server, *, min_s: float, max_s: float, idle_pct: float 
     Returns (seconds waited, CPU % of the last one-second window).
     """
     t0 = trio.current_time()
-    last_t, last_cpu = t0, _proc_cpu(server.pid)
+    last_t, last_cpu = t0, proc_cpu(server.pid)
     while True:
         await trio.sleep(1.0)
-        now, cpu = trio.current_time(), _proc_cpu(server.pid)
+        now, cpu = trio.current_time(), proc_cpu(server.pid)
         pct = 100 * (cpu - last_cpu) / max(now - last_t, 1e-9)
         last_t, last_cpu = now, cpu
         if (now - t0 >= min_s and pct < idle_pct) or now - t0 >= max_s:

@@ -8,10 +8,11 @@ in the parent. Parent and workers talk over one pipe each, in tuples:
 
 * parent to worker: ``register``, ``go``, ``unslot`` (the phases' steps),
   ``round``, ``watch``/``unwatch``, ``churn``/``unchurn`` (what is being timed),
-  ``cancel`` (a churn delete), ``stats``, ``stop``;
+  ``cancel`` (a churn delete), ``stats``, ``gaps`` (a span's frame gaps, see
+  :meth:`Workers.frame_gaps`), ``stop``;
 * worker to parent: ``up``, ``registered``, ``ready``, ``hit``, ``unexpected``,
   ``bytes``, ``offer`` (a churn change's delivery: the parent knows the receivers
-  and judges), ``stats`` (counters since the last answer), ``fatal``.
+  and judges), ``stats`` (counters since the last answer), ``gaps``, ``fatal``.
 
 A worker's :class:`Hub` and watches (``_WorkerHub``, :class:`RemoteWatch`,
 ``_RemoteChurnWatch``) forward what they count instead of counting it; the parent's
@@ -209,6 +210,14 @@ async def _worker(conn: Connection, spec: _WorkerSpec) -> None:
                 for c in clients:
                     if c.index == msg[1]:
                         c.scope.cancel()
+            elif op == "gaps":  # ("gaps", t0, None): start a span; ("gaps", None, t1): end it
+                _, t0, t1 = msg
+                if t0 is not None:
+                    for c in clients:
+                        c.last_frame_at, c.max_frame_gap = t0, 0.0
+                else:
+                    conn.send(("gaps", [max(c.max_frame_gap, t1 - c.last_frame_at)
+                                        for c in clients if c.last_frame_at is not None]))
             elif op == "stats":
                 now = {k: getattr(hub, k) for k in _STAT_SUMS}
                 conn.send(("stats", {k: now[k] - sent[k] for k in _STAT_SUMS}, hub.full_map_max,
@@ -262,6 +271,7 @@ class Workers:
         self._all_up = trio.Event()
         self._stats_pending = 0
         self._stats_done = trio.Event()
+        self._gaps: list[float] = []
         self._own: dict[str, int] = {}
 
     async def start(self, nursery: trio.Nursery, n: int, results: Results) -> None:
@@ -319,6 +329,22 @@ class Workers:
         with trio.move_on_after(30 * self.opts.timeout_scale):
             await self._stats_done.wait()
 
+    def start_frame_gaps(self, t0: float) -> None:
+        """Start a span at ``t0`` over which every client's longest wait between two
+        frames of its map stream is taken (see :meth:`frame_gaps`)."""
+        self.send(("gaps", t0, None))
+
+    async def frame_gaps(self, t1: float) -> list[float]:
+        """End the span begun by :meth:`start_frame_gaps` at ``t1``: each streaming
+        client's longest wait between two frames (or since its last one), sorted."""
+        self._gaps = []
+        self._stats_pending = len(self.conns)
+        self._stats_done = trio.Event()
+        self.send(("gaps", None, t1))
+        with trio.move_on_after(30 * self.opts.timeout_scale):
+            await self._stats_done.wait()
+        return sorted(self._gaps)
+
     async def _read(self, conn: Connection) -> None:
         hub = self.hub
         while (msg := await _recv(conn)) is not None:
@@ -347,13 +373,20 @@ class Workers:
                 if full_peers >= 0:  # the worker with the sentinel
                     hub.full_map_json, hub.full_map_peers = full_json, full_peers
                 hub.errors.update(errors)
-                self._stats_pending -= 1
-                if self._stats_pending <= 0:
-                    self._stats_done.set()
+                self._answered()
+            elif op == "gaps":
+                self._gaps.extend(msg[1])
+                self._answered()
             elif op == "fatal":
                 raise FatalClientError(msg[1])
         if not self.stopping:
             raise FatalClientError("a load-generator worker exited")
+
+    def _answered(self) -> None:
+        """One worker answered a ``stats`` or ``gaps`` request."""
+        self._stats_pending -= 1
+        if self._stats_pending <= 0:
+            self._stats_done.set()
 
     def stop(self) -> None:
         """Tell the workers to stop; kill any that does not within 5 s (blocking)."""
