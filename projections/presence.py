@@ -83,6 +83,9 @@ class PresenceTable:
         self._forgotten: set[int] = set()
         #: Nodes whose newest map stream is open on this server.
         self._local: set[int] = set()
+        #: Grows with every change of any node's presence (what a reader that keeps
+        #: something derived from it compares, e.g. the admin API's device lists).
+        self.version = 0
 
     def get(self, node_id: int) -> NodePresence | None:
         return self._nodes.get(node_id)
@@ -108,6 +111,7 @@ class PresenceTable:
         new = replace(old, **changes)  # type: ignore[arg-type]
         if new != old:
             self._nodes[node_id] = new
+            self.version += 1
             self._changed(node_id)
         return new
 
@@ -116,6 +120,7 @@ class PresenceTable:
         old = self._nodes.get(node_id, NodePresence())
         gen = old.generation + 1
         self._nodes[node_id] = replace(old, online=True, last_seen=now, generation=gen)
+        self.version += 1
         self._dirty.add(node_id)
         self._local.add(node_id)
         if not old.online:
@@ -128,6 +133,7 @@ class PresenceTable:
         if old is None or old.generation != generation:
             return False
         self._nodes[node_id] = replace(old, online=False, last_seen=now)
+        self.version += 1
         self._dirty.add(node_id)
         self._local.discard(node_id)
         self._changed(node_id)
@@ -135,6 +141,7 @@ class PresenceTable:
 
     def forget(self, node_id: int) -> None:
         self._nodes.pop(node_id, None)
+        self.version += 1
         self._dirty.discard(node_id)
         self._local.discard(node_id)
         self._forgotten.add(node_id)
@@ -150,6 +157,7 @@ class PresenceTable:
                 self._forgotten.add(r.node_id)
             elif r.node_id not in self._nodes:
                 self._nodes[r.node_id] = NodePresence(online=False, last_seen=r.last_seen)
+                self.version += 1
 
     def take_changes(self, now: datetime, *, refresh_online: bool) -> tuple[list[PresenceRecord], list[int]]:
         """What to write: the changed nodes (and, with ``refresh_online``, every online

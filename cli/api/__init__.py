@@ -55,7 +55,8 @@ def mount_api(app: QuartTrio, server: Server) -> ApiService:
 
 
 def api_metrics(stats: ApiStats) -> Iterator[Metric]:
-    """``tailledger_api_requests_total{route,method,status}`` and the time spent."""
+    """``tailledger_api_requests_total{route,method,status}``, the time spent, and
+    ``tailledger_api_node_lists_built_total{route}``."""
     requests = CounterMetricFamily(
         "tailledger_api_requests", "Admin API requests by route template, method and status",
         labels=["route", "method", "status"],
@@ -70,3 +71,11 @@ def api_metrics(stats: ApiStats) -> Iterator[Metric]:
     for (route, method), total in sorted(stats.seconds.items()):
         seconds.add_metric([route, method], total)
     yield seconds
+    built = CounterMetricFamily(
+        "tailledger_api_node_lists_built", "Node lists the admin API built, by route template; "
+        "the other list requests were answered with a kept list (nothing changed since)",
+        labels=["route"],
+    )
+    for route, count in sorted(stats.node_lists_built.items()):
+        built.add_metric([route], count)
+    yield built

@@ -27,6 +27,17 @@ member sees and changes only its user's nodes and pre-auth keys (others' are "no
 found", so their existence does not leak) and nothing tailnet-wide (403). OAuth tokens
 are tailnet-wide but limited to their scopes: a missing scope is 403.
 
+Node lists
+----------
+A node list (``GET /api/v2/tailnet/-/devices``, ``GET /api/v1/node``) of a large
+tailnet is megabytes of JSON. :meth:`Ctx.node_list` keeps the encoded answer per
+(route, log position, presence version, whose nodes, query), so a list asked again
+before anything changed is sent as it is, and builds a new one in a worker thread
+(concurrent requests for the same one wait for it), so the trio loop, which also
+serves thousands of map streams and their keep-alives, is never held for a whole
+list. The presence is read while the list is built: a list may show presence newer
+than its key, never older.
+
 Errors are RFC 7807 problem documents (``application/problem+json``). A refused
 request appends nothing: every check happens before the operation runs.
 """
@@ -38,12 +49,14 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
+import trio
 from quart import Response, request
 
 from eventlog import Actor, ActorKind, caused_by, check_reason
@@ -154,6 +167,8 @@ class ApiStats:
 
     requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: Node lists built, by route template (the other answers were kept ones).
+    node_lists_built: dict[str, int] = field(default_factory=dict)
 
     def record(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -162,6 +177,14 @@ class ApiStats:
 
 
 Handler = Callable[["Ctx"], Awaitable[Any]]
+
+
+class Encoded(bytes):
+    """A handler's answer already encoded as JSON (sent as it is)."""
+
+
+#: Encoded node lists kept (each is up to a few MB for 5,000 nodes).
+NODE_LISTS_KEPT: Final = 8
 
 
 @dataclass(frozen=True)
@@ -200,10 +223,12 @@ class Ctx:
         self.raw_body = body
         self.route = route
         self.headers: dict[str, str] = {}
+        #: The state a node list is being built from (see :meth:`node_list`).
+        self._pinned: TailnetState | None = None
 
     @property
     def state(self) -> TailnetState:
-        return self.server.runner.state
+        return self._pinned if self._pinned is not None else self.server.runner.state
 
     @property
     def actor(self) -> Actor:
@@ -244,6 +269,44 @@ class Ctx:
             raise ApiError(404, f"node {ref!r} not found")
         return node
 
+    async def node_list(self, build: Callable[[list[Node]], msgspec.Struct], *query: Hashable) -> Encoded:
+        """The visible nodes, made into an answer by ``build`` and encoded: kept per
+        (route, log position, presence version, principal's visibility, ``query``)
+        and built in a worker thread (see "Node lists" in the module docstring).
+        ``build`` may read only immutable state and the presence."""
+        presence = self.server.presence
+        state = self.state
+        key = (self.route.operation_id, state.seq, presence.version if presence is not None else -1,
+               None if self.principal.is_admin else self.principal.user_id, query)
+        lists = self.service.node_lists
+        while (found := lists.get(key)) is not None:
+            if isinstance(found, Encoded):
+                lists.move_to_end(key)
+                return found
+            await found.wait()  # somebody builds it
+            if key not in lists:  # their build failed: build it ourselves
+                break
+        building = trio.Event()
+        lists[key] = building
+        try:
+            nodes = self.visible_nodes()
+            self._pinned = state  # the thread reads the state of the key, not a newer one
+            body = Encoded(await trio.to_thread.run_sync(lambda: msgspec.json.encode(build(nodes))))
+        except BaseException:
+            del lists[key]
+            raise
+        finally:
+            self._pinned = None
+            building.set()
+        lists[key] = body
+        lists.move_to_end(key)
+        built = self.service.stats.node_lists_built
+        built[self.route.path] = built.get(self.route.path, 0) + 1
+        while sum(isinstance(v, Encoded) for v in lists.values()) > NODE_LISTS_KEPT:
+            oldest = next(k for k, v in lists.items() if isinstance(v, Encoded))
+            del lists[oldest]
+        return body
+
     def visible_nodes(self) -> list[Node]:
         nodes = sorted(self.state.nodes.values(), key=lambda n: n.id)
         if self.principal.is_admin:
@@ -281,6 +344,8 @@ class ApiService:
         self.routes: list[Route] = []
         self._tokens: dict[str, _Token] = {}
         self.version = package_version()
+        #: Node lists, encoded or being built (see :meth:`Ctx.node_list`).
+        self.node_lists: OrderedDict[Hashable, Encoded | trio.Event] = OrderedDict()
 
     # -- credentials ---------------------------------------------------------------------
 
@@ -453,7 +518,10 @@ class ApiService:
             result = await route.handler(ctx)
         if isinstance(result, Response):
             return result
-        payload = result.encode() if isinstance(result, str) else _encoder.encode(result)
+        if isinstance(result, Encoded):
+            payload = bytes(result)
+        else:
+            payload = result.encode() if isinstance(result, str) else _encoder.encode(result)
         response = Response(payload, status=route.status, content_type=route.content_type)
         for name, value in ctx.headers.items():
             response.headers[name] = value

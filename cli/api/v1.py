@@ -14,7 +14,7 @@ from projections import commands as c
 from projections.errors import NotFoundError
 from projections.state import ApiKey, Node, PreAuthKey, User
 
-from .core import ApiError, ApiService, Ctx, Route
+from .core import ApiError, ApiService, Ctx, Encoded, Route
 from .schema import (
     V1ApiKey,
     V1ApiKeys,
@@ -185,13 +185,12 @@ async def delete_user(ctx: Ctx) -> V1Empty:
 # -- nodes ---------------------------------------------------------------------------------
 
 
-async def list_nodes(ctx: Ctx) -> V1Nodes:
+async def list_nodes(ctx: Ctx) -> Encoded:
     ref = ctx.query("user")
-    nodes = ctx.visible_nodes()
-    if ref is not None:
-        uid = _user(ctx, ref).id
-        nodes = [n for n in nodes if n.user_id == uid]
-    return V1Nodes(nodes=[v1_node(ctx, n) for n in nodes])
+    uid = _user(ctx, ref).id if ref is not None else None
+    return await ctx.node_list(
+        lambda nodes: V1Nodes(nodes=[v1_node(ctx, n) for n in nodes if uid is None or n.user_id == uid]), uid
+    )
 
 
 async def get_node(ctx: Ctx) -> V1NodeEnvelope:

@@ -24,7 +24,7 @@ from quart import Response, request
 from projections import commands as c
 from projections.state import Node, PreAuthKey, User
 
-from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, Route
+from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, Encoded, Route
 from .schema import (
     V2Authorized,
     V2Device,
@@ -122,9 +122,9 @@ def v2_key(ctx: Ctx, key: PreAuthKey, full: str | None = None) -> V2Key:
 # -- devices -----------------------------------------------------------------------------------
 
 
-async def list_devices(ctx: Ctx) -> V2Devices:
+async def list_devices(ctx: Ctx) -> Encoded:
     _tailnet(ctx)
-    return V2Devices(devices=[v2_device(ctx, n) for n in ctx.visible_nodes()])
+    return await ctx.node_list(lambda nodes: V2Devices(devices=[v2_device(ctx, n) for n in nodes]))
 
 
 async def get_device(ctx: Ctx) -> V2Device:

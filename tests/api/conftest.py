@@ -78,6 +78,15 @@ class ApiServer:
     def head(self) -> int:
         return log_head(self.srv.data)
 
+    def metrics(self) -> str:
+        """The server's ``/metrics`` page (on the metrics address it logged)."""
+        for line in self.srv.log_text().splitlines():
+            if "metrics" in line and "127.0.0.1:" in line:
+                digits = "".join(ch for ch in line.rsplit("127.0.0.1:", 1)[1] if ch.isdigit())
+                if digits:
+                    return httpx.get(f"http://127.0.0.1:{digits}/metrics", timeout=10).text
+        raise AssertionError("the server did not log its metrics address:\n" + self.srv.log_text())
+
     def events(self, after: int) -> list[tuple[str, str]]:
         """(type, actor) of the events after ``after``."""
         return [(r.type, str(r.actor)) for r in recorded(self.srv.data, after)]

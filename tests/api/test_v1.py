@@ -294,22 +294,9 @@ def test_version_and_metrics(api: ApiServer) -> None:
     with api.client() as http:
         version = http.get("/version").json()
     assert version["version"] and "v1" in version["api"]
-    port = _metrics_port(api)
-    import httpx
-
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    text = api.metrics()
     assert 'tailledger_api_requests_total{method="GET",route="/api/v1/user",status="200"}' in text
     assert 'route="/api/v1/node/{nodeId}",status="404"' in text
-
-
-def _metrics_port(api: ApiServer) -> int:
-    for line in api.srv.log_text().splitlines():
-        if "metrics" in line and "127.0.0.1:" in line:
-            tail = line.rsplit("127.0.0.1:", 1)[1]
-            digits = "".join(ch for ch in tail if ch.isdigit())
-            if digits:
-                return int(digits)
-    raise AssertionError("the server did not log its metrics address:\n" + api.srv.log_text())
 
 
 def test_openapi_document_covers_every_route_and_every_response_validates(api: ApiServer) -> None:

@@ -161,6 +161,41 @@ def test_a_member_key_sees_only_its_own_devices(api: ApiServer, tailnet: dict[st
     _run(go())
 
 
+def _lists_built(api: ApiServer, route: str) -> int:
+    prefix = f'tailledger_api_node_lists_built_total{{route="{route}"}} '
+    lines = [line for line in api.metrics().splitlines() if line.startswith(prefix)]
+    return int(float(lines[0][len(prefix):])) if lines else 0
+
+
+def test_node_lists_are_kept_until_the_log_changes_and_per_viewer(api: ApiServer, tailnet: dict[str, str]) -> None:
+    devices, nodes = "/api/v2/tailnet/{tailnet}/devices", "/api/v1/node"
+    with api.client(api.admin_key) as http:
+        first = http.get("/api/v2/tailnet/-/devices").json()
+        built = _lists_built(api, devices)
+        assert built >= 1
+        assert http.get("/api/v2/tailnet/-/devices").json() == first  # kept: not built again
+        assert _lists_built(api, devices) == built
+        # A change in the log: the next list is built anew and shows it.
+        device = first["devices"][0]
+        assert http.post(f"/api/v2/device/{device['id']}/name", json={"name": "renamed"}).status_code == 200
+        renamed = http.get("/api/v2/tailnet/-/devices").json()
+        assert _lists_built(api, devices) == built + 1
+        assert [d["name"].split(".")[0] for d in renamed["devices"] if d["id"] == device["id"]] == ["renamed"]
+        assert http.post(f"/api/v2/device/{device['id']}/name", json={"name": device["name"].split(".")[0]}
+                         ).status_code == 200
+        # v1's list is its own, and a user filter is part of what it is kept by.
+        v1_built = _lists_built(api, nodes)
+        everyone = http.get("/api/v1/node").json()["nodes"]
+        bobs = http.get("/api/v1/node", params={"user": "bob"}).json()["nodes"]
+        assert {n["givenName"] for n in bobs} == {"bobs-box"} and len(everyone) > len(bobs)
+        assert _lists_built(api, nodes) == v1_built + 2
+    # A member's list is not the admin's, though nothing changed.
+    with api.client(api.member_key) as http:
+        mine = http.get("/api/v2/tailnet/-/devices").json()["devices"]
+    assert {d["hostname"] for d in mine} == {"bobs-box"}
+    assert _lists_built(api, devices) == built + 2
+
+
 def _client(api: ApiServer, scopes: str) -> tuple[str, str]:
     secret = api.srv.cli("oauth-clients", "create", "--scopes", scopes, check=True).stdout.strip()
     return secret.split("-")[2], secret

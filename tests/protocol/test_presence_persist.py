@@ -79,6 +79,34 @@ async def test_ephemeral_node_survives_a_restart_within_its_timeout(tmp_path: Pa
 
 
 
+def test_the_presence_version_grows_with_every_change_and_only_then() -> None:
+    """What keeps something derived from the presence (the admin API's node lists)
+    compares the version: every change moves it, a no-op or a bookkeeping step not."""
+    table = PresenceTable()
+    seen = [table.version]
+
+    def changed() -> bool:
+        seen.append(table.version)
+        return seen[-1] > seen[-2]
+
+    table.restore([PresenceRecord(1, T0, False)], known={1})
+    assert changed()
+    gen = table.connect(1, T0 + timedelta(minutes=1))
+    assert changed()
+    table.connect(1, T0 + timedelta(minutes=2))  # a newer stream: last seen moves
+    assert changed()
+    assert not table.disconnect(1, gen, T0)  # an older stream ending changes nothing
+    assert not changed()
+    table.update(2, online=True, last_seen=T0)
+    assert changed()
+    table.update(2, online=True, last_seen=T0)  # the same again
+    assert not changed()
+    table.take_changes(T0 + timedelta(minutes=3), refresh_online=True)
+    assert not changed()
+    table.forget(2)
+    assert changed()
+
+
 def test_only_this_servers_nodes_are_written_and_marked_offline_at_shutdown() -> None:
     """With replicas, the table also holds other replicas' nodes (set by ``update``): this
     server refreshes and, when it stops, marks offline only the nodes connected to it."""
