@@ -22,7 +22,7 @@ import msgspec
 from quart import Response, request
 
 from projections import commands as c
-from projections.state import Node, PreAuthKey, User
+from projections.state import ApiKey, Node, PreAuthKey, User
 
 from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, Encoded, Route
 from .schema import (
@@ -119,6 +119,23 @@ def v2_key(ctx: Ctx, key: PreAuthKey, full: str | None = None) -> V2Key:
     )
 
 
+def v2_client(ctx: Ctx, client: ApiKey, full: str | None = None) -> V2Key:
+    """An OAuth client as a key of ``keyType`` client (its id is the client id)."""
+    return V2Key(
+        id=client.prefix,
+        key_type="client",
+        description=client.description,
+        created=client.created_at,
+        expires=client.expires_at,
+        revoked=None,
+        invalid=client.usable_at(ctx.service.now()) is not None,
+        capabilities=V2KeyCapabilities(),
+        user_id=str(client.user_id) if client.user_id is not None else None,
+        key=full,
+        scopes=list(client.scopes),
+    )
+
+
 # -- devices -----------------------------------------------------------------------------------
 
 
@@ -195,24 +212,48 @@ async def set_device_routes(ctx: Ctx) -> V2DeviceRoutes:
 # -- keys ----------------------------------------------------------------------------------------
 
 
-def _visible_key(ctx: Ctx, ref: str) -> PreAuthKey:
-    key = None
+def _visible_key(ctx: Ctx, ref: str) -> PreAuthKey | ApiKey:
+    """The auth key (a numeric id) or OAuth client (its client id) ``ref`` names, if
+    the principal may see it and holds the scope that reads it (404, 403 otherwise)."""
+    key: PreAuthKey | ApiKey | None = None
     if ref.isascii() and ref.isdigit() and len(ref) <= 18:
         key = ctx.state.preauth_keys.get(int(ref))
+    else:
+        key = next((k for k in ctx.state.api_keys.values() if k.kind == "oauth_client" and k.prefix == ref), None)
     if key is None or not ctx.principal.sees_user(key.user_id):
         raise ApiError(404, f"key {ref!r} not found")
+    ctx.require_scope("auth_keys:read" if isinstance(key, PreAuthKey) else "oauth_keys:read")
     return key
 
 
+def _reads(ctx: Ctx, scope: str) -> bool:
+    """Whether the principal holds ``scope`` (API keys are not limited by scopes)."""
+    scopes = ctx.principal.scopes
+    return scopes is None or c.scope_grants(scopes, scope)
+
+
 async def list_keys(ctx: Ctx) -> V2Keys:
+    """The auth keys; with ``?all=true`` the OAuth clients too (as Tailscale's API
+    lists every key type then), each kind only for a caller with its read scope
+    (``auth_keys:read``, ``oauth_keys:read``)."""
     _tailnet(ctx)
-    keys = sorted(ctx.state.preauth_keys.values(), key=lambda k: k.id)
-    return V2Keys(keys=[v2_key(ctx, k) for k in keys if ctx.principal.sees_user(k.user_id)])
+    every = ctx.query("all")
+    if every not in (None, "true", "false"):
+        raise ApiError(400, f"all={every!r}: use true or false")
+    keys: list[V2Key] = []
+    if _reads(ctx, "auth_keys:read"):
+        auth = sorted(ctx.state.preauth_keys.values(), key=lambda k: k.id)
+        keys += [v2_key(ctx, k) for k in auth if ctx.principal.sees_user(k.user_id)]
+    if every == "true" and _reads(ctx, "oauth_keys:read"):
+        clients = sorted((k for k in ctx.state.api_keys.values() if k.kind == "oauth_client"), key=lambda k: k.id)
+        keys += [v2_client(ctx, k) for k in clients if ctx.principal.sees_user(k.user_id)]
+    return V2Keys(keys=keys)
 
 
 async def get_key(ctx: Ctx) -> V2Key:
     _tailnet(ctx)
-    return v2_key(ctx, _visible_key(ctx, ctx.params["keyId"]))
+    key = _visible_key(ctx, ctx.params["keyId"])
+    return v2_key(ctx, key) if isinstance(key, PreAuthKey) else v2_client(ctx, key)
 
 
 async def create_key(ctx: Ctx) -> V2Key:
@@ -273,27 +314,24 @@ async def _create_client(ctx: Ctx, body: V2KeyRequest) -> V2Key:
             "scopes": sorted(set(body.scopes)),
         },
     )
-    client = ctx.state.api_keys[int(view["id"])]
-    return V2Key(
-        id=client.prefix,
-        key_type="client",
-        description=client.description,
-        created=client.created_at,
-        expires=client.expires_at,
-        revoked=None,
-        invalid=False,
-        capabilities=V2KeyCapabilities(),
-        user_id=str(client.user_id) if client.user_id is not None else None,
-        key=str(view["key"]),
-        scopes=list(client.scopes),
-    )
+    return v2_client(ctx, ctx.state.api_keys[int(view["id"])], str(view["key"]))
 
 
 async def delete_key(ctx: Ctx) -> V2Empty:
+    """Revoke an auth key (scope ``auth_keys``) or delete an OAuth client (scope
+    ``oauth_keys``, or an admin API key, as for making one): Tailscale's API deletes
+    every key type at this path."""
     _tailnet(ctx)
     key = _visible_key(ctx, ctx.params["keyId"])
-    if not key.revoked:
-        await ctx.op("preauthkeys.expire", {"key": str(key.id)})
+    if isinstance(key, PreAuthKey):
+        ctx.require_scope("auth_keys")
+        if not key.revoked:
+            await ctx.op("preauthkeys.expire", {"key": str(key.id)})
+        return V2Empty()
+    if ctx.principal.scopes is None and not ctx.principal.is_admin:
+        raise ApiError(403, "deleting an OAuth client needs an admin key or a token with the scope 'oauth_keys'")
+    ctx.require_scope("oauth_keys")
+    await ctx.op("oauth_clients.delete", {"key": str(key.id)})
     return V2Empty()
 
 
@@ -527,15 +565,18 @@ def add_v2_routes(service: ApiService) -> None:
     r("POST", "/device/{deviceId}/routes", set_device_routes, "setDeviceRoutes", "Set a device's enabled routes",
       V2DeviceRoutes, "devices:routes", V2Routes, dev)
     keys = ("Keys",)
-    r("GET", "/tailnet/{tailnet}/keys", list_keys, "listTailnetKeys", "List auth keys", V2Keys, "auth_keys:read",
-      tags=keys, query=("all",))
+    r("GET", "/tailnet/{tailnet}/keys", list_keys, "listTailnetKeys",
+      "List auth keys; with all=true the OAuth clients too (keyType client, scope oauth_keys:read)", V2Keys,
+      "auth_keys:read", tags=keys, query=("all",), also_scopes=("oauth_keys:read",))
     r("POST", "/tailnet/{tailnet}/keys", create_key, "createKey",
       "Create an auth key, or with keyType client an OAuth client (scope oauth_keys); shown once", V2Key,
       "auth_keys", V2KeyRequest, keys, also_scopes=("oauth_keys",))
-    r("GET", "/tailnet/{tailnet}/keys/{keyId}", get_key, "getKey", "Get an auth key", V2Key, "auth_keys:read",
-      tags=keys)
-    r("DELETE", "/tailnet/{tailnet}/keys/{keyId}", delete_key, "deleteKey", "Revoke an auth key", V2Empty,
-      "auth_keys", tags=keys)
+    r("GET", "/tailnet/{tailnet}/keys/{keyId}", get_key, "getKey",
+      "Get an auth key, or an OAuth client by its client id (scope oauth_keys:read)", V2Key, "auth_keys:read",
+      tags=keys, also_scopes=("oauth_keys:read",))
+    r("DELETE", "/tailnet/{tailnet}/keys/{keyId}", delete_key, "deleteKey",
+      "Revoke an auth key, or delete an OAuth client by its client id (scope oauth_keys)", V2Empty,
+      "auth_keys", tags=keys, also_scopes=("oauth_keys",))
     pol = ("Policy file",)
     r("GET", "/tailnet/{tailnet}/acl", get_policy_file, "getPolicyFile",
       "The policy file (HuJSON with Accept: application/hujson, else JSON), with its ETag", None,

@@ -271,6 +271,61 @@ def test_oauth_clients_made_through_the_keys_endpoint(api: ApiServer) -> None:
         assert http.post("/api/v2/device/1/expire", headers=headers).status_code == 403
 
 
+def test_oauth_clients_listed_and_deleted_through_the_keys_endpoint(
+    api: ApiServer, tailnet: dict[str, str], expired_key: str,
+) -> None:
+    """As in Tailscale's API: the key list with all=true holds the OAuth clients
+    (keyType client), the key path gets and deletes one by its client id; each kind
+    needs its own scope (oauth_keys:read to see clients, oauth_keys to delete one)."""
+    with api.client(api.admin_key) as http:
+        made = http.post("/api/v2/tailnet/-/keys", json={"keyType": "client", "scopes": ["devices:core:read"]})
+        assert made.status_code == 200, made.text
+        client_id = made.json()["id"]
+        assert client_id not in {k["id"] for k in http.get("/api/v2/tailnet/-/keys").json()["keys"]}
+    auth_reader, client_reader = _token(api, "auth_keys:read"), _token(api, "oauth_keys:read")
+    with api.client(auth_reader) as http:  # all=true, but no scope to read clients
+        listed = http.get("/api/v2/tailnet/-/keys", params={"all": "true"}).json()["keys"]
+        assert listed and {k["keyType"] for k in listed} == {"auth"}
+        assert http.get(f"/api/v2/tailnet/-/keys/{client_id}").status_code == 403
+    with api.client(client_reader) as http:  # the clients only
+        listed = http.get("/api/v2/tailnet/-/keys", params={"all": "true"}).json()["keys"]
+        assert client_id in {k["id"] for k in listed} and {k["keyType"] for k in listed} == {"client"}
+        assert http.get("/api/v2/tailnet/-/keys", params={"all": "maybe"}).status_code == 400
+
+    refusals = [
+        (None, client_id, 401),
+        (expired_key, client_id, 401),
+        (_token(api, "auth_keys"), client_id, 403),  # deletes auth keys, not clients
+        (client_reader, client_id, 403),  # reads clients, deletes none
+        (api.member_key, client_id, 404),  # not the member's to see
+        (api.admin_key, "nosuchclient", 404),
+        (api.admin_key, "999999", 404),
+    ]
+    for credential, ref, status in refusals:
+        before = api.head()
+        with api.client(credential) as http:
+            response = http.delete(f"/api/v2/tailnet/-/keys/{ref}")
+        assert response.status_code == status, (credential, ref, response.text)
+        assert api.head() == before
+
+    async def go() -> None:
+        async with tailscale_client(api, api_key=api.admin_key) as ts:
+            keys = {k.key_id: k for k in await ts.keys()}  # the client asks with all=true
+            assert keys[client_id].key_type == "client" and keys[client_id].scopes == ["devices:core:read"]
+            assert (await ts.key(client_id)).key_type == "client"
+            await ts.delete_key(client_id)
+            assert client_id not in {k.key_id for k in await ts.keys()}
+            with pytest.raises(TailscaleError):
+                await ts.key(client_id)
+
+    before = api.head()
+    _run(go())
+    assert [t for t, _ in api.events(before)] == ["apikey.deleted"]
+    with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:  # its tokens are void
+        answer = http.post("/api/v2/oauth/token", data={"client_id": client_id, "client_secret": made.json()["key"]})
+    assert answer.status_code == 401
+
+
 def test_oauth_token_endpoint_refusals(api: ApiServer) -> None:
     client_id, secret = _client(api, "devices:core:read")
     with httpx.Client(base_url=api.base, verify=api.ssl_context(), timeout=30) as http:
