@@ -42,3 +42,8 @@ def test_bench_api_prints_figures(bench_smoke: bool) -> None:
     assert f"with no map stream ({nodes} nodes):" in result.stdout
     assert f"{streams} map streams connected" in result.stdout and f"with {streams} map streams open:" in result.stdout
     assert f"of {streams} clients waited over 1.5 s" in result.stdout
+    # The simulated clients run in worker processes, and each load says whose CPU it took.
+    assert f"{streams} simulated clients registered" in result.stdout and "(2 worker processes)" in result.stdout
+    cpu = [line for line in result.stdout.splitlines() if line.startswith("CPU over the API load")]
+    assert len(cpu) == 2 and all("ms per list request" in line and "simulated clients (2 workers)" in line
+                                 for line in cpu)
