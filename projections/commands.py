@@ -614,8 +614,8 @@ def sanitize_hostname(hostname: str) -> str:
     return "".join(out) or "node"
 
 
-def _unique_given_name(state: TailnetState, wanted: str, *, exclude: int | None = None) -> str:
-    taken = {n.given_name for n in state.nodes.values() if n.id != exclude}
+def _unique_given_name(state: TailnetState, wanted: str) -> str:
+    taken = state.node_names  # the names in use, indexed (no scan of every node)
     if wanted not in taken:
         return wanted
     n = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import assert_never
 
+from immutables import Map
 from msgspec.structs import replace
 
 from eventlog import RecordedEvent
@@ -59,6 +60,17 @@ def _node_changed(state: TailnetState, node: Node, seq: int) -> tuple[TailnetSta
     return replace(state, nodes=state.nodes.set(node.id, node)), Delta(
         nodes_changed=frozenset((node.id,))
     )
+
+
+def _name_added(names: Map[str, int], name: str) -> Map[str, int]:
+    return names.set(name, names.get(name, 0) + 1)
+
+
+def _name_removed(names: Map[str, int], name: str) -> Map[str, int]:
+    left = names.get(name, 0) - 1
+    if left > 0:
+        return names.set(name, left)
+    return names.delete(name) if name in names else names
 
 
 def _update_node(
@@ -228,6 +240,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 node_by_node_key=state.node_by_node_key.set(node.node_key, node.id),
                 node_by_machine_key=state.node_by_machine_key.set(node.machine_key, node.id),
                 node_by_ip=by_ip,
+                node_names=_name_added(state.node_names, node.given_name),
                 next_node_id=max(state.next_node_id, node.id + 1),
                 last_ipv4=node.ipv4 or state.last_ipv4,
                 last_ipv6=node.ipv6 or state.last_ipv6,
@@ -246,7 +259,13 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 recorded.seq,
             )
         case NodeRenamed():
-            return _update_node(state, event.node_id, recorded.seq, given_name=event.given_name)
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            names = _name_added(_name_removed(state.node_names, node_old.given_name), event.given_name)
+            return _node_changed(
+                replace(state, node_names=names), replace(node_old, given_name=event.given_name), recorded.seq
+            )
         case NodeHostnameChanged():
             return _update_node(state, event.node_id, recorded.seq, hostname=event.hostname)
         case NodeTagsSet():
@@ -277,6 +296,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 node_by_node_key=by_key,
                 node_by_machine_key=by_machine,
                 node_by_ip=by_ip,
+                node_names=_name_removed(state.node_names, node_old.given_name),
             ), Delta(nodes_removed=frozenset((node_old.id,)))
         case NodeRegistrationRejected():
             # Audit only: the request was never part of the state (it lives in a side

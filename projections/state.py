@@ -177,6 +177,8 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
     node_by_machine_key: Map[str, int] = msgspec.field(default_factory=Map)
     node_by_ip: Map[str, int] = msgspec.field(default_factory=Map)
     user_by_name: Map[str, int] = msgspec.field(default_factory=Map)
+    # Given name -> how many nodes hold it (one, unless an old log recorded a duplicate).
+    node_names: Map[str, int] = msgspec.field(default_factory=Map)
     # The last addresses handed out: sequential allocation continues after them, so a
     # freed address is not handed out again until the range wraps around.
     last_ipv4: str | None = None
@@ -198,6 +200,8 @@ class TailnetState(msgspec.Struct, frozen=True, kw_only=True):
         return None if nid is None else self.nodes[nid]
 
     def node_named(self, given_name: str) -> Node | None:
+        if given_name not in self.node_names:
+            return None
         for node in self.nodes.values():
             if node.given_name == given_name:
                 return node
@@ -216,10 +220,14 @@ def rebuild_indexes(state: TailnetState) -> TailnetState:
             if ip is not None:
                 by_ip[ip] = node.id
     by_name = {user.name: user.id for user in state.users.values()}
+    names: dict[str, int] = {}
+    for node in state.nodes.values():
+        names[node.given_name] = names.get(node.given_name, 0) + 1
     return msgspec.structs.replace(
         state,
         node_by_node_key=Map(by_key),
         node_by_machine_key=Map(by_machine),
         node_by_ip=Map(by_ip),
         user_by_name=Map(by_name),
+        node_names=Map(names),
     )
