@@ -26,7 +26,9 @@ from cli.bench.loadgen.churn import rss_slope
 from cli.bench.loadgen.client import ChurnWatch
 from cli.bench.loadgen.main import build_parser
 from cli.bench.loadgen.options import PHASES
+from cli.bench.loadgen.report import cpu_lines
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
+from cli.bench.loadgen.server import proc_cpu_wait
 from cli.bench.loadgen.workers import RemoteWatch
 from cli.spawn import child_env, tailledger_argv
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
@@ -364,3 +366,18 @@ def test_a_tiny_run_with_two_workers_measures_every_phase(tmp_path: Path) -> Non
     pinned = len(os.sched_getaffinity(0)) >= 3
     assert row["pinning"].startswith("pinned:" if pinned else "not pinned:"), row["pinning"]
     assert "workers" in proc.stdout and row["pinning"] in proc.stdout
+
+
+def test_the_wait_for_a_cpu_of_a_process_that_is_gone_is_unknown() -> None:
+    proc = subprocess.Popen(["python", "-c", "pass"])
+    proc.wait()
+    assert proc_cpu_wait(proc.pid) is None  # reaped: no /proc entry, no figure made up
+
+
+def test_the_cpu_report_shows_the_servers_wait_for_a_cpu_when_measured() -> None:
+    row: dict[str, object] = {"nodes": 10, "workers": 2, "pinning": "shared",
+                              "register_wall_s": 4.0, "register_cpu_s": 1.0, "register_cpu_wait_s": 2.5,
+                              "connect_wall_s": 1.0, "connect_cpu_s": 0.5}
+    register, connect = cpu_lines(row)[1:]
+    assert "server 1.00 s (and 2.5 s runnable, waiting for a CPU)" in register
+    assert "waiting for a CPU" not in connect  # not measured: nothing claimed

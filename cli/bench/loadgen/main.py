@@ -101,8 +101,8 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
                         help="seconds between one updater's endpoint updates (default 20,40)")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="map streams being opened at once during the ramp (default 64)")
-    parser.add_argument("--register-concurrency", type=int, default=4,
-                        help="registrations in flight at once (default 4)")
+    parser.add_argument("--register-concurrency", type=int, default=LoadgenOptions.register_concurrency,
+                        help=f"registrations in flight at once (default {LoadgenOptions.register_concurrency})")
     parser.add_argument("--timeout-scale", type=float, default=1.0,
                         help="multiply every phase timeout (they already grow with N)")
     parser.add_argument("--max-server-rss", type=int, default=0, metavar="MIB",

@@ -31,9 +31,11 @@ class LoadgenOptions:
         update_interval: each updater waits uniformly this long between updates (s).
         concurrency: stream openings in flight at once during the ramp (the
             reconnect after a restart is not limited, like real clients).
-        register_concurrency: registrations in flight at once. The server appends
-            one event at a time and has concurrent registrations retry on a
-            sequence conflict, so more than a few only burns its CPU on retries.
+        register_concurrency: registrations in flight at once (split among the
+            workers). The log's writer commits concurrent appends together and a
+            registration that lost a sequence race retries once under the tailnet's
+            lock, so a wider window costs the server no extra CPU; with 4 (2 per
+            worker) each registration's handshake and round trips left it idle.
         timeout_scale: multiplies every phase timeout (they grow with N).
         max_server_rss: bytes of server RSS at which the run is aborted (0: only
             the machine-wide guard, see ``memory_guard``).
@@ -51,7 +53,7 @@ class LoadgenOptions:
     updaters: int | None = None
     update_interval: tuple[float, float] = (20.0, 40.0)
     concurrency: int = 64
-    register_concurrency: int = 4
+    register_concurrency: int = 16
     timeout_scale: float = 1.0
     max_server_rss: int = 0
     scenario: str = "flat"

@@ -51,7 +51,9 @@ def cpu_lines(row: Results) -> list[str]:
         wall = _num(row, f"{phase}_wall_s")
         if wall is None:
             continue
-        lines.append(f"  {phase:>9}: {wall:.1f} s; CPU: server {_num(row, f'{phase}_cpu_s') or 0:.2f} s, "
+        waited = _num(row, f"{phase}_cpu_wait_s")
+        queued = "" if waited is None else f" (and {waited:.1f} s runnable, waiting for a CPU)"
+        lines.append(f"  {phase:>9}: {wall:.1f} s; CPU: server {_num(row, f'{phase}_cpu_s') or 0:.2f} s{queued}, "
                      f"workers {_num(row, f'{phase}_workers_cpu_s') or 0:.2f} s "
                      f"({_num(row, f'{phase}_workers_cpu_pct') or 0:.0f}% of a core), "
                      f"main {_num(row, f'{phase}_loadgen_cpu_pct') or 0:.0f}% of a core")

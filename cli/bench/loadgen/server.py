@@ -44,6 +44,20 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_cpu_wait(pid: int) -> float | None:
+    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (the second
+    field of each ``/proc/<pid>/task/<tid>/schedstat``); ``None`` without schedstats.
+    A process that waits far longer than it runs is held back by the machine's other
+    load, not by anything inside it."""
+    total, seen = 0.0, False
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1]) / 1e9
+                seen = True
+    return total if seen else None
+
+
 def proc_memory(pid: int) -> tuple[int, int]:
     """(RSS, peak RSS) of ``pid`` in bytes, from ``VmRSS`` and ``VmHWM``."""
     values: dict[str, int] = {}
@@ -130,6 +144,7 @@ class Span:
         self.server = server
         self.t0 = trio.current_time()
         self.cpu0 = proc_cpu(server.pid)
+        self.wait0 = proc_cpu_wait(server.pid)
         self.own0 = time.process_time()
         self.workers0 = pids_cpu(server.worker_pids)
 
@@ -137,6 +152,9 @@ class Span:
         wall = trio.current_time() - self.t0
         results[f"{phase}_wall_s"] = wall
         results[f"{phase}_cpu_s"] = proc_cpu(self.server.pid) - self.cpu0
+        wait = proc_cpu_wait(self.server.pid)
+        if wait is not None and self.wait0 is not None:
+            results[f"{phase}_cpu_wait_s"] = wait - self.wait0
         results[f"{phase}_loadgen_cpu_pct"] = 100 * (time.process_time() - self.own0) / max(wall, 1e-9)
         if self.server.worker_pids:
             # --workers: the clients' processes (together; % of one core), besides this one.
