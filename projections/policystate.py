@@ -17,7 +17,7 @@ the previous route election, so primaries stay sticky).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Final
 
@@ -126,7 +126,18 @@ class PolicyCompiler:
             self._text = text
         return self._policy
 
-    def compiled(self, state: TailnetState) -> CompiledPolicy:
+    def compiled(
+        self, state: TailnetState, *, since: TailnetState | None = None, changed: Iterable[int] = ()
+    ) -> CompiledPolicy:
+        """The compiled policy of ``state``, edited from the last one when the policy
+        text, users and route primaries are the same.
+
+        Args:
+            since, changed: when this compiler's last state is ``since`` (the caller's
+                previous state), ``changed`` holds every node that may differ between
+                it and ``state`` (a superset is fine: the folds' delta), and only those
+                are compared instead of every node.
+        """
         if state is self._state and self._compiled is not None:
             return self._compiled
         old_state, old = self._state, self._compiled
@@ -150,12 +161,22 @@ class PolicyCompiler:
             self.full_compiles += 1
         else:
             compiled = old
-            for nid in old_state.nodes:
-                if nid not in state.nodes:
-                    compiled = compiled.without_node(nid)
-            for nid, node in state.nodes.items():
-                if old_state.nodes.get(nid) is not node:
-                    compiled = compiled.with_node(policy_node(node))
+            if since is not None and since is old_state:
+                ids = sorted(changed)
+                for nid in ids:
+                    if nid in old_state.nodes and nid not in state.nodes:
+                        compiled = compiled.without_node(nid)
+                for nid in ids:
+                    node = state.nodes.get(nid)
+                    if node is not None and old_state.nodes.get(nid) is not node:
+                        compiled = compiled.with_node(policy_node(node))
+            else:
+                for nid in old_state.nodes:
+                    if nid not in state.nodes:
+                        compiled = compiled.without_node(nid)
+                for nid, node in state.nodes.items():
+                    if old_state.nodes.get(nid) is not node:
+                        compiled = compiled.with_node(policy_node(node))
             self.incremental_updates += 1
         self._state, self._compiled = state, compiled
         return compiled

@@ -260,12 +260,12 @@ class MapHub:
             presence_changed: nodes whose presence changed since the previous call.
         """
         old_state, old_now, old_compiled = self.state, self.now, self.compiled
-        compiled = self.policy.compiled(state)
+        changed = set(delta.nodes_changed) | set(delta.nodes_removed)
+        compiled = self.policy.compiled(state, since=old_state, changed=changed)
         if self._ssh is None:
             self._ssh = SSHCache(self.stats)
         self.seq += 1
         self._messages = {}
-        changed = set(delta.nodes_changed) | set(delta.nodes_removed)
         if old_state is None or old_now is None or self._needs_rebuild(old_state, state, delta, changed):
             self.state, self.now, self.compiled = state, now, compiled
             self._rebuild(state, now, compiled)
