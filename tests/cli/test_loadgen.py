@@ -381,3 +381,49 @@ def test_the_cpu_report_shows_the_servers_wait_for_a_cpu_when_measured() -> None
     register, connect = cpu_lines(row)[1:]
     assert "server 1.00 s (and 2.5 s runnable, waiting for a CPU)" in register
     assert "waiting for a CPU" not in connect  # not measured: nothing claimed
+
+
+def test_database_options_are_checked() -> None:
+    def refused(*argv: str) -> str:
+        proc = subprocess.run([*tailledger_argv("loadgen"), "--json", "", *argv],
+                              env=child_env(), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout
+        return proc.stderr
+
+    assert "needs --backend postgres" in refused("--nodes", "3", "--replicas", "2")
+    assert "needs --dsn" in refused("--nodes", "3", "--backend", "postgres")
+    assert "one --nodes size" in refused("--nodes", "3,4", "--backend", "postgres", "--dsn", "dbname=x")
+    assert "--workers" in refused("--nodes", "3", "--backend", "postgres", "--dsn", "dbname=x",
+                                  "--replicas", "2", "--workers", "1")
+
+
+@pytest.mark.slow
+def test_a_tiny_run_over_two_replicas_measures_join_policy_and_cross_replica_presence(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    n = 6
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [*tailledger_argv("loadgen"), "--nodes", str(n), "--json", str(out), "--updaters", "0",
+         "--backend", "postgres", "--dsn", pg_dsn, "--replicas", "2"],
+        env=child_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    for column in ("join p99 ms", "policy p99 ms", "presence p99 ms"):
+        assert column in proc.stdout
+    assert "warning" not in proc.stdout, proc.stdout
+    [row] = json.loads(out.read_text())
+    assert row["replicas"] == 2
+    # Clients 0, 2, 4 and the newcomer (6) are on the first replica, 1, 3, 5 on the second.
+    assert row["registered"] == n
+    assert row["connected"] == n
+    assert row["join_reached"] == n  # on both replicas
+    assert row["policy_reached"] == n + 1
+    # Node 0's endpoint change (first replica), timed at its peers on the second: 1, 3, 5.
+    assert row["presence_expected"] == 3
+    assert row["presence_reached"] == 3
+    assert row["presence_unexpected"] == 0
+    assert "reconnected" not in row  # no restart phase over replicas
+    for phase in ("join", "presence", "policy"):
+        p50, p99, top = (_number(row, f"{phase}_{q}_ms") for q in ("p50", "p99", "max"))
+        assert 0 < p50 <= p99 <= top

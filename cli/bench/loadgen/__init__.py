@@ -83,6 +83,18 @@ filters, too). The report gives latencies per kind of change, the server's and t
 load generator's CPU, KiB received per change, and the server's RSS sampled every
 second with its least-squares slope after the first minute (MiB/min). Figures only.
 
+Replicas
+--------
+``--backend postgres --dsn DSN`` puts the log in an empty PostgreSQL database (one
+``--nodes`` size per run); ``--replicas N`` starts N ``tailledger serve`` replicas on
+it (their own data directories and ports, one Noise key) and client *i* talks to
+replica *i* mod N. The tailnet is set up through the first replica, which the others
+have folded before anybody registers. Join and policy are timed at their receivers on
+every replica; the ``presence`` phase (only over replicas) has node 0, on the first
+replica, report a new endpoint, timed until each of its peers on the other replicas
+got it through the shared presence table (its peers on its own replica are not
+timed). The restart phase is skipped over replicas.
+
 Worker processes
 ----------------
 ``--workers N`` runs the simulated clients in N worker processes (client *i* in

@@ -78,6 +78,9 @@ class Watch:
     t0: float = math.inf
     latencies: list[float] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
+    #: Clients that may get the change but are not timed (``--replicas``: the peers on
+    #: the changed node's own replica, when only the other replicas' are measured).
+    ignored: frozenset[int] = frozenset()
     #: Clients that got the change although the policy says they should not.
     unexpected: int = 0
     #: Compressed bytes of the updates all clients received while it was watched.
@@ -168,6 +171,9 @@ class Hub:
     connect_slots: trio.Semaphore | None
     #: Per client index, the pre-auth key to register with (else ``auth_key``).
     auth_keys: dict[int, str] = field(default_factory=dict)
+    #: ``--replicas``: the replicas' ports; client *i* talks to ``ports[i % len]``
+    #: (empty: everybody talks to ``port``).
+    ports: tuple[int, ...] = ()
     streams_go: trio.Event = field(default_factory=trio.Event)
     registered: int = 0
     registered_all: trio.Event = field(default_factory=trio.Event)
@@ -192,6 +198,10 @@ class Hub:
     lite_updates: int = 0
     updates_read: int = 0  # non-full frames decompressed (during watches)
     errors: Counter[str] = field(default_factory=Counter)
+
+    def port_of(self, index: int) -> int:
+        """The port client ``index`` talks to."""
+        return self.ports[index % len(self.ports)] if self.ports else self.port
 
     def begin_round(self, target: int, t0: float) -> None:
         """Start a wave of connections; ``ready_all`` fires when ``target`` made it."""
@@ -283,6 +293,8 @@ class Client:
         self.on_register: Callable[[], None] | None = None
         self._seen: Watch | None = None  # the last watch this client has hit
         self._slot: trio.Semaphore | None = None
+        #: The connection of the stream under way (None between connections).
+        self.control: ControlClient | None = None
         #: Cancelled when the churn phase deletes this node (its life ends there).
         self.scope = trio.CancelScope()
 
@@ -345,7 +357,7 @@ class Client:
         await self._take_slot(hub.connect_slots if self.registered else hub.register_slots)
         async with open_control_client(
             "127.0.0.1",
-            hub.port,
+            hub.port_of(self.index),
             machine_key=self.machine,
             server_public=hub.server_key,
             # The windows of Go's HTTP/2 transport, which tailscale's clients use.
@@ -359,6 +371,7 @@ class Client:
                 self._release_slot()
                 await hub.streams_go.wait()
                 await self._take_slot(hub.connect_slots)
+            self.control = client
             async with trio.open_nursery() as nursery:
                 if self.updater:
                     nursery.start_soon(self._lite_updates, client)
@@ -403,6 +416,18 @@ class Client:
             except ProtocolError:
                 return
             self.hub.lite_updates += 1
+
+    async def move_endpoint(self, port: int) -> None:
+        """Report the endpoint ``port`` at once, on the connection of its stream
+        (``--replicas``' presence phase).
+
+        Raises:
+            ProtocolError: no connection is open, or it failed.
+        """
+        self.port = port
+        if self.control is None:
+            raise ProtocolError(f"sim-{self.index} has no connection open")
+        await self.control.post_json("/machine/map", self.map_request(stream=False))
 
     # -- the receive path --------------------------------------------------------------
 
@@ -456,6 +481,9 @@ class Client:
             and self.index != watch.exclude
             and watch.marker in body
         )
+        if hit and watch is not None and self.index in watch.ignored:
+            self._seen = watch
+            hit = False
         if hit and watch is not None and not watch.wants(self.index):
             # The change reached a node the policy says it does not concern.
             watch.unexpected += 1

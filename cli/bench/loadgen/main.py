@@ -20,7 +20,7 @@ import trio
 from .. import loadgen
 from ..scenarios import SCENARIOS
 from .client import raise_fd_limit
-from .options import PHASES, LoadgenOptions, Results
+from .options import BACKENDS, PHASES, LoadgenOptions, Results
 from .phases import measure
 from .report import churn_lines, cpu_lines, curve_lines, format_table, target_lines, warning_lines
 from .workers import SharedClock
@@ -92,6 +92,15 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
                         help="run the simulated clients in N worker processes, pinned apart from the "
                              "server when the machine has 3 or more cores; each side's CPU is reported "
                              "(default 0: all clients in this process)")
+    parser.add_argument("--backend", choices=BACKENDS, default="sqlite",
+                        help="the log's store: sqlite (default: each server's own file) or postgres "
+                             "(the database of --dsn, which must be empty; one --nodes size)")
+    parser.add_argument("--dsn", default="", help="postgres: the database's connection string "
+                        "(its password from PGPASSWORD or PGPASSFILE, never in the string)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="postgres: N `tailledger serve` replicas on the one log, the clients split "
+                             "between them; adds the presence phase (a node's endpoint change on the first "
+                             "replica, timed at its peers on the others) and skips restart (default 1)")
     parser.add_argument("--json", default="loadgen-results.json", help="where to write the figures ('' = nowhere)")
     parser.add_argument("--phases", type=_parse_phases, default=frozenset(PHASES),
                         help=f"comma-separated phases after register+connect (default {','.join(PHASES)})")
@@ -111,6 +120,27 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _database_problem(args: argparse.Namespace, sizes: list[int]) -> str | None:
+    """What is wrong with ``--backend``, ``--dsn`` and ``--replicas`` together, if anything."""
+    if args.replicas < 1:
+        return "--replicas needs N >= 1"
+    if args.backend != "postgres":
+        if args.replicas > 1:
+            return "--replicas needs --backend postgres (replicas share one PostgreSQL log)"
+        if args.dsn:
+            return "--dsn needs --backend postgres"
+        return None
+    if not args.dsn:
+        return "--backend postgres needs --dsn (the connection string of an empty database)"
+    if len(sizes) > 1:
+        return "--backend postgres takes one --nodes size (each run needs an empty database)"
+    if args.replicas > 1 and args.workers:
+        return "--replicas does not combine with --workers"
+    if args.replicas > 1 and args.scenario == "churn":
+        return "--replicas does not combine with --scenario churn"
+    return None
+
+
 def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int:
     """Run ``tailledger loadgen`` with ``argv`` (or options already parsed by
     :func:`build_parser`); return the exit status."""
@@ -127,6 +157,10 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     if args.workers < 0:
         print("tailledger loadgen: --workers needs N >= 0", file=sys.stderr)
         return 2
+    problem = _database_problem(args, sizes)
+    if problem:
+        print(f"tailledger loadgen: {problem}", file=sys.stderr)
+        return 2
     options = LoadgenOptions(
         phases=args.phases, updaters=args.updaters, update_interval=args.update_interval,
         concurrency=max(1, args.concurrency),
@@ -134,6 +168,7 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         max_server_rss=max(0, args.max_server_rss) * 2**20, scenario=args.scenario,
         duration=args.duration, join_delete_every=args.join_delete_every, tag_every=args.tag_every,
         policy_every=args.policy_every, seed=args.seed, workers=args.workers,
+        backend=args.backend, dsn=args.dsn, replicas=args.replicas,
     )
     raise_fd_limit(max(sizes))
     rows: list[Results] = []

@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CHURN_KINDS", "PHASES", "LoadgenOptions", "Results"]
+__all__ = ["BACKENDS", "CHURN_KINDS", "PHASES", "LoadgenOptions", "Results"]
 
 
 #: Phases ``--phases`` may name; ``register`` and ``connect`` always run.
-PHASES: Final = ("join", "policy", "restart")
+#: ``presence`` runs only with ``--replicas`` (more than one), ``restart`` only without.
+PHASES: Final = ("join", "presence", "policy", "restart")
+#: The stores ``--backend`` may name.
+BACKENDS: Final = ("sqlite", "postgres")
 #: The kinds of change of the churn phase, in the order the report lists them.
 CHURN_KINDS: Final = ("join", "delete", "tag", "policy")
 
@@ -47,6 +50,11 @@ class LoadgenOptions:
         seed: seeds the churn phase's choices.
         workers: run the simulated clients in this many worker processes (0: in
             this process, as always).
+        backend: the log's store, ``sqlite`` (each server's own file) or ``postgres``
+            (the database of ``dsn``, which must be empty).
+        dsn: the PostgreSQL connection string (``backend = "postgres"``).
+        replicas: ``tailledger serve`` replicas on the one PostgreSQL log; client *i*
+            talks to replica *i* mod ``replicas`` (more than one needs postgres).
     """
 
     phases: frozenset[str] = frozenset(PHASES)
@@ -63,6 +71,9 @@ class LoadgenOptions:
     policy_every: float = 60.0
     seed: int = 19
     workers: int = 0
+    backend: str = "sqlite"
+    dsn: str = ""
+    replicas: int = 1
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale

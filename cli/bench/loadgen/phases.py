@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
+import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ import trio
 
 from projections.mapviews.hub import class_key
 from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
-from protocol import fetch_server_key
+from protocol import ProtocolError, fetch_server_key
 
 from ...adminsock import AdminError
 from ...gcpolicy import manage_gc
@@ -58,6 +62,7 @@ class Expectations:
         policy: the clients whose packet filter the scenario's policy change changes.
         classes: visibility classes (:func:`projections.mapviews.hub.class_key`).
         peers_avg, peers_median, peers_max: peers per node.
+        presence: the clients that see node 0 (whose endpoint the presence phase moves).
     """
 
     join: frozenset[int]
@@ -66,6 +71,7 @@ class Expectations:
     peers_avg: float
     peers_median: float
     peers_max: int
+    presence: frozenset[int] = frozenset()
 
 
 def expectations(sc: Scenario, n: int) -> Expectations:
@@ -87,8 +93,9 @@ def expectations(sc: Scenario, n: int) -> Expectations:
     policy = frozenset(i for i in range(n + 1) if a.packet_filter(i + 1) != b.packet_filter(i + 1))
     peers = sorted(len(a.peer_id_set(i + 1)) for i in range(n))
     classes = len({class_key(a, i + 1) for i in range(n)})
+    presence = frozenset(i - 1 for i in a.peer_id_set(1))
     return Expectations(join, policy, classes, sum(peers) / max(n, 1), float(peers[n // 2]) if n else 0.0,
-                        peers[-1] if n else 0)
+                        peers[-1] if n else 0, presence)
 
 
 async def measure(n: int, workdir: Path, options: LoadgenOptions | None = None) -> Results:
@@ -110,28 +117,81 @@ async def measure(n: int, workdir: Path, options: LoadgenOptions | None = None) 
     Cancellation: the server is stopped either way.
     """
     opts = options or LoadgenOptions()
-    server = Server(workdir / f"n{n}", free_port())
-    server.data.mkdir(parents=True)
+    servers = _servers(n, workdir, opts)
+    server = servers[0]
     results: Results = {"nodes": n}
+    if opts.backend != "sqlite" or opts.replicas > 1:
+        results.update(backend=opts.backend, replicas=opts.replicas)
     if opts.workers:
         results["pinning"] = pin(server, opts.workers)
         print(f"  {results['pinning']}", flush=True)
-    await trio.to_thread.run_sync(server.start, opts.timeout(60, 0.01, n))
     try:
+        for i, replica in enumerate(servers):
+            if i:  # one Noise key behind one URL: a client may move between replicas
+                shutil.copyfile(server.data / "noise_private.key", replica.data / "noise_private.key")
+            await trio.to_thread.run_sync(replica.start, opts.timeout(60, 0.01, n))
         async with trio.open_nursery() as guarded:
-            guarded.start_soon(memory_guard, server, opts, results, guarded.cancel_scope)
-            await _run_phases(n, server, opts, results)
+            for replica in servers:
+                guarded.start_soon(memory_guard, replica, opts, results, guarded.cancel_scope)
+            await _run_phases(n, servers, opts, results)
             guarded.cancel_scope.cancel()
     except* FatalClientError as group:
         raise RuntimeError(str(group.exceptions[0])) from None
     finally:
-        await trio.to_thread.run_sync(server.stop)
+        for replica in servers:
+            await trio.to_thread.run_sync(replica.stop)
     return results
 
 
-async def _run_phases(n: int, server: Server, opts: LoadgenOptions, results: Results) -> None:
-    """Set the tailnet up (user, reusable key, policy A), start the clients and run the
-    phases in order, filling ``results`` as each one ends."""
+def _servers(n: int, workdir: Path, opts: LoadgenOptions) -> list[Server]:
+    """The servers of a run: one on its own SQLite log, or ``opts.replicas`` on the
+    PostgreSQL log of ``opts.dsn``, each with its own data directory and port and one
+    signing key for all (their checkpoints verify against one key)."""
+    servers: list[Server] = []
+    for i in range(opts.replicas):
+        data = workdir / (f"n{n}" if i == 0 else f"n{n}-replica{i}")
+        data.mkdir(parents=True)
+        env: dict[str, str] = {}
+        if opts.backend == "postgres":
+            env = {
+                "TAILLEDGER_DATABASE__TYPE": "postgres",
+                "TAILLEDGER_DATABASE__DSN": opts.dsn,
+                "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(workdir / f"n{n}-signing.key"),
+            }
+        servers.append(Server(data, free_port(), extra_env=env))
+    return servers
+
+
+def _health(server: Server) -> dict[str, object]:
+    """The server's ``/health`` body, whatever its status (blocking)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    value = json.loads(body)
+    return value if isinstance(value, dict) else {}
+
+
+async def _catch_up(servers: list[Server], within: float) -> None:
+    """Wait until every replica has folded the first one's log head (the users and keys
+    the clients register with), at most ``within`` seconds."""
+    head = (await trio.to_thread.run_sync(_health, servers[0])).get("log_seq")
+    assert isinstance(head, int)
+    with trio.move_on_after(within):
+        for replica in servers[1:]:
+            while True:
+                folded = (await trio.to_thread.run_sync(_health, replica)).get("folded_seq")
+                if isinstance(folded, int) and folded >= head:
+                    break
+                await trio.sleep(0.1)
+
+
+async def _run_phases(n: int, servers: list[Server], opts: LoadgenOptions, results: Results) -> None:
+    """Set the tailnet up (user, reusable key, policy A) through the first server, start
+    the clients (spread over the replicas) and run the phases in order, filling
+    ``results`` as each one ends."""
+    server = servers[0]
     admin = trio.to_thread.run_sync
     sc = scenario(opts.scenario, n + 1)  # the join phase's newcomer is node n
     expect = await trio.to_thread.run_sync(expectations, sc, n)
@@ -154,6 +214,7 @@ async def _run_phases(n: int, server: Server, opts: LoadgenOptions, results: Res
             assert isinstance(created, dict)
             keys[kind] = str(created["key"])
     auth_keys = {i: keys[sc.node(i)] for i in range(n + 1)}
+    await _catch_up(servers, opts.timeout(30, 0.01, n))
     rss0, _ = proc_memory(server.pid)
 
     updaters = min(n // 10, 20) if opts.updaters is None else min(opts.updaters, n)
@@ -169,6 +230,7 @@ async def _run_phases(n: int, server: Server, opts: LoadgenOptions, results: Res
         connect_slots=trio.Semaphore(opts.concurrency),
         register_target=n,
         population=n,
+        ports=tuple(s.port for s in servers) if len(servers) > 1 else (),
     )
     spread = {i * n // updaters for i in range(updaters)} if updaters else set()
     workers = Workers(opts, hub, server, spread) if isinstance(hub, ParentHub) else None
@@ -236,11 +298,15 @@ async def _run_phases(n: int, server: Server, opts: LoadgenOptions, results: Res
                 return
             if "join" in opts.phases:
                 await _join(n, server, opts, hub, clients, nursery, results, expect.join)
+            if "presence" in opts.phases and len(servers) > 1:
+                await settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
+                receivers = expect.presence if hub.population > n else expect.presence - {n}
+                await _presence(n, servers, opts, hub, clients, results, receivers)
             if "policy" in opts.phases and has_policy:
                 await settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
                 receivers = expect.policy if hub.population > n else expect.policy - {n}
                 await _policy(n, server, opts, hub, clients, results, sc, receivers)
-            if "restart" in opts.phases:
+            if "restart" in opts.phases and len(servers) == 1:
                 await settle(server, min_s=1, max_s=opts.timeout(5, 0.005, n))
                 await _restart(n, server, opts, hub, clients, results)
             if workers:
@@ -336,6 +402,40 @@ async def _policy(
     span.close(results, "policy")
     hub.watch = None
     _record_latencies(results, "policy", watch)
+
+
+#: The endpoint port the presence phase moves node 0 to (updaters count up from
+#: 41641 and never get there in a run).
+_PRESENCE_PORT = 65000
+
+
+async def _presence(
+    n: int, servers: list[Server], opts: LoadgenOptions, hub: Hub, clients: list[Client], results: Results,
+    receivers: frozenset[int],
+) -> None:
+    """Node 0 (on the first replica) reports a new endpoint; time until each of its
+    peers on the other replicas got it (through the shared presence table). Its peers
+    on its own replica get it too, untimed."""
+    replicas = len(servers)
+    mover = clients[0]
+    others = frozenset(i for i in receivers if hub.port_of(i) != hub.port_of(mover.index))
+    mover.port = _PRESENCE_PORT
+    endpoints = mover.map_request(stream=False).endpoints or []
+    marker = "".join(f'"{e}"' for e in endpoints).encode()  # the JSON of the one endpoint
+    watch = Watch("presence", marker, expected=len(others), exclude=mover.index, receivers=others,
+                  ignored=receivers - others)
+    results["last_phase"] = "presence"
+    span = Span(servers[1 % replicas])  # the replica that has to learn of it
+    watch.t0 = trio.current_time()
+    hub.watch = watch
+    try:
+        await mover.move_endpoint(_PRESENCE_PORT)
+    except ProtocolError as exc:
+        hub.note_error(exc)
+    await _wait(watch.done, opts.timeout(30, 0.01, n), "presence", lambda: len(watch.latencies), watch.expected)
+    span.close(results, "presence")
+    hub.watch = None
+    _record_latencies(results, "presence", watch)
 
 
 async def _restart(

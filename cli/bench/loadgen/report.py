@@ -105,6 +105,9 @@ _COLUMNS: Final = [
     ("join_loadgen_cpu_pct", "lg %", "{:.0f}"),
     ("join_expected", "join rcv", "{:.0f}"),
     ("join_kib", "join KiB", "{:.0f}"),
+    ("presence_p50_ms", "presence p50 ms", "{:.0f}"),
+    ("presence_p99_ms", "presence p99 ms", "{:.0f}"),
+    ("presence_expected", "presence rcv", "{:.0f}"),
     ("policy_p50_ms", "policy p50 ms", "{:.0f}"),
     ("policy_p99_ms", "policy p99 ms", "{:.0f}"),
     ("policy_cpu_s", "policy CPU s", "{:.3f}"),
@@ -123,6 +126,8 @@ _TARGETS: Final = [
     ("mem_per_node_kib", 20.0, "under 20 KiB of server memory per idle node"),
     ("restart_total_s", 60.0, "all reconnected within 60 s of a restart"),
     ("register_ms", 200.0, "registering one more node answers within 200 ms"),
+    # Issue 18's, over --replicas 2:
+    ("presence_p99_ms", 1000.0, "an endpoint change reaches the other replicas' peers within 1 s (p99)"),
 ]
 
 
@@ -171,14 +176,15 @@ def warning_lines(row: Results) -> list[str]:
     out: list[str] = []
     for key, what in (("registered", "registered"), ("connected", "connected"),
                       ("join_reached", "saw the join"), ("policy_reached", "got the new filter"),
+                      ("presence_reached", "on the other replicas got the endpoint change"),
                       ("reconnected", "reconnected")):
         got = _num(row, key)
         want = n + 1 if key == "reconnected" and "join_reached" in row else n
-        if key in ("join_reached", "policy_reached"):
+        if key in ("join_reached", "policy_reached", "presence_reached"):
             want = _num(row, key.replace("reached", "expected")) or 0
         if got is not None and got < want:
             out.append(f"{n:.0f} nodes: only {got:.0f} of {want:.0f} {what} before the timeout")
-    for phase in ("connect", "join", "policy", "reconnect"):
+    for phase in ("connect", "join", "presence", "policy", "reconnect"):
         busy, wall = _num(row, f"{phase}_loadgen_cpu_pct"), _num(row, f"{phase}_wall_s")
         if busy is not None and busy > 90 and (wall or 0) >= 1:  # a blip is no saturation
             out.append(f"{n:.0f} nodes: the load generator was {busy:.0f}% busy during {phase}; "
@@ -191,7 +197,7 @@ def warning_lines(row: Results) -> list[str]:
     if _num(row, "churn_reached") is not None and (_num(row, "churn_reached") or 0) < (_num(row, "churn_expected") or 0):
         out.append(f"{n:.0f} nodes: churn changes reached only {row['churn_reached']} of "
                    f"{row['churn_expected']} receivers in time")
-    for phase in ("join", "policy"):
+    for phase in ("join", "presence", "policy"):
         if row.get(f"{phase}_unexpected"):
             out.append(f"{n:.0f} nodes: {row[f'{phase}_unexpected']} nodes got the {phase} change although "
                        "the policy says it does not concern them")

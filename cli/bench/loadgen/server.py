@@ -90,7 +90,8 @@ class Server:
     cpus: frozenset[int] = frozenset()
     #: The CPUs the load generator's workers are pinned to (empty: not pinned).
     loadgen_cpus: frozenset[int] = frozenset()
-    #: Settings of this run (``TAILLEDGER_*`` variables) over the defaults below.
+    #: Settings of this run (``TAILLEDGER_*`` variables) over the defaults below: the
+    #: database of replicas and their shared signing key, for instance.
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
