@@ -72,16 +72,31 @@ async def while_leading(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``job`` (a task started with ``task_status``) whenever this replica leads."""
-    task_status.started()
+    """Run ``job`` (a task started with ``task_status``) whenever this replica leads.
+
+    Reports started once the job has started, when this replica leads already (so a
+    server that always leads, on SQLite, has its jobs running before it serves: a
+    policy change made at once is seen by the auto-approver), or at once when it does
+    not lead (or the job could not start: it is retried).
+    """
+    reported = False
+
+    def report() -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            task_status.started()
+
     while True:
         if not leadership.leading:
+            report()
             await leadership.wait_changed()
             continue
         failed = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(job)
+                report()
 
                 async def stop_when_deposed() -> None:
                     while leadership.leading:
@@ -92,5 +107,6 @@ async def while_leading(
         except* EventLogError as group:  # the database went away under the job
             log.warning("replica: a run-once job stopped (will restart): %s", group.exceptions[0])
             failed = True
+            report()
         if failed:
             await trio.sleep(1.0)

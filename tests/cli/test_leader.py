@@ -78,3 +78,23 @@ async def test_jobs_run_only_on_the_leader_and_move_with_it(pg_dsn: str) -> None
 
 def test_without_a_lock_the_only_server_leads() -> None:
     assert Leadership(None).leading
+
+
+async def test_a_replica_that_leads_has_its_job_running_when_started_returns() -> None:
+    """With SQLite a server always leads: its run-once jobs must be running before it
+    serves, or a change made at once (a policy set right after start-up) is missed by
+    a job that reads its starting point later (the policy auto-approver)."""
+    for _ in range(20):  # trio schedules runnable tasks in random order: try many times
+        began: list[str] = []
+
+        async def job(
+            *, began: list[str] = began, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            began.append("job")
+            task_status.started()
+            await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(while_leading, Leadership(), job)
+            assert began == ["job"]
+            nursery.cancel_scope.cancel()
