@@ -11,9 +11,9 @@ every other package; none imports it.
 Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
 
     serve            run the control server            server.py, network.py, web.py,
-                                                       config.py, adminsock.py, api/,
-                                                       audit.py, policyfile.py, gcpolicy.py
-    relay            run the DERP relay + STUN alone   relaycmd.py (relay.serve)
+                                                       settings.py, config.py, adminsock.py,
+                                                       api/, audit.py, policyfile.py, gcpolicy.py
+    relay            run the DERP relay + STUN alone   relaycmd.py, settings.py (relay.serve)
     config check     validate the configuration        config.py
     users            manage users                      main.py -> admin socket
     apikeys          API keys of the admin HTTP API    apikeycmd.py -> admin socket
@@ -32,7 +32,9 @@ Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
                                                        bench/loadgen/, bench/scenarios.py
 
 Shared pieces: :mod:`cli.output` (tables or JSON, with node-written text escaped),
-:mod:`cli.durations` (``90s``, ``7d``...), :mod:`cli.adminsock` (the admin socket
+:mod:`cli.durations` (``90s``, ``7d``...; the configuration's are parsed once, into
+:attr:`cli.config.Config.durations`), :mod:`cli.settings` (the configuration turned
+into each service's settings), :mod:`cli.adminsock` (the admin socket
 the administrative commands talk to; its operations are
 :class:`projections.admin.AdminOps`, the same ones the admin HTTP API in
 :mod:`cli.api` runs), :mod:`cli.spawn` (starts ``tailledger serve`` children, through

@@ -18,13 +18,15 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 
 import msgspec
 
 from .durations import DurationError, parse_duration
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "Durations", "load_config"]
 
 
 #: Where ``/metrics`` is served unless configured (Headscale's default too): localhost only.
@@ -321,7 +323,89 @@ class OIDCConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         return bool(self.issuer)
 
 
-class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+@dataclass(frozen=True)
+class Durations:
+    """Every duration of the configuration, parsed once (:attr:`Config.durations`).
+
+    ``None`` is ``0``/``never`` (off). A duration that must be positive is given in
+    seconds; it is never ``None``.
+    """
+
+    node_key_expiry: timedelta | None
+    ephemeral_node_inactivity_timeout: timedelta | None
+    derp_auto_update_interval: timedelta | None
+    route_failover_grace: timedelta | None
+    full_map_turn_timeout: float
+    map_keepalive_interval: float
+    checkpoint_interval: float
+    node_update_interval: float
+    pending_registration_ttl: float
+    head_timeout: float
+    body_timeout: float
+    tunnel_idle_timeout: float
+    write_timeout: float
+    tls_handshake_timeout: float
+    #: Only read (and checked) with ``database.type = "postgres"``; else the default 5 s.
+    database_connect_timeout: float
+
+
+def _duration(what: str, text: str) -> timedelta | None:
+    """A duration of the configuration key ``what``; ``None`` for ``0``/``never``.
+
+    Raises:
+        ConfigError: malformed (the message names the key).
+    """
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _positive(what: str, text: str) -> float:
+    """A positive duration of the configuration key ``what``, in seconds.
+
+    Raises:
+        ConfigError: malformed, or zero (the message names the key).
+    """
+    duration = _duration(what, text)
+    if duration is None or duration.total_seconds() <= 0:
+        raise ConfigError(f"{what}: must be a positive duration")
+    return duration.total_seconds()
+
+
+def parse_durations(config: Config) -> Durations:
+    """The durations of ``config`` (use :attr:`Config.durations`, which keeps them).
+
+    Raises:
+        ConfigError: one is malformed, or zero where it must be positive.
+    """
+    limits = config.limits
+    return Durations(
+        node_key_expiry=_duration("node_key_expiry", config.node_key_expiry),
+        ephemeral_node_inactivity_timeout=_duration(
+            "ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout
+        ),
+        derp_auto_update_interval=_duration("derp.auto_update_interval", config.derp.auto_update_interval),
+        route_failover_grace=_duration("tuning.route_failover_grace", config.tuning.route_failover_grace),
+        full_map_turn_timeout=_positive("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
+        map_keepalive_interval=_positive("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
+        checkpoint_interval=_positive("audit.checkpoint_interval", config.audit.checkpoint_interval),
+        node_update_interval=_positive("limits.node_update_interval", limits.node_update_interval),
+        pending_registration_ttl=_positive("limits.pending_registration_ttl", limits.pending_registration_ttl),
+        head_timeout=_positive("limits.head_timeout", limits.head_timeout),
+        body_timeout=_positive("limits.body_timeout", limits.body_timeout),
+        tunnel_idle_timeout=_positive("limits.tunnel_idle_timeout", limits.tunnel_idle_timeout),
+        write_timeout=_positive("limits.write_timeout", limits.write_timeout),
+        tls_handshake_timeout=_positive("limits.tls_handshake_timeout", limits.tls_handshake_timeout),
+        database_connect_timeout=(
+            _positive("database.connect_timeout", config.database.connect_timeout)
+            if config.database.type == "postgres"
+            else 5.0
+        ),
+    )
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, dict=True):
     data_dir: str = "./tailledger-data"
     listen_addr: str = "127.0.0.1:8080"
     server_url: str = ""  # default: http://<listen_addr>
@@ -372,6 +456,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def listen(self) -> tuple[str, int]:
         return split_host_port(self.listen_addr, "listen_addr")
 
+    @cached_property
+    def durations(self) -> Durations:
+        """Every duration of the configuration, parsed on first use and kept (the
+        validation of :func:`load_config` is that first use).
+
+        Raises:
+            ConfigError: a duration is malformed, or zero where it must be positive.
+        """
+        return parse_durations(self)
+
 
 #: What a secret value is shown as (``config check -o json``).
 REDACTED = "<redacted>"
@@ -396,12 +490,6 @@ def _validate_postgres(db: DatabaseConfig) -> None:
         raise ConfigError("database: give password_file or password_env, not both")
     if not 0 <= db.port <= 65535:
         raise ConfigError("database.port: must be between 1 and 65535")
-    try:
-        timeout = parse_duration(db.connect_timeout)
-    except DurationError as exc:
-        raise ConfigError(f"database.connect_timeout: {exc}") from None
-    if timeout is None or timeout.total_seconds() <= 0:
-        raise ConfigError("database.connect_timeout: must be a positive duration")
 
 
 def postgres_conninfo(db: DatabaseConfig, env: Mapping[str, str] | None = None) -> str:
@@ -584,28 +672,9 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"prefixes.allocation: {config.prefixes.allocation!r} is not 'sequential' or 'random'"
         )
-    for what, text in (
-        ("node_key_expiry", config.node_key_expiry),
-        ("ephemeral_node_inactivity_timeout", config.ephemeral_node_inactivity_timeout),
-        ("derp.auto_update_interval", config.derp.auto_update_interval),
-        ("tuning.route_failover_grace", config.tuning.route_failover_grace),
-    ):
-        try:
-            parse_duration(text)
-        except DurationError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
+    config.durations  # noqa: B018 - parses every duration; raises ConfigError for a bad one
     if config.tuning.full_map_concurrency < 1:
         raise ConfigError("tuning.full_map_concurrency: must be at least 1")
-    for what, text in (
-        ("tuning.full_map_turn_timeout", config.tuning.full_map_turn_timeout),
-        ("tuning.map_keepalive_interval", config.tuning.map_keepalive_interval),
-    ):
-        try:
-            positive = parse_duration(text)
-        except DurationError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        if positive is None or positive.total_seconds() <= 0:
-            raise ConfigError(f"{what}: must be a positive duration")
     _validate_limits(config.limits)
     _validate_connection_limits(config.limits)
     if config.policy.mode not in ("database", "file"):
@@ -667,12 +736,6 @@ def _validate_audit(config: Config) -> None:
     audit = config.audit
     if audit.checkpoint_events < 1:
         raise ConfigError("audit.checkpoint_events: must be at least 1")
-    try:
-        interval = parse_duration(audit.checkpoint_interval)
-    except DurationError as exc:
-        raise ConfigError(f"audit.checkpoint_interval: {exc}") from None
-    if interval is None or interval.total_seconds() <= 0:
-        raise ConfigError("audit.checkpoint_interval: must be a positive duration")
     if audit.signing_key_file and _inside(Path(audit.signing_key_file), config.data_path):
         raise ConfigError(
             f"audit.signing_key_file: {audit.signing_key_file} is inside the data directory; "
@@ -719,10 +782,7 @@ def _validate_oidc(oidc: OIDCConfig) -> None:
     if not oidc.groups_claim:
         raise ConfigError("oidc.groups_claim: must name a claim")
     if oidc.expiry:
-        try:
-            parse_duration(oidc.expiry)
-        except DurationError as exc:
-            raise ConfigError(f"oidc.expiry: {exc}") from None
+        _duration("oidc.expiry", oidc.expiry)
     if oidc.ca_file and not Path(oidc.ca_file).is_file():
         raise ConfigError(f"oidc.ca_file: {oidc.ca_file} is not a readable file")
     for i, domain in enumerate(oidc.allowed_domains):
@@ -758,35 +818,15 @@ def _validate_limits(limits: LimitsConfig) -> None:
     ):
         if value < least:
             raise ConfigError(f"{what}: must be at least {least}")
-    try:
-        interval = parse_duration(limits.node_update_interval)
-    except DurationError as exc:
-        raise ConfigError(f"limits.node_update_interval: {exc}") from None
-    if interval is None or interval.total_seconds() <= 0:
-        raise ConfigError("limits.node_update_interval: must be a positive duration")
     for what, count in (
         ("limits.pending_registrations_max", limits.pending_registrations_max),
         ("limits.pending_registrations_per_address", limits.pending_registrations_per_address),
     ):
         if count < 1:
             raise ConfigError(f"{what}: must be at least 1")
-    try:
-        ttl = parse_duration(limits.pending_registration_ttl)
-    except DurationError as exc:
-        raise ConfigError(f"limits.pending_registration_ttl: {exc}") from None
-    if ttl is None or ttl.total_seconds() <= 0:
-        raise ConfigError("limits.pending_registration_ttl: must be a positive duration")
 
 
 def _validate_connection_limits(limits: LimitsConfig) -> None:
-    for name in ("head_timeout", "body_timeout", "tunnel_idle_timeout", "write_timeout", "tls_handshake_timeout"):
-        text = getattr(limits, name)
-        try:
-            duration = parse_duration(text)
-        except DurationError as exc:
-            raise ConfigError(f"limits.{name}: {exc}") from None
-        if duration is None or duration.total_seconds() <= 0:
-            raise ConfigError(f"limits.{name}: must be a positive duration")
     for name in ("max_outgoing_buffer", "max_connections", "max_connections_per_address"):
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")

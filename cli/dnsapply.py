@@ -17,7 +17,7 @@ from projections.tailcfg import DNSConfig, DNSRecord
 
 from .config import Config
 from .config import DNSConfig as DNSSettings
-from .network import dns_config
+from .settings import dns_config
 
 if TYPE_CHECKING:
     import trio

@@ -7,94 +7,72 @@ and becomes region ``derp.server.region_id`` of the DERP map. Unless it is given
 listener of its own (``derp.server.listen_addr``) it is served on the control port at
 ``/derp``, as Headscale does, and the map names it by the server URL's host and port.
 
-The DERP map is assembled at start-up (:func:`assemble_derp_map`) and again every
-``derp.auto_update_interval`` when files or URLs are configured: ``derp.paths`` files,
-then ``derp.urls`` documents, then the embedded region; a changed map is pushed to every
-connected client; ``docs/derp.md`` explains
-the options. :func:`relay_config` turns ``derp.server`` into the relay's settings for
-``tailledger serve`` and ``tailledger relay`` alike.
+The DERP map is assembled at start-up (:func:`cli.settings.assemble_derp_map`) and
+again every ``derp.auto_update_interval`` when files or URLs are configured:
+``derp.paths`` files, then ``derp.urls`` documents, then the embedded region; a changed
+map is pushed to every connected client; ``docs/derp.md`` explains the options. The
+settings of each service come from :mod:`cli.settings`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import ssl
 import urllib.parse
-from collections.abc import Mapping
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
 
-from projections import AddressPlan, AllocationMode, ProjectionRunner
+from projections import ProjectionRunner
 from projections.derpmap import (
-    DerpMapError,
-    DerpMapSource,
-    merge_derp_maps,
-    parse_derp_map,
     single_point_of_failure,
 )
-from projections.netmap import NetmapSettings
-from projections.policy import TailnetSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import PresenceTable
 from projections.presence_io import persist_presence
-from projections.tailcfg import DERPMap, DERPNode, DERPRegion, DNSConfig, DNSResolver
+from projections.tailcfg import DERPNode, DERPRegion
 from protocol import (
     ConnectionStats,
     DerpRoute,
-    ServeOptions,
     generate_private_key,
     public_key,
     serve_control,
 )
-from protocol.control import Control, ControlLimits, ControlSettings
+from protocol.control import Control
 from protocol.ha import PolicyAutoApprover, RouteFailover
-from protocol.registrations import PendingLimits, PendingRegistrations
+from protocol.registrations import PendingRegistrations
 from protocol.sshcheck import SshChecks
 
 from .config import (
     DEFAULT_METRICS_LISTEN_ADDR,
-    DEFAULT_RELAY_LISTEN_ADDR,
-    DEFAULT_STUN_PORT,
     Config,
     ConfigError,
     read_mesh_key,
     split_host_port,
 )
-from .durations import parse_duration
 from .leader import while_leading
+from .settings import (
+    assemble_derp_map,
+    control_settings,
+    pending_limits,
+    relay_config,
+    serve_options,
+    tailnet_settings,
+)
 from .web import make_app, serve_metrics
 
 if TYPE_CHECKING:
-    from relay.serve import RelayConfig, RelayServer
+    from relay.serve import RelayServer
 
     from .server import Server
 
-__all__ = [
-    "TAILSCALE_DEFAULT_DERP_MAP_URL",
-    "assemble_derp_map",
-    "dns_config",
-    "load_noise_key",
-    "relay_config",
-    "relay_region",
-    "serve_options",
-    "start_network",
-]
+__all__ = ["load_noise_key", "relay_region", "start_network"]
 
 log = logging.getLogger("tailledger")
-
-
-def _seconds(text: str) -> float:
-    """A positive duration from the configuration (checked by cli.config.validate)."""
-    duration = parse_duration(text)
-    assert duration is not None
-    return duration.total_seconds()
 
 
 def load_noise_key(data_dir: Path) -> bytes:
@@ -154,108 +132,6 @@ def _write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def reverse_zones(*prefixes: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> list[str]:
-    """The reverse-DNS zones (``in-addr.arpa.``, ``ip6.arpa.``) covering the tailnet's
-    prefixes, as Tailscale and Headscale hand them out with MagicDNS: each prefix
-    widened to its enclosing octet (IPv4) or nibble (IPv6) boundary, one zone per
-    subnet of that size (``100.64.0.0/10`` gives ``64.100.in-addr.arpa.`` …
-    ``127.100.in-addr.arpa.``), so that 100.100.100.100 answers PTR queries for
-    tailnet addresses."""
-    zones: list[str] = []
-    for net in prefixes:
-        if net is None:
-            continue
-        unit = 8 if net.version == 4 else 4
-        bits = -(-net.prefixlen // unit) * unit  # rounded up to the boundary
-        for sub in net.subnets(new_prefix=bits) if bits > net.prefixlen else (net,):
-            # reverse_pointer names the whole address, most specific label first; the
-            # zone is its last bits/unit labels before "in-addr.arpa" / "ip6.arpa".
-            labels = sub.network_address.reverse_pointer.split(".")
-            zones.append(".".join(labels[len(labels) - 2 - bits // unit :]) + ".")
-    return zones
-
-
-def dns_config(config: Config) -> DNSConfig:
-    """The ``tailcfg.DNSConfig`` of ``[dns]``, with Headscale's semantics:
-    ``override_local_dns`` makes the name servers the clients' resolvers for every
-    query; without it they are fallback resolvers and clients keep their own DNS.
-    ``split`` sends a suffix to its servers; MagicDNS adds the base domain to the
-    search domains and answers the tailnet's reverse zones."""
-    dns = config.dns
-    resolvers = [DNSResolver(addr=ns) for ns in dns.nameservers] or None
-    routes: dict[str, list[DNSResolver] | None] = {
-        suffix: [DNSResolver(addr=ns) for ns in servers] for suffix, servers in dns.split.items()
-    }
-    if dns.magic_dns:
-        plan = address_plan(config)
-        for zone in reverse_zones(plan.ipv4, plan.ipv6):
-            routes.setdefault(zone, [])  # [] = answered by 100.100.100.100
-    domains = [*([dns.base_domain] if dns.magic_dns else []), *dns.search_domains]
-    return DNSConfig(
-        resolvers=resolvers if dns.override_local_dns else None,
-        fallback_resolvers=None if dns.override_local_dns else resolvers,
-        routes=routes or None,
-        domains=domains or None,
-        proxied=dns.magic_dns,
-    )
-
-
-def address_plan(config: Config) -> AddressPlan:
-    v4 = ipaddress.IPv4Network(config.prefixes.v4) if config.prefixes.v4 else None
-    v6 = ipaddress.IPv6Network(config.prefixes.v6) if config.prefixes.v6 else None
-    return AddressPlan(v4, v6, AllocationMode(config.prefixes.allocation))
-
-
-#: Tailscale's public DERP map. Listed in ``derp.urls`` it is the *default regions*
-#: source of :func:`projections.derpmap.merge_derp_maps`: below every other source,
-#: and dropped by ``derp.omit_default_regions`` or a source's ``omitDefaultRegions``.
-TAILSCALE_DEFAULT_DERP_MAP_URL = "https://controlplane.tailscale.com/derpmap/default"
-
-
-def assemble_derp_map(
-    config: Config,
-    *,
-    files: Mapping[str, bytes],
-    urls: Mapping[str, bytes],
-    embedded: DERPRegion | None,
-) -> DERPMap:
-    """The DERP map clients get, from already-read sources (pure).
-
-    Sources in order: ``derp.paths`` files, then ``derp.urls`` documents, then the
-    embedded relay's region (which wins over a same-ID region). Tailscale's public
-    map, if listed in ``derp.urls``, goes *below* everything as the default regions
-    and is left out entirely when ``derp.omit_default_regions`` is true or any source
-    says ``"omitDefaultRegions": true``.
-
-    Args:
-        config: The configuration (``derp.paths``, ``derp.urls``, ``omit_default_regions``).
-        files: Contents of every ``derp.paths`` entry.
-        urls: Body fetched from every ``derp.urls`` entry.
-        embedded: The embedded relay's region, or ``None``.
-
-    Raises:
-        ConfigError: a source is not a valid DERP map (the message names it).
-    """
-    default: DerpMapSource | None = None
-    sources: list[DerpMapSource] = []
-    try:
-        sources.extend(parse_derp_map(files[p], name=p) for p in config.derp.paths)
-        for url in config.derp.urls:
-            source = parse_derp_map(urls[url], name=url)
-            if url.rstrip("/") == TAILSCALE_DEFAULT_DERP_MAP_URL:
-                default = source
-            else:
-                sources.append(source)
-        return merge_derp_maps(
-            sources,
-            default_map=default,
-            embedded=embedded,
-            omit_default_regions=config.derp.omit_default_regions,
-        )
-    except DerpMapError as exc:
-        raise ConfigError(f"derp: {exc}") from None
 
 
 async def _read_derp_sources(config: Config) -> tuple[dict[str, bytes], dict[str, bytes]]:
@@ -324,28 +200,8 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
             "the DERP map has a single relay: it is a single point of failure for NAT traversal; "
             "add regions or mesh relays for production"
         )
-    expiry = parse_duration(config.node_key_expiry)
-    settings = ControlSettings(
-        public_url=config.public_url,
-        plan=address_plan(config),
-        netmap=NetmapSettings(domain=config.dns.base_domain, derp_map=derp, dns=dns_config(config)),
-        node_key_expiry=expiry,
-        ephemeral_timeout=parse_duration(config.ephemeral_node_inactivity_timeout),
-        full_map_concurrency=config.tuning.full_map_concurrency,
-        full_map_turn=_seconds(config.tuning.full_map_turn_timeout),
-        keepalive_interval=_seconds(config.tuning.map_keepalive_interval),
-        limits=control_limits(config),
-    )
-    limits = config.limits
-    pending = PendingRegistrations(
-        server.side,
-        server.tailnet,
-        PendingLimits(
-            max_total=limits.pending_registrations_max,
-            max_per_source=limits.pending_registrations_per_address,
-            ttl=timedelta(seconds=_seconds(limits.pending_registration_ttl)),
-        ),
-    )
+    settings = control_settings(config, derp)
+    pending = PendingRegistrations(server.side, server.tailnet, pending_limits(config))
     policy = PolicyCompiler(settings.public_url, tailnet_settings(config))
     control = Control(server.tailnet, presence, settings, pending=pending, policy=policy)
     server.control = control
@@ -356,7 +212,7 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
     server.ssh_checks = ssh_checks
     await nursery.start(control.run)
     # Subnet routers fail over when their primary goes offline (recorded as events).
-    grace = parse_duration(config.tuning.route_failover_grace)
+    grace = config.durations.route_failover_grace
     failover = RouteFailover(
         server.tailnet, presence, control.policy, startup_grace=grace.total_seconds() if grace is not None else 0.0
     )
@@ -425,7 +281,7 @@ async def start_network(server: Server, nursery: trio.Nursery) -> None:
         await nursery.start(
             partial(mesh_replicas, own_peer=own_peer), relay, replicas, server.replica_id, own, on_nodes
         )
-    interval = parse_duration(config.derp.auto_update_interval)
+    interval = config.durations.derp_auto_update_interval
     if interval is not None and (config.derp.paths or config.derp.urls):
         nursery.start_soon(_refresh_derp_map, config, control, region, interval.total_seconds())
     await _start_metrics(server, nursery)
@@ -455,45 +311,6 @@ async def _start_metrics(server: Server, nursery: trio.Nursery) -> None:
     log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
 
 
-def tailnet_settings(config: Config) -> TailnetSettings:
-    """The capabilities of ``[taildrop]`` and ``[capabilities]`` for every node's CapMap."""
-    caps = config.capabilities
-    return TailnetSettings(
-        file_sharing=config.taildrop.enabled,
-        ssh=caps.ssh,
-        suggest_exit_nodes=caps.suggest_exit_nodes,
-        auto_update_default=caps.auto_update_default,
-    )
-
-
-def control_limits(config: Config) -> ControlLimits:
-    """The ``[limits]`` of map streams and node updates (checked by cli.config.validate)."""
-    limits = config.limits
-    return ControlLimits(
-        max_hostinfo_bytes=limits.max_hostinfo_bytes,
-        max_hostname_length=limits.max_hostname_length,
-        max_advertised_routes=limits.max_advertised_routes,
-        node_update_burst=limits.node_update_burst,
-        node_update_interval=_seconds(limits.node_update_interval),
-    )
-
-
-def serve_options(config: Config) -> ServeOptions:
-    """The control port's limits from ``[limits]`` (checked by cli.config.validate)."""
-    limits = config.limits
-    return ServeOptions(
-        head_timeout=_seconds(limits.head_timeout),
-        body_timeout=_seconds(limits.body_timeout),
-        tunnel_idle_timeout=_seconds(limits.tunnel_idle_timeout),
-        write_timeout=_seconds(limits.write_timeout),
-        max_outgoing_buffer=limits.max_outgoing_buffer,
-        max_connections=limits.max_connections,
-        max_connections_per_address=limits.max_connections_per_address,
-        cap_exempt=tuple(ipaddress.ip_network(n, strict=False) for n in limits.connection_cap_exempt),
-        tls_handshake_timeout=_seconds(limits.tls_handshake_timeout),
-    )
-
-
 class _EmbeddedRegion:
     """The embedded relay's region as the DERP map shows it now: this relay alone, or,
     between replicas, every live replica's relay (:mod:`cli.relaymesh`)."""
@@ -521,84 +338,6 @@ async def _refresh_derp_map(
             continue
         if control.streams.set_derp_map(derp):
             log.info("DERP map changed: %d region(s) now", len(derp.regions or {}))
-
-
-def relay_config(config: Config, *, on_control_port: bool = False) -> RelayConfig:
-    """The relay's settings from ``derp.server`` (the same for ``serve`` and ``relay``).
-
-    With ``on_control_port`` the relay has no listener of its own: the control port
-    hands it ``/derp`` (see :func:`relay_region` for how the map names it). Its TLS is
-    then the control port's when the server URL is ``https`` (the control port's own
-    certificate, or a proxy in front), else its own self-signed certificate, which the
-    control port serves to connections that open with a TLS ClientHello.
-
-    Raises:
-        ConfigError: a listen address is malformed or the mesh key file is unusable.
-    """
-    from relay.serve import MeshPeer, RelayConfig
-
-    ds = config.derp.server
-    listen_port: int | None
-    if on_control_port:
-        url = urllib.parse.urlsplit(config.public_url)
-        host, port = config.listen
-        listen_port = None
-        url_host = url.hostname or host
-        own_tls = url.scheme != "https"
-    else:
-        host, port = split_host_port(ds.listen_addr or DEFAULT_RELAY_LISTEN_ADDR, "derp.server.listen_addr")
-        listen_port = port
-        url_host = host
-        own_tls = True
-    if ds.stun_listen_addr:
-        stun_host, stun_port = split_host_port(ds.stun_listen_addr, "derp.server.stun_listen_addr")
-    else:
-        stun_host, stun_port = host, DEFAULT_STUN_PORT
-    tls: Literal["self-signed", "files", "off"] = (
-        "off" if not (ds.tls and own_tls) else ("files" if ds.cert_file else "self-signed")
-    )
-    return RelayConfig(
-        data_dir=str(config.data_path / "relay"),
-        listen_host=host,
-        listen_port=listen_port,
-        tls=tls,
-        cert_file=ds.cert_file or None,
-        key_file=ds.key_file or None,
-        hostnames=(ds.hostname or url_host,),
-        stun=ds.stun,
-        stun_host=stun_host,
-        stun_port=stun_port,
-        stun_required=bool(ds.stun_listen_addr),
-        mesh_key=read_mesh_key(ds),
-        rate_limit=ds.rate_limit,
-        rate_burst=ds.rate_burst,
-        max_conns_per_key=ds.max_conns_per_key,
-        key_limit_policy="refuse_new" if ds.key_limit_policy == "refuse_new" else "close_oldest",
-        mesh_with=tuple(
-            MeshPeer(url=p.url, cert_name=p.cert_name or None, dial_host=p.dial_host or None)
-            for p in ds.mesh_with
-            if not _is_this_relay(
-                p.url, p.dial_host, names={ds.hostname, host, url_host} - {""}, ports={port, ds.public_derp_port} - {0}
-            )
-        ),
-    )
-
-
-def _is_this_relay(url: str, dial_host: str, *, names: set[str], ports: set[int]) -> bool:
-    """Whether a ``mesh_with`` URL names the relay being configured.
-
-    Every relay of a region can then share one ``mesh_with`` list, as with
-    derper's ``--mesh-with``. Skipping ourselves here matters: a relay refuses a
-    client that presents the relay's own key, so a self-link would never come
-    up and would be retried (and logged) forever.
-    """
-    parts = urllib.parse.urlsplit(url)
-    try:
-        peer_port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    hosts = {h for h in (parts.hostname, dial_host) if h}
-    return peer_port in ports and bool(hosts & {n.strip("[]").lower() for n in names})
 
 
 async def _start_relay(

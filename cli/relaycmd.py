@@ -21,8 +21,9 @@ from projections.tailcfg import encode
 
 from .audit import mac_key_for
 from .config import Config
-from .network import relay_config, relay_region
+from .network import relay_region
 from .server import secure_data_dir
+from .settings import relay_config
 from .storage import describe, open_store
 
 __all__ = ["run_relay"]

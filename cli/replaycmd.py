@@ -271,7 +271,7 @@ def netmap_settings(args: argparse.Namespace) -> tuple[NetmapSettings, str]:
     left out (a replay never touches the network)."""
     from .config import ConfigError
     from .main import _config
-    from .network import assemble_derp_map, dns_config
+    from .settings import assemble_derp_map, dns_config
 
     config = _config(args)
     files: dict[str, bytes] = {}

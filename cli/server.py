@@ -37,7 +37,6 @@ from .adminsock import serve_admin_socket
 from .api import ApiService
 from .audit import SigningKeyError, anchor_file, open_signer
 from .config import Config
-from .durations import parse_duration
 from .gcpolicy import manage_gc
 from .leader import Leadership, while_leading
 from .storage import open_leader_lock, open_side_tables, open_store
@@ -76,7 +75,7 @@ class Server:
             self.log,
             self.signer,
             every_events=config.audit.checkpoint_events,
-            every_seconds=_seconds(config.audit.checkpoint_interval),
+            every_seconds=config.durations.checkpoint_interval,
             anchor_file=anchor_file(config),
         )
         self.checkpoints = CheckpointStore(config.data_path / "checkpoints.db", mac_key=self.signer.mac_key())
@@ -193,12 +192,6 @@ class Server:
         from .network import start_network
 
         await start_network(self, nursery)
-
-
-def _seconds(text: str) -> float:
-    duration = parse_duration(text)
-    assert duration is not None  # validated with the configuration
-    return duration.total_seconds()
 
 
 def _local_user() -> str:

@@ -15,14 +15,8 @@ from .config import Config, postgres_conninfo
 
 if TYPE_CHECKING:
     from eventlog.pgstore import LeaderLock
-from .durations import parse_duration
 
 __all__ = ["describe", "open_leader_lock", "open_side_tables", "open_store"]
-
-
-def _timeout(config: Config) -> float:
-    parsed = parse_duration(config.database.connect_timeout)
-    return parsed.total_seconds() if parsed is not None else 5.0
 
 
 def open_store(config: Config, *, read_only: bool = False) -> EventStore:
@@ -37,7 +31,7 @@ def open_store(config: Config, *, read_only: bool = False) -> EventStore:
         from eventlog.pgstore import PostgresEventStore
 
         return PostgresEventStore(
-            postgres_conninfo(config.database), connect_timeout=_timeout(config), read_only=read_only
+            postgres_conninfo(config.database), connect_timeout=config.durations.database_connect_timeout, read_only=read_only
         )
     path = config.database_path
     if read_only:
@@ -52,7 +46,7 @@ def open_side_tables(config: Config) -> SideTables:
     if config.database.type == "postgres":
         from eventlog.pgstore import PostgresSideTables
 
-        return PostgresSideTables(postgres_conninfo(config.database), connect_timeout=_timeout(config))
+        return PostgresSideTables(postgres_conninfo(config.database), connect_timeout=config.durations.database_connect_timeout)
     return SideTables(config.database_path)
 
 
@@ -62,7 +56,7 @@ def open_leader_lock(config: Config) -> LeaderLock | None:
         return None
     from eventlog.pgstore import LeaderLock
 
-    return LeaderLock(postgres_conninfo(config.database), connect_timeout=_timeout(config))
+    return LeaderLock(postgres_conninfo(config.database), connect_timeout=config.durations.database_connect_timeout)
 
 
 def describe(config: Config) -> str:

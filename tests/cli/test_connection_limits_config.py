@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cli.config import ConfigError, load_config
-from cli.network import serve_options
+from cli.settings import serve_options
 from protocol import ServeOptions
 
 

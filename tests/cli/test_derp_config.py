@@ -15,12 +15,8 @@ import pytest
 import trio
 
 from cli.config import ConfigError, load_config
-from cli.network import (
-    TAILSCALE_DEFAULT_DERP_MAP_URL,
-    assemble_derp_map,
-    relay_config,
-    relay_region,
-)
+from cli.network import relay_region
+from cli.settings import TAILSCALE_DEFAULT_DERP_MAP_URL, assemble_derp_map, relay_config
 from projections.derpmap import embedded_region
 from relay import AllowAll, MeshPeer, serve_relay
 

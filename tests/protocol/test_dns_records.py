@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cli.config import ConfigError, load_config
-from cli.network import reverse_zones
+from cli.settings import reverse_zones
 from eventlog.events import DnsExtraRecord, DnsExtraRecordsSet
 from projections import CommandError
 from projections import commands as c
