@@ -8,6 +8,12 @@ relay into a running server, and gives the operator commands that act on that se
 (through its local admin socket) or on the log directly (read-only).  It may import
 every other package; none imports it.
 
+Inside, imports point one way too (``tests/cli/test_import_cycles.py``): the
+configuration (:mod:`cli.config`), its settings (:mod:`cli.settings`), the web routes
+(:mod:`cli.web`, :mod:`cli.register_web`, :mod:`cli.api` …) and the network services
+(:mod:`cli.network`) below :mod:`cli.server`, which composes them once into a frozen
+:class:`~cli.server.Services`; the command modules below :mod:`cli.main`.
+
 Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
 
     serve            run the control server            server.py, network.py, web.py,
@@ -31,7 +37,9 @@ Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
     loadgen          N simulated clients over the real protocol
                                                        bench/loadgen/, bench/scenarios.py
 
-Shared pieces: :mod:`cli.output` (tables or JSON, with node-written text escaped),
+Shared pieces: :mod:`cli.cmdline` (what every command module uses: the user-facing
+error, the command's configuration, admin socket calls, ``-o`` output),
+:mod:`cli.output` (tables or JSON, with node-written text escaped),
 :mod:`cli.durations` (``90s``, ``7d``...; the configuration's are parsed once, into
 :attr:`cli.config.Config.durations`), :mod:`cli.settings` (the configuration turned
 into each service's settings), :mod:`cli.adminsock` (the admin socket

@@ -25,7 +25,7 @@ trims (nothing to give back), a busy one does not give pages back that it would
 fault in again at once, and idle memory does not depend on when the last step ran.
 
 This is a property of the process, not of the library: :func:`cli.server.run_server`
-runs it; tests that embed a :class:`~cli.server.Server` leave the interpreter alone.
+runs it; tests that embed a server (:func:`~cli.server.open_server`) leave the interpreter alone.
 """
 
 from __future__ import annotations

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from eventlog.events import ROLES
 
-from .adminsock import AdminError, call
-from .config import Config, ConfigError, load_config
+from .cmdline import CLIError, admin, command_config, show, split_list
 from .durations import DurationError, parse_duration
-from .output import print_json, print_table, terminal_safe
+from .output import print_json, terminal_safe
 from .version import package_version
 
 __all__ = ["build_parser", "main"]
@@ -41,52 +40,13 @@ NODE_COLUMNS = [
 ]
 
 
-class CLIError(Exception):
-    """A user-facing failure: printed on stderr, exit status 1."""
-
-
-def _config(args: argparse.Namespace) -> Config:
-    env = None
-    if getattr(args, "data", None):
-        import os
-
-        env = {**os.environ, "TAILLEDGER_DATA": args.data}
-    try:
-        return load_config(args.config, env)
-    except ConfigError as exc:
-        raise CLIError(f"invalid configuration: {exc}") from None
-
-
-def _admin(args: argparse.Namespace, op: str, payload: dict[str, object] | None = None) -> object:
-    config = _config(args)
-    try:
-        return call(config.admin_socket_path, op, payload, reason=getattr(args, "reason", None) or "")
-    except AdminError as exc:
-        raise CLIError(str(exc)) from None
-
-
-def _show(args: argparse.Namespace, data: object, columns: Sequence[tuple[str, str]]) -> None:
-    if args.output == "json":
-        print_json(data)
-    elif isinstance(data, list):
-        print_table(data, columns)
-    elif isinstance(data, dict):
-        print_table([data], columns)
-    else:
-        print(terminal_safe(str(data)))
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
 # -- handlers --------------------------------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run_server
 
-    return run_server(_config(args), ignore_chain_errors=args.ignore_chain_errors)
+    return run_server(command_config(args), ignore_chain_errors=args.ignore_chain_errors)
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
@@ -98,11 +58,11 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     from .relaycmd import run_relay
 
-    return run_relay(_config(args))
+    return run_relay(command_config(args))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = command_config(args)
     if args.output == "json":
         from .config import redacted
 
@@ -115,21 +75,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_users(args: argparse.Namespace) -> int:
     match args.action:
         case "create":
-            data = _admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or "", "role": args.role})
+            data = admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or "", "role": args.role})
         case "set-role":
-            data = _admin(args, "users.set_role", {"user": args.user, "role": args.role})
+            data = admin(args, "users.set_role", {"user": args.user, "role": args.role})
         case "list":
-            data = _admin(args, "users.list")
+            data = admin(args, "users.list")
         case "rename":
-            data = _admin(args, "users.rename", {"user": args.user, "new_name": args.new_name})
+            data = admin(args, "users.rename", {"user": args.user, "new_name": args.new_name})
         case "delete":
-            data = _admin(args, "users.delete", {"user": args.user})
+            data = admin(args, "users.delete", {"user": args.user})
             if args.output != "json":
                 print(f"user {args.user} deleted")
                 return 0
         case _:
             raise AssertionError(args.action)
-    _show(args, data, USER_COLUMNS)
+    show(args, data, USER_COLUMNS)
     return 0
 
 
@@ -140,14 +100,14 @@ def cmd_preauthkeys(args: argparse.Namespace) -> int:
                 expiration = parse_duration(args.expiration)
             except DurationError as exc:
                 raise CLIError(f"--expiration: {exc}") from None
-            data = _admin(
+            data = admin(
                 args,
                 "preauthkeys.create",
                 {
                     "user": args.user,
                     "reusable": args.reusable,
                     "ephemeral": args.ephemeral,
-                    "tags": _split(args.tags),
+                    "tags": split_list(args.tags),
                     "expiration_seconds": int(expiration.total_seconds()) if expiration else None,
                 },
             )
@@ -158,56 +118,56 @@ def cmd_preauthkeys(args: argparse.Namespace) -> int:
                 print(data["key"])
             return 0
         case "list":
-            data = _admin(args, "preauthkeys.list", {"user": args.user} if args.user else {})
+            data = admin(args, "preauthkeys.list", {"user": args.user} if args.user else {})
         case "expire":
-            data = _admin(args, "preauthkeys.expire", {"key": args.key})
+            data = admin(args, "preauthkeys.expire", {"key": args.key})
         case _:
             raise AssertionError(args.action)
-    _show(args, data, KEY_COLUMNS)
+    show(args, data, KEY_COLUMNS)
     return 0
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     match args.action:
         case "list":
-            data = _admin(args, "nodes.list", {"user": args.user} if args.user else {})
+            data = admin(args, "nodes.list", {"user": args.user} if args.user else {})
         case "show":
-            data = _admin(args, "nodes.show", {"node": args.node})
+            data = admin(args, "nodes.show", {"node": args.node})
         case "rename":
-            data = _admin(args, "nodes.rename", {"node": args.node, "new_name": args.new_name})
+            data = admin(args, "nodes.rename", {"node": args.node, "new_name": args.new_name})
         case "delete":
-            data = _admin(args, "nodes.delete", {"node": args.node})
+            data = admin(args, "nodes.delete", {"node": args.node})
             if args.output != "json":
                 print(f"node {args.node} deleted")
                 return 0
         case "expire":
-            data = _admin(args, "nodes.expire", {"node": args.node})
+            data = admin(args, "nodes.expire", {"node": args.node})
         case "tag":
-            payload: dict[str, object] = {"node": args.node, "tags": _split(args.tags)}
+            payload: dict[str, object] = {"node": args.node, "tags": split_list(args.tags)}
             if args.user:
                 payload["user"] = args.user
-            data = _admin(args, "nodes.tag", payload)
+            data = admin(args, "nodes.tag", payload)
             if args.output != "json" and isinstance(data, dict):
-                _show(args, data, NODE_COLUMNS)
+                show(args, data, NODE_COLUMNS)
                 rules = data.get("allowed_by")
                 for tag, rule in sorted(rules.items()) if isinstance(rules, dict) else ():
                     print(terminal_safe(f"{tag}: allowed by {rule}"))
                 return 0
         case "register":
-            data = _admin(args, "nodes.register", {"key": args.key, "user": args.user})
+            data = admin(args, "nodes.register", {"key": args.key, "user": args.user})
         case "pending":
-            _show(args, _admin(args, "nodes.pending"), PENDING_COLUMNS)
+            show(args, admin(args, "nodes.pending"), PENDING_COLUMNS)
             return 0
         case "reject":
-            data = _admin(args, "nodes.reject", {"key": args.key})
+            data = admin(args, "nodes.reject", {"key": args.key})
             if args.output != "json":
                 print(f"registration {args.key} rejected")
                 return 0
         case "approve-routes":
-            data = _admin(args, "nodes.approve_routes", {"node": args.node, "routes": _split(args.routes)})
+            data = admin(args, "nodes.approve_routes", {"node": args.node, "routes": split_list(args.routes)})
         case _:
             raise AssertionError(args.action)
-    _show(args, data, NODE_COLUMNS)
+    show(args, data, NODE_COLUMNS)
     return 0
 
 
@@ -220,12 +180,12 @@ ROUTE_COLUMNS = [
 def cmd_routes(args: argparse.Namespace) -> int:
     match args.action:
         case "list":
-            data = _admin(args, "routes.list")
+            data = admin(args, "routes.list")
         case "approve" | "reject":
-            data = _admin(args, f"routes.{args.action}", {"node": args.node, "routes": args.prefixes})
+            data = admin(args, f"routes.{args.action}", {"node": args.node, "routes": args.prefixes})
         case _:
             raise AssertionError(args.action)
-    _show(args, data, ROUTE_COLUMNS)
+    show(args, data, ROUTE_COLUMNS)
     return 0
 
 
@@ -235,22 +195,22 @@ SSH_CHECK_COLUMNS = [("id", "ID"), ("from", "From"), ("to", "To"), ("local_user"
 def cmd_ssh(args: argparse.Namespace) -> int:
     match args.action:
         case "pending":
-            data = _admin(args, "ssh.pending")
+            data = admin(args, "ssh.pending")
         case "approve":
-            data = _admin(args, "ssh.approve", {"id": args.id})
+            data = admin(args, "ssh.approve", {"id": args.id})
         case "reject":
             # --reason is recorded with the event and shown to the SSH user.
-            data = _admin(args, "ssh.reject", {"id": args.id, "reason": args.reason or ""})
+            data = admin(args, "ssh.reject", {"id": args.id, "reason": args.reason or ""})
         case _:
             raise AssertionError(args.action)
-    _show(args, data, SSH_CHECK_COLUMNS)
+    show(args, data, SSH_CHECK_COLUMNS)
     return 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     from . import logcmd
 
-    config = _config(args)
+    config = command_config(args)
     match args.action:
         case "verify":
             return logcmd.verify(config, args.output, pubkey=args.pubkey, anchor_files=args.anchor or [])
@@ -259,7 +219,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         case "anchor":
             return logcmd.anchor(config, args.output)
         case "checkpoint":
-            data = _admin(args, "log.checkpoint")
+            data = admin(args, "log.checkpoint")
             if args.output == "json":
                 print_json(data)
             else:
@@ -281,7 +241,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
             return evaluate_main(args.cases, sys.stdout)
         case "get":
-            data = _admin(args, "policy.get")
+            data = admin(args, "policy.get")
             if args.output == "json":
                 print_json(data)
             else:
@@ -294,7 +254,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                 text = Path(args.file).read_text()
             except OSError as exc:
                 raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
-            data = _admin(args, f"policy.{args.action}", {"text": text})
+            data = admin(args, f"policy.{args.action}", {"text": text})
             if args.output == "json":
                 print_json(data)
             elif args.action == "check":
@@ -412,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .apikeycmd import add_parsers as add_apikey_parsers
 
-    add_apikey_parsers(sub, add, _admin, _show, CLIError)
+    add_apikey_parsers(sub, add, admin, show, CLIError)
 
     keys = add(sub, "preauthkeys", "Manage pre-auth keys.", cmd_preauthkeys)
     ks = keys.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,4 +1,9 @@
-"""The network services of ``tailledger serve``: the control port and the relay.
+"""The network services of ``tailledger serve``: the control port, the relay, metrics.
+
+:func:`cli.server.open_server` starts them, in this order, with the pieces here:
+presence (:func:`start_presence`), the relay (:func:`start_relay`), the DERP map's
+sources (:class:`DerpSources`), the control port (:func:`serve_control_port`) and
+``/metrics`` (:func:`start_metrics`).
 
 The control port serves ``/key`` and ``/ts2021`` (the Tailscale control protocol) and
 hands every other HTTP request to hypercorn running the Quart app (:mod:`cli.web`).
@@ -20,6 +25,8 @@ import logging
 import os
 import ssl
 import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,50 +34,38 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from projections import ProjectionRunner
-from projections.derpmap import (
-    single_point_of_failure,
-)
-from projections.policystate import PolicyCompiler
+from eventlog import EventLog
+from eventlog.sidetables import SideTables
+from projections import CheckpointStore, ProjectionRunner, Tailnet
 from projections.presence import PresenceTable
 from projections.presence_io import persist_presence
-from projections.tailcfg import DERPNode, DERPRegion
-from protocol import (
-    ConnectionStats,
-    DerpRoute,
-    generate_private_key,
-    public_key,
-    serve_control,
-)
+from projections.tailcfg import DERPMap, DERPNode, DERPRegion
+from protocol import ConnectionStats, DerpRoute, generate_private_key, serve_control
 from protocol.control import Control
-from protocol.ha import PolicyAutoApprover, RouteFailover
-from protocol.registrations import PendingRegistrations
-from protocol.sshcheck import SshChecks
 
-from .config import (
-    DEFAULT_METRICS_LISTEN_ADDR,
-    Config,
-    ConfigError,
-    read_mesh_key,
-    split_host_port,
-)
-from .leader import while_leading
-from .settings import (
-    assemble_derp_map,
-    control_settings,
-    pending_limits,
-    relay_config,
-    serve_options,
-    tailnet_settings,
-)
-from .web import make_app, serve_metrics
+from .config import DEFAULT_METRICS_LISTEN_ADDR, Config, ConfigError, read_mesh_key, split_host_port
+from .settings import assemble_derp_map, relay_config, serve_options
+from .web import MetricSources, serve_metrics
 
 if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
+    from eventlog.pgstore import PostgresSideTables
     from relay.serve import RelayServer
 
-    from .server import Server
-
-__all__ = ["load_noise_key", "relay_region", "start_network"]
+__all__ = [
+    "DerpSources",
+    "EmbeddedRegion",
+    "load_noise_key",
+    "refresh_derp_map",
+    "relay_region",
+    "replicas_of",
+    "serve_control_port",
+    "start_metrics",
+    "start_presence",
+    "start_relay",
+    "start_relay_mesh",
+]
 
 log = logging.getLogger("tailledger")
 
@@ -134,172 +129,226 @@ def _write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
-async def _read_derp_sources(config: Config) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """Read the ``derp.paths`` files and fetch the ``derp.urls`` (once, at start-up)."""
-    from relay.fetch import DerpMapFetchError, fetch_derp_map
+@dataclass(frozen=True)
+class DerpSources:
+    """What the DERP map is made of, read: the ``derp.paths`` files and the bodies of
+    the ``derp.urls``. With the embedded relay they make the map (:meth:`derp_map`)."""
 
-    files: dict[str, bytes] = {}
-    for path in config.derp.paths:
-        try:
-            files[path] = await trio.to_thread.run_sync(Path(path).read_bytes)
-        except OSError as exc:
-            raise ConfigError(f"derp.paths: cannot read {path}: {exc.strerror}") from None
-    urls: dict[str, bytes] = {}
-    for url in config.derp.urls:
-        try:
-            with trio.fail_after(30):
-                urls[url] = await fetch_derp_map(url)
-        except (DerpMapFetchError, trio.TooSlowError) as exc:
-            raise ConfigError(f"derp.urls: cannot fetch {url}: {exc or 'timed out after 30 s'}") from None
-    return files, urls
+    files: Mapping[str, bytes]
+    urls: Mapping[str, bytes]
+
+    @classmethod
+    async def read(cls, config: Config) -> DerpSources:
+        """Read the ``derp.paths`` files and fetch the ``derp.urls``.
+
+        Raises:
+            ConfigError: a file cannot be read or a URL cannot be fetched in 30 s.
+        """
+        from relay.fetch import DerpMapFetchError, fetch_derp_map
+
+        files: dict[str, bytes] = {}
+        for path in config.derp.paths:
+            try:
+                files[path] = await trio.to_thread.run_sync(Path(path).read_bytes)
+            except OSError as exc:
+                raise ConfigError(f"derp.paths: cannot read {path}: {exc.strerror}") from None
+        urls: dict[str, bytes] = {}
+        for url in config.derp.urls:
+            try:
+                with trio.fail_after(30):
+                    urls[url] = await fetch_derp_map(url)
+            except (DerpMapFetchError, trio.TooSlowError) as exc:
+                raise ConfigError(f"derp.urls: cannot fetch {url}: {exc or 'timed out after 30 s'}") from None
+        return cls(files, urls)
+
+    def derp_map(self, config: Config, embedded: EmbeddedRegion) -> DERPMap:
+        """The map of these sources and the embedded relay's region as it is now.
+
+        Raises:
+            ConfigError: a source is not a valid DERP map.
+        """
+        return assemble_derp_map(config, files=self.files, urls=self.urls, embedded=embedded.current)
 
 
-async def start_network(server: Server, nursery: trio.Nursery) -> None:
-    config = server.config
-    presence = PresenceTable()
-    server.presence = presence
-    # Restored before the control logic starts: its ephemeral-node clean-up reads it.
-    await nursery.start(
-        persist_presence, presence, server.side, lambda: server.tailnet.clock(), server.tailnet.state.nodes
-    )
+class EmbeddedRegion:
+    """The embedded relay's region as the DERP map shows it now: this relay alone, or,
+    between replicas, every live replica's relay (:mod:`cli.relaymesh`).
+
+    Before the control port is bound (port 0) a relay on it is named by the configured
+    URL; :func:`serve_control_port` names it again by the bound one.
+    """
+
+    def __init__(self, config: Config, relay: RelayServer | None, *, replica_id: str | None) -> None:
+        self.config = config
+        self.relay = relay
+        ds = config.derp.server
+        #: This relay's node in the region; between replicas, one name each.
+        self.node_name = ds.node_name or (f"{ds.region_id}-{replica_id}" if replica_id is not None else None)
+        self.current: DERPRegion | None = None
+        self.name_by(config.public_url)
+
+    def name_by(self, control_url: str) -> None:
+        """Name this relay by ``control_url`` when it is served on the control port."""
+        if self.relay is not None:
+            self.current = relay_region(self.config, self.relay, control_url=control_url, node_name=self.node_name)
+
+    def set(self, nodes: list[DERPNode]) -> None:
+        """The region's nodes are ``nodes`` (every live replica's relay)."""
+        if self.current is not None:
+            self.current = msgspec.structs.replace(self.current, nodes=nodes)
+
+
+def replicas_of(side: SideTables) -> PostgresSideTables | None:
+    """The side tables as the replicas' shared directory (``None`` on SQLite: one server)."""
     from eventlog.pgstore import PostgresSideTables
 
-    replicas = server.side if isinstance(server.side, PostgresSideTables) else None
+    return side if isinstance(side, PostgresSideTables) else None
+
+
+async def start_presence(
+    nursery: trio.Nursery, presence: PresenceTable, side: SideTables, tailnet: Tailnet, replica_id: str
+) -> None:
+    """Restore ``presence`` from the side tables and keep it there; between the replicas
+    of one PostgreSQL log, share it. Restored before the control logic starts: its
+    ephemeral-node clean-up reads it."""
+    await nursery.start(persist_presence, presence, side, lambda: tailnet.clock(), tailnet.state.nodes)
+    replicas = replicas_of(side)
     if replicas is not None:
         # Replicas on one PostgreSQL log: live presence travels between them.
         from projections.presence_share import share_presence
 
-        await nursery.start(share_presence, presence, replicas, server.replica_id)
+        await nursery.start(share_presence, presence, replicas, replica_id)
+
+
+async def start_relay(
+    nursery: trio.Nursery, config: Config, log: EventLog, checkpoints: CheckpointStore, side: SideTables
+) -> RelayServer | None:
+    """Start the embedded relay of ``derp.server`` (``None`` when it is not enabled),
+    served on the control port unless it has a ``listen_addr`` of its own. Between
+    replicas it takes the region's shared mesh key (:func:`start_relay_mesh` meshes it)."""
+    from relay.logauth import LogAuthorizer
+    from relay.serve import serve_relay
+
     ds = config.derp.server
-    on_control_port = ds.enabled and not ds.listen_addr
-    node_name = ds.node_name or None
+    if not ds.enabled:
+        return None
+    replicas = replicas_of(side)
     mesh_key = None
-    if replicas is not None and ds.enabled:
+    if replicas is not None:
         # The replicas' relays mesh into one region (cli/relaymesh.py): one mesh key,
-        # a node name each.
+        # a node name each (EmbeddedRegion).
         from .relaymesh import shared_mesh_key
 
         mesh_key = await shared_mesh_key(replicas, read_mesh_key(ds))
-        node_name = node_name or f"{ds.region_id}-{server.replica_id}"
-    relay = (
-        await _start_relay(server, nursery, on_control_port=on_control_port, mesh_key=mesh_key)
-        if ds.enabled
-        else None
-    )
-    # Before the control port is bound (port 0) its URL names the configured port; the
-    # map is made again below with the bound one.
-    embedded = (
-        relay_region(config, relay, control_url=config.public_url, node_name=node_name)
-        if relay is not None
-        else None
-    )
-    files, urls = await _read_derp_sources(config)
-    derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded)
-    if single_point_of_failure(derp):
-        log.warning(
-            "the DERP map has a single relay: it is a single point of failure for NAT traversal; "
-            "add regions or mesh relays for production"
-        )
-    settings = control_settings(config, derp)
-    pending = PendingRegistrations(server.side, server.tailnet, pending_limits(config))
-    policy = PolicyCompiler(settings.public_url, tailnet_settings(config))
-    control = Control(server.tailnet, presence, settings, pending=pending, policy=policy)
-    server.control = control
-    control.register_admin_ops(server.ops)
-    ssh_checks = SshChecks(server.tailnet, lambda: control.public_url, period=policy.check_period)
-    ssh_checks.register_admin_ops(server.ops)
-    control.ssh_action = ssh_checks
-    server.ssh_checks = ssh_checks
-    await nursery.start(control.run)
-    # Subnet routers fail over when their primary goes offline (recorded as events).
-    grace = config.durations.route_failover_grace
-    failover = RouteFailover(
-        server.tailnet, presence, control.policy, startup_grace=grace.total_seconds() if grace is not None else 0.0
-    )
-    server.route_failover = failover
-    # Run-once jobs: only the elected replica fails routes over and collects ephemeral
-    # nodes (every server on SQLite).
-    control.leads = lambda: server.leadership.leading
-    await nursery.start(while_leading, server.leadership, failover.run)
-    # So is recording the route approvals a policy change implies (an approval an admin
-    # revoked meanwhile must not come back from a replica that saw the change late).
-    server.auto_approver = PolicyAutoApprover(server.tailnet)
-    await nursery.start(while_leading, server.leadership, server.auto_approver.run)
-    # Every replica follows the extra DNS records file and the policy file (each
-    # machine has its own copy): safe, since each appends only what makes the log
-    # match the file, decided against the head with optimistic concurrency, so a
-    # change of the file is appended once (tests/cli/test_replica_jobs.py).
-    from .dnsrecords import sync_extra_records  # extra DNS records (config or file) into the log
+    rc = relay_config(config, on_control_port=not ds.listen_addr)
+    if mesh_key is not None:  # the replicas' shared key
+        rc = msgspec.structs.replace(rc, mesh_key=mesh_key)
+    # The relay is its own consumer of the log: its own runner and checkpoint.
+    runner = ProjectionRunner(log, checkpoints, name="relay")
+    await nursery.start(runner.run)
+    auth = LogAuthorizer(runner)
+    auth.refresh()
+    relay: RelayServer = await nursery.start(serve_relay, rc, auth)
+    await nursery.start(auth.run, relay.revoke)
+    return relay
 
-    await nursery.start(sync_extra_records, config, server.tailnet)
-    from .dnsapply import follow_dns  # DNS set through the admin API, from the log
 
-    await nursery.start(lambda task_status: follow_dns(config, server.runner, control, task_status=task_status))
-    key = await trio.to_thread.run_sync(load_noise_key, config.data_path)
-    server.noise_public = public_key(key)
+def _on_control_port(relay: RelayServer | None) -> bool:
+    return relay is not None and relay.config.listen_port is None
+
+
+async def serve_control_port(
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    key: bytes,
+    control: Control,
+    app: QuartTrio,
+    relay: RelayServer | None,
+    derp: DerpSources,
+    region: EmbeddedRegion,
+    stats: ConnectionStats,
+) -> int:
+    """Serve the control port (the control protocol, ``app`` for the rest, the relay at
+    ``/derp`` when it rides the control port); return the bound port.
+
+    With port 0 and no ``server_url``, the server's URL (and the DERP map of a relay on
+    the control port) then names the bound port.
+    """
     ctx = None
     if config.tls.cert_file:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
     host, port = config.listen
-    server.connection_stats = stats = ConnectionStats()
-    options = serve_options(config)
     route = None
-    if relay is not None and on_control_port:
+    if relay is not None and _on_control_port(relay):
         # Served at /derp; on a plain-HTTP control port also over the relay's own
         # (self-signed, pinned) TLS, since Tailscale clients dial DERP over https only.
         route = DerpRoute(
             serve_http=relay.serve_handed_off,
             serve_tls=relay.serve_handed_off_tls if relay.cert_name is not None else None,
         )
-    server.port = await nursery.start(
+    options = serve_options(config)
+    bound: int = await nursery.start(
         lambda task_status: serve_control(
-            host=host, port=port, server_key=key, handler=control, asgi_app=make_app(server),
+            host=host, port=port, server_key=key, handler=control, asgi_app=app,
             ssl_context=ctx, options=options, stats=stats, derp=route, task_status=task_status,
         )
     )
     if port == 0 and not config.server_url:
         scheme = "https" if ctx is not None else "http"
-        control.public_url = f"{scheme}://{host}:{server.port}"
-        if relay is not None and on_control_port:
-            embedded = relay_region(config, relay, control_url=control.public_url, node_name=node_name)
-            control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=embedded))
-    region = _EmbeddedRegion(embedded)
-    if replicas is not None and relay is not None and embedded is not None and embedded.nodes:
-        from .relaymesh import mesh_peer_of, mesh_replicas
-
-        def on_nodes(nodes: list[DERPNode]) -> None:
-            # Every live replica's relay is a node of the one embedded region.
-            region.set(nodes)
-            control.streams.set_derp_map(assemble_derp_map(config, files=files, urls=urls, embedded=region.current))
-
-        own = embedded.nodes[0]
-        own_peer = mesh_peer_of(own)
-        if relay.config.tls == "off" and relay.config.listen_port is not None and not ds.public_derp_port:
-            # A plain-HTTP listener of its own with no TLS proxy in front: dialled as is.
-            own_peer["url"] = str(own_peer["url"]).replace("https://", "http://", 1)
-        await nursery.start(
-            partial(mesh_replicas, own_peer=own_peer), relay, replicas, server.replica_id, own, on_nodes
-        )
-    interval = config.durations.derp_auto_update_interval
-    if interval is not None and (config.derp.paths or config.derp.urls):
-        nursery.start_soon(_refresh_derp_map, config, control, region, interval.total_seconds())
-    await _start_metrics(server, nursery)
+        control.public_url = f"{scheme}://{host}:{bound}"
+        if _on_control_port(relay):
+            region.name_by(control.public_url)
+            control.streams.set_derp_map(derp.derp_map(config, region))
+    return bound
 
 
-async def _start_metrics(server: Server, nursery: trio.Nursery) -> None:
-    """Serve ``/metrics`` on ``metrics_listen_addr`` (not on the control port).
+async def start_relay_mesh(
+    nursery: trio.Nursery,
+    config: Config,
+    *,
+    control: Control,
+    relay: RelayServer | None,
+    side: SideTables,
+    replica_id: str,
+    derp: DerpSources,
+    region: EmbeddedRegion,
+) -> None:
+    """Between replicas, mesh the embedded relay with every live replica's relay and
+    list them all as the nodes of the one embedded region (nothing on SQLite)."""
+    replicas = replicas_of(side)
+    embedded = region.current
+    if replicas is None or relay is None or embedded is None or not embedded.nodes:
+        return
+    from .relaymesh import mesh_peer_of, mesh_replicas
+
+    def on_nodes(nodes: list[DERPNode]) -> None:
+        # Every live replica's relay is a node of the one embedded region.
+        region.set(nodes)
+        control.streams.set_derp_map(derp.derp_map(config, region))
+
+    own = embedded.nodes[0]
+    own_peer = mesh_peer_of(own)
+    if relay.config.tls == "off" and relay.config.listen_port is not None and not config.derp.server.public_derp_port:
+        # A plain-HTTP listener of its own with no TLS proxy in front: dialled as is.
+        own_peer["url"] = str(own_peer["url"]).replace("https://", "http://", 1)
+    await nursery.start(partial(mesh_replicas, own_peer=own_peer), relay, replicas, replica_id, own, on_nodes)
+
+
+async def start_metrics(nursery: trio.Nursery, addr: str, sources: MetricSources) -> int:
+    """Serve ``/metrics`` on ``addr``, ``metrics_listen_addr`` (not on the control port);
+    return the bound port (0: not served).
 
     The default address being taken (another server on this machine) costs only the
     metrics, with a warning; an address the operator chose must be free.
     """
-    addr = server.config.metrics_listen_addr
     if not addr:
         log.info("metrics are off (metrics_listen_addr is empty)")
-        return
+        return 0
     host, port = split_host_port(addr, "metrics_listen_addr")
     try:
-        server.metrics_port = await nursery.start(serve_metrics, server, host, port)
+        bound: int = await nursery.start(serve_metrics, sources, host, port)
     except OSError as exc:
         if addr != DEFAULT_METRICS_LISTEN_ADDR:
             raise ConfigError(f"metrics_listen_addr: cannot listen on {addr}: {exc.strerror or exc}") from None
@@ -307,58 +356,23 @@ async def _start_metrics(server: Server, nursery: trio.Nursery) -> None:
             "metrics NOT served: the default metrics_listen_addr %s is taken (%s); "
             "set metrics_listen_addr to a free local address", addr, exc.strerror or exc,
         )
-        return
-    log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
+        return 0
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
 
 
-class _EmbeddedRegion:
-    """The embedded relay's region as the DERP map shows it now: this relay alone, or,
-    between replicas, every live replica's relay (:mod:`cli.relaymesh`)."""
-
-    def __init__(self, region: DERPRegion | None) -> None:
-        self.current = region
-
-    def set(self, nodes: list[DERPNode]) -> None:
-        if self.current is not None:
-            self.current = msgspec.structs.replace(self.current, nodes=nodes)
-
-
-async def _refresh_derp_map(
-    config: Config, control: Control, embedded: _EmbeddedRegion, interval: float
-) -> None:
+async def refresh_derp_map(config: Config, control: Control, region: EmbeddedRegion, interval: float) -> None:
     """Re-read the DERP map sources every ``interval`` seconds; push a changed map to
     every connected client. A source that fails keeps the map in force (logged)."""
     while True:
         await trio.sleep(interval)
         try:
-            files, urls = await _read_derp_sources(config)
-            derp = assemble_derp_map(config, files=files, urls=urls, embedded=embedded.current)
+            derp = (await DerpSources.read(config)).derp_map(config, region)
         except ConfigError as exc:
             log.warning("DERP map refresh failed, keeping the current map: %s", exc)
             continue
         if control.streams.set_derp_map(derp):
             log.info("DERP map changed: %d region(s) now", len(derp.regions or {}))
-
-
-async def _start_relay(
-    server: Server, nursery: trio.Nursery, *, on_control_port: bool, mesh_key: str | None = None
-) -> RelayServer:
-    from relay.logauth import LogAuthorizer
-    from relay.serve import serve_relay
-
-    config = server.config
-    rc = relay_config(config, on_control_port=on_control_port)
-    if mesh_key is not None:  # the replicas' shared key
-        rc = msgspec.structs.replace(rc, mesh_key=mesh_key)
-    # The relay is its own consumer of the log: its own runner and checkpoint.
-    runner = ProjectionRunner(server.log, server.checkpoints, name="relay")
-    await nursery.start(runner.run)
-    auth = LogAuthorizer(runner)
-    auth.refresh()
-    relay: RelayServer = await nursery.start(serve_relay, rc, auth)
-    server.relay = relay
-    await nursery.start(auth.run, relay.revoke)
-    return relay
 
 
 def relay_region(

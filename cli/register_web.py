@@ -46,7 +46,10 @@ from .oidc import Identity, LoginRefused, OIDCLogin, check_access, decide_login_
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from .server import Server
+    from projections import Tailnet
+    from protocol.control import Control
+
+    from .config import Config
 
 __all__ = ["SESSION_TTL", "install_register_routes"]
 
@@ -121,11 +124,15 @@ class _Session:
 
 
 class RegisterPages:
-    """The routes of this module, over one server."""
+    """The routes of this module, over the command side and the control logic.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        config = server.config
+    Raises:
+        ConfigError: the OIDC client secret file cannot be read.
+    """
+
+    def __init__(self, config: Config, tailnet: Tailnet, control: Control) -> None:
+        self.tailnet = tailnet
+        self.control = control
         self.oidc = (
             OIDCLogin(config.oidc, f"{config.public_url}/oidc/callback") if config.oidc.enabled else None
         )
@@ -136,8 +143,7 @@ class RegisterPages:
     @property
     def public_url(self) -> str:
         """The server's URL (with the bound port when the configuration said port 0)."""
-        control = self.server.control
-        return control.public_url if control is not None else self.server.config.public_url
+        return self.control.public_url
 
     @property
     def secure(self) -> bool:
@@ -158,15 +164,14 @@ class RegisterPages:
         if time.monotonic() - session.created > SESSION_TTL:
             del self._sessions[sid]
             return None
-        user = self.server.runner.state.users.get(session.user_id)
+        user = self.tailnet.state.users.get(session.user_id)
         if user is None or not user.is_admin:  # demoted or deleted since
             del self._sessions[sid]
             return None
         return session
 
     async def _pending(self, auth_id: str) -> PendingRegistration | Response:
-        control = self.server.control
-        pending = await control.pending.get(auth_id) if control is not None else None
+        pending = await self.control.pending.get(auth_id)
         if pending is None:
             return _page(
                 "Registration link expired",
@@ -210,7 +215,7 @@ class RegisterPages:
                 " to approve it for another user, or reject it.</p>"
             )
             return _page("Add this machine", body)
-        state = self.server.runner.state
+        state = self.tailnet.state
         admin = state.users[session.user_id]
         options = "".join(
             f'<option value="{u.id}">{html.escape(u.name)}</option>'
@@ -268,7 +273,7 @@ class RegisterPages:
             log.warning("sign-in of %s for registration %s refused: the request expired or was rejected", who.actor, auth_id)
             return pending
         check_access(self.oidc.config, who)
-        tailnet = self.server.tailnet
+        tailnet = self.tailnet
         if purpose == "admin":
             # Decide before appending anything: a non-admin's attempt leaves no trace in the log.
             decision = decide_login_user(tailnet.runner.state, self.oidc.config, who)
@@ -298,8 +303,7 @@ class RegisterPages:
             response = _redirect(f"/register/{auth_id}", 303)
             self._set_cookie(response, SESSION_COOKIE, sid, path="/", max_age=int(SESSION_TTL))
             return response
-        control = self.server.control
-        assert control is not None
+        control = self.control
         expiry = self.oidc.node_expiry(who, tailnet.clock())
         try:
             node_id = await control.registration.approve_pending(
@@ -325,13 +329,12 @@ class RegisterPages:
         pending = await self._pending(auth_id)
         if isinstance(pending, Response):
             return pending
-        control = self.server.control
-        assert control is not None
+        control = self.control
         try:
             if action == "approve":
                 node_id = await control.registration.approve_pending(auth_id, form.get("user", ""), session.actor, auth="web")
-                node = self.server.runner.state.nodes[node_id]
-                owner = self.server.runner.state.users[node.user_id]
+                node = self.tailnet.state.nodes[node_id]
+                owner = self.tailnet.state.users[node.user_id]
                 return _page(
                     "Machine approved",
                     f'<p id="done">The machine <b>{html.escape(node.given_name)}</b> is now in the tailnet as '
@@ -356,13 +359,8 @@ class RegisterPages:
         return response
 
 
-def install_register_routes(app: QuartTrio, server: Server) -> RegisterPages:
-    """Add the routes of this module to ``app``.
-
-    Raises:
-        ConfigError: the OIDC client secret file cannot be read.
-    """
-    pages = RegisterPages(server)
+def install_register_routes(app: QuartTrio, *, pages: RegisterPages) -> None:
+    """Add the routes of ``pages`` to ``app``."""
     app.add_url_rule("/register/<auth_id>", "register_page", pages.register_page, methods=["GET"])
     app.add_url_rule("/oidc/login/<auth_id>", "oidc_login", pages.login, methods=["GET"])
     app.add_url_rule("/oidc/callback", "oidc_callback", pages.callback, methods=["GET"])
@@ -376,4 +374,3 @@ def install_register_routes(app: QuartTrio, server: Server) -> RegisterPages:
     app.add_url_rule("/register/<auth_id>/approve", "register_approve", approve, methods=["POST"])
     app.add_url_rule("/register/<auth_id>/reject", "register_reject", reject, methods=["POST"])
     app.add_url_rule("/oidc/logout", "oidc_logout", pages.logout, methods=["POST"])
-    return pages

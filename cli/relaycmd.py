@@ -22,9 +22,8 @@ from projections.tailcfg import encode
 from .audit import mac_key_for
 from .config import Config
 from .network import relay_region
-from .server import secure_data_dir
 from .settings import relay_config
-from .storage import describe, open_store
+from .storage import describe, open_store, secure_data_dir
 
 __all__ = ["run_relay"]
 

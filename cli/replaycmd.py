@@ -49,6 +49,7 @@ from projections.replay import (
     who_can_reach,
 )
 
+from .cmdline import CLIError, admin, command_config
 from .config import Config, ConfigError
 from .output import print_json, print_table
 
@@ -135,9 +136,7 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def _database(args: argparse.Namespace) -> Path:
-    from .main import _config
-
-    return _config(args).database_path
+    return command_config(args).database_path
 
 
 def open_store(args: argparse.Namespace) -> EventStore:
@@ -155,9 +154,8 @@ def open_store(args: argparse.Namespace) -> EventStore:
         finally:
             bar.done()
         return store
-    from .main import _config
 
-    config = _config(args)
+    config = command_config(args)
     if config.database.type == "postgres":
         from .storage import open_store as open_configured
 
@@ -186,9 +184,8 @@ def open_history(args: argparse.Namespace) -> History:
     if first and not args.no_cache and not getattr(args, "from_export", None):
         key = hashlib.sha256(f"{first[0].hash}".encode()).hexdigest()[:32]
         cache = _cache_dir(args)
-        from .main import _config
 
-        if cache.resolve().is_relative_to(_config(args).data_path.resolve()):
+        if cache.resolve().is_relative_to(command_config(args).data_path.resolve()):
             raise _Fail(f"--cache-dir {cache} is inside the data directory, which replay never writes")
         try:
             snapshots = FileSnapshots(cache / f"{key}.db")
@@ -270,10 +267,9 @@ def netmap_settings(args: argparse.Namespace) -> tuple[NetmapSettings, str]:
     not history: it is today's, and ``derp.urls`` and the embedded relay's region are
     left out (a replay never touches the network)."""
     from .config import ConfigError
-    from .main import _config
     from .settings import assemble_derp_map, dns_config
 
-    config = _config(args)
+    config = command_config(args)
     files: dict[str, bytes] = {}
     for path in config.derp.paths:
         try:
@@ -469,9 +465,8 @@ def _print_imported(args: argparse.Namespace, head: Head, where: str) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .main import _config
 
-    config = _config(args)
+    config = command_config(args)
     if config.database.type == "postgres":
         return _import_postgres(args, config)
     data = Path(args.data) if args.data else None
@@ -508,11 +503,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 def _impact_from_server(args: argparse.Namespace, text: str) -> dict[str, Any] | None:
     """Ask the running server (its live tailnet); ``None`` when none answers here."""
     from .adminsock import AdminError, call
-    from .main import _config
 
     if args.offline or getattr(args, "from_export", None):
         return None
-    config = _config(args)
+    config = command_config(args)
     if not config.admin_socket_path.exists():
         return None
     try:
@@ -563,13 +557,11 @@ def cmd_policy_impact(args: argparse.Namespace) -> int:
 def cmd_policy_set(args: argparse.Namespace) -> int:
     """``policy set FILE``: the server checks it, computes its impact summary against
     the live tailnet and records both in the ``policy.set`` event."""
-    from .main import CLIError, _admin
-
     try:
         text = Path(args.file).read_text()
     except OSError as exc:
         raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
-    data = _admin(args, "policy.set", {"text": text, "impact": not args.no_impact})
+    data = admin(args, "policy.set", {"text": text, "impact": not args.no_impact})
     if args.output == "json":
         print_json(data)
         return 0

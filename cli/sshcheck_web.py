@@ -21,15 +21,14 @@ from .register_web import RegisterPages, _page
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from .server import Server
+    from protocol.sshcheck import SshChecks
 
 __all__ = ["install_ssh_check_routes"]
 
 
-def install_ssh_check_routes(app: QuartTrio, server: Server, pages: RegisterPages) -> None:
+def install_ssh_check_routes(app: QuartTrio, *, checks: SshChecks, pages: RegisterPages) -> None:
     def open_check(check_id: str) -> Response | PendingCheck:
-        checks = server.ssh_checks
-        check = checks.pending.get(check_id) if checks is not None else None
+        check = checks.pending.get(check_id)
         if check is None or check.outcome is not None:
             return _page("SSH check not found", "<p>This SSH check is unknown, decided or expired.</p>", 404)
         return check
@@ -38,8 +37,7 @@ def install_ssh_check_routes(app: QuartTrio, server: Server, pages: RegisterPage
         found = open_check(check_id)
         if isinstance(found, Response):
             return found
-        assert server.ssh_checks is not None
-        view = server.ssh_checks.view(found)
+        view = checks.view(found)
         rows = "".join(
             f"<tr><th>{label}</th><td id=\"{key}\">{html.escape(str(view[key]))}</td></tr>"
             for key, label in (("from", "From"), ("to", "To"), ("local_user", "As user"))
@@ -68,12 +66,12 @@ def install_ssh_check_routes(app: QuartTrio, server: Server, pages: RegisterPage
         refused = pages._check_form(session, form)
         if refused is not None:
             return refused
-        assert session is not None and server.ssh_checks is not None
+        assert session is not None
         found = open_check(check_id)
         if isinstance(found, Response):
             return found
         try:
-            await server.ssh_checks.decide(
+            await checks.decide(
                 found, approve=approve, actor=session.actor, reason=form.get("reason", "").strip()
             )
         except CommandError as exc:

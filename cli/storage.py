@@ -6,6 +6,8 @@ commands that read or write the log directly (``log``, ``replay``, ``relay``).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eventlog import EventLogError, EventStore, SQLiteEventStore
@@ -16,7 +18,7 @@ from .config import Config, postgres_conninfo
 if TYPE_CHECKING:
     from eventlog.pgstore import LeaderLock
 
-__all__ = ["describe", "open_leader_lock", "open_side_tables", "open_store"]
+__all__ = ["describe", "open_leader_lock", "open_side_tables", "open_store", "secure_data_dir"]
 
 
 def open_store(config: Config, *, read_only: bool = False) -> EventStore:
@@ -66,3 +68,16 @@ def describe(config: Config) -> str:
         parts = (("host", db.host), ("port", db.port), ("dbname", db.name), ("user", db.user))
         return "PostgreSQL " + " ".join([db.dsn, *(f"{k}={v}" for k, v in parts if v)]).strip()
     return str(config.database_path)
+
+
+def secure_data_dir(path: Path) -> None:
+    """Create the data directory private to the server's account (0700), its files 0600.
+
+    The log, the checkpoints and the presence table say who may reach what; nobody else
+    on the machine has to read them. (A socket in it keeps the mode it was given.)
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for child in path.iterdir():
+        if child.is_file() and not child.is_symlink() and child.stat().st_mode & 0o077:
+            os.chmod(child, 0o600)

@@ -21,7 +21,7 @@ from projections.tailcfg import KeyFormatError, KeyPrefix, parse_key
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from .server import Server
+    from projections import Tailnet
 
 __all__ = ["DERPAdmitClientRequest", "DERPAdmitClientResponse", "install_verify_route", "may_use_relay"]
 
@@ -38,13 +38,13 @@ class DERPAdmitClientResponse(msgspec.Struct, frozen=True, kw_only=True, rename=
     allow: bool
 
 
-def may_use_relay(server: Server, node_key_hex: str) -> bool:
+def may_use_relay(tailnet: Tailnet, node_key_hex: str) -> bool:
     """Whether a node key belongs to a registered node whose key is in use."""
-    node = server.tailnet.state.node_by_key(node_key_hex)
-    return node is not None and not node.is_expired(server.tailnet.clock())
+    node = tailnet.state.node_by_key(node_key_hex)
+    return node is not None and not node.is_expired(tailnet.clock())
 
 
-def install_verify_route(app: QuartTrio, server: Server) -> None:
+def install_verify_route(app: QuartTrio, *, tailnet: Tailnet) -> None:
     @app.post("/verify")
     async def verify() -> Response:
         body = await request.get_data(cache=False)
@@ -61,5 +61,5 @@ def install_verify_route(app: QuartTrio, server: Server) -> None:
         if key is None:
             return Response("bad request: NodePublic is not a nodekey:<64 hex digits>\n", status=400,
                             content_type="text/plain")
-        answer = DERPAdmitClientResponse(allow=may_use_relay(server, key.hex()))
+        answer = DERPAdmitClientResponse(allow=may_use_relay(tailnet, key.hex()))
         return Response(msgspec.json.encode(answer), content_type="application/json")

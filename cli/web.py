@@ -7,8 +7,10 @@ not ``/key`` or ``/ts2021`` (see :mod:`protocol.serve`):
   is still folding the backlog (load balancers should wait), and 503 with
   ``"status": "database-unavailable"`` while the log's database cannot be reached
   (PostgreSQL down: the server retries with back-off and recovers by itself).
-* ``GET /register/<id>`` — the page a client's AuthURL points to, and the OIDC sign-in
-  behind it (:mod:`cli.register_web`).
+* the routes that :func:`cli.server.open_server` has the app install: ``/register/<id>``,
+  the page a client's AuthURL points to, and the OIDC sign-in behind it
+  (:mod:`cli.register_web`); ``/ssh/check/<id>`` (:mod:`cli.sshcheck_web`); ``/verify``
+  (:mod:`cli.verify`); the admin HTTP API (:mod:`cli.api`).
 
 :func:`serve_metrics` serves ``GET /metrics`` (Prometheus text format) on its own
 address, ``metrics_listen_addr`` (``127.0.0.1:9090`` by default, as Headscale): never
@@ -17,6 +19,8 @@ on the public control port, where anyone could read the tailnet's size and activ
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,31 +30,48 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
-from eventlog import EventLogError
+from eventlog import EventLog, EventLogError
+from projections import ProjectionRunner
+from projections.presence import PresenceTable
+from protocol import ConnectionStats
+from protocol.control import Control
+from relay.serve import RelayServer
+
+from .api import ApiStats, api_metrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from prometheus_client.metrics_core import Metric
 
-    from protocol import ConnectionStats
     from protocol.control import ControlStats
     from protocol.registrations import PendingStats
-    from relay.serve import RelayServer
 
-    from .server import Server
+__all__ = ["MetricSources", "make_app", "make_metrics_app", "metrics_registry", "serve_metrics"]
 
-__all__ = ["make_app", "make_metrics_app", "metrics_registry", "serve_metrics"]
+
+@dataclass(frozen=True)
+class MetricSources:
+    """What ``/metrics`` reads, live, at scrape time."""
+
+    log: EventLog
+    runner: ProjectionRunner
+    presence: PresenceTable
+    control: Control
+    #: The control port's counters.
+    connection_stats: ConnectionStats
+    relay: RelayServer | None
+    api: ApiStats
 
 
 class _ServerCollector(Collector):
     """Reads the live figures at scrape time (no background updating)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, sources: MetricSources) -> None:
+        self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        s = self.server
+        s = self.sources
         state = s.runner.state
         yield GaugeMetricFamily("tailledger_log_head_seq", "Sequence number of the last folded event", value=state.seq)
         yield CounterMetricFamily("tailledger_log_appends", "Append requests committed by this server", value=s.log.appended)
@@ -58,39 +79,32 @@ class _ServerCollector(Collector):
         yield CounterMetricFamily("tailledger_events_folded", "Events folded by the projection runner", value=s.runner.events_folded)
         yield GaugeMetricFamily("tailledger_users", "Users", value=len(state.users))
         yield GaugeMetricFamily("tailledger_nodes", "Registered nodes", value=len(state.nodes))
-        online = 0
-        if s.presence is not None:
-            online = sum(1 for _, p in s.presence.items() if p.online)
+        online = sum(1 for _, p in s.presence.items() if p.online)
         yield GaugeMetricFamily("tailledger_nodes_online", "Nodes with an open map stream", value=online)
-        if s.control is not None:
-            yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams.streams_open)
-            stats = s.control.streams.hub.stats
-            updates = CounterMetricFamily(
-                "tailledger_map_updates",
-                "Netmap versions computed, by path: incremental (only the changed nodes"
-                " re-evaluated per visibility class) or rebuild (policy, users or routes)",
-                labels=["path"],
-            )
-            updates.add_metric(["incremental"], stats.incremental)
-            updates.add_metric(["rebuild"], stats.rebuilds)
-            yield updates
-            yield CounterMetricFamily(
-                "tailledger_map_peer_evaluations", "Peer views evaluated by the policy engine",
-                value=stats.peer_evaluations,
-            )
-            yield GaugeMetricFamily(
-                "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.streams.hub.classes()
-            )
-            yield from _control_limit_metrics(s.control.stats)
-            yield from _pending_metrics(s.control.pending.stats)
-        if s.connection_stats is not None:
-            yield from _connection_metrics(s.connection_stats)
+        yield GaugeMetricFamily("tailledger_map_streams", "Open map long-polls", value=s.control.streams.streams_open)
+        stats = s.control.streams.hub.stats
+        updates = CounterMetricFamily(
+            "tailledger_map_updates",
+            "Netmap versions computed, by path: incremental (only the changed nodes"
+            " re-evaluated per visibility class) or rebuild (policy, users or routes)",
+            labels=["path"],
+        )
+        updates.add_metric(["incremental"], stats.incremental)
+        updates.add_metric(["rebuild"], stats.rebuilds)
+        yield updates
+        yield CounterMetricFamily(
+            "tailledger_map_peer_evaluations", "Peer views evaluated by the policy engine",
+            value=stats.peer_evaluations,
+        )
+        yield GaugeMetricFamily(
+            "tailledger_map_visibility_classes", "Distinct visibility classes", value=s.control.streams.hub.classes()
+        )
+        yield from _control_limit_metrics(s.control.stats)
+        yield from _pending_metrics(s.control.pending.stats)
+        yield from _connection_metrics(s.connection_stats)
         if s.relay is not None:
             yield from _relay_metrics(s.relay)
-        if s.api is not None:
-            from .api import api_metrics
-
-            yield from api_metrics(s.api.stats)
+        yield from api_metrics(s.api)
 
 
 def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
@@ -200,48 +214,49 @@ def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:
             yield GaugeMetricFamily(f"tailledger_relay_stun_{name}", f"STUN server: {name}", value=getattr(stun, name))
 
 
-def metrics_registry(server: Server) -> CollectorRegistry:
+def metrics_registry(sources: MetricSources) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(_ServerCollector(server))
+    registry.register(_ServerCollector(sources))
     Gauge("tailledger_info", "Build information", ["version"], registry=registry).labels("0.1.0").set(1)
     return registry
 
 
-def make_app(server: Server) -> QuartTrio:
+def make_app(
+    *,
+    folded_seq: Callable[[], int],
+    log_head: Callable[[], Awaitable[int]],
+    install: Iterable[Callable[[QuartTrio], object]],
+) -> QuartTrio:
+    """The app of the control port: ``/health``, then the routes each of ``install`` adds.
+
+    Args:
+        folded_seq: the sequence number the projection has folded up to.
+        log_head: the log head's sequence number (raises
+            :class:`~eventlog.EventLogError` while the database is unreachable).
+        install: add their routes to the app (the register pages, SSH checks,
+            ``/verify``, the admin API).
+    """
     app = QuartTrio("tailledger")
 
     @app.get("/health")
     async def health() -> tuple[dict[str, object], int]:
-        folded = server.runner.state.seq
+        folded = folded_seq()
         try:
-            head = (await server.log.head()).seq
+            head = await log_head()
         except EventLogError as exc:  # the database is unreachable (the store retries)
             return {"status": "database-unavailable", "error": str(exc), "folded_seq": folded}, 503
         ok = folded >= head
         return {"status": "ok" if ok else "catching-up", "log_seq": head, "folded_seq": folded}, 200 if ok else 503
 
-    from .register_web import install_register_routes
-
-    pages = install_register_routes(app, server)
-
-    from .sshcheck_web import install_ssh_check_routes  # SSH check mode
-
-    install_ssh_check_routes(app, server, pages)
-
-    from .verify import install_verify_route  # for Tailscale's derper --verify-client-url
-
-    install_verify_route(app, server)
-
-    from .api import mount_api
-
-    mount_api(app, server)
+    for add_routes in install:
+        add_routes(app)
     return app
 
 
-def make_metrics_app(server: Server) -> QuartTrio:
+def make_metrics_app(sources: MetricSources) -> QuartTrio:
     """The app of the metrics address: ``GET /metrics`` and nothing else."""
     app = QuartTrio("tailledger-metrics")
-    registry = metrics_registry(server)
+    registry = metrics_registry(sources)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -251,7 +266,7 @@ def make_metrics_app(server: Server) -> QuartTrio:
 
 
 async def serve_metrics(
-    server: Server, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    sources: MetricSources, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve :func:`make_metrics_app` on ``host:port`` until cancelled; report the bound port.
 
@@ -279,4 +294,4 @@ async def serve_metrics(
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     task_status.started(bound)
-    await serve(make_metrics_app(server), config)
+    await serve(make_metrics_app(sources), config)

@@ -22,14 +22,12 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from quart_trio import QuartTrio
 
-    from ..server import Server
-
-__all__ = ["ApiService", "api_metrics", "mount_api"]
+__all__ = ["ApiService", "ApiStats", "api_metrics", "mount_api"]
 
 
-def mount_api(app: QuartTrio, server: Server) -> ApiService:
-    """Build the API of ``server``, register its routes on ``app``, keep it on the server."""
-    service = ApiService(server)
+def mount_api(app: QuartTrio, *, service: ApiService) -> None:
+    """Add every route of the API (``/version``, the OpenAPI document, v1, v2) to
+    ``service`` and serve them on ``app``."""
 
     async def version(ctx: Ctx) -> Version:
         return Version(version=ctx.service.version, api=["v1", "v2"])
@@ -50,8 +48,6 @@ def mount_api(app: QuartTrio, server: Server) -> ApiService:
     add_v1_routes(service)
     add_v2_routes(service)
     service.mount(app)
-    server.api = service
-    return service
 
 
 def api_metrics(stats: ApiStats) -> Iterator[Metric]:

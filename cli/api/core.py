@@ -69,7 +69,11 @@ from .schema import Problem
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from ..server import Server
+    from projections import Tailnet
+    from projections.admin import AdminOps
+    from projections.presence import PresenceTable
+
+    from ..config import Config
 
 __all__ = [
     "ApiError",
@@ -211,13 +215,12 @@ class Route:
 
 
 class Ctx:
-    """What a handler gets: the server, the principal, path parameters, the body."""
+    """What a handler gets: the service, the principal, path parameters, the body."""
 
     def __init__(
         self, service: ApiService, principal: Principal, params: Mapping[str, str], body: bytes, route: Route
     ) -> None:
         self.service = service
-        self.server = service.server
         self.principal = principal
         self.params = params
         self.raw_body = body
@@ -228,7 +231,7 @@ class Ctx:
 
     @property
     def state(self) -> TailnetState:
-        return self._pinned if self._pinned is not None else self.server.runner.state
+        return self._pinned if self._pinned is not None else self.service.tailnet.state
 
     @property
     def actor(self) -> Actor:
@@ -274,9 +277,9 @@ class Ctx:
         (route, log position, presence version, principal's visibility, ``query``)
         and built in a worker thread (see "Node lists" in the module docstring).
         ``build`` may read only immutable state and the presence."""
-        presence = self.server.presence
+        presence = self.service.presence
         state = self.state
-        key = (self.route.operation_id, state.seq, presence.version if presence is not None else -1,
+        key = (self.route.operation_id, state.seq, presence.version,
                None if self.principal.is_admin else self.principal.user_id, query)
         lists = self.service.node_lists
         while (found := lists.get(key)) is not None:
@@ -316,30 +319,34 @@ class Ctx:
     async def op(self, name: str, args: dict[str, object]) -> Any:
         """Run an admin operation (the CLI's) as the principal."""
         try:
-            return await self.server.ops.dispatch(name, args, self.actor)
+            return await self.service.ops.dispatch(name, args, self.actor)
         except CommandError as exc:
             raise from_command_error(exc) from None
 
     def is_online(self, node_id: int) -> bool:
-        presence = self.server.presence
-        if presence is None:
-            return False
-        p = presence.get(node_id)
+        p = self.service.presence.get(node_id)
         return bool(p is not None and p.online)
 
     def last_seen(self, node_id: int) -> datetime | None:
-        presence = self.server.presence
-        if presence is None:
-            return None
-        p = presence.get(node_id)
+        p = self.service.presence.get(node_id)
         return p.last_seen if p is not None else None
 
 
 class ApiService:
-    """The API of one server: credentials, tokens, routes, stats."""
+    """The API of one server: credentials, tokens, routes, stats.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    Args:
+        tailnet: the command side (its state and clock).
+        ops: the admin operations every change goes through (the CLI's).
+        presence: who is online.
+        config: the configuration (``[dns]``).
+    """
+
+    def __init__(self, tailnet: Tailnet, ops: AdminOps, presence: PresenceTable, config: Config) -> None:
+        self.tailnet = tailnet
+        self.ops = ops
+        self.presence = presence
+        self.config = config
         self.stats = ApiStats()
         self.routes: list[Route] = []
         self._tokens: dict[str, _Token] = {}
@@ -350,7 +357,7 @@ class ApiService:
     # -- credentials ---------------------------------------------------------------------
 
     def now(self) -> datetime:
-        return self.server.tailnet.clock()
+        return self.tailnet.clock()
 
     def authenticate(self, header: str | None, *, allow_tokens: bool) -> Principal:
         """The principal of an ``Authorization`` header.
@@ -366,7 +373,7 @@ class ApiService:
                 raise ApiError(401, "OAuth access tokens are for /api/v2; /api/v1 takes API keys")
             return self._token_principal(credential)
         parsed = c.parse_api_key(credential)
-        state = self.server.runner.state
+        state = self.tailnet.state
         key = None
         if parsed is not None and parsed[0] == "apikey":
             key = _key_by_prefix(state, parsed[1], "apikey")
@@ -396,7 +403,7 @@ class ApiService:
         if entry is None or entry.expires <= now:
             self._tokens.pop(digest, None)
             raise ApiError(401, "invalid or expired access token")
-        state = self.server.runner.state
+        state = self.tailnet.state
         client = state.api_keys.get(entry.client_id)
         if client is None or client.usable_at(now) is not None:
             self._tokens.pop(digest, None)
@@ -429,7 +436,7 @@ class ApiService:
             if parsed[0] != "oauth_client" or parsed[1] != client_id:
                 raise ApiError(401, "invalid client credentials")
             secret = parsed[2]
-        client = _key_by_prefix(self.server.runner.state, client_id, "oauth_client")
+        client = _key_by_prefix(self.tailnet.state, client_id, "oauth_client")
         if not _secret_matches(client, secret) or client is None:
             raise ApiError(401, "invalid client credentials")
         now = self.now()

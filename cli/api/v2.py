@@ -60,7 +60,7 @@ def _tailnet(ctx: Ctx) -> None:
 
 
 def _domain(ctx: Ctx) -> str:
-    return ctx.server.config.dns.base_domain
+    return ctx.service.config.dns.base_domain
 
 
 def _login(user: User | None) -> str:
@@ -424,7 +424,7 @@ async def preview_policy_file(ctx: Ctx) -> V2Preview:
 def _dns(ctx: Ctx) -> tuple[list[str], list[str], bool]:
     from ..dnsapply import effective_dns_settings
 
-    dns = effective_dns_settings(ctx.server.config, ctx.state)
+    dns = effective_dns_settings(ctx.service.config, ctx.state)
     return list(dns.nameservers), list(dns.search_domains), dns.magic_dns
 
 

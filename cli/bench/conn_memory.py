@@ -308,7 +308,7 @@ async def _start_full(
     import msgspec
 
     from cli.config import Config
-    from cli.server import Server
+    from cli.server import Services, open_server
     from eventlog import Actor, ActorKind
 
     settings: dict[str, object] = {
@@ -321,8 +321,13 @@ async def _start_full(
             "cert_file": str(certs / "cert.pem"),
             "key_file": str(certs / "key.pem"),
         }
-    server = Server(msgspec.convert(settings, type=Config))
-    await nursery.start(server.run)
+
+    async def serve(*, task_status: trio.TaskStatus[Services]) -> None:
+        async with open_server(msgspec.convert(settings, type=Config)) as services:
+            task_status.started(services)
+            await trio.sleep_forever()
+
+    server: Services = await nursery.start(serve)
     admin = Actor(kind=ActorKind.ADMIN, id="bench")
     await server.ops.dispatch("users.create", {"name": "bench"}, admin)
     # Deny-all: nobody sees anybody, so the netmap of every node has no peers

@@ -1,6 +1,6 @@
 """With no configuration the embedded relay is served on the control port at ``/derp``.
 
-A real :class:`~cli.server.Server` with the default ``[derp]`` settings: its DERP map
+A real :class:`~cli.server.Services` with the default ``[derp]`` settings: its DERP map
 names the control port (host and port of the server URL, the self-signed relay
 certificate pinned by ``CertName``), registered nodes reach each other through
 ``https://host:port/derp`` (the control port tells a TLS ClientHello from HTTP) and
@@ -27,9 +27,9 @@ from tests.support.relay_helpers import recv_packet
 
 
 async def _derp_map(server: object, node: SimNode, key: str) -> DERPMap:
-    from cli.server import Server
+    from cli.server import Services
 
-    assert isinstance(server, Server)
+    assert isinstance(server, Services)
     async with node.connect(server) as client:
         await client.register(node.register_request(key))
         async with client.map_stream(node.map_request()) as stream:

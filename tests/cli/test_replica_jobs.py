@@ -14,14 +14,14 @@ from pathlib import Path
 
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from eventlog.events import DnsExtraRecordsSet, PolicySet, RoutesApproved
 from tests.protocol.control_harness import ADMIN, SimNode, make_key, running
 from tests.protocol.test_routes_ops import POLICY, _advertise
 from tests.support.waits import wait_until
 
 
-def _events(server: Server, kind: type) -> list[object]:
+def _events(server: Services, kind: type) -> list[object]:
     return [e.event for e in server.store.read(0, 100_000) if isinstance(e.event, kind)]
 
 
@@ -40,7 +40,7 @@ async def test_auto_approvals_are_appended_once_and_a_new_leader_does_not_redo_t
 ) -> None:
     a_scope = trio.CancelScope()
 
-    async def run_a(*, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_a(*, task_status: trio.TaskStatus[Services] = trio.TASK_STATUS_IGNORED) -> None:
         with a_scope:
             async with running(tmp_path / "a", **_replica(tmp_path, pg_dsn)) as a:
                 task_status.started(a)
@@ -48,7 +48,7 @@ async def test_auto_approvals_are_appended_once_and_a_new_leader_does_not_redo_t
 
     with trio.fail_after(120):  # a guard against hanging, not a timing assertion
         async with trio.open_nursery() as nursery:
-            a: Server = await nursery.start(run_a)
+            a: Services = await nursery.start(run_a)
             await wait_until(lambda: a.leadership.leading, what="a leads")
             async with running(tmp_path / "b", **_replica(tmp_path, pg_dsn)) as b:
                 assert not b.leadership.leading
@@ -96,7 +96,7 @@ async def test_a_changed_policy_file_and_records_file_are_appended_once(pg_dsn: 
             # Both replicas see the files change (each polls them).
             policy.write_text(POLICY % ', "tagOwners": {}')
             records.write_text(json.dumps([{"name": "grafana.example.internal", "type": "A", "value": "100.64.0.4"}]))
-            def in_force(server: Server) -> bool:
+            def in_force(server: Services) -> bool:
                 state = server.tailnet.state
                 records = state.dns_extra_records or ()
                 return state.policy_text == policy.read_text() and [r.value for r in records] == ["100.64.0.4"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from relay import connect_derp
 from relay.derp.client import PacketReceived
 from tests.protocol.control_harness import SimNode, make_key, running
@@ -24,7 +24,7 @@ def _replica(tmp_path: Path, pg_dsn: str) -> dict[str, object]:
     }
 
 
-def _region_nodes(server: Server) -> list[str]:
+def _region_nodes(server: Services) -> list[str]:
     assert server.control is not None
     derp = server.control.streams.settings.netmap.derp_map
     region = (derp.regions or {}).get(999) if derp is not None else None
@@ -34,7 +34,7 @@ def _region_nodes(server: Server) -> list[str]:
 async def test_clients_of_two_replicas_meet_through_their_meshed_relays(pg_dsn: str, tmp_path: Path) -> None:
     b_scope = trio.CancelScope()
 
-    async def run_b(*, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_b(*, task_status: trio.TaskStatus[Services] = trio.TASK_STATUS_IGNORED) -> None:
         with b_scope:
             async with running(tmp_path / "b", **_replica(tmp_path, pg_dsn)) as b:
                 task_status.started(b)
@@ -42,7 +42,7 @@ async def test_clients_of_two_replicas_meet_through_their_meshed_relays(pg_dsn: 
 
     with trio.fail_after(120):  # a guard against hanging, not a timing assertion
         async with running(tmp_path / "a", **_replica(tmp_path, pg_dsn)) as a, trio.open_nursery() as nursery:
-            b: Server = await nursery.start(run_b)
+            b: Services = await nursery.start(run_b)
             assert a.relay is not None and b.relay is not None
             relay_a, relay_b = a.relay, b.relay
             node_a, node_b = f"999-{a.replica_id}", f"999-{b.replica_id}"

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from eventlog import RecordedEvent
 from eventlog.events import NodeRegistered, UserCreated
 from projections.tailcfg import RegisterResponse
@@ -42,7 +42,7 @@ async def _t(fn: Callable[..., Any], *args: Any) -> Any:
 
 @dataclass
 class Setup:
-    server: Server
+    server: Services
     project: ProviderProject
 
     @property
@@ -213,7 +213,7 @@ async def test_a_refused_sign_in_shows_why_logs_it_and_appends_nothing(
             await provider_login(driver, user, setup.url)
             await see(driver, shown)
             assert not answers  # still waiting
-            assert await setup.server.control.pending.get(auth_url.rsplit("/", 1)[1]) is not None  # type: ignore[union-attr]
+            assert await setup.server.control.pending.get(auth_url.rsplit("/", 1)[1]) is not None
         assert len(setup.events()) == before
         assert not setup.server.runner.state.users
         assert any(logged in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -252,7 +252,7 @@ async def test_an_expired_request_cannot_be_completed(
         async with pending_machine(setup) as (auth_url, _answers):
             await _t(driver.get, auth_url)
             await click(driver, "signin")
-            pending = setup.server.control.pending  # type: ignore[union-attr]
+            pending = setup.server.control.pending
 
             async def expired() -> bool:
                 return await pending.get(auth_url.rsplit("/", 1)[1]) is None
@@ -321,7 +321,7 @@ async def test_an_admin_approves_for_a_chosen_user_with_csrf_protected_forms(
 
 async def test_secure_cookies_under_an_https_server_url(tmp_path: Path, start_provider: Any) -> None:
     async with serving(tmp_path, start_provider) as setup:
-        setup.server.control.public_url = "https://ledger.example"  # type: ignore[union-attr]
+        setup.server.control.public_url = "https://ledger.example"
         async with pending_machine(setup) as (auth_url, _answers):
             auth_id = auth_url.rsplit("/", 1)[1]
             async with httpx.AsyncClient() as http:

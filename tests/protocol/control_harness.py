@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-import trio
 
 from cli.config import Config
-from cli.server import Server
+from cli.server import Services, open_server
 from eventlog import Actor, ActorKind
 from projections.tailcfg import Hostinfo, MapRequest, NetInfo, RegisterRequest, RegisterResponseAuth
 from protocol import ControlClient, generate_private_key, open_control_client, public_key
@@ -33,12 +32,9 @@ def make_config(tmp: Path, **overrides: object) -> Config:
 
 
 @asynccontextmanager
-async def running(tmp: Path, **overrides: object) -> AsyncIterator[Server]:
-    server = Server(make_config(tmp, **overrides))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+async def running(tmp: Path, **overrides: object) -> AsyncIterator[Services]:
+    async with open_server(make_config(tmp, **overrides)) as server:
         yield server
-        nursery.cancel_scope.cancel()
 
 
 @dataclass
@@ -91,14 +87,14 @@ class SimNode:
         )
 
     @asynccontextmanager
-    async def connect(self, server: Server) -> AsyncIterator[ControlClient]:
+    async def connect(self, server: Services) -> AsyncIterator[ControlClient]:
         async with open_control_client(
             "127.0.0.1", server.port, machine_key=self.machine_private
         ) as client:
             yield client
 
 
-async def make_key(server: Server, user: str = "alice", **kw: object) -> str:
+async def make_key(server: Services, user: str = "alice", **kw: object) -> str:
     if server.tailnet.state.user_named(user) is None:
         await server.ops.dispatch("users.create", {"name": user}, ADMIN)
     result = await server.ops.dispatch("preauthkeys.create", {"user": user, **kw}, ADMIN)
@@ -110,7 +106,7 @@ async def make_key(server: Server, user: str = "alice", **kw: object) -> str:
 
 @asynccontextmanager
 async def two_registered(
-    server: Server,
+    server: Services,
 ) -> AsyncIterator[tuple[SimNode, ControlClient, SimNode, ControlClient]]:
     """Nodes alpha and bravo, each connected and registered with one reusable key."""
     key = await make_key(server, reusable=True)

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from eventlog.events import NodeRegistered, PreAuthKeyUsed
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
@@ -468,7 +468,7 @@ async def test_shutdown_with_open_streams_is_quiet_and_marks_nodes_offline(
     nodes = [SimNode.new(f"n{i}") for i in range(5)]
     ended = trio.Semaphore(0)
 
-    async def follow(node: SimNode, server_port: Server, key: str, task_status: trio.TaskStatus[None]) -> None:
+    async def follow(node: SimNode, server_port: Services, key: str, task_status: trio.TaskStatus[None]) -> None:
         async with node.connect(server_port) as client:
             await client.register(node.register_request(key))
             async with client.map_stream(node.map_request()) as stream:

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from eventlog.events import NodeHostnameChanged
 from projections.tailcfg import (
     Hostinfo,
@@ -33,7 +33,7 @@ from .control_harness import ADMIN, SimNode, make_key, running, two_registered
 LOGOUT = parse_time("1970-01-01T01:02:03+01:00")
 
 
-def hostnames_recorded(server: Server) -> list[str]:
+def hostnames_recorded(server: Services) -> list[str]:
     """The host names the log recorded changes to, in order."""
     return [e.event.hostname for e in server.store.read() if isinstance(e.event, NodeHostnameChanged)]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cli.server import Server
+from cli.server import Services
 from eventlog import RecordedEvent
 from eventlog.events import AnyEvent
 from projections.tailcfg import Hostinfo, NetInfo, RegisterRequest, RegisterResponseAuth
@@ -33,7 +33,7 @@ def _request(node: SimNode, key: str | None, *, hostname: str, routes: list[str]
     )
 
 
-def _record_appends(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[str, ...]]]:
+def _record_appends(server: Services, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[str, ...]]]:
     """Every append the log committed from now on, as (actor, event types): one append
     is one atomic request, whatever else the group commit put in its transaction."""
     appended: list[tuple[str, tuple[str, ...]]] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from cli.server import Server
+from cli.server import Services
 from eventlog.events import RoutePrimaryChanged
 from projections.tailcfg import Hostinfo, MapResponse, NetInfo
 from protocol import MapStream
@@ -55,7 +55,7 @@ def _router_request(node: SimNode) -> object:
     return msgspec.structs.replace(node.map_request(), hostinfo=hostinfo)
 
 
-async def _serve_router(server: Server, node: SimNode, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+async def _serve_router(server: Services, node: SimNode, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
     """Hold a router's map stream open until the returned scope is cancelled."""
     with trio.CancelScope() as scope:
         async with node.connect(server) as client, client.map_stream(_router_request(node)) as stream:  # type: ignore[arg-type]

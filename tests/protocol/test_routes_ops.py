@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from cli.server import Server
+from cli.server import Services
 from eventlog import caused_by
 from eventlog.events import PolicySet, RoutesApproved
 from projections import CommandError
@@ -32,7 +32,7 @@ async def _advertise(client: ControlClient, node: SimNode, routes: list[str]) ->
     assert (await client.post_json("/machine/map", request)).status == 200
 
 
-def _approvals(server: Server) -> list[tuple[tuple[str, ...], bool, str]]:
+def _approvals(server: Services) -> list[tuple[tuple[str, ...], bool, str]]:
     return [
         (e.event.routes, e.event.auto, str(e.actor))
         for e in server.store.read()
@@ -40,7 +40,7 @@ def _approvals(server: Server) -> list[tuple[tuple[str, ...], bool, str]]:
     ]
 
 
-async def _route_row(server: Server, node: str) -> dict[str, object]:
+async def _route_row(server: Services, node: str) -> dict[str, object]:
     rows = await server.ops.dispatch("routes.list", {}, ADMIN)
     assert isinstance(rows, list)
     (row,) = [r for r in rows if isinstance(r, dict) and r["node"] == node]
