@@ -12,13 +12,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from eventlog.events import ROLES
 
-from .cmdline import CLIError, admin, command_config, show, split_list
-from .durations import DurationError, parse_duration
+from .cmdline import (
+    AdminAction,
+    CLIError,
+    add_command,
+    add_group,
+    admin,
+    admin_command,
+    command_config,
+    expiration_seconds,
+    global_options,
+    only_user,
+    print_done,
+    print_field,
+    show,
+    split_list,
+)
 from .output import print_json, terminal_safe
 from .version import package_version
 
@@ -72,104 +86,59 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_users(args: argparse.Namespace) -> int:
-    match args.action:
-        case "create":
-            data = admin(args, "users.create", {"name": args.name, "display_name": args.display_name or "", "email": args.email or "", "role": args.role})
-        case "set-role":
-            data = admin(args, "users.set_role", {"user": args.user, "role": args.role})
-        case "list":
-            data = admin(args, "users.list")
-        case "rename":
-            data = admin(args, "users.rename", {"user": args.user, "new_name": args.new_name})
-        case "delete":
-            data = admin(args, "users.delete", {"user": args.user})
-            if args.output != "json":
-                print(f"user {args.user} deleted")
-                return 0
-        case _:
-            raise AssertionError(args.action)
-    show(args, data, USER_COLUMNS)
-    return 0
+cmd_users = admin_command(USER_COLUMNS, {
+    "create": AdminAction("users.create", lambda a: {
+        "name": a.name, "display_name": a.display_name or "", "email": a.email or "", "role": a.role,
+    }),
+    "set-role": AdminAction("users.set_role", lambda a: {"user": a.user, "role": a.role}),
+    "list": AdminAction("users.list"),
+    "rename": AdminAction("users.rename", lambda a: {"user": a.user, "new_name": a.new_name}),
+    "delete": AdminAction("users.delete", lambda a: {"user": a.user}, print_done("user {user} deleted")),
+})
 
 
-def cmd_preauthkeys(args: argparse.Namespace) -> int:
-    match args.action:
-        case "create":
-            try:
-                expiration = parse_duration(args.expiration)
-            except DurationError as exc:
-                raise CLIError(f"--expiration: {exc}") from None
-            data = admin(
-                args,
-                "preauthkeys.create",
-                {
-                    "user": args.user,
-                    "reusable": args.reusable,
-                    "ephemeral": args.ephemeral,
-                    "tags": split_list(args.tags),
-                    "expiration_seconds": int(expiration.total_seconds()) if expiration else None,
-                },
-            )
-            if args.output == "json":
-                print_json(data)
-            else:
-                assert isinstance(data, dict)
-                print(data["key"])
-            return 0
-        case "list":
-            data = admin(args, "preauthkeys.list", {"user": args.user} if args.user else {})
-        case "expire":
-            data = admin(args, "preauthkeys.expire", {"key": args.key})
-        case _:
-            raise AssertionError(args.action)
-    show(args, data, KEY_COLUMNS)
-    return 0
+cmd_preauthkeys = admin_command(KEY_COLUMNS, {
+    "create": AdminAction("preauthkeys.create", lambda a: {
+        "user": a.user,
+        "reusable": a.reusable,
+        "ephemeral": a.ephemeral,
+        "tags": split_list(a.tags),
+        "expiration_seconds": expiration_seconds(a.expiration),
+    }, print_field("key")),
+    "list": AdminAction("preauthkeys.list", only_user),
+    "expire": AdminAction("preauthkeys.expire", lambda a: {"key": a.key}),
+})
 
 
-def cmd_nodes(args: argparse.Namespace) -> int:
-    match args.action:
-        case "list":
-            data = admin(args, "nodes.list", {"user": args.user} if args.user else {})
-        case "show":
-            data = admin(args, "nodes.show", {"node": args.node})
-        case "rename":
-            data = admin(args, "nodes.rename", {"node": args.node, "new_name": args.new_name})
-        case "delete":
-            data = admin(args, "nodes.delete", {"node": args.node})
-            if args.output != "json":
-                print(f"node {args.node} deleted")
-                return 0
-        case "expire":
-            data = admin(args, "nodes.expire", {"node": args.node})
-        case "tag":
-            payload: dict[str, object] = {"node": args.node, "tags": split_list(args.tags)}
-            if args.user:
-                payload["user"] = args.user
-            data = admin(args, "nodes.tag", payload)
-            if args.output != "json" and isinstance(data, dict):
-                show(args, data, NODE_COLUMNS)
-                rules = data.get("allowed_by")
-                for tag, rule in sorted(rules.items()) if isinstance(rules, dict) else ():
-                    print(terminal_safe(f"{tag}: allowed by {rule}"))
-                return 0
-        case "register":
-            data = admin(args, "nodes.register", {"key": args.key, "user": args.user})
-        case "pending":
-            show(args, admin(args, "nodes.pending"), PENDING_COLUMNS)
-            return 0
-        case "reject":
-            data = admin(args, "nodes.reject", {"key": args.key})
-            if args.output != "json":
-                print(f"registration {args.key} rejected")
-                return 0
-        case "approve-routes":
-            data = admin(args, "nodes.approve_routes", {"node": args.node, "routes": split_list(args.routes)})
-        case _:
-            raise AssertionError(args.action)
+def _tag_payload(args: argparse.Namespace) -> dict[str, object]:
+    payload: dict[str, object] = {"node": args.node, "tags": split_list(args.tags)}
+    if args.user:
+        payload["user"] = args.user
+    return payload
+
+
+def _print_tagged(args: argparse.Namespace, data: object) -> None:
+    """The node, then which tagOwners rule allowed each tag."""
     show(args, data, NODE_COLUMNS)
-    return 0
+    rules = data.get("allowed_by") if isinstance(data, dict) else None
+    for tag, rule in sorted(rules.items()) if isinstance(rules, dict) else ():
+        print(terminal_safe(f"{tag}: allowed by {rule}"))
 
+
+cmd_nodes = admin_command(NODE_COLUMNS, {
+    "list": AdminAction("nodes.list", only_user),
+    "show": AdminAction("nodes.show", lambda a: {"node": a.node}),
+    "rename": AdminAction("nodes.rename", lambda a: {"node": a.node, "new_name": a.new_name}),
+    "delete": AdminAction("nodes.delete", lambda a: {"node": a.node}, print_done("node {node} deleted")),
+    "expire": AdminAction("nodes.expire", lambda a: {"node": a.node}),
+    "tag": AdminAction("nodes.tag", _tag_payload, _print_tagged),
+    "register": AdminAction("nodes.register", lambda a: {"key": a.key, "user": a.user}),
+    "pending": AdminAction("nodes.pending", columns=PENDING_COLUMNS),
+    "reject": AdminAction("nodes.reject", lambda a: {"key": a.key}, print_done("registration {key} rejected")),
+    "approve-routes": AdminAction(
+        "nodes.approve_routes", lambda a: {"node": a.node, "routes": split_list(a.routes)}
+    ),
+})
 
 ROUTE_COLUMNS = [
     ("id", "ID"), ("node", "Node"), ("advertised", "Advertised"), ("approved", "Approved"),
@@ -177,34 +146,24 @@ ROUTE_COLUMNS = [
 ]
 
 
-def cmd_routes(args: argparse.Namespace) -> int:
-    match args.action:
-        case "list":
-            data = admin(args, "routes.list")
-        case "approve" | "reject":
-            data = admin(args, f"routes.{args.action}", {"node": args.node, "routes": args.prefixes})
-        case _:
-            raise AssertionError(args.action)
-    show(args, data, ROUTE_COLUMNS)
-    return 0
+def _node_routes(args: argparse.Namespace) -> dict[str, object]:
+    return {"node": args.node, "routes": args.prefixes}
 
+
+cmd_routes = admin_command(ROUTE_COLUMNS, {
+    "list": AdminAction("routes.list"),
+    "approve": AdminAction("routes.approve", _node_routes),
+    "reject": AdminAction("routes.reject", _node_routes),
+})
 
 SSH_CHECK_COLUMNS = [("id", "ID"), ("from", "From"), ("to", "To"), ("local_user", "As user"), ("created", "Since")]
 
-
-def cmd_ssh(args: argparse.Namespace) -> int:
-    match args.action:
-        case "pending":
-            data = admin(args, "ssh.pending")
-        case "approve":
-            data = admin(args, "ssh.approve", {"id": args.id})
-        case "reject":
-            # --reason is recorded with the event and shown to the SSH user.
-            data = admin(args, "ssh.reject", {"id": args.id, "reason": args.reason or ""})
-        case _:
-            raise AssertionError(args.action)
-    show(args, data, SSH_CHECK_COLUMNS)
-    return 0
+cmd_ssh = admin_command(SSH_CHECK_COLUMNS, {
+    "pending": AdminAction("ssh.pending"),
+    "approve": AdminAction("ssh.approve", lambda a: {"id": a.id}),
+    # --reason is recorded with the event and shown to the SSH user.
+    "reject": AdminAction("ssh.reject", lambda a: {"id": a.id, "reason": a.reason or ""}),
+})
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -223,8 +182,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             if args.output == "json":
                 print_json(data)
             else:
-                assert isinstance(data, dict)
-                print(data["anchor"])
+                print_field("anchor")(args, data)
             return 0
         case "show":
             return logcmd.show(config, args.output, after=args.after, limit=args.limit, type_prefix=args.type)
@@ -302,30 +260,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def global_options(*, top: bool) -> argparse.ArgumentParser:
-        """The options every command takes, before or after its name.
-
-        The top-level parser holds the defaults; the subcommands' copies default to
-        ``SUPPRESS``, so that ``tailledger --data X users list`` keeps X instead of
-        having it silently overwritten by the subcommand's default (argparse copies a
-        subparser's defaults over what the main parser parsed). Given in both places,
-        the later one wins.
-        """
-        def d(value: object) -> object:
-            return value if top else argparse.SUPPRESS
-
-        opts = argparse.ArgumentParser(add_help=False)
-        opts.add_argument("-c", "--config", default=d(None), help="TOML configuration file (default: $TAILLEDGER_CONFIG)")
-        opts.add_argument("--data", default=d(None), help="data directory (default: $TAILLEDGER_DATA or ./tailledger-data)")
-        opts.add_argument("-o", "--output", choices=["table", "json"], default=d("table"), help="output format")
-        opts.add_argument(
-            "--reason", metavar="TEXT", default=d(None),
-            help="why (admin commands): stored with every event the command appends, shown by 'log show'",
-        )
-        return opts
-
-    common = global_options(top=False)
-
     parser = argparse.ArgumentParser(
         prog="tailledger",
         description="A Tailscale control server whose state is a tamper-evident event log.",
@@ -334,12 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tailledger {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str,
-            func: Callable[[argparse.Namespace], int] | None = None) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_, description=help_, parents=[common])
-        if func is not None:
-            p.set_defaults(func=func)
-        return p
+    add = add_command  # every subcommand takes the global options
 
     p = add(sub, "serve", "Run the control server (with its embedded defaults when unconfigured).", cmd_serve)
     p.add_argument(
@@ -349,12 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "relay", "Run the DERP relay and STUN server alone, following the event log.", cmd_relay)
 
-    config = add(sub, "config", "Inspect the configuration.")
-    config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    config_sub = add_group(sub, "config", "Inspect the configuration.")
     add(config_sub, "check", "Validate the configuration and explain what is wrong.", cmd_config_check)
 
-    users = add(sub, "users", "Manage users.", cmd_users)
-    us = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    us = add_group(sub, "users", "Manage users.", cmd_users)
     p = add(us, "create", "Create a user.")
     p.add_argument("name")
     p.add_argument("--display-name")
@@ -372,10 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .apikeycmd import add_parsers as add_apikey_parsers
 
-    add_apikey_parsers(sub, add, admin, show, CLIError)
+    add_apikey_parsers(sub)
 
-    keys = add(sub, "preauthkeys", "Manage pre-auth keys.", cmd_preauthkeys)
-    ks = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ks = add_group(sub, "preauthkeys", "Manage pre-auth keys.", cmd_preauthkeys)
     p = add(ks, "create", "Create a pre-auth key and print it (shown once).")
     p.add_argument("-u", "--user", help="owner (omit for a tags-only key)")
     p.add_argument("--reusable", action="store_true", help="may register many nodes")
@@ -387,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(ks, "expire", "Expire a pre-auth key now.")
     p.add_argument("key", help="id, prefix or the full key")
 
-    nodes = add(sub, "nodes", "Manage nodes.", cmd_nodes)
-    ns = nodes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ns = add_group(sub, "nodes", "Manage nodes.", cmd_nodes)
     p = add(ns, "list", "List nodes.")
     p.add_argument("-u", "--user")
     p = add(ns, "show", "Show one node.")
@@ -417,8 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="id or name")
     p.add_argument("-r", "--routes", required=True, help="comma-separated prefixes; empty clears")
 
-    routes = add(sub, "routes", "Subnet routes and exit nodes: list, approve, reject.", cmd_routes)
-    rs = routes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rs = add_group(sub, "routes", "Subnet routes and exit nodes: list, approve, reject.", cmd_routes)
     add(rs, "list", "Each node's advertised, approved and primary routes (exit nodes marked).")
     p = add(rs, "approve", "Approve routes a node advertises (an exit route approves both).")
     p.add_argument("node", help="id or name")
@@ -427,16 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="id or name")
     p.add_argument("prefixes", nargs="+", metavar="PREFIX")
 
-    sshp = add(sub, "ssh", "Tailscale SSH check mode: the held connections, approve or reject.", cmd_ssh)
-    ss = sshp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ss = add_group(sub, "ssh", "Tailscale SSH check mode: the held connections, approve or reject.", cmd_ssh)
     add(ss, "pending", "List the SSH connections waiting for a check.")
     p = add(ss, "approve", "Approve a held SSH connection (and, for the policy's checkPeriod, its source and user).")
     p.add_argument("id", help="the id from the check URL")
     p = add(ss, "reject", "Refuse a held SSH connection (--reason is shown to the SSH user).")
     p.add_argument("id", help="the id from the check URL")
 
-    logp = add(sub, "log", "Read and verify the event log.", cmd_log)
-    ls_ = logp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls_ = add_group(sub, "log", "Read and verify the event log.", cmd_log)
     p = add(ls_, "show", "Print events.")
     p.add_argument("--after", type=int, default=0, help="start after this sequence number")
     p.add_argument("--limit", type=int, default=100)
@@ -451,8 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(ls_, "anchor", "Print the latest signed head as one line, to keep elsewhere.")
     add(ls_, "checkpoint", "Ask the running server to sign its head now, and print it as an anchor line.")
 
-    pol = add(sub, "policy", "Read, check, set and evaluate the tailnet policy.", cmd_policy)
-    ps = pol.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ps = add_group(sub, "policy", "Read, check, set and evaluate the tailnet policy.", cmd_policy)
     add(ps, "get", "Print the policy in force.")
     p = add(ps, "set", "Check a HuJSON policy file against the tailnet and put it in force.")
     p.add_argument("file")
@@ -467,14 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .replaycmd import register as register_replay
 
-    register_replay(sub, add, logs=ls_, policy=ps)
+    register_replay(sub, logs=ls_, policy=ps)
 
     from .bench.loadgen.main import build_parser as loadgen_options
 
-    about = "Simulate N tailscale clients over the real protocol and measure the server."
-    loadgen = sub.add_parser("loadgen", help=about, description=about,
-                             parents=[common, loadgen_options(add_help=False)])
-    loadgen.set_defaults(func=cmd_loadgen)
+    add(sub, "loadgen", "Simulate N tailscale clients over the real protocol and measure the server.",
+        cmd_loadgen, parents=[loadgen_options(add_help=False)])
 
     return parser
 

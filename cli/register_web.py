@@ -319,13 +319,22 @@ class RegisterPages:
             f"<b>{html.escape(user.name)}</b>. You can close this page; it connects by itself.</p>",
         )
 
-    async def decide(self, auth_id: str, action: str) -> Response:
+    async def signed_in_form(self) -> tuple[_Session, dict[str, str]] | Response:
+        """The form posted by a signed-in admin with its session, or the page that
+        refuses it (not signed in, or a bad CSRF token)."""
         form = {k: v for k, v in (await request.form).items()}
         session = self._session()
         refused = self._check_form(session, form)
         if refused is not None:
             return refused
         assert session is not None
+        return session, form
+
+    async def decide(self, auth_id: str, action: str) -> Response:
+        posted = await self.signed_in_form()
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
         pending = await self._pending(auth_id)
         if isinstance(pending, Response):
             return pending
@@ -348,11 +357,9 @@ class RegisterPages:
             return _page("Not done", f"<p>{html.escape(str(exc))}</p>", 409)
 
     async def logout(self) -> Response:
-        form = {k: v for k, v in (await request.form).items()}
-        session = self._session()
-        refused = self._check_form(session, form)
-        if refused is not None:
-            return refused
+        posted = await self.signed_in_form()
+        if isinstance(posted, Response):
+            return posted
         self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
         response = _page("Signed out", "<p>You are signed out.</p>")
         response.delete_cookie(SESSION_COOKIE, path="/", secure=self.secure, httponly=True, samesite="Lax")

@@ -49,7 +49,7 @@ from projections.replay import (
     who_can_reach,
 )
 
-from .cmdline import CLIError, admin, command_config
+from .cmdline import CLIError, SubParsers, add_command, add_group, admin, command_config
 from .config import Config, ConfigError
 from .output import print_json, print_table
 
@@ -602,12 +602,12 @@ def _guard(handler: Handler) -> Handler:
 
 # -- registration ----------------------------------------------------------------------
 
-AddFn = Callable[..., argparse.ArgumentParser]
 
-
-def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
+def register(sub: SubParsers, *, logs: SubParsers, policy: SubParsers) -> None:
     """Add ``replay``, ``log export|import`` and ``policy impact`` (and ``policy set
-    --dry-run``) to the parser built by :func:`cli.main.build_parser`."""
+    --dry-run``) to the parser built by :func:`cli.main.build_parser` (``sub``: its
+    commands; ``logs``, ``policy``: the actions of ``log`` and ``policy``)."""
+    add = add_command
 
     def source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--from-export", metavar="FILE", help="read a log export instead of the data directory")
@@ -615,8 +615,7 @@ def register(sub: Any, add: AddFn, *, logs: Any, policy: Any) -> None:
         p.add_argument("--no-cache", action="store_true", help="keep snapshots in memory only")
         return p
 
-    replay = add(sub, "replay", "Answer questions about the past from the log (offline, read-only).")
-    rs = replay.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rs = add_group(sub, "replay", "Answer questions about the past from the log (offline, read-only).")
     at_help = "a sequence number or an RFC 3339 time (default: the head)"
     p = source(add(rs, "state", "Users, nodes and the policy in force at a point.", _guard(cmd_state)))
     p.add_argument("--at", help=at_help)

@@ -206,18 +206,14 @@ def control_limits(config: Config) -> ControlLimits:
 
 def serve_options(config: Config) -> ServeOptions:
     """The control port's limits from ``[limits]`` (checked by cli.config.validate)."""
-    limits = config.limits
-    durations = config.durations
+    limits, d = config.limits, config.durations
     return ServeOptions(
-        head_timeout=durations.head_timeout,
-        body_timeout=durations.body_timeout,
-        tunnel_idle_timeout=durations.tunnel_idle_timeout,
-        write_timeout=durations.write_timeout,
+        head_timeout=d.head_timeout, body_timeout=d.body_timeout, tunnel_idle_timeout=d.tunnel_idle_timeout,
+        write_timeout=d.write_timeout, tls_handshake_timeout=d.tls_handshake_timeout,
         max_outgoing_buffer=limits.max_outgoing_buffer,
         max_connections=limits.max_connections,
         max_connections_per_address=limits.max_connections_per_address,
         cap_exempt=tuple(ipaddress.ip_network(n, strict=False) for n in limits.connection_cap_exempt),
-        tls_handshake_timeout=durations.tls_handshake_timeout,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING
 
-from quart import Response, request
+from quart import Response
 
 from projections.errors import CommandError
 from protocol.sshcheck import PendingCheck
@@ -61,12 +61,10 @@ def install_ssh_check_routes(app: QuartTrio, *, checks: SshChecks, pages: Regist
         return _page("SSH check", body)
 
     async def decide(check_id: str, approve: bool) -> Response:
-        form = {k: v for k, v in (await request.form).items()}
-        session = pages._session()
-        refused = pages._check_form(session, form)
-        if refused is not None:
-            return refused
-        assert session is not None
+        posted = await pages.signed_in_form()
+        if isinstance(posted, Response):
+            return posted
+        session, form = posted
         found = open_check(check_id)
         if isinstance(found, Response):
             return found

@@ -107,20 +107,29 @@ class _ServerCollector(Collector):
         yield from api_metrics(s.api)
 
 
+def _counts(name: str, documentation: str, label: str, counts: Iterable[tuple[str, int]]) -> CounterMetricFamily:
+    """A counter with one ``label``, a value per label value (in the order given)."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
+
+
 def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
     """What the ``[limits]`` of map streams and node updates refused or dropped."""
-    refused = CounterMetricFamily(
+    yield _counts(
         "tailledger_control_refused",
         "Node requests refused by a limit, by reason: hostinfo_too_large, too_many_routes"
         " (refused whole), rate_limited (log-writing updates over the per-node rate),"
         " expired_node (Hostinfo of an expired or logged-out node, ignored)",
-        labels=["reason"],
+        "reason",
+        (
+            ("hostinfo_too_large", stats.hostinfo_too_large),
+            ("too_many_routes", stats.too_many_routes),
+            ("rate_limited", stats.updates_rate_limited),
+            ("expired_node", stats.expired_updates_ignored),
+        ),
     )
-    refused.add_metric(["hostinfo_too_large"], stats.hostinfo_too_large)
-    refused.add_metric(["too_many_routes"], stats.too_many_routes)
-    refused.add_metric(["rate_limited"], stats.updates_rate_limited)
-    refused.add_metric(["expired_node"], stats.expired_updates_ignored)
-    yield refused
     yield CounterMetricFamily(
         "tailledger_control_hostnames_cleaned",
         "Host names cut to limits.max_hostname_length or cleaned of control characters",
@@ -139,22 +148,18 @@ def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:
         "Interactive registrations waiting for an admin (rejected ones until they expire)",
         value=stats.current,
     )
-    refused = CounterMetricFamily(
+    yield _counts(
         "tailledger_pending_registrations_refused",
         "Interactive registration requests refused by a cap (limits.pending_registrations_*)",
-        labels=["cap"],
+        "cap",
+        sorted(stats.refused.items()),
     )
-    for cap, count in sorted(stats.refused.items()):
-        refused.add_metric([cap], count)
-    yield refused
-    ended = CounterMetricFamily(
+    yield _counts(
         "tailledger_pending_registrations_ended",
         "Interactive registration requests approved, rejected or expired",
-        labels=["outcome"],
+        "outcome",
+        (("approved", stats.approved), ("rejected", stats.rejected), ("expired", stats.expired)),
     )
-    for outcome, count in (("approved", stats.approved), ("rejected", stats.rejected), ("expired", stats.expired)):
-        ended.add_metric([outcome], count)
-    yield ended
 
 
 def _connection_metrics(stats: ConnectionStats) -> Iterator[Metric]:
@@ -163,31 +168,25 @@ def _connection_metrics(stats: ConnectionStats) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "tailledger_connections_accepted", "Connections accepted on the control port", value=stats.accepted
     )
-    refused = CounterMetricFamily(
+    yield _counts(
         "tailledger_connections_refused",
         "Connections closed at accept by a connection cap (limits.max_connections*)",
-        labels=["reason"],
+        "reason",
+        stats.refused.items(),
     )
-    for reason, count in stats.refused.items():
-        refused.add_metric([reason], count)
-    yield refused
-    timeouts = CounterMetricFamily(
+    yield _counts(
         "tailledger_connection_timeouts",
         "Deadlines that fired on the control port, by kind (limits.*_timeout)",
-        labels=["kind"],
+        "kind",
+        stats.timeouts.items(),
     )
-    for kind, count in stats.timeouts.items():
-        timeouts.add_metric([kind], count)
-    yield timeouts
-    slow = CounterMetricFamily(
+    yield _counts(
         "tailledger_slow_readers_closed",
         "Connections closed because they did not take what was sent"
         " (limits.max_outgoing_buffer, limits.write_timeout)",
-        labels=["reason"],
+        "reason",
+        stats.slow_readers.items(),
     )
-    for reason, count in stats.slow_readers.items():
-        slow.add_metric([reason], count)
-    yield slow
 
 
 def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:

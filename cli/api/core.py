@@ -310,6 +310,32 @@ class Ctx:
             del lists[oldest]
         return body
 
+    async def node_op(
+        self, param: str, op: str, args: Mapping[str, object] | None = None, *, admin: bool = False
+    ) -> Node:
+        """Run the admin operation ``op`` on the node the path parameter ``param`` names
+        (one the principal may see, 404 otherwise; with ``admin``, then 403 unless the
+        principal is an admin); return the node as it was before."""
+        node = self.node(self.params[param])
+        if admin:
+            self.require_admin()
+        await self.op(op, {"node": str(node.id), **(args or {})})
+        return node
+
+    def visible(self, find: Callable[[TailnetState, str], T], ref: str, owner: Callable[[T], int | None], what: str) -> T:
+        """What ``find`` finds by ``ref`` if the principal may see its ``owner``'s things.
+
+        Raises:
+            ApiError: 404 when it is not found or not the principal's to see.
+        """
+        try:
+            found: T | None = find(self.state, ref)
+        except NotFoundError:
+            found = None
+        if found is None or not self.principal.sees_user(owner(found)):
+            raise ApiError(404, f"{what} {ref!r} not found")
+        return found
+
     def visible_nodes(self) -> list[Node]:
         nodes = sorted(self.state.nodes.values(), key=lambda n: n.id)
         if self.principal.is_admin:
@@ -383,15 +409,7 @@ class ApiService:
         why = key.usable_at(self.now())
         if why is not None:
             raise ApiError(401, f"invalid API key: {why}")
-        role = key.role
-        actor_id = key.prefix
-        if key.user_id is not None:
-            user = state.users.get(key.user_id)
-            if user is None:
-                raise ApiError(401, "invalid API key: its user no longer exists")
-            if not user.is_admin:
-                role = "member"
-            actor_id = f"{key.prefix}/{user.id}"
+        role, actor_id = _acting_for_owner(state, key, "invalid API key: its user no longer exists")
         return Principal(
             actor=Actor(kind=ActorKind.API, id=actor_id), role=role, user_id=key.user_id, key_id=key.id
         )
@@ -408,14 +426,7 @@ class ApiService:
         if client is None or client.usable_at(now) is not None:
             self._tokens.pop(digest, None)
             raise ApiError(401, "the OAuth client of this token was expired or deleted")
-        role, actor_id = client.role, client.prefix
-        if client.user_id is not None:
-            user = state.users.get(client.user_id)
-            if user is None:
-                raise ApiError(401, "the OAuth client's user no longer exists")
-            if not user.is_admin:
-                role = "member"
-            actor_id = f"{client.prefix}/{user.id}"
+        role, actor_id = _acting_for_owner(state, client, "the OAuth client's user no longer exists")
         return Principal(
             actor=Actor(kind=ActorKind.OAUTH_CLIENT, id=actor_id),
             role=role,
@@ -553,6 +564,22 @@ def _credential(header: str | None) -> str | None:
         user, _, _password = decoded.partition(":")
         return user or None
     return None
+
+
+def _acting_for_owner(state: TailnetState, key: ApiKey, gone: str) -> tuple[str, str]:
+    """The effective role and the actor id of an API key or OAuth client: one that
+    belongs to a user acts as ``<prefix>/<user id>``, and as a member unless its user
+    is an admin.
+
+    Raises:
+        ApiError: 401 with ``gone`` when its user no longer exists.
+    """
+    if key.user_id is None:
+        return key.role, key.prefix
+    user = state.users.get(key.user_id)
+    if user is None:
+        raise ApiError(401, gone)
+    return (key.role if user.is_admin else "member"), f"{key.prefix}/{user.id}"
 
 
 def _key_by_prefix(state: TailnetState, prefix: str, kind: str) -> ApiKey | None:

@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Final
 
 from projections import commands as c
-from projections.errors import NotFoundError
 from projections.state import ApiKey, Node, PreAuthKey, User
 
 from .core import ApiError, ApiService, Ctx, Encoded, Route
@@ -125,13 +124,7 @@ def _node_envelope(ctx: Ctx, node_id: int) -> V1NodeEnvelope:
 
 def _user(ctx: Ctx, ref: str) -> User:
     """A user by id (or name) the principal may see."""
-    try:
-        user = c.find_user(ctx.state, ref)
-    except NotFoundError:
-        user = None
-    if user is None or not ctx.principal.sees_user(user.id):
-        raise ApiError(404, f"user {ref!r} not found")
-    return user
+    return ctx.visible(c.find_user, ref, lambda user: user.id, "user")
 
 
 def _seconds_until(ctx: Ctx, when: datetime | None) -> int | None:
@@ -198,36 +191,29 @@ async def get_node(ctx: Ctx) -> V1NodeEnvelope:
 
 
 async def rename_node(ctx: Ctx) -> V1NodeEnvelope:
-    node = ctx.node(ctx.params["nodeId"])
-    await ctx.op("nodes.rename", {"node": str(node.id), "new_name": ctx.params["newName"]})
+    node = await ctx.node_op("nodeId", "nodes.rename", {"new_name": ctx.params["newName"]})
     return _node_envelope(ctx, node.id)
 
 
 async def expire_node(ctx: Ctx) -> V1NodeEnvelope:
-    node = ctx.node(ctx.params["nodeId"])
-    await ctx.op("nodes.expire", {"node": str(node.id)})
+    node = await ctx.node_op("nodeId", "nodes.expire")
     return _node_envelope(ctx, node.id)
 
 
 async def delete_node(ctx: Ctx) -> V1Empty:
-    node = ctx.node(ctx.params["nodeId"])
-    await ctx.op("nodes.delete", {"node": str(node.id)})
+    await ctx.node_op("nodeId", "nodes.delete")
     return V1Empty()
 
 
 async def set_tags(ctx: Ctx) -> V1NodeEnvelope:
     body = ctx.body(V1Tags)
-    node = ctx.node(ctx.params["nodeId"])
-    ctx.require_admin()
-    await ctx.op("nodes.tag", {"node": str(node.id), "tags": body.tags})
+    node = await ctx.node_op("nodeId", "nodes.tag", {"tags": body.tags}, admin=True)
     return _node_envelope(ctx, node.id)
 
 
 async def approve_routes(ctx: Ctx) -> V1NodeEnvelope:
     body = ctx.body(V1Routes)
-    node = ctx.node(ctx.params["nodeId"])
-    ctx.require_admin()
-    await ctx.op("nodes.approve_routes", {"node": str(node.id), "routes": body.routes})
+    node = await ctx.node_op("nodeId", "nodes.approve_routes", {"routes": body.routes}, admin=True)
     return _node_envelope(ctx, node.id)
 
 
@@ -282,12 +268,7 @@ async def expire_preauth_key(ctx: Ctx) -> V1Empty:
     ref = body.id or body.key
     if not ref:
         raise ApiError(400, "give the key's id (or the key)")
-    try:
-        key = c.find_preauth_key(ctx.state, ref)
-    except NotFoundError:
-        key = None
-    if key is None or not ctx.principal.sees_user(key.user_id):
-        raise ApiError(404, f"pre-auth key {ref!r} not found")
+    key = ctx.visible(c.find_preauth_key, ref, lambda key: key.user_id, "pre-auth key")
     await ctx.op("preauthkeys.expire", {"key": str(key.id)})
     return V1Empty()
 
@@ -296,13 +277,7 @@ async def expire_preauth_key(ctx: Ctx) -> V1Empty:
 
 
 def _visible_api_key(ctx: Ctx, ref: str) -> ApiKey:
-    try:
-        key = c.find_api_key(ctx.state, ref)
-    except NotFoundError:
-        key = None
-    if key is None or not ctx.principal.sees_user(key.user_id):
-        raise ApiError(404, f"API key {ref!r} not found")
-    return key
+    return ctx.visible(c.find_api_key, ref, lambda key: key.user_id, "API key")
 
 
 async def list_api_keys(ctx: Ctx) -> V1ApiKeys:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from quart import Response, request
@@ -24,6 +25,8 @@ from quart import Response, request
 from projections import commands as c
 from projections.state import ApiKey, Node, PreAuthKey, User
 
+from ..config import DNSConfig as DNSSettings
+from ..dnsapply import effective_dns_settings
 from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, Encoded, Route
 from .schema import (
     V2Authorized,
@@ -52,6 +55,9 @@ from .schema import (
 )
 
 __all__ = ["add_v2_routes"]
+
+R = TypeVar("R")
+B = TypeVar("B")
 
 
 def _tailnet(ctx: Ctx) -> None:
@@ -149,8 +155,7 @@ async def get_device(ctx: Ctx) -> V2Device:
 
 
 async def delete_device(ctx: Ctx) -> V2Empty:
-    node = ctx.node(ctx.params["deviceId"])
-    await ctx.op("nodes.delete", {"node": str(node.id)})
+    await ctx.node_op("deviceId", "nodes.delete")
     return V2Empty()
 
 
@@ -163,8 +168,7 @@ async def authorize_device(ctx: Ctx) -> V2Empty:
 
 
 async def expire_device(ctx: Ctx) -> V2Empty:
-    node = ctx.node(ctx.params["deviceId"])
-    await ctx.op("nodes.expire", {"node": str(node.id)})
+    await ctx.node_op("deviceId", "nodes.expire")
     return V2Empty()
 
 
@@ -203,9 +207,7 @@ def _routes(node: Node) -> V2DeviceRoutes:
 
 async def set_device_routes(ctx: Ctx) -> V2DeviceRoutes:
     body = ctx.body(V2Routes)
-    node = ctx.node(ctx.params["deviceId"])
-    ctx.require_admin()
-    await ctx.op("nodes.approve_routes", {"node": str(node.id), "routes": body.routes})
+    node = await ctx.node_op("deviceId", "nodes.approve_routes", {"routes": body.routes}, admin=True)
     return _routes(ctx.state.nodes[node.id])
 
 
@@ -421,51 +423,42 @@ async def preview_policy_file(ctx: Ctx) -> V2Preview:
 # -- DNS -----------------------------------------------------------------------------------------
 
 
-def _dns(ctx: Ctx) -> tuple[list[str], list[str], bool]:
-    from ..dnsapply import effective_dns_settings
+def _dns_handlers(
+    view: Callable[[DNSSettings], R], request_type: type[B], change: Callable[[B], dict[str, object]]
+) -> tuple[Callable[[Ctx], Awaitable[R]], Callable[[Ctx], Awaitable[R]]]:
+    """The GET and POST handlers of one view of the tailnet's DNS settings: GET answers
+    ``view`` of the effective settings; POST (an admin's) records ``change`` of the
+    request body (``dns.set``), then answers like GET."""
 
-    dns = effective_dns_settings(ctx.service.config, ctx.state)
-    return list(dns.nameservers), list(dns.search_domains), dns.magic_dns
+    async def get(ctx: Ctx) -> R:
+        _tailnet(ctx)
+        return view(effective_dns_settings(ctx.service.config, ctx.state))
 
+    async def set_(ctx: Ctx) -> R:
+        _tailnet(ctx)
+        body = ctx.body(request_type)
+        ctx.require_admin()
+        await ctx.op("dns.set", change(body))
+        return await get(ctx)
 
-async def get_nameservers(ctx: Ctx) -> V2Nameservers:
-    _tailnet(ctx)
-    ns, _, magic = _dns(ctx)
-    return V2Nameservers(dns=ns, magic_dns=magic)
-
-
-async def set_nameservers(ctx: Ctx) -> V2Nameservers:
-    _tailnet(ctx)
-    body = ctx.body(V2NameserversRequest)
-    ctx.require_admin()
-    await ctx.op("dns.set", {"nameservers": body.dns})
-    return await get_nameservers(ctx)
-
-
-async def get_search_paths(ctx: Ctx) -> V2SearchPaths:
-    _tailnet(ctx)
-    return V2SearchPaths(search_paths=_dns(ctx)[1])
+    return get, set_
 
 
-async def set_search_paths(ctx: Ctx) -> V2SearchPaths:
-    _tailnet(ctx)
-    body = ctx.body(V2SearchPaths)
-    ctx.require_admin()
-    await ctx.op("dns.set", {"search_paths": body.search_paths})
-    return await get_search_paths(ctx)
-
-
-async def get_dns_preferences(ctx: Ctx) -> V2DnsPreferences:
-    _tailnet(ctx)
-    return V2DnsPreferences(magic_dns=_dns(ctx)[2])
-
-
-async def set_dns_preferences(ctx: Ctx) -> V2DnsPreferences:
-    _tailnet(ctx)
-    body = ctx.body(V2DnsPreferences)
-    ctx.require_admin()
-    await ctx.op("dns.set", {"magic_dns": body.magic_dns})
-    return await get_dns_preferences(ctx)
+get_nameservers, set_nameservers = _dns_handlers(
+    lambda dns: V2Nameservers(dns=list(dns.nameservers), magic_dns=dns.magic_dns),
+    V2NameserversRequest,
+    lambda body: {"nameservers": body.dns},
+)
+get_search_paths, set_search_paths = _dns_handlers(
+    lambda dns: V2SearchPaths(search_paths=list(dns.search_domains)),
+    V2SearchPaths,
+    lambda body: {"search_paths": body.search_paths},
+)
+get_dns_preferences, set_dns_preferences = _dns_handlers(
+    lambda dns: V2DnsPreferences(magic_dns=dns.magic_dns),
+    V2DnsPreferences,
+    lambda body: {"magic_dns": body.magic_dns},
+)
 
 
 # -- users -----------------------------------------------------------------------------------------
