@@ -221,7 +221,7 @@ def relay_config(config: Config, *, on_control_port: bool = False) -> RelayConfi
     """The relay's settings from ``derp.server`` (the same for ``serve`` and ``relay``).
 
     With ``on_control_port`` the relay has no listener of its own: the control port
-    hands it ``/derp`` (see :func:`relay_region` for how the map names it). Its TLS is
+    hands it ``/derp`` (see :func:`cli.network.relay_region` for how the map names it). Its TLS is
     then the control port's when the server URL is ``https`` (the control port's own
     certificate, or a proxy in front), else its own self-signed certificate, which the
     control port serves to connections that open with a TLS ClientHello.

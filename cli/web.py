@@ -64,7 +64,7 @@ class MetricSources:
     api: ApiStats
 
 
-class _ServerCollector(Collector):
+class _Collector(Collector):
     """Reads the live figures at scrape time (no background updating)."""
 
     def __init__(self, sources: MetricSources) -> None:
@@ -215,7 +215,7 @@ def _relay_metrics(relay: RelayServer) -> Iterator[Metric]:
 
 def metrics_registry(sources: MetricSources) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(_ServerCollector(sources))
+    registry.register(_Collector(sources))
     Gauge("tailledger_info", "Build information", ["version"], registry=registry).labels("0.1.0").set(1)
     return registry
 
