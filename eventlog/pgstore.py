@@ -502,7 +502,9 @@ class PostgresEventStore(EventStore):
                         except StoreUnavailableError:
                             pass
                     if isinstance(exc, psycopg.OperationalError):
-                        raise StoreUnavailableError(f"{what} failed: {_short(exc)}") from exc
+                        raise StoreUnavailableError(
+                            f"the database is unavailable: {what} failed: {_short(exc)}"
+                        ) from exc
                     raise EventLogError(f"{what} failed: {_short(exc)}") from exc
             raise AssertionError("unreachable")
 

@@ -1,22 +1,28 @@
 """End to end: two ``tailledger serve`` replicas on one PostgreSQL log, a real client
 (Caddy/tsnet) on each: they see each other and talk, and a tag set through replica A
-reaches the client of replica B."""
+reaches the client of replica B; a replica killed with -9, its client moves to the other;
+PostgreSQL killed with -9 under connected clients: the replica says so and refuses
+changes, the clients keep their maps and traffic, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.pgserver import PgServer
+
 from .caddy import CaddyNodeSpec
-from .harness import E2EHarness
+from .harness import E2EHarness, TailledgerServer
 from .netns import LOOPBACK, NetNamespace
 from .test_relay_e2e import relay_metrics
 
@@ -213,3 +219,80 @@ def test_a_replica_killed_its_client_moves_to_another_and_keeps_its_node(
         assert sorted(n["name"] for n in listed) == ["mover", "stayer"]  # no second node
     finally:
         proxy.close()
+
+
+def _health(e2e: E2EHarness, server: TailledgerServer) -> tuple[int, dict[str, object]]:
+    """``GET /health`` of a replica: (status, body); (0, {}) while it does not answer."""
+    try:
+        resp = e2e.ns.http_request(f"http://{LOOPBACK}:{server.port}/health", timeout=10)
+        body = json.loads(resp.body) if resp.body else {}
+    except (OSError, ValueError):
+        return 0, {}
+    return resp.status, body if isinstance(body, dict) else {}
+
+
+def _tags(e2e: E2EHarness, server: TailledgerServer) -> dict[str, list[str]]:
+    listed = json.loads(e2e.run_tailledger(["nodes", "list", "-o", "json"], env=server.env).stdout)
+    return {n["name"]: sorted(n.get("tags") or []) for n in listed}
+
+
+def _until(check: Callable[[], bool], what: str, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds  # a guard against hanging, not a timing assertion
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def test_postgres_killed_under_connected_clients_loses_no_acknowledged_change(
+    caddy_e2e: E2EHarness, pg_server: PgServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    shared = {
+        "TAILLEDGER_DATABASE__TYPE": "postgres",
+        "TAILLEDGER_DATABASE__DSN": pg_dsn,
+        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
+    }
+    replica = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(
+        '{"tagOwners": {"tag:web": ["autogroup:admin"], "tag:db": ["autogroup:admin"]}, '
+        '"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    )
+    caddy_e2e.run_tailledger(["policy", "set", str(policy)], env=replica.env)
+    key = caddy_e2e.preauth_key(replica)
+    a = caddy_e2e.start_caddy_node(CaddyNodeSpec("nodea", control_url=replica.control_url, auth_key=key))
+    b = caddy_e2e.start_caddy_node(CaddyNodeSpec("nodeb", control_url=replica.control_url, auth_key=key))
+    view_a = a.wait_for_peers({"nodeb"}, timeout=90)
+    b.wait_for_peers({"nodea"}, timeout=90)
+    caddy_e2e.run_tailledger(["nodes", "tag", "nodeb", "--tags", "tag:web"], env=replica.env)  # acknowledged
+    _until(lambda: "tag:web" in ((b.view().self_node or {}).get("Tags") or []), "the tag never reached nodeb")
+    head = _health(caddy_e2e, replica)[1]["log_seq"]
+    assert isinstance(head, int)
+
+    pg_server.kill()
+    try:
+        _until(lambda: _health(caddy_e2e, replica)[0] == 503
+               and _health(caddy_e2e, replica)[1].get("status") == "database-unavailable",
+               "the replica never reported the database unavailable")
+        refused = caddy_e2e.run_tailledger(["nodes", "tag", "nodea", "--tags", "tag:db"], env=replica.env,
+                                           check=False)
+        assert refused.returncode != 0  # not acknowledged
+        # A clear error: the database, and that nothing was changed.
+        assert re.search(r"the database is unavailable|cannot connect to the database", refused.stderr), refused
+        assert "nothing was changed" in refused.stderr, refused
+        # The clients keep their maps, and their traffic needs no control server.
+        assert "nodeb" in a.view().peer_names()
+        assert a.fetch(f"{view_a.ipv4('nodeb')}:80", timeout=60).text == "hello from nodeb"
+    finally:
+        pg_server.start()
+
+    _until(lambda: _health(caddy_e2e, replica)[0] == 200, "the replica never recovered")
+    assert replica.process.running
+    after = _health(caddy_e2e, replica)[1].get("log_seq")
+    assert isinstance(after, int) and after >= head  # nothing acknowledged is lost
+    assert _tags(caddy_e2e, replica) == {"nodea": [], "nodeb": ["tag:web"]}  # the refused change is not there
+    assert caddy_e2e.run_tailledger(["log", "verify"], env=replica.env, check=False).returncode == 0
+    # The clients get their maps afterwards: a change made now reaches nodea.
+    caddy_e2e.run_tailledger(["nodes", "tag", "nodea", "--tags", "tag:db"], env=replica.env)
+    _until(lambda: "tag:db" in ((a.view().self_node or {}).get("Tags") or []),
+           "a change after the recovery never reached nodea\n" + a.messages()[-3000:])
+    assert b.fetch(f"{view_a.ipv4()}:80", timeout=60).text == "hello from nodea"
