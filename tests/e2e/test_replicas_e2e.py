@@ -29,12 +29,17 @@ from .test_relay_e2e import relay_metrics
 pytestmark = pytest.mark.e2e
 
 
-def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path) -> None:
-    shared = {
+def _replica_env(pg_dsn: str, tmp_path: Path) -> dict[str, str]:
+    """What every replica of one deployment shares: the database and one signing key."""
+    return {
         "TAILLEDGER_DATABASE__TYPE": "postgres",
         "TAILLEDGER_DATABASE__DSN": pg_dsn,
         "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
     }
+
+
+def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path) -> None:
+    shared = _replica_env(pg_dsn, tmp_path)
     replica_a = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
     replica_b = caddy_e2e.start_control_server(name="replica-b", env_extra=shared)
     policy = tmp_path / "policy.hujson"
@@ -65,11 +70,7 @@ def test_a_client_on_each_replica_one_tailnet(caddy_e2e: E2EHarness, pg_dsn: str
 def test_clients_of_two_replicas_talk_through_the_meshed_relays(
     caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path
 ) -> None:
-    shared = {
-        "TAILLEDGER_DATABASE__TYPE": "postgres",
-        "TAILLEDGER_DATABASE__DSN": pg_dsn,
-        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
-    }
+    shared = _replica_env(pg_dsn, tmp_path)
     replica_a = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
     replica_b = caddy_e2e.start_control_server(name="replica-b", env_extra=shared)
     key = caddy_e2e.preauth_key(replica_a)
@@ -176,11 +177,7 @@ class _SwitchingProxy:
 def test_a_replica_killed_its_client_moves_to_another_and_keeps_its_node(
     caddy_e2e: E2EHarness, pg_dsn: str, tmp_path: Path
 ) -> None:
-    shared = {
-        "TAILLEDGER_DATABASE__TYPE": "postgres",
-        "TAILLEDGER_DATABASE__DSN": pg_dsn,
-        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
-    }
+    shared = _replica_env(pg_dsn, tmp_path)
     replica_a = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
     # One Noise key for the deployment (docs/replicas.md): copy A's to B before B starts.
     b_data = Path(replica_a.env["TAILLEDGER_DATA"]).parent / "replica-b-data"
@@ -246,11 +243,7 @@ def _until(check: Callable[[], bool], what: str, seconds: float = 90) -> None:
 def test_postgres_killed_under_connected_clients_loses_no_acknowledged_change(
     caddy_e2e: E2EHarness, pg_server: PgServer, pg_dsn: str, tmp_path: Path
 ) -> None:
-    shared = {
-        "TAILLEDGER_DATABASE__TYPE": "postgres",
-        "TAILLEDGER_DATABASE__DSN": pg_dsn,
-        "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(tmp_path / "signing.key"),
-    }
+    shared = _replica_env(pg_dsn, tmp_path)
     replica = caddy_e2e.start_control_server(name="replica-a", env_extra=shared)
     policy = tmp_path / "policy.hujson"
     policy.write_text(
