@@ -347,6 +347,9 @@ class Durations:
     tls_handshake_timeout: float
     #: Only read (and checked) with ``database.type = "postgres"``; else the default 5 s.
     database_connect_timeout: float
+    #: ``oidc.expiry``: the key expiry of nodes registered by a sign-in (None: as
+    #: ``node_key_expiry``).
+    oidc_expiry: timedelta | None = None
 
 
 def _duration(what: str, text: str) -> timedelta | None:
@@ -402,6 +405,7 @@ def parse_durations(config: Config) -> Durations:
             if config.database.type == "postgres"
             else 5.0
         ),
+        oidc_expiry=_duration("oidc.expiry", config.oidc.expiry) if config.oidc.expiry else None,
     )
 
 
@@ -781,8 +785,6 @@ def _validate_oidc(oidc: OIDCConfig) -> None:
         raise ConfigError(f"oidc.pkce.method: {oidc.pkce.method!r} is not S256 or plain")
     if not oidc.groups_claim:
         raise ConfigError("oidc.groups_claim: must name a claim")
-    if oidc.expiry:
-        _duration("oidc.expiry", oidc.expiry)
     if oidc.ca_file and not Path(oidc.ca_file).is_file():
         raise ConfigError(f"oidc.ca_file: {oidc.ca_file} is not a readable file")
     for i, domain in enumerate(oidc.allowed_domains):

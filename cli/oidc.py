@@ -53,7 +53,6 @@ from projections import commands as c
 from projections.errors import CommandError
 
 from .config import OIDCConfig, read_client_secret
-from .durations import parse_duration
 
 __all__ = [
     "Identity",
@@ -293,6 +292,8 @@ class OIDCLogin:
     Args:
         config: ``[oidc]``.
         redirect_uri: this server's ``/oidc/callback`` URL, as registered at the provider.
+        key_expiry: ``oidc.expiry`` as the configuration parsed it
+            (``Config.durations.oidc_expiry``); None: ``node_key_expiry``.
         monotonic: the clock of login lifetimes (a test's).
     """
 
@@ -301,6 +302,7 @@ class OIDCLogin:
         config: OIDCConfig,
         redirect_uri: str,
         *,
+        key_expiry: timedelta | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -312,7 +314,7 @@ class OIDCLogin:
         self._metadata: dict[str, Any] | None = None
         self._keys: KeySet | None = None
         self._fetched = 0.0
-        self._key_expiry = parse_duration(config.expiry) if config.expiry else None
+        self._key_expiry = key_expiry
 
     # -- HTTP ----------------------------------------------------------------------------
 

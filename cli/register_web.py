@@ -134,7 +134,11 @@ class RegisterPages:
         self.tailnet = tailnet
         self.control = control
         self.oidc = (
-            OIDCLogin(config.oidc, f"{config.public_url}/oidc/callback") if config.oidc.enabled else None
+            OIDCLogin(
+                config.oidc, f"{config.public_url}/oidc/callback", key_expiry=config.durations.oidc_expiry
+            )
+            if config.oidc.enabled
+            else None
         )
         self._sessions: dict[str, _Session] = {}
 

@@ -25,7 +25,11 @@ def test_durations_are_parsed_once_when_the_configuration_loads(monkeypatch: pyt
     monkeypatch.setattr(cli.config, "parse_duration", counting)
     config = load_config(
         None,
-        {"TAILLEDGER_NODE_KEY_EXPIRY": "90d", "TAILLEDGER_TUNING__FULL_MAP_TURN_TIMEOUT": "7s"},
+        {
+            "TAILLEDGER_NODE_KEY_EXPIRY": "90d",
+            "TAILLEDGER_TUNING__FULL_MAP_TURN_TIMEOUT": "7s",
+            "TAILLEDGER_OIDC__EXPIRY": "12h",
+        },
     )
     parsed = len(calls)
     assert parsed > 0
@@ -39,6 +43,7 @@ def test_durations_are_parsed_once_when_the_configuration_loads(monkeypatch: pyt
     assert settings.keepalive_interval == 55.0
     assert options.head_timeout == 10.0
     assert limits.ttl == timedelta(minutes=30)
+    assert config.durations.oidc_expiry == timedelta(hours=12)
 
 
 def test_a_configuration_not_loaded_through_load_config_is_checked_on_first_use() -> None:
