@@ -255,10 +255,14 @@ class Ctx:
         if not self.principal.is_admin:
             raise ApiError(403, "this needs an admin key; a member key manages only its own user's nodes and keys")
 
+    def has_scope(self, scope: str) -> bool:
+        """Whether the principal holds ``scope`` (API keys are not limited by scopes)."""
+        scopes = self.principal.scopes
+        return scopes is None or c.scope_grants(scopes, scope)
+
     def require_scope(self, scope: str) -> None:
         """403 unless a token holds ``scope`` (API keys are not limited by scopes)."""
-        scopes = self.principal.scopes
-        if scopes is not None and not c.scope_grants(scopes, scope):
+        if not self.has_scope(scope):
             raise ApiError(403, f"this token lacks the scope {scope!r}")
 
     def node(self, ref: str) -> Node:

@@ -228,12 +228,6 @@ def _visible_key(ctx: Ctx, ref: str) -> PreAuthKey | ApiKey:
     return key
 
 
-def _reads(ctx: Ctx, scope: str) -> bool:
-    """Whether the principal holds ``scope`` (API keys are not limited by scopes)."""
-    scopes = ctx.principal.scopes
-    return scopes is None or c.scope_grants(scopes, scope)
-
-
 async def list_keys(ctx: Ctx) -> V2Keys:
     """The auth keys; with ``?all=true`` the OAuth clients too (as Tailscale's API
     lists every key type then), each kind only for a caller with its read scope
@@ -243,10 +237,10 @@ async def list_keys(ctx: Ctx) -> V2Keys:
     if every not in (None, "true", "false"):
         raise ApiError(400, f"all={every!r}: use true or false")
     keys: list[V2Key] = []
-    if _reads(ctx, "auth_keys:read"):
+    if ctx.has_scope("auth_keys:read"):
         auth = sorted(ctx.state.preauth_keys.values(), key=lambda k: k.id)
         keys += [v2_key(ctx, k) for k in auth if ctx.principal.sees_user(k.user_id)]
-    if every == "true" and _reads(ctx, "oauth_keys:read"):
+    if every == "true" and ctx.has_scope("oauth_keys:read"):
         clients = sorted((k for k in ctx.state.api_keys.values() if k.kind == "oauth_client"), key=lambda k: k.id)
         keys += [v2_client(ctx, k) for k in clients if ctx.principal.sees_user(k.user_id)]
     return V2Keys(keys=keys)
