@@ -146,13 +146,19 @@ def generate_self_signed(
     names: Sequence[str],
     *,
     valid_days: int = 3650,
+    ca: bool = False,
 ) -> tuple[bytes, bytes]:
     """Generate a self-signed EC P-256 certificate for ``names``.
+
+    It carries subject and authority key identifiers, so verifiers in strict X.509
+    mode (Python 3.13's default context) accept it as a trust anchor.
 
     Args:
         names: host names and IP literals clients will dial; ``localhost``,
             ``127.0.0.1`` and ``::1`` are always added.
         valid_days: validity period from one hour ago.
+        ca: mark it a CA (``BasicConstraints ca=True``), for a peer that is given
+            this certificate as its CA file (``oidc.ca_file``) rather than pinning it.
 
     Returns:
         ``(cert_pem, key_pem)``.
@@ -161,6 +167,7 @@ def generate_self_signed(
     first = next((n for n in names if n), "localhost")
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first)])
     now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -171,10 +178,12 @@ def generate_self_signed(
         .not_valid_after(now + datetime.timedelta(days=valid_days))
         .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
         # macOS insists on BasicConstraints when subject == issuer.
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(

@@ -16,8 +16,6 @@ Users (password ``pw-<username>``):
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import shutil
 import subprocess
@@ -25,10 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from relay.certs import generate_self_signed
 
 CLIENT_ID = "tailledger-test"
 CLIENT_SECRET = "client-secret-3f9a1c"  # the tests check that it appears in no output
@@ -196,27 +191,12 @@ def build_template(root: Path, base_env: dict[str, str]) -> Path:
 
 
 def _certificate(root: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tailledger test provider")])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    """The provider's TLS certificate: self-signed for 127.0.0.1 and marked a CA, since
+    the server under test is given it as its ``oidc.ca_file``."""
+    cert, key = generate_self_signed(["127.0.0.1"], valid_days=2, ca=True)
     cert_path, key_path = root / "provider-cert.pem", root / "provider-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert_path.write_bytes(cert)
+    key_path.write_bytes(key)
     return cert_path, key_path
 
 
