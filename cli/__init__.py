@@ -32,7 +32,7 @@ Commands (``tailledger --help``; parsing in :mod:`cli.main`)::
     policy           get, set, check, evaluate         main.py, policy_evaluate.py
     replay           the past from the log (state, netmap, diff, reach, who-can-reach)
                                                        replaycmd.py, timeline_svg.py
-    bench            log, relay, policy, replay, api, conn-memory
+    bench            log, relay, policy, replay, api, conn-memory, hub
                                                        bench/ (bench/scenarios.py)
     loadgen          N simulated clients over the real protocol
                                                        bench/loadgen/, bench/scenarios.py

@@ -252,6 +252,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from .bench.conn_memory import main as bench_conn_memory_main
 
             return bench_conn_memory_main(rest)
+        case "hub":
+            from .bench.hub import bench_hub_main
+
+            return bench_hub_main(rest)
         case _:
             raise AssertionError(args.target)
 
@@ -383,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cases", nargs="+", metavar="CASE.json")
 
     bench = add(sub, "bench", "Run a benchmark and print its figures.", cmd_bench)
-    bench.add_argument("target", choices=["log", "relay", "policy", "replay", "api", "conn-memory"])
+    bench.add_argument("target", choices=["log", "relay", "policy", "replay", "api", "conn-memory", "hub"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
 
     from .replaycmd import register as register_replay

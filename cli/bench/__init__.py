@@ -13,10 +13,14 @@ in it; none of the library packages imports this one.
 ``bench api``      :mod:`cli.bench.api`: the admin API's device list under load
 ``bench            :mod:`cli.bench.conn_memory`: server memory per idle connection,
 conn-memory``      by allocation site
+``bench hub``      :mod:`cli.bench.hub`: CPU of one change across every stream, in
+                   process (the map hub and stream cursors, no network)
 ``loadgen``        :mod:`cli.bench.loadgen`: N simulated clients over the real
                    protocol (propagation latency, CPU, memory, reconnects)
 =================  ===========================================================
 
 :mod:`cli.bench.scenarios` holds the seeded tailnet shapes (``flat``, ``corp``) that the
-load generator, ``tests/benchmarks/corp_hub.py`` and the correctness tests share.
+load generator, ``bench hub`` and the correctness tests share, and
+:class:`~cli.bench.scenarios.BenchLog`, the throw-away log the in-process benchmarks
+decide a tailnet into.
 """

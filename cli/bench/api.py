@@ -57,6 +57,7 @@ misses and the p99 outliers are the shared machine's as much as the API's.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -68,16 +69,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from eventlog import Actor, ActorKind, AppendRequest, SQLiteEventStore, to_micros
-from projections import AddressPlan, TailnetState, apply
+from projections import AddressPlan
 from projections import commands as c
 from projections.ipam import DEFAULT_V4, DEFAULT_V6
 
 from ..spawn import child_env, free_port, tailledger_argv
 from .loadgen.server import Server, pids_cpu, proc_cpu
+from .scenarios import BenchLog
 
 __all__ = ["bench_api_main", "write_tailnet"]
 
@@ -86,32 +86,19 @@ def write_tailnet(db: Path, nodes: int, users: int = 50, *, seed: int = 0) -> No
     """A tailnet of ``users`` users and ``nodes`` nodes, decided by the real commands
     and appended to a new log at ``db``."""
     rnd = random.Random(seed)
-    store = SQLiteEventStore(db, synchronous="OFF")  # a throw-away log: no fsync per node
-    actor = Actor(kind=ActorKind.SYSTEM, id="bench")
-    state = TailnetState()
     plan = AddressPlan(DEFAULT_V4, DEFAULT_V6)
-    now = datetime.now(UTC)
-
-    def run(decision: c.Decision[int]) -> None:
-        nonlocal state
-        [recorded] = store.append_batch(
-            [AppendRequest(events=decision.events, actor=actor, expected_seq=state.seq)], to_micros(now)
-        )
-        assert isinstance(recorded, tuple)
-        for event in recorded:
-            state, _ = apply(state, event)
-
+    log = BenchLog(db)
     try:
         for u in range(users):
-            run(c.decide_create_user(state, f"user{u}"))
+            log.run(functools.partial(c.decide_create_user, name=f"user{u}"))
         for n in range(nodes):
-            run(c.decide_register_node(
-                state, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
-                hostname=f"host-{n}", user_id=1 + n % users, tags=(), ephemeral=False, expiry=None,
-                auth="preauthkey", preauth_key=None, plan=plan, os="linux",
+            log.run(functools.partial(
+                c.decide_register_node, machine_key=f"{rnd.getrandbits(256):064x}",
+                node_key=f"{rnd.getrandbits(256):064x}", hostname=f"host-{n}", user_id=1 + n % users, tags=(),
+                ephemeral=False, expiry=None, auth="preauthkey", preauth_key=None, plan=plan, os="linux",
             ))
     finally:
-        store.close()
+        log.close()
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,62 @@ node's packet filter changes, nobody's peers do.
 ``churn`` is the ``corp`` tailnet under steady background change; the load generator
 runs its churn phase on it (joins and deletes, tag changes, policy edits that switch
 between :attr:`Scenario.policy_a` and :attr:`Scenario.policy_b`).
+
+:class:`BenchLog` is where the in-process benchmarks decide such a tailnet: the real
+commands, a throw-away log (no fsync), and the state folded as it goes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, TypeVar
 
-__all__ = ["SCENARIOS", "Scenario", "churn", "corp", "flat", "scenario"]
+from eventlog import Actor, ActorKind, AppendRequest, SQLiteEventStore, to_micros
+from projections import EMPTY, Decision, Delta, TailnetState, apply
+
+__all__ = ["SCENARIOS", "BenchLog", "Scenario", "churn", "corp", "flat", "scenario"]
+
+T = TypeVar("T")
+
+#: Who the benchmarks' decisions are recorded as.
+BENCH_ACTOR: Final = Actor(kind=ActorKind.SYSTEM, id="bench")
+
+
+class BenchLog:
+    """A tailnet decided by the real commands into a throw-away log (``path``, in memory
+    by default; no fsync), folded as it goes. ``delta`` merges what changed until a
+    consumer resets it to ``EMPTY``; ``now`` is the time the next events are recorded at.
+    """
+
+    def __init__(self, path: str | Path = ":memory:", *, now: datetime | None = None) -> None:
+        self.store = SQLiteEventStore(path, synchronous="OFF")
+        self.state = TailnetState()
+        self.now = now or datetime.now(UTC)
+        self.delta: Delta = EMPTY
+
+    def run(self, decide: Callable[[TailnetState], Decision[T]], *, step: timedelta = timedelta(0)) -> T:
+        """Decide against the state, record the events ``step`` after the last ones and
+        fold them; the decision's result."""
+        decision = decide(self.state)
+        if decision.events:
+            self.now += step
+            [recorded] = self.store.append_batch(
+                [AppendRequest(events=decision.events, actor=BENCH_ACTOR, expected_seq=self.state.seq)],
+                to_micros(self.now),
+            )
+            assert isinstance(recorded, tuple)
+            for event in recorded:
+                self.state, delta = apply(self.state, event)
+                self.delta = self.delta.merge(delta)
+        return decision.result
+
+    def close(self) -> None:
+        self.store.close()
 
 TEAMS: Final = 20
 TAGS: Final = 20

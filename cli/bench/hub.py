@@ -1,12 +1,12 @@
-"""CPU of one change across every stream, in process (issue 19).
+"""``tailledger bench hub``: CPU of one change across every stream, in process (issue 19).
 
-Run from the repository root::
+::
 
-    python tests/benchmarks/corp_hub.py --scenario corp --nodes 1000,2000
-    python tests/benchmarks/corp_hub.py --scenario corp --nodes 2000 --profile join
+    tailledger bench hub --scenario corp --nodes 1000,2000
+    tailledger bench hub --scenario corp --nodes 2000 --profile join
 
-A benchmark script, not a test: it prints figures and asserts nothing. It builds the
-scenario's tailnet through real commands into an in-memory log, opens a
+It prints figures and asserts nothing. It builds the scenario's tailnet through the real
+commands into an in-memory log (:class:`~cli.bench.scenarios.BenchLog`), opens a
 :class:`~projections.mapviews.cursor.StreamCursor` for every node (full maps), and then
 times what the server's map fan-out does for one change -- ``MapHub.advance`` plus
 every stream's ``update`` -- with ``time.process_time``:
@@ -26,29 +26,31 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import random
 import statistics
-import sys
 import time
-from datetime import timedelta
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from cli.bench.scenarios import scenario
+from projections import EMPTY, AddressPlan
 from projections import commands as c
-from projections.delta import EMPTY
+from projections.ipam import DEFAULT_V4, DEFAULT_V6
 from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap
 from protocol import MapWire
-from tests.support.builders import PLAN, Recorder
+
+from .scenarios import BenchLog, scenario
+
+__all__ = ["bench_hub_main"]
+
+PLAN = AddressPlan(DEFAULT_V4, DEFAULT_V6)
 
 
-def _register(r: Recorder, rnd: random.Random, user_id: int, tags: tuple[str, ...], name: str) -> int:
+def _register(r: BenchLog, rnd: random.Random, user_id: int, tags: tuple[str, ...], name: str) -> int:
     return r.run(lambda s: c.decide_register_node(
         s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
         hostname=name, user_id=user_id, tags=tags, ephemeral=False, expiry=None, auth="cli",
@@ -59,8 +61,8 @@ def _register(r: Recorder, rnd: random.Random, user_id: int, tags: tuple[str, ..
 def run(name: str, n: int, profile: str | None) -> None:
     sc = scenario(name, n)
     rnd = random.Random(n)
-    r = Recorder()
-    uids = [r.user(u) for u in sc.users]
+    r = BenchLog(now=datetime(2026, 1, 1, tzinfo=UTC))
+    uids = [r.run(functools.partial(c.decide_create_user, name=u)) for u in sc.users]
     r.run(lambda s: c.decide_set_policy(s, sc.policy_a, source="bench"))
     t0 = time.perf_counter()
     for i in range(n):
@@ -118,15 +120,12 @@ def run(name: str, n: int, profile: str | None) -> None:
     change("policy", lambda: r.run(lambda s: c.decide_set_policy(s, sc.policy_b, source="bench")))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_hub_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tailledger bench hub", description=__doc__)
     parser.add_argument("--scenario", default="corp", choices=["corp", "flat"])
-    parser.add_argument("--nodes", default="1000")
+    parser.add_argument("--nodes", default="1000", help="comma-separated tailnet sizes")
     parser.add_argument("--profile", default=None, help="profile this change (join, tag, delete, policy)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for n in (int(x) for x in args.nodes.split(",")):
         run(args.scenario, n, args.profile)
-
-
-if __name__ == "__main__":
-    main()
+    return 0
