@@ -14,8 +14,10 @@ import httpx
 import pytest
 import trio
 
+from cli.server import Services
 from eventlog.events import SshCheckApproved, SshCheckRejected
 from projections import CommandError
+from projections.state import Node
 from protocol import ControlClient
 from tests.support.waits import wait_until
 
@@ -36,6 +38,14 @@ async def _ask(client: ControlClient, path: str) -> dict[str, object]:
     return out
 
 
+async def _register(server: Services, client: ControlClient, sim: SimNode, key: str) -> Node:
+    """Register ``sim`` with the pre-auth key; its node as the server folded it."""
+    await client.register(sim.register_request(key))
+    node = server.tailnet.state.node_by_key(sim.node_key.removeprefix("nodekey:"))
+    assert node is not None
+    return node
+
+
 def _path(url: object) -> str:
     assert isinstance(url, str)
     parts = urlsplit(url)
@@ -48,12 +58,8 @@ async def test_hold_approve_then_accepted_within_the_check_period(tmp_path: Path
         key = await make_key(server, reusable=True)
         laptop, box = SimNode.new("laptop"), SimNode.new("box")
         async with laptop.connect(server) as lc, box.connect(server) as bc:
-            await lc.register(laptop.register_request(key))
-            await bc.register(box.register_request(key))
-            state = server.tailnet.state
-            src = state.node_by_key(laptop.node_key.removeprefix("nodekey:"))
-            dst = state.node_by_key(box.node_key.removeprefix("nodekey:"))
-            assert src is not None and dst is not None
+            src = await _register(server, lc, laptop, key)
+            dst = await _register(server, bc, box, key)
             path = f"/machine/ssh/action/{src.id}/to/{dst.id}?local_user=root"
 
             # Only the destination may ask about connections to itself.
@@ -108,12 +114,8 @@ async def test_a_rejected_check_refuses_the_connection(tmp_path: Path) -> None:
         key = await make_key(server, reusable=True)
         laptop, box = SimNode.new("laptop"), SimNode.new("box")
         async with laptop.connect(server) as lc, box.connect(server) as bc:
-            await lc.register(laptop.register_request(key))
-            await bc.register(box.register_request(key))
-            state = server.tailnet.state
-            src = state.node_by_key(laptop.node_key.removeprefix("nodekey:"))
-            dst = state.node_by_key(box.node_key.removeprefix("nodekey:"))
-            assert src is not None and dst is not None
+            src = await _register(server, lc, laptop, key)
+            dst = await _register(server, bc, box, key)
             first = await _ask(bc, f"/machine/ssh/action/{src.id}/to/{dst.id}?local_user=root")
             pending = await server.ops.dispatch("ssh.pending", {}, ADMIN)
             assert isinstance(pending, list)
