@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -31,11 +32,11 @@ from protocol.client import open_control_client
 from protocol.noise.handshake import generate_private_key, public_key
 
 
-def _key(path: Path, make: object) -> bytes:
+def _key(path: Path, make: Callable[[], bytes]) -> bytes:
+    """The key kept at ``path``, made (and kept) on the first start."""
     if path.exists():
         return path.read_bytes()
-    assert callable(make)
-    value: bytes = make()
+    value = make()
     path.write_bytes(value)
     return value
 
