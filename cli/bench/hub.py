@@ -2,7 +2,7 @@
 
 ::
 
-    tailledger bench hub --scenario corp --nodes 1000,2000
+    tailledger bench hub --scenario flat,corp --nodes 1000,2000,5000
     tailledger bench hub --scenario corp --nodes 2000 --profile join
 
 It prints figures and asserts nothing. It builds the scenario's tailnet through the real
@@ -17,7 +17,14 @@ every stream's ``update`` -- with ``time.process_time``:
 * policy: the scenario's policy change.
 
 It also prints how many streams got a message, the bytes encoded, the number of
-visibility classes and the average/median/max peers per node. No network, no
+visibility classes and the average/median/max peers per node.
+
+**The curve.** With several sizes (or scenarios) it ends with one table: per scenario,
+size and change, the CPU, the streams that got a message (the affected nodes), the CPU
+per affected stream, and the growth factor of each from the previous size of the same
+scenario. A change whose cost follows the nodes it affects has a CPU growth close to
+its affected-streams growth and a flat CPU per affected stream; a cost growing with
+N squared would show a CPU growth near the square of the nodes' growth. No network, no
 encryption, no compression: the figures are the projection's own cost and the JSON
 encoding of what it sends (``protocol.mapwire``, once per shared message).
 """
@@ -31,6 +38,7 @@ import pstats
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from projections import EMPTY, AddressPlan
@@ -58,7 +66,17 @@ def _register(r: BenchLog, rnd: random.Random, user_id: int, tags: tuple[str, ..
     ))
 
 
-def run(name: str, n: int, profile: str | None) -> None:
+@dataclass(frozen=True)
+class Figures:
+    """One change at one size: its CPU (seconds), the streams messaged, the bytes sent."""
+
+    cpu: float
+    sent: int
+    nbytes: int
+
+
+def run(name: str, n: int, profile: str | None) -> dict[str, Figures]:
+    """Build the scenario at ``n`` nodes and time each change; the figures by change."""
     sc = scenario(name, n)
     rnd = random.Random(n)
     r = BenchLog(now=datetime(2026, 1, 1, tzinfo=UTC))
@@ -82,6 +100,8 @@ def run(name: str, n: int, profile: str | None) -> None:
     print(f"{name} {n}: built in {time.perf_counter() - t0:.1f} s; classes {hub.classes()}, "
           f"peers avg {statistics.mean(peers):.0f} median {statistics.median(peers):.0f} max {max(peers)}, "
           f"full maps {full / 2**20:.1f} MiB", flush=True)
+
+    figures: dict[str, Figures] = {}
 
     def change(label: str, act: object) -> None:
         assert callable(act)
@@ -110,6 +130,7 @@ def run(name: str, n: int, profile: str | None) -> None:
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
         print(f"  {label:7} CPU {cpu:7.3f} s   streams messaged {sent:5}   bytes {nbytes / 1024:9.1f} KiB", flush=True)
+        figures[label] = Figures(cpu, sent, nbytes)
 
     user, tags = sc.node(n + 5)  # a team member, not an admin (admins see everyone)
     newcomer: list[int] = []
@@ -118,14 +139,56 @@ def run(name: str, n: int, profile: str | None) -> None:
     change("tag", lambda: r.run(lambda s: c.decide_set_tags(s, str(device), ("tag:svc1",))))
     change("delete", lambda: r.run(lambda s: c.decide_delete_node(s, str(newcomer[0]))))
     change("policy", lambda: r.run(lambda s: c.decide_set_policy(s, sc.policy_b, source="bench")))
+    return figures
+
+
+def curve(results: dict[tuple[str, int], dict[str, Figures]]) -> str:
+    """The table of every (scenario, size)'s changes, with growth factors from the
+    previous size of the same scenario (see the module docstring)."""
+    lines = [
+        f"{'scenario':8} {'nodes':>6} {'change':7} {'CPU s':>8} {'affected':>8} {'ms/affected':>11}"
+        f" {'nodes x':>7} {'CPU x':>6} {'affected x':>10} {'ms/aff x':>8}"
+    ]
+    previous: dict[str, tuple[int, dict[str, Figures]]] = {}
+    for (name, n), changes in results.items():
+        before = previous.get(name)
+        for label, f in changes.items():
+            per = 1000 * f.cpu / f.sent if f.sent else float("nan")
+            growth = f"{'':>7} {'':>6} {'':>10} {'':>8}"
+            if before is not None and label in before[1]:
+                b = before[1][label]
+                bper = 1000 * b.cpu / b.sent if b.sent else float("nan")
+                growth = (
+                    f"{n / before[0]:7.2f} {_ratio(f.cpu, b.cpu):>6} {_ratio(f.sent, b.sent):>10}"
+                    f" {_ratio(per, bper):>8}"
+                )
+            lines.append(f"{name:8} {n:6} {label:7} {f.cpu:8.3f} {f.sent:8} {per:11.3f} {growth}")
+        previous[name] = (n, changes)
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and b == b and a == a else "-"
 
 
 def bench_hub_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tailledger bench hub", description=__doc__)
-    parser.add_argument("--scenario", default="corp", choices=["corp", "flat"])
+    parser.add_argument("--scenario", default="corp", help="comma-separated scenarios: corp, flat")
     parser.add_argument("--nodes", default="1000", help="comma-separated tailnet sizes")
     parser.add_argument("--profile", default=None, help="profile this change (join, tag, delete, policy)")
     args = parser.parse_args(argv)
-    for n in (int(x) for x in args.nodes.split(",")):
-        run(args.scenario, n, args.profile)
+    names = args.scenario.split(",")
+    for name in names:
+        if name not in ("corp", "flat"):
+            parser.error(f"unknown scenario {name!r} (choose corp or flat)")
+    try:
+        sizes = [int(x) for x in args.nodes.split(",")]
+    except ValueError:
+        parser.error(f"--nodes takes comma-separated whole numbers, not {args.nodes!r}")
+    if any(n < 1 for n in sizes):
+        parser.error("--nodes: every size must be at least 1")
+    results = {(name, n): run(name, n, args.profile) for name in names for n in sizes}
+    if len(results) > 1:
+        print()
+        print(curve(results))
     return 0
