@@ -16,9 +16,14 @@ node under a policy with ``via`` grants get a class of their own.
   *that* node (the policy's sets gain or lose only its addresses), so each class
   re-evaluates just the changed nodes through one representative member:
   cost is classes x changed nodes;
-* a policy change, a user change or a change involving routes (primary routes may
-  move) rebuilds every class from the compiled policy (classes x peers), reusing the
-  shared peer objects, so streams whose view did not change get nothing.
+* a policy change alone (same nodes, users, routes, node attributes and address
+  aliases, so every node keeps its class and its self node) rebuilds only the classes
+  of nodes on either side of a matcher that one compile has and the other lacks
+  (:meth:`~projections.policy.CompiledPolicy.reach_changes`; ports play no part in
+  visibility), and of routers: a change of ports rebuilds none;
+* any other policy change, a user change or a change involving routes (primary routes
+  may move) rebuilds every class from the compiled policy (classes x peers), reusing
+  the shared peer objects, so streams whose view did not change get nothing.
 
 Every advance bumps :attr:`MapHub.seq`. Beside the peer sets the hub records, per
 node, the sequence number at which its self node or packet filter may have changed
@@ -112,7 +117,7 @@ class HubStats:
 
 
 class SSHCache:
-    """SSH policy JSON per SSH key, kept across compiles of the same policy text.
+    """SSH policy JSON per SSH key, kept across compiles of the same ``ssh`` section.
 
     A node's key (:meth:`SSHTable.key`) is kept until the node changes (or the
     users or the policy do); an answer is reused while the tokens it was built from
@@ -132,14 +137,16 @@ class SSHCache:
 
     def advance(self, compiled: CompiledPolicy, changed: Iterable[int] | None) -> None:
         """Follow ``compiled``; ``changed`` are the nodes that changed since the last
-        call (None: every node, after a change of users, routes or policy)."""
+        call (None: every node, after a change of users or routes). A policy change
+        that keeps the ``ssh`` section keeps the answers whose tokens are equal (and
+        the nodes' keys, when the rules resolve to the same addresses)."""
         if compiled is self._compiled:
             return
         previous, before = self._table, self._compiled
         infos = None
         if changed is not None and before is not None:
             infos = [t.nodes[nid] for nid in changed for t in (before.tailnet, compiled.tailnet) if nid in t.nodes]
-        if previous is None or compiled.policy is not previous.policy:
+        if previous is None or (compiled.policy is not previous.policy and compiled.policy.ssh != previous.policy.ssh):
             previous = None
             self._keys.clear()
             self._canon.clear()
@@ -149,7 +156,12 @@ class SSHCache:
         else:
             for nid in changed:
                 self._keys.pop(nid, None)
-        self._compiled, self._table = compiled, compiled.ssh_table(previous, infos)
+        table = compiled.ssh_table(previous, infos)
+        if previous is not None and compiled.policy is not previous.policy and not table.same_keys(previous):
+            # A policy change that kept the ssh section but moved what its rules
+            # resolve to: every key again (the answers stay while their tokens do).
+            self._keys.clear()
+        self._compiled, self._table = compiled, table
         self._gen += 1
         if len(self._entries) > 2 * len(self._keys) + 64:
             live = set(self._keys.values())
@@ -267,6 +279,15 @@ class MapHub:
         self.seq += 1
         self._messages = {}
         if old_state is None or old_now is None or self._needs_rebuild(old_state, state, delta, changed):
+            if (
+                old_now is not None
+                and old_compiled is not None
+                and self._same_views_but_filters(old_state, state, old_compiled, compiled, delta, changed)
+            ):
+                expired = self._expired_between(state, old_now, now)
+                self.state, self.now, self.compiled = state, now, compiled
+                self._policy_only(state, now, old_compiled, compiled, set(presence_changed) | expired)
+                return
             self.state, self.now, self.compiled = state, now, compiled
             self._rebuild(state, now, compiled)
             return
@@ -292,6 +313,65 @@ class MapHub:
                 if n is not None and (n.advertised_routes or n.approved_routes):
                     return True  # a route can move a primary: others' views change
         return False
+
+    def _same_views_but_filters(
+        self,
+        old_state: TailnetState | None,
+        state: TailnetState,
+        old: CompiledPolicy,
+        new: CompiledPolicy,
+        delta: Delta,
+        changed: set[int],
+    ) -> bool:
+        """Whether a change is a policy change alone that keeps every node's class and
+        self node: the same nodes, users, routes, tailnet settings, node attributes
+        and address aliases (:meth:`_policy_only` then follows the matchers)."""
+        return (
+            old_state is not None
+            and not changed
+            and not delta.users_changed
+            and not delta.users_removed
+            and state.nodes is old_state.nodes
+            and state.users is old_state.users
+            and state.route_primaries is old_state.route_primaries
+            and old.tailnet.settings == new.tailnet.settings
+            and old.node_attrs == new.node_attrs
+            and old.primaries == new.primaries
+            and _address_aliases(old) == _address_aliases(new)
+        )
+
+    def _policy_only(
+        self, state: TailnetState, now: datetime, old: CompiledPolicy, compiled: CompiledPolicy, presence_only: set[int]
+    ) -> None:
+        """A policy change that :meth:`_same_views_but_filters` allows: every node keeps
+        its class (class keys are made of what did not change) and its self node. Only
+        the classes of nodes on either side of a matcher that one compile has and the
+        other lacks (:meth:`~projections.policy.CompiledPolicy.reach_changes`), and
+        of routers, can see different peers: those are rebuilt, every other class
+        keeps its peer set (brought up to date for presence and expiry only). Every
+        packet filter and SSH policy may have changed. Cost: the matchers, plus the
+        peers of the classes rebuilt -- none for a change of ports alone."""
+        self.stats.rebuilds += 1
+        moved = compiled.reach_changes(old)
+        if moved is None:
+            rebuilt: set[Hashable] = set(self._members)
+        else:
+            rebuilt = {self._key_of[n] for n in compiled.tailnet.node_ids_in(moved) if n in self._key_of}
+            rebuilt.update(self._key_of[r.id] for r in compiled.tailnet.routers() if r.id in self._key_of)
+        classes: dict[Hashable, PeerSet] = {}
+        for key, mem in self._members.items():
+            previous = self._classes[key]
+            if key in rebuilt:
+                entries = self._class_entries(state, now, compiled, mem)
+                classes[key] = _next_version(previous, entries, _users(state, entries.values()))
+            else:
+                classes[key] = self._update_class(state, now, compiled, previous, mem, set(), presence_only)
+        self._classes = classes
+        for nid in presence_only:
+            self._dirty[nid] = self.seq
+        self._filters_dirty = self.seq
+        assert self._ssh is not None
+        self._ssh.advance(compiled, ())
 
     def _expiry_times(self, state: TailnetState) -> list[datetime]:
         if self._expiries[0] is not state:

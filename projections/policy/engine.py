@@ -49,7 +49,7 @@ from .compile import (
     via_rules,
 )
 from .document import ALL_PORTS, Alias, AliasKind, Grant, IPSpec, Policy
-from .filter import reduce_rules
+from .filter import RuleIndex, reduce_rules
 from .ipset import AddressUnion, IPSet, Prefix, format_addr, is_v4, prefix_str
 from .model import PolicyNode
 from .peers import can_access, routes_for_peer, via_routes_for_peer
@@ -185,6 +185,7 @@ class CompiledPolicy:
         #: by :meth:`_rules_key` (an owner, or a node when there are via grants)
         self._extra: dict[tuple[str, int | None], list[Rule]] = {}
         self._unreduced: dict[tuple[str, int | None], list[Rule]] = {}
+        self._own: dict[tuple[str, int | None], list[Rule] | None] = {}
         self._matches: dict[tuple[str, int | None], list[Match]] = {}
         self._netmaps: dict[int, NodeNetmap] = {}
         self._peer_sets: dict[int, frozenset[int]] = {}
@@ -281,13 +282,48 @@ class CompiledPolicy:
         return cached
 
     def filter_rules(self, node_id: int) -> list[Rule]:
-        """The node's reduced rules (internal form)."""
+        """The node's reduced rules (internal form).
+
+        Reduced as two parts when its own rules merge with no global rule (the
+        usual case: ``autogroup:self`` sources are one owner's devices): the global
+        rules through their :class:`RuleIndex` (only the rules naming the node or
+        naming ranges), then its own rules, merged -- the same rules in the same
+        order as reducing :meth:`unreduced_rules`.
+        """
         cached = self._filters.get(node_id)
         if cached is None:
             node = self._node(node_id)
-            cached = reduce_rules(node, self.unreduced_rules(node_id))
+            own = self._own_rules(node)
+            if own is None:
+                cached = reduce_rules(node, self.unreduced_rules(node_id))
+            else:
+                cached = self._global_index.reduce(node) + reduce_rules(node, own)
             self._filters[node_id] = cached
         return cached
+
+    @cached_property
+    def _global_index(self) -> RuleIndex:
+        return RuleIndex(self.global_rules)
+
+    @cached_property
+    def _global_keys(self) -> frozenset[tuple[tuple[str, ...], tuple[int, ...]]]:
+        """What :func:`merge_rules` merges global rules by (capability rules aside)."""
+        return frozenset((r.src, r.protocols) for r in self.global_rules if not r.caps)
+
+    def _own_rules(self, node: NodeInfo) -> list[Rule] | None:
+        """The node's own rules merged, when none of them merges with a global rule
+        (then :meth:`unreduced_rules` is the global rules followed by these); None
+        when one does. Shared like :meth:`extra_rules`."""
+        if not self.per_node:
+            return []
+        key = self._rules_key(node)
+        if key in self._own:
+            return self._own[key]
+        extra = self.extra_rules(node.id)
+        keys = self._global_keys
+        own = None if any((r.src, r.protocols) in keys for r in extra if not r.caps) else merge_rules(extra)
+        self._own[key] = own
+        return own
 
     def packet_filter(self, node_id: int) -> tuple[FilterRule, ...]:
         """``MapResponse.PacketFilter`` for the node."""
@@ -362,6 +398,29 @@ class CompiledPolicy:
         result = (AddressUnion(core).merged(), AddressUnion(extra).merged(), internet)
         self._reaches[node_id] = result
         return result
+
+    def reach_changes(self, old: CompiledPolicy) -> IPSet | None:
+        """The addresses of the nodes whose peers may differ between ``old`` and this
+        compile, another policy's on a tailnet with the same nodes, users, routes and
+        node attributes; None when any node's may (via grants, or ``autogroup:self``
+        grants whose sources differ). Routers and exit nodes are not covered: a
+        caller treats them as changed.
+
+        A node's peers are a fold of the address sets of the matchers it is a source
+        or destination of (:meth:`_reach`); ports and protocols play no part. So a
+        node in neither side of any matcher that only one compile has folds the same
+        sets in both. Cost: the matchers' sizes, not the nodes.
+        """
+        if self.via_grants or old.via_grants or _self_grant_keys(self) != _self_grant_keys(old):
+            return None
+        before = {_match_key(m): m for m in old.global_matches}
+        after = {_match_key(m): m for m in self.global_matches}
+        parts: list[IPSet] = []
+        for key in before.keys() ^ after.keys():
+            m = before.get(key) or after[key]
+            parts.extend(m.srcs.parts)
+            parts.extend(m.dests.parts)
+        return IPSet.union(parts)
 
     @cached_property
     def via_grants(self) -> list[CompiledGrant]:
@@ -639,6 +698,21 @@ class CompiledPolicy:
             auto_approve=self.auto_approve,
             merged=self._merged,
         )
+
+
+def _match_key(m: Match) -> tuple[frozenset[IPSet], frozenset[IPSet], bool]:
+    """A matcher by what it means for visibility: its address sets (by value)."""
+    return frozenset(m.srcs.parts), frozenset(m.dests.parts), m.internet
+
+
+def _self_grant_keys(compiled: CompiledPolicy) -> frozenset[object]:
+    """What the ``autogroup:self`` rules' matchers are made of, per self grant: the
+    sources, whether it has ports, and its app capabilities (companion rules)."""
+    return frozenset(
+        (frozenset(g.src_sets), any(spec.ports for spec in g.grant.ip), tuple(sorted(name for name, _ in g.grant.app)))
+        for g in compiled.grants
+        if g.kind is GrantKind.SELF
+    )
 
 
 def _member(node: NodeInfo, addresses: AddressUnion) -> bool:

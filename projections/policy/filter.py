@@ -19,14 +19,14 @@ surviving ``DstPorts`` entry is one of the input entries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .ipset import Prefix
 from .resolve import host_prefix
 from .rules import CapEntry, DstEntry, Rule
 from .tailnet import INTERNET, NodeInfo
 
-__all__ = ["reduce_rules"]
+__all__ = ["RuleIndex", "reduce_rules"]
 
 
 def reduce_rules(node: NodeInfo, rules: Iterable[Rule]) -> list[Rule]:
@@ -57,6 +57,47 @@ def reduce_rules(node: NodeInfo, rules: Iterable[Rule]) -> list[Rule]:
         if kept:
             out.append(Rule(rule.src, rule.src_set, kept, rule.protocols, dst_parts=rule.dst_parts))
     return out
+
+
+class RuleIndex:
+    """A rule list's rules by the addresses their single-address ``DstPorts`` entries
+    name, so that reducing it for a node without routes visits only the rules that
+    can keep something: those naming one of its addresses, and those with other
+    entries (ranges, CIDRs, ``*``) or capabilities, which every node looks at.
+
+    Identity aliases list every member address as an entry of its own, so a rule
+    to a team or a tag names hundreds of addresses, and a tailnet's filter is many
+    such rules: a node is a destination of a few. :meth:`reduce` gives exactly
+    ``reduce_rules(node, rules)`` (it skips only rules that would keep nothing).
+    """
+
+    __slots__ = ("_always", "_by_addr", "rules")
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = rules
+        by_addr: dict[int, list[int]] = {}
+        always: list[int] = []
+        for i, rule in enumerate(rules):
+            if rule.caps:
+                always.append(i)
+                continue
+            singles, others = rule.dst_index()
+            if others:
+                always.append(i)
+            for addr in singles:
+                by_addr.setdefault(addr, []).append(i)
+        self._by_addr = {addr: tuple(positions) for addr, positions in by_addr.items()}
+        self._always = frozenset(always)
+
+    def reduce(self, node: NodeInfo) -> list[Rule]:
+        """``reduce_rules(node, self.rules)`` for ``node``; one with subnet routes or an
+        exit route is a destination by route too, and is reduced rule by rule."""
+        if node.subnet_routes or node.is_exit:
+            return reduce_rules(node, self.rules)
+        picked = set(self._always)
+        for addr in node.addrs:
+            picked.update(self._by_addr.get(addr, ()))
+        return reduce_rules(node, [self.rules[i] for i in sorted(picked)])
 
 
 def _relevant(node: NodeInfo, entry: DstEntry) -> bool:

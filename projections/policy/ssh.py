@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Final
 
-from .document import Alias, SSHRule
+from .document import Alias, Policy, SSHRule
 from .ipset import IPSet, format_addr
 from .resolve import Resolver
 from .tailnet import NodeInfo, Tailnet
@@ -395,6 +395,12 @@ class SSHSources:
                 )
 
 
+def _same_ssh(a: Policy, b: Policy) -> bool:
+    """Whether two policies have the same ``ssh`` section (a policy change elsewhere:
+    the earlier table's tokens may be reused where they are equal)."""
+    return a is b or a.ssh == b.ssh
+
+
 class SSHTable:
     """Every SSH rule of a policy resolved once against one tailnet snapshot.
 
@@ -419,10 +425,20 @@ class SSHTable:
         self.policy = resolver.policy
         rules = resolver.policy.ssh or ()
         old: Sequence[SSHSources | None] = (
-            previous.rules if previous is not None and previous.policy is self.policy else [None] * len(rules)
+            previous.rules if previous is not None and _same_ssh(previous.policy, self.policy) else [None] * len(rules)
         )
         self.rules: tuple[SSHSources, ...] = tuple(
             SSHSources(r, resolver, control_url, o, changed) for r, o in zip(rules, old, strict=True)
+        )
+
+    def same_keys(self, previous: SSHTable) -> bool:
+        """Whether every node's :meth:`key` is what it was in ``previous`` (a table of
+        the same ``ssh`` section whose rules resolve to the same addresses and local
+        parts): a policy change elsewhere keeps them."""
+        return _same_ssh(previous.policy, self.policy) and all(
+            r.src_ips == o.src_ips and r.dst_ips == o.dst_ips and r.self_dst == o.self_dst
+            and r.localparts == o.localparts
+            for r, o in zip(self.rules, previous.rules, strict=True)
         )
 
     def key(self, node: NodeInfo) -> SSHKey:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
 
@@ -25,11 +26,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli.bench.scenarios import Scenario, corp
 from projections import commands as c
 from projections.delta import EMPTY
 from projections.mapviews import peersets
 from projections.mapviews.cursor import StreamCursor
-from projections.mapviews.hub import MapHub
+from projections.mapviews.hub import HubStats, MapHub
 from projections.netmap import NetmapSettings, full_map
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
@@ -190,15 +192,41 @@ def test_lagging_streams_catch_up_and_superseded_versions_are_freed() -> None:
     assert len(live_peers) == len(current.peers)
 
 
-def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
-    """Issue 19: in a corp-shaped tailnet, a team member's new device re-renders the
-    SSH policy of the keys whose rules gained a source (its owner's devices, its
-    team's servers), recomputes only the filters it may touch, and every stream
-    still ends up with exactly the reference map."""
-    from cli.bench.scenarios import corp
+@dataclasses.dataclass
+class _CorpStreams:
+    """A corp tailnet of the benchmark's shape, a hub over it and every node's stream
+    (its cursor, and the netmap its messages built, the way a client builds it)."""
 
-    sc = corp(60)
-    rnd = random.Random(7)
+    recorder: Recorder
+    users: list[int]
+    register: Callable[[int], int]
+    compiler: PolicyCompiler
+    settings: NetmapSettings
+    hub: MapHub
+    cursors: dict[int, StreamCursor]
+    models: dict[int, ClientNetmap]
+
+    def update(self) -> list[MapResponse]:
+        """Every stream's update, applied to its netmap; the messages."""
+        sent = []
+        for nid, cur in self.cursors.items():
+            for message in cur.update(self.hub):
+                sent.append(message.response)
+                self.models[nid].apply(decode(encode(message.response), MapResponse))
+        return sent
+
+    def check(self) -> None:
+        """Every stream's netmap is the reference map of its node."""
+        r = self.recorder
+        for nid in self.cursors:
+            reference = full_map(
+                r.state, nid, policy=self.compiler, settings=self.settings, presence=lambda _n: None, now=r.now
+            )
+            assert self.models[nid].comparable() == _comparable(reference), nid
+
+
+def _corp_streams(sc: Scenario, seed: int) -> _CorpStreams:
+    rnd = random.Random(seed)
     r = Recorder()
     uids = [r.user(u) for u in sc.users]
     r.run(lambda s: c.decide_set_policy(s, sc.policy_a, source="test"))
@@ -222,15 +250,24 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     models = {nid: ClientNetmap() for nid in r.state.nodes}
     for nid, cur in cursors.items():
         models[nid].apply(decode(encode(cur.full_map(hub).response()), MapResponse))
+    return _CorpStreams(r, uids, register, compiler, settings_, hub, cursors, models)
+
+
+def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
+    """Issue 19: in a corp-shaped tailnet, a team member's new device re-renders the
+    SSH policy of the keys whose rules gained a source (its owner's devices, its
+    team's servers), recomputes only the filters it may touch, and every stream
+    still ends up with exactly the reference map."""
+    sc = corp(60)
+    t = _corp_streams(sc, 7)
+    r, hub, compiler = t.recorder, t.hub, t.compiler
     before = dataclasses.replace(hub.stats)
 
     r.now += timedelta(seconds=1)
-    newcomer = register(len(sc.owners))  # the scenario's next device: u3's (team 3, no admin)
-    assert r.state.nodes[newcomer].user_id == uids[3] and not r.state.nodes[newcomer].tags
+    newcomer = t.register(len(sc.owners))  # the scenario's next device: u3's (team 3, no admin)
+    assert r.state.nodes[newcomer].user_id == t.users[3] and not r.state.nodes[newcomer].tags
     hub.advance(r.state, r.now, r.delta, ())
-    for nid, cur in cursors.items():
-        for message in cur.update(hub):
-            models[nid].apply(decode(encode(message.response), MapResponse))
+    t.update()
     StreamCursor(newcomer).full_map(hub)
 
     # Two SSH keys gained a source: u3's devices (autogroup:self) and the servers of
@@ -245,6 +282,43 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     # Filters: team 3's destinations and u3's devices (the admins' "*" rule is
     # unchanged) -- far fewer than the 60 streams.
     assert 0 < hub.stats.filter_evaluations - before.filter_evaluations < 10
-    for nid in cursors:
-        reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=lambda _n: None, now=r.now)
-        assert models[nid].comparable() == _comparable(reference), nid
+    t.check()
+
+
+def test_a_policy_change_of_ports_keeps_peers_and_ssh_answers() -> None:
+    """Issue 19: the corp benchmark's policy change widens ports only. Every node's
+    packet filter is recomputed, but no peer is evaluated again (each class's matchers
+    reach the same addresses), no self node changes, and no SSH policy is rendered
+    again (the ``ssh`` section did not change) -- and every stream still ends up with
+    exactly the reference map. A change that does move visibility rebuilds the
+    classes it touches."""
+    sc = corp(60)
+    t = _corp_streams(sc, 11)
+    r, hub = t.recorder, t.hub
+
+    def change(text: str) -> tuple[HubStats, int]:
+        before = dataclasses.replace(hub.stats)
+        r.now += timedelta(seconds=1)
+        r.run(lambda s: c.decide_set_policy(s, text, source="test"))
+        hub.advance(r.state, r.now, r.delta, ())
+        r.delta = EMPTY
+        got_node = sum(m.node is not None for m in t.update())
+        t.check()
+        return before, got_node
+
+    before, got_node = change(sc.policy_b)
+    assert hub.stats.peer_evaluations == before.peer_evaluations
+    assert hub.stats.ssh_renders == before.ssh_renders
+    assert got_node == 0
+    assert hub.stats.filter_evaluations - before.filter_evaluations == len(t.cursors)
+
+    # Team 5 no longer reaches tag:svc5 (its only rule to it goes): the classes of
+    # team 5's user and of tag:svc5 are evaluated again, not every class.
+    team5 = '"src": ["group:team5"], "dst": ["tag:svc5:22,80,443"]'
+    assert team5 in sc.policy_b
+    narrowed = sc.policy_b.replace(team5, '"src": ["group:team5"], "dst": ["tag:svc6:22"]')
+    views = {id(hub.peer_set(n)): hub.peer_set(n) for n in t.cursors}
+    every_class = sum(len(v.peers) for v in views.values())
+    before, _ = change(narrowed)
+    assert 0 < hub.stats.peer_evaluations - before.peer_evaluations < every_class / 2
+    assert hub.stats.ssh_renders == before.ssh_renders

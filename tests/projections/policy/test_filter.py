@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from projections.policy.filter import reduce_rules
+from projections.policy.filter import RuleIndex, reduce_rules
 from projections.policy.ipset import AddressUnion, IPSet, parse_prefix
 from projections.policy.model import PolicyNode
 from projections.policy.resolve import host_prefix
@@ -132,3 +132,28 @@ def test_exit_node_keeps_internet_destinations() -> None:
     )
     assert reduce_rules(exit_node, [rule])
     assert not reduce_rules(plain, [rule])
+
+
+_SINGLES = ["100.64.0.1/32", "100.64.0.9/32", "100.64.0.2/32", "fd7a:115c:a1e0::1/128", "fd7a:115c:a1e0::2/128"]
+
+
+@st.composite
+def wide_rules(draw: st.DrawFn) -> Rule:
+    """Like :func:`rules`, with up to 12 entries, mostly single addresses (an identity
+    alias's members), so that both ways of reducing a rule are taken."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(rules())
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    texts = draw(st.lists(st.sampled_from([*_SINGLES, *_SINGLES, *_CANDIDATES, "*"]), min_size=1, max_size=12))
+    entries = tuple(
+        DstEntry(t, 22, 22, EVERYTHING if t == "*" else IPSet.of([parse_prefix(t)])) for t in texts
+    )
+    return Rule((draw(st.sampled_from(["100.64.0.0/10", "100.64.0.3"])),), src, entries, protocols=(6,))
+
+
+@given(nodes(), st.lists(wide_rules(), max_size=10))
+def test_an_indexed_reduction_equals_the_plain_one(node: NodeInfo, given_rules: list[Rule]) -> None:
+    """RuleIndex.reduce visits only the rules naming the node's addresses (and those
+    with ranges or capabilities): the same reduced rules as reducing every rule."""
+    got = RuleIndex(given_rules).reduce(node)
+    assert [r.wire() for r in got] == [r.wire() for r in reduce_rules(node, given_rules)]

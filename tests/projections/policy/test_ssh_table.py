@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy.filter import reduce_rules
 from projections.policy.ipset import IPSet, parse_prefix
 from projections.policy.ssh import SSHKey, compile_ssh_policy
 
@@ -181,3 +182,54 @@ def test_a_carried_address_index_equals_a_fresh_one(history: tuple[str, list[Pol
         fresh = Tailnet(USERS, nodes.values())
         for probe in probes:
             assert tailnet.node_ids_in(probe) == fresh.node_ids_in(probe)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(), policies())
+def test_a_policy_change_elsewhere_keeps_what_it_may(
+    history: tuple[str, list[PolicyNode], list[PolicyNode | int]], other: str
+) -> None:
+    """A policy change on the same tailnet (what the hub's policy path relies on):
+
+    * a policy with the same ``ssh`` section builds its SSH table from the earlier
+      one; every render equals the per-node reference, a key the table says is kept
+      (``same_keys``) is the node's key, and an answer whose tokens are the very
+      same objects is still right;
+    * every node's packet filter is the plain reduction of its unreduced rules;
+    * a node (not a router) outside the addresses whose peers may have changed
+      (``reach_changes``) has the same peers, seen the same way.
+    """
+    text, initial, _ = history
+    tailnet = Tailnet(USERS, initial)
+    first = compile_policy(parse_policy(text), tailnet, control_url=CTRL)
+    doc = json.loads(other)
+    ssh = json.loads(text).get("ssh")
+    if ssh is None:
+        doc.pop("ssh", None)
+    else:
+        doc["ssh"] = ssh
+    second = compile_policy(parse_policy(json.dumps(doc)), tailnet, control_url=CTRL)
+    assert second.policy.ssh == first.policy.ssh
+    before = first.ssh_table()
+    after = second.ssh_table(before, [])
+    kept = after.same_keys(before)
+    for nid, info in second.tailnet.nodes.items():
+        reference = compile_ssh_policy(second.resolver, info, CTRL)
+        key = after.key(info)
+        assert after.render(key) == reference, nid
+        if kept:
+            assert before.key(first.tailnet.nodes[nid]) == key, nid
+        old_key = before.key(first.tailnet.nodes[nid])
+        old_deps, deps = before.deps(old_key), after.deps(old_key)
+        if len(old_deps) == len(deps) and all(a is b for a, b in zip(old_deps, deps, strict=True)):
+            assert before.render(old_key) == after.render(old_key), nid
+    for nid, info in second.tailnet.nodes.items():
+        # Global rules through their index, then the node's own: the plain reduction.
+        plain = reduce_rules(info, second.unreduced_rules(nid))
+        assert [r.wire() for r in second.filter_rules(nid)] == [r.wire() for r in plain], nid
+    moved = second.reach_changes(first)
+    routers = {r.id for r in second.tailnet.routers()}
+    for nid, info in second.tailnet.nodes.items():
+        if moved is not None and nid not in routers and not moved.contains_any(info.addrs):
+            assert first.peer_id_set(nid) == second.peer_id_set(nid), nid
+            assert first.peers(nid) == second.peers(nid), nid
