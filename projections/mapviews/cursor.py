@@ -128,7 +128,7 @@ class StreamCursor:
         self.expired = False
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
-        pf = _encoder.encode(compiled.packet_filter(me))
+        pf = compiled.packet_filter_json(me)
         ssh = hub.ssh_json(me)
         self.peers, self.seq, self.derp_map = peers, hub.seq, hub.settings.derp_map
         self.dns = hub.settings.dns
@@ -203,7 +203,7 @@ class StreamCursor:
         me = self.node_id
         peers = hub.peer_set(me)
         self_wire = self._self_wire(hub, node)
-        pf = _encoder.encode(compiled.packet_filter(me))
+        pf = compiled.packet_filter_json(me)
         ssh = hub.ssh_json(me) or _NO_SSH
         changed = [peers.peers[i].wire for i in sorted(peers.peers) if i != me]
         profiles = dict(peers.users)
@@ -265,7 +265,7 @@ class StreamCursor:
                 tokens.append(("node", digest))
         if hub.filter_dirty_since(me, self.seq):
             hub.stats.filter_evaluations += 1
-            pf = _encoder.encode(compiled.packet_filter(me))
+            pf = compiled.packet_filter_json(me)
             digest = _digest(pf)
             if digest != self.filter:
                 self.filter = digest

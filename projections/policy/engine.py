@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from typing import Final
 
 import msgspec
 
@@ -55,12 +56,14 @@ from .model import PolicyNode
 from .peers import can_access, routes_for_peer, via_routes_for_peer
 from .resolve import Resolver, node_keys
 from .routes import elect_primaries, primary_routes_by_node
-from .rules import Match, MergedRules, Rule, merge_rules, merge_rules_reusing
+from .rules import DstEntry, Match, MergedRules, Rule, merge_rules, merge_rules_reusing
 from .ssh import SSHTable, compile_ssh_policy
 from .tailnet import NodeInfo, Tailnet
 from .wire import FilterRule, SSHPolicy
 
 __all__ = ["CompiledPolicy", "NodeNetmap", "PeerView", "compile_policy"]
+
+_encoder: Final = msgspec.json.Encoder()
 
 
 class PeerView(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,6 +189,7 @@ class CompiledPolicy:
         self._extra: dict[tuple[str, int | None], list[Rule]] = {}
         self._unreduced: dict[tuple[str, int | None], list[Rule]] = {}
         self._own: dict[tuple[str, int | None], list[Rule] | None] = {}
+        self._src_json: dict[int, tuple[tuple[str, ...], bytes]] = {}
         self._matches: dict[tuple[str, int | None], list[Match]] = {}
         self._netmaps: dict[int, NodeNetmap] = {}
         self._peer_sets: dict[int, frozenset[int]] = {}
@@ -328,6 +332,26 @@ class CompiledPolicy:
     def packet_filter(self, node_id: int) -> tuple[FilterRule, ...]:
         """``MapResponse.PacketFilter`` for the node."""
         return tuple(r.wire() for r in self.filter_rules(node_id))
+
+    def packet_filter_json(self, node_id: int) -> bytes:
+        """The JSON of :meth:`packet_filter`, byte for byte, put together from pieces:
+        a rule's ``SrcIPs`` (as long as its sources: a team lists every member
+        address) is encoded once per compile and shared by every node whose filter
+        keeps part of that rule, not encoded again for each."""
+        return b"[" + b",".join(self._rule_json(r) for r in self.filter_rules(node_id)) + b"]"
+
+    def _rule_json(self, rule: Rule) -> bytes:
+        if rule.caps or not rule.dst:
+            return _encoder.encode(rule.wire())
+        # Reduced rules share their rule's SrcIPs tuple: keyed by it (and kept with it).
+        hit = self._src_json.get(id(rule.src))
+        if hit is None or hit[0] is not rule.src:
+            hit = self._src_json[id(rule.src)] = (rule.src, b'{"SrcIPs":' + _encoder.encode(rule.src))
+        out = [hit[1], b',"DstPorts":[', b",".join(_entry_json(e) for e in rule.dst), b"]"]
+        if rule.protocols:
+            out += [b',"IPProto":', _encoder.encode(rule.protocols)]
+        out.append(b"}")
+        return b"".join(out)
 
     def visible(self, a: int, b: int) -> bool:
         """Report whether nodes ``a`` and ``b`` see each other (symmetric)."""
@@ -698,6 +722,11 @@ class CompiledPolicy:
             auto_approve=self.auto_approve,
             merged=self._merged,
         )
+
+
+def _entry_json(entry: DstEntry) -> bytes:
+    """A ``DstPorts`` element as msgspec encodes :class:`~.wire.NetPortRange`."""
+    return b'{"IP":%s,"Ports":{"First":%d,"Last":%d}}' % (_encoder.encode(entry.ip), entry.first, entry.last)
 
 
 def _match_key(m: Match) -> tuple[frozenset[IPSet], frozenset[IPSet], bool]:

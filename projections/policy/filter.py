@@ -61,9 +61,10 @@ def reduce_rules(node: NodeInfo, rules: Iterable[Rule]) -> list[Rule]:
 
 class RuleIndex:
     """A rule list's rules by the addresses their single-address ``DstPorts`` entries
-    name, so that reducing it for a node without routes visits only the rules that
-    can keep something: those naming one of its addresses, and those with other
-    entries (ranges, CIDRs, ``*``) or capabilities, which every node looks at.
+    (and ``CapGrant`` destinations) name, so that reducing it for a node without
+    routes visits only the rules that can keep something: those naming one of its
+    addresses, and those with other destinations (ranges, CIDRs, ``*``), which
+    every node looks at.
 
     Identity aliases list every member address as an entry of its own, so a rule
     to a team or a tag names hundreds of addresses, and a tailnet's filter is many
@@ -79,14 +80,21 @@ class RuleIndex:
         always: list[int] = []
         for i, rule in enumerate(rules):
             if rule.caps:
-                always.append(i)
+                # A plain node keeps a capability toward a single address only when
+                # the address is its own (see _reduce_caps).
+                for cap in rule.caps:
+                    for dst in cap.dsts:
+                        if dst.is_single():
+                            by_addr.setdefault(dst.lo, []).append(i)
+                        else:
+                            always.append(i)
                 continue
             singles, others = rule.dst_index()
             if others:
                 always.append(i)
             for addr in singles:
                 by_addr.setdefault(addr, []).append(i)
-        self._by_addr = {addr: tuple(positions) for addr, positions in by_addr.items()}
+        self._by_addr = {addr: tuple(dict.fromkeys(positions)) for addr, positions in by_addr.items()}
         self._always = frozenset(always)
 
     def reduce(self, node: NodeInfo) -> list[Rule]:

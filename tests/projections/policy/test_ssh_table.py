@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -195,7 +196,8 @@ def test_a_policy_change_elsewhere_keeps_what_it_may(
       one; every render equals the per-node reference, a key the table says is kept
       (``same_keys``) is the node's key, and an answer whose tokens are the very
       same objects is still right;
-    * every node's packet filter is the plain reduction of its unreduced rules;
+    * every node's packet filter is the plain reduction of its unreduced rules, and
+      its JSON (put together from pieces) is msgspec's encoding of it;
     * a node (not a router) outside the addresses whose peers may have changed
       (``reach_changes``) has the same peers, seen the same way.
     """
@@ -227,6 +229,8 @@ def test_a_policy_change_elsewhere_keeps_what_it_may(
         # Global rules through their index, then the node's own: the plain reduction.
         plain = reduce_rules(info, second.unreduced_rules(nid))
         assert [r.wire() for r in second.filter_rules(nid)] == [r.wire() for r in plain], nid
+        # ...and its JSON, put together from pieces, is msgspec's encoding of it.
+        assert second.packet_filter_json(nid) == msgspec.json.encode(second.packet_filter(nid)), nid
     moved = second.reach_changes(first)
     routers = {r.id for r in second.tailnet.routers()}
     for nid, info in second.tailnet.nodes.items():
