@@ -51,8 +51,9 @@ def mount_api(app: QuartTrio, *, service: ApiService) -> None:
 
 
 def api_metrics(stats: ApiStats) -> Iterator[Metric]:
-    """``tailledger_api_requests_total{route,method,status}``, the time spent, and
-    ``tailledger_api_node_lists_built_total{route}``."""
+    """``tailledger_api_requests_total{route,method,status}``, the time spent,
+    ``tailledger_api_node_lists_built_total{route}`` and
+    ``tailledger_api_node_list_bytes_total{encoding}``."""
     requests = CounterMetricFamily(
         "tailledger_api_requests", "Admin API requests by route template, method and status",
         labels=["route", "method", "status"],
@@ -75,3 +76,11 @@ def api_metrics(stats: ApiStats) -> Iterator[Metric]:
     for route, count in sorted(stats.node_lists_built.items()):
         built.add_metric([route], count)
     yield built
+    sent = CounterMetricFamily(
+        "tailledger_api_node_list_bytes", "Bytes of node list bodies the admin API sent, by content coding "
+        "(gzip for clients that accept it, identity otherwise)",
+        labels=["encoding"],
+    )
+    for encoding, count in sorted(stats.node_list_bytes.items()):
+        sent.add_metric([encoding], count)
+    yield sent

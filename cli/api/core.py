@@ -38,6 +38,16 @@ serves thousands of map streams and their keep-alives, is never held for a whole
 list. The presence is read while the list is built: a list may show presence newer
 than its key, never older.
 
+A kept list also keeps its ETag (a hash of the JSON) and, once a client that accepts
+gzip asked for it (``Accept-Encoding``: what aiohttp, httpx, browsers and
+``curl --compressed`` send), its gzip variant, compressed once in a worker thread
+(zlib gives the GIL up while it compresses, so the trio loop runs meanwhile). A list
+answer says ``Vary: Accept-Encoding``; it is gzip when the client accepts gzip
+(:func:`accepts_gzip`), the JSON as it is otherwise, and ``304 Not Modified`` (no body)
+when ``If-None-Match`` names its ETag. Either body goes to hypercorn as one ``bytes``
+object, written with one ``send_all``: for 5,000 nodes the gzip variant is a tenth of
+the 3-5 MB of JSON.
+
 Errors are RFC 7807 problem documents (``application/problem+json``). A refused
 request appends nothing: every check happens before the operation runs.
 """
@@ -49,6 +59,7 @@ import hmac
 import logging
 import secrets
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -79,8 +90,11 @@ __all__ = [
     "ApiError",
     "ApiService",
     "Ctx",
+    "NodeList",
     "Principal",
     "Route",
+    "accepts_gzip",
+    "etag_matches",
 ]
 
 log = logging.getLogger("tailledger.api")
@@ -173,6 +187,8 @@ class ApiStats:
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
     #: Node lists built, by route template (the other answers were kept ones).
     node_lists_built: dict[str, int] = field(default_factory=dict)
+    #: Node list bytes sent, by content coding ("gzip" or "identity").
+    node_list_bytes: dict[str, int] = field(default_factory=dict)
 
     def record(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -183,12 +199,95 @@ class ApiStats:
 Handler = Callable[["Ctx"], Awaitable[Any]]
 
 
-class Encoded(bytes):
-    """A handler's answer already encoded as JSON (sent as it is)."""
-
-
-#: Encoded node lists kept (each is up to a few MB for 5,000 nodes).
+#: Encoded node lists kept (each is up to a few MB for 5,000 nodes, and a tenth of that
+#: for its gzip variant).
 NODE_LISTS_KEPT: Final = 8
+#: The zlib level of a node list's gzip variant (compressed once per kept list).
+GZIP_LEVEL: Final = 6
+
+
+@dataclass(eq=False)
+class NodeList:
+    """A node list as kept (see "Node lists" in the module docstring): the JSON, the
+    ETag of that JSON and of its gzip variant, and the gzip variant once a client that
+    accepts gzip asked for it.
+
+    Invariant: ``gzip`` is ``None`` or the gzip of ``body``; it is set once.
+    """
+
+    body: bytes
+    etag: str
+    gzip_etag: str
+    gzip: bytes | None = None
+    #: Set while a worker thread compresses ``body`` (see :meth:`gzipped`).
+    _compressing: trio.Event | None = None
+
+    @classmethod
+    def of(cls, body: bytes, *, gzipped: bool) -> NodeList:
+        """A kept list of the JSON ``body`` (and its gzip variant with ``gzipped``).
+        CPU-bound: called in a worker thread, it hashes and compresses with the GIL
+        released (hashlib and zlib do for large inputs)."""
+        tag = hashlib.blake2b(body, digest_size=12).hexdigest()
+        return cls(body, f'"{tag}"', f'"{tag}-gzip"', _gzip(body) if gzipped else None)
+
+    async def gzipped(self) -> bytes:
+        """The gzip variant, compressed in a worker thread the first time (concurrent
+        callers wait for that one compression)."""
+        while self.gzip is None:
+            compressing = self._compressing
+            if compressing is not None:
+                await compressing.wait()
+                continue
+            compressing = self._compressing = trio.Event()
+            try:
+                self.gzip = await trio.to_thread.run_sync(_gzip, self.body)
+            finally:
+                self._compressing = None
+                compressing.set()
+        return self.gzip
+
+
+def _gzip(body: bytes) -> bytes:
+    # wbits 31: a gzip member (header and CRC), as Content-Encoding: gzip wants.
+    return zlib.compress(body, GZIP_LEVEL, wbits=31)
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header accepts gzip (RFC 9110, 12.5.3): ``gzip``
+    (or ``x-gzip``) with a q-value above 0, or else ``*`` with one. No header: no."""
+    if not header:
+        return False
+    star = False
+    for item in header.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0  # an explicit entry wins over "*", wherever it stands
+        if coding == "*":
+            star = q > 0
+    return star
+
+
+def etag_matches(header: str, *etags: str) -> bool:
+    """Whether an ``If-None-Match`` header names one of ``etags`` or is ``*`` (weak
+    comparison, as RFC 9110 13.1.2 asks for this header)."""
+    for item in header.split(","):
+        tag = item.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag in etags:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -276,18 +375,19 @@ class Ctx:
             raise ApiError(404, f"node {ref!r} not found")
         return node
 
-    async def node_list(self, build: Callable[[list[Node]], msgspec.Struct], *query: Hashable) -> Encoded:
+    async def node_list(self, build: Callable[[list[Node]], msgspec.Struct], *query: Hashable) -> NodeList:
         """The visible nodes, made into an answer by ``build`` and encoded: kept per
         (route, log position, presence version, principal's visibility, ``query``)
-        and built in a worker thread (see "Node lists" in the module docstring).
-        ``build`` may read only immutable state and the presence."""
+        and built in a worker thread (see "Node lists" in the module docstring), with
+        its gzip variant when this request accepts gzip. ``build`` may read only
+        immutable state and the presence."""
         presence = self.service.presence
         state = self.state
         key = (self.route.operation_id, state.seq, presence.version,
                None if self.principal.is_admin else self.principal.user_id, query)
         lists = self.service.node_lists
         while (found := lists.get(key)) is not None:
-            if isinstance(found, Encoded):
+            if isinstance(found, NodeList):
                 lists.move_to_end(key)
                 return found
             await found.wait()  # somebody builds it
@@ -298,7 +398,12 @@ class Ctx:
         try:
             nodes = self.visible_nodes()
             self._pinned = state  # the thread reads the state of the key, not a newer one
-            body = Encoded(await trio.to_thread.run_sync(lambda: msgspec.json.encode(build(nodes))))
+            gzipped = accepts_gzip(request.headers.get("Accept-Encoding"))
+
+            def make() -> NodeList:
+                return NodeList.of(msgspec.json.encode(build(nodes)), gzipped=gzipped)
+
+            body = await trio.to_thread.run_sync(make)
         except BaseException:
             del lists[key]
             raise
@@ -309,8 +414,8 @@ class Ctx:
         lists.move_to_end(key)
         built = self.service.stats.node_lists_built
         built[self.route.path] = built.get(self.route.path, 0) + 1
-        while sum(isinstance(v, Encoded) for v in lists.values()) > NODE_LISTS_KEPT:
-            oldest = next(k for k, v in lists.items() if isinstance(v, Encoded))
+        while sum(isinstance(v, NodeList) for v in lists.values()) > NODE_LISTS_KEPT:
+            oldest = next(k for k, v in lists.items() if isinstance(v, NodeList))
             del lists[oldest]
         return body
 
@@ -382,7 +487,7 @@ class ApiService:
         self._tokens: dict[str, _Token] = {}
         self.version = package_version()
         #: Node lists, encoded or being built (see :meth:`Ctx.node_list`).
-        self.node_lists: OrderedDict[Hashable, Encoded | trio.Event] = OrderedDict()
+        self.node_lists: OrderedDict[Hashable, NodeList | trio.Event] = OrderedDict()
 
     # -- credentials ---------------------------------------------------------------------
 
@@ -540,13 +645,38 @@ class ApiService:
             result = await route.handler(ctx)
         if isinstance(result, Response):
             return result
-        if isinstance(result, Encoded):
-            payload = bytes(result)
+        if isinstance(result, NodeList):
+            response = await self._node_list_response(result, route)
         else:
             payload = result.encode() if isinstance(result, str) else _encoder.encode(result)
-        response = Response(payload, status=route.status, content_type=route.content_type)
+            response = Response(payload, status=route.status, content_type=route.content_type)
         for name, value in ctx.headers.items():
             response.headers[name] = value
+        return response
+
+
+    async def _node_list_response(self, kept: NodeList, route: Route) -> Response:
+        """A kept node list as this request wants it: 304 if it has it already,
+        gzip if it accepts gzip, the JSON otherwise (see "Node lists")."""
+        gzipped = accepts_gzip(request.headers.get("Accept-Encoding"))
+        etag = kept.gzip_etag if gzipped else kept.etag
+        wanted = request.headers.get("If-None-Match")
+        if wanted is not None and etag_matches(wanted, kept.etag, kept.gzip_etag):
+            response = Response(b"", status=304)
+            # A 304 has no body; its headers describe the kept representation, so
+            # no Content-Length of 0 (a cache would take it for the list's).
+            del response.headers["Content-Length"]
+            del response.headers["Content-Type"]
+        else:
+            body = await kept.gzipped() if gzipped else kept.body
+            response = Response(body, status=route.status, content_type=route.content_type)
+            if gzipped:
+                response.headers["Content-Encoding"] = "gzip"
+            sent = self.stats.node_list_bytes
+            encoding = "gzip" if gzipped else "identity"
+            sent[encoding] = sent.get(encoding, 0) + len(body)
+        response.headers["ETag"] = etag
+        response.headers["Vary"] = "Accept-Encoding"
         return response
 
 

@@ -13,7 +13,7 @@ from typing import Final
 from projections import commands as c
 from projections.state import ApiKey, Node, PreAuthKey, User
 
-from .core import ApiError, ApiService, Ctx, Encoded, Route
+from .core import ApiError, ApiService, Ctx, NodeList, Route
 from .schema import (
     V1ApiKey,
     V1ApiKeys,
@@ -178,7 +178,7 @@ async def delete_user(ctx: Ctx) -> V1Empty:
 # -- nodes ---------------------------------------------------------------------------------
 
 
-async def list_nodes(ctx: Ctx) -> Encoded:
+async def list_nodes(ctx: Ctx) -> NodeList:
     ref = ctx.query("user")
     uid = _user(ctx, ref).id if ref is not None else None
     return await ctx.node_list(

@@ -27,7 +27,7 @@ from projections.state import ApiKey, Node, PreAuthKey, User
 
 from ..config import DNSConfig as DNSSettings
 from ..dnsapply import effective_dns_settings
-from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, Encoded, Route
+from .core import TOKEN_LIFETIME, ApiError, ApiService, Ctx, NodeList, Route
 from .schema import (
     V2Authorized,
     V2Device,
@@ -145,7 +145,7 @@ def v2_client(ctx: Ctx, client: ApiKey, full: str | None = None) -> V2Key:
 # -- devices -----------------------------------------------------------------------------------
 
 
-async def list_devices(ctx: Ctx) -> Encoded:
+async def list_devices(ctx: Ctx) -> NodeList:
     _tailnet(ctx)
     return await ctx.node_list(lambda nodes: V2Devices(devices=[v2_device(ctx, n) for n in nodes]))
 
