@@ -68,19 +68,21 @@ def api_metrics(stats: ApiStats) -> Iterator[Metric]:
     for (route, method), total in sorted(stats.seconds.items()):
         seconds.add_metric([route, method], total)
     yield seconds
-    built = CounterMetricFamily(
+    yield _by_label(
         "tailledger_api_node_lists_built", "Node lists the admin API built, by route template; "
         "the other list requests were answered with a kept list (nothing changed since)",
-        labels=["route"],
+        "route", stats.node_lists_built,
     )
-    for route, count in sorted(stats.node_lists_built.items()):
-        built.add_metric([route], count)
-    yield built
-    sent = CounterMetricFamily(
+    yield _by_label(
         "tailledger_api_node_list_bytes", "Bytes of node list bodies the admin API sent, by content coding "
         "(gzip for clients that accept it, identity otherwise)",
-        labels=["encoding"],
+        "encoding", stats.node_list_bytes,
     )
-    for encoding, count in sorted(stats.node_list_bytes.items()):
-        sent.add_metric([encoding], count)
-    yield sent
+
+
+def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter with one ``label``: a value per label value, sorted."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
