@@ -139,6 +139,13 @@ def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
         "tailledger_map_streams_superseded", "Map long-polls ended by a newer one of the same node",
         value=stats.streams_superseded,
     )
+    yield _counts(
+        "tailledger_map_keepalives",
+        "Keep-alives sent to idle map streams, by path: direct (the transport sent it to the"
+        " parked stream at once, no task) or resumed (the stream was resumed and sent it)",
+        "path",
+        (("direct", stats.keepalives_direct), ("resumed", stats.keepalives_resumed)),
+    )
 
 
 def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:

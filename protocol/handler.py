@@ -54,22 +54,36 @@ class Park:
 
     ``register`` hands the park itself and ``resume`` to ``owner``, the stream's
     owner, which decides where ``resume`` waits; what the owner needs to know about
-    this wait travels in the park (the transport reads none of it). A new park is
-    yielded for each wait.
+    this wait travels in the park (the transport reads none of it; an owner may
+    subclass it to carry more). A new park is yielded for each wait.
+
+    A transport that can write without a task may also hand over ``send_now``: it
+    sends bytes on the parked stream at once, as if the stream had yielded them, and
+    the stream stays parked. It does so only when that needs no wait (nobody else
+    writing, flow-control window open) and returns ``False`` otherwise, having sent
+    nothing; it is for small constant frames such as keep-alives, which then cost
+    no task and no resumption of the stream.
 
     Attributes:
         due: when (trio's clock) the stream wants to run again even if nothing
             happens, e.g. its keep-alive falls due; ``math.inf``: only when woken.
+        resume: the transport's ``resume``, once registered.
+        send_now: the transport's ``send_now``, if it has one (see above).
     """
 
-    __slots__ = ("_owner", "due")
+    __slots__ = ("_owner", "due", "resume", "send_now")
 
     def __init__(self, owner: Callable[[Park, Callable[[], None]], None], due: float = math.inf) -> None:
         self._owner = owner
         self.due = due
+        self.resume: Callable[[], None] | None = None
+        self.send_now: Callable[[bytes], bool] | None = None
 
-    def register(self, resume: Callable[[], None]) -> None:
-        """Hand the stream's ``resume`` to its owner (the transport calls it once)."""
+    def register(self, resume: Callable[[], None], send_now: Callable[[bytes], bool] | None = None) -> None:
+        """Hand the stream's ``resume`` (and ``send_now``, if the transport has one)
+        to its owner (the transport calls it once)."""
+        self.resume = resume
+        self.send_now = send_now
         self._owner(self, resume)
 
 

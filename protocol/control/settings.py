@@ -52,6 +52,11 @@ class ControlStats:
     expired_updates_ignored: int = 0
     #: Map long-polls ended by a newer one of the same node.
     streams_superseded: int = 0
+    #: Keep-alives sent to parked map streams by their transport at once (no task).
+    keepalives_direct: int = 0
+    #: Keep-alives sent by map streams that were resumed (their transport could not
+    #: send at once, or a publication woke them with nothing for them).
+    keepalives_resumed: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,14 @@ node id, :meth:`~MapStreams._park_in`). A publication resumes the groups one aft
 request that arrives during a fan-out waits for one group's sends, not every stream's.
 A resumed stream reads the hub through its cursor, sends what it got, and parks again.
 
-**Keep-alives** (:meth:`~MapStreams._tick_keepalives`, one task) wake each group
+**Keep-alives** (:meth:`~MapStreams._tick_keepalives`, one task) visit each group
 :data:`KEEPALIVE_TICKS` times per interval, and only the parked streams whose
-keep-alive falls due by then; a woken stream with nothing to send sends a keep-alive
-once it was quiet for :meth:`~MapStreams._keepalive_due`. No timer per stream.
+keep-alive falls due by then (:meth:`~MapStreams._wake_group`): each gets the shared,
+pre-framed keep-alive through its transport's ``send_now`` (:class:`_MapPark`), right
+there, and stays parked: no task, no resumption of the stream, nothing allocated. Only
+when the transport cannot send at once (a write in progress, no flow-control window,
+TLS) is the stream resumed, and sends its keep-alive itself once it was quiet for
+:meth:`~MapStreams._keepalive_due`. No timer per stream.
 
 **Full-map turns** (:class:`_Turn`): a full map is built only when the stream's turn
 comes, at most :attr:`ControlSettings.full_map_concurrency` at once, and held until the
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
@@ -62,6 +67,8 @@ from ..mapwire import MapWire
 from .settings import ControlSettings, ControlStats
 
 __all__ = ["KEEPALIVE_TICKS", "WAKE_GROUPS", "MapStreams"]
+
+log = logging.getLogger(__name__)
 
 #: Stream groups woken one after another by a publication (see MapStreams._wake_streams).
 WAKE_GROUPS = 64
@@ -101,6 +108,23 @@ class _Poll:
     def __init__(self, cancel: Callable[[], None] | None) -> None:
         self.cancel = cancel
         self.superseded = False
+
+
+class _MapPark(Park):
+    """What a parked map stream leaves in its wake group: its :class:`Park` (due time,
+    the transport's ``resume`` and ``send_now``), the compression of its frames, and
+    when it last sent something, which the keep-alive ticker moves on when it sends
+    the stream a keep-alive (:meth:`MapStreams._wake_group`) and the stream reads
+    when it is resumed."""
+
+    __slots__ = ("compress", "last_sent")
+
+    def __init__(
+        self, owner: Callable[[Park, Callable[[], None]], None], due: float, *, compress: bool, last_sent: float
+    ) -> None:
+        super().__init__(owner, due)
+        self.compress = compress
+        self.last_sent = last_sent
 
 
 class _Wake:
@@ -152,13 +176,13 @@ class MapStreams:
         #: The bytes of what the hub's streams are sent, each shared message and
         #: full-map piece encoded and framed once (see protocol.mapwire).
         self.wire = MapWire()
-        #: Parked streams per group (by node id): the resume callables of their
-        #: transports (an idle stream is no task, see protocol.handler.Park), each
-        #: with the time its keep-alive falls due (the Park's ``due``), so that the
-        #: keep-alive ticker resumes only those due. A publication resumes the groups
-        #: one after another, so requests that arrive meanwhile wait for one group's
-        #: sends, not for every stream's.
-        self._parked: list[list[tuple[float, Callable[[], None]]]] = [[] for _ in range(WAKE_GROUPS)]
+        #: Parked streams per group (by node id): their parks (an idle stream is no
+        #: task, see protocol.handler.Park), with the transport's resume and send_now
+        #: and the time the stream's keep-alive falls due, so that the keep-alive
+        #: ticker visits only those due. A publication resumes the groups one after
+        #: another, so requests that arrive meanwhile wait for one group's sends, not
+        #: for every stream's.
+        self._parked: list[list[_MapPark]] = [[] for _ in range(WAKE_GROUPS)]
         #: The owner of each group's parks (see _park_in).
         self._park_owners = [functools.partial(self._park_in, g) for g in range(WAKE_GROUPS)]
         #: Bounds the full maps in flight (see ControlSettings.full_map_concurrency).
@@ -253,7 +277,11 @@ class MapStreams:
                 # wakes the group (no timer per stream). No wait if something was
                 # published while this stream was sending.
                 if cursor.seq >= self._published_seq:
-                    yield Park(self._park_owners[group], due=last_sent + self._keepalive_due())
+                    park = _MapPark(self._park_owners[group], last_sent + self._keepalive_due(),
+                                    compress=compress, last_sent=last_sent)
+                    yield park
+                    last_sent = park.last_sent  # the ticker may have sent keep-alives meanwhile
+                    del park
                 if poll.superseded:
                     return
                 assert self.hub.state is not None
@@ -271,6 +299,7 @@ class MapStreams:
                 if sent:
                     last_sent = now
                 elif now - last_sent >= self._keepalive_due():
+                    self._stats.keepalives_resumed += 1
                     yield keepalive_frame(compress)
                     last_sent = trio.current_time()
         finally:
@@ -363,22 +392,50 @@ class MapStreams:
 
     def _park_in(self, group: int, park: Park, resume: Callable[[], None]) -> None:
         """Where a stream of ``group`` waits, with the time its keep-alive is due."""
-        self._parked[group].append((park.due, resume))
+        assert isinstance(park, _MapPark)
+        self._parked[group].append(park)
 
     def _wake_group(self, group: int, *, due_by: float | None = None) -> None:
-        """Resume the group's parked streams (with ``due_by``, only those whose
-        keep-alive is due by then)."""
+        """Resume the group's parked streams; with ``due_by`` (the keep-alive ticker),
+        only those whose keep-alive is due by then, and those only if their transport
+        cannot send them the keep-alive at once (``send_now``): the others get it and
+        stay parked, due again a keep-alive interval later."""
         parked = self._parked[group]
         if due_by is None:
-            woken = parked
             self._parked[group] = []
-        else:
-            woken = [p for p in parked if p[0] <= due_by]
-            if not woken:
-                return
-            self._parked[group] = [p for p in parked if p[0] > due_by]
-        for _, resume in woken:
-            resume()
+            for park in parked:
+                assert park.resume is not None
+                park.resume()
+            return
+        kept: list[_MapPark] = []
+        woken: list[_MapPark] = []
+        for park in parked:
+            send_now = park.send_now
+            if park.due > due_by or (send_now is not None and self._send_keepalive(park, send_now)):
+                kept.append(park)
+            else:
+                woken.append(park)
+        if not woken:
+            return
+        self._parked[group] = kept
+        for park in woken:
+            assert park.resume is not None
+            park.resume()
+
+    def _send_keepalive(self, park: _MapPark, send_now: Callable[[bytes], bool]) -> bool:
+        """Send a parked stream its keep-alive through its transport, which leaves it
+        parked; ``False`` if the transport could not (then it must be resumed)."""
+        try:
+            sent = send_now(keepalive_frame(park.compress))
+        except Exception:  # a transport bug must not stop the ticker: resume it instead
+            log.exception("sending a keep-alive to a parked map stream failed")
+            return False
+        if sent:
+            now = trio.current_time()
+            park.last_sent = now
+            park.due = now + self._keepalive_due()
+            self._stats.keepalives_direct += 1
+        return sent
 
     async def _wake_streams(self) -> None:
         """Wake the stream groups in turn, letting other tasks run in between."""

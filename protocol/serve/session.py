@@ -146,6 +146,7 @@ class NoiseSession:
 
     __slots__ = (
         "_admitted",
+        "_backlog",
         "_bodies",
         "_closing_reason",
         "_conn",
@@ -205,6 +206,9 @@ class NoiseSession:
         self._reader: trio.CancelScope | None = None  # the running reader's scope
         self._wait: trio.CancelScope | None = None  # its wait for data, with the deadline
         self._unsent = 0  # bytes the current writer took but has not written yet
+        # Bytes a task-less write (_send_now) took but the socket did not take: the
+        # next writer writes them first (see _take).
+        self._backlog = b""
 
     @property
     def machine_key(self) -> bytes:
@@ -406,7 +410,7 @@ class NoiseSession:
         Raises:
             _ConnectionLost: It did (the caller's task must stop sending).
         """
-        held = self._conn.buffered_outgoing() + self._unsent
+        held = self._conn.buffered_outgoing() + self._unsent + len(self._backlog)
         cap = self._options.max_outgoing_buffer
         if held > cap:
             self._abort(f"{held} bytes not taken by the peer (cap {cap})", "buffer")
@@ -535,7 +539,7 @@ class NoiseSession:
             sock = plain_socket(self._stream)
             fd = sock.fileno() if sock is not None else -1  # -1 once closed
             if fd >= 0:
-                data = take()
+                data = self._take(take)
                 if not data:
                     return
                 try:
@@ -554,7 +558,7 @@ class NoiseSession:
             else:
                 await lock.acquire()
             try:
-                out = rest or take()
+                out = rest or self._take(take)
                 if not out:
                     return
                 await self._write_out(out)
@@ -563,6 +567,59 @@ class NoiseSession:
         finally:
             if self._send_lock is lock and not lock.locked():
                 self._send_lock = None
+
+    def _take(self, take: Callable[[], bytes]) -> bytes:
+        """``take()``, after the backlog a task-less write left (records in nonce order)."""
+        data = take()
+        if self._backlog:
+            data, self._backlog = self._backlog + data, b""
+        return data
+
+    def _send_now(self, stream_id: int, data: bytes) -> bool:
+        """Send ``data`` on the parked long poll ``stream_id`` at once, from whatever
+        task calls (the ``send_now`` of :class:`~protocol.handler.Park`: the map
+        streams' keep-alive ticker sends idle streams their keep-alive so, with no
+        task and no resumption of the stream).
+
+        Only when that needs no wait: the stream is still parked, the session open,
+        on plain TCP, nobody writing, and the stream has nothing waiting for
+        flow-control window. Then the DATA frame is sealed and written right here
+        (nothing is awaited between taking the bytes and writing them, so records
+        stay in nonce order); what the socket does not take at once is the backlog,
+        which a flush task writes, before anybody else's bytes (:meth:`_take`).
+
+        Returns:
+            Whether it was sent; ``False``: nothing was (the caller resumes the
+            stream, which sends it the usual way).
+        """
+        if stream_id not in self._parked or self._closing_reason or self._handlers is None:
+            return False
+        lock = self._send_lock
+        sock = plain_socket(self._stream)
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0 or (lock is not None and lock.locked()) or self._conn.pending(stream_id):
+            return False
+        try:
+            self._conn.send_data(stream_id, data, end_stream=False)
+        except ProtocolError:
+            return False  # the connection failed or is closing: resumed, the stream finds out
+        try:
+            self._check_outgoing()
+        except _ConnectionLost:
+            return True  # closing: nothing more is written; the session ends its streams
+        out = self._take(self._conn.data_to_send)
+        if not out:
+            return True  # held for flow-control window: the reader's flush sends it
+        try:
+            left = write_nowait(fd, out)
+        except OSError:
+            self._conn.send_failed()  # the reader sees the connection end
+            return True
+        if left is not None:
+            self._backlog = bytes(left)
+            with contextlib.suppress(RuntimeError):  # the nursery is closing: the session ends anyway
+                self._handlers.start_soon(self._flush_quietly)
+        return True
 
     async def _write_out(self, out: bytes | memoryview) -> None:
         """Write ``out`` (under the send lock) in pieces, each of which the peer
@@ -718,7 +775,10 @@ class NoiseSession:
                 if self._closing_reason:
                     return False  # the session ends: the caller closes the iterator
                 self._parked[stream_id] = stream
-                chunk.register(partial(self._resume, stream_id))
+                chunk.register(
+                    partial(self._resume, stream_id),
+                    partial(self._send_now, stream_id) if plain_socket(self._stream) is not None else None,
+                )
                 return True
             if chunk:
                 await self._send_body(stream_id, chunk, end_stream=False)

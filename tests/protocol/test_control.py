@@ -459,6 +459,8 @@ async def test_idle_streams_get_keepalives_within_the_interval(tmp_path: Path) -
                         last = now
         # Never quieter than the interval (plus scheduling slack), never chatty.
         assert all(interval * 0.5 <= g <= interval * 1.5 for g in gaps), gaps
+        # Sent to the parked stream by its transport (plain TCP), not by resuming it.
+        assert server.control is not None and server.control.stats.keepalives_direct >= 3
 
 
 async def test_shutdown_with_open_streams_is_quiet_and_marks_nodes_offline(

@@ -667,6 +667,66 @@ async def test_parked_long_polls_are_closed_when_the_connection_goes(server: Run
     assert _tasks_running("_serve_request") == 0
 
 
+async def test_send_now_writes_on_a_parked_long_poll_from_the_caller(server: RunningServer) -> None:
+    """A parked stream's keep-alive: the transport's ``send_now`` seals and writes it
+    at once, from the calling task, and the stream stays parked (no task started, the
+    iterator not resumed); once the stream is gone it sends nothing."""
+    async with open_control_client("127.0.0.1", server.port, machine_key=b"\x11" * 32) as client:
+        async with client.open_stream("POST", "/park?n") as stream:
+            assert await stream.__anext__() == b"n:0;"
+            await wait_all_tasks_blocked()
+            park = server.handler.parks[-1]
+            assert park.send_now is not None
+            assert park.send_now(b"now;") and park.send_now(b"again;")
+            assert _tasks_running("_serve_request") == 0  # none started: written right here
+            got = b""
+            with trio.fail_after(5):
+                while len(got) < len(b"now;again;"):
+                    got += await stream.__anext__()
+            assert got == b"now;again;"
+            server.handler.parked.pop()()  # still parked where it was: resumed, it goes on
+            assert await stream.__anext__() == b"n:1;"
+        with trio.fail_after(5):
+            await server.handler.stream_closed.wait()
+        await wait_all_tasks_blocked()
+        assert not park.send_now(b"late;")  # reset by the client: nothing is sent
+    await assert_still_serving(server)
+
+
+async def test_send_now_keeps_the_records_in_order_when_the_socket_is_full(server: RunningServer) -> None:
+    """A client that reads nothing for a while: the socket takes part of a task-less
+    write, the rest waits (the backlog) and goes out before anything written later,
+    by send_now or by a task; the client decrypts every record, in order."""
+    tunnel = await open_raw_tunnel(server.port, server.server_public, b"\x12" * 32, window=2**31 - 1)
+    stream_id = tunnel.conn.send_request("POST", "/park?full")
+    events = await tunnel.pump_until(lambda evs: any(isinstance(e, cc.DataReceived) for e in evs))
+    await wait_all_tasks_blocked()
+    park = server.handler.parks[-1]
+    assert park.send_now is not None
+    chunk, sent = pattern(15000), []
+    while not _tasks_running("NoiseSession._flush_quietly"):  # a write came back partial
+        assert park.send_now(chunk)
+        sent.append(chunk)
+        assert len(sent) < 10_000, "the socket never filled"
+    for tail in (b"after-1;", b"after-2;"):
+        assert park.send_now(tail)  # the flush task has not run yet: onto the backlog
+        sent.append(tail)
+    server.handler.parked.pop()()  # and a write from a task, after all of it
+    sent.append(b"full:1;")
+    received = b"".join(e.data for e in events if isinstance(e, cc.DataReceived) and e.stream_id == stream_id)
+    assert received == b"full:0;"
+    expected = b"".join(sent)
+    with trio.fail_after(30):
+        while len(received) < len(b"full:0;") + len(expected):
+            await tunnel.stream.send_all(tunnel.conn.data_to_send())
+            for event in tunnel.conn.receive_data(bytes(await tunnel.stream.receive_some(1 << 20))):
+                if isinstance(event, cc.DataReceived) and event.stream_id == stream_id:
+                    received += event.data
+    assert received == b"full:0;" + expected
+    await tunnel.stream.aclose()
+    await assert_still_serving(server)
+
+
 async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(server: RunningServer) -> None:
     """A node's idle state: its long poll parked, nothing else going on. Then
     the session's reader is parked in the server's shared waiter, not a task;

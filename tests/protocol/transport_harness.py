@@ -49,6 +49,8 @@ class EchoHandler:
     handler_cancelled: trio.Event = field(default_factory=trio.Event)
     #: resume callables of streams parked by /park (see protocol.Park)
     parked: list[Callable[[], None]] = field(default_factory=list)
+    #: the parks themselves (their ``send_now``)
+    parks: list[Park] = field(default_factory=list)
 
     async def __call__(self, request: NoiseRequest) -> NoiseResponse:
         self.requests.append(request)
@@ -137,8 +139,9 @@ class EchoHandler:
 
     async def _parking(self, tag: str) -> AsyncIterator[bytes | Park]:
         """Parks after every chunk; each resume makes it send the next one."""
-        def owner(_park: Park, resume: Callable[[], None]) -> None:
+        def owner(park: Park, resume: Callable[[], None]) -> None:
             self.parked.append(resume)
+            self.parks.append(park)
 
         try:
             for i in range(1_000_000):
