@@ -158,7 +158,7 @@ def _count_tasks() -> int:
 
 
 @dataclass
-class _SiteTable:
+class SiteTable:
     """Traced bytes and blocks keyed by (site, via)."""
 
     sizes: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -188,8 +188,9 @@ def _site_of(frames: tracemalloc.Traceback) -> tuple[str, str]:
     return site, via
 
 
-def _sites(snapshot: tracemalloc.Snapshot) -> _SiteTable:
-    table = _SiteTable()
+def allocation_sites(snapshot: tracemalloc.Snapshot) -> SiteTable:
+    """Traced bytes and blocks of ``snapshot`` by (site, via) (see the module docstring)."""
+    table = SiteTable()
     for stat in snapshot.statistics("traceback"):
         if stat.traceback[-1].filename == tracemalloc.__file__:
             continue  # tracemalloc's own bookkeeping
@@ -205,14 +206,14 @@ class _Sample:
     objects: Counter[str]
     tasks: int
     traced: int = 0
-    sites: _SiteTable | None = None
+    sites: SiteTable | None = None
 
 
 def _sample(trace: bool) -> _Sample:
     gc.collect()
     rss = _rss()
     # The snapshot comes before anything this function allocates itself.
-    sites = _sites(tracemalloc.take_snapshot()) if trace else None
+    sites = allocation_sites(tracemalloc.take_snapshot()) if trace else None
     tasks = _count_tasks()
     objects = Counter(type(o).__qualname__ for o in gc.get_objects())
     traced = sum(sites.sizes.values()) if sites is not None else 0
@@ -406,7 +407,7 @@ async def _server_role(args: argparse.Namespace) -> dict[str, Any]:
                     # allocated is exactly what the second snapshot holds, and
                     # start-up allocations need neither tracing nor sorting.
                     tracemalloc.start(args.frames)
-                    before.sites = _SiteTable()
+                    before.sites = SiteTable()
                 started = time.monotonic()
                 ok, failed = await _connect_batch(proc, lines, args.nodes)
                 connected = time.monotonic()

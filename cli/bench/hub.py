@@ -51,6 +51,7 @@ from projections.policystate import PolicyCompiler
 from projections.tailcfg import DERPMap
 from protocol import MapWire
 
+from .hub_memory import MemoryProbe, census
 from .scenarios import BenchLog, scenario
 
 __all__ = ["bench_hub_main"]
@@ -75,31 +76,44 @@ class Figures:
     nbytes: int
 
 
-def run(name: str, n: int, profile: str | None) -> dict[str, Figures]:
-    """Build the scenario at ``n`` nodes and time each change; the figures by change."""
+def run(name: str, n: int, profile: str | None, memory: bool = False) -> dict[str, Figures]:
+    """Build the scenario at ``n`` nodes and time each change; the figures by change.
+    With ``memory``, also what each step leaves allocated (:mod:`.hub_memory`)."""
     sc = scenario(name, n)
     rnd = random.Random(n)
     r = BenchLog(now=datetime(2026, 1, 1, tzinfo=UTC))
     uids = [r.run(functools.partial(c.decide_create_user, name=u)) for u in sc.users]
     r.run(lambda s: c.decide_set_policy(s, sc.policy_a, source="bench"))
+    probe = MemoryProbe(n) if memory else None
     t0 = time.perf_counter()
     for i in range(n):
         user, tags = sc.node(i)
         _register(r, rnd, uids[sc.users.index(user)], tags, f"n{i}")
+    if probe:
+        probe.mark("the log and the state")
     compiler = PolicyCompiler("https://control.example")
     settings = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
     hub = MapHub(compiler, settings, lambda _nid: None)
     hub.advance(r.state, r.now, r.delta, ())
     r.delta = EMPTY
+    if probe:
+        probe.mark("the hub advanced once")
     wire = MapWire()
     cursors = {nid: StreamCursor(nid) for nid in r.state.nodes}
     full = 0
     for cur in cursors.values():
-        full += len(wire.full_map_json(cur.full_map(hub)))
+        fm = cur.full_map(hub)
+        full += len(wire.full_map_json(fm))
+        if probe:
+            wire.frame_full(fm, compress=True)  # the server's zstd frames, kept per piece
+        del fm
     peers = [len(hub.peer_set(nid).peers) - (nid in hub.peer_set(nid).peers) for nid in r.state.nodes]
     print(f"{name} {n}: built in {time.perf_counter() - t0:.1f} s; classes {hub.classes()}, "
           f"peers avg {statistics.mean(peers):.0f} median {statistics.median(peers):.0f} max {max(peers)}, "
           f"full maps {full / 2**20:.1f} MiB", flush=True)
+    if probe:
+        probe.mark("every stream's full map and cursor")
+        census(hub, wire, cursors.values())
 
     figures: dict[str, Figures] = {}
 
@@ -121,15 +135,23 @@ def run(name: str, n: int, profile: str | None) -> dict[str, Figures]:
             msgs = cursors[nid].update(hub)
             sent += bool(msgs)
             nbytes += sum(len(wire.message_json(m)) for m in msgs)
+            if probe:
+                for m in msgs:
+                    wire.frame(m, compress=True)
         for nid in r.state.nodes:
             if nid not in cursors:
                 cursors[nid] = StreamCursor(nid)
-                wire.full_map_json(cursors[nid].full_map(hub))
+                fm = cursors[nid].full_map(hub)
+                wire.full_map_json(fm)
+                if probe:
+                    wire.frame_full(fm, compress=True)
         cpu = time.process_time() - c0
         if prof:
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
         print(f"  {label:7} CPU {cpu:7.3f} s   streams messaged {sent:5}   bytes {nbytes / 1024:9.1f} KiB", flush=True)
+        if probe:
+            probe.mark(f"after the {label} and every stream's update")
         figures[label] = Figures(cpu, sent, nbytes)
 
     user, tags = sc.node(n + 5)  # a team member, not an admin (admins see everyone)
@@ -139,6 +161,9 @@ def run(name: str, n: int, profile: str | None) -> dict[str, Figures]:
     change("tag", lambda: r.run(lambda s: c.decide_set_tags(s, str(device), ("tag:svc1",))))
     change("delete", lambda: r.run(lambda s: c.decide_delete_node(s, str(newcomer[0]))))
     change("policy", lambda: r.run(lambda s: c.decide_set_policy(s, sc.policy_b, source="bench")))
+    if probe:
+        census(hub, wire, cursors.values())
+        probe.stop()
     return figures
 
 
@@ -176,6 +201,9 @@ def bench_hub_main(argv: list[str]) -> int:
     parser.add_argument("--scenario", default="corp", help="comma-separated scenarios: corp, flat")
     parser.add_argument("--nodes", default="1000", help="comma-separated tailnet sizes")
     parser.add_argument("--profile", default=None, help="profile this change (join, tag, delete, policy)")
+    parser.add_argument("--memory", action="store_true",
+                        help="trace allocations: what each step leaves allocated per node, by site, "
+                             "and a census of the shared structures (cli/bench/hub_memory.py)")
     args = parser.parse_args(argv)
     names = args.scenario.split(",")
     for name in names:
@@ -187,7 +215,7 @@ def bench_hub_main(argv: list[str]) -> int:
         parser.error(f"--nodes takes comma-separated whole numbers, not {args.nodes!r}")
     if any(n < 1 for n in sizes):
         parser.error("--nodes: every size must be at least 1")
-    results = {(name, n): run(name, n, args.profile) for name in names for n in sizes}
+    results = {(name, n): run(name, n, args.profile, args.memory) for name in names for n in sizes}
     if len(results) > 1:
         print()
         print(curve(results))
