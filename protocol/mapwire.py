@@ -20,7 +20,8 @@ key (kept by projections)      bytes kept here
                                that shows this peer
 ``MapMessage``                 its JSON, and its frame per compression
 ``PeerSet.lineage``            the full-map pieces of the newest version of that
-                               class's peer set that built any
+                               lineage that built any (classes that see the
+                               same peers share one peer set, so one lineage)
 =============================  ===================================================
 
 **Full maps in pieces.** A full map is its body (everything but the peers) with a

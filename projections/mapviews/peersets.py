@@ -9,6 +9,10 @@ which includes the members themselves; a stream leaves its own node out.
 that did not see a peer change is handed the very same object, so "did it change"
 is an identity test.
 
+Classes that see the same peers share one :class:`PeerSet` (the hub makes one per
+content in each advance): a peer set is a version of what some classes see, not of
+one class.
+
 **The journal.** A new version records its parent's journal entry (:class:`_Link`)
 and the ids that changed, so bringing a stream from any recent version to the current
 one costs the size of the change (:func:`diff_peer_sets`); a stream more than
@@ -156,8 +160,9 @@ class MapMessage:
 
 
 class Lineage:
-    """The identity every version of one class's peer set shares (a new version
-    inherits its parent's): caches that carry over from a version to the next, like
+    """The identity the successive versions of a peer set share (a new version
+    inherits its parent's, unless another class already went on from that parent:
+    then it starts its own): caches that carry over from a version to the next, like
     the transport's full-map pieces, are keyed by it."""
 
     __slots__ = ("__weakref__",)
@@ -176,7 +181,8 @@ class _Link:
 
 
 class PeerSet:
-    """What the members of one visibility class are shown about their peers.
+    """What the members of one visibility class (or of several that see the same
+    peers) are shown about their peers.
 
     Attributes:
         peers: node id -> shared peer (members included; a stream skips itself).
@@ -184,7 +190,8 @@ class PeerSet:
         link: this version's journal entry (ids that changed from the version before,
             and that version's entry while it is within :data:`JOURNAL_DEPTH`).
         depth: how many versions this class went through before this one.
-        lineage: shared by every version of this class (see :class:`Lineage`).
+        lineage: shared by the versions that descend from one another, until classes
+            that shared a version part (see :class:`Lineage`).
     """
 
     __slots__ = ("__weakref__", "_diff_to", "depth", "lineage", "link", "peers", "users")
@@ -195,16 +202,21 @@ class PeerSet:
         users: immutables.Map[int, UserProfile],
         parent: PeerSet | None = None,
         changed: frozenset[int] = frozenset(),
+        *,
+        fork: bool = False,
     ) -> None:
+        """``fork``: this version is not the first child of ``parent`` (classes that
+        shared ``parent`` went different ways): it starts a lineage of its own."""
         self.peers = peers
         self.users = users
         self.link: _Link = _Link(changed, parent.link if parent is not None else None)
         self.depth: int = 0 if parent is None else parent.depth + 1
-        self.lineage: Lineage = Lineage() if parent is None else parent.lineage
-        # The diff from this version to the one its streams moved on to, with that
-        # version held weakly: it lives as long as a stream is still on this version,
-        # so a connect storm's many diffs go with the versions they start from.
-        self._diff_to: tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None] | None = None
+        self.lineage: Lineage = Lineage() if parent is None or fork else parent.lineage
+        # The diffs from this version to the ones its streams moved on to (usually
+        # one; one per class when classes that shared it went different ways), with
+        # those versions held weakly: they live as long as a stream is still on this
+        # version, so a connect storm's many diffs go with the versions they start from.
+        self._diff_to: tuple[tuple[weakref.ref[PeerSet], PeerDiff, MapMessage | None], ...] = ()
         if parent is not None and self.depth % JOURNAL_DEPTH == 0:
             # Forget entries older than the journal keeps.
             old = self.link
@@ -221,13 +233,17 @@ class PeerSet:
     def diff_message(self, old: PeerSet, now: datetime | None) -> tuple[PeerDiff, MapMessage | None]:
         """The diff and its message (when ``now`` is given), built once for every
         stream moving from ``old`` (and kept by ``old``)."""
-        hit = old._diff_to
-        if hit is None or hit[0]() is not self:
-            hit = old._diff_to = (weakref.ref(self), diff_peer_sets(old, self), None)
-        diff, msg = hit[1], hit[2]
+        entries = old._diff_to
+        at = next((i for i, entry in enumerate(entries) if entry[0]() is self), -1)
+        if at < 0:
+            # Forget the successors no stream is on any more.
+            entries = (*(e for e in entries if e[0]() is not None), (weakref.ref(self), diff_peer_sets(old, self), None))
+            at = len(entries) - 1
+            old._diff_to = entries
+        ref, diff, msg = entries[at]
         if msg is None and now is not None and not diff.is_empty():
             msg = MapMessage(update_response(now, {}, diff))
-            old._diff_to = (hit[0], diff, msg)
+            old._diff_to = (*entries[:at], (ref, diff, msg), *entries[at + 1 :])
         return diff, msg
 
 

@@ -276,7 +276,7 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     # The newcomer is evaluated once per class that sees it (found from its own peers),
     # not once per class: the others cannot have it as a peer.
     compiled = compiler.compiled(r.state)
-    seeing = {hub.peer_set(m) for m in r.state.nodes if compiled.visible(m, newcomer)}
+    seeing = {hub.class_of(m) for m in r.state.nodes if compiled.visible(m, newcomer)}
     assert 0 < len(seeing) < hub.classes()
     assert hub.stats.peer_evaluations - before.peer_evaluations == len(seeing)
     # Filters: team 3's destinations and u3's devices (the admins' "*" rule is
@@ -322,3 +322,79 @@ def test_a_policy_change_of_ports_keeps_peers_and_ssh_answers() -> None:
     before, _ = change(narrowed)
     assert 0 < hub.stats.peer_evaluations - before.peer_evaluations < every_class / 2
     assert hub.stats.ssh_renders == before.ssh_renders
+
+
+_TEAM = (
+    '{"groups": {"group:eng": ["user0@", "user1@"]}, "tagOwners": {"tag:db": ["group:eng"]},'
+    ' "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},'
+    ' {"action": "accept", "src": ["group:eng"], "dst": ["group:eng:22", "tag:db:5432"]},'
+    ' {"action": "accept", "src": ["user2@"], "dst": ["user0@:80", "tag:db:5432"]}],'
+    ' "ssh": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]}]}'
+)
+
+
+def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
+    """Issue 19 (memory): two users of one team are two classes (``autogroup:self``,
+    SSH) but see the same peers, so they share one peer set -- and with it its diffs
+    and the transport's full-map pieces -- through joins, tag and presence changes;
+    when a change shows one of them a peer the other does not see, they part, and
+    every stream still has exactly the reference map."""
+    rnd = random.Random(3)
+    r = Recorder()
+    uids = [r.user(u) for u in ("user0", "user1", "user2")]
+    r.run(lambda s: c.decide_set_policy(s, _TEAM, source="test"))
+
+    def register(user: int, tags: tuple[str, ...] = ()) -> int:
+        return r.run(lambda s: c.decide_register_node(
+            s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+            hostname=f"h{rnd.getrandbits(16)}", user_id=uids[user], tags=tags, ephemeral=False,
+            expiry=None, auth="cli", preauth_key=None, plan=PLAN,
+        ))
+
+    a, b, a2, _b2, db = register(0), register(1), register(0), register(1), register(0, ("tag:db",))
+    presence: dict[int, NodePresence] = {}
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, presence.get)
+    cursors: dict[int, StreamCursor] = {}
+    models: dict[int, ClientNetmap] = {}
+
+    def advance(changed_presence: tuple[int, ...] = ()) -> None:
+        r.now += timedelta(seconds=1)
+        hub.advance(r.state, r.now, r.delta, changed_presence)
+        r.delta = EMPTY
+        for nid in r.state.nodes:
+            if nid in cursors:
+                for message in cursors[nid].update(hub):
+                    models[nid].apply(decode(encode(message.response), MapResponse))
+            else:
+                cursors[nid], models[nid] = StreamCursor(nid), ClientNetmap()
+                models[nid].apply(decode(encode(cursors[nid].full_map(hub).response()), MapResponse))
+        for nid in r.state.nodes:
+            reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now)
+            assert models[nid].comparable() == _comparable(reference), nid
+
+    advance()
+    assert hub.class_of(a) is not hub.class_of(b)
+    assert hub.peer_set(a) is hub.peer_set(b)
+    assert (hub.classes(), hub.peer_sets()) == (3, 2)  # user0, user1, tag:db
+    register(1)  # a new eng device: both see it
+    advance()
+    presence[db] = NodePresence(
+        online=True, endpoints=("192.0.2.1:41641",), home_derp=1, last_seen=r.now, disco_key=None
+    )
+    advance((db,))
+    r.run(lambda s: c.decide_set_tags(s, str(a2), ("tag:db",)))
+    advance()
+    assert hub.peer_set(a) is hub.peer_set(b)
+    assert hub.peer_set(a) is not hub.peer_set(db)
+    shared = hub.peer_set(a)
+    other = register(2)  # user0 sees user2's device (user2 reaches user0 on 80), user1 does not
+    advance()
+    assert other in hub.peer_set(a).peers and other not in hub.peer_set(b).peers
+    # user1 kept the version they shared; user0 went on from it, in a lineage of its
+    # own (the transport keeps one set of full-map pieces per lineage).
+    assert hub.peer_set(b) is shared
+    assert hub.peer_set(a).link.parent is shared.link
+    assert hub.peer_set(a).lineage is not shared.lineage
+
