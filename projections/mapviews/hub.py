@@ -281,6 +281,14 @@ class MapHub:
             msg = self._messages[key] = MapMessage(make())
         return msg
 
+    def release_messages(self) -> None:
+        """Forget this version's shared messages (see :meth:`shared`), once every
+        stream has had its update: most carry one node's own parts (after a policy
+        change, every node's new packet filter), which no other stream will ask for,
+        and they would be held, with their bytes, until the next change. A stream
+        that asks later gets an equal message of its own."""
+        self._messages = {}
+
     # -- advancing ---------------------------------------------------------------------
 
     def advance(self, state: TailnetState, now: datetime, delta: Delta, presence_changed: Iterable[int]) -> None:

@@ -484,6 +484,8 @@ class MapStreams:
         self._fanout_left -= 1
         if self._fanout_left == 0:  # (and not below: streams that came later do not count)
             self._fanout_cost = trio.current_time() - self._fanout_started
+            # Idle memory: the per-node messages of this publication are sent.
+            self.hub.release_messages()
 
     def _keepalive_due(self) -> float:
         """Idle time after which a woken stream sends a keep-alive (see _tick_keepalives)."""

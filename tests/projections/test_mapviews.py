@@ -398,3 +398,35 @@ def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
     assert hub.peer_set(a).link.parent is shared.link
     assert hub.peer_set(a).lineage is not shared.lineage
 
+
+def test_shared_messages_are_released_once_every_stream_had_its_update() -> None:
+    """Idle memory: the hub keeps a version's shared messages (one per content: here a
+    new DERP map every stream gets) only until :meth:`MapHub.release_messages`, which
+    the server calls once the fan-out is done; a stream that asks later gets an equal
+    message of its own."""
+    import gc
+    import weakref
+
+    r = Recorder()
+    uid = r.user("user0")
+    nodes = [r.node(uid, f"host{i}") for i in range(3)]
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    hub = MapHub(PolicyCompiler("https://control.example"), settings_, lambda _nid: None)
+    hub.advance(r.state, r.now, r.delta, ())
+    cursors = {nid: StreamCursor(nid) for nid in nodes}
+    for cur in cursors.values():
+        cur.full_map(hub)
+    hub.settings = dataclasses.replace(settings_, derp_map=DERPMap(regions={}, omit_default_regions=True))
+    r.now += timedelta(seconds=1)
+    hub.advance(r.state, r.now, EMPTY, ())
+    [first] = cursors[nodes[0]].update(hub)
+    [second] = cursors[nodes[1]].update(hub)
+    assert first is second
+    ref = weakref.ref(first)
+    expected = encode(first.response)
+    del first, second
+    hub.release_messages()
+    gc.collect()
+    assert ref() is None
+    [late] = cursors[nodes[2]].update(hub)
+    assert encode(late.response) == expected
