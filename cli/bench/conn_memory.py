@@ -16,7 +16,8 @@ earlier run's allocator state pollutes the figures:
    with a stand-in handler whose ``/machine/map`` answer is an idle stream,
    so the netmap costs nothing; ``--mode full``: the real ``tailledger
    serve`` stack in-process, with a deny-all policy so that every node has
-   no peers and the netmap stays tiny).
+   no peers and the netmap stays tiny; ``--policy allow-all`` shows every node
+   every other, so the figures add what a node's peers and full map cost).
 2. ``--warmup`` clients connect; each registers (full mode), opens a
    ``/machine/map`` long poll and reads its first message. Once they have
    settled, the *baseline* is taken: RSS, GC-tracked objects by type, trio
@@ -58,7 +59,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 import trio.testing
@@ -303,8 +304,18 @@ async def _start_transport(nursery: trio.Nursery, ssl_context: ssl.SSLContext | 
     return _Target(listeners[0].socket.getsockname()[1], server.server_public)
 
 
+#: ``--policy``: the policy of ``--mode full``.
+_POLICIES: Final = {
+    # Nobody sees anybody: what remains per node is the transport and control state.
+    "deny-all": '{"acls": []}',
+    # Everybody sees everybody: what a node's peers (and its full map) add to that.
+    "allow-all": '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}',
+}
+
+
 async def _start_full(
-    nursery: trio.Nursery, data: Path, ssl_context: ssl.SSLContext | None, certs: Path | None
+    nursery: trio.Nursery, data: Path, ssl_context: ssl.SSLContext | None, certs: Path | None,
+    policy: str = _POLICIES["deny-all"],
 ) -> _Target:
     import msgspec
 
@@ -331,9 +342,7 @@ async def _start_full(
     server: Services = await nursery.start(serve)
     admin = Actor(kind=ActorKind.ADMIN, id="bench")
     await server.ops.dispatch("users.create", {"name": "bench"}, admin)
-    # Deny-all: nobody sees anybody, so the netmap of every node has no peers
-    # and what remains per node is the transport plus per-node control state.
-    await server.ops.dispatch("policy.set", {"text": '{"acls": []}'}, admin)
+    await server.ops.dispatch("policy.set", {"text": policy}, admin)
     created = await server.ops.dispatch(
         "preauthkeys.create", {"user": "bench", "reusable": True}, admin
     )
@@ -383,7 +392,7 @@ async def _server_role(args: argparse.Namespace) -> dict[str, Any]:
             if args.mode == "transport":
                 target = await _start_transport(nursery, ssl_context)
             else:
-                target = await _start_full(nursery, Path(tmp) / "data", ssl_context, certs)
+                target = await _start_full(nursery, Path(tmp) / "data", ssl_context, certs, _POLICIES[args.policy])
             command = [
                 *_CHILD,
                 "--role=clients",
@@ -760,6 +769,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
                     f"--top={args.top}",
                     f"--frames={args.frames}",
                     f"--concurrency={args.concurrency}",
+                    f"--policy={args.policy}",
                     *(["--tls"] if args.tls else []),
                 ]
                 print(f"# {mode}, {nodes} nodes: RSS run ...", flush=True)
@@ -797,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", default="500,2000", help="comma-separated connection counts")
     parser.add_argument("--mode", choices=["transport", "full", "both"], default="transport")
     parser.add_argument("--tls", action="store_true", help="terminate TLS on the control port")
+    parser.add_argument("--policy", choices=sorted(_POLICIES), default="deny-all",
+                        help="the policy of --mode full (allow-all: every node sees every other)")
     parser.add_argument("--warmup", type=int, default=50, help="connections before the baseline")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds idle before sampling")
     parser.add_argument("--top", type=int, default=30, help="allocation sites to list")
