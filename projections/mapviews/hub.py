@@ -392,7 +392,7 @@ class MapHub:
         for key, mem in self._members.items():
             previous = self._classes[key]
             if key in rebuilt:
-                entries = self._class_entries(state, now, compiled, mem)
+                entries = self._class_entries(state, now, compiled, mem, forget=True)
                 classes[key] = versions.next_version(state, previous, entries)
             else:
                 classes[key] = self._update_class(state, now, compiled, previous, mem, set(), presence_only, versions)
@@ -431,7 +431,7 @@ class MapHub:
         classes: dict[Hashable, PeerSet] = {}
         versions = _Versions()
         for key, mem in members.items():
-            entries = self._class_entries(state, now, compiled, mem)
+            entries = self._class_entries(state, now, compiled, mem, forget=True)
             classes[key] = versions.next_version(state, self._classes.get(key), entries)
         self._key_of, self._members, self._classes = keys, members, classes
         self._all_dirty = self.seq
@@ -439,9 +439,13 @@ class MapHub:
         self._ssh.advance(compiled, None)
 
     def _class_entries(
-        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, members: set[int]
+        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, members: set[int], *, forget: bool = False
     ) -> dict[int, Peer]:
-        """Every peer the members see (each other included), from one representative."""
+        """Every peer the members see (each other included), from one representative.
+
+        ``forget``: the compiled policy drops the representative's fold afterwards (a
+        rebuild asks about each representative once; a join's new class may have the
+        newcomer as its representative, whose fold the other classes ask about)."""
         rep = min(members)
         entries: dict[int, Peer] = {}
         for view in compiled.peers(rep):
@@ -455,6 +459,8 @@ class MapHub:
             node = state.nodes[rep]
             if view_of_rep is not None and not node.is_expired(now):
                 entries[rep] = self._cache.get(node, self.presence(rep), view_of_rep, self.settings)
+        if forget:
+            compiled.forget_fold(rep)
         return entries
 
     def _incremental(

@@ -430,3 +430,31 @@ def test_shared_messages_are_released_once_every_stream_had_its_update() -> None
     assert ref() is None
     [late] = cursors[nodes[2]].update(hub)
     assert encode(late.response) == expected
+
+
+def test_a_rebuild_keeps_no_fold_per_class_in_the_compiled_policy() -> None:
+    """Issue 19 (memory): rebuilding the classes folds each representative's matchers
+    into an address set as large as its peers; the hub asks once per representative,
+    so the compiled policy drops each fold after use instead of keeping one per class
+    until the next compile. Streams still get exactly the reference maps, and a join
+    afterwards still folds only the newcomer."""
+    sc = corp(60)
+    t = _corp_streams(sc, 5)
+    r, hub = t.recorder, t.hub
+    assert hub.compiled is not None
+    assert (hub.compiled._reaches, hub.compiled._peer_sets) == ({}, {})
+    r.now += timedelta(seconds=1)
+    r.run(lambda s: c.decide_set_policy(s, sc.policy_b, source="test"))
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    t.update()
+    # (before check(): the reference maps fold every node through the same compile)
+    assert (hub.compiled._reaches, hub.compiled._peer_sets) == ({}, {})
+    t.check()
+    r.now += timedelta(seconds=1)
+    newcomer = t.register(len(sc.owners))
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    t.update()
+    assert set(hub.compiled._reaches) == {newcomer}
+    t.check()
