@@ -45,8 +45,8 @@ gzip asked for it (``Accept-Encoding``: what aiohttp, httpx, browsers and
 answer says ``Vary: Accept-Encoding``; it is gzip when the client accepts gzip
 (:func:`accepts_gzip`), the JSON as it is otherwise, and ``304 Not Modified`` (no body)
 when ``If-None-Match`` names its ETag. Either body goes to hypercorn as one ``bytes``
-object, written with one ``send_all``: for 5,000 nodes the gzip variant is a tenth of
-the 3-5 MB of JSON.
+object, written with one ``send_all``: for 5,000 nodes the gzip variant is about
+550 KB, against 3.2 MB (v2) and 5.1 MB (v1) of JSON.
 
 Errors are RFC 7807 problem documents (``application/problem+json``). A refused
 request appends nothing: every check happens before the operation runs.
@@ -199,8 +199,8 @@ class ApiStats:
 Handler = Callable[["Ctx"], Awaitable[Any]]
 
 
-#: Encoded node lists kept (each is up to a few MB for 5,000 nodes, and a tenth of that
-#: for its gzip variant).
+#: Encoded node lists kept (each is up to a few MB for 5,000 nodes, and a sixth to a
+#: ninth of that for its gzip variant).
 NODE_LISTS_KEPT: Final = 8
 #: The zlib level of a node list's gzip variant (compressed once per kept list).
 GZIP_LEVEL: Final = 6
