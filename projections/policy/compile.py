@@ -70,16 +70,19 @@ class CompiledGrant:
         src_strings: the rendered ``SrcIPs`` (empty when no destination but
             ``autogroup:self``: such a grant has no global rules).
         dst_prefixes: destination prefixes (``autogroup:internet`` and
-            ``autogroup:self`` excluded), used by via steering.
+            ``autogroup:self`` excluded), used by via steering (computed on first
+            use: only policies with via grants read them).
         via_internet: ``autogroup:internet`` is among the destinations.
         depends: identities whose membership changes require recompiling.
         dst_depends: the part of ``depends`` that comes from destinations.
     """
 
     __slots__ = (
+        "_dst_prefixes",
+        "_dst_sets",
+        "_entries",
         "depends",
         "dst_depends",
-        "dst_prefixes",
         "grant",
         "kind",
         "rules",
@@ -96,10 +99,22 @@ class CompiledGrant:
         self.src_sets: list[IPSet] = []
         self.src_set = AddressUnion(())
         self.src_strings: tuple[str, ...] = ()
-        self.dst_prefixes: list[Prefix] = []
+        #: destination sets whose prefixes :attr:`dst_prefixes` lists, once asked
+        self._dst_sets: list[IPSet] = []
+        self._dst_prefixes: list[Prefix] | None = None
+        #: (ip spec index, destination prefix) -> its DstPorts entries, for the next
+        #: compile of this grant to reuse (see :func:`_rules_for_destinations`)
+        self._entries: dict[tuple[int, Prefix], tuple[DstEntry, ...]] = {}
         self.via_internet = False
         self.depends: frozenset[str] = frozenset()
         self.dst_depends: frozenset[str] = frozenset()
+
+    @property
+    def dst_prefixes(self) -> list[Prefix]:
+        """Destination prefixes (see the class docstring)."""
+        if self._dst_prefixes is None:
+            self._dst_prefixes = [p for s in self._dst_sets for p in s.prefixes()]
+        return self._dst_prefixes
 
 
 def acl_to_grants(acl: ACL) -> list[Grant]:
@@ -154,9 +169,17 @@ def _dedupe(strings: Iterable[str]) -> tuple[str, ...]:
 
 
 def compile_grant(
-    grant: Grant, resolver: Resolver, *, allow_empty_dst: bool = False
+    grant: Grant,
+    resolver: Resolver,
+    *,
+    allow_empty_dst: bool = False,
+    previous: CompiledGrant | None = None,
 ) -> CompiledGrant | None:
     """Resolve one grant against the resolver's tailnet.
+
+    ``previous`` is this grant compiled against an earlier snapshot (same policy): the
+    destination entries of the addresses both have are taken over instead of made again,
+    so a join that changes a group's destinations costs one lookup per member address.
 
     Returns:
         The compiled grant, or None when it can never produce rules (an
@@ -166,8 +189,12 @@ def compile_grant(
         return None
     tailnet = resolver.tailnet
     compiled = CompiledGrant(grant)
-    compiled.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
-    compiled.depends = compiled.dst_depends | alias_dependencies(grant.src, resolver.policy)
+    if previous is not None and previous.grant is grant:
+        compiled.dst_depends, compiled.depends = previous.dst_depends, previous.depends
+    else:
+        previous = None
+        compiled.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
+        compiled.depends = compiled.dst_depends | alias_dependencies(grant.src, resolver.policy)
     sources = [resolver.resolve(a) for a in grant.src]
     compiled.src_sets = [r.addresses for r in sources]
     compiled.src_set = _memo(
@@ -178,7 +205,7 @@ def compile_grant(
         if dst.alias.text == "autogroup:internet":
             compiled.via_internet = True
         else:
-            compiled.dst_prefixes.extend(dst.addresses.prefixes())
+            compiled._dst_sets.append(dst.addresses)
     if grant.via:
         # Via grants expand per router. An app-only via grant emits no rules
         # at all but still connects its sources with the via routers.
@@ -201,7 +228,9 @@ def compile_grant(
             lambda: _src_strings(grant, sources, tailnet, keep_extras=True),
         )
         if destinations:
-            compiled.rules = _rules_for_destinations(compiled, sources, destinations, tailnet)
+            compiled.rules = _rules_for_destinations(
+                compiled, sources, destinations, tailnet, previous._entries if previous is not None else {}
+            )
     return compiled
 
 
@@ -224,7 +253,8 @@ def recompile_sources(previous: CompiledGrant, resolver: Resolver) -> CompiledGr
     fresh.kind = previous.kind
     fresh.depends = previous.depends
     fresh.dst_depends = previous.dst_depends
-    fresh.dst_prefixes = previous.dst_prefixes
+    fresh._dst_sets, fresh._dst_prefixes = previous._dst_sets, previous._dst_prefixes
+    fresh._entries = previous._entries
     fresh.via_internet = previous.via_internet
     if fresh.src_strings:
         fresh.rules = [
@@ -285,8 +315,12 @@ def _rules_for_destinations(
     sources: Sequence[Resolved],
     destinations: Sequence[Resolved],
     tailnet: Tailnet,
+    reuse: dict[tuple[int, Prefix], tuple[DstEntry, ...]],
 ) -> list[Rule]:
+    """The grant's global rules; the entries of every destination prefix are recorded
+    in ``compiled._entries``, taken from ``reuse`` (an earlier compile's) when there."""
     grant = compiled.grant
+    made = compiled._entries
     src = compiled.src_strings
     src_set = compiled.src_set
     dst_parts = tuple(
@@ -294,16 +328,21 @@ def _rules_for_destinations(
         for dst in destinations
     )
     rules: list[Rule] = []
-    for spec in grant.ip:
+    for at, spec in enumerate(grant.ip):
         entries: list[DstEntry] = []
         for dst in destinations:
             if dst.alias.kind is AliasKind.WILDCARD:
                 entries.extend(DstEntry("*", p.first, p.last, EVERYTHING) for p in spec.ports)
                 continue
             for prefix in dst.prefixes():
-                text = format_addr(prefix.lo) if prefix.is_single() else prefix_str(prefix)
-                single = IPSet.of([prefix])
-                entries.extend(DstEntry(text, p.first, p.last, single) for p in spec.ports)
+                key = (at, prefix)
+                per_port = reuse.get(key)
+                if per_port is None:
+                    text = format_addr(prefix.lo) if prefix.is_single() else prefix_str(prefix)
+                    single = IPSet.of([prefix])
+                    per_port = tuple(DstEntry(text, p.first, p.last, single) for p in spec.ports)
+                made[key] = per_port
+                entries.extend(per_port)
         if entries and src:
             rules.append(Rule(src, src_set, tuple(entries), spec.protocols, dst_parts=dst_parts))
     if grant.app:

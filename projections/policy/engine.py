@@ -663,10 +663,8 @@ class CompiledPolicy:
                 # The per-alias parts: equal in content to the entries' sets, and few.
                 dests.extend(rule.dst_parts)
                 if self.per_node:
-                    owners = {tailnet.nodes[i].owner for i in tailnet.node_ids_in(rule.src_set.merged())}
-                    if len(owners) == 1 and None not in owners:
-                        [owner] = owners
-                        assert owner is not None
+                    owner = tailnet.sole_owner(rule.src_set.parts)
+                    if owner is not None:
                         out |= tailnet.node_ids_of_user(owner)
             out |= tailnet.node_ids_in(IPSet.union(dests))
             # Routers and exit nodes are destinations by route too.
@@ -720,7 +718,7 @@ class CompiledPolicy:
             elif slot is not None and can_recompile_sources(slot, touched):
                 grants.append(recompile_sources(slot, resolver))
             else:
-                grants.append(compile_grant(grant, resolver))
+                grants.append(compile_grant(grant, resolver, previous=slot))
         return CompiledPolicy(
             resolver,
             self.sources,

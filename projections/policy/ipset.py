@@ -320,8 +320,12 @@ class IPSet:
 
     @classmethod
     def union(cls, sets: Iterable[IPSet]) -> IPSet:
-        """The union of many sets in one pass."""
-        return cls(_normalise(r for s in sets for r in s.ranges))
+        """The union of many sets in one pass (the set itself when only one is not
+        empty: sets are immutable)."""
+        parts = [s for s in sets if s.ranges]
+        if len(parts) == 1:
+            return parts[0]
+        return cls(_normalise(r for s in parts for r in s.ranges))
 
     # -- algebra ----------------------------------------------------------
 
@@ -423,8 +427,10 @@ class IPSet:
         return self.overlaps_range(prefix.lo, prefix.hi)
 
     def overlaps(self, other: IPSet) -> bool:
-        """Report whether the two sets intersect."""
-        return bool(self & other)
+        """Report whether the two sets intersect (a search in the larger set per range
+        of the smaller, stopping at the first hit)."""
+        small, large = (self, other) if len(self.ranges) <= len(other.ranges) else (other, self)
+        return any(large.overlaps_range(lo, hi) for lo, hi in small.ranges)
 
     def contains_range(self, lo: int, hi: int) -> bool:
         """Report whether every address of ``[lo, hi]`` is in the set."""

@@ -24,7 +24,7 @@ from .ipset import ALL_V4, ALL_V6, AddressUnion, IPSet, Prefix, prefix_str
 from .tailnet import INTERNET
 from .wire import CapGrant, FilterRule, NetPortRange, PortRangeWire
 
-__all__ = ["CapEntry", "DstEntry", "Match", "MergedRules", "Rule", "merge_rules", "merge_rules_reusing"]
+__all__ = ["CapEntry", "DstEntry", "Match", "MergedRules", "Rule", "Signature", "merge_rules", "merge_rules_reusing"]
 
 
 class DstEntry:
@@ -66,6 +66,25 @@ class CapEntry:
         )
 
 
+class Signature:
+    """A rule's :meth:`Rule.signature`: a value hashed once (a rule listing every member
+    of a group has thousands of entries, and a join compares every rule's signature)."""
+
+    __slots__ = ("_hash", "key")
+
+    def __init__(self, key: tuple[object, ...]) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, Signature) and self._hash == other._hash and self.key == other.key
+        )
+
+
 class Rule:
     """A packet-filter rule (``dst``) or a capability rule (``caps``).
 
@@ -103,14 +122,16 @@ class Rule:
         self.dst_parts = dst_parts
         self._match: Match | None = None
         self._dst_index: tuple[dict[int, list[int]], list[int]] | None = None
-        self._signature: tuple[object, ...] | None = None
+        self._signature: Signature | None = None
 
-    def signature(self) -> tuple[object, ...]:
+    def signature(self) -> Signature:
         """What tells this rule apart from another of an earlier compile (computed
         once): its ``SrcIPs``, protocols and very entry objects (grants that were not
         recompiled share theirs, and so do merged rules made of the same rules)."""
         if self._signature is None:
-            self._signature = (self.src, self.protocols, tuple(map(id, self.dst)), tuple(map(id, self.caps)))
+            self._signature = Signature(
+                (self.src, self.protocols, tuple(map(id, self.dst)), tuple(map(id, self.caps)))
+            )
         return self._signature
 
     def dst_index(self) -> tuple[dict[int, list[int]], list[int]]:

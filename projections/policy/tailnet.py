@@ -175,7 +175,21 @@ class Tailnet:
         clone._index(info)
         clone._carry_addr_index(self, old, info)
         clone._carry_routers(self, node.id, info)
+        clone._carry_kinds(self, node.id, info)
         return clone
+
+    def _carry_kinds(self, parent: Tailnet, node_id: int, new: NodeInfo | None) -> None:
+        """Take the parent's member and tagged sets over, edited for one node (each is
+        a scan of every node otherwise, and a join resolves ``autogroup:member``)."""
+        gone = frozenset((node_id,))
+        if parent._members is not None:
+            self._members = parent._members - gone
+            if new is not None and new.owner is not None:
+                self._members |= gone
+        if parent._tagged is not None:
+            self._tagged = parent._tagged - gone
+            if new is not None and new.owner is None:
+                self._tagged |= gone
 
     def _carry_routers(self, parent: Tailnet, node_id: int, new: NodeInfo | None) -> None:
         """Take the parent's router list over, edited for one node (else every
@@ -211,13 +225,15 @@ class Tailnet:
         self._addr_index = (keys, ids)
 
     def without_node(self, node_id: int) -> Tailnet:
-        """A new view without the node ``node_id`` (no-op if absent)."""
+        """A new view without the node ``node_id`` (this one if absent)."""
+        old = self.nodes.get(node_id)
+        if old is None:
+            return self
         clone = self._clone()
-        old = clone.nodes.get(node_id)
-        if old is not None:
-            clone._unindex(old)
-            clone._carry_addr_index(self, old, None)
-            clone._carry_routers(self, node_id, None)
+        clone._unindex(old)
+        clone._carry_addr_index(self, old, None)
+        clone._carry_routers(self, node_id, None)
+        clone._carry_kinds(self, node_id, None)
         return clone
 
     # -- lookups --------------------------------------------------------------
@@ -382,22 +398,45 @@ class Tailnet:
             self._routers = tuple(n for n in self.iter_nodes() if n.subnet_routes or n.exit_routes)
         return self._routers
 
+    def _address_index(self) -> tuple[list[int], list[int]]:
+        """Every node address in order, and the node holding each."""
+        if self._addr_index is None:
+            pairs = sorted((a, i) for i, n in self.nodes.items() for a in n.addrs)
+            self._addr_index = ([a for a, _ in pairs], [i for _, i in pairs])
+        return self._addr_index
+
     def node_ids_in(self, addresses: IPSet) -> set[int]:
         """Ids of nodes with at least one address in ``addresses``.
 
         Uses a sorted address index, so the cost is proportional to the
         number of ranges plus the size of the answer.
         """
-        if self._addr_index is None:
-            pairs = sorted((a, i) for i, n in self.nodes.items() for a in n.addrs)
-            self._addr_index = ([a for a, _ in pairs], [i for _, i in pairs])
-        keys, ids = self._addr_index
+        keys, ids = self._address_index()
         out: set[int] = set()
         for lo, hi in addresses.ranges:
             start = bisect_left(keys, lo)
             end = bisect_right(keys, hi)
             out.update(ids[start:end])
         return out
+
+    def sole_owner(self, parts: Iterable[IPSet]) -> int | None:
+        """The user owning every node with an address in ``parts``, when that is one
+        user and none of those nodes is tagged; else None (also when there are none).
+
+        Stops at the second owner it finds: the cost is the nodes of the one owner,
+        not the size of the sets.
+        """
+        keys, ids = self._address_index()
+        nodes = self.nodes
+        owner: int | None = None
+        for part in parts:
+            for lo, hi in part.ranges:
+                for i in range(bisect_left(keys, lo), bisect_right(keys, hi)):
+                    found = nodes[ids[i]].owner
+                    if found is None or (owner is not None and found != owner):
+                        return None
+                    owner = found
+        return owner
 
     def nodes_in(self, addresses: IPSet) -> list[NodeInfo]:
         """Nodes with at least one address in ``addresses`` (id order)."""

@@ -188,6 +188,29 @@ def test_a_join_reuses_the_merged_rules_it_does_not_change() -> None:
     assert after.global_matches[1] is before.global_matches[1]
 
 
+def test_a_join_takes_over_the_destination_entries_of_the_members_it_keeps() -> None:
+    """Issue 19: a device joining a group that is a rule's destination recompiles that
+    rule, but the DstPorts entries of the members already there are the earlier
+    compile's objects (one lookup per address, not a new entry and set each); the
+    rules equal a fresh compile's, and so do the entries of the newcomer."""
+    policy = parse_policy(json.dumps({
+        "groups": {"group:a": ["u1@example.com", "u2@example.com"]},
+        "acls": [{"action": "accept", "src": ["group:a"], "dst": ["group:a:22,5900-5901"]}],
+    }))
+    nodes = [PolicyNode(id=i, name=f"n{i}", user_id=1 + i % 2, ipv4=f"100.64.0.{i}") for i in range(1, 5)]
+    before = compile_policy(policy, Tailnet(USERS, nodes))
+    [rule_before] = before.global_rules
+    assert len(rule_before.dst) == 8  # 4 members x 2 port ranges
+    after = before.with_node(PolicyNode(id=5, name="n5", user_id=2, ipv4="100.64.0.5"))
+    fresh = compile_policy(policy, Tailnet(USERS, [*nodes, after.tailnet.nodes[5].node]))
+    assert [r.wire() for r in after.global_rules] == [r.wire() for r in fresh.global_rules]
+    [rule_after] = after.global_rules
+    kept = [e for e in rule_after.dst if e.ip != "100.64.0.5"]
+    assert len(kept) == 8 and all(a is b for a, b in zip(kept, rule_before.dst, strict=True))
+    assert [e.ip for e in rule_after.dst if e not in kept] == ["100.64.0.5", "100.64.0.5"]
+    assert after.filters_changed_since(before, {5}) == frozenset(range(1, 6))
+
+
 def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -> None:
     """Issue 19: ``autogroup:self`` rules depend only on the owner, so an owner's
     devices share their unreduced rules (computed once), and a peer without routes is

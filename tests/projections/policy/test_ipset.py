@@ -34,6 +34,8 @@ def test_algebra_matches_model(a: IPSet, b: IPSet) -> None:
     assert model(a - b) == model(a) - model(b)
     assert model(a & b) == model(a) & model(b)
     assert IPSet.union([a, b]) == a | b
+    assert a.overlaps(b) == b.overlaps(a) == bool(model(a) & model(b))
+    assert not a or IPSet.union([a, IPSet()]) is a  # one set: itself, not a copy
 
 
 @given(sets, prefixes)

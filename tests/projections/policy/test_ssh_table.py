@@ -237,3 +237,30 @@ def test_a_policy_change_elsewhere_keeps_what_it_may(
         if moved is not None and nid not in routers and not moved.contains_any(info.addrs):
             assert first.peer_id_set(nid) == second.peer_id_set(nid), nid
             assert first.peers(nid) == second.peers(nid), nid
+
+
+@settings(max_examples=60, deadline=None)
+@given(histories())
+def test_carried_member_and_tagged_sets_equal_fresh_ones(history: tuple[str, list[PolicyNode], list[PolicyNode | int]]) -> None:
+    """Issue 19: Tailnet.with_node/without_node edit the parent's member and tagged sets
+    (resolving ``autogroup:member`` on a join no longer scans every node), and
+    sole_owner answers like grouping every node of the sets by owner."""
+    _, initial, ops = history
+    nodes = {n.id: n for n in initial}
+    tailnet = Tailnet(USERS, nodes.values())
+    probes = [IPSet.of([parse_prefix(p)]) for p in ("100.64.0.0/10", "100.64.0.0/30", "100.64.0.4/31", "fd7a:115c:a1e0::/48")]
+    for op in ops:
+        tailnet.member_ids(), tailnet.tagged_ids()  # so that the next view carries them
+        if isinstance(op, PolicyNode):
+            tailnet = tailnet.with_node(op)
+            nodes[op.id] = op
+        else:
+            tailnet = tailnet.without_node(op)
+            nodes.pop(op, None)
+        assert tailnet._members is not None and tailnet._tagged is not None  # carried, not rebuilt
+        fresh = Tailnet(USERS, nodes.values())
+        assert (tailnet.member_ids(), tailnet.tagged_ids()) == (fresh.member_ids(), fresh.tagged_ids())
+        for probe in probes:
+            owners = {fresh.nodes[i].owner for i in fresh.node_ids_in(probe)}
+            expected = next(iter(owners)) if len(owners) == 1 and None not in owners else None
+            assert tailnet.sole_owner([probe]) == expected
