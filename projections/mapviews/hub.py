@@ -58,6 +58,7 @@ Nothing here reads a clock or does I/O: time and state are arguments.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -127,6 +128,9 @@ class HubStats:
     ssh_renders: int = 0
     #: Packet filters recomputed by stream updates (only nodes a change may affect).
     filter_evaluations: int = 0
+    #: Classes an incremental advance looked at (those that see a changed node now or
+    #: saw it before, and new ones; every class only with presence changes or via).
+    class_updates: int = 0
 
 
 class SSHCache:
@@ -320,6 +324,7 @@ class MapHub:
             self.state, self.now, self.compiled = state, now, compiled
             self._rebuild(state, now, compiled)
             return
+        self._follow_expiries(old_state, state, changed)
         expired = self._expired_between(state, old_now, now)
         self.state, self.now, self.compiled = state, now, compiled
         self._incremental(state, now, compiled, changed, set(presence_changed) | expired, delta)
@@ -408,6 +413,20 @@ class MapHub:
             self._expiries = (state, sorted(n.expiry for n in state.nodes.values() if n.expiry is not None))
         return self._expiries[1]
 
+    def _follow_expiries(self, old: TailnetState, new: TailnetState, changed: set[int]) -> None:
+        """Edit the sorted key expiries of ``old`` into those of ``new`` when only
+        ``changed`` differ (instead of sorting every node's again on each change)."""
+        if self._expiries[0] is not old:
+            return
+        times = list(self._expiries[1])
+        for nid in changed:
+            before, after = old.nodes.get(nid), new.nodes.get(nid)
+            if before is not None and before.expiry is not None:
+                del times[bisect.bisect_left(times, before.expiry)]
+            if after is not None and after.expiry is not None:
+                bisect.insort(times, after.expiry)
+        self._expiries = (new, times)
+
     def _expired_between(self, state: TailnetState, start: datetime, end: datetime) -> set[int]:
         times = self._expiry_times(state)
         if bisect.bisect_right(times, start) == bisect.bisect_right(times, end):
@@ -477,10 +496,16 @@ class MapHub:
         aliases: list[object] | None = None
         new_keys: set[Hashable] = set()
         lone: dict[Hashable, int] = {}
+        #: classes whose peer set held a changed node, and classes that lost a member
+        held: set[Hashable] = set()
+        emptied: set[Hashable] = set()
         for nid in sorted(changed):
             old_key = self._key_of.pop(nid, None)
             if old_key is not None:
                 self._members[old_key].discard(nid)
+                if not self._members[old_key]:
+                    emptied.add(old_key)
+                held.update(k for k, ps in self._classes.items() if nid in ps.peers)
             if nid not in state.nodes:
                 continue
             if aliases is None:
@@ -496,12 +521,32 @@ class MapHub:
                 lone[key] = next(iter(members))
             members.add(nid)
         seen_by = self._seen_by(state, now, compiled, changed)
-        classes: dict[Hashable, PeerSet] = {}
+        classes = dict(self._classes)
+        for key in emptied:
+            if not self._members.get(key):
+                self._members.pop(key, None)
+                classes.pop(key, None)
+        todo: Iterable[Hashable]
+        if seen_by is None or presence_only:
+            todo = list(self._members)
+        else:
+            # Only the classes that see a changed node now or saw it before (and new or
+            # lone ones) can differ: the cost follows the change, not the classes.
+            todo = held | new_keys | lone.keys()
+            for nid in changed:
+                todo |= seen_by[nid]
+        #: classes on each version before this advance, and how many of them were looked at
+        sharing = Counter(map(id, classes.values()))
+        looked: dict[int, tuple[PeerSet, int]] = {}
         versions = _Versions()
-        for key, mem in self._members.items():
+        for key in todo:
+            mem = self._members.get(key)
             if not mem:
                 continue
+            self.stats.class_updates += 1
             old = self._classes.get(key)
+            if old is not None:
+                looked[id(old)] = (old, looked.get(id(old), (old, 0))[1] + 1)
             if key in new_keys or old is None:
                 entries = self._class_entries(state, now, compiled, mem)
                 classes[key] = versions.next_version(state, old, entries)
@@ -515,7 +560,9 @@ class MapHub:
             if key in lone:
                 mine.add(lone[key])
             classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only, versions)
-        self._members = {k: m for k, m in self._members.items() if m}
+        for old, count in looked.values():
+            if sharing[id(old)] > count:
+                versions.kept(old)  # classes not looked at stay on it (as if they kept it)
         if len(self._canon) > len(self._members):
             self._canon = {k: k for k in self._members}
         self._classes = classes

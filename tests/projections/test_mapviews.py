@@ -117,6 +117,9 @@ def _check_history(policy_index: int, ops: list[tuple[int, int]]) -> None:
     for op, arg in ops:
         history.step(op, arg)
         history.advance(hub)
+        # The hub edits its sorted expiries per change: the next one is still right.
+        later = [n.expiry for n in r.state.nodes.values() if n.expiry is not None and n.expiry > r.now]
+        assert hub.next_expiry() == min(later, default=None), (op, arg)
         for nid in list(cursors):
             if nid not in r.state.nodes:
                 del cursors[nid], models[nid]
@@ -279,6 +282,10 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     seeing = {hub.class_of(m) for m in r.state.nodes if compiled.visible(m, newcomer)}
     assert 0 < len(seeing) < hub.classes()
     assert hub.stats.peer_evaluations - before.peer_evaluations == len(seeing)
+    # Only those classes (and the newcomer's own) are looked at: the cost of a join
+    # does not grow with the number of classes.
+    own = {hub.class_of(newcomer)}
+    assert hub.stats.class_updates - before.class_updates == len(seeing | own)
     # Filters: team 3's destinations and u3's devices (the admins' "*" rule is
     # unchanged) -- far fewer than the 60 streams.
     assert 0 < hub.stats.filter_evaluations - before.filter_evaluations < 10
