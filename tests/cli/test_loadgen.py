@@ -14,23 +14,44 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import subprocess
 from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.bench.loadgen.churn import rss_slope
-from cli.bench.loadgen.client import ChurnWatch
+from cli.bench.loadgen.churn import (
+    Kind,
+    ReceiverModel,
+    planned_changes,
+    policy_tailnet,
+    rss_slope,
+    rss_summary,
+)
+from cli.bench.loadgen.client import ChurnWatch, raise_fd_limit
 from cli.bench.loadgen.main import build_parser
-from cli.bench.loadgen.options import PHASES
-from cli.bench.loadgen.report import cpu_lines
+from cli.bench.loadgen.options import PHASES, LoadgenOptions
+from cli.bench.loadgen.phases import _servers
+from cli.bench.loadgen.report import (
+    ISSUE_7,
+    ISSUE_19_CHURN,
+    ISSUE_19_CORP,
+    ISSUE_19_FLAT,
+    churn_lines,
+    cpu_lines,
+    target_lines,
+    targets_for,
+    warning_lines,
+)
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
 from cli.bench.loadgen.server import proc_cpu_wait
 from cli.bench.loadgen.workers import RemoteWatch
+from cli.bench.scenarios import corp
 from cli.spawn import child_env, tailledger_argv
+from projections.policy import compile_policy, parse_policy
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
 
 _decompress = make_decompressor()
@@ -241,13 +262,14 @@ def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> 
     assert watch.matches({b"nodekey:aa"}, set(), False)
     assert watch.matches(set(), {7}, False)  # it left this node's view
     assert not watch.matches({b"nodekey:bb"}, {8}, True)
-    watch.offer(3, 10.5)  # the changed node itself is no receiver
-    watch.offer(1, 11.0)
-    watch.offer(1, 12.0)  # a second update to the same node counts once
-    watch.offer(5, 11.5)  # not a receiver: an error
+    watch.offer(3, 10.5, 1000)  # the changed node itself is no receiver
+    watch.offer(1, 11.0, 100)
+    watch.offer(1, 12.0, 1000)  # a second update to the same node counts once
+    watch.offer(5, 11.5, 30)  # not a receiver: an error (its bytes were sent all the same)
     assert (watch.latencies, watch.unexpected, watch.done.is_set()) == ([1.0], 1, False)
-    watch.offer(2, 12.5)
+    watch.offer(2, 12.5, 7)
     assert watch.latencies == [1.0, 2.5] and watch.done.is_set()
+    assert watch.delivered_bytes == 137
     delete = ChurnWatch("delete", frozenset({1}), key=b"nodekey:cc", node_id=9)
     assert delete.matches(set(), {9}, False) and not delete.matches({b"nodekey:cc"}, set(), False)
     assert ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
@@ -258,6 +280,162 @@ def test_rss_slope_is_per_minute_after_the_warm_up() -> None:
     samples = [(0.0, 500.0), (1.0, 100.0), (2.0, 101.0), (3.0, 102.0), (4.0, 103.0)]
     assert rss_slope(samples, 1.0) == pytest.approx(60.0)
     assert rss_slope(samples, 3.5) is None  # too few samples
+
+
+def test_the_rss_slope_of_a_ten_minute_run_leaves_the_first_minute_out() -> None:
+    # Growing 10 MiB/min during the first minute (warm-up), flat after it.
+    samples = [(float(t), 300 + 10 * min(t, 60) / 60) for t in range(600)]
+    summary = rss_summary(samples, 600.0)
+    assert summary["churn_rss_slope_from_s"] == 60.0
+    assert summary["churn_rss_slope_mib_per_min"] == pytest.approx(0.0, abs=1e-9)
+    assert (summary["churn_rss_first_mib"], summary["churn_rss_warm_mib"], summary["churn_rss_last_mib"]) == (
+        300.0, 310.0, 310.0)
+    assert (rss_slope(samples, 0.0) or 0) > 0.2  # with the warm-up it would read as growth
+    # A short run has no minute to spare: its second half.
+    short = rss_summary([(float(t), 100.0 + t) for t in range(20)], 20.0)
+    assert short["churn_rss_slope_from_s"] == 10.0
+    assert short["churn_rss_slope_mib_per_min"] == pytest.approx(60.0)
+    assert rss_summary([], 600.0)["churn_rss_slope_mib_per_min"] is None
+
+
+def test_the_churn_plan_counts_what_its_rates_ask_for() -> None:
+    opts = LoadgenOptions(scenario="churn", duration=600, join_delete_every=1, tag_every=10, policy_every=60)
+    assert planned_changes(opts) == {"join": 300, "delete": 299, "tag": 59, "policy": 9}
+    off = LoadgenOptions(scenario="churn", duration=8, join_delete_every=0, tag_every=2, policy_every=4)
+    assert planned_changes(off) == {"join": 0, "delete": 0, "tag": 3, "policy": 1}
+
+
+def _engine_peers(users: tuple[str, ...], text: str, live: dict[int, Kind], index: int) -> frozenset[int]:
+    """The reference: compile the whole live tailnet and ask for one node's peers."""
+    compiled = compile_policy(parse_policy(text), policy_tailnet(users, live))
+    return frozenset(i - 1 for i in compiled.peer_id_set(index + 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_the_receiver_model_agrees_with_compiling_the_live_tailnet(data: st.DataObject) -> None:
+    """Issue 19: a change's receivers come from the policy engine. The churn phase asks
+    a per-kind template instead of compiling thousands of live nodes per change; after
+    any joins, deletes and tag changes it must name exactly the nodes that compiling
+    the live tailnet does, under both of corp's policies."""
+    n = 60
+    sc = corp(n)
+    live = {i: sc.node(i) for i in range(n)}
+    model = ReceiverModel(sc.users, live, sc.policy_a)
+    next_index = n
+    for _ in range(data.draw(st.integers(0, 12), label="changes")):
+        op = data.draw(st.sampled_from(["join", "delete", "tag"]))
+        if op == "join":
+            live[next_index] = sc.node(next_index)
+            next_index += 1
+        elif op == "delete" and len(live) > 2:
+            del live[data.draw(st.sampled_from(sorted(live)))]
+        else:
+            tagged = sorted(i for i, (_, tags) in live.items() if tags)
+            if tagged:
+                i = data.draw(st.sampled_from(tagged))
+                live[i] = (live[i][0], (f"tag:svc{data.draw(st.integers(0, 19))}",))
+    model.policy = data.draw(st.sampled_from([sc.policy_a, sc.policy_b]))
+    for index in data.draw(st.lists(st.sampled_from(sorted(live)), min_size=1, max_size=4)):
+        assert model.peers(index) == _engine_peers(sc.users, model.policy, live, index)
+    # A tag change's "after", asked before it is made (the live map unchanged).
+    tagged = sorted(i for i, (_, tags) in live.items() if tags)
+    if tagged:
+        i = tagged[0]
+        after = {**live, i: (live[i][0], ("tag:svc19",))}
+        assert model.peers(i, after) == _engine_peers(sc.users, model.policy, after, i)
+
+
+def test_the_targets_are_those_of_the_scenario_run() -> None:
+    assert targets_for({"scenario": "corp", "nodes": 1000}) is ISSUE_19_CORP
+    assert targets_for({"scenario": "churn", "nodes": 5000}) is ISSUE_19_CHURN
+    assert targets_for({"scenario": "flat", "nodes": 10000}) is ISSUE_19_FLAT
+    assert targets_for({"scenario": "flat", "nodes": 5000}) is ISSUE_7
+    corp_lines = target_lines({"scenario": "corp", "nodes": 5000, "join_p99_ms": 999.0, "policy_p99_ms": 3100.0,
+                               "register_all_s": 59.0, "register_ms": None})
+    assert "issue 19, corp" in corp_lines[0] and "5,000 corp nodes" in corp_lines[0]
+    assert any(line.strip().startswith("ok") and "within 1 s" in line for line in corp_lines)
+    assert any(line.strip().startswith("FAIL") and "policy_p99_ms = 3100.0" in line for line in corp_lines)
+    assert any("FAIL (timed out)" in line and "register_ms" in line for line in corp_lines)
+    flat = target_lines({"scenario": "flat", "nodes": 10000, "mem_per_node_kib": 17.0, "restart_total_s": 110.0})
+    assert "10,000 flat nodes" in flat[0]
+    assert [line.split()[0] for line in flat[1:]] == ["FAIL", "ok"]  # 16 KiB, 120 s
+    churn = target_lines({"scenario": "churn", "nodes": 5000, "churn_duration_s": 600.0, "churn_p99_ms": 1500.0,
+                          "churn_rss_slope_mib_per_min": 2.0})
+    assert "at 5000 nodes for 600 s" in churn[0]
+    assert [line.split()[0] for line in churn[1:]] == ["ok", "FAIL"]
+
+
+def _churn_row(**changes: object) -> dict[str, object]:
+    row: dict[str, object] = {"nodes": 1000, "scenario": "churn", "churn_changes": 10, "churn_duration_s": 120.0,
+                              "churn_kib_per_change": 2.0, "churn_cpu_s": 1.5, "churn_loadgen_cpu_s": 3.0}
+    for p in ("churn", *(f"churn_{k}" for k in ("join", "delete", "tag", "policy"))):
+        row |= {f"{p}_count": 3, f"{p}_planned": 3, f"{p}_expected": 10, f"{p}_reached": 10, f"{p}_missing": 0,
+                f"{p}_unexpected": 0, f"{p}_p50_ms": 5.0, f"{p}_p99_ms": 9.0, f"{p}_max_ms": 9.0,
+                f"{p}_kib_per_change": 1.0}
+    row |= rss_summary([(float(t), 200.0) for t in range(120)], 120.0)
+    return row | changes
+
+
+def test_the_churn_report_shows_each_kind_and_warns_when_the_run_fell_behind() -> None:
+    lines = churn_lines(_churn_row(churn_tag_missing=2, churn_tag_reached=8))
+    assert any("tag:" in line and "3 of 3 planned" in line and "8/10 receivers reached (2 missing)" in line
+               and "1.0 KiB each" in line for line in lines)
+    assert any("150 ms per change" in line for line in lines)
+    assert any("slope after 60 s: +0.00 MiB/min" in line for line in lines)
+    assert warning_lines(_churn_row()) == []
+    [behind] = warning_lines(_churn_row(churn_join_count=1, churn_join_planned=60))
+    assert "1 of the 60 planned churn join changes" in behind
+    # A change that came due when no node was free to change is no sign of falling behind.
+    assert warning_lines(_churn_row(churn_tag_count=1, churn_tag_skipped=2)) == []
+    assert any("(2 skipped: no node free to change)" in line
+               for line in churn_lines(_churn_row(churn_tag_count=1, churn_tag_skipped=2)))
+
+
+def test_a_sentinel_whose_peers_differ_from_the_policy_engine_is_a_warning() -> None:
+    assert warning_lines({"nodes": 5, "full_map_peers": 4, "full_map_peers_expected": 4}) == []
+    [mismatch] = warning_lines({"nodes": 5, "full_map_peers": 3, "full_map_peers_expected": 4})
+    assert "lists 3 peers, the policy engine says 4" in mismatch
+
+
+def _few_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (500, 500))
+
+
+def test_the_file_limit_is_per_process_and_a_low_hard_limit_is_a_clear_error(tmp_path: Path) -> None:
+    script = (
+        "import resource\n"
+        "from cli.bench.loadgen.client import raise_fd_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 1000))\n"
+        "print(raise_fd_limit(500))\n"  # 500 + 256 fit under 1000: raised, no error
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(raise_fd_limit(900))\n"  # 1156 do not
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    proc = subprocess.run(["python", "-c", script], env=child_env(), capture_output=True, text=True, timeout=60)
+    none, raised, problem, top = proc.stdout.splitlines()
+    assert (none, raised, top) == ("None", "756", "1000")
+    assert "hard limit (ulimit -Hn) is 1000" in problem and "1156" in problem
+    assert raise_fd_limit(0) is None  # this process has far more than 256
+    # The command says so and starts nothing.
+    low = subprocess.run(
+        [*tailledger_argv("loadgen"), "--nodes", "2000", "--json", ""], env=child_env(), capture_output=True,
+        text=True, timeout=60,
+        preexec_fn=_few_files,
+    )
+    assert low.returncode == 2 and "ulimit -Hn" in low.stderr, low.stderr
+
+
+def test_a_ten_thousand_node_run_lifts_the_servers_connection_cap(tmp_path: Path) -> None:
+    # The server refuses connections over limits.max_connections (10,000 by default):
+    # 10,000 clients and the join phase's newcomer would not all get in.
+    opts = LoadgenOptions()
+    assert opts.sockets(10_000) == 10_001
+    assert LoadgenOptions(scenario="churn", duration=600).sockets(5000) == 5300
+    [server] = _servers(10_000, tmp_path, opts)
+    assert int(server.env["TAILLEDGER_LIMITS__MAX_CONNECTIONS"]) >= 10_001 + 256
+    [small] = _servers(10, tmp_path, opts)
+    assert small.env["TAILLEDGER_LIMITS__MAX_CONNECTIONS"] == "10000"  # never below the default
 
 
 def test_churn_rates_are_checked() -> None:
@@ -295,7 +473,12 @@ def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(
     for kind in ("join", "delete", "tag", "policy"):
         assert row[f"churn_{kind}_count"] >= 1, kind
         assert row[f"churn_{kind}_reached"] == row[f"churn_{kind}_expected"] > 0, kind
-        assert row[f"churn_{kind}_unexpected"] == 0, kind
+        assert row[f"churn_{kind}_missing"] == row[f"churn_{kind}_unexpected"] == 0, kind
+        assert row[f"churn_{kind}_count"] + row[f"churn_{kind}_skipped"] <= row[f"churn_{kind}_planned"], kind
+        assert _number(row, f"churn_{kind}_kib_per_change") > 0, kind
+    # The receivers come from the policy engine; the server agrees on the sentinel's peers.
+    assert row["full_map_peers"] == row["full_map_peers_expected"] > 0
+    assert "targets (issue 19, churn" in proc.stdout
     # Segmented: a join concerns some of the nodes, not all of them.
     assert row["churn_join_expected"] < row["churn_join_count"] * 20
     assert row["churn_unexpected"] == 0

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 For ``--duration`` seconds, :func:`run_churn` makes a join or a delete
 (alternately), a tag change and a policy edit at their rates. Before each change it
-asks the policy engine, on a model of the live tailnet (``_ChurnModel``: the live
+asks the policy engine, on a model of the live tailnet (:class:`ReceiverModel`: the live
 clients' users and tags), who must hear of it: who sees the newcomer, who saw the
 deleted node, who sees the retagged node before or after, whose packet filter the
 edit changes. Each change is a :class:`~cli.bench.loadgen.client.ChurnWatch` on the
@@ -17,12 +17,11 @@ second and its slope after the first minute reported.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -43,7 +42,7 @@ from .report import pct
 from .server import Server, Span, proc_memory
 from .workers import ParentHub
 
-__all__ = ["rss_slope", "run_churn"]
+__all__ = ["RSS_WARM_UP", "Kind", "ReceiverModel", "planned_changes", "policy_tailnet", "rss_slope", "rss_summary", "run_churn"]
 
 
 #: How long a churn change may take to reach its receivers before it counts as missed.
@@ -52,36 +51,79 @@ _CHURN_TIMEOUT: Final = 30.0
 _CHURN_GRACE: Final = 0.5
 
 
-@dataclass(eq=False)
-class _ChurnModel:
-    """The tailnet as the policy engine sees it: the live clients' users and tags.
+#: What the policy can tell a scenario's node by: its user and its tags.
+Kind = tuple[str, tuple[str, ...]]
 
-    Node ids in the compiled policy are client index + 1, with synthetic addresses
-    (the scenarios name no addresses, so who sees whom does not depend on them).
+
+def policy_tailnet(users: Sequence[str], nodes: Mapping[int, Kind]) -> Tailnet:
+    """The policy engine's tailnet of ``nodes`` (client index -> kind): node id =
+    index + 1, with synthetic addresses (the scenarios name no addresses, so who sees
+    whom does not depend on them)."""
+    policy_users = [PolicyUser(id=i + 1, login=name, name=name) for i, name in enumerate(users)]
+    uid = {name: i + 1 for i, name in enumerate(users)}
+    return Tailnet(policy_users, [
+        PolicyNode(id=i + 1, name=f"sim-{i}", user_id=uid[user], tags=tags,
+                   ipv4=f"100.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", ipv6=f"fd7a:115c:a1e0::{i + 1:x}")
+        for i, (user, tags) in sorted(nodes.items())
+    ])
+
+
+@dataclass(eq=False)
+class ReceiverModel:
+    """The live tailnet as the policy engine sees it: who must hear of a change.
+
+    The scenarios' policies tell nodes apart only by user and tags (no addresses, no
+    routes), so whether two nodes see each other depends on their :data:`Kind` alone.
+    Compiling the whole live tailnet for every change (thousands of nodes, once a
+    second, in the load generator that shares the cores with the server) would cost
+    more than the change; instead each policy text is compiled once on a *template*:
+    two nodes of every kind met so far (two, so that a kind that sees itself, as with
+    ``autogroup:self``, shows it). A node of kind K is then seen by every live node
+    whose kind a template node of K sees. A kind not met yet recompiles the template.
+    ``tests/cli/test_loadgen.py`` checks this against compiling the live tailnet
+    after random joins, deletes and tag changes.
+
+    :meth:`filter_changes` (once per policy edit) compiles the live tailnet itself:
+    a packet filter lists addresses, so it is no function of the kinds alone.
+
+    Attributes:
+        users: the scenario's user names.
+        live: client index -> kind, for the nodes that exist now.
+        policy: the policy text in force.
     """
 
     users: tuple[str, ...]
-    live: dict[int, tuple[str, tuple[str, ...]]]
+    live: dict[int, Kind]
     policy: str
+    #: (policy text, kind) -> the kinds whose nodes see a node of that kind.
+    _seen_by: dict[tuple[str, Kind], frozenset[Kind]] = field(default_factory=dict)
+    _kinds: set[Kind] = field(default_factory=set)
 
-    def _compiled(self, text: str, live: Mapping[int, tuple[str, tuple[str, ...]]]) -> CompiledPolicy:
-        users = [PolicyUser(id=i + 1, login=name, name=name) for i, name in enumerate(self.users)]
-        uid = {name: i + 1 for i, name in enumerate(self.users)}
-        nodes = [
-            PolicyNode(id=i + 1, name=f"sim-{i}", user_id=uid[user], tags=tags,
-                       ipv4=f"100.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", ipv6=f"fd7a:115c:a1e0::{i + 1:x}")
-            for i, (user, tags) in sorted(live.items())
-        ]
-        return compile_policy(parse_policy(text), Tailnet(users, nodes))
+    def _compile(self, text: str, nodes: Mapping[int, Kind]) -> CompiledPolicy:
+        return compile_policy(parse_policy(text), policy_tailnet(self.users, nodes))
 
-    def peers(self, index: int, live: Mapping[int, tuple[str, tuple[str, ...]]] | None = None) -> frozenset[int]:
+    def seen_by(self, kind: Kind, text: str | None = None) -> frozenset[Kind]:
+        """The kinds whose nodes see a node of ``kind`` under ``text`` (default: the
+        policy in force). Visibility is symmetric: these are also the kinds it sees."""
+        text = self.policy if text is None else text
+        if (text, kind) not in self._seen_by:
+            self._kinds |= set(self.live.values()) | {kind}
+            kinds = sorted(self._kinds)
+            template = {2 * j + side: k for j, k in enumerate(kinds) for side in (0, 1)}
+            compiled = self._compile(text, template)
+            for j, k in enumerate(kinds):
+                self._seen_by[(text, k)] = frozenset(template[p - 1] for p in compiled.peer_id_set(2 * j + 1))
+        return self._seen_by[(text, kind)]
+
+    def peers(self, index: int, live: Mapping[int, Kind] | None = None) -> frozenset[int]:
         """The clients that see client ``index`` (in ``live``, default the model's)."""
-        compiled = self._compiled(self.policy, self.live if live is None else live)
-        return frozenset(i - 1 for i in compiled.peer_id_set(index + 1))
+        live = self.live if live is None else live
+        seers = self.seen_by(live[index])
+        return frozenset(i for i, k in live.items() if k in seers and i != index)
 
     def filter_changes(self, text: str) -> frozenset[int]:
         """The live clients whose packet filter changes when the policy becomes ``text``."""
-        a, b = self._compiled(self.policy, self.live), self._compiled(text, self.live)
+        a, b = self._compile(self.policy, self.live), self._compile(text, self.live)
         return frozenset(i for i in self.live if a.packet_filter(i + 1) != b.packet_filter(i + 1))
 
 
@@ -95,6 +137,40 @@ def rss_slope(samples: Sequence[tuple[float, float]], after: float) -> float | N
     mm = sum(m for _, m in pts) / len(pts)
     var = sum((t - mt) ** 2 for t, _ in pts)
     return None if var == 0 else 60 * sum((t - mt) * (m - mm) for t, m in pts) / var
+
+
+#: The RSS slope is taken after this warm-up (the first minute), or after the first
+#: half of a shorter run.
+RSS_WARM_UP: Final = 60.0
+
+
+def rss_summary(samples: Sequence[tuple[float, float]], duration: float) -> Results:
+    """The churn phase's memory figures from (seconds since it began, server RSS MiB)
+    samples: the first and last RSS, the RSS when the warm-up ended, and the
+    least-squares slope after it (MiB per minute; ``None`` with too few samples)."""
+    after = min(RSS_WARM_UP, duration / 2)
+    warm = [m for t, m in samples if t >= after]
+    return {
+        "churn_rss_samples": len(samples),
+        "churn_rss_first_mib": samples[0][1] if samples else None,
+        "churn_rss_warm_mib": warm[0] if warm else None,
+        "churn_rss_last_mib": samples[-1][1] if samples else None,
+        "churn_rss_slope_from_s": after,
+        "churn_rss_slope_mib_per_min": rss_slope(samples, after),
+    }
+
+
+def planned_changes(opts: LoadgenOptions) -> dict[str, int]:
+    """How many changes of each kind the churn phase's rates ask for in its duration
+    (the first of each one period after the start; joins and deletes alternate,
+    joins first). Fewer done means the load generator or the server fell behind."""
+
+    def due(every: float) -> int:
+        return max(0, math.ceil(opts.duration / every) - 1) if every > 0 else 0
+
+    joins_deletes = due(opts.join_delete_every)
+    return {"join": (joins_deletes + 1) // 2, "delete": joins_deletes // 2,
+            "tag": due(opts.tag_every), "policy": due(opts.policy_every)}
 
 
 async def _sample_rss(server: Server, t0: float, samples: list[tuple[float, float]]) -> None:
@@ -124,23 +200,33 @@ async def run_churn(
     rng = random.Random(opts.seed)
     base = len(sc.owners)
     live = {i: sc.node(i) for i in range(n)}
-    model = _ChurnModel(sc.users, live, sc.policy_a)
+    model = ReceiverModel(sc.users, live, sc.policy_a)
     local = {c.index: c for c in clients}  # the clients of this process
     ids: dict[str, tuple[int, bytes]] = {}  # host name -> (node id, node key)
     done: dict[str, list[ChurnWatch]] = {k: [] for k in CHURN_KINDS}
     next_index = n
     busy: set[int] = set()  # targets of changes under way
+    skipped: dict[str, int] = dict.fromkeys(CHURN_KINDS, 0)  # due, but no node was free to change
     workers = hub.workers if isinstance(hub, ParentHub) else None
 
+    def learn(view: object) -> None:
+        assert isinstance(view, dict)
+        # The admin view shows the key's hex, the protocol its "nodekey:" form.
+        ids[str(view["hostname"])] = (int(view["id"]), b"nodekey:" + str(view["node_key"]).encode())
+
     async def node_id(index: int) -> tuple[int, bytes]:
-        """The server's id and the node key of client ``index`` (host name ``sim-<index>``)."""
+        """The server's id and the node key of client ``index`` (host name and given
+        name ``sim-<index>``): the nodes of the run were listed before the churn began,
+        a newcomer is looked up alone (listing thousands of nodes would be server CPU
+        measured as churn)."""
         if f"sim-{index}" not in ids:
-            listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
-            assert isinstance(listed, list)
-            # The admin view shows the key's hex, the protocol its "nodekey:" form.
-            ids.update({str(v["hostname"]): (int(v["id"]), b"nodekey:" + str(v["node_key"]).encode())
-                        for v in listed})
+            learn(await trio.to_thread.run_sync(server.admin, "nodes.show", {"node": f"sim-{index}"}))
         return ids[f"sim-{index}"]
+
+    def pending_receivers() -> set[int]:
+        """The receivers that changes under way still wait for: deleting one, or
+        changing what it sees, would make it miss them."""
+        return {i for w in hub.churn for i in w.receivers if i not in w.seen}
 
     async def follow(watch: ChurnWatch) -> None:
         with trio.move_on_after(_CHURN_TIMEOUT * opts.timeout_scale):
@@ -163,8 +249,9 @@ async def run_churn(
         watchers.start_soon(follow, watch)
 
     def candidates(tagged: bool) -> list[int]:
+        waited_for = pending_receivers()
         return [i for i in live
-                if i not in busy and i != 0 and i not in updaters
+                if i not in busy and i not in waited_for and i != 0 and i not in updaters
                 and (i not in local or local[i].has_map.is_set()) and bool(live[i][1]) == tagged]
 
     async def join(watchers: trio.Nursery) -> None:
@@ -173,7 +260,7 @@ async def run_churn(
         hub.auth_keys[index] = auth_keys[index % base]
         newcomer = Client(index, hub)
         after = {**live, index: sc.node(index)}
-        receivers = await trio.to_thread.run_sync(functools.partial(model.peers, index, after))
+        receivers = await trio.to_thread.run_sync(model.peers, index, after)
         watch = ChurnWatch("join", receivers & set(live), key=newcomer.marker, exclude=index)
         newcomer.on_register = lambda: start(watch, watchers)
         hub.register_target = hub.registered + 1
@@ -187,6 +274,7 @@ async def run_churn(
     async def delete(watchers: trio.Nursery) -> None:
         pool = candidates(False) + candidates(True)
         if not pool:
+            skipped["delete"] += 1
             return
         victim = rng.choice(pool)
         nid, _ = await node_id(victim)
@@ -204,15 +292,20 @@ async def run_churn(
     async def retag(watchers: trio.Nursery) -> None:
         pool = candidates(True)
         if not pool:
+            skipped["tag"] += 1
             return
         target = rng.choice(pool)
         user, (tag,) = live[target][0], live[target][1][:1]
         new = f"tag:svc{(int(tag.removeprefix('tag:svc')) + 1) % 20}"
+        busy.add(target)
         nid, key = await node_id(target)
         before = await trio.to_thread.run_sync(model.peers, target)
+        after = await trio.to_thread.run_sync(model.peers, target, {**live, target: (user, (new,))})
+        # A node it starts or stops seeing would get that node's pending join or tag
+        # change as an update it should not (or a removal instead): let those land first.
+        while any(w.kind in ("join", "tag") and w.exclude in before ^ after for w in hub.churn):
+            await trio.sleep(0.05)
         live[target] = (user, (new,))
-        after = await trio.to_thread.run_sync(model.peers, target)
-        busy.add(target)
         watch = ChurnWatch("tag", before | after, key=key, node_id=nid, exclude=target)
         start(watch, watchers)
         await trio.to_thread.run_sync(server.admin, "nodes.tag", {"node": str(nid), "tags": [new]})
@@ -230,6 +323,13 @@ async def run_churn(
             await trio.sleep(0.05)
 
     results["last_phase"] = "churn"
+    # Before the clock starts: the nodes' ids, and each policy's template compiled.
+    listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
+    assert isinstance(listed, list)
+    for view in listed:
+        learn(view)
+    for text in (sc.policy_a, sc.policy_b):
+        await trio.to_thread.run_sync(model.seen_by, sc.node(0), text)
     samples: list[tuple[float, float]] = []
     span = Span(server)
     t0 = trio.current_time()
@@ -262,15 +362,11 @@ async def run_churn(
         await workers.collect()  # their churn_bytes
     results["churn_loadgen_cpu_s"] = time.process_time() - span.own0
     results["churn_duration_s"] = span.close(results, "churn")
-    after = min(60.0, opts.duration / 2)
-    results["churn_rss_samples"] = len(samples)
-    results["churn_rss_first_mib"] = samples[0][1] if samples else None
-    results["churn_rss_last_mib"] = samples[-1][1] if samples else None
-    results["churn_rss_slope_from_s"] = after
-    results["churn_rss_slope_mib_per_min"] = rss_slope(samples, after)
+    results.update(rss_summary(samples, opts.duration))
     changes = sum(len(w) for w in done.values())
     results["churn_changes"] = changes
     results["churn_kib_per_change"] = hub.churn_bytes / 1024 / max(changes, 1)
+    planned = planned_changes(opts)
     everything: list[float] = []
     expected_all = 0
     for kind, watches in done.items():
@@ -278,15 +374,21 @@ async def run_churn(
         expected = sum(len(w.receivers) for w in watches)
         everything += lat
         expected_all += expected
+        results[f"churn_{kind}_planned"] = planned[kind]
         results[f"churn_{kind}_count"] = len(watches)
+        results[f"churn_{kind}_skipped"] = skipped[kind]
         results[f"churn_{kind}_expected"] = expected
         results[f"churn_{kind}_reached"] = len(lat)
+        results[f"churn_{kind}_missing"] = expected - len(lat)
         results[f"churn_{kind}_unexpected"] = sum(w.unexpected for w in watches)
         results[f"churn_{kind}_p50_ms"] = pct(lat, expected, 0.5)
         results[f"churn_{kind}_p99_ms"] = pct(lat, expected, 0.99)
         results[f"churn_{kind}_max_ms"] = pct(lat, expected, 1.0)
+        # The updates that brought it (to receivers and strays alike), per change.
+        results[f"churn_{kind}_kib_per_change"] = sum(w.delivered_bytes for w in watches) / 1024 / max(len(watches), 1)
     results["churn_expected"] = expected_all
     results["churn_reached"] = len(everything)
+    results["churn_missing"] = expected_all - len(everything)
     results["churn_unexpected"] = sum(w.unexpected for ws in done.values() for w in ws)
     results["churn_p50_ms"] = pct(everything, expected_all, 0.5)
     results["churn_p99_ms"] = pct(everything, expected_all, 0.99)

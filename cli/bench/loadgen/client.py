@@ -114,6 +114,7 @@ class ChurnWatch:
     * ``policy``: a packet filter.
 
     A client hits it at most once; one outside ``receivers`` counts as ``unexpected``.
+    ``delivered_bytes`` adds up the (compressed) updates that brought it, once per client.
     """
 
     kind: str
@@ -125,6 +126,7 @@ class ChurnWatch:
     latencies: list[float] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     unexpected: int = 0
+    delivered_bytes: int = 0
     done: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
@@ -139,11 +141,12 @@ class ChurnWatch:
             return self.node_id in removed
         return self.key in keys or (self.kind == "tag" and self.node_id in removed)
 
-    def offer(self, index: int, now: float) -> None:
-        """Client ``index`` got an update that carries the change."""
+    def offer(self, index: int, now: float, size: int) -> None:
+        """Client ``index`` got an update of ``size`` compressed bytes that carries the change."""
         if index == self.exclude or index in self.seen:
             return
         self.seen.add(index)
+        self.delivered_bytes += size
         if index not in self.receivers:
             self.unexpected += 1
             return
@@ -507,7 +510,7 @@ class Client:
         has_filter = view.PacketFilters is not None or view.PacketFilter is not None
         for watch in hub.churn:
             if watch.matches(keys, removed, has_filter):
-                watch.offer(self.index, now)
+                watch.offer(self.index, now, size)
 
     def _check(self, body: bytes, kind: FrameKind, watch: Watch | None, hit: bool) -> None:
         """Sentinel: decode fully and compare with what the byte search concluded."""
@@ -527,11 +530,31 @@ class Client:
             hub.marker_mismatches += 1
 
 
-def raise_fd_limit(n: int) -> None:
-    """Each client holds one socket; make sure this process (and the server, which
-    inherits the limit) may open them all."""
+#: Files a process needs besides its sockets: the log, the admin socket, pipes, epoll.
+FD_MARGIN: Final = 256
+
+
+def raise_fd_limit(sockets: int) -> str | None:
+    """Let this process (and what it starts: the server and the worker processes
+    inherit the limit) hold ``sockets`` sockets plus :data:`FD_MARGIN` other files,
+    by raising the soft ``RLIMIT_NOFILE`` as far as the hard limit allows.
+
+    The limit is per process: the server and the load generator each hold one socket
+    per client, so each needs ``sockets``, not both together.
+
+    Returns:
+        Why the limit cannot be raised that far (the hard limit is too low), or
+        ``None`` when it now is high enough.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * n + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    want = sockets + FD_MARGIN
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if new > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        return (f"{sockets} connections need {want} open files per process, but the hard limit "
+                f"(ulimit -Hn) is {hard}; raise it (e.g. `ulimit -Hn {want}` as root, or "
+                "LimitNOFILE= in a systemd unit) or run fewer nodes")
+    return None

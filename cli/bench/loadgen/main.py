@@ -170,7 +170,10 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         policy_every=args.policy_every, seed=args.seed, workers=args.workers,
         backend=args.backend, dsn=args.dsn, replicas=args.replicas,
     )
-    raise_fd_limit(max(sizes))
+    problem = raise_fd_limit(options.sockets(max(sizes)))
+    if problem:
+        print(f"tailledger loadgen: {problem}", file=sys.stderr)
+        return 2
     rows: list[Results] = []
     with tempfile.TemporaryDirectory(prefix="tailledger-loadgen-") as tmp:
         for n in sizes:
@@ -190,9 +193,8 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     for row in rows:
         for line in (*churn_lines(row), *cpu_lines(row)):
             print(line)
-    if options.scenario != "churn":
-        for line in target_lines(rows[-1]):
-            print(line)
+    for line in target_lines(rows[-1]):
+        print(line)
     for row in rows:
         for line in warning_lines(row):
             print(f"warning: {line}")

@@ -9,6 +9,7 @@ as JSON; :mod:`cli.bench.loadgen.report` prints it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -77,6 +78,17 @@ class LoadgenOptions:
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale
+
+    def sockets(self, n: int) -> int:
+        """The most connections one process holds in a run of ``n`` nodes: the server
+        holds one per client, and so does the load generator when the clients run in
+        it (its workers hold fewer each). Besides the ``n`` clients: the join phase's
+        newcomer, or every newcomer of the churn phase (a join every other
+        ``join_delete_every`` seconds, none of them deleted at worst)."""
+        joins = 1
+        if self.scenario == "churn" and self.join_delete_every > 0:
+            joins = math.ceil(self.duration / self.join_delete_every / 2)
+        return n + joins
 
 
 Results = dict[str, object]

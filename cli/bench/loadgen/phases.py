@@ -34,15 +34,15 @@ from pathlib import Path
 import trio
 
 from projections.mapviews.hub import class_key
-from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy import compile_policy, parse_policy
 from protocol import ProtocolError, fetch_server_key
 
 from ...adminsock import AdminError
 from ...gcpolicy import manage_gc
 from ...spawn import free_port
 from ..scenarios import Scenario, scenario
-from .churn import run_churn
-from .client import Client, FatalClientError, Hub, Watch
+from .churn import policy_tailnet, run_churn
+from .client import FD_MARGIN, Client, FatalClientError, Hub, Watch
 from .options import LoadgenOptions, Results
 from .report import pct, sec
 from .scanner import FILTER_MARKER, make_decompressor
@@ -77,16 +77,7 @@ class Expectations:
 def expectations(sc: Scenario, n: int) -> Expectations:
     """Compile the scenario's policies on its users and nodes (synthetic addresses:
     the scenarios name no addresses) and derive each change's receivers."""
-    users = [PolicyUser(id=i + 1, login=name, name=name) for i, name in enumerate(sc.users)]
-    uid = {name: i + 1 for i, name in enumerate(sc.users)}
-    nodes = []
-    for i in range(n + 1):
-        user, tags = sc.node(i)
-        nodes.append(PolicyNode(
-            id=i + 1, name=f"sim-{i}", user_id=uid[user], tags=tags,
-            ipv4=f"100.{64 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", ipv6=f"fd7a:115c:a1e0::{i + 1:x}",
-        ))
-    tailnet = Tailnet(users, nodes)
+    tailnet = policy_tailnet(sc.users, {i: sc.node(i) for i in range(n + 1)})
     a = compile_policy(parse_policy(sc.policy_a), tailnet)
     b = compile_policy(parse_policy(sc.policy_b), tailnet)
     join = frozenset(i - 1 for i in a.peer_id_set(n + 1))
@@ -151,9 +142,11 @@ def _servers(n: int, workdir: Path, opts: LoadgenOptions) -> list[Server]:
     for i in range(opts.replicas):
         data = workdir / (f"n{n}" if i == 0 else f"n{n}-replica{i}")
         data.mkdir(parents=True)
-        env: dict[str, str] = {}
+        # The server's connection cap (10,000 by default) would refuse clients of a
+        # 10,000-node run; it takes as many as its file limit allows (main.py raised it).
+        env = {"TAILLEDGER_LIMITS__MAX_CONNECTIONS": str(max(10_000, opts.sockets(n) + FD_MARGIN))}
         if opts.backend == "postgres":
-            env = {
+            env |= {
                 "TAILLEDGER_DATABASE__TYPE": "postgres",
                 "TAILLEDGER_DATABASE__DSN": opts.dsn,
                 "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(workdir / f"n{n}-signing.key"),
@@ -275,6 +268,9 @@ async def _run_phases(n: int, servers: list[Server], opts: LoadgenOptions, resul
             results["full_map_kib"] = hub.full_map_max / 1024
             results["full_map_json_kib"] = hub.full_map_json / 1024
             results["full_map_peers"] = hub.full_map_peers
+            # The sentinel's peers as the policy engine computes them: a check that
+            # the receivers every change waits for match what the server sends.
+            results["full_map_peers_expected"] = len(expect.presence - {n})
             hub.connect_slots = None  # from now on clients reconnect like real ones: at once
             if workers:
                 workers.send(("unslot",))

@@ -149,11 +149,11 @@ class _RemoteChurnWatch(ChurnWatch):
     serial: int = 0
     conn: Connection | None = None
 
-    def offer(self, index: int, now: float) -> None:
+    def offer(self, index: int, now: float, size: int) -> None:
         if index not in self.seen:
             self.seen.add(index)
             assert self.conn is not None
-            self.conn.send(("offer", self.serial, index, now))
+            self.conn.send(("offer", self.serial, index, now, size))
 
 
 def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
@@ -360,7 +360,7 @@ class Workers:
             elif op == "bytes":
                 self.watches[msg[1]].bytes += msg[2]
             elif op == "offer":
-                self.churn[msg[1]].offer(msg[2], msg[3])
+                self.churn[msg[1]].offer(msg[2], msg[3], msg[4])
             elif op == "up":
                 self._up += 1
                 if self._up >= len(self.procs):
