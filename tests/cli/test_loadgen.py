@@ -34,7 +34,7 @@ from cli.bench.loadgen.churn import (
 from cli.bench.loadgen.client import ChurnWatch, raise_fd_limit
 from cli.bench.loadgen.main import build_parser
 from cli.bench.loadgen.options import PHASES, LoadgenOptions
-from cli.bench.loadgen.phases import _servers
+from cli.bench.loadgen.phases import _servers, expectations
 from cli.bench.loadgen.report import (
     ISSUE_7,
     ISSUE_19_CHURN,
@@ -49,7 +49,7 @@ from cli.bench.loadgen.report import (
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
 from cli.bench.loadgen.server import proc_cpu_wait
 from cli.bench.loadgen.workers import RemoteWatch
-from cli.bench.scenarios import corp
+from cli.bench.scenarios import corp, scenario
 from cli.spawn import child_env, tailledger_argv
 from projections.policy import compile_policy, parse_policy
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
@@ -344,6 +344,19 @@ def test_the_receiver_model_agrees_with_compiling_the_live_tailnet(data: st.Data
         i = tagged[0]
         after = {**live, i: (live[i][0], ("tag:svc19",))}
         assert model.peers(i, after) == _engine_peers(sc.users, model.policy, after, i)
+
+
+@pytest.mark.parametrize("name", ["flat", "corp"])
+def test_the_peer_figures_taken_per_class_are_those_of_every_node(name: str) -> None:
+    """The report's peers per node (average, median, max) come from one node per
+    visibility class; they must be what asking every node gives."""
+    n = 300
+    sc = scenario(name, n + 1)
+    got = expectations(sc, n)
+    compiled = compile_policy(parse_policy(sc.policy_a), policy_tailnet(sc.users, {i: sc.node(i) for i in range(n + 1)}))
+    per_node = sorted(len(compiled.peer_id_set(i + 1)) for i in range(n))
+    assert (got.peers_avg, got.peers_median, got.peers_max) == (sum(per_node) / n, float(per_node[n // 2]), per_node[-1])
+    assert got.classes > 1 if name == "corp" else got.classes == 1
 
 
 def test_the_targets_are_those_of_the_scenario_run() -> None:

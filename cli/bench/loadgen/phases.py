@@ -27,7 +27,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +82,17 @@ def expectations(sc: Scenario, n: int) -> Expectations:
     b = compile_policy(parse_policy(sc.policy_b), tailnet)
     join = frozenset(i - 1 for i in a.peer_id_set(n + 1))
     policy = frozenset(i for i in range(n + 1) if a.packet_filter(i + 1) != b.packet_filter(i + 1))
-    peers = sorted(len(a.peer_id_set(i + 1)) for i in range(n))
-    classes = len({class_key(a, i + 1) for i in range(n)})
+    # Nodes of one class see alike, so they have as many peers: one peer set per class
+    # (per node, 10,000 flat nodes would hold 10,000 sets of 10,000 peers at once).
+    per_class: dict[Hashable, int] = {}
+    peers = []
+    for i in range(n):
+        key = class_key(a, i + 1)
+        if key not in per_class:
+            per_class[key] = len(a.peer_id_set(i + 1))
+        peers.append(per_class[key])
+    peers.sort()
+    classes = len(per_class)
     presence = frozenset(i - 1 for i in a.peer_id_set(1))
     return Expectations(join, policy, classes, sum(peers) / max(n, 1), float(peers[n // 2]) if n else 0.0,
                         peers[-1] if n else 0, presence)
