@@ -460,7 +460,9 @@ async def _restart(
     t_up = trio.current_time()
     results["server_start_s"] = t_up - t_start
     span = Span(server)
-    await _wait(hub.ready_all, opts.timeout(60, 0.05, n), "reconnect", lambda: hub.ready, hub.population)
+    # Every full map again, all at once: as many bytes as the connect phase, so as long
+    # a timeout (at 6,000 flat nodes on a busy machine that phase took 371 s).
+    await _wait(hub.ready_all, opts.timeout(60, 0.1, n), "reconnect", lambda: hub.ready, hub.population)
     span.close(results, "reconnect")
     now = trio.current_time()
     results["reconnected"] = hub.ready
