@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
@@ -76,7 +76,7 @@ from ..policy.ssh import SSHKey, SSHTable
 from ..policystate import PolicyCompiler
 from ..state import Node, TailnetState
 from ..tailcfg import MapResponse, UserProfile
-from .peersets import Lineage, MapMessage, Peer, PeerCache, PeerSet
+from .peersets import Lineage, MapMessage, Peer, PeerCache, PeerSet, changed_digest, content_digest
 
 __all__ = ["HubStats", "MapHub", "SSHCache", "class_key"]
 
@@ -393,7 +393,7 @@ class MapHub:
             rebuilt = {self._key_of[n] for n in compiled.tailnet.node_ids_in(moved) if n in self._key_of}
             rebuilt.update(self._key_of[r.id] for r in compiled.tailnet.routers() if r.id in self._key_of)
         classes: dict[Hashable, PeerSet] = {}
-        versions = _Versions()
+        versions = _Versions(self._classes.values())
         for key, mem in self._members.items():
             previous = self._classes[key]
             if key in rebuilt:
@@ -448,7 +448,7 @@ class MapHub:
         for nid, key in keys.items():
             members.setdefault(key, set()).add(nid)
         classes: dict[Hashable, PeerSet] = {}
-        versions = _Versions()
+        versions = _Versions(self._classes.values())
         for key, mem in members.items():
             entries = self._class_entries(state, now, compiled, mem, forget=True)
             classes[key] = versions.next_version(state, self._classes.get(key), entries)
@@ -538,7 +538,7 @@ class MapHub:
         #: classes on each version before this advance, and how many of them were looked at
         sharing = Counter(map(id, classes.values()))
         looked: dict[int, tuple[PeerSet, int]] = {}
-        versions = _Versions()
+        versions = _Versions(self._classes.values())
         for key in todo:
             mem = self._members.get(key)
             if not mem:
@@ -682,39 +682,53 @@ class _Versions:
     the same peers share one :class:`PeerSet` (see "Sharing between classes" in the
     module docstring).
 
-    Two ways to tell equal contents, both cheap for the advance that asks: a class
-    rebuilt from its entries is looked up by the entries themselves (peers are
-    shared objects, so by node id and peer identity); a class updated from its
-    previous version by that version and the entries it changed (classes that shared
-    a version and changed it alike still share one).
+    A new version is looked up by its content -- which peer objects under which ids,
+    and the users shown -- among the current peer sets and those made in this advance
+    (by :attr:`PeerSet.digest`, which follows from the parent's in the size of the
+    change, then entry by entry), so a class that comes to see what another sees
+    (a user's first device, a class that grows into its team's view) joins its
+    peer set. Classes that shared a version and change it alike find each other by
+    that version and the entries changed, without a lookup.
     """
 
-    __slots__ = ("_made", "_next")
+    __slots__ = ("_by_content", "_made", "_next")
 
-    def __init__(self) -> None:
+    def __init__(self, current: Iterable[PeerSet]) -> None:
+        #: (digest, size) -> peer sets with that digest (current ones, then new ones)
+        self._by_content: dict[tuple[int, int], list[PeerSet]] = {}
+        for ps in {id(ps): ps for ps in current}.values():
+            self._index(ps)
+        #: (id of a previous version, its changed entries) -> the version made of them
         self._made: dict[Hashable, PeerSet] = {}
         #: id of a previous version -> what the first class on it went on with
         #: (itself when it kept it)
         self._next: dict[int, PeerSet] = {}
 
+    def _index(self, ps: PeerSet) -> None:
+        self._by_content.setdefault((ps.digest, len(ps.peers)), []).append(ps)
+
+    def _same(
+        self, digest: int, size: int, peers: Mapping[int, Peer], users: immutables.Map[int, UserProfile]
+    ) -> PeerSet | None:
+        for ps in self._by_content.get((digest, size), ()):
+            if ps.users == users and all(ps.peers.get(nid) is peer for nid, peer in peers.items()):
+                return ps
+        return None
+
     def next_version(self, state: TailnetState, old: PeerSet | None, entries: dict[int, Peer]) -> PeerSet:
-        """A peer set for ``entries``: the one made for equal entries in this advance,
-        else ``old`` itself when nothing differs, else a child of it."""
-        content = frozenset((nid, id(p)) for nid, p in entries.items())
-        made = self._made.get(content)
-        if made is not None:
-            return made
+        """A peer set for ``entries``: an equal current or new one, else a child of
+        ``old`` (a new set when there is none)."""
         users = _users(state, entries.values())
+        same = self._same(content_digest(entries), len(entries), entries, users)
+        if same is not None:
+            return self.kept(same)
         if old is None:
             made = PeerSet(immutables.Map(entries), users)
         else:
             touched = {nid for nid, p in entries.items() if old.peers.get(nid) is not p}
             touched |= {nid for nid in old.peers if nid not in entries}
-            if not touched and old.users == users:
-                made = self.kept(old)
-            else:
-                made = self._child(old, immutables.Map(entries), users, touched)
-        self._made[content] = made
+            made = self._child(old, immutables.Map(entries), users, touched)
+        self._index(made)
         return made
 
     def kept(self, old: PeerSet) -> PeerSet:
@@ -733,11 +747,18 @@ class _Versions:
         touched: set[int],
     ) -> PeerSet:
         """``old`` with ``touched`` changed as in ``peers``: the version another class
-        made from ``old`` with the same changes, else a new one."""
+        made from ``old`` with the same changes, else an equal one, else a new one."""
         change = (id(old), frozenset((nid, id(peers.get(nid))) for nid in touched))
         made = self._made.get(change)
         if made is None:
-            made = self._made[change] = self._child(old, peers.finish(), users, touched)
+            finished = peers.finish()
+            same = self._same(changed_digest(old, finished, touched), len(finished), finished, users)
+            if same is not None:
+                made = self.kept(same)
+            else:
+                made = self._child(old, finished, users, touched)
+                self._index(made)
+            self._made[change] = made
         return made
 
     def _child(

@@ -36,6 +36,7 @@ construction; its cache (the diff to its successor) is derived from them alone.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -194,7 +195,7 @@ class PeerSet:
             that shared a version part (see :class:`Lineage`).
     """
 
-    __slots__ = ("__weakref__", "_diff_to", "depth", "lineage", "link", "peers", "users")
+    __slots__ = ("__weakref__", "_diff_to", "depth", "digest", "lineage", "link", "peers", "users")
 
     def __init__(
         self,
@@ -206,9 +207,12 @@ class PeerSet:
         fork: bool = False,
     ) -> None:
         """``fork``: this version is not the first child of ``parent`` (classes that
-        shared ``parent`` went different ways): it starts a lineage of its own."""
+        shared ``parent`` went different ways): it starts a lineage of its own.
+        ``changed`` must hold every id whose entry differs from ``parent``'s."""
         self.peers = peers
         self.users = users
+        #: :func:`content_digest` of ``peers`` (from the parent's, in the size of the change)
+        self.digest: int = content_digest(peers) if parent is None else changed_digest(parent, peers, changed)
         self.link: _Link = _Link(changed, parent.link if parent is not None else None)
         self.depth: int = 0 if parent is None else parent.depth + 1
         self.lineage: Lineage = Lineage() if parent is None or fork else parent.lineage
@@ -245,6 +249,31 @@ class PeerSet:
             msg = MapMessage(update_response(now, {}, diff))
             old._diff_to = (*entries[:at], (ref, diff, msg), *entries[at + 1 :])
         return diff, msg
+
+
+_DIGEST_MASK: Final = (1 << 64) - 1
+
+
+def content_digest(peers: immutables.Map[int, Peer] | dict[int, Peer]) -> int:
+    """A digest of which peer objects a peer set holds under which ids (a sum, so a
+    version's follows from its parent's by the entries that changed). Equal contents
+    have equal digests; equal digests are checked entry by entry before sharing."""
+    return sum(hash((nid, id(peer))) for nid, peer in peers.items()) & _DIGEST_MASK
+
+
+def changed_digest(
+    old: PeerSet, peers: immutables.Map[int, Peer] | immutables.MapMutation[int, Peer], changed: Iterable[int]
+) -> int:
+    """The :func:`content_digest` of ``peers``, which differ from ``old.peers`` at most
+    in ``changed``."""
+    digest = old.digest
+    for nid in changed:
+        before, after = old.peers.get(nid), peers.get(nid)
+        if before is not None:
+            digest -= hash((nid, id(before)))
+        if after is not None:
+            digest += hash((nid, id(after)))
+    return digest & _DIGEST_MASK
 
 
 def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:

@@ -465,3 +465,49 @@ def test_a_rebuild_keeps_no_fold_per_class_in_the_compiled_policy() -> None:
     t.update()
     assert set(hub.compiled._reaches) == {newcomer}
     t.check()
+
+
+def test_classes_that_come_to_see_the_same_peers_join_one_peer_set() -> None:
+    """Issue 19 (memory): nodes that register one after another, the hub advancing
+    after each (as the server does), end up sharing peer sets exactly as a rebuild
+    would share them: a class whose new version equals another's current one (by
+    content, not by history) joins it."""
+    rnd = random.Random(4)
+    r = Recorder()
+    uids = [r.user(u) for u in ("user0", "user1", "user2")]
+    r.run(lambda s: c.decide_set_policy(s, _TEAM, source="test"))
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, lambda _nid: None)
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    cursors: dict[int, StreamCursor] = {}
+    models: dict[int, ClientNetmap] = {}
+    def register(s: TailnetState, user: int, tags: tuple[str, ...]) -> c.Decision[int]:
+        return c.decide_register_node(
+            s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+            hostname=f"h{rnd.getrandbits(16)}", user_id=uids[user], tags=tags, ephemeral=False,
+            expiry=None, auth="cli", preauth_key=None, plan=PLAN,
+        )
+
+    joins: list[tuple[int, tuple[str, ...]]] = [(0, ()), (1, ()), (0, ("tag:db",)), (1, ()), (0, ()), (1, ())]
+    for user, tags in joins:
+        r.now += timedelta(seconds=1)
+        r.run(functools.partial(register, user=user, tags=tags))
+        hub.advance(r.state, r.now, r.delta, ())
+        r.delta = EMPTY
+        for nid in r.state.nodes:
+            if nid in cursors:
+                for message in cursors[nid].update(hub):
+                    models[nid].apply(decode(encode(message.response), MapResponse))
+            else:
+                cursors[nid], models[nid] = StreamCursor(nid), ClientNetmap()
+                models[nid].apply(decode(encode(cursors[nid].full_map(hub).response()), MapResponse))
+        for nid in r.state.nodes:
+            reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=lambda _n: None, now=r.now)
+            assert models[nid].comparable() == _comparable(reference), nid
+    incremental = (hub.classes(), hub.peer_sets())
+    rebuilt = MapHub(compiler, settings_, lambda _nid: None)
+    rebuilt.advance(r.state, r.now, EMPTY, ())
+    assert incremental == (rebuilt.classes(), rebuilt.peer_sets())
+    assert hub.peer_sets() < hub.classes()
