@@ -390,7 +390,8 @@ class MapHub:
         if moved is None:
             rebuilt: set[Hashable] = set(self._members)
         else:
-            rebuilt = {self._key_of[n] for n in compiled.tailnet.node_ids_in(moved) if n in self._key_of}
+            # (An empty set asks nothing: a fresh tailnet's address index is not built.)
+            rebuilt = {self._key_of[n] for n in compiled.tailnet.node_ids_in(moved) if n in self._key_of} if moved else set()
             rebuilt.update(self._key_of[r.id] for r in compiled.tailnet.routers() if r.id in self._key_of)
         classes: dict[Hashable, PeerSet] = {}
         versions = _Versions(self._classes.values())
