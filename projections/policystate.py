@@ -153,10 +153,20 @@ class PolicyCompiler:
             previous = recorded_primaries(state, old.primaries if old is not None else None)
             # Approvals are events (login, policy change), never implied here: an
             # auto-approved route an admin revoked stays revoked.
+            # A policy edit on the same nodes and users: grants it did not change
+            # (aliases resolving alike) are taken over from the last compile.
+            same_tailnet = (
+                old is not None
+                and old_state is not None
+                and state.nodes is old_state.nodes
+                and state.users is old_state.users
+                and state.route_primaries is old_state.route_primaries
+            )
             compiled = compile_policy(
                 policy, policy_tailnet(state, self._settings), control_url=self._control_url,
                 previous_primaries=previous,
                 auto_approve=False,
+                previous=old if same_tailnet else None,
             )
             self.full_compiles += 1
         else:

@@ -41,7 +41,9 @@ from .resolve import Resolved, Resolver, alias_dependencies, host_prefix
 from .rules import CapEntry, DstEntry, Rule
 from .tailnet import EVERYTHING, INTERNET, NodeInfo, Tailnet
 
-__all__ = ["CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "policy_grants"]
+__all__ = [
+    "CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "grant_shape", "policy_grants", "reuse_grant",
+]
 
 #: Well-known caps whose grant also gives the *destination* a companion cap
 #: toward the sources (reversed direction), with a null value.
@@ -232,6 +234,36 @@ def compile_grant(
                 compiled, sources, destinations, tailnet, previous._entries if previous is not None else {}
             )
     return compiled
+
+
+def reuse_grant(previous: CompiledGrant, grant: Grant, old: Resolver, resolver: Resolver) -> CompiledGrant | None:
+    """``previous`` (compiled from an equal grant of another policy, against a
+    tailnet with the same nodes, users and routes) as ``grant`` would compile
+    against ``resolver``, when each of its aliases resolves as it did under ``old``
+    -- the same addresses, listed the same way -- so its rules are the same: None
+    when one does not. Only the dependency keys (which follow the policy's group
+    definitions) are worked out again; the rules are shared.
+    """
+    for alias in (*grant.src, *grant.dst):
+        if alias.text == "autogroup:self":
+            continue
+        a, b = old.resolve(alias), resolver.resolve(alias)
+        if a.hosts != b.hosts or a.addresses != b.addresses:
+            return None
+    fresh = CompiledGrant(grant)
+    for name in CompiledGrant.__slots__:
+        if name != "grant":
+            setattr(fresh, name, getattr(previous, name))
+    fresh.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
+    fresh.depends = fresh.dst_depends | alias_dependencies(grant.src, resolver.policy)
+    return fresh
+
+
+def grant_shape(grant: Grant) -> tuple[object, ...]:
+    """What a compiled grant is made from besides the aliases' meaning (its place in
+    the policy aside): two grants of equal shape whose aliases resolve alike compile
+    to the same rules."""
+    return (grant.src, grant.dst, grant.ip, grant.app, grant.via)
 
 
 def recompile_sources(previous: CompiledGrant, resolver: Resolver) -> CompiledGrant:

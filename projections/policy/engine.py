@@ -44,8 +44,10 @@ from .compile import (
     GrantKind,
     can_recompile_sources,
     compile_grant,
+    grant_shape,
     policy_grants,
     recompile_sources,
+    reuse_grant,
     self_rules,
     via_rules,
 )
@@ -102,6 +104,7 @@ def compile_policy(
     control_url: str = "",
     previous_primaries: dict[Prefix, int] | None = None,
     auto_approve: bool = True,
+    previous: CompiledPolicy | None = None,
 ) -> CompiledPolicy:
     """Resolve a validated policy against a tailnet.
 
@@ -114,6 +117,10 @@ def compile_policy(
             policy means on its own: conformance cases, tests blocks). The server
             passes false: it records every approval as an event, so that an admin
             can revoke an auto-approved route.
+        previous: the compile of another policy against a tailnet with the same
+            nodes, users and routes, both without ``auto_approve``: its compiled grants of
+            equal shape whose aliases resolve alike are taken over, with their
+            rules (a policy edit recompiles only what it changed).
 
     Returns:
         The compiled policy.
@@ -122,11 +129,35 @@ def compile_policy(
         tailnet = with_auto_approvals(policy, tailnet)
     resolver = Resolver(policy, tailnet)
     sources = effective_grants(policy)
-    grants = [compile_grant(g, resolver) for g in sources]
+    if previous is None or auto_approve or previous.auto_approve:
+        previous = None  # (approvals follow the policy: the tailnets may differ)
+        grants = [compile_grant(g, resolver) for g in sources]
+    else:
+        grants = _reusing(previous, sources, resolver)
     return CompiledPolicy(
         resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries,
-        auto_approve=auto_approve,
+        auto_approve=auto_approve, merged=previous._merged if previous is not None else None,
     )
+
+
+def _reusing(previous: CompiledPolicy, sources: list[Grant], resolver: Resolver) -> list[CompiledGrant | None]:
+    """Compile ``sources``, taking over ``previous``'s compiled grants of equal shape
+    whose aliases resolve alike (see :func:`~.compile.reuse_grant`)."""
+    earlier: dict[tuple[object, ...], CompiledGrant | None] = {}
+    for grant, slot in zip(previous.sources, previous.grant_slots, strict=True):
+        earlier.setdefault(grant_shape(grant), slot)
+    out: list[CompiledGrant | None] = []
+    for grant in sources:
+        shape = grant_shape(grant)
+        reused = None
+        if shape in earlier:
+            slot = earlier[shape]
+            if slot is None:
+                out.append(None)  # it can never produce rules, whatever the aliases mean
+                continue
+            reused = reuse_grant(slot, grant, previous.resolver, resolver)
+        out.append(reused if reused is not None else compile_grant(grant, resolver))
+    return out
 
 
 def effective_grants(policy: Policy) -> list[Grant]:

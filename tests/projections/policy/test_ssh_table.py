@@ -18,12 +18,20 @@ leaves and changes, after every step:
 from __future__ import annotations
 
 import json
+from typing import Protocol, Self, TypeVar
 
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projections.policy import PolicyNode, PolicyUser, Tailnet, compile_policy, parse_policy
+from projections.policy import (
+    CompiledPolicy,
+    PolicyNode,
+    PolicyUser,
+    Tailnet,
+    compile_policy,
+    parse_policy,
+)
 from projections.policy.filter import reduce_rules
 from projections.policy.ipset import IPSet, parse_prefix
 from projections.policy.ssh import SSHKey, compile_ssh_policy
@@ -163,6 +171,23 @@ def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
                 assert compiled.packet_filter(nid) == before.packet_filter(nid), f"filter of {nid} changed unnoticed"
 
 
+class _Editable(Protocol):
+    def with_node(self, node: PolicyNode) -> Self: ...
+    def without_node(self, node_id: int) -> Self: ...
+
+
+E = TypeVar("E", bound=_Editable)
+
+
+def _step(value: E, nodes: dict[int, PolicyNode], op: PolicyNode | int) -> E:
+    """One step of a history on a tailnet or compiled policy (and on ``nodes``)."""
+    if isinstance(op, PolicyNode):
+        nodes[op.id] = op
+        return value.with_node(op)
+    nodes.pop(op, None)
+    return value.without_node(op)
+
+
 @settings(max_examples=60, deadline=None)
 @given(histories())
 def test_a_carried_address_index_equals_a_fresh_one(history: tuple[str, list[PolicyNode], list[PolicyNode | int]]) -> None:
@@ -174,12 +199,7 @@ def test_a_carried_address_index_equals_a_fresh_one(history: tuple[str, list[Pol
     probes = [IPSet.of([parse_prefix(p)]) for p in ("100.64.0.0/10", "100.64.0.0/30", "100.64.0.4/31", "fd7a:115c:a1e0::/48")]
     for op in ops:
         tailnet.node_ids_in(probes[0])  # build the index, so that the next view carries it
-        if isinstance(op, PolicyNode):
-            tailnet = tailnet.with_node(op)
-            nodes[op.id] = op
-        else:
-            tailnet = tailnet.without_node(op)
-            nodes.pop(op, None)
+        tailnet = _step(tailnet, nodes, op)
         fresh = Tailnet(USERS, nodes.values())
         for probe in probes:
             assert tailnet.node_ids_in(probe) == fresh.node_ids_in(probe)
@@ -251,12 +271,7 @@ def test_carried_member_and_tagged_sets_equal_fresh_ones(history: tuple[str, lis
     probes = [IPSet.of([parse_prefix(p)]) for p in ("100.64.0.0/10", "100.64.0.0/30", "100.64.0.4/31", "fd7a:115c:a1e0::/48")]
     for op in ops:
         tailnet.member_ids(), tailnet.tagged_ids()  # so that the next view carries them
-        if isinstance(op, PolicyNode):
-            tailnet = tailnet.with_node(op)
-            nodes[op.id] = op
-        else:
-            tailnet = tailnet.without_node(op)
-            nodes.pop(op, None)
+        tailnet = _step(tailnet, nodes, op)
         assert tailnet._members is not None and tailnet._tagged is not None  # carried, not rebuilt
         fresh = Tailnet(USERS, nodes.values())
         assert (tailnet.member_ids(), tailnet.tagged_ids()) == (fresh.member_ids(), fresh.tagged_ids())
@@ -264,3 +279,39 @@ def test_carried_member_and_tagged_sets_equal_fresh_ones(history: tuple[str, lis
             owners = {fresh.nodes[i].owner for i in fresh.node_ids_in(probe)}
             expected = next(iter(owners)) if len(owners) == 1 and None not in owners else None
             assert tailnet.sole_owner([probe]) == expected
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(), policies())
+def test_a_compile_that_takes_over_grants_equals_a_fresh_one(
+    history: tuple[str, list[PolicyNode], list[PolicyNode | int]], other: str
+) -> None:
+    """A policy edit compiled from the last compile (``compile_policy(previous=)``,
+    what the server does when only the policy text changed) takes over the grants of
+    equal shape whose aliases resolve alike; it answers like a fresh compile, also
+    after the nodes change incrementally from there (the taken-over grants' dependency
+    keys follow the new policy)."""
+    text, initial, ops = history
+    nodes = {n.id: n for n in initial}
+    tailnet = Tailnet(USERS, initial)
+    # The edit: the other policy's rules, with half of this one's kept (equal shape).
+    mine, theirs = json.loads(text), json.loads(other)
+    theirs["acls"] = mine["acls"][: len(mine["acls"]) // 2 + 1] + theirs["acls"]
+    theirs["groups"] = {"group:ops": ["u1@example.com"], "group:dev": ["u3@example.com", "u4@example.com"]}
+    edited = parse_policy(json.dumps(theirs))
+    first = compile_policy(parse_policy(text), tailnet, control_url=CTRL, auto_approve=False)
+    reused = compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False, previous=first)
+    taken = {id(g) for g in first.grants}
+    assert not any(id(g) in taken for g in reused.grants)  # copies: the old compile is left as it was
+
+    def same(a: CompiledPolicy, b: CompiledPolicy, step: str) -> None:
+        for nid in b.tailnet.nodes:
+            assert a.packet_filter_json(nid) == b.packet_filter_json(nid), f"{step}: filter of {nid}"
+            assert a.peers(nid) == b.peers(nid), f"{step}: peers of {nid}"
+            assert a.ssh_policy(nid) == b.ssh_policy(nid), f"{step}: ssh of {nid}"
+
+    same(reused, compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False), "edit")
+    for op in ops:
+        reused = _step(reused, nodes, op)
+        fresh = compile_policy(edited, Tailnet(USERS, nodes.values()), control_url=CTRL, auto_approve=False)
+        same(reused, fresh, f"after {op!r}")
