@@ -396,6 +396,12 @@ def test_the_churn_report_shows_each_kind_and_warns_when_the_run_fell_behind() -
                and "1.0 KiB each" in line for line in lines)
     assert any("150 ms per change" in line for line in lines)
     assert any("slope after 60 s: +0.00 MiB/min" in line for line in lines)
+    # No receivers: no latency to show, which is not a time-out.
+    idle = churn_lines(_churn_row(churn_tag_expected=0, churn_tag_reached=0, churn_tag_p50_ms=None,
+                                  churn_tag_p99_ms=None, churn_tag_max_ms=None))
+    assert any("tag:" in line and "p50 - ms" in line for line in idle)
+    late = churn_lines(_churn_row(churn_tag_reached=0, churn_tag_missing=10, churn_tag_p99_ms=None))
+    assert any("tag:" in line and "p99 t/o ms" in line for line in late)
     assert warning_lines(_churn_row()) == []
     [behind] = warning_lines(_churn_row(churn_join_count=1, churn_join_planned=60))
     assert "1 of the 60 planned churn join changes" in behind

@@ -35,6 +35,7 @@ from projections.policy import (
     parse_policy,
 )
 
+from ...adminsock import AdminError
 from ..scenarios import Scenario
 from .client import ChurnWatch, Client, Hub
 from .options import CHURN_KINDS, LoadgenOptions, Results
@@ -180,6 +181,13 @@ async def _sample_rss(server: Server, t0: float, samples: list[tuple[float, floa
         await trio.sleep(1.0)
 
 
+async def _all_nodes(server: Server) -> list[object]:
+    """The admin views of every node of the server."""
+    listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
+    assert isinstance(listed, list)
+    return listed
+
+
 async def run_churn(
     server: Server, opts: LoadgenOptions, hub: Hub, clients: list[Client], n: int, updaters: set[int],
     nursery: trio.Nursery,
@@ -220,7 +228,11 @@ async def run_churn(
         a newcomer is looked up alone (listing thousands of nodes would be server CPU
         measured as churn)."""
         if f"sim-{index}" not in ids:
-            learn(await trio.to_thread.run_sync(server.admin, "nodes.show", {"node": f"sim-{index}"}))
+            try:
+                learn(await trio.to_thread.run_sync(server.admin, "nodes.show", {"node": f"sim-{index}"}))
+            except AdminError:  # its given name is not its host name after all
+                for view in await _all_nodes(server):
+                    learn(view)
         return ids[f"sim-{index}"]
 
     def pending_receivers() -> set[int]:
@@ -324,9 +336,7 @@ async def run_churn(
 
     results["last_phase"] = "churn"
     # Before the clock starts: the nodes' ids, and each policy's template compiled.
-    listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
-    assert isinstance(listed, list)
-    for view in listed:
+    for view in await _all_nodes(server):
         learn(view)
     for text in (sc.policy_a, sc.policy_b):
         await trio.to_thread.run_sync(model.seen_by, sc.node(0), text)

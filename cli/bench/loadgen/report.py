@@ -75,7 +75,9 @@ def churn_lines(row: Results) -> list[str]:
 
     def ms(key: str) -> str:
         value = _num(row, key)
-        return "t/o" if value is None else f"{value:.0f}"
+        if value is None:  # nobody to wait for, or too many never reached
+            return "-" if not row.get(key.rsplit("_", 2)[0] + "_expected") else "t/o"
+        return f"{value:.0f}"
 
     n = _num(row, "nodes") or 0
     changes = _num(row, "churn_changes") or 0
