@@ -27,9 +27,10 @@ node under a policy with ``via`` grants get a class of their own.
 
 **Sharing between classes.** Classes are what the policy can tell apart, which is
 more than what their members see: in a segmented tailnet every user is a class
-(``autogroup:self``, SSH), yet the users of one team see the same peers. So the peer
-sets of one advance are made once per content (:class:`_Versions`): classes that see
-the same peers share one :class:`~.peersets.PeerSet` object, and with it everything
+(``autogroup:self``, SSH), yet the users of one team see the same peers. So a new
+peer-set version is looked up by its content among the current ones and those made
+in the same advance (:class:`_Versions`): classes that see the same peers share one
+:class:`~.peersets.PeerSet` object, however they came to, and with it everything
 kept per peer set (its map, the diffs and messages from it, and the transport's
 full-map pieces and their compressed frames). A class whose peers change while
 another stays is given a version of its own, which starts a lineage of its own when

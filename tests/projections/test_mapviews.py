@@ -340,33 +340,32 @@ _TEAM = (
 )
 
 
-def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
-    """Issue 19 (memory): two users of one team are two classes (``autogroup:self``,
-    SSH) but see the same peers, so they share one peer set -- and with it its diffs
-    and the transport's full-map pieces -- through joins, tag and presence changes;
-    when a change shows one of them a peer the other does not see, they part, and
-    every stream still has exactly the reference map."""
-    rnd = random.Random(3)
-    r = Recorder()
-    uids = [r.user(u) for u in ("user0", "user1", "user2")]
-    r.run(lambda s: c.decide_set_policy(s, _TEAM, source="test"))
+class _TeamStreams:
+    """Streams of the ``_TEAM`` tailnet: register nodes, advance the hub, and check
+    that every stream's netmap (built from its messages) is the reference map."""
 
-    def register(user: int, tags: tuple[str, ...] = ()) -> int:
-        return r.run(lambda s: c.decide_register_node(
+    def __init__(self, seed: int) -> None:
+        self.rnd = random.Random(seed)
+        self.r = Recorder()
+        self.uids = [self.r.user(u) for u in ("user0", "user1", "user2")]
+        self.r.run(lambda s: c.decide_set_policy(s, _TEAM, source="test"))
+        self.presence: dict[int, NodePresence] = {}
+        self.settings = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+        self.compiler = PolicyCompiler("https://control.example")
+        self.hub = MapHub(self.compiler, self.settings, self.presence.get)
+        self.cursors: dict[int, StreamCursor] = {}
+        self.models: dict[int, ClientNetmap] = {}
+
+    def register(self, user: int, tags: tuple[str, ...] = ()) -> int:
+        rnd, uid = self.rnd, self.uids[user]
+        return self.r.run(lambda s: c.decide_register_node(
             s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
-            hostname=f"h{rnd.getrandbits(16)}", user_id=uids[user], tags=tags, ephemeral=False,
+            hostname=f"h{rnd.getrandbits(16)}", user_id=uid, tags=tags, ephemeral=False,
             expiry=None, auth="cli", preauth_key=None, plan=PLAN,
         ))
 
-    a, b, a2, _b2, db = register(0), register(1), register(0), register(1), register(0, ("tag:db",))
-    presence: dict[int, NodePresence] = {}
-    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
-    compiler = PolicyCompiler("https://control.example")
-    hub = MapHub(compiler, settings_, presence.get)
-    cursors: dict[int, StreamCursor] = {}
-    models: dict[int, ClientNetmap] = {}
-
-    def advance(changed_presence: tuple[int, ...] = ()) -> None:
+    def advance(self, changed_presence: tuple[int, ...] = ()) -> None:
+        r, hub, cursors, models = self.r, self.hub, self.cursors, self.models
         r.now += timedelta(seconds=1)
         hub.advance(r.state, r.now, r.delta, changed_presence)
         r.delta = EMPTY
@@ -378,33 +377,44 @@ def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
                 cursors[nid], models[nid] = StreamCursor(nid), ClientNetmap()
                 models[nid].apply(decode(encode(cursors[nid].full_map(hub).response()), MapResponse))
         for nid in r.state.nodes:
-            reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=presence.get, now=r.now)
+            reference = full_map(
+                r.state, nid, policy=self.compiler, settings=self.settings, presence=self.presence.get, now=r.now
+            )
             assert models[nid].comparable() == _comparable(reference), nid
 
-    advance()
+
+def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
+    """Issue 19 (memory): two users of one team are two classes (``autogroup:self``,
+    SSH) but see the same peers, so they share one peer set -- and with it its diffs
+    and the transport's full-map pieces -- through joins, tag and presence changes;
+    when a change shows one of them a peer the other does not see, they part, and
+    every stream still has exactly the reference map."""
+    t = _TeamStreams(3)
+    r, hub = t.r, t.hub
+    a, b, a2, _b2, db = t.register(0), t.register(1), t.register(0), t.register(1), t.register(0, ("tag:db",))
+    t.advance()
     assert hub.class_of(a) is not hub.class_of(b)
     assert hub.peer_set(a) is hub.peer_set(b)
     assert (hub.classes(), hub.peer_sets()) == (3, 2)  # user0, user1, tag:db
-    register(1)  # a new eng device: both see it
-    advance()
-    presence[db] = NodePresence(
+    t.register(1)  # a new eng device: both see it
+    t.advance()
+    t.presence[db] = NodePresence(
         online=True, endpoints=("192.0.2.1:41641",), home_derp=1, last_seen=r.now, disco_key=None
     )
-    advance((db,))
+    t.advance((db,))
     r.run(lambda s: c.decide_set_tags(s, str(a2), ("tag:db",)))
-    advance()
+    t.advance()
     assert hub.peer_set(a) is hub.peer_set(b)
     assert hub.peer_set(a) is not hub.peer_set(db)
     shared = hub.peer_set(a)
-    other = register(2)  # user0 sees user2's device (user2 reaches user0 on 80), user1 does not
-    advance()
+    other = t.register(2)  # user0 sees user2's device (user2 reaches user0 on 80), user1 does not
+    t.advance()
     assert other in hub.peer_set(a).peers and other not in hub.peer_set(b).peers
     # user1 kept the version they shared; user0 went on from it, in a lineage of its
     # own (the transport keeps one set of full-map pieces per lineage).
     assert hub.peer_set(b) is shared
     assert hub.peer_set(a).link.parent is shared.link
     assert hub.peer_set(a).lineage is not shared.lineage
-
 
 def test_shared_messages_are_released_once_every_stream_had_its_update() -> None:
     """Idle memory: the hub keeps a version's shared messages (one per content: here a
@@ -472,42 +482,13 @@ def test_classes_that_come_to_see_the_same_peers_join_one_peer_set() -> None:
     after each (as the server does), end up sharing peer sets exactly as a rebuild
     would share them: a class whose new version equals another's current one (by
     content, not by history) joins it."""
-    rnd = random.Random(4)
-    r = Recorder()
-    uids = [r.user(u) for u in ("user0", "user1", "user2")]
-    r.run(lambda s: c.decide_set_policy(s, _TEAM, source="test"))
-    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
-    compiler = PolicyCompiler("https://control.example")
-    hub = MapHub(compiler, settings_, lambda _nid: None)
-    hub.advance(r.state, r.now, r.delta, ())
-    r.delta = EMPTY
-    cursors: dict[int, StreamCursor] = {}
-    models: dict[int, ClientNetmap] = {}
-    def register(s: TailnetState, user: int, tags: tuple[str, ...]) -> c.Decision[int]:
-        return c.decide_register_node(
-            s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
-            hostname=f"h{rnd.getrandbits(16)}", user_id=uids[user], tags=tags, ephemeral=False,
-            expiry=None, auth="cli", preauth_key=None, plan=PLAN,
-        )
-
-    joins: list[tuple[int, tuple[str, ...]]] = [(0, ()), (1, ()), (0, ("tag:db",)), (1, ()), (0, ()), (1, ())]
-    for user, tags in joins:
-        r.now += timedelta(seconds=1)
-        r.run(functools.partial(register, user=user, tags=tags))
-        hub.advance(r.state, r.now, r.delta, ())
-        r.delta = EMPTY
-        for nid in r.state.nodes:
-            if nid in cursors:
-                for message in cursors[nid].update(hub):
-                    models[nid].apply(decode(encode(message.response), MapResponse))
-            else:
-                cursors[nid], models[nid] = StreamCursor(nid), ClientNetmap()
-                models[nid].apply(decode(encode(cursors[nid].full_map(hub).response()), MapResponse))
-        for nid in r.state.nodes:
-            reference = full_map(r.state, nid, policy=compiler, settings=settings_, presence=lambda _n: None, now=r.now)
-            assert models[nid].comparable() == _comparable(reference), nid
-    incremental = (hub.classes(), hub.peer_sets())
-    rebuilt = MapHub(compiler, settings_, lambda _nid: None)
-    rebuilt.advance(r.state, r.now, EMPTY, ())
-    assert incremental == (rebuilt.classes(), rebuilt.peer_sets())
+    t = _TeamStreams(4)
+    t.advance()
+    for user, tags in [(0, ()), (1, ()), (0, ("tag:db",)), (1, ()), (0, ()), (1, ())]:
+        t.register(user, tags)
+        t.advance()
+    hub = t.hub
+    rebuilt = MapHub(t.compiler, t.settings, t.presence.get)
+    rebuilt.advance(t.r.state, t.r.now, EMPTY, ())
+    assert (hub.classes(), hub.peer_sets()) == (rebuilt.classes(), rebuilt.peer_sets())
     assert hub.peer_sets() < hub.classes()
