@@ -129,20 +129,32 @@ def compile_policy(
         tailnet = with_auto_approvals(policy, tailnet)
     resolver = Resolver(policy, tailnet)
     sources = effective_grants(policy)
+    taken: dict[int, CompiledGrant] = {}
     if previous is None or auto_approve or previous.auto_approve:
         previous = None  # (approvals follow the policy: the tailnets may differ)
         grants = [compile_grant(g, resolver) for g in sources]
     else:
-        grants = _reusing(previous, sources, resolver)
-    return CompiledPolicy(
+        grants = _reusing(previous, sources, resolver, taken)
+    compiled = CompiledPolicy(
         resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries,
         auto_approve=auto_approve, merged=previous._merged if previous is not None else None,
     )
+    if previous is not None and not compiled.via_grants and not previous.via_grants:
+        mine = [g for g in compiled.grants if g.kind is GrantKind.SELF]
+        theirs = [g for g in previous.grants if g.kind is GrantKind.SELF]
+        if len(mine) == len(theirs) and all(taken.get(id(a)) is b for a, b in zip(mine, theirs, strict=True)):
+            # The same autogroup:self grants, taken over in the same order: each
+            # owner's own rules are what the last compile made.
+            compiled._extra.update(previous._extra)
+    return compiled
 
 
-def _reusing(previous: CompiledPolicy, sources: list[Grant], resolver: Resolver) -> list[CompiledGrant | None]:
+def _reusing(
+    previous: CompiledPolicy, sources: list[Grant], resolver: Resolver, taken: dict[int, CompiledGrant]
+) -> list[CompiledGrant | None]:
     """Compile ``sources``, taking over ``previous``'s compiled grants of equal shape
-    whose aliases resolve alike (see :func:`~.compile.reuse_grant`)."""
+    whose aliases resolve alike (see :func:`~.compile.reuse_grant`); ``taken`` gets,
+    by the id of each grant taken over, the one of ``previous`` it came from."""
     earlier: dict[tuple[object, ...], CompiledGrant | None] = {}
     for grant, slot in zip(previous.sources, previous.grant_slots, strict=True):
         earlier.setdefault(grant_shape(grant), slot)
@@ -156,6 +168,8 @@ def _reusing(previous: CompiledPolicy, sources: list[Grant], resolver: Resolver)
                 out.append(None)  # it can never produce rules, whatever the aliases mean
                 continue
             reused = reuse_grant(slot, grant, previous.resolver, resolver)
+            if reused is not None:
+                taken[id(reused)] = slot
         out.append(reused if reused is not None else compile_grant(grant, resolver))
     return out
 

@@ -300,6 +300,8 @@ def test_a_compile_that_takes_over_grants_equals_a_fresh_one(
     theirs["groups"] = {"group:ops": ["u1@example.com"], "group:dev": ["u3@example.com", "u4@example.com"]}
     edited = parse_policy(json.dumps(theirs))
     first = compile_policy(parse_policy(text), tailnet, control_url=CTRL, auto_approve=False)
+    for nid in tailnet.nodes:
+        first.packet_filter_json(nid)  # (so that its per-owner rules are there to take over)
     reused = compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False, previous=first)
     taken = {id(g) for g in first.grants}
     assert not any(id(g) in taken for g in reused.grants)  # copies: the old compile is left as it was
@@ -315,3 +317,35 @@ def test_a_compile_that_takes_over_grants_equals_a_fresh_one(
         reused = _step(reused, nodes, op)
         fresh = compile_policy(edited, Tailnet(USERS, nodes.values()), control_url=CTRL, auto_approve=False)
         same(reused, fresh, f"after {op!r}")
+
+
+def test_own_rules_are_taken_over_only_with_the_same_self_grants() -> None:
+    """Each owner's ``autogroup:self`` rules come over from the last compile only when
+    its self grants were all taken over, in order: a policy that adds one (or drops
+    one) gets its own, and either way every filter is a fresh compile's."""
+    nodes = [
+        PolicyNode(id=i, name=f"n{i}", user_id=1 + i % 2, ipv4=f"100.64.0.{i}", ipv6=f"fd7a:115c:a1e0::{i:x}")
+        for i in range(1, 7)
+    ]
+    tailnet = Tailnet(USERS, nodes)
+    base = [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]},
+            {"action": "accept", "src": ["group:ops"], "dst": ["tag:web:80"]}]
+    texts: list[dict[str, object]] = [
+        {"acls": base},
+        {"acls": [*base[:1], {"action": "accept", "src": ["group:ops"], "dst": ["tag:web:81"]}]},  # self kept
+        {"acls": [*base, {"action": "accept", "src": ["u1@example.com"], "dst": ["autogroup:self:443"]}]},  # one more
+        {"acls": base[1:]},  # none
+    ]
+    for doc in texts:
+        doc["groups"] = {"group:ops": ["u1@example.com", "u2@example.com"]}
+        doc["tagOwners"] = {"tag:web": ["group:ops"]}
+    first = compile_policy(parse_policy(json.dumps(texts[0])), tailnet, control_url=CTRL, auto_approve=False)
+    for nid in tailnet.nodes:
+        first.packet_filter_json(nid)
+    for doc in texts[1:]:
+        edited = parse_policy(json.dumps(doc))
+        reused = compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False, previous=first)
+        assert bool(reused._extra) == (doc is texts[1])  # taken over only with the same self grants
+        fresh = compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False)
+        for nid in tailnet.nodes:
+            assert reused.packet_filter_json(nid) == fresh.packet_filter_json(nid), (doc, nid)
