@@ -8,7 +8,7 @@ gets its own optimistic-concurrency check and its own answer.
 
 ``tail`` yields every event after a sequence number and then waits for new ones. New
 events are announced in-process the moment they commit; events appended by *other*
-processes that open the same SQLite database file are found by polling the head every
+processes that open the same SQLite database file are found by reading again every
 ``poll_interval`` seconds, so a tailer never misses an event whoever wrote it. (SQLite
 is the only backend today.)
 
@@ -230,10 +230,14 @@ class EventLog:
         """
         backoff = 0.0
         while True:
+            # Taken before the read: a commit of this process after the read sets it,
+            # so an empty read waits for it without asking the store for its head.
+            waiter = self._committed
             try:
                 events = await self.read(after_seq, batch, prev_hash=prev_hash)
                 if not events:
-                    await self.wait_for_new(after_seq)
+                    with trio.move_on_after(self._poll_interval):
+                        await waiter.wait()
                 backoff = 0.0
             except StoreUnavailableError:
                 backoff = min(5.0, max(0.1, backoff * 2))

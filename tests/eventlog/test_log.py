@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from eventlog import EventLog, EventLogError, ExpectedSequenceConflict, SQLiteEventStore
+from eventlog import EventLog, EventLogError, ExpectedSequenceConflict, Head, SQLiteEventStore
 from eventlog.events import UserCreated
 from tests.conftest import ADMIN, StepClock
 
@@ -75,6 +75,43 @@ async def test_tail_sees_backlog_then_new_events_in_order() -> None:
             await caught_up.wait()
         nursery.cancel_scope.cancel()
     assert seen == [1, 2, 3, 4, 5]
+
+
+async def test_tail_follows_its_own_process_with_one_read_per_wake() -> None:
+    """A tailer woken by a commit of this process reads the new events at once: it does
+    not ask the store for its head first (a thread hop per commit for every tailer,
+    the projection's among them, during a registration storm)."""
+
+    class CountingStore(SQLiteEventStore):
+        heads = 0
+
+        def head(self) -> Head:
+            CountingStore.heads += 1
+            return super().head()
+
+    log = EventLog(CountingStore(":memory:"))
+    seen: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        caught_up = trio.Event()
+
+        async def follow() -> None:
+            async with aclosing(log.tail(0)) as tail:
+                async for batch in tail:
+                    seen.extend(e.seq for e in batch)
+                    if seen[-1] >= 20:
+                        caught_up.set()
+                        return
+
+        nursery.start_soon(follow)
+        for i in range(1, 21):
+            await wait_all_tasks_blocked()  # the tailer is waiting for the next event
+            await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
+        with trio.fail_after(5):
+            await caught_up.wait()
+        nursery.cancel_scope.cancel()
+    assert seen == list(range(1, 21))
+    assert CountingStore.heads == 0
 
 
 async def test_tail_finds_events_written_by_another_process(tmp_path: Path) -> None:
