@@ -377,6 +377,21 @@ class SSHSources:
             previous.localparts if previous is not None and previous.localparts == localparts else localparts
         )
 
+    def kept_by(self, rule: SSHRule, resolver: Resolver, moved: Sequence[int]) -> bool:
+        """Whether this resolution of ``rule`` holds for ``resolver``'s snapshot too:
+        its aliases resolve to the very same objects there (same sources and
+        destinations) and no changed node's address (``moved``, before and after) is
+        among its sources, so every principal is the same. A join then costs a rule
+        that it does not touch one lookup per alias."""
+        return (
+            rule == self.rule
+            and all(resolver.resolve(a) is b for a, b in zip((*rule.src, *self._others()), self._resolved, strict=True))
+            and not self.src_ips.contains_any(moved)
+        )
+
+    def _others(self) -> list[Alias]:
+        return [a for a in self.rule.dst if a.text != "autogroup:self"]
+
     def merged(self) -> tuple[SSHPrincipal, ...]:
         """Every principal, users by id then tagged sources."""
         if self._merged is None:
@@ -427,8 +442,11 @@ class SSHTable:
         old: Sequence[SSHSources | None] = (
             previous.rules if previous is not None and _same_ssh(previous.policy, self.policy) else [None] * len(rules)
         )
+        moved = [a for info in changed for a in info.addrs] if changed is not None else None
         self.rules: tuple[SSHSources, ...] = tuple(
-            SSHSources(r, resolver, control_url, o, changed) for r, o in zip(rules, old, strict=True)
+            o if o is not None and moved is not None and o.kept_by(r, resolver, moved)
+            else SSHSources(r, resolver, control_url, o, changed)
+            for r, o in zip(rules, old, strict=True)
         )
 
     def same_keys(self, previous: SSHTable) -> bool:

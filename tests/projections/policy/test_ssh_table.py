@@ -160,8 +160,19 @@ def test_shared_ssh_policies_and_filters_equal_the_per_node_reference(
         one = {(x, y) for x in ids for y in ids if compiled.visible_one(x, y)}
         assert one == {(x, y) for x in ids for y in compiled.peer_id_set(x)}
         moved = [t.nodes[nid] for t in (before.tailnet, compiled.tailnet) for nid in changed if nid in t.nodes]
+        previous = table
         table = compiled.ssh_table(table, moved)
         check(f"after {op!r}")
+        # A rule whose aliases resolve as before and none of whose sources changed is
+        # the previous table's object (a join costs the rules it touches).
+        addrs = [a for info in moved for a in info.addrs]
+        for old_rule, new_rule in zip(previous.rules, table.rules, strict=True):
+            same = all(
+                compiled.resolver.resolve(a) is b
+                for a, b in zip((*old_rule.rule.src, *old_rule._others()), old_rule._resolved, strict=True)
+            )
+            if same and not old_rule.src_ips.contains_any(addrs):
+                assert new_rule is old_rule
         affected = compiled.filters_changed_since(before, changed)
         fresh = compile_policy(policy, Tailnet(USERS, nodes.values()), control_url=CTRL,
                                previous_primaries=before.primaries)
