@@ -405,6 +405,10 @@ def test_the_churn_report_shows_each_kind_and_warns_when_the_run_fell_behind() -
     assert warning_lines(_churn_row()) == []
     [behind] = warning_lines(_churn_row(churn_join_count=1, churn_join_planned=60))
     assert "1 of the 60 planned churn join changes" in behind
+    [explained] = warning_lines(_churn_row(churn_join_count=1, churn_join_planned=60, churn_policy_held_s=30.0))
+    assert "held the other changes back for 30 s" in explained
+    assert any("held the other changes back for 30.0 s" in line
+               for line in churn_lines(_churn_row(churn_policy_held_s=30.0)))
     # A change that came due when no node was free to change is no sign of falling behind.
     assert warning_lines(_churn_row(churn_tag_count=1, churn_tag_skipped=2)) == []
     assert any("(2 skipped: no node free to change)" in line
@@ -506,6 +510,7 @@ def test_a_tiny_churn_run_times_every_kind_of_change_to_exactly_its_receivers(
     assert isinstance(row["churn_rss_slope_mib_per_min"], float)
     assert _number(row, "churn_cpu_s") >= 0 and _number(row, "churn_loadgen_cpu_s") >= 0
     assert _number(row, "churn_kib_per_change") > 0
+    assert _number(row, "churn_policy_held_s") > 0  # the edit waited for its receivers, at least
     if workers:
         assert row["workers"] == workers and _number(row, "churn_workers_cpu_s") > 0
     else:

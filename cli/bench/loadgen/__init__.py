@@ -84,7 +84,7 @@ except a policy edit's (which waits for the others and holds them back until it 
 landed: joins and tag changes change filters, too); a node that changes under way
 is never one a change under way still waits for. The report gives, per kind of
 change, how many were made of the planned number (fewer: the run fell behind, and
-says so), latencies p50/p99/max over the receivers, missing and unexpected
+says so, with how long the policy edits held the other changes back), latencies p50/p99/max over the receivers, missing and unexpected
 receivers, and KiB of the updates that brought it; then the server's CPU (per
 change, too) and the load generator's, and the server's RSS sampled every second:
 at the start, after the first minute (or half the run, if shorter) and at the end,

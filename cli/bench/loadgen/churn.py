@@ -215,6 +215,7 @@ async def run_churn(
     next_index = n
     busy: set[int] = set()  # targets of changes under way
     skipped: dict[str, int] = dict.fromkeys(CHURN_KINDS, 0)  # due, but no node was free to change
+    held = 0.0  # seconds the policy edits held the other changes back
     workers = hub.workers if isinstance(hub, ParentHub) else None
 
     def learn(view: object) -> None:
@@ -323,6 +324,8 @@ async def run_churn(
         await trio.to_thread.run_sync(server.admin, "nodes.tag", {"node": str(nid), "tags": [new]})
 
     async def edit(watchers: trio.Nursery) -> None:
+        nonlocal held
+        began = trio.current_time()
         text = sc.policy_b if model.policy == sc.policy_a else sc.policy_a
         while hub.churn:  # let the changes under way finish (or time out)
             await trio.sleep(0.05)
@@ -333,6 +336,7 @@ async def run_churn(
         await trio.to_thread.run_sync(server.admin, "policy.set", {"text": text})
         while watch in hub.churn:
             await trio.sleep(0.05)
+        held += trio.current_time() - began
 
     results["last_phase"] = "churn"
     # Before the clock starts: the nodes' ids, and each policy's template compiled.
@@ -396,6 +400,7 @@ async def run_churn(
         results[f"churn_{kind}_max_ms"] = pct(lat, expected, 1.0)
         # The updates that brought it (to receivers and strays alike), per change.
         results[f"churn_{kind}_kib_per_change"] = sum(w.delivered_bytes for w in watches) / 1024 / max(len(watches), 1)
+    results["churn_policy_held_s"] = held
     results["churn_expected"] = expected_all
     results["churn_reached"] = len(everything)
     results["churn_missing"] = expected_all - len(everything)

@@ -94,6 +94,10 @@ def churn_lines(row: Results) -> list[str]:
                      f"({row.get(f'{p}_missing', '?')} missing), "
                      f"p50 {ms(f'{p}_p50_ms')} ms, p99 {ms(f'{p}_p99_ms')} ms, max {ms(f'{p}_max_ms')} ms, "
                      f"{row[f'{p}_unexpected']} unexpected{kib}")
+    held = _num(row, "churn_policy_held_s")
+    if held:
+        lines.append(f"  the policy edits held the other changes back for {held:.1f} s in all (each waits for "
+                     "the changes under way, then lands alone)")
     cpu = _num(row, "churn_cpu_s") or 0
     waited = _num(row, "churn_cpu_wait_s")
     lines.append(f"  CPU: server {cpu:.2f} s ({1000 * cpu / max(changes, 1):.0f} ms per change"
@@ -280,8 +284,11 @@ def warning_lines(row: Results) -> list[str]:
         done, planned = _num(row, f"churn_{kind}_count"), _num(row, f"churn_{kind}_planned")
         due = (done or 0) + (_num(row, f"churn_{kind}_skipped") or 0)  # skipped: no node was free
         if done is not None and planned and due < 0.9 * planned:
+            held = _num(row, "churn_policy_held_s")
+            why = "" if not held or kind == "policy" else (
+                f" (the policy edits held the other changes back for {held:.0f} s in all)")
             out.append(f"{n:.0f} nodes: only {due:.0f} of the {planned:.0f} planned churn {kind} changes came "
-                       "due: the run fell behind its rates")
+                       f"due: the run fell behind its rates{why}")
     seen, expected = _num(row, "full_map_peers"), _num(row, "full_map_peers_expected")
     if seen is not None and seen >= 0 and expected is not None and seen != expected:
         out.append(f"{n:.0f} nodes: the sentinel's full map lists {seen:.0f} peers, the policy engine "
