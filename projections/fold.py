@@ -50,7 +50,16 @@ from eventlog.events import (
 )
 
 from .delta import Delta
-from .state import ApiKey, Node, PreAuthKey, SshApproval, TailnetState, User
+from .state import (
+    ApiKey,
+    Node,
+    PreAuthKey,
+    SshApproval,
+    TailnetState,
+    User,
+    shared_str,
+    shared_strs,
+)
 
 __all__ = ["apply", "fold"]
 
@@ -166,7 +175,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 user_id=event.user_id,
                 reusable=event.reusable,
                 ephemeral=event.ephemeral,
-                tags=event.tags,
+                tags=shared_strs(event.tags),
                 expires_at=event.expires_at,
                 created_at=at,
             )
@@ -212,6 +221,9 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 return state, Delta()
             return replace(state, api_keys=state.api_keys.delete(event.key_id)), Delta(keys=True)
         case NodeRegistered():
+            # Repeated values are shared, not kept once per node (see shared_str); a
+            # node registered with its key's tags keeps the key's tuple.
+            reg_key = state.preauth_keys.get(event.preauthkey_id) if event.preauthkey_id is not None else None
             node = Node(
                 id=event.node_id,
                 machine_key=event.machine_key,
@@ -221,13 +233,13 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 given_name=event.given_name,
                 ipv4=event.ipv4,
                 ipv6=event.ipv6,
-                tags=event.tags,
+                tags=reg_key.tags if reg_key is not None and reg_key.tags == event.tags else shared_strs(event.tags),
                 ephemeral=event.ephemeral,
                 expiry=event.expiry,
                 created_at=at,
-                auth=event.auth,
+                auth=shared_str(event.auth),
                 preauthkey_id=event.preauthkey_id,
-                os=event.os,
+                os=shared_str(event.os),
                 updated_seq=recorded.seq,
             )
             by_ip = state.node_by_ip
@@ -270,8 +282,8 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
             return _update_node(state, event.node_id, recorded.seq, hostname=event.hostname)
         case NodeTagsSet():
             if event.user_id is not None:
-                return _update_node(state, event.node_id, recorded.seq, tags=event.tags, user_id=event.user_id)
-            return _update_node(state, event.node_id, recorded.seq, tags=event.tags)
+                return _update_node(state, event.node_id, recorded.seq, tags=shared_strs(event.tags), user_id=event.user_id)
+            return _update_node(state, event.node_id, recorded.seq, tags=shared_strs(event.tags))
         case NodeExpirySet():
             return _update_node(state, event.node_id, recorded.seq, expiry=event.expiry)
         case NodeLoggedOut():

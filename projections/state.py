@@ -14,7 +14,9 @@ never reused, even after deletion).
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
+from typing import Final
 
 import msgspec
 from immutables import Map
@@ -28,6 +30,8 @@ __all__ = [
     "TailnetState",
     "User",
     "rebuild_indexes",
+    "shared_str",
+    "shared_strs",
 ]
 
 
@@ -112,6 +116,24 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
         if self.expires_at is not None and self.expires_at <= now:
             return "the key has expired"
         return None
+
+
+# Values that thousands of nodes repeat (an OS name, a client version, a tag, how the
+# node was authorized) are decoded as a fresh string per node; kept in the state for
+# the node's lifetime, the copies cost ~50-70 bytes each per node. Interned, equal
+# values are one object. Interned strings are freed with their last user, and only
+# short ones are interned (the repeated kind; a long value is someone's own).
+SHARED_STR_MAX: Final = 64
+
+
+def shared_str(value: str) -> str:
+    """``value``, as the one object every equal short string kept in state shares."""
+    return sys.intern(value) if len(value) <= SHARED_STR_MAX and type(value) is str else value
+
+
+def shared_strs(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` with each element :func:`shared_str` (the tuple itself is new)."""
+    return tuple(map(shared_str, values))
 
 
 class Node(msgspec.Struct, frozen=True, kw_only=True):

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Annotated, Final, TypeVar
 
 import msgspec
 
+from .state import shared_str
+
 __all__ = [
     "PEER_HOSTINFO_FIELDS",
     "RAW_NULL",
@@ -485,14 +487,10 @@ class Hostinfo(_Wire, frozen=True, kw_only=True):
     state_encrypted: bool | None = None
 
 
-#: The Hostinfo fields the server keeps and shows to peers (``Node.Hostinfo``): what
-#: peers' clients read (names and platform for status and UIs, peerapi ``Services``,
-#: ``sshHostKeys`` for Tailscale SSH, ``WoLMACs`` to wake it, ``Location`` and the
-#: app-connector and peer-relay flags to pick nodes, the routes and tags it asks
-#: for) and what the server itself records (host name, OS, routes). Everything else
-#: stays with the node: log ids, the push token, the exit node it uses, TPM and
-#: posture data, and ``NetInfo`` (its DERP home is kept apart, as ``HomeDERP``).
-PEER_HOSTINFO_FIELDS: Final = (
+#: The kept fields (first in PEER_HOSTINFO_FIELDS) whose values most nodes repeat
+#: (client version, OS, distribution, app): one shared string each, not one per
+#: node (see projections.state.shared_str).
+SHARED_HOSTINFO_FIELDS: Final = (
     "ipn_version",
     "os",
     "os_version",
@@ -501,6 +499,17 @@ PEER_HOSTINFO_FIELDS: Final = (
     "app",
     "package",
     "device_model",
+)
+
+#: The Hostinfo fields the server keeps and shows to peers (``Node.Hostinfo``): what
+#: peers' clients read (names and platform for status and UIs, peerapi ``Services``,
+#: ``sshHostKeys`` for Tailscale SSH, ``WoLMACs`` to wake it, ``Location`` and the
+#: app-connector and peer-relay flags to pick nodes, the routes and tags it asks
+#: for) and what the server itself records (host name, OS, routes). Everything else
+#: stays with the node: log ids, the push token, the exit node it uses, TPM and
+#: posture data, and ``NetInfo`` (its DERP home is kept apart, as ``HomeDERP``).
+PEER_HOSTINFO_FIELDS: Final = (
+    *SHARED_HOSTINFO_FIELDS,
     "hostname",
     "shields_up",
     "wire_ingress",
@@ -524,6 +533,10 @@ def peer_hostinfo(hostinfo: Hostinfo, **changes: object) -> Hostinfo:
     as the server stores it and copies it into peers' maps."""
     kept = {name: getattr(hostinfo, name) for name in PEER_HOSTINFO_FIELDS}
     kept.update(changes)
+    for name in SHARED_HOSTINFO_FIELDS:
+        value = kept[name]
+        if isinstance(value, str):
+            kept[name] = shared_str(value)
     return Hostinfo(**kept)
 
 
