@@ -50,11 +50,14 @@ def reduce_rules(node: NodeInfo, rules: Iterable[Rule]) -> list[Rule]:
             kept = tuple(entry for entry in rule.dst if _relevant(node, entry))
         else:
             # A plain node is a destination only by its own addresses: look them up.
-            singles, others = rule.dst_index()
-            positions = [i for addr in node.addrs for i in singles.get(addr, ())]
-            positions += [i for i in others if rule.dst[i].addresses.contains_any(node.addrs)]
+            index = rule.dst_index()
+            positions = [i for addr in node.addrs for i in index.positions(addr)]
+            positions += [i for i in index.others if rule.dst[i].addresses.contains_any(node.addrs)]
             kept = tuple(rule.dst[i] for i in sorted(set(positions)))
-        if kept:
+        if len(kept) == len(rule.dst):
+            # Nothing to drop: the rule itself, shared by every node keeping it whole.
+            out.append(rule)
+        elif kept:
             out.append(Rule(rule.src, rule.src_set, kept, rule.protocols, dst_parts=rule.dst_parts))
     return out
 
@@ -89,10 +92,10 @@ class RuleIndex:
                         else:
                             always.append(i)
                 continue
-            singles, others = rule.dst_index()
-            if others:
+            index = rule.dst_index()
+            if index.others:
                 always.append(i)
-            for addr in singles:
+            for addr in index.addresses():
                 by_addr.setdefault(addr, []).append(i)
         self._by_addr = {addr: tuple(dict.fromkeys(positions)) for addr, positions in by_addr.items()}
         self._always = frozenset(always)

@@ -16,7 +16,7 @@ Two invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
@@ -24,7 +24,7 @@ from .ipset import ALL_V4, ALL_V6, AddressUnion, IPSet, Prefix, prefix_str
 from .tailnet import INTERNET
 from .wire import CapGrant, FilterRule, NetPortRange, PortRangeWire
 
-__all__ = ["CapEntry", "DstEntry", "Match", "MergedRules", "Rule", "Signature", "merge_rules", "merge_rules_reusing"]
+__all__ = ["CapEntry", "DstEntry", "DstIndex", "Match", "MergedRules", "Rule", "Signature", "merge_rules", "merge_rules_reusing"]
 
 
 class DstEntry:
@@ -85,6 +85,52 @@ class Signature:
         )
 
 
+class DstIndex:
+    """A rule's ``dst`` entries by address: each single-address entry's position under
+    its address, and the positions of all others (ranges, CIDRs, ``*``).
+
+    A rule to a group lists one entry per member address, so this holds one item per
+    node of the tailnet for each such rule: an address with one entry (the usual case,
+    one port range) maps to that position as a bare ``int``, one with several to a
+    tuple of positions, rather than to a list each.
+    """
+
+    __slots__ = ("_singles", "others")
+
+    def __init__(self, dst: Sequence[DstEntry]) -> None:
+        singles: dict[int, int | tuple[int, ...]] = {}
+        others: list[int] = []
+        for i, entry in enumerate(dst):
+            ranges = entry.addresses.ranges
+            if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
+                addr = ranges[0][0]
+                had = singles.get(addr)
+                if had is None:
+                    singles[addr] = i
+                elif isinstance(had, int):
+                    singles[addr] = (had, i)
+                else:
+                    singles[addr] = (*had, i)
+            else:
+                others.append(i)
+        self._singles = singles
+        #: Positions of the entries that are not a single address.
+        self.others: tuple[int, ...] = tuple(others)
+
+    def addresses(self) -> Iterable[int]:
+        """Every address some single-address entry names."""
+        return self._singles.keys()
+
+    def positions(self, addr: int) -> tuple[int, ...]:
+        """Positions of the single-address entries naming ``addr``, in order."""
+        found = self._singles.get(addr)
+        if found is None:
+            return ()
+        if isinstance(found, int):
+            return (found,)
+        return found
+
+
 class Rule:
     """A packet-filter rule (``dst``) or a capability rule (``caps``).
 
@@ -121,7 +167,7 @@ class Rule:
             dst_parts = tuple(e.addresses for e in dst) + tuple(c.addresses() for c in caps)
         self.dst_parts = dst_parts
         self._match: Match | None = None
-        self._dst_index: tuple[dict[int, list[int]], list[int]] | None = None
+        self._dst_index: DstIndex | None = None
         self._signature: Signature | None = None
 
     def signature(self) -> Signature:
@@ -129,25 +175,17 @@ class Rule:
         once): its ``SrcIPs``, protocols and very entry objects (grants that were not
         recompiled share theirs, and so do merged rules made of the same rules)."""
         if self._signature is None:
-            self._signature = Signature(
-                (self.src, self.protocols, tuple(map(id, self.dst)), tuple(map(id, self.caps)))
-            )
+            # The entry tuples themselves: entries compare and hash by identity, and
+            # holding them costs no new object per entry (ids would be one int each).
+            self._signature = Signature((self.src, self.protocols, self.dst, self.caps))
         return self._signature
 
-    def dst_index(self) -> tuple[dict[int, list[int]], list[int]]:
-        """``dst`` entries by address: single-address entries under their address, and
-        the positions of all others (ranges, CIDRs, ``*``). Lets per-node reduction of a
-        rule listing every member cost the node's addresses, not the tailnet."""
+    def dst_index(self) -> DstIndex:
+        """``dst`` entries by address (see :class:`DstIndex`), built once. Lets per-node
+        reduction of a rule listing every member cost the node's addresses, not the
+        tailnet."""
         if self._dst_index is None:
-            singles: dict[int, list[int]] = {}
-            others: list[int] = []
-            for i, entry in enumerate(self.dst):
-                ranges = entry.addresses.ranges
-                if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-                    singles.setdefault(ranges[0][0], []).append(i)
-                else:
-                    others.append(i)
-            self._dst_index = (singles, others)
+            self._dst_index = DstIndex(self.dst)
         return self._dst_index
 
     def wire(self) -> FilterRule:

@@ -9,7 +9,7 @@ from projections.policy.filter import RuleIndex, reduce_rules
 from projections.policy.ipset import AddressUnion, IPSet, parse_prefix
 from projections.policy.model import PolicyNode
 from projections.policy.resolve import host_prefix
-from projections.policy.rules import CapEntry, DstEntry, Rule
+from projections.policy.rules import CapEntry, DstEntry, DstIndex, Rule
 from projections.policy.tailnet import EVERYTHING, INTERNET, NodeInfo
 
 _CANDIDATES = [
@@ -157,3 +157,79 @@ def test_an_indexed_reduction_equals_the_plain_one(node: NodeInfo, given_rules: 
     with ranges or capabilities): the same reduced rules as reducing every rule."""
     got = RuleIndex(given_rules).reduce(node)
     assert [r.wire() for r in got] == [r.wire() for r in reduce_rules(node, given_rules)]
+
+
+@given(wide_rules())
+def test_a_dst_index_lists_each_address_entries_in_order(rule: Rule) -> None:
+    """DstIndex gives, per single address, exactly the positions a scan of the entries
+    finds, and every other entry among ``others``."""
+    index = DstIndex(rule.dst)
+    singles: dict[int, list[int]] = {}
+    others = []
+    for i, entry in enumerate(rule.dst):
+        ranges = entry.addresses.ranges
+        if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
+            singles.setdefault(ranges[0][0], []).append(i)
+        else:
+            others.append(i)
+    assert sorted(index.addresses()) == sorted(singles)
+    assert {a: list(index.positions(a)) for a in singles} == singles
+    assert list(index.others) == others
+    assert index.positions(12345) == ()
+
+
+def test_a_dst_index_keeps_a_bare_position_for_an_address_named_once() -> None:
+    """The index of a rule to a group holds an item per member: one named once (one port
+    range) is a bare int position, not a list or tuple of its own (issue 19, memory)."""
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    texts = ["100.64.0.1/32", "100.64.0.2/32", "100.64.0.1/32", "100.64.0.0/30"]
+    entries = tuple(DstEntry(t, 22, 22, IPSet.of([parse_prefix(t)])) for t in texts)
+    index = Rule(("100.64.0.0/10",), src, entries).dst_index()
+    one, two = parse_prefix("100.64.0.1/32").lo, parse_prefix("100.64.0.2/32").lo
+    assert index._singles == {one: (0, 2), two: 1}
+    assert index.positions(two) == (1,)
+    assert index.others == (3,)
+
+
+def test_a_rule_a_node_keeps_whole_is_shared_not_copied() -> None:
+    """Reduction hands back the very rule when it drops no entry (a rule to a node's own
+    addresses, or to a range holding them): every node keeping it shares one object,
+    rather than holding a copy each; a rule it narrows is a new one."""
+    node = NodeInfo(PolicyNode(id=1, name="n", user_id=1, ipv4="100.64.0.1"))
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    whole = Rule(
+        ("100.64.0.0/10",),
+        src,
+        (DstEntry("100.64.0.1", 22, 22, IPSet.of([parse_prefix("100.64.0.1/32")])),
+         DstEntry("100.64.0.0/30", 80, 80, IPSet.of([parse_prefix("100.64.0.0/30")]))),
+        protocols=(6,),
+    )
+    wide = Rule(
+        ("100.64.0.0/10",),
+        src,
+        tuple(
+            DstEntry(f"100.64.0.{k}", 22, 22, IPSet.of([parse_prefix(f"100.64.0.{k}/32")]))
+            for k in range(1, 11)
+        ),
+    )
+    reduced = reduce_rules(node, [whole, wide])
+    assert reduced[0] is whole
+    assert reduced[1] is not wide
+    assert [e.ip for e in reduced[1].dst] == ["100.64.0.1"]
+    assert RuleIndex([whole, wide]).reduce(node)[0] is whole
+
+
+def test_a_rule_signature_holds_its_entry_tuples_not_their_ids() -> None:
+    """A signature tells rules apart by their very entry objects: it keys on the rule's
+    own ``dst`` and ``caps`` tuples (entries compare by identity), holding no new int
+    per entry (issue 19, memory), and no id a later entry could reuse."""
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+    entries = tuple(
+        DstEntry(f"100.64.0.{k}", 22, 22, IPSet.of([parse_prefix(f"100.64.0.{k}/32")])) for k in (1, 2)
+    )
+    rule = Rule(("100.64.0.0/10",), src, entries, protocols=(6,))
+    key = rule.signature().key
+    assert key[2] is rule.dst and key[3] is rule.caps
+    assert Rule(("100.64.0.0/10",), src, entries, protocols=(6,)).signature() == rule.signature()
+    copies = tuple(DstEntry(e.ip, e.first, e.last, e.addresses) for e in entries)
+    assert Rule(("100.64.0.0/10",), src, copies, protocols=(6,)).signature() != rule.signature()
