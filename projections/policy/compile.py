@@ -35,14 +35,14 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from .document import ACL, AliasKind, Grant, IPSpec, Policy
+from .document import ACL, AliasKind, Grant, IPSpec, Policy, PortRange
 from .ipset import AddressUnion, IPSet, Prefix, addr_to_int, format_addr, parse_prefix, prefix_str
 from .resolve import Resolved, Resolver, alias_dependencies, host_prefix
 from .rules import CapEntry, DstEntry, Rule
 from .tailnet import EVERYTHING, INTERNET, NodeInfo, Tailnet
 
 __all__ = [
-    "CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "grant_shape", "policy_grants", "reuse_grant",
+    "CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "forget_shared_entries", "grant_shape", "policy_grants", "reuse_grant",
 ]
 
 #: Well-known caps whose grant also gives the *destination* a companion cap
@@ -104,9 +104,9 @@ class CompiledGrant:
         #: destination sets whose prefixes :attr:`dst_prefixes` lists, once asked
         self._dst_sets: list[IPSet] = []
         self._dst_prefixes: list[Prefix] | None = None
-        #: (ip spec index, destination prefix) -> its DstPorts entries, for the next
-        #: compile of this grant to reuse (see :func:`_rules_for_destinations`)
-        self._entries: dict[tuple[int, Prefix], tuple[DstEntry, ...]] = {}
+        #: per ip spec (by index), destination prefix -> its DstPorts entries, for the
+        #: next compile of this grant to reuse (see :func:`_rules_for_destinations`)
+        self._entries: list[dict[Prefix, tuple[DstEntry, ...]]] = []
         self.via_internet = False
         self.depends: frozenset[str] = frozenset()
         self.dst_depends: frozenset[str] = frozenset()
@@ -231,7 +231,7 @@ def compile_grant(
         )
         if destinations:
             compiled.rules = _rules_for_destinations(
-                compiled, sources, destinations, tailnet, previous._entries if previous is not None else {}
+                compiled, sources, destinations, resolver, previous._entries if previous is not None else []
             )
     return compiled
 
@@ -342,17 +342,62 @@ def _src_set(grant: Grant, src_sets: Sequence[IPSet], tailnet: Tailnet) -> Addre
     return AddressUnion(parts)
 
 
+#: The memo key of a compile's :class:`_SharedEntries`.
+_SHARED_ENTRIES = ("dst_entries",)
+
+
+def forget_shared_entries(resolver: Resolver) -> None:
+    """Drop the entry table the grants of a compile shared (its entries stay in the
+    rules): called once every grant of the compile is made, so that the compiled
+    policy does not keep a table item per destination address and port list."""
+    resolver.memo.pop(_SHARED_ENTRIES, None)
+
+
+class _SharedEntries:
+    """The ``DstPorts`` entries one compile makes, by destination prefix and ports.
+
+    A member of a tag or group that several rules name (a tag reached by a few teams on
+    the same ports, by other tags on one port) gets one entry tuple for each distinct
+    port list, and one text and one address set, shared by every grant naming it, rather
+    than a copy per grant (issue 19, memory). Entries are immutable and compare by
+    identity, which stays meaningful: shared entries mean the same thing.
+    """
+
+    __slots__ = ("_by_ports", "_by_prefix")
+
+    def __init__(self) -> None:
+        self._by_prefix: dict[Prefix, tuple[str, IPSet]] = {}
+        self._by_ports: dict[tuple[Prefix, tuple[PortRange, ...]], tuple[DstEntry, ...]] = {}
+
+    def entries(self, prefix: Prefix, ports: tuple[PortRange, ...]) -> tuple[DstEntry, ...]:
+        """The entries of ``prefix`` on ``ports`` (one per port range, in order)."""
+        key = (prefix, ports)
+        hit = self._by_ports.get(key)
+        if hit is None:
+            base = self._by_prefix.get(prefix)
+            if base is None:
+                text = format_addr(prefix.lo) if prefix.is_single() else prefix_str(prefix)
+                base = self._by_prefix[prefix] = (text, IPSet.of([prefix]))
+            text, single = base
+            hit = self._by_ports[key] = tuple(DstEntry(text, p.first, p.last, single) for p in ports)
+        return hit
+
+
 def _rules_for_destinations(
     compiled: CompiledGrant,
     sources: Sequence[Resolved],
     destinations: Sequence[Resolved],
-    tailnet: Tailnet,
-    reuse: dict[tuple[int, Prefix], tuple[DstEntry, ...]],
+    resolver: Resolver,
+    reuse: list[dict[Prefix, tuple[DstEntry, ...]]],
 ) -> list[Rule]:
     """The grant's global rules; the entries of every destination prefix are recorded
-    in ``compiled._entries``, taken from ``reuse`` (an earlier compile's) when there."""
+    in ``compiled._entries``, taken from ``reuse`` (an earlier compile's) when there,
+    else from the entries other grants of this compile made for the same prefix and
+    ports (see :class:`_SharedEntries`)."""
     grant = compiled.grant
     made = compiled._entries
+    tailnet = resolver.tailnet
+    shared = _memo(resolver, _SHARED_ENTRIES, _SharedEntries)
     src = compiled.src_strings
     src_set = compiled.src_set
     dst_parts = tuple(
@@ -362,18 +407,18 @@ def _rules_for_destinations(
     rules: list[Rule] = []
     for at, spec in enumerate(grant.ip):
         entries: list[DstEntry] = []
+        earlier = reuse[at] if at < len(reuse) else {}
+        mine: dict[Prefix, tuple[DstEntry, ...]] = {}
+        made.append(mine)
         for dst in destinations:
             if dst.alias.kind is AliasKind.WILDCARD:
                 entries.extend(DstEntry("*", p.first, p.last, EVERYTHING) for p in spec.ports)
                 continue
             for prefix in dst.prefixes():
-                key = (at, prefix)
-                per_port = reuse.get(key)
+                per_port = earlier.get(prefix)
                 if per_port is None:
-                    text = format_addr(prefix.lo) if prefix.is_single() else prefix_str(prefix)
-                    single = IPSet.of([prefix])
-                    per_port = tuple(DstEntry(text, p.first, p.last, single) for p in spec.ports)
-                made[key] = per_port
+                    per_port = shared.entries(prefix, spec.ports)
+                mine[prefix] = per_port
                 entries.extend(per_port)
         if entries and src:
             rules.append(Rule(src, src_set, tuple(entries), spec.protocols, dst_parts=dst_parts))

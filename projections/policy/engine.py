@@ -44,6 +44,7 @@ from .compile import (
     GrantKind,
     can_recompile_sources,
     compile_grant,
+    forget_shared_entries,
     grant_shape,
     policy_grants,
     recompile_sources,
@@ -135,6 +136,7 @@ def compile_policy(
         grants = [compile_grant(g, resolver) for g in sources]
     else:
         grants = _reusing(previous, sources, resolver, taken)
+    forget_shared_entries(resolver)
     compiled = CompiledPolicy(
         resolver, sources, grants, control_url=control_url, previous_primaries=previous_primaries,
         auto_approve=auto_approve, merged=previous._merged if previous is not None else None,
@@ -764,6 +766,7 @@ class CompiledPolicy:
                 grants.append(recompile_sources(slot, resolver))
             else:
                 grants.append(compile_grant(grant, resolver, previous=slot))
+        forget_shared_entries(resolver)
         return CompiledPolicy(
             resolver,
             self.sources,

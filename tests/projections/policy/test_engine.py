@@ -211,6 +211,44 @@ def test_a_join_takes_over_the_destination_entries_of_the_members_it_keeps() -> 
     assert after.filters_changed_since(before, {5}) == frozenset(range(1, 6))
 
 
+def test_grants_naming_one_member_share_its_destination_entries() -> None:
+    """Issue 19, memory: a tag several rules name on the same ports gets one entry tuple
+    per member, and on other ports one text and one address set, shared by every grant
+    rather than a copy each; the table that shared them is not kept with the compile
+    (and a join drops the earlier one's), and the rules equal what they were."""
+    policy = parse_policy(json.dumps({
+        "groups": {"group:a": ["u1@example.com"], "group:b": ["u2@example.com"]},
+        "tagOwners": {"tag:x": ["group:a"]},
+        "acls": [
+            {"action": "accept", "src": ["group:a"], "dst": ["tag:x:22,80"]},
+            {"action": "accept", "src": ["group:b"], "dst": ["tag:x:22,80"]},
+            {"action": "accept", "src": ["tag:x"], "dst": ["tag:x:5432"]},
+        ],
+    }))
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1"),
+        PolicyNode(id=2, name="b", user_id=2, ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="x", user_id=1, tags=("tag:x",), ipv4="100.64.0.3", ipv6="fd7a:115c:a1e0::3"),
+    ]
+    compiled = compile_policy(policy, Tailnet(USERS, nodes), auto_approve=False)
+    a, b, c = compiled.global_rules
+    assert [e.ip for e in a.dst] == ["100.64.0.3", "100.64.0.3", "fd7a:115c:a1e0::3", "fd7a:115c:a1e0::3"]
+    assert all(x is y for x, y in zip(a.dst, b.dst, strict=True))
+    v4_22, v4_80, v6_22, _ = a.dst
+    [v4_5432, v6_5432] = c.dst
+    assert v4_5432 is not v4_22 and (v4_5432.first, v4_22.first, v4_80.first) == (5432, 22, 80)
+    assert v4_5432.addresses is v4_22.addresses is v4_80.addresses
+    assert v4_5432.ip is v4_22.ip and v6_5432.addresses is v6_22.addresses
+    assert all(type(v).__name__ != "_SharedEntries" for v in compiled.resolver.memo.values())
+    joined = compiled.with_node(PolicyNode(id=4, name="y", user_id=1, tags=("tag:x",), ipv4="100.64.0.4"))
+    assert all(type(v).__name__ != "_SharedEntries" for v in joined.resolver.memo.values())
+    ja, jb, _ = joined.global_rules
+    assert all(x is y for x, y in zip(ja.dst, jb.dst, strict=True))
+    assert all(any(e is k for k in ja.dst) for e in a.dst)  # the members there keep theirs
+    fresh = compile_policy(policy, Tailnet(USERS, [*nodes, joined.tailnet.nodes[4].node]), auto_approve=False)
+    assert [r.wire() for r in joined.global_rules] == [r.wire() for r in fresh.global_rules]
+
+
 def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -> None:
     """Issue 19: ``autogroup:self`` rules depend only on the owner, so an owner's
     devices share their unreduced rules (computed once), and a peer without routes is
