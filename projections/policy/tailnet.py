@@ -60,6 +60,24 @@ INTERNET: Final = IPSet.of([ALL_V4, parse_prefix("2000::/3")]) - IPSet.of(
 EVERYTHING: Final = IPSet.of([ALL_V4, ALL_V6])
 
 
+#: Tag sets by the tags they were made from, so that nodes carrying the same tags (all
+#: untagged nodes, every server of one tag) share one frozenset (issue 19: a frozenset is
+#: 216 bytes). Bounded: the policy's tagOwners limit the sets, and past the bound a new
+#: set is simply not kept.
+_TAG_SETS: dict[tuple[str, ...], frozenset[str]] = {(): frozenset()}
+_TAG_SETS_MAX: Final = 4096
+
+
+def _tag_set(tags: tuple[str, ...]) -> frozenset[str]:
+    """``frozenset(tags)``, shared with every node carrying the same tags."""
+    hit = _TAG_SETS.get(tags)
+    if hit is None:
+        hit = frozenset(tags)
+        if len(_TAG_SETS) < _TAG_SETS_MAX:
+            _TAG_SETS[tags] = hit
+    return hit
+
+
 class NodeInfo:
     """A node plus derived data computed once.
 
@@ -79,7 +97,7 @@ class NodeInfo:
         self.subnet_routes = node.subnet_routes()
         self.exit_routes = node.exit_routes()
         self.owner = node.owner
-        self.tags = frozenset(node.tags)
+        self.tags = _tag_set(node.tags)
 
     @property
     def id(self) -> int:

@@ -249,6 +249,22 @@ def test_grants_naming_one_member_share_its_destination_entries() -> None:
     assert [r.wire() for r in joined.global_rules] == [r.wire() for r in fresh.global_rules]
 
 
+def test_nodes_carrying_the_same_tags_share_one_tag_set() -> None:
+    """Issue 19, memory: a node's tag set is shared by every node carrying the same
+    tags (all untagged nodes share the empty one), not a frozenset each; it is still
+    the set of its tags."""
+    infos = [
+        NodeInfo(PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1")),
+        NodeInfo(PolicyNode(id=2, name="b", user_id=2, ipv4="100.64.0.2")),
+        NodeInfo(PolicyNode(id=3, name="x", tags=("tag:x", "tag:y"), ipv4="100.64.0.3")),
+        NodeInfo(PolicyNode(id=4, name="y", tags=("tag:x", "tag:y"), ipv4="100.64.0.4")),
+        NodeInfo(PolicyNode(id=5, name="z", tags=("tag:x",), ipv4="100.64.0.5")),
+    ]
+    assert infos[0].tags is infos[1].tags and infos[0].tags == frozenset()
+    assert infos[2].tags is infos[3].tags and infos[2].tags == frozenset({"tag:x", "tag:y"})
+    assert infos[4].tags == frozenset({"tag:x"}) and infos[4].tags is not infos[2].tags
+
+
 def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -> None:
     """Issue 19: ``autogroup:self`` rules depend only on the owner, so an owner's
     devices share their unreduced rules (computed once), and a peer without routes is
