@@ -110,6 +110,46 @@ class _ConnectionLost(Exception):
     """Internal: a write failed; the session must end."""
 
 
+class _StreamCallback:
+    """A session's callback for one of its streams: the session and the stream id in
+    two slots (48 bytes), where ``functools.partial`` of a bound method took a partial,
+    its argument tuple and the bound method (about 250 bytes). An idle node's long
+    poll holds three of them, for as long as it stays connected (issue 19, memory)."""
+
+    __slots__ = ("session", "stream_id")
+
+    def __init__(self, session: NoiseSession, stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+
+
+class _Resume(_StreamCallback):
+    """The ``resume`` of a parked long poll (:meth:`NoiseSession._resume`)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        self.session._resume(self.stream_id)
+
+
+class _SendNow(_StreamCallback):
+    """The ``send_now`` of a parked long poll (:meth:`NoiseSession._send_now`)."""
+
+    __slots__ = ()
+
+    def __call__(self, data: bytes) -> bool:
+        return self.session._send_now(self.stream_id, data)
+
+
+class _Cancel(_StreamCallback):
+    """A request's ``cancel`` (:meth:`NoiseSession._cancel_stream`)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        self.session._cancel_stream(self.stream_id)
+
+
 class NoiseSession:
     """Runs one upgraded connection: reader loop, handler tasks, writer lock
     (states and invariants: see the module docstring).
@@ -476,7 +516,7 @@ class NoiseSession:
                 self._scopes[event.stream_id] = scope
                 request = replace(
                     event.request,
-                    cancel=partial(self._cancel_stream, event.stream_id),
+                    cancel=_Cancel(self, event.stream_id),
                     remote_addr=self._peer.rpartition(":")[0],
                 )
                 handlers.start_soon(self._serve_request, event.stream_id, request, scope)
@@ -776,8 +816,8 @@ class NoiseSession:
                     return False  # the session ends: the caller closes the iterator
                 self._parked[stream_id] = stream
                 chunk.register(
-                    partial(self._resume, stream_id),
-                    partial(self._send_now, stream_id) if plain_socket(self._stream) is not None else None,
+                    _Resume(self, stream_id),
+                    _SendNow(self, stream_id) if plain_socket(self._stream) is not None else None,
                 )
                 return True
             if chunk:

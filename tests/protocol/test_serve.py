@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import ssl
@@ -30,6 +31,7 @@ from protocol.client import MapStream
 from protocol.errors import HandshakeError, RemoteProtocolError
 from protocol.noise.handshake import ClientHandshake
 from protocol.noise.transport import NoiseTransport
+from protocol.serve.session import NoiseSession
 from protocol.upgrade import UPGRADE_RESPONSE
 from tests.support.net import read_until_eof
 
@@ -690,6 +692,38 @@ async def test_send_now_writes_on_a_parked_long_poll_from_the_caller(server: Run
             await server.handler.stream_closed.wait()
         await wait_all_tasks_blocked()
         assert not park.send_now(b"late;")  # reset by the client: nothing is sent
+    await assert_still_serving(server)
+
+
+async def test_a_parked_long_polls_callbacks_hold_only_the_session_and_stream(server: RunningServer) -> None:
+    """Issue 19, memory: an idle long poll keeps its request's ``cancel`` and its
+    park's ``resume`` and ``send_now`` for as long as it stays connected; each is a
+    two-slot object holding the session and the stream id (no partial with its bound
+    method and argument tuple), and each still does its job."""
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=b"\x13" * 32) as client,
+        client.open_stream("POST", "/park?cb") as stream,
+    ):
+        assert await stream.__anext__() == b"cb:0;"
+        await wait_all_tasks_blocked()
+        park = server.handler.parks[-1]
+        request = server.handler.requests[-1]
+        callbacks = (park.resume, park.send_now, request.cancel)
+        for callback in callbacks:
+            assert not hasattr(callback, "__dict__")
+            held = [r for r in gc.get_referents(callback) if not isinstance(r, type)]
+            assert sorted(type(r).__name__ for r in held) == sorted(["int", NoiseSession.__name__])
+        assert len({id(callback.session) for callback in callbacks}) == 1  # type: ignore[union-attr]
+        assert park.send_now is not None and park.send_now(b"now;")
+        assert await stream.__anext__() == b"now;"
+        server.handler.parked.pop()()
+        assert await stream.__anext__() == b"cb:1;"
+        await wait_all_tasks_blocked()
+        assert request.cancel is not None
+        request.cancel()
+        with trio.fail_after(5):
+            await server.handler.stream_closed.wait()
+        assert server.handler.closed_streams == ["cb"]
     await assert_still_serving(server)
 
 
