@@ -343,14 +343,16 @@ class CompiledPolicy:
         """
         cached = self._filters.get(node_id)
         if cached is None:
-            node = self._node(node_id)
-            own = self._own_rules(node)
-            if own is None:
-                cached = reduce_rules(node, self.unreduced_rules(node_id))
-            else:
-                cached = self._global_index.reduce(node) + reduce_rules(node, own)
-            self._filters[node_id] = cached
+            cached = self._filters[node_id] = self._reduced(node_id)
         return cached
+
+    def _reduced(self, node_id: int) -> list[Rule]:
+        """:meth:`filter_rules`, computed (not cached)."""
+        node = self._node(node_id)
+        own = self._own_rules(node)
+        if own is None:
+            return reduce_rules(node, self.unreduced_rules(node_id))
+        return self._global_index.reduce(node) + reduce_rules(node, own)
 
     @cached_property
     def _global_index(self) -> RuleIndex:
@@ -384,8 +386,16 @@ class CompiledPolicy:
         """The JSON of :meth:`packet_filter`, byte for byte, put together from pieces:
         a rule's ``SrcIPs`` (as long as its sources: a team lists every member
         address) is encoded once per compile and shared by every node whose filter
-        keeps part of that rule, not encoded again for each."""
-        return b"[" + b",".join(self._rule_json(r) for r in self.filter_rules(node_id)) + b"]"
+        keeps part of that rule, not encoded again for each.
+
+        The reduced rules are not kept for the node (unless :meth:`filter_rules` kept
+        them): a map stream asks once per compile for a node whose filter changed, and
+        an idle node's reduced rules kept with the compile until the next change were
+        a list, rules and entry tuples per connected node (issue 19, memory)."""
+        rules = self._filters.get(node_id)
+        if rules is None:
+            rules = self._reduced(node_id)
+        return b"[" + b",".join(self._rule_json(r) for r in rules) + b"]"
 
     def _rule_json(self, rule: Rule) -> bytes:
         if rule.caps or not rule.dst:

@@ -265,6 +265,28 @@ def test_nodes_carrying_the_same_tags_share_one_tag_set() -> None:
     assert infos[4].tags == frozenset({"tag:x"}) and infos[4].tags is not infos[2].tags
 
 
+def test_a_map_streams_packet_filter_keeps_no_reduced_rules_per_node() -> None:
+    """Issue 19, memory: the packet filter JSON a map stream asks for (once per compile
+    for a node whose filter changed) leaves no reduced rules kept for the node in the
+    compiled policy; it is byte for byte the encoding of :meth:`packet_filter`."""
+    policy = parse_policy(json.dumps({
+        "groups": {"group:a": ["u1@example.com", "u2@example.com"]},
+        "acls": [
+            {"action": "accept", "src": ["group:a"], "dst": ["group:a:22"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        ],
+    }))
+    nodes = [PolicyNode(id=i, name=f"n{i}", user_id=1 + i % 2, ipv4=f"100.64.0.{i}") for i in range(1, 5)]
+    compiled = compile_policy(policy, Tailnet(USERS, nodes), auto_approve=False)
+    texts = {n.id: compiled.packet_filter_json(n.id) for n in nodes}
+    assert compiled._filters == {}
+    for n in nodes:
+        assert texts[n.id] == msgspec.json.encode(compiled.packet_filter(n.id))
+        assert b"SrcIPs" in texts[n.id]
+    assert set(compiled._filters) == {n.id for n in nodes}  # filter_rules still keeps them
+    assert all(compiled.packet_filter_json(n.id) == texts[n.id] for n in nodes)
+
+
 def test_devices_of_one_owner_share_their_rules_and_routeless_peers_one_view() -> None:
     """Issue 19: ``autogroup:self`` rules depend only on the owner, so an owner's
     devices share their unreduced rules (computed once), and a peer without routes is
