@@ -304,6 +304,7 @@ class SSHSources:
         control_url: str,
         previous: SSHSources | None,
         changed: Sequence[NodeInfo] | None = None,
+        shared: dict[tuple[SSHPrincipal, ...], tuple[SSHPrincipal, ...]] | None = None,
     ) -> None:
         tailnet = resolver.tailnet
         self.rule = rule
@@ -364,12 +365,18 @@ class SSHSources:
             user_ids, by_user, tagged = [], {}, []
         old_by_user = previous.by_user if previous is not None else {}
         self.by_user = {}
+        # Equal principal tuples are one object: the earlier table's when equal, and
+        # (``shared``, across the rules of one table) a user's devices under every rule
+        # whose sources hold them all (issue 19, memory).
+        intern = shared.setdefault if shared is not None else _same
         for uid, principals in by_user.items():
             token = tuple(principals)
             old = old_by_user.get(uid)
-            self.by_user[uid] = old if old is not None and old == token else token
+            if old is not None and old == token:
+                token = old
+            self.by_user[uid] = intern(token, token)
         self.user_ids = tuple(user_ids)
-        self.tagged = tuple(tagged)
+        self.tagged = intern(tuple(tagged), tuple(tagged)) if tagged else ()
         everyone: tuple[object, ...] = (self.user_ids, tuple(self.by_user[u] for u in self.user_ids), self.tagged)
         self.everyone = previous.everyone if previous is not None and previous.everyone == everyone else everyone
         localparts = tuple(sorted(_localparts(rule.users, tailnet).items()))
@@ -410,6 +417,11 @@ class SSHSources:
                 )
 
 
+def _same(token: tuple[SSHPrincipal, ...], _default: tuple[SSHPrincipal, ...]) -> tuple[SSHPrincipal, ...]:
+    """No interning: ``token`` itself (``dict.setdefault``'s shape)."""
+    return token
+
+
 def _same_ssh(a: Policy, b: Policy) -> bool:
     """Whether two policies have the same ``ssh`` section (a policy change elsewhere:
     the earlier table's tokens may be reused where they are equal)."""
@@ -443,9 +455,10 @@ class SSHTable:
             previous.rules if previous is not None and _same_ssh(previous.policy, self.policy) else [None] * len(rules)
         )
         moved = [a for info in changed for a in info.addrs] if changed is not None else None
+        shared: dict[tuple[SSHPrincipal, ...], tuple[SSHPrincipal, ...]] = {}
         self.rules: tuple[SSHSources, ...] = tuple(
             o if o is not None and moved is not None and o.kept_by(r, resolver, moved)
-            else SSHSources(r, resolver, control_url, o, changed)
+            else SSHSources(r, resolver, control_url, o, changed, shared)
             for r, o in zip(rules, old, strict=True)
         )
 

@@ -360,3 +360,39 @@ def test_own_rules_are_taken_over_only_with_the_same_self_grants() -> None:
         fresh = compile_policy(edited, tailnet, control_url=CTRL, auto_approve=False)
         for nid in tailnet.nodes:
             assert reused.packet_filter_json(nid) == fresh.packet_filter_json(nid), (doc, nid)
+
+
+def test_rules_naming_a_users_devices_share_one_principal_tuple() -> None:
+    """Issue 19, memory: a user whose devices are all sources of several SSH rules
+    (``autogroup:member`` and the user's group) has one principal tuple shared by
+    those rules, in a table built afresh and in one built from it after a join; a rule
+    holding only some of them has its own; what every node gets is the reference."""
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1"),
+        PolicyNode(id=2, name="b", user_id=1, ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="c", user_id=2, ipv4="100.64.0.3"),
+        PolicyNode(id=4, name="w", tags=("tag:web",), ipv4="100.64.0.4"),
+    ]
+    doc = {
+        "groups": {"group:ops": ["u1@example.com"]},
+        "tagOwners": {"tag:web": ["group:ops"]},
+        "ssh": [
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:web"], "users": ["root"]},
+            {"action": "check", "src": ["group:ops"], "dst": ["tag:web"], "users": ["admin"]},
+            {"action": "accept", "src": ["100.64.0.1"], "dst": ["tag:web"], "users": ["ops"]},
+        ],
+    }
+    policy = parse_policy(json.dumps(doc))
+    compiled = compile_policy(policy, Tailnet(USERS, nodes), control_url=CTRL, auto_approve=False)
+    table = compiled.ssh_table()
+    member, ops, one = table.rules
+    assert len(member.by_user[1]) == 3 and member.by_user[1] is ops.by_user[1]
+    assert [p.node_ip for p in one.by_user[1]] == ["100.64.0.1", "fd7a:115c:a1e0::1"]  # node a only
+    joined = compiled.with_node(PolicyNode(id=5, name="d", user_id=1, ipv4="100.64.0.5"))
+    after = joined.ssh_table(table, [joined.tailnet.nodes[5]])
+    member, ops, _ = after.rules
+    assert len(member.by_user[1]) == 4 and member.by_user[1] is ops.by_user[1]
+    assert member.by_user[2] is table.rules[0].by_user[2]  # unchanged: the earlier table's
+    for nid in joined.tailnet.nodes:
+        info = joined.tailnet.nodes[nid]
+        assert after.render(after.key(info)) == compile_ssh_policy(joined.resolver, info, CTRL)
