@@ -97,7 +97,12 @@ class RuleIndex:
                 always.append(i)
             for addr in index.addresses():
                 by_addr.setdefault(addr, []).append(i)
-        self._by_addr = {addr: tuple(dict.fromkeys(positions)) for addr, positions in by_addr.items()}
+        # A bare int for an address one rule names (most members of a group or tag
+        # are named by one rule), a tuple for several: not a tuple per address each.
+        self._by_addr: dict[int, int | tuple[int, ...]] = {}
+        for addr, positions in by_addr.items():
+            distinct = tuple(dict.fromkeys(positions))
+            self._by_addr[addr] = distinct[0] if len(distinct) == 1 else distinct
         self._always = frozenset(always)
 
     def reduce(self, node: NodeInfo) -> list[Rule]:
@@ -107,7 +112,11 @@ class RuleIndex:
             return reduce_rules(node, self.rules)
         picked = set(self._always)
         for addr in node.addrs:
-            picked.update(self._by_addr.get(addr, ()))
+            hit = self._by_addr.get(addr)
+            if isinstance(hit, int):
+                picked.add(hit)
+            elif hit is not None:
+                picked.update(hit)
         return reduce_rules(node, [self.rules[i] for i in sorted(picked)])
 
 

@@ -233,3 +233,24 @@ def test_a_rule_signature_holds_its_entry_tuples_not_their_ids() -> None:
     assert Rule(("100.64.0.0/10",), src, entries, protocols=(6,)).signature() == rule.signature()
     copies = tuple(DstEntry(e.ip, e.first, e.last, e.addresses) for e in entries)
     assert Rule(("100.64.0.0/10",), src, copies, protocols=(6,)).signature() != rule.signature()
+
+
+def test_a_rule_index_keeps_a_bare_position_for_an_address_one_rule_names() -> None:
+    """Issue 19, memory: a RuleIndex holds an item per address its rules name; one
+    named by a single rule maps to that rule's position as a bare int, one named by
+    several to a tuple (each position once), and reducing through it is unchanged."""
+    src = AddressUnion((IPSet.of([parse_prefix("100.64.0.0/10")]),))
+
+    def entry(text: str, port: int) -> DstEntry:
+        return DstEntry(text, port, port, IPSet.of([parse_prefix(f"{text}/32")]))
+
+    rules = [
+        Rule(("100.64.0.0/10",), src, (entry("100.64.0.1", 22), entry("100.64.0.2", 22), entry("100.64.0.1", 80))),
+        Rule(("100.64.0.3",), src, (entry("100.64.0.2", 443),)),
+    ]
+    index = RuleIndex(rules)
+    one, two = parse_prefix("100.64.0.1/32").lo, parse_prefix("100.64.0.2/32").lo
+    assert index._by_addr == {one: 0, two: (0, 1)}
+    for ip in ("100.64.0.1", "100.64.0.2", "100.64.0.9"):
+        node = NodeInfo(PolicyNode(id=1, name="n", user_id=1, ipv4=ip))
+        assert [r.wire() for r in index.reduce(node)] == [r.wire() for r in reduce_rules(node, rules)]
