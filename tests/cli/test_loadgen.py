@@ -15,10 +15,13 @@ import math
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,8 +50,8 @@ from cli.bench.loadgen.report import (
     warning_lines,
 )
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
-from cli.bench.loadgen.server import proc_cpu_wait
-from cli.bench.loadgen.workers import RemoteWatch
+from cli.bench.loadgen.server import Server, proc_cpu_wait
+from cli.bench.loadgen.workers import ParentHub, RemoteWatch, Workers
 from cli.bench.scenarios import corp, scenario
 from cli.spawn import child_env, tailledger_argv
 from projections.policy import compile_policy, parse_policy
@@ -634,3 +637,44 @@ def test_a_tiny_run_over_two_replicas_measures_join_policy_and_cross_replica_pre
     for phase in ("join", "presence", "policy"):
         p50, p99, top = (_number(row, f"{phase}_{q}_ms") for q in ("p50", "p99", "max"))
         assert 0 < p50 <= p99 <= top
+
+
+async def test_a_churn_change_is_made_only_once_every_worker_watches_for_it(tmp_path: Path) -> None:
+    """Issue 19: a worker slow to read its pipe got a delete's update on its clients'
+    streams before the ``churn`` message that says to watch for it, so the server's
+    ``PeersRemoved`` reached those receivers unseen and they were counted missing
+    (the 176 "missing" of the 10-minute run at 5,000 nodes). Publishing a churn
+    change now returns only once every worker has taken it up: here one worker is
+    stopped (SIGSTOP), and the change cannot be made until it runs again."""
+    opts = LoadgenOptions(scenario="churn", workers=2)
+    hub = ParentHub(
+        port=1, auth_key="", server_key=None, decompress=make_decompressor(), update_interval=(20.0, 40.0),
+        register_slots=trio.Semaphore(1), connect_slots=None,
+    )
+    workers = Workers(opts, hub, Server(data=tmp_path, port=1), set())
+    results: dict[str, object] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            await workers.start(nursery, 0, results)
+            slow = workers.procs[1].pid
+            assert slow is not None
+            watch = ChurnWatch("delete", frozenset({1, 2}), node_id=7)
+            published = trio.Event()
+
+            async def publish() -> None:
+                await workers.publish_churn(watch)
+                published.set()
+
+            os.kill(slow, signal.SIGSTOP)
+            try:
+                nursery.start_soon(publish)
+                # The running worker answers; the stopped one cannot.
+                await trio.testing.wait_all_tasks_blocked()
+                assert not published.is_set()
+            finally:
+                os.kill(slow, signal.SIGCONT)
+            await published.wait()
+            assert workers.churn[id(watch)] is watch
+            nursery.cancel_scope.cancel()
+    finally:
+        workers.stop()

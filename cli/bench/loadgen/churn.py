@@ -252,14 +252,20 @@ async def run_churn(
             busy.discard(watch.exclude)
         done[watch.kind].append(watch)
 
-    def start(watch: ChurnWatch, watchers: trio.Nursery) -> None:
-        if watch.t0 != math.inf:
-            return  # a registration retried after "try again": the clock runs already
-        watch.t0 = trio.current_time()
+    async def install(watch: ChurnWatch, watchers: trio.Nursery) -> None:
+        """Watch for ``watch`` here and in every worker; the change may be made once
+        this returns (a worker told later could get its update before the watch, and
+        its receivers would count as missing though the server sent it). Its clock
+        starts at :func:`start`."""
         hub.churn.append(watch)
         if workers is not None:
-            workers.publish_churn(watch)
+            await workers.publish_churn(watch)
         watchers.start_soon(follow, watch)
+
+    def start(watch: ChurnWatch) -> None:
+        """The change is being made now (the watch is installed)."""
+        if watch.t0 == math.inf:  # else a registration retried after "try again": the clock runs already
+            watch.t0 = trio.current_time()
 
     def candidates(tagged: bool) -> list[int]:
         waited_for = pending_receivers()
@@ -275,7 +281,8 @@ async def run_churn(
         after = {**live, index: sc.node(index)}
         receivers = await trio.to_thread.run_sync(model.peers, index, after)
         watch = ChurnWatch("join", receivers & set(live), key=newcomer.marker, exclude=index)
-        newcomer.on_register = lambda: start(watch, watchers)
+        await install(watch, watchers)
+        newcomer.on_register = lambda: start(watch)
         hub.register_target = hub.registered + 1
         busy.add(index)
         nursery.start_soon(newcomer.run)
@@ -299,7 +306,8 @@ async def run_churn(
         del live[victim]
         busy.add(victim)
         watch = ChurnWatch("delete", receivers, node_id=nid, exclude=victim)
-        start(watch, watchers)
+        await install(watch, watchers)
+        start(watch)
         await trio.to_thread.run_sync(server.admin, "nodes.delete", {"node": str(nid)})
 
     async def retag(watchers: trio.Nursery) -> None:
@@ -320,7 +328,8 @@ async def run_churn(
             await trio.sleep(0.05)
         live[target] = (user, (new,))
         watch = ChurnWatch("tag", before | after, key=key, node_id=nid, exclude=target)
-        start(watch, watchers)
+        await install(watch, watchers)
+        start(watch)
         await trio.to_thread.run_sync(server.admin, "nodes.tag", {"node": str(nid), "tags": [new]})
 
     async def edit(watchers: trio.Nursery) -> None:
@@ -332,7 +341,8 @@ async def run_churn(
         receivers = await trio.to_thread.run_sync(model.filter_changes, text)
         model.policy = text
         watch = ChurnWatch("policy", receivers)
-        start(watch, watchers)
+        await install(watch, watchers)
+        start(watch)
         await trio.to_thread.run_sync(server.admin, "policy.set", {"text": text})
         while watch in hub.churn:
             await trio.sleep(0.05)

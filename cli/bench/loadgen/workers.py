@@ -11,8 +11,14 @@ in the parent. Parent and workers talk over one pipe each, in tuples:
   ``cancel`` (a churn delete), ``stats``, ``gaps`` (a span's frame gaps, see
   :meth:`Workers.frame_gaps`), ``stop``;
 * worker to parent: ``up``, ``registered``, ``ready``, ``hit``, ``unexpected``,
-  ``bytes``, ``offer`` (a churn change's delivery: the parent knows the receivers
-  and judges), ``stats`` (counters since the last answer), ``gaps``, ``fatal``.
+  ``bytes``, ``churned`` (a churn change is watched here now), ``offer`` (a churn
+  change's delivery: the parent knows the receivers and judges), ``stats``
+  (counters since the last answer), ``gaps``, ``fatal``.
+
+A churn change is made only once every worker has answered ``churned``
+(:meth:`Workers.publish_churn`): a worker slow to read its pipe would otherwise get
+the change's update on its clients' streams before the ``churn`` message, and its
+receivers would never be offered it (counted missing, though the server sent it).
 
 A worker's :class:`Hub` and watches (``_WorkerHub``, :class:`RemoteWatch`,
 ``_RemoteChurnWatch``) forward what they count instead of counting it; the parent's
@@ -204,6 +210,7 @@ async def _worker(conn: Connection, spec: _WorkerSpec) -> None:
                 churn = _RemoteChurnWatch(kind, frozenset({-1}), key=key, node_id=node_id)
                 churn.serial, churn.conn = serial, conn
                 hub.churn.append(churn)
+                conn.send(("churned", serial))
             elif op == "unchurn":
                 hub.churn = [w for w in hub.churn if not (isinstance(w, _RemoteChurnWatch) and w.serial == msg[1])]
             elif op == "cancel":
@@ -266,6 +273,8 @@ class Workers:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.watches: dict[int, Watch] = {}
         self.churn: dict[int, ChurnWatch] = {}
+        #: per churn change being installed: the workers yet to answer, and its event
+        self._installing: dict[int, tuple[int, trio.Event]] = {}
         self.stopping = False
         self._up = 0
         self._all_up = trio.Event()
@@ -315,10 +324,24 @@ class Workers:
         self.send(("watch", serial, watch.kind, watch.marker, watch.expected, watch.exclude,
                    watch.receivers, watch.t0))
 
-    def publish_churn(self, watch: ChurnWatch) -> None:
-        """Install a churn change in every worker (``("unchurn", id(watch))`` ends it)."""
+    async def publish_churn(self, watch: ChurnWatch) -> None:
+        """Install a churn change in every worker (``("unchurn", id(watch))`` ends it),
+        and return once every worker watches for it: only then may the change be made.
+
+        Raises:
+            FatalClientError: a worker did not answer within 30 s (times the scale).
+        """
         self.churn[id(watch)] = watch
+        if not self.conns:
+            return
+        installed = trio.Event()
+        self._installing[id(watch)] = (len(self.conns), installed)
         self.send(("churn", id(watch), watch.kind, watch.key, watch.node_id))
+        with trio.move_on_after(30 * self.opts.timeout_scale):
+            await installed.wait()
+        self._installing.pop(id(watch), None)
+        if not installed.is_set():
+            raise FatalClientError("a load-generator worker did not take up a churn change")
 
     async def collect(self) -> None:
         """Fold the workers' counters (keep-alives, full-map sizes, errors, ...) into
@@ -359,6 +382,12 @@ class Workers:
                 self.watches[msg[1]].unexpected += msg[2]
             elif op == "bytes":
                 self.watches[msg[1]].bytes += msg[2]
+            elif op == "churned":
+                left, installed = self._installing.get(msg[1], (0, None))
+                if installed is not None:
+                    self._installing[msg[1]] = (left - 1, installed)
+                    if left <= 1:
+                        installed.set()
             elif op == "offer":
                 self.churn[msg[1]].offer(msg[2], msg[3], msg[4])
             elif op == "up":
