@@ -50,29 +50,37 @@ async def test_expected_seq_conflict_is_raised_to_the_loser() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _follow_while_appending(log: EventLog, nursery: trio.Nursery, users: range) -> list[int]:
+    """Tail ``log`` from the start in ``nursery`` while appending one user per id in
+    ``users``, each once the tailer waits for the next event; the sequence numbers it
+    saw, up to the last user's (each user is the event of its own id's sequence number)."""
+    seen: list[int] = []
+    last = users[-1]
+    caught_up = trio.Event()
+
+    async def follow() -> None:
+        async with aclosing(log.tail(0)) as tail:
+            async for batch in tail:
+                seen.extend(e.seq for e in batch)
+                if seen[-1] >= last:
+                    caught_up.set()
+                    return
+
+    nursery.start_soon(follow)
+    for i in users:
+        await wait_all_tasks_blocked()  # the tailer is waiting for the next event
+        await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
+    with trio.fail_after(5):
+        await caught_up.wait()
+    return seen
+
+
 async def test_tail_sees_backlog_then_new_events_in_order() -> None:
     log = EventLog(SQLiteEventStore(":memory:"))
-    seen: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)
         await log.append([UserCreated(user_id=1, name="a")], actor=ADMIN)
-
-        caught_up = trio.Event()
-
-        async def follow() -> None:
-            async with aclosing(log.tail(0)) as tail:
-                async for batch in tail:
-                    seen.extend(e.seq for e in batch)
-                    if seen[-1] >= 5:
-                        caught_up.set()
-                        return
-
-        nursery.start_soon(follow)
-        for i in range(2, 6):
-            await wait_all_tasks_blocked()  # the tailer is waiting for the next event
-            await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
-        with trio.fail_after(5):
-            await caught_up.wait()
+        seen = await _follow_while_appending(log, nursery, range(2, 6))
         nursery.cancel_scope.cancel()
     assert seen == [1, 2, 3, 4, 5]
 
@@ -90,25 +98,9 @@ async def test_tail_follows_its_own_process_with_one_read_per_wake() -> None:
             return super().head()
 
     log = EventLog(CountingStore(":memory:"))
-    seen: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)
-        caught_up = trio.Event()
-
-        async def follow() -> None:
-            async with aclosing(log.tail(0)) as tail:
-                async for batch in tail:
-                    seen.extend(e.seq for e in batch)
-                    if seen[-1] >= 20:
-                        caught_up.set()
-                        return
-
-        nursery.start_soon(follow)
-        for i in range(1, 21):
-            await wait_all_tasks_blocked()  # the tailer is waiting for the next event
-            await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
-        with trio.fail_after(5):
-            await caught_up.wait()
+        seen = await _follow_while_appending(log, nursery, range(1, 21))
         nursery.cancel_scope.cancel()
     assert seen == list(range(1, 21))
     assert CountingStore.heads == 0
