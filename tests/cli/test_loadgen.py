@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from cli.bench.loadgen.churn import (
     Kind,
     ReceiverModel,
+    deletable,
     planned_changes,
     policy_tailnet,
     rss_slope,
@@ -270,6 +271,7 @@ def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> 
     watch.offer(1, 12.0, 1000)  # a second update to the same node counts once
     watch.offer(5, 11.5, 30)  # not a receiver: an error (its bytes were sent all the same)
     assert (watch.latencies, watch.unexpected, watch.done.is_set()) == ([1.0], 1, False)
+    assert watch.strays == [(5, 1.5)]  # who and when, for telling a fault from a model gap
     watch.offer(2, 12.5, 7)
     assert watch.latencies == [1.0, 2.5] and watch.done.is_set()
     assert watch.delivered_bytes == 137
@@ -277,6 +279,14 @@ def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> 
     assert delete.matches(set(), {9}, False) and not delete.matches({b"nodekey:cc"}, set(), False)
     assert ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
     assert ChurnWatch("join", frozenset()).done.is_set()  # nobody to wait for
+
+
+def test_a_node_whose_visibility_a_tag_change_under_way_flips_is_not_deleted() -> None:
+    # Two tag changes under way: the first target starts or stops seeing 4 and 5, the
+    # second 5 and 6. Deleting one of those before the target's own update would make
+    # that update carry the deletion (a stray) or lose it (a miss).
+    assert deletable([1, 2, 3, 4, 5, 6, 7], [frozenset({4, 5}), frozenset({5, 6})]) == [1, 2, 3, 7]
+    assert deletable([1, 2], []) == [1, 2]
 
 
 def test_rss_slope_is_per_minute_after_the_warm_up() -> None:
@@ -412,6 +422,9 @@ def test_the_churn_report_shows_each_kind_and_warns_when_the_run_fell_behind() -
     assert "held the other changes back for 30 s" in explained
     assert any("held the other changes back for 30.0 s" in line
                for line in churn_lines(_churn_row(churn_policy_held_s=30.0)))
+    stray = {"kind": "delete", "node": 12, "node_id": 13, "client": 40, "after_ms": 250.0}
+    assert warning_lines(_churn_row(churn_unexpected=1, churn_strays=[stray]))[1:] == [
+        "  delete of sim-12 (node id 13) reached sim-40 after 250 ms"]
     # A change that came due when no node was free to change is no sign of falling behind.
     assert warning_lines(_churn_row(churn_tag_count=1, churn_tag_skipped=2)) == []
     assert any("(2 skipped: no node free to change)" in line

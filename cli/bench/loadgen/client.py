@@ -126,6 +126,8 @@ class ChurnWatch:
     latencies: list[float] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     unexpected: int = 0
+    #: The clients outside ``receivers`` that got it, and when (seconds after ``t0``).
+    strays: list[tuple[int, float]] = field(default_factory=list)
     delivered_bytes: int = 0
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -149,6 +151,7 @@ class ChurnWatch:
         self.delivered_bytes += size
         if index not in self.receivers:
             self.unexpected += 1
+            self.strays.append((index, now - self.t0))
             return
         self.latencies.append(now - self.t0)
         if len(self.latencies) >= len(self.receivers):

@@ -277,6 +277,10 @@ def warning_lines(row: Results) -> list[str]:
     if row.get("churn_unexpected"):
         out.append(f"{n:.0f} nodes: {row['churn_unexpected']} nodes got a churn change although the policy "
                    "says it does not concern them")
+        strays = row.get("churn_strays")
+        for stray in strays if isinstance(strays, list) else ():
+            out.append(f"  {stray['kind']} of sim-{stray['node']} (node id {stray['node_id']}) reached "
+                       f"sim-{stray['client']} after {stray['after_ms']:.0f} ms")
     if _num(row, "churn_reached") is not None and (_num(row, "churn_reached") or 0) < (_num(row, "churn_expected") or 0):
         out.append(f"{n:.0f} nodes: churn changes reached only {row['churn_reached']} of "
                    f"{row['churn_expected']} receivers in time")
