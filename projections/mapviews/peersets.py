@@ -176,8 +176,10 @@ class _Link:
 
     __slots__ = ("changed", "parent")
 
-    def __init__(self, changed: frozenset[int], parent: _Link | None) -> None:
-        self.changed = changed
+    def __init__(self, changed: Iterable[int], parent: _Link | None) -> None:
+        # A tuple: most links name one node (a registration, a presence change), and a
+        # one-id tuple is a quarter of a one-id frozenset; the journal keeps thousands.
+        self.changed: tuple[int, ...] = tuple(changed)
         self.parent = parent
 
 
@@ -282,7 +284,7 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
     ids: set[int] = set()
     cur: _Link | None = new.link
     while cur is not None and cur is not old.link:
-        ids |= cur.changed
+        ids.update(cur.changed)
         cur = cur.parent
     if cur is None:
         ids = set(old.peers.keys()) | set(new.peers.keys())
