@@ -586,6 +586,7 @@ async def open_control_client(
     websocket: bool = False,
     initial_window_size: int | None = None,
     connection_window_size: int | None = None,
+    max_frame_size: int | None = None,
     ephemeral_private: bytes | None = None,
 ) -> AsyncGenerator[ControlClient, None]:
     """Connect, upgrade, handshake; yield a :class:`ControlClient`.
@@ -603,6 +604,7 @@ async def open_control_client(
         initial_window_size: Our HTTP/2 stream receive window.
         connection_window_size: Our HTTP/2 connection receive window (Go's
             clients: 4 MiB per stream, 1 GiB per connection).
+        max_frame_size: Our HTTP/2 ``SETTINGS_MAX_FRAME_SIZE`` (Go's clients: 1 MiB).
         ephemeral_private: Inject the handshake ephemeral (tests only).
 
     Raises:
@@ -628,6 +630,7 @@ async def open_control_client(
             version=version,
             initial_window_size=initial_window_size,
             connection_window_size=connection_window_size,
+            max_frame_size=max_frame_size,
             http_upgrade=not websocket,
             ephemeral_private=ephemeral_private,
         )

@@ -208,6 +208,7 @@ class ClientConnection:
         authority: str | None = None,
         initial_window_size: int | None = None,
         connection_window_size: int | None = None,
+        max_frame_size: int | None = None,
         http_upgrade: bool = True,
         ephemeral_private: bytes | None = None,
     ) -> None:
@@ -227,6 +228,10 @@ class ClientConnection:
                 65535 whatever SETTINGS say and only grows by WINDOW_UPDATE, so
                 the update is sent with the preface, as Go's transport does
                 (4 MiB streams, 1 GiB connection).
+            max_frame_size: Our ``SETTINGS_MAX_FRAME_SIZE``, the largest DATA
+                frame the server may send us (default: the protocol's 16384).
+                Go's transport advertises its ``MaxReadFrameSize``, 1 MiB by
+                default, so a large body comes in few frames.
             http_upgrade: Emit the native ``POST /ts2021`` request and expect
                 the 101. ``False`` when the caller performed another upgrade
                 (the WebSocket variant) and sends :attr:`initiation` itself;
@@ -248,11 +253,17 @@ class ClientConnection:
             client_side=True, header_encoding=None, validate_inbound_headers=True
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        initial_values: dict[h2.settings.SettingCodes, int] = {}
         if initial_window_size is not None:
-            self._h2.local_settings = h2.settings.Settings(
-                client=True,
-                initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size},
-            )
+            initial_values[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = initial_window_size
+        if max_frame_size is not None:
+            initial_values[h2.settings.SettingCodes.MAX_FRAME_SIZE] = max_frame_size
+        if initial_values:
+            # Sent with the preface as our first SETTINGS; h2 takes initial values as
+            # in force already, so its inbound frame limit must follow by hand (the
+            # server sends larger frames only once it has read them: never too early).
+            self._h2.local_settings = h2.settings.Settings(client=True, initial_values=initial_values)
+            self._h2.max_inbound_frame_size = self._h2.local_settings.max_frame_size
         self._h2.initiate_connection()
         grow = (connection_window_size or 0) - _DEFAULT_WINDOW
         if grow > 0:

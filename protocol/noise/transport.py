@@ -207,49 +207,51 @@ class NoiseTransport:
             raise rx.dead_error()
         buf = self._buffer
         buf += data
-        out: list[bytes] = []
-        pos = 0
         end = len(buf)
         header_len = messages.HEADER_LEN
-        aead: ChaCha20Poly1305 | None = None  # made for the first complete record
-        while end - pos >= header_len:
-            msg_type = buf[pos]
-            length = (buf[pos + 1] << 8) | buf[pos + 2]
-            if msg_type != messages.MessageType.RECORD:
-                raise rx.fail(
-                    RemoteProtocolError(f"received message with unexpected type {msg_type}")
-                )
-            if length > messages.MAX_CIPHERTEXT_SIZE:
-                raise rx.fail(
-                    RemoteProtocolError(
-                        f"record of {header_len + length} bytes exceeds max frame size"
-                    )
-                )
-            if length < messages.MIN_RECORD_CIPHERTEXT:
-                raise rx.fail(
-                    RemoteProtocolError(f"record of {length} bytes is shorter than a tag")
-                )
-            if end - pos - header_len < length:
-                break  # incomplete record: wait for more bytes
-            start = pos + header_len
-            if aead is None:
-                aead = rx.cipher()
-            out.append(self._open(aead, bytes(buf[start : start + length])))
-            pos = start + length
-        del buf[:pos]
-        return b"".join(out)
-
-    def _open(self, aead: ChaCha20Poly1305, ciphertext: bytes) -> bytes:
-        rx = self._rx
-        if rx.counter >= _INVALID_COUNTER:
-            raise rx.fail(RemoteProtocolError("cipher exhausted, no more nonces available"))
+        if end < header_len:
+            return b""
+        # A full map is hundreds of records: the per-record work is inlined, one
+        # cipher object serves the call, and each ciphertext is a view of the buffer
+        # (no copy); the state moves once, after the last record.
+        view = memoryview(buf)
+        out: list[bytes] = []
+        pos = 0
+        counter = rx.counter
+        decrypt = None  # made for the first complete record
         try:
-            plaintext = aead.decrypt(_nonce(rx.counter), ciphertext, None)
-        except InvalidTag:
-            raise rx.fail(RemoteProtocolError("record failed authentication")) from None
-        rx.counter += 1
-        rx.advance(ChannelInput.OK)
-        return plaintext
+            while end - pos >= header_len:
+                msg_type = buf[pos]
+                length = (buf[pos + 1] << 8) | buf[pos + 2]
+                if msg_type != messages.MessageType.RECORD:
+                    raise RemoteProtocolError(f"received message with unexpected type {msg_type}")
+                if length > messages.MAX_CIPHERTEXT_SIZE:
+                    raise RemoteProtocolError(f"record of {header_len + length} bytes exceeds max frame size")
+                if length < messages.MIN_RECORD_CIPHERTEXT:
+                    raise RemoteProtocolError(f"record of {length} bytes is shorter than a tag")
+                start = pos + header_len
+                if end - start < length:
+                    break  # incomplete record: wait for more bytes
+                if counter >= _INVALID_COUNTER:
+                    raise RemoteProtocolError("cipher exhausted, no more nonces available")
+                if decrypt is None:
+                    decrypt = rx.cipher().decrypt
+                try:
+                    out.append(decrypt(_NONCE_PREFIX + counter.to_bytes(8, "big"), view[start : start + length], None))
+                except InvalidTag:
+                    raise RemoteProtocolError("record failed authentication") from None
+                counter += 1
+                pos = start + length
+        except RemoteProtocolError as exc:
+            view.release()
+            rx.counter = counter
+            raise rx.fail(exc) from None
+        view.release()
+        if counter != rx.counter:
+            rx.counter = counter
+            rx.advance(ChannelInput.OK)
+        del buf[:pos]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     # -- sending --------------------------------------------------------------
 

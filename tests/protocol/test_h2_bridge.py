@@ -34,6 +34,7 @@ class Pair:
         *,
         window: int | None = None,
         connection_window: int | None = None,
+        max_frame_size: int | None = None,
         max_body: int = 1 << 20,
         max_buffered: int = hb.DEFAULT_MAX_BUFFERED_BODIES,
     ) -> None:
@@ -44,6 +45,7 @@ class Pair:
             authority="unused",
             initial_window_size=window,
             connection_window_size=connection_window,
+            max_frame_size=max_frame_size,
         )
         front = FrontConnection(server_public=public_key(SERVER_KEY))
         front.receive_data(self.client.data_to_send())
@@ -213,6 +215,25 @@ def test_go_sized_windows_let_a_large_body_through_unacknowledged(
     else:
         assert received == body
         assert pair.server.pending(sid) == 0
+
+
+@pytest.mark.parametrize(("max_frame_size", "largest"), [(None, 16384), (1 << 20, 768_000)])
+def test_max_frame_size_sets_how_a_large_body_is_cut(max_frame_size: int | None, largest: int) -> None:
+    # Go's transport advertises SETTINGS_MAX_FRAME_SIZE = its MaxReadFrameSize (1 MiB)
+    # with the preface: the server then sends a large body in few DATA frames, and the
+    # client accepts them (h2 takes initial settings as in force, so its inbound
+    # limit must follow them). Without it, frames stay at the protocol's 16 KiB.
+    pair = Pair(window=4 << 20, connection_window=1 << 30, max_frame_size=max_frame_size)
+    sid = pair.client.send_request("POST", "/machine/map", body=b"{}")
+    pair.pump()
+    pair.take_server()
+    body = bytes(range(256)) * 3000  # 768,000 bytes
+    pair.server.send_headers(sid, 200)
+    pair.server.send_data(sid, body, end_stream=True)
+    pair.pump()
+    chunks = [ev for ev in pair.client_events if isinstance(ev, cc.DataReceived)]
+    assert b"".join(ev.data for ev in chunks) == body
+    assert max(len(ev.data) for ev in chunks) == largest
 
 
 def test_client_reset_reaches_server_and_drops_queued_data() -> None:

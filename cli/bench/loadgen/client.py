@@ -56,9 +56,12 @@ __all__ = ["ChurnWatch", "Client", "FatalClientError", "Hub", "Watch", "raise_fd
 
 #: Capability version of the simulated clients (tailscale v1.90).
 _CAP_VERSION: Final = 130
-#: HTTP/2 receive windows of golang.org/x/net/http2's Transport (tailscale's clients).
+#: HTTP/2 receive windows of golang.org/x/net/http2's Transport (tailscale's clients)...
 _GO_STREAM_WINDOW: Final = 4 << 20
 _GO_CONNECTION_WINDOW: Final = 1 << 30
+#: ... and the SETTINGS_MAX_FRAME_SIZE it advertises (its default ``MaxReadFrameSize``,
+#: sent with the preface), so a full map arrives in few DATA frames.
+_GO_MAX_FRAME: Final = 1 << 20
 
 
 @dataclass(eq=False)
@@ -369,6 +372,7 @@ class Client:
             # The windows of Go's HTTP/2 transport, which tailscale's clients use.
             initial_window_size=_GO_STREAM_WINDOW,
             connection_window_size=_GO_CONNECTION_WINDOW,
+            max_frame_size=_GO_MAX_FRAME,
         ) as client:
             if hub.server_key is None:
                 hub.server_key = client.server_public
