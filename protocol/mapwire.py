@@ -47,6 +47,7 @@ Nothing here does I/O or reads a clock; the caches are plain memory.
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from typing import Final
 
@@ -100,10 +101,12 @@ _TAIL.compressed()
 class _Pieces:
     """The full-map pieces of one version of a class's peer set (held weakly)."""
 
-    __slots__ = ("chunks", "ids", "parts", "version")
+    __slots__ = ("chunks", "ids", "link", "parts", "version")
 
     def __init__(self, version: PeerSet, ids: list[int], parts: list[bytes], chunks: list[_Piece]) -> None:
         self.version = weakref.ref(version)
+        #: The version's journal entry: what changed since is known after it is gone.
+        self.link = version.link
         self.ids = ids
         self.parts = parts
         self.chunks = chunks
@@ -224,13 +227,48 @@ class MapWire:
         """The pieces of ``peers`` (built once per version; full maps are built from
         current versions, so one entry per class is kept, by its lineage)."""
         older = self._pieces.get(peers.lineage)
-        if older is not None and older.version() is peers:
-            return older
+        if older is not None:
+            if older.version() is peers:
+                return older
+            patched = self._patch(older, peers)
+            if patched is not None:
+                self._pieces[peers.lineage] = patched
+                return patched
         ids = sorted(peers.peers)
         parts = [self._peer_json(peers.peers[i]) for i in ids]
         chunks = self._take_over(parts, older.chunks if older is not None else [])
         pieces = self._pieces[peers.lineage] = _Pieces(peers, ids, parts, chunks)
         return pieces
+
+    def _patch(self, older: _Pieces, peers: PeerSet) -> _Pieces | None:
+        """The pieces of ``peers`` from ``older``'s, of an earlier version with the same
+        ids (a reconnect herd's presence changes, a peer's endpoints): only the changed
+        peers' JSON and the chunks holding them are new, at the cost of the change, not
+        of the class. ``None`` when the journal does not reach ``older``'s version or
+        peers came or went (then the pieces are rebuilt)."""
+        changed = peers.changed_since(older.link)
+        if changed is None:
+            return None
+        ids, current = older.ids, peers.peers
+        moved: list[tuple[int, Peer]] = []
+        for nid in changed:
+            at = bisect.bisect_left(ids, nid)
+            was = at < len(ids) and ids[at] == nid
+            peer = current.get(nid)
+            if was != (peer is not None):
+                return None  # a peer came or went: the chunks shift
+            if peer is not None:
+                moved.append((at, peer))
+        parts, chunks, size = list(older.parts), list(older.chunks), self.chunk
+        dirty: set[int] = set()
+        for at, peer in moved:
+            json = self._peer_json(peer)
+            if json is not parts[at]:
+                parts[at] = json
+                dirty.add(at // size)
+        for k in dirty:
+            chunks[k] = _Piece(tuple(parts[k * size : (k + 1) * size]))
+        return _Pieces(peers, ids, parts, chunks)
 
     def _take_over(self, parts: list[bytes], older: list[_Piece]) -> list[_Piece]:
         """The shared pieces for ``parts``; a piece whose peers' JSON is the very same

@@ -54,6 +54,7 @@ from ..tailcfg import Node as WireNode
 __all__ = [
     "JOURNAL_DEPTH",
     "Lineage",
+    "Link",
     "MapMessage",
     "Peer",
     "PeerCache",
@@ -183,6 +184,10 @@ class _Link:
         self.parent = parent
 
 
+#: A version's journal entry (:attr:`PeerSet.link`), for :meth:`PeerSet.changed_since`.
+Link = _Link
+
+
 class PeerSet:
     """What the members of one visibility class (or of several that see the same
     peers) are shown about their peers.
@@ -231,6 +236,18 @@ class PeerSet:
                     break
                 old = old.parent
             old.parent = None
+
+    def changed_since(self, old: Link) -> set[int] | None:
+        """The ids whose entry may differ between the version whose :attr:`link` is
+        ``old`` and this one, read from the change journal (cost: the size of the
+        change); ``None`` when that version is not a recent ancestor (then only an
+        entry-by-entry comparison tells). Holding a link keeps no peer alive."""
+        ids: set[int] = set()
+        cur: _Link | None = self.link
+        while cur is not None and cur is not old:
+            ids.update(cur.changed)
+            cur = cur.parent
+        return ids if cur is not None else None
 
     def diff(self, old: PeerSet) -> PeerDiff:
         """The diff from ``old`` to this version (cached per ``old``)."""
@@ -281,13 +298,8 @@ def changed_digest(
 def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
     """Compare two peer sets: through the change journal when ``old`` is a recent
     ancestor of ``new`` (cost: the ids changed in between), else entry by entry."""
-    ids: set[int] = set()
-    cur: _Link | None = new.link
-    while cur is not None and cur is not old.link:
-        ids.update(cur.changed)
-        cur = cur.parent
-    if cur is None:
-        ids = set(old.peers.keys()) | set(new.peers.keys())
+    journal = new.changed_since(old.link)
+    ids = journal if journal is not None else set(old.peers.keys()) | set(new.peers.keys())
     changed: list[WireNode] = []
     removed: list[int] = []
     patches: list[PeerChange] = []
@@ -311,7 +323,7 @@ def diff_peer_sets(old: PeerSet, new: PeerSet) -> PeerDiff:
                 profiles[uid] = profile
         else:
             patches.append(_patch(old_wire, new_wire))
-    if cur is None or old.users is not new.users:
+    if journal is None or old.users is not new.users:
         for uid, profile in new.users.items():
             if old.users.get(uid) != profile:
                 profiles[uid] = profile

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from projections.delta import EMPTY
 from projections.mapviews.cursor import FullMap, StreamCursor
 from projections.mapviews.hub import MapHub
+from projections.mapviews.peersets import Peer
 from projections.netmap import NetmapSettings
 from projections.policystate import PolicyCompiler
 from projections.presence import NodePresence
@@ -139,6 +140,41 @@ def test_shared_pieces_are_compressed_once_and_taken_over_by_the_next_version(
     frame = wire.frame_full(full, True)
     assert counter.calls == 2  # the head, and [7 8 9] for every stream
     assert _decoded(frame, True) == _expected(full)
+
+
+class CountingWire(MapWire):
+    """A MapWire that counts the peers it looks up (their JSON, cached or not)."""
+
+    looked_up = 0
+
+    def _peer_json(self, peer: Peer) -> bytes:
+        self.looked_up += 1
+        return super()._peer_json(peer)
+
+
+def test_a_version_that_changed_some_peers_costs_those_peers_not_the_class(net: Tailnet) -> None:
+    # A reconnect herd makes a new version per publication (peers come online): the
+    # next full map must not look up every peer of the class again, only those that
+    # changed, and the chunks without them are the very same objects.
+    wire = CountingWire(chunk=3)
+    first = wire.frame_full(StreamCursor(1).full_map(net.hub), True)
+    assert wire.looked_up == len(net.nodes)
+    for nid in (4, 8):
+        net.presence[nid] = NodePresence(online=True, endpoints=(f"192.0.2.{nid}:41641",), home_derp=1)
+    net.advance(frozenset({4, 8}))
+    wire.looked_up = 0
+    full = StreamCursor(1).full_map(net.hub)
+    frame = wire.frame_full(full, True)
+    assert wire.looked_up == 2
+    assert frame != first
+    assert _decoded(frame, True) == _expected(full)
+    # A peer joining shifts the chunks: everything is looked up again, and still right.
+    net.nodes.append(net.r.node(net.r.state.nodes[1].user_id, "late"))
+    net.advance()
+    wire.looked_up = 0
+    full = StreamCursor(1).full_map(net.hub)
+    assert _decoded(wire.frame_full(full, True), True) == _expected(full)
+    assert wire.looked_up == len(net.nodes)
 
 
 def test_streams_given_one_message_are_sent_the_same_bytes(net: Tailnet) -> None:
