@@ -38,9 +38,12 @@ A piece that holds the stream's own node is rebuilt without it; a node alone in 
 class (or with no peer) gets the body alone. Compressed, each piece is its own zstd
 frame, and a shared piece is compressed once: a zstd decoder reads concatenated
 frames as one message (tailscale's ``zstdframe.AppendDecode`` takes "zero or more
-frames"; see :func:`.mapframe.frame_pieces`). A new version takes over every piece
-whose peers' JSON is the very same objects as in the pieces of the version before,
-with its compressed frame, so a version costs only the pieces it changed.
+frames"; see :func:`.mapframe.frame_pieces`). A new version of the same ids (peers
+coming online, moving endpoints) patches the pieces of the version before: the peer
+set's journal (``PeerSet.changed_since``) names the peers that changed, and only their
+JSON and the chunks holding them are new. When peers came or went, every piece whose
+peers' JSON is the very same objects as in the version before is taken over, with its
+compressed frame. Either way a version costs only the pieces it changed.
 
 Nothing here does I/O or reads a clock; the caches are plain memory.
 """
