@@ -94,7 +94,8 @@ async def manage_gc(
     ``cpu_time`` is the process's CPU clock in seconds (what tells work from quiet);
     a test passes its own to say exactly how busy each tick was."""
     found, took = _freeze_survivors(full=True)
-    log.debug("gc: froze %d objects (%d collected in %.3f s)", gc.get_freeze_count(), found, took)
+    if log.isEnabledFor(logging.DEBUG):  # get_freeze_count() walks every frozen object
+        log.debug("gc: froze %d objects (%d collected in %.3f s)", gc.get_freeze_count(), found, took)
     task_status.started()
     last_full = last_step = trio.current_time()
     cpu_at_trim = cpu_at_tick = cpu_time()
@@ -108,7 +109,8 @@ async def manage_gc(
             if full:
                 last_full = now
                 log.info("gc: full collection freed %d cycles in %.3f s", found, took)
-            log.debug("gc: %d objects frozen", gc.get_freeze_count())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gc: %d objects frozen", gc.get_freeze_count())
             cpu_at_trim = cpu_time()
         elif cpu - cpu_at_trim >= trim_work and cpu - cpu_at_tick < 0.2 * trim_interval:
             _trim()

@@ -4,6 +4,7 @@ collects cycles (young ones at every step, frozen ones at the full step)."""
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from collections.abc import Iterator
 
@@ -104,3 +105,27 @@ async def test_trims_once_a_burst_is_over_and_not_while_idle_or_busy(
             await tick()
         assert len(trims) == 1, "trimmed again with nothing done since"
         nursery.cancel_scope.cancel()
+
+
+async def test_steps_do_not_count_the_frozen_objects_unless_debug_logging_is_on(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # gc.get_freeze_count() walks every frozen object (millions in a server or a
+    # load-generator worker): it is only for a debug line, so it runs only when that
+    # line is written.
+    counted: list[int] = []
+    real = gc.get_freeze_count
+
+    def counting() -> int:
+        counted.append(1)
+        return real()
+
+    monkeypatch.setattr(gc, "get_freeze_count", counting)
+    for level, expect_counts in ((logging.INFO, False), (logging.DEBUG, True)):
+        counted.clear()
+        caplog.set_level(level, logger=gcpolicy.log.name)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: manage_gc(interval=0.2, full_interval=100.0, task_status=task_status))
+            await trio.sleep(1.0)  # five steps
+            nursery.cancel_scope.cancel()
+        assert bool(counted) is expect_counts, level
