@@ -146,6 +146,11 @@ def _control_limit_metrics(stats: ControlStats) -> Iterator[Metric]:
         "path",
         (("direct", stats.keepalives_direct), ("resumed", stats.keepalives_resumed)),
     )
+    yield CounterMetricFamily(
+        "tailledger_map_updates_direct",
+        "Map updates sent to parked streams by their transport at once (no task, no resumption)",
+        value=stats.updates_direct,
+    )
 
 
 def _pending_metrics(stats: PendingStats) -> Iterator[Metric]:

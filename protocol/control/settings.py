@@ -57,6 +57,8 @@ class ControlStats:
     #: Keep-alives sent by map streams that were resumed (their transport could not
     #: send at once, or a publication woke them with nothing for them).
     keepalives_resumed: int = 0
+    #: Updates sent to parked map streams by their transport at once (no task).
+    updates_direct: int = 0
 
 
 @dataclass(frozen=True)

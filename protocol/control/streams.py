@@ -78,6 +78,10 @@ _PRESENCE_PACING = 5
 _PRESENCE_MAX_HOLD = 3.0
 #: Keep-alive ticks per keep-alive interval (see MapStreams._tick_keepalives).
 KEEPALIVE_TICKS = 4
+#: Updates up to this many bytes are sent to a parked stream by its transport at once
+#: (MapStreams._publish_direct); a larger one resumes the stream, which sends it under
+#: flow control like a full map.
+_DIRECT_MAX = 64 << 10
 
 
 class _Turn:
@@ -115,16 +119,33 @@ class _MapPark(Park):
     the transport's ``resume`` and ``send_now``), the compression of its frames, and
     when it last sent something, which the keep-alive ticker moves on when it sends
     the stream a keep-alive (:meth:`MapStreams._wake_group`) and the stream reads
-    when it is resumed."""
+    when it is resumed.
 
-    __slots__ = ("compress", "last_sent")
+    It also carries what a publication needs to serve the stream without resuming it
+    (:meth:`MapStreams._publish_direct`): the stream's cursor, its poll, and the
+    publication it began listening at; and, when the transport could not send an
+    update computed so, the bytes (``pending``) the resumed stream sends first."""
+
+    __slots__ = ("compress", "cursor", "last_sent", "pending", "poll", "since")
 
     def __init__(
-        self, owner: Callable[[Park, Callable[[], None]], None], due: float, *, compress: bool, last_sent: float
+        self,
+        owner: Callable[[Park, Callable[[], None]], None],
+        due: float,
+        *,
+        compress: bool,
+        last_sent: float,
+        cursor: StreamCursor | None = None,
+        poll: _Poll | None = None,
+        since: int = 0,
     ) -> None:
         super().__init__(owner, due)
         self.compress = compress
         self.last_sent = last_sent
+        self.cursor = cursor
+        self.poll = poll
+        self.since = since
+        self.pending = b""
 
 
 class _Wake:
@@ -278,10 +299,17 @@ class MapStreams:
                 # published while this stream was sending.
                 if cursor.seq >= self._published_seq:
                     park = _MapPark(self._park_owners[group], last_sent + self._keepalive_due(),
-                                    compress=compress, last_sent=last_sent)
+                                    compress=compress, last_sent=last_sent, cursor=cursor, poll=poll,
+                                    since=listening_since)
                     yield park
-                    last_sent = park.last_sent  # the ticker may have sent keep-alives meanwhile
+                    # The ticker may have sent keep-alives meanwhile, and a publication
+                    # updates (_publish_direct) that the transport could not send at once.
+                    last_sent, pending = park.last_sent, park.pending
                     del park
+                    if pending:
+                        yield pending
+                        last_sent = trio.current_time()
+                    del pending
                 if poll.superseded:
                     return
                 assert self.hub.state is not None
@@ -402,12 +430,16 @@ class MapStreams:
         stay parked, due again a keep-alive interval later."""
         parked = self._parked[group]
         if due_by is None:
-            self._parked[group] = []
+            kept: list[_MapPark] = []
+            self._parked[group] = kept
             for park in parked:
+                if self._publish_direct(park):
+                    kept.append(park)
+                    continue
                 assert park.resume is not None
                 park.resume()
             return
-        kept: list[_MapPark] = []
+        kept = []
         woken: list[_MapPark] = []
         for park in parked:
             send_now = park.send_now
@@ -421,6 +453,47 @@ class MapStreams:
         for park in woken:
             assert park.resume is not None
             park.resume()
+
+    def _publish_direct(self, park: _MapPark) -> bool:
+        """Serve a publication to a parked stream without resuming it: read the hub
+        through its cursor and hand what it gets to the transport's ``send_now``, as
+        the keep-alive ticker does. Returns whether the stream stays parked (served,
+        or nothing for it).
+
+        ``False`` (resume it) when the stream must end or decide itself (superseded,
+        node deleted), has no ``send_now`` (TLS), or the update is large; and when the
+        transport could not send at once, with the update's bytes left in
+        ``park.pending``, which the resumed stream sends first: an update read from
+        the hub is never dropped."""
+        cursor, poll, send_now = park.cursor, park.poll, park.send_now
+        if cursor is None or poll is None or send_now is None or poll.superseded:
+            return False
+        state = self.hub.state
+        if state is None or cursor.node_id not in state.nodes:
+            return False
+        if cursor.seq >= self._published_seq:
+            return True  # already read it (it was resumed meanwhile)
+        seen = cursor.seq
+        messages = cursor.update(self.hub)
+        if cursor.seq != seen and seen >= park.since:
+            self._fanned_out()
+        if not messages:
+            return True  # nothing for this stream: its keep-alive stays due as it was
+        data = b"".join(self.wire.frame(msg, park.compress) for msg in messages)
+        del messages
+        try:
+            sent = len(data) <= _DIRECT_MAX and send_now(data)
+        except Exception:  # a transport bug must not stop the fan-out: the stream sends it
+            log.exception("sending an update to a parked map stream failed")
+            sent = False
+        if not sent:
+            park.pending = data
+            return False
+        now = trio.current_time()
+        park.last_sent = now
+        park.due = now + self._keepalive_due()
+        self._stats.updates_direct += 1
+        return True
 
     def _send_keepalive(self, park: _MapPark, send_now: Callable[[bytes], bool]) -> bool:
         """Send a parked stream its keep-alive through its transport, which leaves it

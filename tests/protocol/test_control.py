@@ -14,6 +14,8 @@ from cli.server import Services
 from eventlog.events import NodeRegistered, PreAuthKeyUsed
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
+from protocol.control.streams import WAKE_GROUPS
+from protocol.serve.session import NoiseSession
 from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, make_key, running, two_registered
@@ -556,3 +558,33 @@ async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Pat
                     msg = await next_update(sa)
                     assert [p.key for p in msg.peers_changed or []] == [b.node_key]
                 await wait_until(lambda: not _tasks_running("_serve_request"), what="the stream to park again")
+
+
+@pytest.mark.parametrize("transport_busy", [False, True])
+async def test_a_publication_reaches_parked_streams_through_their_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport_busy: bool
+) -> None:
+    """A parked stream is sent a publication's update by its transport at once (no
+    task, no resumption); when the transport cannot send at once, the stream is
+    resumed and sends the update it was handed first: either way it arrives, once."""
+    if transport_busy:
+        monkeypatch.setattr(NoiseSession, "_send_now", lambda self, stream_id, data: False)
+    async with running(tmp_path) as server:
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                assert not (await next_update(sa)).peers
+                assert server.control is not None
+                await wait_until(lambda: any(server.control.streams._parked[g] for g in range(WAKE_GROUPS)))
+                await cb.register(b.register_request(key))
+                joined = await next_update(sa)
+                assert [p.name for p in joined.peers_changed or ()] == ["bravo.tailnet.internal."]
+                bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
+                assert bnode is not None
+                await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
+                renamed = await next_update(sa)
+                assert [p.name for p in renamed.peers_changed or ()] == ["b2.tailnet.internal."]
+                direct = server.control.stats.updates_direct
+        assert (direct == 0) if transport_busy else (direct >= 2)
