@@ -61,8 +61,8 @@ class Park:
     sends bytes on the parked stream at once, as if the stream had yielded them, and
     the stream stays parked. It does so only when that needs no wait (nobody else
     writing, flow-control window open) and returns ``False`` otherwise, having sent
-    nothing; it is for small constant frames such as keep-alives, which then cost
-    no task and no resumption of the stream.
+    nothing; it is for small frames such as keep-alives and the updates of a
+    publication, which then cost no task and no resumption of the stream.
 
     Attributes:
         due: when (trio's clock) the stream wants to run again even if nothing

@@ -18,10 +18,15 @@ and wakes the streams. It also wakes at the next key expiry the hub knows of.
 :class:`~protocol.handler.Park` that carries the time its keep-alive falls due
 (``Park.due``); the transport keeps only the suspended iterator and hands back a
 ``resume`` callable, kept with that time in one of :data:`WAKE_GROUPS` groups (by
-node id, :meth:`~MapStreams._park_in`). A publication resumes the groups one after another
+node id, :meth:`~MapStreams._park_in`). A publication wakes the groups one after another
 (:meth:`~MapStreams._wake_streams`), letting other tasks run between groups, so a
 request that arrives during a fan-out waits for one group's sends, not every stream's.
-A resumed stream reads the hub through its cursor, sends what it got, and parks again.
+A woken stream is served where it parked (:meth:`~MapStreams._publish_direct`): its
+park carries its cursor, which reads the hub, and the transport's ``send_now`` sends
+what it got, with no task and no resumption; the stream stays parked. Only a stream
+that must decide itself (superseded, deleted), whose transport cannot send at once
+(then it sends the update first), or whose update is large is resumed, reads the hub
+through its cursor, sends what it got, and parks again.
 
 **Keep-alives** (:meth:`~MapStreams._tick_keepalives`, one task) visit each group
 :data:`KEEPALIVE_TICKS` times per interval, and only the parked streams whose
