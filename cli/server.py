@@ -58,6 +58,7 @@ from .audit import SigningKeyError, anchor_file, open_signer
 from .config import Config
 from .dnsapply import follow_dns
 from .dnsrecords import sync_extra_records
+from .fdlimit import raise_fd_limit
 from .gcpolicy import manage_gc
 from .leader import Leadership, while_leading
 from .network import (
@@ -344,6 +345,11 @@ def run_server(config: Config, *, ignore_chain_errors: bool = False) -> int:
     )
 
     os.umask(0o077)  # everything the server creates is private to its account
+    # One socket per connected node (and per relay client): a Python process starts
+    # with the soft limit of 1,024 where Go would have raised it (cli/fdlimit.py).
+    problem = raise_fd_limit(config.limits.max_connections, remedy="or lower limits.max_connections")
+    if problem:
+        log.warning("%s; connections beyond that fail at accept", problem)
 
     async def main() -> None:
         # At a signal the whole task tree is cancelled at once.

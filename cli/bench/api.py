@@ -345,7 +345,7 @@ def bench_api_main(argv: list[str]) -> int:
         write_tailnet(server.data / "ledger.db", written)
         print(f"wrote a tailnet of {written} nodes in {time.perf_counter() - t:.1f} s")
         if args.streams:
-            from .loadgen.client import raise_fd_limit
+            from ..fdlimit import raise_fd_limit
 
             raise_fd_limit(args.streams)
         try:

@@ -35,7 +35,7 @@ from cli.bench.loadgen.churn import (
     rss_slope,
     rss_summary,
 )
-from cli.bench.loadgen.client import ChurnWatch, raise_fd_limit
+from cli.bench.loadgen.client import ChurnWatch
 from cli.bench.loadgen.main import build_parser
 from cli.bench.loadgen.options import PHASES, LoadgenOptions
 from cli.bench.loadgen.phases import _servers, expectations
@@ -54,6 +54,7 @@ from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, 
 from cli.bench.loadgen.server import Server, proc_cpu_wait
 from cli.bench.loadgen.workers import ParentHub, RemoteWatch, Workers
 from cli.bench.scenarios import corp, scenario
+from cli.fdlimit import raise_fd_limit
 from cli.spawn import child_env, tailledger_argv
 from projections.policy import compile_policy, parse_policy
 from protocol import KEEPALIVE_FRAME_ZSTD, KEEPALIVE_JSON, RemoteProtocolError, frame_map_response
@@ -444,7 +445,7 @@ def _few_files() -> None:
 def test_the_file_limit_is_per_process_and_a_low_hard_limit_is_a_clear_error(tmp_path: Path) -> None:
     script = (
         "import resource\n"
-        "from cli.bench.loadgen.client import raise_fd_limit\n"
+        "from cli.fdlimit import raise_fd_limit\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (300, 1000))\n"
         "print(raise_fd_limit(500))\n"  # 500 + 256 fit under 1000: raised, no error
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"

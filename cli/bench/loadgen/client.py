@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from protocol import (
 
 from .scanner import FrameKind, MapFrameScanner, ScannedFrame, view_decoder
 
-__all__ = ["ChurnWatch", "Client", "FatalClientError", "Hub", "Watch", "raise_fd_limit"]
+__all__ = ["ChurnWatch", "Client", "FatalClientError", "Hub", "Watch"]
 
 
 #: Capability version of the simulated clients (tailscale v1.90).
@@ -535,33 +534,3 @@ class Client:
             decoded = view.PacketFilters is not None or view.PacketFilter is not None
         if decoded != hit:
             hub.marker_mismatches += 1
-
-
-#: Files a process needs besides its sockets: the log, the admin socket, pipes, epoll.
-FD_MARGIN: Final = 256
-
-
-def raise_fd_limit(sockets: int) -> str | None:
-    """Let this process (and what it starts: the server and the worker processes
-    inherit the limit) hold ``sockets`` sockets plus :data:`FD_MARGIN` other files,
-    by raising the soft ``RLIMIT_NOFILE`` as far as the hard limit allows.
-
-    The limit is per process: the server and the load generator each hold one socket
-    per client, so each needs ``sockets``, not both together.
-
-    Returns:
-        Why the limit cannot be raised that far (the hard limit is too low), or
-        ``None`` when it now is high enough.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = sockets + FD_MARGIN
-    if soft == resource.RLIM_INFINITY or soft >= want:
-        return None
-    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if new > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    if new < want:
-        return (f"{sockets} connections need {want} open files per process, but the hard limit "
-                f"(ulimit -Hn) is {hard}; raise it (e.g. `ulimit -Hn {want}` as root, or "
-                "LimitNOFILE= in a systemd unit) or run fewer nodes")
-    return None

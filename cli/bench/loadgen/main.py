@@ -17,9 +17,9 @@ from pathlib import Path
 
 import trio
 
+from ...fdlimit import raise_fd_limit
 from .. import loadgen
 from ..scenarios import SCENARIOS
-from .client import raise_fd_limit
 from .options import BACKENDS, PHASES, LoadgenOptions, Results
 from .phases import measure
 from .report import churn_lines, cpu_lines, curve_lines, format_table, target_lines, warning_lines

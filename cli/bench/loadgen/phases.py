@@ -38,11 +38,12 @@ from projections.policy import compile_policy, parse_policy
 from protocol import ProtocolError, fetch_server_key
 
 from ...adminsock import AdminError
+from ...fdlimit import FD_MARGIN
 from ...gcpolicy import manage_gc
 from ...spawn import free_port
 from ..scenarios import Scenario, scenario
 from .churn import policy_tailnet, run_churn
-from .client import FD_MARGIN, Client, FatalClientError, Hub, Watch
+from .client import Client, FatalClientError, Hub, Watch
 from .options import LoadgenOptions, Results
 from .report import pct, sec
 from .scanner import FILTER_MARKER, make_decompressor
