@@ -326,6 +326,9 @@ async def _start_full(
     settings: dict[str, object] = {
         "data_dir": str(data),
         "listen_addr": "127.0.0.1:0",
+        # No /metrics listener: it is not measured, and two runs at once (or a server
+        # already on the default port) would contend for 127.0.0.1:9090.
+        "metrics_listen_addr": "",
         "audit": {"signing_key_file": str(data.parent / f"{data.name}-signing.key")},
     }
     if ssl_context is not None and certs is not None:
