@@ -677,6 +677,11 @@ class RelayCore:
         """Close ``conn`` on the core's initiative (e.g. handshake timeout)."""
         self._close(conn, ConnInput.CLOSE, reason)
 
+    def transport_violation(self, conn: ServerConn, reason: str) -> None:
+        """The stream under ``conn`` broke its own protocol (a text message on DERP
+        over WebSocket): closed and counted as a DERP protocol violation."""
+        self._refuse_protocol(conn, reason)
+
     def keepalive(self) -> int:
         """Queue a KeepAlive frame on every established connection.
 

@@ -57,6 +57,7 @@ import trio
 from wire.sockets import format_address, plain_socket, write_nowait
 
 from ..derp.server import RelayCore, ServerConn
+from ..errors import RemoteProtocolError
 from ..keys import short_key
 from .config import RelayConfig
 
@@ -266,13 +267,17 @@ class DerpIO:
         core = self.core
         if initial:
             core.receive_data(conn, initial)
-        with trio.move_on_after(self.config.handshake_timeout) as login_scope:
-            while conn.state is conn.state.LOGIN:
-                data = await stream.receive_some(RECV_SIZE)
-                if not data:
-                    core.connection_lost(conn, "EOF during login")
-                    return
-                core.receive_data(conn, data)
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as login_scope:
+                while conn.state is conn.state.LOGIN:
+                    data = await stream.receive_some(RECV_SIZE)
+                    if not data:
+                        core.connection_lost(conn, "EOF during login")
+                        return
+                    core.receive_data(conn, data)
+        except RemoteProtocolError as exc:  # the WebSocket under DERP (text, bad framing)
+            core.transport_violation(conn, str(exc))
+            return
         if login_scope.cancelled_caught:
             core.close(conn, "login timeout")
             return
@@ -283,6 +288,9 @@ class DerpIO:
                 data = await stream.receive_some(RECV_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 core.connection_lost(conn, "read error")
+                return
+            except RemoteProtocolError as exc:
+                core.transport_violation(conn, str(exc))
                 return
             if not data:
                 core.connection_lost(conn, "EOF")

@@ -327,8 +327,10 @@ class RelayServer:
             if route.response:
                 await stream.send_all(route.response)
             if isinstance(route, WebSocketUpgrade):
+                # Binary messages only, as Tailscale's derphttp (a text message
+                # closes the connection there too).
                 stream = WebSocketStream(
-                    stream, client=False, trailing=trailing, violation=RemoteProtocolError
+                    stream, client=False, trailing=trailing, violation=RemoteProtocolError, binary_only=True
                 )
                 trailing = b""
             await self._derp.serve(stream, trailing, remote, route.ideal_node)

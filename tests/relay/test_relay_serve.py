@@ -9,6 +9,8 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from relay import (
     ConfigError,
@@ -467,3 +469,26 @@ async def test_relay_limits_out_of_range_are_a_config_error(tmp_path: Path) -> N
         async with running_relay(tmp_path, rate_limit=1000, rate_burst=1000):
             pass
     assert caught.group_contains(ConfigError, match="rate_burst must be at least 65573 bytes")
+
+
+async def test_a_websocket_text_message_is_a_protocol_violation(tmp_path: Path) -> None:
+    # DERP over WebSocket is binary messages only (Tailscale's derper reads with
+    # MessageBinary and closes on anything else); a text message must not be taken
+    # as DERP bytes. Taken as bytes, this one (the first byte of a ClientInfo frame's
+    # header) would leave the relay waiting for the rest until its login timeout.
+    async with running_relay(tmp_path, handshake_timeout=60.0) as relay:
+        port = relay.derp_port
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await tcp.send_all(ws.send(Request(host="127.0.0.1", target="/derp", subprotocols=["derp"])))
+        accepted = False
+        with trio.fail_after(10):
+            while not accepted:
+                ws.receive_data(await tcp.receive_some(65536))
+                accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+            await tcp.send_all(ws.send(TextMessage(data="\x02")))
+            while data := await tcp.receive_some(65536):  # the relay ends the connection
+                ws.receive_data(data)
+        await tcp.aclose()
+        assert relay.stats().refused_protocol == 1
+        assert relay.http_stats().websocket_upgrades == 1
