@@ -620,7 +620,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         config = msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{_explain(str(exc))}") from None
+        raise ConfigError(f"{where}{_bare_duration(str(exc), raw) or _explain(str(exc))}") from None
     if not config.audit.signing_key_file:
         key_path = default_signing_key_path(path, env)
         if _inside(key_path, config.data_path):  # a config file kept in the data directory
@@ -639,6 +639,30 @@ def default_signing_key_path(config_file: str | Path | None, env: Mapping[str, s
         return Path("/etc/tailledger/signing.key")
     base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
     return Path(base) / "tailledger" / "signing.key"
+
+
+def _bare_duration(msg: str, raw: Mapping[str, object]) -> str | None:
+    """The explanation of a number given where a duration is due (``55`` for
+    ``"55s"``): durations are text with a unit. ``None`` for any other error."""
+    text, _, at = msgspec_msg_split(msg)
+    if not text.startswith("Expected `str`, got `") or not at:
+        return None
+    default: object = Config()
+    value: object = raw
+    for part in at.split("."):
+        default = getattr(default, part, None)
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if not isinstance(default, str) or not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        parse_duration(default)
+    except DurationError:
+        return None
+    if not default or default[-1] not in "smhdw0":
+        return None
+    number = f"{value:g}"
+    return (f"{at}: a duration is text with a unit: write \"{number}s\" for {number} seconds "
+            f"(units s, m, h, d, w; \"0\" for none), not the bare number {number}")
 
 
 def _explain(msg: str) -> str:

@@ -49,6 +49,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[limits]\nnode_update_burst = 0", "limits.node_update_burst: must be at least 1"),
         ("[limits]\nnode_update_interval = '0'", "limits.node_update_interval: must be a positive duration"),
         ("[limits]\nnode_update_interval = 'often'", "limits.node_update_interval: malformed duration"),
+        # A bare number where a duration is due: say what to write instead.
+        ("[tuning]\nmap_keepalive_interval = 55", 'tuning.map_keepalive_interval: a duration is text with a unit: '
+         'write "55s" for 55 seconds'),
+        ("node_key_expiry = 0", 'node_key_expiry: a duration is text with a unit: write "0s"'),
+        ("[limits]\nmax_connections = '10'", "Expected `int`, got `str` (at limits.max_connections)"),
+        ("[derp]\nurls = 5", "Expected `array`, got `int` (at derp.urls)"),
     ],
 )
 def test_bad_config_is_explained(tmp_path: Path, text: str, message: str) -> None:
