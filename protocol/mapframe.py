@@ -93,9 +93,11 @@ def frame_pieces(pieces: list[bytes], compress: bool, *, compressed: list[bool] 
     if not compress:
         return frame_map_response(b"".join(pieces), False)
     flags = compressed or [False] * len(pieces)
-    out = [piece if done else compress_piece(piece) for piece, done in zip(pieces, flags, strict=True)]
-    payload = b"".join(out)
-    return _LENGTH.pack(len(payload)) + payload
+    out = [b"", *(piece if done else compress_piece(piece) for piece, done in zip(pieces, flags, strict=True))]
+    # The length goes in front before the one join: a full map is megabytes, and
+    # joining it first and prepending the length after would copy it twice.
+    out[0] = _LENGTH.pack(sum(map(len, out)))
+    return b"".join(out)
 
 
 def compress_piece(json_bytes: bytes) -> bytes:
