@@ -6,20 +6,23 @@ A node keeps its Noise tunnel open for days and is idle nearly all of that
 time: its map long poll is parked (:class:`~protocol.handler.Park`) and no
 request is running.  Its reader would still be a task parked in
 ``wait_readable``, with its coroutine chain and epoll registration, ~2 KiB per
-node.  Instead, a plain-TCP session with no timer running hands its socket to
-:class:`IdleReaders` and its reader task ends.  The parked sockets sit in one
-epoll set (one-shot); one task, :meth:`IdleReaders.run`, waits for that set to
-become readable and starts a new reader for each socket that did (data, EOF or
-an error alike).
+node.  Instead, a plain-TCP session with nothing to read hands its socket and
+its deadline (``inf`` while its long poll is open; the idle timer while the
+tunnel has no stream) to :class:`IdleReaders`, and its reader task ends.  The
+parked sockets sit in one epoll set (one-shot), their deadlines in a heap; one
+task, :meth:`IdleReaders.run`, waits for that set to become readable or the
+earliest deadline to pass and starts a new reader for each socket that did
+(data, EOF or an error alike) and each session whose deadline passed (which
+then acts on its timer: closes an idle tunnel, expires a request body).
 
 One session's reader, as this set sees it::
 
-              park(fd, session)                 epoll reports fd
+         park(fd, session, deadline)     epoll reports fd, or deadline passed
     reading ────────────────────▶ parked ──────────────────────────▶ reading
-       ▲  (idle, no timer runs)     │            resume_reading(): a new task
+       ▲  (nothing to read)         │            resume_reading(): a new task
        │                            │
-       └────────unpark() True───────┘  a timer starts (the last stream ended, the
-                                       session is aborted): the session starts
+       └────────unpark() True───────┘  its deadline moves (the last stream ended,
+                                       the session is aborted): the session starts
                                        its reader, or ends, itself
     parked ──server stops──▶ end("server stopped"), shielded
 
@@ -31,6 +34,9 @@ Invariants
 * The epoll registration stays when a session is taken out (one-shot, armed):
   a late event finds no session and is ignored; the next ``park`` re-arms it
   (``modify``), and only a never-seen socket is ``register``ed.
+* A deadline resumes its session only while the park it was given with lasts
+  (each park has a number); entries of parks that are over are stale and
+  skipped, and dropped when the heap holds twice as many as are parked.
 * When :meth:`IdleReaders.run` ends (the server stops), every session still
   parked is ended, shielded, and the epoll object is closed.
 
@@ -40,6 +46,8 @@ and every reader stays a task.
 
 from __future__ import annotations
 
+import heapq
+import math
 import select
 from typing import Final, Protocol
 
@@ -63,26 +71,55 @@ class IdleReaders:
     """Sessions whose reader parked, and the one task that waits for all of them
     (see the module docstring)."""
 
-    __slots__ = ("_epoll", "_sessions")
+    __slots__ = ("_epoll", "_scope", "_seq", "_sessions", "_timers")
 
     _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._sessions: dict[int, ParkedReader] = {}
+        #: fd -> the parked session and the number of its park
+        self._sessions: dict[int, tuple[ParkedReader, int]] = {}
+        #: (deadline, park number, fd) of parks with a timer, earliest first; an entry
+        #: whose park is over (the session was taken out, or parked again since) is
+        #: stale and skipped when it comes due.
+        self._timers: list[tuple[float, int, int]] = []
+        self._seq = 0  # parks so far
+        self._scope: trio.CancelScope | None = None  # run()'s wait, until the earliest timer
 
-    def park(self, fd: int, session: ParkedReader) -> None:
-        """The reader of ``session`` ends: wait for ``fd`` here instead."""
-        self._sessions[fd] = session
+    def park(self, fd: int, session: ParkedReader, deadline: float = math.inf) -> None:
+        """The reader of ``session`` ends: wait for ``fd`` here instead, and resume
+        it at ``deadline`` (``inf``: no timer runs) if no data came by then."""
+        self._seq += 1
+        self._sessions[fd] = (session, self._seq)
         try:
             self._epoll.modify(fd, self._EVENTS)  # registered before, fired since
         except FileNotFoundError:
             self._epoll.register(fd, self._EVENTS)
+        if deadline != math.inf:
+            if len(self._timers) > 2 * len(self._sessions) + 64:
+                self._timers = [t for t in self._timers if self._is_parked(t[2], t[1])]
+                heapq.heapify(self._timers)
+            heapq.heappush(self._timers, (deadline, self._seq, fd))
+            if self._scope is not None and deadline < self._scope.deadline:
+                self._scope.deadline = deadline
+
+    def _is_parked(self, fd: int, park: int) -> bool:
+        entry = self._sessions.get(fd)
+        return entry is not None and entry[1] == park
+
+    def _resume_due(self) -> None:
+        """Resume every parked session whose timer passed."""
+        now, timers = trio.current_time(), self._timers
+        while timers and timers[0][0] <= now:
+            _, park, fd = heapq.heappop(timers)
+            if self._is_parked(fd, park):
+                self._sessions.pop(fd)[0].resume_reading()
 
     def unpark(self, fd: int, session: ParkedReader) -> bool:
         """Take ``session`` out of the set (a timer now concerns it); ``False``
         if it was not parked (its reader runs, or is about to)."""
-        if self._sessions.get(fd) is not session:
+        entry = self._sessions.get(fd)
+        if entry is None or entry[0] is not session:
             return False
         del self._sessions[fd]
         # Still registered (one-shot, armed): a late event finds no session and
@@ -95,14 +132,20 @@ class IdleReaders:
         task_status.started()
         try:
             while True:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                with trio.CancelScope(deadline=self._timers[0][0] if self._timers else math.inf) as wait:
+                    self._scope = wait
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                self._scope = None
                 for fd, _ in self._epoll.poll(0):
-                    session = self._sessions.pop(fd, None)
-                    if session is not None:
-                        session.resume_reading()
+                    entry = self._sessions.pop(fd, None)
+                    if entry is not None:
+                        entry[0].resume_reading()
+                self._resume_due()
         finally:
-            sessions = list(self._sessions.values())
+            self._scope = None
+            sessions = [session for session, _ in self._sessions.values()]
             self._sessions.clear()
+            self._timers.clear()
             with trio.CancelScope(shield=True):
                 for session in sessions:
                     await session.end("server stopped")

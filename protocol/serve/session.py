@@ -19,8 +19,8 @@ States of a session (the reader's view)::
     open_session ──invalid initiation / version too low──▶ refused (handle_stream closes)
          │
          ▼  first write: [101 (native)] + handshake response + early payload + SETTINGS
-    reading ◀──────resume_reading (readable) / _rearm (a timer starts)───────┐
-      │  │ plain TCP, nothing left to read, no timer runs                     │
+    reading ◀──resume_reading (readable, deadline) / _rearm (it moved)────────┐
+      │  │ plain TCP, nothing left to read, deadline not passed               │
       │  └─────────────────────────────────────────────▶ parked (in IdleReaders, no task)
       │ EOF, GOAWAY, protocol error, write failed,                            │ _abort, or
       │ idle deadline, _abort                                                 │ the server stops
@@ -172,10 +172,13 @@ class NoiseSession:
       one ended (``_idle_since``). Incomplete requests do not count as open:
       trickling bodies cannot keep a tunnel alive.
 
-    A reader only parks in the idle-reader set when no timer runs (the usual
-    state of a node: its long poll is open). When a handler ends the last
-    open stream, :meth:`_rearm` moves the deadline of a waiting reader, or
-    takes a parked one out of the set and starts it, so the idle timer runs.
+    A reader parks in the idle-reader set whenever it has nothing to read, with
+    its deadline (none in the usual state of a node: its long poll is open; the
+    idle timer while a tunnel has no stream, as between registration and the map
+    poll); the set resumes it when data comes or the deadline passes. When a
+    handler ends the last open stream, :meth:`_rearm` moves the deadline of a
+    waiting reader, or takes a parked one out of the set and starts it, so that
+    it parks again with the idle timer's deadline.
     Writes are bounded by :meth:`_abort`: a connection whose outgoing buffer
     (what the core holds plus what a writer has not written yet, ``_unsent``)
     passes ``max_outgoing_buffer``, whose socket takes nothing for
@@ -289,12 +292,13 @@ class NoiseSession:
                         sock is not None
                         and not more
                         and self._idle is not None
-                        and deadline == math.inf
+                        and deadline > trio.current_time()
                     ):
-                        # Idle, no timer running: wait with no task at all in
-                        # the server's shared waiter (_rearm takes it out when
-                        # a timer starts).
-                        self._idle.park(sock.fileno(), self)
+                        # Idle: wait with no task at all in the server's shared
+                        # waiter, which resumes this reader when data comes or
+                        # the deadline passes (_rearm takes it out when the
+                        # deadline moves).
+                        self._idle.park(sock.fileno(), self, deadline)
                         parked = True
                         return None
                     data: bytes | None = None

@@ -764,8 +764,8 @@ async def test_send_now_keeps_the_records_in_order_when_the_socket_is_full(serve
 async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(server: RunningServer) -> None:
     """A node's idle state: its long poll parked, nothing else going on. Then
     the session's reader is parked in the server's shared waiter, not a task;
-    the next request (or the end) wakes it. (A tunnel with no long poll keeps
-    a reader task: its idle timer runs, see test_serve_limits.py.)"""
+    the next request (or the end) wakes it. (A tunnel with no long poll parks
+    too, with its idle timer: see test_serve_limits.py.)"""
     async with (
         open_control_client("127.0.0.1", server.port, machine_key=b"\x10" * 32) as client,
         client.open_stream("POST", "/park?idle") as stream,

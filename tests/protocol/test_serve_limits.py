@@ -22,9 +22,11 @@ from trio.testing import wait_all_tasks_blocked
 from protocol import ConnectionStats, ServeOptions, h2flow, load_ssl_context
 from protocol import client_conn as cc
 from protocol.serve.accept import Admission
+from protocol.serve.idle import idle_readers
 from tests.support.net import read_until_eof
 
 from .test_h2_bridge import Pair
+from .test_serve import _tasks_running
 from .transport_harness import (
     RawTunnel,
     RunningServer,
@@ -227,6 +229,65 @@ async def test_a_tunnel_with_no_request_is_closed_after_the_idle_timeout(
     assert 120 <= trio.current_time() - started <= 121
     assert any(isinstance(e, h2flow.ConnectionTerminated) and e.error_code == 0 for e in events)
     assert srv.stats.timeouts["tunnel_idle"] == 1
+
+
+async def test_a_tunnel_with_no_stream_waits_with_no_reader_task_until_its_idle_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A registered node's tunnel before its map poll opens: the idle timer runs, and
+    the reader still waits in the server's shared set, not as a task (issue 19: a
+    task per such tunnel cost ~2.5 KiB per node and left the heap fragmented once
+    the map polls opened). The timer still closes the tunnel on time."""
+    srv = await start_server(nursery, options=ServeOptions(tunnel_idle_timeout=120))
+    started = trio.current_time()
+    tunnel = await open_raw_tunnel(srv.port, srv.server_public, b"\x25" * 32)
+    tunnel.conn.send_request("GET", "/echo")
+    await tunnel.pump_until(lambda evs: any(isinstance(e, cc.StreamEnded) for e in evs))
+    await wait_all_tasks_blocked()
+    assert _tasks_running("NoiseSession.serve") == 0
+    answered = trio.current_time()
+    events = await _tunnel_events_until_closed(tunnel, 600)
+    assert 120 <= trio.current_time() - answered <= 121 and answered - started < 1
+    assert any(isinstance(e, h2flow.ConnectionTerminated) and e.error_code == 0 for e in events)
+    assert srv.stats.timeouts["tunnel_idle"] == 1
+
+
+async def test_the_shared_set_resumes_a_parked_reader_at_its_deadline_once() -> None:
+    """Parks with the same deadline on one socket (a reader woken by data that did not
+    move its timer parks again) resume the reader once when the deadline passes; a
+    park with no deadline is never resumed by time, also when an earlier park of the
+    same session had one (its map poll opened since)."""
+    woken: list[str] = []
+
+    class Reader:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def resume_reading(self) -> None:
+            woken.append(self.name)
+
+        async def end(self, reason: str) -> None:
+            woken.append(f"{self.name} ended: {reason}")
+
+    idle = idle_readers()
+    assert idle is not None
+    timed, untimed = trio.socket.socketpair(), trio.socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(idle.run)
+        a, b = Reader("a"), Reader("b")
+        deadline = trio.current_time() + 0.05
+        idle.park(timed[0].fileno(), a, deadline)
+        assert idle.unpark(timed[0].fileno(), a)
+        idle.park(timed[0].fileno(), a, deadline)
+        idle.park(untimed[0].fileno(), b, deadline)
+        assert idle.unpark(untimed[0].fileno(), b)
+        idle.park(untimed[0].fileno(), b)
+        await trio.sleep_until(deadline + 0.05)
+        assert woken == ["a"]
+        nursery.cancel_scope.cancel()
+    assert woken == ["a", "b ended: server stopped"]
+    for s in (*timed, *untimed):
+        s.close()
 
 
 async def test_the_idle_timer_starts_when_the_last_stream_ends_while_the_reader_is_parked(
