@@ -110,13 +110,15 @@ class _Turn:
 
 
 class _Poll:
-    """The long-poll a node has open (there is one: a newer one ends it)."""
+    """The long-poll a node has open (there is one: a newer one ends it). ``ended``:
+    its stream is over (a park it left in a wake group is stale)."""
 
-    __slots__ = ("cancel", "superseded")
+    __slots__ = ("cancel", "ended", "superseded")
 
     def __init__(self, cancel: Callable[[], None] | None) -> None:
         self.cancel = cancel
         self.superseded = False
+        self.ended = False
 
 
 class _MapPark(Park):
@@ -336,6 +338,7 @@ class MapStreams:
                     yield keepalive_frame(compress)
                     last_sent = trio.current_time()
         finally:
+            poll.ended = True
             self.streams_open -= 1
             if self._polls.get(node_id) is poll:
                 del self._polls[node_id]
@@ -477,7 +480,7 @@ class MapStreams:
         ``park.pending``, which the resumed stream sends first: an update read from
         the hub is never dropped."""
         cursor, poll, send_now = park.cursor, park.poll, park.send_now
-        if cursor is None or poll is None or send_now is None or poll.superseded:
+        if cursor is None or poll is None or send_now is None or poll.superseded or poll.ended:
             return False
         state = self.hub.state
         if state is None or cursor.node_id not in state.nodes:

@@ -588,3 +588,28 @@ async def test_a_publication_reaches_parked_streams_through_their_transport(
                 assert [p.name for p in renamed.peers_changed or ()] == ["b2.tailnet.internal."]
                 direct = server.control.stats.updates_direct
         assert (direct == 0) if transport_busy else (direct >= 2)
+
+
+async def test_a_stream_that_ended_while_parked_is_not_served_by_the_next_publication(tmp_path: Path) -> None:
+    """A stream that ends while parked leaves its park in its wake group until the next
+    publication; that publication must not read the hub for it or count it among the
+    streams that took the publication (it no longer listens)."""
+    async with running(tmp_path) as server, two_registered(server) as (a, ca, b, cb):
+        assert server.control is not None
+        streams = server.control.streams
+        async with ca.map_stream(a.map_request()) as sa:
+            await next_update(sa)
+            async with cb.map_stream(b.map_request()) as sb:
+                await next_update(sb)
+                await next_update(sa)  # b came online: that publication is over
+                await wait_until(lambda: sum(len(g) for g in streams._parked) == 2)
+            await wait_until(lambda: streams.streams_open == 1)  # b's park is stale now
+            bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
+            assert bnode is not None
+            await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
+            while True:  # b's online patch may come first
+                msg = await next_update(sa)
+                if any(p.name == "b2.tailnet.internal." for p in msg.peers_changed or ()):
+                    break
+            await wait_until(lambda: sum(len(g) for g in streams._parked) == 1)
+            assert streams._fanout_left == 0
