@@ -25,6 +25,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import h2.utilities
 import hpack
 import hpack.table
 import hyperframe.frame
@@ -83,7 +84,25 @@ def test_h2_sizes_its_closed_stream_record_from_max_closed_streams() -> None:
     init = inspect.getsource(h2.connection.H2Connection.__init__)
     assert re.search(r"size_limit=self\.MAX_CLOSED_STREAMS", init), "h2 no longer reads it"
     conn = compat.CompactH2Connection(h2.config.H2Configuration(client_side=False), closed_streams=7)
-    assert getattr(conn._closed_streams, "_size_limit", None) == 7
+    stock = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    assert type(stock._closed_streams) is h2.utilities.SizeLimitDict
+    # Ours is the slotted plain dict, with the same limit: the oldest goes first.
+    record = conn._closed_streams
+    assert type(record) is compat._ClosedStreams and record.limit == 7
+    assert not hasattr(record, "__dict__")
+    for stream_id in range(1, 20, 2):
+        record[stream_id] = None
+    assert list(record) == list(range(7, 20, 2))
+
+
+def test_h2_uses_its_closed_stream_record_only_by_assigning_testing_and_indexing() -> None:
+    source = inspect.getsource(h2.connection)
+    uses = re.findall(r"self\._closed_streams\b.{0,3}", source)
+    assert len(uses) == 4, uses
+    assert re.search(r"self\._closed_streams: [^=]+= SizeLimitDict\(", source)
+    assert re.search(r"self\._closed_streams\[stream_id\] = ", source)
+    assert re.search(r"if stream_id in self\._closed_streams:", source)
+    assert re.search(r"return self\._closed_streams\[stream_id\]", source)
 
 
 # -- item 3: h2's settings -------------------------------------------------------------------
@@ -226,7 +245,7 @@ def test_h2_keeps_unsent_frames_in_a_bytearray_that_data_to_send_drains() -> Non
 _INTERNALS = re.compile(
     # hypercorn's public API (hypercorn.config, ``from hypercorn.trio import serve``) is fine.
     r"^\s*(?:import|from)\s+(?:hpack|hyperframe|hypercorn\.(?:trio\.\w+|app_wrappers|typing|protocol))\b"
-    r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|dynamic_entries|_raw_data_repr"
+    r"|_frame_dispatch_table|MAX_CLOSED_STREAMS|_closed_streams|dynamic_entries|_raw_data_repr"
     r"|_data_to_send|protocol_send|^\s*(?:import|from)\s+hypercorn\.events\b"
     r"|\bheader_table\b",
     re.MULTILINE,
