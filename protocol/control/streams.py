@@ -152,7 +152,9 @@ class _MapPark(Park):
         self.cursor = cursor
         self.poll = poll
         self.since = since
-        self.pending = b""
+        #: bytes the resumed stream sends first; ``None``: serving a publication to it
+        #: failed, and the stream ends (its client reconnects and gets a full map).
+        self.pending: bytes | None = b""
 
 
 class _Wake:
@@ -313,6 +315,8 @@ class MapStreams:
                     # updates (_publish_direct) that the transport could not send at once.
                     last_sent, pending = park.last_sent, park.pending
                     del park
+                    if pending is None:
+                        return
                     if pending:
                         yield pending
                         last_sent = trio.current_time()
@@ -478,7 +482,8 @@ class MapStreams:
         node deleted), has no ``send_now`` (TLS), or the update is large; and when the
         transport could not send at once, with the update's bytes left in
         ``park.pending``, which the resumed stream sends first: an update read from
-        the hub is never dropped."""
+        the hub is never dropped. If reading or encoding it raises, ``park.pending``
+        is ``None`` and the resumed stream ends; the fan-out goes on."""
         cursor, poll, send_now = park.cursor, park.poll, park.send_now
         if cursor is None or poll is None or send_now is None or poll.superseded or poll.ended:
             return False
@@ -488,12 +493,23 @@ class MapStreams:
         if cursor.seq >= self._published_seq:
             return True  # already read it (it was resumed meanwhile)
         seen = cursor.seq
-        messages = cursor.update(self.hub)
+        try:
+            messages = cursor.update(self.hub)
+            data = b"".join(self.wire.frame(msg, park.compress) for msg in messages)
+        except Exception:
+            # A bug reading or encoding one stream's update must not stop the fan-out
+            # (in the stream's own task it ended that stream alone). Its cursor may
+            # have moved past what it was sent, so the stream ends: its client
+            # reconnects and gets a full map rather than miss an update.
+            log.exception("serving a publication to a parked map stream failed; the stream ends")
+            if cursor.seq != seen and seen >= park.since:
+                self._fanned_out()  # (else the ending stream counts itself out)
+            park.pending = None
+            return False
         if cursor.seq != seen and seen >= park.since:
             self._fanned_out()
         if not messages:
             return True  # nothing for this stream: its keep-alive stays due as it was
-        data = b"".join(self.wire.frame(msg, park.compress) for msg in messages)
         del messages
         try:
             sent = len(data) <= _DIRECT_MAX and send_now(data)

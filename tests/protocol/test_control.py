@@ -12,6 +12,9 @@ import trio
 
 from cli.server import Services
 from eventlog.events import NodeRegistered, PreAuthKeyUsed
+from projections.mapviews.cursor import StreamCursor
+from projections.mapviews.hub import MapHub
+from projections.mapviews.peersets import MapMessage
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
 from protocol.control.streams import WAKE_GROUPS
@@ -613,3 +616,43 @@ async def test_a_stream_that_ended_while_parked_is_not_served_by_the_next_public
                     break
             await wait_until(lambda: sum(len(g) for g in streams._parked) == 1)
             assert streams._fanout_left == 0
+
+
+async def test_a_publication_that_fails_for_one_parked_stream_ends_it_and_serves_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served without resuming its stream, a publication reads the hub for a parked
+    stream in the fan-out itself: a bug there (here: reading a's cursor raises) must
+    end that stream alone -- its client reconnects for a full map -- and every other
+    stream still gets the update."""
+    async with running(tmp_path) as server, two_registered(server) as (a, ca, b, cb):
+        assert server.control is not None
+        streams = server.control.streams
+        anode = server.tailnet.state.node_by_machine(a.machine_key_hex)
+        assert anode is not None
+        async with ca.map_stream(a.map_request()) as sa, cb.map_stream(b.map_request()) as sb:
+            await next_update(sa)
+            await next_update(sb)
+            await wait_until(lambda: sum(len(g) for g in streams._parked) == 2 and streams._fanout_left <= 0)
+            real = StreamCursor.update
+
+            def update(self: StreamCursor, hub: MapHub) -> list[MapMessage]:
+                if self.node_id == anode.id:
+                    raise RuntimeError("a bug reading one stream's update")
+                return real(self, hub)
+
+            monkeypatch.setattr(StreamCursor, "update", update)
+            await server.ops.dispatch("nodes.rename", {"node": str(anode.id), "new_name": "a2"}, ADMIN)
+            while True:  # an online patch may come first
+                msg = await next_update(sb)
+                if any(p.name == "a2.tailnet.internal." for p in msg.peers_changed or ()):
+                    break
+            with trio.fail_after(10):  # a's stream ends
+                async for _ in sa:
+                    pass
+        assert "serving a publication to a parked map stream failed" in caplog.text
+        # The server goes on: a new poll gets a full map with the change.
+        monkeypatch.setattr(StreamCursor, "update", real)
+        async with ca.map_stream(a.map_request()) as sa2:
+            full = await next_update(sa2)
+            assert full.node is not None and full.node.name == "a2.tailnet.internal."
