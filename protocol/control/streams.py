@@ -417,14 +417,8 @@ class MapStreams:
 
     def _sync_hub(self) -> None:
         """Bring the hub up to the current state at once (a stream about to send a full
-        map must see its own node); streams are woken by :meth:`_drive_hub` only.
-
-        Presence alone does not advance it: the driver publishes it soon (and the new
-        stream gets it as an update then). Advancing for it here made a version per
-        full map in a reconnect herd (every stream comes online), so the streams of a
-        herd started from as many versions, and the next publication computed,
-        encoded and compressed one diff per stream instead of one for all."""
-        if self.hub.state is self._tailnet.state:
+        map must see its own node); streams are woken by :meth:`_drive_hub` only."""
+        if self.hub.state is self._tailnet.state and not self._hub_watch.pending:
             return
         self.hub.advance(self._tailnet.state, self._tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
 

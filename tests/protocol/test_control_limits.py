@@ -227,9 +227,8 @@ async def test_hostinfo_is_capped_and_kept_only_as_peers_see_it(tmp_path: Path) 
         assert kept.hostinfo.ssh_host_keys == ["ssh-ed25519 AAAA"]
         async with cb.map_stream(b.map_request()) as sb:
             [peer] = (await next_update(sb)).peers or []
-            # Presence reaches the maps with the driver's next publication (within
-            # presence_coalesce): a full map made before it shows the node as the log
-            # has it, and the Hostinfo follows as an update.
+            # The Hostinfo comes with the full map, or with the presence publication
+            # that follows it (within presence_coalesce).
             with trio.fail_after(10):
                 while peer.hostinfo is None:
                     update = await next_update(sb)

@@ -136,20 +136,3 @@ async def test_a_stopped_server_leaves_no_subscription_behind(tmp_path: Path) ->
     # The server closed its control handler (and every task its own subscriptions).
     assert not server.runner._subscribers
     assert not presence._watchers
-
-
-def test_a_full_map_does_not_advance_the_hub_for_presence_alone(tmp_path: Path) -> None:
-    """A stream about to send its full map brings the hub to the log's state, but
-    leaves presence to the driver's next publication: the streams of a reconnect herd
-    then start from one version and share one diff (and its bytes) per publication."""
-    presence = PresenceTable()
-    control = Control(_tailnet(tmp_path), presence, SETTINGS)
-    streams = control.streams
-    streams._sync_hub()
-    seq = streams.hub.seq
-    presence.connect(7, control.streams._tailnet.clock())
-    assert streams._hub_watch.pending
-    streams._sync_hub()
-    assert streams.hub.seq == seq
-    assert streams._hub_watch.pending  # still there for the driver to publish
-    control.close()
