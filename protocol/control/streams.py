@@ -230,6 +230,9 @@ class MapStreams:
         self._fanout_cost = 0.0
         self._wake_pending = False
         self._published_seq = 0
+        #: A full map's :meth:`_sync_hub` took a log change into the hub that no
+        #: publication has sent yet: the next one is not presence alone.
+        self._log_synced = False
 
     def close(self) -> None:
         """End the log subscription and the presence watcher (idempotent); streams
@@ -420,11 +423,14 @@ class MapStreams:
         map must see its own node); streams are woken by :meth:`_drive_hub` only."""
         if self.hub.state is self._tailnet.state and not self._hub_watch.pending:
             return
+        if not self._hub_sub.pending.is_empty():
+            self._log_synced = True
         self.hub.advance(self._tailnet.state, self._tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
 
     def _publish(self) -> None:
         """Advance the hub and wake every stream to read it."""
         self.hub.advance(self._tailnet.state, self._tailnet.clock(), self._hub_sub.take(), self._hub_watch.take())
+        self._log_synced = False
         self._fanout_left = self._listening
         self._fanout_started = trio.current_time()
         self._published_seq = self.hub.seq
@@ -560,11 +566,11 @@ class MapStreams:
             with trio.move_on_after(timeout):
                 await self._hub_wake.wait()
                 await trio.sleep(self.settings.coalesce)
-                if self._hub_sub.pending.is_empty():
+                if self._presence_alone():
                     with trio.move_on_after(self.settings.presence_coalesce):
                         await self._hub_log_wake.wait()
             self._hub_log_wake.event = trio.Event()
-            if self._hub_sub.pending.is_empty():
+            if self._presence_alone():
                 # Presence alone: a fan-out to every stream costs CPU in proportion to
                 # the streams; leave _PRESENCE_PACING - 1 times as much to everything
                 # else (registrations, handshakes, full maps), so that a storm of
@@ -575,6 +581,13 @@ class MapStreams:
                     await self._hub_log_wake.wait()
             self._publish()
             await self._wake_streams()
+
+    def _presence_alone(self) -> bool:
+        """Whether the next publication carries presence changes only: no log change
+        is pending, and none was taken into the hub by a full map since the last
+        publication (a newcomer's full map syncs the hub with its own join, which the
+        other streams have yet to be sent)."""
+        return self._hub_sub.pending.is_empty() and not self._log_synced
 
     def _fanned_out(self) -> None:
         """One stream handled the latest publication; the last one times the fan-out."""

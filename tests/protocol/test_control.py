@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from projections.mapviews.hub import MapHub
 from projections.mapviews.peersets import MapMessage
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
 from protocol import MapStream, open_control_client
+from protocol.control import streams as streams_module
 from protocol.control.streams import WAKE_GROUPS
 from protocol.serve.session import NoiseSession
 from tests.support.waits import wait_until
@@ -542,6 +544,43 @@ async def test_presence_is_not_held_back_long_after_an_expensive_fan_out(tmp_pat
                     msg = await next_update(sb)
                     if any(p.endpoints == ["203.0.113.9:41641"] for p in msg.peers_changed_patch or []):
                         break
+
+
+async def test_a_join_a_newcomers_full_map_took_into_the_hub_is_not_held_as_presence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer opens its map stream while its join is being coalesced: its full
+    map brings the hub up to date with the join (it must see itself). The join is
+    still a log change the other streams have not been sent: the publication is not
+    held back as presence alone (paced by the last fan-out's cost). Seen at 10,000
+    streams: joins waited 2.5 s for a presence hold."""
+    monkeypatch.setattr(streams_module, "_PRESENCE_MAX_HOLD", 3600.0)
+    async with running(tmp_path) as server:
+        assert server.control is not None
+        streams = server.control.streams
+        # A coalesce window wide enough that the newcomer's stream surely opens in it.
+        streams.settings = dataclasses.replace(streams.settings, coalesce=2.0)
+        key = await make_key(server, reusable=True)
+        a, b = SimNode.new("alpha"), SimNode.new("bravo")
+        async with a.connect(server) as ca, b.connect(server) as cb:
+            await ca.register(a.register_request(key))
+            async with ca.map_stream(a.map_request()) as sa:
+                assert not (await next_update(sa)).peers
+                # As if the last fan-out took 10 minutes: a presence-only
+                # publication would now be held for 50 minutes.
+                streams._fanout_cost = 600.0
+                published = streams._published_seq
+                await cb.register(b.register_request(key))
+                async with cb.map_stream(b.map_request()) as sb:
+                    first = await next_update(sb)
+                    assert [p.name for p in first.peers or ()] == ["alpha.tailnet.internal."]
+                    # The situation: no publication yet, and the newcomer's full map
+                    # took the join out of the pending log change into the hub.
+                    assert streams._published_seq == published
+                    assert streams._hub_sub.pending.is_empty()
+                    with trio.fail_after(30):
+                        joined = await next_update(sa)
+                    assert "bravo.tailnet.internal." in [p.name for p in joined.peers_changed or ()]
 
 
 async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
