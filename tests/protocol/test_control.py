@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -17,7 +18,7 @@ from projections.mapviews.cursor import StreamCursor
 from projections.mapviews.hub import MapHub
 from projections.mapviews.peersets import MapMessage
 from projections.tailcfg import MapResponse, Node, RegisterRequest, parse_time
-from protocol import MapStream, open_control_client
+from protocol import ControlClient, MapStream, open_control_client
 from protocol.control import streams as streams_module
 from protocol.control.streams import WAKE_GROUPS
 from protocol.serve.session import NoiseSession
@@ -32,6 +33,19 @@ async def next_update(stream: MapStream, wait: float = 10) -> MapResponse:
             msg = await stream.__anext__()
             if not msg.keep_alive or msg.node or msg.peers_changed or msg.peers_removed:
                 return msg
+
+
+@contextlib.asynccontextmanager
+async def alpha_streaming(server: Services) -> AsyncIterator[tuple[MapStream, SimNode, ControlClient, str]]:
+    """Alpha registered with its map stream open (its first map, with no peers, read);
+    bravo connected, not registered yet; and the reusable key bravo may register with."""
+    key = await make_key(server, reusable=True)
+    a, b = SimNode.new("alpha"), SimNode.new("bravo")
+    async with a.connect(server) as ca, b.connect(server) as cb:
+        await ca.register(a.register_request(key))
+        async with ca.map_stream(a.map_request()) as sa:
+            assert not (await next_update(sa)).peers
+            yield sa, b, cb, key
 
 
 async def test_preauth_key_registration_and_full_map(tmp_path: Path) -> None:
@@ -71,47 +85,40 @@ async def test_preauth_key_registration_and_full_map(tmp_path: Path) -> None:
 
 
 async def test_peers_join_change_and_leave_as_deltas(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:
-        key = await make_key(server, reusable=True)
-        a, b = SimNode.new("alpha"), SimNode.new("bravo")
-        async with a.connect(server) as ca, b.connect(server) as cb:
-            await ca.register(a.register_request(key))
-            async with ca.map_stream(a.map_request()) as sa:
-                first = await next_update(sa)
-                assert not first.peers
-                # b joins: a gets it in PeersChanged.
-                await cb.register(b.register_request(key))
-                joined = await next_update(sa)
-                assert joined.peers_changed and [p.name for p in joined.peers_changed] == [
-                    "bravo.tailnet.internal."
-                ]
-                async with cb.map_stream(b.map_request(endpoints=["198.51.100.7:41641"])) as sb:
-                    b_first = await next_update(sb)
-                    assert b_first.peers and [p.name for p in b_first.peers] == [
-                        "alpha.tailnet.internal."
-                    ]
-                    # b came online with endpoints: a gets a patch, not a full node.
-                    online = await next_update(sa)
-                    patch = online.peers_changed_patch[0] if online.peers_changed_patch else None
-                    changed: list[Node] = online.peers_changed or []
-                    assert patch is not None or changed
-                    if patch is not None:
-                        assert patch.online is True
-                    # An admin renames b: a sees the new name.
-                    bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
-                    assert bnode is not None
-                    await server.ops.dispatch(
-                        "nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN
-                    )
-                    renamed = await next_update(sa)
-                    assert (
-                        renamed.peers_changed
-                        and renamed.peers_changed[0].name == "b2.tailnet.internal."
-                    )
-                # An admin deletes b: it leaves a's map at once.
-                await server.ops.dispatch("nodes.delete", {"node": "b2"}, ADMIN)
-                gone = await next_update(sa)
-                assert gone.peers_removed == [bnode.id]
+    async with running(tmp_path) as server, alpha_streaming(server) as (sa, b, cb, key):
+        # b joins: a gets it in PeersChanged.
+        await cb.register(b.register_request(key))
+        joined = await next_update(sa)
+        assert joined.peers_changed and [p.name for p in joined.peers_changed] == [
+            "bravo.tailnet.internal."
+        ]
+        async with cb.map_stream(b.map_request(endpoints=["198.51.100.7:41641"])) as sb:
+            b_first = await next_update(sb)
+            assert b_first.peers and [p.name for p in b_first.peers] == [
+                "alpha.tailnet.internal."
+            ]
+            # b came online with endpoints: a gets a patch, not a full node.
+            online = await next_update(sa)
+            patch = online.peers_changed_patch[0] if online.peers_changed_patch else None
+            changed: list[Node] = online.peers_changed or []
+            assert patch is not None or changed
+            if patch is not None:
+                assert patch.online is True
+            # An admin renames b: a sees the new name.
+            bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
+            assert bnode is not None
+            await server.ops.dispatch(
+                "nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN
+            )
+            renamed = await next_update(sa)
+            assert (
+                renamed.peers_changed
+                and renamed.peers_changed[0].name == "b2.tailnet.internal."
+            )
+        # An admin deletes b: it leaves a's map at once.
+        await server.ops.dispatch("nodes.delete", {"node": "b2"}, ADMIN)
+        gone = await next_update(sa)
+        assert gone.peers_removed == [bnode.id]
 
 
 async def test_expired_node_drops_out_of_peer_maps(tmp_path: Path) -> None:
@@ -560,27 +567,22 @@ async def test_a_join_a_newcomers_full_map_took_into_the_hub_is_not_held_as_pres
         streams = server.control.streams
         # A coalesce window wide enough that the newcomer's stream surely opens in it.
         streams.settings = dataclasses.replace(streams.settings, coalesce=2.0)
-        key = await make_key(server, reusable=True)
-        a, b = SimNode.new("alpha"), SimNode.new("bravo")
-        async with a.connect(server) as ca, b.connect(server) as cb:
-            await ca.register(a.register_request(key))
-            async with ca.map_stream(a.map_request()) as sa:
-                assert not (await next_update(sa)).peers
-                # As if the last fan-out took 10 minutes: a presence-only
-                # publication would now be held for 50 minutes.
-                streams._fanout_cost = 600.0
-                published = streams._published_seq
-                await cb.register(b.register_request(key))
-                async with cb.map_stream(b.map_request()) as sb:
-                    first = await next_update(sb)
-                    assert [p.name for p in first.peers or ()] == ["alpha.tailnet.internal."]
-                    # The situation: no publication yet, and the newcomer's full map
-                    # took the join out of the pending log change into the hub.
-                    assert streams._published_seq == published
-                    assert streams._hub_sub.pending.is_empty()
-                    with trio.fail_after(30):
-                        joined = await next_update(sa)
-                    assert "bravo.tailnet.internal." in [p.name for p in joined.peers_changed or ()]
+        async with alpha_streaming(server) as (sa, b, cb, key):
+            # As if the last fan-out took 10 minutes: a presence-only
+            # publication would now be held for 50 minutes.
+            streams._fanout_cost = 600.0
+            published = streams._published_seq
+            await cb.register(b.register_request(key))
+            async with cb.map_stream(b.map_request()) as sb:
+                first = await next_update(sb)
+                assert [p.name for p in first.peers or ()] == ["alpha.tailnet.internal."]
+                # The situation: no publication yet, and the newcomer's full map
+                # took the join out of the pending log change into the hub.
+                assert streams._published_seq == published
+                assert streams._hub_sub.pending.is_empty()
+                with trio.fail_after(30):
+                    joined = await next_update(sa)
+                assert "bravo.tailnet.internal." in [p.name for p in joined.peers_changed or ()]
 
 
 async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
@@ -611,25 +613,19 @@ async def test_a_publication_reaches_parked_streams_through_their_transport(
     resumed and sends the update it was handed first: either way it arrives, once."""
     if transport_busy:
         monkeypatch.setattr(NoiseSession, "_send_now", lambda self, stream_id, data: False)
-    async with running(tmp_path) as server:
-        key = await make_key(server, reusable=True)
-        a, b = SimNode.new("alpha"), SimNode.new("bravo")
-        async with a.connect(server) as ca, b.connect(server) as cb:
-            await ca.register(a.register_request(key))
-            async with ca.map_stream(a.map_request()) as sa:
-                assert not (await next_update(sa)).peers
-                assert server.control is not None
-                await wait_until(lambda: any(server.control.streams._parked[g] for g in range(WAKE_GROUPS)))
-                await cb.register(b.register_request(key))
-                joined = await next_update(sa)
-                assert [p.name for p in joined.peers_changed or ()] == ["bravo.tailnet.internal."]
-                bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
-                assert bnode is not None
-                await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
-                renamed = await next_update(sa)
-                assert [p.name for p in renamed.peers_changed or ()] == ["b2.tailnet.internal."]
-                direct = server.control.stats.updates_direct
-        assert (direct == 0) if transport_busy else (direct >= 2)
+    async with running(tmp_path) as server, alpha_streaming(server) as (sa, b, cb, key):
+        assert server.control is not None
+        await wait_until(lambda: any(server.control.streams._parked[g] for g in range(WAKE_GROUPS)))
+        await cb.register(b.register_request(key))
+        joined = await next_update(sa)
+        assert [p.name for p in joined.peers_changed or ()] == ["bravo.tailnet.internal."]
+        bnode = server.tailnet.state.node_by_machine(b.machine_key_hex)
+        assert bnode is not None
+        await server.ops.dispatch("nodes.rename", {"node": str(bnode.id), "new_name": "b2"}, ADMIN)
+        renamed = await next_update(sa)
+        assert [p.name for p in renamed.peers_changed or ()] == ["b2.tailnet.internal."]
+        direct = server.control.stats.updates_direct
+    assert (direct == 0) if transport_busy else (direct >= 2)
 
 
 async def test_a_stream_that_ended_while_parked_is_not_served_by_the_next_publication(tmp_path: Path) -> None:
