@@ -7,8 +7,8 @@ sources (:class:`DerpSources`), the control port (:func:`serve_control_port`) an
 
 The control port serves ``/key`` and ``/ts2021`` (the Tailscale control protocol) and
 hands every other HTTP request to hypercorn running the Quart app (:mod:`cli.web`).
-The embedded DERP relay (on by default) runs beside it with its own consumer of the log
-and becomes region ``derp.server.region_id`` of the DERP map. Unless it is given a
+The embedded DERP relay (on by default) runs beside it, authorizing clients from the
+server's own projection of the log, and becomes region ``derp.server.region_id`` of the DERP map. Unless it is given a
 listener of its own (``derp.server.listen_addr``) it is served on the control port at
 ``/derp``, as Headscale does, and the map names it by the server URL's host and port.
 
@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from eventlog import EventLog
 from eventlog.sidetables import SideTables
-from projections import CheckpointStore, ProjectionRunner, Tailnet
+from projections import ProjectionRunner, Tailnet
 from projections.presence import PresenceTable
 from projections.presence_io import persist_presence
 from projections.tailcfg import DERPMap, DERPNode, DERPRegion
@@ -221,11 +220,16 @@ async def start_presence(
 
 
 async def start_relay(
-    nursery: trio.Nursery, config: Config, log: EventLog, checkpoints: CheckpointStore, side: SideTables
+    nursery: trio.Nursery, config: Config, runner: ProjectionRunner, side: SideTables
 ) -> RelayServer | None:
     """Start the embedded relay of ``derp.server`` (``None`` when it is not enabled),
     served on the control port unless it has a ``listen_addr`` of its own. Between
-    replicas it takes the region's shared mesh key (:func:`start_relay_mesh` meshes it)."""
+    replicas it takes the region's shared mesh key (:func:`start_relay_mesh` meshes it).
+
+    Its authorizer follows ``runner``, the server's own projection (already running):
+    a runner of its own would fold every event a second time into a second copy of
+    the tailnet (every node record decoded twice, issue 19: about 1 KiB per node).
+    A separate ``tailledger relay`` process tails the log with its own runner."""
     from relay.logauth import LogAuthorizer
     from relay.serve import serve_relay
 
@@ -243,9 +247,6 @@ async def start_relay(
     rc = relay_config(config, on_control_port=not ds.listen_addr)
     if mesh_key is not None:  # the replicas' shared key
         rc = msgspec.structs.replace(rc, mesh_key=mesh_key)
-    # The relay is its own consumer of the log: its own runner and checkpoint.
-    runner = ProjectionRunner(log, checkpoints, name="relay")
-    await nursery.start(runner.run)
     auth = LogAuthorizer(runner)
     auth.refresh()
     relay: RelayServer = await nursery.start(serve_relay, rc, auth)

@@ -176,7 +176,7 @@ async def open_server(config: Config, *, ignore_chain_errors: bool = False) -> A
             )
 
             # The network services.
-            relay = await start_relay(nursery, config, event_log, checkpoints, side)
+            relay = await start_relay(nursery, config, runner, side)
             derp = await DerpSources.read(config)
             region = EmbeddedRegion(config, relay, replica_id=replica_id if replicas_of(side) is not None else None)
             derp_map = derp.derp_map(config, region)

@@ -1,9 +1,10 @@
 """The relay's own consumer of the event log: who may connect, kept current.
 
-The relay does not ask the control server who is authorized; it tails the log itself
-(its own :class:`~projections.ProjectionRunner`, its own checkpoint name), so it works
-the same embedded in ``tailledger serve`` or as a separate ``tailledger relay`` process
-on another machine reading the same database. A node key is authorized while the node
+The relay does not ask the control server who is authorized; it follows the log through
+a :class:`~projections.ProjectionRunner`, so it works the same embedded in ``tailledger
+serve`` (the server's own runner, whose projection it shares) or as a separate
+``tailledger relay`` process on another machine reading the same database (a runner of
+its own, with its own checkpoint name). A node key is authorized while the node
 exists and its key has not expired; when a batch of events takes that away (deletion,
 key rotation, expiry, logout) the keys are revoked and their open connections closed.
 Key expiry that happens by the passage of time is caught by a periodic re-check.
