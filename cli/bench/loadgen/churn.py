@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -28,6 +28,7 @@ import trio
 
 from projections.policy import (
     CompiledPolicy,
+    Policy,
     PolicyNode,
     PolicyUser,
     Tailnet,
@@ -80,9 +81,11 @@ class ReceiverModel:
     more than the change; instead each policy text is compiled once on a *template*:
     two nodes of every kind met so far (two, so that a kind that sees itself, as with
     ``autogroup:self``, shows it). A node of kind K is then seen by every live node
-    whose kind a template node of K sees. A kind not met yet recompiles the template.
-    ``tests/cli/test_loadgen.py`` checks this against compiling the live tailnet
-    after random joins, deletes and tag changes.
+    whose kind a template node of K sees. A text's answers are only good for the
+    kinds its template had: a live kind its template lacks (met since, maybe under
+    the other text) recompiles it. ``tests/cli/test_loadgen.py`` checks this against
+    compiling the live tailnet after random joins, deletes, tag changes and policy
+    edits.
 
     :meth:`filter_changes` (once per policy edit) compiles the live tailnet itself:
     a packet filter lists addresses, so it is no function of the kinds alone.
@@ -96,30 +99,45 @@ class ReceiverModel:
     users: tuple[str, ...]
     live: dict[int, Kind]
     policy: str
-    #: (policy text, kind) -> the kinds whose nodes see a node of that kind.
-    _seen_by: dict[tuple[str, Kind], frozenset[Kind]] = field(default_factory=dict)
+    #: policy text -> kind -> the kinds whose nodes see a node of that kind, for the
+    #: kinds of the template it was compiled on (its keys).
+    _seen_by: dict[str, dict[Kind, frozenset[Kind]]] = field(default_factory=dict)
     _kinds: set[Kind] = field(default_factory=set)
+    #: Each text parsed once (a template recompiles when a kind is met).
+    _parsed: dict[str, Policy] = field(default_factory=dict)
 
     def _compile(self, text: str, nodes: Mapping[int, Kind]) -> CompiledPolicy:
-        return compile_policy(parse_policy(text), policy_tailnet(self.users, nodes))
+        if text not in self._parsed:
+            self._parsed[text] = parse_policy(text)
+        return compile_policy(self._parsed[text], policy_tailnet(self.users, nodes))
+
+    def _table(self, text: str, kinds: Iterable[Kind]) -> dict[Kind, frozenset[Kind]]:
+        """``text``'s seers per kind, from a template that has every kind of ``kinds``
+        (recompiled, with every kind met so far, if the last one lacks any: its
+        answers would not name the nodes of the kinds it lacks)."""
+        wanted = set(kinds)
+        table = self._seen_by.get(text)
+        if table is None or not table.keys() >= wanted:
+            self._kinds |= wanted
+            ordered = sorted(self._kinds)
+            template = {2 * j + side: k for j, k in enumerate(ordered) for side in (0, 1)}
+            compiled = self._compile(text, template)
+            table = {k: frozenset(template[p - 1] for p in compiled.peer_id_set(2 * j + 1))
+                     for j, k in enumerate(ordered)}
+            self._seen_by[text] = table
+        return table
 
     def seen_by(self, kind: Kind, text: str | None = None) -> frozenset[Kind]:
         """The kinds whose nodes see a node of ``kind`` under ``text`` (default: the
-        policy in force). Visibility is symmetric: these are also the kinds it sees."""
+        policy in force), among ``kind`` and the live kinds. Visibility is symmetric:
+        these are also the kinds it sees."""
         text = self.policy if text is None else text
-        if (text, kind) not in self._seen_by:
-            self._kinds |= set(self.live.values()) | {kind}
-            kinds = sorted(self._kinds)
-            template = {2 * j + side: k for j, k in enumerate(kinds) for side in (0, 1)}
-            compiled = self._compile(text, template)
-            for j, k in enumerate(kinds):
-                self._seen_by[(text, k)] = frozenset(template[p - 1] for p in compiled.peer_id_set(2 * j + 1))
-        return self._seen_by[(text, kind)]
+        return self._table(text, [kind, *self.live.values()])[kind]
 
     def peers(self, index: int, live: Mapping[int, Kind] | None = None) -> frozenset[int]:
         """The clients that see client ``index`` (in ``live``, default the model's)."""
         live = self.live if live is None else live
-        seers = self.seen_by(live[index])
+        seers = self._table(self.policy, live.values())[live[index]]
         return frozenset(i for i, k in live.items() if k in seers and i != index)
 
     def filter_changes(self, text: str) -> frozenset[int]:
