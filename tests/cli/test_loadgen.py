@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from cli.bench.loadgen.churn import (
     Kind,
     ReceiverModel,
+    deletable,
     planned_changes,
     policy_tailnet,
     rss_slope,
@@ -279,6 +280,15 @@ def test_a_churn_change_counts_each_receiver_once_and_strays_as_unexpected() -> 
     assert delete.matches(set(), {9}, False) and not delete.matches({b"nodekey:cc"}, set(), False)
     assert ChurnWatch("policy", frozenset({1})).matches(set(), set(), True)
     assert ChurnWatch("join", frozenset()).done.is_set()  # nobody to wait for
+
+
+def test_a_node_whose_visibility_a_tag_change_under_way_flips_is_not_deleted() -> None:
+    # Two tag changes under way: the first target starts or stops seeing 4 and 5, the
+    # second 5 and 6. Deleting one of those before the target's own update arrives,
+    # the target may legitimately get its removal or never see it; the receiver model
+    # (with the target's new tags) would count one as a stray, the other as a miss.
+    assert deletable([1, 2, 3, 4, 5, 6, 7], [frozenset({4, 5}), frozenset({5, 6})]) == [1, 2, 3, 7]
+    assert deletable([1, 2], []) == [1, 2]
 
 
 def test_rss_slope_is_per_minute_after_the_warm_up() -> None:

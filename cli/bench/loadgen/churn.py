@@ -44,7 +44,7 @@ from .report import pct
 from .server import Server, Span, proc_memory
 from .workers import ParentHub
 
-__all__ = ["RSS_WARM_UP", "Kind", "ReceiverModel", "planned_changes", "policy_tailnet", "rss_slope", "rss_summary", "run_churn"]
+__all__ = ["RSS_WARM_UP", "Kind", "ReceiverModel", "deletable", "planned_changes", "policy_tailnet", "rss_slope", "rss_summary", "run_churn"]
 
 
 #: How long a churn change may take to reach its receivers before it counts as missed.
@@ -199,6 +199,25 @@ async def _sample_rss(server: Server, t0: float, samples: list[tuple[float, floa
         await trio.sleep(1.0)
 
 
+def deletable(pool: Sequence[int], flipping: Iterable[frozenset[int]]) -> list[int]:
+    """The nodes of ``pool`` that may be deleted now: none that a tag change under way
+    makes its target start or stop seeing.
+
+    The target learns that from its own update (its new view: peers added and
+    removed), which the load generator does not wait for. Deleting such a node before
+    that update arrives makes what the target gets a matter of timing, and either is
+    right (a removal goes to a node that had the peer, nothing to one that never
+    had it): a node the target stops seeing is removed from its view by the tag
+    change or by the deletion, and one it starts seeing is either shown and then
+    removed or never shown. The receiver model, which has the target's new tags
+    already, cannot tell which: it would count the first as unexpected and the
+    second, when never shown, as missing. Sparing those nodes keeps every
+    delete's receivers exact (the nodes that have it as a peer).
+    """
+    changing = frozenset().union(*flipping)
+    return [i for i in pool if i not in changing]
+
+
 async def _all_nodes(server: Server) -> list[object]:
     """The admin views of every node of the server."""
     listed = await trio.to_thread.run_sync(server.admin, "nodes.list", {})
@@ -232,6 +251,10 @@ async def run_churn(
     done: dict[str, list[ChurnWatch]] = {k: [] for k in CHURN_KINDS}
     next_index = n
     busy: set[int] = set()  # targets of changes under way
+    # Per tag change under way, its target's index -> the nodes it starts or stops
+    # seeing: the target's own update (its new view) adds or removes them. Kept
+    # until the change's watch ends (its receivers reached, then the grace).
+    flipping: dict[int, frozenset[int]] = {}
     skipped: dict[str, int] = dict.fromkeys(CHURN_KINDS, 0)  # due, but no node was free to change
     held = 0.0  # seconds the policy edits held the other changes back
     workers = hub.workers if isinstance(hub, ParentHub) else None
@@ -268,6 +291,8 @@ async def run_churn(
             workers.send(("unchurn", id(watch)))
         if watch.exclude is not None:
             busy.discard(watch.exclude)
+            if watch.kind == "tag":
+                flipping.pop(watch.exclude, None)
         done[watch.kind].append(watch)
 
     async def install(watch: ChurnWatch, watchers: trio.Nursery) -> None:
@@ -310,7 +335,7 @@ async def run_churn(
         local[index] = newcomer
 
     async def delete(watchers: trio.Nursery) -> None:
-        pool = candidates(False) + candidates(True)
+        pool = deletable(candidates(False) + candidates(True), flipping.values())
         if not pool:
             skipped["delete"] += 1
             return
@@ -345,6 +370,7 @@ async def run_churn(
         while any(w.kind in ("join", "tag") and w.exclude in before ^ after for w in hub.churn):
             await trio.sleep(0.05)
         live[target] = (user, (new,))
+        flipping[target] = before ^ after
         watch = ChurnWatch("tag", before | after, key=key, node_id=nid, exclude=target)
         await install(watch, watchers)
         start(watch)
