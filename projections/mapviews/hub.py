@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
@@ -501,6 +501,8 @@ class MapHub:
         #: classes whose peer set held a changed node, and classes that lost a member
         held: set[Hashable] = set()
         emptied: set[Hashable] = set()
+        #: newcomers that joined a class with an unchanged member -> that member
+        twins: dict[int, int] = {}
         for nid in sorted(changed):
             old_key = self._key_of.pop(nid, None)
             if old_key is not None:
@@ -521,8 +523,12 @@ class MapHub:
             elif len(members) == 1:
                 # The lone member had nobody to be shown to: evaluate it now.
                 lone[key] = next(iter(members))
+            if old_key is None and members:
+                twin = _twin(state, now, members, changed)
+                if twin is not None:
+                    twins[nid] = twin
             members.add(nid)
-        seen_by = self._seen_by(state, now, compiled, changed)
+        seen_by, sure = self._seen_by(state, now, compiled, changed, twins)
         classes = dict(self._classes)
         for key in emptied:
             if not self._members.get(key):
@@ -561,7 +567,8 @@ class MapHub:
                 mine = {nid for nid in changed if key in seen_by[nid] or nid in old.peers}
             if key in lone:
                 mine.add(lone[key])
-            classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only, versions)
+            known = {nid for nid in mine if key in sure.get(nid, ())}
+            classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only, versions, known)
         for old, count in looked.values():
             if sharing[id(old)] > count:
                 versions.kept(old)  # classes not looked at stay on it (as if they kept it)
@@ -572,14 +579,24 @@ class MapHub:
             self._dirty[nid] = self.seq
 
     def _seen_by(
-        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, changed: set[int]
-    ) -> dict[int, set[Hashable]] | None:
+        self, state: TailnetState, now: datetime, compiled: CompiledPolicy, changed: set[int], twins: dict[int, int]
+    ) -> tuple[dict[int, set[Hashable]] | None, dict[int, set[Hashable]]]:
         """The classes that see each changed node, from its own peers (visibility is
         symmetric, and nodes of one class see every other node alike): the cost
         follows the peers of the changed nodes, not the number of classes. None
-        with via grants, whose visibility is not symmetric."""
+        with via grants, whose visibility is not symmetric.
+
+        A newcomer with a twin (``twins``: an unchanged, unexpired member of the class
+        it joined) is seen by the classes that see its twin, which the current peer
+        sets tell: a join changes no visibility between other nodes, and the
+        newcomer is interchangeable with its twin for every class but its own
+        (:func:`_twin`). No fold of the newcomer's matchers, no walk over its peers:
+        a lookup per distinct peer set. The second mapping holds, per newcomer, the
+        classes known so to see it (their peer views need no visibility test).
+        """
+        sure: dict[int, set[Hashable]] = {}
         if compiled.via_grants:
-            return None
+            return None, sure
         out: dict[int, set[Hashable]] = {}
         key_of = self._key_of
         for nid in changed:
@@ -587,8 +604,35 @@ class MapHub:
             if node is None or node.is_expired(now):
                 out[nid] = set()
                 continue
-            out[nid] = {key_of[p] for p in compiled.peer_id_set(nid) if p in key_of}
-        return out
+            twin = twins.get(nid)
+            if twin is None:
+                out[nid] = {key_of[p] for p in compiled.peer_id_set(nid) if p in key_of}
+                continue
+            own = key_of[nid]
+            holds: dict[int, bool] = {}
+            seeing = set()
+            for key, ps in self._classes.items():
+                if key is own:
+                    continue
+                hit = holds.get(id(ps))
+                if hit is None:
+                    hit = holds[id(ps)] = twin in ps.peers
+                if hit:
+                    seeing.add(key)
+            sure[nid] = seeing
+            own_ps = self._classes.get(own)
+            # The own class's peer set tells whether its members see each other only
+            # when it was made with two unchanged members; else its representative
+            # is asked (_update_class, with the visibility test).
+            if own_ps is None or twin in own_ps.peers:
+                out[nid] = seeing | {own}
+                if own_ps is not None:
+                    sure[nid] = seeing | {own}
+            elif sum(1 for m in self._members[own] if m not in changed) >= 2:
+                out[nid] = seeing
+            else:
+                out[nid] = seeing | {own}
+        return out, sure
 
     def _update_class(
         self,
@@ -600,7 +644,9 @@ class MapHub:
         changed: set[int],
         presence_only: set[int],
         versions: _Versions,
+        known: Collection[int] = (),
     ) -> PeerSet:
+        """``known``: changed nodes known to be peers of the class (no visibility test)."""
         peers = old.peers.mutate()
         users = old.users
         touched: set[int] = set()
@@ -609,7 +655,7 @@ class MapHub:
             rep = _representative(members, nid)
             view = None
             if node is not None and rep is not None and not node.is_expired(now):
-                view = compiled.peer_view(rep, nid)
+                view = compiled.known_peer_view(rep, nid) if nid in known else compiled.peer_view(rep, nid)
                 self.stats.peer_evaluations += 1
             before = peers.get(nid)
             if view is None:
@@ -655,6 +701,18 @@ class MapHub:
     def forget(self, node_id: int) -> None:
         self._dirty.pop(node_id, None)
         self._filter_dirty.pop(node_id, None)
+
+
+def _twin(state: TailnetState, now: datetime, members: set[int], changed: set[int]) -> int | None:
+    """A member of a newcomer's class that stands for it in the current peer sets: not
+    changed in this advance (so the peer sets hold it as they will hold the newcomer)
+    and not expired (expired nodes are in no peer set)."""
+    for m in members:
+        if m not in changed:
+            node = state.nodes.get(m)
+            if node is not None and not node.is_expired(now):
+                return m
+    return None
 
 
 def _representative(members: set[int], exclude: int) -> int | None:

@@ -626,6 +626,11 @@ class CompiledPolicy:
             return None
         return self._peer_view(self._node(viewer_id), None, peer_id)
 
+    def known_peer_view(self, viewer_id: int, peer_id: int) -> PeerView:
+        """How ``viewer_id`` sees ``peer_id``, for a caller that knows they are peers
+        (:meth:`peer_view` without the visibility test)."""
+        return self._peer_view(self._node(viewer_id), None, peer_id)
+
     def self_view(self, node_id: int) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, CapValue]]:
         """The node's own ``(AllowedIPs, PrimaryRoutes, CapMap)`` without its peers."""
         node = self._node(node_id)

@@ -457,7 +457,8 @@ def test_a_rebuild_keeps_no_fold_per_class_in_the_compiled_policy() -> None:
     into an address set as large as its peers; the hub asks once per representative,
     so the compiled policy drops each fold after use instead of keeping one per class
     until the next compile. Streams still get exactly the reference maps, and a join
-    afterwards still folds only the newcomer."""
+    afterwards into an existing class folds nothing (its twin in the class stands for
+    it)."""
     sc = corp(60)
     t = _corp_streams(sc, 5)
     r, hub = t.recorder, t.hub
@@ -476,7 +477,8 @@ def test_a_rebuild_keeps_no_fold_per_class_in_the_compiled_policy() -> None:
     hub.advance(r.state, r.now, r.delta, ())
     r.delta = EMPTY
     t.update()
-    assert set(hub.compiled._reaches) == {newcomer}
+    assert newcomer in r.state.nodes
+    assert (hub.compiled._reaches, hub.compiled._peer_sets) == ({}, {})
     t.check()
 
 
@@ -495,3 +497,37 @@ def test_classes_that_come_to_see_the_same_peers_join_one_peer_set() -> None:
     rebuilt.advance(t.r.state, t.r.now, EMPTY, ())
     assert (hub.classes(), hub.peer_sets()) == (rebuilt.classes(), rebuilt.peer_sets())
     assert hub.peer_sets() < hub.classes()
+
+
+def test_newcomers_in_known_classes_are_placed_by_their_twins_without_a_fold() -> None:
+    """Issue 19 (registration CPU): a newcomer that joins a class with an unchanged
+    member (its twin) is seen by exactly the classes that see the twin, which the peer
+    sets already tell: the hub neither folds its matchers nor walks its peers. Several
+    at once (team members, admins, tagged servers, two in one class), and every stream
+    still ends up with exactly the reference map."""
+    sc = corp(60)
+    t = _corp_streams(sc, 11)
+    r, hub = t.recorder, t.hub
+    before = dataclasses.replace(hub.stats)
+    r.now += timedelta(seconds=1)
+    first = len(sc.owners)
+    # u3's 4th device, an admin's 3rd, u7's 3rd, and two servers of tag:svc0 (whose
+    # one server so far is a lone member: it cannot tell whether servers see each other)
+    newcomers = [t.register(first + i) for i in (0, 18, 4, 9, 9 + len(sc.owners))]
+    devices, servers = newcomers[:3], newcomers[3:]
+    assert all(r.state.nodes[n].tags == ("tag:svc0",) for n in servers)
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    assert hub.compiled is not None
+    folded = set(hub.compiled._reaches) | set(hub.compiled._peer_sets)
+    assert folded <= set(servers) and not folded & set(devices)
+    # Only the classes that see a newcomer (and the servers' own) were looked at.
+    compiled = t.compiler.compiled(r.state)
+    seeing = set().union(*({hub.class_of(m) for m in r.state.nodes if compiled.visible(m, n)} for n in newcomers))
+    assert hub.stats.class_updates - before.class_updates == len(seeing | {hub.class_of(servers[0])})
+    t.update()
+    for n in newcomers:
+        t.cursors[n] = StreamCursor(n)
+        t.models[n] = ClientNetmap()
+        t.models[n].apply(decode(encode(t.cursors[n].full_map(hub).response()), MapResponse))
+    t.check()
