@@ -354,8 +354,14 @@ class SSHSources:
                 by_user.pop(uid, None)
                 if addrs:
                     by_user[uid] = [SSHPrincipal(node_ip=format_addr(a)) for a in addrs]
-            tagged = list(previous.tagged)
-            if any(info.owner is None for info in changed):
+            tagged: Sequence[SSHPrincipal] = previous.tagged
+            # Only a changed tagged node that is (or was) a source moves the tagged
+            # principals: an unchanged node's addresses are in the sources as before.
+            if any(
+                info.owner is None
+                and (self.src_ips.contains_any(info.addrs) or previous.src_ips.contains_any(info.addrs))
+                for info in changed
+            ):
                 tagged = _tagged_sources(tailnet, self.src_ips)
             user_ids = sorted(by_user)
         elif self.src_ips:

@@ -396,3 +396,34 @@ def test_rules_naming_a_users_devices_share_one_principal_tuple() -> None:
     for nid in joined.tailnet.nodes:
         info = joined.tailnet.nodes[nid]
         assert after.render(after.key(info)) == compile_ssh_policy(joined.resolver, info, CTRL)
+
+
+def test_a_tagged_node_that_is_no_source_keeps_the_tagged_principals() -> None:
+    """Issue 19, registration CPU: a batch of changes with a member's new device (a
+    source of the rule) and a new tagged server (not one) regroups the member's owner
+    only; the rule's tagged principals are the earlier table's (no pass over every
+    tagged node), and every node gets the reference policy. A tagged source that
+    joins does regroup them."""
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1"),
+        PolicyNode(id=2, name="w", tags=("tag:web",), ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="d", tags=("tag:db",), ipv4="100.64.0.3"),
+    ]
+    doc = {
+        "tagOwners": {"tag:web": ["u1@example.com"], "tag:db": ["u1@example.com"]},
+        "ssh": [{"action": "accept", "src": ["autogroup:member", "tag:web"], "dst": ["tag:db"], "users": ["root"]}],
+    }
+    compiled = compile_policy(parse_policy(json.dumps(doc)), Tailnet(USERS, nodes), control_url=CTRL, auto_approve=False)
+    table = compiled.ssh_table()
+    assert [p.node_ip for p in table.rules[0].tagged] == ["100.64.0.2"]
+    joined = compiled.with_node(PolicyNode(id=4, name="b", user_id=2, ipv4="100.64.0.4"))
+    joined = joined.with_node(PolicyNode(id=5, name="d2", tags=("tag:db",), ipv4="100.64.0.5"))
+    after = joined.ssh_table(table, [joined.tailnet.nodes[4], joined.tailnet.nodes[5]])
+    assert after.rules[0].tagged is table.rules[0].tagged
+    assert sorted(after.rules[0].by_user) == [1, 2]
+    web = joined.with_node(PolicyNode(id=6, name="w2", tags=("tag:web",), ipv4="100.64.0.6"))
+    again = web.ssh_table(after, [web.tailnet.nodes[6]])
+    assert [p.node_ip for p in again.rules[0].tagged] == ["100.64.0.2", "100.64.0.6"]
+    for compiled_, table_ in ((joined, after), (web, again)):
+        for info in compiled_.tailnet.nodes.values():
+            assert table_.render(table_.key(info)) == compile_ssh_policy(compiled_.resolver, info, CTRL)
