@@ -37,7 +37,7 @@ from typing import TypeVar
 
 from .document import ACL, AliasKind, Grant, IPSpec, Policy, PortRange
 from .ipset import AddressUnion, IPSet, Prefix, addr_to_int, format_addr, parse_prefix, prefix_str
-from .resolve import Resolved, Resolver, alias_dependencies, host_prefix
+from .resolve import Resolved, Resolver, host_prefix
 from .rules import CapEntry, DstEntry, Rule
 from .tailnet import EVERYTHING, INTERNET, NodeInfo, Tailnet
 
@@ -195,8 +195,8 @@ def compile_grant(
         compiled.dst_depends, compiled.depends = previous.dst_depends, previous.depends
     else:
         previous = None
-        compiled.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
-        compiled.depends = compiled.dst_depends | alias_dependencies(grant.src, resolver.policy)
+        compiled.dst_depends = frozenset(resolver.dependencies(grant.dst))
+        compiled.depends = compiled.dst_depends | resolver.dependencies(grant.src)
     sources = [resolver.resolve(a) for a in grant.src]
     compiled.src_sets = [r.addresses for r in sources]
     compiled.src_set = _memo(
@@ -254,8 +254,8 @@ def reuse_grant(previous: CompiledGrant, grant: Grant, old: Resolver, resolver: 
     for name in CompiledGrant.__slots__:
         if name != "grant":
             setattr(fresh, name, getattr(previous, name))
-    fresh.dst_depends = frozenset(alias_dependencies(grant.dst, resolver.policy))
-    fresh.depends = fresh.dst_depends | alias_dependencies(grant.src, resolver.policy)
+    fresh.dst_depends = frozenset(resolver.dependencies(grant.dst))
+    fresh.depends = fresh.dst_depends | resolver.dependencies(grant.src)
     return fresh
 
 

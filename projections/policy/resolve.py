@@ -125,7 +125,7 @@ class Resolved:
 class Resolver:
     """Resolves aliases of one policy against one tailnet snapshot."""
 
-    __slots__ = ("_cache", "_change", "_stale", "groups", "hosts", "memo", "policy", "tailnet")
+    __slots__ = ("_cache", "_change", "_deps", "_stale", "groups", "hosts", "memo", "policy", "tailnet")
 
     def __init__(
         self,
@@ -145,6 +145,20 @@ class Resolver:
         #: Per-snapshot memo for derived values keyed by alias tuples (e.g. a
         #: grant's rendered SrcIPs); never carried over by :meth:`derive`.
         self.memo: dict[tuple[object, ...], object] = {}
+        #: alias -> its dependency keys (they follow from the policy alone: carried
+        #: over by :meth:`derive`, which keeps the policy)
+        self._deps: dict[Alias, frozenset[str]] = {}
+
+    def dependencies(self, aliases: Iterable[Alias]) -> set[str]:
+        """:func:`alias_dependencies` of ``aliases`` under this policy (memoized per alias)."""
+        deps = self._deps
+        out: set[str] = set()
+        for alias in aliases:
+            found = deps.get(alias)
+            if found is None:
+                found = deps[alias] = frozenset(alias_dependencies((alias,), self.policy))
+            out |= found
+        return out
 
     def resolve(self, alias: Alias) -> Resolved:
         """Resolve one alias (``autogroup:self`` resolves empty: it is per node)."""
@@ -186,13 +200,17 @@ class Resolver:
         """
         kept: dict[Alias, Resolved] = {}
         stale: dict[Alias, Resolved] = {}
+        deps = self._deps
         for alias, resolved in self._cache.items():
-            if not (alias_dependencies((alias,), self.policy) & touched):
+            found = deps.get(alias)
+            if found is None:
+                found = deps[alias] = frozenset(alias_dependencies((alias,), self.policy))
+            if found.isdisjoint(touched):
                 kept[alias] = resolved
             elif change is not None and resolved.ids is not None:
                 stale[alias] = resolved
         out = Resolver(self.policy, tailnet, kept)
-        out._stale, out._change = stale, change
+        out._stale, out._change, out._deps = stale, change, deps
         return out
 
 

@@ -27,7 +27,7 @@ from projections.policy import (
     parse_policy,
 )
 from projections.policy.ipset import Prefix
-from projections.policy.resolve import Resolver, node_keys
+from projections.policy.resolve import Resolver, alias_dependencies, node_keys
 from projections.policy.syntax import parse_alias
 from projections.policy.tailnet import NodeInfo
 
@@ -354,6 +354,26 @@ def test_an_identity_alias_edited_for_one_node_equals_resolving_it_afresh(
             assert (got.hosts, got.addresses, got.ids) == (want.hosts, want.addresses, want.ids), alias
             if i % 2 == 0:
                 assert got.strings() == want.strings() and got.prefixes() == want.prefixes(), alias
+
+
+def test_alias_dependencies_are_memoized_across_derived_resolvers() -> None:
+    """Issue 19 (registration CPU): a join's derive asks every cached alias for its
+    dependency keys; they follow from the policy alone, so they are computed once per
+    alias and the memo goes on to the derived resolver (same answers as
+    alias_dependencies, and a group alias still depends on its members)."""
+    policy = parse_policy(POLICY)
+    nodes = [PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1")]
+    resolver = Resolver(policy, Tailnet(USERS, nodes))
+    aliases = [parse_alias(a) for a in ("autogroup:member", "group:ops", "tag:web", "u3@example.com")]
+    for alias in aliases:
+        resolver.resolve(alias)
+        assert resolver.dependencies([alias]) == alias_dependencies([alias], policy)
+    assert resolver.dependencies(aliases) == alias_dependencies(aliases, policy)
+    memo = dict(resolver._deps)
+    tailnet = resolver.tailnet.with_node(PolicyNode(id=2, name="b", user_id=3, ipv4="100.64.0.2"))
+    derived = resolver.derive(tailnet, node_keys(tailnet.nodes[2], tailnet), (None, tailnet.nodes[2]))
+    assert derived._deps is resolver._deps and derived._deps == memo
+    assert derived.resolve(aliases[3]).ids == frozenset({2})
 
 
 def test_compile_is_deterministic() -> None:
