@@ -178,9 +178,12 @@ class _Link:
     __slots__ = ("changed", "parent")
 
     def __init__(self, changed: Iterable[int], parent: _Link | None) -> None:
-        # A tuple: most links name one node (a registration, a presence change), and a
-        # one-id tuple is a quarter of a one-id frozenset; the journal keeps thousands.
-        self.changed: tuple[int, ...] = tuple(changed)
+        # Most links name one node (a registration, a presence change): that id alone,
+        # with no container (a one-id tuple is 64 bytes more, a one-id frozenset four
+        # times that; the journal keeps thousands, about four per node). More ids are a
+        # tuple.
+        ids = tuple(changed)
+        self.changed: int | tuple[int, ...] = ids[0] if len(ids) == 1 else ids
         self.parent = parent
 
 
@@ -245,7 +248,11 @@ class PeerSet:
         ids: set[int] = set()
         cur: _Link | None = self.link
         while cur is not None and cur is not old:
-            ids.update(cur.changed)
+            changed = cur.changed
+            if isinstance(changed, int):
+                ids.add(changed)
+            else:
+                ids.update(changed)
             cur = cur.parent
         return ids if cur is not None else None
 

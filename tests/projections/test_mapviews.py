@@ -414,9 +414,10 @@ def test_classes_that_see_the_same_peers_share_one_peer_set() -> None:
     # own (the transport keeps one set of full-map pieces per lineage).
     assert hub.peer_set(b) is shared
     assert hub.peer_set(a).link.parent is shared.link
-    # Its journal entry names just the newcomer, as a tuple: the journal keeps
-    # thousands of these, most naming one node.
-    assert hub.peer_set(a).link.changed == (other,)
+    # Its journal entry names just the newcomer, as the id alone (no container): the
+    # journal keeps thousands of these, most naming one node.
+    assert type(hub.peer_set(a).link.changed) is int and hub.peer_set(a).link.changed == other
+    assert hub.peer_set(a).changed_since(shared.link) == {other}
     assert hub.peer_set(a).lineage is not shared.lineage
 
 def test_shared_messages_are_released_once_every_stream_had_its_update() -> None:
