@@ -40,7 +40,10 @@ item  library     internal relied on                                      fallba
                   use nothing but it (:class:`CompactSettings`, ~9 KiB)
 4     hpack       ``HeaderTable.dynamic_entries`` is a deque used only    detected: the deques stay
                   through ``appendleft``, ``pop``, ``clear``, ``len``,
-                  indexing and iteration (:func:`compact_header_tables`)
+                  indexing and iteration (:func:`compact_header_tables`);
+                  ``Encoder.huffman_coder`` is a ``HuffmanEncoder`` that  detected: the encoder
+                  only reads its two code tables, so one is shared by     keeps its own
+                  every connection (~0.15 KiB each)
 5     hyperframe  ``hyperframe.frame._raw_data_repr(data)``, called by    detected: not installed
                   the frames' ``__repr__`` (:func:`install_cheap_data_repr`)
 6     hypercorn   the per-connection driver ``worker_serve`` uses:        none: guard test
@@ -106,6 +109,8 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 import h2.utilities
+import hpack.hpack
+import hpack.huffman
 import hyperframe.frame
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
@@ -395,8 +400,23 @@ class _DynamicEntries(list[tuple[bytes, bytes]]):
         self.insert(0, entry)
 
 
+def _shared_huffman() -> hpack.huffman.HuffmanEncoder | None:
+    """One Huffman encoder for every connection's HPACK encoder, if hpack's still
+    holds nothing but the request code tables (read, never written, by ``encode``)."""
+    coder = hpack.hpack.Encoder().huffman_coder
+    if type(coder) is not hpack.huffman.HuffmanEncoder or set(vars(coder)) != {
+        "huffman_code_list", "huffman_code_list_lengths"
+    }:
+        return None
+    return coder
+
+
+_SHARED_HUFFMAN: Final = _shared_huffman()
+
+
 def compact_header_tables(conn: h2.connection.H2Connection) -> bool:
-    """Keep the HPACK dynamic tables of ``conn`` in lists; call before any frame moves.
+    """Keep the HPACK dynamic tables of ``conn`` in lists, and share its Huffman
+    encoder; call before any frame moves.
 
     ``hpack.table.HeaderTable`` holds its entries in a deque (~0.6 KiB even
     when empty) and uses only ``appendleft``, ``pop``, ``clear``, ``len``,
@@ -404,10 +424,24 @@ def compact_header_tables(conn: h2.connection.H2Connection) -> bool:
     at most ``HEADER_TABLE_SIZE / 32`` entries (128 for the default 4 KiB),
     so inserting at the front of a list is as cheap as on a deque.
 
+    Every ``hpack.hpack.Encoder`` makes its own ``HuffmanEncoder`` of the same two
+    module-level code tables, which it only reads: the connection's encoder takes the
+    one :data:`_SHARED_HUFFMAN` instead (an object and its ``__dict__`` less per
+    connection), when its own is that same stateless kind.
+
     Returns:
         Whether both tables were converted. If a future ``hpack`` stores its
         entries differently, nothing is touched and ``False`` comes back.
     """
+    coder = getattr(conn.encoder, "huffman_coder", None)
+    if (
+        _SHARED_HUFFMAN is not None
+        and type(coder) is hpack.huffman.HuffmanEncoder
+        and coder.huffman_code_list is _SHARED_HUFFMAN.huffman_code_list
+        and coder.huffman_code_list_lengths is _SHARED_HUFFMAN.huffman_code_list_lengths
+        and set(vars(coder)) == {"huffman_code_list", "huffman_code_list_lengths"}
+    ):
+        conn.encoder.huffman_coder = _SHARED_HUFFMAN
     tables = (conn.encoder.header_table, conn.decoder.header_table)
     if not all(type(getattr(t, "dynamic_entries", None)) is deque for t in tables):
         return False

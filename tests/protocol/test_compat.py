@@ -27,6 +27,7 @@ import h2.events
 import h2.settings
 import h2.utilities
 import hpack
+import hpack.huffman
 import hpack.table
 import hyperframe.frame
 import pytest
@@ -166,6 +167,25 @@ def test_hpack_dynamic_entries_are_a_deque_used_like_a_list() -> None:
     conn = h2.connection.H2Connection()
     assert compat.compact_header_tables(conn)
     assert isinstance(conn.decoder.header_table.dynamic_entries, compat._DynamicEntries)
+
+
+def test_hpack_huffman_encoder_is_stateless_and_shared_by_connections() -> None:
+    # hpack's HuffmanEncoder keeps the two code tables it was given and only reads
+    # them: every connection's encoder takes the one shared encoder, which encodes
+    # what a connection's own did.
+    source = inspect.getsource(hpack.huffman.HuffmanEncoder.encode)
+    assert not re.search(r"self\.\w+\s*(\[[^]]*\])?\s*[-+|&]?=(?!=)", source), "encode() writes state"
+    shared = compat._SHARED_HUFFMAN
+    assert shared is not None, "hpack's Encoder no longer holds a plain HuffmanEncoder"
+    stock = h2.connection.H2Connection().encoder.huffman_coder
+    one, two = h2.connection.H2Connection(), h2.connection.H2Connection()
+    compat.compact_header_tables(one)
+    compat.compact_header_tables(two)
+    assert one.encoder.huffman_coder is two.encoder.huffman_coder is shared
+    for text in (b"", b"/machine/map", b"application/json; charset=utf-8", bytes(range(256))):
+        assert shared.encode(text) == stock.encode(text)
+    headers = [(":status", "200"), ("content-type", "application/json")]
+    assert one.encoder.encode(headers) == h2.connection.H2Connection().encoder.encode(headers)
 
 
 # -- item 5: hyperframe's payload repr ----------------------------------------------------------
