@@ -12,6 +12,12 @@ processes that open the same SQLite database file are found by reading again eve
 ``poll_interval`` seconds, so a tailer never misses an event whoever wrote it. (SQLite
 is the only backend today.)
 
+Events this process committed are not read back: the writer keeps the last
+:data:`RECENT` of them as a read would return them (the payload decoded from its
+stored encoding), and ``tail`` takes the next ones from there when they follow its
+position and link to the hash it holds; anything else (another process's events, a
+tailer further behind) is read from the store as before.
+
 Cancellation: ``append`` may be cancelled while waiting; the request may still commit
 (the caller cannot know), exactly as with a dropped network connection to a database.
 """
@@ -22,18 +28,24 @@ import math
 from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 
+import msgspec
 import trio
 
 from .cause import check_reason, current_cause, new_correlation_id
+from .codec import decode_event, encode_event
 from .envelope import Actor, RecordedEvent, to_micros
 from .errors import EventLogError, StoreUnavailableError
 from .events import AnyEvent
-from .rows import AppendRequest, Head
+from .rows import AppendRequest, AppendResult, Head
 from .store import EventStore
 
 __all__ = ["Clock", "EventLog"]
 
 Clock = Callable[[], datetime]
+
+
+#: Events committed by this process kept for ``tail`` (see the module docstring).
+RECENT = 4096
 
 
 def _utcnow() -> datetime:
@@ -81,6 +93,9 @@ class EventLog:
         self._running = False
         self.commits = 0  # transactions committed (group-commit statistics)
         self.appended = 0  # requests appended
+        #: seq -> the event as a read returns it, for the last RECENT events this
+        #: process committed (oldest first)
+        self._recent: dict[int, RecordedEvent] = {}
 
     # -- writing -------------------------------------------------------------------
 
@@ -118,8 +133,8 @@ class EventLog:
         requests = [p.request for p in batch]
         now_us = to_micros(self._clock())
         try:
-            results = await trio.to_thread.run_sync(
-                self.store.append_batch, requests, now_us, limiter=self._write_limiter
+            results, as_read = await trio.to_thread.run_sync(
+                self._append_batch, requests, now_us, limiter=self._write_limiter
             )
         except EventLogError as exc:
             for p in batch:
@@ -127,12 +142,48 @@ class EventLog:
                 p.done.set()
             return
         self.commits += 1
+        recent = self._recent
+        for event in as_read:
+            recent[event.seq] = event
+        while len(recent) > RECENT:
+            del recent[next(iter(recent))]
         for p, result in zip(batch, results, strict=True):
             p.result = result
             if not isinstance(result, BaseException):
                 self.appended += 1
             p.done.set()
         self._notify()
+
+    def _append_batch(
+        self, requests: list[AppendRequest], now_us: int
+    ) -> tuple[list[AppendResult], list[RecordedEvent]]:
+        """The store's append (in the writer thread), and the committed events as a read
+        would return them: each payload decoded from its encoding, as stored."""
+        results = self.store.append_batch(requests, now_us)
+        as_read = [
+            msgspec.structs.replace(e, event=decode_event(e.type, e.schema, encode_event(e.event)))
+            for result in results
+            if not isinstance(result, BaseException)
+            for e in result
+        ]
+        return results, as_read
+
+    def _recent_after(self, after_seq: int, limit: int, prev_hash: str | None) -> list[RecordedEvent]:
+        """The events after ``after_seq`` that this process committed and still keeps,
+        in order and without gaps, each linking to the one before it (the first to
+        ``prev_hash`` when given); empty when the next one is not kept."""
+        out: list[RecordedEvent] = []
+        recent = self._recent
+        link = prev_hash
+        seq = after_seq + 1
+        while len(out) < limit:
+            event = recent.get(seq)
+            if event is None or (link is not None and event.prev_hash != link):
+                break
+            out.append(event)
+            link = event.hash
+            seq += 1
+        return out
 
     def _notify(self) -> None:
         committed, self._committed = self._committed, trio.Event()
@@ -234,7 +285,9 @@ class EventLog:
             # so an empty read waits for it without asking the store for its head.
             waiter = self._committed
             try:
-                events = await self.read(after_seq, batch, prev_hash=prev_hash)
+                events = self._recent_after(after_seq, batch, prev_hash)
+                if not events:
+                    events = await self.read(after_seq, batch, prev_hash=prev_hash)
                 if not events:
                     with trio.move_on_after(self._poll_interval):
                         await waiter.wait()

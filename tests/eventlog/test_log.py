@@ -9,8 +9,16 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from eventlog import EventLog, EventLogError, ExpectedSequenceConflict, Head, SQLiteEventStore
+from eventlog import (
+    EventLog,
+    EventLogError,
+    ExpectedSequenceConflict,
+    Head,
+    RecordedEvent,
+    SQLiteEventStore,
+)
 from eventlog.events import UserCreated
+from eventlog.rows import StoredRow
 from tests.conftest import ADMIN, StepClock
 
 
@@ -131,3 +139,53 @@ async def test_tail_finds_events_written_by_another_process(tmp_path: Path) -> N
             await found.wait()
         nursery.cancel_scope.cancel()
     assert got == [1]
+
+
+async def test_tail_takes_its_own_commits_without_reading_them_back(tmp_path: Path) -> None:
+    """Issue 19 (registration CPU): the events this process committed reach its
+    tailers as a read would return them (payload decoded from its encoding, links
+    and hashes as stored) without a read of the store; events another process wrote
+    in between are read from the store, in order, links checked."""
+
+    class CountingStore(SQLiteEventStore):
+        rows_read = 0
+
+        def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
+            rows = super().read_rows(after_seq, limit)
+            CountingStore.rows_read += len(rows)
+            return rows
+
+    path = tmp_path / "log.db"
+    log = EventLog(CountingStore(path), poll_interval=0.05)
+    other = EventLog(SQLiteEventStore(path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        await nursery.start(other.run)
+        seen = await _follow_while_appending(log, nursery, range(1, 11))
+        assert seen == list(range(1, 11))
+        assert CountingStore.rows_read == 0
+        # Another process's event between two of ours: read from the store.
+        got: list[RecordedEvent] = []
+        done = trio.Event()
+
+        async def follow() -> None:
+            async with aclosing(log.tail(10, prev_hash=log.store.hash_at(10))) as tail:
+                async for batch in tail:
+                    got.extend(batch)
+                    if got[-1].seq >= 13:
+                        done.set()
+                        return
+
+        nursery.start_soon(follow)
+        await wait_all_tasks_blocked()
+        await other.append([UserCreated(user_id=11, name="u11")], actor=ADMIN)
+        with trio.fail_after(5):
+            while len(await log.read(10)) < 1:
+                await trio.sleep(0.01)
+        await log.append([UserCreated(user_id=12, name="u12")], actor=ADMIN)
+        await log.append([UserCreated(user_id=13, name="u13")], actor=ADMIN)
+        with trio.fail_after(5):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert [e.seq for e in got] == [11, 12, 13]
+    assert got == log.store.read(10)
