@@ -36,7 +36,16 @@ from eventlog import EventStore
 from eventlog.events import DnsExtraRecord
 
 from .errors import CheckpointError
-from .state import ApiKey, Node, PreAuthKey, SshApproval, TailnetState, User, rebuild_indexes
+from .state import (
+    ApiKey,
+    Node,
+    PreAuthKey,
+    SshApproval,
+    TailnetState,
+    User,
+    rebuild_indexes,
+    shared_node,
+)
 
 __all__ = ["SNAPSHOT_SCHEMA", "CheckpointStore", "decode_state", "encode_state"]
 
@@ -107,12 +116,14 @@ def encode_state(state: TailnetState) -> bytes:
 
 def decode_state(blob: bytes) -> TailnetState:
     snap = _decoder.decode(blob)
+    keys = {k.id: k for k in snap.preauth_keys}
     state = TailnetState(
         seq=snap.seq,
         last_event_at=snap.last_event_at,
         users=Map({u.id: u for u in snap.users}),
-        nodes=Map({n.id: n for n in snap.nodes}),
-        preauth_keys=Map({k.id: k for k in snap.preauth_keys}),
+        # Nodes share strings and tags as the fold's do.
+        nodes=Map({n.id: shared_node(n, None if n.preauthkey_id is None else keys.get(n.preauthkey_id)) for n in snap.nodes}),
+        preauth_keys=Map(keys),
         api_keys=Map({k.id: k for k in snap.api_keys}),
         policy_text=snap.policy_text,
         policy_sha256=snap.policy_sha256,

@@ -59,6 +59,7 @@ from .state import (
     User,
     shared_str,
     shared_strs,
+    shared_with,
 )
 
 __all__ = ["apply", "fold"]
@@ -230,7 +231,7 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 node_key=event.node_key,
                 user_id=event.user_id,
                 hostname=event.hostname,
-                given_name=event.given_name,
+                given_name=shared_with(event.given_name, event.hostname),
                 ipv4=event.ipv4,
                 ipv6=event.ipv6,
                 tags=reg_key.tags if reg_key is not None and reg_key.tags == event.tags else shared_strs(event.tags),
@@ -276,10 +277,16 @@ def apply(state: TailnetState, recorded: RecordedEvent) -> tuple[TailnetState, D
                 return state, Delta()
             names = _name_added(_name_removed(state.node_names, node_old.given_name), event.given_name)
             return _node_changed(
-                replace(state, node_names=names), replace(node_old, given_name=event.given_name), recorded.seq
+                replace(state, node_names=names),
+                replace(node_old, given_name=shared_with(event.given_name, node_old.hostname)),
+                recorded.seq,
             )
         case NodeHostnameChanged():
-            return _update_node(state, event.node_id, recorded.seq, hostname=event.hostname)
+            node_old = state.nodes.get(event.node_id)
+            if node_old is None:
+                return state, Delta()
+            hostname = shared_with(event.hostname, node_old.given_name)
+            return _node_changed(state, replace(node_old, hostname=hostname), recorded.seq)
         case NodeTagsSet():
             if event.user_id is not None:
                 return _update_node(state, event.node_id, recorded.seq, tags=shared_strs(event.tags), user_id=event.user_id)

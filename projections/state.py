@@ -30,8 +30,10 @@ __all__ = [
     "TailnetState",
     "User",
     "rebuild_indexes",
+    "shared_node",
     "shared_str",
     "shared_strs",
+    "shared_with",
 ]
 
 
@@ -134,6 +136,25 @@ def shared_str(value: str) -> str:
 def shared_strs(values: tuple[str, ...]) -> tuple[str, ...]:
     """``values`` with each element :func:`shared_str` (the tuple itself is new)."""
     return tuple(map(shared_str, values))
+
+
+def shared_with(value: str, other: str) -> str:
+    """``value``, as the object ``other`` is when they are equal: a node's given name
+    is usually its host name, and keeps it once, not as the decoder's two copies."""
+    return other if value == other else value
+
+
+def shared_node(node: Node, key: PreAuthKey | None) -> Node:
+    """``node`` sharing what the fold shares (see :func:`shared_str`): its repeated
+    short strings, its pre-auth key's (``key``) tags tuple when equal, and one object
+    for equal host and given names. For nodes decoded from a checkpoint."""
+    return msgspec.structs.replace(
+        node,
+        given_name=shared_with(node.given_name, node.hostname),
+        tags=key.tags if key is not None and key.tags == node.tags else shared_strs(node.tags),
+        auth=shared_str(node.auth),
+        os=shared_str(node.os),
+    )
 
 
 class Node(msgspec.Struct, frozen=True, kw_only=True):

@@ -35,7 +35,7 @@ from eventlog import Actor
 from projections import Tailnet
 from projections import commands as c
 from projections.presence import PresenceTable
-from projections.state import Node, TailnetState
+from projections.state import Node, TailnetState, shared_with
 from projections.tailcfg import Hostinfo, KeyPrefix, MapRequest, encode, parse_key, peer_hostinfo
 
 from ..handler import NoiseResponse
@@ -107,7 +107,7 @@ class HostinfoGate:
                 status = 413
             if refused is not None:
                 return http_error(status, refused)
-        self.update_presence(node.id, mr, hostinfo)
+        self.update_presence(node, mr, hostinfo)
         if hostinfo is not None:
             await self.apply(node.id, hostinfo, actor)
         return None
@@ -159,7 +159,7 @@ class HostinfoGate:
             node_id,
         )
 
-    def update_presence(self, node_id: int, mr: MapRequest, hostinfo: Hostinfo | None) -> None:
+    def update_presence(self, node: Node, mr: MapRequest, hostinfo: Hostinfo | None) -> None:
         """Store what a map request says about the node's connection; ``hostinfo`` is
         the request's Hostinfo if it is to be kept (``None`` when ignored)."""
         changes: dict[str, object] = {"cap": mr.version}
@@ -174,7 +174,8 @@ class HostinfoGate:
             hostname = c.clean_hostname(hostinfo.hostname, self._limits.max_hostname_length)
             if hostname != hostinfo.hostname:
                 self._stats.hostnames_cleaned += 1
-            changes["hostinfo"] = peer_hostinfo(hostinfo, hostname=hostname)
+            # The recorded host name's object when equal: one string per node, not two.
+            changes["hostinfo"] = peer_hostinfo(hostinfo, hostname=shared_with(hostname, node.hostname))
             if hostinfo.net_info is not None and hostinfo.net_info.preferred_derp:
                 changes["home_derp"] = hostinfo.net_info.preferred_derp
-        self._presence.update(node_id, **changes)
+        self._presence.update(node.id, **changes)

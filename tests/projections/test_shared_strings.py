@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from projections import TailnetState, fold
+from projections import TailnetState, decode_state, encode_state, fold
 from projections import commands as c
 from projections.state import SHARED_STR_MAX, shared_str
 from projections.tailcfg import Hostinfo, peer_hostinfo
@@ -67,3 +67,58 @@ def test_peer_hostinfo_shares_repeated_values_and_keeps_everything() -> None:
         assert getattr(one, name) is getattr(two, name), name
     # A long value is someone's own: kept as it came, not interned.
     assert one.device_model == two.device_model and one.device_model is not two.device_model
+
+
+def _registered(r: Recorder, uid: int, hostname: str) -> int:
+    return r.run(lambda s: c.decide_register_node(
+        s, machine_key=f"{random.getrandbits(256):064x}", node_key=f"{random.getrandbits(256):064x}",
+        hostname=fresh(hostname), user_id=uid, tags=(), ephemeral=False, expiry=None,
+        auth="preauth", preauth_key=None, plan=PLAN, os="linux",
+    ))
+
+
+def test_a_node_keeps_one_string_for_equal_host_and_given_names() -> None:
+    r = Recorder()
+    uid = r.user("alice")
+    nid = _registered(r, uid, "laptop")
+    other = _registered(r, uid, "laptop")  # given name "laptop-1": two strings
+    # Decoded from the stored rows: the decoder makes the two names two objects.
+    state, _ = fold(TailnetState(), r.store.read())
+    assert state == r.state
+    node = state.nodes[nid]
+    assert node.given_name == node.hostname == "laptop" and node.given_name is node.hostname
+    assert state.nodes[other].given_name == "laptop-1"
+
+    # A rename away and back, and a host name change to the given name, share again.
+    r.run(lambda s: c.decide_rename_node(s, str(nid), "desk"))
+    r.run(lambda s: c.decide_rename_node(s, str(nid), "laptop"))
+    r.run(lambda s: c.decide_change_hostname(s, s.nodes[other], fresh("laptop-1")))
+    state, _ = fold(TailnetState(), r.store.read())
+    assert state == r.state
+    assert state.nodes[nid].given_name is state.nodes[nid].hostname
+    assert state.nodes[other].hostname == "laptop-1" and state.nodes[other].hostname is state.nodes[other].given_name
+
+
+def test_nodes_from_a_checkpoint_share_as_folded_ones_do() -> None:
+    r = Recorder()
+    uid = r.user("alice")
+    r.run(lambda s: c.decide_create_preauth_key(
+        s, user="alice", reusable=True, ephemeral=False, tags=("tag:web",), expires_at=None, now=r.now,
+        prefix="0123456789ab", secret="s" * 32,
+    ))
+    [pak] = r.state.preauth_keys.values()
+    def register(host: str) -> None:
+        r.run(lambda s: c.decide_register_node(
+            s, machine_key=f"{random.getrandbits(256):064x}", node_key=f"{random.getrandbits(256):064x}",
+            hostname=host, user_id=uid, tags=("tag:web",), ephemeral=False, expiry=None,
+            auth="preauth", preauth_key=s.preauth_keys[pak.id], plan=PLAN, os="linux",
+        ))
+
+    register("a")
+    register("b")
+    state = decode_state(encode_state(r.state))
+    assert encode_state(state) == encode_state(r.state)
+    a, b = sorted(state.nodes.values(), key=lambda n: n.hostname)
+    assert a.given_name is a.hostname and b.given_name is b.hostname
+    assert a.tags is b.tags is state.preauth_keys[pak.id].tags
+    assert a.os is b.os and a.auth is b.auth

@@ -225,6 +225,8 @@ async def test_hostinfo_is_capped_and_kept_only_as_peers_see_it(tmp_path: Path) 
         assert kept.hostinfo.backend_log_id == "" and kept.hostinfo.push_device_token == ""
         assert kept.hostinfo.exit_node_id == "" and kept.hostinfo.net_info is None
         assert kept.hostinfo.ssh_host_keys == ["ssh-ed25519 AAAA"]
+        # The host name the log recorded is one string with the one kept here (issue 19).
+        assert kept.hostinfo.hostname is server.tailnet.state.nodes[node.id].hostname
         async with cb.map_stream(b.map_request()) as sb:
             [peer] = (await next_update(sb)).peers or []
             # The Hostinfo comes with the full map, or with the presence publication
