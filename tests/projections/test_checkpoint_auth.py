@@ -107,3 +107,21 @@ async def test_the_runner_refuses_to_fold_an_edited_event(tmp_path: Path) -> Non
         caught.extend(e for e in group.exceptions if isinstance(e, ChainError))
     assert [e.seq for e in caught] == [3]
     assert runner.state.seq == 0  # nothing served from it
+
+
+async def test_saving_or_loading_a_checkpoint_hands_its_cached_pages_back(tmp_path: Path) -> None:
+    # A checkpoint's pages are not read again before the next one rewrites them: after
+    # a save and after a load the connection releases its page cache (issue 19: up to
+    # 2 MiB held by an idle server), and the checkpoint is still the one saved.
+    store = await _log_with_users(tmp_path / "log.db", 3)
+    cps = CheckpointStore(tmp_path / "cp.db", mac_key=KEY)
+    truth, _ = fold(TailnetState(), store.read())
+    statements: list[str] = []
+    cps._conn.set_trace_callback(statements.append)
+    cps.save("tailnet", truth, store.read()[-1].hash)
+    assert [s.split()[0] for s in statements] == ["INSERT", "PRAGMA"]
+    assert statements[-1] == "PRAGMA shrink_memory"
+    statements.clear()
+    assert cps.load("tailnet", store) == truth
+    assert [s.split()[0] for s in statements] == ["SELECT", "PRAGMA"]
+    assert statements[-1] == "PRAGMA shrink_memory"
