@@ -12,11 +12,11 @@ processes that open the same SQLite database file are found by reading again eve
 ``poll_interval`` seconds, so a tailer never misses an event whoever wrote it. (SQLite
 is the only backend today.)
 
-Events this process committed are not read back: the writer keeps the last
-:data:`RECENT` of them as a read would return them (the payload decoded from its
-stored encoding), and ``tail`` takes the next ones from there when they follow its
-position and link to the hash it holds; anything else (another process's events, a
-tailer further behind) is read from the store as before.
+Events this process committed are not read back: the writer keeps them as a read would
+return them (the payload decoded from its stored encoding) until every running tail has
+passed them (at most :data:`RECENT`), and ``tail`` takes the next ones from there when
+they follow its position and link to the hash it holds; anything else (another
+process's events, a tailer further behind) is read from the store as before.
 
 Cancellation: ``append`` may be cancelled while waiting; the request may still commit
 (the caller cannot know), exactly as with a dropped network connection to a database.
@@ -25,6 +25,7 @@ Cancellation: ``append`` may be cancelled while waiting; the request may still c
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -44,7 +45,8 @@ __all__ = ["Clock", "EventLog"]
 Clock = Callable[[], datetime]
 
 
-#: Events committed by this process kept for ``tail`` (see the module docstring).
+#: At most this many events committed by this process are kept for ``tail`` (see the
+#: module docstring); fewer once every running tail has passed them.
 RECENT = 4096
 
 
@@ -93,9 +95,11 @@ class EventLog:
         self._running = False
         self.commits = 0  # transactions committed (group-commit statistics)
         self.appended = 0  # requests appended
-        #: seq -> the event as a read returns it, for the last RECENT events this
-        #: process committed (oldest first)
-        self._recent: dict[int, RecordedEvent] = {}
+        #: seq -> the event as a read returns it, for the events this process
+        #: committed that a running tail has yet to pass (at most RECENT; oldest first)
+        self._recent: OrderedDict[int, RecordedEvent] = OrderedDict()
+        #: Each running tail's position (see _passed).
+        self._tails: dict[object, int] = {}
 
     # -- writing -------------------------------------------------------------------
 
@@ -143,10 +147,11 @@ class EventLog:
             return
         self.commits += 1
         recent = self._recent
-        for event in as_read:
-            recent[event.seq] = event
+        if self._tails:  # (with no tail running, nothing would take them)
+            for event in as_read:
+                recent[event.seq] = event
         while len(recent) > RECENT:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
         for p, result in zip(batch, results, strict=True):
             p.result = result
             if not isinstance(result, BaseException):
@@ -184,6 +189,15 @@ class EventLog:
             link = event.hash
             seq += 1
         return out
+
+    def _passed(self, tail: object, seq: int) -> None:
+        """``tail`` is at ``seq``: forget the kept events every running tail has passed
+        (idle memory: nothing is kept once the tailers are level with the log)."""
+        self._tails[tail] = seq
+        low = min(self._tails.values())
+        recent = self._recent
+        while recent and next(iter(recent)) <= low:
+            recent.popitem(last=False)
 
     def _notify(self) -> None:
         committed, self._committed = self._committed, trio.Event()
@@ -280,27 +294,33 @@ class EventLog:
         what it has folded and catches up when the database returns.
         """
         backoff = 0.0
-        while True:
-            # Taken before the read: a commit of this process after the read sets it,
-            # so an empty read waits for it without asking the store for its head.
-            waiter = self._committed
-            try:
-                events = self._recent_after(after_seq, batch, prev_hash)
-                if not events:
-                    events = await self.read(after_seq, batch, prev_hash=prev_hash)
-                if not events:
-                    with trio.move_on_after(self._poll_interval):
-                        await waiter.wait()
-                backoff = 0.0
-            except StoreUnavailableError:
-                backoff = min(5.0, max(0.1, backoff * 2))
-                await trio.sleep(backoff)
-                continue
-            if events:
-                yield events
-                after_seq = events[-1].seq
-                if prev_hash is not None:
-                    prev_hash = events[-1].hash
+        me = object()
+        self._passed(me, after_seq)
+        try:
+            while True:
+                # Taken before the read: a commit of this process after the read sets
+                # it, so an empty read waits for it without asking the store for its head.
+                waiter = self._committed
+                try:
+                    events = self._recent_after(after_seq, batch, prev_hash)
+                    if not events:
+                        events = await self.read(after_seq, batch, prev_hash=prev_hash)
+                    if not events:
+                        with trio.move_on_after(self._poll_interval):
+                            await waiter.wait()
+                    backoff = 0.0
+                except StoreUnavailableError:
+                    backoff = min(5.0, max(0.1, backoff * 2))
+                    await trio.sleep(backoff)
+                    continue
+                if events:
+                    yield events
+                    after_seq = events[-1].seq
+                    self._passed(me, after_seq)
+                    if prev_hash is not None:
+                        prev_hash = events[-1].hash
+        finally:
+            del self._tails[me]
 
 
 

@@ -189,3 +189,40 @@ async def test_tail_takes_its_own_commits_without_reading_them_back(tmp_path: Pa
         nursery.cancel_scope.cancel()
     assert [e.seq for e in got] == [11, 12, 13]
     assert got == log.store.read(10)
+
+
+async def test_own_commits_are_kept_only_until_every_tail_has_passed_them(tmp_path: Path) -> None:
+    """Idle memory (issue 19): the events kept for this process's tails are dropped once
+    the slowest running tail has taken them, and none are kept with no tail running."""
+    log = EventLog(SQLiteEventStore(tmp_path / "log.db"), poll_interval=0.05)
+    got: dict[str, list[int]] = {"fast": [], "slow": []}
+    gates = {"fast": trio.Event(), "slow": trio.Event()}
+    gates["fast"].set()
+
+    async def follow(name: str) -> None:
+        async with aclosing(log.tail(1)) as tail:
+            async for batch in tail:
+                got[name].extend(e.seq for e in batch)
+                await gates[name].wait()  # the slow one holds its place until let go
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        await log.append([UserCreated(user_id=1, name="u1")], actor=ADMIN)
+        assert not log._recent  # no tail running: nothing kept
+        async with trio.open_nursery() as tails:
+            tails.start_soon(follow, "fast")
+            tails.start_soon(follow, "slow")
+            await wait_all_tasks_blocked()
+            await log.append([UserCreated(user_id=2, name="u2"), UserCreated(user_id=3, name="u3")], actor=ADMIN)
+            with trio.fail_after(5):
+                while got != {"fast": [2, 3], "slow": [2, 3]}:
+                    await trio.sleep(0.01)
+            assert list(log._recent) == [2, 3]  # the slow tail has not asked for more
+            gates["slow"].set()
+            with trio.fail_after(5):
+                while log._recent:
+                    await trio.sleep(0.01)
+            tails.cancel_scope.cancel()
+        await log.append([UserCreated(user_id=4, name="u4")], actor=ADMIN)
+        assert not log._recent
+        nursery.cancel_scope.cancel()
