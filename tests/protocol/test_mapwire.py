@@ -9,9 +9,11 @@ ten ids make four pieces: [1 2 3] [4 5 6] [7 8 9] [10].
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 from datetime import timedelta
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,3 +250,22 @@ def test_random_histories_frame_to_the_values_decided(ops: list[tuple[int, int]]
 def test_chunk_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         MapWire(chunk=0)
+
+
+def test_a_kept_compressed_piece_holds_only_its_own_bytes() -> None:
+    # python-zstandard hands a frame back in a buffer of the input's worst-case
+    # compressed size; a shared piece keeps its frame as long as its class, so it
+    # keeps a copy of the frame's own size, with the same bytes.
+    json = b",".join(b'{"ID":%d,"Name":"host.example.ts.net.","Tags":[]}' % i for i in range(2000))
+    tracemalloc.start()
+    try:
+        piece = mapwire._Piece((json,))
+        before = tracemalloc.get_traced_memory()[0]
+        frame = piece.compressed()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(frame) < len(json) // 20  # the JSON is repetitive: the frame is small
+    assert kept < len(frame) + 1024, (kept, len(frame))  # not the ~100 KiB buffer
+    assert piece.compressed() is frame
+    assert zstandard.ZstdDecompressor().decompress(frame) == b"," + json
