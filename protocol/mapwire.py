@@ -303,5 +303,7 @@ class MapWire:
         version that shows this peer object)."""
         json = self._peers.get(peer)
         if json is None:
-            json = self._peers[peer] = _encoder.encode(peer.wire)
+            # Kept as a copy of its own size: msgspec returns its output buffer, half
+            # as large again as the JSON (kept as long as the peer: issue 19).
+            json = self._peers[peer] = bytes(memoryview(_encoder.encode(peer.wire)))
         return json

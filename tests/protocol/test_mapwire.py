@@ -269,3 +269,25 @@ def test_a_kept_compressed_piece_holds_only_its_own_bytes() -> None:
     assert kept < len(frame) + 1024, (kept, len(frame))  # not the ~100 KiB buffer
     assert piece.compressed() is frame
     assert zstandard.ZstdDecompressor().decompress(frame) == b"," + json
+
+
+def test_a_peers_kept_json_holds_only_its_own_bytes(net: Tailnet) -> None:
+    # msgspec hands its output back in a buffer half as large again as the JSON; a
+    # peer's JSON is kept as long as the peer, so it is kept at its own size.
+    net.presence[2] = NodePresence(
+        online=True, endpoints=tuple(f"192.0.2.{i}:41641" for i in range(80)), home_derp=1
+    )
+    net.advance(frozenset({2}))
+    peers = net.hub.peer_set(1).peers
+    wire = MapWire()
+    wire._peer_json(peers[3])  # the cache's table exists: the next entry adds no table
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        json = wire._peer_json(peers[2])
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(json) > 1500
+    assert kept < len(json) + 400, (kept, len(json))  # not the encoder's buffer (+50%)
+    assert json == encode(peers[2].wire) and wire._peer_json(peers[2]) is json
