@@ -547,6 +547,11 @@ class MapHub:
         sharing = Counter(map(id, classes.values()))
         looked: dict[int, tuple[PeerSet, int]] = {}
         versions = _Versions(self._classes.values())
+        #: (previous version, newcomers, the viewers' node attributes) -> the version
+        #: made of them: classes on one version that gain the same known newcomers
+        #: gain the same peers (plain peers' views depend on the viewer's attributes
+        #: alone), so the first one's update serves the others.
+        gained: dict[tuple[int, frozenset[int], tuple[str, ...]], PeerSet] = {}
         for key in todo:
             mem = self._members.get(key)
             if not mem:
@@ -568,7 +573,16 @@ class MapHub:
             if key in lone:
                 mine.add(lone[key])
             known = {nid for nid in mine if key in sure.get(nid, ())}
-            classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only, versions, known)
+            if presence_only or key in lone or len(known) != len(mine):
+                classes[key] = self._update_class(state, now, compiled, old, mem, mine, presence_only, versions, known)
+                continue
+            memo = (id(old), frozenset(mine), compiled.node_attrs.get(next(iter(mem)), ()))
+            made = gained.get(memo)
+            if made is None:
+                made = gained[memo] = self._update_class(
+                    state, now, compiled, old, mem, mine, presence_only, versions, known
+                )
+            classes[key] = made
         for old, count in looked.values():
             if sharing[id(old)] > count:
                 versions.kept(old)  # classes not looked at stay on it (as if they kept it)

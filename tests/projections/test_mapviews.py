@@ -265,6 +265,7 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     t = _corp_streams(sc, 7)
     r, hub, compiler = t.recorder, t.hub, t.compiler
     before = dataclasses.replace(hub.stats)
+    versions = {hub.class_of(m): hub.peer_set(m) for m in r.state.nodes}
 
     r.now += timedelta(seconds=1)
     newcomer = t.register(len(sc.owners))  # the scenario's next device: u3's (team 3, no admin)
@@ -276,12 +277,16 @@ def test_a_join_costs_what_it_affects_in_a_segmented_tailnet() -> None:
     # Two SSH keys gained a source: u3's devices (autogroup:self) and the servers of
     # tag:svc3 (team 3's check rule); nobody else's SSH policy is rebuilt.
     assert hub.stats.ssh_renders - before.ssh_renders == 2
-    # The newcomer is evaluated once per class that sees it (found from its own peers),
-    # not once per class: the others cannot have it as a peer.
+    # The newcomer is evaluated once per peer set that classes seeing it were on (they
+    # are found from its twin's place in the peer sets), not once per class: the
+    # others cannot have it as a peer, and classes that shared a version gain the
+    # same peer.
     compiled = compiler.compiled(r.state)
     seeing = {hub.class_of(m) for m in r.state.nodes if compiled.visible(m, newcomer)}
     assert 0 < len(seeing) < hub.classes()
-    assert hub.stats.peer_evaluations - before.peer_evaluations == len(seeing)
+    shared = {id(versions[k]) for k in seeing}
+    assert len(shared) < len(seeing)
+    assert hub.stats.peer_evaluations - before.peer_evaluations == len(shared)
     # Only those classes (and the newcomer's own) are looked at: the cost of a join
     # does not grow with the number of classes.
     own = {hub.class_of(newcomer)}
