@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from .durations import DurationError, parse_duration
+from .gcpolicy import MMAP_THRESHOLD_MAX
 
 __all__ = ["Config", "ConfigError", "Durations", "load_config"]
 
@@ -175,6 +176,10 @@ class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     route_failover_grace: str = "10s"
     # Keep the long-lived heap out of garbage collections (see cli/gcpolicy.py).
     gc_freeze: bool = True
+    # Buffers of at least this many bytes get their own memory mapping, returned to the
+    # system when freed (glibc's M_MMAP_THRESHOLD, kept fixed; cli/gcpolicy.py).
+    # 0: glibc's default, a threshold that grows with the largest buffer freed.
+    malloc_mmap_threshold: int = 65536
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -703,6 +708,8 @@ def validate(config: Config) -> None:
     config.durations  # noqa: B018 - parses every duration; raises ConfigError for a bad one
     if config.tuning.full_map_concurrency < 1:
         raise ConfigError("tuning.full_map_concurrency: must be at least 1")
+    if not 0 <= config.tuning.malloc_mmap_threshold <= MMAP_THRESHOLD_MAX:
+        raise ConfigError(f"tuning.malloc_mmap_threshold: must be 0 (glibc's default) to {MMAP_THRESHOLD_MAX} bytes")
     _validate_limits(config.limits)
     _validate_connection_limits(config.limits)
     if config.policy.mode not in ("database", "file"):

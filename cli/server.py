@@ -59,7 +59,7 @@ from .config import Config
 from .dnsapply import follow_dns
 from .dnsrecords import sync_extra_records
 from .fdlimit import raise_fd_limit
-from .gcpolicy import manage_gc
+from .gcpolicy import manage_gc, set_mmap_threshold
 from .leader import Leadership, while_leading
 from .network import (
     DerpSources,
@@ -350,6 +350,8 @@ def run_server(config: Config, *, ignore_chain_errors: bool = False) -> int:
     problem = raise_fd_limit(config.limits.max_connections, remedy="or lower limits.max_connections")
     if problem:
         log.warning("%s; connections beyond that fail at accept", problem)
+    if config.tuning.malloc_mmap_threshold and not set_mmap_threshold(config.tuning.malloc_mmap_threshold):
+        log.info("tuning.malloc_mmap_threshold: not glibc, left to the C library")
 
     async def main() -> None:
         # At a signal the whole task tree is cancelled at once.

@@ -41,6 +41,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[policy]\nmode = 'file'", "policy.path"),
         ("this is not toml", "not valid TOML"),
         ("[tuning]\nfull_map_concurrency = 0", "tuning.full_map_concurrency: must be at least 1"),
+        ("[tuning]\nmalloc_mmap_threshold = -1", "tuning.malloc_mmap_threshold: must be 0 (glibc's default) to"),
+        ("[tuning]\nmalloc_mmap_threshold = 67108864", "tuning.malloc_mmap_threshold: must be 0 (glibc's default) to"),
         ("[tuning]\nfull_map_turn_timeout = '0'", "tuning.full_map_turn_timeout: must be a positive"),
         ("[tuning]\nfull_map_turn_timeout = 'soon'", "tuning.full_map_turn_timeout: malformed duration"),
         ("[limits]\nmax_hostinfo_bytes = 100", "limits.max_hostinfo_bytes: must be at least 1024"),

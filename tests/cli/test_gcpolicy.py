@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -13,6 +16,7 @@ import trio
 
 from cli import gcpolicy
 from cli.gcpolicy import manage_gc
+from cli.spawn import child_env
 
 
 class _Cycle:
@@ -129,3 +133,46 @@ async def test_steps_do_not_count_the_frozen_objects_unless_debug_logging_is_on(
             await trio.sleep(1.0)  # five steps
             nursery.cancel_scope.cancel()
         assert bool(counted) is expect_counts, level
+
+
+# Run in a child: the threshold is the whole process's, and it cannot be given back to
+# glibc's dynamic default once set.
+_MMAP_PROBE = """
+import ctypes, sys
+from cli.gcpolicy import set_mmap_threshold
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("skip"); sys.exit()
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed":
+    assert set_mmap_threshold(64 * 1024)
+# A 1 MiB buffer freed: glibc's default would now raise its threshold to 1 MiB.
+big = bytes(1 << 20)
+del big
+before = libc.mallinfo2().hblks
+held = bytes(96 * 1024)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.parametrize(("how", "mapped"), [("fixed", "1"), ("default", "0")])
+def test_a_fixed_mmap_threshold_gives_large_buffers_their_own_mapping(how: str, mapped: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAP_PROBE, how], capture_output=True, text=True, check=True,
+        env=child_env({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}),
+    ).stdout.strip()
+    if out == "skip":
+        pytest.skip("not glibc 2.33+")
+    # Fixed, a 96 KiB buffer is mapped on its own (and unmapped when freed) however
+    # large the buffers freed before; by default it would be carved from the heap.
+    assert out == mapped
+
+
+def test_the_mmap_threshold_is_checked() -> None:
+    with pytest.raises(ValueError, match="mmap threshold"):
+        gcpolicy.set_mmap_threshold(0)
