@@ -41,12 +41,13 @@ class LogAuthorizer:
         self.runner = runner
         self._clock = clock
         # Node id -> its authorized key, and how many authorized nodes hold each key
-        # (a key stays authorized while any node holding it is).
-        self._by_node: dict[int, bytes] = {}
-        self._holders: dict[bytes, int] = {}
+        # (a key stays authorized while any node holding it is). Keys are the state's
+        # own hex strings: nothing is kept per node but the entries (issue 19).
+        self._by_node: dict[int, str] = {}
+        self._holders: dict[str, int] = {}
 
     def is_authorized(self, node_key: bytes) -> bool:
-        return node_key in self._holders
+        return node_key.hex() in self._holders
 
     def refresh(self, state: TailnetState | None = None) -> set[bytes]:
         """Recompute the authorized set from every node of ``state`` (the runner's by
@@ -63,10 +64,10 @@ class LogAuthorizer:
 
     def _recheck(self, state: TailnetState, node_ids: Iterable[int]) -> set[bytes]:
         now = self._clock()
-        dropped: set[bytes] = set()
+        dropped: set[str] = set()
         for nid in node_ids:
             node = state.nodes.get(nid)
-            key = None if node is None or node.is_expired(now) else bytes.fromhex(node.node_key)
+            key = None if node is None or node.is_expired(now) else node.node_key
             old = self._by_node.get(nid)
             if old == key:
                 continue
@@ -79,7 +80,7 @@ class LogAuthorizer:
             if key is not None:
                 self._by_node[nid] = key
                 self._holders[key] = self._holders.get(key, 0) + 1
-        return dropped - self._holders.keys()
+        return {bytes.fromhex(k) for k in dropped - self._holders.keys()}
 
     async def run(
         self,

@@ -106,3 +106,17 @@ def test_a_key_coming_due_is_revoked_by_the_periodic_recheck() -> None:
     clock[0] = r.now + timedelta(seconds=31)
     assert auth.refresh(r.state) == {key}
     assert not auth.is_authorized(key)
+
+
+def test_the_authorized_set_keeps_the_states_key_strings_not_copies() -> None:
+    # Issue 19: an idle node costs the relay its set entries only, not a bytes copy
+    # of its key made from the state's hex string (and re-made at every re-check).
+    r = Recorder()
+    alice = r.user("alice")
+    clock = [r.now]
+    auth = _authorizer(clock)
+    nid = r.node(alice, "one", key="11" * 32)
+    assert auth.refresh(r.state) == set()
+    [held] = auth._holders
+    assert held is r.state.nodes[nid].node_key
+    assert auth.is_authorized(bytes.fromhex("11" * 32))
