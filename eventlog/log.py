@@ -93,6 +93,8 @@ class EventLog:
         self._read_limiter = trio.CapacityLimiter(4)
         self._committed = trio.Event()
         self._running = False
+        #: The newest seq this process committed (the store's head is at least that).
+        self._committed_seq = 0
         self.commits = 0  # transactions committed (group-commit statistics)
         self.appended = 0  # requests appended
         #: seq -> the event as a read returns it, for the events this process
@@ -146,6 +148,8 @@ class EventLog:
                 p.done.set()
             return
         self.commits += 1
+        if as_read:
+            self._committed_seq = max(self._committed_seq, as_read[-1].seq)
         recent = self._recent
         if self._tails:  # (with no tail running, nothing would take them)
             for event in as_read:
@@ -270,16 +274,25 @@ class EventLog:
         )
 
     async def wait_for_new(self, after_seq: int) -> None:
-        """Return once the head is past ``after_seq`` (in-process wake-up or polling)."""
+        """Return once the head is past ``after_seq`` (in-process wake-up or polling).
+
+        A commit of this process that wakes it tells its own seq: the store is asked
+        for its head only at first and on each poll (another process's appends), not
+        after every commit of this one (a thread hop per registration in a storm)."""
+        ask_store = True
         while True:
             waiter = self._committed
-            try:
-                if (await self.head()).seq > after_seq:
-                    return
-            except StoreUnavailableError:
-                pass  # the database is down: wait for it like for an append
-            with trio.move_on_after(self._poll_interval):
+            if self._committed_seq > after_seq:
+                return
+            if ask_store:
+                try:
+                    if (await self.head()).seq > after_seq:
+                        return
+                except StoreUnavailableError:
+                    pass  # the database is down: wait for it like for an append
+            with trio.move_on_after(self._poll_interval) as poll:
                 await waiter.wait()
+            ask_store = poll.cancelled_caught
 
     async def tail(
         self, after_seq: int = 0, *, batch: int = 1000, prev_hash: str | None = None

@@ -226,3 +226,55 @@ async def test_own_commits_are_kept_only_until_every_tail_has_passed_them(tmp_pa
         await log.append([UserCreated(user_id=4, name="u4")], actor=ADMIN)
         assert not log._recent
         nursery.cancel_scope.cancel()
+
+
+async def test_wait_for_new_learns_its_own_commits_without_asking_the_store(tmp_path: Path) -> None:
+    """Issue 19 (registration CPU): the head signer waits for the log to pass a seq;
+    commits of this process wake it with their own seq, so the store's head is asked
+    once at first, not after every commit. Another process's appends are still found
+    by polling."""
+
+    class CountingStore(SQLiteEventStore):
+        heads = 0
+
+        def head(self) -> Head:
+            CountingStore.heads += 1
+            return super().head()
+
+    path = tmp_path / "log.db"
+    log = EventLog(CountingStore(path), poll_interval=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        passed = trio.Event()
+
+        async def wait(after: int, done: trio.Event) -> None:
+            await log.wait_for_new(after)
+            done.set()
+
+        nursery.start_soon(wait, 5, passed)
+        for i in range(1, 7):
+            await wait_all_tasks_blocked()
+            assert not passed.is_set()
+            await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
+        with trio.fail_after(5):
+            await passed.wait()
+        assert CountingStore.heads == 1
+        nursery.cancel_scope.cancel()
+
+    polled = EventLog(SQLiteEventStore(path), poll_interval=0.05)
+    other = EventLog(SQLiteEventStore(path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(other.run)
+        found = trio.Event()
+
+        async def wait_polled() -> None:
+            await polled.wait_for_new(6)
+            found.set()
+
+        nursery.start_soon(wait_polled)
+        await wait_all_tasks_blocked()
+        assert not found.is_set()
+        await other.append([UserCreated(user_id=7, name="u7")], actor=ADMIN)
+        with trio.fail_after(5):
+            await found.wait()
+        nursery.cancel_scope.cancel()
