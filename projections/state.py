@@ -157,8 +157,11 @@ def shared_node(node: Node, key: PreAuthKey | None) -> Node:
     )
 
 
-class Node(msgspec.Struct, frozen=True, kw_only=True):
-    """One machine. Keys are lower-case hex of the 32 raw bytes."""
+class Node(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One machine. Keys are lower-case hex of the 32 raw bytes.
+
+    Its fields (numbers, strings, times, tuples of strings) cannot reach back to it, so
+    it carries no garbage-collector header (16 bytes per node; issue 19)."""
 
     id: int
     machine_key: str

@@ -4,11 +4,12 @@ pre-auth key's tags tuple), whatever the decoder made of them."""
 
 from __future__ import annotations
 
+import gc
 import random
 
 from projections import TailnetState, decode_state, encode_state, fold
 from projections import commands as c
-from projections.state import SHARED_STR_MAX, shared_str
+from projections.state import SHARED_STR_MAX, Node, shared_str
 from projections.tailcfg import Hostinfo, peer_hostinfo
 from tests.support.builders import PLAN, Recorder
 
@@ -122,3 +123,16 @@ def test_nodes_from_a_checkpoint_share_as_folded_ones_do() -> None:
     assert a.given_name is a.hostname and b.given_name is b.hostname
     assert a.tags is b.tags is state.preauth_keys[pak.id].tags
     assert a.os is b.os and a.auth is b.auth
+
+
+def test_a_node_record_carries_no_garbage_collector_header() -> None:
+    # Issue 19: its fields cannot form a cycle, so it is left out of the collector.
+    assert Node.__struct_config__.gc is False
+    node = next(iter(_one_node_state().nodes.values()))
+    assert not gc.is_tracked(node)
+
+
+def _one_node_state() -> TailnetState:
+    r = Recorder()
+    _registered(r, r.user("alice"), "laptop")
+    return r.state
