@@ -613,6 +613,8 @@ class MapHub:
             return None, sure
         out: dict[int, set[Hashable]] = {}
         key_of = self._key_of
+        #: the classes on each current version (made at the first twin)
+        versions: list[tuple[PeerSet, list[Hashable]]] | None = None
         for nid in changed:
             node = state.nodes.get(nid)
             if node is None or node.is_expired(now):
@@ -623,16 +625,13 @@ class MapHub:
                 out[nid] = {key_of[p] for p in compiled.peer_id_set(nid) if p in key_of}
                 continue
             own = key_of[nid]
-            holds: dict[int, bool] = {}
-            seeing = set()
-            for key, ps in self._classes.items():
-                if key is own:
-                    continue
-                hit = holds.get(id(ps))
-                if hit is None:
-                    hit = holds[id(ps)] = twin in ps.peers
-                if hit:
-                    seeing.add(key)
+            if versions is None:
+                on: dict[int, tuple[PeerSet, list[Hashable]]] = {}
+                for key, ps in self._classes.items():
+                    on.setdefault(id(ps), (ps, []))[1].append(key)
+                versions = list(on.values())
+            seeing = {key for ps, keys in versions if twin in ps.peers for key in keys}
+            seeing.discard(own)
             sure[nid] = seeing
             own_ps = self._classes.get(own)
             # The own class's peer set tells whether its members see each other only
