@@ -452,19 +452,26 @@ class SSHTable:
         changed: Sequence[NodeInfo] | None = None,
     ) -> None:
         """Resolve every rule. ``changed`` (with ``previous``) are the only nodes that
-        changed since ``previous`` (same users and policy), as they were and as they
-        are: a rule none of whose sources is among them keeps its principals, the
-        others regroup only the changed nodes' owners (and the tagged sources)."""
+        changed since ``previous`` (same users), as they were and as they are: a rule
+        whose aliases resolve to the same objects and none of whose sources is among
+        them keeps its principals. Under the same policy the other rules regroup only
+        the changed nodes' owners (and the tagged sources); after a policy change
+        (the same ``ssh`` section, but a group or tag owner may have moved) they
+        regroup every source."""
         self.policy = resolver.policy
         rules = resolver.policy.ssh or ()
         old: Sequence[SSHSources | None] = (
             previous.rules if previous is not None and _same_ssh(previous.policy, self.policy) else [None] * len(rules)
         )
         moved = [a for info in changed for a in info.addrs] if changed is not None else None
+        # Regrouping only the changed nodes' owners holds while the policy is the one
+        # ``previous`` was resolved under: a policy change may move any user in or out
+        # of a rule's sources (a group's members) without any node changing.
+        regroup = changed if previous is not None and previous.policy is self.policy else None
         shared: dict[tuple[SSHPrincipal, ...], tuple[SSHPrincipal, ...]] = {}
         self.rules: tuple[SSHSources, ...] = tuple(
             o if o is not None and moved is not None and o.kept_by(r, resolver, moved)
-            else SSHSources(r, resolver, control_url, o, changed, shared)
+            else SSHSources(r, resolver, control_url, o, regroup, shared)
             for r, o in zip(rules, old, strict=True)
         )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 from collections.abc import Callable
 from datetime import timedelta
@@ -537,3 +538,54 @@ def test_newcomers_in_known_classes_are_placed_by_their_twins_without_a_fold() -
         t.models[n] = ClientNetmap()
         t.models[n].apply(decode(encode(t.cursors[n].full_map(hub).response()), MapResponse))
     t.check()
+
+
+def test_a_policy_change_moving_a_group_that_an_unchanged_ssh_section_names_reaches_ssh_policies() -> None:
+    """Adding u2 to ``group:ops`` while the ``ssh`` section (ops -> tag:web) stays as it
+    was: the tagged server's SSH policy must name u2's device both in its stream's
+    update and in a fresh full map from the hub. (The SSH table regrouped only the
+    changed nodes' owners, and a policy change changes no node: u2 stayed out.)"""
+
+    def doc(ops: list[str]) -> str:
+        return json.dumps({
+            "groups": {"group:ops": ops},
+            "tagOwners": {"tag:web": ["u1@"]},
+            "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+            "ssh": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:web"], "users": ["root"]}],
+        })
+
+    r = Recorder()
+    u1, u2 = r.user("u1"), r.user("u2")
+    r.run(lambda s: c.decide_set_policy(s, doc(["u1@"]), source="t"))
+    rnd = random.Random(1)
+
+    def register(uid: int, tags: tuple[str, ...]) -> int:
+        return r.run(lambda s: c.decide_register_node(
+            s, machine_key=f"{rnd.getrandbits(256):064x}", node_key=f"{rnd.getrandbits(256):064x}",
+            hostname="h", user_id=uid, tags=tags, ephemeral=False, expiry=None, auth="cli", preauth_key=None,
+            plan=PLAN,
+        ))
+
+    register(u1, ())
+    b = register(u2, ())
+    web = register(u1, ("tag:web",))
+    settings_ = NetmapSettings(domain="example.ts.net", derp_map=DERPMap(regions={}))
+    compiler = PolicyCompiler("https://control.example")
+    hub = MapHub(compiler, settings_, lambda n: None)
+    hub.advance(r.state, r.now, r.delta, ())
+    r.delta = EMPTY
+    cursor = StreamCursor(web)
+    model = ClientNetmap()
+    model.apply(decode(encode(cursor.full_map(hub).response()), MapResponse))
+    b_ip = r.state.nodes[b].ipv4
+    r.now += timedelta(seconds=1)
+    r.run(lambda s: c.decide_set_policy(s, doc(["u1@", "u2@"]), source="t"))
+    hub.advance(r.state, r.now, r.delta, ())
+    for message in cursor.update(hub):
+        model.apply(decode(encode(message.response), MapResponse))
+    reference = full_map(r.state, web, policy=compiler, settings=settings_, presence=lambda n: None, now=r.now)
+    ssh = json.loads(encode(reference))["SSHPolicy"]
+    assert b_ip in [p.get("nodeIP") for rule in ssh["rules"] for p in rule["principals"]]
+    fresh = json.loads(encode(StreamCursor(web).full_map(hub).response()))
+    assert fresh["SSHPolicy"] == ssh
+    assert model.comparable() == _comparable(reference)

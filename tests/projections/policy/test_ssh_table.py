@@ -74,7 +74,12 @@ def policies(draw: st.DrawFn) -> str:
         ssh.append({"action": draw(st.sampled_from(["accept", "check"])), "src": src, "dst": dst,
                     "users": draw(st.sampled_from(SSH_USERS))})
     doc: dict[str, object] = {
-        "groups": {"group:ops": ["u1@example.com", "u2@example.com"], "group:dev": ["u3@example.com", "u4@example.com"]},
+        # Drawn members: a policy change may move a user in or out of a group that
+        # an unchanged ``ssh`` section names.
+        "groups": {
+            g: draw(st.lists(st.sampled_from([u.login for u in USERS]), max_size=3, unique=True))
+            for g in ("group:ops", "group:dev")
+        },
         "tagOwners": {t: ["group:ops"] for t in TAGS},
         "hosts": {"lan": "10.1.0.0/16"},
         "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:gw"]}, "exitNode": ["tag:gw"]},
