@@ -32,7 +32,7 @@ destinations follow the same per-alias rule.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from .document import ACL, AliasKind, Grant, IPSpec, Policy, PortRange
@@ -42,7 +42,7 @@ from .rules import CapEntry, DstEntry, Rule
 from .tailnet import EVERYTHING, INTERNET, NodeInfo, Tailnet
 
 __all__ = [
-    "CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "forget_shared_entries", "grant_shape", "policy_grants", "reuse_grant",
+    "CompiledGrant", "GrantKind", "acl_to_grants", "compile_grant", "forget_shared_entries", "grant_shape", "host_sets", "policy_grants", "reuse_grant",
 ]
 
 #: Well-known caps whose grant also gives the *destination* a companion cap
@@ -344,13 +344,30 @@ def _src_set(grant: Grant, src_sets: Sequence[IPSet], tailnet: Tailnet) -> Addre
 
 #: The memo key of a compile's :class:`_SharedEntries`.
 _SHARED_ENTRIES = ("dst_entries",)
+#: The memo key of the text and address set of each single-address destination the
+#: grants of a compile made (what :func:`self_rules` takes instead of making its own).
+_HOST_SETS = ("host_sets",)
 
 
 def forget_shared_entries(resolver: Resolver) -> None:
     """Drop the entry table the grants of a compile shared (its entries stay in the
     rules): called once every grant of the compile is made, so that the compiled
-    policy does not keep a table item per destination address and port list."""
-    resolver.memo.pop(_SHARED_ENTRIES, None)
+    policy does not keep a table item per destination address and port list. The
+    text and set of each single-address destination stay, by address (see
+    :func:`host_sets`)."""
+    shared = resolver.memo.pop(_SHARED_ENTRIES, None)
+    if isinstance(shared, _SharedEntries):
+        resolver.memo[_HOST_SETS] = {
+            prefix.lo: base for prefix, base in shared._by_prefix.items() if prefix.is_single()
+        }
+
+
+def host_sets(resolver: Resolver) -> Mapping[int, tuple[str, IPSet]]:
+    """The text and one-address set of each node address the grants compiled against
+    ``resolver`` name as a destination, by address: an owner's ``autogroup:self`` rules
+    take these objects rather than a copy per address (issue 19, memory)."""
+    table = resolver.memo.get(_HOST_SETS)
+    return table if isinstance(table, dict) else {}
 
 
 class _SharedEntries:
@@ -466,11 +483,17 @@ def parse_address_strings(strings: Iterable[str]) -> IPSet:
     return IPSet.from_ranges(intervals)
 
 
-def self_rules(compiled: CompiledGrant, node: NodeInfo, tailnet: Tailnet) -> list[Rule]:
+def self_rules(
+    compiled: CompiledGrant,
+    node: NodeInfo,
+    tailnet: Tailnet,
+    hosts: Mapping[int, tuple[str, IPSet]] | None = None,
+) -> list[Rule]:
     """Per-node rules of an ``autogroup:self`` grant (empty for tagged nodes).
 
     Sources shrink to the node owner's devices that the grant's sources
-    include; destinations are every address of the owner's devices.
+    include; destinations are every address of the owner's devices, each with the
+    text and set ``hosts`` has for it (see :func:`host_sets`), else new ones.
     """
     if compiled.kind is not GrantKind.SELF or node.owner is None:
         return []
@@ -488,10 +511,12 @@ def self_rules(compiled: CompiledGrant, node: NodeInfo, tailnet: Tailnet) -> lis
     dst_hosts = sorted(a for peer in same_user for a in peer.addrs)
     grant = compiled.grant
     rules: list[Rule] = []
+    known = hosts if hosts is not None else {}
+    bases = [known.get(addr) or (format_addr(addr), IPSet.from_addrs([addr])) for addr in dst_hosts]
     for spec in grant.ip:
         entries = tuple(
-            DstEntry(format_addr(addr), p.first, p.last, IPSet.from_addrs([addr]))
-            for addr in dst_hosts
+            DstEntry(text, p.first, p.last, addresses)
+            for text, addresses in bases
             for p in spec.ports
         )
         if entries:

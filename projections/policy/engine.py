@@ -46,6 +46,7 @@ from .compile import (
     compile_grant,
     forget_shared_entries,
     grant_shape,
+    host_sets,
     policy_grants,
     recompile_sources,
     reuse_grant,
@@ -304,7 +305,7 @@ class CompiledPolicy:
             cached = []
             for grant in self.grants:
                 if grant.kind is GrantKind.SELF:
-                    cached.extend(self_rules(grant, node, self.tailnet))
+                    cached.extend(self_rules(grant, node, self.tailnet, host_sets(self.resolver)))
                 elif grant.kind is GrantKind.VIA:
                     cached.extend(via_rules(grant, node))
             self._extra[key] = cached

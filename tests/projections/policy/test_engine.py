@@ -26,6 +26,7 @@ from projections.policy import (
     compile_policy,
     parse_policy,
 )
+from projections.policy.compile import GrantKind, self_rules
 from projections.policy.ipset import Prefix
 from projections.policy.resolve import Resolver, alias_dependencies, node_keys
 from projections.policy.syntax import parse_alias
@@ -484,3 +485,32 @@ def test_auto_approval_serves_routes_and_exit_nodes() -> None:
     assert compiled.primaries == {
         Prefix(compiled.tailnet.nodes[1].subnet_routes[0].lo, 16, True): 1
     }
+
+
+def test_self_rules_take_the_address_sets_the_global_rules_made() -> None:
+    """Issue 19, memory: an owner's ``autogroup:self`` destinations take the text and
+    one-address set the grants of the compile made for the same node address, not a
+    copy per address; their rules are what a self rule without that table makes."""
+    policy = parse_policy(json.dumps({
+        "acls": [
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:22"]},
+            {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+        ],
+    }))
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1"),
+        PolicyNode(id=2, name="b", user_id=1, ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="c", user_id=2, ipv4="100.64.0.3"),
+    ]
+    compiled = compile_policy(policy, Tailnet(USERS, nodes), auto_approve=False)
+    [member] = compiled.global_rules
+    by_ip = {e.ip: e for e in member.dst}
+    own = [e for r in compiled.extra_rules(1) for e in r.dst]
+    assert sorted(e.ip for e in own) == sorted(["100.64.0.1", "100.64.0.2", "fd7a:115c:a1e0::1"])
+    for e in own:
+        assert e.addresses is by_ip[e.ip].addresses and e.ip is by_ip[e.ip].ip
+    [grant] = [g for g in compiled.grants if g.kind is GrantKind.SELF]
+    node = compiled.tailnet.nodes[1]
+    plain = self_rules(grant, node, compiled.tailnet)
+    assert [r.wire() for r in compiled.extra_rules(1)] == [r.wire() for r in plain]
+    assert all(e.addresses is not by_ip[e.ip].addresses for r in plain for e in r.dst)
