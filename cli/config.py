@@ -222,7 +222,7 @@ class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # -- map streams and node updates (protocol/control/) --------------------------------
     # Largest Hostinfo a node may send (bytes of JSON); a larger one is refused (register
     # answers an error, map requests a 413) and nothing of it is kept. What is kept is
-    # trimmed to the fields peers get (projections.tailcfg.PEER_HOSTINFO_FIELDS).
+    # trimmed to the fields peers get (projections.tailcfg.PeerHostinfo).
     max_hostinfo_bytes: int = 16384
     # Longest host name recorded (characters; Tailscale's DNS label length). Longer
     # names are cut, control characters dropped.

@@ -36,7 +36,7 @@ from datetime import datetime
 
 from eventlog.sidetables import PresenceRecord
 
-from .tailcfg import Hostinfo
+from .tailcfg import PeerHostinfo
 
 __all__ = ["NodePresence", "PresenceTable", "PresenceWatcher"]
 
@@ -51,7 +51,7 @@ class NodePresence:
     disco_key: str | None = None  # wire form "discokey:<hex>"
     home_derp: int = 0
     cap: int = 0
-    hostinfo: Hostinfo | None = None
+    hostinfo: PeerHostinfo | None = None
     generation: int = 0  # of the newest map stream
 
 

@@ -37,7 +37,7 @@ import trio
 from eventlog import EventLogError, from_micros, to_micros
 
 from .presence import NodePresence, PresenceTable, PresenceWatcher
-from .tailcfg import Hostinfo
+from .tailcfg import PeerHostinfo
 
 __all__ = ["SharedPresenceStore", "share_presence"]
 
@@ -60,7 +60,7 @@ class _Shared(msgspec.Struct, frozen=True, array_like=True):
     disco_key: str | None
     home_derp: int
     cap: int
-    hostinfo: Hostinfo | None
+    hostinfo: PeerHostinfo | None
 
 
 _encoder = msgspec.json.Encoder()

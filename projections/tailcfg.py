@@ -89,6 +89,7 @@ __all__ = [
     "OptionalRaw",
     "OverTLSPublicKeyResponse",
     "PeerChange",
+    "PeerHostinfo",
     "PingRequest",
     "RegisterRequest",
     "RegisterResponse",
@@ -487,9 +488,48 @@ class Hostinfo(_Wire, frozen=True, kw_only=True):
     state_encrypted: bool | None = None
 
 
-#: The kept fields (first in PEER_HOSTINFO_FIELDS) whose values most nodes repeat
-#: (client version, OS, distribution, app): one shared string each, not one per
-#: node (see projections.state.shared_str).
+class PeerHostinfo(_Wire, frozen=True, kw_only=True):
+    """A :class:`Hostinfo` as the server keeps it and peers see it (``Node.Hostinfo``).
+
+    What peers' clients read (names and platform for status and UIs, peerapi
+    ``Services``, ``sshHostKeys`` for Tailscale SSH, ``WoLMACs`` to wake it, ``Location``
+    and the app-connector and peer-relay flags to pick nodes, the routes and tags it
+    asks for) and what the server itself records (host name, OS, routes). Everything
+    else stays with the node: log ids, the push token, the exit node it uses, TPM and
+    posture data, and ``NetInfo`` (its DERP home is kept apart, as ``HomeDERP``).
+
+    Its own type, not a trimmed :class:`Hostinfo`: one is kept per node, and a struct
+    with only these fields is half the size. The fields keep Hostinfo's names, types,
+    defaults and relative order, so both encode to the same bytes (omitted defaults).
+    """
+
+    ipn_version: str = ""
+    os: str = ""
+    os_version: str = ""
+    distro: str = ""
+    distro_version: str = ""
+    app: str = ""
+    package: str = ""
+    device_model: str = ""
+    hostname: str = ""
+    shields_up: bool = False
+    wire_ingress: bool = False
+    ingress_enabled: bool = False
+    routable_ips: list[str] | None = None
+    request_tags: list[str] | None = None
+    wol_macs: list[str] | None = None
+    services: list[Service] | None = None
+    ssh_host_keys: list[str] | None = None
+    userspace: bool | None = None
+    userspace_router: bool | None = None
+    app_connector: bool | None = None
+    services_hash: str = ""
+    peer_relay: bool = False
+    location: Location | None = None
+
+
+#: The kept fields whose values most nodes repeat (client version, OS, distribution,
+#: app): one shared string each, not one per node (see projections.state.shared_str).
 SHARED_HOSTINFO_FIELDS: Final = (
     "ipn_version",
     "os",
@@ -501,34 +541,11 @@ SHARED_HOSTINFO_FIELDS: Final = (
     "device_model",
 )
 
-#: The Hostinfo fields the server keeps and shows to peers (``Node.Hostinfo``): what
-#: peers' clients read (names and platform for status and UIs, peerapi ``Services``,
-#: ``sshHostKeys`` for Tailscale SSH, ``WoLMACs`` to wake it, ``Location`` and the
-#: app-connector and peer-relay flags to pick nodes, the routes and tags it asks
-#: for) and what the server itself records (host name, OS, routes). Everything else
-#: stays with the node: log ids, the push token, the exit node it uses, TPM and
-#: posture data, and ``NetInfo`` (its DERP home is kept apart, as ``HomeDERP``).
-PEER_HOSTINFO_FIELDS: Final = (
-    *SHARED_HOSTINFO_FIELDS,
-    "hostname",
-    "shields_up",
-    "wire_ingress",
-    "ingress_enabled",
-    "routable_ips",
-    "request_tags",
-    "wol_macs",
-    "services",
-    "ssh_host_keys",
-    "userspace",
-    "userspace_router",
-    "app_connector",
-    "services_hash",
-    "peer_relay",
-    "location",
-)
+#: The Hostinfo fields the server keeps and shows to peers: :class:`PeerHostinfo`'s.
+PEER_HOSTINFO_FIELDS: Final = PeerHostinfo.__struct_fields__
 
 
-def peer_hostinfo(hostinfo: Hostinfo, **changes: object) -> Hostinfo:
+def peer_hostinfo(hostinfo: Hostinfo, **changes: object) -> PeerHostinfo:
     """``hostinfo`` trimmed to :data:`PEER_HOSTINFO_FIELDS` (with ``changes`` applied),
     as the server stores it and copies it into peers' maps."""
     kept = {name: getattr(hostinfo, name) for name in PEER_HOSTINFO_FIELDS}
@@ -537,7 +554,7 @@ def peer_hostinfo(hostinfo: Hostinfo, **changes: object) -> Hostinfo:
         value = kept[name]
         if isinstance(value, str):
             kept[name] = shared_str(value)
-    return Hostinfo(**kept)
+    return PeerHostinfo(**kept)
 
 
 # -- register ---------------------------------------------------------------
@@ -755,7 +772,7 @@ class Node(_Wire, frozen=True, kw_only=True):
     endpoints: list[str] | None = None
     legacy_derp_string: str = ""  # JSON "DERP", "127.3.3.40:<region>"; deprecated
     home_derp: int = 0
-    hostinfo: Hostinfo | None = None
+    hostinfo: PeerHostinfo | None = None
     created: Time | None = None
     cap: int = 0
     tags: list[str] | None = None
