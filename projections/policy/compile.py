@@ -344,7 +344,7 @@ def _src_set(grant: Grant, src_sets: Sequence[IPSet], tailnet: Tailnet) -> Addre
 
 #: The memo key of a compile's :class:`_SharedEntries`.
 _SHARED_ENTRIES = ("dst_entries",)
-#: The memo key of the text and address set of each single-address destination the
+#: The memo key of the address set of each single-address destination the
 #: grants of a compile made (what :func:`self_rules` takes instead of making its own).
 _HOST_SETS = ("host_sets",)
 
@@ -353,19 +353,19 @@ def forget_shared_entries(resolver: Resolver) -> None:
     """Drop the entry table the grants of a compile shared (its entries stay in the
     rules): called once every grant of the compile is made, so that the compiled
     policy does not keep a table item per destination address and port list. The
-    text and set of each single-address destination stay, by address (see
-    :func:`host_sets`)."""
+    set of each single-address destination stays, by address (see :func:`host_sets`)."""
     shared = resolver.memo.pop(_SHARED_ENTRIES, None)
     if isinstance(shared, _SharedEntries):
         resolver.memo[_HOST_SETS] = {
-            prefix.lo: base for prefix, base in shared._by_prefix.items() if prefix.is_single()
+            prefix.lo: single for prefix, (_, single) in shared._by_prefix.items() if prefix.is_single()
         }
 
 
-def host_sets(resolver: Resolver) -> Mapping[int, tuple[str, IPSet]]:
-    """The text and one-address set of each node address the grants compiled against
+def host_sets(resolver: Resolver) -> Mapping[int, IPSet]:
+    """The one-address set of each node address the grants compiled against
     ``resolver`` name as a destination, by address: an owner's ``autogroup:self`` rules
-    take these objects rather than a copy per address (issue 19, memory)."""
+    take these sets rather than a copy per address (issue 19, memory). (The texts need
+    no table: :func:`format_addr` is memoised.)"""
     table = resolver.memo.get(_HOST_SETS)
     return table if isinstance(table, dict) else {}
 
@@ -487,13 +487,13 @@ def self_rules(
     compiled: CompiledGrant,
     node: NodeInfo,
     tailnet: Tailnet,
-    hosts: Mapping[int, tuple[str, IPSet]] | None = None,
+    hosts: Mapping[int, IPSet] | None = None,
 ) -> list[Rule]:
     """Per-node rules of an ``autogroup:self`` grant (empty for tagged nodes).
 
     Sources shrink to the node owner's devices that the grant's sources
     include; destinations are every address of the owner's devices, each with the
-    text and set ``hosts`` has for it (see :func:`host_sets`), else new ones.
+    set ``hosts`` has for it (see :func:`host_sets`), else a new one.
     """
     if compiled.kind is not GrantKind.SELF or node.owner is None:
         return []
@@ -512,7 +512,7 @@ def self_rules(
     grant = compiled.grant
     rules: list[Rule] = []
     known = hosts if hosts is not None else {}
-    bases = [known.get(addr) or (format_addr(addr), IPSet.from_addrs([addr])) for addr in dst_hosts]
+    bases = [(format_addr(addr), known.get(addr) or IPSet.from_addrs([addr])) for addr in dst_hosts]
     for spec in grant.ip:
         entries = tuple(
             DstEntry(text, p.first, p.last, addresses)
