@@ -7,6 +7,7 @@ import json
 import logging
 import ssl
 import struct
+import sys
 from pathlib import Path
 
 import h2.config
@@ -724,6 +725,27 @@ async def test_a_parked_long_polls_callbacks_hold_only_the_session_and_stream(se
         with trio.fail_after(5):
             await server.handler.stream_closed.wait()
         assert server.handler.closed_streams == ["cb"]
+    await assert_still_serving(server)
+
+
+async def test_an_idle_tunnel_keeps_no_table_of_the_tasks_it_ran(server: RunningServer) -> None:
+    """Issue 19, memory: once its requests are done and its long poll parked, a
+    session's map of running stream tasks is a new empty dict, not one emptied with
+    the table it grew kept (an idle tunnel holds it for days); requests still run."""
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=b"\x14" * 32) as client,
+        client.open_stream("POST", "/park?tbl") as stream,
+    ):
+        assert await stream.__anext__() == b"tbl:0;"
+        for _ in range(3):
+            assert (await client.request("GET", "/echo")).status == 200
+            await wait_all_tasks_blocked()
+            session = getattr(server.handler.parks[-1].resume, "session", None)
+            assert isinstance(session, NoiseSession)
+            assert session._scopes == {}
+            assert sys.getsizeof(session._scopes) == sys.getsizeof({})
+        server.handler.parked.pop()()
+        assert await stream.__anext__() == b"tbl:1;"
     await assert_still_serving(server)
 
 
