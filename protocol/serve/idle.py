@@ -36,7 +36,8 @@ Invariants
   (``modify``), and only a never-seen socket is ``register``ed.
 * A deadline resumes its session only while the park it was given with lasts
   (each park has a number); entries of parks that are over are stale and
-  skipped, and dropped when the heap holds twice as many as are parked.
+  skipped, and dropped when the heap holds twice as many (plus 64) as were live
+  at the last sweep.
 * When :meth:`IdleReaders.run` ends (the server stops), every session still
   parked is ended, shielded, and the epoll object is closed.
 
@@ -71,7 +72,7 @@ class IdleReaders:
     """Sessions whose reader parked, and the one task that waits for all of them
     (see the module docstring)."""
 
-    __slots__ = ("_epoll", "_scope", "_seq", "_sessions", "_timers")
+    __slots__ = ("_epoll", "_live_timers", "_scope", "_seq", "_sessions", "_timers")
 
     _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -83,6 +84,8 @@ class IdleReaders:
         #: whose park is over (the session was taken out, or parked again since) is
         #: stale and skipped when it comes due.
         self._timers: list[tuple[float, int, int]] = []
+        #: How many of ``_timers`` were live when they were last swept of stale ones.
+        self._live_timers = 0
         self._seq = 0  # parks so far
         self._scope: trio.CancelScope | None = None  # run()'s wait, until the earliest timer
 
@@ -96,9 +99,13 @@ class IdleReaders:
         except FileNotFoundError:
             self._epoll.register(fd, self._EVENTS)
         if deadline != math.inf:
-            if len(self._timers) > 2 * len(self._sessions) + 64:
+            # Stale entries are swept once they outnumber the live ones (as last
+            # counted): an idle tunnel's park has no timer (its long poll is open), so
+            # a bound by the parked sessions would keep ~2 stale entries per tunnel.
+            if len(self._timers) > 2 * self._live_timers + 64:
                 self._timers = [t for t in self._timers if self._is_parked(t[2], t[1])]
                 heapq.heapify(self._timers)
+                self._live_timers = len(self._timers)
             heapq.heappush(self._timers, (deadline, self._seq, fd))
             if self._scope is not None and deadline < self._scope.deadline:
                 self._scope.deadline = deadline

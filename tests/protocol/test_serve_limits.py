@@ -290,6 +290,48 @@ async def test_the_shared_set_resumes_a_parked_reader_at_its_deadline_once() -> 
         s.close()
 
 
+async def test_idle_tunnels_leave_no_stale_timers_behind(autojump_clock: trio.testing.MockClock) -> None:
+    """Issue 19, memory: each tunnel parks with its idle timer until its long poll
+    opens, then parks with no timer for days. The timers of those first parks are
+    swept once they outnumber the live ones (a few dozen at most), not kept while
+    fewer than twice as many sessions are parked; a live timer survives the sweeps
+    and still resumes its reader."""
+    woken: list[str] = []
+
+    class Reader:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def resume_reading(self) -> None:
+            woken.append(self.name)
+
+        async def end(self, reason: str) -> None:
+            woken.append(f"{self.name} ended: {reason}")
+
+    idle = idle_readers()
+    assert idle is not None
+    pairs = [trio.socket.socketpair() for _ in range(81)]
+    try:
+        deadline = trio.current_time() + 60
+        live = Reader("live")
+        idle.park(pairs[0][0].fileno(), live, deadline)
+        for i, (sock, _) in enumerate(pairs[1:]):
+            tunnel = Reader(str(i))
+            idle.park(sock.fileno(), tunnel, deadline)  # the idle timer: no stream yet
+            assert idle.unpark(sock.fileno(), tunnel)  # its long poll opens
+            idle.park(sock.fileno(), tunnel)  # parked with it, no timer
+        stale = [t for t in idle._timers if not idle._is_parked(t[2], t[1])]
+        assert len(stale) <= 64 < len(pairs) - 1
+        assert any(fd == pairs[0][0].fileno() for _, _, fd in idle._timers)
+        await trio.sleep_until(deadline)
+        idle._resume_due()
+        assert woken == ["live"]
+    finally:
+        for pair in pairs:
+            for s in pair:
+                s.close()
+
+
 async def test_the_idle_timer_starts_when_the_last_stream_ends_while_the_reader_is_parked(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
