@@ -314,6 +314,8 @@ def _src_strings(
     ``*`` renders as its two CGNAT ranges plus the ULA, followed by every
     approved subnet route; ``autogroup:danger-all`` makes the whole list
     ``["*"]``. Via grants drop the other aliases' strings next to ``*``.
+    A lone non-wildcard alias gives its own strings tuple, not an equal copy
+    (issue 19, memory).
     """
     if not any(r.addresses for r in sources):
         return ()
@@ -327,7 +329,12 @@ def _src_strings(
             out.extend(tailnet.approved_subnet_route_strings())
         elif keep_extras or not wildcard:
             out.extend(r.strings())
-    return _dedupe(out)
+    deduped = _dedupe(out)
+    if len(sources) == 1 and not wildcard:
+        own = sources[0].strings()
+        if len(own) == len(deduped):
+            return own
+    return deduped
 
 
 def _src_set(grant: Grant, src_sets: Sequence[IPSet], tailnet: Tailnet) -> AddressUnion:

@@ -66,7 +66,7 @@ class Resolved:
         self.hosts = hosts
         #: for identity aliases, the nodes selected (what :meth:`edited` starts from)
         self.ids = ids
-        self._strings: list[str] | None = None
+        self._strings: tuple[str, ...] | None = None
         self._prefixes: list[Prefix] | None = None
 
     def edited(self, ids: frozenset[int], old: NodeInfo | None, new: NodeInfo | None) -> Resolved:
@@ -100,16 +100,18 @@ class Resolved:
                     prefixes.insert(at, host_prefix(addr))
                 addresses = addresses.with_addr(addr)
         out = Resolved(self.alias, addresses, tuple(hosts), ids)
-        out._strings, out._prefixes = strings, prefixes
+        out._strings = tuple(strings) if strings is not None else None
+        out._prefixes = prefixes
         return out
 
-    def strings(self) -> list[str]:
-        """SrcIPs-style strings: bare addresses, CIDRs or ``first-last`` ranges."""
+    def strings(self) -> tuple[str, ...]:
+        """SrcIPs-style strings: bare addresses, CIDRs or ``first-last`` ranges (a tuple,
+        which a grant naming this alias alone takes as its ``SrcIPs``)."""
         if self._strings is None:
             if self.hosts is not None:
-                self._strings = [format_addr(a) for a in self.hosts]
+                self._strings = tuple([format_addr(a) for a in self.hosts])
             else:
-                self._strings = self.addresses.strings()
+                self._strings = tuple(self.addresses.strings())
         return self._strings
 
     def prefixes(self) -> list[Prefix]:

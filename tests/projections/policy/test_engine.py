@@ -514,3 +514,31 @@ def test_self_rules_take_the_address_sets_the_global_rules_made() -> None:
     plain = self_rules(grant, node, compiled.tailnet)
     assert [r.wire() for r in compiled.extra_rules(1)] == [r.wire() for r in plain]
     assert all(e.addresses is not by_ip[e.ip].addresses for r in plain for e in r.dst)
+
+
+def test_a_grant_naming_one_alias_takes_its_strings_as_src_ips() -> None:
+    """Issue 19, memory: a grant whose one source is an identity alias takes the
+    alias's resolved strings as its ``SrcIPs`` rather than an equal copy; a grant
+    naming two aliases still renders them concatenated, and a join keeps both right."""
+    policy = parse_policy(json.dumps({
+        "groups": {"group:a": ["u1@example.com", "u2@example.com"]},
+        "acls": [
+            {"action": "accept", "src": ["group:a"], "dst": ["*:22"]},
+            {"action": "accept", "src": ["group:a", "u3@example.com"], "dst": ["*:80"]},
+        ],
+    }))
+    nodes = [
+        PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1"),
+        PolicyNode(id=2, name="b", user_id=2, ipv4="100.64.0.2"),
+        PolicyNode(id=3, name="c", user_id=3, ipv4="100.64.0.3"),
+    ]
+    compiled = compile_policy(policy, Tailnet(USERS, nodes), auto_approve=False)
+    group = compiled.resolver.resolve(parse_alias("group:a"))
+    one, two = compiled.global_rules
+    assert one.src is group.strings()
+    assert one.src == ("100.64.0.1", "100.64.0.2", "fd7a:115c:a1e0::1")
+    assert two.src == (*one.src, "100.64.0.3")
+    joined = compiled.with_node(PolicyNode(id=4, name="d", user_id=2, ipv4="100.64.0.4"))
+    fresh = compile_policy(policy, Tailnet(USERS, [*nodes, joined.tailnet.nodes[4].node]), auto_approve=False)
+    assert [r.wire() for r in joined.global_rules] == [r.wire() for r in fresh.global_rules]
+    assert joined.global_rules[0].src is joined.resolver.resolve(parse_alias("group:a")).strings()
