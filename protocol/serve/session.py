@@ -110,6 +110,67 @@ class _ConnectionLost(Exception):
     """Internal: a write failed; the session must end."""
 
 
+class _ParkedStreams:
+    """Parked long polls' iterators by stream id (what ``NoiseSession._parked`` needs of
+    a dict): the first in two slots, any more in a dict made when needed.
+
+    An idle tunnel parks exactly one stream, its map long poll, for days: a dict
+    holding one entry is ~220 bytes, these slots a few dozen (issue 19, memory).
+    """
+
+    __slots__ = ("_id", "_more", "_stream")
+
+    def __init__(self) -> None:
+        self._id = 0
+        self._stream: AsyncIterator[bytes | Park] | None = None
+        self._more: dict[int, AsyncIterator[bytes | Park]] | None = None
+
+    def __len__(self) -> int:
+        return (self._stream is not None) + (len(self._more) if self._more is not None else 0)
+
+    def __bool__(self) -> bool:
+        return self._stream is not None or self._more is not None
+
+    def __contains__(self, stream_id: int) -> bool:
+        if self._stream is not None and self._id == stream_id:
+            return True
+        return self._more is not None and stream_id in self._more
+
+    def __setitem__(self, stream_id: int, stream: AsyncIterator[bytes | Park]) -> None:
+        more = self._more
+        if (self._stream is None and (more is None or stream_id not in more)) or self._id == stream_id:
+            self._id, self._stream = stream_id, stream
+        elif more is None:
+            self._more = {stream_id: stream}
+        else:
+            more[stream_id] = stream
+
+    def pop(self, stream_id: int, default: None = None) -> AsyncIterator[bytes | Park] | None:
+        """The iterator parked for ``stream_id``, taken out; ``None`` if there is none."""
+        if self._stream is not None and self._id == stream_id:
+            stream, self._stream, self._id = self._stream, None, 0
+            return stream
+        if self._more is None:
+            return default
+        found = self._more.pop(stream_id, None)
+        if not self._more:
+            self._more = None
+        return found
+
+    def popitem(self) -> tuple[int, AsyncIterator[bytes | Park]]:
+        """Any parked stream, taken out (``KeyError`` when there is none)."""
+        if self._stream is not None:
+            item = (self._id, self._stream)
+            self._stream, self._id = None, 0
+            return item
+        if self._more is None:
+            raise KeyError("no parked stream")
+        item = self._more.popitem()
+        if not self._more:
+            self._more = None
+        return item
+
+
 class _StreamCallback:
     """A session's callback for one of its streams: the session and the stream id in
     two slots (48 bytes), where ``functools.partial`` of a bound method took a partial,
@@ -237,7 +298,7 @@ class NoiseSession:
         self._window_changed: trio.Event | None = None
         self._scopes: dict[int, trio.CancelScope] = {}
         # Long polls that yielded Park: their iterators, with no task (see _drive).
-        self._parked: dict[int, AsyncIterator[bytes | Park]] = {}
+        self._parked = _ParkedStreams()
         self._handlers: trio.Nursery | None = None
         self._idle: IdleReaders | None = None
         self._closing_reason = ""

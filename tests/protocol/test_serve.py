@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import random
 import ssl
 import struct
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import h2.config
@@ -30,9 +32,10 @@ from protocol import (
 from protocol import client_conn as cc
 from protocol.client import MapStream
 from protocol.errors import HandshakeError, RemoteProtocolError
+from protocol.handler import Park
 from protocol.noise.handshake import ClientHandshake
 from protocol.noise.transport import NoiseTransport
-from protocol.serve.session import NoiseSession
+from protocol.serve.session import NoiseSession, _ParkedStreams
 from protocol.upgrade import UPGRADE_RESPONSE
 from tests.support.net import read_until_eof
 
@@ -744,9 +747,49 @@ async def test_an_idle_tunnel_keeps_no_table_of_the_tasks_it_ran(server: Running
             assert isinstance(session, NoiseSession)
             assert session._scopes == {}
             assert sys.getsizeof(session._scopes) == sys.getsizeof({})
+            # Its one parked long poll is held in slots, with no dict.
+            parked = session._parked
+            assert len(parked) == 1 and not hasattr(parked, "__dict__")
+            assert parked._more is None and parked._stream is not None
         server.handler.parked.pop()()
         assert await stream.__anext__() == b"tbl:1;"
     await assert_still_serving(server)
+
+
+def test_parked_streams_act_as_a_dict_of_them() -> None:
+    """The session's parked-stream record (one in slots, more in a dict) answers as a
+    dict would, through any sequence of parks, resumes, resets and the final sweep."""
+    rng = random.Random(19)
+    iterators = [_ParkedIterator() for _ in range(6)]
+    for _ in range(200):
+        parked, model = _ParkedStreams(), dict[int, AsyncIterator[bytes | Park]]()
+        for _ in range(rng.randrange(1, 30)):
+            sid = rng.choice((1, 3, 5, 7))
+            op = rng.random()
+            if op < 0.5:
+                it = rng.choice(iterators)
+                parked[sid] = it
+                model[sid] = it
+            elif op < 0.9:
+                assert parked.pop(sid, None) is model.pop(sid, None)
+            elif model:
+                sid, taken = parked.popitem()
+                assert model.pop(sid) is taken
+            else:
+                with pytest.raises(KeyError):
+                    parked.popitem()
+            assert len(parked) == len(model) and bool(parked) == bool(model)
+            assert [sid in parked for sid in (1, 3, 5, 7)] == [sid in model for sid in (1, 3, 5, 7)]
+        if not model:
+            assert parked._more is None
+
+
+class _ParkedIterator:
+    def __aiter__(self) -> _ParkedIterator:
+        return self
+
+    async def __anext__(self) -> bytes | Park:
+        raise StopAsyncIteration
 
 
 async def test_send_now_keeps_the_records_in_order_when_the_socket_is_full(server: RunningServer) -> None:
