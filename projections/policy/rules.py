@@ -27,16 +27,18 @@ from .wire import CapGrant, FilterRule, NetPortRange, PortRangeWire
 __all__ = ["CapEntry", "DstEntry", "DstIndex", "Match", "MergedRules", "Rule", "Signature", "merge_rules", "merge_rules_reusing"]
 
 
-class DstEntry:
-    """One ``DstPorts`` element with its address set."""
+class DstEntry(msgspec.Struct, frozen=True, eq=False, gc=False):
+    """One ``DstPorts`` element with its address set.
 
-    __slots__ = ("addresses", "first", "ip", "last")
+    A rule holds one per destination prefix and port range (several per node at
+    corp), so it carries no garbage-collector header (16 bytes each; issue 19): its
+    fields (a string, two ints, an address set) cannot reach back to it. Entries
+    compare by identity, as shared entries mean the same thing."""
 
-    def __init__(self, ip: str, first: int, last: int, addresses: IPSet) -> None:
-        self.ip = ip
-        self.first = first
-        self.last = last
-        self.addresses = addresses
+    ip: str
+    first: int
+    last: int
+    addresses: IPSet
 
     def wire(self) -> NetPortRange:
         return NetPortRange(ip=self.ip, ports=PortRangeWire(first=self.first, last=self.last))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -542,3 +543,19 @@ def test_a_grant_naming_one_alias_takes_its_strings_as_src_ips() -> None:
     fresh = compile_policy(policy, Tailnet(USERS, [*nodes, joined.tailnet.nodes[4].node]), auto_approve=False)
     assert [r.wire() for r in joined.global_rules] == [r.wire() for r in fresh.global_rules]
     assert joined.global_rules[0].src is joined.resolver.resolve(parse_alias("group:a")).strings()
+
+
+def test_destination_entries_carry_no_gc_header() -> None:
+    """Issue 19, memory: a compiled rule's ``DstPorts`` entries (several per node at
+    corp) are not tracked by the garbage collector -- they cannot reach back to
+    themselves -- and still compare by identity."""
+    policy = parse_policy(json.dumps({
+        "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:22,80"]}],
+    }))
+    nodes = [PolicyNode(id=1, name="a", user_id=1, ipv4="100.64.0.1")]
+    [rule] = compile_policy(policy, Tailnet(USERS, nodes), auto_approve=False).global_rules
+    ssh, web = rule.dst
+    assert (ssh.ip, ssh.first, web.first) == ("100.64.0.1", 22, 80)
+    assert not gc.is_tracked(ssh) and not gc.is_tracked(web)
+    again = type(ssh)(ssh.ip, ssh.first, ssh.last, ssh.addresses)
+    assert again != ssh and again == again
