@@ -72,14 +72,18 @@ class IdleReaders:
     """Sessions whose reader parked, and the one task that waits for all of them
     (see the module docstring)."""
 
-    __slots__ = ("_epoll", "_live_timers", "_scope", "_seq", "_sessions", "_timers")
+    __slots__ = ("_epoll", "_live_timers", "_scope", "_seq", "_sessions", "_timed", "_timers")
 
     _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        #: fd -> the parked session and the number of its park
-        self._sessions: dict[int, tuple[ParkedReader, int]] = {}
+        #: fd -> the parked session
+        self._sessions: dict[int, ParkedReader] = {}
+        #: fd -> the number of its park, for the parked sessions with a timer only: an
+        #: idle tunnel (long poll open, no timer) costs one dict entry, no tuple and
+        #: number (issue 19, memory).
+        self._timed: dict[int, int] = {}
         #: (deadline, park number, fd) of parks with a timer, earliest first; an entry
         #: whose park is over (the session was taken out, or parked again since) is
         #: stale and skipped when it comes due.
@@ -93,7 +97,11 @@ class IdleReaders:
         """The reader of ``session`` ends: wait for ``fd`` here instead, and resume
         it at ``deadline`` (``inf``: no timer runs) if no data came by then."""
         self._seq += 1
-        self._sessions[fd] = (session, self._seq)
+        self._sessions[fd] = session
+        if deadline != math.inf:
+            self._timed[fd] = self._seq
+        elif self._timed:
+            self._untime(fd)
         try:
             self._epoll.modify(fd, self._EVENTS)  # registered before, fired since
         except FileNotFoundError:
@@ -111,8 +119,21 @@ class IdleReaders:
                 self._scope.deadline = deadline
 
     def _is_parked(self, fd: int, park: int) -> bool:
-        entry = self._sessions.get(fd)
-        return entry is not None and entry[1] == park
+        """Whether the timed park number ``park`` of ``fd`` lasts."""
+        return self._timed.get(fd) == park
+
+    def _untime(self, fd: int) -> None:
+        """Forget the timer of ``fd``'s park (if it had one); the last one out leaves
+        a new empty dict, not one that keeps the table every tunnel's first park grew."""
+        if self._timed.pop(fd, None) is not None and not self._timed:
+            self._timed = {}
+
+    def _take(self, fd: int) -> ParkedReader | None:
+        """Take the session parked on ``fd`` out of the set (``None``: none is)."""
+        session = self._sessions.pop(fd, None)
+        if session is not None and self._timed:
+            self._untime(fd)
+        return session
 
     def _resume_due(self) -> None:
         """Resume every parked session whose timer passed."""
@@ -120,15 +141,16 @@ class IdleReaders:
         while timers and timers[0][0] <= now:
             _, park, fd = heapq.heappop(timers)
             if self._is_parked(fd, park):
-                self._sessions.pop(fd)[0].resume_reading()
+                session = self._take(fd)
+                assert session is not None
+                session.resume_reading()
 
     def unpark(self, fd: int, session: ParkedReader) -> bool:
         """Take ``session`` out of the set (a timer now concerns it); ``False``
         if it was not parked (its reader runs, or is about to)."""
-        entry = self._sessions.get(fd)
-        if entry is None or entry[0] is not session:
+        if self._sessions.get(fd) is not session:
             return False
-        del self._sessions[fd]
+        self._take(fd)
         # Still registered (one-shot, armed): a late event finds no session and
         # is ignored; the next park() re-arms it.
         return True
@@ -144,14 +166,15 @@ class IdleReaders:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
                 self._scope = None
                 for fd, _ in self._epoll.poll(0):
-                    entry = self._sessions.pop(fd, None)
-                    if entry is not None:
-                        entry[0].resume_reading()
+                    session = self._take(fd)
+                    if session is not None:
+                        session.resume_reading()
                 self._resume_due()
         finally:
             self._scope = None
-            sessions = [session for session, _ in self._sessions.values()]
+            sessions = list(self._sessions.values())
             self._sessions.clear()
+            self._timed.clear()
             self._timers.clear()
             with trio.CancelScope(shield=True):
                 for session in sessions:

@@ -12,6 +12,7 @@ count) is checked without I/O.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,12 +321,18 @@ async def test_idle_tunnels_leave_no_stale_timers_behind(autojump_clock: trio.te
             idle.park(sock.fileno(), tunnel, deadline)  # the idle timer: no stream yet
             assert idle.unpark(sock.fileno(), tunnel)  # its long poll opens
             idle.park(sock.fileno(), tunnel)  # parked with it, no timer
+        # An untimed park is the session alone: no (session, park number) pair.
+        assert all(idle._sessions[sock.fileno()] is not None for sock, _ in pairs)
+        assert not any(isinstance(v, tuple) for v in idle._sessions.values())
+        assert list(idle._timed) == [pairs[0][0].fileno()]
         stale = [t for t in idle._timers if not idle._is_parked(t[2], t[1])]
         assert len(stale) <= 64 < len(pairs) - 1
         assert any(fd == pairs[0][0].fileno() for _, _, fd in idle._timers)
         await trio.sleep_until(deadline)
         idle._resume_due()
         assert woken == ["live"]
+        assert pairs[0][0].fileno() not in idle._sessions and idle._timed == {}
+        assert sys.getsizeof(idle._timed) == sys.getsizeof({})  # no table left over
     finally:
         for pair in pairs:
             for s in pair:
