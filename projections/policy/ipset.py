@@ -75,6 +75,13 @@ class Prefix:
 
     def __init__(self, lo: int, bits: int, v4: bool) -> None:
         width = 32 if v4 else 128
+        if bits == width:
+            # One address: keep the caller's integer as both ends rather than two
+            # equal new ones (a host prefix per node address and alias; issue 19).
+            self.lo = self.hi = lo
+            self.bits = bits
+            self.v4 = v4
+            return
         size = 1 << (width - bits)
         base = 0 if v4 else V6_BASE
         masked = ((lo - base) // size) * size + base

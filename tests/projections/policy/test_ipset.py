@@ -95,3 +95,16 @@ def test_adding_or_removing_one_address_equals_building_afresh(addrs: set[int], 
     s = IPSet.from_addrs(addrs)
     assert s.with_addr(addr).ranges == IPSet.from_addrs(addrs | {addr}).ranges
     assert s.without_addr(addr).ranges == IPSet.from_addrs(addrs - {addr}).ranges
+
+
+def test_a_host_prefix_keeps_the_address_integer_as_both_ends() -> None:
+    """Issue 19, memory: a /32 or /128 holds the caller's address integer as its low and
+    high end (one object, not two equal new ones); wider prefixes still mask."""
+    for text in ("100.64.3.7", "fd7a:115c:a1e0::5"):
+        addr = parse_prefix(text).lo + 0  # a fresh integer object
+        v4 = "." in text
+        host = Prefix(addr, 32 if v4 else 128, v4)
+        assert host.lo is addr and host.hi is addr
+        assert prefix_str(host) == text + ("/32" if v4 else "/128") and host == parse_prefix(text)
+    net = Prefix(parse_prefix("100.64.3.7").lo, 24, True)
+    assert prefix_str(net) == "100.64.3.0/24" and net.hi - net.lo == 255
