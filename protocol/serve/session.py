@@ -296,7 +296,8 @@ class NoiseSession:
         # Created on demand, dropped when unused (see _send_locked, _send_body).
         self._send_lock: trio.Lock | None = None
         self._window_changed: trio.Event | None = None
-        self._scopes: dict[int, trio.CancelScope] = {}
+        # Running stream tasks' scopes; None while there is none (an idle tunnel).
+        self._scopes: dict[int, trio.CancelScope] | None = None
         # Long polls that yielded Park: their iterators, with no task (see _drive).
         self._parked = _ParkedStreams()
         self._handlers: trio.Nursery | None = None
@@ -490,7 +491,7 @@ class NoiseSession:
         self._stats.slow_readers[kind] += 1
         log.info("%s: closing a slow reader: %s", self._peer, reason)
         self._conn.send_failed()  # data_to_send() is empty from now on
-        for scope in self._scopes.values():
+        for scope in (self._scopes or {}).values():
             scope.cancel()
         self._notify_window()
         if self._reader is not None:
@@ -523,7 +524,7 @@ class NoiseSession:
 
     async def _cleanup(self) -> None:
         """The session ended: cancel its handlers, close its parked streams."""
-        for scope in list(self._scopes.values()):
+        for scope in list((self._scopes or {}).values()):
             scope.cancel()
         self._notify_window()
         while self._parked:  # their resume() does nothing from now on
@@ -578,7 +579,7 @@ class NoiseSession:
         for event in self._conn.receive_data(data):
             if isinstance(event, h2_bridge.RequestReceived):
                 scope = trio.CancelScope()
-                self._scopes[event.stream_id] = scope
+                self._add_scope(event.stream_id, scope)
                 request = replace(
                     event.request,
                     cancel=_Cancel(self, event.stream_id),
@@ -852,7 +853,7 @@ class NoiseSession:
             with contextlib.suppress(ProtocolError, _ConnectionLost), trio.move_on_after(1):
                 await self._flush()
         finally:
-            if self._scopes.get(stream_id) is scope:
+            if self._scopes is not None and self._scopes.get(stream_id) is scope:
                 self._pop_scope(stream_id)
             if not parked:
                 self._stream_ended()
@@ -894,13 +895,21 @@ class NoiseSession:
     def _pop_scope(self, stream_id: int) -> trio.CancelScope | None:
         """Forget the task scope of a stream; ``None`` if it has none.
 
-        The last one out leaves a new empty dict: an emptied dict keeps the table it
-        grew (~160 bytes), and an idle tunnel (its long poll parked, no task) holds
-        this dict empty for days (issue 19, memory)."""
+        The last one out leaves no dict: an emptied dict keeps the table it grew
+        (~160 bytes), and an idle tunnel (its long poll parked, no task) would hold
+        it empty for days (issue 19, memory)."""
+        if self._scopes is None:
+            return None
         scope = self._scopes.pop(stream_id, None)
         if not self._scopes:
-            self._scopes = {}
+            self._scopes = None
         return scope
+
+    def _add_scope(self, stream_id: int, scope: trio.CancelScope) -> None:
+        """Remember the task scope of a stream (see :meth:`_pop_scope`)."""
+        if self._scopes is None:
+            self._scopes = {}
+        self._scopes[stream_id] = scope
 
     def _resume(self, stream_id: int) -> None:
         """Drive a parked long poll again, from a new task (see :class:`Park`)."""
@@ -911,11 +920,11 @@ class NoiseSession:
             self._parked[stream_id] = stream
             return
         scope = trio.CancelScope()
-        self._scopes[stream_id] = scope
+        self._add_scope(stream_id, scope)
         try:
             self._handlers.start_soon(self._serve_request, stream_id, None, scope, stream)
         except RuntimeError:  # the nursery is closing: the session closes it
-            del self._scopes[stream_id]
+            self._pop_scope(stream_id)
             self._parked[stream_id] = stream
 
     def _cancel_stream(self, stream_id: int) -> None:
