@@ -111,6 +111,11 @@ def wire_node(
     addresses = [f"{node.ipv4}/32"] if node.ipv4 else []
     if node.ipv6:
         addresses.append(f"{node.ipv6}/128")
+    wire_allowed = list(allowed_ips) if allowed_ips else addresses
+    if wire_allowed is not addresses and wire_allowed == addresses:
+        # A peer without routes: one list of the view's strings for both fields,
+        # not an equal copy per field (issue 19, memory).
+        addresses = wire_allowed
     p = presence or NodePresence()
     return WireNode(
         id=node.id,
@@ -122,7 +127,7 @@ def wire_node(
         machine=f"mkey:{node.machine_key}",
         disco_key=p.disco_key,
         addresses=addresses,
-        allowed_ips=list(allowed_ips) if allowed_ips else addresses,
+        allowed_ips=wire_allowed,
         endpoints=list(p.endpoints) or None,
         home_derp=p.home_derp,
         hostinfo=p.hostinfo,
