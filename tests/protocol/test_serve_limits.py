@@ -253,6 +253,19 @@ async def test_a_tunnel_with_no_stream_waits_with_no_reader_task_until_its_idle_
     assert srv.stats.timeouts["tunnel_idle"] == 1
 
 
+class Reader:
+    """A parked session as the shared idle set sees it: it notes each wake-up."""
+
+    def __init__(self, name: str, woken: list[str]) -> None:
+        self.name, self.woken = name, woken
+
+    def resume_reading(self) -> None:
+        self.woken.append(self.name)
+
+    async def end(self, reason: str) -> None:
+        self.woken.append(f"{self.name} ended: {reason}")
+
+
 async def test_the_shared_set_resumes_a_parked_reader_at_its_deadline_once() -> None:
     """Parks with the same deadline on one socket (a reader woken by data that did not
     move its timer parks again) resume the reader once when the deadline passes; a
@@ -260,22 +273,12 @@ async def test_the_shared_set_resumes_a_parked_reader_at_its_deadline_once() -> 
     same session had one (its map poll opened since)."""
     woken: list[str] = []
 
-    class Reader:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def resume_reading(self) -> None:
-            woken.append(self.name)
-
-        async def end(self, reason: str) -> None:
-            woken.append(f"{self.name} ended: {reason}")
-
     idle = idle_readers()
     assert idle is not None
     timed, untimed = trio.socket.socketpair(), trio.socket.socketpair()
     async with trio.open_nursery() as nursery:
         await nursery.start(idle.run)
-        a, b = Reader("a"), Reader("b")
+        a, b = Reader("a", woken), Reader("b", woken)
         deadline = trio.current_time() + 0.05
         idle.park(timed[0].fileno(), a, deadline)
         assert idle.unpark(timed[0].fileno(), a)
@@ -299,25 +302,15 @@ async def test_idle_tunnels_leave_no_stale_timers_behind(autojump_clock: trio.te
     and still resumes its reader."""
     woken: list[str] = []
 
-    class Reader:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def resume_reading(self) -> None:
-            woken.append(self.name)
-
-        async def end(self, reason: str) -> None:
-            woken.append(f"{self.name} ended: {reason}")
-
     idle = idle_readers()
     assert idle is not None
     pairs = [trio.socket.socketpair() for _ in range(81)]
     try:
         deadline = trio.current_time() + 60
-        live = Reader("live")
+        live = Reader("live", woken)
         idle.park(pairs[0][0].fileno(), live, deadline)
         for i, (sock, _) in enumerate(pairs[1:]):
-            tunnel = Reader(str(i))
+            tunnel = Reader(str(i), woken)
             idle.park(sock.fileno(), tunnel, deadline)  # the idle timer: no stream yet
             assert idle.unpark(sock.fileno(), tunnel)  # its long poll opens
             idle.park(sock.fileno(), tunnel)  # parked with it, no timer
