@@ -309,12 +309,6 @@ class EventLog:
         backoff = 0.0
         me = object()
         self._passed(me, after_seq)
-        # Whether to read the store when nothing kept follows: at first, after a read
-        # that found events (there may be more), on each poll (another process's
-        # appends), and when this process committed past what was kept; not after
-        # every commit of this process, whose events are kept (a thread hop and an
-        # empty read per commit in a registration storm).
-        ask_store = True
         try:
             while True:
                 # Taken before the read: a commit of this process after the read sets
@@ -322,19 +316,14 @@ class EventLog:
                 waiter = self._committed
                 try:
                     events = self._recent_after(after_seq, batch, prev_hash)
-                    if events:
-                        ask_store = False
-                    elif ask_store or self._committed_seq > after_seq:
-                        events = await self.read(after_seq, batch, prev_hash=prev_hash)
-                        ask_store = bool(events)
                     if not events:
-                        with trio.move_on_after(self._poll_interval) as poll:
+                        events = await self.read(after_seq, batch, prev_hash=prev_hash)
+                    if not events:
+                        with trio.move_on_after(self._poll_interval):
                             await waiter.wait()
-                        ask_store = poll.cancelled_caught
                     backoff = 0.0
                 except StoreUnavailableError:
                     backoff = min(5.0, max(0.1, backoff * 2))
-                    ask_store = True
                     await trio.sleep(backoff)
                     continue
                 if events:
