@@ -95,6 +95,9 @@ class EventLog:
         self._running = False
         #: The newest seq this process committed (the store's head is at least that).
         self._committed_seq = 0
+        #: How many appends by other processes the store has announced (LISTEN/NOTIFY):
+        #: a waiter woken by one must ask the store, which its own commits need not.
+        self._announced = 0
         self.commits = 0  # transactions committed (group-commit statistics)
         self.appended = 0  # requests appended
         #: seq -> the event as a read returns it, for the events this process
@@ -133,6 +136,7 @@ class EventLog:
                 self.store.wait_for_append, 1.0, limiter=limiter, abandon_on_cancel=True
             )
             if announced:
+                self._announced += 1
                 self._notify()
 
     async def _commit(self, batch: list[_Pending]) -> None:
@@ -277,14 +281,17 @@ class EventLog:
         """Return once the head is past ``after_seq`` (in-process wake-up or polling).
 
         A commit of this process that wakes it tells its own seq: the store is asked
-        for its head only at first and on each poll (another process's appends), not
-        after every commit of this one (a thread hop per registration in a storm)."""
+        for its head only at first, on each poll and when the store announces another
+        process's append, not after every commit of this one (a thread hop per
+        registration in a storm)."""
         ask_store = True
+        seen = self._announced  # the announcements the last look at the head covered
         while True:
             waiter = self._committed
             if self._committed_seq > after_seq:
                 return
-            if ask_store:
+            if ask_store or self._announced != seen:
+                seen = self._announced
                 try:
                     if (await self.head()).seq > after_seq:
                         return
@@ -309,6 +316,14 @@ class EventLog:
         backoff = 0.0
         me = object()
         self._passed(me, after_seq)
+        # Whether to read the store when nothing kept follows: at first, after a read
+        # that found events (there may be more), after each poll, when the store is
+        # back, when another process's append was announced since the last read, and
+        # when this process committed past what was kept; not after every commit of
+        # this process, whose events are kept (a thread hop and an empty read per
+        # commit in a registration storm).
+        ask_store = True
+        seen = self._announced  # the announcements the last read covered
         try:
             while True:
                 # Taken before the read: a commit of this process after the read sets
@@ -316,14 +331,20 @@ class EventLog:
                 waiter = self._committed
                 try:
                     events = self._recent_after(after_seq, batch, prev_hash)
-                    if not events:
+                    if not events and (
+                        ask_store or self._announced != seen or self._committed_seq > after_seq
+                    ):
+                        seen = self._announced
                         events = await self.read(after_seq, batch, prev_hash=prev_hash)
+                        ask_store = bool(events)
                     if not events:
-                        with trio.move_on_after(self._poll_interval):
+                        with trio.move_on_after(self._poll_interval) as poll:
                             await waiter.wait()
+                        ask_store = poll.cancelled_caught
                     backoff = 0.0
                 except StoreUnavailableError:
                     backoff = min(5.0, max(0.1, backoff * 2))
+                    ask_store = True
                     await trio.sleep(backoff)
                     continue
                 if events:

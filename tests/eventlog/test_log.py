@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import aclosing
 from pathlib import Path
 
@@ -149,21 +150,24 @@ async def test_tail_takes_its_own_commits_without_reading_them_back(tmp_path: Pa
 
     class CountingStore(SQLiteEventStore):
         rows_read = 0
+        reads = 0
 
         def read_rows(self, after_seq: int = 0, limit: int = 1000) -> list[StoredRow]:
             rows = super().read_rows(after_seq, limit)
             CountingStore.rows_read += len(rows)
+            CountingStore.reads += 1
             return rows
 
     path = tmp_path / "log.db"
-    log = EventLog(CountingStore(path), poll_interval=0.05)
+    log = EventLog(CountingStore(path), poll_interval=3600)  # no polls: only wake-ups
     other = EventLog(SQLiteEventStore(path))
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)
         await nursery.start(other.run)
         seen = await _follow_while_appending(log, nursery, range(1, 11))
         assert seen == list(range(1, 11))
-        assert CountingStore.rows_read == 0
+        # One (empty) read when the tail started; none per commit since.
+        assert (CountingStore.rows_read, CountingStore.reads) == (0, 1)
         # Another process's event between two of ours: read from the store.
         got: list[RecordedEvent] = []
         done = trio.Event()
@@ -189,6 +193,66 @@ async def test_tail_takes_its_own_commits_without_reading_them_back(tmp_path: Pa
         nursery.cancel_scope.cancel()
     assert [e.seq for e in got] == [11, 12, 13]
     assert got == log.store.read(10)
+
+
+async def test_an_announced_append_by_another_process_is_read_at_once(tmp_path: Path) -> None:
+    """A store that announces other processes' appends (PostgreSQL's LISTEN/NOTIFY)
+    wakes the tailers and head waiters, and that wake-up must make them ask the store:
+    taken for one of this process's own commits, it left a replica without the other
+    replica's events until a poll, and with announcements coming faster than the poll
+    interval, for good (two replicas' relays refused each other's nodes)."""
+    announce = threading.Event()
+
+    class AnnouncingStore(SQLiteEventStore):
+        notifies_appends = True
+
+        def wait_for_append(self, timeout: float) -> bool:
+            if announce.wait(timeout):
+                announce.clear()
+                return True
+            return False
+
+    path = tmp_path / "log.db"
+    log = EventLog(AnnouncingStore(path), poll_interval=3600)  # no polls: only wake-ups
+    other = EventLog(SQLiteEventStore(path))
+    got: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        await nursery.start(other.run)
+
+        async def follow() -> None:
+            async with aclosing(log.tail(0)) as tail:
+                async for batch in tail:
+                    got.extend(e.seq for e in batch)
+
+        nursery.start_soon(follow)
+        for n in range(1, 4):
+            await wait_all_tasks_blocked()
+            if n == 2:  # one of this process's own commits in between
+                await log.append([UserCreated(user_id=100, name="own")], actor=ADMIN)
+                with trio.fail_after(5):
+                    while len(got) < n:
+                        await trio.sleep(0.01)
+            await other.append([UserCreated(user_id=n, name=f"u{n}")], actor=ADMIN)
+            announce.set()
+            with trio.fail_after(5):
+                while len(got) < n + (n >= 2):
+                    await trio.sleep(0.01)
+        assert got == [1, 2, 3, 4]
+
+        head_passed = trio.Event()
+
+        async def wait_head() -> None:
+            await log.wait_for_new(4)
+            head_passed.set()
+
+        nursery.start_soon(wait_head)
+        await wait_all_tasks_blocked()
+        await other.append([UserCreated(user_id=5, name="u5")], actor=ADMIN)
+        announce.set()
+        with trio.fail_after(5):
+            await head_passed.wait()
+        nursery.cancel_scope.cancel()
 
 
 async def test_own_commits_are_kept_only_until_every_tail_has_passed_them(tmp_path: Path) -> None:
