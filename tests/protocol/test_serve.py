@@ -8,7 +8,8 @@ import logging
 import random
 import ssl
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import h2.config
@@ -29,7 +30,7 @@ from protocol import (
     serve_control,
 )
 from protocol import client_conn as cc
-from protocol.client import MapStream
+from protocol.client import ControlClient, MapStream, ResponseStream
 from protocol.errors import HandshakeError, RemoteProtocolError
 from protocol.handler import Park
 from protocol.noise.handshake import ClientHandshake
@@ -730,18 +731,34 @@ async def test_a_parked_long_polls_callbacks_hold_only_the_session_and_stream(se
     await assert_still_serving(server)
 
 
+@asynccontextmanager
+async def _parked_tunnel(
+    server: RunningServer, key_byte: bytes, name: str
+) -> AsyncGenerator[tuple[ControlClient, ResponseStream], None]:
+    """A tunnel whose long poll (``/park?<name>``) sent its first chunk and parked."""
+    async with (
+        open_control_client("127.0.0.1", server.port, machine_key=key_byte * 32) as client,
+        client.open_stream("POST", f"/park?{name}") as stream,
+    ):
+        assert await stream.__anext__() == f"{name}:0;".encode()
+        yield client, stream
+
+
+async def _idle_after_requests(client: ControlClient, count: int = 3) -> AsyncGenerator[None, None]:
+    """Run ``count`` requests on a parked tunnel; after each, once the server has gone
+    idle again, yield to the caller's checks."""
+    for _ in range(count):
+        assert (await client.request("GET", "/echo")).status == 200
+        await wait_all_tasks_blocked()
+        yield
+
+
 async def test_an_idle_tunnel_keeps_no_table_of_the_tasks_it_ran(server: RunningServer) -> None:
     """Issue 19, memory: once its requests are done and its long poll parked, a
     session keeps no map of running stream tasks, not one emptied with the table it
     grew kept (an idle tunnel holds it for days); requests still run."""
-    async with (
-        open_control_client("127.0.0.1", server.port, machine_key=b"\x14" * 32) as client,
-        client.open_stream("POST", "/park?tbl") as stream,
-    ):
-        assert await stream.__anext__() == b"tbl:0;"
-        for _ in range(3):
-            assert (await client.request("GET", "/echo")).status == 200
-            await wait_all_tasks_blocked()
+    async with _parked_tunnel(server, b"\x14", "tbl") as (client, stream):
+        async for _ in _idle_after_requests(client):
             session = getattr(server.handler.parks[-1].resume, "session", None)
             assert isinstance(session, NoiseSession)
             assert session._scopes is None  # no dict, emptied or new
@@ -829,14 +846,8 @@ async def test_an_idle_tunnel_has_no_reader_task_and_reads_on_when_data_comes(se
     the session's reader is parked in the server's shared waiter, not a task;
     the next request (or the end) wakes it. (A tunnel with no long poll parks
     too, with its idle timer: see test_serve_limits.py.)"""
-    async with (
-        open_control_client("127.0.0.1", server.port, machine_key=b"\x10" * 32) as client,
-        client.open_stream("POST", "/park?idle") as stream,
-    ):
-        assert await stream.__anext__() == b"idle:0;"
-        for _ in range(3):
-            assert (await client.request("GET", "/echo")).status == 200
-            await wait_all_tasks_blocked()
+    async with _parked_tunnel(server, b"\x10", "idle") as (client, _):
+        async for _ in _idle_after_requests(client):
             assert not (
                 _tasks_running("NoiseSession.serve")
                 + _tasks_running("handle_stream")
