@@ -36,7 +36,7 @@ from cli.bench.loadgen.churn import (
     rss_summary,
 )
 from cli.bench.loadgen.client import ChurnWatch
-from cli.bench.loadgen.main import build_parser
+from cli.bench.loadgen.main import build_parser, loadgen_main, server_settings
 from cli.bench.loadgen.options import PHASES, LoadgenOptions
 from cli.bench.loadgen.phases import _servers, expectations
 from cli.bench.loadgen.report import (
@@ -518,6 +518,35 @@ def test_a_ten_thousand_node_run_lifts_the_servers_connection_cap(tmp_path: Path
     assert int(server.env["TAILLEDGER_LIMITS__MAX_CONNECTIONS"]) >= 10_001 + 256
     [small] = _servers(10, tmp_path, opts)
     assert small.env["TAILLEDGER_LIMITS__MAX_CONNECTIONS"] == "10000"  # never below the default
+
+
+def test_server_settings_reach_the_server_over_the_loadgens_own_and_bad_ones_stop_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--server-setting`` (a [tuning] A/B: the server ignores the shell's
+    ``TAILLEDGER_*``) becomes the server's environment, over the load generator's own
+    settings; one the server would refuse stops the run before it starts."""
+    args = build_parser().parse_args(
+        ["--server-setting", "tuning.malloc_mmap_threshold=0", "--server-setting", "limits.write_timeout = 5s"]
+    )
+    settings = server_settings(args.server_setting)
+    assert settings == (
+        ("TAILLEDGER_TUNING__MALLOC_MMAP_THRESHOLD", "0"),
+        ("TAILLEDGER_LIMITS__WRITE_TIMEOUT", "5s"),
+    )
+    [server] = _servers(10, tmp_path, LoadgenOptions(server_settings=settings))
+    assert server.env["TAILLEDGER_TUNING__MALLOC_MMAP_THRESHOLD"] == "0"
+    assert server.env["TAILLEDGER_LIMITS__WRITE_TIMEOUT"] == "5s"  # not the loadgen's 10m
+    [plain] = _servers(10, tmp_path / "plain", LoadgenOptions())
+    assert "TAILLEDGER_TUNING__MALLOC_MMAP_THRESHOLD" not in plain.env
+    assert plain.env["TAILLEDGER_LIMITS__WRITE_TIMEOUT"] == "10m"
+    for bad, says in (
+        ("tuning.malloc_mmap_threshold=-1", "malloc_mmap_threshold"),
+        ("tuning.no_such_knob=1", "no_such_knob"),
+        ("malloc_mmap_threshold=0", "SECTION.KEY=VALUE"),
+    ):
+        assert loadgen_main(["--nodes", "1", "--json", "", "--server-setting", bad]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_churn_rates_are_checked() -> None:

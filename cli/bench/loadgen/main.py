@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from ...config import ConfigError, load_config
 from ...fdlimit import raise_fd_limit
 from .. import loadgen
 from ..scenarios import SCENARIOS
@@ -114,6 +115,10 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"registrations in flight at once (default {LoadgenOptions.register_concurrency})")
     parser.add_argument("--timeout-scale", type=float, default=1.0,
                         help="multiply every phase timeout (they already grow with N)")
+    parser.add_argument("--server-setting", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a server setting over the loadgen's defaults, as in tailledger.toml "
+                             "(e.g. tuning.malloc_mmap_threshold=0, to compare a [tuning] knob); "
+                             "repeatable. The server ignores TAILLEDGER_* variables of this shell")
     parser.add_argument("--max-server-rss", type=int, default=0, metavar="MIB",
                         help="abort when the server's RSS passes this (default: only when the "
                              "machine runs short of memory)")
@@ -141,6 +146,28 @@ def _database_problem(args: argparse.Namespace, sizes: list[int]) -> str | None:
     return None
 
 
+def server_settings(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--server-setting``s as the server's environment variables
+    (``tuning.malloc_mmap_threshold=0`` is ``TAILLEDGER_TUNING__MALLOC_MMAP_THRESHOLD``),
+    checked as the server would check them.
+
+    Raises:
+        ValueError: one is not ``SECTION.KEY=VALUE``, or the server would refuse it.
+    """
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(p.isidentifier() for p in parts):
+            raise ValueError(f"--server-setting {item!r}: expected SECTION.KEY=VALUE")
+        out.append(("TAILLEDGER_" + "__".join(parts).upper(), value.strip()))
+    try:
+        load_config(None, env=dict(out))
+    except ConfigError as exc:
+        raise ValueError(f"--server-setting: {exc}") from None
+    return tuple(out)
+
+
 def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int:
     """Run ``tailledger loadgen`` with ``argv`` (or options already parsed by
     :func:`build_parser`); return the exit status."""
@@ -161,6 +188,11 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     if problem:
         print(f"tailledger loadgen: {problem}", file=sys.stderr)
         return 2
+    try:
+        settings = server_settings(args.server_setting)
+    except ValueError as exc:
+        print(f"tailledger loadgen: {exc}", file=sys.stderr)
+        return 2
     options = LoadgenOptions(
         phases=args.phases, updaters=args.updaters, update_interval=args.update_interval,
         concurrency=max(1, args.concurrency),
@@ -168,7 +200,7 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
         max_server_rss=max(0, args.max_server_rss) * 2**20, scenario=args.scenario,
         duration=args.duration, join_delete_every=args.join_delete_every, tag_every=args.tag_every,
         policy_every=args.policy_every, seed=args.seed, workers=args.workers,
-        backend=args.backend, dsn=args.dsn, replicas=args.replicas,
+        backend=args.backend, dsn=args.dsn, replicas=args.replicas, server_settings=settings,
     )
     problem = raise_fd_limit(options.sockets(max(sizes)))
     if problem:
@@ -177,7 +209,8 @@ def loadgen_main(argv: list[str], args: argparse.Namespace | None = None) -> int
     rows: list[Results] = []
     with tempfile.TemporaryDirectory(prefix="tailledger-loadgen-") as tmp:
         for n in sizes:
-            print(f"# {n} simulated nodes, {options.scenario} ...", flush=True)
+            given = "".join(f", {name}={value}" for name, value in options.server_settings)
+            print(f"# {n} simulated nodes, {options.scenario}{given} ...", flush=True)
             try:
                 # With workers, times taken in several processes are compared: one clock.
                 clock = SharedClock() if options.workers else None

@@ -56,6 +56,8 @@ class LoadgenOptions:
         dsn: the PostgreSQL connection string (``backend = "postgres"``).
         replicas: ``tailledger serve`` replicas on the one PostgreSQL log; client *i*
             talks to replica *i* mod ``replicas`` (more than one needs postgres).
+        server_settings: environment variables (``TAILLEDGER_<SECTION>__<KEY>``,
+            value) set for every server over the load generator's own (``--server-setting``).
     """
 
     phases: frozenset[str] = frozenset(PHASES)
@@ -75,6 +77,7 @@ class LoadgenOptions:
     backend: str = "sqlite"
     dsn: str = ""
     replicas: int = 1
+    server_settings: tuple[tuple[str, str], ...] = ()
 
     def timeout(self, base: float, per_node: float, n: int) -> float:
         return (base + per_node * n) * self.timeout_scale

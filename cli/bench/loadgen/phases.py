@@ -161,6 +161,7 @@ def _servers(n: int, workdir: Path, opts: LoadgenOptions) -> list[Server]:
                 "TAILLEDGER_DATABASE__DSN": opts.dsn,
                 "TAILLEDGER_AUDIT__SIGNING_KEY_FILE": str(workdir / f"n{n}-signing.key"),
             }
+        env |= dict(opts.server_settings)
         servers.append(Server(data, free_port(), extra_env=env))
     return servers
 
