@@ -177,9 +177,10 @@ class TuningConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # Keep the long-lived heap out of garbage collections (see cli/gcpolicy.py).
     gc_freeze: bool = True
     # Buffers of at least this many bytes get their own memory mapping, returned to the
-    # system when freed (glibc's M_MMAP_THRESHOLD, kept fixed; cli/gcpolicy.py).
+    # system when freed (glibc's M_MMAP_THRESHOLD, kept fixed; cli/gcpolicy.py). Above
+    # a full map of 10,000 peers, which every stream of a reconnect herd has its own of.
     # 0: glibc's default, a threshold that grows with the largest buffer freed.
-    malloc_mmap_threshold: int = 65536
+    malloc_mmap_threshold: int = 4 * 1024 * 1024
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

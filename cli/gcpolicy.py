@@ -30,8 +30,14 @@ start) glibc gives a buffer its own mapping, returned to the system when freed, 
 raises that threshold to the size of every such buffer freed (up to 32 MiB). After the
 first full maps, the next ones are carved from the heap between long-lived objects,
 and the holes they leave stay resident. :func:`set_mmap_threshold` fixes the threshold
-(``tuning.malloc_mmap_threshold``, 64 KiB by default), which also turns that growth
-off: at 2,000 corp nodes the heap held ~3 MiB less once idle (issue 19).
+(``tuning.malloc_mmap_threshold``), which turns that growth off: at 5,000 corp nodes the
+server held 0.8 KiB per idle node less (19.1-19.8 KiB with a fixed threshold of 64 KiB
+to 4 MiB, 20.4 with glibc's; issue 19). The default, 4 MiB, is above the buffers each
+stream of a reconnect herd has of its own (a full map of 10,000 peers is 1.3 MB
+compressed, and the frames and sealed records made of it as large): below them,
+every such buffer is mapped, faulted in page by page and unmapped, once per stream;
+with 64 KiB, reconnecting 10,000 flat nodes took 124 s of server CPU instead of 74 s
+(2.5 minutes of system time instead of one).
 
 This is a property of the process, not of the library: :func:`cli.server.run_server`
 runs it; tests that embed a server (:func:`~cli.server.open_server`) leave the interpreter alone.
