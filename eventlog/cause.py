@@ -10,7 +10,8 @@ fresh correlation id of its own.
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,9 +34,18 @@ class Cause(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
+#: Correlation ids only tell requests apart (they guard nothing), so they come from a
+#: generator seeded from the system's randomness, not a system call each: an append
+#: that released the GIL for ``getrandom`` waited for the log's writer thread to give
+#: it back (a sixth of ``tailledger bench log``'s appending side). Reseeded in a
+#: forked child, which would otherwise repeat its parent's ids.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def new_correlation_id() -> str:
     """A fresh random correlation id (16 hex digits)."""
-    return secrets.token_hex(8)
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def check_reason(reason: str) -> str:

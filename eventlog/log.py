@@ -55,14 +55,31 @@ def _utcnow() -> datetime:
 
 
 class _Pending:
-    """One append waiting for the writer task."""
+    """One append waiting for the writer task.
 
-    __slots__ = ("done", "request", "result")
+    The appending task parks itself (``trio.lowlevel``) and the writer reschedules it
+    with the result: a ``trio.Event`` per append cost a third of the appending side
+    of ``tailledger bench log`` (its parking lot, set and wait)."""
+
+    __slots__ = ("request", "result", "task")
 
     def __init__(self, request: AppendRequest) -> None:
         self.request = request
-        self.done = trio.Event()
         self.result: tuple[RecordedEvent, ...] | BaseException | None = None
+        #: The task waiting for the result; ``None`` once told, or when it was cancelled.
+        self.task: trio.lowlevel.Task | None = None
+
+    def finish(self, result: tuple[RecordedEvent, ...] | BaseException) -> None:
+        """Hand the result over and wake the appender (if it still waits)."""
+        self.result = result
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        """The appender was cancelled: it stops waiting (the append goes on)."""
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class EventLog:
@@ -142,37 +159,41 @@ class EventLog:
     async def _commit(self, batch: list[_Pending]) -> None:
         requests = [p.request for p in batch]
         now_us = to_micros(self._clock())
+        # With no tail running nothing would take the events kept (see _recent).
+        keep = bool(self._tails)
         try:
             results, as_read = await trio.to_thread.run_sync(
-                self._append_batch, requests, now_us, limiter=self._write_limiter
+                self._append_batch, requests, now_us, keep, limiter=self._write_limiter
             )
         except EventLogError as exc:
             for p in batch:
-                p.result = exc
-                p.done.set()
+                p.finish(exc)
             return
         self.commits += 1
-        if as_read:
-            self._committed_seq = max(self._committed_seq, as_read[-1].seq)
+        committed = [result[-1].seq for result in results if not isinstance(result, BaseException) and result]
+        if committed:
+            self._committed_seq = max(self._committed_seq, *committed)
         recent = self._recent
-        if self._tails:  # (with no tail running, nothing would take them)
+        if self._tails:  # (a tail that started during the commit reads them from the store)
             for event in as_read:
                 recent[event.seq] = event
         while len(recent) > RECENT:
             recent.popitem(last=False)
         for p, result in zip(batch, results, strict=True):
-            p.result = result
             if not isinstance(result, BaseException):
                 self.appended += 1
-            p.done.set()
+            p.finish(result)
         self._notify()
 
     def _append_batch(
-        self, requests: list[AppendRequest], now_us: int
+        self, requests: list[AppendRequest], now_us: int, keep: bool
     ) -> tuple[list[AppendResult], list[RecordedEvent]]:
-        """The store's append (in the writer thread), and the committed events as a read
-        would return them: each payload decoded from its encoding, as stored."""
+        """The store's append (in the writer thread), and, to ``keep`` for the tails, the
+        committed events as a read would return them: each payload decoded from its
+        encoding, as stored."""
         results = self.store.append_batch(requests, now_us)
+        if not keep:
+            return results, []
         as_read = [
             msgspec.structs.replace(e, event=decode_event(e.type, e.schema, encode_event(e.event)))
             for result in results
@@ -247,8 +268,11 @@ class EventLog:
                 correlation_id=correlation_id, reason=reason,
             )
         )
+        # Nothing is awaited between queueing it and parking: the writer cannot
+        # finish it before this task waits.
+        pending.task = trio.lowlevel.current_task()
         self._send.send_nowait(pending)
-        await pending.done.wait()
+        await trio.lowlevel.wait_task_rescheduled(pending.abort)
         result = pending.result
         if isinstance(result, BaseException):
             raise result

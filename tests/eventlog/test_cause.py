@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import sqlite_utils
 import trio
 
 from eventlog import EventLog, SQLiteEventStore, caused_by, chain_hash
+from eventlog.cause import new_correlation_id
 from eventlog.events import UserCreated
 from eventlog.migrations import MIGRATIONS
 from tests.conftest import ADMIN
@@ -87,3 +89,25 @@ def test_a_log_written_before_the_cause_columns_still_verifies(tmp_path: Path) -
     [rec] = store.read()
     assert (rec.correlation_id, rec.reason, rec.hash) == ("", "", h)
     assert store.verify().ok
+
+
+def test_correlation_ids_are_distinct_hex_and_a_forked_child_does_not_repeat_its_parents() -> None:
+    """Ids come from a seeded generator, not a system call each: 16 hex digits, never
+    the same twice, and a child process (a forked worker) is reseeded, so its ids are
+    not its parent's next ones."""
+    ids = [new_correlation_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write, " ".join(new_correlation_id() for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    os.waitpid(pid, 0)
+    parent = [new_correlation_id() for _ in range(5)]
+    assert len(child) == 5 and not set(child) & set(parent)
