@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ from cli.bench.loadgen.report import (
     warning_lines,
 )
 from cli.bench.loadgen.scanner import FrameKind, MapFrameScanner, ScannedFrame, make_decompressor
-from cli.bench.loadgen.server import Server, proc_cpu_wait
+from cli.bench.loadgen.server import Server, proc_cpu_wait, thread_cpu_waits, waited_between
 from cli.bench.loadgen.workers import ParentHub, RemoteWatch, Workers
 from cli.bench.scenarios import corp, scenario
 from cli.fdlimit import raise_fd_limit
@@ -667,6 +668,21 @@ def test_the_wait_for_a_cpu_of_a_process_that_is_gone_is_unknown() -> None:
     proc = subprocess.Popen(["python", "-c", "pass"])
     proc.wait()
     assert proc_cpu_wait(proc.pid) is None  # reaped: no /proc entry, no figure made up
+
+
+def test_the_wait_for_a_cpu_is_counted_per_thread_so_an_ended_thread_cannot_make_it_negative() -> None:
+    """A phase's wait for a CPU was the difference of two sums over the threads present,
+    and a thread that ended in between (trio's idle worker threads do) took its total
+    with it: a corp run printed "-0.8 s runnable". Per thread, it never goes below
+    zero; a thread present only at the end counts from zero."""
+    before = {1: 5.0, 2: 3.0, 3: 1.0}
+    after = {1: 5.5, 3: 1.25, 4: 0.5}  # thread 2 ended; 4 is new
+    assert waited_between(before, after) == pytest.approx(0.5 + 0.25 + 0.5)
+    assert sum(after.values()) - sum(before.values()) < 0  # what was printed before
+    waits = thread_cpu_waits(os.getpid())
+    if waits is not None:  # (a kernel without schedstats has none)
+        assert threading.get_native_id() in waits and all(w >= 0 for w in waits.values())
+        assert proc_cpu_wait(os.getpid()) == pytest.approx(sum(waits.values()), abs=0.05)
 
 
 def test_the_cpu_report_shows_the_servers_wait_for_a_cpu_when_measured() -> None:

@@ -44,18 +44,33 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_wait(pid: int) -> float | None:
-    """Seconds the threads of ``pid`` spent runnable but waiting for a CPU (the second
-    field of each ``/proc/<pid>/task/<tid>/schedstat``); ``None`` without schedstats.
+def thread_cpu_waits(pid: int) -> dict[int, float] | None:
+    """Per thread of ``pid``, the seconds it spent runnable but waiting for a CPU (the
+    second field of ``/proc/<pid>/task/<tid>/schedstat``); ``None`` without schedstats.
     A process that waits far longer than it runs is held back by the machine's other
     load, not by anything inside it."""
-    total, seen = 0.0, False
+    waits: dict[int, float] = {}
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                total += int((task / "schedstat").read_text().split()[1]) / 1e9
-                seen = True
-    return total if seen else None
+                waits[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
+    return waits or None
+
+
+def proc_cpu_wait(pid: int) -> float | None:
+    """The seconds all present threads of ``pid`` waited for a CPU (see
+    :func:`thread_cpu_waits`); ``None`` without schedstats."""
+    waits = thread_cpu_waits(pid)
+    return None if waits is None else sum(waits.values())
+
+
+def waited_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """The wait for a CPU between two :func:`thread_cpu_waits` readings, thread by
+    thread: a thread that ended in between (trio's idle worker threads do) took its
+    total with it, and a difference of sums would come out short, even negative; this
+    counts the threads present at the end (a new one from zero) and leaves out only
+    what an ended thread waited during the phase."""
+    return sum(max(0.0, wait - before.get(tid, 0.0)) for tid, wait in after.items())
 
 
 def proc_memory(pid: int) -> tuple[int, int]:
@@ -145,7 +160,7 @@ class Span:
         self.server = server
         self.t0 = trio.current_time()
         self.cpu0 = proc_cpu(server.pid)
-        self.wait0 = proc_cpu_wait(server.pid)
+        self.wait0 = thread_cpu_waits(server.pid)
         self.own0 = time.process_time()
         self.workers0 = pids_cpu(server.worker_pids)
 
@@ -153,9 +168,9 @@ class Span:
         wall = trio.current_time() - self.t0
         results[f"{phase}_wall_s"] = wall
         results[f"{phase}_cpu_s"] = proc_cpu(self.server.pid) - self.cpu0
-        wait = proc_cpu_wait(self.server.pid)
-        if wait is not None and self.wait0 is not None:
-            results[f"{phase}_cpu_wait_s"] = wait - self.wait0
+        waits = thread_cpu_waits(self.server.pid)
+        if waits is not None and self.wait0 is not None:
+            results[f"{phase}_cpu_wait_s"] = waited_between(self.wait0, waits)
         results[f"{phase}_loadgen_cpu_pct"] = 100 * (time.process_time() - self.own0) / max(wall, 1e-9)
         if self.server.worker_pids:
             # --workers: the clients' processes (together; % of one core), besides this one.
