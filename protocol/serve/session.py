@@ -83,7 +83,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from functools import partial
-from typing import Final
+from typing import Final, TypeVar
 
 import h2.errors
 import trio
@@ -106,8 +106,21 @@ log = logging.getLogger("protocol.serve")
 _WRITE_PIECE: Final = 65536
 
 
+_V = TypeVar("_V")
+
+
 class _ConnectionLost(Exception):
     """Internal: a write failed; the session must end."""
+
+
+def _pop_dropping_empty(table: dict[int, _V] | None, key: int) -> tuple[_V | None, dict[int, _V] | None]:
+    """``table.pop(key, None)`` and what the owner keeps afterwards: ``table``, or
+    ``None`` once it is empty. An emptied dict keeps the table it grew, and an idle
+    tunnel (its long poll parked, no task) would hold it for days (issue 19, memory)."""
+    if table is None:
+        return None, None
+    found = table.pop(key, None)
+    return found, table or None
 
 
 class _ParkedStreams:
@@ -150,11 +163,7 @@ class _ParkedStreams:
         if self._stream is not None and self._id == stream_id:
             stream, self._stream, self._id = self._stream, None, 0
             return stream
-        if self._more is None:
-            return default
-        found = self._more.pop(stream_id, None)
-        if not self._more:
-            self._more = None
+        found, self._more = _pop_dropping_empty(self._more, stream_id)
         return found
 
     def popitem(self) -> tuple[int, AsyncIterator[bytes | Park]]:
@@ -893,16 +902,9 @@ class NoiseSession:
             del chunk
 
     def _pop_scope(self, stream_id: int) -> trio.CancelScope | None:
-        """Forget the task scope of a stream; ``None`` if it has none.
-
-        The last one out leaves no dict: an emptied dict keeps the table it grew
-        (~160 bytes), and an idle tunnel (its long poll parked, no task) would hold
-        it empty for days (issue 19, memory)."""
-        if self._scopes is None:
-            return None
-        scope = self._scopes.pop(stream_id, None)
-        if not self._scopes:
-            self._scopes = None
+        """Forget the task scope of a stream; ``None`` if it has none. The last one out
+        leaves no dict (see :func:`_pop_dropping_empty`)."""
+        scope, self._scopes = _pop_dropping_empty(self._scopes, stream_id)
         return scope
 
     def _add_scope(self, stream_id: int, scope: trio.CancelScope) -> None:
