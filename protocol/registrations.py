@@ -62,6 +62,7 @@ __all__ = [
     "PendingStats",
     "Rejected",
     "Superseded",
+    "request_id",
     "source_of",
 ]
 
@@ -76,6 +77,15 @@ MAX_OS = 64
 #: Most requested tags kept, and the longest tag.
 MAX_TAGS = 16
 MAX_TAG = 128
+
+
+def request_id() -> str:
+    """An unguessable request id (the last part of the AuthURL) that never begins with
+    ``-``: an admin pastes it after ``--key`` (the page prints the command), and argparse
+    takes a word beginning with ``-`` there for an option (one id in 64 failed so)."""
+    while (token := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return token
 
 
 @dataclass(frozen=True)
@@ -191,7 +201,7 @@ class PendingRegistrations:
         limits: PendingLimits,
         *,
         clock: Callable[[], datetime] | None = None,
-        token: Callable[[], str] = lambda: secrets.token_urlsafe(18),
+        token: Callable[[], str] = request_id,
     ) -> None:
         self._side = side
         self._tailnet = tailnet

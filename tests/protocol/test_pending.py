@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,13 @@ from eventlog.sidetables import PendingRegistration, SideTables
 from projections import ProjectionRunner, Tailnet
 from projections.tailcfg import Hostinfo, RegisterRequest
 from protocol import ControlClient
-from protocol.registrations import Expired, PendingLimits, PendingRegistrations, source_of
+from protocol.registrations import (
+    Expired,
+    PendingLimits,
+    PendingRegistrations,
+    request_id,
+    source_of,
+)
 from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, running
@@ -289,3 +296,14 @@ async def test_a_register_the_database_cannot_store_gets_an_error(tmp_path: Path
         async with n.connect(server) as client:
             resp = await client.register(n.register_request())
         assert not resp.auth_url and "cannot take interactive registrations right now" in resp.error
+
+
+def test_request_ids_never_begin_with_a_dash() -> None:
+    """The page prints ``tailledger nodes register --key ID``; argparse takes a word
+    beginning with ``-`` after ``--key`` for an option, so an admin's pasted command
+    failed for one id in 64 (base64url has ``-``). Every id is still 24 URL-safe
+    characters, all different."""
+    ids = [request_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 24 and re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
