@@ -8,9 +8,9 @@ gets its own optimistic-concurrency check and its own answer.
 
 ``tail`` yields every event after a sequence number and then waits for new ones. New
 events are announced in-process the moment they commit; events appended by *other*
-processes that open the same SQLite database file are found by reading again every
-``poll_interval`` seconds, so a tailer never misses an event whoever wrote it. (SQLite
-is the only backend today.)
+processes (another replica on the same SQLite file or PostgreSQL database) are found
+by reading again every ``poll_interval`` seconds, or at once when the store announces
+them (PostgreSQL's LISTEN/NOTIFY), so a tailer never misses an event whoever wrote it.
 
 Events this process committed are not read back: the writer keeps them as a read would
 return them (the payload decoded from its stored encoding) until every running tail has
@@ -24,8 +24,7 @@ Cancellation: ``append`` may be cancelled while waiting; the request may still c
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -48,6 +47,10 @@ Clock = Callable[[], datetime]
 #: At most this many events committed by this process are kept for ``tail`` (see the
 #: module docstring); fewer once every running tail has passed them.
 RECENT = 4096
+
+
+def _stopped() -> EventLogError:
+    return EventLogError("the event log writer stopped before this append was committed")
 
 
 def _utcnow() -> datetime:
@@ -105,7 +108,12 @@ class EventLog:
         self._clock = clock
         self._poll_interval = poll_interval
         self._max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[_Pending](math.inf)
+        #: Appends waiting for the writer, oldest first; the writer parks when it is
+        #: empty (``_writer_parked``) and the next append wakes it. (A deque and a
+        #: parked task, not a memory channel: its send and receive cost more than the
+        #: rest of an append's trio side in ``tailledger bench log``.)
+        self._queue: deque[_Pending] = deque()
+        self._writer_parked: trio.lowlevel.Task | None = None
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(4)
         self._committed = trio.Event()
@@ -133,16 +141,24 @@ class EventLog:
                 if self.store.notifies_appends:
                     nursery.start_soon(self._listen)
                 task_status.started()
-                async for first in self._receive:
-                    batch = [first]
-                    while len(batch) < self._max_batch:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                    await self._commit(batch)
+                queue, popleft = self._queue, self._queue.popleft
+                while True:
+                    if not queue:
+                        self._writer_parked = trio.lowlevel.current_task()
+                        await trio.lowlevel.wait_task_rescheduled(self._unpark_writer)
+                        continue
+                    await self._commit([popleft() for _ in range(min(len(queue), self._max_batch))])
         finally:
             self._running = False
+            self._writer_parked = None
+            # Nobody will commit these: their appenders get an error, not a wait forever.
+            while self._queue:
+                self._queue.popleft().finish(_stopped())
+
+    def _unpark_writer(self, _: object) -> trio.lowlevel.Abort:
+        """The parked writer was cancelled: it stops waiting for appends."""
+        self._writer_parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     async def _listen(self) -> None:
         """Wake the tailers when the store announces an append by another process
@@ -169,20 +185,31 @@ class EventLog:
             for p in batch:
                 p.finish(exc)
             return
+        except BaseException:
+            # Cancelled before the thread took the batch (a running commit is never
+            # abandoned), or a bug the store rolled back: not committed.
+            for p in batch:
+                p.finish(_stopped())
+            raise
         self.commits += 1
-        committed = [result[-1].seq for result in results if not isinstance(result, BaseException) and result]
-        if committed:
-            self._committed_seq = max(self._committed_seq, *committed)
+        # Sequence numbers grow through the batch: the last request that appended
+        # something holds the newest.
+        for result in reversed(results):
+            if result and not isinstance(result, BaseException):
+                self._committed_seq = max(self._committed_seq, result[-1].seq)
+                break
         recent = self._recent
         if self._tails:  # (a tail that started during the commit reads them from the store)
             for event in as_read:
                 recent[event.seq] = event
         while len(recent) > RECENT:
             recent.popitem(last=False)
+        appended = 0
         for p, result in zip(batch, results, strict=True):
-            if not isinstance(result, BaseException):
-                self.appended += 1
+            if type(result) is tuple:
+                appended += 1
             p.finish(result)
+        self.appended += appended
         self._notify()
 
     def _append_batch(
@@ -271,7 +298,10 @@ class EventLog:
         # Nothing is awaited between queueing it and parking: the writer cannot
         # finish it before this task waits.
         pending.task = trio.lowlevel.current_task()
-        self._send.send_nowait(pending)
+        self._queue.append(pending)
+        writer, self._writer_parked = self._writer_parked, None
+        if writer is not None:
+            trio.lowlevel.reschedule(writer)
         await trio.lowlevel.wait_task_rescheduled(pending.abort)
         result = pending.result
         if isinstance(result, BaseException):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from eventlog import (
     SQLiteEventStore,
 )
 from eventlog.events import UserCreated
-from eventlog.rows import StoredRow
+from eventlog.rows import AppendRequest, AppendResult, StoredRow
 from tests.conftest import ADMIN, StepClock
 
 
@@ -57,6 +58,69 @@ async def test_expected_seq_conflict_is_raised_to_the_loser() -> None:
         with pytest.raises(ExpectedSequenceConflict):
             await log.append([UserCreated(user_id=2, name="b")], actor=ADMIN, expected_seq=0)
         nursery.cancel_scope.cancel()
+
+
+class _HeldStore(SQLiteEventStore):
+    """A store whose next append waits in its thread until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        self.entered.set()
+        self.release.wait(10)
+        return super().append_batch(requests, now_us)
+
+
+async def test_appends_queued_when_the_writer_stops_fail_instead_of_waiting() -> None:
+    store = _HeldStore()
+    log = EventLog(store)
+    outcomes: dict[str, object] = {}
+
+    async def append(name: str, user_id: int) -> None:
+        try:
+            [rec] = await log.append([UserCreated(user_id=user_id, name=name)], actor=ADMIN)
+            outcomes[name] = rec.seq
+        except EventLogError as exc:
+            outcomes[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        writer_scope = trio.CancelScope()
+
+        async def writer() -> None:
+            with writer_scope:
+                await log.run()
+
+        nursery.start_soon(writer)
+        await wait_all_tasks_blocked()
+        nursery.start_soon(append, "first", 1)
+        await trio.to_thread.run_sync(store.entered.wait, 5)  # the first one is being committed
+        nursery.start_soon(append, "second", 2)
+        await wait_all_tasks_blocked()  # queued behind it
+        writer_scope.cancel()
+        store.release.set()
+    # The commit under way finished and answered; the queued one was told, not left waiting.
+    assert outcomes["first"] == 1
+    assert isinstance(outcomes["second"], EventLogError)
+    assert "stopped" in str(outcomes["second"])
+    assert store.head().seq == 1
+
+
+async def test_a_cancelled_appender_does_not_stop_the_others() -> None:
+    log = EventLog(SQLiteEventStore(":memory:"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        with trio.move_on_after(0) as scope:
+            await log.append([UserCreated(user_id=1, name="gone")], actor=ADMIN)
+        assert scope.cancelled_caught
+        [rec] = await log.append([UserCreated(user_id=2, name="kept")], actor=ADMIN)
+        nursery.cancel_scope.cancel()
+    # The cancelled append may still have committed (see the module docstring); the
+    # next one follows it either way.
+    assert rec.seq == log.store.head().seq
+    assert log.store.verify().ok
 
 
 async def _follow_while_appending(log: EventLog, nursery: trio.Nursery, users: range) -> list[int]:
