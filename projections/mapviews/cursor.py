@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 import msgspec
@@ -115,14 +116,20 @@ class StreamCursor:
         self.derp_map: object = None
         self.dns: object = None  # the DNS configuration last sent (by identity)
 
-    def full_map(self, hub: MapHub) -> FullMap:
-        """The complete first message (and the new baseline)."""
+    def full_map(self, hub: MapHub, control_time: datetime | None = None) -> FullMap:
+        """The complete first message (and the new baseline).
+
+        ``control_time``: the server's clock now, sent as ``ControlTime`` (clients
+        correct peer key expiry by it) when the hub was last advanced earlier (it is
+        not advanced for presence alone between publications); default the hub's time.
+        """
         state, now, compiled = hub.state, hub.now, hub.compiled
         assert state is not None and now is not None and compiled is not None
+        clock = now if control_time is None else max(now, control_time)
         me = self.node_id
         node = state.nodes[me]
         if node.is_expired(now):
-            msg = expired_map(state, node, hub.presence(me), hub.settings, now)
+            msg = expired_map(state, node, hub.presence(me), hub.settings, clock)
             self._now_expired(hub, msg.node)
             return FullMap(msg, None, me)
         self.expired = False
@@ -148,7 +155,7 @@ class StreamCursor:
             ssh_policy=msgspec.Raw(ssh) if ssh is not None else None,
             user_profiles=[profiles[k] for k in sorted(profiles)],
             collect_services=False,
-            control_time=now,
+            control_time=clock,
             debug=Debug(disable_log_tail=True),
         )
         return FullMap(body, peers, me)

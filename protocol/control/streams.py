@@ -269,7 +269,9 @@ class MapStreams:
             self._sync_hub()
             if self.hub.state is None or node_id not in self.hub.state.nodes:
                 return
-            yield self.wire.frame_full(StreamCursor(node_id).full_map(self.hub), compress)
+            yield self.wire.frame_full(
+                StreamCursor(node_id).full_map(self.hub, self._tailnet.clock()), compress
+            )
         finally:
             turn.release()
 
@@ -297,7 +299,7 @@ class MapStreams:
                 if self.hub.state is None or node_id not in self.hub.state.nodes:
                     return
                 cursor = StreamCursor(node_id)
-                yield self.wire.frame_full(cursor.full_map(self.hub), compress)
+                yield self.wire.frame_full(cursor.full_map(self.hub, clock()), compress)
             finally:
                 turn.release()
             del turn  # an idle stream keeps nothing of its turn
@@ -419,9 +421,18 @@ class MapStreams:
         self._hub_log_wake.set()
 
     def _sync_hub(self) -> None:
-        """Bring the hub up to the current state at once (a stream about to send a full
-        map must see its own node); streams are woken by :meth:`_drive_hub` only."""
-        if self.hub.state is self._tailnet.state and not self._hub_watch.pending:
+        """Bring the hub up to the log's state at once (a stream about to send a full
+        map must see its own node); streams are woken by :meth:`_drive_hub` only.
+
+        Presence alone (a node online, an endpoint moved) waits for the next
+        publication, which is when the other streams learn it too: the streams that
+        begin between two publications then start from one hub version and are sent
+        one shared update (after a restart, thousands of clients reconnect with
+        their presence changing all the while; a version each cost a diff, an
+        encoding and a compression per stream). Their full map's ``ControlTime`` is
+        the clock's, not the hub's.
+        """
+        if self.hub.state is self._tailnet.state:
             return
         if not self._hub_sub.pending.is_empty():
             self._log_synced = True

@@ -585,6 +585,50 @@ async def test_a_join_a_newcomers_full_map_took_into_the_hub_is_not_held_as_pres
                 assert "bravo.tailnet.internal." in [p.name for p in joined.peers_changed or ()]
 
 
+async def test_streams_opened_between_publications_start_from_one_hub_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's full map brings the hub up to the log, not to presence alone: the
+    streams that open between two publications start from one hub version (after a
+    restart, a version per reconnecting client cost a diff and an encoding each), and
+    the next publication tells them one another's presence."""
+    monkeypatch.setattr(streams_module, "_PRESENCE_MAX_HOLD", 3600.0)
+    async with running(tmp_path) as server, two_registered(server) as (a, ca, b, cb):
+        assert server.control is not None
+        streams = server.control.streams
+        await wait_until(
+            lambda: streams.hub.state is server.tailnet.state and streams._hub_sub.pending.is_empty(),
+            what="the registrations to be published",
+        )
+        # As if the last fan-out took 10 minutes: presence alone is held back.
+        streams._fanout_cost = 600.0
+        async with ca.map_stream(a.map_request()) as sa:
+            first_a = await next_update(sa)
+            version = streams.hub.seq
+            async with cb.map_stream(b.map_request(endpoints=["198.51.100.7:41641"])) as sb:
+                first_b = await next_update(sb)
+                assert streams.hub.seq == version  # alpha's coming online made no version
+                [alpha] = first_b.peers or []
+                assert not alpha.online  # as of that version: the next publication tells
+                assert first_a.control_time is not None and first_b.control_time is not None
+                assert first_b.control_time >= first_a.control_time  # the clock's, not the hub's
+                # A log change publishes, the presence held back with it.
+                await server.ops.dispatch("nodes.rename", {"node": "alpha", "new_name": "a2"}, ADMIN)
+                with trio.fail_after(30):
+                    while True:
+                        msg = await next_update(sb)
+                        if any(p.online for p in msg.peers_changed_patch or ()) or any(
+                            p.online for p in msg.peers_changed or ()
+                        ):
+                            break
+                    while True:
+                        msg = await next_update(sa)
+                        if any(p.online for p in msg.peers_changed_patch or ()) or any(
+                            p.online for p in msg.peers_changed or ()
+                        ):
+                            break
+
+
 async def test_idle_map_streams_hold_no_task_and_still_get_changes(tmp_path: Path) -> None:
     """Between updates a map stream is parked (no task per idle node); a join wakes it."""
     from .test_serve import _tasks_running

@@ -291,3 +291,16 @@ def test_a_peers_kept_json_holds_only_its_own_bytes(net: Tailnet) -> None:
     assert len(json) > 1500
     assert kept < len(json) + 400, (kept, len(json))  # not the encoder's buffer (+50%)
     assert json == encode(peers[2].wire) and wire._peer_json(peers[2]) is json
+
+
+def test_a_full_map_tells_the_clock_it_is_given_not_an_older_hub_time(net: Tailnet) -> None:
+    """ControlTime is the server's clock (clients correct peer key expiry by it): a hub
+    last advanced a while ago must not make a newcomer's clock look skewed."""
+    hub_time = net.hub.now
+    assert hub_time is not None
+    later = hub_time + timedelta(minutes=40)
+    assert StreamCursor(1).full_map(net.hub).response().control_time == hub_time
+    assert StreamCursor(1).full_map(net.hub, later).response().control_time == later
+    # A clock behind the hub's (it never is) does not move ControlTime back.
+    earlier = hub_time - timedelta(minutes=1)
+    assert StreamCursor(1).full_map(net.hub, earlier).response().control_time == hub_time
