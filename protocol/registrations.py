@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -51,6 +50,8 @@ from projections import CommandError, NotFoundError, Tailnet
 from projections import commands as c
 from projections.admin import AdminOps, BadRequest, decode_args
 from projections.tailcfg import Hostinfo
+
+from .tokens import pasteable_token
 
 __all__ = [
     "Approved",
@@ -80,12 +81,9 @@ MAX_TAG = 128
 
 
 def request_id() -> str:
-    """An unguessable request id (the last part of the AuthURL) that never begins with
-    ``-``: an admin pastes it after ``--key`` (the page prints the command), and argparse
-    takes a word beginning with ``-`` there for an option (one id in 64 failed so)."""
-    while (token := secrets.token_urlsafe(18)).startswith("-"):
-        pass
-    return token
+    """An unguessable request id (the last part of the AuthURL), which an admin pastes
+    after ``--key`` (the page prints the command)."""
+    return pasteable_token(18)
 
 
 @dataclass(frozen=True)

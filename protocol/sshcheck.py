@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,6 +42,7 @@ from projections.service import Tailnet
 from projections.state import TailnetState
 
 from .handler import NoiseRequest, NoiseResponse
+from .tokens import pasteable_token
 
 __all__ = ["CHECK_TTL", "HOLD_SECONDS", "CheckPeriodOf", "PendingCheck", "SshChecks"]
 
@@ -93,7 +93,7 @@ class SshChecks:
     ) -> None:
         self.tailnet = tailnet
         self._public_url = public_url
-        self._token = token or (lambda: secrets.token_urlsafe(12))
+        self._token = token or (lambda: pasteable_token(12))  # 'tailledger ssh approve ID'
         self._period = period or (lambda state, src, dst, user: c.ssh_check_period(state))
         self.pending: dict[str, PendingCheck] = {}
 

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from cli.main import build_parser
 from eventlog import EventLog, EventLogError, SQLiteEventStore
 from eventlog.sidetables import PendingRegistration, SideTables
 from projections import ProjectionRunner, Tailnet
@@ -24,6 +25,7 @@ from protocol.registrations import (
     request_id,
     source_of,
 )
+from protocol.sshcheck import SshChecks
 from tests.support.waits import wait_until
 
 from .control_harness import ADMIN, SimNode, running
@@ -307,3 +309,18 @@ def test_request_ids_never_begin_with_a_dash() -> None:
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 24 and re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+
+
+def test_ssh_check_ids_never_begin_with_a_dash(tmp_path: Path) -> None:
+    """The same for the id of a held SSH connection: ``tailledger ssh approve ID``
+    takes it as a positional argument, which argparse refuses when it begins with ``-``."""
+    log = EventLog(SQLiteEventStore(tmp_path / "log.db"))
+    checks = SshChecks(Tailnet(log, ProjectionRunner(log)), lambda: "https://control.example")
+    ids = [checks._token() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+    # ... and argparse takes every one of them as the command's argument.
+    parser = build_parser()
+    for i in ids[:200]:
+        assert parser.parse_args(["ssh", "approve", i]).id == i
