@@ -195,7 +195,7 @@ class EventLog:
         # Sequence numbers grow through the batch: the last request that appended
         # something holds the newest.
         for result in reversed(results):
-            if result and not isinstance(result, BaseException):
+            if isinstance(result, tuple) and result:
                 self._committed_seq = max(self._committed_seq, result[-1].seq)
                 break
         recent = self._recent
@@ -206,7 +206,7 @@ class EventLog:
             recent.popitem(last=False)
         appended = 0
         for p, result in zip(batch, results, strict=True):
-            if type(result) is tuple:
+            if isinstance(result, tuple):  # (else its ExpectedSequenceConflict)
                 appended += 1
             p.finish(result)
         self.appended += appended
