@@ -34,6 +34,7 @@ def _base_env() -> dict[str, str]:
 
 
 def _sign_in(driver: Any, auth_url: str, server_url: str, user: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -44,7 +45,9 @@ def _sign_in(driver: Any, auth_url: str, server_url: str, user: str) -> str:
     driver.find_element(By.ID, "id_username").send_keys(user)
     driver.find_element(By.ID, "id_password").send_keys("pw-" + user)
     driver.find_element(By.ID, "login").click()
-    WebDriverWait(driver, 60).until(lambda d: d.current_url.startswith(server_url) and d.find_elements(By.TAG_NAME, "h1"))
+    WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.current_url.startswith(server_url) and d.find_elements(By.TAG_NAME, "h1")
+    )
     return str(driver.find_element(By.TAG_NAME, "body").text)
 
 

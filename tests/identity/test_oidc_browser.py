@@ -117,14 +117,20 @@ async def click(driver: Any, element_id: str) -> None:
 
 
 async def see(driver: Any, needle: str) -> None:
-    """Wait until the page shows ``needle`` (a navigation may still be under way)."""
-    from selenium.common.exceptions import TimeoutException
+    """Wait until the page shows ``needle`` (a navigation may still be under way: the
+    body read a moment ago may be gone, so a stale element is read again)."""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def wait() -> None:
+        waiting = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException))
         try:
-            WebDriverWait(driver, 30).until(lambda d: needle in d.find_element(By.TAG_NAME, "body").text)
+            waiting.until(lambda d: needle in d.find_element(By.TAG_NAME, "body").text)
         except TimeoutException:
             body = driver.find_element(By.TAG_NAME, "body").text
             raise AssertionError(f"{needle!r} not on the page {driver.current_url}:\n{body}") from None
