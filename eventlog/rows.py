@@ -166,16 +166,19 @@ def stage_append(
 
 
 def following(rows: Iterable[StoredRow], head: Head) -> Iterator[StoredRow]:
-    """``rows`` as they come, each checked to extend the chain from ``head``.
+    """``rows`` as they come, each checked to extend the chain from ``head``, recorded
+    no earlier than the row before it (a log's times never go backwards).
 
     Raises:
-        ChainError: at the first row that does not follow (seq or prev_hash).
+        ChainError: at the first row that does not follow (seq, prev_hash or time).
     """
-    seq, prev = head.seq, head.hash
+    seq, prev, at = head.seq, head.hash, head.recorded_at_us
     for row in rows:
         if row.seq != seq + 1 or row.prev_hash != prev:
             raise ChainError(row.seq, f"does not follow the head (seq {seq})")
-        seq, prev = row.seq, row.hash
+        if row.recorded_at_us < at:
+            raise ChainError(row.seq, f"recorded before the event before it (seq {seq})")
+        seq, prev, at = row.seq, row.hash, row.recorded_at_us
         yield row
 
 

@@ -20,6 +20,7 @@ an ``expected_seq`` race gets :class:`~eventlog.errors.ExpectedSequenceConflict`
 from __future__ import annotations
 
 import abc
+import bisect
 import contextlib
 import sqlite3
 import threading
@@ -233,9 +234,11 @@ class EventStore(abc.ABC):
         return events
 
     def verify(self) -> VerifyReport:
-        """Recompute the hash chain from genesis and report the first break."""
+        """Recompute the hash chain from genesis and report the first break (a recorded
+        time going backwards is one too: "the state at time T" relies on it)."""
         expected_seq = 1
         prev = GENESIS_HASH
+        at = 0
         count = 0
         for row in self.iter_rows():
             if row.seq != expected_seq:
@@ -254,7 +257,12 @@ class EventStore(abc.ABC):
                     count, row.seq - 1, prev, row.seq,
                     "content does not match its hash (altered)",
                 )
-            prev = row.hash
+            if row.recorded_at_us < at:
+                return VerifyReport(
+                    count, row.seq - 1, prev, row.seq,
+                    "recorded before the event before it (times go backwards)",
+                )
+            prev, at = row.hash, row.recorded_at_us
             expected_seq += 1
             count += 1
         return VerifyReport(count, expected_seq - 1, prev)
@@ -449,12 +457,26 @@ class SQLiteEventStore(EventStore):
             raise EventLogError(f"read failed: {exc}") from exc
 
     def seq_at_time(self, at_us: int) -> int:
+        # Recorded times never go backwards along the log (append_batch records the
+        # later of now and the head's time; an import refuses a row that goes back and
+        # verify names one), so the answer bisects the primary key: the number of events
+        # recorded at or before at_us is the seq of the last of them. No index on the
+        # time, which every append would pay for.
         self._check_open()
+        select = "SELECT recorded_at_us FROM events WHERE seq = ?"
         with self._reader_lock:
-            row = self._reader.execute(
-                "SELECT max(seq) FROM events WHERE recorded_at_us <= ?", (at_us,)
-            ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+            conn = self._reader
+
+            def recorded_at(seq: int) -> int:
+                row = conn.execute(select, (seq,)).fetchone()
+                if row is None:
+                    raise ChainError(seq, "missing (events removed)")
+                return int(row[0])
+
+            try:
+                return bisect.bisect_right(range(1, self._head(conn).seq + 1), at_us, key=recorded_at)
+            except sqlite3.Error as exc:
+                raise EventLogError(f"read failed: {exc}") from exc
 
     def add_signed_checkpoint(self, checkpoint: SignedCheckpoint) -> None:
         self._check_open()

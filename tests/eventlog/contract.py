@@ -16,11 +16,15 @@ import pytest
 from eventlog import (
     GENESIS_HASH,
     AppendRequest,
+    ChainError,
     EventStore,
     ExpectedSequenceConflict,
     RecordedEvent,
 )
+from eventlog.codec import encode_event
+from eventlog.envelope import chain_hash, to_micros
 from eventlog.events import NodeRenamed, PolicySet, UserCreated
+from eventlog.rows import StoredRow
 from tests.conftest import ADMIN
 
 
@@ -46,6 +50,23 @@ def race(stores: Sequence[EventStore], expected_seq: int) -> list[object]:
     for t in threads:
         t.join()
     return outcomes
+
+
+def chained(times: Sequence[int]) -> list[StoredRow]:
+    """Rows of ``user(seq)`` from genesis, one recorded at each of ``times``, each
+    linked to and hashed like a store's own."""
+    rows: list[StoredRow] = []
+    prev = GENESIS_HASH
+    for seq, at in enumerate(times, 1):
+        event = user(seq)
+        fields = {
+            "seq": seq, "recorded_at_us": at, "actor_kind": ADMIN.kind.value, "actor_id": ADMIN.id,
+            "type": event.type_name(), "schema": event.SCHEMA, "data": encode_event(event),
+        }
+        row = StoredRow(**fields, prev_hash=prev, hash=chain_hash(prev, **fields))  # type: ignore[arg-type]
+        rows.append(row)
+        prev = row.hash
+    return rows
 
 
 def appended(result: object) -> tuple[RecordedEvent, ...]:
@@ -121,6 +142,28 @@ class StoreContract(abc.ABC):
         assert b.recorded_at >= a.recorded_at
         assert store.seq_at_time(1_999_999) == 0
         assert store.seq_at_time(2_000_000) == 2
+
+    def test_the_seq_at_a_time_is_the_last_event_recorded_by_then(self) -> None:
+        store = self.make_store()
+        # Batches of one to three events; some at the same time, one clock step back.
+        times = [1_000, 1_000, 5_000, 4_000, 9_000, 9_000, 9_001, 20_000]
+        for i, at in enumerate(times):
+            events = tuple(user(10 * i + k) for k in range(1 + i % 3))
+            store.append_batch([AppendRequest(events=events, actor=ADMIN)], at)
+        recorded = [(e.seq, to_micros(e.recorded_at)) for e in store.read()]
+        assert store.head().seq == len(recorded) > len(times)
+        for at in [0, 999, 1_000, 1_001, 4_000, 4_999, 5_000, 8_999, 9_000, 9_001, 19_999, 20_000, 10**12]:
+            assert store.seq_at_time(at) == max((seq for seq, t in recorded if t <= at), default=0), at
+
+    def test_an_import_refuses_a_row_recorded_before_the_one_before_it(self) -> None:
+        store = self.make_store()
+        # Well chained and hashed: only the second row's time is wrong (it goes back).
+        with pytest.raises(ChainError, match="recorded before") as excinfo:
+            store.insert_rows(chained([1_000, 500, 3_000]))
+        assert excinfo.value.seq == 2
+        assert store.head().seq == 0
+        store.insert_rows(chained([1_000, 1_000, 3_000]))
+        assert store.verify().ok and store.seq_at_time(2_999) == 2
 
     def test_round_trips_every_field(self) -> None:
         store = self.make_store()

@@ -131,6 +131,52 @@ def test_verify_catches_a_recomputed_hash_that_breaks_the_next_link(tmp_path: Pa
     assert "prev_hash" in (report.reason or "")
 
 
+def test_verify_names_a_time_going_backwards(tmp_path: Path) -> None:
+    """Event 3 re-timed before event 2 and every hash after it recomputed: the chain
+    holds, but "the state at time T" would not, so verify names it."""
+    from eventlog import chain_hash
+
+    path = tmp_path / "log.db"
+    _fill(path)
+    conn = _raw(path)
+    [prev] = conn.execute("SELECT hash FROM events WHERE seq = 2").fetchone()
+    for seq in (3, 4, 5):
+        at, kind, ident, type_, schema, data, corr, reason = conn.execute(
+            "SELECT recorded_at_us, actor_kind, actor_id, type, schema, data, correlation_id, reason "
+            "FROM events WHERE seq = ?", (seq,)
+        ).fetchone()
+        at = 1_500 if seq == 3 else at
+        new_hash = chain_hash(
+            prev, seq=seq, recorded_at_us=at, actor_kind=kind, actor_id=ident, type=type_,
+            schema=schema, data=data, correlation_id=corr, reason=reason,
+        )
+        conn.execute(
+            "UPDATE events SET recorded_at_us = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+            (at, prev, new_hash, seq),
+        )
+        prev = new_hash
+    report = SQLiteEventStore(path).verify()
+    assert report.first_bad == 3, report
+    assert "backwards" in (report.reason or "")
+
+
+def test_an_older_log_loses_its_time_index_and_still_answers_by_time(tmp_path: Path) -> None:
+    """Logs written before migration 0005 carry an index on the recorded time; opening
+    one for writing drops it (every append paid for it), and the time still finds the
+    seq (bisected)."""
+    path = tmp_path / "log.db"
+    _fill(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE INDEX events_recorded_at ON events (recorded_at_us)")
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = '0005_no_recorded_at_index'")
+    conn.close()
+    assert SQLiteEventStore(path, read_only=True).seq_at_time(3_500) == 3  # as it is
+    store = SQLiteEventStore(path)
+    query = "SELECT name FROM sqlite_master WHERE type = 'index'"
+    assert "events_recorded_at" not in {r[0] for r in sqlite3.connect(path).execute(query)}
+    assert [store.seq_at_time(t) for t in (999, 1_000, 3_500, 5_000)] == [0, 1, 3, 5]
+
+
 def test_read_only_store_refuses_appends(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     _fill(path, 2)
