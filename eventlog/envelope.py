@@ -134,10 +134,16 @@ def chain_hash(
     reason: str = "",
 ) -> str:
     """The chain hash of one row (see the module docstring for the layout)."""
-    fields: list[object] = [seq, recorded_at_us, actor_kind, actor_id, type, schema]
+    header: tuple[object, ...] = (seq, recorded_at_us, actor_kind, actor_id, type, schema)
     if correlation_id or reason:
-        fields += [correlation_id, reason]
+        header += (correlation_id, reason)
+    return header_hash(prev_hash, header, data)
+
+
+def header_hash(prev_hash: str, header: tuple[object, ...], data: bytes) -> str:
+    """:func:`chain_hash` of a row whose header is already laid out (the store's append
+    builds it once per row; keywords cost a tenth of staging a batch)."""
     # One buffer, one digest call (the same bytes as feeding the parts in turn).
     return hashlib.sha256(
-        b"".join((prev_hash.encode("ascii"), b"\n", _header_encoder.encode(fields), b"\n", data))
+        b"".join((prev_hash.encode("ascii"), b"\n", _header_encoder.encode(header), b"\n", data))
     ).hexdigest()

@@ -18,7 +18,7 @@ from typing import Final
 import msgspec
 
 from .codec import decode_event, encode_event
-from .envelope import Actor, ActorKind, RecordedEvent, chain_hash, from_micros
+from .envelope import Actor, ActorKind, RecordedEvent, chain_hash, from_micros, header_hash
 from .errors import ChainError, ExpectedSequenceConflict
 from .events import AnyEvent
 from .signing import SignedCheckpoint
@@ -142,22 +142,19 @@ def stage_append(
             results.append(ExpectedSequenceConflict(req.expected_seq, seq))
             continue
         recorded: list[RecordedEvent] = []
-        corr, reason, kind = req.correlation_id, req.reason, req.actor.kind.value
+        actor, corr, reason = req.actor, req.correlation_id, req.reason
+        kind, actor_id = actor.kind.value, actor.id
+        cause = (corr, reason) if corr or reason else ()  # (see chain_hash)
         for event in req.events:
             seq += 1
             data = encode_event(event)
-            type_ = event.type_name()
-            h = chain_hash(
-                prev, seq=seq, recorded_at_us=at, actor_kind=kind,
-                actor_id=req.actor.id, type=type_, schema=event.SCHEMA, data=data,
-                correlation_id=corr, reason=reason,
-            )
-            rows.append((seq, at, kind, req.actor.id, type_, event.SCHEMA, data, prev, h, corr, reason))
+            type_, schema = event.type_name(), event.SCHEMA
+            h = header_hash(prev, (seq, at, kind, actor_id, type_, schema, *cause), data)
+            rows.append((seq, at, kind, actor_id, type_, schema, data, prev, h, corr, reason))
             recorded.append(
                 RecordedEvent(
-                    seq=seq, recorded_at=at_dt, actor=req.actor, type=type_,
-                    schema=event.SCHEMA, event=event, prev_hash=prev, hash=h,
-                    correlation_id=corr, reason=reason,
+                    seq=seq, recorded_at=at_dt, actor=actor, type=type_, schema=schema, event=event,
+                    prev_hash=prev, hash=h, correlation_id=corr, reason=reason,
                 )
             )
             prev = h
