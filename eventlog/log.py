@@ -155,9 +155,13 @@ class EventLog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Runs until cancelled; start it with ``nursery.start``."""
         self._running = True
+        # A queue per run: a thread still finishing an earlier run takes only its own stop.
+        commits: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._commits = commits
         token = trio.lowlevel.current_trio_token()
         committer = threading.Thread(
-            target=self._commit_thread, args=(token,), name="tailledger event log writer", daemon=True
+            target=self._commit_thread, args=(commits, token), name="tailledger event log writer",
+            daemon=True,
         )
         committer.start()
         try:
@@ -165,15 +169,15 @@ class EventLog:
                 if self.store.notifies_appends:
                     nursery.start_soon(self._listen)
                 task_status.started()
-                queue, popleft = self._queue, self._queue.popleft
+                waiting, popleft = self._queue, self._queue.popleft
                 while True:
-                    if not queue:
+                    if not waiting:
                         self._writer_parked = trio.lowlevel.current_task()
                         await trio.lowlevel.wait_task_rescheduled(self._unpark_writer)
                         continue
-                    await self._commit([popleft() for _ in range(min(len(queue), self._max_batch))])
+                    await self._commit([popleft() for _ in range(min(len(waiting), self._max_batch))])
         finally:
-            self._commits.put(None)
+            commits.put(None)
             self._running = False
             self._writer_parked = None
             # Nobody will commit these: their appenders get an error, not a wait forever.
@@ -239,10 +243,9 @@ class EventLog:
         self.appended += appended
         self._notify()
 
-    def _commit_thread(self, token: trio.lowlevel.TrioToken) -> None:
+    def _commit_thread(self, commits: queue.SimpleQueue[_Job | None], token: trio.lowlevel.TrioToken) -> None:
         """The commit thread: each batch's store append, its outcome posted to the writer
         task that waits for it."""
-        commits = self._commits
         while (job := commits.get()) is not None:
             requests, now_us, keep, writer = job
             result = outcome.capture(self._append_batch, requests, now_us, keep)

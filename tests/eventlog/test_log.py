@@ -108,6 +108,31 @@ async def test_appends_queued_when_the_writer_stops_fail_instead_of_waiting() ->
     assert store.head().seq == 1
 
 
+def test_each_run_commits_on_a_thread_that_ends_with_it() -> None:
+    """The writer's commit thread starts and stops with ``run``; the log runs again (here
+    in a second trio run) with a thread of its own."""
+    store = SQLiteEventStore(":memory:")
+    log = EventLog(store)
+    committers: list[threading.Thread] = []
+
+    async def session(user_id: int) -> None:
+        before = set(threading.enumerate())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(log.run)
+            [rec] = await log.append([UserCreated(user_id=user_id, name=f"u{user_id}")], actor=ADMIN)
+            assert rec.seq == user_id
+            committers.extend(t for t in threading.enumerate() if t not in before and "event log" in t.name)
+            nursery.cancel_scope.cancel()
+
+    trio.run(session, 1)
+    trio.run(session, 2)
+    assert len(committers) == 2 and committers[0] is not committers[1]
+    for thread in committers:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert [e.seq for e in store.read()] == [1, 2] and store.verify().ok
+
+
 async def test_a_cancelled_appender_does_not_stop_the_others() -> None:
     log = EventLog(SQLiteEventStore(":memory:"))
     async with trio.open_nursery() as nursery:
