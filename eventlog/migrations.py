@@ -12,11 +12,12 @@ and the side tables that share its file.
 from __future__ import annotations
 
 import sqlite3
+from typing import Final
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-__all__ = ["MIGRATIONS", "connect", "prepare"]
+__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "connect", "prepare"]
 
 MIGRATIONS = Migrations("tailledger.eventlog")
 
@@ -118,6 +119,10 @@ def create_signed_checkpoints(db: Database) -> None:
     )
 
 
+#: How long a connection waits for another writer's lock (milliseconds).
+BUSY_TIMEOUT_MS: Final = 10_000
+
+
 def connect(path: str, *, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
     """A connection to the log's database at ``path`` as the stores use one: usable from
     any thread, in autocommit (transactions are explicit), waiting up to 10 s for
@@ -128,7 +133,7 @@ def connect(path: str, *, read_only: bool = False, immutable: bool = False) -> s
         conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
     else:
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 

@@ -36,7 +36,7 @@ from .errors import (
     StorageFullError,
     StoreClosedError,
 )
-from .migrations import connect, prepare
+from .migrations import BUSY_TIMEOUT_MS, connect, prepare
 from .rows import (
     CHECKPOINT_COLUMNS,
     COLUMNS,
@@ -148,6 +148,17 @@ class EventStore(abc.ABC):
     #: Whether :meth:`wait_for_append` hears appends made through other connections
     #: (other processes); without it, :class:`~eventlog.log.EventLog` only polls.
     notifies_appends: bool = False
+
+    def try_append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult] | None:
+        """:meth:`append_batch` if it can begin at once, without waiting for a lock held
+        by another thread or process; ``None`` (nothing appended) when it cannot.
+
+        A local database answers this in microseconds, so :class:`~eventlog.log.EventLog`
+        may commit on its own event loop's thread while that loop has nothing else to
+        do. A backend that cannot promise it (a database over the network) returns
+        ``None`` always, and every commit goes through the writer's thread.
+        """
+        return None
 
     def wait_for_append(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for an append by anyone; ``True`` when one
@@ -275,9 +286,15 @@ class EventStore(abc.ABC):
 
 
 _SELECT: Final = f"SELECT {COLUMNS} FROM events "
-#: SQLite's primary result code for "database or disk is full" (sqlite3.h).
+#: SQLite's primary result codes for "database or disk is full" and "the database
+#: file is locked" (sqlite3.h).
 _SQLITE_FULL: Final = 13
+_SQLITE_BUSY: Final = 5
 _INSERT: Final = f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class _Busy(EventLogError):
+    """Another connection holds the write lock (its busy timeout ran out)."""
 
 
 class SQLiteEventStore(EventStore):
@@ -333,22 +350,54 @@ class SQLiteEventStore(EventStore):
             raise StoreClosedError("the event store is closed")
 
     def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        self._check_writable()
+        with self._lock:
+            return self._append(requests, now_us)
+
+    def try_append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult] | None:
+        self._check_writable()
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread is writing (or, in memory, reading)
+        try:
+            conn = self._writer
+            try:
+                conn.execute("PRAGMA busy_timeout=0")  # another process's lock: SQLITE_BUSY at once
+            except sqlite3.Error:
+                return None  # (the writer's thread meets the failure and reports it)
+            try:
+                return self._append(requests, now_us)
+            except _Busy:
+                return None
+            finally:
+                # Not raised: the append's outcome stands (a connection this broken fails
+                # the next append anyway).
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        finally:
+            self._lock.release()
+
+    def _check_writable(self) -> None:
         self._check_open()
         if self._read_only:
             raise EventLogError("the event store was opened read-only")
-        with self._lock:
-            conn = self._writer
-            try:
-                self._rollback(conn)  # a transaction left open by an earlier failure
-                conn.execute("BEGIN IMMEDIATE")
-                results, rows = stage_append(requests, self._head(conn), now_us)
-                conn.executemany(_INSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                self._rollback(conn)
-                if isinstance(exc, sqlite3.Error):
-                    raise self._append_error(exc) from exc
-                raise
+
+    def _append(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+        """The append, under the lock: one transaction, rolled back on any failure
+        (:class:`_Busy` when another connection holds the write lock)."""
+        conn = self._writer
+        try:
+            self._rollback(conn)  # a transaction left open by an earlier failure
+            conn.execute("BEGIN IMMEDIATE")
+            results, rows = stage_append(requests, self._head(conn), now_us)
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback(conn)
+            if isinstance(exc, sqlite3.Error):
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF == _SQLITE_BUSY:
+                    raise _Busy(f"append failed: {exc}") from exc
+                raise self._append_error(exc) from exc
+            raise
         return results
 
     def insert_rows(self, rows: Sequence[StoredRow]) -> None:

@@ -143,6 +143,20 @@ class StoreContract(abc.ABC):
         assert store.seq_at_time(1_999_999) == 0
         assert store.seq_at_time(2_000_000) == 2
 
+    def test_an_append_that_cannot_begin_at_once_appends_nothing(self) -> None:
+        store = self.make_store()
+        store.append_batch([AppendRequest(events=(user(1),), actor=ADMIN)], 1_000)
+        results = store.try_append_batch(
+            [AppendRequest(events=(user(2),), actor=ADMIN), AppendRequest(events=(user(3),), actor=ADMIN, expected_seq=1)],
+            2_000,
+        )
+        if results is None:  # (this backend never begins at once)
+            assert store.head().seq == 1
+        else:  # exactly what append_batch would have done
+            assert [e.seq for e in appended(results[0])] == [2]
+            assert isinstance(results[1], ExpectedSequenceConflict)
+            assert store.head().seq == 2 and store.verify().ok
+
     def test_the_seq_at_a_time_is_the_last_event_recorded_by_then(self) -> None:
         store = self.make_store()
         # Batches of one to three events; some at the same time, one clock step back.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -20,6 +22,7 @@ from eventlog import (
     SQLiteEventStore,
 )
 from eventlog.events import UserCreated
+from eventlog.log import AT_ONCE_BUDGET
 from eventlog.rows import AppendRequest, AppendResult, StoredRow
 from tests.conftest import ADMIN, StepClock
 
@@ -61,17 +64,86 @@ async def test_expected_seq_conflict_is_raised_to_the_loser() -> None:
 
 
 class _HeldStore(SQLiteEventStore):
-    """A store whose next append waits in its thread until ``release`` is set."""
+    """A store whose next append waits in the writer's thread until ``release`` is set
+    (it never begins at once, so no commit runs on the loop's thread)."""
 
     def __init__(self) -> None:
         super().__init__(":memory:")
         self.entered = threading.Event()
         self.release = threading.Event()
 
+    def try_append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult] | None:
+        return None
+
     def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
         self.entered.set()
         self.release.wait(10)
         return super().append_batch(requests, now_us)
+
+
+async def test_an_idle_loop_commits_at_once_and_slow_commits_go_to_the_thread(tmp_path: Path) -> None:
+    class SlowStore(SQLiteEventStore):
+        """Each append takes ``delay`` seconds more, wherever it runs."""
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.delay = 0.0
+            self.threads: list[str] = []
+
+        def try_append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult] | None:
+            self.threads.append(threading.current_thread().name)
+            time.sleep(self.delay)
+            return super().try_append_batch(requests, now_us)
+
+        def append_batch(self, requests: Sequence[AppendRequest], now_us: int) -> list[AppendResult]:
+            self.threads.append(threading.current_thread().name)
+            time.sleep(self.delay)
+            return super().append_batch(requests, now_us)
+
+    store = SlowStore(tmp_path / "log.db")
+    log = EventLog(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        for i in range(1, 6):
+            [rec] = await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
+            assert rec.seq == i
+        assert log.commits == log.commits_at_once == 5  # nothing else to run: on the loop
+        assert set(store.threads) == {threading.current_thread().name}
+        store.delay = 4 * AT_ONCE_BUDGET
+        store.threads.clear()
+        for i in range(6, 16):
+            await log.append([UserCreated(user_id=i, name=f"u{i}")], actor=ADMIN)
+        nursery.cancel_scope.cancel()
+    # Once commits took longer than the budget, they went to the writer's thread.
+    assert 5 < log.commits_at_once < 15
+    assert store.threads[-1] != threading.current_thread().name
+    assert "event log" in store.threads[-1]
+    assert store.head().seq == 15 and store.verify().ok
+
+
+async def test_a_lock_held_by_another_process_is_waited_for_in_the_thread(tmp_path: Path) -> None:
+    store = SQLiteEventStore(tmp_path / "log.db")
+    log = EventLog(store)
+    other = sqlite3.connect(tmp_path / "log.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+
+        async def append() -> None:
+            [rec] = await log.append([UserCreated(user_id=1, name="a")], actor=ADMIN)
+            assert rec.seq == 1
+            done.set()
+
+        nursery.start_soon(append)
+        # The loop is not blocked meanwhile: this task runs, and so does a timer.
+        await trio.sleep(0.3)
+        assert not done.is_set()
+        other.execute("COMMIT")
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert log.commits_at_once == 0 and log.commits == 1
 
 
 async def test_appends_queued_when_the_writer_stops_fail_instead_of_waiting() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from eventlog import (
     StorageFullError,
 )
 from eventlog.events import PolicySet, UserCreated
+from eventlog.migrations import BUSY_TIMEOUT_MS
 from tests.conftest import ADMIN
 
 from .contract import StoreContract, user
@@ -175,6 +177,23 @@ def test_an_older_log_loses_its_time_index_and_still_answers_by_time(tmp_path: P
     query = "SELECT name FROM sqlite_master WHERE type = 'index'"
     assert "events_recorded_at" not in {r[0] for r in sqlite3.connect(path).execute(query)}
     assert [store.seq_at_time(t) for t in (999, 1_000, 3_500, 5_000)] == [0, 1, 3, 5]
+
+
+def test_an_append_at_once_does_not_wait_for_another_writers_lock(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    _fill(path, 1)
+    store = SQLiteEventStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    request = [AppendRequest(events=(user(2),), actor=ADMIN)]
+    start = time.monotonic()
+    assert store.try_append_batch(request, 2_000) is None  # at once, not after the 10 s timeout
+    assert time.monotonic() - start < 5
+    other.execute("COMMIT")
+    [result] = store.try_append_batch(request, 2_000) or []
+    assert isinstance(result, tuple) and result[0].seq == 2
+    # Its connection waits for other writers again afterwards (append_batch does).
+    assert store._writer.execute("PRAGMA busy_timeout").fetchone()[0] == BUSY_TIMEOUT_MS
 
 
 def test_read_only_store_refuses_appends(tmp_path: Path) -> None:
