@@ -24,12 +24,16 @@ def test_bench_log_prints_rates_and_where_the_time_goes(capsys: pytest.CaptureFi
     ratios = [float(r) for r in re.findall(r"([\d.]+)%", re.search(r"^rounds +3 +\(ratios (.*);", out, re.MULTILINE)[1])]  # type: ignore[index]
     shown = float(re.search(r"^ratio +([\d.]+)%", out, re.MULTILINE)[1])  # type: ignore[index]
     assert len(ratios) == 3 and shown == sorted(ratios)[1]
+    # Where the commits ran: all of them are counted, on the loop's thread or the writer's.
+    commits = int(re.search(r"^group commits +(\d+)", out, re.MULTILINE)[1])  # type: ignore[index]
+    at_once = int(re.search(r"^  on the loop's thread +(\d+)", out, re.MULTILINE)[1])  # type: ignore[index]
+    assert 0 <= at_once <= commits
     for label in ("tailledger log", "plain sqlite3 inserts", "ratio", "where the log's time goes"):
         assert label in out
     total = float(re.search(r"tailledger log .*\(([\d.]+) s", out)[1])  # type: ignore[index]
     parts = [
         _seconds(out, label)
-        for label in ("store: SQLite insert + commit", "store: encode + chain hash", "trio: queue, thread hand-off, wake-ups")
+        for label in ("store: SQLite insert + commit", "store: encode + chain hash", "trio: queue, hand-offs, wake-ups")
     ]
     assert all(p >= 0 for p in parts)
     assert sum(parts) == pytest.approx(total, abs=0.02)  # the parts are the log's time, rounded
