@@ -27,7 +27,7 @@ import argparse
 import sqlite3
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,16 +49,15 @@ class _Timed:
         self.in_store = 0.0
 
     def append_batch(self, requests: Sequence[Any], now_us: int) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._store.append_batch(requests, now_us)
-        finally:
-            self.in_store += time.perf_counter() - start
+        return self._timed(self._store.append_batch, requests, now_us)
 
     def try_append_batch(self, requests: Sequence[Any], now_us: int) -> Any:
+        return self._timed(self._store.try_append_batch, requests, now_us)
+
+    def _timed(self, append: Callable[[Sequence[Any], int], Any], requests: Sequence[Any], now_us: int) -> Any:
         start = time.perf_counter()
         try:
-            return self._store.try_append_batch(requests, now_us)
+            return append(requests, now_us)
         finally:
             self.in_store += time.perf_counter() - start
 
