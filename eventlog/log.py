@@ -144,8 +144,6 @@ class EventLog:
         #: rest of an append's trio side in ``tailledger bench log``.)
         self._queue: deque[_Pending] = deque()
         self._writer_parked: trio.lowlevel.Task | None = None
-        #: The commit thread's work (a batch and the writer task to wake), ``None`` to stop.
-        self._commits: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._read_limiter = trio.CapacityLimiter(4)
         self._committed = trio.Event()
         self._running = False
@@ -170,9 +168,9 @@ class EventLog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task. Runs until cancelled; start it with ``nursery.start``."""
         self._running = True
-        # A queue per run: a thread still finishing an earlier run takes only its own stop.
+        # The commit thread's work (a batch and the writer task to wake), ``None`` to stop;
+        # a queue per run: a thread still finishing an earlier run takes only its own stop.
         commits: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._commits = commits
         token = trio.lowlevel.current_trio_token()
         committer = threading.Thread(
             target=self._commit_thread, args=(commits, token), name="tailledger event log writer",
@@ -190,7 +188,7 @@ class EventLog:
                         self._writer_parked = trio.lowlevel.current_task()
                         await trio.lowlevel.wait_task_rescheduled(self._unpark_writer)
                         continue
-                    await self._commit([popleft() for _ in range(min(len(waiting), self._max_batch))])
+                    await self._commit([popleft() for _ in range(min(len(waiting), self._max_batch))], commits)
         finally:
             commits.put(None)
             self._running = False
@@ -216,7 +214,7 @@ class EventLog:
                 self._announced += 1
                 self._notify()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], commits: queue.SimpleQueue[_Job | None]) -> None:
         requests = [p.request for p in batch]
         now_us = to_micros(self._clock())
         # With no tail running nothing would take the events kept (see _recent).
@@ -229,7 +227,7 @@ class EventLog:
             if done is None:
                 at_once = False
                 await trio.lowlevel.checkpoint_if_cancelled()
-                self._commits.put((requests, now_us, keep, trio.lowlevel.current_task()))
+                commits.put((requests, now_us, keep, trio.lowlevel.current_task()))
                 # Once the thread may have taken it, a commit is waited for even when
                 # cancelled (Abort.FAILED): the appenders learn what became of it.
                 done = await trio.lowlevel.wait_task_rescheduled(_not_abandoned)

@@ -169,7 +169,7 @@ class EventStore(abc.ABC):
         """Write rows exactly as given (an import): each must extend the chain at the head.
 
         Raises:
-            ChainError: a row does not follow the head (seq or prev_hash).
+            ChainError: a row does not follow the head (seq, prev_hash or time).
             EventLogError: the store is read-only or the commit failed.
         """
         raise NotImplementedError
@@ -404,12 +404,10 @@ class SQLiteEventStore(EventStore):
         """Write rows exactly as given (an import): each must extend the chain at the head.
 
         Raises:
-            ChainError: a row does not follow the head (seq or prev_hash).
+            ChainError: a row does not follow the head (seq, prev_hash or time).
             EventLogError: the store is read-only or the commit failed.
         """
-        self._check_open()
-        if self._read_only:
-            raise EventLogError("the event store was opened read-only")
+        self._check_writable()
         with self._lock:
             conn = self._writer
             try:
@@ -528,9 +526,7 @@ class SQLiteEventStore(EventStore):
                 raise EventLogError(f"read failed: {exc}") from exc
 
     def add_signed_checkpoint(self, checkpoint: SignedCheckpoint) -> None:
-        self._check_open()
-        if self._read_only:
-            raise EventLogError("the event store was opened read-only")
+        self._check_writable()
         c = checkpoint
         try:
             with self._lock:
